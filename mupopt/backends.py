@@ -1,0 +1,78 @@
+"""The backend registry: which implementation computes an optimizer's step.
+
+A backend computes, it never defines behaviour: every backend of an optimizer implements the same
+functional signature ``fn(params, grads, states, mults, hp)`` and passes the same contract tests
+against the ``reference`` backend (pure PyTorch, one tensor at a time: the executable spec).
+
+Choice: the explicit ``backend=`` argument, else the ``MUPOPT_BACKEND`` environment variable, else
+the highest-priority backend that can run on the given tensors. An explicit request that cannot
+run raises; only an automatic choice falls back.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+ENV_VAR = "MUPOPT_BACKEND"
+
+
+def _always(tensors: Sequence[torch.Tensor]) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    optimizer: str
+    name: str
+    fn: Callable
+    # auto picks the highest priority that can run; the reference is 0.
+    priority: int = 0
+    # None when the backend can step these tensors, else the reason it cannot.
+    unsupported_reason: Callable[[Sequence[torch.Tensor]], "str | None"] = _always
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+
+
+def register(backend: Backend) -> Backend:
+    table = _REGISTRY.setdefault(backend.optimizer, {})
+    if backend.name in table:
+        raise ValueError(f"backend {backend.name!r} already registered for {backend.optimizer!r}")
+    table[backend.name] = backend
+    return backend
+
+
+def names(optimizer: str) -> list[str]:
+    """Registered backends of ``optimizer``, best first."""
+    table = _REGISTRY.get(optimizer, {})
+    return sorted(table, key=lambda n: -table[n].priority)
+
+
+def check_name(optimizer: str, requested: str) -> None:
+    """Raise ValueError for a backend name that is neither "auto" nor registered."""
+    if requested != "auto" and requested not in _REGISTRY.get(optimizer, {}):
+        raise ValueError(
+            f"backend {requested!r} is not available for {optimizer}; available: "
+            f"{['auto', *names(optimizer)]}"
+        )
+
+
+def select(optimizer: str, requested: str, tensors: Sequence[torch.Tensor]) -> Backend:
+    """The backend that steps ``tensors`` (see the module docstring for the order)."""
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    check_name(optimizer, requested)
+    table = _REGISTRY[optimizer]
+    if requested != "auto":
+        backend = table[requested]
+        reason = backend.unsupported_reason(tensors)
+        if reason is not None:
+            raise RuntimeError(f"backend {requested!r} cannot step these {optimizer} tensors: {reason}")
+        return backend
+    for name in names(optimizer):
+        if table[name].unsupported_reason(tensors) is None:
+            return table[name]
+    raise RuntimeError(f"no backend of {optimizer} can step these tensors")

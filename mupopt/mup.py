@@ -1,0 +1,417 @@
+"""The muP layer: per-tensor width information, the rule table, base shapes, init.
+
+Every parameter of a width family gets a :class:`WidthInfo` (role, m_in, m_out), from which each
+optimizer derives its per-tensor learning-rate, weight-decay and epsilon multipliers
+(:func:`multipliers`). The rules are those of ../shared/mup-rules.md, taken from
+
+- P1: Gupta, Ngom, Foreman, Vishwanath, "Extending muP: Spectral Conditions for Feature Learning
+  Across Optimizers", arXiv 2602.20937 (Table 2, Result 4.1);
+- P2: Kosson et al., "Weight Decay may matter more than muP for Learning Rate Transfer in
+  Practice", arXiv 2510.19093 (independent weight decay);
+- Yang et al., "Tensor Programs V", arXiv 2203.03466, and Microsoft's ``mup`` package.
+
+Notation: a weight has shape (fan_out, fan_in, ...) as ``nn.Linear``; ``nn.Embedding.weight`` is
+(vocab, d), so its fan_in is dim 0 and its fan_out dim 1. ``m_in = fan_in / base_fan_in`` and
+``m_out = fan_out / base_fan_out``; a dimension that does not scale with width has m = 1.
+
+Width information reaches a parameter in one of four ways, all through :func:`set_base_shapes`:
+(a) a base model (or a dict of base shapes), (b) a base-width table ``{width: base_width}``,
+(c) ``p.infshape`` left by Microsoft's ``mup.set_base_shapes``, (d) explicit overrides by
+parameter-name pattern. It is stored on the parameter (``p.mupopt_width``) and copied into the
+optimizer's param groups, so a state_dict carries it and a resume needs no base model.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+ROLES = ("input", "hidden", "output", "vector")
+WD_MODES = ("independent", "coupled")
+WIDTH_ATTR = "mupopt_width"
+
+
+class MupError(ValueError):
+    """Width information is missing, ambiguous or inconsistent."""
+
+
+@dataclass(frozen=True)
+class WidthInfo:
+    """How one tensor scales with width.
+
+    role: "input" (fan_in fixed, fan_out scales), "hidden" (both scale), "output" (fan_in scales,
+    fan_out fixed) or "vector" (biases, norm gains, scalars).
+    m_in, m_out: fan_in / base fan_in and fan_out / base fan_out (1 for a fixed dimension).
+    """
+
+    role: str
+    m_in: float = 1.0
+    m_out: float = 1.0
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise MupError(f"unknown muP role {self.role!r}; expected one of {ROLES}")
+        for key in ("m_in", "m_out"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise MupError(f"{key} must be a positive finite number, got {value!r}")
+
+    def as_dict(self) -> dict:
+        return {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WidthInfo":
+        return cls(d["role"], float(d["m_in"]), float(d["m_out"]))
+
+
+def width_info(p: torch.Tensor) -> WidthInfo | None:
+    """The WidthInfo that :func:`set_base_shapes` attached to ``p``, or None."""
+    return getattr(p, WIDTH_ATTR, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule table (mup-rules.md, P1 Table 2 in "multiplier = 1 at the base width" form).
+# Each entry is the pair of exponents (e_in, e_out): lr multiplier = m_in**e_in * m_out**e_out.
+# ---------------------------------------------------------------------------------------------
+_ADAM_LIKE = {"input": (0.0, 0.0), "hidden": (-1.0, 0.0), "output": (-1.0, 0.0), "vector": (0.0, 0.0)}
+
+LR_EXPONENTS: dict[str, dict[str, tuple[float, float]]] = {
+    "adamw": _ADAM_LIKE,
+    "adopt": _ADAM_LIKE,
+    "sophia": _ADAM_LIKE,
+    # P1 derives Theta(1) for every LAMB layer; the hidden exponent is an option (see multipliers).
+    "lamb": {"input": (0.0, 0.0), "hidden": (0.0, 0.0), "output": (0.0, 0.0), "vector": (0.0, 0.0)},
+    # Shampoo without grafting, exponent -1/4 on both sides; vectors are preconditioned
+    # diagonally, i.e. like Adam.
+    "shampoo": {"input": (0.0, 0.5), "hidden": (-0.5, 0.5), "output": (-0.5, 0.0), "vector": (0.0, 0.0)},
+    # Adam grafting gives every block Adam's norm, hence Adam's rule.
+    "shampoo_grafted": _ADAM_LIKE,
+    # Muon's own shape factor already makes hidden updates width-stable: never stack 1/m on it.
+    "muon": {"hidden": (0.0, 0.0)},
+    # match_rms_adamw (0.2*sqrt(max(A, B))) grows with width: P1/Zheng give lr / sqrt(m_in).
+    "muon_match_rms_adamw": {"hidden": (-0.5, 0.0)},
+}
+
+# Where the decay acts: "decoupled" is p *= 1 - lr*wd*wd_mult before the update; LAMB puts wd*p
+# inside its trust-ratio-normalised direction, so its decay scales with the lr multiplier.
+WD_FORM = {name: "decoupled" for name in LR_EXPONENTS}
+WD_FORM["lamb"] = "in_update"
+
+# P1: epsilon needs scaling (by 1/m_out) only where it is not negligible; opt-in via scale_eps.
+EPS_SCALED = {"adamw", "adopt", "lamb", "shampoo", "shampoo_grafted"}
+
+
+class Multipliers(NamedTuple):
+    """Per-tensor scalars applied inside step(): lr*lr, decay lr*wd*wd, eps*eps."""
+
+    lr: float = 1.0
+    wd: float = 1.0
+    eps: float = 1.0
+
+
+ONES = Multipliers()
+
+
+def multipliers(
+    rule: str,
+    info: WidthInfo | None,
+    *,
+    wd_mode: str = "independent",
+    scale_eps: bool = False,
+    lamb_hidden_exponent: float = 0.0,
+) -> Multipliers:
+    """The per-tensor multipliers of optimizer ``rule`` for a tensor with width ``info``.
+
+    wd_mode "independent" (default, P1 and P2): the per-step decay lr*wd is the same at every
+    width, i.e. the lr multiplier does not touch the decay. "coupled": the decay is scaled with
+    the lr multiplier, as torch.optim with one param group per width would do (P2 shows it fails
+    late in training). With ``info`` None every multiplier is 1.
+    """
+    if rule not in LR_EXPONENTS:
+        raise MupError(f"no muP rule for optimizer {rule!r}; known: {sorted(LR_EXPONENTS)}")
+    if wd_mode not in WD_MODES:
+        raise ValueError(f"Invalid wd_mode: {wd_mode!r} (expected one of {WD_MODES})")
+    if info is None:
+        return ONES
+    table = LR_EXPONENTS[rule]
+    if info.role not in table:
+        raise MupError(f"optimizer rule {rule!r} has no entry for role {info.role!r}")
+    e_in, e_out = table[info.role]
+    if rule == "lamb" and info.role == "hidden":
+        e_in = lamb_hidden_exponent
+    lr = info.m_in**e_in * info.m_out**e_out
+    wd = lr if wd_mode == "coupled" else 1.0
+    eps = 1.0 / info.m_out if (scale_eps and rule in EPS_SCALED) else 1.0
+    return Multipliers(lr, wd, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# set_base_shapes: which dimensions scale, and each parameter's role.
+# ---------------------------------------------------------------------------------------------
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_MATRIX_MODULES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
+# One dimension: (size, base size or None when the dimension does not scale with width).
+Dim = tuple[int, "int | None"]
+
+
+def _shape_of(x) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
+
+
+def _dims_from_base(name, shape, base_shapes, delta_shapes) -> list[Dim]:
+    if name not in base_shapes:
+        raise MupError(
+            f"parameter {name!r} is missing from the base model: build the base model with the "
+            f"same module names, or declare it with overrides={{{name!r}: <role or WidthInfo>}}"
+        )
+    base = base_shapes[name]
+    ref = delta_shapes.get(name, shape) if delta_shapes is not None else shape
+    if delta_shapes is not None and name not in delta_shapes:
+        raise MupError(f"parameter {name!r} is missing from the delta model")
+    if len(base) != len(shape) or len(ref) != len(shape):
+        raise MupError(f"parameter {name!r} has shape {shape} but {base} in the base model")
+    return [(s, b if b != r else None) for s, b, r in zip(shape, base, ref)]
+
+
+def _dims_from_infshape(name, p) -> list[Dim]:
+    infshape = getattr(p, "infshape", None)
+    if infshape is None:
+        raise MupError(
+            f"parameter {name!r} has no width information: pass base= (a base model or its "
+            f"shapes), base_widths=, or call mup.set_base_shapes first so it carries p.infshape"
+        )
+    return [(d.dim, d.base_dim if d.isinf() else None) for d in infshape]
+
+
+def _dims_from_widths(shape, base_widths) -> list[Dim]:
+    return [(s, base_widths.get(s)) for s in shape]
+
+
+def _ratio(dim: Dim) -> float:
+    size, base = dim
+    return 1.0 if base is None else size / base
+
+
+def _fan_dims(module) -> tuple[int, int]:
+    """(fan_in dim, fan_out dim) of a weight of this module type."""
+    return (0, 1) if isinstance(module, _EMBEDDINGS) else (1, 0)
+
+
+def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
+    scales = [base is not None for _, base in dims]
+    if len(dims) <= 1:
+        return WidthInfo("vector", 1.0, _ratio(dims[0]) if dims else 1.0)
+    if sum(scales) > 2:
+        raise MupError(f"parameter {name!r} has more than two width dimensions: {dims}")
+    fan_in, fan_out = _fan_dims(module)
+    if any(scales[2:]):
+        raise MupError(
+            f"parameter {name!r}: a dimension beyond fan_out/fan_in scales with width; declare it "
+            f"with overrides={{{name!r}: WidthInfo(role, m_in, m_out)}}"
+        )
+    in_s, out_s = scales[fan_in], scales[fan_out]
+    m_in, m_out = _ratio(dims[fan_in]), _ratio(dims[fan_out])
+    if isinstance(module, _EMBEDDINGS):
+        if in_s:
+            raise MupError(f"embedding {name!r}: its vocabulary dimension (dim 0) scales with width")
+        return WidthInfo("input", m_in, m_out)
+    if in_s and out_s:
+        return WidthInfo("hidden", m_in, m_out)
+    if isinstance(module, _MATRIX_MODULES):
+        if in_s:
+            return WidthInfo("output", m_in, m_out)
+        if out_s:
+            return WidthInfo("input", m_in, m_out)
+        raise MupError(
+            f"parameter {name!r} ({type(module).__name__}, shape {tuple(s for s, _ in dims)}): no "
+            f"dimension scales with width, so its role cannot be told; pass delta= (a model of "
+            f"another width) or base_widths=, or declare overrides={{{name!r}: 'hidden'}}"
+        )
+    raise MupError(
+        f"parameter {name!r} of module type {type(module).__name__} with shape "
+        f"{tuple(s for s, _ in dims)} and width dimensions {[i for i, s in enumerate(scales) if s]} "
+        f"is ambiguous (input, output or hidden?); declare it with "
+        f"overrides={{{name!r}: 'input' | 'hidden' | 'output' | 'vector' | WidthInfo(...)}}"
+    )
+
+
+def _from_override(name, module, dims: list[Dim], value) -> WidthInfo:
+    if isinstance(value, WidthInfo):
+        return value
+    if value not in ROLES:
+        raise MupError(f"override for {name!r}: expected a role in {ROLES} or a WidthInfo, got {value!r}")
+    if value == "vector" or len(dims) < 2:
+        return WidthInfo(value, 1.0, _ratio(dims[0]) if dims else 1.0)
+    fan_in, fan_out = _fan_dims(module)
+    return WidthInfo(value, _ratio(dims[fan_in]), _ratio(dims[fan_out]))
+
+
+def _owners(model: nn.Module) -> dict[str, nn.Module]:
+    owners = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module
+    return owners
+
+
+def set_base_shapes(
+    model: nn.Module,
+    base: nn.Module | Mapping[str, Iterable[int]] | None = None,
+    *,
+    delta: nn.Module | Mapping[str, Iterable[int]] | None = None,
+    base_widths: Mapping[int, int] | None = None,
+    overrides: Mapping[str, "str | WidthInfo"] | None = None,
+) -> dict[str, WidthInfo]:
+    """Give every parameter of ``model`` its muP width information; return it by name.
+
+    Sources, in order of precedence per parameter:
+
+    - ``overrides``: ``{name pattern: role or WidthInfo}`` (fnmatch patterns, first match wins).
+      A pattern that matches no parameter is an error (a typo must not pass silently).
+    - ``base``: a model (build it on the meta device to spend no memory) or ``{name: shape}``.
+      A dimension that differs from the base is a width dimension. ``delta`` (a model at a
+      third width) tells which dimensions scale when ``model`` equals the base, as in mup.
+    - ``base_widths``: ``{size: base size}`` for a base-width configuration without a base model,
+      e.g. ``{1024: 256, 4096: 1024}`` for d_model and d_ff; a dimension of a listed size scales.
+    - otherwise ``p.infshape`` from Microsoft's ``mup.set_base_shapes``.
+
+    Roles come from the module type and which dimensions scale (mup-rules.md). Tied weights
+    without an override, unknown modules with an ambiguous shape and parameters missing from the
+    base raise :class:`MupError` naming the parameter and the fix.
+    """
+    if base is not None and base_widths is not None:
+        raise MupError("pass either base= or base_widths=, not both")
+    if delta is not None and base is None:
+        raise MupError("delta= needs base=")
+    base_shapes = delta_shapes = None
+    if base is not None:
+        base_shapes = _named_shapes(base)
+    if delta is not None:
+        delta_shapes = _named_shapes(delta)
+    overrides = dict(overrides or {})
+    used_patterns: set[str] = set()
+
+    owners = _owners(model)
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+
+    result: dict[str, WidthInfo] = {}
+    for pid, names in names_of.items():
+        p = params[pid]
+        name = names[0]
+        shape = tuple(p.shape)
+        pattern = _matches(names, overrides)
+        if base_shapes is not None and (name in base_shapes or pattern is None):
+            dims = _dims_from_base(name, shape, base_shapes, delta_shapes)
+        elif base_widths is not None:
+            dims = _dims_from_widths(shape, base_widths)
+        elif hasattr(p, "infshape") or pattern is None:
+            dims = _dims_from_infshape(name, p)
+        else:  # declared by an override and absent from the base: nothing scales but the override
+            dims = [(s, None) for s in shape]
+        if pattern is not None:
+            used_patterns.add(pattern)
+            info = _from_override(name, owners[name], dims, overrides[pattern])
+        elif len(names) > 1:
+            raise MupError(
+                f"parameter {name!r} is tied to {names[1:]}: its role cannot be told from one "
+                f"module; declare it with overrides={{{name!r}: 'input' | 'output' | ...}}"
+            )
+        else:
+            info = _infer(name, owners[name], dims)
+        for n in names:
+            result[n] = info
+        setattr(p, WIDTH_ATTR, info)
+    unused = set(overrides) - used_patterns
+    if unused:
+        raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
+    return result
+
+
+def _matches(names: list[str], overrides: Mapping[str, object]) -> str | None:
+    for pattern in overrides:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return pattern
+    return None
+
+
+def _named_shapes(x) -> dict[str, tuple[int, ...]]:
+    if isinstance(x, nn.Module):
+        return {n: tuple(p.shape) for n, p in x.named_parameters(remove_duplicate=False)}
+    return {n: _shape_of(s) for n, s in x.items()}
+
+
+def clear_base_shapes(model: nn.Module) -> None:
+    """Remove mupopt's width information from every parameter (multipliers back to 1)."""
+    for p in model.parameters():
+        if hasattr(p, WIDTH_ATTR):
+            delattr(p, WIDTH_ATTR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and init
+# ---------------------------------------------------------------------------------------------
+def decay_rule(rule: str, m: Multipliers) -> str:
+    """How the weight decay acts on a tensor, as text for the summary."""
+    if WD_FORM[rule] == "in_update":
+        return f"u += wd*p, step lr*{m.lr:.4g}*trust*u"
+    return "p *= 1 - lr*wd" if m.wd == 1.0 else f"p *= 1 - lr*wd*{m.wd:.4g}"
+
+
+def format_table(rows: list[tuple[str, tuple, WidthInfo | None, Multipliers, str]]) -> str:
+    """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight-decay rule."""
+    header = ("name", "shape", "role", "m_in", "m_out", "lr mult", "weight decay")
+    body = [
+        (
+            name,
+            "x".join(map(str, shape)) or "scalar",
+            info.role if info else "-",
+            f"{info.m_in:.4g}" if info else "1",
+            f"{info.m_out:.4g}" if info else "1",
+            f"{m.lr:.4g}",
+            wd,
+        )
+        for name, shape, info, m, wd in rows
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in body])
+
+
+def summary(model: nn.Module, optimizer: str = "adamw", **rule_options) -> str:
+    """The per-parameter muP table of ``model`` for optimizer rule ``optimizer``."""
+    rows = []
+    for name, p in model.named_parameters():
+        info = width_info(p)
+        m = multipliers(optimizer, info, **rule_options)
+        rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m)))
+    return format_table(rows)
+
+
+@torch.no_grad()
+def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = False, generator=None) -> nn.Module:
+    """Re-initialise matrices by role (P1 Result 4.1, multiplier form); vectors are left alone.
+
+    input: N(0, std_base^2) (unchanged from the base); hidden: std_base / sqrt(m_in);
+    output: std_base / m_in, or zero with ``zero_readout``. Every parameter needs width info.
+    """
+    for name, p in model.named_parameters():
+        info = width_info(p)
+        if info is None:
+            raise MupError(f"parameter {name!r} has no width information; call set_base_shapes first")
+        if info.role == "vector":
+            continue
+        if info.role == "output" and zero_readout:
+            p.zero_()
+            continue
+        std = {"input": std_base, "hidden": std_base / math.sqrt(info.m_in), "output": std_base / info.m_in}[info.role]
+        p.normal_(0.0, std, generator=generator)
+    return model

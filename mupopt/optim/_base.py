@@ -1,0 +1,211 @@
+"""What every mupopt optimizer shares: muP records in the param groups, validation, the step loop.
+
+A subclass declares its rule name (a key of :data:`mupopt.mup.LR_EXPONENTS` and of the backend
+registry), validates its hyperparameters, creates its state lazily and turns a group into a frozen
+hyperparameter record; the step itself is one call of the selected backend per param group.
+
+Validation happens for every group before anything is touched, so a bad hyperparameter (also one
+edited into ``group["lr"]`` after construction) or a sparse gradient raises with params and state
+left exactly as they were.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from .. import backends
+from ..mup import MupError, Multipliers, WidthInfo, multipliers, width_info, format_table, decay_rule, WD_MODES
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def is_number(x: Any) -> bool:
+    """A finite real number (a 1-element tensor counts, as torch accepts a tensor lr)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_complex():
+            return False
+        x = x.item()
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_lr(lr) -> None:
+    check(is_number(lr) and float(lr) >= 0.0, f"Invalid learning rate: {lr}")
+
+
+def check_betas(betas, count: int = 2) -> None:
+    check(isinstance(betas, (tuple, list)) and len(betas) == count, f"Invalid betas: {betas} (expected {count} values)")
+    for i, b in enumerate(betas):
+        check(is_number(b) and 0.0 <= float(b) < 1.0, f"Invalid beta parameter at index {i}: {b}")
+
+
+def check_eps(eps) -> None:
+    check(is_number(eps) and float(eps) >= 0.0, f"Invalid epsilon value: {eps}")
+
+
+def check_weight_decay(wd) -> None:
+    check(is_number(wd) and float(wd) >= 0.0, f"Invalid weight_decay value: {wd}")
+
+
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is float32 (so in-place math updates it), else a float32 copy."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def store(t: torch.Tensor, t32: torch.Tensor) -> None:
+    """Write the float32 result back to lower-precision storage (no-op when t is t32)."""
+    if t is not t32:
+        t.copy_(t32)
+
+
+class MupOptimizer(Optimizer):
+    """Base of the mupopt optimizers (not used directly)."""
+
+    rule: ClassVar[str]
+
+    def __init__(self, params, defaults: dict, *, backend: str = "auto"):
+        backends.check_name(self.rule, backend)
+        self.backend = backend
+        defaults.setdefault("wd_mode", "independent")
+        defaults.setdefault("scale_eps", False)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        self._check_width_consistency()
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def _check_hparams(self, group: dict) -> None:
+        """Raise ValueError with torch's message for a bad hyperparameter."""
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _hparams(self, group: dict):
+        raise NotImplementedError
+
+    def _rule_options(self, group: dict) -> dict:
+        return {"wd_mode": group["wd_mode"], "scale_eps": group["scale_eps"]}
+
+    # -- param groups and muP records ---------------------------------------------------------
+    def _check_group(self, group: dict) -> None:
+        self._check_hparams(group)
+        check(group["wd_mode"] in WD_MODES, f"Invalid wd_mode: {group['wd_mode']!r} (expected one of {WD_MODES})")
+        check(isinstance(group["scale_eps"], bool), f"Invalid scale_eps: {group['scale_eps']!r}")
+        check(not group.get("maximize", False) or isinstance(group["maximize"], bool), "maximize must be a bool")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
+            # Width info travels in the group (and so in the state_dict): one record per param.
+            group["mup"] = [None if (w := width_info(p)) is None else w.as_dict() for p in group["params"]]
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if hasattr(self, "backend"):  # the constructor checks once all groups are in
+            try:
+                self._check_width_consistency()
+            except Exception:
+                self.param_groups.pop()
+                raise
+
+    def _check_width_consistency(self) -> None:
+        """All params carry width info, or none: a mix means muP was set up on part of a model."""
+        records = [(g, i) for g in self.param_groups for i in range(len(g["params"]))]
+        have = [g["mup"][i] is not None for g, i in records]
+        if any(have) and not all(have):
+            g, i = records[have.index(False)]
+            names = g.get("param_names")
+            label = repr(names[i]) if names else f"of shape {tuple(g['params'][i].shape)}"
+            raise MupError(
+                f"parameter {label} has no muP width information while others have: call "
+                f"mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
+            )
+
+    def width_infos(self, group: dict) -> list[WidthInfo | None]:
+        return [None if r is None else WidthInfo.from_dict(r) for r in group["mup"]]
+
+    def group_multipliers(self, group: dict) -> list[Multipliers]:
+        options = self._rule_options(group)
+        return [multipliers(self.rule, info, **options) for info in self.width_infos(group)]
+
+    def mup_summary(self) -> str:
+        """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight decay."""
+        rows = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+            for name, p, info, m in zip(names, group["params"], self.width_infos(group), self.group_multipliers(group)):
+                rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
+        return format_table(rows)
+
+    # -- state_dict ------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict of this class or of its torch counterpart.
+
+        Group keys the saved dict lacks (a torch.optim.AdamW state_dict has no muP records) keep
+        this optimizer's current values; saved muP records win, so a resume needs no base model.
+        """
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for saved, current in zip(groups, self.param_groups):
+            for key, value in current.items():
+                if key not in ("params", "param_names"):
+                    saved.setdefault(key, value)
+            check(len(saved["mup"]) == len(saved["params"]), "state_dict: muP records do not match the params")
+            for record in saved["mup"]:
+                if record is not None:
+                    WidthInfo.from_dict(record)
+            self._check_group(saved)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
+    # -- the step ------------------------------------------------------------------------------
+    def _gather(self, group: dict) -> tuple[list, list, list[int]]:
+        """Params with a gradient, their gradients and indices; raise on bad input."""
+        self._check_group(group)
+        params, grads, index = [], [], []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}")
+            params.append(p)
+            grads.append(p.grad)
+            index.append(i)
+        return params, grads, index
+
+    def _run(self, groups_work, kernel: str | None = None, extra: dict | None = None) -> None:
+        """Call the backend of ``kernel`` (default: this optimizer's rule) once per group on
+        prepared work (params, grads, index); extra keyword arguments go to _hparams."""
+        for group, (params, grads, index) in groups_work:
+            if not params:
+                continue
+            states = []
+            for p in params:
+                if len(self.state[p]) == 0:
+                    self.state[p].update(self._init_state(p, group))
+                states.append(self.state[p])
+            mults = self.group_multipliers(group)
+            mults = [mults[i] for i in index]
+            backend = backends.select(kernel or self.rule, self.backend, params)
+            backend.fn(params, grads, states, mults, self._hparams(group, **(extra or {})))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, self._gather(group)) for group in self.param_groups]
+        self._run(work)
+        return loss

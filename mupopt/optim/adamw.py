@@ -1,0 +1,124 @@
+"""AdamW (Loshchilov & Hutter, arXiv 1711.05101) with per-tensor muP multipliers.
+
+Reference: ``torch.optim.AdamW``. With every multiplier 1 this computes what torch computes, with
+the same defaults, state keys and state_dict layout, so either loads the other's state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends
+from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
+
+
+@dataclass(frozen=True)
+class AdamWHparams:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+
+
+def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
+    """One AdamW step, one tensor at a time, float32 math (the executable spec)::
+
+        p *= 1 - lr*wd*wd_mult
+        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2      (amsgrad: vmax = max(vmax, v))
+        p -= lr*lr_mult * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult)
+
+    The operation order is torch.optim.AdamW's single-tensor path, so fp32 results agree bit for bit.
+    """
+    for p, g, st, m in zip(params, grads, states, mults):
+        st["step"] += 1
+        t = st["step"].item()
+        p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
+        g32 = -fp32(g) if hp.maximize else fp32(g)
+        p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
+        m32.lerp_(g32, 1 - hp.beta1)
+        v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
+        bias_correction1 = 1 - hp.beta1**t
+        bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
+        if hp.amsgrad:
+            vmax32 = fp32(st["max_exp_avg_sq"])
+            torch.maximum(vmax32, v32, out=vmax32)
+            store(st["max_exp_avg_sq"], vmax32)
+            denom = (vmax32.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
+        else:
+            denom = (v32.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
+        p32.addcdiv_(m32, denom, value=-hp.lr * m.lr / bias_correction1)
+        store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+
+
+backends.register(backends.Backend("adamw", "reference", adamw_reference))
+
+
+class AdamW(MupOptimizer):
+    r"""AdamW with muP: a drop-in for ``torch.optim.AdamW``.
+
+    Math (per tensor, t the step count after increment, decay in the default ``independent``
+    mode; ``lr_mult``, ``eps_mult`` from the tensor's muP role, mup-rules.md)::
+
+        p *= 1 - lr*wd
+        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2
+        p -= lr*lr_mult * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult)
+
+    Args:
+        params: parameters, named parameters or param groups, as torch.optim.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+        wd_mode: "independent" (default; the decay lr*wd is width-free, P1/P2) or "coupled"
+            (decay scaled with the lr multiplier).
+        scale_eps: multiply eps by 1/m_out (P1; worth it in low precision). Default False.
+        backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
+    """
+
+    rule = "adamw"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        wd_mode: str = "independent",
+        scale_eps: bool = False,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            wd_mode=wd_mode, scale_eps=scale_eps,
+        )
+        super().__init__(params, defaults, backend=backend)
+
+    def _check_hparams(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_weight_decay(group["weight_decay"])
+        check(isinstance(group["amsgrad"], bool), f"amsgrad must be a bool, got {group['amsgrad']!r}")
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        state = {
+            "step": torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _hparams(self, group: dict) -> AdamWHparams:
+        b1, b2 = group["betas"]
+        return AdamWHparams(
+            float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
+            group["amsgrad"], group["maximize"],
+        )

@@ -1,0 +1,114 @@
+"""ADOPT (Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2", arXiv 2411.02853)
+with per-tensor muP multipliers.
+
+Reference: the official implementation, PyPI ``torch-adopt`` (``adopt.ADOPT``) with
+``decouple=True`` and its default clipping ``clip_lambda(s) = s**0.25``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends
+from ._base import MupOptimizer, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
+
+
+@dataclass(frozen=True)
+class ADOPTHparams:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+
+
+def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
+    """One ADOPT step, one tensor at a time, float32 math. s = step count before increment::
+
+        s == 0:  v = g^2                                   (no parameter update)
+        s >= 1:  p *= 1 - lr*wd*wd_mult
+                 n = clamp(g / max(sqrt(v), eps*eps_mult), -s**0.25, s**0.25)
+                 m = b1*m + (1-b1)*n
+                 p -= lr*lr_mult * m
+                 v = b2*v + (1-b2)*g^2
+
+    v is updated after it normalises g: the decorrelation that is ADOPT's point. The decay is
+    written p += -lr*wd*p, the operation order of torch-adopt, so fp32 results agree bit for bit.
+    """
+    for p, g, st, m in zip(params, grads, states, mults):
+        s = st["step"].item()
+        st["step"] += 1
+        g32 = -fp32(g) if hp.maximize else fp32(g)
+        v32 = fp32(st["exp_avg_sq"])
+        if s == 0:
+            v32.addcmul_(g32, g32)
+            store(st["exp_avg_sq"], v32)
+            continue
+        p32, m32 = fp32(p), fp32(st["exp_avg"])
+        p32.add_(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
+        normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
+        clip = s**0.25
+        normed.clamp_(-clip, clip)
+        m32.lerp_(normed, 1 - hp.beta1)
+        p32.add_(m32, alpha=-hp.lr * m.lr)
+        v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
+        store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+
+
+backends.register(backends.Backend("adopt", "reference", adopt_reference))
+
+
+class ADOPT(MupOptimizer):
+    r"""ADOPT with muP (decoupled weight decay, clipping s**0.25), a drop-in for ``adopt.ADOPT``
+    constructed with ``decouple=True``.
+
+    Math: see :func:`adopt_reference`. The first step only initialises v = g^2.
+
+    Args:
+        params: parameters, named parameters or param groups.
+        lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, maximize: as torch-adopt.
+        wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
+    """
+
+    rule = "adopt"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        wd_mode: str = "independent",
+        scale_eps: bool = False,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+            wd_mode=wd_mode, scale_eps=scale_eps,
+        )
+        super().__init__(params, defaults, backend=backend)
+
+    def _check_hparams(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_weight_decay(group["weight_decay"])
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        return {
+            "step": torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+
+    def _hparams(self, group: dict) -> ADOPTHparams:
+        b1, b2 = group["betas"]
+        return ADOPTHparams(
+            float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
+            group["maximize"],
+        )

@@ -1,0 +1,163 @@
+"""SophiaG (Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training", arXiv 2305.14342) with per-tensor muP multipliers.
+
+Reference: the official code, PyPI ``sophia-opt`` (``sophia_opt.SophiaG``): the same defaults,
+``step(bs=...)``, ``update_hessian()`` and state keys ``step``, ``exp_avg``, ``hessian``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ._base import MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, store
+
+# The official code's guard against h == 0 in |m| / (rho*bs*h + 1e-15): with no Hessian estimate
+# the ratio saturates at 1 and the step is sign(m).
+HESSIAN_FLOOR = 1e-15
+
+
+@dataclass(frozen=True)
+class SophiaHparams:
+    lr: float
+    beta1: float
+    beta2: float
+    rho: float
+    weight_decay: float
+    bs: float
+    maximize: bool
+
+
+def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
+    """One SophiaG step, one tensor at a time, float32 math::
+
+        p *= 1 - lr*wd*wd_mult
+        m = b1*m + (1-b1)*g
+        p -= lr*lr_mult * sign(m) * min(|m| / (rho*bs*h + 1e-15), 1)
+
+    Operation order as sophia-opt, so fp32 results agree bit for bit.
+    """
+    for p, g, st, m in zip(params, grads, states, mults):
+        st["step"] += 1
+        p32, m32, h32 = fp32(p), fp32(st["exp_avg"]), fp32(st["hessian"])
+        g32 = -fp32(g) if hp.maximize else fp32(g)
+        p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
+        m32.mul_(hp.beta1).add_(g32, alpha=1 - hp.beta1)
+        ratio = (m32.abs() / (hp.rho * hp.bs * h32 + HESSIAN_FLOOR)).clamp(None, 1)
+        p32.addcmul_(m32.sign(), ratio, value=-hp.lr * m.lr)
+        store(p, p32), store(st["exp_avg"], m32)
+
+
+def sophia_hessian_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
+    """Hessian EMA from a GNB gradient: h = b2*h + (1-b2)*g*g (the step count is not touched)."""
+    for g, st in zip(grads, states):
+        h32 = fp32(st["hessian"])
+        g32 = fp32(g)
+        h32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
+        store(st["hessian"], h32)
+
+
+backends.register(backends.Backend("sophia", "reference", sophia_reference))
+backends.register(backends.Backend("sophia_hessian", "reference", sophia_hessian_reference))
+
+
+def gnb_backward(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Backward pass of the Gauss-Newton-Bartlett estimator (Sophia, Algorithm 2).
+
+    Labels are sampled from the model's own distribution softmax(logits) (last dim = classes)
+    and the mean cross-entropy against them is back-propagated; the squared gradient it leaves in
+    ``p.grad`` estimates the Gauss-Newton diagonal. Returns the sampled loss (detached).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        labels = torch.multinomial(F.softmax(flat.float(), dim=-1), 1, generator=generator).squeeze(-1)
+    loss = F.cross_entropy(flat, labels)
+    loss.backward()
+    return loss.detach()
+
+
+class SophiaG(MupOptimizer):
+    r"""SophiaG with muP: a drop-in for ``sophia_opt.SophiaG``.
+
+    Usage, as the official training loop (k = 10 in the paper)::
+
+        loss.backward(); opt.step(bs=tokens_per_batch); opt.zero_grad()
+        if it % k == k - 1:
+            opt.update_hessian_from_logits(model(x))   # GNB estimate, leaves .grad cleared
+
+    Math: see :func:`sophia_reference`; beta1, beta2 and rho are not width-scaled (mup-rules.md).
+
+    Args:
+        params: parameters, named parameters or param groups.
+        lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
+        wd_mode, backend: as :class:`mupopt.AdamW`.
+    """
+
+    rule = "sophia"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 1e-1,
+        *,
+        maximize: bool = False,
+        wd_mode: str = "independent",
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, maximize=maximize, wd_mode=wd_mode,
+        )
+        super().__init__(params, defaults, backend=backend)
+
+    def _check_hparams(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check(is_number(group["rho"]) and float(group["rho"]) >= 0.0, f"Invalid rho parameter: {group['rho']}")
+        check_weight_decay(group["weight_decay"])
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        return {
+            "step": torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "hessian": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+
+    def _hparams(self, group: dict, bs: float = 5120) -> SophiaHparams:
+        b1, b2 = group["betas"]
+        return SophiaHparams(
+            float(group["lr"]), float(b1), float(b2), float(group["rho"]), float(group["weight_decay"]),
+            float(bs), group["maximize"],
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None, bs: int = 5120):
+        """One step; ``bs`` is the number of tokens (samples) per batch, as in sophia-opt."""
+        check(is_number(bs) and float(bs) > 0, f"Invalid bs: {bs} (tokens per batch, a positive number)")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, self._gather(group)) for group in self.param_groups]
+        self._run(work, "sophia", {"bs": bs})
+        return loss
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """h = b2*h + (1-b2)*g*g from the gradients now in ``p.grad`` (a GNB backward)."""
+        work = [(group, self._gather(group)) for group in self.param_groups]
+        self._run(work, "sophia_hessian")
+
+    def update_hessian_from_logits(self, logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Clear grads, run the GNB backward on ``logits``, update the Hessian EMA, clear grads.
+
+        Returns the sampled-label loss."""
+        self.zero_grad(set_to_none=True)
+        loss = gnb_backward(logits, generator=generator)
+        self.update_hessian()
+        self.zero_grad(set_to_none=True)
+        return loss
