@@ -1,0 +1,39 @@
+"""The `mupopt` command: `mupopt verify` (more subcommands arrive with the benchmark and muP tools)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+
+def _verify(args) -> int:
+    from . import verify
+
+    devices = None if args.device == "auto" else [args.device]
+    progress = (lambda msg: print(f"  checking {msg}", file=sys.stderr)) if args.verbose else None
+    rows = verify.run(devices, steps=args.steps, progress=progress)
+    print(verify.format_rows(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mupopt", description="muP-scaled optimizers: tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("verify", help="check every optimizer and backend available here against its reference")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per check (default 10)")
+    p.add_argument("--json", help="also write the table as JSON to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each check as it starts")
+    p.set_defaults(func=_verify)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
