@@ -1,7 +1,7 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
 from .mup import MupError, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
-from .optim import ADOPT, LAMB, AdamW, SophiaG, gnb_backward
+from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
 
 __version__ = "0.1.0"
 
@@ -9,6 +9,8 @@ __all__ = [
     "ADOPT",
     "AdamW",
     "LAMB",
+    "Muon",
+    "Shampoo",
     "SophiaG",
     "gnb_backward",
     "MupError",

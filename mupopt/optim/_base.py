@@ -183,21 +183,24 @@ class MupOptimizer(Optimizer):
             index.append(i)
         return params, grads, index
 
+    def _call(self, kernel: str, group: dict, params, grads, mults, hp) -> None:
+        """Create missing state, then step ``params`` with the selected backend of ``kernel``."""
+        if not params:
+            return
+        states = []
+        for p in params:
+            if len(self.state[p]) == 0:
+                self.state[p].update(self._init_state(p, group))
+            states.append(self.state[p])
+        backends.select(kernel, self.backend, params).fn(params, grads, states, mults, hp)
+
     def _run(self, groups_work, kernel: str | None = None, extra: dict | None = None) -> None:
         """Call the backend of ``kernel`` (default: this optimizer's rule) once per group on
         prepared work (params, grads, index); extra keyword arguments go to _hparams."""
         for group, (params, grads, index) in groups_work:
-            if not params:
-                continue
-            states = []
-            for p in params:
-                if len(self.state[p]) == 0:
-                    self.state[p].update(self._init_state(p, group))
-                states.append(self.state[p])
             mults = self.group_multipliers(group)
-            mults = [mults[i] for i in index]
-            backend = backends.select(kernel or self.rule, self.backend, params)
-            backend.fn(params, grads, states, mults, self._hparams(group, **(extra or {})))
+            hp = self._hparams(group, **(extra or {}))
+            self._call(kernel or self.rule, group, params, grads, [mults[i] for i in index], hp)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

@@ -1,0 +1,228 @@
+"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
+Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982) with muP, for a whole model.
+
+Reference: ``torch.optim.Muon`` (PyTorch >= 2.9) for 2-D hidden matrices. Beyond torch, one
+mupopt.Muon takes the whole model: parameters whose muP role is not ``hidden`` (embeddings,
+readout, biases, norms) are stepped by AdamW inside the same optimizer, with their own
+hyperparameters and AdamW's muP rules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .. import backends
+from ..linalg import newton_schulz
+from ..mup import MupError, Multipliers, multipliers
+from ._base import MupOptimizer, check, check_betas, check_eps, check_weight_decay, fp32, is_number, store
+from .adamw import AdamWHparams
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+
+
+def shape_factor(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """Muon's per-matrix lr factor (A = rows, B = cols of the 2-D view).
+
+    None / "original": sqrt(max(1, A/B)) (Jordan); "match_rms_adamw": 0.2*sqrt(max(A, B)), which
+    makes the update RMS match AdamW's (Liu et al.); "spectral": sqrt(A/B), the spectral-norm
+    scaling of Yang, Simon, Bernstein (arXiv 2310.17813) that P1 analyses.
+    """
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "spectral":
+        return math.sqrt(rows / cols)
+    raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+
+
+@dataclass(frozen=True)
+class MuonHparams:
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    ns_coefficients: tuple
+    ns_steps: int | None
+    eps: float
+    adjust_lr_fn: str | None
+    ns_dtype: torch.dtype
+
+
+def matrix_view(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D view Muon orthogonalises: conv kernels (ndim > 2) flattened to (shape[0], -1)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def muon_reference(params, grads, states, mults, hp: MuonHparams) -> None:
+    """One Muon step for hidden matrices::
+
+        B = lerp(B, g, 1-mu) ;  u = lerp(g, B, mu) if nesterov else B
+        O = NS(u)                        (same-shape matrices stacked into one NS call)
+        p *= 1 - lr*wd*wd_mult
+        p -= lr*lr_mult*shape_factor * O
+
+    The operation order is torch.optim.Muon's; NS runs in ``hp.ns_dtype`` (bf16 by default).
+    """
+    updates = []
+    for g, st in zip(grads, states):
+        buf32 = fp32(st["momentum_buffer"])
+        g32 = fp32(g)
+        buf32.lerp_(g32, 1 - hp.momentum)
+        store(st["momentum_buffer"], buf32)
+        updates.append(matrix_view(g32.lerp(buf32, hp.momentum) if hp.nesterov else buf32))
+    by_shape: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault(tuple(u.shape), []).append(i)
+    ortho: list[torch.Tensor | None] = [None] * len(updates)
+    for shape, idx in by_shape.items():
+        stacked = torch.stack([updates[i] for i in idx])
+        out = newton_schulz(stacked, hp.ns_steps, hp.ns_coefficients, hp.eps, hp.ns_dtype, check_finite=False)
+        for k, i in enumerate(idx):
+            ortho[i] = out[k]
+    for p, o, m in zip(params, ortho, mults):
+        rows, cols = o.shape
+        p32 = fp32(p)
+        p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
+        p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr * shape_factor(hp.adjust_lr_fn, rows, cols))
+        store(p, p32)
+
+
+backends.register(backends.Backend("muon", "reference", muon_reference))
+
+
+class Muon(MupOptimizer):
+    r"""Muon with muP for a whole model: hidden matrices by Muon, the rest by AdamW.
+
+    Routing per parameter (group key ``use_muon``): None (default) sends parameters whose muP role
+    is ``hidden`` to Muon and the others to AdamW; without width information (no
+    ``set_base_shapes``) every parameter with ndim >= 2 goes to Muon, as torch.optim.Muon would
+    take them. ``use_muon=True`` / ``False`` in a param group forces the choice for that group.
+    Muon parameters with ndim > 2 (conv kernels) are orthogonalised as (shape[0], -1).
+
+    muP (mup-rules.md): hidden matrices get lr multiplier 1 with the "original" or "spectral"
+    shape factors (they are width-stable by construction; never stack 1/m on them) and
+    1/sqrt(m_in) with "match_rms_adamw" (whose 0.2*sqrt(max(A, B)) grows with width); the decay
+    stays lr*wd in the default independent mode. The AdamW part follows AdamW's rules.
+
+    Args:
+        params: parameters, named parameters or param groups.
+        lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+        ns_coefficients=(3.4445, -4.775, 2.0315) or a list of per-iteration triples (e.g.
+        mupopt.linalg.POLAR_EXPRESS_COEFFICIENTS[:5] with ns_steps=None), eps=1e-7, ns_steps=5,
+        adjust_lr_fn=None | "original" | "match_rms_adamw" | "spectral": as torch.optim.Muon.
+        ns_dtype: dtype of the Newton-Schulz iteration (bf16 as torch; float32 for accuracy).
+        adamw_lr=1e-3, adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_wd=0.01: the AdamW part.
+        wd_mode, backend: as :class:`mupopt.AdamW`.
+    """
+
+    rule = "muon"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Sequence = (3.4445, -4.775, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int | None = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_wd: float = 0.01,
+        wd_mode: str = "independent",
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            adamw_wd=adamw_wd, use_muon=None, wd_mode=wd_mode, scale_eps=False,
+        )
+        super().__init__(params, defaults, backend=backend)
+
+    def _check_hparams(self, group: dict) -> None:
+        check(is_number(group["lr"]) and float(group["lr"]) >= 0, f"Learning rate should be >= 0 but is: {group['lr']}")
+        check(is_number(group["momentum"]) and 0 <= group["momentum"] < 1, f"momentum should be in [0, 1) but is: {group['momentum']}")
+        check(is_number(group["weight_decay"]) and group["weight_decay"] >= 0, f"weight decay should be >= 0 but is: {group['weight_decay']}")
+        check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
+        check_eps(group["eps"])
+        check(group["ns_dtype"] in (torch.bfloat16, torch.float32, torch.float64), f"Invalid ns_dtype: {group['ns_dtype']}")
+        check(group["use_muon"] in (None, True, False), f"use_muon must be None, True or False, got {group['use_muon']!r}")
+        check(is_number(group["adamw_lr"]) and group["adamw_lr"] >= 0, f"Invalid adamw_lr: {group['adamw_lr']}")
+        check_betas(group["adamw_betas"])
+        check_eps(group["adamw_eps"])
+        check_weight_decay(group["adamw_wd"])
+        # The coefficient schedule is validated by the NS function itself (one place).
+        newton_schulz(torch.zeros(1, 1), group["ns_steps"], group["ns_coefficients"], check_finite=False)
+        for i, p in enumerate(group.get("params", [])):
+            if self._uses_muon(group, i) and p.ndim < 2:
+                raise ValueError(
+                    f"Muon needs matrices but got a parameter of shape {tuple(p.shape)} routed to it "
+                    f"(use_muon=True or a 'hidden' role on a tensor with ndim < 2)"
+                )
+
+    def _uses_muon(self, group: dict, i: int) -> bool:
+        if group["use_muon"] is not None:
+            return group["use_muon"]
+        record = group.get("mup", [None] * len(group["params"]))[i] if "mup" in group else None
+        if record is None:
+            return group["params"][i].ndim >= 2
+        return record["role"] == "hidden"
+
+    def group_multipliers(self, group: dict) -> list[Multipliers]:
+        rule = "muon_match_rms_adamw" if group["adjust_lr_fn"] == "match_rms_adamw" else "muon"
+        out = []
+        for i, info in enumerate(self.width_infos(group)):
+            if not self._uses_muon(group, i):
+                out.append(multipliers("adamw", info, wd_mode=group["wd_mode"]))
+            elif info is not None and info.role != "hidden":
+                raise MupError(f"use_muon=True on a parameter of role {info.role!r}: Muon's muP rules cover hidden matrices only")
+            else:
+                out.append(multipliers(rule, info, wd_mode=group["wd_mode"]))
+        return out
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        i = next(k for k, q in enumerate(group["params"]) if q is p)
+        if self._uses_muon(group, i):
+            return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        return {
+            "step": torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+
+    def _hparams(self, group: dict) -> MuonHparams:
+        coeffs = group["ns_coefficients"]
+        coeffs = tuple(coeffs) if len(coeffs) == 3 and all(is_number(c) for c in coeffs) else tuple(map(tuple, coeffs))
+        return MuonHparams(
+            float(group["lr"]), float(group["weight_decay"]), float(group["momentum"]), bool(group["nesterov"]),
+            coeffs, group["ns_steps"], float(group["eps"]), group["adjust_lr_fn"], group["ns_dtype"],
+        )
+
+    def _adamw_hparams(self, group: dict) -> AdamWHparams:
+        b1, b2 = group["adamw_betas"]
+        return AdamWHparams(float(group["adamw_lr"]), float(b1), float(b2), float(group["adamw_eps"]), float(group["adamw_wd"]), False, False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, self._gather(group)) for group in self.param_groups]
+        for group, (params, grads, index) in work:
+            mults = self.group_multipliers(group)
+            for kernel, hp, want in (("muon", self._hparams(group), True), ("adamw", self._adamw_hparams(group), False)):
+                sel = [k for k, i in enumerate(index) if self._uses_muon(group, i) == want]
+                self._call(kernel, group, [params[k] for k in sel], [grads[k] for k in sel], [mults[index[k]] for k in sel], hp)
+        return loss
