@@ -84,10 +84,91 @@ def sophia_hessian_f64(p, g, st, m: Multipliers, hp) -> None:
     st["h"] = hp.beta2 * st["h"] + (1 - hp.beta2) * g * g
 
 
+def _ns_f64(X, hp):
+    """Newton-Schulz in float64 with the schedule of ``hp`` (transposed when rows > cols)."""
+    coeffs = hp.ns_coefficients
+    schedule = [coeffs] * hp.ns_steps if isinstance(coeffs[0], (int, float)) else list(coeffs)
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    X = X / max(float(torch.linalg.matrix_norm(X)), hp.eps)
+    for a, b, c in schedule:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def muon_f64(p, g, st, m: Multipliers, hp) -> None:
+    st.setdefault("buf", torch.zeros_like(p, dtype=torch.float64))
+    st["buf"] = hp.momentum * st["buf"] + (1 - hp.momentum) * g
+    u = (1 - hp.momentum) * g + hp.momentum * st["buf"] if hp.nesterov else st["buf"]
+    O = _ns_f64(u.reshape(u.shape[0], -1), hp)
+    rows, cols = O.shape
+    factor = {
+        None: math.sqrt(max(1.0, rows / cols)),
+        "original": math.sqrt(max(1.0, rows / cols)),
+        "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols)),
+        "spectral": math.sqrt(rows / cols),
+    }[hp.adjust_lr_fn]
+    p.mul_(1 - hp.lr * hp.weight_decay * m.wd)
+    p.sub_(hp.lr * m.lr * factor * O.reshape(p.shape))
+
+
+def _inv_root_f64(S, eps, relative, root=4):
+    lam, Q = torch.linalg.eigh(S)
+    damp = eps * float(lam.max()) if relative else eps
+    lam = (lam + damp).clamp_min(0)
+    inv = torch.where(lam > 0, lam ** (-1.0 / root), torch.zeros_like(lam))
+    return Q @ torch.diag(inv) @ Q.T
+
+
+def shampoo_f64(p, g, st, m: Multipliers, hp) -> None:
+    st.setdefault("t", 0)
+    st["t"] += 1
+    t = st["t"]
+    st.setdefault("v", torch.zeros_like(p, dtype=torch.float64))
+    st.setdefault("mom", torch.zeros_like(p, dtype=torch.float64))
+    st["v"] = hp.grafting_beta2 * st["v"] + (1 - hp.grafting_beta2) * g * g
+    adam = g / ((st["v"] / (1 - hp.grafting_beta2**t)).sqrt() + hp.grafting_epsilon)
+    direction = adam
+    if p.ndim >= 2 and p.numel() > 0:
+        G, A = g.reshape(p.shape[0], -1), adam.reshape(p.shape[0], -1)
+        n = hp.max_preconditioner_dim
+        blocks = [(slice(i, i + n), slice(j, j + n)) for i in range(0, G.shape[0], n) for j in range(0, G.shape[1], n)]
+        if "L" not in st:
+            st["L"] = [torch.zeros(G[r, c].shape[0], G[r, c].shape[0], dtype=torch.float64) for r, c in blocks]
+            st["R"] = [torch.zeros(G[r, c].shape[1], G[r, c].shape[1], dtype=torch.float64) for r, c in blocks]
+            st["Lr"], st["Rr"] = [None] * len(blocks), [None] * len(blocks)
+        keep, add = (1.0, 1.0) if hp.beta2 == 1.0 else (hp.beta2, 1 - hp.beta2)
+        start = hp.start_preconditioning_step
+        refresh = t >= start and (t - start) % hp.precondition_frequency == 0
+        D = torch.empty_like(G)
+        for k, (r, c) in enumerate(blocks):
+            Gb = G[r, c]
+            st["L"][k] = keep * st["L"][k] + add * Gb @ Gb.T
+            st["R"][k] = keep * st["R"][k] + add * Gb.T @ Gb
+            if refresh:
+                st["Lr"][k] = _inv_root_f64(st["L"][k], hp.epsilon, hp.relative_epsilon)
+                st["Rr"][k] = _inv_root_f64(st["R"][k], hp.epsilon, hp.relative_epsilon)
+            if t >= start:
+                Db = st["Lr"][k] @ Gb @ st["Rr"][k]
+                if hp.grafting == "adam":
+                    d = float(torch.linalg.matrix_norm(Db))
+                    Db = Db * (float(torch.linalg.matrix_norm(A[r, c])) / d if d > 0 else 0.0)
+                D[r, c] = Db
+            else:
+                D[r, c] = A[r, c]
+        direction = D.reshape(p.shape)
+    st["mom"] = hp.beta1 * st["mom"] + (1 - hp.beta1) * direction
+    p.mul_(1 - hp.lr * hp.weight_decay * m.wd)
+    p.sub_(hp.lr * m.lr * st["mom"] / ((1 - hp.beta1**t) if hp.beta1 > 0 else 1.0))
+
+
 ORACLES = {
     "adamw": adamw_f64,
     "adopt": adopt_f64,
     "lamb": lamb_f64,
     "sophia": sophia_f64,
     "sophia_hessian": sophia_hessian_f64,
+    "muon": muon_f64,
+    "shampoo": shampoo_f64,
 }
