@@ -11,6 +11,7 @@ left exactly as they were.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -26,12 +27,13 @@ def check(condition: bool, message: str) -> None:
 
 
 def is_number(x: Any) -> bool:
-    """A finite real number (a 1-element tensor counts, as torch accepts a tensor lr)."""
+    """A finite real number (numpy scalars count; so does a 1-element tensor, as torch accepts a
+    tensor lr)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1 or x.is_complex():
             return False
         x = x.item()
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_lr(lr) -> None:
@@ -75,7 +77,6 @@ class MupOptimizer(Optimizer):
         defaults.setdefault("scale_eps", False)
         self._check_group(defaults)
         super().__init__(params, defaults)
-        self._check_width_consistency()
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _check_hparams(self, group: dict) -> None:
@@ -96,7 +97,7 @@ class MupOptimizer(Optimizer):
         self._check_hparams(group)
         check(group["wd_mode"] in WD_MODES, f"Invalid wd_mode: {group['wd_mode']!r} (expected one of {WD_MODES})")
         check(isinstance(group["scale_eps"], bool), f"Invalid scale_eps: {group['scale_eps']!r}")
-        check(not group.get("maximize", False) or isinstance(group["maximize"], bool), "maximize must be a bool")
+        check(isinstance(group.get("maximize", False), bool), f"maximize must be a bool, got {group.get('maximize')!r}")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -108,15 +109,10 @@ class MupOptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
             # Width info travels in the group (and so in the state_dict): one record per param.
             group["mup"] = [None if (w := width_info(p)) is None else w.as_dict() for p in group["params"]]
+            self._check_width_consistency()
         except Exception:
             self.param_groups.pop()
             raise
-        if hasattr(self, "backend"):  # the constructor checks once all groups are in
-            try:
-                self._check_width_consistency()
-            except Exception:
-                self.param_groups.pop()
-                raise
 
     def _check_width_consistency(self) -> None:
         """All params carry width info, or none: a mix means muP was set up on part of a model."""

@@ -74,6 +74,8 @@ class AdamW(MupOptimizer):
         wd_mode: "independent" (default; the decay lr*wd is width-free, P1/P2) or "coupled"
             (decay scaled with the lr multiplier).
         scale_eps: multiply eps by 1/m_out (P1; worth it in low precision). Default False.
+        foreach, fused: accepted for drop-in compatibility and ignored: ``backend`` chooses the
+            implementation (``auto``: the fastest available). capturable, differentiable: only False.
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
     """
 
@@ -89,10 +91,19 @@ class AdamW(MupOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         wd_mode: str = "independent",
         scale_eps: bool = False,
         backend: str = "auto",
     ):
+        # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
+        # runs unchanged: foreach/fused choose among torch's own kernels, here backend= chooses.
+        # capturable and differentiable change semantics this class does not provide.
+        if capturable or differentiable:
+            raise ValueError("mupopt.AdamW supports neither capturable=True nor differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
