@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -63,6 +63,15 @@ def store(t: torch.Tensor, t32: torch.Tensor) -> None:
     """Write the float32 result back to lower-precision storage (no-op when t is t32)."""
     if t is not t32:
         t.copy_(t32)
+
+
+class Work(NamedTuple):
+    """One group's prepared step: params with a gradient, grads, their indices, multipliers."""
+
+    params: list
+    grads: list
+    index: list
+    mults: list
 
 
 class MupOptimizer(Optimizer):
@@ -159,12 +168,14 @@ class MupOptimizer(Optimizer):
             for record in saved["mup"]:
                 if record is not None:
                     WidthInfo.from_dict(record)
-            self._check_group(saved)
+            self._check_group({**saved, "params": current["params"]})  # saved params are indices
         super().load_state_dict({**state_dict, "param_groups": groups})
 
     # -- the step ------------------------------------------------------------------------------
-    def _gather(self, group: dict) -> tuple[list, list, list[int]]:
-        """Params with a gradient, their gradients and indices; raise on bad input."""
+    def _gather(self, group: dict) -> Work:
+        """Params with a gradient, their gradients, indices in the group and multipliers.
+
+        Raises on bad input; called for every group before any group is stepped."""
         self._check_group(group)
         params, grads, index = [], [], []
         for i, p in enumerate(group["params"]):
@@ -177,7 +188,8 @@ class MupOptimizer(Optimizer):
             params.append(p)
             grads.append(p.grad)
             index.append(i)
-        return params, grads, index
+        mults = self.group_multipliers(group)
+        return Work(params, grads, index, [mults[i] for i in index])
 
     def _call(self, kernel: str, group: dict, params, grads, mults, hp) -> None:
         """Create missing state, then step ``params`` with the selected backend of ``kernel``."""
@@ -190,13 +202,12 @@ class MupOptimizer(Optimizer):
             states.append(self.state[p])
         backends.select(kernel, self.backend, params).fn(params, grads, states, mults, hp)
 
-    def _run(self, groups_work, kernel: str | None = None, extra: dict | None = None) -> None:
-        """Call the backend of ``kernel`` (default: this optimizer's rule) once per group on
-        prepared work (params, grads, index); extra keyword arguments go to _hparams."""
-        for group, (params, grads, index) in groups_work:
-            mults = self.group_multipliers(group)
-            hp = self._hparams(group, **(extra or {}))
-            self._call(kernel or self.rule, group, params, grads, [mults[i] for i in index], hp)
+    def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
+        """Validate every group, then call the backend of ``kernel`` (default: this optimizer's
+        rule) once per group; extra keyword arguments go to _hparams."""
+        work = [(group, self._gather(group)) for group in self.param_groups]
+        for group, w in work:
+            self._call(kernel or self.rule, group, w.params, w.grads, w.mults, self._hparams(group, **(extra or {})))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -205,6 +216,5 @@ class MupOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        self._run(work)
+        self._run()
         return loss

@@ -142,15 +142,13 @@ class SophiaG(MupOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        self._run(work, "sophia", {"bs": bs})
+        self._run("sophia", {"bs": bs})
         return loss
 
     @torch.no_grad()
     def update_hessian(self) -> None:
         """h = b2*h + (1-b2)*g*g from the gradients now in ``p.grad`` (a GNB backward)."""
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        self._run(work, "sophia_hessian")
+        self._run("sophia_hessian")
 
     def update_hessian_from_logits(self, logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Clear grads, run the GNB backward on ``logits``, update the Hessian EMA, clear grads.
