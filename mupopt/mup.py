@@ -241,14 +241,24 @@ def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
 
 
 def _from_override(name, module, dims: list[Dim], value) -> WidthInfo:
+    """WidthInfo for a declared role: the role says where the width sits (input: fan_out;
+    output: fan_in; vector: its one dimension), so a bare Parameter or a tied weight gets its m
+    values from the role, not from the module it was found in."""
     if isinstance(value, WidthInfo):
         return value
     if value not in ROLES:
         raise MupError(f"override for {name!r}: expected a role in {ROLES} or a WidthInfo, got {value!r}")
-    if value == "vector" or len(dims) < 2:
-        return WidthInfo(value, 1.0, _ratio(dims[0]) if dims else 1.0)
-    fan_in, fan_out = _fan_dims(module)
-    return WidthInfo(value, _ratio(dims[fan_in]), _ratio(dims[fan_out]))
+    scaling = [_ratio(d) for d in dims if d[1] is not None]
+    if value == "hidden" and len(dims) >= 2:
+        fan_in, fan_out = _fan_dims(module)
+        return WidthInfo("hidden", _ratio(dims[fan_in]), _ratio(dims[fan_out]))
+    if len(scaling) > 1:
+        raise MupError(
+            f"override for {name!r}: role {value!r} has one width dimension but {len(scaling)} of its "
+            f"dimensions scale; declare it with overrides={{{name!r}: WidthInfo(role, m_in, m_out)}}"
+        )
+    m = scaling[0] if scaling else 1.0
+    return WidthInfo(value, m, 1.0) if value == "output" else WidthInfo(value, 1.0, m)
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
