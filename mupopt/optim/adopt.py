@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import MupOptimizer, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
+from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ class ADOPT(MupOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
+            # Not an option here: recorded so that a state_dict loads into torch-adopt's ADOPT,
+            # whose step reads group["decouple"].
+            decouple=True,
         )
         super().__init__(params, defaults, backend=backend)
 
@@ -98,6 +101,7 @@ class ADOPT(MupOptimizer):
         check_eps(group["eps"])
         check_betas(group["betas"])
         check_weight_decay(group["weight_decay"])
+        check(group.get("decouple", True) is True, "mupopt.ADOPT implements decouple=True only")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         return {
