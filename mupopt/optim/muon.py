@@ -116,6 +116,8 @@ class Muon(MupOptimizer):
         adjust_lr_fn=None | "original" | "match_rms_adamw" | "spectral": as torch.optim.Muon.
         ns_dtype: dtype of the Newton-Schulz iteration (bf16 as torch; float32 for accuracy).
         adamw_lr=1e-3, adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_wd=0.01: the AdamW part.
+            Its lr follows the group's lr schedule: adamw_lr * group["lr"] / group["lr_ref"], with
+            lr_ref the group's lr at construction.
         wd_mode, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -158,6 +160,7 @@ class Muon(MupOptimizer):
         check(group["ns_dtype"] in (torch.bfloat16, torch.float32, torch.float64), f"Invalid ns_dtype: {group['ns_dtype']}")
         check(group["use_muon"] in (None, True, False), f"use_muon must be None, True or False, got {group['use_muon']!r}")
         check(is_number(group["adamw_lr"]) and group["adamw_lr"] >= 0, f"Invalid adamw_lr: {group['adamw_lr']}")
+        check(is_number(group.get("lr_ref", 0.0)) and group.get("lr_ref", 0.0) >= 0, f"Invalid lr_ref: {group.get('lr_ref')}")
         check_betas(group["adamw_betas"])
         check_eps(group["adamw_eps"])
         check_weight_decay(group["adamw_wd"])
@@ -209,8 +212,17 @@ class Muon(MupOptimizer):
         )
 
     def _adamw_hparams(self, group: dict) -> AdamWHparams:
+        """The AdamW part follows the group's lr schedule: its lr is adamw_lr * lr / lr_ref, where
+        lr_ref is the group's lr at construction, so a scheduler (or a manual edit of
+        group["lr"]) scales both parts of the model alike."""
         b1, b2 = group["adamw_betas"]
-        return AdamWHparams(float(group["adamw_lr"]), float(b1), float(b2), float(group["adamw_eps"]), float(group["adamw_wd"]), False, False)
+        ref = float(group["lr_ref"])
+        lr = float(group["adamw_lr"]) * (float(group["lr"]) / ref if ref > 0 else 1.0)
+        return AdamWHparams(lr, float(b1), float(b2), float(group["adamw_eps"]), float(group["adamw_wd"]), False, False)
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -220,9 +232,8 @@ class Muon(MupOptimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, self._gather(group)) for group in self.param_groups]
-        for group, (params, grads, index) in work:
-            mults = self.group_multipliers(group)
-            for kernel, hp, want in (("muon", self._hparams(group), True), ("adamw", self._adamw_hparams(group), False)):
-                sel = [k for k, i in enumerate(index) if self._uses_muon(group, i) == want]
-                self._call(kernel, group, [params[k] for k in sel], [grads[k] for k in sel], [mults[index[k]] for k in sel], hp)
+        for group, w in work:
+            for kernel, hp, to_muon in (("muon", self._hparams(group), True), ("adamw", self._adamw_hparams(group), False)):
+                sel = [k for k, i in enumerate(w.index) if self._uses_muon(group, i) == to_muon]
+                self._call(kernel, group, [w.params[k] for k in sel], [w.grads[k] for k in sel], [w.mults[k] for k in sel], hp)
         return loss
