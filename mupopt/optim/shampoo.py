@@ -234,6 +234,15 @@ class Shampoo(MupOptimizer):
         check_betas((0.0, group["grafting_beta2"]))
         check(is_number(group["grafting_epsilon"]) and group["grafting_epsilon"] >= 0, f"Invalid grafting_epsilon: {group['grafting_epsilon']}")
 
+    def _gather(self, group: dict):
+        """As every optimizer, plus: a non-finite gradient raises before any group is touched.
+        It would poison L and R for good (every later root fails), so Shampoo refuses it; one
+        device sync per group is the price."""
+        work = super()._gather(group)
+        if work.grads and not bool(torch.stack([torch.isfinite(g).all() for g in work.grads]).all()):
+            raise ValueError("Shampoo: non-finite gradient (inf or nan); params and state left unchanged")
+        return work
+
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         rule = "shampoo_grafted" if group["grafting"] == "adam" else "shampoo"
         return [multipliers(rule, info, wd_mode=group["wd_mode"]) for info in self.width_infos(group)]
