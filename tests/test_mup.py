@@ -1,0 +1,664 @@
+"""The muP layer: roles, width multipliers, width-info sources, errors, schedulers, resume, init,
+summaries — expectations derived in the tests from mup-rules.md, or from Microsoft's mup.
+
+Widths: base 32, model 128, so every scaling dimension has m = 4.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mupopt
+from mupopt.mup import Multipliers, WidthInfo, multipliers
+from mupopt.testing import adamw_f64
+
+from models import MLP, MuMLP, MuTinyGPT, TinyGPT, fill_grads, token_batch
+
+BASE, WIDTH = 32, 128
+POS = {"pos": "input"}
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Expectations, written from mup-rules.md (independently of mupopt.mup)
+# ---------------------------------------------------------------------------------------------
+def meta(cls, *args, **kwargs):
+    with torch.device("meta"):
+        return cls(*args, **kwargs)
+
+
+def owner_of(model: nn.Module, name: str) -> nn.Module:
+    mod_name, _, _ = name.rpartition(".")
+    return model.get_submodule(mod_name) if mod_name else model
+
+
+def expected_info(module: nn.Module, shape, base_shape) -> WidthInfo:
+    """Role, m_in, m_out by the notation section of mup-rules.md."""
+    ratio = [s / b for s, b in zip(shape, base_shape)]
+    if len(shape) <= 1:
+        return WidthInfo("vector", 1.0, ratio[0] if ratio else 1.0)
+    if isinstance(module, nn.Embedding):  # (vocab, d): fan_in is dim 0, fan_out dim 1
+        fan_in, fan_out = ratio[0], ratio[1]
+    else:  # nn.Linear: (fan_out, fan_in)
+        fan_in, fan_out = ratio[1], ratio[0]
+    if fan_in != 1 and fan_out != 1:
+        role = "hidden"
+    elif fan_in != 1:
+        role = "output"
+    else:
+        role = "input"
+    return WidthInfo(role, fan_in, fan_out)
+
+
+def table_lr(rule: str, info: WidthInfo, lamb_hidden_exponent: float = 0.0) -> float:
+    """The lr multiplier of mup-rules.md's table."""
+    role, m_in, m_out = info.role, info.m_in, info.m_out
+    adam_like = {"input": 1.0, "hidden": 1.0 / m_in, "output": 1.0 / m_in, "vector": 1.0}
+    if rule in ("adamw", "adopt", "sophia", "shampoo_grafted"):
+        return adam_like[role]
+    if rule == "lamb":
+        return m_in**lamb_hidden_exponent if role == "hidden" else 1.0
+    if rule == "shampoo":
+        return {
+            "input": math.sqrt(m_out),
+            "hidden": math.sqrt(m_out / m_in),
+            "output": 1.0 / math.sqrt(m_in),
+            "vector": adam_like["vector"],
+        }[role]
+    raise AssertionError(rule)
+
+
+def tinygpt_expectations(model: TinyGPT, base: TinyGPT) -> dict[str, WidthInfo]:
+    """Every parameter except the bare ``pos`` (whose role comes from an override)."""
+    base_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    return {
+        n: expected_info(owner_of(model, n), tuple(p.shape), base_shapes[n])
+        for n, p in model.named_parameters()
+        if n != "pos"
+    }
+
+
+def assert_info(got: WidthInfo, want: WidthInfo, name: str):
+    assert got.role == want.role, (name, got, want)
+    assert got.m_in == pytest.approx(want.m_in), (name, got, want)
+    assert got.m_out == pytest.approx(want.m_out), (name, got, want)
+
+
+@pytest.fixture
+def gpt():
+    """TinyGPT(128) with width info from a meta-device TinyGPT(32)."""
+    torch.manual_seed(0)
+    model = TinyGPT(WIDTH)
+    base = meta(TinyGPT, BASE)
+    infos = mupopt.set_base_shapes(model, base, overrides=POS)
+    return model, base, infos
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles and multipliers
+# ---------------------------------------------------------------------------------------------
+def test_roles_and_width_ratios_follow_the_rules(gpt):
+    """Every TinyGPT parameter gets the role, m_in and m_out mup-rules.md prescribes."""
+    model, base, infos = gpt
+    want = tinygpt_expectations(model, base)
+    assert set(infos) == {n for n, _ in model.named_parameters()}
+    roles = {w.role for w in want.values()}
+    assert roles == {"input", "hidden", "output", "vector"}  # the model exercises every role
+    for name, p in model.named_parameters():
+        assert mupopt.width_info(p) is infos[name]
+        if name in want:
+            assert_info(infos[name], want[name], name)
+
+
+def test_override_input_on_bare_parameter_puts_the_width_on_fan_out(gpt):
+    """A bare (16, width) positional table declared 'input' gets m_in = 1 and m_out = 4: by
+    definition an input tensor has a fixed fan_in and a scaling fan_out (mup-rules.md), which is
+    what makes Shampoo's input multiplier sqrt(m_out) and scale_eps' 1/m_out act on it."""
+    model, _, infos = gpt
+    info = infos["pos"]
+    assert info.role == "input"
+    assert (info.m_in, info.m_out) == (1.0, 4.0), info
+    assert multipliers("shampoo", info).lr == pytest.approx(math.sqrt(4.0))
+    assert multipliers("adamw", info, scale_eps=True).eps == pytest.approx(1 / 4)
+
+
+RULES = [
+    ("adamw", {}),
+    ("adopt", {}),
+    ("sophia", {}),
+    ("lamb", {"lamb_hidden_exponent": 0.0}),
+    ("lamb", {"lamb_hidden_exponent": -0.5}),
+    ("shampoo", {}),
+    ("shampoo_grafted", {}),
+]
+
+
+@pytest.mark.parametrize("rule,options", RULES, ids=lambda x: str(x))
+def test_lr_multiplier_is_the_table_formula(gpt, rule, options):
+    """multipliers(rule, info).lr equals the mup-rules.md table for every TinyGPT parameter."""
+    model, base, infos = gpt
+    want = tinygpt_expectations(model, base)
+    seen = set()
+    for name, info in want.items():
+        got = multipliers(rule, infos[name], **options)
+        expected = table_lr(rule, info, options.get("lamb_hidden_exponent", 0.0))
+        assert got.lr == pytest.approx(expected, rel=1e-12), (name, info, got)
+        seen.add(round(expected, 9))
+    if rule in ("adamw", "shampoo") or options.get("lamb_hidden_exponent"):
+        assert len(seen) > 1  # the test would catch a rule that ignores width
+
+
+@pytest.mark.parametrize("rule", ["adamw", "adopt", "sophia", "shampoo", "shampoo_grafted"])
+def test_decay_multiplier_independent_vs_coupled(gpt, rule):
+    """independent: decay lr*wd without the muP multiplier; coupled: lr*lr_mult*wd."""
+    model, base, infos = gpt
+    for name, info in tinygpt_expectations(model, base).items():
+        lr = table_lr(rule, info)
+        assert multipliers(rule, infos[name], wd_mode="independent").wd == 1.0, name
+        assert multipliers(rule, infos[name], wd_mode="coupled").wd == pytest.approx(lr), name
+
+
+def test_scale_eps_is_one_over_m_out(gpt):
+    """scale_eps (P1, opt-in) multiplies eps by 1/m_out; off by default."""
+    model, base, infos = gpt
+    for name, info in tinygpt_expectations(model, base).items():
+        assert multipliers("adamw", infos[name]).eps == 1.0
+        assert multipliers("adamw", infos[name], scale_eps=True).eps == pytest.approx(1 / info.m_out), name
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,rule,options",
+    [
+        (mupopt.AdamW, {}, "adamw", {}),
+        (mupopt.AdamW, {"wd_mode": "coupled"}, "adamw", {}),
+        (mupopt.ADOPT, {}, "adopt", {}),
+        (mupopt.SophiaG, {}, "sophia", {}),
+        (mupopt.LAMB, {}, "lamb", {"lamb_hidden_exponent": 0.0}),
+        (mupopt.LAMB, {"hidden_lr_exponent": -0.5}, "lamb", {"lamb_hidden_exponent": -0.5}),
+    ],
+    ids=["adamw", "adamw-coupled", "adopt", "sophia", "lamb", "lamb-0.5"],
+)
+def test_optimizer_group_multipliers_match_table(gpt, cls, kwargs, rule, options):
+    """The multipliers an optimizer applies (group_multipliers) are the table's, per tensor."""
+    model, base, infos = gpt
+    want = tinygpt_expectations(model, base)
+    opt = cls(model.named_parameters(), **kwargs)
+    (group,) = opt.param_groups
+    for name, m in zip(group["param_names"], opt.group_multipliers(group)):
+        if name not in want:
+            continue
+        lr = table_lr(rule, want[name], options.get("lamb_hidden_exponent", 0.0))
+        assert m.lr == pytest.approx(lr), name
+        if rule != "lamb":
+            assert m.wd == pytest.approx(lr if kwargs.get("wd_mode") == "coupled" else 1.0), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Against Microsoft's mup
+# ---------------------------------------------------------------------------------------------
+LR, WD = 1e-2, 0.1
+
+
+def mup_pair(cls, **mupopt_kwargs):
+    mup = pytest.importorskip("mup")
+    torch.manual_seed(0)
+    model = cls(WIDTH)
+    mup.set_base_shapes(model, meta(cls, BASE), rescale_params=False)
+    overrides = POS if issubclass(cls, TinyGPT) else None
+    mupopt.set_base_shapes(model, overrides=overrides)  # source (c): p.infshape
+    theirs = mup.MuAdamW(model.parameters(), lr=LR, weight_decay=WD)
+    ours = mupopt.AdamW(model.named_parameters(), lr=LR, weight_decay=WD, **mupopt_kwargs)
+    their_lr, their_decay = {}, {}
+    for g in theirs.param_groups:
+        for p in g["params"]:
+            their_lr[id(p)] = g["lr"]
+            their_decay[id(p)] = g["lr"] * g["weight_decay"]
+    (group,) = ours.param_groups
+    rows = []
+    for name, p, m in zip(group["param_names"], group["params"], ours.group_multipliers(group)):
+        rows.append((name, p, group["lr"] * m.lr, group["lr"] * group["weight_decay"] * m.wd, their_lr[id(p)], their_decay[id(p)]))
+    return model, rows
+
+
+@pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
+def test_effective_lr_and_decay_match_mu_adamw(cls):
+    """Per tensor, mupopt's lr*lr_mult and lr*wd*wd_mult equal MuAdamW's group lr and
+    lr*weight_decay; for the MuReadout weight (MuAdamW keeps lr, the forward divides by
+    width_mult) mupopt's multiplier is 1/readout.width_mult()."""
+    model, rows = mup_pair(cls)
+    hidden_seen = False
+    for name, p, our_lr, our_decay, their_lr, their_decay in rows:
+        assert our_decay == pytest.approx(their_decay, rel=1e-12), name
+        if name == "readout.weight":
+            assert their_lr == LR
+            assert our_lr / LR == pytest.approx(1.0 / model.readout.width_mult()), name
+        else:
+            assert our_lr == pytest.approx(their_lr, rel=1e-12), name
+            hidden_seen |= their_lr != LR
+    assert hidden_seen  # MuAdamW did scale something: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
+def test_coupled_decay_matches_torch_with_mu_lr_groups(cls):
+    """wd_mode='coupled' is torch.optim with per-width lr groups and an unscaled weight_decay:
+    decay = (MuAdamW's group lr, readout lr/width_mult) * WD."""
+    model, rows = mup_pair(cls, wd_mode="coupled")
+    for name, p, our_lr, our_decay, their_lr, _ in rows:
+        lr = their_lr / model.readout.width_mult() if name == "readout.weight" else their_lr
+        assert our_decay == pytest.approx(lr * WD, rel=1e-12), name
+
+
+def test_training_equals_mu_adamw_with_mu_readout():
+    """Trained on the same data, mupopt.AdamW on a plain-readout MLP follows MuAdamW on a
+    MuReadout MLP whose readout weight is width_mult times larger (the documented equivalence):
+    same outputs, same weights (readout: ours == theirs / width_mult)."""
+    mup = pytest.importorskip("mup")
+    torch.manual_seed(0)
+    theirs_model = MuMLP(WIDTH)
+    mup.set_base_shapes(theirs_model, meta(MuMLP, BASE), rescale_params=False)
+    ours_model = MLP(WIDTH)
+    mupopt.set_base_shapes(ours_model, meta(MLP, BASE))
+    wm = theirs_model.readout.width_mult()
+    with torch.no_grad():
+        ours_model.load_state_dict(theirs_model.state_dict())
+        ours_model.readout.weight.div_(wm)
+    # A negligible eps: Adam's direction is then invariant to the gradient's scale (1/width_mult);
+    # not 0, which gives 0/0 on ReLU-dead units.
+    theirs = mup.MuAdamW(theirs_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
+    ours = mupopt.AdamW(ours_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(16, 10, generator=gen), torch.randn(16, 3, generator=gen)
+        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    x = torch.randn(8, 10, generator=gen)
+    torch.testing.assert_close(ours_model(x), theirs_model(x), rtol=1e-5, atol=1e-6)
+    theirs_params = dict(theirs_model.named_parameters())
+    for name, p in ours_model.named_parameters():
+        q = theirs_params[name] / wm if name == "readout.weight" else theirs_params[name]
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Width-info sources
+# ---------------------------------------------------------------------------------------------
+def as_tuples(infos):
+    return {n: (i.role, i.m_in, i.m_out) for n, i in infos.items()}
+
+
+def test_source_base_shape_dict_equals_base_model(gpt):
+    """(a') a {name: shape} dict gives what the base model gives."""
+    _, base, infos = gpt
+    shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    assert as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), shapes, overrides=POS)) == as_tuples(infos)
+
+
+def test_source_delta_gives_roles_at_the_base_width(gpt):
+    """delta=: the base model itself (m = 1 everywhere) gets the roles it has at width 128."""
+    _, _, infos = gpt
+    small = TinyGPT(BASE)
+    got = mupopt.set_base_shapes(small, meta(TinyGPT, BASE), delta=meta(TinyGPT, 64), overrides=POS)
+    assert {n: i.role for n, i in got.items()} == {n: i.role for n, i in infos.items()}
+    assert all(i.m_in == 1.0 and i.m_out == 1.0 for i in got.values())
+    # Without delta nothing scales and a Linear's role cannot be told:
+    with pytest.raises(mupopt.MupError, match="delta"):
+        mupopt.set_base_shapes(TinyGPT(BASE), meta(TinyGPT, BASE), overrides=POS)
+
+
+def test_source_base_widths_table_equals_base_model(gpt):
+    """(b) base_widths {size: base size} gives what the base model gives. (TinyGPT's qkv has
+    fan_out 3*width, so 384 must be listed next to d_model 128 and d_ff 512.)"""
+    _, _, infos = gpt
+    got = mupopt.set_base_shapes(TinyGPT(WIDTH), base_widths={128: 32, 384: 96, 512: 128}, overrides=POS)
+    assert as_tuples(got) == as_tuples(infos)
+
+
+def test_source_base_widths_mlp():
+    """(b) with the brief's table {128: 32, 512: 128} on a model whose width dims are 128/512."""
+    model = nn.Sequential(nn.Linear(10, 128), nn.Linear(128, 512), nn.Linear(512, 3))
+    got = mupopt.set_base_shapes(model, base_widths={128: 32, 512: 128})
+    assert as_tuples(got) == {
+        "0.weight": ("input", 1.0, 4.0),
+        "0.bias": ("vector", 1.0, 4.0),
+        "1.weight": ("hidden", 4.0, 4.0),
+        "1.bias": ("vector", 1.0, 4.0),
+        "2.weight": ("output", 4.0, 1.0),
+        "2.bias": ("vector", 1.0, 1.0),
+    }
+
+
+def test_source_infshape_equals_base_model(gpt):
+    """(c) p.infshape left by Microsoft's mup.set_base_shapes gives what the base model gives."""
+    mup = pytest.importorskip("mup")
+    _, _, infos = gpt
+    model = TinyGPT(WIDTH)
+    # do_assert=False: mup insists on MuReadout for readouts; not our concern here.
+    mup.set_base_shapes(model, meta(TinyGPT, BASE), rescale_params=False, do_assert=False)
+    assert as_tuples(mupopt.set_base_shapes(model, overrides=POS)) == as_tuples(infos)
+
+
+def test_source_override_pattern_with_role_string(gpt):
+    """(d) an fnmatch pattern with a role string sets exactly the matching tensors' role, and
+    the role places the width: 'input' puts the one scaling dimension on fan_out."""
+    _, _, infos = gpt
+    got = mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={"p?s": "input"})
+    assert got["pos"] == WidthInfo("input", 1.0, WIDTH / BASE)
+    for n, info in got.items():
+        if n != "pos":
+            assert as_tuples({n: info}) == as_tuples({n: infos[n]}), n
+
+
+def test_role_string_contradicting_the_shape_raises():
+    """A hidden-shaped matrix (both dimensions scale) declared 'input' is contradictory: the
+    error asks for an explicit WidthInfo instead of guessing which dimension to ignore."""
+    with pytest.raises(mupopt.MupError, match="WidthInfo"):
+        mupopt.set_base_shapes(
+            TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={**POS, "blocks.*.mlp_in.weight": "input"}
+        )
+
+
+def test_source_override_pattern_with_width_info(gpt):
+    """(d) an fnmatch pattern with a WidthInfo sets exactly that WidthInfo."""
+    _, _, infos = gpt
+    declared = WidthInfo("hidden", 8.0, 2.0)
+    got = mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={**POS, "blocks.*.mlp_in.weight": declared})
+    for n, info in got.items():
+        if n.endswith("mlp_in.weight"):
+            assert info == declared
+            assert multipliers("adamw", info).lr == pytest.approx(1 / 8)
+        else:
+            assert info == infos[n], n
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_tied_weights_without_override_raise():
+    """A weight shared by the embedding and the readout has no single role: MupError naming it."""
+    with pytest.raises(mupopt.MupError) as err:
+        mupopt.set_base_shapes(TinyGPT(WIDTH, tie=True), meta(TinyGPT, BASE, tie=True), overrides=POS)
+    msg = str(err.value)
+    assert "tok.weight" in msg and "readout.weight" in msg and "overrides" in msg
+
+
+def test_tied_weights_with_input_override():
+    """Declared 'input', the tied weight is an embedding: m_in 1, m_out 4, AdamW lr mult 1."""
+    model = TinyGPT(WIDTH, tie=True)
+    infos = mupopt.set_base_shapes(model, meta(TinyGPT, BASE, tie=True), overrides={**POS, "tok.weight": "input"})
+    assert infos["tok.weight"] is infos["readout.weight"]
+    assert_info(infos["tok.weight"], WidthInfo("input", 1.0, 4.0), "tok.weight")
+    opt = mupopt.AdamW(model.parameters())  # one tensor, one record
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_tied_weights_declared_output_get_output_scaling():
+    """Declared 'output' (through its readout name), the tied weight is used as a readout
+    (fan_in = d_model scales): m_in 4, m_out 1, and AdamW's output multiplier 1/m_in = 1/4."""
+    model = TinyGPT(WIDTH, tie=True)
+    infos = mupopt.set_base_shapes(model, meta(TinyGPT, BASE, tie=True), overrides={**POS, "readout.weight": "output"})
+    info = infos["readout.weight"]
+    assert info.role == "output"
+    assert (info.m_in, info.m_out) == (4.0, 1.0), info
+    assert multipliers("adamw", info).lr == pytest.approx(1 / 4)
+
+
+def test_ambiguous_unknown_module_parameter_raises():
+    """A bare 2-D parameter of a non-standard module needs an override: MupError naming it."""
+    with pytest.raises(mupopt.MupError) as err:
+        mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE))
+    msg = str(err.value)
+    assert "'pos'" in msg and "overrides" in msg
+
+
+def test_parameter_missing_from_base_raises():
+    """A parameter the base lacks is named in the error, with the override fix."""
+    shapes = {n: tuple(p.shape) for n, p in meta(TinyGPT, BASE).named_parameters() if n != "ln_f.bias"}
+    with pytest.raises(mupopt.MupError) as err:
+        mupopt.set_base_shapes(TinyGPT(WIDTH), shapes, overrides=POS)
+    msg = str(err.value)
+    assert "ln_f.bias" in msg and "base" in msg and "overrides" in msg
+
+
+def test_override_pattern_matching_nothing_raises():
+    """A typo in an override pattern is an error, not silently ignored."""
+    with pytest.raises(mupopt.MupError, match=r"blocks\.\*\.mlp_inn\.weight"):
+        mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={**POS, "blocks.*.mlp_inn.weight": "hidden"})
+
+
+def test_mixed_width_info_in_one_optimizer_raises(gpt):
+    """Params with and without width info in one optimizer: MupError naming the bare one."""
+    model, _, _ = gpt
+    stray = nn.Parameter(torch.zeros(3, 3))
+    named = [*model.named_parameters(), ("stray", stray)]
+    with pytest.raises(mupopt.MupError) as err:
+        mupopt.AdamW(named)
+    assert "'stray'" in str(err.value) and "set_base_shapes" in str(err.value)
+    with pytest.raises(mupopt.MupError, match=r"\(3, 3\)"):  # unnamed: its shape is named
+        mupopt.AdamW([{"params": list(model.parameters())}, {"params": [stray], "lr": 1e-4}])
+
+
+# ---------------------------------------------------------------------------------------------
+# No width info: plain torch behaviour
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cleared", [False, True], ids=["never-set", "cleared"])
+def test_no_width_info_equals_torch_adamw(cleared):
+    """Without width info (never set, or removed by clear_base_shapes) every multiplier is 1 and
+    mupopt.AdamW computes what torch.optim.AdamW computes."""
+    torch.manual_seed(0)
+    ours_model = TinyGPT(BASE)
+    if cleared:
+        mupopt.set_base_shapes(ours_model, meta(TinyGPT, 16), overrides=POS)
+        mupopt.clear_base_shapes(ours_model)
+    theirs_model = copy.deepcopy(ours_model)
+    ours = mupopt.AdamW(ours_model.parameters(), lr=LR, weight_decay=WD)
+    theirs = torch.optim.AdamW(theirs_model.parameters(), lr=LR, weight_decay=WD)
+    assert all(m == Multipliers(1.0, 1.0, 1.0) for g in ours.param_groups for m in ours.group_multipliers(g))
+    ids = token_batch()
+    for _ in range(3):
+        for model, opt in ((ours_model, ours), (theirs_model, theirs)):
+            opt.zero_grad()
+            F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+            opt.step()
+    for (n, a), b in zip(ours_model.named_parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers: the multiplier is applied inside step, on top of the scheduled lr
+# ---------------------------------------------------------------------------------------------
+def _scheduler(kind, opt):
+    sched = torch.optim.lr_scheduler
+    if kind == "onecycle":
+        return sched.OneCycleLR(opt, max_lr=LR, total_steps=10)
+    if kind == "lambda":
+        return sched.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    if kind == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=4)
+    return None
+
+
+# Multipliers by mup-rules.md for MLP(128) over MLP(32): Adam-like, independent decay.
+MLP_LR_MULT = {"inp.weight": 1.0, "inp.bias": 1.0, "hidden.weight": 1 / 4, "hidden.bias": 1.0, "readout.weight": 1 / 4, "readout.bias": 1.0}
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "lambda", "cosine", "manual"])
+def test_scheduler_lr_is_multiplied_inside_step(kind):
+    """Whatever lr (and betas, for OneCycleLR) the scheduler or a manual edit puts in the group,
+    each tensor moves by the float64 AdamW step at group lr * its muP multiplier."""
+    torch.manual_seed(0)
+    model = MLP(WIDTH)
+    infos = mupopt.set_base_shapes(model, meta(MLP, BASE))
+    assert (infos["hidden.weight"].role, infos["hidden.weight"].m_in) == ("hidden", 4.0)
+    names, params = zip(*model.named_parameters())
+    opt = mupopt.AdamW(params, lr=LR, weight_decay=WD)
+    sched = _scheduler(kind, opt)
+    shadow = [p.detach().double().clone() for p in params]
+    states = [{} for _ in params]
+    lrs = []
+    for t in range(6):
+        group = opt.param_groups[0]
+        if kind == "manual" and t == 3:
+            group["lr"] = 3e-3
+        b1, b2 = group["betas"]
+        hp = SimpleNamespace(lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=WD, amsgrad=False, maximize=False)
+        lrs.append(group["lr"])
+        fill_grads(params, t)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        for i, (name, p) in enumerate(zip(names, params)):
+            prev = shadow[i].clone()
+            adamw_f64(shadow[i], p.grad.double(), states[i], Multipliers(MLP_LR_MULT[name], 1.0, 1.0), hp)
+            torch.testing.assert_close((p.detach() - before[i]).double(), shadow[i] - prev, rtol=1e-4, atol=2e-7, msg=f"{name} step {t}")
+        if sched is not None:
+            sched.step()
+    assert len(set(lrs)) > 1, lrs  # the lr did change during the run
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume in a fresh process without the base model
+# ---------------------------------------------------------------------------------------------
+RESUME_SCRIPT = """
+import sys, torch, mupopt
+from models import TinyGPT, fill_grads
+d = sys.argv[1]
+torch.manual_seed(123)                     # a different init: the state dicts must overwrite it
+model = TinyGPT(64)                        # no set_base_shapes, no base model
+assert all(mupopt.width_info(p) is None for p in model.parameters())
+opt = mupopt.AdamW(model.named_parameters(), lr={lr}, weight_decay={wd})
+model.load_state_dict(torch.load(d + "/model.pt"))
+opt.load_state_dict(torch.load(d + "/opt.pt"))
+params = list(model.parameters())
+for t in range(3, 6):
+    fill_grads(params, t)
+    opt.step()
+torch.save(dict(model.named_parameters()), d + "/resumed.pt")
+open(d + "/summary.txt", "w").write(opt.mup_summary())
+"""
+
+
+def test_resume_in_fresh_process_without_base_model(tmp_path):
+    """3 steps, save, resume in a new process that never sees the base model, 3 more steps:
+    the same weights as 6 uninterrupted steps, and mup_summary still shows the roles."""
+    torch.manual_seed(0)
+    model = TinyGPT(64)
+    infos = mupopt.set_base_shapes(model, meta(TinyGPT, BASE), overrides=POS)
+    opt = mupopt.AdamW(model.named_parameters(), lr=LR, weight_decay=WD)
+    params = list(model.parameters())
+    for t in range(3):
+        fill_grads(params, t)
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    for t in range(3, 6):
+        fill_grads(params, t)
+        opt.step()
+
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT.format(lr=LR, wd=WD))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+    resumed = torch.load(tmp_path / "resumed.pt")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(resumed[name], p.detach(), rtol=1e-6, atol=1e-7, msg=name)
+    rows = {line.split()[0]: line.split() for line in (tmp_path / "summary.txt").read_text().splitlines()[2:]}
+    assert set(rows) == set(infos)
+    for name, info in infos.items():
+        assert rows[name][2] == info.role, rows[name]
+        assert float(rows[name][5]) == pytest.approx(table_lr("adamw", info), rel=1e-3), rows[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# init_mup_
+# ---------------------------------------------------------------------------------------------
+def _std(tensors):
+    return torch.cat([t.detach().flatten() for t in tensors]).std().item()
+
+
+def test_init_mup_scales_std_by_role():
+    """hidden std ~ std_base/sqrt(m_in), input std_base, output std_base/m_in; vectors untouched;
+    zero_readout zeros the readout."""
+    std_base = 0.02
+    models = {}
+    for width in (BASE, WIDTH):
+        torch.manual_seed(width)
+        model = TinyGPT(width)
+        mupopt.set_base_shapes(model, meta(TinyGPT, BASE), delta=meta(TinyGPT, 64), overrides=POS)
+        vectors = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 1}
+        mupopt.init_mup_(model, std_base, generator=torch.Generator().manual_seed(width))
+        for n, p in model.named_parameters():
+            if n in vectors:
+                assert torch.equal(p, vectors[n]), n
+        models[width] = model
+
+    def stds(model):
+        hidden = [p for n, p in model.named_parameters() if mupopt.width_info(p).role == "hidden"]
+        return _std(hidden), _std([model.tok.weight]), _std([model.readout.weight])
+
+    (h32, i32, o32), (h128, i128, o128) = stds(models[BASE]), stds(models[WIDTH])
+    m = WIDTH / BASE
+    assert h32 == pytest.approx(std_base, rel=0.05)  # m = 1 at the base width
+    assert h128 / h32 == pytest.approx(1 / math.sqrt(m), rel=0.05)
+    assert i128 / i32 == pytest.approx(1.0, rel=0.1)
+    assert i128 == pytest.approx(std_base, rel=0.1)
+    assert o128 / o32 == pytest.approx(1 / m, rel=0.1)
+
+    model = models[WIDTH]
+    mupopt.init_mup_(model, std_base, zero_readout=True)
+    assert torch.count_nonzero(model.readout.weight) == 0
+    assert torch.count_nonzero(model.blocks[0].qkv.weight) > 0
+
+
+def test_init_mup_without_width_info_raises():
+    """init_mup_ needs width info on every parameter."""
+    with pytest.raises(mupopt.MupError, match="set_base_shapes"):
+        mupopt.init_mup_(TinyGPT(BASE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------------------------
+def _rows(text):
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["name", "shape", "role"]
+    return [line.split() for line in lines[2:]]
+
+
+@pytest.mark.parametrize("rule", ["adamw", "shampoo"])
+def test_summary_has_one_row_per_parameter(gpt, rule):
+    """mupopt.summary: one row per parameter with its name, role and lr multiplier."""
+    model, base, infos = gpt
+    want = tinygpt_expectations(model, base)
+    rows = _rows(mupopt.summary(model, rule))
+    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
+    for r in rows:
+        assert r[2] == infos[r[0]].role
+        if r[0] in want:
+            assert float(r[5]) == pytest.approx(table_lr(rule, want[r[0]]), rel=1e-3), r
+
+
+def test_optimizer_mup_summary_has_one_row_per_parameter(gpt):
+    """optimizer.mup_summary(): one row per parameter (named) with role and lr multiplier."""
+    model, base, infos = gpt
+    want = tinygpt_expectations(model, base)
+    rows = _rows(mupopt.AdamW(model.named_parameters()).mup_summary())
+    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
+    for r in rows:
+        assert r[2] == infos[r[0]].role
+        if r[0] in want:
+            assert float(r[5]) == pytest.approx(table_lr("adamw", want[r[0]]), rel=1e-3), r
