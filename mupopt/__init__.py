@@ -1,9 +1,14 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
 from .mup import MupError, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
+from .kernels import triton as _triton_kernels
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
 
 __version__ = "0.1.0"
+
+# Backends beyond the reference register themselves here; none compiles or imports its toolchain
+# before the first step that uses it.
+_triton_kernels.register()
 
 __all__ = [
     "ADOPT",

@@ -200,7 +200,7 @@ class MupOptimizer(Optimizer):
             if len(self.state[p]) == 0:
                 self.state[p].update(self._init_state(p, group))
             states.append(self.state[p])
-        backends.select(kernel, self.backend, params).fn(params, grads, states, mults, hp)
+        backends.select(kernel, self.backend, [*params, *grads]).fn(params, grads, states, mults, hp)
 
     def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
         """Validate every group, then call the backend of ``kernel`` (default: this optimizer's

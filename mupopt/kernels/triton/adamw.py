@@ -1,0 +1,124 @@
+"""AdamW (with amsgrad and maximize) as one fused multi-tensor Triton kernel.
+
+Computes what :func:`mupopt.optim.adamw.adamw_reference` computes, operation for operation::
+
+    p *= 1 - lr*wd*wd_mult
+    m = lerp(m, g, 1-b1) ;  v = b2*v + (1-b2)*g*g          (amsgrad: vmax = max(vmax, v))
+    p += (-lr*lr_mult/(1-b1^t)) * (m / (sqrt(v)/sqrt(1-b2^t) + eps*eps_mult))
+
+Bytes per element (fp32 everywhere): reads p g m v, writes p m v: 28 (amsgrad: 36).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import _chunk_coords, _lerp, _load, _store
+
+# Per-tensor scalars, in table order.
+_DECAY, _STEP_SIZE, _BC2_SQRT, _EPS = range(4)
+_NUM_SCALARS = 4
+
+
+@triton.jit
+def _adamw_chunk(
+    p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
+    decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2,
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+    VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
+    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
+    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    p = p * decay
+    m = _lerp(m, g, beta1_weight)
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(_load(vmax_addr, offs, mask, VMAX_BF16, ALIGNED, MASKED), v,
+                          propagate_nan=tl.PropagateNan.ALL)
+        _store(vmax_addr, offs, vmax, mask, VMAX_BF16, ALIGNED, MASKED)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + step_size * tl.div_rn(m, denom)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED)
+    _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
+    _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
+
+
+@triton.jit
+def _adamw_kernel(
+    # tables (see _common): static addresses [N, NUM_PTRS] (p, m, v[, vmax]), per-step gradient
+    # addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr,
+    # hyperparameters shared by all tensors
+    beta1_weight, beta2, one_minus_beta2,
+    # storage dtypes, variant, layout
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+    VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    NUM_PTRS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    row = ptrs_ptr + slot * NUM_PTRS
+    p_addr = tl.load(row)
+    m_addr = tl.load(row + 1)
+    v_addr = tl.load(row + 2)
+    if AMSGRAD:
+        vmax_addr = tl.load(row + 3)
+    else:
+        vmax_addr = v_addr  # unused
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    scal = scalars_ptr + slot * 4
+    decay = tl.load(scal)
+    step_size = tl.load(scal + 1)
+    bc2_sqrt = tl.load(scal + 2)
+    eps = tl.load(scal + 3)
+    if full:
+        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
+                     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2,
+                     P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, False)
+    else:
+        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
+                     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2,
+                     P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, True)
+
+
+def adamw_triton(params, grads, states, mults, hp) -> None:
+    """The functional AdamW step of the "triton" backend (signature of adamw_reference)."""
+    if not params:
+        return
+    roles = ["param", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp.amsgrad else [])
+    static = [params] + [[st[k] for st in states] for k in roles[1:]]
+    plan = _common.plan_for("adamw", roles, static, grads)
+
+    _common.increment_steps(states)
+    t = _common.read_steps(states)
+    mult = _common.mult_table(mults)
+    scalars = torch.empty(len(params), _NUM_SCALARS, dtype=torch.float64)
+    scalars[:, _DECAY] = 1 - hp.lr * hp.weight_decay * mult[:, 1]
+    scalars[:, _STEP_SIZE] = -hp.lr * mult[:, 0] / (1 - hp.beta1**t)
+    scalars[:, _BC2_SQRT] = torch.sqrt(1 - hp.beta2**t)
+    scalars[:, _EPS] = hp.eps * mult[:, 2]
+    grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+
+    with plan.device_guard():
+        for launch in plan.launches:
+            if launch.n_chunks == 0:
+                continue
+            p16, m16, v16, *rest = launch.bf16
+            vmax16 = rest[0] if hp.amsgrad else False
+            g16 = launch.bf16[-1]
+            _common.launch(
+                _adamw_kernel, (launch.n_chunks,),
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks,
+                1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
+                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
+                AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
+                NUM_PTRS=len(roles), BLOCK=_common.BLOCK,
+            )

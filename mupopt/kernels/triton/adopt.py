@@ -1,0 +1,119 @@
+"""ADOPT (decoupled decay, clipping s**0.25) as one fused multi-tensor Triton kernel.
+
+Computes what :func:`mupopt.optim.adopt.adopt_reference` computes; s is each tensor's step count
+before the increment, so tensors at different steps share one launch::
+
+    s == 0:  v = v + g*g                                  (p, m unchanged)
+    s >= 1:  p = p + (-lr*wd*wd_mult) * p
+             n = clamp(g / max(sqrt(v), eps*eps_mult), -s**0.25, s**0.25)
+             m = lerp(m, n, 1-b1) ;  p = p + (-lr*lr_mult) * m
+             v = b2*v + (1-b2)*g*g
+
+The first step is a per-tensor flag in the scalar table and selected per element, so a tensor on
+its first step still reads and rewrites p and m (unchanged values, exact in either storage
+dtype): one launch for the list at the price of 16 extra bytes per element on that one step.
+Bytes per element otherwise (fp32): 28, as AdamW.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import _chunk_coords, _lerp, _load, _store
+
+_DECAY_ALPHA, _STEP, _EPS, _CLIP, _FIRST = range(5)
+_NUM_SCALARS = 6  # padded to an even count (the per-step buffer packs them in int64 words)
+
+
+@triton.jit
+def _adopt_chunk(
+    p_addr, g_addr, m_addr, v_addr, offs, mask,
+    decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2,
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
+    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
+    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    # v is read before it is updated: normalising g by the previous v is ADOPT's decorrelation.
+    denom = tl.maximum(tl.sqrt_rn(v), eps, propagate_nan=tl.PropagateNan.ALL)
+    normed = tl.clamp(tl.div_rn(g, denom), -clip, clip, propagate_nan=tl.PropagateNan.ALL)
+    m_new = _lerp(m, normed, beta1_weight)
+    p_new = p + decay_alpha * p
+    p_new = p_new + step * m_new
+    v_new = v * beta2 + one_minus_beta2 * g * g
+    is_first = first != 0.0
+    _store(p_addr, offs, tl.where(is_first, p, p_new), mask, P_BF16, ALIGNED, MASKED)
+    _store(m_addr, offs, tl.where(is_first, m, m_new), mask, M_BF16, ALIGNED, MASKED)
+    _store(v_addr, offs, tl.where(is_first, v + g * g, v_new), mask, V_BF16, ALIGNED, MASKED)
+
+
+@triton.jit
+def _adopt_kernel(
+    # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
+    # per-step scalars [N, 6], sizes [N], this launch's chunks [C, 2]
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr,
+    # hyperparameters shared by all tensors
+    beta1_weight, beta2, one_minus_beta2,
+    # storage dtypes, variant, layout
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    row = ptrs_ptr + slot * 3
+    p_addr = tl.load(row)
+    m_addr = tl.load(row + 1)
+    v_addr = tl.load(row + 2)
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    scal = scalars_ptr + slot * 6
+    decay_alpha = tl.load(scal)
+    step = tl.load(scal + 1)
+    eps = tl.load(scal + 2)
+    clip = tl.load(scal + 3)
+    first = tl.load(scal + 4)
+    if full:
+        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+                     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2,
+                     P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, False)
+    else:
+        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+                     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2,
+                     P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, True)
+
+
+def adopt_triton(params, grads, states, mults, hp) -> None:
+    """The functional ADOPT step of the "triton" backend (signature of adopt_reference)."""
+    if not params:
+        return
+    roles = ["param", "exp_avg", "exp_avg_sq"]
+    static = [params] + [[st[k] for st in states] for k in roles[1:]]
+    plan = _common.plan_for("adopt", roles, static, grads)
+
+    s = _common.read_steps(states)  # before the increment
+    _common.increment_steps(states)
+    mult = _common.mult_table(mults)
+    scalars = torch.zeros(len(params), _NUM_SCALARS, dtype=torch.float64)
+    scalars[:, _DECAY_ALPHA] = -hp.lr * hp.weight_decay * mult[:, 1]
+    scalars[:, _STEP] = -hp.lr * mult[:, 0]
+    scalars[:, _EPS] = hp.eps * mult[:, 2]
+    scalars[:, _CLIP] = s**0.25
+    scalars[:, _FIRST] = (s == 0).to(torch.float64)
+    grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+
+    with plan.device_guard():
+        for launch in plan.launches:
+            if launch.n_chunks == 0:
+                continue
+            p16, m16, v16, g16 = launch.bf16
+            _common.launch(
+                _adopt_kernel, (launch.n_chunks,),
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks,
+                1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
+                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16,
+                MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned, BLOCK=_common.BLOCK,
+            )

@@ -1,0 +1,233 @@
+"""LAMB as two fused multi-tensor passes and a per-tensor norm reduction.
+
+Computes what :func:`mupopt.optim.lamb.lamb_reference` computes::
+
+    m = lerp(m, g, 1-b1) ;  v = b2*v + (1-b2)*g*g
+    u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult) + wd*p
+    trust = phi(||p||) / ||u||  if both norms > 0 else 1        (phi(x) = min(x, clamp_value))
+    p = p + (-lr*lr_mult) * (u * trust)
+
+Three launches per dtype combination, with no host synchronisation:
+
+1. ``_lamb_norms_kernel``, one program per chunk: updates m and v, forms u, and writes the
+   chunk's partial sums of p^2 and u^2 to a [chunks, 2] buffer.
+2. ``_lamb_trust_kernel``, one program per tensor: sums its chunks' partials in a fixed order and
+   writes the tensor's trust ratio. Partials and a fixed-order sum rather than atomic adds: the
+   result is deterministic (run to run bit-identical) at the cost of one tiny launch.
+3. ``_lamb_update_kernel``, one program per chunk: recomputes u and applies the step.
+
+Bytes per element with float32 states: pass 1 reads p g m v and writes m v, pass 3 reads p m v
+and writes p: 40, the floor of the performance table. With lower-precision states, pass 3 cannot
+recompute u from the stored (rounded) m and v and match the reference, which forms u from the
+unrounded float32 moments; there (``MOMENTS_IN_PASS_1`` False) pass 1 stores nothing and pass 3
+recomputes m and v from the old states and g and stores them (fp32 p,g with bf16 m,v: 32 bytes
+against 28 for the two-pass form, for a result equal to the reference's).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import _chunk_coords, _lerp, _load, _store
+
+_BC1, _BC2, _EPS, _STEP = range(4)
+_NUM_SCALARS = 4
+
+
+@triton.jit
+def _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2,
+                  G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    m = _lerp(_load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED), g, beta1_weight)
+    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED) * beta2 + one_minus_beta2 * g * g
+    return m, v
+
+
+@triton.jit
+def _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay):
+    """u = (m/bc1) / (sqrt(v/bc2) + eps) + wd*p: one function for both passes, so the update
+    pass recomputes exactly the u whose norm the first pass took."""
+    denom = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
+    return tl.div_rn(tl.div_rn(m, bc1), denom) + weight_decay * p
+
+
+@triton.jit
+def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
+                      bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                      P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+                      MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
+                      MASKED: tl.constexpr):
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2,
+                         G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, MASKED)
+    if MOMENTS_IN_PASS_1:
+        _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
+        _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
+    u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
+    if MASKED:
+        u = tl.where(mask, u, 0.0)  # masked lanes: 0/(0+eps), NaN when eps == 0
+    c = tl.program_id(0)
+    tl.store(partials_ptr + 2 * c, tl.sum(p * p, axis=0))
+    tl.store(partials_ptr + 2 * c + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
+def _lamb_norms_kernel(
+    # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
+    # per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; output partials [C, 2]
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, partials_ptr,
+    # hyperparameters shared by all tensors
+    beta1_weight, beta2, one_minus_beta2, weight_decay,
+    # storage dtypes, variant, layout
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    row = ptrs_ptr + slot * 3
+    p_addr = tl.load(row)
+    m_addr = tl.load(row + 1)
+    v_addr = tl.load(row + 2)
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    scal = scalars_ptr + slot * 4
+    bc1 = tl.load(scal)
+    bc2 = tl.load(scal + 1)
+    eps = tl.load(scal + 2)
+    if full:
+        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
+                          bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                          P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, False)
+    else:
+        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
+                          bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                          P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, True)
+
+
+@triton.jit
+def _lamb_trust_kernel(
+    # this launch's slots: (first chunk, chunk count) [S, 2]; all partials [C_total, 2];
+    # output trust ratios of this launch's slots [S]
+    ranges_ptr, partials_ptr, trust_ptr,
+    clamp_value,
+    HAS_CLAMP: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+):
+    s = tl.program_id(0)
+    first = tl.load(ranges_ptr + 2 * s)
+    count = tl.load(ranges_ptr + 2 * s + 1)
+    acc_p = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    for i in range(0, count, REDUCE_BLOCK):
+        idx = i + tl.arange(0, REDUCE_BLOCK)
+        live = idx < count
+        chunk = (first + idx).to(tl.int64)
+        acc_p += tl.load(partials_ptr + 2 * chunk, mask=live, other=0.0)
+        acc_u += tl.load(partials_ptr + 2 * chunk + 1, mask=live, other=0.0)
+    w_norm = tl.sqrt_rn(tl.sum(acc_p, axis=0))
+    u_norm = tl.sqrt_rn(tl.sum(acc_u, axis=0))
+    phi = w_norm
+    if HAS_CLAMP:
+        phi = tl.minimum(w_norm, clamp_value)
+    trust = tl.where((w_norm > 0.0) & (u_norm > 0.0), tl.div_rn(phi, u_norm), 1.0)
+    tl.store(trust_ptr + s, trust)
+
+
+@triton.jit
+def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+                       bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                       P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+                       MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
+                       MASKED: tl.constexpr):
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    if MOMENTS_IN_PASS_1:
+        m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
+        v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    else:
+        m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2,
+                             G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, MASKED)
+        _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
+        _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
+    u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
+    _store(p_addr, offs, p + step * (u * trust), mask, P_BF16, ALIGNED, MASKED)
+
+
+@triton.jit
+def _lamb_update_kernel(
+    # tables as _lamb_norms_kernel; trust ratios of all slots [N]
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr,
+    beta1_weight, beta2, one_minus_beta2, weight_decay,
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    row = ptrs_ptr + slot * 3
+    p_addr = tl.load(row)
+    m_addr = tl.load(row + 1)
+    v_addr = tl.load(row + 2)
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    scal = scalars_ptr + slot * 4
+    bc1 = tl.load(scal)
+    bc2 = tl.load(scal + 1)
+    eps = tl.load(scal + 2)
+    step = tl.load(scal + 3)
+    trust = tl.load(trust_ptr + slot)
+    if full:
+        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+                           bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, False)
+    else:
+        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+                           bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, True)
+
+
+def lamb_triton(params, grads, states, mults, hp) -> None:
+    """The functional LAMB step of the "triton" backend (signature of lamb_reference)."""
+    if not params:
+        return
+    roles = ["param", "exp_avg", "exp_avg_sq"]
+    static = [params] + [[st[k] for st in states] for k in roles[1:]]
+    plan = _common.plan_for("lamb", roles, static, grads)
+
+    _common.increment_steps(states)
+    t = _common.read_steps(states)
+    mult = _common.mult_table(mults)
+    scalars = torch.empty(len(params), _NUM_SCALARS, dtype=torch.float64)
+    scalars[:, _BC1] = 1 - hp.beta1**t
+    scalars[:, _BC2] = 1 - hp.beta2**t
+    scalars[:, _EPS] = hp.eps * mult[:, 2]
+    scalars[:, _STEP] = -hp.lr * mult[:, 0]
+    grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+
+    partials = torch.empty(max(plan.n_chunks, 1), 2, dtype=torch.float32, device=plan.device)
+    trust = torch.ones(plan.n, dtype=torch.float32, device=plan.device)
+    shared = (1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.weight_decay)
+    with plan.device_guard():
+        for launch in plan.launches:
+            if launch.n_chunks == 0:
+                continue  # only empty tensors: nothing to update
+            p16, m16, v16, g16 = launch.bf16
+            meta = dict(
+                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
+                MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
+                BLOCK=_common.BLOCK,
+            )
+            _common.launch(
+                _lamb_norms_kernel, (launch.n_chunks,),
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, partials[launch.c0:launch.c0 + launch.n_chunks],
+                *shared, **meta,
+            )
+            _common.launch(
+                _lamb_trust_kernel, (launch.s1 - launch.s0,),
+                launch.ranges, partials, trust[launch.s0:launch.s1],
+                hp.clamp_value if hp.clamp_value is not None else 0.0,
+                HAS_CLAMP=hp.clamp_value is not None, REDUCE_BLOCK=_common.REDUCE_BLOCK, num_warps=4,
+            )
+            _common.launch(
+                _lamb_update_kernel, (launch.n_chunks,),
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust,
+                *shared, **meta,
+            )

@@ -1,0 +1,154 @@
+"""SophiaG's step and its Hessian EMA as fused multi-tensor Triton kernels.
+
+Compute what :func:`mupopt.optim.sophia.sophia_reference` and ``sophia_hessian_reference``
+compute::
+
+    step:     p = p * (1 - lr*wd*wd_mult)
+              m = b1*m + (1-b1)*g
+              p = p + (-lr*lr_mult) * sign(m) * min(|m| / ((rho*bs)*h + 1e-15), 1)
+    hessian:  h = b2*h + (1-b2)*g*g
+
+Bytes per element (fp32): step reads p g m h and writes p m: 24; Hessian EMA reads g h, writes h: 12.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...optim.sophia import HESSIAN_FLOOR
+from . import _common
+from ._common import _chunk_coords, _load, _store
+
+_DECAY, _STEP = range(2)
+_NUM_SCALARS = 2
+
+
+@triton.jit
+def _sophia_chunk(
+    p_addr, g_addr, m_addr, h_addr, offs, mask,
+    decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor,
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, H_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
+    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
+    h = _load(h_addr, offs, mask, H_BF16, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    p = p * decay
+    m = m * beta1 + one_minus_beta1 * g
+    # h == 0 (no estimate yet): the floor makes the ratio saturate at 1, the step sign(m).
+    ratio = tl.minimum(tl.div_rn(tl.abs(m), rho_bs * h + hessian_floor), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    sign = tl.where(m > 0.0, 1.0, tl.where(m < 0.0, -1.0, 0.0))
+    p = p + step * sign * ratio
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED)
+    _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
+
+
+@triton.jit
+def _sophia_kernel(
+    # tables (see _common): static addresses [N, 3] (p, m, h), per-step gradient addresses [N],
+    # per-step scalars [N, 2], sizes [N], this launch's chunks [C, 2]
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr,
+    # hyperparameters shared by all tensors
+    beta1, one_minus_beta1, rho_bs, hessian_floor,
+    # storage dtypes, variant, layout
+    P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, H_BF16: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    row = ptrs_ptr + slot * 3
+    p_addr = tl.load(row)
+    m_addr = tl.load(row + 1)
+    h_addr = tl.load(row + 2)
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    decay = tl.load(scalars_ptr + slot * 2)
+    step = tl.load(scalars_ptr + slot * 2 + 1)
+    if full:
+        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask,
+                      decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor,
+                      P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, False)
+    else:
+        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask,
+                      decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor,
+                      P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, True)
+
+
+@triton.jit
+def _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2,
+                          G_BF16: tl.constexpr, H_BF16: tl.constexpr, ALIGNED: tl.constexpr,
+                          MASKED: tl.constexpr):
+    g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
+    h = _load(h_addr, offs, mask, H_BF16, ALIGNED, MASKED)
+    _store(h_addr, offs, h * beta2 + one_minus_beta2 * g * g, mask, H_BF16, ALIGNED, MASKED)
+
+
+@triton.jit
+def _sophia_hessian_kernel(
+    # tables (see _common): static addresses [N, 1] (h), per-step gradient addresses [N],
+    # sizes [N], this launch's chunks [C, 2]
+    ptrs_ptr, grad_ptrs_ptr, numel_ptr, chunks_ptr,
+    beta2, one_minus_beta2,
+    G_BF16: tl.constexpr, H_BF16: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    h_addr = tl.load(ptrs_ptr + slot)
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    if full:
+        _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, G_BF16, H_BF16, ALIGNED, False)
+    else:
+        _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, G_BF16, H_BF16, ALIGNED, True)
+
+
+def sophia_triton(params, grads, states, mults, hp) -> None:
+    """The functional SophiaG step of the "triton" backend (signature of sophia_reference)."""
+    if not params:
+        return
+    roles = ["param", "exp_avg", "hessian"]
+    static = [params] + [[st[k] for st in states] for k in roles[1:]]
+    plan = _common.plan_for("sophia", roles, static, grads)
+
+    _common.increment_steps(states)
+    mult = _common.mult_table(mults)
+    scalars = torch.empty(len(params), _NUM_SCALARS, dtype=torch.float64)
+    scalars[:, _DECAY] = 1 - hp.lr * hp.weight_decay * mult[:, 1]
+    scalars[:, _STEP] = -hp.lr * mult[:, 0]
+    grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+
+    with plan.device_guard():
+        for launch in plan.launches:
+            if launch.n_chunks == 0:
+                continue
+            p16, m16, h16, g16 = launch.bf16
+            _common.launch(
+                _sophia_kernel, (launch.n_chunks,),
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks,
+                hp.beta1, 1.0 - hp.beta1, hp.rho * hp.bs, HESSIAN_FLOOR,
+                P_BF16=p16, G_BF16=g16, M_BF16=m16, H_BF16=h16,
+                MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned, BLOCK=_common.BLOCK,
+            )
+
+
+def sophia_hessian_triton(params, grads, states, mults, hp) -> None:
+    """The Hessian EMA of the "triton" backend (signature of sophia_hessian_reference)."""
+    if not params:
+        return
+    hessians = [st["hessian"] for st in states]
+    if len(hessians) != len(params):
+        _common.fail("sophia_hessian", f"{len(hessians)} states for {len(params)} parameters")
+    plan = _common.plan_for("sophia_hessian", ["hessian"], [hessians], grads)
+    grad_ptrs, _, grads_aligned = plan.upload(grads, None)
+
+    with plan.device_guard():
+        for launch in plan.launches:
+            if launch.n_chunks == 0:
+                continue
+            h16, g16 = launch.bf16
+            _common.launch(
+                _sophia_hessian_kernel, (launch.n_chunks,),
+                plan.ptrs, grad_ptrs, plan.numel, launch.chunks,
+                hp.beta2, 1.0 - hp.beta2,
+                G_BF16=g16, H_BF16=h16, ALIGNED=launch.aligned and grads_aligned, BLOCK=_common.BLOCK,
+            )

@@ -1,0 +1,547 @@
+"""The "triton" backend against the reference backend, for the five registry functions.
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors
+(TRITON_INTERPRET=1, set below before triton is imported); tests marked ``gpu`` run the same
+checks compiled on CUDA tensors and are skipped elsewhere. A further test compiles every kernel
+variant for sm_90 (no GPU needed) and checks the full-chunk path is vectorised.
+
+The interpreter is slow (a few ms per program): sizes stay small, one of ~5000 elements so a
+tensor spans two 4096-element chunks (a full one and a masked tail).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+# Before triton is imported and before the kernels are defined (triton.jit reads it then).
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import mupopt
+    from mupopt import backends
+    from mupopt.kernels import triton as mt
+    from mupopt.kernels.triton import _common  # defines the kernels: their mode is fixed here
+    from mupopt.kernels.triton.adamw import adamw_triton
+    from mupopt.kernels.triton.adopt import adopt_triton
+    from mupopt.kernels.triton.lamb import lamb_triton
+    from mupopt.kernels.triton.sophia import sophia_hessian_triton, sophia_triton
+    from mupopt.mup import Multipliers, WidthInfo
+    from mupopt.optim.adamw import AdamWHparams, adamw_reference
+    from mupopt.optim.adopt import ADOPTHparams, adopt_reference
+    from mupopt.optim.lamb import LAMBHparams, lamb_reference
+    from mupopt.optim.sophia import SophiaHparams, sophia_hessian_reference, sophia_reference
+finally:
+    # Put the environment back so that collecting this file does not switch other test
+    # modules' backend="auto" to the (slow) interpreter; the fixture below sets it again
+    # while these tests run.
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+INTERPRET = _common.INTERPRET
+STEPS = 10
+SHAPES = [(1,), (7,), (33, 65), (0,), (5000,), (5, 3)]
+# muP multipliers other than 1 and different per tensor: (lr, wd, eps).
+MULTS = [
+    Multipliers(2.0, 1.0, 0.5),
+    Multipliers(1.0, 1.0, 1.0),
+    Multipliers(0.25, 0.25, 2.0),
+    Multipliers(1.0, 1.0, 1.0),
+    Multipliers(0.5, 2.0, 1.0),
+    Multipliers(4.0, 1.0, 0.25),
+]
+WIDTHS = [
+    WidthInfo("vector", 1.0, 2.0),
+    WidthInfo("vector", 1.0, 1.0),
+    WidthInfo("hidden", 4.0, 2.0),
+    WidthInfo("output", 8.0, 1.0),
+    WidthInfo("vector", 1.0, 4.0),
+    WidthInfo("input", 1.0, 3.0),
+]
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """Register the backend when these tests run, not when this file is collected (idempotent:
+    the package init may have done it already)."""
+    mt.register()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only contend (30 ms instead of 0.3 ms per reference step on
+    a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """While these tests run, the environment agrees with the kernels' mode."""
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA and compiled kernels"),
+        ],
+    ),
+]
+
+# ---------------------------------------------------------------------------------------------
+# The functional contract: triton == reference over 10 steps
+# ---------------------------------------------------------------------------------------------
+FUNCTIONS = {
+    "adamw": (adamw_reference, adamw_triton, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    "adopt": (adopt_reference, adopt_triton, ("exp_avg", "exp_avg_sq")),
+    "lamb": (lamb_reference, lamb_triton, ("exp_avg", "exp_avg_sq")),
+    "sophia": (sophia_reference, sophia_triton, ("exp_avg", "hessian")),
+    "sophia_hessian": (sophia_hessian_reference, sophia_hessian_triton, ("exp_avg", "hessian")),
+}
+
+
+def hparams(name: str, **variant):
+    if name == "adamw":
+        return AdamWHparams(1e-2, 0.9, 0.999, 1e-8, 0.1, variant.get("amsgrad", False), variant.get("maximize", False))
+    if name == "adopt":
+        return ADOPTHparams(1e-2, 0.9, 0.9999, 1e-6, 0.1, variant.get("maximize", False))
+    if name == "lamb":
+        return LAMBHparams(1e-2, 0.9, 0.999, 1e-6, 0.1, variant.get("clamp_value"), variant.get("maximize", False))
+    return SophiaHparams(1e-2, 0.965, 0.99, 0.04, 0.1, 64.0, variant.get("maximize", False))
+
+
+def make(name, p_dtype, s_dtype, device, seed=0):
+    """Params and fresh state dicts as the optimizers' _init_state makes them."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=p_dtype) for s in SHAPES]
+    keys = FUNCTIONS[name][2]
+    states = [
+        {"step": torch.tensor(0.0, dtype=torch.float32), **{k: torch.zeros_like(p, dtype=s_dtype) for k in keys}}
+        for p in params
+    ]
+    return params, states
+
+
+def grads_for(step, params, dtype):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen).to(device=p.device, dtype=dtype) for p in params]
+
+
+def tolerance(p_dtype, s_dtype):
+    if p_dtype == F32 and s_dtype == F32:
+        return dict(rtol=1e-5, atol=1e-6)
+    # A float32 round-off difference may flip one bf16 rounding, one bf16 ulp (2^-8 relative).
+    return dict(rtol=1.6e-2, atol=1e-3)
+
+
+def assert_same(name, ref, tri, p_dtype, s_dtype):
+    (pr, sr), (pt, st) = ref, tri
+    tol = tolerance(p_dtype, s_dtype)
+    for i, (a, b) in enumerate(zip(pr, pt)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b.float(), a.float(), **tol, msg=lambda m: f"param {i}: {m}")
+        for k, v in sr[i].items():
+            assert st[i][k].dtype == v.dtype, k
+            torch.testing.assert_close(st[i][k].float(), v.float(), **tol, msg=lambda m: f"state {k} {i}: {m}")
+
+
+def run_functional(name, p_dtype, s_dtype, device, g_dtype=None, hessian_every=3, **variant):
+    """10 steps of reference and triton on identical copies; the first two steps only touch the
+    first half of the tensors, so tensors sit at different steps in one launch (and ADOPT's
+    first step happens mid-run for the other half)."""
+    ref_fn, tri_fn, _ = FUNCTIONS[name]
+    g_dtype = g_dtype or p_dtype
+    hp = hparams(name, **variant)
+    ref, tri = make(name, p_dtype, s_dtype, device), make(name, p_dtype, s_dtype, device)
+    for t in range(STEPS + 2):
+        idx = range(len(SHAPES) // 2) if t < 2 else range(len(SHAPES))
+        grads = grads_for(t, ref[0], g_dtype)
+        for fn, (params, states) in ((ref_fn, ref), (tri_fn, tri)):
+            args = ([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx], [MULTS[i] for i in idx])
+            if name == "sophia" and hessian_every and t % hessian_every == 0:
+                (sophia_hessian_reference if fn is ref_fn else sophia_hessian_triton)(*args, hp)
+            fn(*args, hp)
+    assert_same(name, ref, tri, p_dtype, s_dtype)
+    for a, b in zip(ref[1], tri[1]):
+        assert a["step"].item() == b["step"].item()
+    return ref, tri
+
+
+CASES = [
+    # name, p dtype, state dtype, variant
+    ("adamw", F32, F32, {}),
+    ("adamw", BF16, BF16, {}),
+    ("adamw", F32, BF16, {}),
+    ("adamw", F32, F32, {"maximize": True}),
+    ("adamw", F32, F32, {"amsgrad": True}),
+    ("adamw", F32, BF16, {"amsgrad": True, "maximize": True}),
+    ("adopt", F32, F32, {}),
+    ("adopt", BF16, BF16, {}),
+    ("adopt", F32, BF16, {}),
+    ("adopt", F32, F32, {"maximize": True}),
+    ("lamb", F32, F32, {}),
+    ("lamb", BF16, BF16, {}),
+    ("lamb", F32, BF16, {}),
+    ("lamb", F32, F32, {"maximize": True, "clamp_value": 2.0}),
+    ("sophia", F32, F32, {}),
+    ("sophia", BF16, BF16, {}),
+    ("sophia", F32, BF16, {}),
+    ("sophia", F32, F32, {"maximize": True}),
+    ("sophia", F32, F32, {"hessian_every": 0}),  # h == 0 throughout: ratio saturates, step sign(m)
+    ("sophia_hessian", F32, F32, {}),
+    ("sophia_hessian", BF16, BF16, {}),
+    ("sophia_hessian", F32, BF16, {}),
+]
+
+
+def _case_id(case):
+    name, p, s, variant = case
+    short = {F32: "fp32", BF16: "bf16"}
+    return "-".join([name, f"p{short[p]}", f"s{short[s]}", *sorted(variant)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_functional_matches_reference(case, device):
+    name, p_dtype, s_dtype, variant = case
+    run_functional(name, p_dtype, s_dtype, device, **variant)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_grads_with_fp32_params(device):
+    """Gradient and parameter dtypes may differ (a bf16 autocast-style gradient)."""
+    run_functional("adamw", F32, F32, device, g_dtype=BF16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adopt_first_step_only_initialises_v(device):
+    params, states = make("adopt", F32, F32, device)
+    before = [p.clone() for p in params]
+    grads = grads_for(0, params, F32)
+    adopt_triton(params, grads, states, MULTS, hparams("adopt"))
+    for p, b, g, st in zip(params, before, grads, states):
+        assert torch.equal(p, b)
+        assert torch.equal(st["exp_avg"], torch.zeros_like(p))
+        torch.testing.assert_close(st["exp_avg_sq"], g * g, rtol=0, atol=0)
+        assert st["step"].item() == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sophia_zero_hessian_steps_by_sign(device):
+    """h == 0: |m| / (0 + 1e-15) saturates, so p moves by exactly lr*lr_mult*sign(m) (wd = 0)."""
+    params, states = make("sophia", F32, F32, device)
+    hp = SophiaHparams(1e-2, 0.965, 0.99, 0.04, 0.0, 64.0, False)
+    before = [p.clone() for p in params]
+    grads = grads_for(0, params, F32)
+    sophia_triton(params, grads, states, MULTS, hp)
+    for p, b, g, m in zip(params, before, grads, MULTS):
+        torch.testing.assert_close(p, b - hp.lr * m.lr * torch.sign(g), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the optimizer classes (param groups, muP width info, backend selection)
+# ---------------------------------------------------------------------------------------------
+OPTIMIZERS = {
+    "adamw": (mupopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adopt": (mupopt.ADOPT, dict(lr=1e-2, weight_decay=0.1)),
+    "lamb": (mupopt.LAMB, dict(lr=1e-2, weight_decay=0.1, hidden_lr_exponent=-0.5)),
+    "sophia": (mupopt.SophiaG, dict(lr=1e-2, weight_decay=0.1, rho=0.04)),
+}
+
+
+def _model(device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for s, w in zip(SHAPES, WIDTHS):
+        p = torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        setattr(p, mupopt.mup.WIDTH_ATTR, w)
+        params.append(p)
+    return params
+
+
+def _groups(params, kwargs):
+    half = len(params) // 2
+    return [{"params": params[:half]}, {"params": params[half:], "lr": kwargs["lr"] * 0.5, "weight_decay": 0.0}]
+
+
+def _train(opt, params, sophia):
+    for t in range(STEPS):
+        for p, g in zip(params, grads_for(t, params, params[0].dtype)):
+            p.grad = g
+        if sophia and t % 3 == 0:
+            opt.update_hessian()
+        opt.step(**({"bs": 64} if sophia else {}))
+
+
+# Storage dtypes are covered by the functional tests above; here: every class in fp32, and bf16
+# through one class.
+CLASS_CASES = [(name, F32) for name in OPTIMIZERS] + [("adamw", BF16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,dtype", CLASS_CASES, ids=[f"{n}-{'fp32' if d == F32 else 'bf16'}" for n, d in CLASS_CASES])
+def test_optimizer_class_backend_triton(name, dtype, device):
+    cls, kwargs = OPTIMIZERS[name]
+    extra = {"amsgrad": True} if name == "adamw" else {}
+    ours, theirs = _model(device, dtype), _model(device, dtype)
+    o = cls(_groups(ours, kwargs), **kwargs, **extra, backend="triton")
+    r = cls(_groups(theirs, kwargs), **kwargs, **extra, backend="reference")
+    assert backends.select(name, "auto", ours).name == "triton"
+    _train(o, ours, name == "sophia")
+    _train(r, theirs, name == "sophia")
+    tol = tolerance(dtype, dtype)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), **tol)
+        for key, value in r.state[b].items():
+            torch.testing.assert_close(o.state[a][key].float(), value.float(), **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the backend refuses, and the registry's fallback
+# ---------------------------------------------------------------------------------------------
+def _noncontiguous_model(device):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 5, generator=gen).to(device).t().requires_grad_()  # a transposed leaf
+    b = torch.randn(7, generator=gen).to(device).requires_grad_()
+    assert not w.is_contiguous()
+    return [w, b]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_param_explicit_raises_auto_falls_back(device):
+    params = _noncontiguous_model(device)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = mupopt.AdamW(params, lr=1e-2, backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot step these adamw tensors.*not contiguous"):
+        opt.step()
+    assert torch.equal(opt.state[params[0]]["exp_avg"], torch.zeros_like(params[0]))  # nothing stepped
+
+    auto, ref = _noncontiguous_model(device), _noncontiguous_model(device)
+    assert backends.select("adamw", "auto", auto).name == "reference"
+    for params, backend in ((auto, "auto"), (ref, "reference")):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        mupopt.AdamW(params, lr=1e-2, backend=backend).step()
+    for a, b in zip(auto, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_grad_or_state_raises_clearly(device):
+    params, states = make("adamw", F32, F32, device)
+    grads = grads_for(0, params, F32)
+    grads[2] = grads[2].t().contiguous().t()  # same shape, transposed strides
+    with pytest.raises(RuntimeError, match=r"gradient 2 \(shape \(33, 65\).*not contiguous"):
+        adamw_triton(params, grads, states, MULTS, hparams("adamw"))
+    assert all(st["step"].item() == 0 for st in states)  # refused before anything moved
+
+    grads = grads_for(0, params, F32)
+    states[2]["exp_avg_sq"] = states[2]["exp_avg_sq"].t().contiguous().t()
+    with pytest.raises(RuntimeError, match=r"exp_avg_sq 2 .*not contiguous"):
+        adamw_triton(params, grads, states, MULTS, hparams("adamw"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unsupported_reasons(device, monkeypatch):
+    ok = [torch.zeros(3, device=device), torch.zeros(2, 2, device=device, dtype=BF16)]
+    assert mt.unsupported_reason(ok) is None
+    assert "float32 and bfloat16" in mt.unsupported_reason([torch.zeros(3, device=device, dtype=torch.float64)])
+    assert "float32 and bfloat16" in mt.unsupported_reason([torch.zeros(3, device=device, dtype=torch.float16)])
+    assert "not contiguous" in mt.unsupported_reason([torch.zeros(3, 4, device=device).t()])
+    assert "CUDA" in mt.unsupported_reason([torch.zeros(3, device="meta")])
+    if device == "cuda":
+        assert "CPU" in mt.unsupported_reason([torch.zeros(3, device="cuda"), torch.zeros(3)])
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "TRITON_INTERPRET=1" in mt.unsupported_reason(ok)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # triton missing: the reason says so
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setattr(mt, "_import_checked", False)
+    monkeypatch.setattr(mt, "_import_error", None)
+    assert "triton is not importable" in mt.unsupported_reason(ok)
+
+
+def test_registered_for_every_optimizer():
+    for name in mt.OPTIMIZERS:
+        backend = backends._REGISTRY[name]["triton"]
+        assert backend.priority == 10 and backend.unsupported_reason is mt.unsupported_reason
+    mt.register()  # idempotent
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch structure and the table cache
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_per_dtype_combination_and_cached_tables(device, monkeypatch):
+    launches = []
+    real = _common.launch
+
+    def counting(kernel, grid, *args, **meta):
+        launches.append((kernel, grid, meta))
+        real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(_common, "launch", counting)
+    params, states = make("adamw", F32, F32, device)
+    params[1] = params[1].to(BF16)  # a second dtype combination
+    states[1] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(params[1]), "exp_avg_sq": torch.zeros_like(params[1])}
+    _common.clear_cache()
+    for t in range(2):
+        grads = [g.to(p.dtype) for g, p in zip(grads_for(t, params, F32), params)]
+        adamw_triton(params, grads, states, MULTS, hparams("adamw"))
+    # 2 dtype combinations x 2 steps, whatever the tensor count and the per-tensor multipliers
+    assert len(launches) == 4
+    assert len(_common._CACHE) == 1  # the second step (new grads) reused the tables
+    # LAMB: norms, trust, update
+    launches.clear()
+    params, states = make("lamb", F32, F32, device)
+    lamb_triton(params, grads_for(0, params, F32), states, MULTS, hparams("lamb"))
+    assert [k.__name__ if hasattr(k, "__name__") else k.fn.__name__ for k, _, _ in launches] == [
+        "_lamb_norms_kernel", "_lamb_trust_kernel", "_lamb_update_kernel"
+    ]
+    assert len(_common._CACHE) == 2
+
+
+def test_unaligned_views_are_stepped_without_the_alignment_hint():
+    """Views at odd offsets (e.g. slices of one flat buffer) are correct, just not vectorised."""
+    if not INTERPRET:
+        pytest.skip("CPU check")
+    flat = torch.randn(1 + 7 + 5000)
+    params = [flat[1:8], flat[8:]]  # 4-byte aligned only
+    states = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in params]
+    ref_p = [p.clone() for p in params]
+    ref_s = [{k: v.clone() for k, v in st.items()} for st in states]
+    grads = [torch.randn(p.shape) for p in params]
+    hp = hparams("adamw")
+    adamw_reference(ref_p, grads, ref_s, MULTS[:2], hp)
+    adamw_triton(params, grads, states, MULTS[:2], hp)
+    plan = next(reversed(_common._CACHE.values()))
+    assert not plan.launches[0].aligned
+    for a, b in zip(params, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every kernel variant compiles for the GPU (sm_90, no GPU needed) and is vectorised
+# ---------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = textwrap.dedent(
+    r"""
+    import json, os, re, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, sys.argv[1])
+    from mupopt.kernels.triton import _common
+    from mupopt.kernels.triton.adamw import adamw_triton
+    from mupopt.kernels.triton.adopt import adopt_triton
+    from mupopt.kernels.triton.lamb import lamb_triton
+    from mupopt.kernels.triton.sophia import sophia_triton, sophia_hessian_triton
+    from mupopt.optim.adamw import AdamWHparams
+    from mupopt.optim.adopt import ADOPTHparams
+    from mupopt.optim.lamb import LAMBHparams
+    from mupopt.optim.sophia import SophiaHparams
+    from mupopt.mup import Multipliers
+    assert not _common.INTERPRET
+    TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32"}
+    results = []
+
+    def compile_hook(kernel, grid, args, meta):
+        values = dict(zip(kernel.arg_names, args))
+        values.update({k: v for k, v in meta.items() if k != "num_warps"})
+        signature, constexprs = {}, {}
+        for param in kernel.params:
+            v = values[param.name]
+            if param.is_constexpr:
+                signature[param.name] = "constexpr"
+                constexprs[param.name] = v
+            elif isinstance(v, torch.Tensor):
+                signature[param.name] = TYPES[v.dtype]
+            elif isinstance(v, float):
+                signature[param.name] = "fp32"
+            else:
+                signature[param.name] = "i32"
+        src = ASTSource(kernel, signature=signature, constexprs=constexprs)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": meta["num_warps"]}).asm["ptx"]
+        results.append({
+            "kernel": kernel.__name__, "constexprs": {k: str(v) for k, v in constexprs.items()},
+            "v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+            "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
+        })
+
+    _common.LAUNCH_HOOK = compile_hook
+    M = [Multipliers(1.0, 1.0, 1.0)] * 2
+    def make(keys, p_dtype, s_dtype):
+        ps = [torch.zeros(5000, dtype=p_dtype), torch.zeros(7, dtype=p_dtype)]
+        return ps, [torch.zeros_like(p) for p in ps], [
+            {"step": torch.tensor(0.0), **{k: torch.zeros_like(p, dtype=s_dtype) for k in keys}} for p in ps]
+    # fp32 everywhere for every kernel; bf16 storage (other code paths) for AdamW with amsgrad
+    # and maximize, and LAMB with bf16 moments (its recompute-in-pass-3 path) and a clamp.
+    F32, BF16 = torch.float32, torch.bfloat16
+    p, g, s = make(("exp_avg", "exp_avg_sq"), F32, F32)
+    adamw_triton(p, g, s, M, AdamWHparams(1e-3, 0.9, 0.999, 1e-8, 0.1, False, False))
+    p, g, s = make(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), BF16, BF16)
+    adamw_triton(p, g, s, M, AdamWHparams(1e-3, 0.9, 0.999, 1e-8, 0.1, True, True))
+    p, g, s = make(("exp_avg", "exp_avg_sq"), F32, F32)
+    adopt_triton(p, g, s, M, ADOPTHparams(1e-3, 0.9, 0.9999, 1e-6, 0.0, False))
+    for s_dtype in (F32, BF16):
+        p, g, s = make(("exp_avg", "exp_avg_sq"), F32, s_dtype)
+        lamb_triton(p, g, s, M, LAMBHparams(1e-3, 0.9, 0.999, 1e-6, 0.01, 10.0 if s_dtype == BF16 else None, False))
+    p, g, s = make(("exp_avg", "hessian"), F32, F32)
+    sophia_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False))
+    sophia_hessian_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False))
+    print(json.dumps(results))
+    """
+)
+
+
+def test_kernels_compile_for_sm90_and_vectorise():
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, root], capture_output=True, text=True, timeout=300, env=env
+    )
+    if proc.returncode != 0 and ("ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower()):
+        pytest.skip("no ptxas for the NVIDIA backend")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernels = {r["kernel"] for r in results}
+    assert kernels == {
+        "_adamw_kernel", "_adopt_kernel", "_lamb_norms_kernel", "_lamb_trust_kernel", "_lamb_update_kernel",
+        "_sophia_kernel", "_sophia_hessian_kernel",
+    }
+    for r in results:
+        if r["kernel"] == "_lamb_trust_kernel" or r["constexprs"].get("ALIGNED") != "True":
+            continue
+        assert r["v4_loads"] > 0, r  # 16-byte accesses on the full-chunk path
+        if r["kernel"] != "_lamb_norms_kernel" or r["constexprs"].get("MOMENTS_IN_PASS_1") == "True":
+            assert r["v4_stores"] > 0, r
