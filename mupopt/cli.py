@@ -1,4 +1,4 @@
-"""The `mupopt` command: `mupopt verify` (more subcommands arrive with the benchmark and muP tools)."""
+"""The `mupopt` command: `verify`, `bench`, `coord-check`, `transfer`."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check as it starts")
     p.set_defaults(func=_verify)
+
+    from .mupcheck import coord_check, transfer
+
+    p = sub.add_parser("coord-check", help="coordinate check, SP vs muP, for the mupopt optimizers")
+    coord_check.add_arguments(p)
+    p.set_defaults(func=coord_check.main)
+    p = sub.add_parser("transfer", help="learning-rate transfer across widths on a char GPT")
+    transfer.add_arguments(p)
+    p.set_defaults(func=transfer.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

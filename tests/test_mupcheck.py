@@ -1,0 +1,161 @@
+"""mupopt.mupcheck (`mupopt coord-check`, `mupopt transfer`) at toy scale: two widths, a few steps.
+
+The coordinate-check assertions use the MLP family at widths 64 and 512 (a slope measured over
+three octaves) and the thresholds of mupopt.mupcheck.coord_check (FLAT = 0.2:
+muP's change since init may not grow faster than width^0.2). What the full-size runs measured is
+in docs/mup-results.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from mupopt.mupcheck import coord_check, transfer
+from mupopt.mupcheck.models import ModelConfig, build_model, layer_type, load_corpus
+from mupopt.mupcheck.train import OPTIMIZERS, SIX, to_frame
+
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+MUP_COLUMNS = ["width", "module", "t", "l1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu():
+    # muP's small readout and gradients hit slow subnormal floats on CPU; the tools set this too.
+    torch.set_flush_denormal(True)
+    yield
+
+
+def _slopes(records, opt):
+    return {r["layer_type"]: r for r in coord_check.verdicts(records) if r["optimizer"] == opt}
+
+
+@pytest.fixture(scope="module")
+def mlp_adamw_muon():
+    return coord_check.coord_data(["adamw", "muon"], [64, 512], model="mlp", steps=4, seeds=1)
+
+
+def test_adamw_mup_flat_and_flatter_than_sp(mlp_adamw_muon):
+    rows = _slopes(mlp_adamw_muon, "adamw")
+    assert set(rows) == {"input", "hidden", "output"}
+    for lt, r in rows.items():
+        assert abs(r["mup_delta_slope"]) < coord_check.FLAT, (lt, r)
+        assert r["mup_flat"] is True
+    for lt in ("hidden", "output"):  # the layers whose SP lr is too large by a factor m
+        assert rows[lt]["sp_delta_slope"] > coord_check.GROW, rows[lt]
+        assert rows[lt]["sp_delta_slope"] > abs(rows[lt]["mup_delta_slope"]) + 0.3, rows[lt]
+
+
+def test_muon_mup_flat(mlp_adamw_muon):
+    rows = _slopes(mlp_adamw_muon, "muon")
+    for lt, r in rows.items():
+        assert abs(r["mup_delta_slope"]) < coord_check.FLAT, (lt, r)
+
+
+def test_gpt_mup_flatter_than_sp_for_adamw():
+    records = coord_check.coord_data(["adamw"], [32, 128], model="gpt", steps=3, seeds=1, batch=4, seq=16)
+    rows = _slopes(records, "adamw")
+    assert {"input", "attn_qkv", "attn_logits", "attn_out", "mlp_fc", "mlp_out", "residual", "output"} <= set(rows)
+    for lt in ("attn_qkv", "mlp_fc", "mlp_out", "residual", "output"):
+        r = rows[lt]
+        assert r["mup_delta_slope"] < coord_check.FLAT, (lt, r)
+        assert r["sp_delta_slope"] > r["mup_delta_slope"] + 0.3, (lt, r)
+
+
+def test_records_have_mup_columns():
+    records = coord_check.coord_data(["adamw"], [32, 64], model="mlp", steps=2, seeds=1, params=("mup",))
+    frame = coord_check.get_coord_data(["adamw"], [32, 64], model="mlp", steps=2, seeds=1, params=("mup",))
+    expected = MUP_COLUMNS + list(coord_check.EXTRA_COLUMNS)
+    for r in records:
+        assert list(r)[:4] == MUP_COLUMNS and set(expected) <= set(r)
+    assert {r["t"] for r in records} == {1, 2}  # mup's convention: t counts from 1
+    assert all(r["delta_rms"] == 0.0 for r in records if r["t"] == 1)
+    if importlib.util.find_spec("pandas") is not None:
+        assert list(frame.columns[:4]) == MUP_COLUMNS and set(expected) <= set(frame.columns)
+    else:
+        assert isinstance(frame, list) and set(expected) <= set(frame[0])
+
+
+def test_to_frame_without_pandas(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas":
+            raise ImportError("no pandas")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    rows = [{"width": 1, "module": "m", "t": 1, "l1": 0.5}]
+    assert to_frame(rows) is rows
+
+
+def test_coord_check_writes_files(tmp_path):
+    result = coord_check.run(["adamw"], [32, 64], out=tmp_path, model="gpt", steps=2, seeds=1, batch=2, seq=8)
+    names = {p.name for p in result["files"]}
+    assert {"coord-gpt.csv", "coord-gpt-verdict.json"} <= names
+    header = (tmp_path / "coord-gpt.csv").read_text().splitlines()[0].split(",")
+    assert set(MUP_COLUMNS) <= set(header)
+    verdict = json.loads((tmp_path / "coord-gpt-verdict.json").read_text())
+    assert verdict["verdicts"] and "mup_delta_slope" in verdict["verdicts"][0]
+    if HAVE_MPL:
+        png = tmp_path / "coord-gpt-adamw.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(coord_check, "pyplot", lambda: None)
+    result = coord_check.run(["adamw"], [32, 64], out=tmp_path, model="mlp", steps=2, seeds=1, params=("mup",))
+    assert not any(p.suffix == ".png" for p in result["files"])
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_transfer_writes_files_and_summary(tmp_path):
+    result = transfer.run(["adamw"], [32, 64], out=tmp_path, params=("sp", "mup"), lrs=[1e-3, 1e-2],
+                          steps=4, batch=2, seq=16, eval_batches=1)
+    names = {p.name for p in result["files"]}
+    assert {"transfer.csv", "transfer.json", "transfer-summary.json"} <= names
+    runs = json.loads((tmp_path / "transfer.json").read_text())
+    assert len(runs) == 2 * 2 * 2  # params x widths x lrs
+    summary = json.loads((tmp_path / "transfer-summary.json").read_text())["summary"]
+    assert {s["param"] for s in summary} == {"sp", "mup"}
+    for s in summary:
+        assert s["widths"] == [32, 64] and len(s["best_lr"]) == 2
+        assert 0 <= s["shift_steps"] <= 1
+    if HAVE_MPL:
+        assert (tmp_path / "transfer-adamw.png").exists()
+
+
+def test_transfer_weight_decay_modes_and_lamb_variants(tmp_path):
+    records = transfer.sweep(["adamw", "lamb", "lamb-strict"], [32, 64], params=("mup",),
+                             wd_modes=("independent", "coupled"), lrs=[1e-2], steps=2, batch=2, seq=8, eval_batches=1)
+    modes = {(r["optimizer"], r["wd_mode"]) for r in records}
+    assert modes == {("adamw", "independent"), ("adamw", "coupled"), ("lamb", "independent"),
+                     ("lamb-strict", "independent")}
+
+
+def test_models_sp_and_mup_agree_at_base_width():
+    cfg = ModelConfig(kind="gpt", base_width=32, vocab=20, block_size=8)
+    sp, mup = build_model(cfg, 32, "sp", seed=3), build_model(cfg, 32, "mup", seed=3)
+    for (n, a), (_, b) in zip(sp.named_parameters(), mup.named_parameters()):
+        assert torch.equal(a, b), n
+    ids = torch.randint(0, 20, (2, 8))
+    assert torch.allclose(sp(ids), mup(ids))
+    wide = build_model(cfg, 128, "mup")
+    assert wide.readout.weight.std().item() == pytest.approx(0.02 / 4, rel=0.15)
+    assert wide.blocks[0].attn.scale == pytest.approx(math.sqrt(8) / 32)
+    assert build_model(cfg, 128, "sp").blocks[0].attn.scale == pytest.approx(1 / math.sqrt(32))
+
+
+def test_layer_types_and_corpus():
+    assert layer_type("gpt", "blocks.0.attn.logits") == "attn_logits"
+    assert layer_type("gpt", "blocks.1") == "residual"
+    assert layer_type("gpt", "blocks.1.ln1") is None
+    assert layer_type("mlp", "hidden.0") == "hidden"
+    data = load_corpus()
+    assert 50 <= data.vocab <= 100 and len(data.train) > 80_000
+    assert set(SIX) <= set(OPTIMIZERS)
