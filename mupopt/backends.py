@@ -7,6 +7,15 @@ against the ``reference`` backend (pure PyTorch, one tensor at a time: the execu
 Choice: the explicit ``backend=`` argument, else the ``MUPOPT_BACKEND`` environment variable, else
 the highest-priority backend that can run on the given tensors. An explicit request that cannot
 run raises; only an automatic choice falls back.
+
+Gradient scaling (``torch.amp.GradScaler``): every mupopt optimizer takes the scaler's
+``grad_scale`` / ``found_inf`` itself (see :mod:`mupopt.optim._base`). The skip on ``found_inf``
+is done there for every backend. A backend registered with ``amp_scaling=True`` is called as
+``fn(..., hp, inv_grad_scale=t)`` when the gradients carry a scale: ``t`` is a one-element float32
+tensor (1/scale, formed as GradScaler.unscale_ forms it), the backend multiplies each gradient by
+it in float32 before use and stores the unscaled gradient back into the gradient tensor (what
+torch's fused AdamW leaves in ``p.grad``). For any other backend the base class unscales the
+gradients in place before the call, so ``fn`` sees plain gradients.
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ class Backend:
     priority: int = 0
     # None when the backend can step these tensors, else the reason it cannot.
     unsupported_reason: Callable[[Sequence[torch.Tensor]], "str | None"] = _always
+    # True: fn takes the keyword inv_grad_scale and unscales the gradients itself (module docstring).
+    amp_scaling: bool = False
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}

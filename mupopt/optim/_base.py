@@ -7,6 +7,36 @@ hyperparameter record; the step itself is one call of the selected backend per p
 Validation happens for every group before anything is touched, so a bad hyperparameter (also one
 edited into ``group["lr"]`` after construction) or a sparse gradient raises with params and state
 left exactly as they were.
+
+Gradient scaling: every optimizer here sets ``_step_supports_amp_scaling``, so
+``torch.amp.GradScaler.step(opt)`` neither unscales the gradients nor skips the step itself; it
+sets, for the duration of ``opt.step()`` (torch/amp/grad_scaler.py, GradScaler.step):
+
+- ``opt.found_inf``: a float32 tensor, nonzero when some gradient is inf or nan;
+- ``opt.grad_scale``: the scale the gradients carry, or None when ``scaler.unscale_(opt)`` has
+  already unscaled them (stage UNSCALED).
+
+This class honours both for every optimizer and backend, as torch's fused AdamW does:
+
+- found_inf nonzero: the whole update is skipped: no parameter, state or step count changes, no
+  state is created, and ``p.grad`` is left as it is. Deciding that costs a host read of
+  found_inf in ``_gather``: one per param group with gradients. The first waits for the GPU work
+  queued before it (the backward): a host synchronisation, the one GradScaler's own unfused path
+  pays in ``_maybe_opt_step``; later groups find the value ready. Step counts and bias
+  corrections live on the host (kernels/triton/_common.py), so a device-side skip would not save
+  that synchronisation without moving them to the device.
+- grad_scale set: gradients are multiplied by ``1/grad_scale`` (formed in float64 and rounded to
+  float32, as ``GradScaler.unscale_``) and the unscaled gradient is stored back into ``p.grad``,
+  which is what torch's fused AdamW leaves there. A backend registered with ``amp_scaling``
+  (triton) does it inside its kernels, in float32 registers; for the others ``_call`` unscales
+  the gradients in place first (one ``_foreach_mul_`` per device), so their float32 math reads
+  the gradient rounded to its storage dtype. With GradScaler's power-of-two scales both are
+  exact and identical; with another scale and bfloat16 gradients they may differ by one
+  rounding.
+
+``SophiaG.update_hessian`` runs through the same ``_run`` and honours both attributes when they
+are set, but GradScaler sets them only around ``step()``: a scaled GNB backward needs them set by
+hand (``opt.grad_scale = scaler.get_scale()`` as a tensor, ``opt.found_inf``) or an unscaled one.
 """
 from __future__ import annotations
 
@@ -65,6 +95,16 @@ def store(t: torch.Tensor, t32: torch.Tensor) -> None:
         t.copy_(t32)
 
 
+def unscale_(grads: list, inv_grad_scale: torch.Tensor) -> None:
+    """grads *= inv_grad_scale in place (float32 math, stored in each gradient's dtype), one
+    foreach call per device."""
+    by_device: dict[torch.device, list] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, gs in by_device.items():
+        torch._foreach_mul_(gs, inv_grad_scale.to(device))
+
+
 class Work(NamedTuple):
     """One group's prepared step: params with a gradient, grads, their indices, multipliers."""
 
@@ -78,6 +118,8 @@ class MupOptimizer(Optimizer):
     """Base of the mupopt optimizers (not used directly)."""
 
     rule: ClassVar[str]
+    # torch.amp.GradScaler: hand grad_scale / found_inf to step() (module docstring).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
@@ -189,7 +231,14 @@ class MupOptimizer(Optimizer):
             grads.append(p.grad)
             index.append(i)
         mults = self.group_multipliers(group)
+        if params and self._found_inf():
+            return Work([], [], [], [])  # GradScaler found inf/nan: step nothing (module docstring)
         return Work(params, grads, index, [mults[i] for i in index])
+
+    def _found_inf(self) -> bool:
+        """Whether GradScaler's found_inf (set only during its step) is nonzero: a host read."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.any())
 
     def _call(self, kernel: str, group: dict, params, grads, mults, hp) -> None:
         """Create missing state, then step ``params`` with the selected backend of ``kernel``."""
@@ -200,7 +249,20 @@ class MupOptimizer(Optimizer):
             if len(self.state[p]) == 0:
                 self.state[p].update(self._init_state(p, group))
             states.append(self.state[p])
-        backends.select(kernel, self.backend, [*params, *grads]).fn(params, grads, states, mults, hp)
+        backend = backends.select(kernel, self.backend, [*params, *grads])
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            backend.fn(params, grads, states, mults, hp)
+            return
+        # As GradScaler.unscale_: the reciprocal in float64 (MPS has none), rounded once to
+        # float32; a device op, no host read.
+        scale = grad_scale.reshape(())
+        inv_grad_scale = scale.reciprocal().float() if scale.device.type == "mps" else scale.double().reciprocal().float()
+        if backend.amp_scaling:
+            backend.fn(params, grads, states, mults, hp, inv_grad_scale=inv_grad_scale)
+            return
+        unscale_(grads, inv_grad_scale)
+        backend.fn(params, grads, states, mults, hp)
 
     def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
         """Validate every group, then call the backend of ``kernel`` (default: this optimizer's

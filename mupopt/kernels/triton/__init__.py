@@ -6,15 +6,21 @@ kernel modules (``_common``, ``adamw``, ...) are imported at the first step, bec
 ``triton.jit`` decides between compiling and interpreting (``TRITON_INTERPRET=1``) when a kernel
 is defined, and a test or a user may set that variable after ``import mupopt``.
 
-Design (launch tables, pointers, caching, numerics): see ``_common``'s docstring.
+Design (launch tables, pointers, caching, numerics, GradScaler): see ``_common``'s docstring. Each
+registry function is a ``torch.library`` custom op (below), so that ``torch.compile`` of a
+training step that calls ``optimizer.step()`` sees the fused step as one opaque op.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import sys
 from typing import Sequence
 
 import torch
+
+from ...mup import Multipliers
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 PRIORITY = 10
@@ -87,54 +93,163 @@ def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     return _triton_missing()
 
 
-# The functional entry points import their kernel module at the first call (see the docstring).
-# (Not named like the submodules: importing a submodule binds its name in this package.)
-def _adamw_step(params, grads, states, mults, hp) -> None:
-    from .adamw import adamw_triton
-
-    adamw_triton(params, grads, states, mults, hp)
-
-
-def _adopt_step(params, grads, states, mults, hp) -> None:
-    from .adopt import adopt_triton
-
-    adopt_triton(params, grads, states, mults, hp)
-
-
-def _lamb_step(params, grads, states, mults, hp) -> None:
-    from .lamb import lamb_triton
-
-    lamb_triton(params, grads, states, mults, hp)
-
-
-def _sophia_step(params, grads, states, mults, hp) -> None:
-    from .sophia import sophia_triton
-
-    sophia_triton(params, grads, states, mults, hp)
-
-
-def _sophia_hessian_step(params, grads, states, mults, hp) -> None:
-    from .sophia import sophia_hessian_triton
-
-    sophia_hessian_triton(params, grads, states, mults, hp)
-
-
-_FUNCTIONS = {
-    "adamw": _adamw_step,
-    "adopt": _adopt_step,
-    "lamb": _lamb_step,
-    "sophia": _sophia_step,
-    "sophia_hessian": _sophia_hessian_step,
+# ---------------------------------------------------------------------------------------------
+# The step functions as torch.library custom ops
+# ---------------------------------------------------------------------------------------------
+# Each registry function is one opaque custom op, "mupopt::<name>_triton_", so that torch.compile
+# (Dynamo) traces a training step up to the optimizer's call and puts the whole fused step in
+# the graph as one op, instead of tracing into the host code (data_ptr tables, cache, launch),
+# which it cannot. The op's schema states exactly what the step writes, so functionalisation
+# copies back exactly that: params, the written state tensors and the step counts; gradients
+# are read only, except in the "<name>_triton_unscale_" variant (a GradScaler scale), which
+# stores the unscaled gradients back. State dicts, Multipliers and the hyperparameter record
+# travel flattened (tensor lists per state key, float lists) and are rebuilt inside the op.
+#
+# name: (state keys written, state keys only read, params written, step counts incremented)
+_OP_SPECS = {
+    "adamw": (("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), (), True, True),
+    "adopt": (("exp_avg", "exp_avg_sq"), (), True, True),
+    "lamb": (("exp_avg", "exp_avg_sq"), (), True, True),
+    "sophia": (("exp_avg",), ("hessian",), True, True),
+    # The Hessian EMA writes h only: params are read for their count, step counts untouched.
+    "sophia_hessian": (("hessian",), (), False, False),
 }
 
 
+def op_name(name: str, unscale: bool) -> str:
+    """The custom op's name in namespace "mupopt" (torch.ops.mupopt.<op_name>)."""
+    return f"{name}_triton_unscale_" if unscale else f"{name}_triton_"
+
+
+def _schema(name: str, unscale: bool) -> tuple[str, tuple[str, ...]]:
+    """(schema string, names of the mutated arguments) of one op."""
+    _, _, writes_params, counts_steps = _OP_SPECS[name]
+    args, mutated = [], []
+    for arg, writes in (
+        ("params", writes_params), ("grads", unscale), ("states", True), ("read_states", False), ("steps", counts_steps),
+    ):
+        if writes:
+            args.append(f"Tensor({chr(ord('a') + len(mutated))}!)[] {arg}")
+            mutated.append(arg)
+        else:
+            args.append(f"Tensor[] {arg}")
+    args += ["str[] keys", "str[] read_keys", "float[] mults", "float[] hparams"]
+    if unscale:
+        args.append("Tensor inv_grad_scale")
+    return "(" + ", ".join(args) + ") -> ()", tuple(mutated)
+
+
+def _kernel(name: str):
+    """(functional step, hyperparameter record class) of ``name``: imports the kernels."""
+    if name == "adamw":
+        from ...optim.adamw import AdamWHparams
+        from .adamw import adamw_triton
+
+        return adamw_triton, AdamWHparams
+    if name == "adopt":
+        from ...optim.adopt import ADOPTHparams
+        from .adopt import adopt_triton
+
+        return adopt_triton, ADOPTHparams
+    if name == "lamb":
+        from ...optim.lamb import LAMBHparams
+        from .lamb import lamb_triton
+
+        return lamb_triton, LAMBHparams
+    from ...optim.sophia import SophiaHparams
+    from .sophia import sophia_hessian_triton, sophia_triton
+
+    return (sophia_triton if name == "sophia" else sophia_hessian_triton), SophiaHparams
+
+
+def _encode_hparams(hp) -> list[float]:
+    """A frozen hyperparameter record as floats: bool -> 0/1, None -> nan (no field may be nan)."""
+    return [float("nan") if v is None else float(v) for v in (getattr(hp, f.name) for f in dataclasses.fields(hp))]
+
+
+def _decode_hparams(cls, values: Sequence[float]):
+    out = []
+    for f, v in zip(dataclasses.fields(cls), values):
+        kind = f.type if isinstance(f.type, str) else str(getattr(f.type, "__name__", f.type))
+        if kind == "bool":
+            out.append(v != 0.0)
+        elif "None" in kind and math.isnan(v):
+            out.append(None)
+        else:
+            out.append(v)
+    return cls(*out)
+
+
+def _make_impl(name: str):
+    def impl(params, grads, states, read_states, steps, keys, read_keys, mults, hparams, inv_grad_scale=None):
+        n = len(grads)
+        dicts = [{} for _ in range(n)]
+        for flat, names in ((states, keys), (read_states, read_keys)):
+            for k, key in enumerate(names):
+                for i in range(n):
+                    dicts[i][key] = flat[k * n + i]
+        for i, step in enumerate(steps):
+            dicts[i]["step"] = step
+        fn, hp_cls = _kernel(name)
+        multipliers = [Multipliers(*mults[3 * i:3 * i + 3]) for i in range(n)]
+        fn(params, grads, dicts, multipliers, _decode_hparams(hp_cls, hparams), inv_grad_scale)
+
+    return impl
+
+
+def _fake(*args, **kwargs) -> None:
+    """Shape propagation for torch.compile: the ops return nothing (they mutate their inputs)."""
+    return None
+
+
+def _define_ops() -> None:
+    """Define the custom ops once per process (a second import of this module reuses them)."""
+    for name in OPTIMIZERS:
+        for unscale in (False, True):
+            qualname = op_name(name, unscale)
+            if hasattr(torch.ops.mupopt, qualname):
+                continue
+            schema, mutated = _schema(name, unscale)
+            op = torch.library.custom_op(f"mupopt::{qualname}", _make_impl(name), mutates_args=mutated, schema=schema)
+            op.register_fake(_fake)
+
+
+def _step_fn(name: str):
+    """The registry function of ``name``: flattens its arguments into one custom-op call."""
+    written, read, _, counts_steps = _OP_SPECS[name]
+
+    def step(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+        if not grads:
+            return
+        first = states[0]
+        # Keys every state has (AdamW's max_exp_avg_sq exists with amsgrad only).
+        keys = [k for k in written if k in first]
+        read_keys = [k for k in read if k in first]
+        flat = [st[k] for k in keys for st in states]
+        read_flat = [st[k] for k in read_keys for st in states]
+        steps = [st["step"] for st in states] if counts_steps else []
+        mult = [float(x) for m in mults for x in m]
+        args = (list(params), list(grads), flat, read_flat, steps, keys, read_keys, mult, _encode_hparams(hp))
+        if inv_grad_scale is None:
+            getattr(torch.ops.mupopt, op_name(name, False))(*args)
+        else:
+            getattr(torch.ops.mupopt, op_name(name, True))(*args, inv_grad_scale)
+
+    step.__name__ = f"_{name}_step"
+    return step
+
+
 def register() -> None:
-    """Register backend "triton" for every optimizer above (idempotent)."""
+    """Define the custom ops and register backend "triton" for every optimizer above (idempotent)."""
     from ... import backends
 
+    _define_ops()
     for name in OPTIMIZERS:
         if "triton" in backends.names(name):
             continue
         backends.register(
-            backends.Backend(name, "triton", _FUNCTIONS[name], priority=PRIORITY, unsupported_reason=unsupported_reason)
+            backends.Backend(
+                name, "triton", _step_fn(name), priority=PRIORITY, unsupported_reason=unsupported_reason,
+                amp_scaling=True,
+            )
         )

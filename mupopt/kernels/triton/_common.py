@@ -53,8 +53,16 @@ IEEE-rounded ``div_rn``/``sqrt_rn`` as in torch. Stores to bfloat16 round to nea
 GPU the hardware conversion; under the interpreter, whose own conversion truncates, the same
 rounding done with integer ops so interpreter results equal torch's bit for bit).
 
-GradScaler (later): a ``found_inf`` skip fits as one more pointer argument read at the top of
-each kernel (return when set) plus a device-side step count; nothing here assumes otherwise.
+GradScaler (mupopt.optim._base, mupopt.backends): with a scale, every kernel takes one more
+pointer, to a float32 1/scale on the device (``HAS_GRAD_SCALE``, a compile-time flag: one more
+specialisation, compiled once; the scale's value is runtime data, so GradScaler's changing scale
+never recompiles), multiplies the gradient by it in float32 and stores the unscaled gradient back
+(torch's fused AdamW leaves it in p.grad): 4 more bytes per element for fp32 gradients. The
+``found_inf`` skip is not in the kernels: step counts and the bias corrections formed from them
+are host values here, so the base class reads found_inf on the host (one synchronisation, what
+GradScaler's own unfused path costs) and does not call the backend at all when it is set. A
+device-side skip would need device-side step counts (as torch's fused AdamW with capturable
+steps) and per-step scalars computed on the device.
 """
 from __future__ import annotations
 
@@ -256,6 +264,14 @@ class Plan:
                 Launch(flags, aligned, s0, s1, c0, c1 - c0, self.chunks[c0:c1], self.ranges[s0:s1])
             )
             s0 = s1
+
+    def inv_scale_arg(self, inv_grad_scale: torch.Tensor | None) -> torch.Tensor:
+        """The kernels' 1/grad-scale pointer argument: the float32 scale on this plan's device,
+        or without one a placeholder (``numel``) that the kernels never read (HAS_GRAD_SCALE
+        False). A tensor, never None: a None argument would be a different kernel signature."""
+        if inv_grad_scale is None:
+            return self.numel
+        return inv_grad_scale.to(device=self.device, dtype=torch.float32).reshape(1)
 
     def device_guard(self):
         """The kernels launch on the current device: make it the tensors' device."""

@@ -6,7 +6,9 @@ Computes what :func:`mupopt.optim.adamw.adamw_reference` computes, operation for
     m = lerp(m, g, 1-b1) ;  v = b2*v + (1-b2)*g*g          (amsgrad: vmax = max(vmax, v))
     p += (-lr*lr_mult/(1-b1^t)) * (m / (sqrt(v)/sqrt(1-b2^t) + eps*eps_mult))
 
-Bytes per element (fp32 everywhere): reads p g m v, writes p m v: 28 (amsgrad: 36).
+Bytes per element (fp32 everywhere): reads p g m v, writes p m v: 28 (amsgrad: 36). With a
+GradScaler scale (``inv_grad_scale``): g *= 1/scale first, in float32, and the unscaled g is stored
+back (torch's fused AdamW leaves it in p.grad): 32.
 """
 from __future__ import annotations
 
@@ -25,15 +27,18 @@ _NUM_SCALARS = 4
 @triton.jit
 def _adamw_chunk(
     p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
-    decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2,
+    decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
-    MASKED: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
     v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+        _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
     p = p * decay
@@ -55,14 +60,15 @@ def _adamw_chunk(
 @triton.jit
 def _adamw_kernel(
     # tables (see _common): static addresses [N, NUM_PTRS] (p, m, v[, vmax]), per-step gradient
-    # addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr,
+    # addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; 1/grad
+    # scale [1] (read only when HAS_GRAD_SCALE)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2,
     # storage dtypes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
-    NUM_PTRS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, NUM_PTRS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
     row = ptrs_ptr + slot * NUM_PTRS
@@ -79,18 +85,23 @@ def _adamw_kernel(
     step_size = tl.load(scal + 1)
     bc2_sqrt = tl.load(scal + 2)
     eps = tl.load(scal + 3)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = 1.0  # unused
     if full:
         _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
-                     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2,
-                     P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, False)
+                     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
+                     P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
         _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
-                     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2,
-                     P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, True)
+                     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
+                     P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
 
-def adamw_triton(params, grads, states, mults, hp) -> None:
-    """The functional AdamW step of the "triton" backend (signature of adamw_reference)."""
+def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+    """The functional AdamW step of the "triton" backend (signature of adamw_reference; with
+    ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
     roles = ["param", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp.amsgrad else [])
@@ -106,6 +117,7 @@ def adamw_triton(params, grads, states, mults, hp) -> None:
     scalars[:, _BC2_SQRT] = torch.sqrt(1 - hp.beta2**t)
     scalars[:, _EPS] = hp.eps * mult[:, 2]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+    inv_scale = plan.inv_scale_arg(inv_grad_scale)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -116,9 +128,9 @@ def adamw_triton(params, grads, states, mults, hp) -> None:
             g16 = launch.bf16[-1]
             _common.launch(
                 _adamw_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
                 P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
                 AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
-                NUM_PTRS=len(roles), BLOCK=_common.BLOCK,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, NUM_PTRS=len(roles), BLOCK=_common.BLOCK,
             )

@@ -12,7 +12,8 @@ before the increment, so tensors at different steps share one launch::
 The first step is a per-tensor flag in the scalar table and selected per element, so a tensor on
 its first step still reads and rewrites p and m (unchanged values, exact in either storage
 dtype): one launch for the list at the price of 16 extra bytes per element on that one step.
-Bytes per element otherwise (fp32): 28, as AdamW.
+Bytes per element otherwise (fp32): 28, as AdamW; with a GradScaler scale the unscaled gradient
+is stored back (see _common): 32.
 """
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ _NUM_SCALARS = 6  # padded to an even count (the per-step buffer packs them in i
 @triton.jit
 def _adopt_chunk(
     p_addr, g_addr, m_addr, v_addr, offs, mask,
-    decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2,
+    decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
     v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+        _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
     # v is read before it is updated: normalising g by the previous v is ADOPT's decorrelation.
@@ -56,13 +60,14 @@ def _adopt_chunk(
 @triton.jit
 def _adopt_kernel(
     # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
-    # per-step scalars [N, 6], sizes [N], this launch's chunks [C, 2]
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr,
+    # per-step scalars [N, 6], sizes [N], this launch's chunks [C, 2]; 1/grad scale [1] (read
+    # only when HAS_GRAD_SCALE)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2,
     # storage dtypes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
     row = ptrs_ptr + slot * 3
@@ -76,18 +81,23 @@ def _adopt_kernel(
     eps = tl.load(scal + 2)
     clip = tl.load(scal + 3)
     first = tl.load(scal + 4)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = 1.0  # unused
     if full:
         _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
-                     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2,
-                     P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, False)
+                     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
+                     P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
         _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
-                     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2,
-                     P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, True)
+                     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
+                     P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
 
-def adopt_triton(params, grads, states, mults, hp) -> None:
-    """The functional ADOPT step of the "triton" backend (signature of adopt_reference)."""
+def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+    """The functional ADOPT step of the "triton" backend (signature of adopt_reference; with
+    ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
     roles = ["param", "exp_avg", "exp_avg_sq"]
@@ -104,6 +114,7 @@ def adopt_triton(params, grads, states, mults, hp) -> None:
     scalars[:, _CLIP] = s**0.25
     scalars[:, _FIRST] = (s == 0).to(torch.float64)
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+    inv_scale = plan.inv_scale_arg(inv_grad_scale)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -112,8 +123,9 @@ def adopt_triton(params, grads, states, mults, hp) -> None:
             p16, m16, v16, g16 = launch.bf16
             _common.launch(
                 _adopt_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
                 P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16,
-                MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned, BLOCK=_common.BLOCK,
+                MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
             )

@@ -22,6 +22,10 @@ recompute u from the stored (rounded) m and v and match the reference, which for
 unrounded float32 moments; there (``MOMENTS_IN_PASS_1`` False) pass 1 stores nothing and pass 3
 recomputes m and v from the old states and g and stores them (fp32 p,g with bf16 m,v: 32 bytes
 against 28 for the two-pass form, for a result equal to the reference's).
+
+With a GradScaler scale both passes that read g multiply it by 1/scale in float32 (the same
+value), and pass 3 stores the unscaled g back (see _common): with fp32 moments pass 3 then reads
+and writes g, 8 more bytes per element; with bf16 moments it already reads g, 4 more.
 """
 from __future__ import annotations
 
@@ -37,10 +41,15 @@ _NUM_SCALARS = 4
 
 
 @triton.jit
-def _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2,
+def _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
                   G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+                  MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                  STORE_GRAD: tl.constexpr, MASKED: tl.constexpr):
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+        if STORE_GRAD:
+            _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
     m = _lerp(_load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED), g, beta1_weight)
@@ -58,13 +67,14 @@ def _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay):
 
 @triton.jit
 def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
-                      bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                      bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                       P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                       MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
-                      MASKED: tl.constexpr):
+                      HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
-    m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2,
-                         G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, MASKED)
+    # g stays scaled in memory until pass 3 (which may read it again) has used it.
+    m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
+                         G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False, MASKED)
     if MOMENTS_IN_PASS_1:
         _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
         _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
@@ -79,13 +89,15 @@ def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
 @triton.jit
 def _lamb_norms_kernel(
     # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
-    # per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; output partials [C, 2]
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, partials_ptr,
+    # per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; output partials [C, 2];
+    # 1/grad scale [1] (read only when HAS_GRAD_SCALE)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, partials_ptr, inv_scale_ptr,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2, weight_decay,
     # storage dtypes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
     row = ptrs_ptr + slot * 3
@@ -97,14 +109,18 @@ def _lamb_norms_kernel(
     bc1 = tl.load(scal)
     bc2 = tl.load(scal + 1)
     eps = tl.load(scal + 2)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = 1.0  # unused
     if full:
         _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
-                          bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay,
-                          P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, False)
+                          bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
+                          P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
         _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
-                          bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay,
-                          P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, True)
+                          bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
+                          P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
 
 @triton.jit
@@ -137,17 +153,20 @@ def _lamb_trust_kernel(
 
 @triton.jit
 def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
-                       bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay,
+                       bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                        P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                        MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
-                       MASKED: tl.constexpr):
+                       HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     if MOMENTS_IN_PASS_1:
         m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
         v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+        if HAS_GRAD_SCALE:  # leave the unscaled gradient in memory, as the other kernels
+            g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED) * inv_scale
+            _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     else:
-        m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2,
-                             G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, MASKED)
+        m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
+                             G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True, MASKED)
         _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
         _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
     u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
@@ -157,10 +176,11 @@ def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
 @triton.jit
 def _lamb_update_kernel(
     # tables as _lamb_norms_kernel; trust ratios of all slots [N]
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr,
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr, inv_scale_ptr,
     beta1_weight, beta2, one_minus_beta2, weight_decay,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
     row = ptrs_ptr + slot * 3
@@ -174,18 +194,23 @@ def _lamb_update_kernel(
     eps = tl.load(scal + 2)
     step = tl.load(scal + 3)
     trust = tl.load(trust_ptr + slot)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = 1.0  # unused
     if full:
         _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
-                           bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay,
-                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, False)
+                           bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
+                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
         _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
-                           bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay,
-                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, True)
+                           bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
+                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
 
-def lamb_triton(params, grads, states, mults, hp) -> None:
-    """The functional LAMB step of the "triton" backend (signature of lamb_reference)."""
+def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+    """The functional LAMB step of the "triton" backend (signature of lamb_reference; with
+    ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
     roles = ["param", "exp_avg", "exp_avg_sq"]
@@ -201,6 +226,7 @@ def lamb_triton(params, grads, states, mults, hp) -> None:
     scalars[:, _EPS] = hp.eps * mult[:, 2]
     scalars[:, _STEP] = -hp.lr * mult[:, 0]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+    inv_scale = plan.inv_scale_arg(inv_grad_scale)
 
     partials = torch.empty(max(plan.n_chunks, 1), 2, dtype=torch.float32, device=plan.device)
     trust = torch.ones(plan.n, dtype=torch.float32, device=plan.device)
@@ -213,12 +239,12 @@ def lamb_triton(params, grads, states, mults, hp) -> None:
             meta = dict(
                 P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
                 MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
-                BLOCK=_common.BLOCK,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
             )
             _common.launch(
                 _lamb_norms_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, partials[launch.c0:launch.c0 + launch.n_chunks],
-                *shared, **meta,
+                inv_scale, *shared, **meta,
             )
             _common.launch(
                 _lamb_trust_kernel, (launch.s1 - launch.s0,),
@@ -228,6 +254,6 @@ def lamb_triton(params, grads, states, mults, hp) -> None:
             )
             _common.launch(
                 _lamb_update_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale,
                 *shared, **meta,
             )

@@ -9,6 +9,7 @@ compute::
     hessian:  h = b2*h + (1-b2)*g*g
 
 Bytes per element (fp32): step reads p g m h and writes p m: 24; Hessian EMA reads g h, writes h: 12.
+With a GradScaler scale (either kernel) the unscaled gradient is stored back (see _common): +4.
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ _NUM_SCALARS = 2
 @triton.jit
 def _sophia_chunk(
     p_addr, g_addr, m_addr, h_addr, offs, mask,
-    decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor,
+    decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, H_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
     h = _load(h_addr, offs, mask, H_BF16, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+        _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
     p = p * decay
@@ -50,13 +54,14 @@ def _sophia_chunk(
 @triton.jit
 def _sophia_kernel(
     # tables (see _common): static addresses [N, 3] (p, m, h), per-step gradient addresses [N],
-    # per-step scalars [N, 2], sizes [N], this launch's chunks [C, 2]
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr,
+    # per-step scalars [N, 2], sizes [N], this launch's chunks [C, 2]; 1/grad scale [1] (read
+    # only when HAS_GRAD_SCALE)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
     # hyperparameters shared by all tensors
     beta1, one_minus_beta1, rho_bs, hessian_floor,
     # storage dtypes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, H_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
     row = ptrs_ptr + slot * 3
@@ -66,44 +71,59 @@ def _sophia_kernel(
     g_addr = tl.load(grad_ptrs_ptr + slot)
     decay = tl.load(scalars_ptr + slot * 2)
     step = tl.load(scalars_ptr + slot * 2 + 1)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = 1.0  # unused
     if full:
         _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask,
-                      decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor,
-                      P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, False)
+                      decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
+                      P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
         _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask,
-                      decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor,
-                      P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, True)
+                      decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
+                      P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
 
 @triton.jit
-def _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2,
+def _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, inv_scale,
                           G_BF16: tl.constexpr, H_BF16: tl.constexpr, ALIGNED: tl.constexpr,
-                          MASKED: tl.constexpr):
+                          HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     h = _load(h_addr, offs, mask, H_BF16, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+        _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     _store(h_addr, offs, h * beta2 + one_minus_beta2 * g * g, mask, H_BF16, ALIGNED, MASKED)
 
 
 @triton.jit
 def _sophia_hessian_kernel(
     # tables (see _common): static addresses [N, 1] (h), per-step gradient addresses [N],
-    # sizes [N], this launch's chunks [C, 2]
-    ptrs_ptr, grad_ptrs_ptr, numel_ptr, chunks_ptr,
+    # sizes [N], this launch's chunks [C, 2]; 1/grad scale [1] (read only when HAS_GRAD_SCALE)
+    ptrs_ptr, grad_ptrs_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
     beta2, one_minus_beta2,
-    G_BF16: tl.constexpr, H_BF16: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    G_BF16: tl.constexpr, H_BF16: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
     h_addr = tl.load(ptrs_ptr + slot)
     g_addr = tl.load(grad_ptrs_ptr + slot)
-    if full:
-        _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, G_BF16, H_BF16, ALIGNED, False)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
     else:
-        _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, G_BF16, H_BF16, ALIGNED, True)
+        inv_scale = 1.0  # unused
+    if full:
+        _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, inv_scale,
+                              G_BF16, H_BF16, ALIGNED, HAS_GRAD_SCALE, False)
+    else:
+        _sophia_hessian_chunk(g_addr, h_addr, offs, mask, beta2, one_minus_beta2, inv_scale,
+                              G_BF16, H_BF16, ALIGNED, HAS_GRAD_SCALE, True)
 
 
-def sophia_triton(params, grads, states, mults, hp) -> None:
-    """The functional SophiaG step of the "triton" backend (signature of sophia_reference)."""
+def sophia_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+    """The functional SophiaG step of the "triton" backend (signature of sophia_reference; with
+    ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
     roles = ["param", "exp_avg", "hessian"]
@@ -116,6 +136,7 @@ def sophia_triton(params, grads, states, mults, hp) -> None:
     scalars[:, _DECAY] = 1 - hp.lr * hp.weight_decay * mult[:, 1]
     scalars[:, _STEP] = -hp.lr * mult[:, 0]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
+    inv_scale = plan.inv_scale_arg(inv_grad_scale)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -124,15 +145,17 @@ def sophia_triton(params, grads, states, mults, hp) -> None:
             p16, m16, h16, g16 = launch.bf16
             _common.launch(
                 _sophia_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
                 hp.beta1, 1.0 - hp.beta1, hp.rho * hp.bs, HESSIAN_FLOOR,
                 P_BF16=p16, G_BF16=g16, M_BF16=m16, H_BF16=h16,
-                MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned, BLOCK=_common.BLOCK,
+                MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
             )
 
 
-def sophia_hessian_triton(params, grads, states, mults, hp) -> None:
-    """The Hessian EMA of the "triton" backend (signature of sophia_hessian_reference)."""
+def sophia_hessian_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+    """The Hessian EMA of the "triton" backend (signature of sophia_hessian_reference; with
+    ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
     hessians = [st["hessian"] for st in states]
@@ -140,6 +163,7 @@ def sophia_hessian_triton(params, grads, states, mults, hp) -> None:
         _common.fail("sophia_hessian", f"{len(hessians)} states for {len(params)} parameters")
     plan = _common.plan_for("sophia_hessian", ["hessian"], [hessians], grads)
     grad_ptrs, _, grads_aligned = plan.upload(grads, None)
+    inv_scale = plan.inv_scale_arg(inv_grad_scale)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -148,7 +172,8 @@ def sophia_hessian_triton(params, grads, states, mults, hp) -> None:
             h16, g16 = launch.bf16
             _common.launch(
                 _sophia_hessian_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, plan.numel, launch.chunks,
+                plan.ptrs, grad_ptrs, plan.numel, launch.chunks, inv_scale,
                 hp.beta2, 1.0 - hp.beta2,
-                G_BF16=g16, H_BF16=h16, ALIGNED=launch.aligned and grads_aligned, BLOCK=_common.BLOCK,
+                G_BF16=g16, H_BF16=h16, ALIGNED=launch.aligned and grads_aligned,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
             )
