@@ -1,0 +1,215 @@
+"""Muon's "triton" backend: fused momentum, batched Triton Newton–Schulz, fused decay + update.
+
+Computes what :func:`mupopt.optim.muon.muon_reference` computes::
+
+    B = lerp(B, g, 1-mu) ;  u = lerp(g, B, mu) if nesterov else B       _muon_momentum_kernel
+    O = NS(u)   (same-shape matrices stacked: one batched NS per shape)  newton_schulz_triton
+    p *= 1 - lr*wd*wd_mult ;  p -= lr*lr_mult*shape_factor * O           _muon_update_kernel
+
+Launches per step: per group of same-shape matrices (same storage dtypes), one momentum launch,
+the NS launches (1 + 3 per iteration, the whole stack in each) and one update launch; a
+GPT-2-small list (4 distinct shapes) is therefore 4 * (2 + 16) = 72 launches per step whatever
+the number of layers. The momentum kernel writes ``u`` straight into the NS input stack in the
+NS dtype (bf16: the cast torch does in ``newton_schulz``), so stacking costs no extra pass.
+
+Traversal: the elementwise kernels do not use ``_common``'s multi-tensor chunk tables; the
+tensors of one launch all have one shape, so a 2-D grid (chunk, matrix) with one per-step table
+of addresses and scalars is the whole traversal, and the launch count is set by the NS stacks
+anyway. The per-element math reuses ``_common``'s device helpers (``_load``/``_store``: fp32
+math, round-to-nearest-even bf16 stores, ``_lerp``: ATen's lerp formula).
+
+``ns_dtype``: bfloat16 and float32 run the Triton NS; float64 (a debugging option) runs
+``linalg.newton_schulz`` in torch and rounds O to float32 for the update (the reference adds the
+float64 O to the float32 parameter: within a float32 rounding of this).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ... import backends
+from ...linalg import newton_schulz
+from ...optim.muon import matrix_view, shape_factor
+from . import newton_schulz as ns
+
+_jit = ns.DeferredJit(globals())
+# Bound by _jit.build() (see DeferredJit): triton.language and the device functions these
+# kernels call. Placeholders until then, so that the names are defined for readers and linters.
+tl = _load = _store = _lerp = _to_storage = None
+
+PRIORITY = 10
+# Elements per program of the elementwise kernels (same reasoning as _common.BLOCK: 4096 fp32
+# with 8 warps is 16 per thread, four 16-byte accesses per operand).
+BLOCK = 4096
+NUM_WARPS = 8
+_ALIGNMENT = 16
+# Per-tensor rows of the per-step table: addresses (g, buf, p), then two fp32 scalars
+# (decay, step) bit-packed into one int64.
+_ROW = 4
+
+
+@_jit
+def _muon_momentum_kernel(
+    # per-step table [k, 4] int64: g, buf addresses (p and the scalars unused here);
+    # output u stack (k, numel) in the NS dtype
+    table_ptr, u_ptr,
+    numel, one_minus_mu, mu,
+    G_BF16: tl.constexpr, BUF_BF16: tl.constexpr, U_BF16: tl.constexpr, NESTEROV: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # numel is specialised on divisibility by 16, so the mask stays vectorisable.
+    mask = offs < numel
+    row = table_ptr + b * 4
+    g_addr = tl.load(row)
+    buf_addr = tl.load(row + 1)
+    g = _load(g_addr, offs, mask, G_BF16, ALIGNED, True)
+    buf = _load(buf_addr, offs, mask, BUF_BF16, ALIGNED, True)
+    buf = _lerp(buf, g, one_minus_mu)
+    _store(buf_addr, offs, buf, mask, BUF_BF16, ALIGNED, True)
+    if NESTEROV:
+        u = _lerp(g, buf, mu)  # from the fp32 buffer, before its storage rounding (as torch)
+    else:
+        u = buf
+    tl.store(u_ptr + b.to(tl.int64) * numel + offs, _to_storage(u, U_BF16), mask=mask)
+
+
+@_jit
+def _muon_update_kernel(
+    # per-step table [k, 4] int64: p address in column 2, (decay, step) fp32 pair in column 3
+    # (read through scal_ptr, the same memory viewed as fp32 [k, 8]); O stack (k, numel) in the
+    # NS dtype
+    table_ptr, scal_ptr, o_ptr,
+    numel,
+    P_BF16: tl.constexpr, O_BF16: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    row = table_ptr + b * 4
+    p_addr = tl.load(row + 2)
+    decay = tl.load(scal_ptr + b * 8 + 6)
+    step = tl.load(scal_ptr + b * 8 + 7)
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, True)
+    o = tl.load(o_ptr + b.to(tl.int64) * numel + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p * decay
+    p = p + step * o
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, True)
+
+
+def build() -> None:
+    ns.build()
+    _jit.build(ns.device_helpers)
+
+
+def _fail(message: str) -> None:
+    raise RuntimeError(f"backend 'triton' cannot step these muon tensors: {message}")
+
+
+def _check(params, grads, states) -> None:
+    if not (len(params) == len(grads) == len(states)):
+        _fail(f"{len(params)} params, {len(grads)} gradients, {len(states)} states")
+    device = params[0].device
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        buf = st["momentum_buffer"]
+        if p.device != device:
+            _fail(f"param {i} is on {p.device}, param 0 on {device} (one device per call)")
+        if p.dtype not in ns.SUPPORTED_DTYPES or not p.is_contiguous() or p.ndim < 2:
+            _fail(f"param {i} (shape {tuple(p.shape)}, {p.dtype}) must be a contiguous fp32/bf16 matrix")
+        for role, t in (("gradient", g), ("momentum_buffer", buf)):
+            if t.shape != p.shape:
+                _fail(f"{role} {i} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+            if t.device != p.device:
+                _fail(f"{role} {i} is on {t.device}, its parameter on {p.device}")
+            if t.dtype not in ns.SUPPORTED_DTYPES:
+                _fail(f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16")
+            if not t.is_contiguous():
+                _fail(f"{role} {i} (shape {tuple(t.shape)}) is not contiguous")
+
+
+def muon_triton(params, grads, states, mults, hp) -> None:
+    """The functional Muon step of the "triton" backend (signature of muon_reference)."""
+    if not params:
+        return
+    _check(params, grads, states)
+    build()
+    from . import _common
+
+    device = params[0].device
+    bufs = [st["momentum_buffer"] for st in states]
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        key = (tuple(matrix_view(p).shape), p.dtype, grads[i].dtype, bufs[i].dtype)
+        groups.setdefault(key, []).append(i)
+    order = [i for idx in groups.values() for i in idx]
+
+    # One per-step table for all groups (one host-to-device copy): addresses and the two fp32
+    # scalars of every tensor, formed in float64 as the reference forms them, rounded once.
+    scal = torch.empty(len(order), 2, dtype=torch.float32)
+    table = torch.empty(len(order), _ROW, dtype=torch.int64)
+    for r, i in enumerate(order):
+        rows, cols = matrix_view(params[i]).shape
+        m = mults[i]
+        scal[r, 0] = 1 - hp.lr * hp.weight_decay * m.wd
+        scal[r, 1] = -hp.lr * m.lr * shape_factor(hp.adjust_lr_fn, rows, cols)
+        table[r, 0] = grads[i].data_ptr()
+        table[r, 1] = bufs[i].data_ptr()
+        table[r, 2] = params[i].data_ptr()
+    table[:, 3] = scal.view(torch.int64).reshape(-1)
+    aligned = bool((table[:, :3] % _ALIGNMENT == 0).all())
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+
+    ns_dtype = hp.ns_dtype
+    u_dtype = ns_dtype if ns_dtype in ns.SUPPORTED_DTYPES else torch.float32
+    with ns._device_guard(params[0]):
+        first = 0
+        for (shape, p_dtype, g_dtype, b_dtype), idx in groups.items():
+            k = len(idx)
+            rows_tab = table[first:first + k]
+            first += k
+            numel = shape[0] * shape[1]
+            if numel == 0:
+                continue
+            grid = (-(-numel // BLOCK), k)
+            U = torch.empty((k, *shape), dtype=u_dtype, device=device)
+            _common.launch(
+                _muon_momentum_kernel, grid,
+                rows_tab, U, numel, 1.0 - hp.momentum, hp.momentum,
+                G_BF16=g_dtype == torch.bfloat16, BUF_BF16=b_dtype == torch.bfloat16,
+                U_BF16=u_dtype == torch.bfloat16, NESTEROV=bool(hp.nesterov), ALIGNED=aligned, BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
+            if ns_dtype in ns.SUPPORTED_DTYPES:
+                O = ns.newton_schulz_triton(U, hp.ns_steps, hp.ns_coefficients, hp.eps, ns_dtype, check_finite=False)
+            else:
+                O = newton_schulz(U, hp.ns_steps, hp.ns_coefficients, hp.eps, ns_dtype, check_finite=False).float()
+            _common.launch(
+                _muon_update_kernel, grid,
+                rows_tab, rows_tab.view(torch.float32), O, numel,
+                P_BF16=p_dtype == torch.bfloat16, O_BF16=O.dtype == torch.bfloat16, ALIGNED=aligned, BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
+
+
+def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
+    """As the package's (CUDA, or CPU under TRITON_INTERPRET=1; fp32/bf16; contiguous), plus
+    Muon's need for matrices."""
+    from . import unsupported_reason as common_reason
+
+    reason = common_reason(tensors)
+    if reason is not None:
+        return reason
+    for i, t in enumerate(tensors):
+        if t.ndim < 2:
+            return f"tensor {i} has shape {tuple(t.shape)}; Muon steps matrices (ndim >= 2)"
+    return None
+
+
+def register() -> None:
+    """Register backend "triton" for the registry name "muon" (idempotent)."""
+    if "triton" not in backends.names("muon"):
+        backends.register(backends.Backend("muon", "triton", muon_triton, priority=PRIORITY,
+                                           unsupported_reason=unsupported_reason))
