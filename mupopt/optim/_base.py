@@ -36,7 +36,7 @@ This class honours both for every optimizer and backend, as torch's fused AdamW 
 
 ``SophiaG.update_hessian`` runs through the same ``_run`` and honours both attributes when they
 are set, but GradScaler sets them only around ``step()``: a scaled GNB backward needs them set by
-hand (``opt.grad_scale = scaler.get_scale()`` as a tensor, ``opt.found_inf``) or an unscaled one.
+hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscaled backward.
 """
 from __future__ import annotations
 

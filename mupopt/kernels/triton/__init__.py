@@ -215,11 +215,19 @@ def _define_ops() -> None:
 
 
 def _step_fn(name: str):
-    """The registry function of ``name``: flattens its arguments into one custom-op call."""
+    """The registry function of ``name``: in eager mode the kernel function itself; while
+    torch.compile traces, one custom-op call with flattened arguments.
+
+    Eager calls skip the op: flattening, the dispatcher and rebuilding the dicts double the host
+    cost of a step (measured with the kernels stubbed out, 1 CPU thread: 1000 tensors 5.2 ms
+    direct, 10.9 ms through the op), and eager code gains nothing from the op."""
     written, read, _, counts_steps = _OP_SPECS[name]
 
     def step(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
         if not grads:
+            return
+        if not torch.compiler.is_compiling():
+            _kernel(name)[0](params, grads, states, mults, hp, inv_grad_scale)
             return
         first = states[0]
         # Keys every state has (AdamW's max_exp_avg_sq exists with amsgrad only).
