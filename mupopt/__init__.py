@@ -1,6 +1,7 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
 from .mup import MupError, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
+from .kernels import cpp as _cpp_kernels
 from .kernels import triton as _triton_kernels
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
 from .kernels.triton import muon as _triton_muon  # noqa: E402  (needs .optim)
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 _triton_kernels.register()
 _triton_muon.register()
 _triton_shampoo.register()
+_cpp_kernels.register()
 
 __all__ = [
     "ADOPT",

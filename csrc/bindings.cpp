@@ -1,0 +1,230 @@
+// TORCH_LIBRARY(mupopt): the op schemas (with their mutation annotations) and the CPU kernels.
+// bindings_cuda.cpp adds the CUDA kernels of the same ops when the CUDA library is built.
+//
+// Every op takes whole tensor lists (one call per param group). The optimizer ops take each
+// tensor's step count and muP multipliers and form its scalars themselves (csrc/prepare.h: the
+// reference's expressions in float64, rounded once); uniform hyperparameters are plain floats.
+//
+// GradScaler: ``grad_scale`` (the loss scale; gradients are multiplied by 1/scale inside the
+// kernel, as GradScaler.unscale_ does) and ``found_inf`` (nonzero: the call changes nothing, the
+// step counts included) are optional float32 tensors with one element on the tensors' device.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/ops.h"
+#include "prepare.h"
+#include "table.h"
+
+namespace mupopt {
+namespace binding {
+namespace {
+
+using at::ArrayRef;
+using at::Tensor;
+using at::TensorList;
+using OptTensor = c10::optional<at::Tensor>;
+
+// The avx2+fma loops when this CPU has both and ATen also uses its AVX2/AVX512 kernels, whose
+// lerp/add(alpha)/addcmul round once (see csrc/cpu/driver.h). ATen decides with the same cpuid
+// bits and the same environment variable.
+bool cpu_use_fma() {
+#if MUPOPT_CPU_X86_DISPATCH
+  static const bool use = [] {
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env != nullptr && (std::strcmp(env, "default") == 0 || std::strcmp(env, "DEFAULT") == 0)) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return use;
+#else
+  return true;
+#endif
+}
+
+cpu::Args cpu_args(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
+                   const OptTensor& found_inf) {
+  cpu::Args a;
+  a.grad.grad_scale = optional_scalar(op, "grad_scale", grad_scale, t.device);
+  a.grad.found_inf = optional_scalar(op, "found_inf", found_inf, t.device);
+  a.grad.sign = maximize ? -1.0f : 1.0f;
+  a.num_threads = at::get_num_threads();
+  a.use_fma = cpu_use_fma();
+  return a;
+}
+
+cpu::Launch launch_of(Table& t, const Group& g) {
+  return cpu::Launch{t.rows.data() + g.begin, g.n_rows, g.n_chunks, g.param, g.grad};
+}
+
+void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList max_exp_avg_sqs, TensorList state_steps, ArrayRef<double> lr_mults,
+               ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
+               double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
+               const OptTensor& found_inf) {
+  Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
+                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCpuChunk);
+  const cpu::Args a = cpu_args("adamw_", t, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return;
+  bump_steps(state_steps);
+  const AdamWHyper h = make_adamw_hyper(beta1, beta2);
+  for (const Group& g : t.groups) cpu::adamw(launch_of(t, g), h, amsgrad, a);
+}
+
+void adopt_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
+               ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
+               bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
+                          weight_decay, eps, kCpuChunk);
+  const cpu::Args a = cpu_args("adopt_", t, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return;
+  bump_steps(state_steps);
+  const AdoptHyper h = make_adopt_hyper(beta1, beta2);
+  for (const Group& g : t.groups) cpu::adopt(launch_of(t, g), h, g.variant == 0, a);
+}
+
+void lamb_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+              TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr, double beta1,
+              double beta2, double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
+              const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
+                         eps, kCpuChunk);
+  const cpu::Args a = cpu_args("lamb_", t, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return;
+  bump_steps(state_steps);
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for (const Group& g : t.groups) cpu::lamb(launch_of(t, g), h, a);
+}
+
+void sophia_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList state_steps,
+                ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr, double beta1, double rho, double bs,
+                double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
+                           kCpuChunk);
+  const cpu::Args a = cpu_args("sophia_", t, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return;
+  bump_steps(state_steps);
+  const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);  // rho*bs: the reference's float64 product
+  for (const Group& g : t.groups) cpu::sophia(launch_of(t, g), h, a);
+}
+
+void sophia_hessian_cpu(TensorList grads, TensorList hessians, double beta2, const OptTensor& grad_scale,
+                        const OptTensor& found_inf) {
+  Table t = make_table("sophia_hessian_",
+                       {Stream{}, Stream{grads, "grads"}, Stream{hessians, "hessians"}, Stream{}, Stream{}}, nullptr,
+                       0, kCpuChunk);
+  const cpu::Args a = cpu_args("sophia_hessian_", t, false, grad_scale, found_inf);
+  const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
+  for (const Group& g : t.groups) cpu::sophia_hessian(launch_of(t, g), h, a);
+}
+
+void muon_momentum_cpu(TensorList grads, TensorList momentum_buffers, TensorList updates, double momentum,
+                       bool nesterov, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = make_table("muon_momentum_",
+                       {Stream{updates, "updates"}, Stream{grads, "grads"},
+                        Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
+                       nullptr, 0, kCpuChunk);
+  const cpu::Args a = cpu_args("muon_momentum_", t, false, grad_scale, found_inf);
+  const MuonHyper h = make_muon_hyper(momentum, nesterov);
+  for (const Group& g : t.groups) cpu::muon_momentum(launch_of(t, g), h, a);
+}
+
+void muon_update_cpu(TensorList params, TensorList orthos, const Tensor& scalars, const OptTensor& found_inf) {
+  Table t = make_table("muon_update_",
+                       {Stream{params, "params"}, Stream{orthos, "orthos"}, Stream{}, Stream{}, Stream{}},
+                       scalar_table("muon_update_", scalars, params.size(), MuonScalars::kCount), MuonScalars::kCount,
+                       kCpuChunk);
+  const cpu::Args a = cpu_args("muon_update_", t, false, c10::nullopt, found_inf);
+  for (const Group& g : t.groups) cpu::muon_update(launch_of(t, g), a);
+}
+
+void shampoo_graft_cpu(TensorList grads, TensorList exp_avg_sqs, TensorList adam_directions, const Tensor& scalars,
+                       double beta2, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = make_table("shampoo_graft_",
+                       {Stream{adam_directions, "adam_directions"}, Stream{grads, "grads"},
+                        Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}, Stream{}},
+                       scalar_table("shampoo_graft_", scalars, grads.size(), ShampooGraftScalars::kCount),
+                       ShampooGraftScalars::kCount, kCpuChunk);
+  const cpu::Args a = cpu_args("shampoo_graft_", t, false, grad_scale, found_inf);
+  const ShampooHyper h = make_shampoo_hyper(0.0, beta2);
+  for (const Group& g : t.groups) cpu::shampoo_graft(launch_of(t, g), h, a);
+}
+
+void shampoo_update_cpu(TensorList params, TensorList directions, TensorList momentum_buffers, const Tensor& scalars,
+                        double beta1, const OptTensor& found_inf) {
+  Table t = make_table("shampoo_update_",
+                       {Stream{params, "params"}, Stream{directions, "directions"},
+                        Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
+                       scalar_table("shampoo_update_", scalars, params.size(), ShampooUpdateScalars::kCount),
+                       ShampooUpdateScalars::kCount, kCpuChunk);
+  const cpu::Args a = cpu_args("shampoo_update_", t, false, c10::nullopt, found_inf);
+  const ShampooHyper h = make_shampoo_hyper(beta1, 0.0);
+  for (const Group& g : t.groups) cpu::shampoo_update(launch_of(t, g), h, a);
+}
+
+// Which loops this CPU build runs ("avx2+fma" or "plain"): for tests and benchmarks.
+std::string cpu_isa() { return cpu_use_fma() ? (MUPOPT_CPU_X86_DISPATCH ? "avx2+fma" : "fma") : "plain"; }
+
+}  // namespace
+}  // namespace binding
+}  // namespace mupopt
+
+TORCH_LIBRARY(mupopt, m) {
+  // Optimizer steps, one call per param group. Per tensor: its state's "step" (a float32 CPU
+  // scalar, incremented here) and its muP multipliers; the op forms each tensor's scalars
+  // (csrc/prepare.h). Mutated: params, the states, the steps.
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float[] lr_mults, float[] wd_mults, "
+      "float[] eps_mults, *, float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, *, float lr, "
+      "float beta1, float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
+      "Tensor(c!)[] state_steps, float[] lr_mults, float[] wd_mults, *, float lr, float beta1, float rho, "
+      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "sophia_hessian_(Tensor[] grads, Tensor(a!)[] hessians, *, float beta2, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  // Elementwise parts of Muon and Shampoo (no backend uses them yet); per-tensor scalars as a
+  // float32 CPU table [N, K], columns as the *Scalars enums of muon.h / shampoo.h.
+  m.def(
+      "muon_momentum_(Tensor[] grads, Tensor(a!)[] momentum_buffers, Tensor(b!)[] updates, *, float momentum, "
+      "bool nesterov, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def("muon_update_(Tensor(a!)[] params, Tensor[] orthos, Tensor scalars, *, Tensor? found_inf=None) -> ()");
+  m.def(
+      "shampoo_graft_(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, Tensor(b!)[] adam_directions, Tensor scalars, *, "
+      "float beta2, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "shampoo_update_(Tensor(a!)[] params, Tensor[] directions, Tensor(b!)[] momentum_buffers, Tensor scalars, *, "
+      "float beta1, Tensor? found_inf=None) -> ()");
+  // Which CPU loops run here: "avx2+fma", "fma" (non-x86) or "plain" (tests, benchmarks).
+  m.def("cpu_isa() -> str", &mupopt::binding::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
+  using namespace mupopt::binding;
+  m.impl("adamw_", &adamw_cpu);
+  m.impl("adopt_", &adopt_cpu);
+  m.impl("lamb_", &lamb_cpu);
+  m.impl("sophia_", &sophia_cpu);
+  m.impl("sophia_hessian_", &sophia_hessian_cpu);
+  m.impl("muon_momentum_", &muon_momentum_cpu);
+  m.impl("muon_update_", &muon_update_cpu);
+  m.impl("shampoo_graft_", &shampoo_graft_cpu);
+  m.impl("shampoo_update_", &shampoo_update_cpu);
+}

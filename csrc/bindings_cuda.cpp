@@ -1,0 +1,222 @@
+// TORCH_LIBRARY_IMPL(mupopt, CUDA): the CUDA kernels of the ops defined in bindings.cpp.
+//
+// Per call: the launch table is built on the host (table.h), copied to the device with one
+// pinned, non-blocking copy (the caching host allocator keeps the pinned buffer until the copy
+// has run; the device copy is freed in stream order after the kernels that read it), then one
+// launch per dtype pair on the current stream. grad_scale and found_inf are read by the kernels
+// on the device; found_inf is also read once on the host (a sync, only when passed) because the
+// step counts it guards live on the host.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cuda/ops.h"
+#include "prepare.h"
+#include "table.h"
+
+namespace mupopt {
+namespace binding {
+namespace {
+
+using at::ArrayRef;
+using at::Tensor;
+using at::TensorList;
+using OptTensor = c10::optional<at::Tensor>;
+
+struct DeviceTable {
+  Table table;
+  Tensor rows;  // device copy of table.rows (bytes)
+
+  cuda::Launch launch(const Group& g) const {
+    auto* base = reinterpret_cast<TensorRow*>(rows.data_ptr());
+    return cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, g.param, g.grad};
+  }
+};
+
+DeviceTable upload(Table&& t) {
+  DeviceTable d{std::move(t), Tensor()};
+  if (d.table.rows.empty()) return d;
+  const int64_t bytes = static_cast<int64_t>(d.table.rows.size() * sizeof(TensorRow));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), d.table.rows.data(), static_cast<size_t>(bytes));
+  d.rows = host.to(*d.table.device, /*non_blocking=*/true);
+  return d;
+}
+
+GradArgs grad_args(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
+                   const OptTensor& found_inf) {
+  GradArgs ga;
+  ga.grad_scale = optional_scalar(op, "grad_scale", grad_scale, t.device);
+  ga.found_inf = optional_scalar(op, "found_inf", found_inf, t.device);
+  ga.sign = maximize ? -1.0f : 1.0f;
+  return ga;
+}
+
+template <class Fn>
+void for_each_group(const char* op, const DeviceTable& d, Fn&& fn) {
+  if (d.table.groups.empty()) return;
+  TORCH_CHECK(d.table.device->is_cuda(), op, ": CUDA kernel called with tensors on ", d.table.device->str());
+  c10::cuda::CUDAGuard guard(*d.table.device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (const Group& g : d.table.groups) C10_CUDA_CHECK(fn(d.launch(g), g, stream));
+}
+
+// found_inf decides whether the host-side step counts move, so it is read here: one
+// device-to-host copy, only when a found_inf tensor is passed.
+bool found_inf_set(const OptTensor& found_inf) {
+  return found_inf.has_value() && found_inf->defined() && found_inf->item<float>() != 0.0f;
+}
+
+void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList max_exp_avg_sqs, TensorList state_steps, ArrayRef<double> lr_mults,
+                ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
+                double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
+                const OptTensor& found_inf) {
+  Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
+                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCudaChunk);
+  const GradArgs ga = grad_args("adamw_", t, maximize, grad_scale, found_inf);
+  if (found_inf_set(found_inf)) return;
+  bump_steps(state_steps);
+  DeviceTable d = upload(std::move(t));
+  const AdamWHyper h = make_adamw_hyper(beta1, beta2);
+  for_each_group("adamw_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::adamw(l, h, amsgrad, ga, s);
+  });
+}
+
+void adopt_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
+                ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
+                bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
+                          weight_decay, eps, kCudaChunk);
+  const GradArgs ga = grad_args("adopt_", t, maximize, grad_scale, found_inf);
+  if (found_inf_set(found_inf)) return;
+  bump_steps(state_steps);
+  DeviceTable d = upload(std::move(t));
+  const AdoptHyper h = make_adopt_hyper(beta1, beta2);
+  for_each_group("adopt_", d, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+    return cuda::adopt(l, h, g.variant == 0, ga, s);
+  });
+}
+
+void lamb_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+               TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr, double beta1,
+               double beta2, double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
+               const OptTensor& grad_scale, const OptTensor& found_inf) {
+  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
+                         eps, kCudaChunk);
+  const GradArgs ga = grad_args("lamb_", t, maximize, grad_scale, found_inf);
+  if (found_inf_set(found_inf)) return;
+  bump_steps(state_steps);
+  DeviceTable d = upload(std::move(t));
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for_each_group("lamb_", d, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+    Tensor partials =
+        at::empty({g.n_chunks * kMaxReduce}, at::TensorOptions().dtype(at::kDouble).device(*d.table.device));
+    return cuda::lamb(l, h, ga, partials.data_ptr<double>(), s);
+  });
+}
+
+void sophia_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
+                 TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr,
+                 double beta1, double rho, double bs, double weight_decay, bool maximize, const OptTensor& grad_scale,
+                 const OptTensor& found_inf) {
+  Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
+                           kCudaChunk);
+  const GradArgs ga = grad_args("sophia_", t, maximize, grad_scale, found_inf);
+  if (found_inf_set(found_inf)) return;
+  bump_steps(state_steps);
+  DeviceTable d = upload(std::move(t));
+  const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);
+  for_each_group("sophia_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::sophia(l, h, ga, s);
+  });
+}
+
+void sophia_hessian_cuda(TensorList grads, TensorList hessians, double beta2, const OptTensor& grad_scale,
+                         const OptTensor& found_inf) {
+  DeviceTable d = upload(make_table("sophia_hessian_",
+                                    {Stream{}, Stream{grads, "grads"}, Stream{hessians, "hessians"}, Stream{}, Stream{}},
+                                    nullptr, 0, kCudaChunk));
+  const GradArgs ga = grad_args("sophia_hessian_", d.table, false, grad_scale, found_inf);
+  const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
+  for_each_group("sophia_hessian_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::sophia_hessian(l, h, ga, s);
+  });
+}
+
+void muon_momentum_cuda(TensorList grads, TensorList momentum_buffers, TensorList updates, double momentum,
+                        bool nesterov, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  DeviceTable d = upload(make_table("muon_momentum_",
+                                    {Stream{updates, "updates"}, Stream{grads, "grads"},
+                                     Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
+                                    nullptr, 0, kCudaChunk));
+  const GradArgs ga = grad_args("muon_momentum_", d.table, false, grad_scale, found_inf);
+  const MuonHyper h = make_muon_hyper(momentum, nesterov);
+  for_each_group("muon_momentum_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::muon_momentum(l, h, ga, s);
+  });
+}
+
+void muon_update_cuda(TensorList params, TensorList orthos, const Tensor& scalars, const OptTensor& found_inf) {
+  DeviceTable d = upload(make_table("muon_update_",
+                                    {Stream{params, "params"}, Stream{orthos, "orthos"}, Stream{}, Stream{}, Stream{}},
+                                    scalar_table("muon_update_", scalars, params.size(), MuonScalars::kCount),
+                                    MuonScalars::kCount, kCudaChunk));
+  const GradArgs ga = grad_args("muon_update_", d.table, false, c10::nullopt, found_inf);
+  for_each_group("muon_update_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::muon_update(l, ga, s);
+  });
+}
+
+void shampoo_graft_cuda(TensorList grads, TensorList exp_avg_sqs, TensorList adam_directions, const Tensor& scalars,
+                        double beta2, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  DeviceTable d = upload(make_table("shampoo_graft_",
+                                    {Stream{adam_directions, "adam_directions"}, Stream{grads, "grads"},
+                                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}, Stream{}},
+                                    scalar_table("shampoo_graft_", scalars, grads.size(), ShampooGraftScalars::kCount),
+                                    ShampooGraftScalars::kCount, kCudaChunk));
+  const GradArgs ga = grad_args("shampoo_graft_", d.table, false, grad_scale, found_inf);
+  const ShampooHyper h = make_shampoo_hyper(0.0, beta2);
+  for_each_group("shampoo_graft_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::shampoo_graft(l, h, ga, s);
+  });
+}
+
+void shampoo_update_cuda(TensorList params, TensorList directions, TensorList momentum_buffers, const Tensor& scalars,
+                         double beta1, const OptTensor& found_inf) {
+  DeviceTable d = upload(make_table("shampoo_update_",
+                                    {Stream{params, "params"}, Stream{directions, "directions"},
+                                     Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
+                                    scalar_table("shampoo_update_", scalars, params.size(),
+                                                 ShampooUpdateScalars::kCount),
+                                    ShampooUpdateScalars::kCount, kCudaChunk));
+  const GradArgs ga = grad_args("shampoo_update_", d.table, false, c10::nullopt, found_inf);
+  const ShampooHyper h = make_shampoo_hyper(beta1, 0.0);
+  for_each_group("shampoo_update_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::shampoo_update(l, h, ga, s);
+  });
+}
+
+}  // namespace
+}  // namespace binding
+}  // namespace mupopt
+
+TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
+  using namespace mupopt::binding;
+  m.impl("adamw_", &adamw_cuda);
+  m.impl("adopt_", &adopt_cuda);
+  m.impl("lamb_", &lamb_cuda);
+  m.impl("sophia_", &sophia_cuda);
+  m.impl("sophia_hessian_", &sophia_hessian_cuda);
+  m.impl("muon_momentum_", &muon_momentum_cuda);
+  m.impl("muon_update_", &muon_update_cuda);
+  m.impl("shampoo_graft_", &shampoo_graft_cuda);
+  m.impl("shampoo_update_", &shampoo_update_cuda);
+}

@@ -1,0 +1,29 @@
+// Entry points of the CPU kernels (free of torch headers): one call per launch, i.e. per
+// dtype pair (and, for ADOPT, per first-step / later-step split). Each returns at once when
+// args.grad.found_inf is set.
+#pragma once
+
+#include "driver.h"
+#include "mupopt/adamw.h"
+#include "mupopt/adopt.h"
+#include "mupopt/lamb.h"
+#include "mupopt/muon.h"
+#include "mupopt/shampoo.h"
+#include "mupopt/sophia.h"
+
+namespace mupopt {
+namespace cpu {
+
+void adamw(const Launch& l, const AdamWHyper& h, bool amsgrad, const Args& a);
+void adopt(const Launch& l, const AdoptHyper& h, bool first_step, const Args& a);
+// Both passes and the trust ratios; writes each row's LambScalars::kTrust.
+void lamb(const Launch& l, const LambHyper& h, const Args& a);
+void sophia(const Launch& l, const SophiaHyper& h, const Args& a);
+void sophia_hessian(const Launch& l, const SophiaHyper& h, const Args& a);
+void muon_momentum(const Launch& l, const MuonHyper& h, const Args& a);
+void muon_update(const Launch& l, const Args& a);
+void shampoo_graft(const Launch& l, const ShampooHyper& h, const Args& a);
+void shampoo_update(const Launch& l, const ShampooHyper& h, const Args& a);
+
+}  // namespace cpu
+}  // namespace mupopt

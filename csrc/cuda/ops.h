@@ -1,0 +1,43 @@
+// Launchers of the CUDA kernels: raw device pointers and a stream, no torch headers, so nvcc
+// can compile csrc/cuda/ on a machine without a CUDA build of torch (tests/test_csrc_compiles.py).
+// Each returns the launch's cudaError_t and does nothing when the call's found_inf is set (the
+// kernels read it on the device: no host synchronisation).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "mupopt/adamw.h"
+#include "mupopt/adopt.h"
+#include "mupopt/lamb.h"
+#include "mupopt/multi_tensor.h"
+#include "mupopt/muon.h"
+#include "mupopt/shampoo.h"
+#include "mupopt/sophia.h"
+
+namespace mupopt {
+namespace cuda {
+
+// One launch: `rows` is a device copy of n_rows table rows sharing one dtype pair, first_chunk
+// counted from 0 in kCudaChunk units.
+struct Launch {
+  TensorRow* rows;
+  int n_rows;
+  int64_t n_chunks;
+  DType param;
+  DType grad;
+};
+
+cudaError_t adamw(const Launch& l, const AdamWHyper& h, bool amsgrad, const GradArgs& ga, cudaStream_t stream);
+cudaError_t adopt(const Launch& l, const AdoptHyper& h, bool first_step, const GradArgs& ga, cudaStream_t stream);
+// Norm pass, per-tensor trust ratios (written into the device rows' kTrust), update pass.
+// partials: device buffer of 2 * l.n_chunks doubles.
+cudaError_t lamb(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials, cudaStream_t stream);
+cudaError_t sophia(const Launch& l, const SophiaHyper& h, const GradArgs& ga, cudaStream_t stream);
+cudaError_t sophia_hessian(const Launch& l, const SophiaHyper& h, const GradArgs& ga, cudaStream_t stream);
+cudaError_t muon_momentum(const Launch& l, const MuonHyper& h, const GradArgs& ga, cudaStream_t stream);
+cudaError_t muon_update(const Launch& l, const GradArgs& ga, cudaStream_t stream);
+cudaError_t shampoo_graft(const Launch& l, const ShampooHyper& h, const GradArgs& ga, cudaStream_t stream);
+cudaError_t shampoo_update(const Launch& l, const ShampooHyper& h, const GradArgs& ga, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mupopt

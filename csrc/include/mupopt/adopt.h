@@ -1,0 +1,89 @@
+// ADOPT (Taniguchi et al. 2024, decoupled decay, clip s**0.25): per-element updates and Ops.
+//
+// s = the step count before increment (0 on the first call), per tensor:
+//   s == 0:  v = g*g                                          (AdoptInitOp; no parameter update)
+//   s >= 1:  p += (-lr*wd*wd_mult) * p
+//            n = clamp(g / max(sqrt(v), eps*eps_mult), -s**0.25, s**0.25)
+//            m = lerp(m, n, 1-b1) ;  p += (-lr*lr_mult) * m
+//            v = b2*v + (1-b2)*g*g                             (after v normalised g)
+//
+// Operation order of mupopt.optim.adopt.adopt_reference (torch-adopt): the decay is ATen's
+// add(p, p, alpha) = fma(p, alpha, p), the update add(p, m, alpha) = fma(m, alpha, p).
+// The caller splits a list into the tensors at s == 0 and the others (one launch each), so
+// the loops never branch on the step. Bytes per element (fp32): 28; the first step 12.
+#pragma once
+
+#include "common.h"
+
+namespace mupopt {
+
+struct AdoptScalars {
+  // kFirst: 1 when s == 0 (read by the caller to split the list, not by the kernels).
+  enum : int { kFirst = 0, kDecayAlpha = 1, kStepAlpha = 2, kEps = 3, kClip = 4, kCount = 5 };
+};
+
+struct AdoptHyper {
+  Lerp m_lerp;  // weight 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+};
+
+MUPOPT_HD inline AdoptHyper make_adopt_hyper(double beta1, double beta2) {
+  AdoptHyper h;
+  h.m_lerp = Lerp::make(static_cast<float>(1.0 - beta1));
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  return h;
+}
+
+// s == 0: the reference's v.addcmul_(g, g) (value 1), i.e. fma(g, g, v).
+template <bool kFma>
+MUPOPT_HDI void adopt_first(float g, float& v) {
+  v = madd<kFma>(g, g, v);
+}
+
+template <bool kFma>
+MUPOPT_HDI void adopt_update(float& p, float g, float& m, float& v, const AdoptHyper& h, float decay_alpha,
+                             float step_alpha, float eps, float clip) {
+  p = madd<kFma>(p, decay_alpha, p);
+  const float root = sqrtf(v);
+  const float denom = root < eps ? eps : root;  // clamp(min=eps): a NaN passes through
+  float n = g / denom;
+  n = n < -clip ? -clip : (n > clip ? clip : n);  // clamp(-clip, clip): a NaN passes through
+  m = h.m_lerp.template apply<kFma>(m, n);
+  p = madd<kFma>(m, step_alpha, p);
+  v = madd<kFma>(h.one_minus_beta2 * g, g, v * h.beta2);
+}
+
+// Streams: 0 param (unused), 1 grad, 2 exp_avg (unused), 3 exp_avg_sq.
+struct AdoptInitOp {
+  static constexpr int kStreams = 4;
+  static constexpr unsigned kLoad = 0x0Au;
+  static constexpr unsigned kStore = 0x08u;
+  static constexpr bool kGradStream = true;
+  static constexpr int kReduce = 0;
+  AdoptHyper h;
+
+  template <bool kFma>
+  MUPOPT_HDI void apply(float* x, const float*, float*) const {
+    adopt_first<kFma>(x[1], x[3]);
+  }
+};
+
+// Streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq.
+struct AdoptOp {
+  static constexpr int kStreams = 4;
+  static constexpr unsigned kLoad = 0x0Fu;
+  static constexpr unsigned kStore = 0x0Du;
+  static constexpr bool kGradStream = true;
+  static constexpr int kReduce = 0;
+  AdoptHyper h;
+
+  template <bool kFma>
+  MUPOPT_HDI void apply(float* x, const float* s, float*) const {
+    using S = AdoptScalars;
+    adopt_update<kFma>(x[0], x[1], x[2], x[3], h, s[S::kDecayAlpha], s[S::kStepAlpha], s[S::kEps], s[S::kClip]);
+  }
+};
+
+}  // namespace mupopt

@@ -1,0 +1,117 @@
+// LAMB (You et al. 2019, Algorithm 2 with bias correction, trust ratio on every tensor).
+//
+//   m = lerp(m, g, 1-b1) ;  v = b2*v + (1-b2)*g*g
+//   u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult) + wd*p
+//   trust = phi(||p||) / ||u||  if both norms > 0, else 1       (phi(x) = min(x, clamp_value))
+//   p += (-lr*lr_mult) * (u*trust)
+//
+// Two passes over the list, in one of two forms chosen by the storage dtype of the states:
+//  float32 states (the best known byte count, performance.md: 40 B per element):
+//   LambNormOp<true>:    reads p g m v, writes m v, sums p*p and u*u per tensor (float64)
+//   (host or a small kernel: trust per tensor, written into the row's kTrust scalar)
+//   LambUpdateOp<false>: reads p m v, recomputes u from the stored m v, writes p
+//  bfloat16 states: the second pass must not see m and v rounded to bf16 (the reference forms
+//  u from their float32 values; reading the rounded ones moved a few parameters by up to 8 bf16
+//  ulps in 10 steps), so the first pass only sums and the second recomputes m, v and u:
+//   LambNormOp<false>:   reads p g m v, sums
+//   LambUpdateOp<true>:  reads p g m v, writes p m v   (all bf16: 22 B per element instead of 20)
+// Recomputed values are bit-identical to the first pass's (same inputs, same operations).
+#pragma once
+
+#include "common.h"
+
+namespace mupopt {
+
+struct LambScalars {
+  enum : int { kBc1 = 0, kBc2 = 1, kEps = 2, kAlpha = 3, kTrust = 4, kCount = 5 };
+};
+
+struct LambHyper {
+  Lerp m_lerp;  // weight 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+  float weight_decay;
+  float clamp_value;  // used when has_clamp
+  int32_t has_clamp;
+};
+
+MUPOPT_HD inline LambHyper make_lamb_hyper(double beta1, double beta2, double weight_decay, bool has_clamp,
+                                           double clamp_value) {
+  LambHyper h;
+  h.m_lerp = Lerp::make(static_cast<float>(1.0 - beta1));
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.has_clamp = has_clamp ? 1 : 0;
+  h.clamp_value = has_clamp ? static_cast<float>(clamp_value) : 0.0f;
+  return h;
+}
+
+// The trust-ratio-free direction u from the new m, v.
+template <bool kFma>
+MUPOPT_HDI float lamb_direction(float p, float m, float v, const LambHyper& h, float bc1, float bc2, float eps) {
+  const float denom = sqrtf(v / bc2) + eps;
+  return madd<kFma>(p, h.weight_decay, (m / bc1) / denom);
+}
+
+// From the per-tensor sums of squares. Norms rounded to float32 as torch's fp32 vector_norm
+// returns them; phi / ||u|| in float32.
+MUPOPT_HDI float lamb_trust(double p_sq, double u_sq, const LambHyper& h) {
+  const float w_norm = static_cast<float>(sqrt(p_sq));
+  const float u_norm = static_cast<float>(sqrt(u_sq));
+  const float phi = h.has_clamp ? min_nan(w_norm, h.clamp_value) : w_norm;
+  return (w_norm > 0.0f && u_norm > 0.0f) ? phi / u_norm : 1.0f;
+}
+
+template <bool kFma>
+MUPOPT_HDI float lamb_moments(float p, float g, float& m, float& v, const LambHyper& h, float bc1, float bc2,
+                              float eps) {
+  m = h.m_lerp.template apply<kFma>(m, g);
+  v = madd<kFma>(h.one_minus_beta2 * g, g, v * h.beta2);
+  return lamb_direction<kFma>(p, m, v, h, bc1, bc2, eps);
+}
+
+// Pass 1. Streams: 0 param (read), 1 grad, 2 exp_avg, 3 exp_avg_sq. red = (p*p, u*u).
+template <bool kStoreMoments>
+struct LambNormOp {
+  static constexpr int kStreams = 4;
+  static constexpr unsigned kLoad = 0x0Fu;
+  static constexpr unsigned kStore = kStoreMoments ? 0x0Cu : 0x00u;
+  static constexpr bool kGradStream = true;
+  static constexpr int kReduce = 2;
+  LambHyper h;
+
+  template <bool kFma>
+  MUPOPT_HDI void apply(float* x, const float* s, float* red) const {
+    using S = LambScalars;
+    const float u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+    red[0] = x[0] * x[0];
+    red[1] = u * u;
+  }
+};
+
+// Pass 2. Streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq. kRecompute: the moments are
+// formed again from the old ones and g (and written); else read as pass 1 stored them.
+template <bool kRecompute>
+struct LambUpdateOp {
+  static constexpr int kStreams = 4;
+  static constexpr unsigned kLoad = kRecompute ? 0x0Fu : 0x0Du;
+  static constexpr unsigned kStore = kRecompute ? 0x0Du : 0x01u;
+  static constexpr bool kGradStream = kRecompute;
+  static constexpr int kReduce = 0;
+  LambHyper h;
+
+  template <bool kFma>
+  MUPOPT_HDI void apply(float* x, const float* s, float*) const {
+    using S = LambScalars;
+    float u;
+    if constexpr (kRecompute) {
+      u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+    } else {
+      u = lamb_direction<kFma>(x[0], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+    }
+    x[0] = madd<kFma>(u * s[S::kTrust], s[S::kAlpha], x[0]);
+  }
+};
+
+}  // namespace mupopt

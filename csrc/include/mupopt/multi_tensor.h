@@ -1,0 +1,343 @@
+// The one multi-tensor traversal of the C++ backends: a table with one row per tensor (its
+// stream addresses, size and per-tensor scalars), cut into fixed-size chunks; the CPU loops
+// (csrc/cpu/driver.h) and the CUDA kernel below both walk it. One call steps a whole parameter
+// list, whatever the number of tensors and however many different muP multipliers they carry:
+// a tensor's lr*lr_mult, decay factor 1 - lr*wd*wd_mult, eps*eps_mult and bias corrections
+// are the scalars of its row.
+//
+// An optimizer plugs in as an "Op" (csrc/include/mupopt/<optimizer>.h):
+//
+//   struct SomeOp {
+//     static constexpr int kStreams;        // tensors per row: 0 param-like, 1 grad-like, 2.. states
+//     static constexpr unsigned kLoad;      // bit s: stream s is read
+//     static constexpr unsigned kStore;     // bit s: stream s is written
+//     static constexpr bool kGradStream;    // stream 1 is a gradient: unscaled and negated
+//                                           // (maximize) before the Op sees it
+//     static constexpr int kReduce;         // 0, or 2 per-element contributions summed per tensor
+//     template <bool kFma> MUPOPT_HDI void apply(float* x, const float* s, float* red) const;
+//   };
+//
+// Storage: stream 0 and the states (streams >= 2) share one dtype TP, stream 1 has dtype TG;
+// each is float32 or bfloat16, so four instantiations per Op. All math is float32.
+#pragma once
+
+#include "common.h"
+
+namespace mupopt {
+
+constexpr int kMaxStreams = 5;
+constexpr int kMaxScalars = 6;
+constexpr int kMaxReduce = 2;
+
+// Elements per chunk. CPU: 32768 fp32 elements = 128 KiB per stream; 16M parameters give 512
+// chunks, so a static schedule splits them evenly over a few threads, while one chunk is long
+// enough that the per-chunk call (a row lookup and an indirect call) is invisible.
+constexpr int64_t kCpuChunk = 32768;
+// CUDA: one thread block per chunk, 256 threads x 4-wide vectors x 16 iterations. Untuned (no
+// GPU was available when this was written): 16384 gives 1024 blocks for 16M parameters, about
+// 8 per SM on an H100, and 61k blocks for 1B.
+constexpr int64_t kCudaChunk = 16384;
+
+// One row of the launch table. Plain data, identical for the host compiler and nvcc: the
+// bindings build it, the CPU loops read it in place, the CUDA path copies it to the device.
+struct TensorRow {
+  void* ptr[kMaxStreams];     // stream addresses (unused streams: nullptr)
+  int64_t numel;              // > 0: empty tensors get no row
+  int64_t first_chunk;        // index of this tensor's first chunk within its launch
+  float scalar[kMaxScalars];  // per-tensor scalars, meaning given by the Op's header
+  int32_t aligned;            // CUDA: every used stream allows 4-element vector accesses
+  int32_t reserved;
+};
+
+// Per-call gradient handling, shared by every Op with kGradStream.
+struct GradArgs {
+  const float* grad_scale;  // nullptr, or the loss scale: g is multiplied by 1/scale
+  const float* found_inf;   // nullptr, or nonzero: the whole call is skipped (params and states)
+  float sign;               // -1 for maximize, else 1
+};
+
+// 1/scale formed in float64 and rounded once, as GradScaler.unscale_ does
+// (scale.double().reciprocal().float()), so g * inv_scale here equals torch's unscaled g.
+MUPOPT_HDI float grad_multiplier(const GradArgs& ga) {
+  float gmul = ga.sign;
+  if (ga.grad_scale != nullptr) {
+    gmul *= static_cast<float>(1.0 / static_cast<double>(*ga.grad_scale));
+  }
+  return gmul;
+}
+
+MUPOPT_HDI int64_t chunks_of(int64_t numel, int64_t chunk) { return (numel + chunk - 1) / chunk; }
+
+// The row holding chunk c: the last row whose first_chunk <= c (rows are in chunk order).
+MUPOPT_HDI int find_row(const TensorRow* rows, int n_rows, int64_t c) {
+  int lo = 0, hi = n_rows - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (rows[mid].first_chunk <= c) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host: one chunk of one tensor, as a contiguous loop the compiler vectorises (restrict
+// pointers, no branch on data, uniform choices resolved by templates or loop-invariant selects).
+// ---------------------------------------------------------------------------------------------
+#if !defined(__CUDACC__)
+
+// Plain loops: "GCC ivdep" (no loop-carried dependence; the streams never alias). Not "omp
+// simd": GCC 12 turns the per-element array x[] into per-lane "simd arrays" under it and then
+// gives up on the loop (checked with -fopt-info-vec). Sums: "omp simd reduction", the one way
+// to let the compiler reorder a float64 sum without -ffast-math.
+#if defined(__clang__)
+#define MUPOPT_SIMD _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define MUPOPT_SIMD _Pragma("GCC ivdep")
+#else
+#define MUPOPT_SIMD
+#endif
+#if defined(_OPENMP)
+#define MUPOPT_SIMD_SUM_R0_R1 _Pragma("omp simd reduction(+ : r0, r1)")
+#else
+#define MUPOPT_SIMD_SUM_R0_R1
+#endif
+
+template <class Op, bool kFma, class TP, class TG>
+MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul,
+                                  double* red) {
+  // Local copies: the compiler cannot prove that stores through the stream pointers leave a
+  // referenced Op alone, and would reload its fields every element (GCC 12 then refuses to
+  // vectorise the bf16 loops: "no vectype" for the reloaded bool).
+  const Op op = op_ref;
+  constexpr unsigned L = Op::kLoad;
+  constexpr unsigned W = Op::kStore;
+  TP* __restrict__ s0 = static_cast<TP*>(row.ptr[0]);
+  const TG* __restrict__ s1 = static_cast<const TG*>(row.ptr[1]);
+  TP* __restrict__ s2 = static_cast<TP*>(row.ptr[2]);
+  TP* __restrict__ s3 = static_cast<TP*>(row.ptr[3]);
+  TP* __restrict__ s4 = static_cast<TP*>(row.ptr[4]);
+  float sc[kMaxScalars];
+  for (int k = 0; k < kMaxScalars; ++k) sc[k] = row.scalar[k];
+
+  // The body shared by both loops below: load, apply, store one element.
+#define MUPOPT_CPU_ELEMENT(RED)                              \
+  float x[kMaxStreams] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};     \
+  if constexpr ((L & 1u) != 0) x[0] = to_float(s0[i]);       \
+  if constexpr ((L & 2u) != 0) x[1] = to_float(s1[i]);       \
+  if constexpr ((L & 4u) != 0) x[2] = to_float(s2[i]);       \
+  if constexpr ((L & 8u) != 0) x[3] = to_float(s3[i]);       \
+  if constexpr ((L & 16u) != 0) x[4] = to_float(s4[i]);      \
+  if constexpr (Op::kGradStream) x[1] *= gmul;               \
+  op.template apply<kFma>(x, sc, RED);                       \
+  if constexpr ((W & 1u) != 0) s0[i] = from_float<TP>(x[0]); \
+  if constexpr ((W & 4u) != 0) s2[i] = from_float<TP>(x[2]); \
+  if constexpr ((W & 8u) != 0) s3[i] = from_float<TP>(x[3]); \
+  if constexpr ((W & 16u) != 0) s4[i] = from_float<TP>(x[4]);
+
+  if constexpr (Op::kReduce > 0) {
+    // Sums in float64, per chunk (then per tensor in chunk order, so the result does not depend
+    // on the thread count). Blocks of 256: a plain vectorised loop leaves the contributions in
+    // two small arrays (L1-resident), a second loop adds them up with an "omp simd" reduction.
+    // (One loop doing both is not vectorised by GCC 12: its simd-lane arrays, see above.)
+    constexpr int kBlock = 256;
+    float t0[kBlock], t1[kBlock];
+    double r0 = 0.0, r1 = 0.0;
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+      const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
+      MUPOPT_SIMD
+      for (int k = 0; k < n; ++k) {
+        const int64_t i = b0 + k;
+        float c[kMaxReduce] = {0.0f, 0.0f};
+        MUPOPT_CPU_ELEMENT(c)
+        t0[k] = c[0];
+        t1[k] = c[1];
+      }
+      MUPOPT_SIMD_SUM_R0_R1
+      for (int k = 0; k < n; ++k) {
+        r0 += static_cast<double>(t0[k]);
+        r1 += static_cast<double>(t1[k]);
+      }
+    }
+    red[0] = r0;
+    red[1] = r1;
+  } else {
+    (void)red;
+    MUPOPT_SIMD
+    for (int64_t i = begin; i < end; ++i) {
+      MUPOPT_CPU_ELEMENT(nullptr)
+    }
+  }
+#undef MUPOPT_CPU_ELEMENT
+}
+
+#endif  // !__CUDACC__
+
+// ---------------------------------------------------------------------------------------------
+// CUDA: one thread block per chunk; the block finds its row by binary search over first_chunk
+// (no per-chunk table to upload), reads 4 elements per access when the host found every stream
+// of the row aligned for it (16 bytes fp32, 8 bytes bf16), and skips everything when found_inf
+// is set. Launch: one per (Op, dtype pair), grid = number of chunks.
+// ---------------------------------------------------------------------------------------------
+#if defined(__CUDACC__)
+
+namespace cuda_detail {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 4;
+
+__device__ MUPOPT_FORCE_INLINE void load4(const float* p, float* o) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  o[0] = v.x;
+  o[1] = v.y;
+  o[2] = v.z;
+  o[3] = v.w;
+}
+
+__device__ MUPOPT_FORCE_INLINE void load4(const bf16_t* p, float* o) {
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  o[0] = bits_float(v.x << 16);
+  o[1] = bits_float(v.x & 0xFFFF0000u);
+  o[2] = bits_float(v.y << 16);
+  o[3] = bits_float(v.y & 0xFFFF0000u);
+}
+
+__device__ MUPOPT_FORCE_INLINE void store4(float* p, const float* x) {
+  *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+}
+
+__device__ MUPOPT_FORCE_INLINE void store4(bf16_t* p, const float* x) {
+  uint2 v;
+  v.x = static_cast<uint32_t>(from_float<bf16_t>(x[0]).bits) |
+        (static_cast<uint32_t>(from_float<bf16_t>(x[1]).bits) << 16);
+  v.y = static_cast<uint32_t>(from_float<bf16_t>(x[2]).bits) |
+        (static_cast<uint32_t>(from_float<bf16_t>(x[3]).bits) << 16);
+  *reinterpret_cast<uint2*>(p) = v;
+}
+
+// Block-wide sum of one double per thread, in a fixed order (deterministic).
+__device__ MUPOPT_FORCE_INLINE double block_sum(double v, double* shared) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, off);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // shared may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  }
+  return total;  // valid in thread 0
+}
+
+}  // namespace cuda_detail
+
+template <class Op, class TP, class TG>
+__global__ void __launch_bounds__(cuda_detail::kThreads)
+    multi_tensor_kernel(const TensorRow* __restrict__ rows, int n_rows, Op op, GradArgs ga, double* partials) {
+  using namespace cuda_detail;
+  constexpr unsigned L = Op::kLoad;
+  constexpr unsigned W = Op::kStore;
+  if (ga.found_inf != nullptr && *ga.found_inf != 0.0f) return;
+  const int64_t chunk = blockIdx.x;
+  const TensorRow& row = rows[find_row(rows, n_rows, chunk)];
+  const int64_t begin = (chunk - row.first_chunk) * kCudaChunk;
+  const int64_t end = min(begin + kCudaChunk, row.numel);
+  const float gmul = grad_multiplier(ga);
+  float sc[kMaxScalars];
+#pragma unroll
+  for (int k = 0; k < kMaxScalars; ++k) sc[k] = row.scalar[k];
+  TP* s0 = static_cast<TP*>(row.ptr[0]);
+  const TG* s1 = static_cast<const TG*>(row.ptr[1]);
+  TP* s2 = static_cast<TP*>(row.ptr[2]);
+  TP* s3 = static_cast<TP*>(row.ptr[3]);
+  TP* s4 = static_cast<TP*>(row.ptr[4]);
+  double acc0 = 0.0, acc1 = 0.0;
+
+  int64_t scalar_from = begin;
+  if (row.aligned) {
+    const int64_t vec_end = begin + ((end - begin) / kVec) * kVec;
+    for (int64_t i = begin + threadIdx.x * kVec; i < vec_end; i += kThreads * kVec) {
+      float v[kMaxStreams][kVec];
+      if constexpr ((L & 1u) != 0) load4(s0 + i, v[0]);
+      if constexpr ((L & 2u) != 0) load4(s1 + i, v[1]);
+      if constexpr ((L & 4u) != 0) load4(s2 + i, v[2]);
+      if constexpr ((L & 8u) != 0) load4(s3 + i, v[3]);
+      if constexpr ((L & 16u) != 0) load4(s4 + i, v[4]);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        float x[kMaxStreams];
+#pragma unroll
+        for (int s = 0; s < kMaxStreams; ++s) x[s] = ((L >> s) & 1u) ? v[s][j] : 0.0f;
+        if constexpr (Op::kGradStream) x[1] *= gmul;
+        float c[kMaxReduce] = {0.0f, 0.0f};
+        op.template apply<true>(x, sc, c);
+        if constexpr (Op::kReduce > 0) {
+          acc0 += static_cast<double>(c[0]);
+          acc1 += static_cast<double>(c[1]);
+        }
+#pragma unroll
+        for (int s = 0; s < kMaxStreams; ++s) v[s][j] = x[s];
+      }
+      if constexpr ((W & 1u) != 0) store4(s0 + i, v[0]);
+      if constexpr ((W & 4u) != 0) store4(s2 + i, v[2]);
+      if constexpr ((W & 8u) != 0) store4(s3 + i, v[3]);
+      if constexpr ((W & 16u) != 0) store4(s4 + i, v[4]);
+    }
+    scalar_from = vec_end;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+    float x[kMaxStreams] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if constexpr ((L & 1u) != 0) x[0] = to_float(s0[i]);
+    if constexpr ((L & 2u) != 0) x[1] = to_float(s1[i]);
+    if constexpr ((L & 4u) != 0) x[2] = to_float(s2[i]);
+    if constexpr ((L & 8u) != 0) x[3] = to_float(s3[i]);
+    if constexpr ((L & 16u) != 0) x[4] = to_float(s4[i]);
+    if constexpr (Op::kGradStream) x[1] *= gmul;
+    float c[kMaxReduce] = {0.0f, 0.0f};
+    op.template apply<true>(x, sc, c);
+    if constexpr (Op::kReduce > 0) {
+      acc0 += static_cast<double>(c[0]);
+      acc1 += static_cast<double>(c[1]);
+    }
+    if constexpr ((W & 1u) != 0) s0[i] = from_float<TP>(x[0]);
+    if constexpr ((W & 4u) != 0) s2[i] = from_float<TP>(x[2]);
+    if constexpr ((W & 8u) != 0) s3[i] = from_float<TP>(x[3]);
+    if constexpr ((W & 16u) != 0) s4[i] = from_float<TP>(x[4]);
+  }
+  if constexpr (Op::kReduce > 0) {
+    __shared__ double shared[kThreads / 32];
+    const double a = block_sum(acc0, shared);
+    const double b = block_sum(acc1, shared);
+    if (threadIdx.x == 0) {
+      partials[chunk * kMaxReduce] = a;
+      partials[chunk * kMaxReduce + 1] = b;
+    }
+  }
+}
+
+// One launch per dtype pair. rows: device table of n_rows rows with first_chunk counted from 0;
+// partials: device buffer of 2 * n_chunks doubles when Op::kReduce, else unused.
+template <class Op>
+cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tp, DType tg, const Op& op,
+                                const GradArgs& ga, double* partials, cudaStream_t stream) {
+  if (n_chunks == 0) return cudaSuccess;
+  if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(n_chunks)), block(cuda_detail::kThreads);
+  const bool p16 = tp == DType::kBFloat16, g16 = tg == DType::kBFloat16;
+  if (!p16 && !g16) {
+    multi_tensor_kernel<Op, float, float><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  } else if (!p16 && g16) {
+    multi_tensor_kernel<Op, float, bf16_t><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  } else if (p16 && !g16) {
+    multi_tensor_kernel<Op, bf16_t, float><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  } else {
+    multi_tensor_kernel<Op, bf16_t, bf16_t><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  }
+  return cudaGetLastError();
+}
+
+#endif  // __CUDACC__
+
+}  // namespace mupopt

@@ -1,0 +1,206 @@
+// Host side of the bindings (torch headers allowed here, nowhere below csrc/cpu or csrc/cuda):
+// validates an op's tensor lists and builds its launch table (csrc/include/mupopt/
+// multi_tensor.h), grouped into launches of one (param/state dtype, grad dtype, variant).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "mupopt/multi_tensor.h"
+
+namespace mupopt {
+namespace binding {
+
+// One stream of an op: a tensor list and its name in the schema. Stream 0 is the param-like
+// list, 1 the gradient-like list, 2.. the states (which must share stream 0's dtype).
+struct Stream {
+  at::TensorList list;
+  const char* name = nullptr;  // nullptr: stream unused by this op
+};
+
+struct Group {
+  int begin;         // first row in Table::rows
+  int n_rows;
+  int64_t n_chunks;  // chunks of the group; first_chunk restarts at 0 in every group
+  DType param;
+  DType grad;
+  int variant;
+};
+
+struct Table {
+  std::vector<TensorRow> rows;
+  std::vector<int64_t> source;  // per row: the tensor's index in the op's lists
+  std::vector<Group> groups;
+  c10::optional<c10::Device> device;  // empty when every list is empty
+};
+
+inline DType storage_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
+}
+
+inline std::string describe(const at::Tensor& t) {
+  return std::string(c10::toString(t.scalar_type())) + " tensor of shape " + c10::str(t.sizes()) + " on " +
+         t.device().str();
+}
+
+// The [N, K] float32 CPU table of an op that takes its per-tensor scalars ready-made.
+inline const float* scalar_table(const char* op, const at::Tensor& scalars, int64_t n, int k) {
+  TORCH_CHECK(scalars.defined() && scalars.device().is_cpu() && scalars.scalar_type() == at::kFloat &&
+                  scalars.dim() == 2 && scalars.size(0) == n && scalars.size(1) == k && scalars.is_contiguous(),
+              op, ": scalars must be a contiguous float32 CPU tensor of shape [", n, ", ", k, "], got ",
+              scalars.defined() ? describe(scalars) : std::string("an undefined tensor"));
+  return scalars.data_ptr<float>();
+}
+
+// Checks the lists of ``op`` and builds its table. ``scal``: N x n_scalars per-tensor scalars,
+// or nullptr (the caller fills row.scalar later, through Table::source). ``variant(i)`` splits
+// tensors that need different Ops (ADOPT's first step); empty tensors are validated and then
+// left out (they have nothing to update). Nothing is modified: an error leaves every tensor as
+// it was.
+inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& streams, const float* scal,
+                        int n_scalars, int64_t chunk, const std::function<int(int64_t)>& variant = nullptr) {
+  int ref = -1;
+  for (int s = 0; s < kMaxStreams && ref < 0; ++s) {
+    if (streams[s].name != nullptr) ref = s;
+  }
+  TORCH_CHECK(ref >= 0, op, ": no tensor lists");
+  const int64_t n = static_cast<int64_t>(streams[ref].list.size());
+  TORCH_CHECK(n < (int64_t{1} << 31), op, ": too many tensors (", n, ")");
+  for (int s = 0; s < kMaxStreams; ++s) {
+    if (streams[s].name == nullptr) continue;
+    TORCH_CHECK(static_cast<int64_t>(streams[s].list.size()) == n, op, ": ", streams[s].name, " has ",
+                streams[s].list.size(), " tensors but ", streams[ref].name, " has ", n);
+  }
+  // The dtype shared by stream 0 and the states.
+  const int param_stream = streams[0].name != nullptr ? 0 : 2;
+
+  Table table;
+  std::vector<TensorRow> rows;
+  std::vector<int64_t> sources;
+  std::vector<int> keys;
+  rows.reserve(n);
+  sources.reserve(n);
+  keys.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& r = streams[ref].list[i];
+    if (!table.device) table.device = r.device();
+    const at::Tensor& pt = streams[param_stream].list[i];
+    TensorRow row;
+    std::memset(&row, 0, sizeof row);
+    row.numel = r.numel();
+    row.aligned = 1;
+    for (int s = 0; s < kMaxStreams; ++s) {
+      if (streams[s].name == nullptr) continue;
+      const at::Tensor& t = streams[s].list[i];
+      TORCH_CHECK(t.defined(), op, ": ", streams[s].name, "[", i, "] is undefined");
+      TORCH_CHECK(t.device() == *table.device, op, ": ", streams[s].name, "[", i, "] is a ", describe(t),
+                  " but the call's tensors are on ", table.device->str(), " (one device per call)");
+      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", streams[s].name,
+                  "[", i, "] is a ", describe(t), "; supported: float32, bfloat16");
+      TORCH_CHECK(t.numel() == row.numel, op, ": ", streams[s].name, "[", i, "] has ", t.numel(),
+                  " elements but ", streams[ref].name, "[", i, "] has ", row.numel);
+      TORCH_CHECK(t.is_contiguous(), op, ": ", streams[s].name, "[", i, "] (", describe(t), ", strides ",
+                  t.strides(), ") is not contiguous; the kernels read each tensor as one flat array");
+      if (s != 1) {
+        TORCH_CHECK(t.scalar_type() == pt.scalar_type(), op, ": ", streams[s].name, "[", i, "] is ",
+                    c10::toString(t.scalar_type()), " but ", streams[param_stream].name, "[", i, "] is ",
+                    c10::toString(pt.scalar_type()), "; states must have their parameter's dtype");
+      }
+      if (row.numel > 0) {
+        row.ptr[s] = t.data_ptr();
+        const uintptr_t vec_bytes = 4 * static_cast<uintptr_t>(t.element_size());
+        if (reinterpret_cast<uintptr_t>(row.ptr[s]) % vec_bytes != 0) row.aligned = 0;
+      }
+    }
+    if (row.numel == 0) continue;
+    for (int k = 0; scal != nullptr && k < n_scalars; ++k) row.scalar[k] = scal[i * n_scalars + k];
+    const int v = variant ? variant(i) : 0;
+    const int key = v * 4 + (storage_of(pt) == DType::kBFloat16 ? 2 : 0) +
+                    (streams[1].name != nullptr && storage_of(streams[1].list[i]) == DType::kBFloat16 ? 1 : 0);
+    rows.push_back(row);
+    sources.push_back(i);
+    keys.push_back(key);
+  }
+
+  std::vector<int> order(rows.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return keys[a] < keys[b]; });
+  table.rows.reserve(rows.size());
+  table.source.reserve(rows.size());
+  for (size_t k = 0; k < order.size(); ++k) {
+    const int key = keys[order[k]];
+    if (table.groups.empty() || keys[order[k - 1]] != key) {
+      Group g;
+      g.begin = static_cast<int>(k);
+      g.n_rows = 0;
+      g.n_chunks = 0;
+      g.variant = key / 4;
+      g.param = (key & 2) ? DType::kBFloat16 : DType::kFloat32;
+      g.grad = (key & 1) ? DType::kBFloat16 : DType::kFloat32;
+      table.groups.push_back(g);
+    }
+    Group& g = table.groups.back();
+    TensorRow row = rows[order[k]];
+    row.first_chunk = g.n_chunks;
+    g.n_chunks += chunks_of(row.numel, chunk);
+    g.n_rows += 1;
+    table.rows.push_back(row);
+    table.source.push_back(sources[order[k]]);
+  }
+  return table;
+}
+
+// The optimizer states' "step": float32 CPU tensors with one element, as torch keeps them. The
+// values before this call's increment.
+inline std::vector<double> read_steps(const char* op, at::TensorList steps, int64_t n) {
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, op, ": state_steps has ", steps.size(),
+              " tensors but params has ", n);
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.device().is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1, op,
+                ": state_steps[", i, "] must be a float32 CPU tensor with one element (the state's \"step\"), got ",
+                s.defined() ? describe(s) : std::string("an undefined tensor"));
+    out[i] = static_cast<double>(*s.data_ptr<float>());
+  }
+  return out;
+}
+
+// step += 1 in float32, as the reference's st["step"] += 1; returns the new values as float64
+// (what the reference's st["step"].item() reads).
+inline double next_step(double before) { return static_cast<double>(static_cast<float>(before) + 1.0f); }
+
+inline void bump_steps(at::TensorList steps) {
+  for (const at::Tensor& s : steps) {
+    float* v = s.data_ptr<float>();
+    *v = *v + 1.0f;
+  }
+}
+
+// Per-tensor muP multipliers: one float per tensor.
+inline void check_mults(const char* op, const char* name, at::ArrayRef<double> m, int64_t n) {
+  TORCH_CHECK(static_cast<int64_t>(m.size()) == n, op, ": ", name, " has ", m.size(), " values for ", n, " tensors");
+}
+
+// grad_scale / found_inf: one float32 element on the call's device, or absent.
+inline const float* optional_scalar(const char* op, const char* name, const c10::optional<at::Tensor>& t,
+                                    const c10::optional<c10::Device>& device) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, op, ": ", name,
+              " must be a float32 tensor with one element, got ", describe(*t));
+  TORCH_CHECK(!device || t->device() == *device, op, ": ", name, " is on ", t->device().str(),
+              " but the tensors are on ", device->str());
+  return t->data_ptr<float>();
+}
+
+}  // namespace binding
+}  // namespace mupopt

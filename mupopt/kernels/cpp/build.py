@@ -1,0 +1,256 @@
+"""Builds the C++ libraries of the "cpu" and "cuda" backends from ``csrc/``, at first use.
+
+``torch.utils.cpp_extension.load(..., is_python_module=False)`` compiles with ninja and loads
+the shared library, whose static initialisers register the ``torch.ops.mupopt`` ops
+(``csrc/bindings.cpp``; ``csrc/bindings_cuda.cpp`` adds their CUDA kernels). Nothing is built on
+``import mupopt``: the first step with backend "cpu"/"cuda", or the registry asking whether they
+can run (``auto``), calls :func:`load_cpu` / :func:`load_cuda`, which try once per process and
+remember the outcome, success or the reason for failure.
+
+Cache: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions/py<ver>_<cpu|cuXY>``), one
+directory per library named after a digest of every file under ``csrc/``, the flags and the
+torch version, so an edited source, another checkout or another torch builds anew and never
+overwrites a library another process has loaded; an unchanged one loads in well under a
+second. ``python -m mupopt.kernels.cpp.build`` builds ahead of time into the same cache.
+
+Flags: ``-O3 -fopenmp -ffp-contract=off -fno-math-errno`` and no ``-march``: the hot loops are
+compiled twice (baseline and ``target("avx2,fma")``) and picked at run time
+(``csrc/cpu/driver.h``), so a cached or ahead-of-time build also runs on an older CPU that
+shares the cache directory. ``-ffp-contract=off`` keeps every fused multiply-add explicit (the
+rounding must follow ATen's, see ``csrc/include/mupopt/common.h``); ``-fno-math-errno`` lets
+``sqrtf`` vectorise.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+# The sources live beside the package in a source checkout (pip install -e .).
+REPO = Path(__file__).resolve().parents[3]
+ENV_CSRC = "MUPOPT_CSRC"
+ENV_VERBOSE = "MUPOPT_BUILD_VERBOSE"
+
+CPU_SOURCES = (
+    "bindings.cpp",
+    "cpu/adamw.cpp",
+    "cpu/adopt.cpp",
+    "cpu/lamb.cpp",
+    "cpu/sophia.cpp",
+    "cpu/muon_shampoo.cpp",
+)
+CUDA_SOURCES = (
+    "bindings_cuda.cpp",
+    "cuda/adamw.cu",
+    "cuda/adopt.cu",
+    "cuda/lamb.cu",
+    "cuda/sophia.cu",
+    "cuda/muon_shampoo.cu",
+)
+CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+LD_FLAGS = ("-fopenmp",)
+# nvcc: IEEE division and square root (the defaults, restated: --use_fast_math would change
+# results); fused multiply-adds are written out explicitly in the headers.
+NVCC_FLAGS = ("-O3", "--prec-div=true", "--prec-sqrt=true")
+
+_lock = threading.Lock()
+# None: not tried yet; True: loaded; str: why it cannot be built or loaded.
+_outcome: dict[str, "bool | str | None"] = {"cpu": None, "cuda": None}
+
+
+def csrc_dir() -> Path:
+    return Path(os.environ.get(ENV_CSRC) or (REPO / "csrc"))
+
+
+def _digest(kind: str, flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{kind}|{torch.__version__}|{torch.version.cuda}|{' '.join(flags)}".encode())
+    root = csrc_dir()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".cuh")):
+        rel = path.relative_to(root).as_posix()
+        if kind == "cpu" and (rel.startswith("cuda/") or rel == "bindings_cuda.cpp"):
+            continue  # not part of the CPU library: editing them must not rebuild it
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _find_ninja() -> str | None:
+    """Put a ninja on PATH (torch runs ``ninja`` by name) and return its directory.
+
+    ``pip install ninja`` places it next to the interpreter, which is not on PATH when a venv's
+    python is run without activating the venv (``.venv/bin/python -m pytest``)."""
+    found = shutil.which("ninja")
+    if found:
+        return os.path.dirname(found)
+    candidates = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # type: ignore
+
+        candidates.insert(0, ninja.BIN_DIR)
+    except Exception:
+        pass
+    for d in candidates:
+        exe = os.path.join(d, "ninja")
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return d
+    return None
+
+
+def _compiler_problem() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which((cxx.split() or ["c++"])[0]) is None:  # CXX may carry a launcher: "ccache g++"
+        return (
+            f"no C++ compiler: {cxx!r} (the CXX environment variable, default c++) is not on PATH; "
+            f"install g++ or clang++, or use backend='reference'"
+        )
+    if _find_ninja() is None:
+        return "ninja is not installed (pip install ninja): torch builds C++ extensions with it"
+    missing = [s for s in CPU_SOURCES if not (csrc_dir() / s).is_file()]
+    if missing:
+        return (
+            f"mupopt's C++ sources are not at {csrc_dir()} (missing {missing[0]}): use a source "
+            f"checkout (pip install -e .) or set {ENV_CSRC}"
+        )
+    return None
+
+
+def _error_sentence(kind: str, exc: BaseException) -> str:
+    """The first compiler or linker diagnostic of a failed build, as one sentence."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = None
+    for pattern in (r"\berror:", r"undefined reference|cannot find -l|fatal", r"\berror\b"):
+        hits = [ln for ln in lines if re.search(pattern, ln, re.I)]
+        if hits:
+            detail = hits[0]
+            break
+    detail = detail or (lines[0] if lines else type(exc).__name__)
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    cmd = "python -m mupopt.kernels.cpp.build" + (" --cuda" if kind == "cuda" else "")
+    return f"the {kind} C++ library failed to build or load: {detail} (run `{cmd}` for the full log)"
+
+
+def _load(kind: str, verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    root = csrc_dir()
+    sources, flags = (CPU_SOURCES, CXX_FLAGS) if kind == "cpu" else (CUDA_SOURCES, CXX_FLAGS + NVCC_FLAGS)
+    name = f"mupopt_{kind}_{_digest(kind, flags)}"
+    kwargs = {}
+    if kind == "cuda":
+        kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
+    cpp_extension.load(
+        name=name,
+        sources=[str(root / s) for s in sources],
+        extra_cflags=list(CXX_FLAGS),
+        extra_ldflags=list(LD_FLAGS),
+        extra_include_paths=[str(root / "include"), str(root)],
+        is_python_module=False,
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+def load_cpu(verbose: bool | None = None) -> bool | str:
+    """Build (at most once per process) and load the CPU library: True, or why it failed."""
+    return _ensure("cpu", verbose)
+
+
+def load_cuda(verbose: bool | None = None) -> bool | str:
+    """Build and load the CUDA library (after the CPU one, which defines the ops)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA"
+    first = load_cpu(verbose)
+    if first is not True:
+        return first
+    return _ensure("cuda", verbose)
+
+
+def _ensure(kind: str, verbose: bool | None) -> bool | str:
+    outcome = _outcome[kind]
+    if outcome is not None:
+        return outcome
+    with _lock:
+        if _outcome[kind] is None:
+            if verbose is None:
+                verbose = os.environ.get(ENV_VERBOSE, "") not in ("", "0")
+            problem = _compiler_problem()
+            if problem is None and kind == "cuda":
+                from torch.utils.cpp_extension import CUDA_HOME
+
+                if CUDA_HOME is None:
+                    problem = "no CUDA toolkit (nvcc) found: set CUDA_HOME or install the toolkit"
+            if problem is not None:
+                _outcome[kind] = problem
+            else:
+                try:
+                    _load(kind, verbose)
+                    if kind == "cpu":
+                        _register_fakes()
+                    _outcome[kind] = True
+                except Exception as exc:  # a compiler error, a missing header, a bad link
+                    _outcome[kind] = _error_sentence(kind, exc)
+    return _outcome[kind]
+
+
+# The ops of csrc/bindings.cpp. They return nothing and only write their (a!) arguments, so
+# their fake (meta) kernel does nothing: enough for FakeTensor tracing (torch.compile) to carry
+# them through as opaque, functionalised ops.
+OPS = (
+    "adamw_", "adopt_", "lamb_", "sophia_", "sophia_hessian_",
+    "muon_momentum_", "muon_update_", "shampoo_graft_", "shampoo_update_",
+)
+
+
+def _register_fakes() -> None:
+    def fake(*args, **kwargs) -> None:
+        return None
+
+    for op in OPS:
+        torch.library.register_fake(f"mupopt::{op}")(fake)
+
+
+def is_loaded(kind: str = "cpu") -> bool:
+    return _outcome[kind] is True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mupopt.kernels.cpp.build [--cuda] [--quiet]``: build ahead of time."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mupopt.kernels.cpp.build", description=main.__doc__)
+    parser.add_argument("--cuda", action="store_true", help="also build the CUDA library")
+    parser.add_argument("--quiet", action="store_true", help="no compiler output")
+    args = parser.parse_args(argv)
+    status = 0
+    for kind in ("cpu", "cuda") if args.cuda else ("cpu",):
+        start = time.perf_counter()
+        outcome = load_cpu(not args.quiet) if kind == "cpu" else load_cuda(not args.quiet)
+        took = time.perf_counter() - start
+        if outcome is True:
+            print(f"mupopt {kind} library ready ({took:.1f} s); cache: {_build_root()}")
+        else:
+            print(f"mupopt {kind} library: {outcome}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _build_root() -> str:
+    from torch.utils import cpp_extension
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

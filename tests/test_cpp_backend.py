@@ -1,0 +1,505 @@
+"""The C++ "cpu" backend (csrc/, mupopt/kernels/cpp) against the reference backend.
+
+The library is built here on first use (skipped only when no C++ compiler exists: then the
+build's own sentence is the skip reason). Contract: 10 steps through the optimizer classes with
+``backend="cpu"`` and ``backend="reference"`` from identical tensors and gradients, on odd sizes
+(1, 7, 33x65, 0 and 100003 elements), three param groups with different hyperparameters, muP
+width information on every parameter (multipliers other than 1), float32 and bfloat16 storage,
+maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors, Muon's and
+Shampoo's elementwise parts; then the build's laziness and its fallback without a compiler.
+
+Tolerances. The CPU loops follow ATen's rounding sequence (fused multiply-adds where ATen's
+vector kernels use them), so most results are bit-identical. The exception is the square root:
+torch's CPU sqrt on a contiguous float32 tensor calls MKL's vsSqrt, which is not correctly
+rounded (torch 2.13 on this machine: 1 ulp off on 20% of random inputs), while ours is IEEE
+sqrtf. So AdamW/ADOPT/LAMB parameters agree to a few float32 ulps (rtol 1e-6), Sophia (no sqrt)
+and the first and second moments of AdamW exactly. In bfloat16 such a float32 ulp (or LAMB's
+norm, summed in float64 here, in float32 by torch) can send a stored value to the neighbouring
+bf16 value: at most one bf16 ulp, on at most 1% of the elements.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mupopt
+from mupopt import backends
+from mupopt.mup import WidthInfo
+import mupopt.kernels.cpp as cpp_backend
+
+SHAPES = [(1,), (7,), (33, 65), (0,), (100003,), (5, 3)]
+WIDTHS = [
+    WidthInfo("vector", 1.0, 2.0),
+    WidthInfo("vector", 1.0, 1.0),
+    WidthInfo("hidden", 4.0, 2.0),
+    WidthInfo("output", 8.0, 1.0),
+    WidthInfo("vector", 1.0, 4.0),
+    WidthInfo("input", 1.0, 3.0),
+]
+STEPS = 10
+HESSIAN_EVERY = 3
+SOPHIA_BS = 64
+
+CASES = {
+    "adamw": (mupopt.AdamW, dict(lr=1e-2, weight_decay=0.1, scale_eps=True)),
+    "adopt": (mupopt.ADOPT, dict(lr=1e-2, weight_decay=0.1, scale_eps=True)),
+    "lamb": (mupopt.LAMB, dict(lr=1e-2, weight_decay=0.1, scale_eps=True, hidden_lr_exponent=-0.5)),
+    "sophia": (mupopt.SophiaG, dict(lr=1e-2, weight_decay=0.1, rho=0.04)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """Register the C++ backends for this module only (until the package init does it for
+    everyone), so that other modules' tests keep the registry they expect."""
+    before = {name: set(backends.names(name)) for name in cpp_backend.OPTIMIZERS}
+    cpp_backend.register()
+    yield
+    for name, names in before.items():
+        for added in set(backends.names(name)) - names:
+            del backends._REGISTRY[name][added]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library(registered):
+    """Build (or load the cached) library once; skip only without a C++ compiler."""
+    from mupopt.kernels.cpp import build
+
+    outcome = build.load_cpu()
+    if outcome is not True:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(outcome)
+        pytest.fail(f"a C++ compiler exists but the build failed: {outcome}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def make_params(dtypes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape, width, dtype in zip(SHAPES, WIDTHS, dtypes):
+        p = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+        p.mupopt_width = width
+        params.append(p)
+    return params
+
+
+def twin(params):
+    out = []
+    for p in params:
+        q = p.detach().clone().requires_grad_()
+        q.mupopt_width = p.mupopt_width
+        out.append(q)
+    return out
+
+
+def groups(name, params):
+    """Three groups with different hyperparameters (LAMB: a clamp_value in the last one)."""
+    last = {"lr": 2e-2}
+    if name == "lamb":
+        last["clamp_value"] = 0.5
+    elif name != "sophia":
+        last["wd_mode"] = "coupled"
+    return [
+        {"params": params[0:2]},
+        {"params": params[2:4], "lr": 5e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)},
+        {"params": params[4:], **last},
+    ]
+
+
+def set_grads(step, params, grad_dtype=None):
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        if grad_dtype is not None and grad_dtype != p.dtype and hasattr(p, "grad_dtype"):
+            p.grad_dtype = None  # torch >= 2.10 otherwise insists that p.grad has p's dtype
+        p.grad = torch.randn(p.shape, generator=gen).to(grad_dtype or p.dtype)
+
+
+def run(name, opt, params, steps=STEPS, grad_dtype=None, first=0):
+    for t in range(first, first + steps):
+        set_grads(t, params, grad_dtype)
+        if name == "sophia":
+            if t % HESSIAN_EVERY == 0:
+                opt.update_hessian()
+            opt.step(bs=SOPHIA_BS)
+        else:
+            opt.step()
+
+
+def close(ours, ref, what):
+    if ours.numel() == 0:
+        assert ref.numel() == 0
+        return
+    assert ours.dtype == ref.dtype, what
+    if ours.dtype == torch.bfloat16:
+        a, b = ours.float(), ref.float()
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        assert (a != b).float().mean().item() <= 0.01, f"{what}: more than 1% of bf16 elements differ"
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def assert_same(name, o_opt, r_opt, ours, ref):
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        close(a.detach(), b.detach(), f"{name} param {i} {tuple(a.shape)}")
+        sa, sb = o_opt.state[a], r_opt.state[b]
+        assert sa.keys() == sb.keys(), (name, i)
+        for key in sb:
+            if key == "step":
+                assert torch.equal(sa[key], sb[key]), (name, i)
+            else:
+                close(sa[key], sb[key], f"{name} state {key!r} of param {i}")
+
+
+def contract(name, dtypes, grad_dtype=None, **extra):
+    cls, kwargs = CASES[name]
+    ours = make_params(dtypes)
+    ref = twin(ours)
+    o = cls(groups(name, ours), **kwargs, **extra, backend="cpu")
+    r = cls(groups(name, ref), **kwargs, **extra, backend="reference")
+    run(name, o, ours, grad_dtype=grad_dtype)
+    run(name, r, ref, grad_dtype=grad_dtype)
+    assert_same(name, o, r, ours, ref)
+    return o, r, ours, ref
+
+
+FP32 = [torch.float32] * len(SHAPES)
+BF16 = [torch.bfloat16] * len(SHAPES)
+MIXED = [torch.float32, torch.bfloat16] * (len(SHAPES) // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract through the optimizer classes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED], ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, dtypes):
+    o, *_ = contract(name, dtypes)
+    assert o.backend == "cpu"
+
+
+@pytest.mark.parametrize("dtypes", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_maximize(name, dtypes):
+    contract(name, dtypes, maximize=True)
+
+
+@pytest.mark.parametrize("dtypes", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adamw_amsgrad(dtypes, maximize):
+    contract("adamw", dtypes, amsgrad=True, maximize=maximize)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_grads_of_fp32_params(name):
+    """Gradients stored in bf16 beside fp32 params and states (the grad's own dtype per launch)."""
+    contract(name, FP32, grad_dtype=torch.bfloat16)
+
+
+def test_adopt_first_step_and_later_steps_in_one_call():
+    """A group added after 3 steps: one call holds tensors at s == 0 (v = g*g only) and s == 3."""
+    cls, kwargs = CASES["adopt"]
+    ours = make_params(FP32)
+    ref = twin(ours)
+    o = cls(ours[:3], **kwargs, backend="cpu")
+    r = cls(ref[:3], **kwargs, backend="reference")
+    run("adopt", o, ours[:3], steps=3)
+    run("adopt", r, ref[:3], steps=3)
+    o.add_param_group({"params": ours[3:], "lr": 3e-3})
+    r.add_param_group({"params": ref[3:], "lr": 3e-3})
+    run("adopt", o, ours, steps=4, first=3)
+    run("adopt", r, ref, steps=4, first=3)
+    assert_same("adopt", o, r, ours, ref)
+
+
+def test_rounding_follows_aten():
+    """Where no square root is involved the results are bit-identical to the reference: Sophia
+    entirely, AdamW's moments. (Guards the FMA choice: without it 11% of lerp results differ.)"""
+    o, r, ours, ref = contract("sophia", FP32)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.detach(), b.detach())
+    o, r, ours, ref = contract("adamw", FP32)
+    for a, b in zip(ours, ref):
+        assert torch.equal(o.state[a]["exp_avg"], r.state[b]["exp_avg"])
+        assert torch.equal(o.state[a]["exp_avg_sq"], r.state[b]["exp_avg_sq"])
+
+
+def test_auto_picks_cpu(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    for name in cpp_backend.OPTIMIZERS:
+        assert backends.names(name)[0] == "cpu", backends.names(name)
+        assert backends.select(name, "auto", [torch.zeros(3), torch.zeros(2, 2, dtype=torch.bfloat16)]).name == "cpu"
+    p = torch.zeros(4, requires_grad=True)
+    opt = mupopt.AdamW([p])
+    p.grad = torch.ones(4)
+    opt.step()
+    assert backends.select("adamw", opt.backend, [p]).name == "cpu"
+
+
+def test_unsupported_layouts_fall_back(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    strided = torch.zeros(4, 4).t()
+    reason = cpp_backend.cpu_unsupported_reason([strided])
+    assert "not contiguous" in reason
+    assert backends.select("adamw", "auto", [strided]).name != "cpu"
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        backends.select("adamw", "cpu", [strided])
+    assert "float64" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.float64)])
+    if torch.device("meta").type == "meta":
+        assert "backend 'cpu' steps CPU tensors" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, device="meta")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops themselves: GradScaler arguments, errors
+# ---------------------------------------------------------------------------------------------
+N_OP = [1, 7, 100003, 0, 33 * 65]
+
+
+def op_tensors(seed=0, dtype=torch.float32, step=3.0):
+    """params, grads, exp_avgs, exp_avg_sqs (>= 0), max_exp_avg_sqs (>= 0), steps."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(positive=False):
+        out = [torch.randn(n, generator=gen).to(dtype) for n in N_OP]
+        return [t.abs() for t in out] if positive else out
+
+    steps = [torch.tensor(step) for _ in N_OP]
+    return rand(), rand(), rand(), rand(positive=True), rand(positive=True), steps
+
+
+MULTS = [0.5, 1.0, 0.25, 2.0, 1.0]  # per tensor of N_OP
+
+
+def call_op(name, ts, **extra):
+    p, g, m, v, vmax, steps = ts
+    ops = torch.ops.mupopt
+    if name == "adamw":
+        ops.adamw_(p, g, m, v, vmax, steps, MULTS, MULTS, MULTS, lr=1e-2, beta1=0.9, beta2=0.999,
+                   weight_decay=0.1, eps=1e-8, amsgrad=True, maximize=False, **extra)
+    elif name == "adopt":
+        ops.adopt_(p, g, m, v, steps, MULTS, MULTS, MULTS, lr=1e-2, beta1=0.9, beta2=0.9999, weight_decay=0.1,
+                   eps=1e-6, maximize=False, **extra)
+    elif name == "lamb":
+        ops.lamb_(p, g, m, v, steps, MULTS, MULTS, lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-6,
+                  clamp_value=None, maximize=False, **extra)
+    elif name == "sophia":
+        ops.sophia_(p, g, m, v, steps, MULTS, MULTS, lr=1e-2, beta1=0.965, rho=0.04, bs=64.0, weight_decay=0.1,
+                    maximize=False, **extra)
+    elif name == "sophia_hessian":
+        ops.sophia_hessian_(g, v, beta2=0.99, **extra)
+    else:
+        raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia", "sophia_hessian"])
+def test_found_inf_skips_the_whole_update(name):
+    """found_inf != 0: params, states and step counts untouched; found_inf == 0: exactly the
+    unguarded call."""
+    ts = op_tensors()
+    before = [[t.clone() for t in lst] for lst in ts]
+    call_op(name, ts, found_inf=torch.tensor([1.0]))
+    for lst, old in zip(ts, before):
+        for t, o in zip(lst, old):
+            assert torch.equal(t, o)
+    guarded, plain = op_tensors(), op_tensors()
+    call_op(name, guarded, found_inf=torch.tensor([0.0]))
+    call_op(name, plain)
+    changed = False
+    for lst_a, lst_b, old in zip(guarded, plain, before):
+        for a, b, o in zip(lst_a, lst_b, old):
+            assert torch.equal(a, b)
+            changed |= not torch.equal(a, o)
+    assert changed
+    if name != "sophia_hessian":
+        assert all(s.item() == 4.0 for s in plain[5])
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sophia"])
+def test_grad_scale_unscales_inside_the_kernel(name):
+    scaled, plain = op_tensors(), op_tensors()
+    scaled[1][:] = [g * 1024 for g in scaled[1]]  # a power of two: unscaling is exact
+    call_op(name, scaled, grad_scale=torch.tensor([1024.0]))
+    call_op(name, plain)
+    for k in (0, 2, 3):
+        for a, b in zip(scaled[k], plain[k]):
+            assert torch.equal(a, b)
+
+
+def test_op_forms_the_reference_scalars():
+    """The op's own per-tensor scalars (from steps and multipliers) equal the reference's: one
+    call against adamw_reference on the same tensors, per-tensor step counts differing."""
+    from mupopt.mup import Multipliers
+    from mupopt.optim.adamw import AdamWHparams, adamw_reference
+
+    ours = op_tensors(step=0.0)
+    ours[5][:] = [torch.tensor(float(k)) for k in range(len(N_OP))]  # steps 0..4
+    ref = [[t.clone() for t in lst] for lst in ours]
+    hp = AdamWHparams(1e-2, 0.9, 0.999, 1e-8, 0.1, True, False)
+    call_op("adamw", ours)
+    states = [{"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vm, "step": s} for m, v, vm, s in zip(*ref[2:])]
+    adamw_reference(ref[0], ref[1], states, [Multipliers(x, x, x) for x in MULTS], hp)
+    for lst_a, lst_b in zip(ours, ref):
+        for a, b in zip(lst_a, lst_b):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # sqrt: see the module docstring
+    assert [s.item() for s in ours[5]] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_op_errors_name_the_tensor():
+    p, g, m, v, vmax, steps = op_tensors()
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False)
+    adamw_ = torch.ops.mupopt.adamw_
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[2\] is BFloat16 but params\[2\] is Float"):
+        bad = list(m)
+        bad[2] = bad[2].bfloat16()
+        adamw_(p, g, bad, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    with pytest.raises(RuntimeError, match="grads has 4 tensors but params has 5"):
+        adamw_(p, g[:4], m, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    with pytest.raises(RuntimeError, match="wd_mults has 3 values for 5 tensors"):
+        adamw_(p, g, m, v, [], steps, MULTS, MULTS[:3], MULTS, **kw)
+    with pytest.raises(RuntimeError, match=r"state_steps\[1\] must be a float32 CPU tensor with one element"):
+        adamw_(p, g, m, v, [], [steps[0], torch.tensor(3.0, dtype=torch.float64), *steps[2:]], MULTS, MULTS, MULTS, **kw)
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        q = list(p)
+        q[4] = torch.zeros(65, 33).t()
+        adamw_(q, g, m, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    # Every failure above left everything as it was (checks come before any write).
+    assert all(s.item() == 3.0 for s in steps)
+
+
+def test_isa_follows_aten():
+    isa = torch.ops.mupopt.cpu_isa()
+    assert isa in ("avx2+fma", "fma", "plain")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert isa == "avx2+fma"
+    elif torch.backends.cpu.get_cpu_capability() == "DEFAULT" and sys.platform.startswith("linux"):
+        assert isa in ("plain", "fma")
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon and Shampoo elementwise parts (header functions, exposed as ops; no backend yet)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_momentum(nesterov, dtype):
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in N_OP]
+    bufs = [torch.randn(n, generator=gen).to(dtype) for n in N_OP]
+    ref_bufs = [b.clone() for b in bufs]
+    updates = [torch.empty_like(b) for b in bufs]
+    mu = 0.95
+    torch.ops.mupopt.muon_momentum_(grads, bufs, updates, momentum=mu, nesterov=nesterov)
+    for g, b, rb, u in zip(grads, bufs, ref_bufs, updates):  # torch.optim.Muon's sequence, in fp32
+        b32, g32 = rb.float(), g.float()
+        b32.lerp_(g32, 1 - mu)
+        u32 = g32.lerp(b32, mu) if nesterov else b32
+        assert torch.equal(b, b32.to(dtype))
+        assert torch.equal(u, u32.to(dtype))
+
+
+def test_muon_update():
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(n, generator=gen) for n in N_OP]
+    orthos = [torch.randn(n, generator=gen).bfloat16() for n in N_OP]
+    table = torch.tensor([[1 - 1e-3 * 0.1, -1e-3 * 1.7]] * len(params), dtype=torch.float32)
+    expected = [p.clone().mul_(float(table[0, 0])).add_(o.float(), alpha=float(table[0, 1])) for p, o in zip(params, orthos)]
+    torch.ops.mupopt.muon_update_(params, orthos, table)
+    for p, e in zip(params, expected):
+        assert torch.equal(p, e)
+
+
+def test_shampoo_graft_and_update():
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(n, generator=gen) for n in N_OP]
+    vs = [torch.rand(n, generator=gen) for n in N_OP]
+    ref_vs = [v.clone() for v in vs]
+    adam = [torch.empty_like(g) for g in grads]
+    b2, t, eps = 0.999, 4, 1e-8
+    bc2 = 1 - b2**t
+    torch.ops.mupopt.shampoo_graft_(grads, vs, adam, torch.tensor([[bc2, eps]] * len(grads), dtype=torch.float32), beta2=b2)
+    for g, v, rv, a in zip(grads, vs, ref_vs, adam):  # shampoo_reference's sequence
+        v_new = rv.mul(b2).addcmul_(g, g, value=1 - b2)
+        assert torch.equal(v, v_new)
+        torch.testing.assert_close(a, g / ((v_new / bc2).sqrt() + eps), rtol=1e-6, atol=0)  # MKL sqrt: see docstring
+
+    params = [torch.randn(n, generator=gen) for n in N_OP]
+    directions = [torch.randn(n, generator=gen) for n in N_OP]
+    moms = [torch.randn(n, generator=gen) for n in N_OP]
+    ref_params, ref_moms = [p.clone() for p in params], [m.clone() for m in moms]
+    b1, decay, alpha = 0.9, 1 - 1e-2 * 0.01, -1e-2 / (1 - 0.9**t)
+    norms = [(2.0, 4.0), (3.0, 0.0), (1.0, 1.0), (5.0, 2.5), (0.5, 0.25)]  # d_norm 0: no step direction
+    table = torch.tensor([[a_n, d_n, decay, alpha] for a_n, d_n in norms], dtype=torch.float32)
+    torch.ops.mupopt.shampoo_update_(params, directions, moms, table, beta1=b1)
+    for p, m, rp, rm, d, (a_n, d_n) in zip(params, moms, ref_params, ref_moms, directions, norms):
+        a_t, d_t = torch.tensor(a_n), torch.tensor(d_n)
+        scale = torch.where(d_t > 0, a_t / d_t, torch.zeros_like(d_t))
+        rm.mul_(b1).add_(d * scale, alpha=1 - b1)
+        rp.mul_(float(table[0, 2])).add_(rm, alpha=float(table[0, 3]))
+        assert torch.equal(m, rm)
+        assert torch.equal(p, rp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build behaviour (fresh interpreters)
+# ---------------------------------------------------------------------------------------------
+def _python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), **env)
+    full_env.pop(backends.ENV_VAR, None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_ahead_of_time_command(capsys):
+    """`python -m mupopt.kernels.cpp.build` (here in-process: the library is already built, so
+    this only checks the command's contract)."""
+    from mupopt.kernels.cpp import build
+
+    assert build.main(["--quiet"]) == 0
+    assert "mupopt cpu library ready" in capsys.readouterr().out
+
+
+def test_import_and_register_build_nothing(tmp_path):
+    res = _python(
+        """
+        import os, sys
+        import mupopt, mupopt.kernels.cpp as c
+        c.register()
+        assert "mupopt.kernels.cpp.build" not in sys.modules, "imported the builder"
+        root = os.environ["TORCH_EXTENSIONS_DIR"]
+        assert not os.path.exists(root) or not os.listdir(root), os.listdir(root)
+        print("ok")
+        """,
+        tmp_path,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_without_compiler_auto_falls_back_and_explicit_raises(tmp_path):
+    res = _python(
+        """
+        import torch, mupopt, mupopt.kernels.cpp as c
+        from mupopt import backends
+        c.register()
+        t = [torch.zeros(3)]
+        reason = c.cpu_unsupported_reason(t)
+        assert reason.startswith("no C++ compiler"), reason
+        assert backends.select("adamw", "auto", t).name != "cpu"
+        p = torch.zeros(3, requires_grad=True); p.grad = torch.ones(3)
+        mupopt.AdamW([p]).step()                       # auto: the next backend steps
+        try:
+            mupopt.AdamW([p], backend="cpu").step()
+        except RuntimeError as exc:
+            assert "no C++ compiler" in str(exc), exc
+            print("ok")
+        """,
+        tmp_path,
+        CXX="/nonexistent/c++",
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
