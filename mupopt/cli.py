@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="print each check as it starts")
     p.set_defaults(func=_verify)
 
+    from .bench import cli as bench_cli
+
+    p = sub.add_parser("bench", help="time every optimizer x backend against the torch peers")
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=bench_cli.main)
+
     from .mupcheck import coord_check, transfer
 
     p = sub.add_parser("coord-check", help="coordinate check, SP vs muP, for the mupopt optimizers")

@@ -1,0 +1,7 @@
+"""LAMB: every registered backend and peer x case x dtype (see conftest.py)."""
+
+OPTIMIZERS = ("lamb",)
+
+
+def test_step(bench_step):
+    """Checked against the reference, then timed (bench_step does both)."""

@@ -1,0 +1,176 @@
+"""Smoke test of the benchmark suite (mupopt.bench): the command runs end to end on tiny sizes,
+writes JSON and CSV in one schema with positive ratios, and its correctness pre-check stops a
+wrong backend before it is timed. Numbers are not looked at: timing is the benchmarks' job."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from mupopt import backends
+from mupopt.bench import cli, model, report
+from mupopt.bench.check import CheckFailed
+from mupopt.bench.runner import COLUMNS, Config, run
+from mupopt.mup import ONES
+from mupopt.optim.adamw import adamw_reference
+
+RATIO_COLUMNS = [c for c in COLUMNS if c.startswith("ratio_to_")]
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """`mupopt bench --smoke` for two optimizers on the CPU (the elementwise and the matrix path).
+    Backends: the reference only, so that a compiled backend's first use (the C++ build) does not
+    land in this test's time; the registry path is covered by the fake backends below."""
+    out = tmp_path_factory.mktemp("bench")
+    status = cli.main(_args("--smoke", "--device", "cpu", "--optimizers", "adamw,muon", "--backends", "reference",
+                            "--out", str(out), "-q", "--note", "smoke test"))
+    return status, out
+
+
+def test_smoke_run_writes_json_and_csv_in_one_schema(smoke_run):
+    status, out = smoke_run
+    assert status == 0
+    (json_path,) = out.glob("*.json")
+    (csv_path,) = out.glob("*.csv")
+    assert json_path.stem == csv_path.stem and json_path.stem.startswith("cpu-")
+    rows = json.loads(json_path.read_text())
+    assert rows and all(list(r) == COLUMNS for r in rows)
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        assert len(list(reader)) == len(rows)
+    for r in rows:
+        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["date"] and r["run_note"] == "smoke test"
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["optimizer"] for r in ok} >= {"copy", "matmul", "adamw", "muon"}
+    # Throughput from the bytes model (elementwise) or the flop count (matrix-bound).
+    for r in ok:
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        if r["optimizer"] == "adamw":
+            assert r["gbps"] > 0 and r["bytes"] > 0
+        if r["optimizer"] == "muon":
+            assert r["tflops"] > 0 and r["flops"] > 0
+
+
+def test_ratios_are_positive_numbers(smoke_run):
+    _, out = smoke_run
+    rows = json.loads(next(out.glob("*.json")).read_text())
+    seen = set()
+    for r in rows:
+        for c in RATIO_COLUMNS:
+            if r[c] is not None:
+                assert isinstance(r[c], float) and math.isfinite(r[c]) and r[c] > 0, (r["optimizer"], r["backend"], c)
+                seen.add(c)
+    # The peers of the two optimizers ran: torch's AdamW (fused and foreach), torch.optim.Muon,
+    # the reference, and the muP pair.
+    assert {"ratio_to_torch_fused", "ratio_to_torch_foreach", "ratio_to_reference", "ratio_to_torch_muon",
+            "ratio_to_uniform_lr"} <= seen
+    ref = next(r for r in rows if r["optimizer"] == "adamw" and r["backend"] == "reference" and r["case"] == "large")
+    assert ref["ratio_to_reference"] == 1.0
+
+
+def test_readme_section_names_device_and_date(smoke_run, tmp_path):
+    _, out = smoke_run
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.START_MARKER}\nold\n{report.END_MARKER}\n\nafter\n")
+    assert report.update_readme(readme, out)
+    assert "No results recorded yet" in readme.read_text()  # smoke numbers never reach the README
+    assert report.update_readme(readme, out, include_smoke=True)
+    text = readme.read_text()
+    rows = json.loads(next(out.glob("*.json")).read_text())
+    assert "old" not in text and text.endswith("after\n")
+    assert rows[0]["device_name"] in text and rows[0]["date"][:10] in text
+    assert not report.update_readme(readme, out, include_smoke=True)  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        report.update_readme(readme, out)
+
+
+def _wrong_adamw(params, grads, states, mults, hp):
+    """AdamW that drifts every parameter by 1e-3 (5% of a parameter of scale 0.02)."""
+    adamw_reference(params, grads, states, mults, hp)
+    for p in params:
+        p.add_(1e-3)
+
+
+def _ignores_mup(params, grads, states, mults, hp):
+    """AdamW that drops the per-tensor muP multipliers: right whenever every multiplier is 1."""
+    adamw_reference(params, grads, states, [ONES] * len(params), hp)
+
+
+def _register(monkeypatch, name, fn):
+    monkeypatch.setitem(backends._REGISTRY["adamw"], name, backends.Backend("adamw", name, fn))
+
+
+def test_precheck_stops_a_wrong_backend(monkeypatch, capsys):
+    _register(monkeypatch, "wrong", _wrong_adamw)
+    config = Config(device="cpu", mode="smoke", optimizers=["adamw"], backends=["wrong"], peers=[], cases=["large"], dtypes=["fp32"])
+    with pytest.raises(CheckFailed, match="'wrong'.*param\\[0\\]"):
+        run(config, progress=False)
+    # The command says so and exits with 2, timing nothing.
+    status = cli.main(_args("--smoke", "--device", "cpu", "--optimizers", "adamw", "--backends", "wrong", "--peers", "none",
+                            "--cases", "large", "--dtypes", "fp32", "--out", "", "-q"))
+    assert status == 2
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().err
+
+
+def test_keep_going_records_the_failure(monkeypatch):
+    _register(monkeypatch, "wrong", _wrong_adamw)
+    config = Config(device="cpu", mode="smoke", optimizers=["adamw"], backends=["wrong"], peers=[], cases=["large"],
+                    dtypes=["bf16"], keep_going=True)
+    rows, failures = run(config, progress=False)
+    (row,) = [r for r in rows if r.backend == "wrong"]
+    assert row.status == "failed" and row.median_ms is None and "CHECK FAILED" in row.notes
+    assert len(failures) == 1
+
+
+def test_precheck_catches_a_backend_that_ignores_mup_multipliers(monkeypatch):
+    # Uniform multipliers hide the bug; the muP case (one lr per tensor) shows it.
+    _register(monkeypatch, "nomup", _ignores_mup)
+    config = Config(device="cpu", mode="smoke", optimizers=["adamw"], backends=["nomup"], peers=[], cases=["large"], dtypes=["fp32"])
+    rows, _ = run(config, progress=False)
+    assert [r.status for r in rows if r.backend == "nomup"] == ["ok"]
+    config.cases = ["gpt2-small/32.mup"]
+    with pytest.raises(CheckFailed, match="'nomup'.*gpt2-small/32.mup"):
+        run(config, progress=False)
+
+
+def test_bytes_model_matches_the_performance_table():
+    fp32 = dict.fromkeys(["param", "grad", "exp_avg", "exp_avg_sq", "hessian"], 4)
+    per_param = {k: model.bytes_per_element(k, fp32) for k in model.ELEMENTWISE}
+    assert per_param == {"adamw": 28, "adopt": 28, "sophia": 24, "sophia_hessian": 12, "lamb": 40}
+    # fp32 p and g with bf16 moments: 20 B (performance.md).
+    assert model.bytes_per_element("adamw", {**fp32, "exp_avg": 2, "exp_avg_sq": 2}) == 20
+
+
+def test_newton_schulz_flop_formula_matches_torchs_count():
+    from mupopt.linalg import newton_schulz
+
+    for shape in [(3, 48, 80), (2, 96, 40)]:
+        G = torch.randn(*shape)
+        counted = model.counted_flops(lambda: newton_schulz(G, 5, check_finite=False))
+        assert counted == shape[0] * model.ns_flops(shape[1:])
+
+
+def test_max_seconds_stops_between_groups_and_still_writes(tmp_path):
+    """--max-seconds: no new case group after the budget; what was measured is written, each
+    row saying the run stopped early."""
+    out = tmp_path / "b"
+    status = cli.main(_args("--smoke", "--device", "cpu", "--optimizers", "adamw", "--backends", "reference",
+                            "--peers", "none", "--max-seconds", "1e-9", "--out", str(out), "-q"))
+    assert status == 0
+    rows = json.loads(next(out.glob("*.json")).read_text())
+    # The first group (the device peaks) starts before any time has passed; nothing after it.
+    assert rows and {r["optimizer"] for r in rows} <= {"copy", "matmul"}
+    assert all("--max-seconds" in r["run_note"] and "stopped after 1 of" in r["run_note"] for r in rows)
