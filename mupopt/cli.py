@@ -14,6 +14,10 @@ def _verify(args) -> int:
     progress = (lambda msg: print(f"  checking {msg}", file=sys.stderr)) if args.verbose else None
     rows = verify.run(devices, steps=args.steps, progress=progress)
     print(verify.format_rows(rows))
+    for entry in verify.OPTIMIZERS:
+        problem = verify.reference_problem(entry.reference_module)
+        if entry.reference_module is not None and problem is not None:
+            print(f"{entry.name}: not checked against {entry.reference_module}: {problem}")
     failed = [r for r in rows if not r.passed]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
     if args.json:

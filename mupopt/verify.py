@@ -54,6 +54,8 @@ class _Entry:
     oracle_kwargs: dict = field(default_factory=dict)  # ours, in the float64 comparison only
     # (rtol, atol) against the float64 transcription after 10 steps of float32 math.
     oracle_tol: tuple[float, float] = (1e-4, 1e-5)
+    # (rtol, atol) against the named reference on CUDA, where set; else (1e-5, 1e-6) as on the CPU.
+    named_tol_cuda: tuple[float, float] | None = None
 
 
 def _torch_adamw(params, **kw):
@@ -92,6 +94,11 @@ OPTIMIZERS = [
     _Entry(
         "muon", Muon, dict(lr=2e-2, weight_decay=0.1, adamw_lr=1e-3, adamw_wd=0.01), "torch.optim._muon",
         _TorchMuonPair, oracle_kwargs={"ns_dtype": torch.float32},
+        # Our reference stacks same-shape matrices (baddbmm), torch.optim.Muon steps each one
+        # (addmm): bit-identical on the CPU, but cuBLAS runs other bf16 kernels for the two, so
+        # the bf16 Newton-Schulz outputs differ by bf16 roundings. Measured on an H200 after 10
+        # steps at lr 2e-2: max abs difference 3.8e-5 (the float64 check stays at 1e-5).
+        named_tol_cuda=(1e-3, 1e-4),
     ),
     _Entry(
         "shampoo", Shampoo,
@@ -123,14 +130,23 @@ class Row:
     passed: bool
 
 
-def _installed(module: str | None) -> bool:
+def reference_problem(module: str | None) -> str | None:
+    """Why the named reference library ``module`` cannot be checked against here, or None."""
     if module is None:
-        return False
+        return "no named reference (checked against a float64 transcription)"
     try:
         importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
+    except ImportError as exc:
+        return f"not installed ({exc}); pip install -e .[test]"
+    if module == "adopt" and not hasattr(torch.optim.Optimizer, "_cuda_graph_capture_health_check"):
+        # torch-adopt 0.1.0's step() calls this private method, which some torch versions lack
+        # (2.11 has only _accelerator_graph_capture_health_check; 2.13 has both).
+        return f"torch-adopt calls torch.optim.Optimizer._cuda_graph_capture_health_check, absent in torch {torch.__version__}"
+    return None
+
+
+def _installed(module: str | None) -> bool:
+    return reference_problem(module) is None
 
 
 def _compare(ours: list[torch.Tensor], theirs: list[torch.Tensor], rtol: float, atol: float) -> tuple[float, float, bool]:
@@ -220,6 +236,8 @@ def _check(entry: _Entry, backend: str, device: str, against: str, steps: int) -
         params = [p.clone().requires_grad_() for p in start]
         follower = _optimizer_follower(entry.reference(params, **entry.kwargs), params, sophia)
         label, result, tol = REFERENCE_NAMES[entry.name], params, (1e-5, 1e-6)
+        if device.startswith("cuda") and entry.named_tol_cuda is not None:
+            tol = entry.named_tol_cuda
     elif against == "oracle":
         result = [p.double().cpu() for p in start]
         follower = _oracle_follower(entry, opt, result)

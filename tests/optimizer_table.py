@@ -32,6 +32,11 @@ def _adopt(params, **kw):
     import pytest
 
     adopt = pytest.importorskip("adopt", reason="torch-adopt is a test extra: pip install -e .[test]")
+    from mupopt.verify import reference_problem
+
+    problem = reference_problem("adopt")
+    if problem is not None:
+        pytest.skip(problem)
     return adopt.ADOPT(params, decouple=True, **kw)
 
 
