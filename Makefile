@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps mup
+	# The "cpu" backend's library, ahead of time (tests would otherwise build it at first use);
+	# without a C++ compiler that backend is skipped, so a failed build does not stop set-up.
+	-$(BIN)/python -m mupopt.kernels.cpp.build --quiet
 	touch $(STAMP)
 
 verify: $(STAMP)
