@@ -123,50 +123,6 @@ void sophia_hessian_cpu(TensorList grads, TensorList hessians, double beta2, con
   for (const Group& g : t.groups) cpu::sophia_hessian(launch_of(t, g), h, a);
 }
 
-void muon_momentum_cpu(TensorList grads, TensorList momentum_buffers, TensorList updates, double momentum,
-                       bool nesterov, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  Table t = make_table("muon_momentum_",
-                       {Stream{updates, "updates"}, Stream{grads, "grads"},
-                        Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
-                       nullptr, 0, kCpuChunk);
-  const cpu::Args a = cpu_args("muon_momentum_", t, false, grad_scale, found_inf);
-  const MuonHyper h = make_muon_hyper(momentum, nesterov);
-  for (const Group& g : t.groups) cpu::muon_momentum(launch_of(t, g), h, a);
-}
-
-void muon_update_cpu(TensorList params, TensorList orthos, const Tensor& scalars, const OptTensor& found_inf) {
-  Table t = make_table("muon_update_",
-                       {Stream{params, "params"}, Stream{orthos, "orthos"}, Stream{}, Stream{}, Stream{}},
-                       scalar_table("muon_update_", scalars, params.size(), MuonScalars::kCount), MuonScalars::kCount,
-                       kCpuChunk);
-  const cpu::Args a = cpu_args("muon_update_", t, false, c10::nullopt, found_inf);
-  for (const Group& g : t.groups) cpu::muon_update(launch_of(t, g), a);
-}
-
-void shampoo_graft_cpu(TensorList grads, TensorList exp_avg_sqs, TensorList adam_directions, const Tensor& scalars,
-                       double beta2, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  Table t = make_table("shampoo_graft_",
-                       {Stream{adam_directions, "adam_directions"}, Stream{grads, "grads"},
-                        Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}, Stream{}},
-                       scalar_table("shampoo_graft_", scalars, grads.size(), ShampooGraftScalars::kCount),
-                       ShampooGraftScalars::kCount, kCpuChunk);
-  const cpu::Args a = cpu_args("shampoo_graft_", t, false, grad_scale, found_inf);
-  const ShampooHyper h = make_shampoo_hyper(0.0, beta2);
-  for (const Group& g : t.groups) cpu::shampoo_graft(launch_of(t, g), h, a);
-}
-
-void shampoo_update_cpu(TensorList params, TensorList directions, TensorList momentum_buffers, const Tensor& scalars,
-                        double beta1, const OptTensor& found_inf) {
-  Table t = make_table("shampoo_update_",
-                       {Stream{params, "params"}, Stream{directions, "directions"},
-                        Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
-                       scalar_table("shampoo_update_", scalars, params.size(), ShampooUpdateScalars::kCount),
-                       ShampooUpdateScalars::kCount, kCpuChunk);
-  const cpu::Args a = cpu_args("shampoo_update_", t, false, c10::nullopt, found_inf);
-  const ShampooHyper h = make_shampoo_hyper(beta1, 0.0);
-  for (const Group& g : t.groups) cpu::shampoo_update(launch_of(t, g), h, a);
-}
-
 // Which loops this CPU build runs ("avx2+fma" or "plain"): for tests and benchmarks.
 std::string cpu_isa() { return cpu_use_fma() ? (MUPOPT_CPU_X86_DISPATCH ? "avx2+fma" : "fma") : "plain"; }
 
@@ -200,18 +156,6 @@ TORCH_LIBRARY(mupopt, m) {
   m.def(
       "sophia_hessian_(Tensor[] grads, Tensor(a!)[] hessians, *, float beta2, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
-  // Elementwise parts of Muon and Shampoo (no backend uses them yet); per-tensor scalars as a
-  // float32 CPU table [N, K], columns as the *Scalars enums of muon.h / shampoo.h.
-  m.def(
-      "muon_momentum_(Tensor[] grads, Tensor(a!)[] momentum_buffers, Tensor(b!)[] updates, *, float momentum, "
-      "bool nesterov, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def("muon_update_(Tensor(a!)[] params, Tensor[] orthos, Tensor scalars, *, Tensor? found_inf=None) -> ()");
-  m.def(
-      "shampoo_graft_(Tensor[] grads, Tensor(a!)[] exp_avg_sqs, Tensor(b!)[] adam_directions, Tensor scalars, *, "
-      "float beta2, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def(
-      "shampoo_update_(Tensor(a!)[] params, Tensor[] directions, Tensor(b!)[] momentum_buffers, Tensor scalars, *, "
-      "float beta1, Tensor? found_inf=None) -> ()");
   // Which CPU loops run here: "avx2+fma", "fma" (non-x86) or "plain" (tests, benchmarks).
   m.def("cpu_isa() -> str", &mupopt::binding::cpu_isa);
 }
@@ -223,8 +167,4 @@ TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
   m.impl("lamb_", &lamb_cpu);
   m.impl("sophia_", &sophia_cpu);
   m.impl("sophia_hessian_", &sophia_hessian_cpu);
-  m.impl("muon_momentum_", &muon_momentum_cpu);
-  m.impl("muon_update_", &muon_update_cpu);
-  m.impl("shampoo_graft_", &shampoo_graft_cpu);
-  m.impl("shampoo_update_", &shampoo_update_cpu);
 }

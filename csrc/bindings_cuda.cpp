@@ -151,59 +151,6 @@ void sophia_hessian_cuda(TensorList grads, TensorList hessians, double beta2, co
   });
 }
 
-void muon_momentum_cuda(TensorList grads, TensorList momentum_buffers, TensorList updates, double momentum,
-                        bool nesterov, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  DeviceTable d = upload(make_table("muon_momentum_",
-                                    {Stream{updates, "updates"}, Stream{grads, "grads"},
-                                     Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
-                                    nullptr, 0, kCudaChunk));
-  const GradArgs ga = grad_args("muon_momentum_", d.table, false, grad_scale, found_inf);
-  const MuonHyper h = make_muon_hyper(momentum, nesterov);
-  for_each_group("muon_momentum_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::muon_momentum(l, h, ga, s);
-  });
-}
-
-void muon_update_cuda(TensorList params, TensorList orthos, const Tensor& scalars, const OptTensor& found_inf) {
-  DeviceTable d = upload(make_table("muon_update_",
-                                    {Stream{params, "params"}, Stream{orthos, "orthos"}, Stream{}, Stream{}, Stream{}},
-                                    scalar_table("muon_update_", scalars, params.size(), MuonScalars::kCount),
-                                    MuonScalars::kCount, kCudaChunk));
-  const GradArgs ga = grad_args("muon_update_", d.table, false, c10::nullopt, found_inf);
-  for_each_group("muon_update_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::muon_update(l, ga, s);
-  });
-}
-
-void shampoo_graft_cuda(TensorList grads, TensorList exp_avg_sqs, TensorList adam_directions, const Tensor& scalars,
-                        double beta2, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  DeviceTable d = upload(make_table("shampoo_graft_",
-                                    {Stream{adam_directions, "adam_directions"}, Stream{grads, "grads"},
-                                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}, Stream{}},
-                                    scalar_table("shampoo_graft_", scalars, grads.size(), ShampooGraftScalars::kCount),
-                                    ShampooGraftScalars::kCount, kCudaChunk));
-  const GradArgs ga = grad_args("shampoo_graft_", d.table, false, grad_scale, found_inf);
-  const ShampooHyper h = make_shampoo_hyper(0.0, beta2);
-  for_each_group("shampoo_graft_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::shampoo_graft(l, h, ga, s);
-  });
-}
-
-void shampoo_update_cuda(TensorList params, TensorList directions, TensorList momentum_buffers, const Tensor& scalars,
-                         double beta1, const OptTensor& found_inf) {
-  DeviceTable d = upload(make_table("shampoo_update_",
-                                    {Stream{params, "params"}, Stream{directions, "directions"},
-                                     Stream{momentum_buffers, "momentum_buffers"}, Stream{}, Stream{}},
-                                    scalar_table("shampoo_update_", scalars, params.size(),
-                                                 ShampooUpdateScalars::kCount),
-                                    ShampooUpdateScalars::kCount, kCudaChunk));
-  const GradArgs ga = grad_args("shampoo_update_", d.table, false, c10::nullopt, found_inf);
-  const ShampooHyper h = make_shampoo_hyper(beta1, 0.0);
-  for_each_group("shampoo_update_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::shampoo_update(l, h, ga, s);
-  });
-}
-
 }  // namespace
 }  // namespace binding
 }  // namespace mupopt
@@ -215,8 +162,4 @@ TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
   m.impl("lamb_", &lamb_cuda);
   m.impl("sophia_", &sophia_cuda);
   m.impl("sophia_hessian_", &sophia_hessian_cuda);
-  m.impl("muon_momentum_", &muon_momentum_cuda);
-  m.impl("muon_update_", &muon_update_cuda);
-  m.impl("shampoo_graft_", &shampoo_graft_cuda);
-  m.impl("shampoo_update_", &shampoo_update_cuda);
 }

@@ -52,15 +52,6 @@ inline std::string describe(const at::Tensor& t) {
          t.device().str();
 }
 
-// The [N, K] float32 CPU table of an op that takes its per-tensor scalars ready-made.
-inline const float* scalar_table(const char* op, const at::Tensor& scalars, int64_t n, int k) {
-  TORCH_CHECK(scalars.defined() && scalars.device().is_cpu() && scalars.scalar_type() == at::kFloat &&
-                  scalars.dim() == 2 && scalars.size(0) == n && scalars.size(1) == k && scalars.is_contiguous(),
-              op, ": scalars must be a contiguous float32 CPU tensor of shape [", n, ", ", k, "], got ",
-              scalars.defined() ? describe(scalars) : std::string("an undefined tensor"));
-  return scalars.data_ptr<float>();
-}
-
 // Checks the lists of ``op`` and builds its table. ``scal``: N x n_scalars per-tensor scalars,
 // or nullptr (the caller fills row.scalar later, through Table::source). ``variant(i)`` splits
 // tensors that need different Ops (ADOPT's first step); empty tensors are validated and then

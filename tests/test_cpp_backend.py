@@ -5,8 +5,8 @@ build's own sentence is the skip reason). Contract: 10 steps through the optimiz
 ``backend="cpu"`` and ``backend="reference"`` from identical tensors and gradients, on odd sizes
 (1, 7, 33x65, 0 and 100003 elements), three param groups with different hyperparameters, muP
 width information on every parameter (multipliers other than 1), float32 and bfloat16 storage,
-maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors, Muon's and
-Shampoo's elementwise parts; then the build's laziness and its fallback without a compiler.
+maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors; then the
+build's laziness and its fallback without a compiler.
 
 Tolerances. The CPU loops follow ATen's rounding sequence (fused multiply-adds where ATen's
 vector kernels use them), so most results are bit-identical. The exception is the square root:
@@ -380,69 +380,6 @@ def test_isa_follows_aten():
         assert isa == "avx2+fma"
     elif torch.backends.cpu.get_cpu_capability() == "DEFAULT" and sys.platform.startswith("linux"):
         assert isa in ("plain", "fma")
-
-
-# ---------------------------------------------------------------------------------------------
-# Muon and Shampoo elementwise parts (header functions, exposed as ops; no backend yet)
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("nesterov", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_muon_momentum(nesterov, dtype):
-    gen = torch.Generator().manual_seed(3)
-    grads = [torch.randn(n, generator=gen).to(dtype) for n in N_OP]
-    bufs = [torch.randn(n, generator=gen).to(dtype) for n in N_OP]
-    ref_bufs = [b.clone() for b in bufs]
-    updates = [torch.empty_like(b) for b in bufs]
-    mu = 0.95
-    torch.ops.mupopt.muon_momentum_(grads, bufs, updates, momentum=mu, nesterov=nesterov)
-    for g, b, rb, u in zip(grads, bufs, ref_bufs, updates):  # torch.optim.Muon's sequence, in fp32
-        b32, g32 = rb.float(), g.float()
-        b32.lerp_(g32, 1 - mu)
-        u32 = g32.lerp(b32, mu) if nesterov else b32
-        assert torch.equal(b, b32.to(dtype))
-        assert torch.equal(u, u32.to(dtype))
-
-
-def test_muon_update():
-    gen = torch.Generator().manual_seed(4)
-    params = [torch.randn(n, generator=gen) for n in N_OP]
-    orthos = [torch.randn(n, generator=gen).bfloat16() for n in N_OP]
-    table = torch.tensor([[1 - 1e-3 * 0.1, -1e-3 * 1.7]] * len(params), dtype=torch.float32)
-    expected = [p.clone().mul_(float(table[0, 0])).add_(o.float(), alpha=float(table[0, 1])) for p, o in zip(params, orthos)]
-    torch.ops.mupopt.muon_update_(params, orthos, table)
-    for p, e in zip(params, expected):
-        assert torch.equal(p, e)
-
-
-def test_shampoo_graft_and_update():
-    gen = torch.Generator().manual_seed(5)
-    grads = [torch.randn(n, generator=gen) for n in N_OP]
-    vs = [torch.rand(n, generator=gen) for n in N_OP]
-    ref_vs = [v.clone() for v in vs]
-    adam = [torch.empty_like(g) for g in grads]
-    b2, t, eps = 0.999, 4, 1e-8
-    bc2 = 1 - b2**t
-    torch.ops.mupopt.shampoo_graft_(grads, vs, adam, torch.tensor([[bc2, eps]] * len(grads), dtype=torch.float32), beta2=b2)
-    for g, v, rv, a in zip(grads, vs, ref_vs, adam):  # shampoo_reference's sequence
-        v_new = rv.mul(b2).addcmul_(g, g, value=1 - b2)
-        assert torch.equal(v, v_new)
-        torch.testing.assert_close(a, g / ((v_new / bc2).sqrt() + eps), rtol=1e-6, atol=0)  # MKL sqrt: see docstring
-
-    params = [torch.randn(n, generator=gen) for n in N_OP]
-    directions = [torch.randn(n, generator=gen) for n in N_OP]
-    moms = [torch.randn(n, generator=gen) for n in N_OP]
-    ref_params, ref_moms = [p.clone() for p in params], [m.clone() for m in moms]
-    b1, decay, alpha = 0.9, 1 - 1e-2 * 0.01, -1e-2 / (1 - 0.9**t)
-    norms = [(2.0, 4.0), (3.0, 0.0), (1.0, 1.0), (5.0, 2.5), (0.5, 0.25)]  # d_norm 0: no step direction
-    table = torch.tensor([[a_n, d_n, decay, alpha] for a_n, d_n in norms], dtype=torch.float32)
-    torch.ops.mupopt.shampoo_update_(params, directions, moms, table, beta1=b1)
-    for p, m, rp, rm, d, (a_n, d_n) in zip(params, moms, ref_params, ref_moms, directions, norms):
-        a_t, d_t = torch.tensor(a_n), torch.tensor(d_n)
-        scale = torch.where(d_t > 0, a_t / d_t, torch.zeros_like(d_t))
-        rm.mul_(b1).add_(d * scale, alpha=1 - b1)
-        rp.mul_(float(table[0, 2])).add_(rm, alpha=float(table[0, 3]))
-        assert torch.equal(m, rm)
-        assert torch.equal(p, rp)
 
 
 # ---------------------------------------------------------------------------------------------

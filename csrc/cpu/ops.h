@@ -7,8 +7,6 @@
 #include "mupopt/adamw.h"
 #include "mupopt/adopt.h"
 #include "mupopt/lamb.h"
-#include "mupopt/muon.h"
-#include "mupopt/shampoo.h"
 #include "mupopt/sophia.h"
 
 namespace mupopt {
@@ -20,10 +18,6 @@ void adopt(const Launch& l, const AdoptHyper& h, bool first_step, const Args& a)
 void lamb(const Launch& l, const LambHyper& h, const Args& a);
 void sophia(const Launch& l, const SophiaHyper& h, const Args& a);
 void sophia_hessian(const Launch& l, const SophiaHyper& h, const Args& a);
-void muon_momentum(const Launch& l, const MuonHyper& h, const Args& a);
-void muon_update(const Launch& l, const Args& a);
-void shampoo_graft(const Launch& l, const ShampooHyper& h, const Args& a);
-void shampoo_update(const Launch& l, const ShampooHyper& h, const Args& a);
 
 }  // namespace cpu
 }  // namespace mupopt

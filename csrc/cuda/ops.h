@@ -10,8 +10,6 @@
 #include "mupopt/adopt.h"
 #include "mupopt/lamb.h"
 #include "mupopt/multi_tensor.h"
-#include "mupopt/muon.h"
-#include "mupopt/shampoo.h"
 #include "mupopt/sophia.h"
 
 namespace mupopt {
@@ -34,10 +32,6 @@ cudaError_t adopt(const Launch& l, const AdoptHyper& h, bool first_step, const G
 cudaError_t lamb(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials, cudaStream_t stream);
 cudaError_t sophia(const Launch& l, const SophiaHyper& h, const GradArgs& ga, cudaStream_t stream);
 cudaError_t sophia_hessian(const Launch& l, const SophiaHyper& h, const GradArgs& ga, cudaStream_t stream);
-cudaError_t muon_momentum(const Launch& l, const MuonHyper& h, const GradArgs& ga, cudaStream_t stream);
-cudaError_t muon_update(const Launch& l, const GradArgs& ga, cudaStream_t stream);
-cudaError_t shampoo_graft(const Launch& l, const ShampooHyper& h, const GradArgs& ga, cudaStream_t stream);
-cudaError_t shampoo_update(const Launch& l, const ShampooHyper& h, const GradArgs& ga, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mupopt

@@ -44,7 +44,6 @@ CPU_SOURCES = (
     "cpu/adopt.cpp",
     "cpu/lamb.cpp",
     "cpu/sophia.cpp",
-    "cpu/muon_shampoo.cpp",
 )
 CUDA_SOURCES = (
     "bindings_cuda.cpp",
@@ -52,7 +51,6 @@ CUDA_SOURCES = (
     "cuda/adopt.cu",
     "cuda/lamb.cu",
     "cuda/sophia.cu",
-    "cuda/muon_shampoo.cu",
 )
 CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
 LD_FLAGS = ("-fopenmp",)
@@ -209,7 +207,6 @@ def _ensure(kind: str, verbose: bool | None) -> bool | str:
 # them through as opaque, functionalised ops.
 OPS = (
     "adamw_", "adopt_", "lamb_", "sophia_", "sophia_hessian_",
-    "muon_momentum_", "muon_update_", "shampoo_graft_", "shampoo_update_",
 )
 
 
