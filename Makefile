@@ -11,13 +11,14 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# The last step builds the "cpu" backend's library ahead of time (tests would otherwise build it
+# at first use); without a C++ compiler that backend is skipped, so a failed build (-) does not
+# stop the set-up.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps mup
-	# The "cpu" backend's library, ahead of time (tests would otherwise build it at first use);
-	# without a C++ compiler that backend is skipped, so a failed build does not stop set-up.
 	-$(BIN)/python -m mupopt.kernels.cpp.build --quiet
 	touch $(STAMP)
 
