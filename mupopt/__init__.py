@@ -4,16 +4,12 @@ from .mup import MupError, WidthInfo, clear_base_shapes, init_mup_, set_base_sha
 from .kernels import cpp as _cpp_kernels
 from .kernels import triton as _triton_kernels
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
-from .kernels.triton import muon as _triton_muon  # noqa: E402  (needs .optim)
-from .kernels.triton import shampoo as _triton_shampoo  # noqa: E402
 
 __version__ = "0.1.0"
 
 # Backends beyond the reference register themselves here; none compiles or imports its toolchain
 # before the first step that uses it.
 _triton_kernels.register()
-_triton_muon.register()
-_triton_shampoo.register()
 _cpp_kernels.register()
 
 __all__ = [

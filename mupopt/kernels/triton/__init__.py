@@ -1,7 +1,9 @@
-"""The "triton" backend: fused multi-tensor Triton kernels for AdamW, ADOPT, LAMB and SophiaG.
+"""The "triton" backend: fused multi-tensor Triton kernels for AdamW, ADOPT, LAMB and SophiaG
+(this package), Muon and Shampoo (``muon``, ``shampoo``, on ``newton_schulz``).
 
 :func:`register` adds backend "triton" (priority 10, above the reference's 0) for the registry
-names "adamw", "adopt", "lamb", "sophia" and "sophia_hessian". Nothing here imports triton: the
+names "adamw", "adopt", "lamb", "sophia", "sophia_hessian", "muon" and "shampoo". Nothing here
+imports triton: the
 kernel modules (``_common``, ``adamw``, ...) are imported at the first step, because
 ``triton.jit`` decides between compiling and interpreting (``TRITON_INTERPRET=1``) when a kernel
 is defined, and a test or a user may set that variable after ``import mupopt``.
@@ -248,9 +250,14 @@ def _step_fn(name: str):
 
 
 def register() -> None:
-    """Define the custom ops and register backend "triton" for every optimizer above (idempotent)."""
+    """Define the custom ops and register backend "triton" for every optimizer above, and for
+    Muon and Shampoo (their modules register themselves; imported here, not at the top, because
+    they need mupopt.optim). Idempotent; imports no triton."""
     from ... import backends
+    from . import muon, shampoo
 
+    muon.register()
+    shampoo.register()
     _define_ops()
     for name in OPTIMIZERS:
         if "triton" in backends.names(name):
