@@ -174,3 +174,21 @@ def test_max_seconds_stops_between_groups_and_still_writes(tmp_path):
     # The first group (the device peaks) starts before any time has passed; nothing after it.
     assert rows and {r["optimizer"] for r in rows} <= {"copy", "matmul"}
     assert all("--max-seconds" in r["run_note"] and "stopped after 1 of" in r["run_note"] for r in rows)
+
+
+def test_update_check_allows_a_few_parameter_spacings_and_no_dropped_decay():
+    """An fp32 update is compared to the float32 spacing of its parameter: a different rounding
+    of p (a few spacings) passes, a dropped weight decay (lr*wd*p) does not."""
+    from mupopt.bench.check import compare
+
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(1 << 16, generator=gen) * 3  # |p| up to ~13: spacings up to ~1e-6
+    upd = torch.randn(1 << 16, generator=gen) * 1e-4
+    lr, wd = 1e-3, 0.1
+    ref = p0 * (1 - lr * wd) + upd
+    spacing = torch.finfo(torch.float32).eps * p0.abs()
+    rounded_elsewhere = ref + 3 * spacing * torch.sign(torch.randn(p0.shape, generator=gen))
+    compare({"param[0]": ref}, {"param[0]": rounded_elsewhere}, dtype=torch.float32, initial={"param[0]": p0})
+    no_decay = p0 + upd
+    with pytest.raises(CheckFailed, match=r"param\[0\] \(update\)"):
+        compare({"param[0]": ref}, {"param[0]": no_decay}, dtype=torch.float32, initial={"param[0]": p0})
