@@ -145,10 +145,6 @@ def reference_problem(module: str | None) -> str | None:
     return None
 
 
-def _installed(module: str | None) -> bool:
-    return reference_problem(module) is None
-
-
 def _compare(ours: list[torch.Tensor], theirs: list[torch.Tensor], rtol: float, atol: float) -> tuple[float, float, bool]:
     max_abs = max_rel = 0.0
     passed = True
@@ -267,7 +263,7 @@ def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[s
                 if backends._REGISTRY[entry.name][backend].unsupported_reason(probe) is not None:
                     continue
                 checks = ["oracle"] if backend == "reference" else ["reference"]
-                if backend == "reference" and _installed(entry.reference_module):
+                if backend == "reference" and reference_problem(entry.reference_module) is None:
                     checks.insert(0, "named")
                 for against in checks:
                     if progress:
