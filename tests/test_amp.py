@@ -22,33 +22,23 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 
 import pytest
 import torch
 
 import mupopt
+import triton_mode
 from mupopt import backends
 from mupopt.optim import _base
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = False
 if HAVE_TRITON:
-    _INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    try:
+    with triton_mode.defining_kernels():
         from mupopt.kernels import triton as mt
         from mupopt.kernels.triton import _common  # defines the kernels: their mode is fixed here
 
-        INTERPRET = _common.INTERPRET
-    finally:
-        # Leave the environment as it was, so that backend="auto" elsewhere does not pick the
-        # (slow) interpreter; the fixture below sets it while these tests run.
-        if _INTERPRET_BEFORE is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+    INTERPRET = _common.INTERPRET
 
 STEPS = 4
 INIT_SCALE = 2.0**10
@@ -95,10 +85,7 @@ def _environment(monkeypatch):
     tensors: intra-op threads only contend on a loaded machine)."""
     if HAVE_TRITON:
         mt.register()
-        if INTERPRET:
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        else:
-            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        triton_mode.match_environment(monkeypatch, INTERPRET)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -27,25 +27,16 @@ import pytest
 import torch
 
 import mupopt
+import triton_mode
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = False
 if HAVE_TRITON:
-    _INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    try:
+    with triton_mode.defining_kernels():
         from mupopt.kernels import triton as mt
         from mupopt.kernels.triton import _common  # defines the kernels: their mode is fixed here
 
-        INTERPRET = _common.INTERPRET
-    finally:
-        # As tests/test_triton.py: put the environment back so that backend="auto" elsewhere
-        # does not pick the interpreter; the fixture below sets it while these tests run.
-        if _INTERPRET_BEFORE is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+    INTERPRET = _common.INTERPRET
 
 TRITON_CPU = HAVE_TRITON and INTERPRET
 TRITON_GPU = HAVE_TRITON and torch.cuda.is_available() and not INTERPRET
@@ -56,10 +47,7 @@ SHAPES = [(7,), (16, 8), (5000,), (4, 12)]
 def _environment(monkeypatch):
     if HAVE_TRITON:
         mt.register()
-        if INTERPRET:
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        else:
-            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        triton_mode.match_environment(monkeypatch, INTERPRET)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

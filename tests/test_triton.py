@@ -23,11 +23,9 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-# Before triton is imported and before the kernels are defined (triton.jit reads it then).
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
+import triton_mode
+
+with triton_mode.defining_kernels():
     import mupopt
     from mupopt import backends
     from mupopt.kernels import triton as mt
@@ -41,14 +39,6 @@ try:
     from mupopt.optim.adopt import ADOPTHparams, adopt_reference
     from mupopt.optim.lamb import LAMBHparams, lamb_reference
     from mupopt.optim.sophia import SophiaHparams, sophia_hessian_reference, sophia_reference
-finally:
-    # Put the environment back so that collecting this file does not switch other test
-    # modules' backend="auto" to the (slow) interpreter; the fixture below sets it again
-    # while these tests run.
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 INTERPRET = _common.INTERPRET
 STEPS = 10
@@ -92,23 +82,10 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _interpreter_env(monkeypatch):
-    """While these tests run, the environment agrees with the kernels' mode."""
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton_mode.match_environment(monkeypatch, INTERPRET)
 
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA and compiled kernels"),
-        ],
-    ),
-]
+DEVICES = triton_mode.devices(INTERPRET)
 
 # ---------------------------------------------------------------------------------------------
 # The functional contract: triton == reference over 10 steps

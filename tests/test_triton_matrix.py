@@ -10,47 +10,37 @@ batch 3): one or two tiles per matrix.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import subprocess
+import sys
+import textwrap
 
+import pytest
 import torch
-
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import json  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import mupopt  # noqa: E402
-from mupopt import backends, linalg  # noqa: E402
-from mupopt.kernels import triton as mt  # noqa: E402
-from mupopt.kernels.triton import _common  # noqa: E402  (decorates the kernels: mode fixed here)
-from mupopt.kernels.triton import muon as tmuon  # noqa: E402
-from mupopt.kernels.triton import newton_schulz as tns  # noqa: E402
-from mupopt.kernels.triton import shampoo as tshampoo  # noqa: E402
-from mupopt.linalg import POLAR_EXPRESS_COEFFICIENTS, RootComputationError  # noqa: E402
-from mupopt.mup import Multipliers, WidthInfo  # noqa: E402
-from mupopt.optim.muon import MuonHparams, muon_reference  # noqa: E402
+import triton_mode  # noqa: E402
 
-# Our kernels are decorated lazily, in _common's mode: decorate them now, while the environment
-# says what _common was built with.
-tns.build()
-tmuon.build()
-tshampoo.build()
+with triton_mode.defining_kernels():
+    import mupopt
+    from mupopt import backends, linalg
+    from mupopt.kernels import triton as mt
+    from mupopt.kernels.triton import _common  # decorates the kernels: mode fixed here
+    from mupopt.kernels.triton import muon as tmuon
+    from mupopt.kernels.triton import newton_schulz as tns
+    from mupopt.kernels.triton import shampoo as tshampoo
+    from mupopt.linalg import POLAR_EXPRESS_COEFFICIENTS, RootComputationError
+    from mupopt.mup import Multipliers, WidthInfo
+    from mupopt.optim.muon import MuonHparams, muon_reference
 
-# Put the environment back so that collecting this file does not switch other test modules'
-# backend="auto" to the (slow) interpreter on CPU tensors.
-if _INTERPRET_BEFORE is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+    # Our kernels are decorated lazily, in _common's mode: decorate them now, while the
+    # environment says what _common was built with.
+    tns.build()
+    tmuon.build()
+    tshampoo.build()
 
 INTERPRET = _common.INTERPRET
 JORDAN = (3.4445, -4.775, 2.0315)
@@ -75,23 +65,10 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _interpreter_env(monkeypatch):
-    """While these tests run, the environment agrees with the kernels' mode."""
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton_mode.match_environment(monkeypatch, INTERPRET)
 
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA and compiled kernels"),
-        ],
-    ),
-]
+DEVICES = triton_mode.devices(INTERPRET)
 
 
 def big(device: str) -> bool:
