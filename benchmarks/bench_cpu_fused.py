@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -29,20 +28,10 @@ import torch
 
 import mupopt
 import mupopt.kernels.cpp as cpp_backend
+from mupopt.bench.runner import cpu_name
 from mupopt.kernels.cpp import build as cpp_build
 
 BYTES = {"adamw": 28, "adopt": 28, "sophia": 24, "lamb": 40}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_params(numel: int, tensors: int, seed: int = 0) -> list[torch.Tensor]:
@@ -97,7 +86,7 @@ def main() -> None:
     build_s = time.perf_counter() - start
 
     n, k = args.numel, args.tensors
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {_cpu_name()}, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu {cpu_name()}, "
           f"ATen capability {torch.backends.cpu.get_cpu_capability()}, our loops {torch.ops.mupopt.cpu_isa()}")
     print(f"{n} fp32 params in {k} tensors; median of {args.reps} steps after {args.warmup} warm-up "
           f"(reference: {args.ref_reps}); library load {build_s:.1f} s; load average {os.getloadavg()[0]:.2f}")

@@ -131,7 +131,8 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -152,7 +153,7 @@ def environment(device: torch.device, config: Config) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_name()} ({os.cpu_count()} cores)"
+        name = f"{cpu_name()} ({os.cpu_count()} cores)"
     return dict(
         device=device.type, device_name=name, threads=torch.get_num_threads(), torch=torch.__version__,
         triton=triton_version, python=platform.python_version(),
