@@ -203,6 +203,31 @@ def test_bf16_grads_of_fp32_params(name):
     contract(name, FP32, grad_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lamb_blocks_and_large_tensors(dtype):
+    """csrc/cpu/lamb.cpp runs both passes per block of at most 2**20 elements: here a block of
+    two tensors (keeping u in the scratch), a tensor that starts the next block because the sum
+    would exceed 2**20, a tensor above 2**20 (u recomputed from the stored moments) and small
+    ones after it. Against the reference, two groups: 3 steps in float32, 1 in bfloat16 (after
+    that, on these sizes, a one-ulp flip of the first step (module docstring) carried by a
+    parameter crossing zero exceeds the relative tolerance: 41 of 1.2M elements after the second step)."""
+    sizes = [400_000, 500_000, 300_000, 2**20 + 3, 7, 1]
+    gen = torch.Generator().manual_seed(5)
+    ours = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    cls, kwargs = CASES["lamb"]
+
+    def two_groups(ps):
+        return [{"params": ps[:3]}, {"params": ps[3:], "lr": 3e-2, "clamp_value": 0.5}]
+
+    o = cls(two_groups(ours), **kwargs, backend="cpu")
+    r = cls(two_groups(ref), **kwargs, backend="reference")
+    steps = 3 if dtype == torch.float32 else 1
+    run("lamb", o, ours, steps=steps)
+    run("lamb", r, ref, steps=steps)
+    assert_same("lamb", o, r, ours, ref)
+
+
 def test_adopt_first_step_and_later_steps_in_one_call():
     """A group added after 3 steps: one call holds tensors at s == 0 (v = g*g only) and s == 3."""
     cls, kwargs = CASES["adopt"]

@@ -1,6 +1,21 @@
 // LAMB on the CPU (csrc/include/mupopt/lamb.h): the norm pass, the trust ratios, the update
-// pass (in the form the states' dtype calls for, see lamb.h). Per-chunk float64 partial sums are added per tensor in chunk order, so the result is
-// the same for any thread count.
+// pass, in the form the states' dtype and the tensors' sizes call for (see lamb.h).
+//
+// Blocks. The rows of a launch are taken in blocks of at most kLambBlock elements (a larger
+// tensor is a block of its own) and both passes of a block run before the next block, so that
+// pass 2 finds in the cache what pass 1 touched. With float32 states pass 1 of such a block
+// also writes u into a float32 scratch and pass 2 reads p and u only: no second square root
+// and division per element. Measured on this 2-core AMD EPYC (32 MB L3), 16M parameters in
+// tensors of 1M, LAMB against our AdamW in the same process: 1.66x for two passes over the
+// whole list (u recomputed), 1.40x blocked, 1.34x blocked with u kept (performance.md's byte
+// ratio: 1.43x). A block of 1M elements touches 20 MB (p g m v u): it stays within a 32 MB L3.
+// For one 16M tensor a 64 MB scratch gained nothing (1.63x against 1.67x), so tensors above
+// kLambBlock recompute u from the stored moments instead and need no scratch.
+//
+// Per-chunk float64 partial sums are added per tensor in chunk order, so the result is the same
+// for any thread count and any blocking.
+#include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "ops.h"
@@ -10,10 +25,13 @@ namespace cpu {
 
 namespace {
 
-template <bool kFloatStates>
-void lamb_passes(const Launch& l, const LambHyper& h, const Args& a) {
-  std::vector<double> partials(static_cast<size_t>(l.n_chunks) * kMaxReduce, 0.0);
-  run(LambNormOp<kFloatStates>{h}, l, a, partials.data());
+constexpr int64_t kLambBlock = int64_t{1} << 20;
+
+// Pass 1, trust ratios, pass 2 over one block; rows' first_chunk counted from the block's start.
+template <LambKeep kKeep, LambSource kSource>
+void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<double>& partials) {
+  partials.assign(static_cast<size_t>(l.n_chunks) * kMaxReduce, 0.0);
+  run(LambNormOp<kKeep>{h}, l, a, partials.data());
   for (int r = 0; r < l.n_rows; ++r) {
     TensorRow& row = l.rows[r];
     const int64_t first = row.first_chunk, n = chunks_of(row.numel, kCpuChunk);
@@ -24,17 +42,42 @@ void lamb_passes(const Launch& l, const LambHyper& h, const Args& a) {
     }
     row.scalar[LambScalars::kTrust] = lamb_trust(p_sq, u_sq, h);
   }
-  run(LambUpdateOp<!kFloatStates>{h}, l, a, nullptr);
+  run(LambUpdateOp<kSource>{h}, l, a, nullptr);
 }
 
 }  // namespace
 
 void lamb(const Launch& l, const LambHyper& h, const Args& a) {
   if (skipped(a) || l.n_chunks == 0) return;
-  if (l.param == DType::kFloat32) {
-    lamb_passes<true>(l, h, a);
-  } else {
-    lamb_passes<false>(l, h, a);
+  const bool float_states = l.param == DType::kFloat32;
+  int64_t total = 0;
+  for (int r = 0; r < l.n_rows; ++r) total += l.rows[r].numel;
+  std::unique_ptr<float[]> direction;  // allocated when a block first keeps u; no block keeps more
+  std::vector<double> partials;
+  std::vector<TensorRow> rows;
+  for (int r0 = 0, r1 = 0; r0 < l.n_rows; r0 = r1) {
+    int64_t numel = 0;
+    while (r1 < l.n_rows && (r1 == r0 || numel + l.rows[r1].numel <= kLambBlock)) numel += l.rows[r1++].numel;
+    rows.assign(l.rows + r0, l.rows + r1);
+    int64_t n_chunks = 0;
+    for (TensorRow& row : rows) {
+      row.first_chunk = n_chunks;
+      n_chunks += chunks_of(row.numel, kCpuChunk);
+    }
+    const Launch block{rows.data(), r1 - r0, n_chunks, l.param, l.grad};
+    if (!float_states) {
+      lamb_block<LambKeep::kNothing, LambSource::kRecompute>(block, h, a, partials);
+    } else if (numel > kLambBlock) {
+      lamb_block<LambKeep::kMoments, LambSource::kFromMoments>(block, h, a, partials);
+    } else {
+      if (!direction) direction.reset(new float[std::min(total, kLambBlock)]);
+      int64_t offset = 0;
+      for (TensorRow& row : rows) {
+        row.ptr[4] = direction.get() + offset;
+        offset += row.numel;
+      }
+      lamb_block<LambKeep::kMomentsAndDirection, LambSource::kFromDirection>(block, h, a, partials);
+    }
   }
 }
 

@@ -35,18 +35,22 @@ __global__ void __launch_bounds__(kTrustThreads)
 
 }  // namespace
 
+// Each pass is one launch over the whole list, so u is recomputed rather than kept (the CPU
+// driver's blocks, which keep u in the cache, would mean two launches per block here; untried).
 template <bool kFloatStates>
 cudaError_t lamb_passes(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials,
                         cudaStream_t stream) {
-  cudaError_t err = launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad,
-                                        LambNormOp<kFloatStates>{h}, ga, partials, stream);
+  constexpr LambKeep kKeep = kFloatStates ? LambKeep::kMoments : LambKeep::kNothing;
+  constexpr LambSource kSource = kFloatStates ? LambSource::kFromMoments : LambSource::kRecompute;
+  cudaError_t err =
+      launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambNormOp<kKeep>{h}, ga, partials, stream);
   if (err != cudaSuccess) return err;
   const int blocks = static_cast<int>((static_cast<int64_t>(l.n_rows) * 32 + kTrustThreads - 1) / kTrustThreads);
   lamb_trust_kernel<<<blocks, kTrustThreads, 0, stream>>>(l.rows, l.n_rows, partials, h, ga.found_inf);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambUpdateOp<!kFloatStates>{h}, ga,
-                             nullptr, stream);
+  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambUpdateOp<kSource>{h}, ga, nullptr,
+                             stream);
 }
 
 cudaError_t lamb(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials, cudaStream_t stream) {

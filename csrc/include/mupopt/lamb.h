@@ -5,16 +5,22 @@
 //   trust = phi(||p||) / ||u||  if both norms > 0, else 1       (phi(x) = min(x, clamp_value))
 //   p += (-lr*lr_mult) * (u*trust)
 //
-// Two passes over the list, in one of two forms chosen by the storage dtype of the states:
-//  float32 states (the best known byte count, performance.md: 40 B per element):
-//   LambNormOp<true>:    reads p g m v, writes m v, sums p*p and u*u per tensor (float64)
+// Two passes, pass 1 giving the per-tensor norms that pass 2 needs, in one of three forms:
+//  float32 states, a block of tensors of at most kLambBlock elements (CPU: the passes of each
+//  block run back to back, so pass 2 reads what pass 1 left in the cache):
+//   LambNormOp<kMomentsAndDirection>: reads p g m v, writes m v and u (a float32 scratch,
+//                                     stream 4), sums p*p and u*u per tensor (float64)
 //   (host or a small kernel: trust per tensor, written into the row's kTrust scalar)
-//   LambUpdateOp<false>: reads p m v, recomputes u from the stored m v, writes p
+//   LambUpdateOp<kFromDirection>:     reads p u, writes p
+//  float32 states otherwise (the best known byte count from memory, performance.md: 40 B per
+//  element, and no scratch as large as the tensor):
+//   LambNormOp<kMoments>:             reads p g m v, writes m v, sums
+//   LambUpdateOp<kFromMoments>:       reads p m v, recomputes u from the stored m v, writes p
 //  bfloat16 states: the second pass must not see m and v rounded to bf16 (the reference forms
 //  u from their float32 values; reading the rounded ones moved a few parameters by up to 8 bf16
 //  ulps in 10 steps), so the first pass only sums and the second recomputes m, v and u:
-//   LambNormOp<false>:   reads p g m v, sums
-//   LambUpdateOp<true>:  reads p g m v, writes p m v   (all bf16: 22 B per element instead of 20)
+//   LambNormOp<kNothing>:             reads p g m v, sums
+//   LambUpdateOp<kRecompute>:         reads p g m v, writes p m v (all bf16: 22 B per element)
 // Recomputed values are bit-identical to the first pass's (same inputs, same operations).
 #pragma once
 
@@ -71,12 +77,18 @@ MUPOPT_HDI float lamb_moments(float p, float g, float& m, float& v, const LambHy
   return lamb_direction<kFma>(p, m, v, h, bc1, bc2, eps);
 }
 
-// Pass 1. Streams: 0 param (read), 1 grad, 2 exp_avg, 3 exp_avg_sq. red = (p*p, u*u).
-template <bool kStoreMoments>
+// What pass 1 stores besides the sums, and where pass 2 gets u from (see the header comment).
+enum class LambKeep { kNothing, kMoments, kMomentsAndDirection };
+enum class LambSource { kRecompute, kFromMoments, kFromDirection };
+
+// Pass 1. Streams: 0 param (read), 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 u (float32 scratch,
+// written with kMomentsAndDirection). red = (p*p, u*u).
+template <LambKeep kKeep>
 struct LambNormOp {
-  static constexpr int kStreams = 4;
+  static constexpr int kStreams = kKeep == LambKeep::kMomentsAndDirection ? 5 : 4;
   static constexpr unsigned kLoad = 0x0Fu;
-  static constexpr unsigned kStore = kStoreMoments ? 0x0Cu : 0x00u;
+  static constexpr unsigned kStore =
+      kKeep == LambKeep::kNothing ? 0x00u : (kKeep == LambKeep::kMoments ? 0x0Cu : 0x1Cu);
   static constexpr bool kGradStream = true;
   static constexpr int kReduce = 2;
   LambHyper h;
@@ -85,19 +97,21 @@ struct LambNormOp {
   MUPOPT_HDI void apply(float* x, const float* s, float* red) const {
     using S = LambScalars;
     const float u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+    if constexpr (kKeep == LambKeep::kMomentsAndDirection) x[4] = u;
     red[0] = x[0] * x[0];
     red[1] = u * u;
   }
 };
 
-// Pass 2. Streams: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq. kRecompute: the moments are
-// formed again from the old ones and g (and written); else read as pass 1 stored them.
-template <bool kRecompute>
+// Pass 2. Streams as pass 1. kRecompute: the moments are formed again from the old ones and g
+// (and written); kFromMoments: u from m, v as pass 1 stored them; kFromDirection: u as stored.
+template <LambSource kSource>
 struct LambUpdateOp {
-  static constexpr int kStreams = 4;
-  static constexpr unsigned kLoad = kRecompute ? 0x0Fu : 0x0Du;
-  static constexpr unsigned kStore = kRecompute ? 0x0Du : 0x01u;
-  static constexpr bool kGradStream = kRecompute;
+  static constexpr int kStreams = kSource == LambSource::kFromDirection ? 5 : 4;
+  static constexpr unsigned kLoad =
+      kSource == LambSource::kRecompute ? 0x0Fu : (kSource == LambSource::kFromMoments ? 0x0Du : 0x11u);
+  static constexpr unsigned kStore = kSource == LambSource::kRecompute ? 0x0Du : 0x01u;
+  static constexpr bool kGradStream = kSource == LambSource::kRecompute;
   static constexpr int kReduce = 0;
   LambHyper h;
 
@@ -105,10 +119,12 @@ struct LambUpdateOp {
   MUPOPT_HDI void apply(float* x, const float* s, float*) const {
     using S = LambScalars;
     float u;
-    if constexpr (kRecompute) {
+    if constexpr (kSource == LambSource::kRecompute) {
       u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
-    } else {
+    } else if constexpr (kSource == LambSource::kFromMoments) {
       u = lamb_direction<kFma>(x[0], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+    } else {
+      u = x[4];
     }
     x[0] = madd<kFma>(u * s[S::kTrust], s[S::kAlpha], x[0]);
   }
