@@ -465,3 +465,39 @@ def test_without_compiler_auto_falls_back_and_explicit_raises(tmp_path):
         CXX="/nonexistent/c++",
     )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_a_wheel_carries_the_sources(tmp_path):
+    """An installed wheel (not the editable checkout) builds the cpu library from the copy of
+    csrc/ it carries as package data. The wheel is built from a copy of the checkout, so that
+    setuptools writes nothing into the checkout, and imported from outside it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("mupopt", "csrc"):
+        shutil.copytree(os.path.join(root, name), src / name, symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("mupopt-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   timeout=300)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(tmp_path / "site"))
+    env.pop("MUPOPT_CSRC", None)
+    code = """
+        import sys, torch, mupopt
+        from mupopt.kernels.cpp import build
+        site = sys.argv[1]
+        assert mupopt.__file__.startswith(site), mupopt.__file__
+        assert str(build.csrc_dir()).startswith(site) and not build.csrc_dir().is_symlink(), build.csrc_dir()
+        assert build.load_cpu() is True
+        p = torch.ones(5, requires_grad=True); p.grad = torch.ones(5)
+        mupopt.AdamW([p], backend="cpu", lr=0.1).step()
+        assert p.detach().lt(1).all()
+        print("ok")
+        """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "site")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -8,10 +8,11 @@ can run (``auto``), calls :func:`load_cpu` / :func:`load_cuda`, which try once p
 remember the outcome, success or the reason for failure.
 
 Cache: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions/py<ver>_<cpu|cuXY>``), one
-directory per library named after a digest of every file under ``csrc/``, the flags and the
-torch version, so an edited source, another checkout or another torch builds anew and never
-overwrites a library another process has loaded; an unchanged one loads in well under a
-second. ``python -m mupopt.kernels.cpp.build`` builds ahead of time into the same cache.
+directory per library named after a digest of the sources' folder (its real path), every file
+in it, the flags and the torch version, so an edited source, another checkout, an installed
+wheel's copy or another torch builds anew and never overwrites a library another process has
+loaded (the folder matters too: torch's build files name the sources by absolute path); an
+unchanged one loads in well under a second. ``python -m mupopt.kernels.cpp.build`` builds ahead of time into the same cache.
 
 Flags: ``-O3 -fopenmp -ffp-contract=off -fno-math-errno`` and no ``-march``: the hot loops are
 compiled twice (baseline and ``target("avx2,fma")``) and picked at run time
@@ -33,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-# The sources live beside the package in a source checkout (pip install -e .).
-REPO = Path(__file__).resolve().parents[3]
+# The sources: ``csrc`` beside this file is a link to the checkout's ``csrc/`` in a source tree
+# and a copy of it in an installed wheel (package data, pyproject.toml).
+PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"
 ENV_CSRC = "MUPOPT_CSRC"
 ENV_VERBOSE = "MUPOPT_BUILD_VERBOSE"
 
@@ -64,13 +66,14 @@ _outcome: dict[str, "bool | str | None"] = {"cpu": None, "cuda": None}
 
 
 def csrc_dir() -> Path:
-    return Path(os.environ.get(ENV_CSRC) or (REPO / "csrc"))
+    return Path(os.environ.get(ENV_CSRC) or PACKAGED_CSRC)
 
 
 def _digest(kind: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     h.update(f"{kind}|{torch.__version__}|{torch.version.cuda}|{' '.join(flags)}".encode())
     root = csrc_dir()
+    h.update(str(root.resolve()).encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".cuh")):
         rel = path.relative_to(root).as_posix()
         if kind == "cpu" and (rel.startswith("cuda/") or rel == "bindings_cuda.cpp"):
@@ -115,8 +118,8 @@ def _compiler_problem() -> str | None:
     missing = [s for s in CPU_SOURCES if not (csrc_dir() / s).is_file()]
     if missing:
         return (
-            f"mupopt's C++ sources are not at {csrc_dir()} (missing {missing[0]}): use a source "
-            f"checkout (pip install -e .) or set {ENV_CSRC}"
+            f"mupopt's C++ sources are not at {csrc_dir()} (missing {missing[0]}): reinstall mupopt "
+            f"(its wheel carries them) or set {ENV_CSRC} to the csrc/ folder of a checkout"
         )
     return None
 
