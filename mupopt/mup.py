@@ -46,11 +46,14 @@ class WidthInfo:
     role: "input" (fan_in fixed, fan_out scales), "hidden" (both scale), "output" (fan_in scales,
     fan_out fixed) or "vector" (biases, norm gains, scalars).
     m_in, m_out: fan_in / base fan_in and fan_out / base fan_out (1 for a fixed dimension).
+    fan_in_dim: which dimension of the weight is fan_in: 1 as ``nn.Linear`` (fan_out, fan_in,
+    ...), 0 for ``nn.Embedding`` (vocab, d). Only Shampoo's blocks need it (which side is capped).
     """
 
     role: str
     m_in: float = 1.0
     m_out: float = 1.0
+    fan_in_dim: int = 1
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -59,13 +62,16 @@ class WidthInfo:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise MupError(f"{key} must be a positive finite number, got {value!r}")
+        if self.fan_in_dim not in (0, 1):
+            raise MupError(f"fan_in_dim must be 0 or 1, got {self.fan_in_dim!r}")
 
     def as_dict(self) -> dict:
-        return {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out)}
+        return {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out), "fan_in_dim": self.fan_in_dim}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WidthInfo":
-        return cls(d["role"], float(d["m_in"]), float(d["m_out"]))
+        # fan_in_dim: absent from state_dicts saved before it existed (then nn.Linear's layout).
+        return cls(d["role"], float(d["m_in"]), float(d["m_out"]), int(d.get("fan_in_dim", 1)))
 
 
 def width_info(p: torch.Tensor) -> WidthInfo | None:
@@ -116,6 +122,28 @@ class Multipliers(NamedTuple):
 ONES = Multipliers()
 
 
+def shampoo_block_lr(info: WidthInfo, shape: tuple[int, ...], max_dim: int) -> float:
+    """Ungrafted Shampoo's lr multiplier for a weight preconditioned in blocks of side <= max_dim
+    (its 2-D view (shape[0], rest), as mupopt.optim.shampoo.blocks_of cuts it).
+
+    For one block, L^(-1/4) G R^(-1/4) of a rank-one gradient u v^T is u v^T / (|u| |v|): entries
+    of size 1/sqrt(b_r b_c) for block sides b_r x b_c. Per output coordinate, Delta W x adds
+    fan_in / b_c coherent blocks of size sqrt(b_c) each (x has Theta(1) coordinates and v is
+    aligned with x), so |(Delta W x)_i| ~ fan_in / sqrt(b_r b_c) and muP's Theta(1) needs
+    lr ~ sqrt(b_r b_c) / fan_in. Unblocked (b = the sides) this is mup-rules.md's row: input
+    sqrt(m_out), hidden sqrt(m_out/m_in), output 1/sqrt(m_in); with both sides capped at a fixed
+    block it is AdamW's 1/m_in, since a capped side no longer grows with width.
+    """
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    m_rows, m_cols = (info.m_out, info.m_in) if info.fan_in_dim == 1 else (info.m_in, info.m_out)
+
+    def side_growth(n: int, m: float) -> float:  # block side at this width / at the base width
+        return min(n, max_dim) / min(n / m, max_dim)
+
+    return math.sqrt(side_growth(rows, m_rows) * side_growth(cols, m_cols)) / info.m_in
+
+
 def multipliers(
     rule: str,
     info: WidthInfo | None,
@@ -123,13 +151,16 @@ def multipliers(
     wd_mode: str = "independent",
     scale_eps: bool = False,
     lamb_hidden_exponent: float = 0.0,
+    shampoo_blocks: tuple[tuple[int, ...], int] | None = None,
 ) -> Multipliers:
     """The per-tensor multipliers of optimizer ``rule`` for a tensor with width ``info``.
 
     wd_mode "independent" (default, P1 and P2): the per-step decay lr*wd is the same at every
     width, i.e. the lr multiplier does not touch the decay. "coupled": the decay is scaled with
     the lr multiplier, as torch.optim with one param group per width would do (P2 shows it fails
-    late in training). With ``info`` None every multiplier is 1.
+    late in training). With ``info`` None every multiplier is 1. ``shampoo_blocks`` (shape,
+    max_preconditioner_dim) of a weight with L and R: rule "shampoo" then takes the block sides
+    into account (:func:`shampoo_block_lr`) instead of the table's unblocked exponents.
     """
     if rule not in LR_EXPONENTS:
         raise MupError(f"no muP rule for optimizer {rule!r}; known: {sorted(LR_EXPONENTS)}")
@@ -144,6 +175,8 @@ def multipliers(
     if rule == "lamb" and info.role == "hidden":
         e_in = lamb_hidden_exponent
     lr = info.m_in**e_in * info.m_out**e_out
+    if rule == "shampoo" and shampoo_blocks is not None and info.role != "vector":
+        lr = shampoo_block_lr(info, *shampoo_blocks)
     wd = lr if wd_mode == "coupled" else 1.0
     eps = 1.0 / info.m_out if (scale_eps and rule in EPS_SCALED) else 1.0
     return Multipliers(lr, wd, eps)
@@ -219,7 +252,7 @@ def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
     if isinstance(module, _EMBEDDINGS):
         if in_s:
             raise MupError(f"embedding {name!r}: its vocabulary dimension (dim 0) scales with width")
-        return WidthInfo("input", m_in, m_out)
+        return WidthInfo("input", m_in, m_out, fan_in_dim=fan_in)
     if in_s and out_s:
         return WidthInfo("hidden", m_in, m_out)
     if isinstance(module, _MATRIX_MODULES):
@@ -249,16 +282,23 @@ def _from_override(name, module, dims: list[Dim], value) -> WidthInfo:
     if value not in ROLES:
         raise MupError(f"override for {name!r}: expected a role in {ROLES} or a WidthInfo, got {value!r}")
     scaling = [_ratio(d) for d in dims if d[1] is not None]
+    fan_in, fan_out = _fan_dims(module)
     if value == "hidden" and len(dims) >= 2:
-        fan_in, fan_out = _fan_dims(module)
-        return WidthInfo("hidden", _ratio(dims[fan_in]), _ratio(dims[fan_out]))
+        return WidthInfo("hidden", _ratio(dims[fan_in]), _ratio(dims[fan_out]), fan_in_dim=fan_in)
     if len(scaling) > 1:
         raise MupError(
             f"override for {name!r}: role {value!r} has one width dimension but {len(scaling)} of its "
             f"dimensions scale; declare it with overrides={{{name!r}: WidthInfo(role, m_in, m_out)}}"
         )
     m = scaling[0] if scaling else 1.0
-    return WidthInfo(value, m, 1.0) if value == "output" else WidthInfo(value, 1.0, m)
+    # The layout follows the declared role where a dimension scales (a tied (vocab, d) weight
+    # declared "output" is used as a readout, whose fan_in d is dim 1, whichever module was
+    # found first), else the module's.
+    layout = fan_in
+    width_dims = [i for i, d in enumerate(dims) if d[1] is not None]
+    if len(dims) >= 2 and width_dims and width_dims[0] in (0, 1):
+        layout = width_dims[0] if value == "output" else 1 - width_dims[0]
+    return WidthInfo(value, m, 1.0, layout) if value == "output" else WidthInfo(value, 1.0, m, layout)
 
 
 def _owners(model: nn.Module) -> dict[str, nn.Module]:

@@ -50,16 +50,16 @@ def expected_info(module: nn.Module, shape, base_shape) -> WidthInfo:
     if len(shape) <= 1:
         return WidthInfo("vector", 1.0, ratio[0] if ratio else 1.0)
     if isinstance(module, nn.Embedding):  # (vocab, d): fan_in is dim 0, fan_out dim 1
-        fan_in, fan_out = ratio[0], ratio[1]
+        fan_in, fan_out, fan_in_dim = ratio[0], ratio[1], 0
     else:  # nn.Linear: (fan_out, fan_in)
-        fan_in, fan_out = ratio[1], ratio[0]
+        fan_in, fan_out, fan_in_dim = ratio[1], ratio[0], 1
     if fan_in != 1 and fan_out != 1:
         role = "hidden"
     elif fan_in != 1:
         role = "output"
     else:
         role = "input"
-    return WidthInfo(role, fan_in, fan_out)
+    return WidthInfo(role, fan_in, fan_out, fan_in_dim)
 
 
 def table_lr(rule: str, info: WidthInfo, lamb_hidden_exponent: float = 0.0) -> float:
@@ -94,6 +94,8 @@ def assert_info(got: WidthInfo, want: WidthInfo, name: str):
     assert got.role == want.role, (name, got, want)
     assert got.m_in == pytest.approx(want.m_in), (name, got, want)
     assert got.m_out == pytest.approx(want.m_out), (name, got, want)
+    if got.role != "vector":
+        assert got.fan_in_dim == want.fan_in_dim, (name, got, want)
 
 
 @pytest.fixture
@@ -132,6 +134,46 @@ def test_override_input_on_bare_parameter_puts_the_width_on_fan_out(gpt):
     assert (info.m_in, info.m_out) == (1.0, 4.0), info
     assert multipliers("shampoo", info).lr == pytest.approx(math.sqrt(4.0))
     assert multipliers("adamw", info, scale_eps=True).eps == pytest.approx(1 / 4)
+
+
+def test_shampoo_blocks_change_only_capped_sides():
+    """Ungrafted Shampoo's lr multiplier from the block sides (mup.shampoo_block_lr): the table's
+    row while no side is capped; AdamW's 1/m_in when both sides are capped at both widths; a
+    capped side between (base below the cap, this width above it) grows by cap / base side."""
+    from mupopt.mup import shampoo_block_lr
+
+    hidden = WidthInfo("hidden", 4.0, 4.0)
+    assert shampoo_block_lr(hidden, (512, 512), 1024) == pytest.approx(math.sqrt(4.0 / 4.0))
+    assert shampoo_block_lr(hidden, (2048, 2048), 256) == pytest.approx(1 / 4)  # 512 at base: capped
+    # rows 1024 (base 256) under a cap of 512: the side grows 2x, not 4x; cols uncapped (4x).
+    assert shampoo_block_lr(hidden, (1024, 256), 512) == pytest.approx(math.sqrt(2.0 * 4.0) / 4)
+    # nn.Linear input layer (d, features): rows scale.
+    lin_in = WidthInfo("input", 1.0, 4.0)
+    assert shampoo_block_lr(lin_in, (512, 10), 1024) == pytest.approx(math.sqrt(4.0))
+    assert shampoo_block_lr(lin_in, (4096, 10), 1024) == pytest.approx(1.0)
+    # nn.Embedding (vocab, d): the vocabulary is capped at both widths and does not scale; d does.
+    emb = WidthInfo("input", 1.0, 4.0, fan_in_dim=0)
+    assert shampoo_block_lr(emb, (50000, 512), 1024) == pytest.approx(math.sqrt(4.0))
+    assert shampoo_block_lr(WidthInfo("input", 1.0, 4.0), (50000, 512), 1024) == pytest.approx(1.0)  # wrong layout
+    out = WidthInfo("output", 4.0, 1.0)
+    assert shampoo_block_lr(out, (10, 512), 1024) == pytest.approx(1 / math.sqrt(4.0))
+    # Through multipliers(): only rule "shampoo" and non-vector roles take the blocks.
+    assert multipliers("shampoo", hidden, shampoo_blocks=((2048, 2048), 256)).lr == pytest.approx(1 / 4)
+    assert multipliers("shampoo", WidthInfo("vector", 1.0, 4.0), shampoo_blocks=((8, 2048), 256)).lr == 1.0
+
+
+def test_embedding_width_info_records_its_layout(gpt):
+    """set_base_shapes marks nn.Embedding weights fan_in_dim=0, and the record survives the
+    optimizer's param groups (and older records without the key read as nn.Linear's layout)."""
+    model, _, infos = gpt
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    assert embeddings
+    for name in embeddings:
+        assert infos[f"{name}.weight"].fan_in_dim == 0
+    assert WidthInfo.from_dict(infos[f"{embeddings[0]}.weight"].as_dict()) == infos[f"{embeddings[0]}.weight"]
+    assert WidthInfo.from_dict({"role": "hidden", "m_in": 2.0, "m_out": 2.0}).fan_in_dim == 1
+    with pytest.raises(mupopt.MupError, match="fan_in_dim"):
+        WidthInfo("hidden", 2.0, 2.0, fan_in_dim=2)
 
 
 RULES = [
@@ -353,10 +395,11 @@ def test_source_infshape_equals_base_model(gpt):
 
 def test_source_override_pattern_with_role_string(gpt):
     """(d) an fnmatch pattern with a role string sets exactly the matching tensors' role, and
-    the role places the width: 'input' puts the one scaling dimension on fan_out."""
+    the role places the width: 'input' puts the one scaling dimension on fan_out (dim 1 of the
+    (16, d) table, so fan_in is dim 0, as in an embedding)."""
     _, _, infos = gpt
     got = mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={"p?s": "input"})
-    assert got["pos"] == WidthInfo("input", 1.0, WIDTH / BASE)
+    assert got["pos"] == WidthInfo("input", 1.0, WIDTH / BASE, fan_in_dim=0)
     for n, info in got.items():
         if n != "pos":
             assert as_tuples({n: info}) == as_tuples({n: infos[n]}), n
@@ -400,7 +443,8 @@ def test_tied_weights_with_input_override():
     model = TinyGPT(WIDTH, tie=True)
     infos = mupopt.set_base_shapes(model, meta(TinyGPT, BASE, tie=True), overrides={**POS, "tok.weight": "input"})
     assert infos["tok.weight"] is infos["readout.weight"]
-    assert_info(infos["tok.weight"], WidthInfo("input", 1.0, 4.0), "tok.weight")
+    # (vocab, d) as found in the embedding: fan_in (the vocabulary) is dim 0.
+    assert_info(infos["tok.weight"], WidthInfo("input", 1.0, 4.0, fan_in_dim=0), "tok.weight")
     opt = mupopt.AdamW(model.parameters())  # one tensor, one record
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
@@ -412,7 +456,7 @@ def test_tied_weights_declared_output_get_output_scaling():
     infos = mupopt.set_base_shapes(model, meta(TinyGPT, BASE, tie=True), overrides={**POS, "readout.weight": "output"})
     info = infos["readout.weight"]
     assert info.role == "output"
-    assert (info.m_in, info.m_out) == (4.0, 1.0), info
+    assert (info.m_in, info.m_out, info.fan_in_dim) == (4.0, 1.0, 1), info  # the readout's layout
     assert multipliers("adamw", info).lr == pytest.approx(1 / 4)
 
 

@@ -259,22 +259,28 @@ WIDTHS = [
 ]
 
 
-def expected_lr_mult(grafting, info):
-    """mup-rules.md: Adam grafting -> AdamW's row; no grafting -> the Shampoo row."""
+def expected_lr_mult(grafting, info, shape, max_dim):
+    """mup-rules.md: Adam grafting -> AdamW's row; no grafting -> the Shampoo row, where a side
+    split into blocks counts with its block side (min(side, max_dim)) at this width over the one
+    at the base width (mupopt.mup.shampoo_block_lr has the derivation)."""
     if grafting == "adam":
         return {"input": 1.0, "hidden": 1 / info.m_in, "output": 1 / info.m_in, "vector": 1.0}[info.role]
-    return {
-        "input": math.sqrt(info.m_out),
-        "hidden": math.sqrt(info.m_out / info.m_in),
-        "output": 1 / math.sqrt(info.m_in),
-        "vector": 1.0,  # "as AdamW"
-    }[info.role]
+    if info.role == "vector" or len(shape) < 2:
+        return 1.0  # "as AdamW"
+    rows, cols = shape[0], math.prod(shape[1:])  # these are Linear-layout weights: rows = fan_out
+    block_growth = [min(n, max_dim) / min(n / m, max_dim) for n, m in ((rows, info.m_out), (cols, info.m_in))]
+    unblocked = {"input": math.sqrt(info.m_out), "hidden": math.sqrt(info.m_out / info.m_in),
+                 "output": 1 / math.sqrt(info.m_in)}[info.role]
+    if max(rows, cols) <= max_dim:
+        assert math.isclose(math.sqrt(block_growth[0] * block_growth[1]) / info.m_in, unblocked)
+    return math.sqrt(block_growth[0] * block_growth[1]) / info.m_in
 
 
 @pytest.mark.parametrize("wd_mode", ["independent", "coupled"])
 @pytest.mark.parametrize("grafting", ["adam", None])
 def test_mup_multipliers(grafting, wd_mode):
-    lr_mults = [expected_lr_mult(grafting, w) for w in WIDTHS]
+    lr_mults = [expected_lr_mult(grafting, w, shape, MAX_DIM_B if i >= N_A else 1024)
+                for i, (w, shape) in enumerate(zip(WIDTHS, SHAPES))]
     assert len(set(lr_mults)) >= 3  # not all 1: the test can see a missing multiplier
     mults = [(m, m if wd_mode == "coupled" else 1.0) for m in lr_mults]
     params = leaves(SHAPES)

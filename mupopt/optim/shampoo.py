@@ -172,7 +172,9 @@ class Shampoo(MupOptimizer):
 
     muP (mup-rules.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
     without grafting (exponent -1/4 per side) input sqrt(m_out), hidden sqrt(m_out/m_in), output
-    1/sqrt(m_in). Damping relative to the largest eigenvalue (``relative_epsilon=True``) makes the
+    1/sqrt(m_in) while no side is split into blocks, and in general sqrt of the growth of the two
+    block sides over m_in (:func:`mupopt.mup.shampoo_block_lr`): a side capped by
+    ``max_preconditioner_dim`` no longer grows with width. Damping relative to the largest eigenvalue (``relative_epsilon=True``) makes the
     epsilon width-free.
 
     Args:
@@ -244,8 +246,13 @@ class Shampoo(MupOptimizer):
         return work
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
-        rule = "shampoo_grafted" if group["grafting"] == "adam" else "shampoo"
-        return [multipliers(rule, info, wd_mode=group["wd_mode"]) for info in self.width_infos(group)]
+        if group["grafting"] == "adam":
+            return [multipliers("shampoo_grafted", info, wd_mode=group["wd_mode"]) for info in self.width_infos(group)]
+        return [
+            multipliers("shampoo", info, wd_mode=group["wd_mode"],
+                        shampoo_blocks=(tuple(p.shape), group["max_preconditioner_dim"]) if is_matrix(p) else None)
+            for p, info in zip(group["params"], self.width_infos(group))
+        ]
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         return init_shampoo_state(p, group["max_preconditioner_dim"])
