@@ -43,6 +43,10 @@ class Backend:
     unsupported_reason: Callable[[Sequence[torch.Tensor]], "str | None"] = _always
     # True: fn takes the keyword inv_grad_scale and unscales the gradients itself (module docstring).
     amp_scaling: bool = False
+    # Two-phase backends (Shampoo): prepare(same arguments as fn) does everything that can fail
+    # and writes nothing, and returns the rest of the step as a callable that only writes; fn
+    # is prepare(...)(). The optimizer prepares every param group before committing any.
+    prepare: "Callable | None" = None
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}

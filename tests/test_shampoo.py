@@ -433,6 +433,26 @@ def test_root_failure_in_both_precisions_raises_and_touches_nothing(monkeypatch)
     assert_unchanged(opt, params, snap)
 
 
+def test_root_failure_in_a_later_group_leaves_the_earlier_groups_unstepped():
+    """Shampoo prepares every param group (statistics, roots) before writing any: a Newton root
+    that does not converge in the second group (singular R, no damping) raises with the first
+    group, which precedes it and would step fine, untouched too."""
+    shapes = [(12, 20), (7,), (4, 30)]
+    params = leaves(shapes)
+    opt = mupopt.Shampoo([{"params": params[:2]},
+                          {"params": params[2:], "root_method": "newton", "epsilon": 0.0}],
+                         lr=0.05, epsilon=1e-3, start_preconditioning_step=3)
+    for t in range(2):  # before start_preconditioning_step: no roots, both groups step
+        set_grads(params, grads_at(t, shapes))
+        opt.step()
+    set_grads(params, grads_at(2, shapes))
+    snap = snapshot(opt, params)
+    with pytest.raises(RootComputationError):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+    assert all(opt.state[p]["step"].item() == 2 for p in params)
+
+
 def test_zero_element_tensors_step():
     shapes = [(0,), (0, 5), (4, 0), (2, 0, 3), (3, 4)]
     params = leaves(shapes)

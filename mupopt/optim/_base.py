@@ -240,29 +240,30 @@ class MupOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.any())
 
-    def _call(self, kernel: str, group: dict, params, grads, mults, hp) -> None:
-        """Create missing state, then step ``params`` with the selected backend of ``kernel``."""
+    def _call(self, kernel: str, group: dict, params, grads, mults, hp, *, prepare: bool = False):
+        """Create missing state, then step ``params`` with the selected backend of ``kernel``.
+        prepare=True: call the backend's two-phase ``prepare`` instead and return its commit
+        (None when there is nothing to step)."""
         if not params:
-            return
+            return None
         states = []
         for p in params:
             if len(self.state[p]) == 0:
                 self.state[p].update(self._init_state(p, group))
             states.append(self.state[p])
         backend = backends.select(kernel, self.backend, [*params, *grads])
+        fn = backend.prepare if prepare else backend.fn
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:
-            backend.fn(params, grads, states, mults, hp)
-            return
+            return fn(params, grads, states, mults, hp)
         # As GradScaler.unscale_: the reciprocal in float64 (MPS has none), rounded once to
         # float32; a device op, no host read.
         scale = grad_scale.reshape(())
         inv_grad_scale = scale.reciprocal().float() if scale.device.type == "mps" else scale.double().reciprocal().float()
         if backend.amp_scaling:
-            backend.fn(params, grads, states, mults, hp, inv_grad_scale=inv_grad_scale)
-            return
+            return fn(params, grads, states, mults, hp, inv_grad_scale=inv_grad_scale)
         unscale_(grads, inv_grad_scale)
-        backend.fn(params, grads, states, mults, hp)
+        return fn(params, grads, states, mults, hp)
 
     def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
         """Validate every group, then call the backend of ``kernel`` (default: this optimizer's

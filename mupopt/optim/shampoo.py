@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -91,10 +92,18 @@ def shampoo_reference(params, grads, states, mults, hp: ShampooHparams) -> None:
         M = b1*M + (1-b1)*D ;  p *= 1 - lr*wd*wd_mult ;  p -= lr*lr_mult * M/(1-b1^t)
 
     1-D tensors (and 0-element ones) take the diagonal Adam direction A. The Adam second moment v
-    (grafting_beta2, grafting_epsilon) is kept for every tensor. Two phases: every new statistic
-    and root is computed before anything is written, so a root that fails in float32 and float64
-    raises RootComputationError with params and state untouched.
+    (grafting_beta2, grafting_epsilon) is kept for every tensor. Two phases
+    (:func:`shampoo_reference_prepare`): every new statistic and root is computed before anything
+    is written, so a root that fails in float32 and float64 raises RootComputationError with
+    params and state untouched.
     """
+    shampoo_reference_prepare(params, grads, states, mults, hp)()
+
+
+def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams) -> Callable[[], None]:
+    """Phase 1 of :func:`shampoo_reference`: new statistics and roots of every tensor; may raise
+    RootComputationError and writes nothing. Returns phase 2, which only writes (Shampoo.step
+    prepares every param group before committing any)."""
     # Phase 1: new statistics and roots for all tensors (nothing written yet).
     plans = []
     due: list[torch.Tensor] = []
@@ -118,44 +127,47 @@ def shampoo_reference(params, grads, states, mults, hp: ShampooHparams) -> None:
         plans.append(plan)
     roots = _roots(due, hp) if due else []
 
-    # Phase 2: commit state, precondition, graft, momentum, decay, update.
-    for p, st, m, plan in zip(params, states, mults, plans):
-        t = plan["t"]
-        v = plan["v"]
-        adam = plan["g"] / ((v / (1 - hp.grafting_beta2**t)).sqrt() + hp.grafting_epsilon)
-        st["step"] += 1
-        st["exp_avg_sq"].copy_(v)
-        direction = adam
-        if "blocks" in plan:
-            n = len(plan["blocks"])
-            for k in range(n):
-                st["left"][k].copy_(plan["left"][k])
-                st["right"][k].copy_(plan["right"][k])
-                if plan["refresh"]:
-                    st["left_root"][k].copy_(roots[plan["root_slot"] + k])
-                    st["right_root"][k].copy_(roots[plan["root_slot"] + n + k])
-            if t >= hp.start_preconditioning_step:
-                G = plan["g"].reshape(p.shape[0], -1)
-                A = adam.reshape(G.shape)
-                D = torch.empty_like(G)
-                for k, (rs, cs) in enumerate(plan["blocks"]):
-                    Db = st["left_root"][k] @ G[rs, cs] @ st["right_root"][k]
-                    if hp.grafting == "adam":
-                        d_norm = torch.linalg.matrix_norm(Db)
-                        scale = torch.where(d_norm > 0, torch.linalg.matrix_norm(A[rs, cs]) / d_norm, torch.zeros_like(d_norm))
-                        Db = Db * scale
-                    D[rs, cs] = Db
-                direction = D.view(p.shape)
-        mom32 = fp32(st["momentum_buffer"])
-        mom32.mul_(hp.beta1).add_(direction, alpha=1 - hp.beta1)
-        store(st["momentum_buffer"], mom32)
-        p32 = fp32(p)
-        p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
-        p32.add_(mom32, alpha=-hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr)
-        store(p, p32)
+    def commit() -> None:
+        # Phase 2: commit state, precondition, graft, momentum, decay, update.
+        for p, st, m, plan in zip(params, states, mults, plans):
+            t = plan["t"]
+            v = plan["v"]
+            adam = plan["g"] / ((v / (1 - hp.grafting_beta2**t)).sqrt() + hp.grafting_epsilon)
+            st["step"] += 1
+            st["exp_avg_sq"].copy_(v)
+            direction = adam
+            if "blocks" in plan:
+                n = len(plan["blocks"])
+                for k in range(n):
+                    st["left"][k].copy_(plan["left"][k])
+                    st["right"][k].copy_(plan["right"][k])
+                    if plan["refresh"]:
+                        st["left_root"][k].copy_(roots[plan["root_slot"] + k])
+                        st["right_root"][k].copy_(roots[plan["root_slot"] + n + k])
+                if t >= hp.start_preconditioning_step:
+                    G = plan["g"].reshape(p.shape[0], -1)
+                    A = adam.reshape(G.shape)
+                    D = torch.empty_like(G)
+                    for k, (rs, cs) in enumerate(plan["blocks"]):
+                        Db = st["left_root"][k] @ G[rs, cs] @ st["right_root"][k]
+                        if hp.grafting == "adam":
+                            d_norm = torch.linalg.matrix_norm(Db)
+                            scale = torch.where(d_norm > 0, torch.linalg.matrix_norm(A[rs, cs]) / d_norm, torch.zeros_like(d_norm))
+                            Db = Db * scale
+                        D[rs, cs] = Db
+                    direction = D.view(p.shape)
+            mom32 = fp32(st["momentum_buffer"])
+            mom32.mul_(hp.beta1).add_(direction, alpha=1 - hp.beta1)
+            store(st["momentum_buffer"], mom32)
+            p32 = fp32(p)
+            p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
+            p32.add_(mom32, alpha=-hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr)
+            store(p, p32)
 
 
-backends.register(backends.Backend("shampoo", "reference", shampoo_reference))
+    return commit
+
+backends.register(backends.Backend("shampoo", "reference", shampoo_reference, prepare=shampoo_reference_prepare))
 
 
 class Shampoo(MupOptimizer):
@@ -244,6 +256,18 @@ class Shampoo(MupOptimizer):
         if work.grads and not bool(torch.stack([torch.isfinite(g).all() for g in work.grads]).all()):
             raise ValueError("Shampoo: non-finite gradient (inf or nan); params and state left unchanged")
         return work
+
+    def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
+        """Every group's statistics and roots before any group's writes: a root that fails in a
+        later group must not leave the earlier groups stepped (RootComputationError then leaves
+        every param and state as it was)."""
+        work = [(group, self._gather(group)) for group in self.param_groups]
+        commits = [self._call(kernel or self.rule, group, w.params, w.grads, w.mults,
+                              self._hparams(group, **(extra or {})), prepare=True)
+                   for group, w in work]
+        for commit in commits:
+            if commit is not None:
+                commit()
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         if group["grafting"] == "adam":

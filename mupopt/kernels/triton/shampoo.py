@@ -44,7 +44,7 @@ the CPU and by compiling for sm_90; tile sizes are untuned.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -280,8 +280,14 @@ def _mm_tiles(interpret: bool) -> dict:
 
 def shampoo_triton(params, grads, states, mults, hp) -> None:
     """The functional Shampoo step of the "triton" backend (signature of shampoo_reference)."""
+    shampoo_triton_prepare(params, grads, states, mults, hp)()
+
+
+def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], None]:
+    """Phase 1 (statistics, roots; may raise, writes nothing); returns phase 2, which writes, as
+    mupopt.optim.shampoo.shampoo_reference_prepare."""
     if not params:
-        return
+        return lambda: None
     _check(params, grads, states)
     build()
     from . import _common
@@ -346,110 +352,113 @@ def shampoo_triton(params, grads, states, mults, hp) -> None:
         # May raise RootComputationError: nothing has been written yet.
         roots[n] = (due, root_fn(S, ROOT, eps=hp.epsilon, relative_eps=hp.relative_epsilon))
 
-    # ---- Phase 2: commit state, precondition, graft, momentum, decay, update ----
-    _common.increment_steps(states)
-    for n, lst in jobs.items():
-        _foreach_copy([job[7] for job in lst], list(stacks[n].unbind(0)))
-        if n in roots:
-            due, R = roots[n]
-            dst = [states[lst[j][0]][f"{lst[j][1]}_root"][lst[j][2]] for j in due]
-            _foreach_copy(dst, list(R.unbind(0)))
+    def commit() -> None:
+        # ---- Phase 2: commit state, precondition, graft, momentum, decay, update ----
+        _common.increment_steps(states)
+        for n, lst in jobs.items():
+            _foreach_copy([job[7] for job in lst], list(stacks[n].unbind(0)))
+            if n in roots:
+                due, R = roots[n]
+                dst = [states[lst[j][0]][f"{lst[j][1]}_root"][lst[j][2]] for j in due]
+                _foreach_copy(dst, list(R.unbind(0)))
 
-    # Preconditioned blocks (entries 0 .. n_pre-1), then whole tensors taking the Adam direction.
-    entries = []  # (tensor, base offset, block rows, block cols, tensor cols, D slot or None, Lr, Rr, g block addr)
-    scratch = 0
-    for i, plan in enumerate(plans):
-        if plan["precondition"]:
-            st = states[i]
-            cols = plan["cols"]
-            es = grads[i].element_size()
-            for k, (rs, cs) in enumerate(plan["blocks"]):
-                r, c = rs.stop - rs.start, cs.stop - cs.start
-                base = rs.start * cols + cs.start
-                entries.append((i, base, r, c, cols, scratch, st["left_root"][k], st["right_root"][k],
-                                grads[i].data_ptr() + base * es))
-                scratch += r * c
-    n_pre = len(entries)
-    for i, plan in enumerate(plans):
-        if not plan["precondition"]:
-            numel = params[i].numel()
-            entries.append((i, 0, 1, numel, numel, None, None, None, None))
+        # Preconditioned blocks (entries 0 .. n_pre-1), then whole tensors taking the Adam direction.
+        entries = []  # (tensor, base offset, block rows, block cols, tensor cols, D slot or None, Lr, Rr, g block addr)
+        scratch = 0
+        for i, plan in enumerate(plans):
+            if plan["precondition"]:
+                st = states[i]
+                cols = plan["cols"]
+                es = grads[i].element_size()
+                for k, (rs, cs) in enumerate(plan["blocks"]):
+                    r, c = rs.stop - rs.start, cs.stop - cs.start
+                    base = rs.start * cols + cs.start
+                    entries.append((i, base, r, c, cols, scratch, st["left_root"][k], st["right_root"][k],
+                                    grads[i].data_ptr() + base * es))
+                    scratch += r * c
+        n_pre = len(entries)
+        for i, plan in enumerate(plans):
+            if not plan["precondition"]:
+                numel = params[i].numel()
+                entries.append((i, 0, 1, numel, numel, None, None, None, None))
 
-    H = torch.empty(scratch, dtype=torch.float32, device=device)
-    D = torch.empty(scratch, dtype=torch.float32, device=device)
-    scale = torch.ones(max(n_pre, 1), dtype=torch.float32, device=device)
-    graft = hp.grafting == "adam"
-    cfg = _mm_tiles(interpret)
+        H = torch.empty(scratch, dtype=torch.float32, device=device)
+        D = torch.empty(scratch, dtype=torch.float32, device=device)
+        scale = torch.ones(max(n_pre, 1), dtype=torch.float32, device=device)
+        graft = hp.grafting == "adam"
+        cfg = _mm_tiles(interpret)
 
-    # Update table (also read by the graft-norm kernel), one row per entry.
-    rows_i64, rows_f32 = [], []
-    for i, base, r, c, ld, slot, _, _, _ in entries:
-        st, t, m = states[i], t_all[i], mults[i]
-        rows_i64.append([
-            params[i].data_ptr(), grads[i].data_ptr(), st["momentum_buffer"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-            0 if slot is None else D.data_ptr() + 4 * slot, base, max(c, 1), ld, r * c, 0, 0,
-        ])
-        # formed in float64 as the reference forms them, rounded once to fp32
-        rows_f32.append([
-            1 - hp.lr * hp.weight_decay * m.wd,
-            -hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr,
-            1 - hp.grafting_beta2**t,
-            0.0,
-        ])
-    table = torch.tensor(rows_i64, dtype=torch.int64).reshape(len(entries), _UP_ROW)
-    table[:, 9:] = torch.tensor(rows_f32, dtype=torch.float32).reshape(len(entries), 4).view(torch.int64)
-    table_d = _upload(table, device)
-    counts = [-(-(r * c) // BLOCK) for (_, _, r, c, *_rest) in entries]
+        # Update table (also read by the graft-norm kernel), one row per entry.
+        rows_i64, rows_f32 = [], []
+        for i, base, r, c, ld, slot, _, _, _ in entries:
+            st, t, m = states[i], t_all[i], mults[i]
+            rows_i64.append([
+                params[i].data_ptr(), grads[i].data_ptr(), st["momentum_buffer"].data_ptr(), st["exp_avg_sq"].data_ptr(),
+                0 if slot is None else D.data_ptr() + 4 * slot, base, max(c, 1), ld, r * c, 0, 0,
+            ])
+            # formed in float64 as the reference forms them, rounded once to fp32
+            rows_f32.append([
+                1 - hp.lr * hp.weight_decay * m.wd,
+                -hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr,
+                1 - hp.grafting_beta2**t,
+                0.0,
+            ])
+        table = torch.tensor(rows_i64, dtype=torch.int64).reshape(len(entries), _UP_ROW)
+        table[:, 9:] = torch.tensor(rows_f32, dtype=torch.float32).reshape(len(entries), 4).view(torch.int64)
+        table_d = _upload(table, device)
+        counts = [-(-(r * c) // BLOCK) for (_, _, r, c, *_rest) in entries]
 
-    def dtype_key(e: int, roles: tuple[str, ...]) -> tuple[bool, ...]:
-        i = entries[e][0]
-        tensors = {"p": params[i], "g": grads[i], "m": states[i]["momentum_buffer"], "v": states[i]["exp_avg_sq"]}
-        return tuple(tensors[role].dtype == torch.bfloat16 for role in roles)
+        def dtype_key(e: int, roles: tuple[str, ...]) -> tuple[bool, ...]:
+            i = entries[e][0]
+            tensors = {"p": params[i], "g": grads[i], "m": states[i]["momentum_buffer"], "v": states[i]["exp_avg_sq"]}
+            return tuple(tensors[role].dtype == torch.bfloat16 for role in roles)
 
-    with ns._device_guard(params[0]):
-        if n_pre:
-            # H = Lr G_b (one launch per gradient dtype), then D = H Rr with the D^2 partials.
-            max_tiles = max(-(-r // cfg["bm"]) * -(-c // cfg["bn"]) for (_, _, r, c, *_rest) in entries[:n_pre])
-            part_d = torch.zeros(n_pre, max_tiles, dtype=torch.float32, device=device)
-            for (g_bf16,), ids in _group(range(n_pre), lambda e: dtype_key(e, ("g",))).items():
-                mm1 = [[Lr.data_ptr(), r, gaddr, ld, H.data_ptr() + 4 * slot, c, r, c, r]
-                       for (_, _, r, c, ld, slot, Lr, _, gaddr) in (entries[e] for e in ids)]
+        with ns._device_guard(params[0]):
+            if n_pre:
+                # H = Lr G_b (one launch per gradient dtype), then D = H Rr with the D^2 partials.
+                max_tiles = max(-(-r // cfg["bm"]) * -(-c // cfg["bn"]) for (_, _, r, c, *_rest) in entries[:n_pre])
+                part_d = torch.zeros(n_pre, max_tiles, dtype=torch.float32, device=device)
+                for (g_bf16,), ids in _group(range(n_pre), lambda e: dtype_key(e, ("g",))).items():
+                    mm1 = [[Lr.data_ptr(), r, gaddr, ld, H.data_ptr() + 4 * slot, c, r, c, r]
+                           for (_, _, r, c, ld, slot, Lr, _, gaddr) in (entries[e] for e in ids)]
+                    _common.launch(
+                        _shampoo_matmul_kernel, (max_tiles, len(ids)),
+                        _upload(torch.tensor(mm1, dtype=torch.int64), device), part_d, max_tiles,
+                        B_BF16=g_bf16, SUMSQ=False, ROW=_MM_ROW, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
+                        num_warps=cfg["warps"], num_stages=cfg["stages"],
+                    )
+                mm2 = [[H.data_ptr() + 4 * slot, c, Rr.data_ptr(), c, D.data_ptr() + 4 * slot, c, r, c, c]
+                       for (_, _, r, c, _, slot, _, Rr, _) in entries[:n_pre]]
                 _common.launch(
-                    _shampoo_matmul_kernel, (max_tiles, len(ids)),
-                    _upload(torch.tensor(mm1, dtype=torch.int64), device), part_d, max_tiles,
-                    B_BF16=g_bf16, SUMSQ=False, ROW=_MM_ROW, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
+                    _shampoo_matmul_kernel, (max_tiles, n_pre),
+                    _upload(torch.tensor(mm2, dtype=torch.int64), device), part_d, max_tiles,
+                    B_BF16=False, SUMSQ=graft, ROW=_MM_ROW, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
                     num_warps=cfg["warps"], num_stages=cfg["stages"],
                 )
-            mm2 = [[H.data_ptr() + 4 * slot, c, Rr.data_ptr(), c, D.data_ptr() + 4 * slot, c, r, c, c]
-                   for (_, _, r, c, _, slot, _, Rr, _) in entries[:n_pre]]
-            _common.launch(
-                _shampoo_matmul_kernel, (max_tiles, n_pre),
-                _upload(torch.tensor(mm2, dtype=torch.int64), device), part_d, max_tiles,
-                B_BF16=False, SUMSQ=graft, ROW=_MM_ROW, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"],
-                num_warps=cfg["warps"], num_stages=cfg["stages"],
-            )
-            if graft:
-                max_chunks = max(counts[:n_pre])
-                part_a = torch.zeros(n_pre, max_chunks, dtype=torch.float32, device=device)
-                for (g_bf16, v_bf16), ids in _group(range(n_pre), lambda e: dtype_key(e, ("g", "v"))).items():
-                    chunks = _upload(_chunk_table(ids, counts), device)
-                    _common.launch(
-                        _shampoo_graft_norm_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks,
-                        part_a, max_chunks, hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon,
-                        G_BF16=g_bf16, V_BF16=v_bf16, ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                    )
-                d_norm = part_d.sum(1).sqrt()
-                a_norm = part_a.sum(1).sqrt()
-                scale = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
+                if graft:
+                    max_chunks = max(counts[:n_pre])
+                    part_a = torch.zeros(n_pre, max_chunks, dtype=torch.float32, device=device)
+                    for (g_bf16, v_bf16), ids in _group(range(n_pre), lambda e: dtype_key(e, ("g", "v"))).items():
+                        chunks = _upload(_chunk_table(ids, counts), device)
+                        _common.launch(
+                            _shampoo_graft_norm_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks,
+                            part_a, max_chunks, hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon,
+                            G_BF16=g_bf16, V_BF16=v_bf16, ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                        )
+                    d_norm = part_d.sum(1).sqrt()
+                    a_norm = part_a.sum(1).sqrt()
+                    scale = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
 
-        live = [e for e in range(len(entries)) if counts[e] > 0]
-        for (p16, g16, m16, v16), ids in _group(live, lambda e: dtype_key(e, ("p", "g", "m", "v"))).items():
-            chunks = _upload(_chunk_table(ids, counts), device)
-            _common.launch(
-                _shampoo_update_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks, scale,
-                hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon, hp.beta1, 1.0 - hp.beta1,
-                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            )
+            live = [e for e in range(len(entries)) if counts[e] > 0]
+            for (p16, g16, m16, v16), ids in _group(live, lambda e: dtype_key(e, ("p", "g", "m", "v"))).items():
+                chunks = _upload(_chunk_table(ids, counts), device)
+                _common.launch(
+                    _shampoo_update_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks, scale,
+                    hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon, hp.beta1, 1.0 - hp.beta1,
+                    P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                )
+
+    return commit
 
 
 def _group(ids, key) -> dict:
@@ -490,4 +499,4 @@ def register() -> None:
     """Register backend "triton" for the registry name "shampoo" (idempotent)."""
     if "triton" not in backends.names("shampoo"):
         backends.register(backends.Backend("shampoo", "triton", shampoo_triton, priority=PRIORITY,
-                                           unsupported_reason=unsupported_reason))
+                                           unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare))
