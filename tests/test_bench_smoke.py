@@ -192,3 +192,25 @@ def test_update_check_allows_a_few_parameter_spacings_and_no_dropped_decay():
     no_decay = p0 + upd
     with pytest.raises(CheckFailed, match=r"param\[0\] \(update\)"):
         compare({"param[0]": ref}, {"param[0]": no_decay}, dtype=torch.float32, initial={"param[0]": p0})
+
+
+def test_bf16_matrix_update_tolerance_follows_the_parameter_spacing():
+    """A bf16 matrix update of a few spacings: rounding 0.5% of the elements the other way
+    passes (it is ~1.7% of the update here, above the 1% matrix tolerance); an update half again
+    as large does not (the floor here is 0.1 x 1/3: updates of 3 spacings)."""
+    from mupopt.bench.check import bf16_spacing, compare
+
+    assert bf16_spacing(torch.tensor([1.0, 1.5, -0.3, 0.0])).tolist() == [2**-7, 2**-7, 2**-9, 0.0]
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(256, 256, generator=gen).bfloat16()
+    step = 3 * bf16_spacing(p0) * torch.sign(torch.randn(p0.shape, generator=gen))  # a few spacings
+    ref = (p0.double() + step).bfloat16()
+    flip = torch.rand(p0.shape, generator=gen) < 0.005
+    other = (ref.double() + flip * bf16_spacing(ref)).bfloat16()
+    upd = ref.double() - p0.double()
+    rel = float(torch.linalg.vector_norm(other.double() - ref.double()) / torch.linalg.vector_norm(upd))
+    assert rel > 0.01  # the plain matrix tolerance would refuse it
+    compare({"param[0]": ref}, {"param[0]": other}, dtype=torch.bfloat16, initial={"param[0]": p0}, matrix_tol=1e-2)
+    wrong = (p0.double() + 1.5 * step).bfloat16()
+    with pytest.raises(CheckFailed, match=r"param\[0\] \(update\)"):
+        compare({"param[0]": ref}, {"param[0]": wrong}, dtype=torch.bfloat16, initial={"param[0]": p0}, matrix_tol=1e-2)
