@@ -5,9 +5,12 @@
 #
 #   PYTHONPATH=$PWD bash benchmarks/gpu_check.sh OUTDIR [STAGE...]
 #
-# Stages (default: all, in this order): tests verify bench-elementwise bench-matrix.
+# Stages (default: all but tune, in this order): tests verify bench-elementwise bench-matrix;
+# "tune" (only when named) sweeps the Triton elementwise chunk size and warps
+# (benchmarks/tune_triton.py, AdamW on one 2^26 tensor, JSON in OUTDIR/tune-triton.json).
 # Time limits (seconds) from the environment: TESTS_S (240), VERIFY_S (60), BENCH_S (180 each,
-# a hard limit) and BENCH_MAX_S (120 each: no new case group after it, so results are written).
+# a hard limit), BENCH_MAX_S (120 each: no new case group after it, so results are written) and
+# TUNE_S (150).
 # PYTEST_ARGS adds pytest arguments (e.g. -k to rerun a few tests).
 #
 # Runs the package from the working tree: the GPU machine has no network, so torch, triton,
@@ -57,4 +60,9 @@ for part in elementwise matrix; do
   timeout "${BENCH_S:-180}" python3 -m mupopt.cli bench --device cuda --quick --keep-going \
       --max-seconds "${BENCH_MAX_S:-120}" --optimizers $opts --out "$OUT_DIR/bench-$part" --note "benchmarks/gpu_check.sh"
 done
+if has tune; then
+  stage "benchmarks/tune_triton.py (AdamW, one 2^26 tensor)"
+  timeout "${TUNE_S:-150}" python3 benchmarks/tune_triton.py --case one --optimizers adamw \
+      --json "$OUT_DIR/tune-triton.json"
+fi
 stage "done"

@@ -522,3 +522,39 @@ def test_kernels_compile_for_sm90_and_vectorise():
         assert r["v4_loads"] > 0, r  # 16-byte accesses on the full-chunk path
         if r["kernel"] != "_lamb_norms_kernel" or r["constexprs"].get("MOMENTS_IN_PASS_1") == "True":
             assert r["v4_stores"] > 0, r
+
+
+def test_tuning_sweep_checks_and_restores_the_configuration(capsys):
+    """benchmarks/tune_triton.py, under the interpreter on CPU tensors (machinery only): every
+    configuration is checked against the reference before it is timed, one row per (config,
+    optimizer), and BLOCK / NUM_WARPS are as before afterwards."""
+    if not INTERPRET:
+        pytest.skip("the smoke sweep runs the interpreted kernels on CPU tensors")
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tune_triton.py")
+    spec = importlib.util.spec_from_file_location("tune_triton", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    before = (_common.BLOCK, _common.NUM_WARPS)
+    launched = []
+    real_launch = _common.launch
+
+    def spy(kernel, grid, *args, **meta):
+        launched.append((meta.get("BLOCK"), meta.get("num_warps", _common.NUM_WARPS)))
+        real_launch(kernel, grid, *args, **meta)
+
+    _common.launch = spy
+    try:
+        assert tune.main(["--device", "cpu", "--mode", "smoke", "--case", "smoke", "--configs", "256x4,1024x8",
+                          "--optimizers", "adamw,lamb"]) == 0
+    finally:
+        _common.launch = real_launch
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:2] in (["adamw", "triton"], ["lamb", "triton"])]
+    assert sorted((r[0], r[2], r[3]) for r in rows) == sorted(
+        (o, b, w) for o in ("adamw", "lamb") for b, w in (("256", "4"), ("1024", "8")))
+    assert (256, 4) in launched and (1024, 8) in launched
+    assert (_common.BLOCK, _common.NUM_WARPS) == before
+    with pytest.raises(SystemExit, match="powers of two"):
+        tune.parse_configs("1000x8")

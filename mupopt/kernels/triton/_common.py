@@ -347,7 +347,11 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def launch(kernel, grid, *args, num_warps: int = NUM_WARPS, **meta) -> None:
+def launch(kernel, grid, *args, num_warps: int | None = None, **meta) -> None:
+    """kernel[grid](*args, **meta); num_warps defaults to NUM_WARPS as it is now (read at each
+    launch, like BLOCK, so that benchmarks/tune_triton.py can sweep both)."""
+    if num_warps is None:
+        num_warps = NUM_WARPS
     if LAUNCH_HOOK is not None:
         LAUNCH_HOOK(kernel, grid, args, dict(meta, num_warps=num_warps))
         return
