@@ -1,6 +1,6 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
-from .mup import MupError, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
+from .mup import MupError, MupWarning, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
 from .kernels import cpp as _cpp_kernels
 from .kernels import triton as _triton_kernels
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
@@ -21,6 +21,7 @@ __all__ = [
     "SophiaG",
     "gnb_backward",
     "MupError",
+    "MupWarning",
     "WidthInfo",
     "backends",
     "clear_base_shapes",

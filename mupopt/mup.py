@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -37,6 +38,10 @@ WIDTH_ATTR = "mupopt_width"
 
 class MupError(ValueError):
     """Width information is missing, ambiguous or inconsistent."""
+
+
+class MupWarning(UserWarning):
+    """Width information that is probably, not certainly, wrong (mupopt.set_base_shapes)."""
 
 
 @dataclass(frozen=True)
@@ -377,6 +382,8 @@ def set_base_shapes(
             )
         else:
             info = _infer(name, owners[name], dims)
+            if base_widths is not None:
+                _warn_unlisted_width(name, owners[name], shape, info, base_widths)
         for n in names:
             result[n] = info
         setattr(p, WIDTH_ATTR, info)
@@ -384,6 +391,29 @@ def set_base_shapes(
     if unused:
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
     return result
+
+
+def _warn_unlisted_width(name: str, module, shape: tuple[int, ...], info: WidthInfo,
+                         base_widths: Mapping[int, int]) -> None:
+    """base_widths= takes a size it does not list for a fixed dimension. A Linear/conv weight that
+    came out "input" or "output" (one side scales) whose other side is a multiple of a listed
+    size most likely forgot one (d_ff = 4 d_model, a fused qkv of 3 d_model): its role, and so
+    its multipliers, would then be wrong without a word. Warn, naming both fixes."""
+    if not isinstance(module, _MATRIX_MODULES) or info.role not in ("input", "output") or len(shape) < 2:
+        return
+    fan_in, fan_out = _fan_dims(module)
+    fixed = shape[fan_in] if info.role == "input" else shape[fan_out]
+    for width in sorted(base_widths):
+        if fixed != width and fixed % width == 0:
+            warnings.warn(
+                f"set_base_shapes(base_widths=...): {name!r} {tuple(shape)} came out {info.role!r} because "
+                f"its dimension {fixed} is not in base_widths, but {fixed} is {fixed // width}x the listed "
+                f"width {width}. If it derives from the width, add {{{fixed}: <its base size>}}; if it is "
+                f"fixed, declare overrides={{{name!r}: {info.role!r}}} to say so.",
+                MupWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def _matches(names: list[str], overrides: Mapping[str, object]) -> str | None:

@@ -176,6 +176,32 @@ def test_embedding_width_info_records_its_layout(gpt):
         WidthInfo("hidden", 2.0, 2.0, fan_in_dim=2)
 
 
+def test_base_widths_warns_about_an_unlisted_multiple_of_a_width():
+    """base_widths lists d_model but forgets d_ff = 4 d_model: both MLP weights would come out
+    with one scaling side (input/output, AdamW lr 1 for the second instead of 1/m_in). A
+    MupWarning names the weight and both fixes; listing d_ff or declaring the role silences it."""
+    import warnings
+
+    def mlp():
+        return nn.Sequential(nn.Linear(10, 256), nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256),
+                             nn.Linear(256, 10))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = mupopt.set_base_shapes(mlp(), base_widths={256: 64})
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, mupopt.MupWarning))
+    assert len(messages) == 2, messages
+    assert "'1.weight' (1024, 256) came out 'output'" in messages[0] and "4x the listed width 256" in messages[0]
+    assert "'3.weight' (256, 1024) came out 'input'" in messages[1] and "{1024: <its base size>}" in messages[1]
+    assert infos["3.weight"].role == "input"  # what the warning is about
+    assert all(w.filename == __file__ for w in caught)  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        infos = mupopt.set_base_shapes(mlp(), base_widths={256: 64, 1024: 256})
+        assert infos["3.weight"].role == "hidden" and infos["1.weight"].role == "hidden"
+        mupopt.set_base_shapes(mlp(), base_widths={256: 64}, overrides={"1.weight": "output", "3.weight": "input"})
+
+
 RULES = [
     ("adamw", {}),
     ("adopt", {}),
