@@ -466,12 +466,15 @@ def format_table(rows: list[tuple[str, tuple, WidthInfo | None, Multipliers, str
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in body])
 
 
-def summary(model: nn.Module, optimizer: str = "adamw", **rule_options) -> str:
-    """The per-parameter muP table of ``model`` for optimizer rule ``optimizer``."""
+def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_dim: int = 1024, **rule_options) -> str:
+    """The per-parameter muP table of ``model`` for optimizer rule ``optimizer``.
+    ``max_preconditioner_dim``: rule "shampoo" (no grafting) only, the block cap that
+    :func:`shampoo_block_lr` takes into account (1024: mupopt.Shampoo's default)."""
     rows = []
     for name, p in model.named_parameters():
         info = width_info(p)
-        m = multipliers(optimizer, info, **rule_options)
+        blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and p.ndim >= 2 and p.numel() else None
+        m = multipliers(optimizer, info, shampoo_blocks=blocks, **rule_options)
         rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m)))
     return format_table(rows)
 

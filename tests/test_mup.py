@@ -162,6 +162,21 @@ def test_shampoo_blocks_change_only_capped_sides():
     assert multipliers("shampoo", WidthInfo("vector", 1.0, 4.0), shampoo_blocks=((8, 2048), 256)).lr == 1.0
 
 
+def test_summary_of_ungrafted_shampoo_uses_the_block_cap(gpt):
+    """mupopt.summary(model, "shampoo") shows the multipliers mupopt.Shampoo(grafting=None) uses:
+    with a cap below the MLP's 512-wide side the hidden rows change, as in the optimizer."""
+    model, _, _ = gpt
+    params = dict(model.named_parameters())
+    opt = mupopt.Shampoo([{"params": list(params.values()), "max_preconditioner_dim": 64}], grafting=None)
+    in_opt = {n: m.lr for n, m in zip(params, opt.group_multipliers(opt.param_groups[0]))}
+    rows = {r[0]: float(r[5]) for r in _rows(mupopt.summary(model, "shampoo", max_preconditioner_dim=64))}
+    assert rows.keys() == in_opt.keys()
+    for n in rows:
+        assert rows[n] == pytest.approx(in_opt[n], rel=1e-3), n
+    uncapped = {r[0]: float(r[5]) for r in _rows(mupopt.summary(model, "shampoo"))}
+    assert any(abs(uncapped[n] - rows[n]) > 1e-3 * rows[n] for n in rows)
+
+
 def test_embedding_width_info_records_its_layout(gpt):
     """set_base_shapes marks nn.Embedding weights fan_in_dim=0, and the record survives the
     optimizer's param groups (and older records without the key read as nn.Linear's layout)."""
