@@ -470,10 +470,12 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
     """The per-parameter muP table of ``model`` for optimizer rule ``optimizer``.
     ``max_preconditioner_dim``: rule "shampoo" (no grafting) only, the block cap that
     :func:`shampoo_block_lr` takes into account (1024: mupopt.Shampoo's default)."""
+    from .optim.shampoo import is_matrix  # mupopt.optim imports this module
+
     rows = []
     for name, p in model.named_parameters():
         info = width_info(p)
-        blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and p.ndim >= 2 and p.numel() else None
+        blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
         m = multipliers(optimizer, info, shampoo_blocks=blocks, **rule_options)
         rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m)))
     return format_table(rows)

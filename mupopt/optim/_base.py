@@ -242,8 +242,8 @@ class MupOptimizer(Optimizer):
 
     def _call(self, kernel: str, group: dict, params, grads, mults, hp, *, prepare: bool = False):
         """Create missing state, then step ``params`` with the selected backend of ``kernel``.
-        prepare=True: call the backend's two-phase ``prepare`` instead and return its commit
-        (None when there is nothing to step)."""
+        prepare=True and a two-phase backend (``Backend.prepare``): only prepare, and return the
+        commit; otherwise step and return None."""
         if not params:
             return None
         states = []
@@ -252,7 +252,7 @@ class MupOptimizer(Optimizer):
                 self.state[p].update(self._init_state(p, group))
             states.append(self.state[p])
         backend = backends.select(kernel, self.backend, [*params, *grads])
-        fn = backend.prepare if prepare else backend.fn
+        fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:
             return fn(params, grads, states, mults, hp)
@@ -267,10 +267,16 @@ class MupOptimizer(Optimizer):
 
     def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
         """Validate every group, then call the backend of ``kernel`` (default: this optimizer's
-        rule) once per group; extra keyword arguments go to _hparams."""
+        rule) once per group; extra keyword arguments go to _hparams. Two-phase backends (Shampoo)
+        prepare every group before any group is written, so a failure in a later group (a root
+        that does not converge) leaves the earlier ones as they were."""
         work = [(group, self._gather(group)) for group in self.param_groups]
-        for group, w in work:
-            self._call(kernel or self.rule, group, w.params, w.grads, w.mults, self._hparams(group, **(extra or {})))
+        commits = [self._call(kernel or self.rule, group, w.params, w.grads, w.mults,
+                              self._hparams(group, **(extra or {})), prepare=True)
+                   for group, w in work]
+        for commit in commits:
+            if commit is not None:
+                commit()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

@@ -102,8 +102,8 @@ def shampoo_reference(params, grads, states, mults, hp: ShampooHparams) -> None:
 
 def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams) -> Callable[[], None]:
     """Phase 1 of :func:`shampoo_reference`: new statistics and roots of every tensor; may raise
-    RootComputationError and writes nothing. Returns phase 2, which only writes (Shampoo.step
-    prepares every param group before committing any)."""
+    RootComputationError and writes nothing. Returns phase 2, which only writes (the optimizer's
+    step prepares every param group before committing any)."""
     # Phase 1: new statistics and roots for all tensors (nothing written yet).
     plans = []
     due: list[torch.Tensor] = []
@@ -256,18 +256,6 @@ class Shampoo(MupOptimizer):
         if work.grads and not bool(torch.stack([torch.isfinite(g).all() for g in work.grads]).all()):
             raise ValueError("Shampoo: non-finite gradient (inf or nan); params and state left unchanged")
         return work
-
-    def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
-        """Every group's statistics and roots before any group's writes: a root that fails in a
-        later group must not leave the earlier groups stepped (RootComputationError then leaves
-        every param and state as it was)."""
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        commits = [self._call(kernel or self.rule, group, w.params, w.grads, w.mults,
-                              self._hparams(group, **(extra or {})), prepare=True)
-                   for group, w in work]
-        for commit in commits:
-            if commit is not None:
-                commit()
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         if group["grafting"] == "adam":
