@@ -11,11 +11,7 @@ batch 3): one or two tiles per matrix.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -460,20 +456,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 
 def test_newton_schulz_kernels_compile_for_sm90_with_wgmma():
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton has no ahead-of-time compile API")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, root], capture_output=True, text=True,
-                          timeout=300, env=env)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower()):
-        pytest.skip("no ptxas for the NVIDIA backend")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = triton_mode.compile_for_sm90(_COMPILE_SCRIPT)
     assert [r["kernel"] for r in results] == ["_ns_normalize_kernel", "_ns_syrk_kernel", "_ns_syrk_kernel", "_ns_update_kernel"]
     for r in results[1:]:
         assert r["wgmma"] > 0, r  # Hopper tensor-core MMA for the three matmul kernels

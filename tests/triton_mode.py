@@ -9,7 +9,10 @@ interpreter.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,3 +57,22 @@ def devices(interpret: bool) -> list:
             ],
         ),
     ]
+
+
+def compile_for_sm90(script: str) -> list:
+    """Run ``script`` (which compiles kernels for sm_90 through a launch hook and prints its
+    results as JSON on the last line) in a fresh interpreter with compiled-mode kernels; return
+    the parsed results. Skips where triton has no ahead-of-time compile API or no ptxas."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != VAR}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, timeout=300, env=env)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower()):
+        pytest.skip("no ptxas for the NVIDIA backend")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
