@@ -4,6 +4,9 @@ copy bandwidth, torch's fused AdamW and the ``cuda`` backend measured in the sam
     PYTHONPATH=$PWD python benchmarks/tune_triton.py [--case one|llama] [--configs 4096x8,8192x16]
         [--optimizers adamw,adopt,sophia,lamb] [--mode quick|full] [--json FILE]
 
+(--json: not into benchmarks/results/, whose *.json files are `mupopt bench` runs that the
+README's table is generated from; commit the printed table as a .txt there.)
+
 Why: on an H200 (2026-11-27) the ``triton`` AdamW ran at 38% of the copy bandwidth on one
 2^26-element tensor, 0.5x torch fused, with the untuned ``_common.BLOCK = 4096`` and
 ``NUM_WARPS = 8``. Every kernel reads both from ``mupopt.kernels.triton._common`` at launch, and
@@ -19,6 +22,7 @@ the machinery: the interpreter says nothing about speed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from typing import Sequence
@@ -142,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
     import triton
 
-    print(f"{name}; torch {torch.__version__}, triton {triton.__version__}; case {args.case}, mode {args.mode}")
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"{name}; torch {torch.__version__}, triton {triton.__version__}; {date}; case {args.case}, mode {args.mode}")
     print(format_rows(rows))
     if args.json:
-        meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, case=args.case, mode=args.mode)
+        meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, date=date, case=args.case,
+                    mode=args.mode)
         with open(args.json, "w") as f:
             json.dump([dict(r, **meta) for r in rows], f, indent=1)
     return 0

@@ -115,7 +115,9 @@ def scale_of(scaler, device):
 
 def run(name, backend, params, mode, steps=STEPS, grad_dtype=None, scaler=None):
     """``steps`` steps on fixed gradients. mode "plain": opt.step(); "scaler": the gradients
-    times the scale, then scaler.step; "unscale": the same with scaler.unscale_(opt) first."""
+    times the scale, then scaler.step; "unscale": the same with scaler.unscale_(opt) first;
+    "direct": the scaled gradients, and opt.grad_scale / opt.found_inf set by hand around
+    opt.step(), as GradScaler.step sets them for an optimizer that unscales itself."""
     opt, step_kwargs = make(name, backend, params)
     device = params[0].device.type
     if grad_dtype is not None and hasattr(params[0], "grad_dtype"):
@@ -137,10 +139,17 @@ def run(name, backend, params, mode, steps=STEPS, grad_dtype=None, scaler=None):
         scale = scale_of(scaler, device)
         for p, g in zip(params, grads):
             p.grad = (g.float() * scale).to(g.dtype)  # a power of two: exact
-        if mode == "unscale":
-            scaler.unscale_(opt)
-        scaler.step(opt, **step_kwargs)
-        scaler.update()
+        if mode == "direct":
+            opt.grad_scale, opt.found_inf = scale, torch.zeros((), device=device)
+            try:
+                opt.step(**step_kwargs)
+            finally:
+                del opt.grad_scale, opt.found_inf
+        else:
+            if mode == "unscale":
+                scaler.unscale_(opt)
+            scaler.step(opt, **step_kwargs)
+            scaler.update()
         for p, g in zip(params, grads):  # p.grad holds the unscaled gradient afterwards
             assert torch.equal(p.grad, g), "p.grad should hold the unscaled gradient after the step"
     return opt, scaler
@@ -211,11 +220,12 @@ def test_scaled_run_matches_unscaled_run(name, backend, device, mode):
 def test_bf16_gradients_triton_matches_reference(device):
     """fp32 params with bf16 gradients: the kernels unscale in registers; with a power-of-two
     scale that is exact, so the scaled run equals the reference run on the unscaled gradients.
-    (Not the reference under GradScaler: torch's unscale on CUDA has no bf16 kernel, seen with
-    torch 2.11: "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'.)"""
+    On CUDA GradScaler itself cannot take bf16 gradients (torch 2.11, in its found-inf check,
+    before our step runs: "_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for
+    'BFloat16'), so there the scale reaches the step as GradScaler would hand it ("direct")."""
     ref_params, tri_params = leaves(device), leaves(device)
     ref, _ = run("adamw", "reference", ref_params, "plain", grad_dtype=BF16)
-    tri, _ = run("adamw", "triton", tri_params, "scaler", grad_dtype=BF16)
+    tri, _ = run("adamw", "triton", tri_params, "scaler" if device == "cpu" else "direct", grad_dtype=BF16)
     assert_same_run(ref, ref_params, tri, tri_params, rtol=1e-5, atol=1e-6)
 
 
