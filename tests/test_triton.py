@@ -5,8 +5,8 @@ On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors
 checks compiled on CUDA tensors and are skipped elsewhere. A further test compiles every kernel
 variant for sm_90 (no GPU needed) and checks the full-chunk path is vectorised.
 
-The interpreter is slow (a few ms per program): sizes stay small, one of ~5000 elements so a
-tensor spans two 4096-element chunks (a full one and a masked tail).
+The interpreter is slow (a few ms per program): sizes stay small, one of BLOCK + 904 elements so
+a tensor spans two chunks (a full one and a masked tail).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ with triton_mode.defining_kernels():
 
 INTERPRET = _common.INTERPRET
 STEPS = 10
-SHAPES = [(1,), (7,), (33, 65), (0,), (5000,), (5, 3)]
+SHAPES = [(1,), (7,), (33, 65), (0,), (_common.BLOCK + 904,), (5, 3)]
 # muP multipliers other than 1 and different per tensor: (lr, wd, eps).
 MULTS = [
     Multipliers(2.0, 1.0, 0.5),
@@ -404,7 +404,7 @@ def test_unaligned_views_are_stepped_without_the_alignment_hint():
     """Views at odd offsets (e.g. slices of one flat buffer) are correct, just not vectorised."""
     if not INTERPRET:
         pytest.skip("CPU check")
-    flat = torch.randn(1 + 7 + 5000)
+    flat = torch.randn(1 + 7 + _common.BLOCK + 904)  # a full chunk and a tail, both unaligned
     params = [flat[1:8], flat[8:]]  # 4-byte aligned only
     states = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in params]
     ref_p = [p.clone() for p in params]

@@ -39,8 +39,9 @@ _jit = ns.DeferredJit(globals())
 tl = _load = _store = _lerp = _to_storage = None
 
 PRIORITY = 10
-# Elements per program of the elementwise kernels (same reasoning as _common.BLOCK: 4096 fp32
-# with 8 warps is 16 per thread, four 16-byte accesses per operand).
+# Elements per program of the elementwise kernels: 4096 fp32 with 8 warps is 16 per thread, four
+# 16-byte accesses per operand. Untuned: benchmarks/tune_triton.py swept _common.BLOCK (the
+# AdamW-family kernels, 8192 x 16 there), not these.
 BLOCK = 4096
 NUM_WARPS = 8
 _ALIGNMENT = 16
