@@ -32,6 +32,24 @@ def _always(tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
+# The only tensor types a backend steps: plain tensors and Parameters wrapping them. A wrapper
+# subclass (DTensor, a tensor-parallel or FSDP shard, FakeTensor) has no storage of its own
+# (data_ptr() is 0 for a DTensor), so a kernel handed one would read address 0. Distributed
+# tensors are turned into their local shards above the backends (mupopt/optim/_placement.py).
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def subclass_reason(tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why ``tensors`` cannot go to any backend (a tensor subclass among them), or None."""
+    for i, t in enumerate(tensors):
+        if type(t) not in PLAIN_TENSOR_TYPES:
+            return (
+                f"tensor {i} is a {type(t).__name__}, a tensor subclass: backends step plain tensors "
+                f"(the optimizer hands them each DTensor's local shard)"
+            )
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     optimizer: str
@@ -47,6 +65,11 @@ class Backend:
     # and writes nothing, and returns the rest of the step as a callable that only writes; fn
     # is prepare(...)(). The optimizer prepares every param group before committing any.
     prepare: "Callable | None" = None
+
+    def reason(self, tensors: Sequence[torch.Tensor]) -> str | None:
+        """None when this backend can step ``tensors``, else why not: a tensor subclass (every
+        backend refuses them, :func:`subclass_reason`), then the backend's own reason."""
+        return subclass_reason(tensors) or self.unsupported_reason(tensors)
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -83,11 +106,11 @@ def select(optimizer: str, requested: str, tensors: Sequence[torch.Tensor]) -> B
     table = _REGISTRY[optimizer]
     if requested != "auto":
         backend = table[requested]
-        reason = backend.unsupported_reason(tensors)
+        reason = backend.reason(tensors)
         if reason is not None:
             raise RuntimeError(f"backend {requested!r} cannot step these {optimizer} tensors: {reason}")
         return backend
     for name in names(optimizer):
-        if table[name].unsupported_reason(tensors) is None:
+        if table[name].reason(tensors) is None:
             return table[name]
     raise RuntimeError(f"no backend of {optimizer} can step these tensors")

@@ -260,7 +260,7 @@ def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[s
         probe = [torch.zeros(2, device=device)]
         for entry in OPTIMIZERS:
             for backend in backends.names(entry.name):
-                if backends._REGISTRY[entry.name][backend].unsupported_reason(probe) is not None:
+                if backends._REGISTRY[entry.name][backend].reason(probe) is not None:
                     continue
                 checks = ["oracle"] if backend == "reference" else ["reference"]
                 if backend == "reference" and reference_problem(entry.reference_module) is None:

@@ -46,7 +46,7 @@ def unsupported(subject: Subject, name: str, params: Sequence[torch.Tensor]) -> 
         entry = backends._REGISTRY.get(key, {}).get(name)
         if entry is None:
             return f"not registered for {key!r}"
-        reason = entry.unsupported_reason(tensors)
+        reason = entry.reason(tensors)
         if reason is not None:
             return reason
     return None

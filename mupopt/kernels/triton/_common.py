@@ -181,11 +181,17 @@ def _lerp(start, end, weight):
 # ---------------------------------------------------------------------------------------------
 # Host side: validation, launch plans and their cache, per-step upload
 # ---------------------------------------------------------------------------------------------
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def fail(op: str, message: str) -> None:
     raise RuntimeError(f"backend 'triton' cannot step these {op} tensors: {message}")
 
 
 def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if type(t) not in _PLAIN:
+        # A wrapper subclass (DTensor) has no storage of its own: data_ptr() would be 0.
+        fail(op, f"{role} {i} is a {type(t).__name__}, a tensor subclass: pass its local tensor")
     if t.device != ref.device:
         fail(op, f"{role} {i} is on {t.device}, its parameter on {ref.device} (one device per call)")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -204,7 +210,7 @@ def check_grads(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.T
     if len(grads) != len(params):
         fail(op, f"{len(grads)} gradients for {len(params)} parameters")
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.dtype not in SUPPORTED_DTYPES or g.shape != p.shape or not g.is_contiguous() or g.device != p.device:
+        if type(g) not in _PLAIN or g.dtype not in SUPPORTED_DTYPES or g.shape != p.shape or not g.is_contiguous() or g.device != p.device:
             _check_tensor(op, "gradient", i, g, p)
 
 

@@ -114,6 +114,9 @@ def _check(params, grads, states) -> None:
         _fail(f"{len(params)} params, {len(grads)} gradients, {len(states)} states")
     device = params[0].device
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        reason = backends.subclass_reason([p, g, *(v for v in st.values() if isinstance(v, torch.Tensor))])
+        if reason is not None:  # data_ptr() of a wrapper subclass is 0
+            _fail(f"param {i}: {reason}")
         buf = st["momentum_buffer"]
         if p.device != device:
             _fail(f"param {i} is on {p.device}, param 0 on {device} (one device per call)")

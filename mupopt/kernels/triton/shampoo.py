@@ -245,6 +245,9 @@ def _check(params, grads, states) -> None:
         _fail(f"{len(params)} params, {len(grads)} gradients, {len(states)} states")
     device = params[0].device
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        reason = backends.subclass_reason([p, g, *(v for v in st.values() if isinstance(v, torch.Tensor))])
+        if reason is not None:  # data_ptr() of a wrapper subclass is 0
+            _fail(f"param {i}: {reason}")
         if p.device != device or p.dtype not in ns.SUPPORTED_DTYPES or not p.is_contiguous():
             _fail(f"param {i} (shape {tuple(p.shape)}, {p.dtype}, {p.device}) must be a contiguous "
                   f"fp32/bf16 tensor on {device}")
