@@ -19,12 +19,20 @@ Width information reaches a parameter in one of four ways, all through :func:`se
 (c) ``p.infshape`` left by Microsoft's ``mup.set_base_shapes``, (d) explicit overrides by
 parameter-name pattern. It is stored on the parameter (``p.mupopt_width``) and copied into the
 optimizer's param groups, so a state_dict carries it and a resume needs no base model.
+
+FSDP2 (``fully_shard``) and tensor parallelism (``parallelize_module``) replace a module's
+Parameter objects with new DTensor Parameters, which carry no attributes. So set_base_shapes
+also records the width info by parameter name on the module that owns it
+(``module.mupopt_widths``), and remembers the model (weakly): an optimizer built later over the
+new Parameters finds their width info there (:func:`recover_width_infos`), so the order
+``set_base_shapes`` -> ``fully_shard`` -> optimizer gives the same muP run as the reverse.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -34,6 +42,11 @@ from torch import nn
 ROLES = ("input", "hidden", "output", "vector")
 WD_MODES = ("independent", "coupled")
 WIDTH_ATTR = "mupopt_width"
+# On each module that owns a parameter set_base_shapes saw: {parameter name in that module:
+# (WidthInfo, shape)}; survives FSDP2 / tensor parallelism replacing the Parameter objects.
+MODULE_WIDTHS_ATTR = "mupopt_widths"
+# Models set_base_shapes has been called on (weakly held: a model's lifetime is the user's).
+_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class MupError(ValueError):
@@ -386,7 +399,10 @@ def set_base_shapes(
                 _warn_unlisted_width(name, owners[name], shape, info, base_widths)
         for n in names:
             result[n] = info
+            local_name = n.rpartition(".")[2]
+            owners[n].__dict__.setdefault(MODULE_WIDTHS_ATTR, {})[local_name] = (info, shape)
         setattr(p, WIDTH_ATTR, info)
+    _MODELS.add(model)
     unused = set(overrides) - used_patterns
     if unused:
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
@@ -434,6 +450,42 @@ def clear_base_shapes(model: nn.Module) -> None:
     for p in model.parameters():
         if hasattr(p, WIDTH_ATTR):
             delattr(p, WIDTH_ATTR)
+    for module in model.modules():
+        module.__dict__.pop(MODULE_WIDTHS_ATTR, None)
+    _MODELS.discard(model)
+
+
+def recover_width_infos(params: Iterable[torch.Tensor]) -> int:
+    """Re-attach width info to parameters that lost it when FSDP2 or tensor parallelism replaced
+    them (same module, same name, same global shape: a DTensor's ``shape`` is the global one).
+
+    Looks only at models set_base_shapes was called on. A parameter found under a recorded name
+    whose shape differs raises :class:`MupError` (its width info would be wrong). Returns how many
+    parameters got their width info back."""
+    missing = {id(p): p for p in params if getattr(p, WIDTH_ATTR, None) is None}
+    if not missing:
+        return 0
+    recovered = 0
+    for model in list(_MODELS):
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            records = module.__dict__.get(MODULE_WIDTHS_ATTR)
+            if not records:
+                continue
+            for local_name, (info, shape) in records.items():
+                q = module._parameters.get(local_name)
+                if q is None or id(q) not in missing:
+                    continue
+                name = f"{mod_name}.{local_name}" if mod_name else local_name
+                if tuple(q.shape) != tuple(shape):
+                    raise MupError(
+                        f"parameter {name!r} now has shape {tuple(q.shape)} but {tuple(shape)} when "
+                        f"set_base_shapes saw it: call mupopt.set_base_shapes again on the model as it is now"
+                    )
+                setattr(q, WIDTH_ATTR, info)
+                del missing[id(q)]
+                recovered += 1
+    return recovered
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
+from ._placement import NormReduce
 from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, is_number, store
 
 
@@ -105,6 +106,15 @@ class LAMB(MupOptimizer):
         check(c is None or (is_number(c) and c > 0), f"Invalid clamp_value: {c}")
         check(is_number(group["hidden_lr_exponent"]), f"Invalid hidden_lr_exponent: {group['hidden_lr_exponent']}")
         check(group["wd_mode"] == "independent", "LAMB has no wd_mode: its decay is part of the trust-ratio update")
+
+    def _plan_options(self, group: dict) -> tuple:
+        return (group["scale_eps"], group["hidden_lr_exponent"])
+
+    def _collectives(self, kernel: str, params: list) -> dict:
+        """Sharded tensors: the trust ratio from whole-tensor norms, the per-shard partial sums
+        of squares summed over the ranks in one all-reduce per step (_placement.NormReduce)."""
+        reduce = NormReduce(params)
+        return {"norm_reduce": reduce} if reduce else {}
 
     def _rule_options(self, group: dict) -> dict:
         return {"scale_eps": group["scale_eps"], "lamb_hidden_exponent": float(group["hidden_lr_exponent"])}

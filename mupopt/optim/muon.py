@@ -18,6 +18,7 @@ from .. import backends
 from ..linalg import newton_schulz
 from ..mup import MupError, Multipliers, multipliers
 from ._base import MupOptimizer, check, check_betas, check_eps, check_weight_decay, fp32, is_number, store
+from ._placement import Orthogonalize
 from .adamw import AdamWHparams
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
@@ -57,15 +58,21 @@ def matrix_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def muon_reference(params, grads, states, mults, hp: MuonHparams) -> None:
+def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonalize=None) -> None:
     """One Muon step for hidden matrices::
 
         B = lerp(B, g, 1-mu) ;  u = lerp(g, B, mu) if nesterov else B
         O = NS(u)                        (same-shape matrices stacked into one NS call)
         p *= 1 - lr*wd*wd_mult
-        p -= lr*lr_mult*shape_factor * O
+        p -= lr*lr_mult * O
 
-    The operation order is torch.optim.Muon's; NS runs in ``hp.ns_dtype`` (bf16 by default).
+    ``lr_mult`` includes Muon's shape factor of the whole matrix (:meth:`Muon.group_multipliers`:
+    ``mults`` are computed from the global shape, which a backend stepping a shard cannot see).
+    ``orthogonalize(updates, ns)``, when given, replaces the local NS: it receives the updates
+    shaped like the (local) params and the NS function on a stack of same-shape matrices, and
+    returns the orthogonalised updates (mupopt.optim._placement.Orthogonalize gathers sharded
+    matrices to owner ranks). The operation order is torch.optim.Muon's; NS runs in
+    ``hp.ns_dtype`` (bf16 by default).
     """
     updates = []
     for g, st in zip(grads, states):
@@ -73,22 +80,33 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams) -> None:
         g32 = fp32(g)
         buf32.lerp_(g32, 1 - hp.momentum)
         store(st["momentum_buffer"], buf32)
-        updates.append(matrix_view(g32.lerp(buf32, hp.momentum) if hp.nesterov else buf32))
-    by_shape: dict[tuple, list[int]] = {}
-    for i, u in enumerate(updates):
-        by_shape.setdefault(tuple(u.shape), []).append(i)
-    ortho: list[torch.Tensor | None] = [None] * len(updates)
-    for shape, idx in by_shape.items():
-        stacked = torch.stack([updates[i] for i in idx])
-        out = newton_schulz(stacked, hp.ns_steps, hp.ns_coefficients, hp.eps, hp.ns_dtype, check_finite=False)
-        for k, i in enumerate(idx):
-            ortho[i] = out[k]
+        updates.append(g32.lerp(buf32, hp.momentum) if hp.nesterov else buf32)
+
+    def ns(stacked: torch.Tensor) -> torch.Tensor:
+        return newton_schulz(stacked, hp.ns_steps, hp.ns_coefficients, hp.eps, hp.ns_dtype, check_finite=False)
+
+    if orthogonalize is not None:
+        ortho = orthogonalize(updates, ns, ns_steps(hp))
+    else:
+        views = [matrix_view(u) for u in updates]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, u in enumerate(views):
+            by_shape.setdefault(tuple(u.shape), []).append(i)
+        ortho = [None] * len(updates)
+        for shape, idx in by_shape.items():
+            out = ns(torch.stack([views[i] for i in idx]))
+            for k, i in enumerate(idx):
+                ortho[i] = out[k]
     for p, o, m in zip(params, ortho, mults):
-        rows, cols = o.shape
         p32 = fp32(p)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
-        p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr * shape_factor(hp.adjust_lr_fn, rows, cols))
+        p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr)
         store(p, p32)
+
+
+def ns_steps(hp: MuonHparams) -> int:
+    """Iterations of the NS schedule (for flop counts)."""
+    return hp.ns_steps if hp.ns_steps is not None else len(hp.ns_coefficients)
 
 
 backends.register(backends.Backend("muon", "reference", muon_reference))
@@ -182,6 +200,9 @@ class Muon(MupOptimizer):
         return record["role"] == "hidden"
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
+        """AdamW's multipliers for the AdamW part; for Muon matrices the muP lr multiplier times
+        Muon's shape factor of the whole matrix (its global (shape[0], -1) view: a DTensor's
+        ``shape`` is global, so a rank stepping a shard still scales by the full matrix)."""
         rule = "muon_match_rms_adamw" if group["adjust_lr_fn"] == "match_rms_adamw" else "muon"
         out = []
         for i, info in enumerate(self.width_infos(group)):
@@ -190,7 +211,11 @@ class Muon(MupOptimizer):
             elif info is not None and info.role != "hidden":
                 raise MupError(f"use_muon=True on a parameter of role {info.role!r}: Muon's muP rules cover hidden matrices only")
             else:
-                out.append(multipliers(rule, info, wd_mode=group["wd_mode"]))
+                m = multipliers(rule, info, wd_mode=group["wd_mode"])
+                shape = group["params"][i].shape
+                rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, 1)
+                factor = shape_factor(group["adjust_lr_fn"], rows, cols) if rows and cols else 1.0
+                out.append(m._replace(lr=m.lr * factor))
         return out
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -224,16 +249,26 @@ class Muon(MupOptimizer):
         param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))
         super().add_param_group(param_group)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        for group, w in work:
-            for kernel, hp, to_muon in (("muon", self._hparams(group), True), ("adamw", self._adamw_hparams(group), False)):
-                sel = [k for k, i in enumerate(w.index) if self._uses_muon(group, i) == to_muon]
-                self._call(kernel, group, [w.params[k] for k in sel], [w.grads[k] for k in sel], [w.mults[k] for k in sel], hp)
-        return loss
+    # -- how the step is split (mupopt.optim._base.MupOptimizer._run) --------------------------------
+    def _plan_options(self, group: dict) -> tuple:
+        return (group["wd_mode"], group["adjust_lr_fn"], group["use_muon"])
+
+    def _segments(self, group: dict, kernel: str, stepped: list[int]) -> list[tuple[str, list[int]]]:
+        """Hidden matrices to backend "muon", the rest to "adamw": both prepared (backend chosen,
+        inputs checked) before either writes, so an error in the AdamW part leaves the matrices
+        unstepped too."""
+        to_muon = [self._uses_muon(group, i) for i in stepped]
+        return [
+            ("muon", [k for k, m in enumerate(to_muon) if m]),
+            ("adamw", [k for k, m in enumerate(to_muon) if not m]),
+        ]
+
+    def _hparams_for(self, kernel: str, group: dict, extra: dict):
+        return self._hparams(group) if kernel == "muon" else self._adamw_hparams(group)
+
+    def _collectives(self, kernel: str, params: list) -> dict:
+        """Sharded Muon matrices: Newton-Schulz on whole matrices, spread over the ranks."""
+        if kernel != "muon":
+            return {}
+        hook = Orthogonalize(params, type(self).__name__)
+        return {"orthogonalize": hook} if hook.distributed else {}

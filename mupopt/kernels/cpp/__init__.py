@@ -86,13 +86,15 @@ def register() -> None:
         if "cpu" not in backends.names(name):
             backends.register(
                 backends.Backend(
-                    name, "cpu", ops.FUNCTIONS[name], priority=CPU_PRIORITY, unsupported_reason=cpu_unsupported_reason
+                    name, "cpu", ops.FUNCTIONS[name], priority=CPU_PRIORITY, unsupported_reason=cpu_unsupported_reason,
+                    devices=("cpu",), validates=True,
                 )
             )
         if with_cuda and "cuda" not in backends.names(name):
             backends.register(
                 backends.Backend(
-                    name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason
+                    name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason,
+                    devices=("cuda",), validates=True,
                 )
             )
 

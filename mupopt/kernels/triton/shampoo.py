@@ -502,4 +502,5 @@ def register() -> None:
     """Register backend "triton" for the registry name "shampoo" (idempotent)."""
     if "triton" not in backends.names("shampoo"):
         backends.register(backends.Backend("shampoo", "triton", shampoo_triton, priority=PRIORITY,
-                                           unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare))
+                                           unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare,
+                                           devices=("cuda",), validates=True))
