@@ -8,8 +8,9 @@ params' device (row i: sum of p_i^2 before the update, sum of u_i^2), after the 
 the moments) are updated, and returns the reduced sums, from which the trust ratios are formed.
 
 Backends checked: "reference", "cpu" (C++; skipped without a compiler) and "triton" (in the
-interpreter on CPU tensors; skipped without triton). A tensor of 70001 elements spans three C++
-chunks and nine Triton chunks; (0,) and (1,) give an empty shard when split in two.
+interpreter on CPU tensors; skipped without triton); on a CUDA machine (marked gpu) also "cuda"
+(C++), "triton" compiled and "reference" on CUDA tensors. A tensor of 70001 elements spans three
+C++ chunks and nine Triton chunks; (0,) and (1,) give an empty shard when split in two.
 """
 from __future__ import annotations
 
@@ -54,24 +55,43 @@ def _cpu_fn():
     return ops.lamb
 
 
-def _triton_fn():
+def _cuda_fn():
+    from mupopt.kernels.cpp import build, ops
+
+    outcome = build.load_cuda()
+    if outcome is not True:
+        pytest.fail(f"CUDA is available but the cuda library is not: {outcome}")
+    return ops.lamb
+
+
+def _triton_fn(device):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    if not triton_common.INTERPRET:
-        pytest.skip("these tests run the Triton kernels on CPU tensors (interpreter)")
+    if triton_common.INTERPRET != (device == "cpu"):
+        pytest.skip("the Triton kernels were defined for the other device (interpreter: CPU tensors)")
     return lamb_triton
 
 
-@pytest.fixture(params=["reference", "cpu", "triton"])
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(params=[
+    "reference", "cpu", "triton",
+    pytest.param("cuda", marks=_GPU), pytest.param("triton-cuda", marks=_GPU), pytest.param("reference-cuda", marks=_GPU),
+])
 def backend(request, monkeypatch):
-    """(name, fn) of one LAMB backend on CPU tensors."""
-    if request.param == "reference":
-        return request.param, lamb_reference
-    if request.param == "cpu":
-        return request.param, _cpu_fn()
-    fn = _triton_fn()
-    triton_mode.match_environment(monkeypatch, True)
-    return request.param, fn
+    """(name, fn, device) of one LAMB backend and the device of its tensors."""
+    name = request.param
+    device = "cuda" if name.endswith("cuda") else "cpu"
+    if name.startswith("reference"):
+        return name, lamb_reference, device
+    if name == "cpu":
+        return name, _cpu_fn(), device
+    if name == "cuda":
+        return name, _cuda_fn(), device
+    fn = _triton_fn(device)
+    triton_mode.match_environment(monkeypatch, triton_common.INTERPRET)
+    return name, fn, device
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,9 +103,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make(dtype, shapes=SHAPES, seed=0):
+def make(dtype, shapes=SHAPES, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     states = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
               for p in params]
     return params, states
@@ -93,7 +113,7 @@ def make(dtype, shapes=SHAPES, seed=0):
 
 def grads_for(step, params):
     gen = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    return [torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype) for p in params]
 
 
 def assert_bitwise(a_params, a_states, b_params, b_states, what):
@@ -112,10 +132,10 @@ def test_identity_reduce_is_bitwise_the_plain_step(backend, dtype, variant):
     """Every backend forms the sums the same way in both forms (float64, same order) and the trust
     ratio with the same expression, so the identity gives the very same bits: params, moments,
     steps."""
-    name, fn = backend
+    name, fn, device = backend
     hp = hparams(**variant)
-    pa, sa = make(dtype)
-    pb, sb = make(dtype)
+    pa, sa = make(dtype, device=device)
+    pb, sb = make(dtype, device=device)
     for t in range(STEPS):
         grads = grads_for(t, pa)
         fn(pa, grads, sa, MULTS, hp)
@@ -131,11 +151,11 @@ def test_scaled_sums_give_the_scaled_trust_ratio(backend, variant):
     """norm_reduce multiplies the sums of p^2 by 4 and of u^2 by 9 (in place): the trust ratio is
     phi(2||p||) / (3||u||), checked against mupopt.testing.lamb_f64 with norm_scale=(4, 9); the
     unscaled oracle is far away (2/3 of the update, or less with the clamp)."""
-    name, fn = backend
+    name, fn, device = backend
     hp = hparams(**variant)
-    params, states = make(F32)
-    shadow = [p.double() for p in params]
-    plain = [p.double() for p in params]
+    params, states = make(F32, device=device)
+    shadow = [p.double().cpu() for p in params]
+    plain = [p.double().cpu() for p in params]
     st64 = [dict() for _ in params]
     st_plain = [dict() for _ in params]
 
@@ -148,10 +168,10 @@ def test_scaled_sums_give_the_scaled_trust_ratio(backend, variant):
         grads = grads_for(t, params)
         fn(params, grads, states, MULTS, hp, norm_reduce=scale)
         for i, g in enumerate(grads):
-            lamb_f64(shadow[i], g.double(), st64[i], MULTS[i], hp, norm_scale=(4.0, 9.0))
-            lamb_f64(plain[i], g.double(), st_plain[i], MULTS[i], hp)
+            lamb_f64(shadow[i], g.double().cpu(), st64[i], MULTS[i], hp, norm_scale=(4.0, 9.0))
+            lamb_f64(plain[i], g.double().cpu(), st_plain[i], MULTS[i], hp)
     for i, (p, s, q) in enumerate(zip(params, shadow, plain)):
-        torch.testing.assert_close(p.double(), s, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} param {i}: {m}")
+        torch.testing.assert_close(p.double().cpu(), s, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} param {i}: {m}")
         if p.numel():
             assert float((q - s).abs().max()) > 1e-4, f"param {i}: the scaled step is not distinguishable"
 
@@ -163,22 +183,22 @@ def test_called_once_with_the_partials(backend):
     """Once per call; float64 [N, 2] on the params' device; row i the sum of p_i^2 before the
     update and of u_i^2 (against the float64 oracle); by then the step counts are incremented
     and (float32 states) the moments stored."""
-    name, fn = backend
+    name, fn, device = backend
     hp = hparams()
-    params, states = make(F32)
-    shadow = [p.double() for p in params]
+    params, states = make(F32, device=device)
+    shadow = [p.double().cpu() for p in params]
     st64 = [dict() for _ in params]
     for t in range(STEPS):
         grads = grads_for(t, params)
         for i, g in enumerate(grads):
-            lamb_f64(shadow[i], g.double(), st64[i], MULTS[i], hp)
+            lamb_f64(shadow[i], g.double().cpu(), st64[i], MULTS[i], hp)
         seen = []
 
         def record(partials):
             seen.append(partials.clone())
             assert all(float(st["step"]) == t + 1 for st in states), "norm_reduce before the steps were counted"
             for st, s in zip(states, st64):
-                torch.testing.assert_close(st["exp_avg"].double(), s["m"], rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(st["exp_avg"].double().cpu(), s["m"], rtol=1e-5, atol=1e-7)
             return partials
 
         fn(params, grads, states, MULTS, hp, norm_reduce=record)
@@ -187,14 +207,14 @@ def test_called_once_with_the_partials(backend):
         assert partials.shape == (len(params), 2) and partials.dtype == torch.float64
         assert partials.device == params[0].device
         expected = torch.tensor([s["sums"] for s in st64], dtype=torch.float64)
-        torch.testing.assert_close(partials, expected, rtol=1e-5, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(partials.cpu(), expected, rtol=1e-5, atol=0, msg=lambda m: f"{name}: {m}")
     assert expected[3].eq(0).all()  # the empty tensor
 
 
 @pytest.mark.parametrize("bad", ["float32", "shape", "not-a-tensor"])
 def test_a_wrong_result_is_refused(backend, bad):
-    name, fn = backend
-    params, states = make(F32, shapes=[(4,), (3, 2)])
+    name, fn, device = backend
+    params, states = make(F32, shapes=[(4,), (3, 2)], device=device)
     reduce = {
         "float32": lambda x: x.float(),
         "shape": lambda x: x[:1],
@@ -285,9 +305,9 @@ def test_two_shards_step_like_the_whole_tensor(backend, dtype, variant):
     backend. The moments are elementwise (bitwise equal); the sums are added in another order
     (two halves, then their total), which can move a float32 norm by one ulp, hence the trust
     ratio by ~1e-7 relative: params equal to rtol 1e-6 (fp32; bf16: one bf16 spacing, 2^-7)."""
-    name, fn = backend
+    name, fn, device = backend
     hp = hparams(**variant)
-    whole, whole_states = make(dtype)
+    whole, whole_states = make(dtype, device=device)
     first, second = halves(whole)
     first_states, second_states = states_for(first), states_for(second)
     mults = MULTS
@@ -321,7 +341,7 @@ def test_norms_are_accurate_above_2_22_elements(backend):
     with torch's float32 vector_norm (the reference before issue 13). The elementwise error,
     ||upd - upd64|| / ||upd64||, is 2.5e-5 at every size: a 2e-5 update on a 0.02 parameter
     resolved to its float32 spacing. (Triton's interpreter: about 5 s.)"""
-    name, fn = backend
+    name, fn, device = backend
     hp = LAMBHparams(1e-3, 0.9, 0.999, 1e-6, 0.01, None, False)
     gen = torch.Generator().manual_seed(0)
     p0 = 0.02 * torch.randn(LARGE, generator=gen)
@@ -331,10 +351,10 @@ def test_norms_are_accurate_above_2_22_elements(backend):
     lamb_f64(s64, g.double(), {}, mult, hp)
     upd64 = s64 - p0.double()
     del s64
-    p = p0.clone()
+    p = p0.to(device, copy=True)
     (state,) = states_for([p])
-    fn([p], [g], [state], [mult], hp)
-    upd = p.double() - p0.double()
+    fn([p], [g.to(device)], [state], [mult], hp)
+    upd = p.double().cpu() - p0.double()
     scale_err = float((upd * upd64).sum() / (upd64 * upd64).sum()) - 1.0
     frobenius = float(torch.linalg.vector_norm(upd - upd64) / torch.linalg.vector_norm(upd64))
     assert abs(scale_err) < 1e-6, f"{name}: the trust ratio is {scale_err:.3g} off the float64 one"
