@@ -97,7 +97,10 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
     tensor are updated, with ``partials``: float64 [N, 2] on the params' device, row i the sum of
     squares of p_i (before this step's update) and of u_i over this shard; it returns the sums
     over the whole tensors (e.g. after an all-reduce; it may reduce in place and return its
-    argument), from which the trust ratios are formed.
+    argument), from which the trust ratios are formed. (The fused backends with bfloat16 states
+    store the new moments only in their second pass, after norm_reduce: they recompute them there
+    from the old ones rather than re-read them rounded, see csrc/include/mupopt/lamb.h.) With no
+    params nothing is called.
     """
     if norm_reduce is None:
         for p, st, m, g in zip(params, states, mults, grads):
