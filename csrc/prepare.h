@@ -83,10 +83,12 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
   return t;
 }
 
+// ``steps_bumped``: the step counts already hold this step's value (lamb_apply_, after
+// lamb_partials_ incremented them), so the bias corrections use them as they are.
 inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                           TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
-                          double beta1, double beta2, double eps, int64_t chunk) {
-  const char* op = "lamb_";
+                          double beta1, double beta2, double eps, int64_t chunk, const char* op = "lamb_",
+                          bool steps_bumped = false) {
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
   check_mults(op, "lr_mults", lr_mults, n);
@@ -98,7 +100,7 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
   using S = LambScalars;
   for (size_t r = 0; r < t.rows.size(); ++r) {
     const int64_t i = t.source[r];
-    const double step = next_step(before[i]);
+    const double step = steps_bumped ? before[i] : next_step(before[i]);
     float* s = t.rows[r].scalar;
     s[S::kBc1] = static_cast<float>(1.0 - std::pow(beta1, step));
     s[S::kBc2] = static_cast<float>(1.0 - std::pow(beta2, step));
