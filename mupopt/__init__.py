@@ -1,6 +1,18 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
-from .mup import MupError, MupWarning, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
+from .mup import (
+    BaseShapes,
+    MupError,
+    MupWarning,
+    WidthInfo,
+    clear_base_shapes,
+    init_mup_,
+    load_base_shapes,
+    make_base_shapes,
+    set_base_shapes,
+    summary,
+    width_info,
+)
 from .kernels import cpp as _cpp_kernels
 from .kernels import triton as _triton_kernels
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
@@ -20,12 +32,15 @@ __all__ = [
     "Shampoo",
     "SophiaG",
     "gnb_backward",
+    "BaseShapes",
     "MupError",
     "MupWarning",
     "WidthInfo",
     "backends",
     "clear_base_shapes",
     "init_mup_",
+    "load_base_shapes",
+    "make_base_shapes",
     "mup",
     "set_base_shapes",
     "summary",

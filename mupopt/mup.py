@@ -2,7 +2,7 @@
 
 Every parameter of a width family gets a :class:`WidthInfo` (role, m_in, m_out), from which each
 optimizer derives its per-tensor learning-rate, weight-decay and epsilon multipliers
-(:func:`multipliers`). The rules are those of ../shared/mup-rules.md, taken from
+(:func:`multipliers`). The rules are those of docs/mup.md, taken from
 
 - P1: Gupta, Ngom, Foreman, Vishwanath, "Extending muP: Spectral Conditions for Feature Learning
   Across Optimizers", arXiv 2602.20937 (Table 2, Result 4.1);
@@ -22,8 +22,11 @@ optimizer's param groups, so a state_dict carries it and a resume needs no base 
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
@@ -53,12 +56,16 @@ class WidthInfo:
     m_in, m_out: fan_in / base fan_in and fan_out / base fan_out (1 for a fixed dimension).
     fan_in_dim: which dimension of the weight is fan_in: 1 as ``nn.Linear`` (fan_out, fan_in,
     ...), 0 for ``nn.Embedding`` (vocab, d). Only Shampoo's blocks need it (which side is capped).
+    name: the parameter's name in the model that :func:`set_base_shapes` saw (None when built by
+    hand). Only labels (``mup_summary()`` of an optimizer given plain parameters) use it; it takes
+    no part in equality.
     """
 
     role: str
     m_in: float = 1.0
     m_out: float = 1.0
     fan_in_dim: int = 1
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -71,12 +78,16 @@ class WidthInfo:
             raise MupError(f"fan_in_dim must be 0 or 1, got {self.fan_in_dim!r}")
 
     def as_dict(self) -> dict:
-        return {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out), "fan_in_dim": self.fan_in_dim}
+        d = {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out), "fan_in_dim": self.fan_in_dim}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WidthInfo":
-        # fan_in_dim: absent from state_dicts saved before it existed (then nn.Linear's layout).
-        return cls(d["role"], float(d["m_in"]), float(d["m_out"]), int(d.get("fan_in_dim", 1)))
+        # fan_in_dim and name: absent from state_dicts saved before they existed (then
+        # nn.Linear's layout, no name).
+        return cls(d["role"], float(d["m_in"]), float(d["m_out"]), int(d.get("fan_in_dim", 1)), d.get("name"))
 
 
 def width_info(p: torch.Tensor) -> WidthInfo | None:
@@ -216,6 +227,42 @@ def _dims_from_base(name, shape, base_shapes, delta_shapes) -> list[Dim]:
     return [(s, b if b != r else None) for s, b, r in zip(shape, base, ref)]
 
 
+def _dims_from_record(name, shape, record: "BaseShapes") -> list[Dim]:
+    """Dims from recorded base shapes: each entry is the base size of a width dimension or None."""
+    if name not in record:
+        raise MupError(
+            f"parameter {name!r} is missing from the recorded base shapes: record them again with "
+            f"mupopt.make_base_shapes(base, delta, savefile) from models with the same module names, "
+            f"or declare it with overrides={{{name!r}: <role or WidthInfo>}}"
+        )
+    base = record[name]
+    if len(base) != len(shape):
+        raise MupError(f"parameter {name!r} has shape {shape} but {len(base)} dimensions in the recorded base shapes")
+    return [(s, b) for s, b in zip(shape, base)]
+
+
+def _check_not_narrower(name, shape, dims: list[Dim]) -> None:
+    """A width dimension smaller than its base size: the base must be the narrower model."""
+    for i, (size, base) in enumerate(dims):
+        if base is not None and size < base:
+            raise MupError(
+                f"parameter {name!r}: dimension {i} is {size} in the model but {base} at the base width "
+                f"(shape {shape}): the base must be the narrow model the learning rate was tuned on and "
+                f"the model at least as wide. Did you swap model and base (set_base_shapes(model, base))?"
+            )
+
+
+def _check_same_names(model_names: set[str], other: Mapping, what: str) -> None:
+    """A base (or delta) with parameters the model lacks was built from another configuration."""
+    extra = sorted(set(other) - model_names)
+    if extra:
+        shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise MupError(
+            f"the {what} has {len(extra)} parameter(s) the model lacks ({shown}): build it from the "
+            f"same configuration as the model except the width (same depth, same modules)"
+        )
+
+
 def _dims_from_infshape(name, p) -> list[Dim]:
     infshape = getattr(p, "infshape", None)
     if infshape is None:
@@ -240,7 +287,19 @@ def _fan_dims(module) -> tuple[int, int]:
     return (0, 1) if isinstance(module, _EMBEDDINGS) else (1, 0)
 
 
-def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
+_NO_WIDTH_HINT = (
+    "Pass delta= (a model of another width) or base_widths= listing every width-derived size"
+)
+# At the base width the model has the base's shapes, so nothing tells a width from a fixed size.
+_BASE_WIDTH_HINT = (
+    "The model has the base's shapes (the tuning run at the base width?). One-line fix: give a "
+    "model at another width as delta, e.g. set_base_shapes(model, base, delta=GPT(width=2 * "
+    "base_width)) built on the meta device, or record the shapes once with "
+    "mupopt.make_base_shapes(base, delta, 'model.bsh') and pass 'model.bsh' as base= at every width"
+)
+
+
+def _infer(name: str, module, dims: list[Dim], hint: str | None = None) -> WidthInfo:
     scales = [base is not None for _, base in dims]
     if len(dims) <= 1:
         return WidthInfo("vector", 1.0, _ratio(dims[0]) if dims else 1.0)
@@ -267,8 +326,8 @@ def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
             return WidthInfo("input", m_in, m_out)
         raise MupError(
             f"parameter {name!r} ({type(module).__name__}, shape {tuple(s for s, _ in dims)}): no "
-            f"dimension scales with width, so its role cannot be told; pass delta= (a model of "
-            f"another width) or base_widths=, or declare overrides={{{name!r}: 'hidden'}}"
+            f"dimension scales with width, so its role cannot be told. {hint or _NO_WIDTH_HINT} "
+            f"(or declare overrides={{{name!r}: 'hidden'}})"
         )
     raise MupError(
         f"parameter {name!r} of module type {type(module).__name__} with shape "
@@ -314,9 +373,69 @@ def _owners(model: nn.Module) -> dict[str, nn.Module]:
     return owners
 
 
+class BaseShapes(dict):
+    """Recorded base shapes: ``{parameter name: [base size of each dimension, or None where the
+    dimension does not scale with width]}``, what Microsoft mup's ``make_base_shapes`` records in
+    a .bsh file. Made by :func:`make_base_shapes`, read by :func:`load_base_shapes`; pass it (or
+    the file's path) as ``base=`` to :func:`set_base_shapes` at every width, the base included."""
+
+
+def make_base_shapes(
+    base: nn.Module | Mapping[str, Iterable[int]],
+    delta: nn.Module | Mapping[str, Iterable[int]],
+    savefile: str | os.PathLike | None = None,
+) -> BaseShapes:
+    """Record which dimensions scale with width, once, from two models that differ only in width.
+
+    ``base`` is the model at the base width (the width the hyperparameters are tuned at) and
+    ``delta`` the same model at any other width; build both on the meta device
+    (``with torch.device("meta"):``), so they cost no memory. A dimension whose size differs
+    between them is a width dimension; its base size is recorded. With ``savefile`` the record is
+    also written there (JSON, which YAML readers such as Microsoft mup's also read). Then
+    ``set_base_shapes(model, shapes_or_savefile)`` works at every width, the base width included.
+    """
+    base_shapes, delta_shapes = _named_shapes(base), _named_shapes(delta)
+    if set(base_shapes) != set(delta_shapes):
+        missing = sorted(set(base_shapes) ^ set(delta_shapes))[:5]
+        raise MupError(f"base and delta have different parameters ({missing}): build both from one configuration")
+    record = BaseShapes()
+    for name, shape in base_shapes.items():
+        other = delta_shapes[name]
+        if len(other) != len(shape):
+            raise MupError(f"parameter {name!r} has shape {shape} in the base but {other} in delta")
+        record[name] = [b if b != d else None for b, d in zip(shape, other)]
+    if not any(b is not None for dims in record.values() for b in dims):
+        raise MupError("base and delta have the same shapes: build delta at another width")
+    if savefile is not None:
+        with open(savefile, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    return record
+
+
+def load_base_shapes(path: str | os.PathLike) -> BaseShapes:
+    """Read base shapes written by :func:`make_base_shapes` (JSON) or by Microsoft mup's
+    ``make_base_shapes`` (a YAML .bsh file; needs pyyaml)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            import yaml
+        except ImportError as e:
+            raise MupError(f"{os.fspath(path)!r} is not JSON; reading a YAML .bsh file needs pyyaml (pip install pyyaml)") from e
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(b is None or isinstance(b, int) for b in v) for v in data.values()
+    ):
+        raise MupError(f"{os.fspath(path)!r} does not hold base shapes ({{name: [base size or null, ...]}})")
+    return BaseShapes(data)
+
+
 def set_base_shapes(
     model: nn.Module,
-    base: nn.Module | Mapping[str, Iterable[int]] | None = None,
+    base: nn.Module | Mapping[str, Iterable[int]] | str | os.PathLike | None = None,
     *,
     delta: nn.Module | Mapping[str, Iterable[int]] | None = None,
     base_widths: Mapping[int, int] | None = None,
@@ -331,11 +450,14 @@ def set_base_shapes(
     - ``base``: a model (build it on the meta device to spend no memory) or ``{name: shape}``.
       A dimension that differs from the base is a width dimension. ``delta`` (a model at a
       third width) tells which dimensions scale when ``model`` equals the base, as in mup.
+      Or recorded base shapes (:func:`make_base_shapes`, or the path of the file it wrote):
+      they say which dimensions scale, so they work unchanged at every width, the base included.
+      The base must not be wider than the model, nor have parameters the model lacks.
     - ``base_widths``: ``{size: base size}`` for a base-width configuration without a base model,
       e.g. ``{1024: 256, 4096: 1024}`` for d_model and d_ff; a dimension of a listed size scales.
     - otherwise ``p.infshape`` from Microsoft's ``mup.set_base_shapes``.
 
-    Roles come from the module type and which dimensions scale (mup-rules.md). Tied weights
+    Roles come from the module type and which dimensions scale (docs/mup.md). Tied weights
     without an override, unknown modules with an ambiguous shape and parameters missing from the
     base raise :class:`MupError` naming the parameter and the fix.
     """
@@ -343,8 +465,14 @@ def set_base_shapes(
         raise MupError("pass either base= or base_widths=, not both")
     if delta is not None and base is None:
         raise MupError("delta= needs base=")
+    _check_source_types(base, delta, base_widths)
+    if isinstance(base, (str, os.PathLike)):
+        base = load_base_shapes(base)
+    record = base if isinstance(base, BaseShapes) else None
+    if record is not None and delta is not None:
+        raise MupError("recorded base shapes already say which dimensions scale: pass them without delta=")
     base_shapes = delta_shapes = None
-    if base is not None:
+    if base is not None and record is None:
         base_shapes = _named_shapes(base)
     if delta is not None:
         delta_shapes = _named_shapes(delta)
@@ -357,6 +485,15 @@ def set_base_shapes(
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
         params[id(p)] = p
+    for other, what in ((base_shapes, "base model"), (delta_shapes, "delta model"), (record, "recorded base shapes")):
+        if other is not None:
+            _check_same_names(set(owners), other, what)
+    # Which fix the "nothing scales" error shows: at the base width, the one-line delta= fix.
+    hint = None
+    if base_shapes is not None and delta_shapes is None and all(
+        base_shapes.get(n) == tuple(params[pid].shape) for pid, ns in names_of.items() for n in ns
+    ):
+        hint = _BASE_WIDTH_HINT
 
     result: dict[str, WidthInfo] = {}
     for pid, names in names_of.items():
@@ -366,12 +503,15 @@ def set_base_shapes(
         pattern = _matches(names, overrides)
         if base_shapes is not None and (name in base_shapes or pattern is None):
             dims = _dims_from_base(name, shape, base_shapes, delta_shapes)
+        elif record is not None and (name in record or pattern is None):
+            dims = _dims_from_record(name, shape, record)
         elif base_widths is not None:
             dims = _dims_from_widths(shape, base_widths)
         elif hasattr(p, "infshape") or pattern is None:
             dims = _dims_from_infshape(name, p)
         else:  # declared by an override and absent from the base: nothing scales but the override
             dims = [(s, None) for s in shape]
+        _check_not_narrower(name, shape, dims)
         if pattern is not None:
             used_patterns.add(pattern)
             info = _from_override(name, owners[name], dims, overrides[pattern])
@@ -381,9 +521,10 @@ def set_base_shapes(
                 f"module; declare it with overrides={{{name!r}: 'input' | 'output' | ...}}"
             )
         else:
-            info = _infer(name, owners[name], dims)
+            info = _infer(name, owners[name], dims, hint)
             if base_widths is not None:
                 _warn_unlisted_width(name, owners[name], shape, info, base_widths)
+        info = dataclasses.replace(info, name=name)  # labels mup_summary() of plain parameters
         for n in names:
             result[n] = info
         setattr(p, WIDTH_ATTR, info)
@@ -414,6 +555,27 @@ def _warn_unlisted_width(name: str, module, shape: tuple[int, ...], info: WidthI
                 stacklevel=3,
             )
             return
+
+
+def _check_source_types(base, delta, base_widths) -> None:
+    """Wrong types get a TypeError saying what each argument takes, not an AttributeError."""
+    sources = (nn.Module, Mapping, str, os.PathLike)
+    if base is not None and not isinstance(base, sources):
+        hint = f" For a base width, pass base_widths={{<width>: {base!r}}}." if isinstance(base, int) else ""
+        raise TypeError(
+            f"set_base_shapes: base= takes a base model (built on the meta device), its {{name: shape}} "
+            f"dict, or base shapes recorded by mupopt.make_base_shapes (or their file's path); got "
+            f"{type(base).__name__} {base!r}.{hint}"
+        )
+    if delta is not None and not isinstance(delta, (nn.Module, Mapping)):
+        raise TypeError(f"set_base_shapes: delta= takes a model at another width or its {{name: shape}} dict; got {type(delta).__name__}")
+    if base_widths is not None and not (
+        isinstance(base_widths, Mapping) and all(isinstance(k, int) and isinstance(v, int) for k, v in base_widths.items())
+    ):
+        raise TypeError(
+            f"set_base_shapes: base_widths= takes {{size in the model: its size at the base width}}, "
+            f"e.g. {{2048: 256, 8192: 1024}}; got {base_widths!r}"
+        )
 
 
 def _matches(names: list[str], overrides: Mapping[str, object]) -> str | None:

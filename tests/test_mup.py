@@ -752,3 +752,82 @@ def test_optimizer_mup_summary_has_one_row_per_parameter(gpt):
         assert r[2] == infos[r[0]].role
         if r[0] in want:
             assert float(r[5]) == pytest.approx(table_lr("adamw", want[r[0]]), rel=1e-3), r
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuning run at the base width, recorded base shapes, wrong sources (issue 14, items 1-3)
+# ---------------------------------------------------------------------------------------------
+def test_base_width_error_shows_the_one_line_fix():
+    """The tuning run (model == base, no delta) cannot tell widths from fixed sizes: the error
+    shows the delta= fix and the recorded-shapes alternative, not only a parameter name."""
+    with pytest.raises(mupopt.MupError) as err:
+        mupopt.set_base_shapes(TinyGPT(BASE), meta(TinyGPT, BASE), overrides=POS)
+    msg = str(err.value)
+    assert "base width" in msg and "delta=" in msg and "make_base_shapes" in msg
+
+
+@pytest.mark.parametrize("width", [BASE, 64, WIDTH])
+def test_recorded_base_shapes_work_unchanged_at_every_width(tmp_path, width):
+    """make_base_shapes(base, delta, file) once; set_base_shapes(model, file) at every width,
+    the base width included, gives what base + delta gives (roles at m = 1 at the base)."""
+    path = tmp_path / "tinygpt.bsh"
+    shapes = mupopt.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), path)
+    assert shapes["tok.weight"] == [None, BASE] and shapes["readout.weight"] == [None, BASE]
+    want = mupopt.set_base_shapes(TinyGPT(width), meta(TinyGPT, BASE), delta=meta(TinyGPT, 2 * BASE), overrides=POS)
+    for source in (path, str(path), shapes, mupopt.load_base_shapes(path)):
+        got = mupopt.set_base_shapes(TinyGPT(width), source, overrides=POS)
+        assert got == want
+        assert {n: i.fan_in_dim for n, i in got.items()} == {n: i.fan_in_dim for n, i in want.items()}
+    assert {i.role for i in want.values()} == {"input", "hidden", "output", "vector"}
+    assert all(i.m_in == width / BASE or i.m_in == 1.0 for i in want.values())
+
+
+def test_recorded_base_shapes_read_microsoft_mup_bsh(tmp_path):
+    """A .bsh file written by Microsoft mup's make_base_shapes (YAML) loads as base shapes."""
+    mup = pytest.importorskip("mup")
+    path = tmp_path / "mup.bsh"
+    mup.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), savefile=str(path))
+    got = mupopt.set_base_shapes(TinyGPT(WIDTH), str(path), overrides=POS)
+    assert as_tuples(got) == as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides=POS))
+
+
+def test_an_int_as_base_is_a_type_error_naming_base_widths():
+    with pytest.raises(TypeError, match=r"base_widths=\{<width>: 16\}"):
+        mupopt.set_base_shapes(MLP(64), 16)
+    with pytest.raises(TypeError, match="base_widths="):
+        mupopt.set_base_shapes(MLP(64), base_widths=16)
+
+
+def test_a_base_wider_than_the_model_raises():
+    """Swapped arguments (base wider than the model) would give m < 1 silently."""
+    with pytest.raises(mupopt.MupError, match="swap"):
+        mupopt.set_base_shapes(MLP(32), meta(MLP, 128))
+    with pytest.raises(mupopt.MupError, match="swap"):
+        mupopt.set_base_shapes(MLP(32), base_widths={32: 128})
+
+
+def test_a_base_with_extra_layers_raises():
+    """A base of another depth (parameters the model lacks) was built from another config."""
+    with pytest.raises(mupopt.MupError, match=r"base model has 12 parameter\(s\) the model lacks.*blocks\.2\."):
+        mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE, n_layer=3), overrides=POS)
+    with pytest.raises(mupopt.MupError, match="delta model has"):
+        mupopt.set_base_shapes(TinyGPT(BASE), meta(TinyGPT, BASE), delta=meta(TinyGPT, 64, n_layer=3), overrides=POS)
+
+
+def test_mup_summary_of_plain_parameters_uses_the_model_names(gpt):
+    """Given model.parameters() (as Hugging Face's Trainer passes them), mup_summary() names
+    each row as set_base_shapes saw it; the name survives a state_dict round trip, and a record
+    saved before names existed still loads (then a positional label)."""
+    model, _, infos = gpt
+    opt = mupopt.AdamW(model.parameters())
+    rows = _rows(opt.mup_summary())
+    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
+    assert [r[2] for r in rows] == [infos[n].role for n, _ in model.named_parameters()]
+    info = infos["blocks.0.qkv.weight"]
+    assert WidthInfo.from_dict(info.as_dict()).name == "blocks.0.qkv.weight"
+    old = copy.deepcopy(opt.state_dict())
+    for record in old["param_groups"][0]["mup"]:
+        del record["name"]
+    fresh = mupopt.AdamW(model.parameters())
+    fresh.load_state_dict(old)
+    assert _rows(fresh.mup_summary())[0][0] == "group0.param0"
