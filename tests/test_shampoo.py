@@ -343,13 +343,16 @@ def test_preconditioner_memory():
     assert "preconditioner_memory" in mupopt.Shampoo.__doc__
     assert "8*(r^2 + c^2)" in mupopt.Shampoo.__doc__
     params, opt, _ = make_pair(grafting="adam", betas=(0.9, 1.0), eps=1e-2, relative=False)
-    assert opt.preconditioner_memory()["total"] == 0  # state is created at the first step
-    run_pair(params, opt, [], steps=1)
     # Block sides computed here: (12, 20) one block; conv as (6, 12); (40, 9) at 16: 16, 16, 8 x 9.
     blocks = [(12, 20), (6, 12), (4, 30), (16, 9), (16, 9), (8, 9)]
     pre = sum(8 * (r * r + c * c) for r, c in blocks)
     buf = sum(2 * 4 * math.prod(s) for s in SHAPES)
-    assert opt.preconditioner_memory() == {"preconditioners": pre, "buffers": buf, "total": pre + buf}
+    want = {"preconditioners": pre, "buffers": buf, "total": pre + buf}
+    assert not opt.state
+    assert opt.preconditioner_memory() == want  # before the first step: what it will allocate
+    run_pair(params, opt, [], steps=1)
+    assert opt.state
+    assert opt.preconditioner_memory() == want  # after it: what the state holds
 
 
 # -------------------------------------------------------------------------------------------

@@ -279,13 +279,24 @@ class Shampoo(MupOptimizer):
         )
 
     def preconditioner_memory(self) -> dict[str, int]:
-        """Bytes held now: "preconditioners" (L, R and their roots), "buffers" (momentum and
-        the Adam second moment), and "total". State is created at the first step."""
+        """Bytes of "preconditioners" (L, R and their roots, float32), "buffers" (momentum and
+        the Adam second moment, in the parameter's dtype) and "total". A parameter whose state
+        exists counts what it holds; one without state yet (before the first step) counts what
+        its first step will allocate, so the number is known before any memory is spent."""
         pre = buf = 0
-        for st in self.state.values():
-            for key in ("left", "right", "left_root", "right_root"):
-                pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
-            for key in ("momentum_buffer", "exp_avg_sq"):
-                if key in st:
-                    buf += st[key].numel() * st[key].element_size()
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "momentum_buffer" in st:
+                    for key in ("left", "right", "left_root", "right_root"):
+                        pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
+                    for key in ("momentum_buffer", "exp_avg_sq"):
+                        if key in st:
+                            buf += st[key].numel() * st[key].element_size()
+                    continue
+                buf += 2 * p.numel() * p.element_size()
+                if is_matrix(p):
+                    blocks = blocks_of(p.shape[0], p.numel() // p.shape[0], group["max_preconditioner_dim"])
+                    # L and R and their roots: 2 * (r^2 + c^2) float32 values per (r, c) block.
+                    pre += sum(2 * 4 * ((rs.stop - rs.start) ** 2 + (cs.stop - cs.start) ** 2) for rs, cs in blocks)
         return {"preconditioners": pre, "buffers": buf, "total": pre + buf}
