@@ -14,6 +14,8 @@ def _verify(args) -> int:
     progress = (lambda msg: print(f"  checking {msg}", file=sys.stderr)) if args.verbose else None
     rows = verify.run(devices, steps=args.steps, progress=progress)
     print(verify.format_rows(rows))
+    print()
+    print(verify.format_unchecked(verify.unchecked(devices)))
     for entry in verify.OPTIMIZERS:
         problem = verify.reference_problem(entry.reference_module)
         if entry.reference_module is not None and problem is not None:
