@@ -246,3 +246,19 @@ def test_table_explains_percent_of_peak_above_100(smoke_run):
     assert "values above 100" not in report.markdown_table([dict(row, pct_of_peak=80.0)])
     assert "caches" in report.markdown_table([dict(row, pct_of_peak=140.0)])
     assert "above 100" in report.readme_section(out, include_smoke=True)
+
+
+def test_result_tables_live_in_docs_benchmarks_and_are_current():
+    """The generated tables are in docs/benchmarks.md (the report's default target), regenerated
+    from benchmarks/results; the README keeps a short summary and links there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    assert report.DEFAULT_DOC.as_posix() == "docs/benchmarks.md"
+    start, end = doc.index(report.START_MARKER), doc.index(report.END_MARKER)
+    section = report.readme_section(root / "benchmarks" / "results", "../benchmarks/results")
+    assert doc[start + len(report.START_MARKER):end].strip() == section.strip()
+    readme = (root / "README.md").read_text()
+    assert report.START_MARKER not in readme and "docs/benchmarks.md" in readme
+    assert len(readme.splitlines()) < 250

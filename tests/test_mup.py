@@ -831,3 +831,37 @@ def test_mup_summary_of_plain_parameters_uses_the_model_names(gpt):
     fresh = mupopt.AdamW(model.parameters())
     fresh.load_state_dict(old)
     assert _rows(fresh.mup_summary())[0][0] == "group0.param0"
+
+
+class _ReadmeGPT(nn.Module):
+    """A GPT-shaped stand-in for the README's GPT(width=...): embedding, MLP, norm, readout."""
+
+    def __init__(self, width: int, vocab: int = 50):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        return self.head(self.ln(x + self.down(F.gelu(self.up(x)))))
+
+
+@pytest.mark.parametrize("width", [256, 512])
+def test_readme_mup_recipe_runs_unchanged_at_the_base_width_and_wider(width):
+    """The README's 'muP in a few lines' block, as written, at the base width (the tuning run)
+    and at a larger one: a summary with every role, multipliers 1 at the base, 1/m wider."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## muP in a few lines"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    assert "GPT(width=2048)" in code and "delta" in code
+    code = code.replace("GPT(width=2048)", f"GPT(width={width})")
+    scope = {"GPT": _ReadmeGPT, "lr_tuned_at_width_256": 1e-3, "print": lambda *a: None}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, opt = scope["model"], scope["opt"]
+    rows = _rows(opt.mup_summary())
+    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
+    assert {r[2] for r in rows} == {"input", "hidden", "output", "vector"}
+    hidden = mupopt.width_info(model.up.weight)
+    assert hidden.role == "hidden" and multipliers("adamw", hidden).lr == pytest.approx(256 / width)

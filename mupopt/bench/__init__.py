@@ -9,7 +9,7 @@ checked against the reference backend before it is timed.
 - :mod:`.subjects` what is timed: our optimizers by backend, the torch peers, the compile peer
 - :mod:`.check`    the correctness check against the reference
 - :mod:`.runner`   the run: rows of one schema, ratios to every peer, performance.md targets
-- :mod:`.report`   JSON/CSV, markdown, PNG, README section
+- :mod:`.report`   JSON/CSV, markdown, PNG, the tables of docs/benchmarks.md
 - :mod:`.cli`      ``mupopt bench`` (``python -m mupopt.bench``)
 """
 from .check import CheckFailed

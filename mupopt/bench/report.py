@@ -258,7 +258,7 @@ def headline(dicts: Sequence[dict]) -> list[dict]:
 
 def readme_section(results_dir: str | os.PathLike = DEFAULT_RESULTS, link_base: str | None = None,
                    include_smoke: bool = False) -> str:
-    """The README text between the markers: a table of result files (device, date, mode), then per
+    """The text between the markers (docs/benchmarks.md): a table of result files (device, date, mode), then per
     file a headline table and the full table folded. Links to the files start with ``link_base``
     (default: ``results_dir`` as given). Smoke runs (numbers without meaning) are left out."""
     files = sorted(Path(results_dir).glob("*.json"))
