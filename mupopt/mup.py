@@ -96,7 +96,7 @@ def width_info(p: torch.Tensor) -> WidthInfo | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule table (mup-rules.md, P1 Table 2 in "multiplier = 1 at the base width" form).
+# The rule table (docs/mup.md, P1 Table 2 in "multiplier = 1 at the base width" form).
 # Each entry is the pair of exponents (e_in, e_out): lr multiplier = m_in**e_in * m_out**e_out.
 # ---------------------------------------------------------------------------------------------
 _ADAM_LIKE = {"input": (0.0, 0.0), "hidden": (-1.0, 0.0), "output": (-1.0, 0.0), "vector": (0.0, 0.0)}
@@ -146,7 +146,7 @@ def shampoo_block_lr(info: WidthInfo, shape: tuple[int, ...], max_dim: int) -> f
     of size 1/sqrt(b_r b_c) for block sides b_r x b_c. Per output coordinate, Delta W x adds
     fan_in / b_c coherent blocks of size sqrt(b_c) each (x has Theta(1) coordinates and v is
     aligned with x), so |(Delta W x)_i| ~ fan_in / sqrt(b_r b_c) and muP's Theta(1) needs
-    lr ~ sqrt(b_r b_c) / fan_in. Unblocked (b = the sides) this is mup-rules.md's row: input
+    lr ~ sqrt(b_r b_c) / fan_in. Unblocked (b = the sides) this is docs/mup.md's row: input
     sqrt(m_out), hidden sqrt(m_out/m_in), output 1/sqrt(m_in); with both sides capped at a fixed
     block it is AdamW's 1/m_in, since a capped side no longer grows with width.
     """

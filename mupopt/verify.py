@@ -3,8 +3,8 @@
 Each check trains a small model for a few steps on real gradients. At every step the very same
 gradients are handed to the optimizer under test and to what it is checked against:
 
-- the ``reference`` backend, with all muP multipliers 1, against the named reference library of
-  optimizer-specs.md (torch.optim.AdamW, torch-adopt, sophia-opt) when it is installed;
+- the ``reference`` backend, with all muP multipliers 1, against the named reference library
+  (torch.optim.AdamW, torch-adopt, sophia-opt, torch.optim.Muon) when it is installed;
 - the ``reference`` backend with muP width information (base width 16, model width 64) against
   the float64 transcription of the formulas (mupopt.testing), which is also LAMB's reference;
 - every other backend against the reference backend, with muP.

@@ -150,7 +150,7 @@ def test_bytes_model_matches_the_performance_table():
     fp32 = dict.fromkeys(["param", "grad", "exp_avg", "exp_avg_sq", "hessian"], 4)
     per_param = {k: model.bytes_per_element(k, fp32) for k in model.ELEMENTWISE}
     assert per_param == {"adamw": 28, "adopt": 28, "sophia": 24, "sophia_hessian": 12, "lamb": 40}
-    # fp32 p and g with bf16 moments: 20 B (performance.md).
+    # fp32 p and g with bf16 moments: 20 B (docs/benchmarks.md).
     assert model.bytes_per_element("adamw", {**fp32, "exp_avg": 2, "exp_avg_sq": 2}) == 20
 
 

@@ -26,3 +26,21 @@ def test_version_is_the_package_version():
     assert proc.stdout.strip() == f"mupopt {mupopt.__version__}"
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == mupopt.__version__
+
+
+def test_docs_and_help_cite_only_files_in_the_repository():
+    """Docstrings, --help texts and docs cite docs/mup.md, docs/benchmarks.md or the papers,
+    never notes that are not in the repository (mup-rules.md, performance.md, optimizer-specs.md)."""
+    root = Path(__file__).resolve().parent.parent
+    absent = ("mup-rules.md", "performance.md", "optimizer-specs.md")
+    files = [*root.joinpath("mupopt").rglob("*.py"), *root.joinpath("docs").glob("*.md"), root / "README.md",
+             root / "DEVELOPERS.md", *root.joinpath("benchmarks").glob("*.py")]
+    for f in files:
+        text = f.read_text()
+        for name in absent:
+            assert name not in text, f"{f.relative_to(root)} cites {name}"
+    for cited in ("docs/mup.md", "docs/benchmarks.md", "docs/mup-results.md"):
+        assert (root / cited).exists()
+    for argv in (["--help"], ["bench", "--help"], ["verify", "--help"]):
+        proc = _run(*argv)
+        assert proc.returncode == 0 and not any(name in proc.stdout for name in absent), proc.stdout

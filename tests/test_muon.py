@@ -1,7 +1,7 @@
 """mupopt.Muon against torch.optim.Muon, against a float64 transcription of the Muon step of
-optimizer-specs.md, and against torch.optim.AdamW for the parameters it routes to AdamW.
+the Muon formulas (torch.optim.Muon's documentation, Jordan et al.), and against torch.optim.AdamW for the parameters it routes to AdamW.
 
-The float64 oracle below is written from the spec (optimizer-specs.md, "Muon") and does not call
+The float64 oracle below is written from the spec (torch.optim.Muon's documented algorithm) and does not call
 mupopt.optim.muon.muon_reference or mupopt.linalg.newton_schulz.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def assert_unchanged(opt, params, snap):
 
 
 # -------------------------------------------------------------------------------------------
-# float64 transcription of optimizer-specs.md, "Muon"
+# float64 transcription of the Muon step
 # -------------------------------------------------------------------------------------------
 def ns64(u: torch.Tensor, schedule, eps: float) -> torch.Tensor:
     """O = NS(u) in float64: transposed if rows > cols, X /= max(||X||_F, eps),
@@ -245,7 +245,7 @@ def mup_model(seed=0):
 
 
 def adamw_lr_mult(role: str, m_in: float) -> float:
-    """mup-rules.md, AdamW row: input 1, hidden 1/m_in, output 1/m_in, vector 1."""
+    """docs/mup.md, AdamW row: input 1, hidden 1/m_in, output 1/m_in, vector 1."""
     return {"input": 1.0, "hidden": 1.0 / m_in, "output": 1.0 / m_in, "vector": 1.0}[role]
 
 
@@ -268,7 +268,7 @@ def test_whole_model_routing_and_multipliers(adjust_lr_fn):
 
     # References. AdamW part: one torch group per tensor with lr = adamw_lr*lr_mult and
     # weight_decay = adamw_wd/lr_mult, so lr*wd = adamw_lr*adamw_wd ("independent" decay,
-    # mup-rules.md: the muP lr multiplier does not touch the decay).
+    # docs/mup.md: the muP lr multiplier does not touch the decay).
     muon_names = ["h1.weight", "h2.weight", "conv.weight"]
     adam_names = [n for n in named if n not in muon_names]
     ref = {n: start[n].clone().requires_grad_() for n in adam_names}

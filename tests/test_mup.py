@@ -1,5 +1,5 @@
 """The muP layer: roles, width multipliers, width-info sources, errors, schedulers, resume, init,
-summaries — expectations derived in the tests from mup-rules.md, or from Microsoft's mup.
+summaries — expectations derived in the tests from docs/mup.md, or from Microsoft's mup.
 
 Widths: base 32, model 128, so every scaling dimension has m = 4.
 """
@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
-# Expectations, written from mup-rules.md (independently of mupopt.mup)
+# Expectations, written from docs/mup.md (independently of mupopt.mup)
 # ---------------------------------------------------------------------------------------------
 def meta(cls, *args, **kwargs):
     with torch.device("meta"):
@@ -45,7 +45,7 @@ def owner_of(model: nn.Module, name: str) -> nn.Module:
 
 
 def expected_info(module: nn.Module, shape, base_shape) -> WidthInfo:
-    """Role, m_in, m_out by the notation section of mup-rules.md."""
+    """Role, m_in, m_out by the notation section of docs/mup.md."""
     ratio = [s / b for s, b in zip(shape, base_shape)]
     if len(shape) <= 1:
         return WidthInfo("vector", 1.0, ratio[0] if ratio else 1.0)
@@ -63,7 +63,7 @@ def expected_info(module: nn.Module, shape, base_shape) -> WidthInfo:
 
 
 def table_lr(rule: str, info: WidthInfo, lamb_hidden_exponent: float = 0.0) -> float:
-    """The lr multiplier of mup-rules.md's table."""
+    """The lr multiplier of docs/mup.md's table."""
     role, m_in, m_out = info.role, info.m_in, info.m_out
     adam_like = {"input": 1.0, "hidden": 1.0 / m_in, "output": 1.0 / m_in, "vector": 1.0}
     if rule in ("adamw", "adopt", "sophia", "shampoo_grafted"):
@@ -112,7 +112,7 @@ def gpt():
 # Roles and multipliers
 # ---------------------------------------------------------------------------------------------
 def test_roles_and_width_ratios_follow_the_rules(gpt):
-    """Every TinyGPT parameter gets the role, m_in and m_out mup-rules.md prescribes."""
+    """Every TinyGPT parameter gets the role, m_in and m_out docs/mup.md prescribes."""
     model, base, infos = gpt
     want = tinygpt_expectations(model, base)
     assert set(infos) == {n for n, _ in model.named_parameters()}
@@ -126,7 +126,7 @@ def test_roles_and_width_ratios_follow_the_rules(gpt):
 
 def test_override_input_on_bare_parameter_puts_the_width_on_fan_out(gpt):
     """A bare (16, width) positional table declared 'input' gets m_in = 1 and m_out = 4: by
-    definition an input tensor has a fixed fan_in and a scaling fan_out (mup-rules.md), which is
+    definition an input tensor has a fixed fan_in and a scaling fan_out (docs/mup.md), which is
     what makes Shampoo's input multiplier sqrt(m_out) and scale_eps' 1/m_out act on it."""
     model, _, infos = gpt
     info = infos["pos"]
@@ -230,7 +230,7 @@ RULES = [
 
 @pytest.mark.parametrize("rule,options", RULES, ids=lambda x: str(x))
 def test_lr_multiplier_is_the_table_formula(gpt, rule, options):
-    """multipliers(rule, info).lr equals the mup-rules.md table for every TinyGPT parameter."""
+    """multipliers(rule, info).lr equals the docs/mup.md table for every TinyGPT parameter."""
     model, base, infos = gpt
     want = tinygpt_expectations(model, base)
     seen = set()
@@ -581,7 +581,7 @@ def _scheduler(kind, opt):
     return None
 
 
-# Multipliers by mup-rules.md for MLP(128) over MLP(32): Adam-like, independent decay.
+# Multipliers by docs/mup.md for MLP(128) over MLP(32): Adam-like, independent decay.
 MLP_LR_MULT = {"inp.weight": 1.0, "inp.bias": 1.0, "hidden.weight": 1 / 4, "hidden.bias": 1.0, "readout.weight": 1 / 4, "readout.bias": 1.0}
 
 

@@ -1,4 +1,4 @@
-"""mupopt.Shampoo against a float64 transcription of the Shampoo formulas of optimizer-specs.md.
+"""mupopt.Shampoo against a float64 transcription of the Shampoo formulas (Gupta et al. 2018; Shi et al. 2023, arXiv 2309.06497).
 
 The oracle below is written from the spec and from the conventions the Shampoo docstring fixes
 where the spec is silent (grafting_beta2 = 0.999 and grafting_epsilon = 1e-8 for the Adam
@@ -57,7 +57,7 @@ def set_grads(params, grads):
 
 
 # -------------------------------------------------------------------------------------------
-# float64 transcription of optimizer-specs.md, "Shampoo"
+# float64 transcription of the Shampoo formulas (see the module docstring)
 # -------------------------------------------------------------------------------------------
 def inv_root4(S, eps, relative):
     """(S + eps' I)^(-1/4) by float64 eigh; eps' = eps*lambda_max(S) when relative."""
@@ -260,7 +260,7 @@ WIDTHS = [
 
 
 def expected_lr_mult(grafting, info, shape, max_dim):
-    """mup-rules.md: Adam grafting -> AdamW's row; no grafting -> the Shampoo row, where a side
+    """docs/mup.md: Adam grafting -> AdamW's row; no grafting -> the Shampoo row, where a side
     split into blocks counts with its block side (min(side, max_dim)) at this width over the one
     at the base width (mupopt.mup.shampoo_block_lr has the derivation)."""
     if grafting == "adam":

@@ -1,5 +1,5 @@
 """What gets timed: mupopt optimizers through a registry backend, and the peers of
-shared/performance.md on the same tensors.
+docs/benchmarks.md on the same tensors.
 
 Every timed call is a whole user-visible ``step()`` (``update_hessian()`` for the Sophia Hessian
 EMA) of a ``torch.optim.Optimizer``: ours with ``backend=<name>``, torch's AdamW fused/foreach and

@@ -1,7 +1,7 @@
 """Shampoo (Gupta, Koren, Singer, arXiv 1802.09568) in the practical form of DistributedShampoo
 (Shi et al., arXiv 2309.06497: blocking, EMA statistics, Adam grafting), with muP.
 
-Reference: a float64 transcription of the formulas (tests/test_shampoo.py), as optimizer-specs.md.
+Reference: a float64 transcription of these papers' formulas (mupopt.testing, tests/test_shampoo.py).
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ class Shampoo(MupOptimizer):
     eigendecomposition (O(r^3 + c^3)) per block, every ``precondition_frequency`` steps; same-size
     blocks are batched into one call.
 
-    muP (mup-rules.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
+    muP (docs/mup.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
     without grafting (exponent -1/4 per side) input sqrt(m_out), hidden sqrt(m_out/m_in), output
     1/sqrt(m_in) while no side is split into blocks, and in general sqrt of the growth of the two
     block sides over m_in (:func:`mupopt.mup.shampoo_block_lr`): a side capped by
