@@ -516,10 +516,7 @@ def set_base_shapes(
             used_patterns.add(pattern)
             info = _from_override(name, owners[name], dims, overrides[pattern])
         elif len(names) > 1:
-            raise MupError(
-                f"parameter {name!r} is tied to {names[1:]}: its role cannot be told from one "
-                f"module; declare it with overrides={{{name!r}: 'input' | 'output' | ...}}"
-            )
+            raise MupError(_tied_message(name, names, owners))
         else:
             info = _infer(name, owners[name], dims, hint)
             if base_widths is not None:
@@ -532,6 +529,23 @@ def set_base_shapes(
     if unused:
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
     return result
+
+
+def _tied_message(name: str, names: list[str], owners: Mapping[str, nn.Module]) -> str:
+    """A tied weight: say muP's answer for an embedding tied to a readout (Microsoft mup's
+    MuSharedReadout): the optimizer treats it as input, the readout's logits get 1/m."""
+    readouts = [n for n in names if not isinstance(owners[n], _EMBEDDINGS)]
+    if readouts and any(isinstance(owners[n], _EMBEDDINGS) for n in names):
+        module = readouts[0].rsplit(".", 1)[0] if "." in readouts[0] else ""
+        return (
+            f"parameter {name!r} is tied to {names[1:]}: an embedding shared with a readout. muP treats "
+            f"it as input and multiplies the readout's logits by 1/m: pass overrides={{{name!r}: 'input'}}, "
+            f"then call mupopt.readout_multiplier_(model, {module!r}) before creating the optimizer"
+        )
+    return (
+        f"parameter {name!r} is tied to {names[1:]}: its role cannot be told from one "
+        f"module; declare it with overrides={{{name!r}: 'input' | 'output' | ...}}"
+    )
 
 
 def _warn_unlisted_width(name: str, module, shape: tuple[int, ...], info: WidthInfo,
@@ -640,7 +654,13 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
         blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
         m = multipliers(optimizer, info, shampoo_blocks=blocks, **rule_options)
         rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m)))
-    return format_table(rows)
+    table = format_table(rows)
+    forward = readout_multipliers(model)
+    if forward:
+        table += "\nforward readout multipliers (mupopt.readout_multiplier_): " + ", ".join(
+            f"{name} output x {mult:.4g}" for name, mult in forward.items()
+        )
+    return table
 
 
 @torch.no_grad()
@@ -662,3 +682,67 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
         std = {"input": std_base, "hidden": std_base / math.sqrt(info.m_in), "output": std_base / info.m_in}[info.role]
         p.normal_(0.0, std, generator=generator)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The readout multiplier (the forward form of muP's output rule)
+# ---------------------------------------------------------------------------------------------
+READOUT_BUFFER = "mup_output_mult"
+
+
+def _readout_hook(module: nn.Module, args, output):
+    return output * getattr(module, READOUT_BUFFER)
+
+
+def readout_multiplier_(model: nn.Module, readout: str) -> float:
+    """Multiply the output of the readout module ``readout`` (e.g. ``"lm_head"``) by 1/m, muP's
+    readout multiplier (Tensor Programs V; Microsoft mup's MuReadout and MuSharedReadout), and
+    return 1/m. Call it after :func:`set_base_shapes`, before :func:`init_mup_` and before
+    creating the optimizer (both read the width information it changes for an untied readout).
+
+    - A readout tied to the token embedding (GPT-2, most Hugging Face LMs): declare the shared
+      weight ``"input"`` (``overrides={"transformer.wte.weight": "input"}``); the optimizer steps
+      it as an embedding and this multiplier, with m = the width ratio of its d_model side, keeps
+      the logits width-stable. Without it they grow with width.
+    - An untied readout (role ``"output"``): the forward form of the output rule instead of the
+      1/m_in learning rate (P1 lists both): its width information becomes m_in = 1 (learning-rate
+      multiplier 1, init std_base in :func:`init_mup_`) and the 1/m moves into the forward pass.
+      For Adam-type optimizers the two forms train identically (tests/test_readout_multiplier.py).
+
+    The multiplier is a buffer of the module (``<readout>.mup_output_mult``), so it is saved in
+    the model's ``state_dict``; a forward hook applies it. A model rebuilt from a checkpoint gets
+    it back by calling this function again before ``load_state_dict``. :func:`summary` shows it.
+    """
+    module = model.get_submodule(readout)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise MupError(f"module {readout!r} ({type(module).__name__}) has no weight: pass the name of the readout (output) module")
+    if hasattr(module, READOUT_BUFFER):
+        raise MupError(f"module {readout!r} already has a readout multiplier ({float(getattr(module, READOUT_BUFFER)):.4g})")
+    info = width_info(weight)
+    if info is None:
+        raise MupError(f"{readout}.weight has no width information: call mupopt.set_base_shapes(model, ...) first")
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if info.role == "output":
+        m = info.m_in
+        setattr(weight, WIDTH_ATTR, dataclasses.replace(info, m_in=1.0))
+    elif info.role == "input" and len(tied) > 1:
+        m = info.m_out  # the d_model side of the shared (vocab, d) weight
+    else:
+        raise MupError(
+            f"{readout}.weight has role {info.role!r}: the readout multiplier goes on a readout, an "
+            f"untied one (role 'output') or one tied to the embedding (declared 'input')"
+        )
+    mult = 1.0 / m
+    module.register_buffer(READOUT_BUFFER, torch.tensor(mult, dtype=torch.float32, device=weight.device))
+    module.register_forward_hook(_readout_hook)
+    return mult
+
+
+def readout_multipliers(model: nn.Module) -> dict[str, float]:
+    """{module name: forward multiplier} of the readouts :func:`readout_multiplier_` equipped."""
+    return {
+        name: float(getattr(module, READOUT_BUFFER))
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, READOUT_BUFFER, None), torch.Tensor)
+    }
