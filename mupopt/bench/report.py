@@ -235,7 +235,7 @@ def plot(rows: Sequence[Row | dict], path: str | os.PathLike) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# README
+# docs/benchmarks.md
 # --------------------------------------------------------------------------------------------
 def headline(dicts: Sequence[dict]) -> list[dict]:
     """Per (optimizer, case, dtype): our fastest compiled backend, else the reference; fp32 only,
