@@ -4,7 +4,7 @@ copy bandwidth, torch's fused AdamW and the ``cuda`` backend measured in the sam
     PYTHONPATH=$PWD python benchmarks/tune_triton.py [--case one|llama] [--configs 4096x8,8192x16]
         [--optimizers adamw,adopt,sophia,lamb] [--mode quick|full] [--json FILE]
 
-(--json: not into benchmarks/results/, whose *.json files are `mupopt bench` runs that the
+(--json: not into benchmarks/results/, whose *.json files are `mupopt bench` runs that
 docs/benchmarks.md's tables are generated from; commit the printed table as a .txt there.)
 
 Why: on an H200 (2026-11-27) the ``triton`` AdamW ran at 38% of the copy bandwidth on one
