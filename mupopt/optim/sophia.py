@@ -84,6 +84,17 @@ def gnb_backward(logits: torch.Tensor, *, generator: torch.Generator | None = No
 DEFAULT_BS = 5120
 
 
+class _DefaultBS:
+    """The default of ``SophiaG.step(bs=...)``: sophia-opt's 5120, with a warning. A sentinel, not
+    None, so that an explicit ``bs=None`` stays an error as in sophia-opt."""
+
+    def __repr__(self) -> str:
+        return f"{DEFAULT_BS} (sophia-opt's default; warns once)"
+
+
+_DEFAULT_BS = _DefaultBS()
+
+
 class SophiaG(MupOptimizer):
     r"""SophiaG with muP: a drop-in for ``sophia_opt.SophiaG``.
 
@@ -144,11 +155,11 @@ class SophiaG(MupOptimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None, bs: int | None = None):
-        """One step; ``bs`` is the number of tokens (samples) per batch, as in sophia-opt. None:
-        sophia-opt's default 5120, with a warning the first time (the clip threshold rho*bs*h
-        depends on the real batch size)."""
-        if bs is None:
+    def step(self, closure=None, bs: int = _DEFAULT_BS):
+        """One step; ``bs`` is the number of tokens (samples) per batch, as in sophia-opt. Not
+        given: sophia-opt's default 5120, with a warning the first time (the clip threshold
+        rho*bs*h depends on the real batch size)."""
+        if bs is _DEFAULT_BS:
             bs = DEFAULT_BS
             if not getattr(self, "_warned_default_bs", False):
                 self._warned_default_bs = True
