@@ -1,4 +1,4 @@
-"""Float64 transcriptions of the optimizer formulas (../shared/optimizer-specs.md): test oracles.
+"""Float64 transcriptions of the optimizer formulas (from the papers and reference libraries each optimizer's docstring names): test oracles.
 
 They are written straight from the formulas, independently of the backends, one tensor at a time,
 so that a backend's per-tensor multipliers and odd cases (LAMB, which has no installable

@@ -120,7 +120,7 @@ def test_syrk_computes_the_lower_tiles_and_mirrors_them(device, dtype, monkeypat
 # Newton–Schulz
 # ---------------------------------------------------------------------------------------------
 def ns_float64(G: torch.Tensor, schedule, eps: float = 1e-7) -> torch.Tensor:
-    """Newton–Schulz in float64, transcribed from optimizer-specs.md (not from linalg)."""
+    """Newton–Schulz in float64, transcribed from the Newton-Schulz iteration of torch.optim.Muon's documentation (not from linalg)."""
     X = G.double()
     tall = X.size(-2) > X.size(-1)
     if tall:

@@ -242,8 +242,12 @@ class MupOptimizer(Optimizer):
         """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight decay."""
         rows = []
         for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
-            for name, p, info, m in zip(names, group["params"], self.width_infos(group), self.group_multipliers(group)):
+            infos = self.width_infos(group)
+            # Plain parameters (no param_names): the names set_base_shapes saw, else positions.
+            names = group.get("param_names") or [
+                info.name if info is not None and info.name else f"group{gi}.param{i}" for i, info in enumerate(infos)
+            ]
+            for name, p, info, m in zip(names, group["params"], infos, self.group_multipliers(group)):
                 rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
         return format_table(rows)
 

@@ -1,7 +1,7 @@
 """Shampoo (Gupta, Koren, Singer, arXiv 1802.09568) in the practical form of DistributedShampoo
 (Shi et al., arXiv 2309.06497: blocking, EMA statistics, Adam grafting), with muP.
 
-Reference: a float64 transcription of the formulas (tests/test_shampoo.py), as optimizer-specs.md.
+Reference: a float64 transcription of these papers' formulas (mupopt.testing, tests/test_shampoo.py).
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ class Shampoo(MupOptimizer):
     eigendecomposition (O(r^3 + c^3)) per block, every ``precondition_frequency`` steps; same-size
     blocks are batched into one call.
 
-    muP (mup-rules.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
+    muP (docs/mup.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
     without grafting (exponent -1/4 per side) input sqrt(m_out), hidden sqrt(m_out/m_in), output
     1/sqrt(m_in) while no side is split into blocks, and in general sqrt of the growth of the two
     block sides over m_in (:func:`mupopt.mup.shampoo_block_lr`): a side capped by
@@ -291,13 +291,24 @@ class Shampoo(MupOptimizer):
         )
 
     def preconditioner_memory(self) -> dict[str, int]:
-        """Bytes held now: "preconditioners" (L, R and their roots), "buffers" (momentum and
-        the Adam second moment), and "total". State is created at the first step."""
+        """Bytes of "preconditioners" (L, R and their roots, float32), "buffers" (momentum and
+        the Adam second moment, in the parameter's dtype) and "total". A parameter whose state
+        exists counts what it holds; one without state yet (before the first step) counts what
+        its first step will allocate, so the number is known before any memory is spent."""
         pre = buf = 0
-        for st in self.state.values():
-            for key in ("left", "right", "left_root", "right_root"):
-                pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
-            for key in ("momentum_buffer", "exp_avg_sq"):
-                if key in st:
-                    buf += st[key].numel() * st[key].element_size()
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "momentum_buffer" in st:
+                    for key in ("left", "right", "left_root", "right_root"):
+                        pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
+                    for key in ("momentum_buffer", "exp_avg_sq"):
+                        if key in st:
+                            buf += st[key].numel() * st[key].element_size()
+                    continue
+                buf += 2 * p.numel() * p.element_size()
+                if is_matrix(p):
+                    blocks = blocks_of(p.shape[0], p.numel() // p.shape[0], group["max_preconditioner_dim"])
+                    # L and R and their roots: 2 * (r^2 + c^2) float32 values per (r, c) block.
+                    pre += sum(2 * 4 * ((rs.stop - rs.start) ** 2 + (cs.stop - cs.start) ** 2) for rs, cs in blocks)
         return {"preconditioners": pre, "buffers": buf, "total": pre + buf}
