@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .. import backends
-from ._placement import NormReduce
+from ._placement import NormReduce as ShardNormReduce
 from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, is_number, store
 
 
@@ -182,7 +182,7 @@ class LAMB(MupOptimizer):
     def _collectives(self, kernel: str, params: list) -> dict:
         """Sharded tensors: the trust ratio from whole-tensor norms, the per-shard partial sums
         of squares summed over the ranks in one all-reduce per step (_placement.NormReduce)."""
-        reduce = NormReduce(params)
+        reduce = ShardNormReduce(params)
         return {"norm_reduce": reduce} if reduce else {}
 
     def _rule_options(self, group: dict) -> dict:

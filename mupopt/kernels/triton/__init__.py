@@ -225,11 +225,13 @@ def _step_fn(name: str):
     direct, 10.9 ms through the op), and eager code gains nothing from the op."""
     written, read, _, counts_steps = _OP_SPECS[name]
 
-    def step(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
+    def step(params, grads, states, mults, hp, inv_grad_scale=None, **collectives) -> None:
         if not grads:
             return
-        if not torch.compiler.is_compiling():
-            _kernel(name)[0](params, grads, states, mults, hp, inv_grad_scale)
+        if not torch.compiler.is_compiling() or collectives:
+            # collectives (LAMB's norm_reduce for sharded tensors) call back into Python between
+            # kernels: eager only, never inside the custom op.
+            _kernel(name)[0](params, grads, states, mults, hp, inv_grad_scale, **collectives)
             return
         first = states[0]
         # Keys every state has (AdamW's max_exp_avg_sq exists with amsgrad only).

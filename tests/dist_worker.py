@@ -1,0 +1,233 @@
+"""What each rank of tests/test_distributed.py runs (gloo on the CPU, world size 2).
+
+One process group serves every scenario of a test module (starting ranks costs seconds).
+A scenario builds the same small model as the single-process run of the test, places it
+(FSDP2, tensor parallel or DDP), sets muP up in the README order (set_base_shapes before the
+sharding, optimizer after), steps it, and returns the full parameters (gathered) and what the
+test asks for. Rank 0 saves the results for the test process to compare.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+VOCAB, WIDTH, BASE = 16, 16, 8
+STEPS = 10
+
+
+class Net(nn.Module):
+    """Embedding, a residual MLP block, a norm and a readout: every muP role. Sides are
+    multiples of 16 so that 2-way shards and blocks of 8 line up (Shampoo's comparison)."""
+
+    def __init__(self, d: int = WIDTH, vocab: int = VOCAB):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.out(self.norm(h))
+
+
+def make_model(seed: int = 0, mup: bool = True) -> Net:
+    import mupopt
+
+    torch.manual_seed(seed)
+    model = Net()
+    if mup:
+        with torch.device("meta"):
+            base = Net(BASE)
+        mupopt.set_base_shapes(model, base)
+    return model
+
+
+def grad_for(step: int, name: str, shape) -> torch.Tensor:
+    """The global gradient of parameter ``name`` at ``step`` (the same on every rank)."""
+    gen = torch.Generator().manual_seed(1000 * step + sum(map(ord, name)))
+    return torch.randn(shape, generator=gen) * 0.1
+
+
+def make_optimizer(name: str, params, backend: str):
+    import mupopt
+
+    if name == "adamw":
+        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    if name == "adopt":
+        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    if name == "lamb":
+        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    if name == "sophia":
+        return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, backend=backend)
+    if name == "muon":
+        return mupopt.Muon(params, lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2, backend=backend)
+    if name == "shampoo":
+        return mupopt.Shampoo(params, lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
+                              grafting="adam", backend=backend)
+    raise ValueError(name)
+
+
+def feed_grads(model: nn.Module, step: int) -> None:
+    """p.grad = this step's global gradient, as a DTensor with p's placements where p is one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        g = grad_for(step, name, p.shape)
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+
+
+def step_once(opt, name: str, step: int) -> None:
+    if name == "sophia":
+        if step % 3 == 0:
+            opt.update_hessian()
+        opt.step(bs=64)
+    else:
+        opt.step()
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def place(model: nn.Module, placement: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if placement == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in (model.fc1, model.fc2):
+            fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif placement == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    elif placement == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    else:
+        raise ValueError(placement)
+    return model
+
+
+def scenario_steps(spec: dict) -> dict:
+    """Fed gradients: the optimizer alone under a placement, STEPS steps."""
+    model = make_model(mup=spec.get("mup", True))
+    placed = place(model, spec["placement"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
+    if spec["optimizer"] == "shampoo":  # ungrafted: the lr rule counts the blocks of the shard
+        import mupopt
+
+        ungrafted = mupopt.Shampoo(placed.parameters(), max_preconditioner_dim=8, grafting=None)
+        out["ungrafted"] = {n: (tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape), m.lr)
+                            for (n, p), m in zip(model.named_parameters(), ungrafted.group_multipliers(ungrafted.param_groups[0]))}
+    for t in range(STEPS):
+        feed_grads(model, t)
+        step_once(opt, spec["optimizer"], t)
+    out["params"] = full_params(model)
+    out["selected"] = opt.selected_backends
+    if spec["optimizer"] == "muon":
+        seg = [s for plan in opt._plan_cache.values() for s in plan.segments if s.kernel == "muon"]
+        hooks = [s.collectives.get("orthogonalize") for s in seg]
+        out["ns_flops"] = sum(h.flops for h in hooks if h is not None)
+    if spec["optimizer"] == "lamb":
+        seg = [s for plan in opt._plan_cache.values() for s in plan.segments]
+        out["norm_calls"] = sum(s.collectives["norm_reduce"].calls for s in seg if "norm_reduce" in s.collectives)
+    return out
+
+
+def scenario_train(spec: dict) -> dict:
+    """Forward/backward on a global batch split over the ranks (README order for muP)."""
+    model = make_model(mup=spec.get("mup", True))
+    placed = place(model, spec["placement"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for t in range(5):
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randint(0, VOCAB, (8, 6), generator=gen)
+        y = torch.randint(0, VOCAB, (8, 6), generator=gen)
+        if spec["placement"] != "tp":  # data parallel: each rank its half of the batch
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        logits = placed(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+        loss.backward()
+        step_once(opt, spec["optimizer"], t)
+        opt.zero_grad()
+    return {"params": full_params(model)}
+
+
+def scenario_dcp(spec: dict) -> dict:
+    """Save after 5 fed steps through DCP, load into a fresh model and optimizer (not stepped),
+    continue 5 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = spec["path"]
+    model = make_model()
+    placed = place(model, spec["placement"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    for t in range(5):
+        feed_grads(model, t)
+        step_once(opt, spec["optimizer"], t)
+    msd, osd = get_state_dict(placed, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+    model2 = make_model(seed=1)  # other initial values: the checkpoint must bring them
+    placed2 = place(model2, spec["placement"])
+    opt2 = make_optimizer(spec["optimizer"], placed2.parameters(), spec["backend"])
+    msd2, osd2 = get_state_dict(placed2, opt2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(placed2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for t in range(5, STEPS):
+        feed_grads(model2, t)
+        step_once(opt2, spec["optimizer"], t)
+    return {"params": full_params(model2)}
+
+
+def scenario_error(spec: dict) -> dict:
+    """Something that must raise: the message."""
+    model = make_model()
+    placed = place(model, spec["placement"])
+    try:
+        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+        feed_grads(model, 0)
+        step_once(opt, spec["optimizer"], 0)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "error": scenario_error}
+
+
+def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:
+    os.environ.update(env)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        for key, spec in specs:
+            try:
+                results[key] = SCENARIOS[spec["kind"]](spec)
+            except Exception:  # noqa: BLE001 - the test shows it
+                results[key] = {"failed": traceback.format_exc()}
+            dist.barrier()
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

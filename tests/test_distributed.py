@@ -1,0 +1,190 @@
+"""Distributed training (issue 12): FSDP2, tensor parallelism and DDP on 2 CPU ranks (gloo),
+against single-process training of the same model on the same global gradients or batch.
+
+The ranks run every scenario of this module in one process group (tests/dist_worker.py); the
+test process computes the single-process runs and compares:
+
+- "steps": gradients fed directly (the global gradient of each step, as a DTensor with the
+  parameter's placements), so the comparison sees the optimizer alone. Elementwise optimizers on
+  local shards are bitwise equal to single-process ones; LAMB (norms summed over ranks in
+  another order) and Muon (NS of the gathered matrix, batched differently) within 1e-6 relative;
+  Shampoo, whose blocks are cut from each rank's shard, equals single-process Shampoo with the
+  same blocking (max_preconditioner_dim=8 and sides that 2-way shards cut at multiples of 8),
+  with Adam grafting; without grafting its muP lr rule counts the shard's block sides.
+- "train": forward/backward with muP set up in the README order (set_base_shapes, then the
+  sharding, then the optimizer): the sharded run matches single-process muP training (not SP).
+- "dcp": a torch.distributed.checkpoint round trip into a fresh, unstepped optimizer continues
+  exactly, and the same checkpoint resumes on one process (2 ranks -> 1).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+import dist_worker as dw
+import mupopt
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+OPTIMIZERS = ["adamw", "adopt", "lamb", "sophia", "muon", "shampoo"]
+
+
+def cpu_backends(optimizer: str) -> list[str]:
+    out = ["reference"]
+    if optimizer in ("adamw", "adopt", "lamb", "sophia", "muon"):
+        out.append("cpu" if optimizer != "muon" else "auto")  # Muon: its AdamW part on "cpu"
+    if HAVE_TRITON:
+        out.append("triton")
+    return out
+
+
+STEP_SPECS = [
+    (f"steps-{pl}-{opt}-{be}", {"kind": "steps", "placement": pl, "optimizer": opt, "backend": be})
+    for pl in ("fsdp", "tp") for opt in OPTIMIZERS for be in cpu_backends(opt)
+]
+TRAIN_SPECS = [
+    (f"train-{pl}-{opt}", {"kind": "train", "placement": pl, "optimizer": opt, "backend": "auto"})
+    for pl in ("fsdp", "ddp") for opt in ("adamw", "muon")
+]
+DCP_OPTIMIZERS = ["adamw", "adopt", "lamb", "sophia", "muon", "shampoo"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every scenario, run once on 2 ranks."""
+    tmp = tmp_path_factory.mktemp("dist")
+    specs = STEP_SPECS + TRAIN_SPECS
+    specs += [(f"dcp-fsdp-{opt}", {"kind": "dcp", "placement": "fsdp", "optimizer": opt, "backend": "auto",
+                                   "path": str(tmp / f"ckpt-{opt}")}) for opt in DCP_OPTIMIZERS]
+    out = tmp / "results.pt"
+    env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    torch.multiprocessing.spawn(dw.worker, args=(2, free_port(), specs, str(out), env), nprocs=2, join=True)
+    res = torch.load(out, weights_only=False)
+    res["_tmp"] = tmp
+    return res
+
+
+def get(results, key):
+    r = results[key]
+    if "failed" in r:
+        pytest.fail(f"scenario {key} failed on rank 0:\n{r['failed']}")
+    return r
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def single_process_steps(optimizer: str, backend: str, steps=dw.STEPS, mup=True):
+    model = dw.make_model(mup=mup)
+    opt = dw.make_optimizer(optimizer, model.parameters(), backend)
+    for t in range(steps):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, optimizer, t)
+    return model, opt
+
+
+def assert_close(got: dict, want: dict, rtol: float, label: str):
+    for name, w in want.items():
+        g = got[name]
+        if rtol == 0:
+            assert torch.equal(g, w), f"{label}: {name} differs by {(g - w).abs().max().item():.3g}"
+        else:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item(), msg=f"{label}: {name}")
+
+
+TOLERANCE = {"adamw": 0.0, "adopt": 0.0, "sophia": 0.0, "lamb": 1e-6, "muon": 1e-6, "shampoo": 1e-6}
+
+
+@pytest.mark.parametrize("key,spec", STEP_SPECS, ids=[k for k, _ in STEP_SPECS])
+def test_sharded_steps_equal_single_process(results, key, spec):
+    got = get(results, key)
+    model, opt = single_process_steps(spec["optimizer"], spec["backend"])
+    want = {n: p.detach() for n, p in model.named_parameters()}
+    assert got["mults"] == [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)], "muP multipliers"
+    assert_close(got["params"], want, TOLERANCE[spec["optimizer"]], key)
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+def test_ungrafted_shampoo_lr_rule_counts_the_shard_blocks(results, placement):
+    """Blocks are cut from the local shard, so the block sides in the ungrafted rule are the
+    shard's (the base assumed sharded alike): fc2 (16, 32) cut to (8, 32) rows under FSDP2."""
+    from mupopt.mup import shampoo_block_lr
+
+    got = get(results, f"steps-{placement}-shampoo-reference")["ungrafted"]
+    model = dw.make_model()
+    infos = {n: mupopt.width_info(p) for n, p in model.named_parameters()}
+    sharded = 0
+    for name, (shape, local_shape, lr) in got.items():
+        if len(shape) < 2:
+            continue
+        assert lr == pytest.approx(shampoo_block_lr(infos[name], local_shape, 8)), name
+        sharded += local_shape != shape
+    assert sharded >= 2
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+def test_lamb_reduces_norms_once_per_step(results, placement):
+    got = get(results, f"steps-{placement}-lamb-reference")
+    assert got["norm_calls"] == dw.STEPS  # one all-reduce per step for all sharded tensors
+
+
+def test_muon_spreads_newton_schulz_over_ranks(results):
+    """FSDP2 shards every Muon matrix: each rank orthogonalises about half of them (by flops)."""
+    got = get(results, "steps-fsdp-muon-reference")
+    model, opt = single_process_steps("muon", "reference", steps=1)
+    total = sum(dw_flops(p) for g in opt.param_groups for i, p in enumerate(g["params"]) if opt._uses_muon(g, i))
+    # The last step's flops on rank 0: fc1 (32x16) and fc2 (16x32) cost the same: one each.
+    assert 0 < got["ns_flops"] < total
+    assert got["ns_flops"] == pytest.approx(total / 2)
+
+
+def dw_flops(p):
+    from mupopt.optim._placement import matrix_shape, ns_flops
+
+    return ns_flops(*matrix_shape(tuple(p.shape)), 5)
+
+
+@pytest.mark.parametrize("key,spec", TRAIN_SPECS, ids=[k for k, _ in TRAIN_SPECS])
+def test_training_in_readme_order_keeps_mup(results, key, spec):
+    """set_base_shapes before fully_shard / DDP: the run is the single-process muP run, and
+    visibly not the SP one (so muP was not silently lost)."""
+    got = get(results, key)["params"]
+    want = single_process_train(spec["optimizer"], mup=True)
+    sp = single_process_train(spec["optimizer"], mup=False)
+    assert_close(got, want, 1e-5, key)
+    assert max((got[n] - sp[n]).abs().max().item() for n in sp) > 1e-3
+
+
+def single_process_train(optimizer: str, mup: bool):
+    model = dw.make_model(mup=mup)
+    opt = dw.make_optimizer(optimizer, model.parameters(), "auto")
+    for t in range(5):
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randint(0, dw.VOCAB, (8, 6), generator=gen)
+        y = torch.randint(0, dw.VOCAB, (8, 6), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, dw.VOCAB), y.reshape(-1))
+        loss.backward()
+        dw.step_once(opt, optimizer, t)
+        opt.zero_grad()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer", DCP_OPTIMIZERS)
+def test_dcp_resume_at_the_same_world_size(results, optimizer):
+    got = get(results, f"dcp-fsdp-{optimizer}")["params"]
+    model, _ = single_process_steps(optimizer, "auto")
+    assert_close(got, {n: p.detach() for n, p in model.named_parameters()}, TOLERANCE[optimizer], optimizer)
