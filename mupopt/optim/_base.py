@@ -163,12 +163,59 @@ class GroupPlan:
 _DATA_PTR = torch.Tensor.data_ptr
 
 
+class _KeepDtype:
+    """A state entry on its way through ``Optimizer.load_state_dict``: torch's per-value cast
+    passes objects that are neither tensors, dicts nor iterables through untouched, so the entry
+    keeps its dtype; :meth:`MupOptimizer.__setstate__` (which torch's load_state_dict calls before
+    its post-hooks) unwraps it and casts it to the dtype the optimizer keeps it in."""
+
+    __slots__ = ("value", "dtype")
+
+    def __init__(self, value, dtype: torch.dtype):
+        self.value, self.dtype = value, dtype
+
+    def restore(self, device: torch.device):
+        def cast(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device=device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+            if isinstance(v, dict):
+                return {k: cast(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return type(v)(cast(x) for x in v)
+            return v
+
+        return cast(self.value)
+
+
+def _step_tensor(step) -> torch.Tensor:
+    """A state's step count as the float32 CPU tensor every backend reads (the cpu and cuda ops
+    require exactly that; _init_state creates it so). torch.optim converts a plain number in its
+    optimizers' __setstate__; an int64 or float64 tensor (hand-edited states), or a float32 one
+    that torch's load_state_dict moved to the param's device because the saved group had
+    fused=True or capturable=True, is converted here too. Shape is kept (0-dim in practice)."""
+    if isinstance(step, torch.Tensor):
+        if step.dtype == torch.float32 and step.device.type == "cpu":
+            return step
+        return step.detach().to(device="cpu", dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32)
+
+
 class MupOptimizer(Optimizer):
     """Base of the mupopt optimizers (not used directly)."""
 
     rule: ClassVar[str]
     # torch.amp.GradScaler: hand grad_scale / found_inf to step() (module docstring).
     _step_supports_amp_scaling = True
+    # State keys kept in a fixed dtype whatever the param's dtype: torch's load_state_dict casts
+    # every floating state tensor (except "step") to its param's dtype, which would turn
+    # Shampoo's float32 statistics of a bf16 param into bf16. See load_state_dict.
+    _state_dtypes: ClassVar[dict[str, torch.dtype]] = {}
+    # Attributes not pickled (copy.deepcopy, pickle, torch.save(opt)): torch's hook registries
+    # (torch drops them too: hooks are often closures over other objects), GradScaler's
+    # found_inf / grad_scale (set only for the duration of one step), and private caches whose
+    # names start with "_plan" (derived from the param groups; rebuilt when next needed).
+    _UNPICKLED: ClassVar[tuple[str, ...]] = ("found_inf", "grad_scale")
+    _UNPICKLED_PREFIXES: ClassVar[tuple[str, ...]] = ("_plan", "_optimizer_")
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
@@ -251,14 +298,73 @@ class MupOptimizer(Optimizer):
                 rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
         return format_table(rows)
 
+    # -- copy and pickle ------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim.Optimizer pickles only defaults, state and param_groups; a mupopt optimizer
+        also needs what its __init__ sets (``backend``, and whatever a subclass adds), so every
+        attribute is kept except the ones in _UNPICKLED / _UNPICKLED_PREFIXES (class comment)."""
+        return {
+            k: v for k, v in self.__dict__.items()
+            if k not in self._UNPICKLED and not k.startswith(self._UNPICKLED_PREFIXES)
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, and the end of ``load_state_dict`` (torch calls it with the new state
+        and param_groups): drop every "_plan" cache (the groups it was derived from may have
+        changed), recreate torch's hook registries, convert step counts to float32 CPU tensors
+        (:func:`_step_tensor`) and restore the entries load_state_dict kept in their dtype."""
+        for k in [k for k in self.__dict__ if k.startswith("_plan")]:
+            del self.__dict__[k]
+        super().__setstate__(state)
+        # An optimizer pickled by a mupopt without __getstate__ (torch's: no backend) loads with
+        # the default backend.
+        self.__dict__.setdefault("backend", "auto")
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for key, value in st.items():
+                    if isinstance(value, _KeepDtype):
+                        st[key] = value.restore(p.device)
+                if "step" in st:
+                    st["step"] = _step_tensor(st["step"])
+
     # -- state_dict ------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this class or of its torch counterpart.
 
         Group keys the saved dict lacks (a torch.optim.AdamW state_dict has no muP records) keep
         this optimizer's current values; saved muP records win, so a resume needs no base model.
+        A different number of param groups, or of params in a group, raises ValueError naming
+        both counts. Step counts of any type (int, float, int64 or float64 tensor) load as
+        float32 tensors. Entries of ``_state_dtypes`` (Shampoo's L, R and roots) are not cast
+        to the param's dtype, as torch would cast them, but to their own dtype (float32): a
+        bf16 model resumes with its statistics intact. (torch's per-value cast is
+        ``Optimizer._process_value_according_to_param_policy``, called through the class
+        Optimizer, so a subclass cannot override it; the entries are passed through it wrapped.)
         """
-        groups = [dict(g) for g in state_dict["param_groups"]]
+        saved_groups = state_dict["param_groups"]
+        check(
+            len(saved_groups) == len(self.param_groups),
+            f"loaded state dict has a different number of parameter groups: {len(saved_groups)} in the "
+            f"state dict, {len(self.param_groups)} in this optimizer",
+        )
+        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            check(
+                len(saved["params"]) == len(current["params"]),
+                f"loaded state dict contains a parameter group that doesn't match the size of "
+                f"optimizer's group: group {i} has {len(saved['params'])} params in the state dict, "
+                f"{len(current['params'])} in this optimizer",
+            )
+        if self._state_dtypes:
+            kept = {}
+            for pid, st in state_dict["state"].items():
+                if isinstance(st, dict) and any(k in self._state_dtypes for k in st):
+                    kept[pid] = {k: _KeepDtype(v, self._state_dtypes[k]) if k in self._state_dtypes else v for k, v in st.items()}
+            if kept:
+                state_dict = {**state_dict, "state": {**state_dict["state"], **kept}}
+        groups = [dict(g) for g in saved_groups]
         for saved, current in zip(groups, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):

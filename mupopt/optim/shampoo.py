@@ -203,6 +203,9 @@ class Shampoo(MupOptimizer):
     """
 
     rule = "shampoo"
+    # L, R and their roots are float32 whatever the param's dtype (init_shampoo_state): a
+    # state_dict keeps them so on load instead of torch's cast to the param's dtype.
+    _state_dtypes = {key: torch.float32 for key in ("left", "right", "left_root", "right_root")}
 
     def __init__(
         self,
