@@ -234,3 +234,133 @@ def test_shampoo_load_does_not_touch_the_callers_state_dict():
     for k, v in sd["state"].items():
         assert v.keys() == before[k].keys()
         assert all(v[key] is before[k][key] for key in v)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Muon edge cases; torch's distributed-checkpoint initialisation for every optimizer
+# ---------------------------------------------------------------------------------------------
+def test_muon_constructed_with_lr_zero():
+    """lr=0 at construction: nothing moves in either part while lr is 0; later the AdamW part
+    takes adamw_lr * lr / 1e-3 (Muon's default lr stands for the missing reference), exactly
+    as an optimizer constructed at lr=1e-3 does after the same lr edit."""
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    zero = make("muon", params, lr=0.0)
+    step(zero, params, 0)
+    for p, q in zip(params, before):
+        assert torch.equal(p.detach(), q)
+    # The same run from an optimizer whose lr_ref is 1e-3, its lr set to 0 for the first step.
+    ref_params = [q.clone().requires_grad_() for q in before]
+    ref = make("muon", ref_params, lr=1e-3)
+    assert all(g["lr_ref"] == 1e-3 for g in ref.param_groups)
+    for g in ref.param_groups:
+        g["lr"] = 0.0
+    step(ref, ref_params, 0)
+    for opt in (zero, ref):
+        for g in opt.param_groups:
+            g["lr"] = 2e-2
+    for t in range(1, 3):
+        step(zero, params, t)
+        step(ref, ref_params, t)
+    assert_same_run(zero, params, ref, ref_params)
+    assert not torch.equal(params[1].detach(), before[1])  # the AdamW part (a vector) moved
+
+
+def test_muon_adamw_part_follows_lr_in_proportion_after_lr_zero():
+    """The AdamW part's lr is proportional to the group's lr (zero at zero) for lr_ref 0."""
+    params = make_params()
+    opt = make("muon", params, lr=0.0, adamw_lr=3e-3)
+    for lr, expected in ((0.0, 0.0), (1e-3, 3e-3), (2e-3, 6e-3)):
+        opt.param_groups[0]["lr"] = lr
+        assert opt._adamw_hparams(opt.param_groups[0]).lr == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+def _init_optim_state(opt):
+    """torch.distributed.checkpoint's initialisation of an empty optimizer state: zero grads,
+    every group's lr set to 0 (a tensor 0 where lr is a tensor), one step(), lrs restored. The
+    function itself where this torch has it, else the same steps (torch 2.13's code)."""
+    try:
+        from torch.distributed.checkpoint.state_dict import _init_optim_state as init
+    except ImportError:
+        init = None
+    if init is not None:
+        init(opt)
+        return
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(0.0) if isinstance(g["lr"], torch.Tensor) else 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("name,backend", NAME_BACKEND)
+def test_distributed_checkpoint_state_init_moves_nothing(name, backend, tensor_lr):
+    """DCP creates the state of an empty optimizer with one lr=0 step on zero gradients: no
+    parameter may move, the state must exist, and the lrs come back."""
+    params = make_params()
+    lr = OPTIMIZERS[name][1]["lr"]
+    opt = make(name, params, backend, lr=torch.tensor(lr) if tensor_lr else lr)
+    before = [p.detach().clone() for p in params]
+    _init_optim_state(opt)
+    for i, (p, q) in enumerate(zip(params, before)):
+        assert torch.equal(p.detach(), q), f"param {i} moved"
+        assert p.grad is None
+    assert all(len(opt.state[p]) > 0 for p in params)
+    assert all(float(g["lr"]) == float(torch.tensor(lr) if tensor_lr else lr) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4), (2, 0, 3)])
+def test_muon_empty_matrix(shape):
+    """A matrix with no elements (an empty embedding, a (4, 0) layer) steps as a no-op beside
+    the others instead of failing in reshape or dividing by zero in the shape factor."""
+    empty = torch.zeros(shape, requires_grad=True)
+    other = torch.randn(3, 3, requires_grad=True)
+    lone = other.detach().clone().requires_grad_()
+    with_empty = mupopt.Muon([empty, other], lr=2e-2, backend="reference")
+    alone = mupopt.Muon([lone], lr=2e-2, backend="reference")
+    for t in range(2):
+        empty.grad = torch.zeros(shape)
+        fill_grads([other], t)
+        fill_grads([lone], t)
+        with_empty.step()
+        alone.step()
+    assert torch.equal(other.detach(), lone.detach())
+    assert with_empty.state[empty]["momentum_buffer"].shape == shape
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw", "spectral"])
+def test_shape_factor_of_an_empty_matrix(adjust_lr_fn):
+    from mupopt.optim.muon import shape_factor
+
+    assert shape_factor(adjust_lr_fn, 4, 0) == 1.0 and shape_factor(adjust_lr_fn, 0, 4) == 1.0
+    with pytest.raises(ValueError, match="Adjust learning rate function bogus is not supported"):
+        shape_factor("bogus", 4, 0)
+
+
+@pytest.mark.parametrize("name", ["muon", "shampoo"])
+def test_maximize_refused_by_muon_and_shampoo(name):
+    """maximize=True used to be accepted and ignored: it is refused at construction, in
+    add_param_group (groups left as they were) and in a loaded state_dict; False is fine."""
+    cls_name = OPTIMIZERS[name][0].__name__
+    message = f"{cls_name} does not support maximize=True"
+    params = make_params()
+    cls, hp = OPTIMIZERS[name]
+    with pytest.raises(ValueError, match=message):
+        cls([{"params": params[:2], "maximize": True}, {"params": params[2:]}], **hp)
+    opt = cls(params[:2], **hp)
+    opt.add_param_group({"params": params[2:3], "maximize": False})
+    n = len(opt.param_groups)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": params[3:], "maximize": True})
+    assert len(opt.param_groups) == n
+    sd = opt.state_dict()
+    sd["param_groups"][0]["maximize"] = True
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)

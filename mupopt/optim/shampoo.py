@@ -237,6 +237,8 @@ class Shampoo(MupOptimizer):
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])
+        # Not implemented (no backend negates the gradient): refused rather than ignored.
+        check(group.get("maximize", False) is not True, "Shampoo does not support maximize=True (negate the loss instead)")
         b = group["betas"]
         check(isinstance(b, (tuple, list)) and len(b) == 2, f"Invalid betas: {b}")
         check(is_number(b[0]) and 0.0 <= b[0] < 1.0, f"Invalid beta parameter at index 0: {b[0]}")
