@@ -364,3 +364,85 @@ def test_maximize_refused_by_muon_and_shampoo(name):
     sd["param_groups"][0]["maximize"] = True
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Validation parity with torch.optim
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_with_several_elements(name):
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
+        make(name, make_params(), lr=torch.tensor([1e-3, 1e-3]))
+
+
+@pytest.mark.parametrize("name,key", [("adamw", "betas"), ("adopt", "betas"), ("lamb", "betas"),
+                                      ("sophia", "betas"), ("muon", "adamw_betas")])
+def test_betas_mixing_float_and_tensor(name, key):
+    """As torch.optim.Adam: a tensor beta beside a float is refused with torch's message; two
+    tensors (1-element) are accepted and step as their values do (float32-rounded: torch takes
+    them as .item() too)."""
+    b1, b2 = (0.9, 0.99)
+    for mixed in ((b1, torch.tensor(b2)), (torch.tensor(b1), b2)):
+        with pytest.raises(ValueError, match="^betas must be either both floats or both Tensors$"):
+            make(name, make_params(), **{key: mixed})
+    with pytest.raises(ValueError, match=re.escape("Tensor betas[1] must be 1-element")):
+        make(name, make_params(), **{key: (torch.tensor(b1), torch.tensor([b2, b2]))})
+    a_params, b_params = make_params(), make_params()
+    a = make(name, a_params, **{key: (torch.tensor(b1).item(), torch.tensor(b2).item())})
+    b = make(name, b_params, **{key: (torch.tensor(b1), torch.tensor(b2))})
+    for t in range(2):
+        step(a, a_params, t)
+        step(b, b_params, t)
+    for p, q in zip(a_params, b_params):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def _torch_counterpart(name, **flags):
+    """The named reference of optimizer-specs.md over one param, built with ``flags``."""
+    p = [torch.zeros(2, requires_grad=True)]
+    if name == "adamw":
+        return torch.optim.AdamW(p, **flags)
+    if name == "adopt":
+        adopt = pytest.importorskip("adopt")
+        return adopt.ADOPT(p, decouple=True, **flags)
+    sophia_opt = pytest.importorskip("sophia_opt")
+    return sophia_opt.SophiaG(p, **flags)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("adamw", {}), ("adamw", {"foreach": True}), ("adamw", {"fused": False}),
+    ("adopt", {}), ("adopt", {"foreach": True}), ("adopt", {"fused": False}),
+    ("sophia", {}),  # sophia-opt has capturable only
+])
+def test_group_keys_of_the_torch_counterpart(name, flags):
+    """Every key the counterpart puts in a param group is in ours, with the same value (its
+    defaults, or what was passed): code that reads group["fused"] finds it."""
+    t_group = _torch_counterpart(name, **flags).param_groups[0]
+    m_group = OPTIMIZERS[name][0]([torch.zeros(2, requires_grad=True)], **flags).param_groups[0]
+    assert not set(t_group) - set(m_group)
+    for key in set(t_group) - {"params"}:
+        assert m_group[key] == t_group[key], key
+
+
+def test_adamw_decoupled_weight_decay_stays_true_on_load():
+    """As torch.optim.AdamW: a torch.optim.Adam state_dict (decoupled_weight_decay=False) loads,
+    and the decay stays decoupled."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = mupopt.AdamW([p])
+    opt.load_state_dict(torch.optim.Adam([torch.zeros(3, requires_grad=True)]).state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_state_dict_with_other_counts_names_both(name):
+    """torch's messages, followed by both counts."""
+    params = make_params()
+    opt = make(name, params)
+    one_group = OPTIMIZERS[name][0]([torch.randn(2, 2, requires_grad=True)], backend="reference")
+    with pytest.raises(ValueError, match="different number of parameter groups: 1 in the state dict, 2 in this optimizer"):
+        opt.load_state_dict(one_group.state_dict())
+    sd = opt.state_dict()
+    sd["param_groups"][1]["params"] = sd["param_groups"][1]["params"][:1]
+    sd["param_groups"][1]["mup"] = sd["param_groups"][1]["mup"][:1]
+    with pytest.raises(ValueError, match="group 1 has 1 params in the state dict, 2 in this optimizer"):
+        opt.load_state_dict(sd)

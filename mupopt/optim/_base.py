@@ -73,13 +73,20 @@ def is_number(x: Any) -> bool:
 
 
 def check_lr(lr) -> None:
+    # torch.optim's message for a tensor lr of several elements, before the range check.
+    check(not isinstance(lr, torch.Tensor) or lr.numel() == 1, "Tensor lr must be 1-element")
     check(is_number(lr) and float(lr) >= 0.0, f"Invalid learning rate: {lr}")
 
 
 def check_betas(betas, count: int = 2) -> None:
     check(isinstance(betas, (tuple, list)) and len(betas) == count, f"Invalid betas: {betas} (expected {count} values)")
     for i, b in enumerate(betas):
+        check(not isinstance(b, torch.Tensor) or b.numel() == 1, f"Tensor betas[{i}] must be 1-element")
         check(is_number(b) and 0.0 <= float(b) < 1.0, f"Invalid beta parameter at index {i}: {b}")
+    # As torch.optim.Adam: a tensor beta next to a plain number is refused (a sign of a
+    # half-converted config). Plain numbers of any real type stay accepted.
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    check(all(tensors) or not any(tensors), "betas must be either both floats or both Tensors")
 
 
 def check_eps(eps) -> None:
