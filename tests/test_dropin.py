@@ -120,21 +120,55 @@ def test_copy_continues_like_the_original(name, backend, how):
 
 
 def test_copy_drops_plan_caches_and_transient_attributes():
-    """Attributes named "_plan..." (private caches derived from the groups) and GradScaler's
-    found_inf / grad_scale are not copied; everything else set on the optimizer is."""
+    """Attributes named "_plan..." (private caches derived from the groups), GradScaler's
+    found_inf / grad_scale and anything else set on the optimizer after construction are not
+    copied (torch copies none of them either); what __init__ set is."""
     params = make_params()
     opt = make("adamw", params)
     opt._plan_steps = {"stale": True}
     opt._plan = ["stale"]
     opt.found_inf = torch.zeros(())
     opt.grad_scale = torch.ones(())
-    opt.custom_attribute = 3
     for how, fn in ROUND_TRIPS.items():
         twin = fn(opt)
         for attr in ("_plan_steps", "_plan", "found_inf", "grad_scale"):
             assert not hasattr(twin, attr), (how, attr)
-        assert twin.custom_attribute == 3 and twin.backend == "reference", how
+        assert twin.backend == "reference", how
     assert opt._plan == ["stale"]  # the original keeps its own
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_init_attribute_is_pickled(name):
+    """Each attribute a mupopt __init__ sets, beyond torch.optim.Optimizer's own (which its
+    __setstate__ recreates or does without), is in MupOptimizer._PICKLED: a new attribute that
+    is not would be lost by deepcopy / pickle and fail after the copy."""
+    torch_own = set(torch.optim.SGD([torch.zeros(1, requires_grad=True)]).__dict__)
+    opt = make(name, make_params())
+    extra = {k for k in opt.__dict__ if k not in torch_own and not k.startswith("_plan")}
+    assert extra <= set(type(opt)._PICKLED), sorted(extra - set(type(opt)._PICKLED))
+    twin = pickle.loads(pickle.dumps(opt))
+    for k in extra:
+        assert getattr(twin, k) == getattr(opt, k), k
+
+
+@pytest.mark.parametrize("how", list(ROUND_TRIPS))
+def test_copy_of_an_optimizer_with_a_scheduler_steps_itself(how):
+    """An LR scheduler replaces ``opt.step`` by a wrapper that closes over the original
+    optimizer: a copy must not take it (its step would step the original) and pickling must not
+    fail on it."""
+    params = make_params()
+    opt = make("adamw", params)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    assert "step" in opt.__dict__  # the scheduler's wrapper, an instance attribute
+    step(opt, params, 0)
+    twin = ROUND_TRIPS[how](opt)
+    twin_params = params_of(twin)
+    before = [p.detach().clone() for p in params]
+    twin_before = [q.detach().clone() for q in twin_params]
+    step(twin, twin_params, 1)
+    for p, q in zip(params, before):
+        assert torch.equal(p.detach(), q)  # the original did not move
+    assert any(not torch.equal(q.detach(), b) for q, b in zip(twin_params, twin_before))
 
 
 def test_load_state_dict_drops_plan_caches():

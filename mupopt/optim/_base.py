@@ -217,12 +217,14 @@ class MupOptimizer(Optimizer):
     # every floating state tensor (except "step") to its param's dtype, which would turn
     # Shampoo's float32 statistics of a bf16 param into bf16. See load_state_dict.
     _state_dtypes: ClassVar[dict[str, torch.dtype]] = {}
-    # Attributes not pickled (copy.deepcopy, pickle, torch.save(opt)): torch's hook registries
-    # (torch drops them too: hooks are often closures over other objects), GradScaler's
-    # found_inf / grad_scale (set only for the duration of one step), and private caches whose
-    # names start with "_plan" (derived from the param groups; rebuilt when next needed).
-    _UNPICKLED: ClassVar[tuple[str, ...]] = ("found_inf", "grad_scale")
-    _UNPICKLED_PREFIXES: ClassVar[tuple[str, ...]] = ("_plan", "_optimizer_")
+    # Attributes pickled (copy.deepcopy, pickle, torch.save(opt)) besides torch's defaults,
+    # state and param_groups: every attribute a mupopt __init__ sets (tests/test_dropin.py
+    # checks that a new one is listed here). Everything else set on an optimizer is left out,
+    # as torch leaves it out: hook registries, an LR scheduler's instance-level ``step``
+    # wrapper (a closure over the original optimizer) and its ``_opt_called``, GradScaler's
+    # per-step found_inf / grad_scale, and private caches named "_plan..." (derived from the
+    # param groups; rebuilt when next needed).
+    _PICKLED: ClassVar[tuple[str, ...]] = ("backend",)
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
@@ -308,12 +310,10 @@ class MupOptimizer(Optimizer):
     # -- copy and pickle ------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         """torch.optim.Optimizer pickles only defaults, state and param_groups; a mupopt optimizer
-        also needs what its __init__ sets (``backend``, and whatever a subclass adds), so every
-        attribute is kept except the ones in _UNPICKLED / _UNPICKLED_PREFIXES (class comment)."""
-        return {
-            k: v for k, v in self.__dict__.items()
-            if k not in self._UNPICKLED and not k.startswith(self._UNPICKLED_PREFIXES)
-        }
+        also needs what its __init__ sets: the attributes named in _PICKLED (class comment)."""
+        state = dict(super().__getstate__())
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, and the end of ``load_state_dict`` (torch calls it with the new state
