@@ -64,11 +64,18 @@ from torch.nn import Parameter
 import mupopt
 from mupopt import backends
 
+import triton_mode  # noqa: E402
+
 # common_optimizers imports torch's test utilities, which need expecttest (a test extra).
 pytest.importorskip("expecttest", reason="torch's test database needs expecttest: pip install -e .[test]")
 _flags_were_frozen = torch.backends.flags_frozen()
 try:
-    from torch.testing._internal import common_optimizers as co
+    # torch's test utilities import triton. The first import of triton fixes its mode for the
+    # process: imported here outside defining_kernels(), triton's library functions would be
+    # compiled-mode and every interpreted Triton test collected after this module would fail
+    # ("Cannot call @triton.jit'd outside of the scope of a kernel").
+    with triton_mode.defining_kernels():
+        from torch.testing._internal import common_optimizers as co
 except ImportError as exc:  # an older or trimmed torch without the database
     pytest.skip(f"torch.testing._internal.common_optimizers unavailable: {exc}", allow_module_level=True)
 finally:
