@@ -480,3 +480,29 @@ def test_load_state_dict_with_other_counts_names_both(name):
     sd["param_groups"][1]["mup"] = sd["param_groups"][1]["mup"][:1]
     with pytest.raises(ValueError, match="group 1 has 1 params in the state dict, 2 in this optimizer"):
         opt.load_state_dict(sd)
+
+
+def test_load_pre_hooks_run_first_and_once():
+    """torch runs load_state_dict pre-hooks on the dict as given, before its checks: a hook
+    that adapts a state_dict saved for other params (torch's documented use) must see it before
+    mupopt's count checks and its muP validation, unwrapped (Shampoo's lists as lists), once."""
+    params = make_params()
+    opt = make("shampoo", params)
+    bigger = make_params()
+    other = make("shampoo", bigger)
+    other.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    for t in range(2):
+        step(other, params_of(other), t)
+    seen = []
+
+    def trim(optimizer, sd):
+        seen.append(sd["state"][0]["left"])
+        extra = sd["param_groups"][2]["params"]
+        return {"state": {k: v for k, v in sd["state"].items() if k not in extra}, "param_groups": sd["param_groups"][:2]}
+
+    handle = opt.register_load_state_dict_pre_hook(trim)
+    opt.load_state_dict(other.state_dict())
+    assert len(seen) == 1 and isinstance(seen[0], list)
+    assert opt.state[params[0]]["step"].item() == 2
+    handle.remove()
+    assert len(opt._optimizer_load_state_dict_pre_hooks) == 0

@@ -46,6 +46,7 @@ import numbers
 import operator
 import os
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -350,7 +351,16 @@ class MupOptimizer(Optimizer):
         bf16 model resumes with its statistics intact. (torch's per-value cast is
         ``Optimizer._process_value_according_to_param_policy``, called through the class
         Optimizer, so a subclass cannot override it; the entries are passed through it wrapped.)
+
+        Load pre-hooks (``register_load_state_dict_pre_hook``) run first, on the dict as given,
+        as in torch: a hook that adapts a state_dict saved for other params does so before any
+        of the checks above.
         """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
         check(
             len(saved_groups) == len(self.param_groups),
@@ -381,7 +391,13 @@ class MupOptimizer(Optimizer):
                 if record is not None:
                     WidthInfo.from_dict(record)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        # The pre-hooks have run: torch's load_state_dict must not run them a second time.
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "param_groups": groups})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
 
     # -- the step ------------------------------------------------------------------------------
