@@ -423,7 +423,8 @@ def test_muon_matches_torch(kwargs, backend, monkeypatch):
     _backend_env(backend, monkeypatch)
     ours = _weight_bias(muon=True)
     theirs = _clone(ours)
-    o = mupopt.Muon(ours, **kwargs, backend=backend)
+    # ns_dtype: torch.optim.Muon's bf16 iteration (mupopt's default on the CPU is float32).
+    o = mupopt.Muon(ours, **kwargs, ns_dtype=torch.bfloat16, backend=backend)
     r = torch.optim.Muon(theirs, **kwargs)
     _run(o, ours)
     _run(r, theirs)
