@@ -437,7 +437,8 @@ def test_betas_mixing_float_and_tensor(name, key):
 
 
 def _torch_counterpart(name, **flags):
-    """The named reference of optimizer-specs.md over one param, built with ``flags``."""
+    """The optimizer's named reference (torch.optim.AdamW, torch-adopt, sophia-opt) over one
+    param, built with ``flags``."""
     p = [torch.zeros(2, requires_grad=True)]
     if name == "adamw":
         return torch.optim.AdamW(p, **flags)
