@@ -464,6 +464,16 @@ def test_group_keys_of_the_torch_counterpart(name, flags):
         assert m_group[key] == t_group[key], key
 
 
+@pytest.mark.parametrize("name,flag", [("adamw", "capturable"), ("adamw", "differentiable"),
+                                       ("adopt", "capturable"), ("adopt", "differentiable"),
+                                       ("sophia", "capturable")])
+def test_implementation_flags_mupopt_does_not_provide_are_refused(name, flag):
+    """capturable / differentiable change what step() must support (graph capture, autograd
+    through the step); accepted as keys, they are refused as True rather than ignored."""
+    with pytest.raises(ValueError, match=flag):
+        OPTIMIZERS[name][0]([torch.zeros(2, requires_grad=True)], **{flag: True})
+
+
 def test_adamw_decoupled_weight_decay_stays_true_on_load():
     """As torch.optim.AdamW: a torch.optim.Adam state_dict (decoupled_weight_decay=False) loads,
     and the decay stays decoupled."""
