@@ -216,7 +216,8 @@ def newton_schulz(
         # Same computation for a stack: flatten the batch dims to one, use the batched
         # fused calls (baddbmm needs exactly 3 dims).
         batch_shape = X.shape[:-2]
-        X = X.reshape(-1, X.size(-2), X.size(-1))
+        # The batch size is explicit: reshape cannot infer -1 for a stack with no elements.
+        X = X.reshape(math.prod(batch_shape), X.size(-2), X.size(-1))
         for a, b, c in schedule:
             A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)

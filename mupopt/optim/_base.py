@@ -46,6 +46,7 @@ import numbers
 import operator
 import os
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -73,13 +74,20 @@ def is_number(x: Any) -> bool:
 
 
 def check_lr(lr) -> None:
+    # torch.optim's message for a tensor lr of several elements, before the range check.
+    check(not isinstance(lr, torch.Tensor) or lr.numel() == 1, "Tensor lr must be 1-element")
     check(is_number(lr) and float(lr) >= 0.0, f"Invalid learning rate: {lr}")
 
 
 def check_betas(betas, count: int = 2) -> None:
     check(isinstance(betas, (tuple, list)) and len(betas) == count, f"Invalid betas: {betas} (expected {count} values)")
     for i, b in enumerate(betas):
+        check(not isinstance(b, torch.Tensor) or b.numel() == 1, f"Tensor betas[{i}] must be 1-element")
         check(is_number(b) and 0.0 <= float(b) < 1.0, f"Invalid beta parameter at index {i}: {b}")
+    # As torch.optim.Adam: a tensor beta next to a plain number is refused (a sign of a
+    # half-converted config). Plain numbers of any real type stay accepted.
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    check(all(tensors) or not any(tensors), "betas must be either both floats or both Tensors")
 
 
 def check_eps(eps) -> None:
@@ -163,12 +171,61 @@ class GroupPlan:
 _DATA_PTR = torch.Tensor.data_ptr
 
 
+class _KeepDtype:
+    """A state entry on its way through ``Optimizer.load_state_dict``: torch's per-value cast
+    passes objects that are neither tensors, dicts nor iterables through untouched, so the entry
+    keeps its dtype; :meth:`MupOptimizer.__setstate__` (which torch's load_state_dict calls before
+    its post-hooks) unwraps it and casts it to the dtype the optimizer keeps it in."""
+
+    __slots__ = ("value", "dtype")
+
+    def __init__(self, value, dtype: torch.dtype):
+        self.value, self.dtype = value, dtype
+
+    def restore(self, device: torch.device):
+        def cast(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device=device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+            if isinstance(v, dict):
+                return {k: cast(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return type(v)(cast(x) for x in v)
+            return v
+
+        return cast(self.value)
+
+
+def _step_tensor(step) -> torch.Tensor:
+    """A state's step count as the float32 CPU tensor every backend reads (the cpu and cuda ops
+    require exactly that; _init_state creates it so). torch.optim converts a plain number in its
+    optimizers' __setstate__; an int64 or float64 tensor (hand-edited states), or a float32 one
+    that torch's load_state_dict moved to the param's device because the saved group had
+    fused=True or capturable=True, is converted here too. Shape is kept (0-dim in practice)."""
+    if isinstance(step, torch.Tensor):
+        if step.dtype == torch.float32 and step.device.type == "cpu":
+            return step
+        return step.detach().to(device="cpu", dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32)
+
+
 class MupOptimizer(Optimizer):
     """Base of the mupopt optimizers (not used directly)."""
 
     rule: ClassVar[str]
     # torch.amp.GradScaler: hand grad_scale / found_inf to step() (module docstring).
     _step_supports_amp_scaling = True
+    # State keys kept in a fixed dtype whatever the param's dtype: torch's load_state_dict casts
+    # every floating state tensor (except "step") to its param's dtype, which would turn
+    # Shampoo's float32 statistics of a bf16 param into bf16. See load_state_dict.
+    _state_dtypes: ClassVar[dict[str, torch.dtype]] = {}
+    # Attributes pickled (copy.deepcopy, pickle, torch.save(opt)) besides torch's defaults,
+    # state and param_groups: every attribute a mupopt __init__ sets (tests/test_dropin.py
+    # checks that a new one is listed here). Everything else set on an optimizer is left out,
+    # as torch leaves it out: hook registries, an LR scheduler's instance-level ``step``
+    # wrapper (a closure over the original optimizer) and its ``_opt_called``, GradScaler's
+    # per-step found_inf / grad_scale, and private caches named "_plan..." (derived from the
+    # param groups; rebuilt when next needed).
+    _PICKLED: ClassVar[tuple[str, ...]] = ("backend",)
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
@@ -251,14 +308,80 @@ class MupOptimizer(Optimizer):
                 rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
         return format_table(rows)
 
+    # -- copy and pickle ------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim.Optimizer pickles only defaults, state and param_groups; a mupopt optimizer
+        also needs what its __init__ sets: the attributes named in _PICKLED (class comment)."""
+        state = dict(super().__getstate__())
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, and the end of ``load_state_dict`` (torch calls it with the new state
+        and param_groups): drop every "_plan" cache (the groups it was derived from may have
+        changed), recreate torch's hook registries, convert step counts to float32 CPU tensors
+        (:func:`_step_tensor`) and restore the entries load_state_dict kept in their dtype."""
+        for k in [k for k in self.__dict__ if k.startswith("_plan")]:
+            del self.__dict__[k]
+        super().__setstate__(state)
+        # An optimizer pickled by a mupopt without __getstate__ (torch's: no backend) loads with
+        # the default backend.
+        self.__dict__.setdefault("backend", "auto")
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for key, value in st.items():
+                    if isinstance(value, _KeepDtype):
+                        st[key] = value.restore(p.device)
+                if "step" in st:
+                    st["step"] = _step_tensor(st["step"])
+
     # -- state_dict ------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this class or of its torch counterpart.
 
         Group keys the saved dict lacks (a torch.optim.AdamW state_dict has no muP records) keep
         this optimizer's current values; saved muP records win, so a resume needs no base model.
+        A different number of param groups, or of params in a group, raises ValueError naming
+        both counts. Step counts of any type (int, float, int64 or float64 tensor) load as
+        float32 tensors. Entries of ``_state_dtypes`` (Shampoo's L, R and roots) are not cast
+        to the param's dtype, as torch would cast them, but to their own dtype (float32): a
+        bf16 model resumes with its statistics intact. (torch's per-value cast is
+        ``Optimizer._process_value_according_to_param_policy``, called through the class
+        Optimizer, so a subclass cannot override it; the entries are passed through it wrapped.)
+
+        Load pre-hooks (``register_load_state_dict_pre_hook``) run first, on the dict as given,
+        as in torch: a hook that adapts a state_dict saved for other params does so before any
+        of the checks above.
         """
-        groups = [dict(g) for g in state_dict["param_groups"]]
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        check(
+            len(saved_groups) == len(self.param_groups),
+            f"loaded state dict has a different number of parameter groups: {len(saved_groups)} in the "
+            f"state dict, {len(self.param_groups)} in this optimizer",
+        )
+        for i, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            check(
+                len(saved["params"]) == len(current["params"]),
+                f"loaded state dict contains a parameter group that doesn't match the size of "
+                f"optimizer's group: group {i} has {len(saved['params'])} params in the state dict, "
+                f"{len(current['params'])} in this optimizer",
+            )
+        if self._state_dtypes:
+            kept = {}
+            for pid, st in state_dict["state"].items():
+                if isinstance(st, dict) and any(k in self._state_dtypes for k in st):
+                    kept[pid] = {k: _KeepDtype(v, self._state_dtypes[k]) if k in self._state_dtypes else v for k, v in st.items()}
+            if kept:
+                state_dict = {**state_dict, "state": {**state_dict["state"], **kept}}
+        groups = [dict(g) for g in saved_groups]
         for saved, current in zip(groups, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):
@@ -268,7 +391,13 @@ class MupOptimizer(Optimizer):
                 if record is not None:
                     WidthInfo.from_dict(record)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        # The pre-hooks have run: torch's load_state_dict must not run them a second time.
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "param_groups": groups})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
 
     # -- the step ------------------------------------------------------------------------------

@@ -107,8 +107,19 @@ class AdamW(MupOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
+            # torch.optim.AdamW's group keys with the values it records, so that code reading
+            # group["fused"] (or a torch.optim.AdamW loading this state_dict) finds them.
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True,
         )
         super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state: dict) -> None:
+        """As torch.optim.AdamW: whatever a loaded state_dict says (a torch.optim.Adam one
+        says False), the decay here is decoupled."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])

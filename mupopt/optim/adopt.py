@@ -69,6 +69,8 @@ class ADOPT(MupOptimizer):
     Args:
         params: parameters, named parameters or param groups.
         lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, maximize: as torch-adopt.
+        foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; capturable,
+            differentiable: only False.
         wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -83,13 +85,22 @@ class ADOPT(MupOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         wd_mode: str = "independent",
         scale_eps: bool = False,
         backend: str = "auto",
     ):
+        # torch-adopt's implementation switches: accepted and recorded in the groups as it
+        # records them; backend= chooses the implementation here (see mupopt.AdamW).
+        if capturable or differentiable:
+            raise ValueError("mupopt.ADOPT supports neither capturable=True nor differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             # Not an option here: recorded so that a state_dict loads into torch-adopt's ADOPT,
             # whose step reads group["decouple"].
             decouple=True,

@@ -22,6 +22,9 @@ from ._placement import Orthogonalize
 from .adamw import AdamWHparams
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+# torch.optim.Muon's default lr; also the reference lr of the AdamW part when a group's lr at
+# construction was 0 (Muon._adamw_hparams).
+DEFAULT_LR = 1e-3
 
 
 def shape_factor(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -29,8 +32,13 @@ def shape_factor(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
 
     None / "original": sqrt(max(1, A/B)) (Jordan); "match_rms_adamw": 0.2*sqrt(max(A, B)), which
     makes the update RMS match AdamW's (Liu et al.); "spectral": sqrt(A/B), the spectral-norm
-    scaling of Yang, Simon, Bernstein (arXiv 2310.17813) that P1 analyses.
+    scaling of Yang, Simon, Bernstein (arXiv 2310.17813) that P1 analyses. An empty matrix
+    (A or B == 0) has no update to scale: 1.0 (A/B would divide by zero).
     """
+    if adjust_lr_fn not in ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+    if rows == 0 or cols == 0:
+        return 1.0
     if adjust_lr_fn in (None, "original"):
         return math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":
@@ -61,8 +69,10 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def matrix_view(t: torch.Tensor) -> torch.Tensor:
-    """The 2-D view Muon orthogonalises: conv kernels (ndim > 2) flattened to (shape[0], -1)."""
-    return t.reshape(t.shape[0], -1)
+    """The 2-D view Muon orthogonalises: conv kernels (ndim > 2) flattened to (shape[0], -1).
+    The column count is explicit, not -1: reshape cannot infer -1 for a tensor with no elements
+    (a (4, 0) matrix)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonalize=None) -> None:
@@ -145,7 +155,13 @@ class Muon(MupOptimizer):
             torch.bfloat16 to compute exactly what torch.optim.Muon computes on the CPU too.
         adamw_lr=1e-3, adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_wd=0.01: the AdamW part.
             Its lr follows the group's lr schedule: adamw_lr * group["lr"] / group["lr_ref"], with
-            lr_ref the group's lr at construction.
+            lr_ref the group's lr at construction (or a "lr_ref" given in the param group):
+            adamw_lr is the AdamW lr that goes with the Muon lr lr_ref. A group constructed with
+            lr=0 gives no such pair, so lr_ref = 0 means the default one, Muon's default lr 1e-3
+            (as in ``Muon(params)``, where adamw_lr goes with lr=1e-3): the AdamW part then moves
+            nothing while lr is 0 and takes adamw_lr * lr / 1e-3 after. Pass ``lr_ref`` in the
+            group to say which lr adamw_lr was tuned for.
+        maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
         wd_mode, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -154,7 +170,7 @@ class Muon(MupOptimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float = DEFAULT_LR,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -180,7 +196,10 @@ class Muon(MupOptimizer):
         super().__init__(params, defaults, backend=backend)
 
     def _check_hparams(self, group: dict) -> None:
+        check(not isinstance(group["lr"], torch.Tensor) or group["lr"].numel() == 1, "Tensor lr must be 1-element")
         check(is_number(group["lr"]) and float(group["lr"]) >= 0, f"Learning rate should be >= 0 but is: {group['lr']}")
+        # Not implemented in either part: refused rather than silently ignored.
+        check(group.get("maximize", False) is not True, "Muon does not support maximize=True (negate the loss instead)")
         check(is_number(group["momentum"]) and 0 <= group["momentum"] < 1, f"momentum should be in [0, 1) but is: {group['momentum']}")
         check(is_number(group["weight_decay"]) and group["weight_decay"] >= 0, f"weight decay should be >= 0 but is: {group['weight_decay']}")
         check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
@@ -256,10 +275,15 @@ class Muon(MupOptimizer):
     def _adamw_hparams(self, group: dict) -> AdamWHparams:
         """The AdamW part follows the group's lr schedule: its lr is adamw_lr * lr / lr_ref, where
         lr_ref is the group's lr at construction, so a scheduler (or a manual edit of
-        group["lr"]) scales both parts of the model alike."""
+        group["lr"]) scales both parts of the model alike. lr_ref = 0 (constructed with lr=0)
+        stands for DEFAULT_LR (class docstring): the ratio stays proportional to lr, so lr=0 moves
+        nothing in either part (what torch's distributed checkpointing relies on when it runs one
+        step with lr=0 to create the state)."""
         b1, b2 = group["adamw_betas"]
         ref = float(group["lr_ref"])
-        lr = float(group["adamw_lr"]) * (float(group["lr"]) / ref if ref > 0 else 1.0)
+        # adamw_lr * (lr / ref): at lr == lr_ref the ratio is exactly 1 and the AdamW part gets
+        # adamw_lr itself (bit for bit as torch.optim.AdamW with lr=adamw_lr).
+        lr = float(group["adamw_lr"]) * (float(group["lr"]) / (ref if ref > 0 else DEFAULT_LR))
         return AdamWHparams(lr, float(b1), float(b2), float(group["adamw_eps"]), float(group["adamw_wd"]), False, False)
 
     def add_param_group(self, param_group: dict) -> None:

@@ -203,6 +203,9 @@ class Shampoo(MupOptimizer):
     """
 
     rule = "shampoo"
+    # L, R and their roots are float32 whatever the param's dtype (init_shampoo_state): a
+    # state_dict keeps them so on load instead of torch's cast to the param's dtype.
+    _state_dtypes = {key: torch.float32 for key in ("left", "right", "left_root", "right_root")}
 
     def __init__(
         self,
@@ -234,6 +237,8 @@ class Shampoo(MupOptimizer):
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])
+        # Not implemented (no backend negates the gradient): refused rather than ignored.
+        check(group.get("maximize", False) is not True, "Shampoo does not support maximize=True (negate the loss instead)")
         b = group["betas"]
         check(isinstance(b, (tuple, list)) and len(b) == 2, f"Invalid betas: {b}")
         check(is_number(b[0]) and 0.0 <= b[0] < 1.0, f"Invalid beta parameter at index 0: {b[0]}")

@@ -112,6 +112,7 @@ class SophiaG(MupOptimizer):
     Args:
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
+        capturable: only False (recorded in the groups, as sophia-opt does).
         wd_mode, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -126,11 +127,16 @@ class SophiaG(MupOptimizer):
         weight_decay: float = 1e-1,
         *,
         maximize: bool = False,
+        capturable: bool = False,
         wd_mode: str = "independent",
         backend: str = "auto",
     ):
+        # sophia-opt's switch, recorded in the groups as it records it; only False here.
+        if capturable:
+            raise ValueError("mupopt.SophiaG does not support capturable=True")
         defaults = dict(
             lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, maximize=maximize, wd_mode=wd_mode,
+            capturable=capturable,
         )
         super().__init__(params, defaults, backend=backend)
 
