@@ -188,3 +188,34 @@ def test_dcp_resume_at_the_same_world_size(results, optimizer):
     got = get(results, f"dcp-fsdp-{optimizer}")["params"]
     model, _ = single_process_steps(optimizer, "auto")
     assert_close(got, {n: p.detach() for n, p in model.named_parameters()}, TOLERANCE[optimizer], optimizer)
+
+
+@pytest.mark.parametrize("optimizer", DCP_OPTIMIZERS)
+def test_dcp_resume_on_one_process(results, optimizer):
+    """The FSDP2 checkpoint of 2 ranks (saved after 5 steps) resumes in a single process and
+    continues as the uninterrupted single-process run. Shampoo's statistics belong to the
+    blocks of each shard: another sharding is refused with an error that says so."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    get(results, f"dcp-fsdp-{optimizer}")
+    path = results["_tmp"] / f"ckpt-{optimizer}"
+    model = dw.make_model(seed=1)
+    opt = dw.make_optimizer(optimizer, model.parameters(), "auto")
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    if optimizer == "shampoo":
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        with pytest.raises(CheckpointException) as info:
+            dcp.load(state, checkpoint_id=str(path))
+        assert "Size mismatch" in str(info.value.failures[0]) and "left" in str(info.value.failures[0])
+        return
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for t in range(5, dw.STEPS):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, optimizer, t)
+    want, _ = single_process_steps(optimizer, "auto")
+    assert_close({n: p.detach() for n, p in model.named_parameters()},
+                 {n: p.detach() for n, p in want.named_parameters()}, TOLERANCE[optimizer], optimizer)

@@ -313,3 +313,55 @@ class _MeshExchange:
                     out[k] = recv[pos:pos + n].view(self.boxes[k][self.me][1])
                     pos += n
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shampoo: per-shard statistics in a checkpoint
+# ---------------------------------------------------------------------------------------------
+def all_coords(mesh_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    coords = [()]
+    for n in mesh_shape:
+        coords = [c + (k,) for c in coords for k in range(n)]
+    return coords
+
+
+def shard_shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
+    """The local shape of DTensor ``p`` at every mesh coordinate (mesh order)."""
+    mesh_shape = tuple(p.device_mesh.shape)
+    return [tuple(shard_box(p.shape, p.placements, mesh_shape, c)[1]) for c in all_coords(mesh_shape)]
+
+
+def stack_over_ranks(local_blocks: Sequence[torch.Tensor], shapes_per_rank: Sequence[Sequence[tuple]], p) -> list:
+    """Per-rank tensors (Shampoo's L, R and roots of this rank's blocks) as DTensors with a
+    leading mesh dimension, so that a distributed checkpoint keeps every rank's own (DCP saves a
+    plain tensor once, as if it were replicated). Block k of every rank shares one global shape,
+    (ranks, max rows, max cols); a smaller block (an uneven last shard) is zero-padded."""
+    from torch.distributed.tensor import DTensor
+
+    mesh = p.device_mesh
+    out = []
+    for k, x in enumerate(local_blocks):
+        sides = [shapes[k] for shapes in shapes_per_rank]
+        full = tuple(max(s[d] for s in sides) for d in range(x.ndim))
+        if tuple(x.shape) == full:
+            piece = x.unsqueeze(0)  # a view: a checkpoint load writes the state itself
+        else:
+            piece = x.new_zeros((1, *full))
+            piece[(0, *(slice(0, n) for n in x.shape))] = x
+        shape = (mesh.size(), *full)
+        stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+        out.append(DTensor.from_local(piece, mesh, [Shard(0)] * mesh.ndim, run_check=False, shape=shape, stride=stride))
+    return out
+
+
+def unstack_over_ranks(value, local_shape: tuple) -> torch.Tensor:
+    """This rank's block back from :func:`stack_over_ranks` (a DTensor), cropped to its shape."""
+    if not is_dtensor(value):
+        return value
+    piece = value.to_local()
+    if piece.shape[0] != 1:
+        raise ValueError(
+            f"Shampoo statistics saved for another sharding (local {tuple(piece.shape)}): a resume "
+            f"needs the same world size and placements (they are per-shard blocks)"
+        )
+    return piece[0][tuple(slice(0, n) for n in local_shape)]

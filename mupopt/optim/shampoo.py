@@ -15,7 +15,9 @@ from .. import backends
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
 from ._base import MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, store
-from ._placement import is_dtensor, local
+from ._placement import is_dtensor, local, placement_text, shard_shapes, stack_over_ranks, unstack_over_ranks
+
+_MATRIX_STATE = ("left", "right", "left_root", "right_root")
 
 GRAFTINGS = ("adam", None)
 ROOT_METHODS = ("eigh", "newton")
@@ -294,6 +296,71 @@ class Shampoo(MupOptimizer):
             group["start_preconditioning_step"], group["grafting"], float(group["grafting_beta2"]),
             float(group["grafting_epsilon"]), group["root_method"],
         )
+
+    # -- checkpoints of sharded params -------------------------------------------------------------
+    def _index_params(self) -> dict[int, torch.Tensor]:
+        """state_dict's param indices (torch numbers them in group order)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return dict(enumerate(params))
+
+    def _block_shapes(self, local_shape: tuple, max_dim: int) -> dict[str, list[tuple]]:
+        rows, cols = local_shape[0], math.prod(local_shape[1:])
+        blocks = blocks_of(rows, cols, max_dim) if rows and cols else []
+        left = [(rs.stop - rs.start,) * 2 for rs, _ in blocks]
+        right = [(cs.stop - cs.start,) * 2 for _, cs in blocks]
+        return {"left": left, "left_root": left, "right": right, "right_root": right}
+
+    def state_dict(self) -> dict:
+        """As torch's, except for sharded (DTensor) params: their L, R and roots belong to the
+        blocks of each rank's shard (mupopt.optim._placement), so they are returned as DTensors
+        with a leading rank dimension (_placement.stack_over_ranks), which
+        torch.distributed.checkpoint saves per rank. A resume needs the same sharding."""
+        sd = super().state_dict()
+        index = self._index_params()
+        max_dim = {id(p): g["max_preconditioner_dim"] for g in self.param_groups for p in g["params"]}
+        state = dict(sd["state"])
+        for idx, st in sd["state"].items():
+            p = index.get(idx)
+            if p is None or not is_dtensor(p) or "left" not in st:
+                continue
+            per_rank = [self._block_shapes(shape, max_dim[id(p)]) for shape in shard_shapes(p)]
+            if len({len(r["left"]) for r in per_rank}) != 1:
+                raise NotImplementedError(
+                    f"Shampoo: the shards of a parameter of shape {tuple(p.shape)} ({placement_text(p)}) are cut "
+                    f"into different numbers of blocks of side <= {max_dim[id(p)]}; their statistics cannot be "
+                    f"saved as one checkpoint entry. Choose max_preconditioner_dim so that every shard has the "
+                    f"same number of blocks."
+                )
+            st = dict(st)
+            for key in _MATRIX_STATE:
+                st[key] = stack_over_ranks(st[key], [r[key] for r in per_rank], p)
+            state[idx] = st
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also takes the sharded form of :meth:`state_dict` (each rank keeps its own blocks)."""
+        groups = state_dict.get("param_groups", [])
+        params = {pid: p for g, cur in zip(groups, self.param_groups) for pid, p in zip(g["params"], cur["params"])}
+        max_dim = {id(p): g["max_preconditioner_dim"] for g in self.param_groups for p in g["params"]}
+        state = None
+        for idx, st in state_dict.get("state", {}).items():
+            p = params.get(idx)
+            if p is None or not isinstance(st, dict) or not any(is_dtensor(v) for k in _MATRIX_STATE for v in st.get(k, ())):
+                continue
+            shapes = self._block_shapes(tuple(local(p).shape) if is_dtensor(p) else tuple(p.shape), max_dim[id(p)])
+            st = dict(st)
+            for key in _MATRIX_STATE:
+                if len(st[key]) != len(shapes[key]):
+                    raise ValueError(
+                        f"Shampoo: state {key!r} of a parameter of shape {tuple(p.shape)} holds {len(st[key])} blocks, "
+                        f"this rank's shard has {len(shapes[key])}: the checkpoint was saved with another sharding"
+                    )
+                st[key] = [unstack_over_ranks(v, shape) for v, shape in zip(st[key], shapes[key])]
+            state = state if state is not None else dict(state_dict["state"])
+            state[idx] = st
+        if state is not None:
+            state_dict = {**state_dict, "state": state}
+        super().load_state_dict(state_dict)
 
     def preconditioner_memory(self) -> dict[str, int]:
         """Bytes of "preconditioners" (L, R and their roots, float32), "buffers" (momentum and
