@@ -103,7 +103,11 @@ def place(model: nn.Module, placement: str):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    if placement == "fsdp":
+    if placement == "hsdp":  # a 2-D mesh (replicate x shard), what Muon's exchange does not take
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("rep", "shard")))
+    elif placement == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for m in (model.fc1, model.fc2):

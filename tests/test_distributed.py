@@ -50,8 +50,9 @@ STEP_SPECS = [
 ]
 TRAIN_SPECS = [
     (f"train-{pl}-{opt}", {"kind": "train", "placement": pl, "optimizer": opt, "backend": "auto"})
-    for pl in ("fsdp", "ddp") for opt in ("adamw", "muon")
+    for pl in ("fsdp", "tp", "ddp") for opt in ("adamw", "muon")
 ]
+ERROR_SPECS = [("error-hsdp-muon", {"kind": "error", "placement": "hsdp", "optimizer": "muon", "backend": "auto"})]
 DCP_OPTIMIZERS = ["adamw", "adopt", "lamb", "sophia", "muon", "shampoo"]
 
 
@@ -65,7 +66,7 @@ def free_port() -> int:
 def results(tmp_path_factory):
     """Every scenario, run once on 2 ranks."""
     tmp = tmp_path_factory.mktemp("dist")
-    specs = STEP_SPECS + TRAIN_SPECS
+    specs = STEP_SPECS + TRAIN_SPECS + ERROR_SPECS
     specs += [(f"dcp-fsdp-{opt}", {"kind": "dcp", "placement": "fsdp", "optimizer": opt, "backend": "auto",
                                    "path": str(tmp / f"ckpt-{opt}")}) for opt in DCP_OPTIMIZERS]
     out = tmp / "results.pt"
@@ -219,3 +220,11 @@ def test_dcp_resume_on_one_process(results, optimizer):
     want, _ = single_process_steps(optimizer, "auto")
     assert_close({n: p.detach() for n, p in model.named_parameters()},
                  {n: p.detach() for n, p in want.named_parameters()}, TOLERANCE[optimizer], optimizer)
+
+
+def test_unsupported_placement_names_optimizer_placement_and_alternative(results):
+    """Muon's NS exchange takes 1-D meshes (FSDP2 or TP alone); a 2-D mesh (HSDP) raises at the
+    first step, naming the optimizer, the placement and what to do instead."""
+    error = get(results, "error-hsdp-muon")["error"]
+    assert error is not None and error.startswith("NotImplementedError")
+    assert "Muon" in error and "2-D mesh" in error and "Replicate" in error and "use_muon=False" in error
