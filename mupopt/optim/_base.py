@@ -640,7 +640,11 @@ class MupOptimizer(Optimizer):
                     calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False))
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             failure = exc
-        if any(plan.distributed for _, plan, _ in work) and _distributed_ready():
+        # Only a step whose outcome depends on this rank's data (a prepare phase, data checks:
+        # Shampoo's roots and finiteness) can fail on one rank alone; others pay no collective.
+        may_diverge = type(self)._check_data is not MupOptimizer._check_data or any(
+            seg.backend.prepare is not None for _, plan, _ in work for seg in plan.segments)
+        if may_diverge and any(plan.distributed for _, plan, _ in work) and _distributed_ready():
             failure = _agree(failure, type(self).__name__)
         if failure is not None:
             raise failure
