@@ -16,6 +16,7 @@ from .mup import (
 )
 from .kernels import cpp as _cpp_kernels
 from .kernels import triton as _triton_kernels
+from .optim._base import BackendFallbackWarning
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ _cpp_kernels.register()
 
 __all__ = [
     "ADOPT",
+    "BackendFallbackWarning",
     "AdamW",
     "LAMB",
     "Muon",

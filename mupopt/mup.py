@@ -701,6 +701,7 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
     from .optim.shampoo import is_matrix  # mupopt.optim imports this module
 
     rows = []
+    recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
     for name, p in model.named_parameters():
         info = width_info(p)
         blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
@@ -722,6 +723,7 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
     input: N(0, std_base^2) (unchanged from the base); hidden: std_base / sqrt(m_in);
     output: std_base / m_in, or zero with ``zero_readout``. Every parameter needs width info.
     """
+    recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
     for name, p in model.named_parameters():
         info = width_info(p)
         if info is None:

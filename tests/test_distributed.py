@@ -228,3 +228,18 @@ def test_unsupported_placement_names_optimizer_placement_and_alternative(results
     error = get(results, "error-hsdp-muon")["error"]
     assert error is not None and error.startswith("NotImplementedError")
     assert "Muon" in error and "2-D mesh" in error and "Replicate" in error and "use_muon=False" in error
+
+
+def test_readme_fsdp_example_runs_on_two_ranks(tmp_path):
+    """examples/fsdp_mup.py (the README's Distributed section) under torchrun, 2 gloo ranks."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           os.path.join(root, "examples", "fsdp_mup.py"), str(tmp_path / "ckpt")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "backends: [{'adamw': 'cpu'}]" in out.stdout
+    loss = float(out.stdout.split("loss ")[1].split(";")[0])
+    assert 0 < loss < 10

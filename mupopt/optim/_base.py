@@ -306,7 +306,9 @@ class MupOptimizer(Optimizer):
             ]
             for name, p, info, m in zip(names, group["params"], infos, self.group_multipliers(group)):
                 rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
-        return format_table(rows)
+        used = self.selected_backends
+        ran = "; ".join(f"group {gi}: " + ", ".join(f"{k} on {v}" for k, v in u.items()) for gi, u in enumerate(used) if u)
+        return format_table(rows) + "\nbackends at the last step: " + (ran or f"none yet (requested: {self.backend!r})")
 
     # -- copy and pickle ------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -493,25 +495,22 @@ class MupOptimizer(Optimizer):
                 raise RuntimeError(f"{type(self).__name__}: backend {requested!r} cannot step these {kernel} tensors: {reason}")
             return [(backend, list(range(len(params))))]
         candidates = [backends.get(kernel, n) for n in backends.names(kernel)]
-        refused = []
-        for backend in candidates:
-            reason = backend.reason(everything)
-            if reason is None:
-                self._warn_fallback(kernel, backend, refused, params[0])
-                return [(backend, list(range(len(params))))]
-            refused.append((backend, reason))
-        # No backend takes the whole list: choose per tensor.
+        if candidates[0].reason(everything) is None:  # the common case: the best one takes all
+            return [(candidates[0], list(range(len(params))))]
+        # Else the best backend per tensor: one fp16 or strided tensor falls back alone.
         chosen: dict[str, tuple[backends.Backend, list[int]]] = {}
         for i, ts in enumerate(tensors_of):
+            refused = []
             for backend in candidates:
-                if backend.reason(ts) is None:
+                reason = backend.reason(ts)
+                if reason is None:
                     chosen.setdefault(backend.name, (backend, []))[1].append(i)
+                    self._warn_fallback(kernel, backend, refused, params[i])
                     break
+                refused.append((backend, reason))
             else:
-                reasons = "; ".join(f"{b.name}: {b.reason(ts)}" for b in candidates)
+                reasons = "; ".join(f"{b.name}: {r}" for b, r in refused)
                 raise RuntimeError(f"{type(self).__name__}: no backend of {kernel} can step tensor {i} ({reasons})")
-        for backend, _ in chosen.values():
-            self._warn_fallback(kernel, backend, refused, params[0])
         return [chosen[n] for n in backends.names(kernel) if n in chosen]
 
     def _warn_fallback(self, kernel, backend, refused, sample: torch.Tensor) -> None:
@@ -528,7 +527,7 @@ class MupOptimizer(Optimizer):
                 f"{type(self).__name__}: backend {better.name!r} cannot step some {kernel} tensors ({reason}); "
                 f"backend={backend.name!r} steps them instead (slower). Pass backend= to choose explicitly.",
                 BackendFallbackWarning,
-                stacklevel=7,  # _warn_fallback < _select < _build_plan < _plan < _run < step < caller
+                stacklevel=_caller_stacklevel(),
             )
 
     @property
@@ -682,6 +681,20 @@ def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
 class BackendFallbackWarning(UserWarning):
     """``backend="auto"`` passed over a faster backend that exists for these tensors' device but
     cannot run them (the reason is in the message)."""
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel of the first frame outside mupopt and torch (the user's call of
+    step(), through torch's no_grad and step-hook wrappers)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("mupopt.") or name.startswith("torch.") or name == "mupopt"):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _distributed_ready() -> bool:
