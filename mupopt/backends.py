@@ -65,6 +65,11 @@ class Backend:
     # and writes nothing, and returns the rest of the step as a callable that only writes; fn
     # is prepare(...)(). The optimizer prepares every param group before committing any.
     prepare: "Callable | None" = None
+    # Optional: bind(params, states, mults) checks once what stays fixed between steps (the
+    # tensors, devices, dtypes, shapes, layouts, step tensors, multipliers) and returns
+    # step(grads, hp), which checks the gradients and then does what fn(params, grads, states,
+    # mults, hp) does. Bind again when a param or state tensor object changes.
+    bind: "Callable | None" = None
 
     def reason(self, tensors: Sequence[torch.Tensor]) -> str | None:
         """None when this backend can step ``tensors``, else why not: a tensor subclass (every
