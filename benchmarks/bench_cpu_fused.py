@@ -6,7 +6,7 @@ Cases (fp32 params, grads and states; the same tensors and gradients for every c
 
 - AdamW: ours (``mupopt.AdamW(backend="cpu")``) vs ``torch.optim.AdamW(fused=True)`` (ATen's
   vectorised CPU kernel) vs ``torch.optim.AdamW(foreach=False)`` vs our reference backend.
-  Targets (performance.md): >= 1.0x torch fused, >= 10x the reference.
+  Targets (docs/benchmarks.md): >= 1.0x torch fused, >= 10x the reference.
 - ADOPT, SophiaG, LAMB with backend "cpu", as a ratio to our AdamW. Targets: ADOPT and Sophia
   within 1.1x of our AdamW (Sophia moves 24 B per element, AdamW 28 B), LAMB within its byte
   ratio 40/28 = 1.43x (a norm pass and an update pass).

@@ -6,7 +6,7 @@ testpaths is tests/, and these files are named bench_*.py):
     pytest benchmarks/ --benchmark-only --benchmark-json out.json
 
 Each test is one (implementation, case, dtype) of one optimizer: the registry's backends (found
-when the tests are collected) and the peers of shared/performance.md. Cases, bytes model, flop
+when the tests are collected) and the peers of docs/benchmarks.md. Cases, bytes model, flop
 counts, peers and the correctness pre-check are mupopt.bench's (mupopt/bench/measure.py), the same
 code as `mupopt bench`; pytest-benchmark groups the implementations of one case and dtype so its
 table compares them side by side, and each result's extra_info carries bytes or flops and GB/s or

@@ -4,8 +4,8 @@ copy bandwidth, torch's fused AdamW and the ``cuda`` backend measured in the sam
     PYTHONPATH=$PWD python benchmarks/tune_triton.py [--case one|llama] [--configs 4096x8,8192x16]
         [--optimizers adamw,adopt,sophia,lamb] [--mode quick|full] [--json FILE]
 
-(--json: not into benchmarks/results/, whose *.json files are `mupopt bench` runs that the
-README's table is generated from; commit the printed table as a .txt there.)
+(--json: not into benchmarks/results/, whose *.json files are `mupopt bench` runs that
+docs/benchmarks.md's tables are generated from; commit the printed table as a .txt there.)
 
 Why: on an H200 (2026-11-27) the ``triton`` AdamW ran at 38% of the copy bandwidth on one
 2^26-element tensor, 0.5x torch fused, with the untuned ``_common.BLOCK = 4096`` and

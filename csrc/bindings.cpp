@@ -101,6 +101,42 @@ void lamb_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
   for (const Group& g : t.groups) cpu::lamb(launch_of(t, g), h, a);
 }
 
+// The split form of lamb_ (csrc/include/mupopt/lamb.h), for tensors whose norms the caller
+// reduces between the two calls (shards of one tensor on several ranks). Same arguments as
+// lamb_; lamb_apply_ must follow with the same lists and the reduced sums.
+Tensor lamb_partials_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                         TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
+                         double beta1, double beta2, double weight_decay, double eps,
+                         c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
+                         const OptTensor& found_inf) {
+  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
+                         eps, kCpuChunk, "lamb_partials_");
+  const cpu::Args a = cpu_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
+  Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2},
+                          at::TensorOptions().dtype(at::kDouble).device(t.device.value_or(at::Device(at::kCPU))));
+  if (cpu::skipped(a)) return sums;
+  bump_steps(state_steps);
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for (const Group& g : t.groups) cpu::lamb_partials(launch_of(t, g), h, a, sums.data_ptr<double>());
+  return sums;
+}
+
+void lamb_apply_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, const Tensor& sums,
+                    double lr, double beta1, double beta2, double weight_decay, double eps,
+                    c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
+                    const OptTensor& found_inf) {
+  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
+                         eps, kCpuChunk, "lamb_apply_", /*steps_bumped=*/true);
+  const Tensor s = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
+  const cpu::Args a = cpu_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return;
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for (const Group& g : t.groups) cpu::lamb_apply(launch_of(t, g), h, a, s.data_ptr<double>());
+}
+
 void sophia_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList state_steps,
                 ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr, double beta1, double rho, double bs,
                 double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
@@ -149,6 +185,20 @@ TORCH_LIBRARY(mupopt, m) {
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  // lamb_ in two calls, for norms reduced by the caller in between (see lamb.h): lamb_partials_
+  // updates the moments (float32 states) and the steps and returns float64 [N, 2], per tensor
+  // (sum of p*p before the update, sum of u*u); lamb_apply_ takes those sums (reduced) and
+  // finishes the step (bfloat16 states: their moments are stored here).
+  m.def(
+      "lamb_partials_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor(c!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> Tensor");
+  m.def(
+      "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] state_steps, float[] lr_mults, float[] eps_mults, Tensor sums, *, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   m.def(
       "sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] wd_mults, *, float lr, float beta1, float rho, "
@@ -165,6 +215,8 @@ TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
   m.impl("adamw_", &adamw_cpu);
   m.impl("adopt_", &adopt_cpu);
   m.impl("lamb_", &lamb_cpu);
+  m.impl("lamb_partials_", &lamb_partials_cpu);
+  m.impl("lamb_apply_", &lamb_apply_cpu);
   m.impl("sophia_", &sophia_cpu);
   m.impl("sophia_hessian_", &sophia_hessian_cpu);
 }

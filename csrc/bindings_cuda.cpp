@@ -133,6 +133,47 @@ void lamb_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
   });
 }
 
+Tensor lamb_partials_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                          TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
+                          double beta1, double beta2, double weight_decay, double eps,
+                          c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
+                          const OptTensor& found_inf) {
+  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
+                         eps, kCudaChunk, "lamb_partials_");
+  const GradArgs ga = grad_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
+  const auto device = t.device.value_or(params.empty() ? at::Device(at::kCPU) : params[0].device());
+  Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2}, at::TensorOptions().dtype(at::kDouble).device(device));
+  if (found_inf_set(found_inf)) return sums;
+  bump_steps(state_steps);
+  DeviceTable d = upload(std::move(t));
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for_each_group("lamb_partials_", d, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+    Tensor partials =
+        at::empty({g.n_chunks * kMaxReduce}, at::TensorOptions().dtype(at::kDouble).device(*d.table.device));
+    return cuda::lamb_partials(l, h, ga, partials.data_ptr<double>(), sums.data_ptr<double>(), s);
+  });
+  return sums;
+}
+
+void lamb_apply_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                     TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults,
+                     const Tensor& sums, double lr, double beta1, double beta2, double weight_decay, double eps,
+                     c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
+                     const OptTensor& found_inf) {
+  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
+                         eps, kCudaChunk, "lamb_apply_", /*steps_bumped=*/true);
+  const Tensor reduced = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
+  const GradArgs ga = grad_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
+  if (found_inf_set(found_inf)) return;
+  DeviceTable d = upload(std::move(t));
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for_each_group("lamb_apply_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::lamb_apply(l, h, ga, reduced.data_ptr<double>(), s);
+  });
+}
+
 void sophia_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                  TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr,
                  double beta1, double rho, double bs, double weight_decay, bool maximize, const OptTensor& grad_scale,
@@ -170,6 +211,8 @@ TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
   m.impl("adamw_", &adamw_cuda);
   m.impl("adopt_", &adopt_cuda);
   m.impl("lamb_", &lamb_cuda);
+  m.impl("lamb_partials_", &lamb_partials_cuda);
+  m.impl("lamb_apply_", &lamb_apply_cuda);
   m.impl("sophia_", &sophia_cuda);
   m.impl("sophia_hessian_", &sophia_hessian_cuda);
 }

@@ -76,13 +76,15 @@ inline void adopt_scalars(Table& t, const double* before, const double* lr_mults
   }
 }
 
+// ``steps_bumped``: ``before`` already holds this step's counts (lamb_apply_, after
+// lamb_partials_ incremented them), so the bias corrections use them as they are.
 inline void lamb_scalars(Table& t, const double* before, const double* lr_mults, const double* eps_mults, double lr,
-                         double beta1, double beta2, double eps) {
+                         double beta1, double beta2, double eps, bool steps_bumped = false) {
   using S = LambScalars;
   double last = -1.0, bc1 = 0.0, bc2 = 0.0;
   for (size_t r = 0; r < t.rows.size(); ++r) {
     const int64_t i = t.source[r];
-    const double step = next_step(before[i]);
+    const double step = steps_bumped ? before[i] : next_step(before[i]);
     if (step != last) {
       last = step;
       bc1 = 1.0 - std::pow(beta1, step);
@@ -145,10 +147,12 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
   return t;
 }
 
+// ``steps_bumped``: the step counts already hold this step's value (lamb_apply_, after
+// lamb_partials_ incremented them), so the bias corrections use them as they are.
 inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                           TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
-                          double beta1, double beta2, double eps, int64_t chunk) {
-  const char* op = "lamb_";
+                          double beta1, double beta2, double eps, int64_t chunk, const char* op = "lamb_",
+                          bool steps_bumped = false) {
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
   check_mults(op, "lr_mults", lr_mults, n);
@@ -157,7 +161,7 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
                        nullptr, LambScalars::kCount, chunk);
-  lamb_scalars(t, before.data(), lr_mults.data(), eps_mults.data(), lr, beta1, beta2, eps);
+  lamb_scalars(t, before.data(), lr_mults.data(), eps_mults.data(), lr, beta1, beta2, eps, steps_bumped);
   return t;
 }
 

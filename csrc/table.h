@@ -167,6 +167,7 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
       }
     }
     if (row.numel == 0) continue;
+    row.source = static_cast<int32_t>(i);
     for (int k = 0; scal != nullptr && k < n_scalars; ++k) row.scalar[k] = scal[i * n_scalars + k];
     const int v = variant ? variant(i) : 0;
     const DType grad = streams[1].name != nullptr ? storage_of(streams[1].list[i]) : DType::kFloat32;
@@ -221,6 +222,20 @@ inline void bump_steps(at::TensorList steps) {
 // Per-tensor muP multipliers: one float per tensor.
 inline void check_mults(const char* op, const char* name, at::ArrayRef<double> m, int64_t n) {
   TORCH_CHECK(static_cast<int64_t>(m.size()) == n, op, ": ", name, " has ", m.size(), " values for ", n, " tensors");
+}
+
+// LAMB's per-tensor sums of squares handed to lamb_apply_: float64 [n, 2] on the call's device
+// (what lamb_partials_ returned, reduced by the caller). Returned contiguous.
+inline at::Tensor check_lamb_sums(const char* op, const at::Tensor& sums, int64_t n,
+                                  const c10::optional<c10::Device>& device) {
+  TORCH_CHECK(sums.defined() && sums.scalar_type() == at::kDouble && sums.dim() == 2 && sums.size(0) == n &&
+                  sums.size(1) == 2,
+              op, ": sums must be a float64 tensor of shape [", n,
+              ", 2] (per tensor: the sum of p*p, the sum of u*u), got ",
+              sums.defined() ? describe(sums) : std::string("an undefined tensor"));
+  TORCH_CHECK(!device || sums.device() == *device, op, ": sums is on ", sums.device().str(),
+              " but the tensors are on ", device->str());
+  return sums.contiguous();
 }
 
 // grad_scale / found_inf: one float32 element on the call's device, or absent.

@@ -1,6 +1,19 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
-from .mup import MupError, MupWarning, WidthInfo, clear_base_shapes, init_mup_, set_base_shapes, summary, width_info
+from .mup import (
+    BaseShapes,
+    MupError,
+    MupWarning,
+    WidthInfo,
+    clear_base_shapes,
+    init_mup_,
+    load_base_shapes,
+    make_base_shapes,
+    readout_multiplier_,
+    set_base_shapes,
+    summary,
+    width_info,
+)
 from .kernels import cpp as _cpp_kernels
 from .kernels import triton as _triton_kernels
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
@@ -20,13 +33,17 @@ __all__ = [
     "Shampoo",
     "SophiaG",
     "gnb_backward",
+    "BaseShapes",
     "MupError",
     "MupWarning",
     "WidthInfo",
     "backends",
     "clear_base_shapes",
     "init_mup_",
+    "load_base_shapes",
+    "make_base_shapes",
     "mup",
+    "readout_multiplier_",
     "set_base_shapes",
     "summary",
     "width_info",

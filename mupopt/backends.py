@@ -65,6 +65,12 @@ class Backend:
     # and writes nothing, and returns the rest of the step as a callable that only writes; fn
     # is prepare(...)(). The optimizer prepares every param group before committing any.
     prepare: "Callable | None" = None
+    # Device types this backend is made for (None: any). ``auto`` warns when it passes over a
+    # faster backend made for the tensors' device (mupopt.optim._base, BackendFallbackWarning).
+    devices: "tuple[str, ...] | None" = None
+    # True: fn checks every tensor it is handed (type, shape, dtype, device, layout) before it
+    # writes anything, so the optimizer need not check the gradients again at every step.
+    validates: bool = False
     # Optional: bind(params, states, mults) checks once what stays fixed between steps (the
     # tensors, devices, dtypes, shapes, layouts, step tensors, multipliers) and returns
     # step(grads, hp), which checks the gradients and then does what fn(params, grads, states,
@@ -92,6 +98,11 @@ def names(optimizer: str) -> list[str]:
     """Registered backends of ``optimizer``, best first."""
     table = _REGISTRY.get(optimizer, {})
     return sorted(table, key=lambda n: -table[n].priority)
+
+
+def get(optimizer: str, name: str) -> Backend:
+    """The registered backend ``name`` of ``optimizer`` (KeyError if there is none)."""
+    return _REGISTRY[optimizer][name]
 
 
 def check_name(optimizer: str, requested: str) -> None:

@@ -14,6 +14,8 @@ def _verify(args) -> int:
     progress = (lambda msg: print(f"  checking {msg}", file=sys.stderr)) if args.verbose else None
     rows = verify.run(devices, steps=args.steps, progress=progress)
     print(verify.format_rows(rows))
+    print()
+    print(verify.format_unchecked(verify.unchecked(devices)))
     for entry in verify.OPTIMIZERS:
         problem = verify.reference_problem(entry.reference_module)
         if entry.reference_module is not None and problem is not None:
@@ -27,7 +29,10 @@ def _verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mupopt", description="muP-scaled optimizers: tools")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mupopt", description="muP-scaled optimizers: tools (also `python -m mupopt`)")
+    parser.add_argument("--version", action="version", version=f"mupopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("verify", help="check every optimizer and backend available here against its reference")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")

@@ -2,7 +2,7 @@
 
 Every parameter of a width family gets a :class:`WidthInfo` (role, m_in, m_out), from which each
 optimizer derives its per-tensor learning-rate, weight-decay and epsilon multipliers
-(:func:`multipliers`). The rules are those of ../shared/mup-rules.md, taken from
+(:func:`multipliers`). The rules are those of docs/mup.md, taken from
 
 - P1: Gupta, Ngom, Foreman, Vishwanath, "Extending muP: Spectral Conditions for Feature Learning
   Across Optimizers", arXiv 2602.20937 (Table 2, Result 4.1);
@@ -19,12 +19,23 @@ Width information reaches a parameter in one of four ways, all through :func:`se
 (c) ``p.infshape`` left by Microsoft's ``mup.set_base_shapes``, (d) explicit overrides by
 parameter-name pattern. It is stored on the parameter (``p.mupopt_width``) and copied into the
 optimizer's param groups, so a state_dict carries it and a resume needs no base model.
+
+FSDP2 (``fully_shard``) and tensor parallelism (``parallelize_module``) replace a module's
+Parameter objects with new DTensor Parameters, which carry no attributes. So set_base_shapes
+also records the width info by parameter name on the module that owns it
+(``module.mupopt_widths``), and remembers the model (weakly): an optimizer built later over the
+new Parameters finds their width info there (:func:`recover_width_infos`), so the order
+``set_base_shapes`` -> ``fully_shard`` -> optimizer gives the same muP run as the reverse.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 import math
+import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -34,6 +45,11 @@ from torch import nn
 ROLES = ("input", "hidden", "output", "vector")
 WD_MODES = ("independent", "coupled")
 WIDTH_ATTR = "mupopt_width"
+# On each module that owns a parameter set_base_shapes saw: {parameter name in that module:
+# (WidthInfo, shape)}; survives FSDP2 / tensor parallelism replacing the Parameter objects.
+MODULE_WIDTHS_ATTR = "mupopt_widths"
+# Models set_base_shapes has been called on (weakly held: a model's lifetime is the user's).
+_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class MupError(ValueError):
@@ -53,12 +69,16 @@ class WidthInfo:
     m_in, m_out: fan_in / base fan_in and fan_out / base fan_out (1 for a fixed dimension).
     fan_in_dim: which dimension of the weight is fan_in: 1 as ``nn.Linear`` (fan_out, fan_in,
     ...), 0 for ``nn.Embedding`` (vocab, d). Only Shampoo's blocks need it (which side is capped).
+    name: the parameter's name in the model that :func:`set_base_shapes` saw (None when built by
+    hand). Only labels (``mup_summary()`` of an optimizer given plain parameters) use it; it takes
+    no part in equality.
     """
 
     role: str
     m_in: float = 1.0
     m_out: float = 1.0
     fan_in_dim: int = 1
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -71,12 +91,16 @@ class WidthInfo:
             raise MupError(f"fan_in_dim must be 0 or 1, got {self.fan_in_dim!r}")
 
     def as_dict(self) -> dict:
-        return {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out), "fan_in_dim": self.fan_in_dim}
+        d = {"role": self.role, "m_in": float(self.m_in), "m_out": float(self.m_out), "fan_in_dim": self.fan_in_dim}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WidthInfo":
-        # fan_in_dim: absent from state_dicts saved before it existed (then nn.Linear's layout).
-        return cls(d["role"], float(d["m_in"]), float(d["m_out"]), int(d.get("fan_in_dim", 1)))
+        # fan_in_dim and name: absent from state_dicts saved before they existed (then
+        # nn.Linear's layout, no name).
+        return cls(d["role"], float(d["m_in"]), float(d["m_out"]), int(d.get("fan_in_dim", 1)), d.get("name"))
 
 
 def width_info(p: torch.Tensor) -> WidthInfo | None:
@@ -85,7 +109,7 @@ def width_info(p: torch.Tensor) -> WidthInfo | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule table (mup-rules.md, P1 Table 2 in "multiplier = 1 at the base width" form).
+# The rule table (docs/mup.md, P1 Table 2 in "multiplier = 1 at the base width" form).
 # Each entry is the pair of exponents (e_in, e_out): lr multiplier = m_in**e_in * m_out**e_out.
 # ---------------------------------------------------------------------------------------------
 _ADAM_LIKE = {"input": (0.0, 0.0), "hidden": (-1.0, 0.0), "output": (-1.0, 0.0), "vector": (0.0, 0.0)}
@@ -135,7 +159,7 @@ def shampoo_block_lr(info: WidthInfo, shape: tuple[int, ...], max_dim: int) -> f
     of size 1/sqrt(b_r b_c) for block sides b_r x b_c. Per output coordinate, Delta W x adds
     fan_in / b_c coherent blocks of size sqrt(b_c) each (x has Theta(1) coordinates and v is
     aligned with x), so |(Delta W x)_i| ~ fan_in / sqrt(b_r b_c) and muP's Theta(1) needs
-    lr ~ sqrt(b_r b_c) / fan_in. Unblocked (b = the sides) this is mup-rules.md's row: input
+    lr ~ sqrt(b_r b_c) / fan_in. Unblocked (b = the sides) this is docs/mup.md's row: input
     sqrt(m_out), hidden sqrt(m_out/m_in), output 1/sqrt(m_in); with both sides capped at a fixed
     block it is AdamW's 1/m_in, since a capped side no longer grows with width.
     """
@@ -216,6 +240,42 @@ def _dims_from_base(name, shape, base_shapes, delta_shapes) -> list[Dim]:
     return [(s, b if b != r else None) for s, b, r in zip(shape, base, ref)]
 
 
+def _dims_from_record(name, shape, record: "BaseShapes") -> list[Dim]:
+    """Dims from recorded base shapes: each entry is the base size of a width dimension or None."""
+    if name not in record:
+        raise MupError(
+            f"parameter {name!r} is missing from the recorded base shapes: record them again with "
+            f"mupopt.make_base_shapes(base, delta, savefile) from models with the same module names, "
+            f"or declare it with overrides={{{name!r}: <role or WidthInfo>}}"
+        )
+    base = record[name]
+    if len(base) != len(shape):
+        raise MupError(f"parameter {name!r} has shape {shape} but {len(base)} dimensions in the recorded base shapes")
+    return [(s, b) for s, b in zip(shape, base)]
+
+
+def _check_not_narrower(name, shape, dims: list[Dim]) -> None:
+    """A width dimension smaller than its base size: the base must be the narrower model."""
+    for i, (size, base) in enumerate(dims):
+        if base is not None and size < base:
+            raise MupError(
+                f"parameter {name!r}: dimension {i} is {size} in the model but {base} at the base width "
+                f"(shape {shape}): the base must be the narrow model the learning rate was tuned on and "
+                f"the model at least as wide. Did you swap model and base (set_base_shapes(model, base))?"
+            )
+
+
+def _check_same_names(model_names: set[str], other: Mapping, what: str) -> None:
+    """A base (or delta) with parameters the model lacks was built from another configuration."""
+    extra = sorted(set(other) - model_names)
+    if extra:
+        shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise MupError(
+            f"the {what} has {len(extra)} parameter(s) the model lacks ({shown}): build it from the "
+            f"same configuration as the model except the width (same depth, same modules)"
+        )
+
+
 def _dims_from_infshape(name, p) -> list[Dim]:
     infshape = getattr(p, "infshape", None)
     if infshape is None:
@@ -240,7 +300,19 @@ def _fan_dims(module) -> tuple[int, int]:
     return (0, 1) if isinstance(module, _EMBEDDINGS) else (1, 0)
 
 
-def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
+_NO_WIDTH_HINT = (
+    "Pass delta= (a model of another width) or base_widths= listing every width-derived size"
+)
+# At the base width the model has the base's shapes, so nothing tells a width from a fixed size.
+_BASE_WIDTH_HINT = (
+    "The model has the base's shapes (the tuning run at the base width?). One-line fix: give a "
+    "model at another width as delta, e.g. set_base_shapes(model, base, delta=GPT(width=2 * "
+    "base_width)) built on the meta device, or record the shapes once with "
+    "mupopt.make_base_shapes(base, delta, 'model.bsh') and pass 'model.bsh' as base= at every width"
+)
+
+
+def _infer(name: str, module, dims: list[Dim], hint: str | None = None) -> WidthInfo:
     scales = [base is not None for _, base in dims]
     if len(dims) <= 1:
         return WidthInfo("vector", 1.0, _ratio(dims[0]) if dims else 1.0)
@@ -267,8 +339,8 @@ def _infer(name: str, module, dims: list[Dim]) -> WidthInfo:
             return WidthInfo("input", m_in, m_out)
         raise MupError(
             f"parameter {name!r} ({type(module).__name__}, shape {tuple(s for s, _ in dims)}): no "
-            f"dimension scales with width, so its role cannot be told; pass delta= (a model of "
-            f"another width) or base_widths=, or declare overrides={{{name!r}: 'hidden'}}"
+            f"dimension scales with width, so its role cannot be told. {hint or _NO_WIDTH_HINT} "
+            f"(or declare overrides={{{name!r}: 'hidden'}})"
         )
     raise MupError(
         f"parameter {name!r} of module type {type(module).__name__} with shape "
@@ -314,9 +386,69 @@ def _owners(model: nn.Module) -> dict[str, nn.Module]:
     return owners
 
 
+class BaseShapes(dict):
+    """Recorded base shapes: ``{parameter name: [base size of each dimension, or None where the
+    dimension does not scale with width]}``, what Microsoft mup's ``make_base_shapes`` records in
+    a .bsh file. Made by :func:`make_base_shapes`, read by :func:`load_base_shapes`; pass it (or
+    the file's path) as ``base=`` to :func:`set_base_shapes` at every width, the base included."""
+
+
+def make_base_shapes(
+    base: nn.Module | Mapping[str, Iterable[int]],
+    delta: nn.Module | Mapping[str, Iterable[int]],
+    savefile: str | os.PathLike | None = None,
+) -> BaseShapes:
+    """Record which dimensions scale with width, once, from two models that differ only in width.
+
+    ``base`` is the model at the base width (the width the hyperparameters are tuned at) and
+    ``delta`` the same model at any other width; build both on the meta device
+    (``with torch.device("meta"):``), so they cost no memory. A dimension whose size differs
+    between them is a width dimension; its base size is recorded. With ``savefile`` the record is
+    also written there (JSON, which YAML readers such as Microsoft mup's also read). Then
+    ``set_base_shapes(model, shapes_or_savefile)`` works at every width, the base width included.
+    """
+    base_shapes, delta_shapes = _named_shapes(base), _named_shapes(delta)
+    if set(base_shapes) != set(delta_shapes):
+        missing = sorted(set(base_shapes) ^ set(delta_shapes))[:5]
+        raise MupError(f"base and delta have different parameters ({missing}): build both from one configuration")
+    record = BaseShapes()
+    for name, shape in base_shapes.items():
+        other = delta_shapes[name]
+        if len(other) != len(shape):
+            raise MupError(f"parameter {name!r} has shape {shape} in the base but {other} in delta")
+        record[name] = [b if b != d else None for b, d in zip(shape, other)]
+    if not any(b is not None for dims in record.values() for b in dims):
+        raise MupError("base and delta have the same shapes: build delta at another width")
+    if savefile is not None:
+        with open(savefile, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    return record
+
+
+def load_base_shapes(path: str | os.PathLike) -> BaseShapes:
+    """Read base shapes written by :func:`make_base_shapes` (JSON) or by Microsoft mup's
+    ``make_base_shapes`` (a YAML .bsh file; needs pyyaml)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            import yaml
+        except ImportError as e:
+            raise MupError(f"{os.fspath(path)!r} is not JSON; reading a YAML .bsh file needs pyyaml (pip install pyyaml)") from e
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(b is None or isinstance(b, int) for b in v) for v in data.values()
+    ):
+        raise MupError(f"{os.fspath(path)!r} does not hold base shapes ({{name: [base size or null, ...]}})")
+    return BaseShapes(data)
+
+
 def set_base_shapes(
     model: nn.Module,
-    base: nn.Module | Mapping[str, Iterable[int]] | None = None,
+    base: nn.Module | Mapping[str, Iterable[int]] | str | os.PathLike | None = None,
     *,
     delta: nn.Module | Mapping[str, Iterable[int]] | None = None,
     base_widths: Mapping[int, int] | None = None,
@@ -331,11 +463,14 @@ def set_base_shapes(
     - ``base``: a model (build it on the meta device to spend no memory) or ``{name: shape}``.
       A dimension that differs from the base is a width dimension. ``delta`` (a model at a
       third width) tells which dimensions scale when ``model`` equals the base, as in mup.
+      Or recorded base shapes (:func:`make_base_shapes`, or the path of the file it wrote):
+      they say which dimensions scale, so they work unchanged at every width, the base included.
+      The base must not be wider than the model, nor have parameters the model lacks.
     - ``base_widths``: ``{size: base size}`` for a base-width configuration without a base model,
       e.g. ``{1024: 256, 4096: 1024}`` for d_model and d_ff; a dimension of a listed size scales.
     - otherwise ``p.infshape`` from Microsoft's ``mup.set_base_shapes``.
 
-    Roles come from the module type and which dimensions scale (mup-rules.md). Tied weights
+    Roles come from the module type and which dimensions scale (docs/mup.md). Tied weights
     without an override, unknown modules with an ambiguous shape and parameters missing from the
     base raise :class:`MupError` naming the parameter and the fix.
     """
@@ -343,8 +478,14 @@ def set_base_shapes(
         raise MupError("pass either base= or base_widths=, not both")
     if delta is not None and base is None:
         raise MupError("delta= needs base=")
+    _check_source_types(base, delta, base_widths)
+    if isinstance(base, (str, os.PathLike)):
+        base = load_base_shapes(base)
+    record = base if isinstance(base, BaseShapes) else None
+    if record is not None and delta is not None:
+        raise MupError("recorded base shapes already say which dimensions scale: pass them without delta=")
     base_shapes = delta_shapes = None
-    if base is not None:
+    if base is not None and record is None:
         base_shapes = _named_shapes(base)
     if delta is not None:
         delta_shapes = _named_shapes(delta)
@@ -357,6 +498,15 @@ def set_base_shapes(
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
         params[id(p)] = p
+    for other, what in ((base_shapes, "base model"), (delta_shapes, "delta model"), (record, "recorded base shapes")):
+        if other is not None:
+            _check_same_names(set(owners), other, what)
+    # Which fix the "nothing scales" error shows: at the base width, the one-line delta= fix.
+    hint = None
+    if base_shapes is not None and delta_shapes is None and all(
+        base_shapes.get(n) == tuple(params[pid].shape) for pid, ns in names_of.items() for n in ns
+    ):
+        hint = _BASE_WIDTH_HINT
 
     result: dict[str, WidthInfo] = {}
     for pid, names in names_of.items():
@@ -366,31 +516,52 @@ def set_base_shapes(
         pattern = _matches(names, overrides)
         if base_shapes is not None and (name in base_shapes or pattern is None):
             dims = _dims_from_base(name, shape, base_shapes, delta_shapes)
+        elif record is not None and (name in record or pattern is None):
+            dims = _dims_from_record(name, shape, record)
         elif base_widths is not None:
             dims = _dims_from_widths(shape, base_widths)
         elif hasattr(p, "infshape") or pattern is None:
             dims = _dims_from_infshape(name, p)
         else:  # declared by an override and absent from the base: nothing scales but the override
             dims = [(s, None) for s in shape]
+        _check_not_narrower(name, shape, dims)
         if pattern is not None:
             used_patterns.add(pattern)
             info = _from_override(name, owners[name], dims, overrides[pattern])
         elif len(names) > 1:
-            raise MupError(
-                f"parameter {name!r} is tied to {names[1:]}: its role cannot be told from one "
-                f"module; declare it with overrides={{{name!r}: 'input' | 'output' | ...}}"
-            )
+            raise MupError(_tied_message(name, names, owners))
         else:
-            info = _infer(name, owners[name], dims)
+            info = _infer(name, owners[name], dims, hint)
             if base_widths is not None:
                 _warn_unlisted_width(name, owners[name], shape, info, base_widths)
+        info = dataclasses.replace(info, name=name)  # labels mup_summary() of plain parameters
         for n in names:
             result[n] = info
+            local_name = n.rpartition(".")[2]
+            owners[n].__dict__.setdefault(MODULE_WIDTHS_ATTR, {})[local_name] = (info, shape)
         setattr(p, WIDTH_ATTR, info)
+    _MODELS.add(model)
     unused = set(overrides) - used_patterns
     if unused:
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
     return result
+
+
+def _tied_message(name: str, names: list[str], owners: Mapping[str, nn.Module]) -> str:
+    """A tied weight: say muP's answer for an embedding tied to a readout (Microsoft mup's
+    MuSharedReadout): the optimizer treats it as input, the readout's logits get 1/m."""
+    readouts = [n for n in names if not isinstance(owners[n], _EMBEDDINGS)]
+    if readouts and any(isinstance(owners[n], _EMBEDDINGS) for n in names):
+        module = readouts[0].rsplit(".", 1)[0] if "." in readouts[0] else ""
+        return (
+            f"parameter {name!r} is tied to {names[1:]}: an embedding shared with a readout. muP treats "
+            f"it as input and multiplies the readout's logits by 1/m: pass overrides={{{name!r}: 'input'}}, "
+            f"then call mupopt.readout_multiplier_(model, {module!r}) before creating the optimizer"
+        )
+    return (
+        f"parameter {name!r} is tied to {names[1:]}: its role cannot be told from one "
+        f"module; declare it with overrides={{{name!r}: 'input' | 'output' | ...}}"
+    )
 
 
 def _warn_unlisted_width(name: str, module, shape: tuple[int, ...], info: WidthInfo,
@@ -416,6 +587,27 @@ def _warn_unlisted_width(name: str, module, shape: tuple[int, ...], info: WidthI
             return
 
 
+def _check_source_types(base, delta, base_widths) -> None:
+    """Wrong types get a TypeError saying what each argument takes, not an AttributeError."""
+    sources = (nn.Module, Mapping, str, os.PathLike)
+    if base is not None and not isinstance(base, sources):
+        hint = f" For a base width, pass base_widths={{<width>: {base!r}}}." if isinstance(base, int) else ""
+        raise TypeError(
+            f"set_base_shapes: base= takes a base model (built on the meta device), its {{name: shape}} "
+            f"dict, or base shapes recorded by mupopt.make_base_shapes (or their file's path); got "
+            f"{type(base).__name__} {base!r}.{hint}"
+        )
+    if delta is not None and not isinstance(delta, (nn.Module, Mapping)):
+        raise TypeError(f"set_base_shapes: delta= takes a model at another width or its {{name: shape}} dict; got {type(delta).__name__}")
+    if base_widths is not None and not (
+        isinstance(base_widths, Mapping) and all(isinstance(k, int) and isinstance(v, int) for k, v in base_widths.items())
+    ):
+        raise TypeError(
+            f"set_base_shapes: base_widths= takes {{size in the model: its size at the base width}}, "
+            f"e.g. {{2048: 256, 8192: 1024}}; got {base_widths!r}"
+        )
+
+
 def _matches(names: list[str], overrides: Mapping[str, object]) -> str | None:
     for pattern in overrides:
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -434,6 +626,42 @@ def clear_base_shapes(model: nn.Module) -> None:
     for p in model.parameters():
         if hasattr(p, WIDTH_ATTR):
             delattr(p, WIDTH_ATTR)
+    for module in model.modules():
+        module.__dict__.pop(MODULE_WIDTHS_ATTR, None)
+    _MODELS.discard(model)
+
+
+def recover_width_infos(params: Iterable[torch.Tensor]) -> int:
+    """Re-attach width info to parameters that lost it when FSDP2 or tensor parallelism replaced
+    them (same module, same name, same global shape: a DTensor's ``shape`` is the global one).
+
+    Looks only at models set_base_shapes was called on. A parameter found under a recorded name
+    whose shape differs raises :class:`MupError` (its width info would be wrong). Returns how many
+    parameters got their width info back."""
+    missing = {id(p): p for p in params if getattr(p, WIDTH_ATTR, None) is None}
+    if not missing:
+        return 0
+    recovered = 0
+    for model in list(_MODELS):
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            records = module.__dict__.get(MODULE_WIDTHS_ATTR)
+            if not records:
+                continue
+            for local_name, (info, shape) in records.items():
+                q = module._parameters.get(local_name)
+                if q is None or id(q) not in missing:
+                    continue
+                name = f"{mod_name}.{local_name}" if mod_name else local_name
+                if tuple(q.shape) != tuple(shape):
+                    raise MupError(
+                        f"parameter {name!r} now has shape {tuple(q.shape)} but {tuple(shape)} when "
+                        f"set_base_shapes saw it: call mupopt.set_base_shapes again on the model as it is now"
+                    )
+                setattr(q, WIDTH_ATTR, info)
+                del missing[id(q)]
+                recovered += 1
+    return recovered
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +706,13 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
         blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
         m = multipliers(optimizer, info, shampoo_blocks=blocks, **rule_options)
         rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m)))
-    return format_table(rows)
+    table = format_table(rows)
+    forward = readout_multipliers(model)
+    if forward:
+        table += "\nforward readout multipliers (mupopt.readout_multiplier_): " + ", ".join(
+            f"{name} output x {mult:.4g}" for name, mult in forward.items()
+        )
+    return table
 
 
 @torch.no_grad()
@@ -500,3 +734,67 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
         std = {"input": std_base, "hidden": std_base / math.sqrt(info.m_in), "output": std_base / info.m_in}[info.role]
         p.normal_(0.0, std, generator=generator)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The readout multiplier (the forward form of muP's output rule)
+# ---------------------------------------------------------------------------------------------
+READOUT_BUFFER = "mup_output_mult"
+
+
+def _readout_hook(module: nn.Module, args, output):
+    return output * getattr(module, READOUT_BUFFER)
+
+
+def readout_multiplier_(model: nn.Module, readout: str) -> float:
+    """Multiply the output of the readout module ``readout`` (e.g. ``"lm_head"``) by 1/m, muP's
+    readout multiplier (Tensor Programs V; Microsoft mup's MuReadout and MuSharedReadout), and
+    return 1/m. Call it after :func:`set_base_shapes`, before :func:`init_mup_` and before
+    creating the optimizer (both read the width information it changes for an untied readout).
+
+    - A readout tied to the token embedding (GPT-2, most Hugging Face LMs): declare the shared
+      weight ``"input"`` (``overrides={"transformer.wte.weight": "input"}``); the optimizer steps
+      it as an embedding and this multiplier, with m = the width ratio of its d_model side, keeps
+      the logits width-stable. Without it they grow with width.
+    - An untied readout (role ``"output"``): the forward form of the output rule instead of the
+      1/m_in learning rate (P1 lists both): its width information becomes m_in = 1 (learning-rate
+      multiplier 1, init std_base in :func:`init_mup_`) and the 1/m moves into the forward pass.
+      For Adam-type optimizers the two forms train identically (tests/test_readout_multiplier.py).
+
+    The multiplier is a buffer of the module (``<readout>.mup_output_mult``), so it is saved in
+    the model's ``state_dict``; a forward hook applies it. A model rebuilt from a checkpoint gets
+    it back by calling this function again before ``load_state_dict``. :func:`summary` shows it.
+    """
+    module = model.get_submodule(readout)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise MupError(f"module {readout!r} ({type(module).__name__}) has no weight: pass the name of the readout (output) module")
+    if hasattr(module, READOUT_BUFFER):
+        raise MupError(f"module {readout!r} already has a readout multiplier ({float(getattr(module, READOUT_BUFFER)):.4g})")
+    info = width_info(weight)
+    if info is None:
+        raise MupError(f"{readout}.weight has no width information: call mupopt.set_base_shapes(model, ...) first")
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if info.role == "output":
+        m = info.m_in
+        setattr(weight, WIDTH_ATTR, dataclasses.replace(info, m_in=1.0))
+    elif info.role == "input" and len(tied) > 1:
+        m = info.m_out  # the d_model side of the shared (vocab, d) weight
+    else:
+        raise MupError(
+            f"{readout}.weight has role {info.role!r}: the readout multiplier goes on a readout, an "
+            f"untied one (role 'output') or one tied to the embedding (declared 'input')"
+        )
+    mult = 1.0 / m
+    module.register_buffer(READOUT_BUFFER, torch.tensor(mult, dtype=torch.float32, device=weight.device))
+    module.register_forward_hook(_readout_hook)
+    return mult
+
+
+def readout_multipliers(model: nn.Module) -> dict[str, float]:
+    """{module name: forward multiplier} of the readouts :func:`readout_multiplier_` equipped."""
+    return {
+        name: float(getattr(module, READOUT_BUFFER))
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, READOUT_BUFFER, None), torch.Tensor)
+    }

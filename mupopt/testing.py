@@ -1,4 +1,4 @@
-"""Float64 transcriptions of the optimizer formulas (../shared/optimizer-specs.md): test oracles.
+"""Float64 transcriptions of the optimizer formulas (from the papers and reference libraries each optimizer's docstring names): test oracles.
 
 They are written straight from the formulas, independently of the backends, one tensor at a time,
 so that a backend's per-tensor multipliers and odd cases (LAMB, which has no installable
@@ -53,7 +53,12 @@ def adopt_f64(p, g, st, m: Multipliers, hp) -> None:
     st["v"] = hp.beta2 * st["v"] + (1 - hp.beta2) * g * g
 
 
-def lamb_f64(p, g, st, m: Multipliers, hp) -> None:
+def lamb_f64(p, g, st, m: Multipliers, hp, norm_scale: tuple[float, float] = (1.0, 1.0)) -> None:
+    """LAMB (You et al. 2019, arXiv 1904.00962, Algorithm 2 with bias correction).
+
+    ``norm_scale``: factors applied to the two sums of squares (of p, of u) before their square
+    roots are taken: what a backend computes with a ``norm_reduce`` that scales the columns of its
+    partials (tests). ``st["sums"]`` keeps the last step's unscaled sums (float64)."""
     _zeros(st, p, "m", "v")
     g = -g if hp.maximize else g
     st["t"] += 1
@@ -62,8 +67,9 @@ def lamb_f64(p, g, st, m: Multipliers, hp) -> None:
     st["v"] = hp.beta2 * st["v"] + (1 - hp.beta2) * g * g
     r = (st["m"] / (1 - hp.beta1**t)) / ((st["v"] / (1 - hp.beta2**t)).sqrt() + hp.eps * m.eps)
     u = r + hp.weight_decay * p
-    w_norm = math.sqrt(float((p * p).sum()))
-    u_norm = math.sqrt(float((u * u).sum()))
+    st["sums"] = (float((p * p).sum()), float((u * u).sum()))
+    w_norm = math.sqrt(norm_scale[0] * st["sums"][0])
+    u_norm = math.sqrt(norm_scale[1] * st["sums"][1])
     phi = w_norm if hp.clamp_value is None else min(w_norm, hp.clamp_value)
     trust = phi / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
     p.sub_(hp.lr * m.lr * trust * u)

@@ -15,7 +15,7 @@ class Case:
     name: str  # rule / registry name
     cls: type
     kwargs: dict
-    # The named reference of optimizer-specs.md as (module name, factory), or None (LAMB).
+    # The named reference library as (module name, factory), or None (LAMB).
     reference: Callable | None = None
     step_kwargs: dict = field(default_factory=dict)
 

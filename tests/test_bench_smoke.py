@@ -175,7 +175,7 @@ def test_bytes_model_matches_the_performance_table():
     fp32 = dict.fromkeys(["param", "grad", "exp_avg", "exp_avg_sq", "hessian"], 4)
     per_param = {k: model.bytes_per_element(k, fp32) for k in model.ELEMENTWISE}
     assert per_param == {"adamw": 28, "adopt": 28, "sophia": 24, "sophia_hessian": 12, "lamb": 40}
-    # fp32 p and g with bf16 moments: 20 B (performance.md).
+    # fp32 p and g with bf16 moments: 20 B (docs/benchmarks.md).
     assert model.bytes_per_element("adamw", {**fp32, "exp_avg": 2, "exp_avg_sq": 2}) == 20
 
 
@@ -239,3 +239,51 @@ def test_bf16_matrix_update_tolerance_follows_the_parameter_spacing():
     wrong = (p0.double() + 1.5 * step).bfloat16()
     with pytest.raises(CheckFailed, match=r"param\[0\] \(update\)"):
         compare({"param[0]": ref}, {"param[0]": wrong}, dtype=torch.bfloat16, initial={"param[0]": p0}, matrix_tol=1e-2)
+
+
+def test_default_out_is_a_user_folder_and_nothing_is_overwritten(tmp_path, monkeypatch):
+    """Without --out, results go to a user folder (never the working directory's tracked
+    benchmarks/results); a second run of the same day gets a new name; --force overwrites."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MUPOPT_BENCH_DIR", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert report.default_out_dir() == tmp_path / "data" / "mupopt" / "bench"
+    monkeypatch.setenv("MUPOPT_BENCH_DIR", str(tmp_path / "mine"))
+    assert report.default_out_dir() == tmp_path / "mine"
+    argv = ("--smoke", "--device", "cpu", "--optimizers", "adamw", "--backends", "reference", "--peers", "none",
+            "--max-seconds", "1e-9", "-q")
+    assert cli.main(_args(*argv)) == 0
+    assert cli.main(_args(*argv)) == 0
+    assert not (tmp_path / "benchmarks").exists()
+    stems = sorted(p.stem for p in (tmp_path / "mine").glob("*.json"))
+    assert len(stems) == 2 and stems[1] == stems[0] + "-2", stems
+    first = tmp_path / "mine" / f"{stems[0]}.json"
+    first.write_text("[]")
+    assert cli.main(_args(*argv, "--force")) == 0
+    assert json.loads(first.read_text())  # overwritten on request only
+    assert len(list((tmp_path / "mine").glob("*.json"))) == 2
+
+
+def test_table_explains_percent_of_peak_above_100(smoke_run):
+    _, out = smoke_run
+    rows = json.loads(next(out.glob("*.json")).read_text())
+    row = next(r for r in rows if r["status"] == "ok" and r["optimizer"] == "adamw")
+    assert "values above 100" not in report.markdown_table([dict(row, pct_of_peak=80.0)])
+    assert "caches" in report.markdown_table([dict(row, pct_of_peak=140.0)])
+    assert "above 100" in report.readme_section(out, include_smoke=True)
+
+
+def test_result_tables_live_in_docs_benchmarks_and_are_current():
+    """The generated tables are in docs/benchmarks.md (the report's default target), regenerated
+    from benchmarks/results; the README keeps a short summary and links there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    assert report.DEFAULT_DOC.as_posix() == "docs/benchmarks.md"
+    start, end = doc.index(report.START_MARKER), doc.index(report.END_MARKER)
+    section = report.readme_section(root / "benchmarks" / "results", "../benchmarks/results")
+    assert doc[start + len(report.START_MARKER):end].strip() == section.strip()
+    readme = (root / "README.md").read_text()
+    assert report.START_MARKER not in readme and "docs/benchmarks.md" in readme
+    assert len(readme.splitlines()) < 250

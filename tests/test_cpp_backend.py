@@ -501,3 +501,31 @@ def test_a_wheel_carries_the_sources(tmp_path):
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "site")], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_a_build_prints_one_line_with_what_and_how_long(tmp_path, monkeypatch, capsys):
+    """The first step that compiles the library says what is built and how long it took, in one
+    line on stderr; loading it from the cache afterwards prints nothing."""
+    import re
+
+    from torch.utils import cpp_extension
+
+    from mupopt.kernels.cpp import build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    calls = []
+
+    def fake_load(name, **kwargs):  # what torch leaves behind: the library in the build folder
+        calls.append(name)
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    build._load("cpu", verbose=False)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(r"building the cpu C\+\+ library .* in \d+\.\d s$", err.strip()), err
+    assert str(tmp_path) in err
+    build._load("cpu", verbose=False)  # cached: silent
+    assert capsys.readouterr().err == ""
+    assert len(calls) == 2

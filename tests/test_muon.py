@@ -1,7 +1,7 @@
 """mupopt.Muon against torch.optim.Muon, against a float64 transcription of the Muon step of
-optimizer-specs.md, and against torch.optim.AdamW for the parameters it routes to AdamW.
+the Muon formulas (torch.optim.Muon's documentation, Jordan et al.), and against torch.optim.AdamW for the parameters it routes to AdamW.
 
-The float64 oracle below is written from the spec (optimizer-specs.md, "Muon") and does not call
+The float64 oracle below is written from the spec (torch.optim.Muon's documented algorithm) and does not call
 mupopt.optim.muon.muon_reference or mupopt.linalg.newton_schulz.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def assert_unchanged(opt, params, snap):
 
 
 # -------------------------------------------------------------------------------------------
-# float64 transcription of optimizer-specs.md, "Muon"
+# float64 transcription of the Muon step
 # -------------------------------------------------------------------------------------------
 def ns64(u: torch.Tensor, schedule, eps: float) -> torch.Tensor:
     """O = NS(u) in float64: transposed if rows > cols, X /= max(||X||_F, eps),
@@ -149,7 +149,7 @@ def test_matches_torch_muon(adjust_lr_fn, nesterov):
         ]
 
     kw = dict(lr=lr, weight_decay=wd, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
-    o = mupopt.Muon(groups(ours), **kw)
+    o = mupopt.Muon(groups(ours), **kw, ns_dtype=torch.bfloat16)  # torch's NS dtype on every device
     r = torch.optim.Muon(groups(theirs), **kw)
     run(o, ours, STEPS)
     run(r, theirs, STEPS)
@@ -245,7 +245,7 @@ def mup_model(seed=0):
 
 
 def adamw_lr_mult(role: str, m_in: float) -> float:
-    """mup-rules.md, AdamW row: input 1, hidden 1/m_in, output 1/m_in, vector 1."""
+    """docs/mup.md, AdamW row: input 1, hidden 1/m_in, output 1/m_in, vector 1."""
     return {"input": 1.0, "hidden": 1.0 / m_in, "output": 1.0 / m_in, "vector": 1.0}[role]
 
 
@@ -268,7 +268,7 @@ def test_whole_model_routing_and_multipliers(adjust_lr_fn):
 
     # References. AdamW part: one torch group per tensor with lr = adamw_lr*lr_mult and
     # weight_decay = adamw_wd/lr_mult, so lr*wd = adamw_lr*adamw_wd ("independent" decay,
-    # mup-rules.md: the muP lr multiplier does not touch the decay).
+    # docs/mup.md: the muP lr multiplier does not touch the decay).
     muon_names = ["h1.weight", "h2.weight", "conv.weight"]
     adam_names = [n for n in named if n not in muon_names]
     ref = {n: start[n].clone().requires_grad_() for n in adam_names}
@@ -358,7 +358,7 @@ def test_use_muon_group_key_forces_the_route():
     r_adam, r_muon, r_vec = clones([forced_adam, default_muon, vec])
     opt = mupopt.Muon(
         [{"params": [forced_adam], "use_muon": False}, {"params": [default_muon, vec]}],
-        lr=0.02, weight_decay=0.1, **adam_kw,
+        lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16, **adam_kw,
     )
     adamw = torch.optim.AdamW([r_adam, r_vec], lr=5e-3, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.02)
     tmuon = torch.optim.Muon([r_muon], lr=0.02, weight_decay=0.1)
@@ -506,7 +506,7 @@ def test_state_dict_loads_into_torch_muon():
     lr = 0.02
     ours = leaves(SHAPES, seed=10)
     theirs = clones(ours)
-    o = mupopt.Muon(ours, lr=lr, weight_decay=0.1, adjust_lr_fn="original")
+    o = mupopt.Muon(ours, lr=lr, weight_decay=0.1, adjust_lr_fn="original", ns_dtype=torch.bfloat16)
     run(o, ours, 3, seed=10)
     with torch.no_grad():
         for a, b in zip(ours, theirs):
@@ -530,7 +530,7 @@ def test_torch_muon_state_dict_loads_into_mupopt():
     r = torch.optim.Muon(theirs, lr=lr, weight_decay=0.1)
     run(r, theirs, 3, seed=12)
     mine = clones(theirs)
-    o = mupopt.Muon(mine, lr=lr, weight_decay=0.1)
+    o = mupopt.Muon(mine, lr=lr, weight_decay=0.1, ns_dtype=torch.bfloat16)
     o.load_state_dict(roundtrip(r.state_dict()))
     for a, b in zip(mine, theirs):
         assert torch.equal(o.state[a]["momentum_buffer"], r.state[b]["momentum_buffer"])
@@ -586,3 +586,32 @@ def test_bad_hyperparameter_edit_raises_at_step_and_touches_nothing(key, value, 
 def test_bad_hyperparameters_raise_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
         mupopt.Muon([torch.zeros(4, 4, requires_grad=True)], **kw)
+
+
+# -------------------------------------------------------------------------------------------
+# The NS dtype default by device (issue 14, item 13)
+# -------------------------------------------------------------------------------------------
+def test_default_ns_dtype_is_float32_on_the_cpu_and_bfloat16_on_cuda():
+    """ns_dtype=None (the default) resolves at each step by the params' device: float32 on the
+    CPU (bf16 matmuls are slow there), bfloat16 on CUDA as torch.optim.Muon."""
+    from mupopt.optim.muon import default_ns_dtype
+
+    assert default_ns_dtype("cpu") == torch.float32
+    assert default_ns_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert "float32 on the CPU" in mupopt.Muon.__doc__
+    p = leaves([(8, 6)], seed=2)[0]
+    opt = mupopt.Muon([p], lr=0.02)
+    assert opt.param_groups[0]["ns_dtype"] is None
+    assert opt._hparams(opt.param_groups[0]).ns_dtype == torch.float32
+    # Bit for bit what an explicit float32 computes, and not what bf16 computes.
+    runs = {}
+    for dtype in (None, torch.float32, torch.bfloat16):
+        q = leaves([(8, 6)], seed=2)[0]
+        run(mupopt.Muon([q], lr=0.02, ns_dtype=dtype), [q], 2, seed=2)
+        runs[dtype] = q.detach()
+    assert torch.equal(runs[None], runs[torch.float32])
+    assert not torch.equal(runs[None], runs[torch.bfloat16])
+    with torch.device("meta"):
+        m = torch.zeros(8, 6, requires_grad=True)
+    meta_opt = mupopt.Muon([m])
+    assert meta_opt._hparams(meta_opt.param_groups[0]).ns_dtype == torch.bfloat16

@@ -1,5 +1,5 @@
 """The muP layer: roles, width multipliers, width-info sources, errors, schedulers, resume, init,
-summaries — expectations derived in the tests from mup-rules.md, or from Microsoft's mup.
+summaries — expectations derived in the tests from docs/mup.md, or from Microsoft's mup.
 
 Widths: base 32, model 128, so every scaling dimension has m = 4.
 """
@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
-# Expectations, written from mup-rules.md (independently of mupopt.mup)
+# Expectations, written from docs/mup.md (independently of mupopt.mup)
 # ---------------------------------------------------------------------------------------------
 def meta(cls, *args, **kwargs):
     with torch.device("meta"):
@@ -45,7 +45,7 @@ def owner_of(model: nn.Module, name: str) -> nn.Module:
 
 
 def expected_info(module: nn.Module, shape, base_shape) -> WidthInfo:
-    """Role, m_in, m_out by the notation section of mup-rules.md."""
+    """Role, m_in, m_out by the notation section of docs/mup.md."""
     ratio = [s / b for s, b in zip(shape, base_shape)]
     if len(shape) <= 1:
         return WidthInfo("vector", 1.0, ratio[0] if ratio else 1.0)
@@ -63,7 +63,7 @@ def expected_info(module: nn.Module, shape, base_shape) -> WidthInfo:
 
 
 def table_lr(rule: str, info: WidthInfo, lamb_hidden_exponent: float = 0.0) -> float:
-    """The lr multiplier of mup-rules.md's table."""
+    """The lr multiplier of docs/mup.md's table."""
     role, m_in, m_out = info.role, info.m_in, info.m_out
     adam_like = {"input": 1.0, "hidden": 1.0 / m_in, "output": 1.0 / m_in, "vector": 1.0}
     if rule in ("adamw", "adopt", "sophia", "shampoo_grafted"):
@@ -112,7 +112,7 @@ def gpt():
 # Roles and multipliers
 # ---------------------------------------------------------------------------------------------
 def test_roles_and_width_ratios_follow_the_rules(gpt):
-    """Every TinyGPT parameter gets the role, m_in and m_out mup-rules.md prescribes."""
+    """Every TinyGPT parameter gets the role, m_in and m_out docs/mup.md prescribes."""
     model, base, infos = gpt
     want = tinygpt_expectations(model, base)
     assert set(infos) == {n for n, _ in model.named_parameters()}
@@ -126,7 +126,7 @@ def test_roles_and_width_ratios_follow_the_rules(gpt):
 
 def test_override_input_on_bare_parameter_puts_the_width_on_fan_out(gpt):
     """A bare (16, width) positional table declared 'input' gets m_in = 1 and m_out = 4: by
-    definition an input tensor has a fixed fan_in and a scaling fan_out (mup-rules.md), which is
+    definition an input tensor has a fixed fan_in and a scaling fan_out (docs/mup.md), which is
     what makes Shampoo's input multiplier sqrt(m_out) and scale_eps' 1/m_out act on it."""
     model, _, infos = gpt
     info = infos["pos"]
@@ -230,7 +230,7 @@ RULES = [
 
 @pytest.mark.parametrize("rule,options", RULES, ids=lambda x: str(x))
 def test_lr_multiplier_is_the_table_formula(gpt, rule, options):
-    """multipliers(rule, info).lr equals the mup-rules.md table for every TinyGPT parameter."""
+    """multipliers(rule, info).lr equals the docs/mup.md table for every TinyGPT parameter."""
     model, base, infos = gpt
     want = tinygpt_expectations(model, base)
     seen = set()
@@ -581,7 +581,7 @@ def _scheduler(kind, opt):
     return None
 
 
-# Multipliers by mup-rules.md for MLP(128) over MLP(32): Adam-like, independent decay.
+# Multipliers by docs/mup.md for MLP(128) over MLP(32): Adam-like, independent decay.
 MLP_LR_MULT = {"inp.weight": 1.0, "inp.bias": 1.0, "hidden.weight": 1 / 4, "hidden.bias": 1.0, "readout.weight": 1 / 4, "readout.bias": 1.0}
 
 
@@ -752,3 +752,116 @@ def test_optimizer_mup_summary_has_one_row_per_parameter(gpt):
         assert r[2] == infos[r[0]].role
         if r[0] in want:
             assert float(r[5]) == pytest.approx(table_lr("adamw", want[r[0]]), rel=1e-3), r
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuning run at the base width, recorded base shapes, wrong sources (issue 14, items 1-3)
+# ---------------------------------------------------------------------------------------------
+def test_base_width_error_shows_the_one_line_fix():
+    """The tuning run (model == base, no delta) cannot tell widths from fixed sizes: the error
+    shows the delta= fix and the recorded-shapes alternative, not only a parameter name."""
+    with pytest.raises(mupopt.MupError) as err:
+        mupopt.set_base_shapes(TinyGPT(BASE), meta(TinyGPT, BASE), overrides=POS)
+    msg = str(err.value)
+    assert "base width" in msg and "delta=" in msg and "make_base_shapes" in msg
+
+
+@pytest.mark.parametrize("width", [BASE, 64, WIDTH])
+def test_recorded_base_shapes_work_unchanged_at_every_width(tmp_path, width):
+    """make_base_shapes(base, delta, file) once; set_base_shapes(model, file) at every width,
+    the base width included, gives what base + delta gives (roles at m = 1 at the base)."""
+    path = tmp_path / "tinygpt.bsh"
+    shapes = mupopt.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), path)
+    assert shapes["tok.weight"] == [None, BASE] and shapes["readout.weight"] == [None, BASE]
+    want = mupopt.set_base_shapes(TinyGPT(width), meta(TinyGPT, BASE), delta=meta(TinyGPT, 2 * BASE), overrides=POS)
+    for source in (path, str(path), shapes, mupopt.load_base_shapes(path)):
+        got = mupopt.set_base_shapes(TinyGPT(width), source, overrides=POS)
+        assert got == want
+        assert {n: i.fan_in_dim for n, i in got.items()} == {n: i.fan_in_dim for n, i in want.items()}
+    assert {i.role for i in want.values()} == {"input", "hidden", "output", "vector"}
+    assert all(i.m_in == width / BASE or i.m_in == 1.0 for i in want.values())
+
+
+def test_recorded_base_shapes_read_microsoft_mup_bsh(tmp_path):
+    """A .bsh file written by Microsoft mup's make_base_shapes (YAML) loads as base shapes."""
+    mup = pytest.importorskip("mup")
+    path = tmp_path / "mup.bsh"
+    mup.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), savefile=str(path))
+    got = mupopt.set_base_shapes(TinyGPT(WIDTH), str(path), overrides=POS)
+    assert as_tuples(got) == as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides=POS))
+
+
+def test_an_int_as_base_is_a_type_error_naming_base_widths():
+    with pytest.raises(TypeError, match=r"base_widths=\{<width>: 16\}"):
+        mupopt.set_base_shapes(MLP(64), 16)
+    with pytest.raises(TypeError, match="base_widths="):
+        mupopt.set_base_shapes(MLP(64), base_widths=16)
+
+
+def test_a_base_wider_than_the_model_raises():
+    """Swapped arguments (base wider than the model) would give m < 1 silently."""
+    with pytest.raises(mupopt.MupError, match="swap"):
+        mupopt.set_base_shapes(MLP(32), meta(MLP, 128))
+    with pytest.raises(mupopt.MupError, match="swap"):
+        mupopt.set_base_shapes(MLP(32), base_widths={32: 128})
+
+
+def test_a_base_with_extra_layers_raises():
+    """A base of another depth (parameters the model lacks) was built from another config."""
+    with pytest.raises(mupopt.MupError, match=r"base model has 12 parameter\(s\) the model lacks.*blocks\.2\."):
+        mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE, n_layer=3), overrides=POS)
+    with pytest.raises(mupopt.MupError, match="delta model has"):
+        mupopt.set_base_shapes(TinyGPT(BASE), meta(TinyGPT, BASE), delta=meta(TinyGPT, 64, n_layer=3), overrides=POS)
+
+
+def test_mup_summary_of_plain_parameters_uses_the_model_names(gpt):
+    """Given model.parameters() (as Hugging Face's Trainer passes them), mup_summary() names
+    each row as set_base_shapes saw it; the name survives a state_dict round trip, and a record
+    saved before names existed still loads (then a positional label)."""
+    model, _, infos = gpt
+    opt = mupopt.AdamW(model.parameters())
+    rows = _rows(opt.mup_summary())
+    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
+    assert [r[2] for r in rows] == [infos[n].role for n, _ in model.named_parameters()]
+    info = infos["blocks.0.qkv.weight"]
+    assert WidthInfo.from_dict(info.as_dict()).name == "blocks.0.qkv.weight"
+    old = copy.deepcopy(opt.state_dict())
+    for record in old["param_groups"][0]["mup"]:
+        del record["name"]
+    fresh = mupopt.AdamW(model.parameters())
+    fresh.load_state_dict(old)
+    assert _rows(fresh.mup_summary())[0][0] == "group0.param0"
+
+
+class _ReadmeGPT(nn.Module):
+    """A GPT-shaped stand-in for the README's GPT(width=...): embedding, MLP, norm, readout."""
+
+    def __init__(self, width: int, vocab: int = 50):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        return self.head(self.ln(x + self.down(F.gelu(self.up(x)))))
+
+
+@pytest.mark.parametrize("width", [256, 512])
+def test_readme_mup_recipe_runs_unchanged_at_the_base_width_and_wider(width):
+    """The README's 'muP in a few lines' block, as written, at the base width (the tuning run)
+    and at a larger one: a summary with every role, multipliers 1 at the base, 1/m wider."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## muP in a few lines"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    assert "GPT(width=2048)" in code and "delta" in code
+    code = code.replace("GPT(width=2048)", f"GPT(width={width})")
+    scope = {"GPT": _ReadmeGPT, "lr_tuned_at_width_256": 1e-3, "print": lambda *a: None}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, opt = scope["model"], scope["opt"]
+    rows = _rows(opt.mup_summary())
+    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
+    assert {r[2] for r in rows} == {"input", "hidden", "output", "vector"}
+    hidden = mupopt.width_info(model.up.weight)
+    assert hidden.role == "hidden" and multipliers("adamw", hidden).lr == pytest.approx(256 / width)

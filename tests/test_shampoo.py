@@ -1,4 +1,4 @@
-"""mupopt.Shampoo against a float64 transcription of the Shampoo formulas of optimizer-specs.md.
+"""mupopt.Shampoo against a float64 transcription of the Shampoo formulas (Gupta et al. 2018; Shi et al. 2023, arXiv 2309.06497).
 
 The oracle below is written from the spec and from the conventions the Shampoo docstring fixes
 where the spec is silent (grafting_beta2 = 0.999 and grafting_epsilon = 1e-8 for the Adam
@@ -57,7 +57,7 @@ def set_grads(params, grads):
 
 
 # -------------------------------------------------------------------------------------------
-# float64 transcription of optimizer-specs.md, "Shampoo"
+# float64 transcription of the Shampoo formulas (see the module docstring)
 # -------------------------------------------------------------------------------------------
 def inv_root4(S, eps, relative):
     """(S + eps' I)^(-1/4) by float64 eigh; eps' = eps*lambda_max(S) when relative."""
@@ -260,7 +260,7 @@ WIDTHS = [
 
 
 def expected_lr_mult(grafting, info, shape, max_dim):
-    """mup-rules.md: Adam grafting -> AdamW's row; no grafting -> the Shampoo row, where a side
+    """docs/mup.md: Adam grafting -> AdamW's row; no grafting -> the Shampoo row, where a side
     split into blocks counts with its block side (min(side, max_dim)) at this width over the one
     at the base width (mupopt.mup.shampoo_block_lr has the derivation)."""
     if grafting == "adam":
@@ -343,13 +343,16 @@ def test_preconditioner_memory():
     assert "preconditioner_memory" in mupopt.Shampoo.__doc__
     assert "8*(r^2 + c^2)" in mupopt.Shampoo.__doc__
     params, opt, _ = make_pair(grafting="adam", betas=(0.9, 1.0), eps=1e-2, relative=False)
-    assert opt.preconditioner_memory()["total"] == 0  # state is created at the first step
-    run_pair(params, opt, [], steps=1)
     # Block sides computed here: (12, 20) one block; conv as (6, 12); (40, 9) at 16: 16, 16, 8 x 9.
     blocks = [(12, 20), (6, 12), (4, 30), (16, 9), (16, 9), (8, 9)]
     pre = sum(8 * (r * r + c * c) for r, c in blocks)
     buf = sum(2 * 4 * math.prod(s) for s in SHAPES)
-    assert opt.preconditioner_memory() == {"preconditioners": pre, "buffers": buf, "total": pre + buf}
+    want = {"preconditioners": pre, "buffers": buf, "total": pre + buf}
+    assert not opt.state
+    assert opt.preconditioner_memory() == want  # before the first step: what it will allocate
+    run_pair(params, opt, [], steps=1)
+    assert opt.state
+    assert opt.preconditioner_memory() == want  # after it: what the state holds
 
 
 # -------------------------------------------------------------------------------------------

@@ -139,3 +139,33 @@ def test_training_loop_matches_official_sophia():
     assert any(torch.count_nonzero(ours.state[p]["hessian"]) > 0 for p in ours_model.parameters())
     assert losses[-1] < losses[0]  # it did train
     assert max(unclipped) > 0.05, unclipped  # and the Hessian shaped the steps
+
+
+def test_step_without_bs_uses_5120_and_warns_once_per_optimizer():
+    """sophia-opt's default bs=5120 is kept, but the clip threshold depends on the real tokens
+    per batch: step() without bs warns, once per optimizer; step(bs=...) never warns."""
+    import warnings
+
+    def trained(bs_kwargs, steps=3):
+        torch.manual_seed(0)
+        model = MLP(16)
+        opt = mupopt.SophiaG(model.parameters(), lr=1e-2, rho=0.04)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(steps):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(t))
+                opt.step(**bs_kwargs)
+                if t == 0:  # a Hessian estimate, so that bs matters (rho*bs*h)
+                    opt.update_hessian()
+        return [p.detach() for p in model.parameters()], [w for w in caught if "bs=" in str(w.message)]
+
+    default, warned = trained({})
+    explicit, silent = trained({"bs": 5120})
+    other, _ = trained({"bs": 8})
+    assert len(warned) == 1 and "tokens per batch" in str(warned[0].message)
+    assert not silent
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+    assert not all(torch.equal(a, b) for a, b in zip(default, other))
+    _, again = trained({}, steps=1)  # a new optimizer warns again
+    assert len(again) == 1

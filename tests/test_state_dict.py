@@ -21,7 +21,7 @@ from optimizer_table import CASES
 
 NAMES = list(CASES)
 BASE, WIDTH = 32, 128
-# mup-rules.md, Adam-like rules on MLP(128) over MLP(32); LAMB (exponent 0): 1 everywhere.
+# docs/mup.md, Adam-like rules on MLP(128) over MLP(32); LAMB (exponent 0): 1 everywhere.
 ADAM_LIKE_MULT = {"inp.weight": 1.0, "inp.bias": 1.0, "hidden.weight": 0.25, "hidden.bias": 1.0, "readout.weight": 0.25, "readout.bias": 1.0}
 
 

@@ -120,7 +120,7 @@ def test_syrk_computes_the_lower_tiles_and_mirrors_them(device, dtype, monkeypat
 # Newton–Schulz
 # ---------------------------------------------------------------------------------------------
 def ns_float64(G: torch.Tensor, schedule, eps: float = 1e-7) -> torch.Tensor:
-    """Newton–Schulz in float64, transcribed from optimizer-specs.md (not from linalg)."""
+    """Newton–Schulz in float64, transcribed from the Newton-Schulz iteration of torch.optim.Muon's documentation (not from linalg)."""
     X = G.double()
     tall = X.size(-2) > X.size(-1)
     if tall:
@@ -460,3 +460,144 @@ def test_newton_schulz_kernels_compile_for_sm90_with_wgmma():
     assert [r["kernel"] for r in results] == ["_ns_normalize_kernel", "_ns_syrk_kernel", "_ns_syrk_kernel", "_ns_update_kernel"]
     for r in results[1:]:
         assert r["wgmma"] > 0, r  # Hopper tensor-core MMA for the three matmul kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrices of 2^31 or more elements: 64-bit element offsets (issue 13 item 12)
+# ---------------------------------------------------------------------------------------------
+_OFFSETS_SCRIPT = textwrap.dedent(
+    r"""
+    import json, os, re, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, sys.argv[1])
+    from mupopt.kernels.triton import _common
+    from mupopt.kernels.triton import newton_schulz as ns
+    from mupopt.kernels.triton import shampoo as sh
+    assert not _common.INTERPRET
+    ns.build(); sh.build()
+    TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+    results = []
+
+    def offsets(kernel, signature, constexprs, num_warps):
+        compiled = triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        # tt.addptr %ptrs, %offsets : tensor<...x!tt.ptr<T>>, tensor<...xiNN>
+        found = re.findall(r"tt\.addptr [^\n]*: tensor<[^>]*!tt\.ptr<[^>]*>>, tensor<[0-9x]*(i\d+)>",
+                           compiled.asm["ttir"])
+        results.append({"kernel": kernel.__name__, "offset_types": sorted(set(found))})
+
+    def hook(kernel, grid, args, meta):
+        values = dict(zip(kernel.arg_names, args))
+        values.update(meta)
+        signature, constexprs = {}, {}
+        for param in kernel.params:
+            v = values[param.name]
+            if param.is_constexpr:
+                signature[param.name], constexprs[param.name] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                signature[param.name] = TYPES[v.dtype]
+            else:  # every integer as i32: what Triton passes for sizes and strides below 2^31
+                signature[param.name] = "fp32" if isinstance(v, float) else "i32"
+        offsets(kernel, signature, constexprs, meta["num_warps"])
+
+    _common.LAUNCH_HOOK = hook
+    ns.newton_schulz_triton(torch.zeros(2, 600, 700), steps=1, check_finite=False)
+    _common.LAUNCH_HOOK = None
+    stats = {"G_BF16": True, "ROW": 6, "BLOCK": 64, "BLOCK_K": 32}
+    offsets(sh._shampoo_stats_kernel, {"table_ptr": "*i64", "out_ptr": "*fp32", "tiles_ptr": "*i32", "N": "i32",
+                                       "decay": "fp32", "gain": "fp32", **{k: "constexpr" for k in stats}}, stats, 4)
+    mm = {"B_BF16": True, "SUMSQ": True, "ROW": 9, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+    offsets(sh._shampoo_matmul_kernel, {"table_ptr": "*i64", "partial_ptr": "*fp32", "max_tiles": "i32",
+                                        **{k: "constexpr" for k in mm}}, mm, 4)
+    print(json.dumps(results))
+    """
+)
+
+
+def test_matrix_kernels_use_64_bit_element_offsets():
+    """Compiled for sm_90 with every size and stride an i32 argument (Triton's type for values
+    below 2^31), each tensor of pointers is formed from int64 offsets: a row or column index times
+    a stride never wraps at 2^31, so a 262144 x 8192 matrix is addressed correctly. (Before: i32
+    offsets in the four Newton-Schulz kernels and in Shampoo's statistics tiles.)"""
+    results = triton_mode.compile_for_sm90(_OFFSETS_SCRIPT)
+    assert [r["kernel"] for r in results] == ["_ns_normalize_kernel", "_ns_syrk_kernel", "_ns_syrk_kernel",
+                                              "_ns_update_kernel", "_shampoo_stats_kernel", "_shampoo_matmul_kernel"]
+    for r in results:
+        assert r["offset_types"] == ["i64"], r
+
+
+_FAR_SCRIPT = textwrap.dedent(
+    r"""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from mupopt.kernels.triton import _common, newton_schulz as ns
+    ns.build()
+    assert _common.INTERPRET
+    S, R = 2**28, 16  # row stride (elements) and rows of every view: rows 8..15 start past 2^31
+    try:
+        storage = torch.empty(S * (R - 1) + 1024, dtype=torch.bfloat16)  # 8 GiB of address space
+    except (RuntimeError, MemoryError) as e:
+        print(json.dumps({"skip": f"cannot reserve 8 GiB of address space: {e}"}))
+        sys.exit(0)
+
+    def far(cols, col0):
+        # (1, R, cols) at column col0 of storage rows S elements apart: only these rows' pages
+        # are ever touched
+        return storage.as_strided((1, R, cols), (0, S, 1), col0)
+
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    G = far(32, 0)
+    G.copy_(torch.randn(1, R, 32, generator=gen).to(torch.bfloat16))
+    got = ns.newton_schulz_triton(G, steps=5)  # bf16 in bf16: G itself is the normalize kernel's input
+    out["newton_schulz"] = torch.equal(got, ns.newton_schulz_triton(G.contiguous(), steps=5))
+    C = far(R, 64)
+    C.copy_(torch.randn(1, R, R, generator=gen).to(torch.bfloat16))
+    O = far(R, 128)
+    ns.syrk(G, O, alpha=0.5, C=C, beta=2.0)
+    O2 = torch.empty(1, R, R, dtype=torch.bfloat16)
+    ns.syrk(G.contiguous(), O2, alpha=0.5, C=C.contiguous(), beta=2.0)
+    out["syrk"] = torch.equal(O, O2)
+    cfg = ns._tiles(R, 32, torch.bfloat16)
+
+    def update(b, x, o):
+        ns._launch(ns._ns_update_kernel, (-(-R // cfg["bm"]) * -(-32 // cfg["bn"]), 1), b, x, o, R, 32,
+                   *b.stride(), *x.stride(), *o.stride(), 1.5, BF16=True, BLOCK_M=cfg["bm"],
+                   BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"], GROUP_M=8, num_warps=4)
+
+    OUT = far(32, 256)
+    update(C, G, OUT)
+    OUT2 = torch.empty(1, R, 32, dtype=torch.bfloat16)
+    update(C.contiguous(), G.contiguous(), OUT2)
+    out["update"] = torch.equal(OUT, OUT2)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_matrix_kernels_address_views_past_2_31_elements():
+    """The kernels run in the interpreter (which wraps int32 arithmetic as the GPU does) on views
+    whose rows are 2^28 elements apart in one 8 GiB reservation that is never filled (only the
+    touched pages are allocated): rows 8..15 start past element 2^31. Newton-Schulz reading such
+    an input, syrk reading Y and C and writing its output there, and the update kernel reading B
+    and X and writing there give the same bits as on contiguous copies. With int32 offsets the
+    process died with SIGSEGV (a wrapped offset points 4 GiB before the storage): a subprocess."""
+    if not INTERPRET:
+        pytest.skip("CPU tensors in the interpreter (the GPU equivalent would need 8 GiB of device memory)")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FAR_SCRIPT, root], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode} (-11: SIGSEGV):\n{proc.stderr[-3000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result == {"newton_schulz": True, "syrk": True, "update": True}

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
 
 from mupopt import backends, cli, verify
 
@@ -15,7 +21,7 @@ def test_verify_covers_every_optimizer_and_passes(tmp_path, capsys):
         checked = {r["backend"] for r in rows if r["optimizer"] == entry.name}
         runnable = {
             b for b in backends.names(entry.name)
-            if backends._REGISTRY[entry.name][b].unsupported_reason([verify.torch.zeros(1)]) is None
+            if backends._REGISTRY[entry.name][b].unsupported_reason([verify.torch.zeros(4, 4)]) is None
         }
         assert checked == runnable
     assert all(r["passed"] for r in rows)
@@ -37,3 +43,43 @@ def test_verify_reports_a_wrong_backend(monkeypatch):
     monkeypatch.setattr(verify, "OPTIMIZERS", [e for e in verify.OPTIMIZERS if e.name == "adamw"])
     rows = verify.run(["cpu"], steps=2)
     assert rows and not any(r.passed for r in rows)
+
+
+def test_verify_lists_every_backend_it_did_not_check(capsys):
+    """Every registered (optimizer, backend) is either a row or a line saying why not and how
+    to include it; the table shows each row's atol and rtol and the pass rule."""
+    assert cli.main(["verify", "--device", "cpu", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = verify.run(["cpu"], steps=1)
+    checked = {(r.optimizer, r.backend) for r in rows}
+    left_out = verify.unchecked(["cpu"])
+    for entry in verify.OPTIMIZERS:
+        for b in backends.names(entry.name):
+            assert ((entry.name, b) in checked) != any(u.optimizer == entry.name and u.backend == b for u in left_out), (entry.name, b)
+    for u in left_out:
+        assert f"- {u.optimizer} / {u.backend}: {u.reason}. To include it: {u.how}" in out
+        if u.backend == "triton":
+            assert "TRITON_INTERPRET=1" in u.how
+    if not torch.cuda.is_available():
+        assert any(u.backend == "cuda" for u in left_out)
+    assert "atol + rtol*|theirs|" in out and "| atol" in out and "| rtol" in out
+    shampoo = next(r for r in rows if r.optimizer == "shampoo" and r.against.startswith("float64"))
+    assert (shampoo.rtol, shampoo.atol) == verify.OPTIMIZERS[-1].oracle_tol
+    assert f"{shampoo.atol:.1e}" in out
+
+
+def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
+    """Under TRITON_INTERPRET=1 the Triton backends of Muon (never checked before: a 1-D probe
+    left it out) and Shampoo (failed at a tolerance tighter than its roots allow) are checked
+    and pass."""
+    code = textwrap.dedent("""
+        from mupopt import verify
+        verify.OPTIMIZERS = [e for e in verify.OPTIMIZERS if e.name in ("muon", "shampoo")]
+        rows = verify.run(["cpu"], steps=10)
+        print(verify.format_rows(rows))
+        got = {(r.optimizer, r.backend): r.passed for r in rows if r.backend == "triton"}
+        assert got == {("muon", "triton"): True, ("shampoo", "triton"): True}, got
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -27,6 +27,17 @@ namespace {
 
 constexpr int64_t kLambBlock = int64_t{1} << 20;
 
+// A row's two sums: its chunks' float64 partials added in chunk order.
+void row_sums(const TensorRow& row, const std::vector<double>& partials, double& p_sq, double& u_sq) {
+  const int64_t first = row.first_chunk, n = chunks_of(row.numel, kCpuChunk);
+  p_sq = 0.0;
+  u_sq = 0.0;
+  for (int64_t c = first; c < first + n; ++c) {
+    p_sq += partials[c * kMaxReduce];
+    u_sq += partials[c * kMaxReduce + 1];
+  }
+}
+
 // Pass 1, trust ratios, pass 2 over one block; rows' first_chunk counted from the block's start.
 template <LambKeep kKeep, LambSource kSource>
 void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<double>& partials) {
@@ -34,18 +45,43 @@ void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<
   run(LambNormOp<kKeep>{h}, l, a, partials.data());
   for (int r = 0; r < l.n_rows; ++r) {
     TensorRow& row = l.rows[r];
-    const int64_t first = row.first_chunk, n = chunks_of(row.numel, kCpuChunk);
-    double p_sq = 0.0, u_sq = 0.0;
-    for (int64_t c = first; c < first + n; ++c) {
-      p_sq += partials[c * kMaxReduce];
-      u_sq += partials[c * kMaxReduce + 1];
-    }
+    double p_sq, u_sq;
+    row_sums(row, partials, p_sq, u_sq);
     row.scalar[LambScalars::kTrust] = lamb_trust(p_sq, u_sq, h);
   }
   run(LambUpdateOp<kSource>{h}, l, a, nullptr);
 }
 
 }  // namespace
+
+// Split form (lamb.h): pass 1 over the whole launch, each row's sums to sums[2*source].
+void lamb_partials(const Launch& l, const LambHyper& h, const Args& a, double* sums) {
+  if (skipped(a) || l.n_chunks == 0) return;
+  std::vector<double> partials(static_cast<size_t>(l.n_chunks) * kMaxReduce, 0.0);
+  if (l.param == DType::kFloat32) {
+    run(LambNormOp<LambKeep::kMoments>{h}, l, a, partials.data());
+  } else {
+    run(LambNormOp<LambKeep::kNothing>{h}, l, a, partials.data());
+  }
+  for (int r = 0; r < l.n_rows; ++r) {
+    const TensorRow& row = l.rows[r];
+    row_sums(row, partials, sums[2 * static_cast<int64_t>(row.source)], sums[2 * static_cast<int64_t>(row.source) + 1]);
+  }
+}
+
+void lamb_apply(const Launch& l, const LambHyper& h, const Args& a, const double* sums) {
+  if (skipped(a) || l.n_chunks == 0) return;
+  for (int r = 0; r < l.n_rows; ++r) {
+    TensorRow& row = l.rows[r];
+    const int64_t i = row.source;
+    row.scalar[LambScalars::kTrust] = lamb_trust(sums[2 * i], sums[2 * i + 1], h);
+  }
+  if (l.param == DType::kFloat32) {
+    run(LambUpdateOp<LambSource::kFromMoments>{h}, l, a, nullptr);
+  } else {
+    run(LambUpdateOp<LambSource::kRecompute>{h}, l, a, nullptr);
+  }
+}
 
 void lamb(const Launch& l, const LambHyper& h, const Args& a) {
   if (skipped(a) || l.n_chunks == 0) return;

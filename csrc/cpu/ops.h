@@ -16,6 +16,11 @@ void adamw(const Launch& l, const AdamWHyper& h, bool amsgrad, const Args& a);
 void adopt(const Launch& l, const AdoptHyper& h, bool first_step, const Args& a);
 // Both passes and the trust ratios; writes each row's LambScalars::kTrust.
 void lamb(const Launch& l, const LambHyper& h, const Args& a);
+// The split form (lamb.h): pass 1 (moments of float32 states, sums of each row written to
+// sums[2*row.source], sums[2*row.source + 1]), then pass 2 with the trust ratios formed from the
+// (reduced) sums read the same way.
+void lamb_partials(const Launch& l, const LambHyper& h, const Args& a, double* sums);
+void lamb_apply(const Launch& l, const LambHyper& h, const Args& a, const double* sums);
 void sophia(const Launch& l, const SophiaHyper& h, const Args& a);
 void sophia_hessian(const Launch& l, const SophiaHyper& h, const Args& a);
 

@@ -30,6 +30,12 @@ cudaError_t adopt(const Launch& l, const AdoptHyper& h, bool first_step, const G
 // Norm pass, per-tensor trust ratios (written into the device rows' kTrust), update pass.
 // partials: device buffer of 2 * l.n_chunks doubles.
 cudaError_t lamb(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials, cudaStream_t stream);
+// The split form (lamb.h): pass 1 and each row's sums written to sums[2*row.source] (device,
+// float64); then, from the reduced sums read the same way, the trust ratios and pass 2.
+cudaError_t lamb_partials(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials, double* sums,
+                          cudaStream_t stream);
+cudaError_t lamb_apply(const Launch& l, const LambHyper& h, const GradArgs& ga, const double* sums,
+                       cudaStream_t stream);
 cudaError_t sophia(const Launch& l, const SophiaHyper& h, const GradArgs& ga, cudaStream_t stream);
 cudaError_t sophia_hessian(const Launch& l, const SophiaHyper& h, const GradArgs& ga, cudaStream_t stream);
 

@@ -1,5 +1,5 @@
 """Benchmarks of the mupopt optimizers: every registered backend against the peers of
-shared/performance.md (torch's fused and foreach AdamW, torch.compile of our reference,
+docs/benchmarks.md (torch's fused and foreach AdamW, torch.compile of our reference,
 torch.optim.Muon, the reference backend), measured in one run on the same tensors, each result
 checked against the reference backend before it is timed.
 
@@ -8,8 +8,8 @@ checked against the reference backend before it is timed.
 - :mod:`.timing`   median/p20/p80 with cold caches; copy bandwidth and matmul rate
 - :mod:`.subjects` what is timed: our optimizers by backend, the torch peers, the compile peer
 - :mod:`.check`    the correctness check against the reference
-- :mod:`.runner`   the run: rows of one schema, ratios to every peer, performance.md targets
-- :mod:`.report`   JSON/CSV, markdown, PNG, README section
+- :mod:`.runner`   the run: rows of one schema, ratios to every peer, docs/benchmarks.md targets
+- :mod:`.report`   JSON/CSV, markdown, PNG, the tables of docs/benchmarks.md
 - :mod:`.cli`      ``mupopt bench`` (``python -m mupopt.bench``)
 """
 from .check import CheckFailed

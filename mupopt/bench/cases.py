@@ -1,4 +1,4 @@
-"""The benchmark cases of shared/performance.md as shape lists, sized per device and mode.
+"""The benchmark cases of docs/benchmarks.md as shape lists, sized per device and mode.
 
 A case is a list of parameter shapes. Its sizes depend on a *profile*: the full sizes on a GPU;
 scaled-down ones on the CPU, where one AdamW step of a 1.24B-parameter list would move 35 GB
@@ -112,7 +112,7 @@ PROFILES = {
     # 2^26 fp32 elements: 7 x 256 MiB of AdamW traffic, far above any L2 (H100: 50 MB).
     "gpu-full": Profile("gpu-full", 1 << 26, 1, 12, 1, 16, 1000, 1 << 24, 4096, 32, 1024, 1, 12, 1024),
     "gpu-quick": Profile("gpu-quick", 1 << 26, 1, 12, 1, 16, 1000, 1 << 24, 4096, 16, 1024, 1, 12, 1024),
-    # 2^24 = 16M params: the CPU target of performance.md. Llama at width / 4 is 77M params
+    # 2^24 = 16M params: the CPU target of docs/benchmarks.md. Llama at width / 4 is 77M params
     # (1.2 GB for p, g, m, v in fp32): the full 1.24B list does not fit beside its checks here.
     "cpu-full": Profile("cpu-full", 1 << 24, 1, 12, 4, 16, 1000, 1 << 22, 1024, 16, 512, 4, 12, 512),
     # Sized so that the whole quick run takes a few minutes on 2 cores: the eager reference steps

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .runner import OPTIMIZERS, Config
 
@@ -29,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes and short timings: a few minutes on a 2-core CPU (the default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="the sizes of performance.md on a GPU (GPT-2 small, Llama-1B, 2^26 elements); longer timings")
+                      help="the sizes of docs/benchmarks.md on a GPU (GPT-2 small, Llama-1B, 2^26 elements); longer timings")
     size.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="tiny sizes, 2 repetitions, no torch.compile: checks the machinery in seconds (numbers meaningless)")
     parser.set_defaults(mode="quick")
@@ -48,8 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-optimizers", type=_csv, default=None,
                         help="optimizers that get the torch.compile peer (default: adamw in --quick; all but "
                              "shampoo in --full, where compiling each takes 6-15 s per case)")
-    parser.add_argument("--out", default=str(Path("benchmarks") / "results"),
-                        help="folder for <device>-<date>.json/.csv/.png (default: benchmarks/results); '' to write nothing")
+    parser.add_argument("--out", default=None,
+                        help="folder for <device>-<date>.json/.csv/.png (default: $MUPOPT_BENCH_DIR or "
+                             "~/.local/share/mupopt/bench; benchmarks/results in a checkout to record a run for "
+                             "docs/benchmarks.md); '' to write nothing. An existing file of that name gets a "
+                             "new name (-2, -3, ...) unless --force")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing result file of the same name")
     parser.add_argument("--note", default="", help="free text stored with every row (e.g. 'CPU shared with other jobs')")
     parser.add_argument("--keep-going", action="store_true",
                         help="record a failing correctness check and continue (exit status 1 at the end) instead of stopping")
@@ -90,8 +93,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(report.header(rows) + "\n")
     print(report.markdown_table(rows))
-    if args.out:
-        json_path, csv_path = report.write_results(rows, args.out)
+    out = report.default_out_dir() if args.out is None else args.out
+    if out:
+        json_path, csv_path = report.write_results(rows, out, force=getattr(args, "force", False))
         print(f"\nwrote {json_path} and {csv_path}", file=sys.stderr)
         png = json_path.with_suffix(".png")
         why_not = report.plot(rows, png)

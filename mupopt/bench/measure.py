@@ -151,7 +151,7 @@ def ns_setup(case: C.Case, dtype: str, device: torch.device, seed: int = 0) -> M
 
 def roots_setup(case: C.Case, device: torch.device, seed: int = 0) -> MatrixSetup:
     """Inverse 4th roots of a batch of Shampoo blocks: batched eigh and batched coupled Newton
-    (ours) against a per-block eigh loop (the peer of performance.md's ">= 2x" target)."""
+    (ours) against a per-block eigh loop (the peer of docs/benchmarks.md's ">= 2x" target)."""
     A = C.roots_input(case, device, seed)
     n, b = case.shapes[0][0], case.tensors
     kw = dict(eps=1e-6, relative_eps=True)

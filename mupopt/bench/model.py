@@ -1,5 +1,5 @@
 """What a step must move or compute: the bytes model of the elementwise steps and the flop counts
-of the matrix-bound parts (shared/performance.md, "The limit").
+of the matrix-bound parts (docs/benchmarks.md, "Reading the tables").
 
 Elementwise optimizer steps are memory-bound: their floor is the bytes each element of every
 operand must cross the memory bus, read or written, in the best known implementation. A time turns
@@ -9,7 +9,7 @@ into GB/s as ``bytes / time``; divided by the copy bandwidth measured in the sam
 Counts per operand are (reads, writes) per element per step; the bytes of one tensor are
 ``(reads + writes) * numel * element_size`` of the tensor that holds that operand, so every dtype
 combination (fp32 params with bf16 states, all bf16, ...) is counted from the tensors themselves.
-With fp32 everywhere this gives the table of performance.md: AdamW/ADOPT 28, Sophia step 24,
+With fp32 everywhere this gives AdamW/ADOPT 28, Sophia step 24,
 Sophia Hessian EMA 12, LAMB 40 bytes per parameter.
 
 Matrix-bound parts (Muon's Newton-Schulz, Shampoo's inverse roots) are counted in flops from the

@@ -1,5 +1,5 @@
 """The benchmark run: every optimizer x registered backend x case x dtype, with the peers of
-shared/performance.md measured in the same run on the same tensors, each result checked against
+docs/benchmarks.md measured in the same run on the same tensors, each result checked against
 the reference backend before it is timed.
 
 Backends come from the registry (``mupopt.backends``): whatever ``import mupopt`` has registered
@@ -83,7 +83,7 @@ class Row:
     ratio_to_eigh_loop: float | None = None
     ratio_to_adamw: float | None = None  # our AdamW, same backend, same case and dtype
     ratio_to_uniform_lr: float | None = None  # muP case: the same step with every multiplier 1
-    target: str = ""  # performance.md target for this row, if any
+    target: str = ""  # docs/benchmarks.md target for this row, if any
     meets_target: bool | None = None
     check_err: float | None = None  # largest relative error against the reference
     notes: str = ""
@@ -603,7 +603,7 @@ def _ok(row: Row) -> bool:
 
 def finish(rows: list[Row], device_type: str, targets: bool = True) -> None:
     """Fill the ratio columns (peer median / row median, peers of the same case and dtype) and
-    the targets of performance.md (not for smoke runs, whose numbers mean nothing)."""
+    the targets of docs/benchmarks.md (not for smoke runs, whose numbers mean nothing)."""
     by_key: dict[tuple, Row] = {}
     for r in rows:
         if _ok(r):
@@ -656,7 +656,7 @@ def _targets():
 
 
 def target_for(row: Row, device_type: str) -> tuple[str, bool] | None:
-    """The performance.md target of a row of one of our compiled implementations (the reference
+    """The docs/benchmarks.md target of a row of one of our compiled implementations (the reference
     is the spec, not a contender), as (text, met)."""
     if row.kind != "mupopt" or row.backend == "reference":
         return None

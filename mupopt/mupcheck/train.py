@@ -7,7 +7,7 @@ table that the tools compare.
 adamw              mupopt.AdamW
 adopt              mupopt.ADOPT
 lamb               mupopt.LAMB, hidden_lr_exponent 0 (P1's rule, the default)
-lamb-strict        mupopt.LAMB, hidden_lr_exponent -1/2 (the strict derivation, mup-rules.md)
+lamb-strict        mupopt.LAMB, hidden_lr_exponent -1/2 (the strict derivation, docs/mup.md)
 sophia             mupopt.SophiaG, ``step(bs=tokens)``, GNB Hessian every ``hess_every`` steps
 muon               mupopt.Muon, hidden matrices by Newton-Schulz ("original" shape factor),
                    the rest by AdamW at ``adamw_lr = muon_adamw_ratio * lr``

@@ -40,15 +40,21 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Any, Callable, ClassVar, NamedTuple
+import operator
+import os
+import warnings
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from ..mup import MupError, Multipliers, WidthInfo, multipliers, width_info, format_table, decay_rule, WD_MODES
+from ..mup import (MupError, Multipliers, WidthInfo, multipliers, recover_width_infos, width_info, format_table,
+                   decay_rule, WD_MODES)
+from ._placement import dist, is_dtensor, local, local_grad, local_state
 
 
 def check(condition: bool, message: str) -> None:
@@ -105,13 +111,56 @@ def unscale_(grads: list, inv_grad_scale: torch.Tensor) -> None:
         torch._foreach_mul_(gs, inv_grad_scale.to(device))
 
 
-class Work(NamedTuple):
-    """One group's prepared step: params with a gradient, grads, their indices, multipliers."""
+class Segment:
+    """One backend call of a param group's step: a registry name (kernel), the backend chosen for
+    it and the tensors it steps, as the backend sees them (local shards of DTensors)."""
 
-    params: list
-    grads: list
-    index: list
-    mults: list
+    __slots__ = ("kernel", "backend", "positions", "grad_index", "grad_layout", "params", "states", "mults",
+                 "collectives", "bound")
+
+    def __init__(self, kernel: str, backend: backends.Backend, positions: list[int], params: list, mults: list):
+        self.kernel = kernel
+        self.backend = backend
+        self.positions = positions  # indices into the plan's stepped params
+        self.grad_index: list[int] = []  # indices into group["params"] (and so into the gradients)
+        self.grad_layout: list = []  # (dtype, contiguous) of each gradient the backend was chosen for
+        self.params = params  # local tensors
+        self.states: list | None = None  # local state dicts, once state exists
+        self.mults = mults
+        self.collectives: dict = {}  # keyword arguments of the backend call (norm_reduce, orthogonalize)
+        self.bound = None  # the backend's bound step (Backend.bind), made once per plan
+
+
+class GroupPlan:
+    """What one param group's step needs that does not change between steps: which params have
+    gradients, their local tensors (a DTensor's shard), their muP multipliers (of the global
+    shape), the backend of every tensor and the collectives sharded tensors need.
+
+    Built by :meth:`MupOptimizer._plan` and reused while its key holds. The key covers: the group
+    dict and its params list (add_param_group, load_state_dict and in-place edits of the list), the
+    optimizer's state mapping (load_state_dict replaces it; entries created or removed), the muP
+    records, the group options that enter multipliers or routing (``_plan_options``), the
+    requested backend and ``MUPOPT_BACKEND``, which params have a gradient, and the storage of
+    every param (``data_ptr`` of the local tensor: ``p.data = ...``, ``model.to(...)``). A change
+    of hyperparameters (lr, betas, ...) is read at every step and needs no new plan. Not
+    noticed: a state tensor replaced by hand inside an existing state dict.
+    """
+
+    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_len")
+
+    def __init__(self, key, refs, params, locals_, stepped, segments, distributed):
+        self.key = key
+        self.refs = refs  # the objects whose ids are in the key, held so that no id is reused
+        self.params = params  # group params with a gradient (as the user holds them)
+        self.locals = locals_  # their local tensors
+        self.ptrs = tuple(map(_DATA_PTR, locals_))
+        self.stepped = stepped  # their positions in group["params"]
+        self.segments = segments
+        self.distributed = distributed
+        self.state_len = -1
+
+
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 class MupOptimizer(Optimizer):
@@ -151,6 +200,7 @@ class MupOptimizer(Optimizer):
         check(isinstance(group.get("maximize", False), bool), f"maximize must be a bool, got {group.get('maximize')!r}")
 
     def add_param_group(self, param_group: dict) -> None:
+        self.__dict__.pop("_plan_cache", None)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -158,6 +208,9 @@ class MupOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
+            # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
+            # their width info back by module and name (mupopt.mup.recover_width_infos).
+            recover_width_infos(group["params"])
             # Width info travels in the group (and so in the state_dict): one record per param.
             group["mup"] = [None if (w := width_info(p)) is None else w.as_dict() for p in group["params"]]
             self._check_width_consistency()
@@ -189,8 +242,12 @@ class MupOptimizer(Optimizer):
         """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight decay."""
         rows = []
         for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
-            for name, p, info, m in zip(names, group["params"], self.width_infos(group), self.group_multipliers(group)):
+            infos = self.width_infos(group)
+            # Plain parameters (no param_names): the names set_base_shapes saw, else positions.
+            names = group.get("param_names") or [
+                info.name if info is not None and info.name else f"group{gi}.param{i}" for i, info in enumerate(infos)
+            ]
+            for name, p, info, m in zip(names, group["params"], infos, self.group_multipliers(group)):
                 rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
         return format_table(rows)
 
@@ -212,71 +269,255 @@ class MupOptimizer(Optimizer):
                     WidthInfo.from_dict(record)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
         super().load_state_dict({**state_dict, "param_groups": groups})
+        self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
 
     # -- the step ------------------------------------------------------------------------------
-    def _gather(self, group: dict) -> Work:
-        """Params with a gradient, their gradients, indices in the group and multipliers.
+    def _plan_options(self, group: dict) -> tuple:
+        """Group values that change multipliers or routing (part of the plan's key)."""
+        return (group["wd_mode"], group["scale_eps"])
 
-        Raises on bad input; called for every group before any group is stepped."""
-        self._check_group(group)
-        params, grads, index = [], [], []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
+    def _segments(self, group: dict, kernel: str, stepped: list[int]) -> list[tuple[str, list[int]]]:
+        """(registry name, positions in ``stepped``) per backend call; Muon splits its params."""
+        return [(kernel, list(range(len(stepped))))]
+
+    def _collectives(self, kernel: str, params: list) -> dict:
+        """Keyword arguments a backend needs for sharded tensors (LAMB, Muon override)."""
+        return {}
+
+    def _hparams_for(self, kernel: str, group: dict, extra: dict):
+        return self._hparams(group, **extra)
+
+    def _plan(self, group: dict, kernel: str, grads: list) -> GroupPlan:
+        """The group's cached plan, rebuilt when its key changed (GroupPlan). Raises on bad input
+        and writes nothing."""
+        cache = self.__dict__.setdefault("_plan_cache", {})
+        stepped = [i for i, g in enumerate(grads) if g is not None]
+        key = (
+            kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), id(group.get("mup")),
+            self._plan_options(group), self.backend, os.environ.get(backends.ENV_VAR), tuple(stepped),
+        )
+        plan = cache.get((id(group), kernel))
+        if plan is not None and plan.key == key:
+            if plan.distributed:
+                fresh = [local(p) for p in plan.params]
+                if all(map(operator.is_, fresh, plan.locals)) and tuple(map(_DATA_PTR, fresh)) == plan.ptrs:
+                    return plan
+            elif tuple(map(_DATA_PTR, plan.locals)) == plan.ptrs:
+                return plan
+        plan = self._build_plan(group, kernel, key, stepped, grads)
+        cache[(id(group), kernel)] = plan
+        return plan
+
+    def _build_plan(self, group: dict, kernel: str, key, stepped: list[int], grads: list) -> GroupPlan:
+        params = [group["params"][i] for i in stepped]
+        mults_all = self.group_multipliers(group)
+        locals_, local_grads = [], []
+        for p, i in zip(params, stepped):
+            g = grads[i]
+            if g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if p.grad.shape != p.shape:
-                raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}")
-            params.append(p)
-            grads.append(p.grad)
-            index.append(i)
-        mults = self.group_multipliers(group)
-        if params and self._found_inf():
-            return Work([], [], [], [])  # GradScaler found inf/nan: step nothing (module docstring)
-        return Work(params, grads, index, [mults[i] for i in index])
+            if g.shape != p.shape:
+                raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+            locals_.append(local(p))
+            local_grads.append(local_grad(p, g))
+        distributed = any(map(is_dtensor, params))
+        segments = []
+        for seg_kernel, positions in self._segments(group, kernel, stepped):
+            for backend, chosen in self._select(seg_kernel, [locals_[k] for k in positions],
+                                                [local_grads[k] for k in positions],
+                                                [params[k] for k in positions]):
+                pos = [positions[k] for k in chosen]
+                seg = Segment(seg_kernel, backend, pos, [locals_[k] for k in pos], [mults_all[stepped[k]] for k in pos])
+                seg.collectives = self._collectives(seg_kernel, [params[k] for k in pos]) if distributed else {}
+                seg.grad_index = [stepped[k] for k in pos]
+                seg.grad_layout = [(local_grads[k].dtype, local_grads[k].is_contiguous()) for k in pos]
+                segments.append(seg)
+        refs = (group, group["params"], self.state, group.get("mup"))
+        return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
+
+    def _select(self, kernel: str, params: list, grads: list, global_params: list):
+        """[(backend, positions)]: the backend of every tensor. An explicit backend steps all or
+        raises; ``auto`` takes the best backend that can step the whole list, else the best one
+        per tensor (a channels_last or fp16 tensor falls back alone, not its whole group), and
+        warns once per optimizer when a faster backend for this device could not run."""
+        if not params:
+            return []
+        requested = self.backend
+        if requested == "auto":
+            requested = os.environ.get(backends.ENV_VAR, "auto") or "auto"
+        states = [self.state.get(p) for p in global_params]
+        tensors_of = [[p, g, *(local(v) for v in (st or {}).values() if isinstance(v, torch.Tensor) and v.ndim)]
+                      for p, g, st in zip(params, grads, states)]
+        for i, (p, st) in enumerate(zip(params, states)):
+            for k, v in (st or {}).items():
+                if isinstance(v, torch.Tensor) and v.ndim and local(v).shape != p.shape:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: state {k!r} of a parameter of shape {tuple(p.shape)} has shape "
+                        f"{tuple(local(v).shape)} (a state_dict of another model?); nothing was changed"
+                    )
+        everything = [t for ts in tensors_of for t in ts]
+        backends.check_name(kernel, requested)
+        if requested != "auto":
+            backend = backends.get(kernel, requested)
+            reason = backend.reason(everything)
+            if reason is not None:
+                raise RuntimeError(f"{type(self).__name__}: backend {requested!r} cannot step these {kernel} tensors: {reason}")
+            return [(backend, list(range(len(params))))]
+        candidates = [backends.get(kernel, n) for n in backends.names(kernel)]
+        refused = []
+        for backend in candidates:
+            reason = backend.reason(everything)
+            if reason is None:
+                self._warn_fallback(kernel, backend, refused, params[0])
+                return [(backend, list(range(len(params))))]
+            refused.append((backend, reason))
+        # No backend takes the whole list: choose per tensor.
+        chosen: dict[str, tuple[backends.Backend, list[int]]] = {}
+        for i, ts in enumerate(tensors_of):
+            for backend in candidates:
+                if backend.reason(ts) is None:
+                    chosen.setdefault(backend.name, (backend, []))[1].append(i)
+                    break
+            else:
+                reasons = "; ".join(f"{b.name}: {b.reason(ts)}" for b in candidates)
+                raise RuntimeError(f"{type(self).__name__}: no backend of {kernel} can step tensor {i} ({reasons})")
+        for backend, _ in chosen.values():
+            self._warn_fallback(kernel, backend, refused, params[0])
+        return [chosen[n] for n in backends.names(kernel) if n in chosen]
+
+    def _warn_fallback(self, kernel, backend, refused, sample: torch.Tensor) -> None:
+        """Warn once per optimizer and (kernel, backend pair) when ``auto`` passed over a faster
+        backend made for these tensors' device (a failed build, an unsupported dtype or layout)."""
+        for better, reason in refused:
+            if better.priority <= backend.priority or (better.devices is not None and sample.device.type not in better.devices):
+                continue
+            warned = self.__dict__.setdefault("_fallback_warned", set())
+            if (kernel, better.name, backend.name) in warned:
+                continue
+            warned.add((kernel, better.name, backend.name))
+            warnings.warn(
+                f"{type(self).__name__}: backend {better.name!r} cannot step some {kernel} tensors ({reason}); "
+                f"backend={backend.name!r} steps them instead (slower). Pass backend= to choose explicitly.",
+                BackendFallbackWarning,
+                stacklevel=7,  # _warn_fallback < _select < _build_plan < _plan < _run < step < caller
+            )
+
+    @property
+    def selected_backends(self) -> list[dict[str, str]]:
+        """Per param group, the backend that stepped each kernel at the last step (after ``auto``
+        and any per-tensor fallback), e.g. ``[{"adamw": "cpu"}]``; empty dicts before a step."""
+        out = []
+        cache = self.__dict__.get("_plan_cache", {})
+        for group in self.param_groups:
+            used: dict[str, list[str]] = {}
+            for (gid, _), plan in cache.items():
+                if gid == id(group) and plan.key[1] == id(group):
+                    for seg in plan.segments:
+                        names = used.setdefault(seg.kernel, [])
+                        label = seg.backend.name if len(plan.segments) == 1 else f"{seg.backend.name} ({len(seg.params)})"
+                        if label not in names:
+                            names.append(label)
+            out.append({k: " + ".join(v) for k, v in used.items()})
+        return out
 
     def _found_inf(self) -> bool:
         """Whether GradScaler's found_inf (set only during its step) is nonzero: a host read."""
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.any())
 
-    def _call(self, kernel: str, group: dict, params, grads, mults, hp, *, prepare: bool = False):
-        """Create missing state, then step ``params`` with the selected backend of ``kernel``.
-        prepare=True and a two-phase backend (``Backend.prepare``): only prepare, and return the
-        commit; otherwise step and return None."""
-        if not params:
-            return None
-        states = []
-        for p in params:
+    def _create_state(self, group: dict, plan: GroupPlan) -> None:
+        """Create missing state (lazily, as torch), then give each segment its local state views."""
+        if plan.state_len == len(self.state) and all(seg.states is not None for seg in plan.segments):
+            return
+        for p in plan.params:
             if len(self.state[p]) == 0:
                 self.state[p].update(self._init_state(p, group))
-            states.append(self.state[p])
-        backend = backends.select(kernel, self.backend, [*params, *grads])
-        fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is None:
-            return fn(params, grads, states, mults, hp)
-        # As GradScaler.unscale_: the reciprocal in float64 (MPS has none), rounded once to
-        # float32; a device op, no host read.
-        scale = grad_scale.reshape(())
-        inv_grad_scale = scale.reciprocal().float() if scale.device.type == "mps" else scale.double().reciprocal().float()
-        if backend.amp_scaling:
-            return fn(params, grads, states, mults, hp, inv_grad_scale=inv_grad_scale)
-        unscale_(grads, inv_grad_scale)
-        return fn(params, grads, states, mults, hp)
+        for seg in plan.segments:
+            states = [self.state[plan.params[k]] for k in seg.positions]
+            seg.states = [local_state(st) for st in states] if plan.distributed else states
+            seg.bound = None
+        plan.state_len = len(self.state)
 
-    def _run(self, kernel: str | None = None, extra: dict | None = None) -> None:
-        """Validate every group, then call the backend of ``kernel`` (default: this optimizer's
-        rule) once per group; extra keyword arguments go to _hparams. Two-phase backends (Shampoo)
-        prepare every group before any group is written, so a failure in a later group (a root
-        that does not converge) leaves the earlier ones as they were."""
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        commits = [self._call(kernel or self.rule, group, w.params, w.grads, w.mults,
-                              self._hparams(group, **(extra or {})), prepare=True)
-                   for group, w in work]
-        for commit in commits:
-            if commit is not None:
-                commit()
+    def _check_data(self, plans: list) -> None:
+        """Checks of this step's values that run after the found_inf decision (Shampoo's
+        non-finite gradients); may raise, writes nothing."""
+
+    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool):
+        """Step one segment with its backend. prepare=True and a two-phase backend
+        (``Backend.prepare``): only prepare, and return the commit; otherwise step, return None."""
+        backend = seg.backend
+        fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
+        kwargs = dict(seg.collectives)
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            # As GradScaler.unscale_: the reciprocal in float64 (MPS has none), rounded once to
+            # float32; a device op, no host read.
+            scale = grad_scale.reshape(())
+            inv_grad_scale = scale.reciprocal().float() if scale.device.type == "mps" else scale.double().reciprocal().float()
+            if backend.amp_scaling:
+                kwargs["inv_grad_scale"] = inv_grad_scale
+            else:
+                unscale_(grads, inv_grad_scale)
+        return fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
+
+    def _run(self, kernel: str | None = None, extra: dict | None = None, _retry: bool = False) -> None:
+        """One step of every param group with the backend(s) of ``kernel`` (default: this
+        optimizer's rule); ``extra`` keyword arguments go to _hparams.
+
+        Order, so that nothing is written before everything that can fail has been checked:
+        hyperparameters of every group; every group's plan (gradients, backend choice, state
+        shapes); GradScaler's found_inf (skip: nothing created or written); state creation;
+        data checks and the prepare phase of two-phase backends (Shampoo's roots) for every group;
+        then the writes. In a distributed run the ranks agree on the outcome of the prepare phase
+        before any writes (one all-reduce), so a failure on one rank stops every rank."""
+        kernel = kernel or self.rule
+        extra = extra or {}
+        for group in self.param_groups:
+            self._check_group(group)
+        work = []
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"]]
+            plan = self._plan(group, kernel, grads)
+            if plan.params:
+                work.append((group, plan, grads))
+        if not work or self._found_inf():
+            return  # nothing to step, or GradScaler found inf/nan: step nothing (module docstring)
+        for group, plan, _ in work:
+            self._create_state(group, plan)
+        segments = []
+        # One backend call validates its own inputs before writing (Backend.validates); with
+        # several calls in this step, a gradient that would make a later one fail must be found
+        # before the first one writes: then every gradient is checked here.
+        several = sum(len(plan.segments) for _, plan, _ in work) > 1
+        for group, plan, grads in work:
+            for seg in plan.segments:
+                seg_grads = [grads[i] for i in seg.grad_index]
+                if plan.distributed:
+                    seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
+                full = several or not seg.backend.validates
+                if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
+                    # A gradient's dtype or layout changed since the backend was chosen: choose again.
+                    self.__dict__.pop("_plan_cache", None)
+                    return self._run(kernel, extra, _retry=True)
+                segments.append((group, seg, seg_grads))
+        calls, failure = [], None
+        try:
+            self._check_data([plan for _, plan, _ in work])
+            for group, seg, seg_grads in segments:
+                hp = self._hparams_for(seg.kernel, group, extra)
+                if seg.backend.prepare is not None:
+                    calls.append(self._call(seg, seg_grads, hp, prepare=True))
+                else:
+                    calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+            failure = exc
+        if any(plan.distributed for _, plan, _ in work) and _distributed_ready():
+            failure = _agree(failure, type(self).__name__)
+        if failure is not None:
+            raise failure
+        for call in calls:
+            if call is not None:
+                call()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -287,3 +528,42 @@ class MupOptimizer(Optimizer):
                 loss = closure()
         self._run()
         return loss
+
+
+def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
+    """Raise for a sparse gradient (no backend steps one), and with ``full`` for a gradient of
+    another shape than its parameter's; return True when a gradient's dtype or contiguity is not
+    the one the segment's backend was chosen for (the caller then plans again)."""
+    if any(g.is_sparse for g in grads):
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if not full:
+        return False
+    changed = False
+    for p, g, (dtype, contiguous) in zip(seg.params, grads, seg.grad_layout):
+        if g.shape != p.shape:
+            raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        changed = changed or g.dtype != dtype or g.is_contiguous() != contiguous
+    return changed
+
+
+class BackendFallbackWarning(UserWarning):
+    """``backend="auto"`` passed over a faster backend that exists for these tensors' device but
+    cannot run them (the reason is in the message)."""
+
+
+def _distributed_ready() -> bool:
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _agree(failure: Exception | None, name: str) -> Exception | None:
+    """All ranks learn whether any rank failed its prepare phase (one all-reduce of a flag), so
+    that no rank writes a step that another rank refused: each rank raises its own error, or one
+    saying another rank failed."""
+    flag = torch.tensor([0.0 if failure is None else 1.0])
+    backend = dist.get_backend()
+    if backend == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if failure is None and flag.item() > 0:
+        return RuntimeError(f"{name}: the step failed on another rank (see its error); nothing was written on any rank")
+    return failure

@@ -62,7 +62,7 @@ class AdamW(MupOptimizer):
     r"""AdamW with muP: a drop-in for ``torch.optim.AdamW``.
 
     Math (per tensor, t the step count after increment, decay in the default ``independent``
-    mode; ``lr_mult``, ``eps_mult`` from the tensor's muP role, mup-rules.md)::
+    mode; ``lr_mult``, ``eps_mult`` from the tensor's muP role, docs/mup.md)::
 
         p *= 1 - lr*wd
         m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2

@@ -9,10 +9,12 @@ transcription of the formula (mupopt.testing).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .. import backends
+from ._placement import NormReduce
 from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, is_number, store
 
 
@@ -27,8 +29,59 @@ class LAMBHparams:
     maximize: bool
 
 
-def lamb_reference(params, grads, states, mults, hp: LAMBHparams) -> None:
-    """One LAMB step, one tensor at a time, float32 math::
+NormReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def reduce_norm_sums(norm_reduce: NormReduce, partials: torch.Tensor) -> torch.Tensor:
+    """Call ``norm_reduce(partials)`` (once) and check what it returns: a float64 tensor of the
+    shape of ``partials`` ([N, 2]) on its device. Shared by every LAMB backend."""
+    reduced = norm_reduce(partials)
+    if not isinstance(reduced, torch.Tensor):
+        raise TypeError(f"LAMB norm_reduce must return a tensor, got {type(reduced).__name__}")
+    if reduced.dtype != torch.float64 or reduced.shape != partials.shape or reduced.device != partials.device:
+        raise ValueError(
+            f"LAMB norm_reduce must return a float64 tensor of shape {tuple(partials.shape)} on "
+            f"{partials.device} (the reduced sums of p*p and u*u per tensor), got {reduced.dtype} "
+            f"{tuple(reduced.shape)} on {reduced.device}"
+        )
+    return reduced
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """sum(x*x) of a float32 tensor as a float64 scalar tensor: the squares rounded to float32 (as
+    the fused kernels form them), their sum accumulated in float64 (torch's cascade sum), so it
+    is accurate at any size. (torch's float32 vector_norm on the CPU is 9.5e-5 off the float64
+    value at 2^22 elements, which put a 1.1e-3 relative error on the LAMB update: issue 13.)"""
+    return (x * x).sum(dtype=torch.float64)
+
+
+def trust_ratio(p_sq: torch.Tensor, u_sq: torch.Tensor, hp: LAMBHparams) -> torch.Tensor:
+    """phi(||p||) / ||u|| from the float64 sums of squares (1 unless both norms are positive),
+    as a float32 scalar tensor: the norms rounded to float32, phi/||u|| in float32 (what
+    csrc/include/mupopt/lamb.h's lamb_trust does)."""
+    w_norm = p_sq.sqrt().float()
+    u_norm = u_sq.sqrt().float()
+    phi = w_norm if hp.clamp_value is None else w_norm.clamp(max=hp.clamp_value)
+    return torch.where((w_norm > 0) & (u_norm > 0), phi / u_norm, torch.ones_like(w_norm))
+
+
+def _lamb_direction(p, g, st, m, hp: LAMBHparams):
+    """The step count and the moments (in float32; stored back by the caller), and u."""
+    st["step"] += 1
+    t = st["step"].item()
+    p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
+    g32 = -fp32(g) if hp.maximize else fp32(g)
+    m32.lerp_(g32, 1 - hp.beta1)
+    v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
+    denom = (v32 / (1 - hp.beta2**t)).sqrt_().add_(hp.eps * m.eps)
+    update = (m32 / (1 - hp.beta1**t)).div_(denom).add_(p32, alpha=hp.weight_decay)
+    store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+    return p32, update
+
+
+def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce: NormReduce | None = None) -> None:
+    """One LAMB step (You et al. 2019, arXiv 1904.00962, Algorithm 2 with bias correction),
+    float32 math::
 
         m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2
         r = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult)
@@ -36,24 +89,41 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams) -> None:
         trust = phi(||p||) / ||u||  if both norms > 0, else 1     (phi(x) = min(x, clamp_value))
         p -= lr*lr_mult * trust * u
 
-    Norms are per tensor (Frobenius). The decay sits inside u, so it is normalised by the trust
-    ratio and scaled by lr_mult: LAMB has no separate decay multiplier.
+    Norms are per tensor (Frobenius), from sums of squares accumulated in float64
+    (:func:`sum_of_squares`, :func:`trust_ratio`). The decay sits inside u, so it is normalised
+    by the trust ratio and scaled by lr_mult: LAMB has no separate decay multiplier.
+
+    ``norm_reduce`` (every LAMB backend takes it): None, or a callable for tensors of which this
+    call sees a shard. It is called once per call, after the step counts and moments of every
+    tensor are updated, with ``partials``: float64 [N, 2] on the params' device, row i the sum of
+    squares of p_i (before this step's update) and of u_i over this shard; it returns the sums
+    over the whole tensors (e.g. after an all-reduce; it may reduce in place and return its
+    argument), from which the trust ratios are formed. (The fused backends with bfloat16 states
+    store the new moments only in their second pass, after norm_reduce: they recompute them there
+    from the old ones rather than re-read them rounded, see csrc/include/mupopt/lamb.h.) With no
+    params nothing is called.
     """
-    for p, g, st, m in zip(params, grads, states, mults):
-        st["step"] += 1
-        t = st["step"].item()
-        p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
-        g32 = -fp32(g) if hp.maximize else fp32(g)
-        m32.lerp_(g32, 1 - hp.beta1)
-        v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
-        denom = (v32 / (1 - hp.beta2**t)).sqrt_().add_(hp.eps * m.eps)
-        update = (m32 / (1 - hp.beta1**t)).div_(denom).add_(p32, alpha=hp.weight_decay)
-        w_norm = torch.linalg.vector_norm(p32)
-        u_norm = torch.linalg.vector_norm(update)
-        phi = w_norm if hp.clamp_value is None else w_norm.clamp(max=hp.clamp_value)
-        trust = torch.where((w_norm > 0) & (u_norm > 0), phi / u_norm, torch.ones_like(w_norm))
+    if norm_reduce is None:
+        for p, st, m, g in zip(params, states, mults, grads):
+            p32, update = _lamb_direction(p, g, st, m, hp)
+            trust = trust_ratio(sum_of_squares(p32), sum_of_squares(update), hp)
+            p32.add_(update * trust, alpha=-hp.lr * m.lr)
+            store(p, p32)
+        return
+    if not params:
+        return
+    pending = []
+    partials = torch.empty(len(params), 2, dtype=torch.float64, device=params[0].device)
+    for i, (p, g, st, m) in enumerate(zip(params, grads, states, mults)):
+        p32, update = _lamb_direction(p, g, st, m, hp)
+        partials[i, 0] = sum_of_squares(p32)
+        partials[i, 1] = sum_of_squares(update)
+        pending.append((p32, update))
+    reduced = reduce_norm_sums(norm_reduce, partials)
+    for i, (p, m, (p32, update)) in enumerate(zip(params, mults, pending)):
+        trust = trust_ratio(reduced[i, 0], reduced[i, 1], hp)
         p32.add_(update * trust, alpha=-hp.lr * m.lr)
-        store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+        store(p, p32)
 
 
 backends.register(backends.Backend("lamb", "reference", lamb_reference))
@@ -105,6 +175,15 @@ class LAMB(MupOptimizer):
         check(c is None or (is_number(c) and c > 0), f"Invalid clamp_value: {c}")
         check(is_number(group["hidden_lr_exponent"]), f"Invalid hidden_lr_exponent: {group['hidden_lr_exponent']}")
         check(group["wd_mode"] == "independent", "LAMB has no wd_mode: its decay is part of the trust-ratio update")
+
+    def _plan_options(self, group: dict) -> tuple:
+        return (group["scale_eps"], group["hidden_lr_exponent"])
+
+    def _collectives(self, kernel: str, params: list) -> dict:
+        """Sharded tensors: the trust ratio from whole-tensor norms, the per-shard partial sums
+        of squares summed over the ranks in one all-reduce per step (_placement.NormReduce)."""
+        reduce = NormReduce(params)
+        return {"norm_reduce": reduce} if reduce else {}
 
     def _rule_options(self, group: dict) -> dict:
         return {"scale_eps": group["scale_eps"], "lamb_hidden_exponent": float(group["hidden_lr_exponent"])}

@@ -18,6 +18,7 @@ from .. import backends
 from ..linalg import newton_schulz
 from ..mup import MupError, Multipliers, multipliers
 from ._base import MupOptimizer, check, check_betas, check_eps, check_weight_decay, fp32, is_number, store
+from ._placement import Orthogonalize
 from .adamw import AdamWHparams
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
@@ -52,20 +53,33 @@ class MuonHparams:
     ns_dtype: torch.dtype
 
 
+def default_ns_dtype(device: torch.device | str) -> torch.dtype:
+    """The Newton-Schulz dtype of ``Muon(ns_dtype=None)`` (the default) for tensors on ``device``:
+    float32 on the CPU, where bfloat16 matmuls are 10-20x slower than float32 (measured on a
+    2-core x86 VM, torch.optim.Muon alike), and bfloat16 elsewhere (CUDA), as torch.optim.Muon."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def matrix_view(t: torch.Tensor) -> torch.Tensor:
     """The 2-D view Muon orthogonalises: conv kernels (ndim > 2) flattened to (shape[0], -1)."""
     return t.reshape(t.shape[0], -1)
 
 
-def muon_reference(params, grads, states, mults, hp: MuonHparams) -> None:
+def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonalize=None) -> None:
     """One Muon step for hidden matrices::
 
         B = lerp(B, g, 1-mu) ;  u = lerp(g, B, mu) if nesterov else B
         O = NS(u)                        (same-shape matrices stacked into one NS call)
         p *= 1 - lr*wd*wd_mult
-        p -= lr*lr_mult*shape_factor * O
+        p -= lr*lr_mult * O
 
-    The operation order is torch.optim.Muon's; NS runs in ``hp.ns_dtype`` (bf16 by default).
+    ``lr_mult`` includes Muon's shape factor of the whole matrix (:meth:`Muon.group_multipliers`:
+    ``mults`` are computed from the global shape, which a backend stepping a shard cannot see).
+    ``orthogonalize(updates, ns)``, when given, replaces the local NS: it receives the updates
+    shaped like the (local) params and the NS function on a stack of same-shape matrices, and
+    returns the orthogonalised updates (mupopt.optim._placement.Orthogonalize gathers sharded
+    matrices to owner ranks). The operation order is torch.optim.Muon's; NS runs in
+    ``hp.ns_dtype`` (the optimizer resolves its default per device: :func:`default_ns_dtype`).
     """
     updates = []
     for g, st in zip(grads, states):
@@ -73,22 +87,33 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams) -> None:
         g32 = fp32(g)
         buf32.lerp_(g32, 1 - hp.momentum)
         store(st["momentum_buffer"], buf32)
-        updates.append(matrix_view(g32.lerp(buf32, hp.momentum) if hp.nesterov else buf32))
-    by_shape: dict[tuple, list[int]] = {}
-    for i, u in enumerate(updates):
-        by_shape.setdefault(tuple(u.shape), []).append(i)
-    ortho: list[torch.Tensor | None] = [None] * len(updates)
-    for shape, idx in by_shape.items():
-        stacked = torch.stack([updates[i] for i in idx])
-        out = newton_schulz(stacked, hp.ns_steps, hp.ns_coefficients, hp.eps, hp.ns_dtype, check_finite=False)
-        for k, i in enumerate(idx):
-            ortho[i] = out[k]
+        updates.append(g32.lerp(buf32, hp.momentum) if hp.nesterov else buf32)
+
+    def ns(stacked: torch.Tensor) -> torch.Tensor:
+        return newton_schulz(stacked, hp.ns_steps, hp.ns_coefficients, hp.eps, hp.ns_dtype, check_finite=False)
+
+    if orthogonalize is not None:
+        ortho = orthogonalize(updates, ns, ns_steps(hp))
+    else:
+        views = [matrix_view(u) for u in updates]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, u in enumerate(views):
+            by_shape.setdefault(tuple(u.shape), []).append(i)
+        ortho = [None] * len(updates)
+        for shape, idx in by_shape.items():
+            out = ns(torch.stack([views[i] for i in idx]))
+            for k, i in enumerate(idx):
+                ortho[i] = out[k]
     for p, o, m in zip(params, ortho, mults):
-        rows, cols = o.shape
         p32 = fp32(p)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
-        p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr * shape_factor(hp.adjust_lr_fn, rows, cols))
+        p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr)
         store(p, p32)
+
+
+def ns_steps(hp: MuonHparams) -> int:
+    """Iterations of the NS schedule (for flop counts)."""
+    return hp.ns_steps if hp.ns_steps is not None else len(hp.ns_coefficients)
 
 
 backends.register(backends.Backend("muon", "reference", muon_reference))
@@ -103,7 +128,7 @@ class Muon(MupOptimizer):
     take them. ``use_muon=True`` / ``False`` in a param group forces the choice for that group.
     Muon parameters with ndim > 2 (conv kernels) are orthogonalised as (shape[0], -1).
 
-    muP (mup-rules.md): hidden matrices get lr multiplier 1 with the "original" or "spectral"
+    muP (docs/mup.md): hidden matrices get lr multiplier 1 with the "original" or "spectral"
     shape factors (they are width-stable by construction; never stack 1/m on them) and
     1/sqrt(m_in) with "match_rms_adamw" (whose 0.2*sqrt(max(A, B)) grows with width); the decay
     stays lr*wd in the default independent mode. The AdamW part follows AdamW's rules.
@@ -114,7 +139,10 @@ class Muon(MupOptimizer):
         ns_coefficients=(3.4445, -4.775, 2.0315) or a list of per-iteration triples (e.g.
         mupopt.linalg.POLAR_EXPRESS_COEFFICIENTS[:5] with ns_steps=None), eps=1e-7, ns_steps=5,
         adjust_lr_fn=None | "original" | "match_rms_adamw" | "spectral": as torch.optim.Muon.
-        ns_dtype: dtype of the Newton-Schulz iteration (bf16 as torch; float32 for accuracy).
+        ns_dtype: dtype of the Newton-Schulz iteration. None (default): chosen at each step by the
+            params' device, float32 on the CPU (bf16 matmuls are 10-20x slower there) and
+            bfloat16 on CUDA as torch.optim.Muon (:func:`default_ns_dtype`). Pass
+            torch.bfloat16 to compute exactly what torch.optim.Muon computes on the CPU too.
         adamw_lr=1e-3, adamw_betas=(0.9, 0.999), adamw_eps=1e-8, adamw_wd=0.01: the AdamW part.
             Its lr follows the group's lr schedule: adamw_lr * group["lr"] / group["lr_ref"], with
             lr_ref the group's lr at construction.
@@ -135,7 +163,7 @@ class Muon(MupOptimizer):
         ns_steps: int | None = 5,
         adjust_lr_fn: str | None = None,
         *,
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | None = None,
         adamw_lr: float = 1e-3,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -157,7 +185,7 @@ class Muon(MupOptimizer):
         check(is_number(group["weight_decay"]) and group["weight_decay"] >= 0, f"weight decay should be >= 0 but is: {group['weight_decay']}")
         check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
         check_eps(group["eps"])
-        check(group["ns_dtype"] in (torch.bfloat16, torch.float32, torch.float64), f"Invalid ns_dtype: {group['ns_dtype']}")
+        check(group["ns_dtype"] in (None, torch.bfloat16, torch.float32, torch.float64), f"Invalid ns_dtype: {group['ns_dtype']}")
         check(group["use_muon"] in (None, True, False), f"use_muon must be None, True or False, got {group['use_muon']!r}")
         check(is_number(group["adamw_lr"]) and group["adamw_lr"] >= 0, f"Invalid adamw_lr: {group['adamw_lr']}")
         check(is_number(group.get("lr_ref", 0.0)) and group.get("lr_ref", 0.0) >= 0, f"Invalid lr_ref: {group.get('lr_ref')}")
@@ -182,6 +210,9 @@ class Muon(MupOptimizer):
         return record["role"] == "hidden"
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
+        """AdamW's multipliers for the AdamW part; for Muon matrices the muP lr multiplier times
+        Muon's shape factor of the whole matrix (its global (shape[0], -1) view: a DTensor's
+        ``shape`` is global, so a rank stepping a shard still scales by the full matrix)."""
         rule = "muon_match_rms_adamw" if group["adjust_lr_fn"] == "match_rms_adamw" else "muon"
         out = []
         for i, info in enumerate(self.width_infos(group)):
@@ -190,7 +221,11 @@ class Muon(MupOptimizer):
             elif info is not None and info.role != "hidden":
                 raise MupError(f"use_muon=True on a parameter of role {info.role!r}: Muon's muP rules cover hidden matrices only")
             else:
-                out.append(multipliers(rule, info, wd_mode=group["wd_mode"]))
+                m = multipliers(rule, info, wd_mode=group["wd_mode"])
+                shape = group["params"][i].shape
+                rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, 1)
+                factor = shape_factor(group["adjust_lr_fn"], rows, cols) if rows and cols else 1.0
+                out.append(m._replace(lr=m.lr * factor))
         return out
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -208,8 +243,15 @@ class Muon(MupOptimizer):
         coeffs = tuple(coeffs) if len(coeffs) == 3 and all(is_number(c) for c in coeffs) else tuple(map(tuple, coeffs))
         return MuonHparams(
             float(group["lr"]), float(group["weight_decay"]), float(group["momentum"]), bool(group["nesterov"]),
-            coeffs, group["ns_steps"], float(group["eps"]), group["adjust_lr_fn"], group["ns_dtype"],
+            coeffs, group["ns_steps"], float(group["eps"]), group["adjust_lr_fn"], self._ns_dtype(group),
         )
+
+    @staticmethod
+    def _ns_dtype(group: dict) -> torch.dtype:
+        """The group's ns_dtype; None resolves by the device of its params (default_ns_dtype)."""
+        if group["ns_dtype"] is not None:
+            return group["ns_dtype"]
+        return default_ns_dtype(group["params"][0].device if group["params"] else "cpu")
 
     def _adamw_hparams(self, group: dict) -> AdamWHparams:
         """The AdamW part follows the group's lr schedule: its lr is adamw_lr * lr / lr_ref, where
@@ -224,16 +266,26 @@ class Muon(MupOptimizer):
         param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))
         super().add_param_group(param_group)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = [(group, self._gather(group)) for group in self.param_groups]
-        for group, w in work:
-            for kernel, hp, to_muon in (("muon", self._hparams(group), True), ("adamw", self._adamw_hparams(group), False)):
-                sel = [k for k, i in enumerate(w.index) if self._uses_muon(group, i) == to_muon]
-                self._call(kernel, group, [w.params[k] for k in sel], [w.grads[k] for k in sel], [w.mults[k] for k in sel], hp)
-        return loss
+    # -- how the step is split (mupopt.optim._base.MupOptimizer._run) --------------------------------
+    def _plan_options(self, group: dict) -> tuple:
+        return (group["wd_mode"], group["adjust_lr_fn"], group["use_muon"])
+
+    def _segments(self, group: dict, kernel: str, stepped: list[int]) -> list[tuple[str, list[int]]]:
+        """Hidden matrices to backend "muon", the rest to "adamw": both prepared (backend chosen,
+        inputs checked) before either writes, so an error in the AdamW part leaves the matrices
+        unstepped too."""
+        to_muon = [self._uses_muon(group, i) for i in stepped]
+        return [
+            ("muon", [k for k, m in enumerate(to_muon) if m]),
+            ("adamw", [k for k, m in enumerate(to_muon) if not m]),
+        ]
+
+    def _hparams_for(self, kernel: str, group: dict, extra: dict):
+        return self._hparams(group) if kernel == "muon" else self._adamw_hparams(group)
+
+    def _collectives(self, kernel: str, params: list) -> dict:
+        """Sharded Muon matrices: Newton-Schulz on whole matrices, spread over the ranks."""
+        if kernel != "muon":
+            return {}
+        hook = Orthogonalize(params, type(self).__name__)
+        return {"orthogonalize": hook} if hook.distributed else {}

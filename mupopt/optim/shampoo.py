@@ -1,7 +1,7 @@
 """Shampoo (Gupta, Koren, Singer, arXiv 1802.09568) in the practical form of DistributedShampoo
 (Shi et al., arXiv 2309.06497: blocking, EMA statistics, Adam grafting), with muP.
 
-Reference: a float64 transcription of the formulas (tests/test_shampoo.py), as optimizer-specs.md.
+Reference: a float64 transcription of these papers' formulas (mupopt.testing, tests/test_shampoo.py).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .. import backends
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
 from ._base import MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, store
+from ._placement import is_dtensor, local
 
 GRAFTINGS = ("adam", None)
 ROOT_METHODS = ("eigh", "newton")
@@ -182,7 +183,7 @@ class Shampoo(MupOptimizer):
     eigendecomposition (O(r^3 + c^3)) per block, every ``precondition_frequency`` steps; same-size
     blocks are batched into one call.
 
-    muP (mup-rules.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
+    muP (docs/mup.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
     without grafting (exponent -1/4 per side) input sqrt(m_out), hidden sqrt(m_out/m_in), output
     1/sqrt(m_in) while no side is split into blocks, and in general sqrt of the growth of the two
     block sides over m_in (:func:`mupopt.mup.shampoo_block_lr`): a side capped by
@@ -248,26 +249,37 @@ class Shampoo(MupOptimizer):
         check_betas((0.0, group["grafting_beta2"]))
         check(is_number(group["grafting_epsilon"]) and group["grafting_epsilon"] >= 0, f"Invalid grafting_epsilon: {group['grafting_epsilon']}")
 
-    def _gather(self, group: dict):
-        """As every optimizer, plus: a non-finite gradient raises before any group is touched.
-        It would poison L and R for good (every later root fails), so Shampoo refuses it; one
-        device sync per group is the price."""
-        work = super()._gather(group)
-        if work.grads and not bool(torch.stack([torch.isfinite(g).all() for g in work.grads]).all()):
+    def _check_data(self, plans: list) -> None:
+        """A non-finite gradient raises before any group is touched. It would poison L and R
+        for good (every later root fails), so Shampoo refuses it; one device sync per step is
+        the price. In a distributed run every rank learns of it (MupOptimizer._run)."""
+        grads = [g for plan in plans for seg in plan.segments for g in (local(plan.params[k].grad) for k in seg.positions)]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             raise ValueError("Shampoo: non-finite gradient (inf or nan); params and state left unchanged")
-        return work
+
+    def _plan_options(self, group: dict) -> tuple:
+        return (group["wd_mode"], group["grafting"], group["max_preconditioner_dim"])
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         if group["grafting"] == "adam":
             return [multipliers("shampoo_grafted", info, wd_mode=group["wd_mode"]) for info in self.width_infos(group)]
+        # The blocks are cut from what this rank steps: a DTensor's local shard (module
+        # mupopt.optim._placement), so the block sides, and with them the lr rule, are the shard's.
         return [
             multipliers("shampoo", info, wd_mode=group["wd_mode"],
-                        shampoo_blocks=(tuple(p.shape), group["max_preconditioner_dim"]) if is_matrix(p) else None)
+                        shampoo_blocks=(tuple(local(p).shape), group["max_preconditioner_dim"]) if is_matrix(p) else None)
             for p, info in zip(group["params"], self.width_infos(group))
         ]
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        return init_shampoo_state(p, group["max_preconditioner_dim"])
+        if not is_dtensor(p):
+            return init_shampoo_state(p, group["max_preconditioner_dim"])
+        # Sharded: the param-sized buffers are DTensors like p (they reshard with it in a
+        # checkpoint); L, R and their roots belong to the blocks of this rank's shard.
+        state = init_shampoo_state(local(p), group["max_preconditioner_dim"])
+        for key in ("momentum_buffer", "exp_avg_sq"):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     def _hparams(self, group: dict) -> ShampooHparams:
         b1, b2 = group["betas"]
@@ -279,13 +291,24 @@ class Shampoo(MupOptimizer):
         )
 
     def preconditioner_memory(self) -> dict[str, int]:
-        """Bytes held now: "preconditioners" (L, R and their roots), "buffers" (momentum and
-        the Adam second moment), and "total". State is created at the first step."""
+        """Bytes of "preconditioners" (L, R and their roots, float32), "buffers" (momentum and
+        the Adam second moment, in the parameter's dtype) and "total". A parameter whose state
+        exists counts what it holds; one without state yet (before the first step) counts what
+        its first step will allocate, so the number is known before any memory is spent."""
         pre = buf = 0
-        for st in self.state.values():
-            for key in ("left", "right", "left_root", "right_root"):
-                pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
-            for key in ("momentum_buffer", "exp_avg_sq"):
-                if key in st:
-                    buf += st[key].numel() * st[key].element_size()
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "momentum_buffer" in st:
+                    for key in ("left", "right", "left_root", "right_root"):
+                        pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
+                    for key in ("momentum_buffer", "exp_avg_sq"):
+                        if key in st:
+                            buf += st[key].numel() * st[key].element_size()
+                    continue
+                buf += 2 * p.numel() * p.element_size()
+                if is_matrix(p):
+                    blocks = blocks_of(p.shape[0], p.numel() // p.shape[0], group["max_preconditioner_dim"])
+                    # L and R and their roots: 2 * (r^2 + c^2) float32 values per (r, c) block.
+                    pre += sum(2 * 4 * ((rs.stop - rs.start) ** 2 + (cs.stop - cs.start) ** 2) for rs, cs in blocks)
         return {"preconditioners": pre, "buffers": buf, "total": pre + buf}

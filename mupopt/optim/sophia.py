@@ -6,6 +6,8 @@ Reference: the official code, PyPI ``sophia-opt`` (``sophia_opt.SophiaG``): the 
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,21 @@ def gnb_backward(logits: torch.Tensor, *, generator: torch.Generator | None = No
     return loss.detach()
 
 
+# sophia-opt's default tokens per batch in SophiaG.step(bs=...).
+DEFAULT_BS = 5120
+
+
+class _DefaultBS:
+    """The default of ``SophiaG.step(bs=...)``: sophia-opt's 5120, with a warning. A sentinel, not
+    None, so that an explicit ``bs=None`` stays an error as in sophia-opt."""
+
+    def __repr__(self) -> str:
+        return f"{DEFAULT_BS} (sophia-opt's default; warns once)"
+
+
+_DEFAULT_BS = _DefaultBS()
+
+
 class SophiaG(MupOptimizer):
     r"""SophiaG with muP: a drop-in for ``sophia_opt.SophiaG``.
 
@@ -87,7 +104,10 @@ class SophiaG(MupOptimizer):
         if it % k == k - 1:
             opt.update_hessian_from_logits(model(x))   # GNB estimate, leaves .grad cleared
 
-    Math: see :func:`sophia_reference`; beta1, beta2 and rho are not width-scaled (mup-rules.md).
+    Math: see :func:`sophia_reference`; beta1, beta2 and rho are not width-scaled (docs/mup.md).
+
+    ``step(bs=...)``: the tokens per batch, which scale the clip threshold rho*bs*h. Without it
+    the step uses sophia-opt's default, 5120, and warns once per optimizer.
 
     Args:
         params: parameters, named parameters or param groups.
@@ -127,7 +147,7 @@ class SophiaG(MupOptimizer):
             "hessian": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
 
-    def _hparams(self, group: dict, bs: float = 5120) -> SophiaHparams:
+    def _hparams(self, group: dict, bs: float = 5120) -> SophiaHparams:  # 5120: DEFAULT_BS
         b1, b2 = group["betas"]
         return SophiaHparams(
             float(group["lr"]), float(b1), float(b2), float(group["rho"]), float(group["weight_decay"]),
@@ -135,8 +155,21 @@ class SophiaG(MupOptimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None, bs: int = 5120):
-        """One step; ``bs`` is the number of tokens (samples) per batch, as in sophia-opt."""
+    def step(self, closure=None, bs: int = _DEFAULT_BS):
+        """One step; ``bs`` is the number of tokens (samples) per batch, as in sophia-opt. Not
+        given: sophia-opt's default 5120, with a warning the first time (the clip threshold
+        rho*bs*h depends on the real batch size)."""
+        if bs is _DEFAULT_BS:
+            bs = DEFAULT_BS
+            if not getattr(self, "_warned_default_bs", False):
+                self._warned_default_bs = True
+                warnings.warn(
+                    f"SophiaG.step() without bs= uses sophia-opt's default bs={DEFAULT_BS}, but the clip "
+                    f"threshold rho*bs*h depends on the real number of tokens per batch: pass "
+                    f"step(bs=tokens_per_batch). (This warning is shown once per optimizer.)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         check(is_number(bs) and float(bs) > 0, f"Invalid bs: {bs} (tokens per batch, a positive number)")
         loss = None
         if closure is not None:

@@ -22,6 +22,14 @@
 //   LambNormOp<kNothing>:             reads p g m v, sums
 //   LambUpdateOp<kRecompute>:         reads p g m v, writes p m v (all bf16: 22 B per element)
 // Recomputed values are bit-identical to the first pass's (same inputs, same operations).
+//
+// Split form (ops lamb_partials_ / lamb_apply_, for sharded tensors whose norms are reduced
+// across ranks between the passes): the same Ops over the whole list, no blocks, so two
+// passes over memory. lamb_partials_ runs LambNormOp<kMoments> (float32 states) or
+// <kNothing> (bfloat16) and returns each tensor's two sums (float64, chunk partials added in
+// chunk order, as above); lamb_apply_ takes the reduced sums, forms the trust ratios with
+// lamb_trust and runs LambUpdateOp<kFromMoments> or <kRecompute>. With the sums unchanged the
+// result is bit for bit the one-call form's.
 #pragma once
 
 #include "common.h"

@@ -46,7 +46,7 @@ struct TensorRow {
   int64_t first_chunk;        // index of this tensor's first chunk within its launch
   float scalar[kMaxScalars];  // per-tensor scalars, meaning given by the Op's header
   int32_t aligned;            // CUDA: every used stream allows 4-element vector accesses
-  int32_t reserved;
+  int32_t source;             // the tensor's index in the op's lists (LAMB's per-tensor sums)
 };
 
 // Per-call gradient handling, shared by every Op with kGradStream.

@@ -90,6 +90,7 @@ def register() -> None:
             backends.register(
                 backends.Backend(
                     name, "cpu", ops.FUNCTIONS[name], priority=CPU_PRIORITY, unsupported_reason=cpu_unsupported_reason,
+                    devices=("cpu",), validates=True,
                     bind=ops.BIND[name],
                 )
             )
@@ -97,6 +98,7 @@ def register() -> None:
             backends.register(
                 backends.Backend(
                     name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason,
+                    devices=("cuda",), validates=True,
                     bind=ops.BIND[name],
                 )
             )

@@ -149,16 +149,46 @@ def _load(kind: str, verbose: bool) -> None:
     kwargs = {}
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
-    cpp_extension.load(
-        name=name,
-        sources=[str(root / s) for s in sources],
-        extra_cflags=list(CXX_FLAGS),
-        extra_ldflags=list(LD_FLAGS),
-        extra_include_paths=[str(root / "include"), str(root)],
-        is_python_module=False,
-        verbose=verbose,
-        **kwargs,
-    )
+    build_dir = _build_dir(name)
+    announce = build_dir is None or not _is_built(build_dir, name)
+    if announce:  # a build takes 15-75 s: say what is happening, once, and how long it took
+        where = f" into {build_dir}" if build_dir else ""
+        print(f"mupopt: building the {kind} C++ library (backend {kind!r}) from {root}{where}, once per "
+              f"source version ...", end="\n" if verbose else "", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(root / s) for s in sources],
+            extra_cflags=list(CXX_FLAGS),
+            extra_ldflags=list(LD_FLAGS),
+            extra_include_paths=[str(root / "include"), str(root)],
+            is_python_module=False,
+            verbose=verbose,
+            **kwargs,
+        )
+    except BaseException:
+        if announce:
+            print(f"{' mupopt:' if verbose else ''} failed after {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        raise
+    if announce:
+        print(f"{'mupopt: built' if verbose else ''} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def _build_dir(name: str) -> str | None:
+    """torch's build folder of extension ``name`` (where its library lands), or None if this
+    torch does not say."""
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension._get_build_directory(name, False)
+    except Exception:  # a private helper: absent or changed in some torch version
+        return None
+
+
+def _is_built(build_dir: str, name: str) -> bool:
+    """Whether the library is already in the cache (then loading it takes well under a second)."""
+    return any(os.path.isfile(os.path.join(build_dir, name + ext)) for ext in (".so", ".pyd", ".dll", ".dylib"))
 
 
 def load_cpu(verbose: bool | None = None) -> bool | str:

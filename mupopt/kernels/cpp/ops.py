@@ -67,17 +67,29 @@ def adopt(params, grads, states, mults, hp) -> None:
     )
 
 
-def lamb(params, grads, states, mults, hp) -> None:
-    """LAMB step (see mupopt.optim.lamb.lamb_reference). No decay multiplier: the decay is in u."""
+def lamb(params, grads, states, mults, hp, *, norm_reduce=None) -> None:
+    """LAMB step (see mupopt.optim.lamb.lamb_reference). No decay multiplier: the decay is in u.
+
+    ``norm_reduce`` None: one op (``lamb_``; on the CPU the cache-blocked two passes). Else two:
+    ``lamb_partials_`` (moments, steps and the per-tensor sums [N, 2]), ``norm_reduce`` once,
+    ``lamb_apply_`` with the reduced sums: two passes over the whole list."""
     if not params:
         return
     _require(params)
     exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
-    torch.ops.mupopt.lamb_(
-        params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults],
+    args = (params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults])
+    kwargs = dict(
         lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
         clamp_value=hp.clamp_value, maximize=hp.maximize, grad_scale=None, found_inf=None,
     )
+    if norm_reduce is None:
+        torch.ops.mupopt.lamb_(*args, **kwargs)
+        return
+    from ...optim.lamb import reduce_norm_sums
+
+    partials = torch.ops.mupopt.lamb_partials_(*args, **kwargs)
+    sums = reduce_norm_sums(norm_reduce, partials)
+    torch.ops.mupopt.lamb_apply_(*args, sums, **kwargs)
 
 
 def sophia(params, grads, states, mults, hp) -> None:

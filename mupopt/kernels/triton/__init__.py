@@ -265,6 +265,6 @@ def register() -> None:
         backends.register(
             backends.Backend(
                 name, "triton", _step_fn(name), priority=PRIORITY, unsupported_reason=unsupported_reason,
-                amp_scaling=True,
+                amp_scaling=True, devices=("cuda",), validates=True,
             )
         )

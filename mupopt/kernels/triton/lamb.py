@@ -10,11 +10,16 @@ Computes what :func:`mupopt.optim.lamb.lamb_reference` computes::
 Three launches per dtype combination, with no host synchronisation:
 
 1. ``_lamb_norms_kernel``, one program per chunk: updates m and v, forms u, and writes the
-   chunk's partial sums of p^2 and u^2 to a [chunks, 2] buffer.
-2. ``_lamb_trust_kernel``, one program per tensor: sums its chunks' partials in a fixed order and
-   writes the tensor's trust ratio. Partials and a fixed-order sum rather than atomic adds: the
+   chunk's partial sums of p^2 and u^2 (float64) to a [chunks, 2] buffer.
+2. ``_lamb_trust_kernel``, one program per tensor: sums its chunks' partials (float64) in a
+   fixed order and writes the tensor's trust ratio. Partials and a fixed-order sum rather than atomic adds: the
    result is deterministic (run to run bit-identical) at the cost of one tiny launch.
 3. ``_lamb_update_kernel``, one program per chunk: recomputes u and applies the step.
+
+With ``norm_reduce`` (sharded tensors, see lamb_reference): pass 1 of every launch, then kernel 2
+stores each tensor's sums instead, ``norm_reduce`` sees them (in the caller's order), and kernel 2
+forms the trust ratios from the reduced sums before each pass 3. With the sums unchanged the
+result is bit for bit the one without.
 
 Bytes per element with float32 states: pass 1 reads p g m v and writes m v, pass 3 reads p m v
 and writes p: 40, the floor of the performance table. With lower-precision states, pass 3 cannot
@@ -82,8 +87,10 @@ def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
     if MASKED:
         u = tl.where(mask, u, 0.0)  # masked lanes: 0/(0+eps), NaN when eps == 0
     c = tl.program_id(0)
-    tl.store(partials_ptr + 2 * c, tl.sum(p * p, axis=0))
-    tl.store(partials_ptr + 2 * c + 1, tl.sum(u * u, axis=0))
+    # Squares in float32 (as the cpu/cuda backends form them), their sum in float64: accurate at
+    # any size (issue 13: float32 norms were 1e-4 off at 2^22 elements).
+    tl.store(partials_ptr + 2 * c, tl.sum((p * p).to(tl.float64), axis=0))
+    tl.store(partials_ptr + 2 * c + 1, tl.sum((u * u).to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -125,30 +132,45 @@ def _lamb_norms_kernel(
 
 @triton.jit
 def _lamb_trust_kernel(
-    # this launch's slots: (first chunk, chunk count) [S, 2]; all partials [C_total, 2];
-    # output trust ratios of this launch's slots [S]
-    ranges_ptr, partials_ptr, trust_ptr,
+    # this launch's slots: (first chunk, chunk count) [S, 2]; all chunk partials [C_total, 2]
+    # (float64); per-slot sums of this launch's slots [S, 2] (float64: written with SUMS == 1,
+    # read with SUMS == 2); output trust ratios of this launch's slots [S]
+    ranges_ptr, partials_ptr, sums_ptr, trust_ptr,
     clamp_value,
-    HAS_CLAMP: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    HAS_CLAMP: tl.constexpr, SUMS: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
 ):
+    """One program per slot. SUMS == 0: its chunks' partials summed (float64, fixed order), then
+    its trust ratio; 1: the sums stored (norm_reduce gets them); 2: the trust ratio from the
+    (reduced) sums. Trust as csrc/include/mupopt/lamb.h's lamb_trust: the norms rounded to
+    float32, phi / ||u|| in float32."""
     s = tl.program_id(0)
-    first = tl.load(ranges_ptr + 2 * s)
-    count = tl.load(ranges_ptr + 2 * s + 1)
-    acc_p = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
-    acc_u = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
-    for i in range(0, count, REDUCE_BLOCK):
-        idx = i + tl.arange(0, REDUCE_BLOCK)
-        live = idx < count
-        chunk = (first + idx).to(tl.int64)
-        acc_p += tl.load(partials_ptr + 2 * chunk, mask=live, other=0.0)
-        acc_u += tl.load(partials_ptr + 2 * chunk + 1, mask=live, other=0.0)
-    w_norm = tl.sqrt_rn(tl.sum(acc_p, axis=0))
-    u_norm = tl.sqrt_rn(tl.sum(acc_u, axis=0))
-    phi = w_norm
-    if HAS_CLAMP:
-        phi = tl.minimum(w_norm, clamp_value)
-    trust = tl.where((w_norm > 0.0) & (u_norm > 0.0), tl.div_rn(phi, u_norm), 1.0)
-    tl.store(trust_ptr + s, trust)
+    if SUMS == 2:
+        p_sq = tl.load(sums_ptr + 2 * s)
+        u_sq = tl.load(sums_ptr + 2 * s + 1)
+    else:
+        first = tl.load(ranges_ptr + 2 * s)
+        count = tl.load(ranges_ptr + 2 * s + 1)
+        acc_p = tl.zeros([REDUCE_BLOCK], dtype=tl.float64)
+        acc_u = tl.zeros([REDUCE_BLOCK], dtype=tl.float64)
+        for i in range(0, count, REDUCE_BLOCK):
+            idx = i + tl.arange(0, REDUCE_BLOCK)
+            live = idx < count
+            chunk = (first + idx).to(tl.int64)
+            acc_p += tl.load(partials_ptr + 2 * chunk, mask=live, other=0.0)
+            acc_u += tl.load(partials_ptr + 2 * chunk + 1, mask=live, other=0.0)
+        p_sq = tl.sum(acc_p, axis=0)
+        u_sq = tl.sum(acc_u, axis=0)
+    if SUMS == 1:
+        tl.store(sums_ptr + 2 * s, p_sq)
+        tl.store(sums_ptr + 2 * s + 1, u_sq)
+    else:
+        w_norm = tl.sqrt(p_sq).to(tl.float32)
+        u_norm = tl.sqrt(u_sq).to(tl.float32)
+        phi = w_norm
+        if HAS_CLAMP:
+            phi = tl.minimum(w_norm, clamp_value)
+        trust = tl.where((w_norm > 0.0) & (u_norm > 0.0), tl.div_rn(phi, u_norm), 1.0)
+        tl.store(trust_ptr + s, trust)
 
 
 @triton.jit
@@ -208,9 +230,13 @@ def _lamb_update_kernel(
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
 
-def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
-    """The functional LAMB step of the "triton" backend (signature of lamb_reference; with
-    ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
+def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_reduce=None) -> None:
+    """The functional LAMB step of the "triton" backend (signature of lamb_reference, whose
+    ``norm_reduce`` it takes; with ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends).
+
+    ``norm_reduce`` None: per launch, the norm pass, the trust ratios, the update pass. Else the
+    norm passes of every launch, the per-tensor float64 sums, ``norm_reduce`` once, then the
+    trust ratios from the reduced sums and the update passes."""
     if not params:
         return
     roles = ["param", "exp_avg", "exp_avg_sq"]
@@ -228,32 +254,66 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
 
-    partials = torch.empty(max(plan.n_chunks, 1), 2, dtype=torch.float32, device=plan.device)
+    partials = torch.empty(max(plan.n_chunks, 1), 2, dtype=torch.float64, device=plan.device)
     trust = torch.ones(plan.n, dtype=torch.float32, device=plan.device)
     shared = (1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.weight_decay)
+    clamp = dict(HAS_CLAMP=hp.clamp_value is not None, REDUCE_BLOCK=_common.REDUCE_BLOCK, num_warps=4)
+    clamp_value = hp.clamp_value if hp.clamp_value is not None else 0.0
+    launches = [launch for launch in plan.launches if launch.n_chunks]  # else only empty tensors
+
+    def meta(launch):
+        p16, m16, v16, g16 = launch.bf16
+        return dict(
+            P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
+            MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
+            HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
+        )
+
+    def norms(launch):
+        _common.launch(
+            _lamb_norms_kernel, (launch.n_chunks,),
+            plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, partials[launch.c0:launch.c0 + launch.n_chunks],
+            inv_scale, *shared, **meta(launch),
+        )
+
+    def update(launch):
+        _common.launch(
+            _lamb_update_kernel, (launch.n_chunks,),
+            plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale,
+            *shared, **meta(launch),
+        )
+
     with plan.device_guard():
-        for launch in plan.launches:
-            if launch.n_chunks == 0:
-                continue  # only empty tensors: nothing to update
-            p16, m16, v16, g16 = launch.bf16
-            meta = dict(
-                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
-                MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
-                HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
-            )
-            _common.launch(
-                _lamb_norms_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, partials[launch.c0:launch.c0 + launch.n_chunks],
-                inv_scale, *shared, **meta,
-            )
+        if norm_reduce is None:
+            for launch in launches:
+                norms(launch)
+                _common.launch(
+                    _lamb_trust_kernel, (launch.s1 - launch.s0,),
+                    launch.ranges, partials, partials, trust[launch.s0:launch.s1], clamp_value, SUMS=0, **clamp,
+                )
+                update(launch)
+            return
+        sums = torch.zeros(plan.n, 2, dtype=torch.float64, device=plan.device)  # slot order
+        for launch in launches:
+            norms(launch)
             _common.launch(
                 _lamb_trust_kernel, (launch.s1 - launch.s0,),
-                launch.ranges, partials, trust[launch.s0:launch.s1],
-                hp.clamp_value if hp.clamp_value is not None else 0.0,
-                HAS_CLAMP=hp.clamp_value is not None, REDUCE_BLOCK=_common.REDUCE_BLOCK, num_warps=4,
+                launch.ranges, partials, sums[launch.s0:launch.s1], trust, clamp_value, SUMS=1, **clamp,
             )
+    from ...optim.lamb import reduce_norm_sums
+
+    if plan.identity:
+        reduced = reduce_norm_sums(norm_reduce, sums)
+    else:
+        order = plan.order_t.to(plan.device)
+        reduced = reduce_norm_sums(norm_reduce, torch.empty_like(sums).index_copy_(0, order, sums))
+        reduced = reduced.index_select(0, order)
+    reduced = reduced.contiguous()
+    with plan.device_guard():
+        for launch in launches:
             _common.launch(
-                _lamb_update_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale,
-                *shared, **meta,
+                _lamb_trust_kernel, (launch.s1 - launch.s0,),
+                launch.ranges, partials, reduced[launch.s0:launch.s1], trust[launch.s0:launch.s1], clamp_value,
+                SUMS=2, **clamp,
             )
+            update(launch)

@@ -4,7 +4,7 @@ Computes what :func:`mupopt.optim.muon.muon_reference` computes::
 
     B = lerp(B, g, 1-mu) ;  u = lerp(g, B, mu) if nesterov else B       _muon_momentum_kernel
     O = NS(u)   (same-shape matrices stacked: one batched NS per shape)  newton_schulz_triton
-    p *= 1 - lr*wd*wd_mult ;  p -= lr*lr_mult*shape_factor * O           _muon_update_kernel
+    p *= 1 - lr*wd*wd_mult ;  p -= lr*lr_mult * O   (lr_mult: with the shape factor)  _muon_update_kernel
 
 Launches per step: per group of same-shape matrices (same storage dtypes), one momentum launch,
 the NS launches (1 + 3 per iteration, the whole stack in each) and one update launch; a
@@ -30,7 +30,7 @@ import torch
 
 from ... import backends
 from ...linalg import newton_schulz
-from ...optim.muon import matrix_view, shape_factor
+from ...optim.muon import matrix_view
 from . import newton_schulz as ns
 
 _jit = ns.DeferredJit(globals())
@@ -133,8 +133,10 @@ def _check(params, grads, states) -> None:
                 _fail(f"{role} {i} (shape {tuple(t.shape)}) is not contiguous")
 
 
-def muon_triton(params, grads, states, mults, hp) -> None:
-    """The functional Muon step of the "triton" backend (signature of muon_reference)."""
+def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None:
+    """The functional Muon step of the "triton" backend (signature of muon_reference, whose
+    docstring says what ``orthogonalize`` does: here it receives the updates in the NS dtype,
+    as the momentum kernel writes them, and this backend's batched Triton NS)."""
     if not params:
         return
     _check(params, grads, states)
@@ -154,10 +156,9 @@ def muon_triton(params, grads, states, mults, hp) -> None:
     scal = torch.empty(len(order), 2, dtype=torch.float32)
     table = torch.empty(len(order), _ROW, dtype=torch.int64)
     for r, i in enumerate(order):
-        rows, cols = matrix_view(params[i]).shape
         m = mults[i]
         scal[r, 0] = 1 - hp.lr * hp.weight_decay * m.wd
-        scal[r, 1] = -hp.lr * m.lr * shape_factor(hp.adjust_lr_fn, rows, cols)
+        scal[r, 1] = -hp.lr * m.lr  # m.lr includes Muon's shape factor (Muon.group_multipliers)
         table[r, 0] = grads[i].data_ptr()
         table[r, 1] = bufs[i].data_ptr()
         table[r, 2] = params[i].data_ptr()
@@ -168,28 +169,47 @@ def muon_triton(params, grads, states, mults, hp) -> None:
 
     ns_dtype = hp.ns_dtype
     u_dtype = ns_dtype if ns_dtype in ns.SUPPORTED_DTYPES else torch.float32
+
+    def orthogonalise(U: torch.Tensor) -> torch.Tensor:
+        if ns_dtype in ns.SUPPORTED_DTYPES:
+            return ns.newton_schulz_triton(U, hp.ns_steps, hp.ns_coefficients, hp.eps, ns_dtype, check_finite=False)
+        return newton_schulz(U, hp.ns_steps, hp.ns_coefficients, hp.eps, ns_dtype, check_finite=False).float()
+
     with ns._device_guard(params[0]):
+        launches = []  # (dtypes, idx, table rows, U, numel, grid) per group of one shape
         first = 0
         for (shape, p_dtype, g_dtype, b_dtype), idx in groups.items():
             k = len(idx)
             rows_tab = table[first:first + k]
             first += k
             numel = shape[0] * shape[1]
+            U = torch.empty((k, *shape), dtype=u_dtype, device=device)
+            grid = (-(-numel // BLOCK), k)
+            if numel:
+                _common.launch(
+                    _muon_momentum_kernel, grid,
+                    rows_tab, U, numel, 1.0 - hp.momentum, hp.momentum,
+                    G_BF16=g_dtype == torch.bfloat16, BUF_BF16=b_dtype == torch.bfloat16,
+                    U_BF16=u_dtype == torch.bfloat16, NESTEROV=bool(hp.nesterov), ALIGNED=aligned, BLOCK=BLOCK,
+                    num_warps=NUM_WARPS,
+                )
+            launches.append((p_dtype, idx, rows_tab, U, numel, grid))
+        if orthogonalize is not None:
+            # Updates shaped like the (local) params, in the caller's order; results restacked.
+            updates: list = [None] * len(params)
+            for _, idx, _, U, _, _ in launches:
+                for k, i in enumerate(idx):
+                    updates[i] = U[k].view(params[i].shape)
+            ortho = orthogonalize(updates, lambda X: orthogonalise(X.reshape(X.shape[0], X.shape[1], -1)),
+                                  hp.ns_steps if hp.ns_steps is not None else len(hp.ns_coefficients))
+            outs = [torch.stack([ortho[i].reshape(U.shape[1:]) for i in idx]) if U.numel() else U
+                    for _, idx, _, U, _, _ in launches]
+        else:
+            outs = [orthogonalise(U) if numel else U for _, _, _, U, numel, _ in launches]
+        for (p_dtype, _, rows_tab, _, numel, grid), O in zip(launches, outs):
             if numel == 0:
                 continue
-            grid = (-(-numel // BLOCK), k)
-            U = torch.empty((k, *shape), dtype=u_dtype, device=device)
-            _common.launch(
-                _muon_momentum_kernel, grid,
-                rows_tab, U, numel, 1.0 - hp.momentum, hp.momentum,
-                G_BF16=g_dtype == torch.bfloat16, BUF_BF16=b_dtype == torch.bfloat16,
-                U_BF16=u_dtype == torch.bfloat16, NESTEROV=bool(hp.nesterov), ALIGNED=aligned, BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
-            )
-            if ns_dtype in ns.SUPPORTED_DTYPES:
-                O = ns.newton_schulz_triton(U, hp.ns_steps, hp.ns_coefficients, hp.eps, ns_dtype, check_finite=False)
-            else:
-                O = newton_schulz(U, hp.ns_steps, hp.ns_coefficients, hp.eps, ns_dtype, check_finite=False).float()
+            O = O.contiguous()
             _common.launch(
                 _muon_update_kernel, grid,
                 rows_tab, rows_tab.view(torch.float32), O, numel,
@@ -216,4 +236,5 @@ def register() -> None:
     """Register backend "triton" for the registry name "muon" (idempotent)."""
     if "triton" not in backends.names("muon"):
         backends.register(backends.Backend("muon", "triton", muon_triton, priority=PRIORITY,
-                                           unsupported_reason=unsupported_reason))
+                                           unsupported_reason=unsupported_reason, devices=("cuda",),
+                                           validates=True))

@@ -117,6 +117,16 @@ tl = _INTERPRET = _bf16_rtne = None
 # Device helpers (also used by shampoo.py)
 # ---------------------------------------------------------------------------------------------
 @_jit
+def _index(i):
+    """Row, column or k indices as int64, before they multiply a stride: a matrix of 2^31 or more
+    elements (a 262144 x 8192 embedding, which Muon takes without width info) has element offsets
+    past int32, and int32 index x int32 stride wraps (issue 13 item 12). The masks compare the
+    same int64 indices. tests/test_triton_matrix.py checks the IR and a strided view whose
+    offsets pass 2^31."""
+    return i.to(tl.int64)
+
+
+@_jit
 def _mma(acc, a, b, FP32: tl.constexpr):
     """acc + a @ b with fp32 accumulation."""
     if _INTERPRET:
@@ -155,12 +165,12 @@ def _syrk_tile(y_ptr, stride_yr, stride_yk, N, K, ti, tj,
     transposed in registers), so a right-hand statistic ``G^T G`` is the same call with the
     strides of ``G^T``.
     """
-    rows_i = ti * BLOCK + tl.arange(0, BLOCK)
-    rows_j = tj * BLOCK + tl.arange(0, BLOCK)
+    rows_i = _index(ti * BLOCK + tl.arange(0, BLOCK))
+    rows_j = _index(tj * BLOCK + tl.arange(0, BLOCK))
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
+        kk = _index(k0 + ks)
         kmask = kk[None, :] < K
         a = tl.load(y_ptr + rows_i[:, None] * stride_yr + kk[None, :] * stride_yk,
                     mask=(rows_i[:, None] < N) & kmask, other=0.0)
@@ -173,8 +183,8 @@ def _syrk_tile(y_ptr, stride_yr, stride_yk, N, K, ti, tj,
 @_jit
 def _store_symmetric(out_ptr, stride_or, stride_oc, val, ti, tj, N, BF16: tl.constexpr, BLOCK: tl.constexpr):
     """Store tile (ti, tj) of a symmetric N x N matrix and, off the diagonal, its mirror (tj, ti)."""
-    rows = ti * BLOCK + tl.arange(0, BLOCK)
-    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    rows = _index(ti * BLOCK + tl.arange(0, BLOCK))
+    cols = _index(tj * BLOCK + tl.arange(0, BLOCK))
     y = _to_storage(val, BF16)
     if ti == tj:
         # A diagonal tile's own product need not be bitwise symmetric (the interpreter's numpy
@@ -207,8 +217,8 @@ def _ns_normalize_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _index((pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = _index((pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N))
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0.0)
     norm = tl.load(norm_ptr + b)
@@ -236,8 +246,8 @@ def _ns_syrk_kernel(
     acc = _syrk_tile(y_ptr + b * stride_yb, stride_yr, stride_yk, N, K, ti, tj, not BF16, BLOCK, BLOCK_K)
     out = alpha * acc
     if HAS_C:
-        rows = ti * BLOCK + tl.arange(0, BLOCK)
-        cols = tj * BLOCK + tl.arange(0, BLOCK)
+        rows = _index(ti * BLOCK + tl.arange(0, BLOCK))
+        cols = _index(tj * BLOCK + tl.arange(0, BLOCK))
         c = tl.load(c_ptr + b * stride_ob + rows[:, None] * stride_or + cols[None, :] * stride_oc,
                     mask=(rows[:, None] < N) & (cols[None, :] < N), other=0.0)
         out = beta * c.to(tl.float32) + out
@@ -269,14 +279,14 @@ def _ns_update_kernel(
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _index(pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = _index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N))
     ks = tl.arange(0, BLOCK_K)
     bb = b_ptr + bat * stride_bb
     xb = x_ptr + bat * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, M, BLOCK_K):
-        kk = k0 + ks
+        kk = _index(k0 + ks)
         bt = tl.load(bb + rows[:, None] * stride_br + kk[None, :] * stride_bc,
                      mask=(rows[:, None] < M) & (kk[None, :] < M), other=0.0)
         xt = tl.load(xb + kk[:, None] * stride_xr + cols[None, :] * stride_xc,
@@ -301,7 +311,7 @@ def device_helpers() -> dict:
     """The device functions other kernel modules call (bind them with DeferredJit.build)."""
     build()
     g = globals()
-    return {name: g[name] for name in ("_mma", "_to_storage", "_syrk_tile", "_store_symmetric")}
+    return {name: g[name] for name in ("_index", "_mma", "_to_storage", "_syrk_tile", "_store_symmetric")}
 
 
 def _launch(kernel, grid, *args, **meta) -> None:

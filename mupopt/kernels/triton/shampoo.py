@@ -56,7 +56,7 @@ from . import newton_schulz as ns
 _jit = ns.DeferredJit(globals())
 # Bound by _jit.build() (see DeferredJit): triton.language and the device functions these
 # kernels call. Placeholders until then, so that the names are defined for readers and linters.
-tl = _load = _store = _mma = _syrk_tile = _store_symmetric = _UP_SCAL_C = None
+tl = _load = _store = _index = _mma = _syrk_tile = _store_symmetric = _UP_SCAL_C = None
 
 PRIORITY = 10
 # Elements per program of the elementwise passes (as _common.BLOCK).
@@ -95,8 +95,8 @@ def _shampoo_stats_kernel(
     # bf16 G: the products of bf16 operands are exact in fp32, so tensor-core MMA with fp32
     # accumulation computes what torch's fp32 matmul of the upcast gradient computes.
     acc = _syrk_tile(y_ptr, stride_r, stride_k, N, K, ti, tj, not G_BF16, BLOCK, BLOCK_K)
-    rows = ti * BLOCK + tl.arange(0, BLOCK)
-    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    rows = _index(ti * BLOCK + tl.arange(0, BLOCK))
+    cols = _index(tj * BLOCK + tl.arange(0, BLOCK))
     old = tl.load(old_ptr + rows[:, None] * N + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < N), other=0.0)
     _store_symmetric(out, N, 1, old * decay + gain * acc, ti, tj, N, False, BLOCK)
 
@@ -124,8 +124,8 @@ def _shampoo_matmul_kernel(
         c_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
         ldc = tl.load(row + 5)
         K = tl.load(row + 8)
-        rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = _index((pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M))
+        cols = _index((pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N))
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -502,4 +502,5 @@ def register() -> None:
     """Register backend "triton" for the registry name "shampoo" (idempotent)."""
     if "triton" not in backends.names("shampoo"):
         backends.register(backends.Backend("shampoo", "triton", shampoo_triton, priority=PRIORITY,
-                                           unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare))
+                                           unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare,
+                                           devices=("cuda",), validates=True))
