@@ -317,6 +317,54 @@ bool sophia_hessian_bound_cpu(Plan plan, TensorList grads, double beta2, const O
   return true;
 }
 
+// <optimizer>_bound_grads_(plan, hyperparameters): <optimizer>_bound_ with each bound param's
+// own .grad as the gradients, read here. No tensor argument, so one catch-all kernel that calls
+// the step op through the dispatcher, which picks its CPU or CUDA kernel by the gradients.
+template <class Sig>
+c10::TypedOperatorHandle<Sig> step_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+bool adamw_bound_grads(Plan plan, double lr, double beta1, double beta2, double weight_decay, double eps,
+                       bool amsgrad, bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, bool, bool,
+                                      const OptTensor&, const OptTensor&)>("mupopt::adamw_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "adamw_bound_grads_");
+  return op.call(plan, grads, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, c10::nullopt, c10::nullopt);
+}
+
+bool adopt_bound_grads(Plan plan, double lr, double beta1, double beta2, double weight_decay, double eps,
+                       bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, bool,
+                                      const OptTensor&, const OptTensor&)>("mupopt::adopt_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "adopt_bound_grads_");
+  return op.call(plan, grads, lr, beta1, beta2, weight_decay, eps, maximize, c10::nullopt, c10::nullopt);
+}
+
+bool lamb_bound_grads(Plan plan, double lr, double beta1, double beta2, double weight_decay, double eps,
+                      c10::optional<double> clamp_value, bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, c10::optional<double>,
+                                      bool, const OptTensor&, const OptTensor&)>("mupopt::lamb_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "lamb_bound_grads_");
+  return op.call(plan, grads, lr, beta1, beta2, weight_decay, eps, clamp_value, maximize, c10::nullopt,
+                 c10::nullopt);
+}
+
+bool sophia_bound_grads(Plan plan, double lr, double beta1, double rho, double bs, double weight_decay,
+                        bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, bool,
+                                      const OptTensor&, const OptTensor&)>("mupopt::sophia_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "sophia_bound_grads_");
+  return op.call(plan, grads, lr, beta1, rho, bs, weight_decay, maximize, c10::nullopt, c10::nullopt);
+}
+
+bool sophia_hessian_bound_grads(Plan plan, double beta2) {
+  static const auto op =
+      step_op<bool(Plan, TensorList, double, const OptTensor&, const OptTensor&)>("mupopt::sophia_hessian_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "sophia_hessian_bound_grads_");
+  return op.call(plan, grads, beta2, c10::nullopt, c10::nullopt);
+}
+
 }  // namespace
 }  // namespace binding
 }  // namespace mupopt
@@ -354,6 +402,21 @@ TORCH_LIBRARY_FRAGMENT(mupopt, m) {
         "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> bool");
   m.def("sophia_hessian_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float beta2, Tensor? grad_scale=None, "
         "Tensor? found_inf=None) -> bool");
+  // The same with each bound param's own .grad as the gradients (no list from Python).
+  m.def("adamw_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool amsgrad, bool maximize) -> bool",
+        &mupopt::binding::adamw_bound_grads);
+  m.def("adopt_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool maximize) -> bool",
+        &mupopt::binding::adopt_bound_grads);
+  m.def("lamb_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, float? clamp_value, bool maximize) -> bool",
+        &mupopt::binding::lamb_bound_grads);
+  m.def("sophia_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float rho, float bs, "
+        "float weight_decay, bool maximize) -> bool",
+        &mupopt::binding::sophia_bound_grads);
+  m.def("sophia_hessian_bound_grads_(" MUPOPT_PLAN " plan, *, float beta2) -> bool",
+        &mupopt::binding::sophia_hessian_bound_grads);
 #undef MUPOPT_PLAN
 }
 

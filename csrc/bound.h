@@ -189,6 +189,19 @@ inline void assemble(BoundPlan& p, at::TensorList grads, int64_t chunk) {
   assemble(p, grads, chunk, [](int64_t) { return 0; });
 }
 
+// The bound params' own gradients (param.grad()), for the *_bound_grads_ ops: no tensor list
+// to build in Python or to convert per step.
+inline std::vector<at::Tensor> param_grads(const BoundPlan& p, const char* op) {
+  std::vector<at::Tensor> grads;
+  grads.reserve(static_cast<size_t>(p.n));
+  for (int64_t i = 0; i < p.n; ++i) {
+    at::Tensor g = p.params[i].grad();
+    TORCH_CHECK(g.defined(), op, ": params[", i, "].grad is None");
+    grads.push_back(std::move(g));
+  }
+  return grads;
+}
+
 inline void bump_bound_steps(BoundPlan& p) {
   for (float* v : p.steps) *v = *v + 1.0f;
 }

@@ -217,6 +217,40 @@ def test_tensor_changed_in_place_is_rebound():
 def test_empty_list():
     step = ops.bind_adamw([], [], [])
     step([], hparams("adamw"))
+    step.from_param_grads(hparams("adamw"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtypes", [FP32, MIXED], ids=["fp32", "mixed"])
+def test_from_param_grads_is_fn(name, dtypes):
+    """step.from_param_grads(hp): the C++ op reads each bound param's .grad itself."""
+    params, states = make_case(name, dtypes)
+    b_params, b_states = snapshot(params, states)
+    step = ops.BIND[name](b_params, b_states, MULTS)
+    hess = ops.BIND["sophia_hessian"](b_params, b_states, MULTS) if name == "sophia" else None
+    for t in range(3):
+        grads = grads_for(t, params)
+        for p, g in zip(b_params, grads):
+            p.grad = g.clone()  # a new gradient object every step
+        hp = hparams(name, t)
+        if name == "sophia" and t % 2 == 0:
+            ops.sophia_hessian(params, grads, states, MULTS, hp)
+            hess.from_param_grads(hp)
+        fn_of(name)(params, grads, states, MULTS, hp)
+        step.from_param_grads(hp)
+        assert_identical(params, states, b_params, b_states)
+
+
+def test_from_param_grads_without_a_grad_raises_before_writing():
+    params, states = make_case("adamw", FP32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[3].grad = None
+    step = ops.bind_adamw(params, states, MULTS)
+    before_p, before_s = snapshot(params, states)
+    with pytest.raises(RuntimeError, match=r"params\[3\]\.grad is None"):
+        step.from_param_grads(hparams("adamw"))
+    assert_identical(before_p, before_s, params, states)
 
 
 def test_amsgrad_without_bound_max_state_behaves_as_fn():

@@ -14,6 +14,8 @@ multipliers) in a C++ plan (``csrc/bound.h``) and returns ``step(grads, hp)``, w
 this step's gradients and then does exactly what ``fn(params, grads, states, mults, hp)`` does.
 The caller binds again when a param or state tensor object changes; a tensor changed in place
 (``p.data = ...``: same object, new storage) is noticed by the plan, which is then rebuilt here.
+``step.from_param_grads(hp)`` does ``step([p.grad for p in params], hp)`` with the gradients read
+in C++ from the bound params (see :func:`_bound`).
 """
 from __future__ import annotations
 
@@ -125,6 +127,13 @@ def _nothing(grads, hp) -> None:
     """The step of an empty param list."""
 
 
+def _nothing_from_param_grads(hp) -> None:
+    """The step of an empty param list."""
+
+
+_nothing.from_param_grads = _nothing_from_param_grads
+
+
 def _check_plain(name: str, grads: Sequence[torch.Tensor]) -> None:
     """Gradients are plain tensors (a wrapper subclass has no storage to step)."""
     if not _PLAIN.issuperset(map(type, grads)):
@@ -142,19 +151,32 @@ def _mults(mults, *fields: str) -> list[list[float]]:
     return [[float(getattr(m, f)) for m in mults] for f in fields]
 
 
-def _bound(name: str, make: Callable, run: Callable) -> Callable:
+def _bound(name: str, make: Callable, run: Callable, run_grads: Callable) -> Callable:
     """``step(grads, hp)`` over the plan ``make()`` builds: ``run(plan, grads, hp)`` is the step
-    op's call, False when a bound tensor changed in place (nothing done): then bind anew."""
+    op's call, False when a bound tensor changed in place (nothing done): then bind anew.
+
+    ``step.from_param_grads(hp)`` is ``step([p.grad for p in params], hp)`` with the gradients
+    read by the C++ op from the bound params themselves (``run_grads(plan, hp)``, the
+    ``*_bound_grads_`` op): no list to build and convert per step (300 tensors: ~58 -> ~40 us;
+    1000: ~260 -> ~190 us, measured). For params whose ``.grad`` is the gradient to apply (not
+    for local shards of DTensors, whose gradients are elsewhere); a None ``.grad`` raises."""
     plan = make()
 
-    def step(grads, hp) -> None:
+    def call(fn, *args) -> None:
         nonlocal plan
-        _check_plain(name, grads)
-        if not run(plan, grads, hp):
+        if not fn(plan, *args):
             plan = make()
-            if not run(plan, grads, hp):
+            if not fn(plan, *args):
                 raise RuntimeError(f"{name} bound step: the bound tensors keep changing")
 
+    def step(grads, hp) -> None:
+        _check_plain(name, grads)
+        call(run, grads, hp)
+
+    def from_param_grads(hp) -> None:
+        call(run_grads, hp)
+
+    step.from_param_grads = from_param_grads
     return step
 
 
@@ -168,6 +190,7 @@ def bind_adamw(params, states, mults) -> Callable:
     has_max = all("max_exp_avg_sq" in st for st in states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
     bind, op = torch.ops.mupopt.bind_adamw.default, _raw(torch.ops.mupopt.adamw_bound_.default)
+    op_grads = _raw(torch.ops.mupopt.adamw_bound_grads_.default)
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
@@ -178,7 +201,11 @@ def bind_adamw(params, states, mults) -> Callable:
         return op(plan, grads, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
                   amsgrad=hp.amsgrad, maximize=hp.maximize)
 
-    bound = _bound("adamw", make, run)
+    def run_grads(plan, hp) -> bool:
+        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
+                        amsgrad=hp.amsgrad, maximize=hp.maximize)
+
+    bound = _bound("adamw", make, run, run_grads)
     if has_max:
         return bound
     frozen_mults = list(mults)
@@ -189,6 +216,13 @@ def bind_adamw(params, states, mults) -> Callable:
         else:
             bound(grads, hp)
 
+    def from_param_grads(hp) -> None:
+        if hp.amsgrad:
+            adamw(params, [p.grad for p in params], states, frozen_mults, hp)
+        else:
+            bound.from_param_grads(hp)
+
+    step.from_param_grads = from_param_grads
     return step
 
 
@@ -200,6 +234,7 @@ def bind_adopt(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
     bind, op = torch.ops.mupopt.bind_adopt.default, _raw(torch.ops.mupopt.adopt_bound_.default)
+    op_grads = _raw(torch.ops.mupopt.adopt_bound_grads_.default)
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
@@ -209,7 +244,11 @@ def bind_adopt(params, states, mults) -> Callable:
         return op(plan, grads, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
                   maximize=hp.maximize)
 
-    return _bound("adopt", make, run)
+    def run_grads(plan, hp) -> bool:
+        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
+                        maximize=hp.maximize)
+
+    return _bound("adopt", make, run, run_grads)
 
 
 def bind_lamb(params, states, mults) -> Callable:
@@ -220,6 +259,7 @@ def bind_lamb(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     lr_m, eps_m = _mults(mults, "lr", "eps")
     bind, op = torch.ops.mupopt.bind_lamb.default, _raw(torch.ops.mupopt.lamb_bound_.default)
+    op_grads = _raw(torch.ops.mupopt.lamb_bound_grads_.default)
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
@@ -229,7 +269,11 @@ def bind_lamb(params, states, mults) -> Callable:
         return op(plan, grads, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
                   clamp_value=hp.clamp_value, maximize=hp.maximize)
 
-    return _bound("lamb", make, run)
+    def run_grads(plan, hp) -> bool:
+        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
+                        clamp_value=hp.clamp_value, maximize=hp.maximize)
+
+    return _bound("lamb", make, run, run_grads)
 
 
 def bind_sophia(params, states, mults) -> Callable:
@@ -240,6 +284,7 @@ def bind_sophia(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     lr_m, wd_m = _mults(mults, "lr", "wd")
     bind, op = torch.ops.mupopt.bind_sophia.default, _raw(torch.ops.mupopt.sophia_bound_.default)
+    op_grads = _raw(torch.ops.mupopt.sophia_bound_grads_.default)
 
     def make():
         exp_avgs, hessians, steps = _lists(states, "exp_avg", "hessian", "step")
@@ -249,7 +294,11 @@ def bind_sophia(params, states, mults) -> Callable:
         return op(plan, grads, lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
                   maximize=hp.maximize)
 
-    return _bound("sophia", make, run)
+    def run_grads(plan, hp) -> bool:
+        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
+                        maximize=hp.maximize)
+
+    return _bound("sophia", make, run, run_grads)
 
 
 def bind_sophia_hessian(params, states, mults) -> Callable:
@@ -259,6 +308,7 @@ def bind_sophia_hessian(params, states, mults) -> Callable:
     _require(params)
     params, states = list(params), list(states)
     bind, op = torch.ops.mupopt.bind_sophia_hessian.default, _raw(torch.ops.mupopt.sophia_hessian_bound_.default)
+    op_grads = _raw(torch.ops.mupopt.sophia_hessian_bound_grads_.default)
 
     def make():
         return bind(params, [st["hessian"] for st in states])
@@ -266,7 +316,10 @@ def bind_sophia_hessian(params, states, mults) -> Callable:
     def run(plan, grads, hp) -> bool:
         return op(plan, grads, beta2=hp.beta2)
 
-    return _bound("sophia_hessian", make, run)
+    def run_grads(plan, hp) -> bool:
+        return op_grads(plan, beta2=hp.beta2)
+
+    return _bound("sophia_hessian", make, run, run_grads)
 
 
 BIND = {
