@@ -45,11 +45,11 @@ bool cpu_use_fma() {
 #endif
 }
 
-cpu::Args cpu_args(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
-                   const OptTensor& found_inf) {
+cpu::Args cpu_args(const char* op, const c10::optional<c10::Device>& device, bool maximize,
+                   const OptTensor& grad_scale, const OptTensor& found_inf) {
   cpu::Args a;
-  a.grad.grad_scale = optional_scalar(op, "grad_scale", grad_scale, t.device);
-  a.grad.found_inf = optional_scalar(op, "found_inf", found_inf, t.device);
+  a.grad.grad_scale = optional_scalar(op, "grad_scale", grad_scale, device);
+  a.grad.found_inf = optional_scalar(op, "found_inf", found_inf, device);
   a.grad.sign = maximize ? -1.0f : 1.0f;
   a.num_threads = at::get_num_threads();
   a.use_fma = cpu_use_fma();
@@ -67,7 +67,7 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                const OptTensor& found_inf) {
   Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
                           eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCpuChunk);
-  const cpu::Args a = cpu_args("adamw_", t, maximize, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("adamw_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
   const AdamWHyper h = make_adamw_hyper(beta1, beta2);
@@ -80,7 +80,7 @@ void adopt_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
   Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
                           weight_decay, eps, kCpuChunk);
-  const cpu::Args a = cpu_args("adopt_", t, maximize, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("adopt_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
   const AdoptHyper h = make_adopt_hyper(beta1, beta2);
@@ -93,7 +93,7 @@ void lamb_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
               const OptTensor& grad_scale, const OptTensor& found_inf) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
                          eps, kCpuChunk);
-  const cpu::Args a = cpu_args("lamb_", t, maximize, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("lamb_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
   const LambHyper h =
@@ -111,7 +111,7 @@ Tensor lamb_partials_cpu(TensorList params, TensorList grads, TensorList exp_avg
                          const OptTensor& found_inf) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
                          eps, kCpuChunk, "lamb_partials_");
-  const cpu::Args a = cpu_args("lamb_partials_", t, maximize, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
   Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2},
                           at::TensorOptions().dtype(at::kDouble).device(t.device.value_or(at::Device(at::kCPU))));
   if (cpu::skipped(a)) return sums;
@@ -130,7 +130,7 @@ void lamb_apply_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Te
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
                          eps, kCpuChunk, "lamb_apply_", /*steps_bumped=*/true);
   const Tensor s = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
-  const cpu::Args a = cpu_args("lamb_apply_", t, maximize, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   const LambHyper h =
       make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
@@ -142,7 +142,7 @@ void sophia_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
   Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
                            kCpuChunk);
-  const cpu::Args a = cpu_args("sophia_", t, maximize, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("sophia_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
   const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);  // rho*bs: the reference's float64 product
@@ -154,7 +154,7 @@ void sophia_hessian_cpu(TensorList grads, TensorList hessians, double beta2, con
   Table t = make_table("sophia_hessian_",
                        {Stream{}, Stream{grads, "grads"}, Stream{hessians, "hessians"}, Stream{}, Stream{}}, nullptr,
                        0, kCpuChunk);
-  const cpu::Args a = cpu_args("sophia_hessian_", t, false, grad_scale, found_inf);
+  const cpu::Args a = cpu_args("sophia_hessian_", t.device, false, grad_scale, found_inf);
   const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
   for (const Group& g : t.groups) cpu::sophia_hessian(launch_of(t, g), h, a);
 }
@@ -219,4 +219,212 @@ TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
   m.impl("lamb_apply_", &lamb_apply_cpu);
   m.impl("sophia_", &sophia_cpu);
   m.impl("sophia_hessian_", &sophia_hessian_cpu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bound plans (csrc/bound.h): bind_<optimizer> checks and keeps a param group's params, states,
+// step tensors and multipliers once; <optimizer>_bound_(plan, grads, hyperparameters) then does
+// what <optimizer>_ does with them and this step's gradients, checking only the gradients (and
+// that no bound tensor moved: it returns false and does nothing then, the caller binds again).
+// The step ops write tensors the plan holds, which their schemas cannot say: eager use only
+// (no fake kernels; torch.compile traces the per-call ops).
+// ---------------------------------------------------------------------------------------------
+#include "bound.h"
+
+namespace mupopt {
+namespace binding {
+namespace {
+
+bool adamw_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, double beta2, double weight_decay,
+                     double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
+                     const OptTensor& found_inf) {
+  const char* op = "adamw_bound_";
+  BoundPlan& p = *plan;
+  TORCH_CHECK(!amsgrad || p.has_max, op, ": amsgrad=True but the plan was bound without max_exp_avg_sqs");
+  if (!check_grads(p, op, grads)) return false;
+  const cpu::Args a = cpu_args(op, p.device, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return true;
+  read_before(p);
+  assemble(p, grads, kCpuChunk);
+  adamw_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr, beta1,
+                beta2, weight_decay, eps);
+  bump_bound_steps(p);
+  const AdamWHyper h = make_adamw_hyper(beta1, beta2);
+  for (const Group& g : p.table.groups) cpu::adamw(launch_of(p.table, g), h, amsgrad, a);
+  return true;
+}
+
+bool adopt_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, double beta2, double weight_decay,
+                     double eps, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "adopt_bound_";
+  BoundPlan& p = *plan;
+  if (!check_grads(p, op, grads)) return false;
+  const cpu::Args a = cpu_args(op, p.device, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return true;
+  read_before(p);
+  assemble(p, grads, kCpuChunk, [&](int64_t i) { return adopt_variant(p.before[i]); });
+  adopt_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr,
+                weight_decay, eps);
+  bump_bound_steps(p);
+  const AdoptHyper h = make_adopt_hyper(beta1, beta2);
+  for (const Group& g : p.table.groups) cpu::adopt(launch_of(p.table, g), h, g.variant == 0, a);
+  return true;
+}
+
+bool lamb_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, double beta2, double weight_decay,
+                    double eps, c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
+                    const OptTensor& found_inf) {
+  const char* op = "lamb_bound_";
+  BoundPlan& p = *plan;
+  if (!check_grads(p, op, grads)) return false;
+  const cpu::Args a = cpu_args(op, p.device, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return true;
+  read_before(p);
+  assemble(p, grads, kCpuChunk);
+  lamb_scalars(p.table, p.before.data(), p.lr_mults.data(), p.eps_mults.data(), lr, beta1, beta2, eps);
+  bump_bound_steps(p);
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for (const Group& g : p.table.groups) cpu::lamb(launch_of(p.table, g), h, a);
+  return true;
+}
+
+bool sophia_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, double rho, double bs,
+                      double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "sophia_bound_";
+  BoundPlan& p = *plan;
+  if (!check_grads(p, op, grads)) return false;
+  const cpu::Args a = cpu_args(op, p.device, maximize, grad_scale, found_inf);
+  if (cpu::skipped(a)) return true;
+  assemble(p, grads, kCpuChunk);
+  sophia_scalars(p.table, p.lr_mults.data(), p.wd_mults.data(), lr, weight_decay);
+  bump_bound_steps(p);
+  const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);  // rho*bs: the reference's float64 product
+  for (const Group& g : p.table.groups) cpu::sophia(launch_of(p.table, g), h, a);
+  return true;
+}
+
+bool sophia_hessian_bound_cpu(Plan plan, TensorList grads, double beta2, const OptTensor& grad_scale,
+                              const OptTensor& found_inf) {
+  const char* op = "sophia_hessian_bound_";
+  BoundPlan& p = *plan;
+  if (!check_grads(p, op, grads)) return false;
+  const cpu::Args a = cpu_args(op, p.device, false, grad_scale, found_inf);
+  if (cpu::skipped(a)) return true;
+  assemble(p, grads, kCpuChunk);
+  const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
+  for (const Group& g : p.table.groups) cpu::sophia_hessian(launch_of(p.table, g), h, a);
+  return true;
+}
+
+// <optimizer>_bound_grads_(plan, hyperparameters): <optimizer>_bound_ with each bound param's
+// own .grad as the gradients, read here. No tensor argument, so one catch-all kernel that calls
+// the step op through the dispatcher, which picks its CPU or CUDA kernel by the gradients.
+template <class Sig>
+c10::TypedOperatorHandle<Sig> step_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+bool adamw_bound_grads(Plan plan, double lr, double beta1, double beta2, double weight_decay, double eps,
+                       bool amsgrad, bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, bool, bool,
+                                      const OptTensor&, const OptTensor&)>("mupopt::adamw_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "adamw_bound_grads_");
+  return op.call(plan, grads, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, c10::nullopt, c10::nullopt);
+}
+
+bool adopt_bound_grads(Plan plan, double lr, double beta1, double beta2, double weight_decay, double eps,
+                       bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, bool,
+                                      const OptTensor&, const OptTensor&)>("mupopt::adopt_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "adopt_bound_grads_");
+  return op.call(plan, grads, lr, beta1, beta2, weight_decay, eps, maximize, c10::nullopt, c10::nullopt);
+}
+
+bool lamb_bound_grads(Plan plan, double lr, double beta1, double beta2, double weight_decay, double eps,
+                      c10::optional<double> clamp_value, bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, c10::optional<double>,
+                                      bool, const OptTensor&, const OptTensor&)>("mupopt::lamb_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "lamb_bound_grads_");
+  return op.call(plan, grads, lr, beta1, beta2, weight_decay, eps, clamp_value, maximize, c10::nullopt,
+                 c10::nullopt);
+}
+
+bool sophia_bound_grads(Plan plan, double lr, double beta1, double rho, double bs, double weight_decay,
+                        bool maximize) {
+  static const auto op = step_op<bool(Plan, TensorList, double, double, double, double, double, bool,
+                                      const OptTensor&, const OptTensor&)>("mupopt::sophia_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "sophia_bound_grads_");
+  return op.call(plan, grads, lr, beta1, rho, bs, weight_decay, maximize, c10::nullopt, c10::nullopt);
+}
+
+bool sophia_hessian_bound_grads(Plan plan, double beta2) {
+  static const auto op =
+      step_op<bool(Plan, TensorList, double, const OptTensor&, const OptTensor&)>("mupopt::sophia_hessian_bound_");
+  const std::vector<Tensor> grads = param_grads(*plan, "sophia_hessian_bound_grads_");
+  return op.call(plan, grads, beta2, c10::nullopt, c10::nullopt);
+}
+
+}  // namespace
+}  // namespace binding
+}  // namespace mupopt
+
+TORCH_LIBRARY_FRAGMENT(mupopt, m) {
+  using mupopt::binding::BoundPlan;
+  m.class_<BoundPlan>("BoundPlan")
+      .def("size", &BoundPlan::size)  // tensors bound
+      .def("op", &BoundPlan::op);     // the per-call op it stands for ("adamw_", ...)
+#define MUPOPT_PLAN "__torch__.torch.classes.mupopt.BoundPlan"
+  m.def("bind_adamw(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
+        "Tensor[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults) -> " MUPOPT_PLAN,
+        &mupopt::binding::bind_adamw);
+  m.def("bind_adopt(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
+        "float[] lr_mults, float[] wd_mults, float[] eps_mults) -> " MUPOPT_PLAN,
+        &mupopt::binding::bind_adopt);
+  m.def("bind_lamb(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
+        "float[] lr_mults, float[] eps_mults) -> " MUPOPT_PLAN,
+        &mupopt::binding::bind_lamb);
+  m.def("bind_sophia(Tensor[] params, Tensor[] exp_avgs, Tensor[] hessians, Tensor[] state_steps, "
+        "float[] lr_mults, float[] wd_mults) -> " MUPOPT_PLAN,
+        &mupopt::binding::bind_sophia);
+  m.def("bind_sophia_hessian(Tensor[] params, Tensor[] hessians) -> " MUPOPT_PLAN,
+        &mupopt::binding::bind_sophia_hessian);
+  // true: stepped (or skipped for found_inf); false: a bound tensor changed, nothing done.
+  m.def("adamw_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float lr, float beta1, float beta2, "
+        "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> bool");
+  m.def("adopt_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float lr, float beta1, float beta2, "
+        "float weight_decay, float eps, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> bool");
+  m.def("lamb_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float lr, float beta1, float beta2, "
+        "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> bool");
+  m.def("sophia_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float lr, float beta1, float rho, float bs, "
+        "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> bool");
+  m.def("sophia_hessian_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float beta2, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> bool");
+  // The same with each bound param's own .grad as the gradients (no list from Python).
+  m.def("adamw_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool amsgrad, bool maximize) -> bool",
+        &mupopt::binding::adamw_bound_grads);
+  m.def("adopt_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool maximize) -> bool",
+        &mupopt::binding::adopt_bound_grads);
+  m.def("lamb_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, float? clamp_value, bool maximize) -> bool",
+        &mupopt::binding::lamb_bound_grads);
+  m.def("sophia_bound_grads_(" MUPOPT_PLAN " plan, *, float lr, float beta1, float rho, float bs, "
+        "float weight_decay, bool maximize) -> bool",
+        &mupopt::binding::sophia_bound_grads);
+  m.def("sophia_hessian_bound_grads_(" MUPOPT_PLAN " plan, *, float beta2) -> bool",
+        &mupopt::binding::sophia_hessian_bound_grads);
+#undef MUPOPT_PLAN
+}
+
+TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
+  using namespace mupopt::binding;
+  m.impl("adamw_bound_", &adamw_bound_cpu);
+  m.impl("adopt_bound_", &adopt_bound_cpu);
+  m.impl("lamb_bound_", &lamb_bound_cpu);
+  m.impl("sophia_bound_", &sophia_bound_cpu);
+  m.impl("sophia_hessian_bound_", &sophia_hessian_bound_cpu);
 }

@@ -27,42 +27,52 @@ using at::Tensor;
 using at::TensorList;
 using OptTensor = c10::optional<at::Tensor>;
 
+// A device copy of a table's rows (undefined when it has none).
+Tensor upload_rows(const Table& t) {
+  if (t.rows.empty()) return Tensor();
+  const int64_t bytes = static_cast<int64_t>(t.rows.size() * sizeof(TensorRow));
+  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), t.rows.data(), static_cast<size_t>(bytes));
+  return host.to(*t.device, /*non_blocking=*/true);
+}
+
 struct DeviceTable {
   Table table;
   Tensor rows;  // device copy of table.rows (bytes)
-
-  cuda::Launch launch(const Group& g) const {
-    auto* base = reinterpret_cast<TensorRow*>(rows.data_ptr());
-    return cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, g.param, g.grad};
-  }
 };
 
 DeviceTable upload(Table&& t) {
   DeviceTable d{std::move(t), Tensor()};
-  if (d.table.rows.empty()) return d;
-  const int64_t bytes = static_cast<int64_t>(d.table.rows.size() * sizeof(TensorRow));
-  Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), d.table.rows.data(), static_cast<size_t>(bytes));
-  d.rows = host.to(*d.table.device, /*non_blocking=*/true);
+  d.rows = upload_rows(d.table);
   return d;
 }
 
-GradArgs grad_args(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
-                   const OptTensor& found_inf) {
+GradArgs grad_args(const char* op, const c10::optional<c10::Device>& device, bool maximize,
+                   const OptTensor& grad_scale, const OptTensor& found_inf) {
   GradArgs ga;
-  ga.grad_scale = optional_scalar(op, "grad_scale", grad_scale, t.device);
-  ga.found_inf = optional_scalar(op, "found_inf", found_inf, t.device);
+  ga.grad_scale = optional_scalar(op, "grad_scale", grad_scale, device);
+  ga.found_inf = optional_scalar(op, "found_inf", found_inf, device);
   ga.sign = maximize ? -1.0f : 1.0f;
   return ga;
 }
 
+// fn(launch, group, stream) for every launch group of table ``t`` whose rows are on the device
+// as ``rows`` (upload_rows).
+template <class Fn>
+void for_each_group(const char* op, const Table& t, const Tensor& rows, Fn&& fn) {
+  if (t.groups.empty()) return;
+  TORCH_CHECK(t.device->is_cuda(), op, ": CUDA kernel called with tensors on ", t.device->str());
+  c10::cuda::CUDAGuard guard(*t.device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* base = reinterpret_cast<TensorRow*>(rows.data_ptr());
+  for (const Group& g : t.groups) {
+    C10_CUDA_CHECK(fn(cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, g.param, g.grad}, g, stream));
+  }
+}
+
 template <class Fn>
 void for_each_group(const char* op, const DeviceTable& d, Fn&& fn) {
-  if (d.table.groups.empty()) return;
-  TORCH_CHECK(d.table.device->is_cuda(), op, ": CUDA kernel called with tensors on ", d.table.device->str());
-  c10::cuda::CUDAGuard guard(*d.table.device);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const Group& g : d.table.groups) C10_CUDA_CHECK(fn(d.launch(g), g, stream));
+  for_each_group(op, d.table, d.rows, std::forward<Fn>(fn));
 }
 
 // found_inf decides whether the host-side step counts move, so it is read here: one
@@ -78,7 +88,7 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 const OptTensor& found_inf) {
   Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
                           eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCudaChunk);
-  const GradArgs ga = grad_args("adamw_", t, maximize, grad_scale, found_inf);
+  const GradArgs ga = grad_args("adamw_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
   DeviceTable d = upload(std::move(t));
@@ -94,7 +104,7 @@ void adopt_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
   Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
                           weight_decay, eps, kCudaChunk);
-  const GradArgs ga = grad_args("adopt_", t, maximize, grad_scale, found_inf);
+  const GradArgs ga = grad_args("adopt_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
   DeviceTable d = upload(std::move(t));
@@ -110,7 +120,7 @@ void lamb_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                const OptTensor& grad_scale, const OptTensor& found_inf) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
                          eps, kCudaChunk);
-  const GradArgs ga = grad_args("lamb_", t, maximize, grad_scale, found_inf);
+  const GradArgs ga = grad_args("lamb_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
   DeviceTable d = upload(std::move(t));
@@ -130,7 +140,7 @@ Tensor lamb_partials_cuda(TensorList params, TensorList grads, TensorList exp_av
                           const OptTensor& found_inf) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
                          eps, kCudaChunk, "lamb_partials_");
-  const GradArgs ga = grad_args("lamb_partials_", t, maximize, grad_scale, found_inf);
+  const GradArgs ga = grad_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
   const auto device = t.device.value_or(params.empty() ? at::Device(at::kCPU) : params[0].device());
   Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2}, at::TensorOptions().dtype(at::kDouble).device(device));
   if (found_inf_set(found_inf)) return sums;
@@ -154,7 +164,7 @@ void lamb_apply_cuda(TensorList params, TensorList grads, TensorList exp_avgs, T
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
                          eps, kCudaChunk, "lamb_apply_", /*steps_bumped=*/true);
   const Tensor reduced = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
-  const GradArgs ga = grad_args("lamb_apply_", t, maximize, grad_scale, found_inf);
+  const GradArgs ga = grad_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   DeviceTable d = upload(std::move(t));
   const LambHyper h =
@@ -170,7 +180,7 @@ void sophia_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tenso
                  const OptTensor& found_inf) {
   Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
                            kCudaChunk);
-  const GradArgs ga = grad_args("sophia_", t, maximize, grad_scale, found_inf);
+  const GradArgs ga = grad_args("sophia_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
   DeviceTable d = upload(std::move(t));
@@ -185,7 +195,7 @@ void sophia_hessian_cuda(TensorList grads, TensorList hessians, double beta2, co
   DeviceTable d = upload(make_table("sophia_hessian_",
                                     {Stream{}, Stream{grads, "grads"}, Stream{hessians, "hessians"}, Stream{}, Stream{}},
                                     nullptr, 0, kCudaChunk));
-  const GradArgs ga = grad_args("sophia_hessian_", d.table, false, grad_scale, found_inf);
+  const GradArgs ga = grad_args("sophia_hessian_", d.table.device, false, grad_scale, found_inf);
   const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
   for_each_group("sophia_hessian_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
     return cuda::sophia_hessian(l, h, ga, s);
@@ -205,4 +215,138 @@ TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
   m.impl("lamb_apply_", &lamb_apply_cuda);
   m.impl("sophia_", &sophia_cuda);
   m.impl("sophia_hessian_", &sophia_hessian_cuda);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bound plans (csrc/bound.h, defined in bindings.cpp): the CUDA kernels of the step ops. Per
+// step as the per-call ops: the plan's table (gradient addresses and scalars of this step)
+// copied to the device once, one launch per group.
+// ---------------------------------------------------------------------------------------------
+#include "bound.h"
+
+namespace mupopt {
+namespace binding {
+namespace {
+
+// Checks the gradients and found_inf (false: a bound tensor changed, nothing done) and reads
+// the step counts; the caller then assembles and fills the table.
+bool begin_bound(BoundPlan& p, const char* op, TensorList grads, bool maximize, const OptTensor& grad_scale,
+                 const OptTensor& found_inf, GradArgs& ga, bool& skip) {
+  if (!check_grads(p, op, grads)) return false;
+  ga = grad_args(op, p.device, maximize, grad_scale, found_inf);
+  skip = found_inf_set(found_inf);
+  if (!skip) read_before(p);
+  return true;
+}
+
+bool adamw_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, double beta2, double weight_decay,
+                      double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
+                      const OptTensor& found_inf) {
+  const char* op = "adamw_bound_";
+  BoundPlan& p = *plan;
+  TORCH_CHECK(!amsgrad || p.has_max, op, ": amsgrad=True but the plan was bound without max_exp_avg_sqs");
+  GradArgs ga;
+  bool skip = false;
+  if (!begin_bound(p, op, grads, maximize, grad_scale, found_inf, ga, skip)) return false;
+  if (skip) return true;
+  assemble(p, grads, kCudaChunk);
+  adamw_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr, beta1,
+                beta2, weight_decay, eps);
+  bump_bound_steps(p);
+  const Tensor rows = upload_rows(p.table);
+  const AdamWHyper h = make_adamw_hyper(beta1, beta2);
+  for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::adamw(l, h, amsgrad, ga, s);
+  });
+  return true;
+}
+
+bool adopt_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, double beta2, double weight_decay,
+                      double eps, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "adopt_bound_";
+  BoundPlan& p = *plan;
+  GradArgs ga;
+  bool skip = false;
+  if (!begin_bound(p, op, grads, maximize, grad_scale, found_inf, ga, skip)) return false;
+  if (skip) return true;
+  assemble(p, grads, kCudaChunk, [&](int64_t i) { return adopt_variant(p.before[i]); });
+  adopt_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr,
+                weight_decay, eps);
+  bump_bound_steps(p);
+  const Tensor rows = upload_rows(p.table);
+  const AdoptHyper h = make_adopt_hyper(beta1, beta2);
+  for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+    return cuda::adopt(l, h, g.variant == 0, ga, s);
+  });
+  return true;
+}
+
+bool lamb_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, double beta2, double weight_decay,
+                     double eps, c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
+                     const OptTensor& found_inf) {
+  const char* op = "lamb_bound_";
+  BoundPlan& p = *plan;
+  GradArgs ga;
+  bool skip = false;
+  if (!begin_bound(p, op, grads, maximize, grad_scale, found_inf, ga, skip)) return false;
+  if (skip) return true;
+  assemble(p, grads, kCudaChunk);
+  lamb_scalars(p.table, p.before.data(), p.lr_mults.data(), p.eps_mults.data(), lr, beta1, beta2, eps);
+  bump_bound_steps(p);
+  const Tensor rows = upload_rows(p.table);
+  const LambHyper h =
+      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
+  for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+    Tensor partials = at::empty({g.n_chunks * kMaxReduce}, at::TensorOptions().dtype(at::kDouble).device(p.device));
+    return cuda::lamb(l, h, ga, partials.data_ptr<double>(), s);
+  });
+  return true;
+}
+
+bool sophia_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, double rho, double bs,
+                       double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const char* op = "sophia_bound_";
+  BoundPlan& p = *plan;
+  GradArgs ga;
+  bool skip = false;
+  if (!begin_bound(p, op, grads, maximize, grad_scale, found_inf, ga, skip)) return false;
+  if (skip) return true;
+  assemble(p, grads, kCudaChunk);
+  sophia_scalars(p.table, p.lr_mults.data(), p.wd_mults.data(), lr, weight_decay);
+  bump_bound_steps(p);
+  const Tensor rows = upload_rows(p.table);
+  const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);
+  for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::sophia(l, h, ga, s);
+  });
+  return true;
+}
+
+// As sophia_hessian_: found_inf is read on the device only (no step counts to guard).
+bool sophia_hessian_bound_cuda(Plan plan, TensorList grads, double beta2, const OptTensor& grad_scale,
+                               const OptTensor& found_inf) {
+  const char* op = "sophia_hessian_bound_";
+  BoundPlan& p = *plan;
+  if (!check_grads(p, op, grads)) return false;
+  const GradArgs ga = grad_args(op, p.device, false, grad_scale, found_inf);
+  assemble(p, grads, kCudaChunk);
+  const Tensor rows = upload_rows(p.table);
+  const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
+  for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
+    return cuda::sophia_hessian(l, h, ga, s);
+  });
+  return true;
+}
+
+}  // namespace
+}  // namespace binding
+}  // namespace mupopt
+
+TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
+  using namespace mupopt::binding;
+  m.impl("adamw_bound_", &adamw_bound_cuda);
+  m.impl("adopt_bound_", &adopt_bound_cuda);
+  m.impl("lamb_bound_", &lamb_bound_cuda);
+  m.impl("sophia_bound_", &sophia_bound_cuda);
+  m.impl("sophia_hessian_bound_", &sophia_hessian_bound_cuda);
 }

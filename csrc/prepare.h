@@ -27,6 +27,88 @@ namespace binding {
 using at::ArrayRef;
 using at::TensorList;
 
+// Per-tensor scalars, shared by the per-call ops (prepare_* below) and the bound plans
+// (bound.h). ``before[i]``: tensor i's step count before this step; the multipliers per tensor.
+// Rows are visited in table order, where neighbours usually share their step count, so the
+// bias corrections are formed once per distinct count (same expression, same value).
+
+inline void adamw_scalars(Table& t, const double* before, const double* lr_mults, const double* wd_mults,
+                          const double* eps_mults, double lr, double beta1, double beta2, double weight_decay,
+                          double eps) {
+  using S = AdamWScalars;
+  double last = -1.0, bc1 = 0.0, bc2_sqrt = 0.0;
+  for (size_t r = 0; r < t.rows.size(); ++r) {
+    const int64_t i = t.source[r];
+    const double step = next_step(before[i]);
+    if (step != last) {
+      last = step;
+      bc1 = 1.0 - std::pow(beta1, step);
+      bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
+    }
+    float* s = t.rows[r].scalar;
+    s[S::kDecay] = static_cast<float>(1.0 - lr * weight_decay * wd_mults[i]);
+    s[S::kStepSize] = static_cast<float>(-lr * lr_mults[i] / bc1);
+    s[S::kBc2Sqrt] = static_cast<float>(bc2_sqrt);
+    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
+  }
+}
+
+// ADOPT's launch variant: 0 for a tensor at its first step (s == 0: v = g*g only), else 1.
+inline int adopt_variant(double before) { return before == 0.0 ? 0 : 1; }
+
+inline void adopt_scalars(Table& t, const double* before, const double* lr_mults, const double* wd_mults,
+                          const double* eps_mults, double lr, double weight_decay, double eps) {
+  using S = AdoptScalars;
+  double last = -1.0, clip = 0.0;
+  for (size_t r = 0; r < t.rows.size(); ++r) {
+    const int64_t i = t.source[r];
+    const double s_before = before[i];  // ADOPT's s: the count before this step
+    if (s_before != last) {
+      last = s_before;
+      clip = std::pow(s_before, 0.25);
+    }
+    float* s = t.rows[r].scalar;
+    s[S::kFirst] = s_before == 0.0 ? 1.0f : 0.0f;
+    s[S::kDecayAlpha] = static_cast<float>(-lr * weight_decay * wd_mults[i]);
+    s[S::kStepAlpha] = static_cast<float>(-lr * lr_mults[i]);
+    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
+    s[S::kClip] = static_cast<float>(clip);
+  }
+}
+
+// ``steps_bumped``: ``before`` already holds this step's counts (lamb_apply_, after
+// lamb_partials_ incremented them), so the bias corrections use them as they are.
+inline void lamb_scalars(Table& t, const double* before, const double* lr_mults, const double* eps_mults, double lr,
+                         double beta1, double beta2, double eps, bool steps_bumped = false) {
+  using S = LambScalars;
+  double last = -1.0, bc1 = 0.0, bc2 = 0.0;
+  for (size_t r = 0; r < t.rows.size(); ++r) {
+    const int64_t i = t.source[r];
+    const double step = steps_bumped ? before[i] : next_step(before[i]);
+    if (step != last) {
+      last = step;
+      bc1 = 1.0 - std::pow(beta1, step);
+      bc2 = 1.0 - std::pow(beta2, step);
+    }
+    float* s = t.rows[r].scalar;
+    s[S::kBc1] = static_cast<float>(bc1);
+    s[S::kBc2] = static_cast<float>(bc2);
+    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
+    s[S::kAlpha] = static_cast<float>(-lr * lr_mults[i]);
+    s[S::kTrust] = 1.0f;  // set by the norm pass
+  }
+}
+
+inline void sophia_scalars(Table& t, const double* lr_mults, const double* wd_mults, double lr, double weight_decay) {
+  using S = SophiaScalars;
+  for (size_t r = 0; r < t.rows.size(); ++r) {
+    const int64_t i = t.source[r];
+    float* s = t.rows[r].scalar;
+    s[S::kDecay] = static_cast<float>(1.0 - lr * weight_decay * wd_mults[i]);
+    s[S::kAlpha] = static_cast<float>(-lr * lr_mults[i]);
+  }
+}
+
 inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                            TensorList max_exp_avg_sqs, TensorList steps, ArrayRef<double> lr_mults,
                            ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1,
@@ -42,16 +124,8 @@ inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_a
                         Stream{exp_avg_sqs, "exp_avg_sqs"},
                         amsgrad ? Stream{max_exp_avg_sqs, "max_exp_avg_sqs"} : Stream{}},
                        nullptr, AdamWScalars::kCount, chunk);
-  using S = AdamWScalars;
-  for (size_t r = 0; r < t.rows.size(); ++r) {
-    const int64_t i = t.source[r];
-    const double step = next_step(before[i]);
-    float* s = t.rows[r].scalar;
-    s[S::kDecay] = static_cast<float>(1.0 - lr * weight_decay * wd_mults[i]);
-    s[S::kStepSize] = static_cast<float>(-lr * lr_mults[i] / (1.0 - std::pow(beta1, step)));
-    s[S::kBc2Sqrt] = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
-    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
-  }
+  adamw_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, beta1, beta2,
+                weight_decay, eps);
   return t;
 }
 
@@ -68,18 +142,8 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
   Table t = make_table(op,
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                       nullptr, AdoptScalars::kCount, chunk, [&](int64_t i) { return before[i] == 0.0 ? 0 : 1; });
-  using S = AdoptScalars;
-  for (size_t r = 0; r < t.rows.size(); ++r) {
-    const int64_t i = t.source[r];
-    const double s_before = before[i];  // ADOPT's s: the count before this step
-    float* s = t.rows[r].scalar;
-    s[S::kFirst] = s_before == 0.0 ? 1.0f : 0.0f;
-    s[S::kDecayAlpha] = static_cast<float>(-lr * weight_decay * wd_mults[i]);
-    s[S::kStepAlpha] = static_cast<float>(-lr * lr_mults[i]);
-    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
-    s[S::kClip] = static_cast<float>(std::pow(s_before, 0.25));
-  }
+                       nullptr, AdoptScalars::kCount, chunk, [&](int64_t i) { return adopt_variant(before[i]); });
+  adopt_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, weight_decay, eps);
   return t;
 }
 
@@ -97,17 +161,7 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
                        nullptr, LambScalars::kCount, chunk);
-  using S = LambScalars;
-  for (size_t r = 0; r < t.rows.size(); ++r) {
-    const int64_t i = t.source[r];
-    const double step = steps_bumped ? before[i] : next_step(before[i]);
-    float* s = t.rows[r].scalar;
-    s[S::kBc1] = static_cast<float>(1.0 - std::pow(beta1, step));
-    s[S::kBc2] = static_cast<float>(1.0 - std::pow(beta2, step));
-    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
-    s[S::kAlpha] = static_cast<float>(-lr * lr_mults[i]);
-    s[S::kTrust] = 1.0f;  // set by the norm pass
-  }
+  lamb_scalars(t, before.data(), lr_mults.data(), eps_mults.data(), lr, beta1, beta2, eps, steps_bumped);
   return t;
 }
 
@@ -123,13 +177,7 @@ inline Table prepare_sophia(TensorList params, TensorList grads, TensorList exp_
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{hessians, "hessians"}, Stream{}},
                        nullptr, SophiaScalars::kCount, chunk);
-  using S = SophiaScalars;
-  for (size_t r = 0; r < t.rows.size(); ++r) {
-    const int64_t i = t.source[r];
-    float* s = t.rows[r].scalar;
-    s[S::kDecay] = static_cast<float>(1.0 - lr * weight_decay * wd_mults[i]);
-    s[S::kAlpha] = static_cast<float>(-lr * lr_mults[i]);
-  }
+  sophia_scalars(t, lr_mults.data(), wd_mults.data(), lr, weight_decay);
   return t;
 }
 

@@ -52,80 +52,21 @@ inline std::string describe(const at::Tensor& t) {
          t.device().str();
 }
 
-// Checks the lists of ``op`` and builds its table. ``scal``: N x n_scalars per-tensor scalars,
-// or nullptr (the caller fills row.scalar later, through Table::source). ``variant(i)`` splits
-// tensors that need different Ops (ADOPT's first step); empty tensors are validated and then
-// left out (they have nothing to update). Nothing is modified: an error leaves every tensor as
-// it was.
-inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& streams, const float* scal,
-                        int n_scalars, int64_t chunk, const std::function<int(int64_t)>& variant = nullptr) {
-  int ref = -1;
-  for (int s = 0; s < kMaxStreams && ref < 0; ++s) {
-    if (streams[s].name != nullptr) ref = s;
-  }
-  TORCH_CHECK(ref >= 0, op, ": no tensor lists");
-  const int64_t n = static_cast<int64_t>(streams[ref].list.size());
-  TORCH_CHECK(n < (int64_t{1} << 31), op, ": too many tensors (", n, ")");
-  for (int s = 0; s < kMaxStreams; ++s) {
-    if (streams[s].name == nullptr) continue;
-    TORCH_CHECK(static_cast<int64_t>(streams[s].list.size()) == n, op, ": ", streams[s].name, " has ",
-                streams[s].list.size(), " tensors but ", streams[ref].name, " has ", n);
-  }
-  // The dtype shared by stream 0 and the states.
-  const int param_stream = streams[0].name != nullptr ? 0 : 2;
+// A row's launch group: (variant, param/state dtype, grad dtype), in this order of precedence.
+inline int group_key(int variant, DType param, DType grad) {
+  return variant * 4 + (param == DType::kBFloat16 ? 2 : 0) + (grad == DType::kBFloat16 ? 1 : 0);
+}
 
-  Table table;
-  std::vector<TensorRow> rows;
-  std::vector<int64_t> sources;
-  std::vector<int> keys;
-  rows.reserve(n);
-  sources.reserve(n);
-  keys.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& r = streams[ref].list[i];
-    if (!table.device) table.device = r.device();
-    const at::Tensor& pt = streams[param_stream].list[i];
-    TensorRow row;
-    std::memset(&row, 0, sizeof row);
-    row.numel = r.numel();
-    row.aligned = 1;
-    for (int s = 0; s < kMaxStreams; ++s) {
-      if (streams[s].name == nullptr) continue;
-      const at::Tensor& t = streams[s].list[i];
-      TORCH_CHECK(t.defined(), op, ": ", streams[s].name, "[", i, "] is undefined");
-      TORCH_CHECK(t.device() == *table.device, op, ": ", streams[s].name, "[", i, "] is a ", describe(t),
-                  " but the call's tensors are on ", table.device->str(), " (one device per call)");
-      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", streams[s].name,
-                  "[", i, "] is a ", describe(t), "; supported: float32, bfloat16");
-      TORCH_CHECK(t.numel() == row.numel, op, ": ", streams[s].name, "[", i, "] has ", t.numel(),
-                  " elements but ", streams[ref].name, "[", i, "] has ", row.numel);
-      TORCH_CHECK(t.is_contiguous(), op, ": ", streams[s].name, "[", i, "] (", describe(t), ", strides ",
-                  t.strides(), ") is not contiguous; the kernels read each tensor as one flat array");
-      if (s != 1) {
-        TORCH_CHECK(t.scalar_type() == pt.scalar_type(), op, ": ", streams[s].name, "[", i, "] is ",
-                    c10::toString(t.scalar_type()), " but ", streams[param_stream].name, "[", i, "] is ",
-                    c10::toString(pt.scalar_type()), "; states must have their parameter's dtype");
-      }
-      if (row.numel > 0) {
-        row.ptr[s] = t.data_ptr();
-        const uintptr_t vec_bytes = 4 * static_cast<uintptr_t>(t.element_size());
-        if (reinterpret_cast<uintptr_t>(row.ptr[s]) % vec_bytes != 0) row.aligned = 0;
-      }
-    }
-    if (row.numel == 0) continue;
-    row.source = static_cast<int32_t>(i);
-    for (int k = 0; scal != nullptr && k < n_scalars; ++k) row.scalar[k] = scal[i * n_scalars + k];
-    const int v = variant ? variant(i) : 0;
-    const int key = v * 4 + (storage_of(pt) == DType::kBFloat16 ? 2 : 0) +
-                    (streams[1].name != nullptr && storage_of(streams[1].list[i]) == DType::kBFloat16 ? 1 : 0);
-    rows.push_back(row);
-    sources.push_back(i);
-    keys.push_back(key);
-  }
-
+// Sorts rows (stably) into launch groups by key and numbers each group's chunks from 0: the
+// table's rows, source and groups. ``sources[k]``: row k's index in the op's lists.
+inline void group_rows(const std::vector<TensorRow>& rows, const std::vector<int64_t>& sources,
+                       const std::vector<int>& keys, int64_t chunk, Table& table) {
   std::vector<int> order(rows.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return keys[a] < keys[b]; });
+  table.rows.clear();
+  table.source.clear();
+  table.groups.clear();
   table.rows.reserve(rows.size());
   table.source.reserve(rows.size());
   for (size_t k = 0; k < order.size(); ++k) {
@@ -148,6 +89,106 @@ inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& s
     table.rows.push_back(row);
     table.source.push_back(sources[order[k]]);
   }
+}
+
+// Whether ``t``'s address allows the 4-element vector accesses of the CUDA kernel.
+inline bool vector_aligned(const void* ptr, const at::Tensor& t) {
+  const uintptr_t vec_bytes = 4 * static_cast<uintptr_t>(t.element_size());
+  return reinterpret_cast<uintptr_t>(ptr) % vec_bytes == 0;
+}
+
+// The checks every tensor of an op's lists passes: defined, on ``device``, float32 or bfloat16,
+// ``numel`` elements (those of the reference list's tensor ``ref_name``[i]), contiguous.
+inline void check_tensor(const char* op, const char* name, int64_t i, const at::Tensor& t,
+                         const c10::Device& device, const char* ref_name, int64_t numel) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is a ", describe(t),
+              " but the call's tensors are on ", device.str(), " (one device per call)");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name, "[", i,
+              "] is a ", describe(t), "; supported: float32, bfloat16");
+  TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(), " elements but ", ref_name, "[",
+              i, "] has ", numel);
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] (", describe(t), ", strides ", t.strides(),
+              ") is not contiguous; the kernels read each tensor as one flat array");
+}
+
+// The rows of an op's lists before grouping: one per non-empty tensor, with its index in the
+// lists and its group key (make_table; the bound plans of bound.h keep them between steps).
+struct RowSet {
+  std::vector<TensorRow> rows;
+  std::vector<int64_t> sources;
+  std::vector<int> keys;
+  c10::optional<c10::Device> device;  // empty when every list is empty
+};
+
+// Checks the lists of ``op`` and builds their rows (see make_table). Nothing is modified.
+inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& streams, const float* scal,
+                        int n_scalars, const std::function<int(int64_t)>& variant = nullptr) {
+  int ref = -1;
+  for (int s = 0; s < kMaxStreams && ref < 0; ++s) {
+    if (streams[s].name != nullptr) ref = s;
+  }
+  TORCH_CHECK(ref >= 0, op, ": no tensor lists");
+  const int64_t n = static_cast<int64_t>(streams[ref].list.size());
+  TORCH_CHECK(n < (int64_t{1} << 31), op, ": too many tensors (", n, ")");
+  for (int s = 0; s < kMaxStreams; ++s) {
+    if (streams[s].name == nullptr) continue;
+    TORCH_CHECK(static_cast<int64_t>(streams[s].list.size()) == n, op, ": ", streams[s].name, " has ",
+                streams[s].list.size(), " tensors but ", streams[ref].name, " has ", n);
+  }
+  // The dtype shared by stream 0 and the states.
+  const int param_stream = streams[0].name != nullptr ? 0 : 2;
+
+  RowSet out;
+  out.rows.reserve(n);
+  out.sources.reserve(n);
+  out.keys.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& r = streams[ref].list[i];
+    TORCH_CHECK(r.defined(), op, ": ", streams[ref].name, "[", i, "] is undefined");
+    if (!out.device) out.device = r.device();
+    const at::Tensor& pt = streams[param_stream].list[i];
+    TensorRow row;
+    std::memset(&row, 0, sizeof row);
+    row.numel = r.numel();
+    row.aligned = 1;
+    for (int s = 0; s < kMaxStreams; ++s) {
+      if (streams[s].name == nullptr) continue;
+      const at::Tensor& t = streams[s].list[i];
+      check_tensor(op, streams[s].name, i, t, *out.device, streams[ref].name, row.numel);
+      if (s != 1) {
+        TORCH_CHECK(t.scalar_type() == pt.scalar_type(), op, ": ", streams[s].name, "[", i, "] is ",
+                    c10::toString(t.scalar_type()), " but ", streams[param_stream].name, "[", i, "] is ",
+                    c10::toString(pt.scalar_type()), "; states must have their parameter's dtype");
+      }
+      if (row.numel > 0) {
+        row.ptr[s] = t.data_ptr();
+        if (!vector_aligned(row.ptr[s], t)) row.aligned = 0;
+      }
+    }
+    if (row.numel == 0) continue;
+    row.source = static_cast<int32_t>(i);
+    for (int k = 0; scal != nullptr && k < n_scalars; ++k) row.scalar[k] = scal[i * n_scalars + k];
+    const int v = variant ? variant(i) : 0;
+    const DType grad = streams[1].name != nullptr ? storage_of(streams[1].list[i]) : DType::kFloat32;
+    out.rows.push_back(row);
+    out.sources.push_back(i);
+    out.keys.push_back(group_key(v, storage_of(pt), grad));
+  }
+  return out;
+}
+
+// Checks the lists of ``op`` and builds its table. ``scal``: N x n_scalars per-tensor scalars,
+// or nullptr (the caller fills row.scalar later, through Table::source). ``variant(i)`` splits
+// tensors that need different Ops (ADOPT's first step); empty tensors are validated and then
+// left out (they have nothing to update). Nothing is modified: an error leaves every tensor as
+// it was.
+inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& streams, const float* scal,
+                        int n_scalars, int64_t chunk, const std::function<int(int64_t)>& variant = nullptr) {
+  const RowSet set = make_rows(op, streams, scal, n_scalars, variant);
+  Table table;
+  table.device = set.device;
+  group_rows(set.rows, set.sources, set.keys, chunk, table);
   return table;
 }
 

@@ -71,6 +71,11 @@ class Backend:
     # True: fn checks every tensor it is handed (type, shape, dtype, device, layout) before it
     # writes anything, so the optimizer need not check the gradients again at every step.
     validates: bool = False
+    # Optional: bind(params, states, mults) checks once what stays fixed between steps (the
+    # tensors, devices, dtypes, shapes, layouts, step tensors, multipliers) and returns
+    # step(grads, hp), which checks the gradients and then does what fn(params, grads, states,
+    # mults, hp) does. Bind again when a param or state tensor object changes.
+    bind: "Callable | None" = None
 
     def reason(self, tensors: Sequence[torch.Tensor]) -> str | None:
         """None when this backend can step ``tensors``, else why not: a tensor subclass (every

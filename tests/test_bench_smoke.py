@@ -54,10 +54,11 @@ def test_smoke_run_writes_json_and_csv_in_one_schema(smoke_run):
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["date"] and r["run_note"] == "smoke test"
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["optimizer"] for r in ok} >= {"copy", "matmul", "adamw", "muon"}
-    # Throughput from the bytes model (elementwise) or the flop count (matrix-bound).
+    # Throughput from the bytes model (elementwise; not for the host-bound overhead cases) or the
+    # flop count (matrix-bound).
     for r in ok:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
-        if r["optimizer"] == "adamw":
+        if r["optimizer"] == "adamw" and not r["case"].startswith("overhead-"):
             assert r["gbps"] > 0 and r["bytes"] > 0
         if r["optimizer"] == "muon":
             assert r["tflops"] > 0 and r["flops"] > 0
@@ -78,6 +79,30 @@ def test_ratios_are_positive_numbers(smoke_run):
             "ratio_to_uniform_lr"} <= seen
     ref = next(r for r in rows if r["optimizer"] == "adamw" and r["backend"] == "reference" and r["case"] == "large")
     assert ref["ratio_to_reference"] == 1.0
+
+
+def test_overhead_case_times_whole_steps_against_torch_fused(smoke_run):
+    """Issue 15's overhead case: tiny float32 tensors, a whole step() per call, torch's fused and
+    foreach AdamW in the same run; us per tensor per step in the notes and the table."""
+    _, out = smoke_run
+    rows = [r for r in json.loads(next(out.glob("*.json")).read_text()) if r["case"].startswith("overhead-")]
+    by_backend = {r["backend"]: r for r in rows if r["optimizer"] == "adamw" and r["status"] == "ok"}
+    assert {"reference", "torch-fused", "torch-foreach"} <= set(by_backend)
+    for r in by_backend.values():
+        assert r["case"] == "overhead-20" and r["dtype"] == "fp32" and r["tensors"] == 20 and r["numel"] == 20 * 64
+        assert "us per tensor per step" in r["notes"] and r["threads"] == 1 and r["bytes"] is None
+        assert r["ratio_to_torch_fused"] > 0
+    assert by_backend["torch-fused"]["ratio_to_torch_fused"] == 1.0
+    assert "us/tensor" in report.markdown_table(rows)
+
+
+def test_overhead_target_is_a_quarter_of_torch_fused():
+    from mupopt.bench.runner import Row, target_for
+
+    for ratio, met in ((4.5, True), (3.0, False)):
+        row = Row("lamb", "cpu", "mupopt", "overhead-300", "fp32", 300 * 64, 300, ratio_to_torch_fused=ratio)
+        assert target_for(row, "cpu") == ("host time <= 0.25x torch fused (issue 15)", met)
+    assert target_for(Row("lamb", "reference", "mupopt", "overhead-300", "fp32", 1, 300), "cpu") is None
 
 
 def test_readme_section_names_device_and_date(smoke_run, tmp_path):

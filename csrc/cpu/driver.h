@@ -102,6 +102,18 @@ void run(const Op& op, const Launch& l, const Args& a, double* partials) {
   int64_t total = 0;
   for (int r = 0; r < n_rows; ++r) total += rows[r].numel;
   const bool parallel = a.num_threads > 1 && l.n_chunks > 1 && total >= kParallelMin;
+  if (!parallel) {
+    // The same chunks in the same order, found by walking the rows: no binary search per chunk
+    // (it cost about a fifth of a step over 1000 tensors of 64 elements).
+    for (int r = 0; r < n_rows; ++r) {
+      const TensorRow& row = rows[r];
+      for (int64_t b = 0, c = row.first_chunk; b < row.numel; b += kCpuChunk, ++c) {
+        fn(op, row, b, std::min(b + kCpuChunk, row.numel), gmul,
+           partials != nullptr ? partials + c * kMaxReduce : nullptr);
+      }
+    }
+    return;
+  }
 #pragma omp parallel for num_threads(a.num_threads) schedule(static) if (parallel)
   for (int64_t c = 0; c < l.n_chunks; ++c) {
     const TensorRow& row = rows[find_row(rows, n_rows, c)];

@@ -101,7 +101,12 @@ class Profile:
     shampoo_div: int  # Shampoo step on GPT-2 shapes with widths / this
     shampoo_layers: int
     shampoo_max_dim: int
+    # Tensor counts of the overhead cases (tensors of OVERHEAD_NUMEL fp32 elements).
+    overhead: tuple[int, ...] = (300, 1000)
 
+
+# The overhead cases (issue 15): tensors so small that a step is all host work.
+OVERHEAD_NUMEL = 64
 
 PROFILES = {
     # 2^26 fp32 elements: 7 x 256 MiB of AdamW traffic, far above any L2 (H100: 50 MB).
@@ -119,7 +124,7 @@ PROFILES = {
     # Shampoo step on GPT-2/16 with blocks of 256 took 1 s (64 s of the first quick run).
     "cpu-quick": Profile("cpu-quick", 1 << 22, 8, 12, 16, 16, 1000, 1 << 20, 512, 8, 128, 16, 12, 128),
     # Seconds, not numbers: the smoke test of the machinery.
-    "smoke": Profile("smoke", 1 << 12, 32, 2, None, 2, 50, 1 << 10, 64, 4, 32, 32, 2, 32),
+    "smoke": Profile("smoke", 1 << 12, 32, 2, None, 2, 50, 1 << 10, 64, 4, 32, 32, 2, 32, overhead=(20,)),
 }
 
 
@@ -156,6 +161,13 @@ def elementwise_cases(prof: Profile) -> list[Case]:
         Case("odd-mixed", tuple(odd_shapes(prof.odd_max)), f"40 odd sizes from 1 to {prof.odd_max}, some 2-D"),
     ]
     return cases
+
+
+def overhead_cases(prof: Profile) -> list[Case]:
+    """Host time of a whole step(): N float32 tensors of 64 elements, where the arithmetic is
+    negligible and the per-step Python and C++ work of the optimizer is what is measured."""
+    return [Case(f"overhead-{n}", tuple([(OVERHEAD_NUMEL,)] * n), f"{n} tensors of {OVERHEAD_NUMEL} elements (host-bound)")
+            for n in prof.overhead]
 
 
 def muon_cases(prof: Profile) -> list[Case]:

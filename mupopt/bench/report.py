@@ -123,6 +123,8 @@ def _ratio(x) -> str:
 
 
 def _rate(d: dict) -> str:
+    if str(d.get("case", "")).startswith("overhead-") and d.get("median_ms") and d.get("tensors"):
+        return f"{_num(1e3 * float(d['median_ms']) / int(d['tensors']))} us/tensor"  # host time, issue 15
     if d.get("gbps") is not None:
         return f"{_num(d['gbps'])} GB/s"
     if d.get("tflops") is not None:

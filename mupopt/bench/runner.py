@@ -27,7 +27,7 @@ from . import model
 from .check import CheckFailed, compare_tensors
 from .subjects import (COMPILE_BACKEND, PEER_NAMES, SUBJECTS, Subject, TorchPeer, compiled_reference, shampoo_subject,
                        with_scale_eps)
-from .timing import BUDGETS, Timer, Timing, copy_numel, matmul_n, measure_copy, measure_matmul
+from .timing import BUDGETS, LoopTimer, Timer, Timing, copy_numel, matmul_n, measure_copy, measure_matmul
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian", "muon", "shampoo", "ns", "roots")
 ELEMENTWISE = model.ELEMENTWISE
@@ -206,7 +206,7 @@ class Progress:
 class Group:
     """One unit of work: a family of measurements on one set of tensors."""
 
-    family: str  # "peaks", "elementwise", "mup", "muon", "shampoo", "ns", "roots"
+    family: str  # "peaks", "elementwise", "overhead", "mup", "muon", "shampoo", "ns", "roots"
     case: C.Case | None
     dtype: str
     keys: tuple[str, ...] = ()
@@ -266,6 +266,8 @@ class Runner:
             for case in C.elementwise_cases(prof):
                 if self._want_case(case):
                     groups += [Group("elementwise", case, dt, elem) for dt in dtypes]
+        if elem and "fp32" in dtypes:
+            groups += [Group("overhead", case, "fp32", elem) for case in C.overhead_cases(prof) if self._want_case(case)]
         if "adamw" in self.optimizers:
             case = C.elementwise_cases(prof)[1]
             mup_case = C.Case(f"{case.name}.mup", case.shapes, "GPT-2 list, a different lr and eps multiplier per tensor")
@@ -497,6 +499,35 @@ class Runner:
             self._subject(SUBJECTS["adamw"], group, params, cost=M.elementwise_cost("adamw"), torch_peers=peers,
                           only_peers=True)
 
+    def _group_overhead(self, group: Group) -> None:
+        """Issue 15: host time of a whole step() on many tiny tensors, every elementwise optimizer
+        and backend against torch's AdamW (fused, foreach) in the same run. One torch thread, warm
+        caches, steps back to back (timing.LoopTimer); each row's notes give us per tensor."""
+        threads = torch.get_num_threads()
+        timer, self.timer = self.timer, LoopTimer(self.device, self.timer.budget)
+        first = len(self.rows)
+        try:
+            if self.device.type == "cpu":
+                torch.set_num_threads(1)
+            params = C.make_params(group.case.shapes, C.DTYPES[group.dtype], self.device, self.config.seed)
+            peers = [p for p in M.TORCH_PEERS["adamw"] if p.name in self.peers]
+            for key in group.keys:
+                self._subject(SUBJECTS[key], group, params, cost=_no_cost, torch_peers=peers if key == "adamw" else (),
+                              compile_peer=False)
+            if "adamw" not in group.keys and peers:
+                self._subject(SUBJECTS["adamw"], group, params, cost=_no_cost, torch_peers=peers, only_peers=True)
+        finally:
+            self.timer = timer
+            torch.set_num_threads(threads)
+        for row in self.rows[first:]:
+            if row.status == "ok":
+                per = 1e3 * row.median_ms / max(1, row.tensors)
+                how = f"{per:.3g} us per tensor per step; host time, " + (
+                    "1 torch thread, " if self.device.type == "cpu" else "") + "warm, steps back to back"
+                row.notes = _join(row.notes, how)
+                if self.device.type == "cpu":
+                    row.threads = 1
+
     def _group_mup(self, group: Group) -> None:
         """AdamW with a different lr and eps multiplier per tensor against all multipliers 1, on
         the same tensors (target: <= 1.02x the time, i.e. ratio_to_uniform_lr >= 0.98)."""
@@ -554,6 +585,11 @@ class Runner:
             row(timing, flops=flops, peak_dtype="bf16" if group.dtype == "bf16" else "fp32", check_err=err)
 
 
+def _no_cost(params, states) -> tuple[None, None, None]:
+    """The overhead cases count time, not bytes."""
+    return None, None, None
+
+
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
@@ -597,7 +633,10 @@ def finish(rows: list[Row], device_type: str, targets: bool = True) -> None:
 # (optimizer, case predicate, device type or None, dtype or None, [(column, minimum, label)])
 def _targets():
     gpu = "cuda"
-    return [
+    overhead = [(opt, lambda c: c.startswith("overhead-"), "cpu", "fp32",
+                 [("ratio_to_torch_fused", 4.0, "host time <= 0.25x torch fused (issue 15)")])
+                for opt in ("adamw", "adopt", "lamb", "sophia")]
+    return overhead + [
         ("adamw", lambda c: c == "large", gpu, "fp32",
          [("pct_of_peak", 90.0, ">= 90% of copy"), ("ratio_to_torch_fused", 1.0, ">= 1.0x torch fused")]),
         ("adamw", lambda c: c == "llama-1b", gpu, None,

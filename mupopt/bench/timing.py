@@ -117,6 +117,37 @@ class Timer:
         return summarize([self._once_ms(fn) for _ in range(reps)])
 
 
+class LoopTimer(Timer):
+    """Host time of calls that do almost no arithmetic (the overhead cases): warm caches, each
+    repetition times ``inner`` calls back to back (enough for ``budget.seconds / 10``, at least
+    one) and reports their mean, so that a 50 us step is not lost in the clock's and the cache
+    flush's noise. On a GPU it synchronises around each repetition only: what the host waits for
+    in a loop of steps."""
+
+    def __init__(self, device: torch.device, budget: Budget):
+        self.device, self.budget, self.cuda = device, budget, device.type == "cuda"  # no flush buffer
+
+    def time(self, fn: Callable[[], object]) -> Timing:
+        b = self.budget
+        fn()
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        one = max(time.perf_counter() - t0, 1e-6)
+        inner = max(1, int(b.seconds / 10 / one))
+        reps = int(min(b.max_reps, max(b.min_reps, b.seconds / (inner * one))))
+        times = []
+        for _ in range(reps):
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            self.sync()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
+        return summarize(times)
+
+
 # --------------------------------------------------------------------------------------------
 # Peaks of this device, measured in the same run
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@
   Triton's 10: on an H200 it stepped GPT-2 small and Llama-1B lists 1.4-2.4x faster than the
   Triton kernels, level with or ahead of torch's fused AdamW; benchmarks/results/).
 
+Both also register ``bind`` (:data:`ops.BIND`): a step bound to a param group's tensors, which
+checks only the gradients per step (``csrc/bound.h``).
+
 Importing this package compiles nothing. The first step, or the registry's first question
 whether a backend can run (``unsupported_reason``), tries the build once and remembers the
 outcome: without a compiler, ninja or CUDA toolkit, ``auto`` falls back to the next backend and
@@ -88,6 +91,7 @@ def register() -> None:
                 backends.Backend(
                     name, "cpu", ops.FUNCTIONS[name], priority=CPU_PRIORITY, unsupported_reason=cpu_unsupported_reason,
                     devices=("cpu",), validates=True,
+                    bind=ops.BIND[name],
                 )
             )
         if with_cuda and "cuda" not in backends.names(name):
@@ -95,6 +99,7 @@ def register() -> None:
                 backends.Backend(
                     name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason,
                     devices=("cuda",), validates=True,
+                    bind=ops.BIND[name],
                 )
             )
 
