@@ -572,9 +572,17 @@ class MupOptimizer(Optimizer):
 
     def _call(self, seg: Segment, grads: list, hp, *, prepare: bool):
         """Step one segment with its backend. prepare=True and a two-phase backend
-        (``Backend.prepare``): only prepare, and return the commit; otherwise step, return None."""
+        (``Backend.prepare``): only prepare, and return the commit; otherwise step, return None.
+
+        A backend with ``bind`` (the C++ backends) is bound once per plan and state (its
+        validated tensor tables kept in C++) and then called with this step's gradients only;
+        not with collectives (LAMB's norm_reduce), which need the unbound two-call form."""
         backend = seg.backend
         fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
+        if backend.bind is not None and not seg.collectives and not prepare:
+            if seg.bound is None:
+                seg.bound = backend.bind(seg.params, seg.states, seg.mults)
+            fn = _BoundCall(seg.bound)
         kwargs = dict(seg.collectives)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
@@ -660,6 +668,19 @@ class MupOptimizer(Optimizer):
                 loss = closure()
         self._run()
         return loss
+
+
+class _BoundCall:
+    """A bound step called with the registry function's arguments (params, states and
+    multipliers are already in it)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, params, grads, states, mults, hp, **kwargs):
+        return self.step(grads, hp, **kwargs)
 
 
 def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
