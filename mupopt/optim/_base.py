@@ -55,7 +55,8 @@ from torch.optim import Optimizer
 from .. import backends
 from ..mup import (MupError, Multipliers, WidthInfo, multipliers, recover_width_infos, width_info, format_table,
                    decay_rule, WD_MODES)
-from ._placement import dist, is_dtensor, local, local_grad, local_state
+from ._placement import (ELEMENTWISE, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
+                         same_layout)
 
 
 def check(condition: bool, message: str) -> None:
@@ -123,8 +124,8 @@ class Segment:
     """One backend call of a param group's step: a registry name (kernel), the backend chosen for
     it and the tensors it steps, as the backend sees them (local shards of DTensors)."""
 
-    __slots__ = ("kernel", "backend", "positions", "grad_index", "grad_layout", "params", "states", "mults",
-                 "collectives", "bound")
+    __slots__ = ("kernel", "backend", "positions", "grad_index", "grad_layout", "params", "originals", "viewed",
+                 "states", "mults", "collectives", "bound")
 
     def __init__(self, kernel: str, backend: backends.Backend, positions: list[int], params: list, mults: list):
         self.kernel = kernel
@@ -132,7 +133,9 @@ class Segment:
         self.positions = positions  # indices into the plan's stepped params
         self.grad_index: list[int] = []  # indices into group["params"] (and so into the gradients)
         self.grad_layout: list = []  # (dtype, contiguous) of each gradient the backend was chosen for
-        self.params = params  # local tensors
+        self.params = params  # local tensors (elementwise kernels: complex as real, dense as flat)
+        self.originals = params  # the local tensors themselves
+        self.viewed: list[bool] | None = None  # per position: params[k] is a view of originals[k]
         self.states: list | None = None  # local state dicts, once state exists
         self.mults = mults
         self.collectives: dict = {}  # keyword arguments of the backend call (norm_reduce, orthogonalize)
@@ -263,7 +266,7 @@ class MupOptimizer(Optimizer):
         try:
             self._check_group(group)
             for p in group["params"]:
-                if p.is_complex():
+                if p.is_complex() and self.rule not in ELEMENTWISE:
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
             # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
             # their width info back by module and name (mupopt.mup.recover_width_infos).
@@ -454,38 +457,51 @@ class MupOptimizer(Optimizer):
         distributed = any(map(is_dtensor, params))
         segments = []
         for seg_kernel, positions in self._segments(group, kernel, stepped):
-            for backend, chosen in self._select(seg_kernel, [locals_[k] for k in positions],
-                                                [local_grads[k] for k in positions],
-                                                [params[k] for k in positions]):
+            originals = [locals_[k] for k in positions]
+            seg_grads = [local_grads[k] for k in positions]
+            viewed = None
+            if seg_kernel in ELEMENTWISE and any(map(needs_view, originals)):
+                viewed = [needs_view(t) for t in originals]
+            views = _views(originals, viewed)
+            grad_views = _views([same_layout(g, t) if v else g for g, t, v in
+                                 zip(seg_grads, originals, viewed or [False] * len(originals))], viewed)
+            for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
+                                                originals, viewed):
                 pos = [positions[k] for k in chosen]
-                seg = Segment(seg_kernel, backend, pos, [locals_[k] for k in pos], [mults_all[stepped[k]] for k in pos])
+                seg = Segment(seg_kernel, backend, pos, [views[k] for k in chosen], [mults_all[stepped[k]] for k in pos])
+                seg.originals = [originals[k] for k in chosen]
+                seg.viewed = None if viewed is None else [viewed[k] for k in chosen]
                 seg.collectives = self._collectives(seg_kernel, [params[k] for k in pos]) if distributed else {}
                 seg.grad_index = [stepped[k] for k in pos]
-                seg.grad_layout = [(local_grads[k].dtype, local_grads[k].is_contiguous()) for k in pos]
+                seg.grad_layout = [(grad_views[k].dtype, grad_views[k].is_contiguous()) for k in chosen]
                 segments.append(seg)
         refs = (group, group["params"], self.state, group.get("mup"))
         return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
 
-    def _select(self, kernel: str, params: list, grads: list, global_params: list):
+    def _select(self, kernel: str, params: list, grads: list, global_params: list, originals: list,
+                viewed: list | None):
         """[(backend, positions)]: the backend of every tensor. An explicit backend steps all or
         raises; ``auto`` takes the best backend that can step the whole list, else the best one
-        per tensor (a channels_last or fp16 tensor falls back alone, not its whole group), and
-        warns once per optimizer when a faster backend for this device could not run."""
+        per tensor (a strided or fp64 tensor falls back alone, not its whole group), and warns
+        once per optimizer when a faster backend for this device could not run. ``params`` and
+        ``grads`` are what the backend will see (views of ``originals`` where ``viewed``)."""
         if not params:
             return []
         requested = self.backend
         if requested == "auto":
             requested = os.environ.get(backends.ENV_VAR, "auto") or "auto"
         states = [self.state.get(p) for p in global_params]
-        tensors_of = [[p, g, *(local(v) for v in (st or {}).values() if isinstance(v, torch.Tensor) and v.ndim)]
-                      for p, g, st in zip(params, grads, states)]
-        for i, (p, st) in enumerate(zip(params, states)):
+        for i, (p, st) in enumerate(zip(originals, states)):
             for k, v in (st or {}).items():
                 if isinstance(v, torch.Tensor) and v.ndim and local(v).shape != p.shape:
                     raise RuntimeError(
                         f"{type(self).__name__}: state {k!r} of a parameter of shape {tuple(p.shape)} has shape "
                         f"{tuple(local(v).shape)} (a state_dict of another model?); nothing was changed"
                     )
+        flags = viewed or [False] * len(params)
+        tensors_of = [[p, g, *(elementwise_view(same_layout(local(v), o)) if f else local(v)
+                               for v in (st or {}).values() if isinstance(v, torch.Tensor) and v.ndim)]
+                      for p, g, st, o, f in zip(params, grads, states, originals, flags)]
         everything = [t for ts in tensors_of for t in ts]
         backends.check_name(kernel, requested)
         if requested != "auto":
@@ -562,7 +578,11 @@ class MupOptimizer(Optimizer):
                 self.state[p].update(self._init_state(p, group))
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
-            seg.states = [local_state(st) for st in states] if plan.distributed else states
+            if plan.distributed:
+                states = [local_state(st) for st in states]
+            if seg.viewed is not None:
+                states = [_view_state(st, o) if v else st for st, o, v in zip(states, seg.originals, seg.viewed)]
+            seg.states = states
             seg.bound = None
         plan.state_len = len(self.state)
 
@@ -630,6 +650,9 @@ class MupOptimizer(Optimizer):
                 seg_grads = [grads[i] for i in seg.grad_index]
                 if plan.distributed:
                     seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
+                if seg.viewed is not None:
+                    seg_grads = [elementwise_view(same_layout(g, o)) if v else g
+                                 for g, o, v in zip(seg_grads, seg.originals, seg.viewed)]
                 full = several or not seg.backend.validates
                 if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
                     # A gradient's dtype or layout changed since the backend was chosen: choose again.
@@ -681,6 +704,26 @@ class _BoundCall:
 
     def __call__(self, params, grads, states, mults, hp, **kwargs):
         return self.step(grads, hp, **kwargs)
+
+
+def _views(tensors: list, viewed: list | None) -> list:
+    if viewed is None:
+        return list(tensors)
+    return [elementwise_view(t) if v else t for t, v in zip(tensors, viewed)]
+
+
+def _view_state(state: dict, original: torch.Tensor) -> dict:
+    """An elementwise kernel's view of one param's state: each param-shaped tensor as the param
+    is viewed (a state tensor of another layout, e.g. loaded contiguous for a channels_last
+    param, is first given the param's strides, in the state itself)."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape == original.shape:
+            if v.stride() != original.stride():
+                v = state[k] = same_layout(v, original)
+            v = elementwise_view(v)
+        out[k] = v
+    return out
 
 
 def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:

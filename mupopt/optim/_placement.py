@@ -85,6 +85,57 @@ def placement_text(p: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Elementwise kernels: complex tensors as real, dense layouts as flat storage
+# ---------------------------------------------------------------------------------------------
+# Registry names whose math is per element (LAMB's norms too: the norm of a complex tensor is
+# that of its real view, and the norm of a tensor that of its storage). For these the plan hands
+# a backend each complex tensor as its real view (torch.optim does the same) and each dense
+# non-overlapping tensor that is not contiguous (channels_last, a transposed leaf) as its flat
+# storage, so the fused kernels step them instead of the reference (torch's fused kernels also
+# read such tensors as flat storage). Params, gradients and states must then share strides.
+ELEMENTWISE = frozenset({"adamw", "adopt", "lamb", "sophia", "sophia_hessian"})
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill numel consecutive storage slots (in some
+    order), so the storage from t's offset is a flat view of all of them."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def needs_view(t: torch.Tensor) -> bool:
+    """Whether an elementwise kernel gets a view of ``t`` instead of ``t``: complex, or dense
+    but not contiguous."""
+    return t.is_complex() or (not t.is_contiguous() and dense(t))
+
+
+def elementwise_view(t: torch.Tensor) -> torch.Tensor:
+    """The real view of a complex tensor, flattened to its storage when it is dense but not
+    contiguous (a truly strided tensor stays strided: the backends refuse it and it falls back
+    to the reference alone)."""
+    v = torch.view_as_real(t) if t.is_complex() else t
+    if not v.is_contiguous() and dense(v):
+        v = v.as_strided((v.numel(),), (1,), v.storage_offset())
+    return v
+
+
+def same_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``like``'s strides (a copy when they differ), so that a flat view of each pairs
+    the same elements."""
+    if x.stride() == like.stride():
+        return x
+    out = torch.empty_strided(like.shape, like.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # Where each rank's shard lies in the global tensor
 # ---------------------------------------------------------------------------------------------
 def _chunk(n: int, parts: int, k: int) -> tuple[int, int]:

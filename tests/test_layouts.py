@@ -1,0 +1,129 @@
+"""Complex parameters and non-contiguous layouts (issue 13 items 8 and 9).
+
+Elementwise optimizers (AdamW, ADOPT, LAMB, SophiaG) step a complex tensor as its real view (as
+torch.optim does) and a dense non-overlapping tensor that is not contiguous (channels_last, a
+transposed leaf) as its flat storage, on the fused backends; only a truly strided tensor falls
+back to the reference, alone. Muon and Shampoo refuse complex parameters with a clear error.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mupopt
+from mupopt import backends
+
+ELEMENTWISE = {
+    "adamw": (mupopt.AdamW, dict(lr=0.1, weight_decay=0.1)),
+    "adopt": (mupopt.ADOPT, dict(lr=0.1, weight_decay=0.1)),
+    "lamb": (mupopt.LAMB, dict(lr=0.1, weight_decay=0.1)),
+    "sophia": (mupopt.SophiaG, dict(lr=0.1, weight_decay=0.1, rho=0.04)),
+}
+
+
+def fused() -> str | None:
+    best = backends.names("adamw")[0]
+    ok = backends.get("adamw", best).reason([torch.zeros(2)]) is None
+    return best if ok and best != "reference" else None
+
+
+def run(opt, ps, steps=4):
+    for t in range(steps):
+        gen = torch.Generator().manual_seed(t)
+        for p in ps:
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad = torch.empty_like(p).copy_(g)  # the param's layout, as autograd leaves it
+        if isinstance(opt, mupopt.SophiaG):
+            opt.update_hessian()
+            opt.step(bs=16)
+        else:
+            opt.step()
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_complex_params_step_as_their_real_view(name, backend):
+    """A complex tensor steps exactly as a real tensor holding its real view does (bitwise)."""
+    cls, kw = ELEMENTWISE[name]
+    gen = torch.Generator().manual_seed(0)
+    z = nn.Parameter(torch.randn(6, 5, dtype=torch.complex64, generator=gen))
+    r = nn.Parameter(torch.view_as_real(z.detach()).clone())
+    oz, orl = cls([z], backend=backend, **kw), cls([r], backend=backend, **kw)
+    for t in range(4):
+        g = torch.randn(6, 5, dtype=torch.complex64, generator=torch.Generator().manual_seed(t))
+        z.grad, r.grad = g.clone(), torch.view_as_real(g).clone()
+        for o in (oz, orl):
+            if name == "sophia":
+                o.update_hessian()
+                o.step(bs=16)
+            else:
+                o.step()
+    assert torch.equal(torch.view_as_real(z.detach()), r.detach())
+    assert oz.state[z]["exp_avg"].dtype == torch.complex64  # torch's state layout, loadable by torch
+    if backend == "auto" and fused():
+        assert oz.selected_backends[0][name] == fused()
+
+
+def test_complex_adamw_matches_torch():
+    z = nn.Parameter(torch.randn(4, 7, dtype=torch.complex64, generator=torch.Generator().manual_seed(1)))
+    w = nn.Parameter(z.detach().clone())
+    a, b = mupopt.AdamW([z], lr=0.1, backend="reference"), torch.optim.AdamW([w], lr=0.1, foreach=False)
+    for t in range(5):
+        g = torch.randn(4, 7, dtype=torch.complex64, generator=torch.Generator().manual_seed(t))
+        z.grad, w.grad = g.clone(), g.clone()
+        a.step(), b.step()
+    assert torch.equal(z, w)
+
+
+def _layouts():
+    gen = torch.Generator().manual_seed(2)
+    conv = torch.randn(8, 4, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    leaf_t = torch.randn(5, 7, generator=gen).t()
+    return [conv, leaf_t]
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_dense_layouts_run_on_the_fused_backend(name):
+    """channels_last and transposed leaves are stepped by the fused backend as flat storage,
+    and equal the same optimizer on contiguous copies (elementwise math does not depend on the
+    order of the elements; LAMB's norms do, within float64 sums rounded once)."""
+    if fused() is None:
+        pytest.skip("no fused backend here")
+    cls, kw = ELEMENTWISE[name]
+    ps = [nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in _layouts()]
+    qs = [nn.Parameter(x.contiguous()) for x in _layouts()]
+    assert not any(p.is_contiguous() for p in ps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mupopt.BackendFallbackWarning)
+        a = cls(ps, **kw)
+        run(a, ps)
+    b = cls(qs, **kw)
+    run(b, qs)
+    assert a.selected_backends[0][name] == fused()
+    for p, q in zip(ps, qs):
+        if name == "lamb":
+            torch.testing.assert_close(p, q, rtol=2e-7, atol=1e-7)
+        else:
+            assert torch.equal(p, q)
+        assert p.stride() == a.state[p]["exp_avg"].stride()  # state keeps the param's layout
+
+
+def test_truly_strided_tensor_falls_back_alone():
+    if fused() is None:
+        pytest.skip("no fused backend here")
+    strided = nn.Parameter(torch.randn(6, 8)[:, ::2])  # every other column: not dense
+    plain = nn.Parameter(torch.randn(5))
+    opt = mupopt.AdamW([strided, plain], lr=0.1)
+    with pytest.warns(mupopt.BackendFallbackWarning, match="not contiguous"):
+        run(opt, [strided, plain], steps=1)
+    assert opt.selected_backends == [{"adamw": f"{fused()} (1) + reference (1)"}]
+
+
+@pytest.mark.parametrize("cls", [mupopt.Muon, mupopt.Shampoo])
+def test_muon_and_shampoo_refuse_complex_params(cls):
+    z = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=f"{cls.__name__} does not support complex parameters"):
+        cls([z])
