@@ -168,22 +168,6 @@ def test_unknown_backend_name(name):
 # Bad parameters and gradients
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_complex_parameter_refused(name):
-    """Complex parameters are refused at construction and in add_param_group (groups intact)."""
-    case = CASES[name]
-    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
-    with pytest.raises(ValueError, match="complex"):
-        case.cls([z], **case.kwargs)
-    opt, params = started(case)
-    n_groups = len(opt.param_groups)
-    with pytest.raises(ValueError, match="complex"):
-        opt.add_param_group({"params": [z]})
-    assert len(opt.param_groups) == n_groups
-    snap = snapshot(opt, params)
-    assert_recovers(case, opt, params, snap)
-
-
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad_param", [0, 1, 3])
 def test_sparse_gradient(name, bad_param):
     """A sparse gradient: RuntimeError mentioning sparse; nothing changed (the bad tensor may be

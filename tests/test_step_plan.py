@@ -106,10 +106,10 @@ def test_hyperparameter_edits_need_no_new_plan_and_are_honoured():
 
 
 def test_auto_falls_back_per_tensor_warns_once_and_reports():
-    """A transposed (non-contiguous) leaf goes to the reference alone; the rest stays on the
-    fastest backend; one BackendFallbackWarning names the reason; selected_backends and
-    mup_summary say what ran."""
-    w = nn.Parameter(torch.randn(5, 7).t())
+    """A strided leaf (every other column: not dense) goes to the reference alone; the rest
+    stays on the fastest backend; one BackendFallbackWarning names the reason; selected_backends
+    and mup_summary say what ran."""
+    w = nn.Parameter(torch.randn(7, 10)[:, ::2])
     b = nn.Parameter(torch.randn(3))
     w2, b2 = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
     opt = mupopt.AdamW([w, b], lr=1e-2)
@@ -133,7 +133,7 @@ def test_auto_falls_back_per_tensor_warns_once_and_reports():
 
 
 def test_explicit_backend_refusal_creates_no_state():
-    w = nn.Parameter(torch.randn(5, 7).t())
+    w = nn.Parameter(torch.randn(7, 10)[:, ::2])
     w.grad = torch.ones_like(w)
     opt = mupopt.AdamW([w], backend="cpu")
     if backends.get("adamw", "cpu").reason([torch.zeros(2)]) is not None:

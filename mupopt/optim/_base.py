@@ -606,6 +606,8 @@ class MupOptimizer(Optimizer):
         kwargs = dict(seg.collectives)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
+            if any(g.is_sparse for g in grads):  # before the in-place unscale touches them
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             # As GradScaler.unscale_: the reciprocal in float64 (MPS has none), rounded once to
             # float32; a device op, no host read.
             scale = grad_scale.reshape(())
@@ -614,7 +616,12 @@ class MupOptimizer(Optimizer):
                 kwargs["inv_grad_scale"] = inv_grad_scale
             else:
                 unscale_(grads, inv_grad_scale)
-        return fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
+        try:
+            return fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
+        except (RuntimeError, NotImplementedError) as exc:
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients") from exc
+            raise
 
     def _run(self, kernel: str | None = None, extra: dict | None = None, _retry: bool = False) -> None:
         """One step of every param group with the backend(s) of ``kernel`` (default: this
@@ -727,13 +734,15 @@ def _view_state(state: dict, original: torch.Tensor) -> dict:
 
 
 def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
-    """Raise for a sparse gradient (no backend steps one), and with ``full`` for a gradient of
-    another shape than its parameter's; return True when a gradient's dtype or contiguity is not
-    the one the segment's backend was chosen for (the caller then plans again)."""
-    if any(g.is_sparse for g in grads):
-        raise RuntimeError(f"{name} does not support sparse gradients")
+    """With ``full``: raise for a sparse gradient (no backend steps one) or one of another shape
+    than its parameter's, and return True when a gradient's dtype or contiguity is not the one
+    the segment's backend was chosen for (the caller then plans again). Without (a single call
+    of a validating backend): nothing here; _call names a sparse gradient if the backend refuses
+    one (a C++ op is not even dispatched for it)."""
     if not full:
         return False
+    if any(g.is_sparse for g in grads):
+        raise RuntimeError(f"{name} does not support sparse gradients")
     changed = False
     for p, g, (dtype, contiguous) in zip(seg.params, grads, seg.grad_layout):
         if g.shape != p.shape:
