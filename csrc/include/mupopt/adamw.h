@@ -6,7 +6,9 @@
 //
 // Operation order of mupopt.optim.adamw.adamw_reference (torch.optim.AdamW's single-tensor
 // path): the last line is ATen's addcdiv, p + (value*m)/denom, and v's update is ATen's
-// mul_ then addcmul_, fma((1-b2)*g, g, v*b2) under FMA.
+// mul_ then addcmul_, fma((1-b2)*g, g, v*b2) under FMA. One rounding differs on the CPU: torch's
+// float32 sqrt there is MKL's vmsSqrt (VML_HA, not correctly rounded), sqrtf here is IEEE; so the
+// cpu backend equals torch.optim.AdamW run with a correctly rounded sqrt (tests/test_bitwise.py).
 // Bytes per element (fp32): reads p g m v, writes p m v = 28 (amsgrad: 36).
 #pragma once
 
