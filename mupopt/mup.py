@@ -631,6 +631,15 @@ def clear_base_shapes(model: nn.Module) -> None:
     _MODELS.discard(model)
 
 
+def name_in_models(p: torch.Tensor) -> str | None:
+    """The name of ``p`` in a model set_base_shapes was called on, or None (for messages)."""
+    for model in list(_MODELS):
+        for name, q in model.named_parameters(remove_duplicate=False):
+            if q is p:
+                return name
+    return None
+
+
 def recover_width_infos(params: Iterable[torch.Tensor]) -> int:
     """Re-attach width info to parameters that lost it when FSDP2 or tensor parallelism replaced
     them (same module, same name, same global shape: a DTensor's ``shape`` is the global one).

@@ -67,8 +67,9 @@ def results(tmp_path_factory):
     """Every scenario, run once on 2 ranks."""
     tmp = tmp_path_factory.mktemp("dist")
     specs = STEP_SPECS + TRAIN_SPECS + ERROR_SPECS
-    specs += [(f"dcp-fsdp-{opt}", {"kind": "dcp", "placement": "fsdp", "optimizer": opt, "backend": "auto",
-                                   "path": str(tmp / f"ckpt-{opt}")}) for opt in DCP_OPTIMIZERS]
+    specs += [(f"dcp-{pl}-{opt}", {"kind": "dcp", "placement": pl, "optimizer": opt, "backend": "auto",
+                                   "path": str(tmp / (f"ckpt-{opt}" if pl == "fsdp" else f"ckpt-{pl}-{opt}"))})
+              for pl in ("fsdp", "tp") for opt in DCP_OPTIMIZERS]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(2, free_port(), specs, str(out), env), nprocs=2, join=True)
@@ -184,9 +185,10 @@ def single_process_train(optimizer: str, mup: bool):
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
 @pytest.mark.parametrize("optimizer", DCP_OPTIMIZERS)
-def test_dcp_resume_at_the_same_world_size(results, optimizer):
-    got = get(results, f"dcp-fsdp-{optimizer}")["params"]
+def test_dcp_resume_at_the_same_world_size(results, optimizer, placement):
+    got = get(results, f"dcp-{placement}-{optimizer}")["params"]
     model, _ = single_process_steps(optimizer, "auto")
     assert_close(got, {n: p.detach() for n, p in model.named_parameters()}, TOLERANCE[optimizer], optimizer)
 

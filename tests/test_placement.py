@@ -122,3 +122,14 @@ def test_dtensor_step_equals_plain_step(one_rank):
                 o.step(bs=8) if cls is mupopt.SophiaG else o.step()
         for p, q in zip(plain, dt):
             assert torch.equal(p.detach(), q.full_tensor().detach()), cls.__name__
+
+
+def test_a_parameter_without_width_info_is_named_in_the_error():
+    """A parameter added to a model after set_base_shapes (no width info) among ones that have
+    it: the error names it by its place in the model, also when the optimizer got plain
+    parameters (issue 14 item 2)."""
+    model, base = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 4)), nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    mupopt.set_base_shapes(model, base)
+    model.add_module("extra", nn.Linear(4, 4))
+    with pytest.raises(MupError, match=r"parameter 'extra.weight' has no muP width information"):
+        mupopt.AdamW(model.parameters())

@@ -53,8 +53,8 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from ..mup import (MupError, Multipliers, WidthInfo, multipliers, recover_width_infos, width_info, format_table,
-                   decay_rule, WD_MODES)
+from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
+                   format_table, decay_rule, WD_MODES)
 from ._placement import (ELEMENTWISE, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
                          same_layout)
 
@@ -285,7 +285,8 @@ class MupOptimizer(Optimizer):
         if any(have) and not all(have):
             g, i = records[have.index(False)]
             names = g.get("param_names")
-            label = repr(names[i]) if names else f"of shape {tuple(g['params'][i].shape)}"
+            name = names[i] if names else name_in_models(g["params"][i])
+            label = repr(name) if name else f"of shape {tuple(g['params'][i].shape)}"
             raise MupError(
                 f"parameter {label} has no muP width information while others have: call "
                 f"mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
