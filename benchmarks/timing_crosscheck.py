@@ -246,16 +246,19 @@ def gpu_state() -> dict:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {}
-    fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
-    try:
-        out = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"], capture_output=True,
-                             text=True, timeout=10).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if not out:
-        return {}
-    vals = [v.strip() for v in out[0].split(",")]
-    return dict(zip(("sm_mhz", "mem_mhz", "power_w", "temp_c", "throttle"), vals))
+    base = "clocks.sm,clocks.mem,power.draw,temperature.gpu"
+    # The throttle field's name changed across drivers; an unknown field fails the whole query.
+    for extra in (",clocks_event_reasons.active", ",clocks_throttle_reasons.active", ""):
+        try:
+            res = subprocess.run([exe, f"--query-gpu={base}{extra}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        out = res.stdout.strip().splitlines()
+        if res.returncode == 0 and out:
+            vals = [v.strip() for v in out[0].split(",")]
+            return dict(zip(("sm_mhz", "mem_mhz", "power_w", "temp_c", "throttle"), vals))
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = verdicts(summary, times, copies)
 
     print()
-    print(f"copy (fp32, {copy_bytes >> 30} GiB read+write): " +
+    print(f"copy (fp32, {copy_bytes / 1e9:.2f} GB read+write): " +
           ", ".join(f"{m} {c:.3f} ms = {copy_bytes / c / 1e6:.0f} GB/s" for m, c in copy_ms.items()))
     for line in harness_log:
         print(line)

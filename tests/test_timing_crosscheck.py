@@ -109,3 +109,27 @@ def test_cpu_smoke_run_writes_every_series(xc, tmp_path, capsys):
         assert keys[(contender, "timer", "fresh")]["pct_of_copy"] > 0
     assert any(line.startswith("torch-fused: timer ") for line in data["verdicts"])
     assert "contender    method" in capsys.readouterr().out
+
+
+def test_gpu_state_reads_nvidia_smi_and_falls_back_on_an_unknown_field(xc, monkeypatch):
+    """Read-only clock query: an older or newer driver that refuses the throttle field's name
+    still gives clocks, power and temperature (nvidia-smi faked here)."""
+    calls = []
+
+    class Res:
+        def __init__(self, rc, out):
+            self.returncode, self.stdout = rc, out
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[1])
+        if "reasons" in cmd[1]:
+            return Res(2, "")  # 'Field ... is not a valid field to query.'
+        return Res(0, "1980, 3201, 512.30, 41\n")
+
+    monkeypatch.setattr(xc.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(xc.subprocess, "run", fake_run)
+    assert xc.gpu_state() == {"sm_mhz": "1980", "mem_mhz": "3201", "power_w": "512.30", "temp_c": "41"}
+    assert len(calls) == 3 and all(c.startswith("--query-gpu=clocks.sm,clocks.mem") for c in calls)
+    assert not any(flag in " ".join(calls) for flag in ("-lgc", "-ac", "-pl", "-pm", "-r "))
+    monkeypatch.setattr(xc.shutil, "which", lambda name: None)
+    assert xc.gpu_state() == {}
