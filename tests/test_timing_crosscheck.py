@@ -133,3 +133,58 @@ def test_gpu_state_reads_nvidia_smi_and_falls_back_on_an_unknown_field(xc, monke
     assert not any(flag in " ".join(calls) for flag in ("-lgc", "-ac", "-pl", "-pm", "-r "))
     monkeypatch.setattr(xc.shutil, "which", lambda name: None)
     assert xc.gpu_state() == {}
+
+
+class _Log:
+    """Fake CUDA events and device calls that write down the order of what a timing method does."""
+
+    def __init__(self, monkeypatch, xc):
+        self.calls = []
+        log = self.calls
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                log.append("record")
+                self.t = len(log)
+
+            def synchronize(self):
+                log.append("event-sync")
+
+            def elapsed_time(self, end):
+                return float(end.t - self.t)
+
+        monkeypatch.setattr(xc.torch.cuda, "Event", Event)
+        from mupopt.bench import timing
+
+        timer = object.__new__(timing.Timer)  # no CUDA here: the Timer without its flush buffer
+        timer.device, timer.budget, timer.cuda = torch.device("cuda"), timing.BUDGETS["smoke"], True
+        timer.flush = lambda: log.append("flush")
+        timer.sync = lambda: log.append("sync")
+        self.timer = timer
+
+    def fn(self):
+        self.calls.append("fn")
+
+
+def test_the_harness_timer_has_the_host_part_of_the_call_inside_its_interval(xc, monkeypatch):
+    """What both harnesses time per repetition (timing.Timer._once_ms): the synchronisation comes
+    before the start event, so everything fn does on the host before its first kernel is inside
+    the interval while the GPU idles."""
+    log = _Log(monkeypatch, xc)
+    log.timer._once_ms(log.fn)
+    assert log.calls == ["flush", "sync", "record", "fn", "record", "event-sync"]
+
+
+def test_the_events_method_enqueues_the_call_behind_the_flush(xc, monkeypatch):
+    """timing_crosscheck's "events": no synchronisation between the flush and the start event (the
+    host work of fn overlaps the flush on the GPU); one synchronisation after all repetitions."""
+    log = _Log(monkeypatch, xc)
+    med, p20, p80 = xc.time_events(log.timer, log.fn, reps=3)
+    assert log.calls == ["fn", "sync"] + ["flush", "record", "fn", "record"] * 3 + ["sync"]
+    assert p20 <= med <= p80
+    log.calls.clear()
+    xc.time_host(log.timer, log.fn, reps=2)
+    assert log.calls == ["sync", "fn", "sync", "fn", "sync"]  # host time: no flush, nothing recorded
