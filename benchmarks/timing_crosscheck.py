@@ -20,7 +20,7 @@ H200's L2) for torch's fused AdamW and our ``cuda`` and ``triton`` backends, eac
   GPU can start.
 
 Each contender is measured in ``--rows`` independent rows, round robin (row r of every contender,
-then row r+1), each row a fresh optimizer (fresh state tensors) on a fresh param/grad set per
+then row r+1; every other round in reverse order), each row a fresh optimizer (fresh state tensors) on a fresh param/grad set per
 round, as `mupopt bench` gives each row fresh state; the first row's optimizer of each contender is
 kept and timed again in every later round (``same`` series). The spread between rows against the
 spread within a row (p20..p80 of one Timer call) says whether single rows, as both harnesses report
@@ -286,9 +286,10 @@ def available(contenders: Sequence[str], device: torch.device) -> tuple[list[str
 
 
 def measure_rows(device: torch.device, contenders: Sequence[str], methods: Sequence[str], rows: int, numel: int,
-                 mode: str, log: Callable[[str], None] = print) -> tuple[list[Sample], dict[str, float], int]:
+                 mode: str, errors: list[str], log: Callable[[str], None] = print
+                 ) -> tuple[list[Sample], dict[str, float], int]:
     """Round robin over contenders, ``rows`` rounds; returns the samples, the copy time per
-    method and the copy's bytes."""
+    method and the copy's bytes; what raised goes to ``errors``."""
     timer = timing.Timer(device, timing.BUDGETS[mode])
     src = torch.randn(timing.copy_numel(device, mode), device=device)
     dst = torch.empty_like(src)
@@ -297,7 +298,9 @@ def measure_rows(device: torch.device, contenders: Sequence[str], methods: Seque
     copy_ms = {}
     for method in methods:
         if method != "host":
-            copy_ms[method] = _run_method(method, timer, copy)[0]
+            got = _try(method, timer, copy, "copy", errors, log)
+            if got is not None:
+                copy_ms[method] = got[0]
     copy_bytes = model.copy_bytes(src)
     del src, dst, copy
     samples: list[Sample] = []
@@ -306,21 +309,28 @@ def measure_rows(device: torch.device, contenders: Sequence[str], methods: Seque
         params = C.make_params([(numel,)], torch.float32, device, seed=r)
         # Read once per round (nvidia-smi takes ~0.1 s: the GPU idles meanwhile), kept with each row.
         state = gpu_state() if device.type == "cuda" else {}
-        for contender in contenders:
-            opt = make_optimizer(contender, params)
-            step = opt.step
-            step()  # state, compilation
-            timer.sync()
+        # Every other round in reverse order: an effect of the position in the round shows.
+        for contender in (contenders if r % 2 == 0 else list(reversed(contenders))):
+            try:
+                opt = make_optimizer(contender, params)
+                step = opt.step
+                step()  # state, compilation
+                timer.sync()
+            except Exception as e:
+                errors.append(f"round {r} {contender}: first step raised {type(e).__name__}: {e}")
+                log(errors[-1])
+                continue
             nbytes = model.step_bytes("adamw", params, [opt.state[p] for p in params])
             for method in methods:
-                med, p20, p80 = _run_method(method, timer, step)
-                samples.append(Sample(contender, method, "fresh", r, med, p20, p80, nbytes, state))
+                got = _try(method, timer, step, f"round {r} {contender}", errors, log)
+                if got is not None:
+                    samples.append(Sample(contender, method, "fresh", r, *got, nbytes, state))
             if r == 0:
                 kept[contender] = opt
-            else:
-                kept_opt = kept[contender]
-                med, p20, p80 = time_timer(timer, kept_opt.step)
-                samples.append(Sample(contender, "timer", "same", r, med, p20, p80, nbytes))
+            elif contender in kept:
+                got = _try("timer", timer, kept[contender].step, f"round {r} {contender} (same)", errors, log)
+                if got is not None:
+                    samples.append(Sample(contender, "timer", "same", r, *got, nbytes))
             del opt, step
             log(f"round {r} {contender}: " + ", ".join(f"{s.method} {s.median_ms:.3f}" for s in samples
                                                        if s.round == r and s.contender == contender))
@@ -330,6 +340,18 @@ def measure_rows(device: torch.device, contenders: Sequence[str], methods: Seque
                     for s in samples if s.round == 0 and s.method == "timer" and s.series == "fresh"]
     kept.clear()
     return samples, copy_ms, copy_bytes
+
+
+def _try(method: str, timer: timing.Timer, fn: Callable[[], object], what: str, errors: list[str],
+         log: Callable[[str], None]) -> tuple[float, float, float] | None:
+    """_run_method, or None with the error written down: one failing method leaves the others'
+    numbers in the one GPU call."""
+    try:
+        return _run_method(method, timer, fn)
+    except Exception as e:
+        errors.append(f"{what} {method}: raised {type(e).__name__}: {e}")
+        log(errors[-1])
+        return None
 
 
 def _run_method(method: str, timer: timing.Timer, fn: Callable[[], object]) -> tuple[float, float, float]:
@@ -409,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
               f"elements, AdamW; {args.rows} rounds; methods {', '.join(methods)}")
     print(header, flush=True)
     states = {"start": gpu_state() if device.type == "cuda" else {}}
-    samples, copy_ms, copy_bytes = measure_rows(device, contenders, methods, args.rows, numel, mode)
+    errors: list[str] = []
+    samples, copy_ms, copy_bytes = measure_rows(device, contenders, methods, args.rows, numel, mode, errors)
     states["after_rows"] = gpu_state() if device.type == "cuda" else {}
     summary = summarize(samples)
     pct_of_copy(summary, copy_ms, copy_bytes)
@@ -437,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"copy (fp32, {copy_bytes / 1e9:.2f} GB read+write): " +
           ", ".join(f"{m} {c:.3f} ms = {copy_bytes / c / 1e6:.0f} GB/s" for m, c in copy_ms.items()))
-    for line in harness_log:
+    for line in errors + harness_log:
         print(line)
     for k, st in states.items():
         if st:
@@ -452,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(dict(header=header, device=name, torch=torch.__version__, triton=triton.__version__, date=date,
                            numel=numel, rows=args.rows, methods=list(methods), skipped=skipped, copy_ms=copy_ms,
                            copy_bytes=copy_bytes, samples=[asdict(s) for s in samples], summary=summary,
-                           bench_rows=bench_rows, tune_rows=tune_rows, harness_log=harness_log, gpu_states=states,
+                           bench_rows=bench_rows, tune_rows=tune_rows, errors=errors, harness_log=harness_log, gpu_states=states,
                            verdicts=lines), f, indent=1, default=str)
     return 0
 

@@ -188,3 +188,25 @@ def test_the_events_method_enqueues_the_call_behind_the_flush(xc, monkeypatch):
     log.calls.clear()
     xc.time_host(log.timer, log.fn, reps=2)
     assert log.calls == ["sync", "fn", "sync", "fn", "sync"]  # host time: no flush, nothing recorded
+
+
+def test_a_failing_method_is_written_down_and_the_rest_measured(xc, tmp_path, monkeypatch):
+    """One GPU call for everything: a method that raises (do_bench missing, a backend failing)
+    costs its own numbers only."""
+    real = xc._run_method
+
+    def flaky(method, timer, fn):
+        if method == "host":
+            raise RuntimeError("made to fail")
+        return real(method, timer, fn)
+
+    monkeypatch.setattr(xc, "_run_method", flaky)
+    out = tmp_path / "xc.json"
+    assert xc.main(["--device", "cpu", "--smoke", "--rows", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["errors"]) == 4 and all("host: raised RuntimeError: made to fail" in e for e in data["errors"])
+    methods = {(r["contender"], r["method"]) for r in data["summary"]}
+    assert ("torch-fused", "timer") in methods and not any(m == "host" for _, m in methods)
+    # Round 1 runs the contenders in reverse order.
+    rounds = [(s["round"], s["contender"]) for s in data["samples"] if s["series"] == "fresh"]
+    assert rounds == [(0, "torch-fused"), (0, "reference"), (1, "reference"), (1, "torch-fused")]
