@@ -7,10 +7,14 @@
 #
 # Stages (default: all but tune, in this order): tests verify bench-elementwise bench-matrix;
 # "tune" (only when named) sweeps the Triton elementwise chunk size and warps
-# (benchmarks/tune_triton.py, AdamW on one 2^26 tensor, JSON in OUTDIR/tune-triton.json).
+# (benchmarks/tune_triton.py, AdamW on one 2^26 tensor, JSON in OUTDIR/tune-triton.json);
+# "crosscheck" (only when named) times one 2^26 fp32 AdamW step of torch fused, cuda and triton
+# with the harnesses' Timer, bare CUDA events, triton's do_bench and the host enqueue time, in
+# several fresh rows each, then runs `mupopt bench` and tune_triton's sweep on it alternately
+# (benchmarks/timing_crosscheck.py, issue 16 item 1; OUTDIR/timing-crosscheck.{txt,json}).
 # Time limits (seconds) from the environment: TESTS_S (240), VERIFY_S (60), BENCH_S (180 each,
-# a hard limit), BENCH_MAX_S (120 each: no new case group after it, so results are written) and
-# TUNE_S (150).
+# a hard limit), BENCH_MAX_S (120 each: no new case group after it, so results are written),
+# TUNE_S (150) and CROSSCHECK_S (300).
 # PYTEST_ARGS adds pytest arguments (e.g. -k to rerun a few tests).
 #
 # Runs the package from the working tree: the GPU machine has no network, so torch, triton,
@@ -64,5 +68,12 @@ if has tune; then
   stage "benchmarks/tune_triton.py (AdamW, one 2^26 tensor)"
   timeout "${TUNE_S:-150}" python3 benchmarks/tune_triton.py --case one --optimizers adamw \
       --json "$OUT_DIR/tune-triton.json"
+fi
+if has crosscheck; then
+  stage "benchmarks/timing_crosscheck.py (one 2^26 fp32 AdamW step, every timing method, both harnesses)"
+  timeout "${CROSSCHECK_S:-300}" python3 benchmarks/timing_crosscheck.py --json "$OUT_DIR/timing-crosscheck.json" \
+      > "$OUT_DIR/timing-crosscheck.txt" 2>&1
+  echo "crosscheck exit $?"
+  tail -40 "$OUT_DIR/timing-crosscheck.txt"
 fi
 stage "done"
