@@ -287,3 +287,21 @@ def test_result_tables_live_in_docs_benchmarks_and_are_current():
     readme = (root / "README.md").read_text()
     assert report.START_MARKER not in readme and "docs/benchmarks.md" in readme
     assert len(readme.splitlines()) < 250
+
+
+def test_bench_overhead_script_reports_paired_ratios(tmp_path):
+    """benchmarks/bench_overhead.py (issue 15's overhead target, paired with torch fused) runs and
+    reports a ratio and a verdict per optimizer; numbers here are meaningless (tiny, 1 round)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "overhead.txt"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_overhead.py"), "--rounds", "1",
+                          "--counts", "3", "--backend", "reference", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if "tensors" in line and "ours/fused" in line]
+    assert [r.split()[2] for r in rows] == ["AdamW", "ADOPT", "LAMB", "SophiaG"]
+    assert all(float(r.split("ours/fused ")[1].split()[0]) > 0 and ("met" in r) for r in rows)
