@@ -71,7 +71,9 @@ def is_number(x: Any) -> bool:
         if x.numel() != 1 or x.is_complex():
             return False
         x = x.item()
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+    # -inf < x < inf rather than math.isfinite: the same for numbers (NaN compares False), and
+    # torch.compile traces comparisons of the symbolic floats it may make of hyperparameters.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and -math.inf < x < math.inf
 
 
 def check_lr(lr) -> None:
@@ -425,8 +427,12 @@ class MupOptimizer(Optimizer):
     def _plan(self, group: dict, kernel: str, grads: list) -> GroupPlan:
         """The group's cached plan, rebuilt when its key changed (GroupPlan). Raises on bad input
         and writes nothing."""
-        cache = self.__dict__.setdefault("_plan_cache", {})
         stepped = [i for i, g in enumerate(grads) if g is not None]
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: the plan's Python runs once per compilation (guards on
+            # the groups decide when again), so no cache and no storage fingerprints.
+            return self._build_plan(group, kernel, None, stepped, grads)
+        cache = self.__dict__.setdefault("_plan_cache", {})
         key = (
             kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), id(group.get("mup")),
             self._plan_options(group), self.backend, os.environ.get(backends.ENV_VAR), tuple(stepped),
@@ -597,10 +603,11 @@ class MupOptimizer(Optimizer):
 
         A backend with ``bind`` (the C++ backends) is bound once per plan and state (its
         validated tensor tables kept in C++) and then called with this step's gradients only;
-        not with collectives (LAMB's norm_reduce), which need the unbound two-call form."""
+        not with collectives (LAMB's norm_reduce), which need the unbound two-call form, and not
+        under torch.compile, which traces the unbound ops (they have fake kernels)."""
         backend = seg.backend
         fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
-        if backend.bind is not None and not seg.collectives and not prepare:
+        if backend.bind is not None and not seg.collectives and not prepare and not torch.compiler.is_compiling():
             if seg.bound is None:
                 seg.bound = backend.bind(seg.params, seg.states, seg.mults)
             fn = _BoundCall(seg.bound)
@@ -636,8 +643,12 @@ class MupOptimizer(Optimizer):
         before any writes (one all-reduce), so a failure on one rank stops every rank."""
         kernel = kernel or self.rule
         extra = extra or {}
-        for group in self.param_groups:
-            self._check_group(group)
+        if not torch.compiler.is_compiling():
+            # Under torch.compile hyperparameters may be traced as symbolic floats, which the
+            # checks' messages cannot format; they were checked when set (constructor,
+            # add_param_group, load_state_dict) and at every eager step.
+            for group in self.param_groups:
+                self._check_group(group)
         work = []
         for group in self.param_groups:
             grads = [p.grad for p in group["params"]]

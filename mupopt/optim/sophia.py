@@ -167,7 +167,7 @@ class SophiaG(MupOptimizer):
         rho*bs*h depends on the real batch size)."""
         if bs is _DEFAULT_BS:
             bs = DEFAULT_BS
-            if not getattr(self, "_warned_default_bs", False):
+            if not getattr(self, "_warned_default_bs", False) and not torch.compiler.is_compiling():
                 self._warned_default_bs = True
                 warnings.warn(
                     f"SophiaG.step() without bs= uses sophia-opt's default bs={DEFAULT_BS}, but the clip "
