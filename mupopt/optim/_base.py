@@ -127,7 +127,7 @@ class Segment:
     it and the tensors it steps, as the backend sees them (local shards of DTensors)."""
 
     __slots__ = ("kernel", "backend", "positions", "grad_index", "grad_layout", "params", "originals", "viewed",
-                 "states", "mults", "collectives", "bound")
+                 "own_grads", "states", "mults", "collectives", "bound")
 
     def __init__(self, kernel: str, backend: backends.Backend, positions: list[int], params: list, mults: list):
         self.kernel = kernel
@@ -138,6 +138,7 @@ class Segment:
         self.params = params  # local tensors (elementwise kernels: complex as real, dense as flat)
         self.originals = params  # the local tensors themselves
         self.viewed: list[bool] | None = None  # per position: params[k] is a view of originals[k]
+        self.own_grads = False  # the backend may read each param's .grad itself (plain, not viewed)
         self.states: list | None = None  # local state dicts, once state exists
         self.mults = mults
         self.collectives: dict = {}  # keyword arguments of the backend call (norm_reduce, orthogonalize)
@@ -480,6 +481,7 @@ class MupOptimizer(Optimizer):
                 seg.viewed = None if viewed is None else [viewed[k] for k in chosen]
                 seg.collectives = self._collectives(seg_kernel, [params[k] for k in pos]) if distributed else {}
                 seg.grad_index = [stepped[k] for k in pos]
+                seg.own_grads = not distributed and seg.viewed is None
                 seg.grad_layout = [(grad_views[k].dtype, grad_views[k].is_contiguous()) for k in chosen]
                 segments.append(seg)
         refs = (group, group["params"], self.state, group.get("mup"))
@@ -610,7 +612,7 @@ class MupOptimizer(Optimizer):
         if backend.bind is not None and not seg.collectives and not prepare and not torch.compiler.is_compiling():
             if seg.bound is None:
                 seg.bound = backend.bind(seg.params, seg.states, seg.mults)
-            fn = _BoundCall(seg.bound)
+            fn = _BoundCall(seg.bound, seg.own_grads)
         kwargs = dict(seg.collectives)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
@@ -714,14 +716,18 @@ class MupOptimizer(Optimizer):
 
 class _BoundCall:
     """A bound step called with the registry function's arguments (params, states and
-    multipliers are already in it)."""
+    multipliers are already in it). With ``own_grads`` (plain params, the gradients are their
+    ``.grad``) the C++ op reads the gradients from the bound params itself: no list to convert
+    (ops._bound, ``from_param_grads``)."""
 
-    __slots__ = ("step",)
+    __slots__ = ("step", "own_grads")
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, own_grads: bool):
+        self.step, self.own_grads = step, own_grads
 
     def __call__(self, params, grads, states, mults, hp, **kwargs):
+        if self.own_grads and not kwargs:
+            return self.step.from_param_grads(hp)
         return self.step(grads, hp, **kwargs)
 
 
