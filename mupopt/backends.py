@@ -71,6 +71,10 @@ class Backend:
     # True: fn checks every tensor it is handed (type, shape, dtype, device, layout) before it
     # writes anything, so the optimizer need not check the gradients again at every step.
     validates: bool = False
+    # True: fn takes hp.capturable (step counts on the params' device, bias corrections as
+    # device tensors) and the keyword found_inf (GradScaler's, skipped on the device), so a
+    # capturable=True group's step reads nothing on the host. Others are not chosen for one.
+    capturable: bool = False
     # Optional: bind(params, states, mults) checks once what stays fixed between steps (the
     # tensors, devices, dtypes, shapes, layouts, step tensors, multipliers) and returns
     # step(grads, hp), which checks the gradients and then does what fn(params, grads, states,

@@ -464,12 +464,11 @@ def test_group_keys_of_the_torch_counterpart(name, flags):
         assert m_group[key] == t_group[key], key
 
 
-@pytest.mark.parametrize("name,flag", [("adamw", "capturable"), ("adamw", "differentiable"),
-                                       ("adopt", "capturable"), ("adopt", "differentiable"),
-                                       ("sophia", "capturable")])
+@pytest.mark.parametrize("name,flag", [("adamw", "differentiable"), ("adopt", "differentiable")])
 def test_implementation_flags_mupopt_does_not_provide_are_refused(name, flag):
-    """capturable / differentiable change what step() must support (graph capture, autograd
-    through the step); accepted as keys, they are refused as True rather than ignored."""
+    """differentiable changes what step() must support (autograd through the step); accepted as
+    a key, it is refused as True rather than ignored. (capturable is supported:
+    tests/test_capturable.py.)"""
     with pytest.raises(ValueError, match=flag):
         OPTIMIZERS[name][0]([torch.zeros(2, requires_grad=True)], **{flag: True})
 

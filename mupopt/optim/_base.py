@@ -25,6 +25,9 @@ This class honours both for every optimizer and backend, as torch's fused AdamW 
   pays in ``_maybe_opt_step``; later groups find the value ready. Step counts and bias
   corrections live on the host (kernels/triton/_common.py), so a device-side skip would not save
   that synchronisation without moving them to the device.
+- capturable=True in every param group: found_inf is not read on the host; it is handed to the
+  backends (``Backend.capturable``), which skip on the device: the C++ ops read it themselves,
+  the reference puts back what it wrote where found_inf is set (``skip_on_found_inf``).
 - grad_scale set: gradients are multiplied by ``1/grad_scale`` (formed in float64 and rounded to
   float32, as ``GradScaler.unscale_``) and the unscaled gradient is stored back into ``p.grad``,
   which is what torch's fused AdamW leaves there. A backend registered with ``amp_scaling``
@@ -201,17 +204,50 @@ class _KeepDtype:
         return cast(self.value)
 
 
-def _step_tensor(step) -> torch.Tensor:
+def new_step(p: torch.Tensor, group: dict) -> torch.Tensor:
+    """A new state's step count: a float32 scalar on the CPU (the host reads it for the bias
+    corrections), or on the param's device with ``capturable=True`` (as torch.optim)."""
+    device = p.device if group.get("capturable", False) else "cpu"
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
+def step_count(state: dict, capturable: bool):
+    """The step count the bias corrections are formed from: a Python float (a host read; the
+    reference's float64 expressions), or with ``capturable`` the step tensor itself, so that
+    the corrections are tensors on its device and nothing waits for the device."""
+    return state["step"] if capturable else state["step"].item()
+
+
+def skip_on_found_inf(fn: Callable) -> Callable:
+    """A reference step that takes GradScaler's ``found_inf`` (capturable groups: no host read):
+    the step runs, then every param and state tensor it may have written is put back where
+    found_inf is nonzero (a device-side select; the reference's way, not a fast one)."""
+
+    @functools.wraps(fn)
+    def step(params, grads, states, mults, hp, *, found_inf=None, **kwargs):
+        if found_inf is None:
+            return fn(params, grads, states, mults, hp, **kwargs)
+        saved = [(t, t.clone()) for t in params]
+        saved += [(v, v.clone()) for st in states for v in st.values() if isinstance(v, torch.Tensor)]
+        fn(params, grads, states, mults, hp, **kwargs)
+        skip = found_inf.reshape(()).to(torch.bool)
+        for t, before in saved:
+            t.copy_(torch.where(skip.to(t.device), before, t))
+
+    return step
+
+
+def _step_tensor(step, device="cpu") -> torch.Tensor:
     """A state's step count as the float32 CPU tensor every backend reads (the cpu and cuda ops
     require exactly that; _init_state creates it so). torch.optim converts a plain number in its
     optimizers' __setstate__; an int64 or float64 tensor (hand-edited states), or a float32 one
     that torch's load_state_dict moved to the param's device because the saved group had
     fused=True or capturable=True, is converted here too. Shape is kept (0-dim in practice)."""
     if isinstance(step, torch.Tensor):
-        if step.dtype == torch.float32 and step.device.type == "cpu":
+        if step.dtype == torch.float32 and step.device == torch.device(device):
             return step
-        return step.detach().to(device="cpu", dtype=torch.float32)
-    return torch.tensor(float(step), dtype=torch.float32)
+        return step.detach().to(device=device, dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
 class MupOptimizer(Optimizer):
@@ -344,8 +380,8 @@ class MupOptimizer(Optimizer):
                 for key, value in st.items():
                     if isinstance(value, _KeepDtype):
                         st[key] = value.restore(p.device)
-                if "step" in st:
-                    st["step"] = _step_tensor(st["step"])
+                if "step" in st:  # capturable groups keep it on the param's device (new_step)
+                    st["step"] = _step_tensor(st["step"], p.device if group.get("capturable", False) else "cpu")
 
     # -- state_dict ------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -436,7 +472,8 @@ class MupOptimizer(Optimizer):
         cache = self.__dict__.setdefault("_plan_cache", {})
         key = (
             kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), id(group.get("mup")),
-            self._plan_options(group), self.backend, os.environ.get(backends.ENV_VAR), tuple(stepped),
+            self._plan_options(group), bool(group.get("capturable", False)), self.backend,
+            os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
         if plan is not None and plan.key == key:
@@ -474,7 +511,7 @@ class MupOptimizer(Optimizer):
             grad_views = _views([same_layout(g, t) if v else g for g, t, v in
                                  zip(seg_grads, originals, viewed or [False] * len(originals))], viewed)
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
-                                                originals, viewed):
+                                                originals, viewed, bool(group.get("capturable", False))):
                 pos = [positions[k] for k in chosen]
                 seg = Segment(seg_kernel, backend, pos, [views[k] for k in chosen], [mults_all[stepped[k]] for k in pos])
                 seg.originals = [originals[k] for k in chosen]
@@ -488,7 +525,7 @@ class MupOptimizer(Optimizer):
         return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
 
     def _select(self, kernel: str, params: list, grads: list, global_params: list, originals: list,
-                viewed: list | None):
+                viewed: list | None, capturable: bool = False):
         """[(backend, positions)]: the backend of every tensor. An explicit backend steps all or
         raises; ``auto`` takes the best backend that can step the whole list, else the best one
         per tensor (a strided or fp64 tensor falls back alone, not its whole group), and warns
@@ -516,10 +553,15 @@ class MupOptimizer(Optimizer):
         if requested != "auto":
             backend = backends.get(kernel, requested)
             reason = backend.reason(everything)
+            if reason is None and capturable and not backend.capturable:
+                reason = "it does not support capturable=True (backends that do: " + ", ".join(
+                    n for n in backends.names(kernel) if backends.get(kernel, n).capturable) + ")"
             if reason is not None:
                 raise RuntimeError(f"{type(self).__name__}: backend {requested!r} cannot step these {kernel} tensors: {reason}")
             return [(backend, list(range(len(params))))]
         candidates = [backends.get(kernel, n) for n in backends.names(kernel)]
+        if capturable:
+            candidates = [b for b in candidates if b.capturable]
         if candidates[0].reason(everything) is None:  # the common case: the best one takes all
             return [(candidates[0], list(range(len(params))))]
         # Else the best backend per tensor: one fp16 or strided tensor falls back alone.
@@ -599,21 +641,25 @@ class MupOptimizer(Optimizer):
         """Checks of this step's values that run after the found_inf decision (Shampoo's
         non-finite gradients); may raise, writes nothing."""
 
-    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool):
+    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool, found_inf: torch.Tensor | None = None):
         """Step one segment with its backend. prepare=True and a two-phase backend
         (``Backend.prepare``): only prepare, and return the commit; otherwise step, return None.
 
         A backend with ``bind`` (the C++ backends) is bound once per plan and state (its
         validated tensor tables kept in C++) and then called with this step's gradients only;
         not with collectives (LAMB's norm_reduce), which need the unbound two-call form, and not
-        under torch.compile, which traces the unbound ops (they have fake kernels)."""
+        under torch.compile, which traces the unbound ops (they have fake kernels). ``found_inf``
+        (capturable groups) goes to the backend, which skips on the device."""
         backend = seg.backend
         fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
-        if backend.bind is not None and not seg.collectives and not prepare and not torch.compiler.is_compiling():
+        if (backend.bind is not None and not seg.collectives and not prepare and found_inf is None
+                and not torch.compiler.is_compiling()):
             if seg.bound is None:
                 seg.bound = backend.bind(seg.params, seg.states, seg.mults)
             fn = _BoundCall(seg.bound, seg.own_grads)
         kwargs = dict(seg.collectives)
+        if found_inf is not None:
+            kwargs["found_inf"] = found_inf
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
             if any(g.is_sparse for g in grads):  # before the in-place unscale touches them
@@ -657,8 +703,15 @@ class MupOptimizer(Optimizer):
             plan = self._plan(group, kernel, grads)
             if plan.params:
                 work.append((group, plan, grads))
-        if not work or self._found_inf():
-            return  # nothing to step, or GradScaler found inf/nan: step nothing (module docstring)
+        if not work:
+            return
+        # GradScaler's found_inf: a host read decides for every group (module docstring), unless
+        # all groups are capturable=True: then each backend skips on the device (no host read).
+        device_found_inf = None
+        if all(group.get("capturable", False) for group, _, _ in work):
+            device_found_inf = getattr(self, "found_inf", None)
+        elif self._found_inf():
+            return  # GradScaler found inf/nan: step nothing, create nothing
         for group, plan, _ in work:
             self._create_state(group, plan)
         segments = []
@@ -688,7 +741,8 @@ class MupOptimizer(Optimizer):
                 if seg.backend.prepare is not None:
                     calls.append(self._call(seg, seg_grads, hp, prepare=True))
                 else:
-                    calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False))
+                    calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
+                                                   found_inf=device_found_inf))
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             failure = exc
         # Only a step whose outcome depends on this rank's data (a prepare phase, data checks:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, new_step,
+                    skip_on_found_inf, step_count, store)
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class AdamWHparams:
     weight_decay: float
     amsgrad: bool
     maximize: bool
+    capturable: bool = False
 
 
 def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
@@ -36,26 +38,34 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
     """
     for p, g, st, m in zip(params, grads, states, mults):
         st["step"] += 1
-        t = st["step"].item()
+        t = step_count(st, hp.capturable)
         p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
         g32 = -fp32(g) if hp.maximize else fp32(g)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         m32.lerp_(g32, 1 - hp.beta1)
         v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
-        bias_correction1 = 1 - hp.beta1**t
-        bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
         if hp.amsgrad:
             vmax32 = fp32(st["max_exp_avg_sq"])
             torch.maximum(vmax32, v32, out=vmax32)
             store(st["max_exp_avg_sq"], vmax32)
-            denom = (vmax32.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
+            second = vmax32
         else:
-            denom = (v32.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
-        p32.addcdiv_(m32, denom, value=-hp.lr * m.lr / bias_correction1)
+            second = v32
+        if hp.capturable:
+            # torch.optim.AdamW(capturable=True)'s form: the corrections as device tensors.
+            step_size_neg = -(hp.lr * m.lr) / (1 - hp.beta1**t)
+            bias_correction2_sqrt = (1 - hp.beta2**t).sqrt()
+            denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(hp.eps * m.eps / step_size_neg)
+            p32.addcdiv_(m32, denom)
+        else:
+            bias_correction1 = 1 - hp.beta1**t
+            bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
+            denom = (second.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
+            p32.addcdiv_(m32, denom, value=-hp.lr * m.lr / bias_correction1)
         store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
-backends.register(backends.Backend("adamw", "reference", adamw_reference))
+backends.register(backends.Backend("adamw", "reference", skip_on_found_inf(adamw_reference), capturable=True))
 
 
 class AdamW(MupOptimizer):
@@ -75,7 +85,10 @@ class AdamW(MupOptimizer):
             (decay scaled with the lr multiplier).
         scale_eps: multiply eps by 1/m_out (P1; worth it in low precision). Default False.
         foreach, fused: accepted for drop-in compatibility and ignored: ``backend`` chooses the
-            implementation (``auto``: the fastest available). capturable, differentiable: only False.
+            implementation (``auto``: the fastest available). differentiable: only False.
+        capturable: as torch: step counts on the params' device, bias corrections as device
+            tensors, GradScaler's found_inf applied on the device (no host read in the step).
+            Backends that support it: "reference" and "cpu" (``Backend.capturable``).
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
     """
 
@@ -101,9 +114,9 @@ class AdamW(MupOptimizer):
     ):
         # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
         # runs unchanged: foreach/fused choose among torch's own kernels, here backend= chooses.
-        # capturable and differentiable change semantics this class does not provide.
-        if capturable or differentiable:
-            raise ValueError("mupopt.AdamW supports neither capturable=True nor differentiable=True")
+        # differentiable changes semantics this class does not provide.
+        if differentiable:
+            raise ValueError("mupopt.AdamW does not support differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
@@ -130,7 +143,7 @@ class AdamW(MupOptimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = {
-            "step": torch.tensor(0.0, dtype=torch.float32),
+            "step": new_step(p, group),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
@@ -142,5 +155,5 @@ class AdamW(MupOptimizer):
         b1, b2 = group["betas"]
         return AdamWHparams(
             float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
-            group["amsgrad"], group["maximize"],
+            group["amsgrad"], group["maximize"], bool(group.get("capturable", False)),
         )

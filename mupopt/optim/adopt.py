@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, new_step,
+                    skip_on_found_inf, store)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ADOPTHparams:
     eps: float
     weight_decay: float
     maximize: bool
+    capturable: bool = False
 
 
 def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
@@ -38,6 +40,9 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
     written p += -lr*wd*p, the operation order of torch-adopt, so fp32 results agree bit for bit.
     """
     for p, g, st, m in zip(params, grads, states, mults):
+        if hp.capturable:
+            _adopt_capturable(p, g, st, m, hp)
+            continue
         s = st["step"].item()
         st["step"] += 1
         g32 = -fp32(g) if hp.maximize else fp32(g)
@@ -57,7 +62,29 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
         store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
-backends.register(backends.Backend("adopt", "reference", adopt_reference))
+def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
+    """The same step with the step count read on its device: both branches computed, the first
+    step's (v = g^2 only) selected where s == 0, so no host read decides between them."""
+    s = st["step"].clone()
+    st["step"] += 1
+    first = s == 0
+    g32 = -fp32(g) if hp.maximize else fp32(g)
+    p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
+    decayed = p32.add(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
+    normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
+    clip = s.pow(0.25).to(normed.dtype)
+    normed = torch.minimum(torch.maximum(normed, -clip), clip)
+    m_new = m32.lerp(normed, 1 - hp.beta1)
+    p_new = decayed.add_(m_new, alpha=-hp.lr * m.lr)
+    v_new = v32.mul(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
+    v_first = v32.addcmul(g32, g32)
+    p32.copy_(torch.where(first, p32, p_new))
+    m32.copy_(torch.where(first, m32, m_new))
+    v32.copy_(torch.where(first, v_first, v_new))
+    store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+
+
+backends.register(backends.Backend("adopt", "reference", skip_on_found_inf(adopt_reference), capturable=True))
 
 
 class ADOPT(MupOptimizer):
@@ -69,8 +96,8 @@ class ADOPT(MupOptimizer):
     Args:
         params: parameters, named parameters or param groups.
         lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, maximize: as torch-adopt.
-        foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; capturable,
-            differentiable: only False.
+        foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
+            False; capturable: as :class:`mupopt.AdamW`.
         wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -95,8 +122,8 @@ class ADOPT(MupOptimizer):
     ):
         # torch-adopt's implementation switches: accepted and recorded in the groups as it
         # records them; backend= chooses the implementation here (see mupopt.AdamW).
-        if capturable or differentiable:
-            raise ValueError("mupopt.ADOPT supports neither capturable=True nor differentiable=True")
+        if differentiable:
+            raise ValueError("mupopt.ADOPT does not support differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
@@ -116,7 +143,7 @@ class ADOPT(MupOptimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         return {
-            "step": torch.tensor(0.0, dtype=torch.float32),
+            "step": new_step(p, group),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
@@ -125,5 +152,5 @@ class ADOPT(MupOptimizer):
         b1, b2 = group["betas"]
         return ADOPTHparams(
             float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
-            group["maximize"],
+            group["maximize"], bool(group.get("capturable", False)),
         )

@@ -15,7 +15,8 @@ import torch
 
 from .. import backends
 from ._placement import NormReduce as ShardNormReduce
-from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, is_number, store
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, is_number,
+                    new_step, skip_on_found_inf, step_count, store)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class LAMBHparams:
     weight_decay: float
     clamp_value: float | None
     maximize: bool
+    capturable: bool = False
 
 
 NormReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -68,7 +70,7 @@ def trust_ratio(p_sq: torch.Tensor, u_sq: torch.Tensor, hp: LAMBHparams) -> torc
 def _lamb_direction(p, g, st, m, hp: LAMBHparams):
     """The step count and the moments (in float32; stored back by the caller), and u."""
     st["step"] += 1
-    t = st["step"].item()
+    t = step_count(st, hp.capturable)  # a tensor when capturable: the corrections below follow
     p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
     g32 = -fp32(g) if hp.maximize else fp32(g)
     m32.lerp_(g32, 1 - hp.beta1)
@@ -126,7 +128,7 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
         store(p, p32)
 
 
-backends.register(backends.Backend("lamb", "reference", lamb_reference))
+backends.register(backends.Backend("lamb", "reference", skip_on_found_inf(lamb_reference), capturable=True))
 
 
 class LAMB(MupOptimizer):
@@ -141,7 +143,7 @@ class LAMB(MupOptimizer):
         hidden_lr_exponent: the hidden-layer lr multiplier is m_in**hidden_lr_exponent. P1 derives
             0 (the default) assuming ||W||_F ~ ||W||_*; a strict derivation for full-rank hidden
             weights gives -1/2. The coordinate check (mupopt coord-check) tells which transfers.
-        scale_eps, backend: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
+        capturable, scale_eps, backend: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
     """
 
     rule = "lamb"
@@ -157,12 +159,13 @@ class LAMB(MupOptimizer):
         *,
         hidden_lr_exponent: float = 0.0,
         maximize: bool = False,
+        capturable: bool = False,
         scale_eps: bool = False,
         backend: str = "auto",
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp_value=clamp_value,
-            hidden_lr_exponent=hidden_lr_exponent, maximize=maximize, scale_eps=scale_eps,
+            hidden_lr_exponent=hidden_lr_exponent, maximize=maximize, capturable=capturable, scale_eps=scale_eps,
         )
         super().__init__(params, defaults, backend=backend)
 
@@ -190,7 +193,7 @@ class LAMB(MupOptimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         return {
-            "step": torch.tensor(0.0, dtype=torch.float32),
+            "step": new_step(p, group),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
@@ -200,5 +203,5 @@ class LAMB(MupOptimizer):
         c = group["clamp_value"]
         return LAMBHparams(
             float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
-            None if c is None else float(c), group["maximize"],
+            None if c is None else float(c), group["maximize"], bool(group.get("capturable", False)),
         )

@@ -17,7 +17,8 @@ import torch
 from .. import backends
 from ..linalg import newton_schulz
 from ..mup import MupError, Multipliers, multipliers
-from ._base import MupOptimizer, check, check_betas, check_eps, check_weight_decay, fp32, is_number, store
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, fp32, is_number, new_step,
+                    skip_on_found_inf, store)
 from ._placement import Orthogonalize
 from .adamw import AdamWHparams
 
@@ -126,7 +127,7 @@ def ns_steps(hp: MuonHparams) -> int:
     return hp.ns_steps if hp.ns_steps is not None else len(hp.ns_coefficients)
 
 
-backends.register(backends.Backend("muon", "reference", muon_reference))
+backends.register(backends.Backend("muon", "reference", skip_on_found_inf(muon_reference), capturable=True))
 
 
 class Muon(MupOptimizer):
@@ -161,6 +162,8 @@ class Muon(MupOptimizer):
             (as in ``Muon(params)``, where adamw_lr goes with lr=1e-3): the AdamW part then moves
             nothing while lr is 0 and takes adamw_lr * lr / 1e-3 after. Pass ``lr_ref`` in the
             group to say which lr adamw_lr was tuned for.
+        capturable: the AdamW part's step counts on the params' device and GradScaler's found_inf
+            applied on the device, as :class:`mupopt.AdamW` (the Muon part has no step count).
         maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
         wd_mode, backend: as :class:`mupopt.AdamW`.
     """
@@ -184,6 +187,7 @@ class Muon(MupOptimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
         adamw_wd: float = 0.01,
+        capturable: bool = False,
         wd_mode: str = "independent",
         backend: str = "auto",
     ):
@@ -191,7 +195,7 @@ class Muon(MupOptimizer):
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_wd=adamw_wd, use_muon=None, wd_mode=wd_mode, scale_eps=False,
+            adamw_wd=adamw_wd, use_muon=None, capturable=capturable, wd_mode=wd_mode, scale_eps=False,
         )
         super().__init__(params, defaults, backend=backend)
 
@@ -252,7 +256,7 @@ class Muon(MupOptimizer):
         if self._uses_muon(group, i):
             return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
         return {
-            "step": torch.tensor(0.0, dtype=torch.float32),
+            "step": new_step(p, group),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
@@ -284,7 +288,8 @@ class Muon(MupOptimizer):
         # adamw_lr * (lr / ref): at lr == lr_ref the ratio is exactly 1 and the AdamW part gets
         # adamw_lr itself (bit for bit as torch.optim.AdamW with lr=adamw_lr).
         lr = float(group["adamw_lr"]) * (float(group["lr"]) / (ref if ref > 0 else DEFAULT_LR))
-        return AdamWHparams(lr, float(b1), float(b2), float(group["adamw_eps"]), float(group["adamw_wd"]), False, False)
+        return AdamWHparams(lr, float(b1), float(b2), float(group["adamw_eps"]), float(group["adamw_wd"]), False, False,
+                            bool(group.get("capturable", False)))
 
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._base import MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, store
+from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, new_step,
+                    skip_on_found_inf, store)
 
 # The official code's guard against h == 0 in |m| / (rho*bs*h + 1e-15): with no Hessian estimate
 # the ratio saturates at 1 and the step is sign(m).
@@ -30,6 +31,7 @@ class SophiaHparams:
     weight_decay: float
     bs: float
     maximize: bool
+    capturable: bool = False  # no step count enters the math: nothing changes but found_inf's skip
 
 
 def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
@@ -61,8 +63,9 @@ def sophia_hessian_reference(params, grads, states, mults, hp: SophiaHparams) ->
         store(st["hessian"], h32)
 
 
-backends.register(backends.Backend("sophia", "reference", sophia_reference))
-backends.register(backends.Backend("sophia_hessian", "reference", sophia_hessian_reference))
+backends.register(backends.Backend("sophia", "reference", skip_on_found_inf(sophia_reference), capturable=True))
+backends.register(backends.Backend("sophia_hessian", "reference", skip_on_found_inf(sophia_hessian_reference),
+                                   capturable=True))
 
 
 def gnb_backward(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -112,7 +115,7 @@ class SophiaG(MupOptimizer):
     Args:
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
-        capturable: only False (recorded in the groups, as sophia-opt does).
+        capturable: as :class:`mupopt.AdamW` (the step count enters no formula here).
         wd_mode, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -132,8 +135,6 @@ class SophiaG(MupOptimizer):
         backend: str = "auto",
     ):
         # sophia-opt's switch, recorded in the groups as it records it; only False here.
-        if capturable:
-            raise ValueError("mupopt.SophiaG does not support capturable=True")
         defaults = dict(
             lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, maximize=maximize, wd_mode=wd_mode,
             capturable=capturable,
@@ -148,7 +149,7 @@ class SophiaG(MupOptimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         return {
-            "step": torch.tensor(0.0, dtype=torch.float32),
+            "step": new_step(p, group),
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "hessian": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
@@ -157,7 +158,7 @@ class SophiaG(MupOptimizer):
         b1, b2 = group["betas"]
         return SophiaHparams(
             float(group["lr"]), float(b1), float(b2), float(group["rho"]), float(group["weight_decay"]),
-            float(bs), group["maximize"],
+            float(bs), group["maximize"], bool(group.get("capturable", False)),
         )
 
     @torch.no_grad()

@@ -90,7 +90,9 @@ def register() -> None:
             backends.register(
                 backends.Backend(
                     name, "cpu", ops.FUNCTIONS[name], priority=CPU_PRIORITY, unsupported_reason=cpu_unsupported_reason,
-                    devices=("cpu",), validates=True,
+                    # capturable: on CPU tensors the step counts live on the host anyway; the op
+                    # reads found_inf itself (no Python host read), so nothing here waits.
+                    devices=("cpu",), validates=True, capturable=True,
                     bind=ops.BIND[name],
                 )
             )

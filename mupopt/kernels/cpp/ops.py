@@ -41,8 +41,9 @@ def _lists(states: Sequence[dict], *keys: str) -> list[list[torch.Tensor]]:
     return [[st[k] for st in states] for k in keys]
 
 
-def adamw(params, grads, states, mults, hp) -> None:
-    """AdamW step (see mupopt.optim.adamw.adamw_reference)."""
+def adamw(params, grads, states, mults, hp, *, found_inf=None) -> None:
+    """AdamW step (see mupopt.optim.adamw.adamw_reference). ``found_inf`` (GradScaler's, for
+    capturable groups): nonzero, the op changes nothing, read by the op, not by Python."""
     if not params:
         return
     _require(params)
@@ -51,11 +52,11 @@ def adamw(params, grads, states, mults, hp) -> None:
         params, grads, exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if hp.amsgrad else [], steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-        amsgrad=hp.amsgrad, maximize=hp.maximize, grad_scale=None, found_inf=None,
+        amsgrad=hp.amsgrad, maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
     )
 
 
-def adopt(params, grads, states, mults, hp) -> None:
+def adopt(params, grads, states, mults, hp, *, found_inf=None) -> None:
     """ADOPT step (see mupopt.optim.adopt.adopt_reference)."""
     if not params:
         return
@@ -65,11 +66,11 @@ def adopt(params, grads, states, mults, hp) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-        maximize=hp.maximize, grad_scale=None, found_inf=None,
+        maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
     )
 
 
-def lamb(params, grads, states, mults, hp, *, norm_reduce=None) -> None:
+def lamb(params, grads, states, mults, hp, *, norm_reduce=None, found_inf=None) -> None:
     """LAMB step (see mupopt.optim.lamb.lamb_reference). No decay multiplier: the decay is in u.
 
     ``norm_reduce`` None: one op (``lamb_``; on the CPU the cache-blocked two passes). Else two:
@@ -82,7 +83,7 @@ def lamb(params, grads, states, mults, hp, *, norm_reduce=None) -> None:
     args = (params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults])
     kwargs = dict(
         lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-        clamp_value=hp.clamp_value, maximize=hp.maximize, grad_scale=None, found_inf=None,
+        clamp_value=hp.clamp_value, maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
     )
     if norm_reduce is None:
         torch.ops.mupopt.lamb_(*args, **kwargs)
@@ -94,7 +95,7 @@ def lamb(params, grads, states, mults, hp, *, norm_reduce=None) -> None:
     torch.ops.mupopt.lamb_apply_(*args, sums, **kwargs)
 
 
-def sophia(params, grads, states, mults, hp) -> None:
+def sophia(params, grads, states, mults, hp, *, found_inf=None) -> None:
     """SophiaG step (see mupopt.optim.sophia.sophia_reference)."""
     if not params:
         return
@@ -103,17 +104,17 @@ def sophia(params, grads, states, mults, hp) -> None:
     torch.ops.mupopt.sophia_(
         params, grads, exp_avgs, hessians, steps, [m.lr for m in mults], [m.wd for m in mults],
         lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
-        maximize=hp.maximize, grad_scale=None, found_inf=None,
+        maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
     )
 
 
-def sophia_hessian(params, grads, states, mults, hp) -> None:
+def sophia_hessian(params, grads, states, mults, hp, *, found_inf=None) -> None:
     """Hessian EMA h = b2*h + (1-b2)*g*g (see mupopt.optim.sophia.sophia_hessian_reference)."""
     if not params:
         return
     _require(params)
     torch.ops.mupopt.sophia_hessian_(
-        grads, [st["hessian"] for st in states], beta2=hp.beta2, grad_scale=None, found_inf=None
+        grads, [st["hessian"] for st in states], beta2=hp.beta2, grad_scale=None, found_inf=found_inf
     )
 
 
