@@ -40,7 +40,7 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
     written p += -lr*wd*p, the operation order of torch-adopt, so fp32 results agree bit for bit.
     """
     for p, g, st, m in zip(params, grads, states, mults):
-        if hp.capturable:
+        if hp.capturable or torch.compiler.is_compiling():  # compiling: no branch on a value
             _adopt_capturable(p, g, st, m, hp)
             continue
         s = st["step"].item()
