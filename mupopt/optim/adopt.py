@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, store
+from ._base import MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype, store, upcast
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class ADOPTHparams:
 
 
 def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
-    """One ADOPT step, one tensor at a time, float32 math. s = step count before increment::
+    """One ADOPT step, one tensor at a time, float32 math (float64 for float64 params). s = step
+    count before increment::
 
         s == 0:  v = g^2                                   (no parameter update)
         s >= 1:  p *= 1 - lr*wd*wd_mult
@@ -40,13 +41,14 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
     for p, g, st, m in zip(params, grads, states, mults):
         s = st["step"].item()
         st["step"] += 1
-        g32 = -fp32(g) if hp.maximize else fp32(g)
-        v32 = fp32(st["exp_avg_sq"])
+        cd = compute_dtype(p)
+        g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
+        v32 = upcast(st["exp_avg_sq"], cd)
         if s == 0:
             v32.addcmul_(g32, g32)
             store(st["exp_avg_sq"], v32)
             continue
-        p32, m32 = fp32(p), fp32(st["exp_avg"])
+        p32, m32 = upcast(p, cd), upcast(st["exp_avg"], cd)
         p32.add_(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
         normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
         clip = s**0.25
