@@ -4,7 +4,7 @@ The library is built here on first use (skipped only when no C++ compiler exists
 build's own sentence is the skip reason). Contract: 10 steps through the optimizer classes with
 ``backend="cpu"`` and ``backend="reference"`` from identical tensors and gradients, on odd sizes
 (1, 7, 33x65, 0 and 100003 elements), three param groups with different hyperparameters, muP
-width information on every parameter (multipliers other than 1), float32 and bfloat16 storage,
+width information on every parameter (multipliers other than 1), float32, bfloat16 and float16 storage,
 maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors; then the
 build's laziness and its fallback without a compiler.
 
