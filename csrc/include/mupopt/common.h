@@ -121,14 +121,16 @@ MUPOPT_HDI f16_t from_float<f16_t>(float x) {
   const uint32_t u = float_bits(x);
   const uint32_t body = u << 1;  // exponent and mantissa, sign dropped
   const float scaled = (fabsf(x) * 0x1.0p+112f) * 0x1.0p-110f;
-  uint32_t exponent = body & 0xFF000000u;
-  exponent = exponent < 0x71000000u ? 0x71000000u : exponent;  // 0x71 = 113 = 127 - 14
-  const float rounded = bits_float((exponent >> 1) + (15u << 23)) + scaled;
+  // Selects written as masks: GCC 12 does not vectorise these ternaries ("control flow in loop").
+  const uint32_t exponent = body & 0xFF000000u;
+  const uint32_t low = 0u - static_cast<uint32_t>(exponent < 0x71000000u);  // 0x71 = 113 = 127 - 14
+  const uint32_t clamped = (0x71000000u & low) | (exponent & ~low);
+  const float rounded = bits_float((clamped >> 1) + (15u << 23)) + scaled;
   const uint32_t r = float_bits(rounded);
   const uint32_t finite = ((r >> 13) & 0x7C00u) + (r & 0x0FFFu);
-  const bool nan = body > 0xFF000000u;
+  const uint32_t nan = 0u - static_cast<uint32_t>(body > 0xFF000000u);
   f16_t out;
-  out.bits = static_cast<uint16_t>(((u >> 16) & 0x8000u) | (nan ? 0x7E00u : finite));
+  out.bits = static_cast<uint16_t>(((u >> 16) & 0x8000u) | (0x7E00u & nan) | (finite & ~nan));
   return out;
 }
 
