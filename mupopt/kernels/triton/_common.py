@@ -89,6 +89,7 @@ NUM_WARPS = 16
 REDUCE_BLOCK = 1024
 ALIGNMENT = 16
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CACHE_SIZE = 64
 # Storage codes of the kernels' compile-time dtype arguments (False/True are 0/1).
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -96,7 +97,7 @@ _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def storage_kind(dtype: torch.dtype) -> int:
     """The kernels' storage code of ``dtype``: 0 float32, 1 bfloat16, 2 float16."""
     return _KIND[dtype]
-CACHE_SIZE = 64
+
 
 # Test seam: when set, launch() hands (kernel, grid, args, meta) to it instead of launching
 # (tests/test_triton.py compiles the real argument lists for sm_90 on a machine without a GPU).
