@@ -112,7 +112,7 @@ inline Plan make_plan(const char* op, const std::array<Stream, kMaxStreams>& str
   p->base_source = set.sources;
   p->base_of.assign(static_cast<size_t>(p->n), -1);
   for (size_t r = 0; r < set.rows.size(); ++r) {
-    p->base_param.push_back((set.keys[r] & 2) ? DType::kBFloat16 : DType::kFloat32);
+    p->base_param.push_back(key_param(set.keys[r]));
     p->base_of[set.sources[r]] = static_cast<int>(r);
   }
   p->grad_ptr.assign(p->base.size(), nullptr);

@@ -44,7 +44,14 @@ struct Table {
 };
 
 inline DType storage_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
+  switch (t.scalar_type()) {
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    default:
+      return DType::kFloat32;
+  }
 }
 
 inline std::string describe(const at::Tensor& t) {
@@ -54,8 +61,11 @@ inline std::string describe(const at::Tensor& t) {
 
 // A row's launch group: (variant, param/state dtype, grad dtype), in this order of precedence.
 inline int group_key(int variant, DType param, DType grad) {
-  return variant * 4 + (param == DType::kBFloat16 ? 2 : 0) + (grad == DType::kBFloat16 ? 1 : 0);
+  return (variant * kDTypeCount + static_cast<int>(param)) * kDTypeCount + static_cast<int>(grad);
 }
+inline int key_variant(int key) { return key / (kDTypeCount * kDTypeCount); }
+inline DType key_param(int key) { return static_cast<DType>((key / kDTypeCount) % kDTypeCount); }
+inline DType key_grad(int key) { return static_cast<DType>(key % kDTypeCount); }
 
 // Sorts rows (stably) into launch groups by key and numbers each group's chunks from 0: the
 // table's rows, source and groups. ``sources[k]``: row k's index in the op's lists.
@@ -76,9 +86,9 @@ inline void group_rows(const std::vector<TensorRow>& rows, const std::vector<int
       g.begin = static_cast<int>(k);
       g.n_rows = 0;
       g.n_chunks = 0;
-      g.variant = key / 4;
-      g.param = (key & 2) ? DType::kBFloat16 : DType::kFloat32;
-      g.grad = (key & 1) ? DType::kBFloat16 : DType::kFloat32;
+      g.variant = key_variant(key);
+      g.param = key_param(key);
+      g.grad = key_grad(key);
       table.groups.push_back(g);
     }
     Group& g = table.groups.back();
@@ -97,15 +107,15 @@ inline bool vector_aligned(const void* ptr, const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(ptr) % vec_bytes == 0;
 }
 
-// The checks every tensor of an op's lists passes: defined, on ``device``, float32 or bfloat16,
-// ``numel`` elements (those of the reference list's tensor ``ref_name``[i]), contiguous.
+// The checks every tensor of an op's lists passes: defined, on ``device``, float32, bfloat16 or
+// float16, ``numel`` elements (those of the reference list's tensor ``ref_name``[i]), contiguous.
 inline void check_tensor(const char* op, const char* name, int64_t i, const at::Tensor& t,
                          const c10::Device& device, const char* ref_name, int64_t numel) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is a ", describe(t),
               " but the call's tensors are on ", device.str(), " (one device per call)");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name, "[", i,
-              "] is a ", describe(t), "; supported: float32, bfloat16");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op,
+              ": ", name, "[", i, "] is a ", describe(t), "; supported: float32, bfloat16, float16");
   TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(), " elements but ", ref_name, "[",
               i, "] has ", numel);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] (", describe(t), ", strides ", t.strides(),

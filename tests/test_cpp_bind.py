@@ -4,7 +4,7 @@
 ``fn(params, grads, states, mults, hp)`` does: the same kernels on the same tensors, so every
 result is compared bit for bit (params, every state tensor, the step counts) over several steps,
 with new gradient tensors every step, a learning rate that changes every step, float32,
-bfloat16 and mixed storage, gradient dtypes that change between steps, empty tensors and muP
+bfloat16, float16 and mixed storage, gradient dtypes that change between steps, empty tensors and muP
 multipliers other than 1. A bad gradient raises before anything is written.
 """
 from __future__ import annotations
@@ -124,13 +124,15 @@ def twin_run(name, dtypes, steps=4, *, grad_dtypes=None, amsgrad=False, maximize
 FP32 = [torch.float32] * len(SHAPES)
 BF16 = [torch.bfloat16] * len(SHAPES)
 MIXED = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+FP16 = [torch.float16] * len(SHAPES)
+MIXED16 = [torch.float16, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float32]
 
 
 # ---------------------------------------------------------------------------------------------
 # Bound step == fn, bit for bit
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED], ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16], ids=["fp32", "bf16", "mixed", "fp16", "mixed16"])
 def test_bound_step_is_fn(name, dtypes):
     twin_run(name, dtypes)
 
@@ -152,6 +154,17 @@ def test_gradient_dtypes_change_between_steps(name):
         return [torch.bfloat16 if (i + t) % 2 else torch.float32 for i in range(len(SHAPES))]
 
     twin_run(name, MIXED, steps=4, grad_dtypes=grad_dtypes)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_gradient_dtypes_change_between_steps(name):
+    """float16, bfloat16 and float32 gradients in turn on float16/bfloat16/float32 params."""
+    kinds = (torch.float16, torch.bfloat16, torch.float32)
+
+    def grad_dtypes(t):
+        return [kinds[(i + t) % 3] for i in range(len(SHAPES))]
+
+    twin_run(name, MIXED16, steps=4, grad_dtypes=grad_dtypes)
 
 
 def test_multipliers_of_one():
@@ -280,7 +293,7 @@ class NotPlain(torch.Tensor):
 BAD = {
     "shape": (lambda g: g.reshape(65, 33), r"grads\[2\] is a Float tensor of shape \[65, 33\].*params\[2\] has shape \[33, 65\]"),
     "numel": (lambda g: g[:-1], r"grads\[2\].*shape \[32, 65\]"),
-    "dtype": (lambda g: g.double(), r"grads\[2\] is a Double tensor.*supported: float32, bfloat16"),
+    "dtype": (lambda g: g.double(), r"grads\[2\] is a Double tensor.*supported: float32, bfloat16, float16"),
     "non-contiguous": (lambda g: g.t().contiguous().t(), r"grads\[2\].*is not contiguous"),
     "subclass": (lambda g: g.as_subclass(NotPlain), r"tensor 2 is a NotPlain, a tensor subclass"),
 }

@@ -164,7 +164,7 @@ def test_state_of_the_wrong_shape_raises_before_anything_is_written(backend):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter)")
 def test_muon_refused_adamw_part_leaves_the_matrices_unstepped(monkeypatch):
-    """Muon's AdamW part refused (the triton backend takes no fp16 bias): the Muon matrices are
+    """Muon's AdamW part refused (the triton backend takes no float64 bias): the Muon matrices are
     not stepped either (they used to be written before the AdamW part was checked)."""
     import triton_mode
 
@@ -174,10 +174,10 @@ def test_muon_refused_adamw_part_leaves_the_matrices_unstepped(monkeypatch):
         pytest.skip("compiled kernels: this CPU test needs the interpreter")
     triton_mode.match_environment(monkeypatch, True)
     w = nn.Parameter(torch.randn(8, 8))
-    b = nn.Parameter(torch.randn(8, dtype=torch.float16))
+    b = nn.Parameter(torch.randn(8, dtype=torch.float64))
     opt = mupopt.Muon([{"params": [w]}, {"params": [b], "use_muon": False}], lr=1e-2, backend="triton")
     w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
     before = w.detach().clone()
-    with pytest.raises(RuntimeError, match="float16"):
+    with pytest.raises(RuntimeError, match="float64"):
         opt.step()
     assert torch.equal(w, before) and len(opt.state) == 0

@@ -80,13 +80,29 @@ SpanFn<Op> pick_isa(bool use_fma) {
 #endif
 }
 
+template <class Op, class TP>
+SpanFn<Op> span_for_grad(DType g, bool use_fma) {
+  switch (g) {
+    case DType::kBFloat16:
+      return pick_isa<Op, TP, bf16_t>(use_fma);
+    case DType::kFloat16:
+      return pick_isa<Op, TP, f16_t>(use_fma);
+    default:
+      return pick_isa<Op, TP, float>(use_fma);
+  }
+}
+
+// The loop for one (param/state, grad) storage pair: float32, bfloat16 or float16 each.
 template <class Op>
 SpanFn<Op> span_for(DType p, DType g, bool use_fma) {
-  const bool p16 = p == DType::kBFloat16, g16 = g == DType::kBFloat16;
-  if (!p16 && !g16) return pick_isa<Op, float, float>(use_fma);
-  if (!p16 && g16) return pick_isa<Op, float, bf16_t>(use_fma);
-  if (p16 && !g16) return pick_isa<Op, bf16_t, float>(use_fma);
-  return pick_isa<Op, bf16_t, bf16_t>(use_fma);
+  switch (p) {
+    case DType::kBFloat16:
+      return span_for_grad<Op, bf16_t>(g, use_fma);
+    case DType::kFloat16:
+      return span_for_grad<Op, f16_t>(g, use_fma);
+    default:
+      return span_for_grad<Op, float>(g, use_fma);
+  }
 }
 
 // Runs op over every chunk of the launch. partials: 2 doubles per chunk when Op::kReduce.

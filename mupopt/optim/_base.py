@@ -109,8 +109,21 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the reference backends compute a tensor's update in: float64 for float64
+    params (as torch.optim, which computes in the param's dtype), float32 for every other
+    storage dtype (float32, bfloat16, float16)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def upcast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t itself when it has ``dtype`` (so in-place math updates it), else a copy in ``dtype``
+    (``fp32`` for any compute dtype; :func:`store` writes the result back)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def store(t: torch.Tensor, t32: torch.Tensor) -> None:
-    """Write the float32 result back to lower-precision storage (no-op when t is t32)."""
+    """Write the computed result back to the storage dtype (no-op when t is t32)."""
     if t is not t32:
         t.copy_(t32)
 

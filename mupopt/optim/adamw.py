@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, new_step,
-                    skip_on_found_inf, step_count, store)
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
+                    new_step, skip_on_found_inf, step_count, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -28,24 +28,27 @@ class AdamWHparams:
 
 
 def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
-    """One AdamW step, one tensor at a time, float32 math (the executable spec)::
+    """One AdamW step, one tensor at a time, float32 math (float64 for float64 params), the
+    executable spec::
 
         p *= 1 - lr*wd*wd_mult
         m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2      (amsgrad: vmax = max(vmax, v))
         p -= lr*lr_mult * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult)
 
-    The operation order is torch.optim.AdamW's single-tensor path, so fp32 results agree bit for bit.
+    The operation order is torch.optim.AdamW's single-tensor path, so fp32 and fp64 results agree
+    bit for bit.
     """
     for p, g, st, m in zip(params, grads, states, mults):
         st["step"] += 1
         t = step_count(st, hp.capturable)
-        p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
-        g32 = -fp32(g) if hp.maximize else fp32(g)
+        cd = compute_dtype(p)
+        p32, m32, v32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
+        g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         m32.lerp_(g32, 1 - hp.beta1)
         v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
         if hp.amsgrad:
-            vmax32 = fp32(st["max_exp_avg_sq"])
+            vmax32 = upcast(st["max_exp_avg_sq"], cd)
             torch.maximum(vmax32, v32, out=vmax32)
             store(st["max_exp_avg_sq"], vmax32)
             second = vmax32

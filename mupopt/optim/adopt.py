@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, new_step,
-                    skip_on_found_inf, store)
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
+                    new_step, skip_on_found_inf, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class ADOPTHparams:
 
 
 def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
-    """One ADOPT step, one tensor at a time, float32 math. s = step count before increment::
+    """One ADOPT step, one tensor at a time, float32 math (float64 for float64 params). s = step
+    count before increment::
 
         s == 0:  v = g^2                                   (no parameter update)
         s >= 1:  p *= 1 - lr*wd*wd_mult
@@ -45,13 +46,14 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
             continue
         s = st["step"].item()
         st["step"] += 1
-        g32 = -fp32(g) if hp.maximize else fp32(g)
-        v32 = fp32(st["exp_avg_sq"])
+        cd = compute_dtype(p)
+        g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
+        v32 = upcast(st["exp_avg_sq"], cd)
         if s == 0:
             v32.addcmul_(g32, g32)
             store(st["exp_avg_sq"], v32)
             continue
-        p32, m32 = fp32(p), fp32(st["exp_avg"])
+        p32, m32 = upcast(p, cd), upcast(st["exp_avg"], cd)
         p32.add_(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
         normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
         clip = s**0.25
@@ -68,8 +70,9 @@ def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
     s = st["step"].clone()
     st["step"] += 1
     first = s == 0
-    g32 = -fp32(g) if hp.maximize else fp32(g)
-    p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
+    cd = compute_dtype(p)
+    g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
+    p32, m32, v32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
     decayed = p32.add(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
     normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
     clip = s.pow(0.25).to(normed.dtype)

@@ -15,8 +15,8 @@ import torch
 
 from .. import backends
 from ._placement import NormReduce as ShardNormReduce
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, fp32, is_number,
-                    new_step, skip_on_found_inf, step_count, store)
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
+                    is_number, new_step, skip_on_found_inf, step_count, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,25 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dtype=torch.float64)
 
 
-def trust_ratio(p_sq: torch.Tensor, u_sq: torch.Tensor, hp: LAMBHparams) -> torch.Tensor:
+def trust_ratio(p_sq: torch.Tensor, u_sq: torch.Tensor, hp: LAMBHparams,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """phi(||p||) / ||u|| from the float64 sums of squares (1 unless both norms are positive),
-    as a float32 scalar tensor: the norms rounded to float32, phi/||u|| in float32 (what
-    csrc/include/mupopt/lamb.h's lamb_trust does)."""
-    w_norm = p_sq.sqrt().float()
-    u_norm = u_sq.sqrt().float()
+    as a scalar tensor of ``dtype`` (the compute dtype): in float32, the norms rounded to float32,
+    phi/||u|| in float32 (what csrc/include/mupopt/lamb.h's lamb_trust does); for float64 params
+    all in float64."""
+    w_norm = p_sq.sqrt().to(dtype)
+    u_norm = u_sq.sqrt().to(dtype)
     phi = w_norm if hp.clamp_value is None else w_norm.clamp(max=hp.clamp_value)
     return torch.where((w_norm > 0) & (u_norm > 0), phi / u_norm, torch.ones_like(w_norm))
 
 
 def _lamb_direction(p, g, st, m, hp: LAMBHparams):
-    """The step count and the moments (in float32; stored back by the caller), and u."""
+    """The step count and the moments (in the compute dtype; stored back here), p and u."""
     st["step"] += 1
-    t = step_count(st, hp.capturable)  # a tensor when capturable: the corrections below follow
-    p32, m32, v32 = fp32(p), fp32(st["exp_avg"]), fp32(st["exp_avg_sq"])
-    g32 = -fp32(g) if hp.maximize else fp32(g)
+    t = step_count(st, hp.capturable)
+    cd = compute_dtype(p)
+    p32, m32, v32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
+    g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
     m32.lerp_(g32, 1 - hp.beta1)
     v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
     denom = (v32 / (1 - hp.beta2**t)).sqrt_().add_(hp.eps * m.eps)
@@ -83,7 +86,7 @@ def _lamb_direction(p, g, st, m, hp: LAMBHparams):
 
 def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce: NormReduce | None = None) -> None:
     """One LAMB step (You et al. 2019, arXiv 1904.00962, Algorithm 2 with bias correction),
-    float32 math::
+    float32 math (float64 for float64 params)::
 
         m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2
         r = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps*eps_mult)
@@ -108,7 +111,7 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
     if norm_reduce is None:
         for p, st, m, g in zip(params, states, mults, grads):
             p32, update = _lamb_direction(p, g, st, m, hp)
-            trust = trust_ratio(sum_of_squares(p32), sum_of_squares(update), hp)
+            trust = trust_ratio(sum_of_squares(p32), sum_of_squares(update), hp, p32.dtype)
             p32.add_(update * trust, alpha=-hp.lr * m.lr)
             store(p, p32)
         return
@@ -123,7 +126,7 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
         pending.append((p32, update))
     reduced = reduce_norm_sums(norm_reduce, partials)
     for i, (p, m, (p32, update)) in enumerate(zip(params, mults, pending)):
-        trust = trust_ratio(reduced[i, 0], reduced[i, 1], hp)
+        trust = trust_ratio(reduced[i, 0], reduced[i, 1], hp, p32.dtype)
         p32.add_(update * trust, alpha=-hp.lr * m.lr)
         store(p, p32)
 

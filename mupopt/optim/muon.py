@@ -17,8 +17,8 @@ import torch
 from .. import backends
 from ..linalg import newton_schulz
 from ..mup import MupError, Multipliers, multipliers
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, fp32, is_number, new_step,
-                    skip_on_found_inf, store)
+from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
+                    new_step, skip_on_found_inf, store, upcast)
 from ._placement import Orthogonalize
 from .adamw import AdamWHparams
 
@@ -93,9 +93,11 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonali
     ``hp.ns_dtype`` (the optimizer resolves its default per device: :func:`default_ns_dtype`).
     """
     updates = []
-    for g, st in zip(grads, states):
-        buf32 = fp32(st["momentum_buffer"])
-        g32 = fp32(g)
+    # Momentum and update in float32 (float64 for float64 params); Newton-Schulz in hp.ns_dtype.
+    for p, g, st in zip(params, grads, states):
+        cd = compute_dtype(p)
+        buf32 = upcast(st["momentum_buffer"], cd)
+        g32 = upcast(g, cd)
         buf32.lerp_(g32, 1 - hp.momentum)
         store(st["momentum_buffer"], buf32)
         updates.append(g32.lerp(buf32, hp.momentum) if hp.nesterov else buf32)
@@ -116,7 +118,7 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonali
             for k, i in enumerate(idx):
                 ortho[i] = out[k]
     for p, o, m in zip(params, ortho, mults):
-        p32 = fp32(p)
+        p32 = upcast(p, compute_dtype(p))
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr)
         store(p, p32)

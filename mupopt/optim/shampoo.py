@@ -14,7 +14,7 @@ import torch
 from .. import backends
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
-from ._base import MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, store
+from ._base import MupOptimizer, check, check_betas, check_lr, check_weight_decay, compute_dtype, fp32, is_number, store, upcast
 from ._placement import is_dtensor, local, placement_text, shard_shapes, stack_over_ranks, unstack_over_ranks
 
 _MATRIX_STATE = ("left", "right", "left_root", "right_root")
@@ -112,11 +112,14 @@ def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams) 
     due: list[torch.Tensor] = []
     for p, g, st in zip(params, grads, states):
         t = int(st["step"].item()) + 1
-        g32 = fp32(g)
-        v_new = fp32(st["exp_avg_sq"]).mul(hp.grafting_beta2).addcmul_(g32, g32, value=1 - hp.grafting_beta2)
-        plan = {"t": t, "g": g32, "v": v_new, "refresh": False}
+        # The elementwise parts (Adam graft, momentum, update) in float32, float64 for float64
+        # params; the statistics L, R and their roots are float32 whatever the param's dtype.
+        cd = compute_dtype(p)
+        gc = upcast(g, cd)
+        v_new = upcast(st["exp_avg_sq"], cd).mul(hp.grafting_beta2).addcmul_(gc, gc, value=1 - hp.grafting_beta2)
+        plan = {"t": t, "g": gc, "v": v_new, "refresh": False}
         if is_matrix(p):
-            G = g32.reshape(p.shape[0], -1)
+            G = fp32(g).reshape(p.shape[0], -1)
             blocks = blocks_of(*G.shape, hp.max_preconditioner_dim)
             decay, gain = (1.0, 1.0) if hp.beta2 == 1.0 else (hp.beta2, 1 - hp.beta2)
             plan["blocks"] = blocks
@@ -148,7 +151,7 @@ def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams) 
                         st["left_root"][k].copy_(roots[plan["root_slot"] + k])
                         st["right_root"][k].copy_(roots[plan["root_slot"] + n + k])
                 if t >= hp.start_preconditioning_step:
-                    G = plan["g"].reshape(p.shape[0], -1)
+                    G = fp32(plan["g"]).reshape(p.shape[0], -1)
                     A = adam.reshape(G.shape)
                     D = torch.empty_like(G)
                     for k, (rs, cs) in enumerate(plan["blocks"]):
@@ -159,10 +162,11 @@ def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams) 
                             Db = Db * scale
                         D[rs, cs] = Db
                     direction = D.view(p.shape)
-            mom32 = fp32(st["momentum_buffer"])
+            cd = compute_dtype(p)
+            mom32 = upcast(st["momentum_buffer"], cd)
             mom32.mul_(hp.beta1).add_(direction, alpha=1 - hp.beta1)
             store(st["momentum_buffer"], mom32)
-            p32 = fp32(p)
+            p32 = upcast(p, cd)
             p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
             p32.add_(mom32, alpha=-hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr)
             store(p, p32)

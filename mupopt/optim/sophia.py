@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, fp32, is_number, new_step,
-                    skip_on_found_inf, store)
+from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, compute_dtype, is_number,
+                    new_step, skip_on_found_inf, store, upcast)
 
 # The official code's guard against h == 0 in |m| / (rho*bs*h + 1e-15): with no Hessian estimate
 # the ratio saturates at 1 and the step is sign(m).
@@ -35,7 +35,7 @@ class SophiaHparams:
 
 
 def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
-    """One SophiaG step, one tensor at a time, float32 math::
+    """One SophiaG step, one tensor at a time, float32 math (float64 for float64 params)::
 
         p *= 1 - lr*wd*wd_mult
         m = b1*m + (1-b1)*g
@@ -45,8 +45,9 @@ def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
     """
     for p, g, st, m in zip(params, grads, states, mults):
         st["step"] += 1
-        p32, m32, h32 = fp32(p), fp32(st["exp_avg"]), fp32(st["hessian"])
-        g32 = -fp32(g) if hp.maximize else fp32(g)
+        cd = compute_dtype(p)
+        p32, m32, h32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["hessian"], cd)
+        g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         m32.mul_(hp.beta1).add_(g32, alpha=1 - hp.beta1)
         ratio = (m32.abs() / (hp.rho * hp.bs * h32 + HESSIAN_FLOOR)).clamp(None, 1)
@@ -55,10 +56,12 @@ def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
 
 
 def sophia_hessian_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
-    """Hessian EMA from a GNB gradient: h = b2*h + (1-b2)*g*g (the step count is not touched)."""
-    for g, st in zip(grads, states):
-        h32 = fp32(st["hessian"])
-        g32 = fp32(g)
+    """Hessian EMA from a GNB gradient: h = b2*h + (1-b2)*g*g (the step count is not touched);
+    float32 math, float64 for float64 params."""
+    for p, g, st in zip(params, grads, states):
+        cd = compute_dtype(p)
+        h32 = upcast(st["hessian"], cd)
+        g32 = upcast(g, cd)
         h32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
         store(st["hessian"], h32)
 

@@ -33,11 +33,18 @@
 namespace mupopt {
 
 // Storage dtypes the kernels read and write. Math is always float32.
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+constexpr int kDTypeCount = 3;
 
 // bfloat16 storage: the upper 16 bits of a float32. A plain struct, so host code needs no
 // CUDA header and the CPU loops vectorise its conversions as integer shifts.
 struct alignas(2) bf16_t {
+  uint16_t bits;
+};
+
+// IEEE float16 storage (c10::Half's bits), converted with integer and float32 operations only,
+// so it needs no CUDA header either and the CPU loops vectorise it.
+struct alignas(2) f16_t {
   uint16_t bits;
 };
 
@@ -64,6 +71,23 @@ MUPOPT_HDI float bits_float(uint32_t u) {
 MUPOPT_HDI float to_float(float x) { return x; }
 MUPOPT_HDI float to_float(bf16_t x) { return bits_float(static_cast<uint32_t>(x.bits) << 16); }
 
+// float16 -> float32, exact, without a branch. With h's exponent and mantissa shifted to the
+// top of a word (e = bits 27..31, mantissa below them):
+//  normal, inf, NaN (e > 0): the same bits moved down to float32's fields are the value times
+//    2^(127-15) with float32's bias; adding 224 to the exponent field and scaling by 2^-112
+//    gives the float (e = 31 lands on exponent 255: inf and NaN stay inf and NaN);
+//  subnormal and zero (e == 0): the mantissa m placed under the exponent of 0.5 is 0.5 + m*2^-24;
+//    subtracting 0.5 leaves m*2^-24, the value, exactly.
+MUPOPT_HDI float to_float(f16_t x) {
+  const uint32_t word = static_cast<uint32_t>(x.bits) << 16;
+  const uint32_t sign = word & 0x80000000u;
+  const uint32_t body = word << 1;  // exponent and mantissa, sign dropped
+  const float normal = bits_float((body >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const float subnormal = bits_float((body >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t small = 0u - static_cast<uint32_t>(body < (1u << 27));  // all ones when e == 0
+  return bits_float(sign | (float_bits(subnormal) & small) | (float_bits(normal) & ~small));
+}
+
 // float32 -> storage. bf16: round to nearest even as c10::BFloat16 (NaN -> 0x7FC0), written
 // without a branch so the CPU loops stay vectorised.
 template <class T>
@@ -79,6 +103,34 @@ MUPOPT_HDI bf16_t from_float<bf16_t>(float x) {
   const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
   bf16_t out;
   out.bits = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  return out;
+}
+
+// float32 -> float16, round to nearest even as c10::Half (overflow -> inf, NaN -> 0x7E00 with
+// the sign kept), without a branch. The rounding is done by one float32 addition: |x|*4 plus
+// 2^(E+15), E being x's exponent clamped below at float16's smallest normal exponent -14, has
+// the unit in the last place 2^(E-8) = 4 * 2^(E-10), i.e. four times float16's for |x|, so the
+// float32 adder rounds |x| to float16's precision, ties to even, subnormals included. The sum's
+// exponent field minus 15's bias and its low mantissa bits are then the float16's fields (a
+// carry from the mantissa into the exponent is the correct rounding up, and turns a value
+// rounding to 2^16 into the inf pattern). |x| >= 2^16 would wrap the 5-bit exponent:
+// multiplying by 2^112 first overflows exactly those to inf, and 2^-110 scales back (both
+// exact for every other value).
+template <>
+MUPOPT_HDI f16_t from_float<f16_t>(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t body = u << 1;  // exponent and mantissa, sign dropped
+  const float scaled = (fabsf(x) * 0x1.0p+112f) * 0x1.0p-110f;
+  // Selects written as masks: GCC 12 does not vectorise these ternaries ("control flow in loop").
+  const uint32_t exponent = body & 0xFF000000u;
+  const uint32_t low = 0u - static_cast<uint32_t>(exponent < 0x71000000u);  // 0x71 = 113 = 127 - 14
+  const uint32_t clamped = (0x71000000u & low) | (exponent & ~low);
+  const float rounded = bits_float((clamped >> 1) + (15u << 23)) + scaled;
+  const uint32_t r = float_bits(rounded);
+  const uint32_t finite = ((r >> 13) & 0x7C00u) + (r & 0x0FFFu);
+  const uint32_t nan = 0u - static_cast<uint32_t>(body > 0xFF000000u);
+  f16_t out;
+  out.bits = static_cast<uint16_t>(((u >> 16) & 0x8000u) | (0x7E00u & nan) | (finite & ~nan));
   return out;
 }
 

@@ -16,17 +16,17 @@
 //  element, and no scratch as large as the tensor):
 //   LambNormOp<kMoments>:             reads p g m v, writes m v, sums
 //   LambUpdateOp<kFromMoments>:       reads p m v, recomputes u from the stored m v, writes p
-//  bfloat16 states: the second pass must not see m and v rounded to bf16 (the reference forms
+//  bfloat16 or float16 states: the second pass must not see m and v rounded to 16 bits (the reference forms
 //  u from their float32 values; reading the rounded ones moved a few parameters by up to 8 bf16
 //  ulps in 10 steps), so the first pass only sums and the second recomputes m, v and u:
 //   LambNormOp<kNothing>:             reads p g m v, sums
-//   LambUpdateOp<kRecompute>:         reads p g m v, writes p m v (all bf16: 22 B per element)
+//   LambUpdateOp<kRecompute>:         reads p g m v, writes p m v (all 16-bit: 22 B per element)
 // Recomputed values are bit-identical to the first pass's (same inputs, same operations).
 //
 // Split form (ops lamb_partials_ / lamb_apply_, for sharded tensors whose norms are reduced
 // across ranks between the passes): the same Ops over the whole list, no blocks, so two
 // passes over memory. lamb_partials_ runs LambNormOp<kMoments> (float32 states) or
-// <kNothing> (bfloat16) and returns each tensor's two sums (float64, chunk partials added in
+// <kNothing> (16-bit states) and returns each tensor's two sums (float64, chunk partials added in
 // chunk order, as above); lamb_apply_ takes the reduced sums, forms the trust ratios with
 // lamb_trust and runs LambUpdateOp<kFromMoments> or <kRecompute>. With the sums unchanged the
 // result is bit for bit the one-call form's.

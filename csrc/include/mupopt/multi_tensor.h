@@ -18,7 +18,7 @@
 //   };
 //
 // Storage: stream 0 and the states (streams >= 2) share one dtype TP, stream 1 has dtype TG;
-// each is float32 or bfloat16, so four instantiations per Op. All math is float32.
+// each is float32, bfloat16 or float16, so nine instantiations per Op. All math is float32.
 #pragma once
 
 #include "common.h"
@@ -204,6 +204,17 @@ __device__ MUPOPT_FORCE_INLINE void load4(const bf16_t* p, float* o) {
   o[3] = bits_float(v.y & 0xFFFF0000u);
 }
 
+__device__ MUPOPT_FORCE_INLINE void load4(const f16_t* p, float* o) {
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  f16_t h[4];
+  h[0].bits = static_cast<uint16_t>(v.x & 0xFFFFu);
+  h[1].bits = static_cast<uint16_t>(v.x >> 16);
+  h[2].bits = static_cast<uint16_t>(v.y & 0xFFFFu);
+  h[3].bits = static_cast<uint16_t>(v.y >> 16);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) o[j] = to_float(h[j]);
+}
+
 __device__ MUPOPT_FORCE_INLINE void store4(float* p, const float* x) {
   *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
 }
@@ -214,6 +225,15 @@ __device__ MUPOPT_FORCE_INLINE void store4(bf16_t* p, const float* x) {
         (static_cast<uint32_t>(from_float<bf16_t>(x[1]).bits) << 16);
   v.y = static_cast<uint32_t>(from_float<bf16_t>(x[2]).bits) |
         (static_cast<uint32_t>(from_float<bf16_t>(x[3]).bits) << 16);
+  *reinterpret_cast<uint2*>(p) = v;
+}
+
+__device__ MUPOPT_FORCE_INLINE void store4(f16_t* p, const float* x) {
+  uint2 v;
+  v.x = static_cast<uint32_t>(from_float<f16_t>(x[0]).bits) |
+        (static_cast<uint32_t>(from_float<f16_t>(x[1]).bits) << 16);
+  v.y = static_cast<uint32_t>(from_float<f16_t>(x[2]).bits) |
+        (static_cast<uint32_t>(from_float<f16_t>(x[3]).bits) << 16);
   *reinterpret_cast<uint2*>(p) = v;
 }
 
@@ -317,6 +337,27 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
   }
 }
 
+template <class Op, class TP, class TG>
+cudaError_t launch_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, const Op& op, const GradArgs& ga,
+                         double* partials, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n_chunks)), block(cuda_detail::kThreads);
+  multi_tensor_kernel<Op, TP, TG><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  return cudaGetLastError();
+}
+
+template <class Op, class TP>
+cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, const Op& op,
+                              const GradArgs& ga, double* partials, cudaStream_t stream) {
+  switch (tg) {
+    case DType::kBFloat16:
+      return launch_typed<Op, TP, bf16_t>(rows, n_rows, n_chunks, op, ga, partials, stream);
+    case DType::kFloat16:
+      return launch_typed<Op, TP, f16_t>(rows, n_rows, n_chunks, op, ga, partials, stream);
+    default:
+      return launch_typed<Op, TP, float>(rows, n_rows, n_chunks, op, ga, partials, stream);
+  }
+}
+
 // One launch per dtype pair. rows: device table of n_rows rows with first_chunk counted from 0;
 // partials: device buffer of 2 * n_chunks doubles when Op::kReduce, else unused.
 template <class Op>
@@ -324,18 +365,14 @@ cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chu
                                 const GradArgs& ga, double* partials, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(n_chunks)), block(cuda_detail::kThreads);
-  const bool p16 = tp == DType::kBFloat16, g16 = tg == DType::kBFloat16;
-  if (!p16 && !g16) {
-    multi_tensor_kernel<Op, float, float><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
-  } else if (!p16 && g16) {
-    multi_tensor_kernel<Op, float, bf16_t><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
-  } else if (p16 && !g16) {
-    multi_tensor_kernel<Op, bf16_t, float><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
-  } else {
-    multi_tensor_kernel<Op, bf16_t, bf16_t><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  switch (tp) {
+    case DType::kBFloat16:
+      return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    case DType::kFloat16:
+      return launch_grad_typed<Op, f16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    default:
+      return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
   }
-  return cudaGetLastError();
 }
 
 #endif  // __CUDACC__

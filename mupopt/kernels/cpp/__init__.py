@@ -29,7 +29,7 @@ from . import ops
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 CPU_PRIORITY = 20
 CUDA_PRIORITY = 15
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) -> str | None:
@@ -48,7 +48,9 @@ def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) ->
             elif t.get_device() != index:
                 return f"tensors on different devices (cuda:{index} and {t.device}): one device per step call"
         if t.dtype not in supported:
-            return f"tensor {i} has dtype {t.dtype}; backend {backend!r} supports float32 and bfloat16"
+            why = (" (float64 params are stepped in float64 arithmetic by the reference backend; the kernels "
+                   "compute in float32)" if t.dtype == torch.float64 else "")
+            return f"tensor {i} has dtype {t.dtype}; backend {backend!r} supports float32, bfloat16 and float16{why}"
         if not t.is_contiguous():
             return (
                 f"tensor {i} (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous; the "

@@ -26,7 +26,14 @@ from ...mup import Multipliers
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 PRIORITY = 10
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Muon's and Shampoo's kernels (Newton-Schulz, Gram products) take float32 and bfloat16 only.
+MATRIX_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " and " + names[-1]
 _import_error: str | None = None
 _import_checked = False
 
@@ -55,12 +62,13 @@ def kernels_interpreted() -> bool | None:
     return None if common is None else common.INTERPRET
 
 
-def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
+def unsupported_reason(tensors: Sequence[torch.Tensor], supported=_SUPPORTED_DTYPES) -> str | None:
     """None when the Triton kernels can step ``tensors``, else why not (for the registry).
 
     Needs: triton importable; CUDA tensors, or CPU tensors while ``TRITON_INTERPRET=1`` (the
     interpreter's pointers are raw host addresses, so there it takes CPU tensors only); one
-    device; float32 or bfloat16; contiguous layout. Any tensors may be passed (params, grads,
+    device; a dtype of ``supported`` (the elementwise kernels: float32, bfloat16, float16);
+    contiguous layout. Any tensors may be passed (params, grads,
     states): each is checked. ``triton.jit`` fixes the mode when the kernels are first imported;
     a mode that disagrees with the environment now is reported rather than guessed at.
     """
@@ -85,8 +93,10 @@ def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
             device = t.device
         elif t.device != device:
             return f"tensors on different devices ({device} and {t.device}): one device per step call"
-        if t.dtype not in _SUPPORTED_DTYPES:
-            return f"tensor {i} has dtype {t.dtype}; the Triton kernels support float32 and bfloat16"
+        if t.dtype not in supported:
+            why = (" (float64 params are stepped in float64 arithmetic by the reference backend; the kernels "
+                   "compute in float32)" if t.dtype == torch.float64 else "")
+            return f"tensor {i} has dtype {t.dtype}; these Triton kernels support {_dtype_names(supported)}{why}"
         if not t.is_contiguous():
             return (
                 f"tensor {i} (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous; the "

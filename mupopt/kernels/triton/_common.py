@@ -24,8 +24,9 @@ included (checked by tests/test_triton.py); under the interpreter CUDA tensors a
 (their addresses are device addresses). Passing tensors as kernel arguments instead would
 need one launch (or one compiled signature) per tensor count; packing all tensors into one
 flat buffer would cost a copy of every parameter per step. The element type of each pointer is
-a compile-time flag (``*_BF16``), so float32 and bfloat16 storage, and any mix of them between
-the param, the gradient and each state, is one specialisation each.
+a compile-time storage code (the ``*_BF16`` arguments; :func:`storage_kind`: 0 float32, 1 (True)
+bfloat16, 2 float16), so float32, bfloat16 and float16 storage, and any mix of them between the
+param, the gradient and each state, is one specialisation each.
 
 Vectorisation: a pointer made from an integer carries no alignment information, so the compiler
 would emit 4-byte accesses. When every address of a launch is 16-byte aligned (checked on the
@@ -49,9 +50,10 @@ the host; steps kept on the device (as torch's fused/capturable AdamW) would rem
 Numerics: fp32 math inside; every per-tensor scalar is formed in float64 on the host exactly as
 the reference forms it (e.g. ``-lr*lr_mult/(1-b1^t)``) and rounded once to float32, which is what
 torch does with a Python scalar applied to a float32 tensor; divisions and square roots are the
-IEEE-rounded ``div_rn``/``sqrt_rn`` as in torch. Stores to bfloat16 round to nearest even (on the
-GPU the hardware conversion; under the interpreter, whose own conversion truncates, the same
-rounding done with integer ops so interpreter results equal torch's bit for bit).
+IEEE-rounded ``div_rn``/``sqrt_rn`` as in torch. Stores to bfloat16 and float16 round to nearest
+even (on the GPU the hardware conversion; under the interpreter, whose own bfloat16 conversion
+truncates, bfloat16 is rounded with integer ops and float16 by numpy's conversion, which rounds to
+nearest even: interpreter results equal torch's bit for bit, tests/test_triton.py).
 
 GradScaler (mupopt.optim._base, mupopt.backends): with a scale, every kernel takes one more
 pointer, to a float32 1/scale on the device (``HAS_GRAD_SCALE``, a compile-time flag: one more
@@ -86,8 +88,16 @@ NUM_WARPS = 16
 # Chunk partials per iteration of LAMB's per-tensor norm reduction.
 REDUCE_BLOCK = 1024
 ALIGNMENT = 16
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_SIZE = 64
+# Storage codes of the kernels' compile-time dtype arguments (False/True are 0/1).
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def storage_kind(dtype: torch.dtype) -> int:
+    """The kernels' storage code of ``dtype``: 0 float32, 1 bfloat16, 2 float16."""
+    return _KIND[dtype]
+
 
 # Test seam: when set, launch() hands (kernel, grid, args, meta) to it instead of launching
 # (tests/test_triton.py compiles the real argument lists for sm_90 on a machine without a GPU).
@@ -123,14 +133,20 @@ def _chunk_coords(chunks_ptr, numel_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _load(addr, offs, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """Load elements ``offs`` of the tensor at int64 address ``addr`` as float32.
+    """Load elements ``offs`` of the tensor at int64 address ``addr`` as float32. ``IS_BF16`` is
+    the storage code (:func:`storage_kind`; a bool means float32 or bfloat16).
 
     Only a tensor's last chunk is masked: a mask against a numel read from memory would keep the
     compiler from vectorising the full chunks. The address is typed here rather than by a helper
     of its own: on the GPU it is free either way, but each nested jit call costs about 0.7 ms
     per program in the interpreter (AdamW step on the test list: 62 -> 30 ms).
     """
-    ptr = addr.to(tl.pointer_type(tl.bfloat16 if IS_BF16 else tl.float32))
+    if IS_BF16 == 2:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    elif IS_BF16:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float32))
     if ALIGNED:
         # The host checked every address of this launch is 16-byte aligned; without the hint an
         # int_to_ptr pointer gets scalar 4-byte accesses.
@@ -154,11 +170,19 @@ def _bf16_rtne(x):
 
 @triton.jit
 def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """Store float32 ``x`` in the storage dtype (bf16: round to nearest even, as torch)."""
-    ptr = addr.to(tl.pointer_type(tl.bfloat16 if IS_BF16 else tl.float32))
+    """Store float32 ``x`` in the storage dtype (storage code ``IS_BF16`` as :func:`_load`;
+    bf16 and fp16: round to nearest even, as torch)."""
+    if IS_BF16 == 2:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    elif IS_BF16:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float32))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
-    if IS_BF16:
+    if IS_BF16 == 2:
+        y = x.to(tl.float16)  # cvt.rn; the interpreter: numpy's astype, also nearest even
+    elif IS_BF16:
         if _INTERPRET:
             y = _bf16_rtne(x)
         else:
@@ -195,7 +219,7 @@ def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor
     if t.device != ref.device:
         fail(op, f"{role} {i} is on {t.device}, its parameter on {ref.device} (one device per call)")
     if t.dtype not in SUPPORTED_DTYPES:
-        fail(op, f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16")
+        fail(op, f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16, float16")
     if t.shape != ref.shape:
         fail(op, f"{role} {i} has shape {tuple(t.shape)}, its parameter {tuple(ref.shape)}")
     if not t.is_contiguous():
@@ -218,7 +242,7 @@ def check_grads(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.T
 class Launch:
     """One kernel launch: the slots [s0, s1) sharing one dtype combination."""
 
-    bf16: tuple[bool, ...]  # per static role, then the gradient
+    kinds: tuple[int, ...]  # storage codes (storage_kind) per static role, then the gradient
     aligned: bool  # every static address of the launch is 16-byte aligned
     s0: int
     s1: int
@@ -236,9 +260,9 @@ class Plan:
         n = len(first_list)
         self.device = first_list[0].device
         self.n = n
-        groups: dict[tuple[bool, ...], list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
-            flags = tuple(lst[i].dtype == torch.bfloat16 for lst in static_lists) + (grads[i].dtype == torch.bfloat16,)
+            flags = tuple(_KIND[lst[i].dtype] for lst in static_lists) + (_KIND[grads[i].dtype],)
             groups.setdefault(flags, []).append(i)
         self.order = [i for members in groups.values() for i in members]
         self.identity = self.order == list(range(n))

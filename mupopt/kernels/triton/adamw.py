@@ -123,9 +123,9 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
         for launch in plan.launches:
             if launch.n_chunks == 0:
                 continue
-            p16, m16, v16, *rest = launch.bf16
+            p16, m16, v16, *rest = launch.kinds
             vmax16 = rest[0] if hp.amsgrad else False
-            g16 = launch.bf16[-1]
+            g16 = launch.kinds[-1]
             _common.launch(
                 _adamw_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,

@@ -120,7 +120,7 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
         for launch in plan.launches:
             if launch.n_chunks == 0:
                 continue
-            p16, m16, v16, g16 = launch.bf16
+            p16, m16, v16, g16 = launch.kinds
             _common.launch(
                 _adopt_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,

@@ -262,7 +262,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     launches = [launch for launch in plan.launches if launch.n_chunks]  # else only empty tensors
 
     def meta(launch):
-        p16, m16, v16, g16 = launch.bf16
+        p16, m16, v16, g16 = launch.kinds
         return dict(
             P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
             MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,

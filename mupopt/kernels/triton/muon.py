@@ -221,9 +221,9 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     """As the package's (CUDA, or CPU under TRITON_INTERPRET=1; fp32/bf16; contiguous), plus
     Muon's need for matrices."""
-    from . import unsupported_reason as common_reason
+    from . import MATRIX_DTYPES, unsupported_reason as common_reason
 
-    reason = common_reason(tensors)
+    reason = common_reason(tensors, MATRIX_DTYPES)
     if reason is not None:
         return reason
     for i, t in enumerate(tensors):

@@ -493,9 +493,9 @@ def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 def unsupported_reason(tensors: Sequence[torch.Tensor]) -> str | None:
     """As the package's: CUDA tensors (or CPU under TRITON_INTERPRET=1), fp32/bf16, contiguous."""
-    from . import unsupported_reason as common_reason
+    from . import MATRIX_DTYPES, unsupported_reason as common_reason
 
-    return common_reason(tensors)
+    return common_reason(tensors, MATRIX_DTYPES)
 
 
 def register() -> None:

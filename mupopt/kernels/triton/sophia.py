@@ -142,7 +142,7 @@ def sophia_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None
         for launch in plan.launches:
             if launch.n_chunks == 0:
                 continue
-            p16, m16, h16, g16 = launch.bf16
+            p16, m16, h16, g16 = launch.kinds
             _common.launch(
                 _sophia_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
@@ -169,7 +169,7 @@ def sophia_hessian_triton(params, grads, states, mults, hp, inv_grad_scale=None)
         for launch in plan.launches:
             if launch.n_chunks == 0:
                 continue
-            h16, g16 = launch.bf16
+            h16, g16 = launch.kinds
             _common.launch(
                 _sophia_hessian_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, plan.numel, launch.chunks, inv_scale,
