@@ -19,12 +19,11 @@ sets, for the duration of ``opt.step()`` (torch/amp/grad_scaler.py, GradScaler.s
 This class honours both for every optimizer and backend, as torch's fused AdamW does:
 
 - found_inf nonzero: the whole update is skipped: no parameter, state or step count changes, no
-  state is created, and ``p.grad`` is left as it is. Deciding that costs a host read of
-  found_inf in ``_gather``: one per param group with gradients. The first waits for the GPU work
-  queued before it (the backward): a host synchronisation, the one GradScaler's own unfused path
-  pays in ``_maybe_opt_step``; later groups find the value ready. Step counts and bias
-  corrections live on the host (kernels/triton/_common.py), so a device-side skip would not save
-  that synchronisation without moving them to the device.
+  state is created, and ``p.grad`` is left as it is. Deciding that costs one host read of
+  found_inf per step (``_run``), which waits for the GPU work queued before it (the backward):
+  the synchronisation GradScaler's own unfused path pays in ``_maybe_opt_step``. The cuda and
+  triton kernels keep step counts and bias corrections on the host, so a device-side skip would
+  not save it there.
 - capturable=True in every param group: found_inf is not read on the host; it is handed to the
   backends (``Backend.capturable``), which skip on the device: the C++ ops read it themselves,
   the reference puts back what it wrote where found_inf is set (``skip_on_found_inf``).
