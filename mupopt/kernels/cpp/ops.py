@@ -41,6 +41,23 @@ def _lists(states: Sequence[dict], *keys: str) -> list[list[torch.Tensor]]:
     return [[st[k] for st in states] for k in keys]
 
 
+def _hyper(name: str, hp) -> dict:
+    """The uniform hyperparameters of optimizer ``name`` as its ops' keyword arguments: the list
+    op (``<name>_``) and the bound ops (``<name>_bound_``, ``<name>_bound_grads_``) take the same."""
+    if name == "sophia_hessian":
+        return dict(beta2=hp.beta2)
+    if name == "sophia":
+        return dict(lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
+                    maximize=hp.maximize)
+    kw = dict(lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps)
+    if name == "adamw":
+        kw["amsgrad"] = hp.amsgrad
+    if name == "lamb":
+        kw["clamp_value"] = hp.clamp_value
+    kw["maximize"] = hp.maximize
+    return kw
+
+
 def adamw(params, grads, states, mults, hp, *, found_inf=None) -> None:
     """AdamW step (see mupopt.optim.adamw.adamw_reference). ``found_inf`` (GradScaler's, for
     capturable groups): nonzero, the op changes nothing, read by the op, not by Python."""
@@ -51,8 +68,7 @@ def adamw(params, grads, states, mults, hp, *, found_inf=None) -> None:
     torch.ops.mupopt.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if hp.amsgrad else [], steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
-        lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-        amsgrad=hp.amsgrad, maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
+        **_hyper("adamw", hp), grad_scale=None, found_inf=found_inf,
     )
 
 
@@ -65,8 +81,7 @@ def adopt(params, grads, states, mults, hp, *, found_inf=None) -> None:
     torch.ops.mupopt.adopt_(
         params, grads, exp_avgs, exp_avg_sqs, steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
-        lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-        maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
+        **_hyper("adopt", hp), grad_scale=None, found_inf=found_inf,
     )
 
 
@@ -81,10 +96,7 @@ def lamb(params, grads, states, mults, hp, *, norm_reduce=None, found_inf=None) 
     _require(params)
     exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
     args = (params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults])
-    kwargs = dict(
-        lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-        clamp_value=hp.clamp_value, maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
-    )
+    kwargs = dict(_hyper("lamb", hp), grad_scale=None, found_inf=found_inf)
     if norm_reduce is None:
         torch.ops.mupopt.lamb_(*args, **kwargs)
         return
@@ -103,8 +115,7 @@ def sophia(params, grads, states, mults, hp, *, found_inf=None) -> None:
     exp_avgs, hessians, steps = _lists(states, "exp_avg", "hessian", "step")
     torch.ops.mupopt.sophia_(
         params, grads, exp_avgs, hessians, steps, [m.lr for m in mults], [m.wd for m in mults],
-        lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
-        maximize=hp.maximize, grad_scale=None, found_inf=found_inf,
+        **_hyper("sophia", hp), grad_scale=None, found_inf=found_inf,
     )
 
 
@@ -114,7 +125,8 @@ def sophia_hessian(params, grads, states, mults, hp, *, found_inf=None) -> None:
         return
     _require(params)
     torch.ops.mupopt.sophia_hessian_(
-        grads, [st["hessian"] for st in states], beta2=hp.beta2, grad_scale=None, found_inf=found_inf
+        grads, [st["hessian"] for st in states], **_hyper("sophia_hessian", hp), grad_scale=None,
+        found_inf=found_inf,
     )
 
 
@@ -152,30 +164,33 @@ def _mults(mults, *fields: str) -> list[list[float]]:
     return [[float(getattr(m, f)) for m in mults] for f in fields]
 
 
-def _bound(name: str, make: Callable, run: Callable, run_grads: Callable) -> Callable:
-    """``step(grads, hp)`` over the plan ``make()`` builds: ``run(plan, grads, hp)`` is the step
-    op's call, False when a bound tensor changed in place (nothing done): then bind anew.
+def _bound(name: str, make: Callable) -> Callable:
+    """``step(grads, hp)`` over the plan ``make()`` builds, through the ops ``<name>_bound_``
+    (False when a bound tensor changed in place: nothing done, then bind anew) and
+    ``<name>_bound_grads_``.
 
     ``step.from_param_grads(hp)`` is ``step([p.grad for p in params], hp)`` with the gradients
-    read by the C++ op from the bound params themselves (``run_grads(plan, hp)``, the
-    ``*_bound_grads_`` op): no list to build and convert per step (300 tensors: ~58 -> ~40 us;
-    1000: ~260 -> ~190 us, measured). For params whose ``.grad`` is the gradient to apply (not
-    for local shards of DTensors, whose gradients are elsewhere); a None ``.grad`` raises."""
+    read by the C++ op from the bound params themselves (the ``*_bound_grads_`` op): no list to
+    build and convert per step (300 tensors: ~58 -> ~40 us; 1000: ~260 -> ~190 us, measured).
+    For params whose ``.grad`` is the gradient to apply (not for local shards of DTensors, whose
+    gradients are elsewhere); a None ``.grad`` raises."""
+    op = _raw(getattr(torch.ops.mupopt, f"{name}_bound_").default)
+    op_grads = _raw(getattr(torch.ops.mupopt, f"{name}_bound_grads_").default)
     plan = make()
 
-    def call(fn, *args) -> None:
+    def call(run) -> None:
         nonlocal plan
-        if not fn(plan, *args):
+        if not run(plan):
             plan = make()
-            if not fn(plan, *args):
+            if not run(plan):
                 raise RuntimeError(f"{name} bound step: the bound tensors keep changing")
 
     def step(grads, hp) -> None:
         _check_plain(name, grads)
-        call(run, grads, hp)
+        call(lambda plan: op(plan, grads, **_hyper(name, hp)))
 
     def from_param_grads(hp) -> None:
-        call(run_grads, hp)
+        call(lambda plan: op_grads(plan, **_hyper(name, hp)))
 
     step.from_param_grads = from_param_grads
     return step
@@ -190,23 +205,14 @@ def bind_adamw(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     has_max = all("max_exp_avg_sq" in st for st in states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
-    bind, op = torch.ops.mupopt.bind_adamw.default, _raw(torch.ops.mupopt.adamw_bound_.default)
-    op_grads = _raw(torch.ops.mupopt.adamw_bound_grads_.default)
+    bind = torch.ops.mupopt.bind_adamw.default
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
         maxs = _lists(states, "max_exp_avg_sq")[0] if has_max else []
         return bind(params, exp_avgs, exp_avg_sqs, maxs, steps, lr_m, wd_m, eps_m)
 
-    def run(plan, grads, hp) -> bool:
-        return op(plan, grads, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                  amsgrad=hp.amsgrad, maximize=hp.maximize)
-
-    def run_grads(plan, hp) -> bool:
-        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                        amsgrad=hp.amsgrad, maximize=hp.maximize)
-
-    bound = _bound("adamw", make, run, run_grads)
+    bound = _bound("adamw", make)
     if has_max:
         return bound
     frozen_mults = list(mults)
@@ -234,22 +240,13 @@ def bind_adopt(params, states, mults) -> Callable:
     _require(params)
     params, states = list(params), list(states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
-    bind, op = torch.ops.mupopt.bind_adopt.default, _raw(torch.ops.mupopt.adopt_bound_.default)
-    op_grads = _raw(torch.ops.mupopt.adopt_bound_grads_.default)
+    bind = torch.ops.mupopt.bind_adopt.default
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
         return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, wd_m, eps_m)
 
-    def run(plan, grads, hp) -> bool:
-        return op(plan, grads, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                  maximize=hp.maximize)
-
-    def run_grads(plan, hp) -> bool:
-        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                        maximize=hp.maximize)
-
-    return _bound("adopt", make, run, run_grads)
+    return _bound("adopt", make)
 
 
 def bind_lamb(params, states, mults) -> Callable:
@@ -259,22 +256,13 @@ def bind_lamb(params, states, mults) -> Callable:
     _require(params)
     params, states = list(params), list(states)
     lr_m, eps_m = _mults(mults, "lr", "eps")
-    bind, op = torch.ops.mupopt.bind_lamb.default, _raw(torch.ops.mupopt.lamb_bound_.default)
-    op_grads = _raw(torch.ops.mupopt.lamb_bound_grads_.default)
+    bind = torch.ops.mupopt.bind_lamb.default
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
         return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, eps_m)
 
-    def run(plan, grads, hp) -> bool:
-        return op(plan, grads, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                  clamp_value=hp.clamp_value, maximize=hp.maximize)
-
-    def run_grads(plan, hp) -> bool:
-        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
-                        clamp_value=hp.clamp_value, maximize=hp.maximize)
-
-    return _bound("lamb", make, run, run_grads)
+    return _bound("lamb", make)
 
 
 def bind_sophia(params, states, mults) -> Callable:
@@ -284,22 +272,13 @@ def bind_sophia(params, states, mults) -> Callable:
     _require(params)
     params, states = list(params), list(states)
     lr_m, wd_m = _mults(mults, "lr", "wd")
-    bind, op = torch.ops.mupopt.bind_sophia.default, _raw(torch.ops.mupopt.sophia_bound_.default)
-    op_grads = _raw(torch.ops.mupopt.sophia_bound_grads_.default)
+    bind = torch.ops.mupopt.bind_sophia.default
 
     def make():
         exp_avgs, hessians, steps = _lists(states, "exp_avg", "hessian", "step")
         return bind(params, exp_avgs, hessians, steps, lr_m, wd_m)
 
-    def run(plan, grads, hp) -> bool:
-        return op(plan, grads, lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
-                  maximize=hp.maximize)
-
-    def run_grads(plan, hp) -> bool:
-        return op_grads(plan, lr=hp.lr, beta1=hp.beta1, rho=hp.rho, bs=hp.bs, weight_decay=hp.weight_decay,
-                        maximize=hp.maximize)
-
-    return _bound("sophia", make, run, run_grads)
+    return _bound("sophia", make)
 
 
 def bind_sophia_hessian(params, states, mults) -> Callable:
@@ -308,19 +287,12 @@ def bind_sophia_hessian(params, states, mults) -> Callable:
         return _nothing
     _require(params)
     params, states = list(params), list(states)
-    bind, op = torch.ops.mupopt.bind_sophia_hessian.default, _raw(torch.ops.mupopt.sophia_hessian_bound_.default)
-    op_grads = _raw(torch.ops.mupopt.sophia_hessian_bound_grads_.default)
+    bind = torch.ops.mupopt.bind_sophia_hessian.default
 
     def make():
         return bind(params, [st["hessian"] for st in states])
 
-    def run(plan, grads, hp) -> bool:
-        return op(plan, grads, beta2=hp.beta2)
-
-    def run_grads(plan, hp) -> bool:
-        return op_grads(plan, beta2=hp.beta2)
-
-    return _bound("sophia_hessian", make, run, run_grads)
+    return _bound("sophia_hessian", make)
 
 
 BIND = {
