@@ -58,7 +58,7 @@ from .. import backends
 from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
                    format_table, decay_rule, WD_MODES)
 from ._placement import (ELEMENTWISE, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
-                         same_layout)
+                         same_layout, viewed_like)
 
 
 def check(condition: bool, message: str) -> None:
@@ -502,15 +502,9 @@ class MupOptimizer(Optimizer):
     def _build_plan(self, group: dict, kernel: str, key, stepped: list[int], grads: list) -> GroupPlan:
         params = [group["params"][i] for i in stepped]
         mults_all = self.group_multipliers(group)
-        locals_, local_grads = [], []
-        for p, i in zip(params, stepped):
-            g = grads[i]
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if g.shape != p.shape:
-                raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
-            locals_.append(local(p))
-            local_grads.append(local_grad(p, g))
+        _refuse_bad_grads(type(self).__name__, params, [grads[i] for i in stepped])
+        locals_ = [local(p) for p in params]
+        local_grads = [local_grad(p, grads[i]) for p, i in zip(params, stepped)]
         distributed = any(map(is_dtensor, params))
         segments = []
         for seg_kernel, positions in self._segments(group, kernel, stepped):
@@ -519,9 +513,8 @@ class MupOptimizer(Optimizer):
             viewed = None
             if seg_kernel in ELEMENTWISE and any(map(needs_view, originals)):
                 viewed = [needs_view(t) for t in originals]
-            views = _views(originals, viewed)
-            grad_views = _views([same_layout(g, t) if v else g for g, t, v in
-                                 zip(seg_grads, originals, viewed or [False] * len(originals))], viewed)
+            views = viewed_like(originals, originals, viewed)
+            grad_views = viewed_like(seg_grads, originals, viewed)
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
                                                 originals, viewed, bool(group.get("capturable", False))):
                 pos = [positions[k] for k in chosen]
@@ -736,9 +729,7 @@ class MupOptimizer(Optimizer):
                 seg_grads = [grads[i] for i in seg.grad_index]
                 if plan.distributed:
                     seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
-                if seg.viewed is not None:
-                    seg_grads = [elementwise_view(same_layout(g, o)) if v else g
-                                 for g, o, v in zip(seg_grads, seg.originals, seg.viewed)]
+                seg_grads = viewed_like(seg_grads, seg.originals, seg.viewed)
                 full = several or not seg.backend.validates
                 if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
                     # A gradient's dtype or layout changed since the backend was chosen: choose again.
@@ -797,12 +788,6 @@ class _BoundCall:
         return self.step(grads, hp, **kwargs)
 
 
-def _views(tensors: list, viewed: list | None) -> list:
-    if viewed is None:
-        return list(tensors)
-    return [elementwise_view(t) if v else t for t, v in zip(tensors, viewed)]
-
-
 def _view_state(state: dict, original: torch.Tensor) -> dict:
     """An elementwise kernel's view of one param's state: each param-shaped tensor as the param
     is viewed (a state tensor of another layout, e.g. loaded contiguous for a channels_last
@@ -825,14 +810,17 @@ def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
     one (a C++ op is not even dispatched for it)."""
     if not full:
         return False
+    _refuse_bad_grads(name, seg.params, grads)
+    return any(g.dtype != dtype or g.is_contiguous() != contiguous for g, (dtype, contiguous) in zip(grads, seg.grad_layout))
+
+
+def _refuse_bad_grads(name: str, params: list, grads: list) -> None:
+    """Raise for a sparse gradient (no backend steps one) or one of another shape than its param's."""
     if any(g.is_sparse for g in grads):
         raise RuntimeError(f"{name} does not support sparse gradients")
-    changed = False
-    for p, g, (dtype, contiguous) in zip(seg.params, grads, seg.grad_layout):
+    for p, g in zip(params, grads):
         if g.shape != p.shape:
             raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
-        changed = changed or g.dtype != dtype or g.is_contiguous() != contiguous
-    return changed
 
 
 class BackendFallbackWarning(UserWarning):

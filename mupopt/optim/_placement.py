@@ -135,6 +135,14 @@ def same_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.copy_(x)
 
 
+def viewed_like(xs: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], viewed: Sequence[bool] | None) -> list:
+    """Each ``xs[i]`` (a param, its gradient or a state tensor) as an elementwise kernel sees
+    ``originals[i]`` where ``viewed[i]``: given the param's strides, then its elementwise view."""
+    if viewed is None:
+        return list(xs)
+    return [elementwise_view(same_layout(x, o)) if v else x for x, o, v in zip(xs, originals, viewed)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Where each rank's shard lies in the global tensor
 # ---------------------------------------------------------------------------------------------
