@@ -126,14 +126,10 @@ def test_fp64_matches_float64_oracle(name):
         torch.testing.assert_close(p.detach(), s, rtol=1e-12, atol=1e-14)
 
 
-def test_fp64_muon_matches_float64_oracle():
-    """Muon on float64 matrices with ns_dtype=float64: momentum, Newton-Schulz and update all in
-    float64 (the momentum buffer within 1e-15 of the oracle's, the params within 1e-11)."""
-    # Wide matrices: Muon's shape factor sqrt(max(1, rows/cols)) is 1, which group_multipliers
-    # carries and the oracle applies (no double counting to undo).
-    params = make_params([(33, 65), (8, 16)])
+def run_beside_oracle(opt, params, oracle):
+    """STEPS steps of ``opt`` (one param group) on fresh gradients, with the float64 ``oracle``
+    applied beside it to copies of the params: (the copies, the oracle's states)."""
     shadow = [p.detach().clone() for p in params]
-    opt = mupopt.Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=F64)
     states = [dict() for _ in params]
     for t in range(STEPS):
         grads = grads_for(t, params)
@@ -143,7 +139,18 @@ def test_fp64_muon_matches_float64_oracle():
         group = opt.param_groups[0]
         hp = opt._hparams(group)
         for i, m in enumerate(opt.group_multipliers(group)):
-            ORACLES["muon"](shadow[i], grads[i], states[i], m, hp)
+            oracle(shadow[i], grads[i], states[i], m, hp)
+    return shadow, states
+
+
+def test_fp64_muon_matches_float64_oracle():
+    """Muon on float64 matrices with ns_dtype=float64: momentum, Newton-Schulz and update all in
+    float64 (the momentum buffer within 1e-15 of the oracle's, the params within 1e-11)."""
+    # Wide matrices: Muon's shape factor sqrt(max(1, rows/cols)) is 1, which group_multipliers
+    # carries and the oracle applies (no double counting to undo).
+    params = make_params([(33, 65), (8, 16)])
+    opt = mupopt.Muon(params, lr=0.02, weight_decay=0.1, ns_dtype=F64)
+    shadow, states = run_beside_oracle(opt, params, ORACLES["muon"])
     for i, (p, s) in enumerate(zip(params, shadow)):
         assert opt.state[p]["momentum_buffer"].dtype == F64
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], states[i]["buf"], rtol=1e-15, atol=1e-15)
@@ -154,18 +161,8 @@ def test_fp64_shampoo_elementwise_parts_match_float64_oracle():
     """Shampoo's Adam graft, momentum and update in float64 for float64 params: vectors, and a
     matrix before its preconditioning starts (its statistics and roots stay float32)."""
     params = make_params([(7,), (33, 65), (5000,)])
-    shadow = [p.detach().clone() for p in params]
     opt = mupopt.Shampoo(params, lr=1e-2, weight_decay=0.1, start_preconditioning_step=STEPS + 1)
-    states = [dict() for _ in params]
-    for t in range(STEPS):
-        grads = grads_for(t, params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        quiet(opt.step)
-        group = opt.param_groups[0]
-        hp = opt._hparams(group)
-        for i, m in enumerate(opt.group_multipliers(group)):
-            ORACLES["shampoo"](shadow[i], grads[i], states[i], m, hp)
+    shadow, states = run_beside_oracle(opt, params, ORACLES["shampoo"])
     for p, s in zip(params, shadow):
         assert opt.state[p]["momentum_buffer"].dtype == F64
         torch.testing.assert_close(p.detach(), s, rtol=1e-12, atol=1e-14)
