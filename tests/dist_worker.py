@@ -8,8 +8,10 @@ test asks for. Rank 0 saves the results for the test process to compare.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import socket
 import traceback
 
 import torch
@@ -17,6 +19,28 @@ import torch.distributed as dist
 from torch import nn
 
 VOCAB, WIDTH, BASE = 16, 16, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_rank_mesh(device: str = "cpu", backend: str = "gloo"):
+    """A world-size-1 process group (on a free port; an existing group is used as it is) and its
+    1-D device mesh, for single-process tests of DTensor paths."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh(device, (1,))
+    finally:
+        if created:
+            dist.destroy_process_group()
 STEPS = 10
 
 

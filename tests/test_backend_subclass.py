@@ -2,15 +2,13 @@
 reads data_ptr() of a wrapper (0 for a DTensor): issue 12 item 6."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, distribute_tensor
 
 import mupopt
+from dist_worker import one_rank_mesh
 from mupopt import backends
 
 
@@ -18,15 +16,8 @@ from mupopt import backends
 def dtensor():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    created = not dist.is_initialized()
-    if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    mesh = init_device_mesh("cpu", (1,))
-    yield distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])
-    if created:
-        dist.destroy_process_group()
+    with one_rank_mesh() as mesh:
+        yield distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])
 
 
 def all_backends():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 
 import pytest
@@ -56,12 +55,6 @@ ERROR_SPECS = [("error-hsdp-muon", {"kind": "error", "placement": "hsdp", "optim
 DCP_OPTIMIZERS = ["adamw", "adopt", "lamb", "sophia", "muon", "shampoo"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every scenario, run once on 2 ranks."""
@@ -72,7 +65,7 @@ def results(tmp_path_factory):
               for pl in ("fsdp", "tp") for opt in DCP_OPTIMIZERS]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    torch.multiprocessing.spawn(dw.worker, args=(2, free_port(), specs, str(out), env), nprocs=2, join=True)
+    torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
     res = torch.load(out, weights_only=False)
     res["_tmp"] = tmp
     return res
@@ -238,7 +231,7 @@ def test_readme_fsdp_example_runs_on_two_ranks(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(dw.free_port()),
            os.path.join(root, "examples", "fsdp_mup.py"), str(tmp_path / "ckpt")]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

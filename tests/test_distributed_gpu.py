@@ -5,8 +5,6 @@ placement layer, the local-shard views and the collectives' calls are exercised 
 tests/test_distributed.py covers 2 ranks on the CPU."""
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -23,21 +21,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def nccl():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    yield init_device_mesh("cuda", (1,))
-    if created:
-        dist.destroy_process_group()
+    torch.cuda.set_device(0)
+    with dw.one_rank_mesh("cuda", "nccl") as mesh:
+        yield mesh
 
 
 def run(optimizer: str, mesh=None):

@@ -3,8 +3,6 @@ that survives Parameter replacement (what FSDP2 and tensor parallelism do), and 
 per-segment collectives chosen only for sharded tensors."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -66,18 +64,10 @@ def test_clear_base_shapes_forgets_the_records():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    import torch.distributed as dist
+    from dist_worker import one_rank_mesh
 
-    created = not dist.is_initialized()
-    if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29519")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    yield init_device_mesh("cpu", (1,))
-    if created:
-        dist.destroy_process_group()
+    with one_rank_mesh() as mesh:
+        yield mesh
 
 
 def test_collectives_only_for_sharded_tensors(one_rank):
