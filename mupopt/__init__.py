@@ -1,5 +1,6 @@
 """mupopt: muP-scaled optimizers as drop-in torch.optim classes."""
 from . import backends, mup
+from ._vml import init_vml as _init_vml
 from .mup import (
     BaseShapes,
     MupError,
@@ -25,6 +26,9 @@ __version__ = "0.1.0"
 # before the first step that uses it.
 _triton_kernels.register()
 _cpp_kernels.register()
+# Before the user's first matmul: MKL's first vector-math call must not be a multi-threaded one
+# after an sgemm (mupopt/_vml.py).
+_init_vml()
 
 __all__ = [
     "ADOPT",

@@ -60,6 +60,20 @@ def reference_snapshot(subject: Subject, params: Sequence[torch.Tensor], start: 
     return snapshot(copies, opt)
 
 
+def reference_rerun_differs(subject: Subject, params: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
+                            reference: Snapshot) -> str | None:
+    """After a failed check: run the reference again from the same start and return the first
+    tensor on which it differs (bitwise) from ``reference``, or None when it reproduces itself.
+    A reference that does not reproduce itself puts the reference in doubt, not the backend:
+    issue 22 item 8 was torch's own float32 sqrt (MKL's first vector-math call, mupopt/_vml.py)
+    inside the reference snapshot, reported as a wrong "cpu" backend."""
+    again = reference_snapshot(subject, params, start)
+    for name, tensor in reference.items():
+        if name not in again or not torch.equal(tensor, again[name]):
+            return name
+    return None
+
+
 def matrix_tol(subject: Subject) -> float | None:
     # Muon: bf16 Newton-Schulz, 1.1e-2..1.9e-2 from float64 (check.py) -> 5e-2 on the update.
     # Shampoo: float32 eigh of rank-deficient statistics (a first step's G G^T has rank <= min

@@ -396,6 +396,11 @@ class Runner:
                     err = M.check_optimizer(subject, make, params, start, reference, C.DTYPES[group.dtype], what)
                 except CheckFailed as e:
                     if must_match:
+                        differs = M.reference_rerun_differs(subject, params, start, reference)
+                        if differs is not None:
+                            raise CheckFailed(f"{e}; but the reference itself is not reproducible: a second run from the "
+                                              f"same start differs in {differs}, so the reference, not this backend, "
+                                              f"may be the wrong side") from e
                         raise
                     notes = _join(notes, f"MISMATCH vs reference: {e}")
             opt, first = M.start_optimizer(subject, make, params, self.timer.sync)
