@@ -219,3 +219,22 @@ def test_time_rounds_runs_setups_untimed_and_every_callable_each_round():
     assert len(calls) == 2 * 3 * 3
     rounds = [k for kind, k in calls[6:] if kind == "call"]
     assert sorted(rounds[:3]) == sorted(rounds[3:]) == [0, 1, 2] and rounds[:3] != rounds[3:]
+
+
+def test_heavyball_runs_eager_or_compiled_as_the_bench_says_and_restores_its_setting():
+    """HeavyBall compiles its fused functions unless heavyball.utils.compile_mode is None (read at
+    each call): the bench's eager rows set it to None for their calls only."""
+    peer = _available(PEERS_BY_NAME["heavyball.AdamW"])
+    from heavyball import utils
+
+    configured = utils.compile_mode
+    seen = []
+    for compiled in (False, True):
+        p = dataclasses.replace(peer, compiled=compiled)
+        params = [torch.zeros(4, requires_grad=True)]
+        params[0].grad = torch.ones(4)
+        opt = p.make(params)
+        opt.step = lambda **kw: seen.append(utils.compile_mode)
+        p.step(opt)
+        assert utils.compile_mode == configured
+    assert seen == [None, configured] and configured is not None
