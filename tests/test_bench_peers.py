@@ -238,3 +238,23 @@ def test_heavyball_runs_eager_or_compiled_as_the_bench_says_and_restores_its_set
         p.step(opt)
         assert utils.compile_mode == configured
     assert seen == [None, configured] and configured is not None
+
+
+def test_the_shared_gradients_are_back_after_a_peer_that_drops_them():
+    """HeavyBall sets p.grad = None after its step and library peers step gradients of their own:
+    after a subject's rounds the params carry the shared gradients again, for the next subject
+    (the elementwise group steps AdamW, ADOPT, LAMB and SophiaG on the same params)."""
+    from mupopt.bench import cases as C
+    from mupopt.bench.runner import Group, Progress, Runner
+
+    peer = _available(PEERS_BY_NAME["heavyball.AdamW"])
+    runner = Runner(Config(device="cpu", mode="smoke", backends=["reference"], peers=[peer.name]), progress=False)
+    runner.progress = Progress(1, enabled=False)
+    case = C.Case("two", ((64,), (8, 8)))
+    params = C.make_params(case.shapes, torch.float32, CPU)
+    grads = [p.grad for p in params]
+    # The peer alone: the last timed call is its own.
+    runner._subject(SUBJECTS["adamw"], Group("elementwise", case, "fp32", ("adamw",)), params,
+                    cost=M.elementwise_cost("adamw"), peers=[peer], only_peers=True, compile_peer=False)
+    assert [r.status for r in runner.rows] == ["ok"]
+    assert all(p.grad is g for p, g in zip(params, grads))

@@ -482,17 +482,23 @@ class Runner:
         a backend and resets dynamo for as long as it runs)."""
         # Timed steps move the params; every check starts from these values, as the reference did.
         start = [p.detach().clone() for p in params]
+        grads = [p.grad for p in params]
         reference = M.reference_snapshot(subject, params, start)
         slots: list = []  # in row order: a _Contender, or the call that records a skipped/failed row
         pending: list[_Contender] = []
+
+        def time_pending() -> None:
+            self._time(pending)
+            pending.clear()
+            # The last call may have been a peer's, with its own gradients or none (HeavyBall drops them).
+            _attach(params, grads)
 
         def add(slot) -> None:
             slots.append(slot)
             if isinstance(slot, _Contender):
                 pending.append(slot)
                 if self._memory_tight():
-                    self._time(pending)
-                    pending.clear()
+                    time_pending()
 
         for name in [] if only_peers else self._backend_names(subject):
             reason = M.unsupported(subject, name, params)
@@ -505,7 +511,7 @@ class Runner:
         for peer in peers:
             if peer.name in self.peers:
                 add(self._prepare_peer(subject, peer, group, params, start, reference, cost=cost, case_name=case_name))
-        self._time(pending)
+        time_pending()
         for slot in slots:
             slot.record() if isinstance(slot, _Contender) else slot()
         if compile_peer and not only_peers and "compile" in self.peers:
