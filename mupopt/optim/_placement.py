@@ -297,13 +297,13 @@ def check_local(p, block: Block, optimizer: str) -> None:
 
 def mesh_group(mesh, optimizer: str):
     """One process group over every rank of ``mesh``, so that one collective spans all its
-    dims: the default group when the mesh spans the world (no new group), a 1-D mesh's own
-    group, else the mesh flattened to 1-D (DeviceMesh._flatten: private, looked up rather than
+    dims: a 1-D mesh's own group; the default group when an N-D mesh spans the world (no new
+    group); else the mesh flattened to 1-D (DeviceMesh._flatten: private, looked up rather than
     assumed; created once, by every rank of the root mesh as they build their plans together)."""
-    if mesh.size() == dist.get_world_size():
-        return dist.group.WORLD
     if mesh.ndim == 1:
         return mesh.get_group(0)
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
     flatten = getattr(mesh, "_flatten", None)
     if flatten is None or not mesh.mesh_dim_names:
         raise NotImplementedError(
