@@ -1,8 +1,9 @@
-"""What each rank of tests/test_distributed.py runs (gloo on the CPU, world size 2).
+"""What each rank of tests/test_distributed.py (world size 2) and tests/test_distributed_2d.py
+(world size 4, 2-D meshes) runs, gloo on the CPU.
 
 One process group serves every scenario of a test module (starting ranks costs seconds).
 A scenario builds the same small model as the single-process run of the test, places it
-(FSDP2, tensor parallel or DDP), sets muP up in the README order (set_base_shapes before the
+(FSDP2, tensor parallel, both, HSDP or DDP), sets muP up in the README order (set_base_shapes before the
 sharding, optimizer after), steps it, and returns the full parameters (gathered) and what the
 test asks for. Rank 0 saves the results for the test process to compare.
 """
