@@ -820,21 +820,26 @@ def test_a_base_with_extra_layers_raises():
 
 def test_mup_summary_of_plain_parameters_uses_the_model_names(gpt):
     """Given model.parameters() (as Hugging Face's Trainer passes them), mup_summary() names
-    each row as set_base_shapes saw it; the name survives a state_dict round trip, and a record
-    saved before names existed still loads (then a positional label)."""
+    each row as set_base_shapes saw it. After a state_dict round trip the roles come from the
+    saved records; the names from what this process knows (the records keep a name as its
+    CRC-32 only: docs/mup.md), so plain parameters without width information get positions."""
     model, _, infos = gpt
+    names = [n for n, _ in model.named_parameters()]
     opt = mupopt.AdamW(model.parameters())
     rows = _rows(opt.mup_summary())
-    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
-    assert [r[2] for r in rows] == [infos[n].role for n, _ in model.named_parameters()]
+    assert [r[0] for r in rows] == names
+    assert [r[2] for r in rows] == [infos[n].role for n in names]
     info = infos["blocks.0.qkv.weight"]
     assert WidthInfo.from_dict(info.as_dict()).name == "blocks.0.qkv.weight"
-    old = copy.deepcopy(opt.state_dict())
-    for record in old["param_groups"][0]["mup"]:
-        del record["name"]
+    sd = copy.deepcopy(opt.state_dict())
     fresh = mupopt.AdamW(model.parameters())
-    fresh.load_state_dict(old)
-    assert _rows(fresh.mup_summary())[0][0] == "group0.param0"
+    fresh.load_state_dict(sd)
+    assert [r[0] for r in _rows(fresh.mup_summary())] == names
+    blind = mupopt.AdamW([p.detach().clone().requires_grad_() for p in model.parameters()])
+    blind.load_state_dict(sd)
+    rows = _rows(blind.mup_summary())
+    assert rows[0][0] == "group0.param0"
+    assert [r[2] for r in rows] == [infos[n].role for n in names]
 
 
 class _ReadmeGPT(nn.Module):
