@@ -461,6 +461,34 @@ def test_ahead_of_time_command(capsys):
     assert "mupopt cpu library ready" in capsys.readouterr().out
 
 
+def test_built_library_loads_in_every_process_without_building():
+    """Once the library is built, every process of a job loads it from the cache as it is: no
+    compiler, ninja or lock (build.loads records "cached"; torch's JIT build, which each
+    process here is forbidden to call, would record "built"). Two processes at once, as two
+    ranks start."""
+    from mupopt.kernels.cpp import build
+
+    assert build.load_cpu() is True
+    code = textwrap.dedent(
+        """
+        from torch.utils import cpp_extension
+        def forbidden(*args, **kwargs):
+            raise AssertionError("torch's JIT build was called")
+        cpp_extension.load = forbidden
+        from mupopt.kernels.cpp import build
+        assert build.load_cpu() is True, build.load_cpu()
+        print([r["how"] for r in build.loads])
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0 and out.strip() == "['cached']", err[-2000:]
+
+
 def test_import_and_register_build_nothing(tmp_path):
     res = _python(
         """
