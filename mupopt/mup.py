@@ -561,6 +561,7 @@ def set_base_shapes(
     delta: nn.Module | Mapping[str, Iterable[int]] | None = None,
     base_widths: Mapping[int, int] | None = None,
     overrides: Mapping[str, "str | WidthInfo"] | None = None,
+    partial: bool = False,
 ) -> dict[str, WidthInfo]:
     """Give every parameter of ``model`` its muP width information; return it by name.
 
@@ -585,7 +586,8 @@ def set_base_shapes(
     Names are matched without the path components wrappers insert (:func:`canonical_name`:
     activation checkpointing's ``_checkpoint_wrapped_module``, ``_orig_mod``, DDP's ``module.``),
     so base shapes recorded from a plain model serve its wrapped, sharded form too (a DTensor's
-    ``shape`` is the global one).
+    ``shape`` is the global one). ``partial=True``: ``model`` is a part of the model the base
+    was recorded from (a pipeline stage), so base entries it lacks are no error.
     """
     if base is not None and base_widths is not None:
         raise MupError("pass either base= or base_widths=, not both")
@@ -614,7 +616,7 @@ def set_base_shapes(
         names_of.setdefault(id(p), []).append(name)
         params[id(p)] = p
     for other, what in ((base_shapes, "base model"), (delta_shapes, "delta model"), (record, "recorded base shapes")):
-        if other is not None:
+        if other is not None and not partial:
             _check_same_names({canonical_name(n) for n in owners}, other, what)
     # Which fix the "nothing scales" error shows: at the base width, the one-line delta= fix.
     hint = None
@@ -658,7 +660,7 @@ def set_base_shapes(
         setattr(p, WIDTH_ATTR, info)
     _MODELS.add(model)
     unused = set(overrides) - used_patterns
-    if unused:
+    if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
     return result
 

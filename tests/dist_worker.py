@@ -302,6 +302,38 @@ def scenario_zero_mismatch(spec: dict) -> dict:
     return {"error": None}
 
 
+def scenario_torchtitan(spec: dict) -> dict:
+    """torchtitan's optimizer container (mupopt.integrations.torchtitan) built after FSDP2, as
+    torchtitan builds it: width information from the base-shapes file by name, of the global
+    shapes; fed steps; the multipliers, parameters and records of the flattened state_dict."""
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    from mupopt.integrations.torchtitan import MupOptimizersContainer
+
+    model = make_model(mup=False)
+    place(model, "fsdp")
+    cls, kwargs = optimizer_args(spec["optimizer"], "auto")
+    kwargs.pop("backend")
+    config = MupOptimizersContainer.Config(
+        param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name=f"mupopt.{cls.__name__}", optimizer_kwargs=kwargs)],
+        base_shapes=spec["bsh"],
+    )
+    container = config.build(model_parts=[model])
+    (opt,) = container.optimizers
+    out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
+    for t in range(STEPS):
+        feed_grads(model, t)
+        if spec["optimizer"] == "sophia":
+            if t % 3 == 0:
+                opt.update_hessian()
+            opt.step(bs=64)
+        else:
+            container.step()
+    out["params"] = full_params(model)
+    out["records"] = {k: v for k, v in container.state_dict().items() if ".mup." in k}
+    return out
+
+
 def scenario_error(spec: dict) -> dict:
     """Something that must raise: the message."""
     model = make_model()
@@ -316,7 +348,8 @@ def scenario_error(spec: dict) -> dict:
 
 
 SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "error": scenario_error,
-             "zero": scenario_zero, "zero_mismatch": scenario_zero_mismatch}
+             "zero": scenario_zero, "zero_mismatch": scenario_zero_mismatch,
+             "torchtitan": scenario_torchtitan}
 
 
 def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:

@@ -795,6 +795,42 @@ def test_recorded_base_shapes_read_microsoft_mup_bsh(tmp_path):
     assert as_tuples(got) == as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides=POS))
 
 
+def test_recorded_base_shapes_match_names_through_wrappers(tmp_path):
+    """Base shapes recorded from the plain model name the parameters of its wrapped form:
+    activation checkpointing's _checkpoint_wrapped_module and DDP's leading module. are not
+    part of a name (what frameworks such as torchtitan build the optimizer over)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    path = tmp_path / "gpt.bsh"
+    mupopt.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), path)
+    want = as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), path, overrides=POS))
+    model = TinyGPT(WIDTH)
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    wrapped = nn.Module()
+    wrapped.module = model  # DataParallel's naming
+    got = mupopt.set_base_shapes(wrapped, path, overrides=POS)
+    assert any("_checkpoint_wrapped_module" in n for n in got)
+    assert {mupopt.mup.canonical_name(n): v for n, v in as_tuples(got).items()} == want
+
+
+def test_a_part_of_the_model_takes_its_part_of_the_base_shapes(tmp_path):
+    """partial=True (a pipeline stage): base entries the part lacks are no error, its own
+    parameters are matched as in the whole model; without it they are refused, and a parameter
+    the base does not name raises naming it in either case."""
+    path = tmp_path / "gpt.bsh"
+    mupopt.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), path)
+    whole = mupopt.set_base_shapes(TinyGPT(WIDTH), path, overrides=POS)
+    stage = nn.Module()
+    stage.blocks = TinyGPT(WIDTH).blocks
+    with pytest.raises(mupopt.MupError, match="recorded base shapes has .* parameter"):
+        mupopt.set_base_shapes(stage, path)
+    got = mupopt.set_base_shapes(stage, path, overrides=POS, partial=True)
+    assert as_tuples(got) == {n: v for n, v in as_tuples(whole).items() if n.startswith("blocks.")}
+    stage.extra = nn.Linear(WIDTH, WIDTH)
+    with pytest.raises(mupopt.MupError, match="'extra.weight' is missing from the recorded base shapes"):
+        mupopt.set_base_shapes(stage, path, partial=True)
+
+
 def test_an_int_as_base_is_a_type_error_naming_base_widths():
     with pytest.raises(TypeError, match=r"base_widths=\{<width>: 16\}"):
         mupopt.set_base_shapes(MLP(64), 16)
