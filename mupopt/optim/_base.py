@@ -561,7 +561,7 @@ class MupOptimizer(Optimizer):
                 record = st.get(RECORD_KEY) if isinstance(st, dict) else None
                 # Nothing but the record, or entries left empty (DCP's flattened layout gives an
                 # entry it did not find as {}): the saved entries did not load.
-                if record is not None and all(isinstance(v, dict) and not v for k, v in st.items() if k != RECORD_KEY):
+                if record is not None and all(isinstance(v, dict) and not v for key, v in st.items() if key != RECORD_KEY):
                     raise MupError(
                         f"the state of parameter {self._label(p)} holds its muP width record and nothing else: its "
                         f"other entries were not loaded. DCP's flattened layout (flatten_optimizer_state_dict=True, "
