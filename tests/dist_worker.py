@@ -92,23 +92,28 @@ def grad_for(step: int, name: str, shape) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * 0.1
 
 
-def make_optimizer(name: str, params, backend: str):
+def optimizer_args(name: str, backend: str = "auto"):
+    """(class, keyword arguments) of each optimizer as the distributed tests configure it."""
     import mupopt
 
-    if name == "adamw":
-        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
-    if name == "adopt":
-        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, backend=backend)
-    if name == "lamb":
-        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, backend=backend)
-    if name == "sophia":
-        return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, backend=backend)
-    if name == "muon":
-        return mupopt.Muon(params, lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2, backend=backend)
-    if name == "shampoo":
-        return mupopt.Shampoo(params, lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
-                              grafting="adam", backend=backend)
-    raise ValueError(name)
+    table = {
+        "adamw": (mupopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+        "adopt": (mupopt.ADOPT, dict(lr=1e-2, weight_decay=0.1)),
+        "lamb": (mupopt.LAMB, dict(lr=1e-2, weight_decay=0.1)),
+        "sophia": (mupopt.SophiaG, dict(lr=1e-2, weight_decay=0.1, rho=0.04)),
+        "muon": (mupopt.Muon, dict(lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2)),
+        "shampoo": (mupopt.Shampoo, dict(lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
+                                         grafting="adam")),
+    }
+    if name not in table:
+        raise ValueError(name)
+    cls, kwargs = table[name]
+    return cls, {**kwargs, "backend": backend}
+
+
+def make_optimizer(name: str, params, backend: str):
+    cls, kwargs = optimizer_args(name, backend)
+    return cls(params, **kwargs)
 
 
 def feed_grads(model: nn.Module, step: int) -> None:
@@ -380,9 +385,115 @@ def scenario_refuse(spec: dict) -> dict:
     return out
 
 
+def zero_step(opt, name: str, step: int) -> None:
+    """One step of a ZeroRedundancyOptimizer: SophiaG's Hessian update runs on the local
+    optimizer (the rank's own parameters), then ZeRO steps it and broadcasts the parameters."""
+    if name == "sophia":
+        if step % 3 == 0:
+            opt.optim.update_hessian()
+        opt.step(bs=64)
+    else:
+        opt.step()
+
+
+def scenario_zero(spec: dict) -> dict:
+    """torch.distributed.optim.ZeroRedundancyOptimizer over a mupopt class: 5 fed steps,
+    consolidate_state_dict, rank 0 saves (torch.save), every rank loads it into a fresh model and
+    ZeRO optimizer (without width information unless spec["mup_at_resume"]: the records must come
+    from the checkpoint) and continues 5 steps."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    name, path = spec["optimizer"], spec["path"]
+    cls, kwargs = optimizer_args(name, spec["backend"])
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+    for t in range(5):
+        feed_grads(model, t)
+        zero_step(opt, name, t)
+    opt.consolidate_state_dict(to=0)
+    if dist.get_rank() == 0:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    model2 = make_model(seed=1, mup=spec.get("mup_at_resume", False))
+    ckpt = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True)["optim"]  # ZeRO's load_state_dict edits the dict it gets
+    model2.load_state_dict(ckpt["model"])
+    opt2 = ZeroRedundancyOptimizer(model2.parameters(), optimizer_class=cls, **kwargs)
+    opt2.load_state_dict(ckpt["optim"])
+    for t in range(5, STEPS):
+        feed_grads(model2, t)
+        zero_step(opt2, name, t)
+    return {"params": full_params(model2), "saved": saved}
+
+
+def scenario_zero_mismatch(spec: dict) -> dict:
+    """A ZeRO checkpoint whose records were moved onto other parameters (one on each rank's
+    partition, so both ranks fail alike): the first step after the load raises, naming the
+    parameter. The error message of this rank."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls, kwargs = optimizer_args(spec["optimizer"], "auto")
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+    feed_grads(model, 0)
+    zero_step(opt, spec["optimizer"], 0)
+    opt.consolidate_state_dict(to=0)
+    if dist.get_rank() == 0:
+        sd = opt.state_dict()
+        index = {id(p): i for i, p in enumerate(model.parameters())}
+        by_name = dict(model.named_parameters())
+        for part in opt._partition_parameters():  # each rank's first (a matrix) gets norm.weight's record
+            first = part[0]["params"][0]
+            sd["state"][index[id(first)]]["mup"] = dict(sd["state"][index[id(by_name["norm.weight"])]]["mup"])
+        torch.save(sd, spec["path"])
+    dist.barrier()
+    model2 = make_model(seed=1)  # with width information: the message names the parameter
+    opt2 = ZeroRedundancyOptimizer(model2.parameters(), optimizer_class=cls, **kwargs)
+    opt2.load_state_dict(torch.load(spec["path"], weights_only=True))
+    feed_grads(model2, 1)
+    try:
+        zero_step(opt2, spec["optimizer"], 1)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(exc).__name__}: {exc}", "names": [n for n, _ in model.named_parameters()]}
+    return {"error": None}
+
+
+def scenario_torchtitan(spec: dict) -> dict:
+    """torchtitan's optimizer container (mupopt.integrations.torchtitan) built after FSDP2, as
+    torchtitan builds it: width information from the base-shapes file by name, of the global
+    shapes; fed steps; the multipliers, parameters and records of the flattened state_dict."""
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    from mupopt.integrations.torchtitan import MupOptimizersContainer
+
+    model = make_model(mup=False)
+    place(model, "fsdp")
+    cls, kwargs = optimizer_args(spec["optimizer"], "auto")
+    kwargs.pop("backend")
+    config = MupOptimizersContainer.Config(
+        param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name=f"mupopt.{cls.__name__}", optimizer_kwargs=kwargs)],
+        base_shapes=spec["bsh"],
+    )
+    container = config.build(model_parts=[model])
+    (opt,) = container.optimizers
+    out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
+    for t in range(STEPS):
+        feed_grads(model, t)
+        if spec["optimizer"] == "sophia":
+            if t % 3 == 0:
+                opt.update_hessian()
+            opt.step(bs=64)
+        else:
+            container.step()
+    out["params"] = full_params(model)
+    out["records"] = {k: v for k, v in container.state_dict().items() if ".mup." in k}
+    return out
+
+
 SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
              "dcp_resume": scenario_dcp_resume, "geometry": scenario_geometry, "orthogonalize": scenario_orthogonalize,
-             "refuse": scenario_refuse}
+             "refuse": scenario_refuse,
+             "zero": scenario_zero, "zero_mismatch": scenario_zero_mismatch, "torchtitan": scenario_torchtitan}
 
 
 def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:

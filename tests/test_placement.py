@@ -114,7 +114,7 @@ def test_clear_base_shapes_forgets_the_records():
     mupopt.clear_base_shapes(model)
     model[0].weight = nn.Parameter(model[0].weight.detach().clone())
     opt = mupopt.AdamW(model.parameters())
-    assert opt.param_groups[0]["mup"] == [None, None]
+    assert opt.width_infos(opt.param_groups[0]) == [None, None]
 
 
 @pytest.fixture(scope="module")

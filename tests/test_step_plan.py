@@ -14,6 +14,7 @@ from torch import nn
 
 import mupopt
 from mupopt import backends
+from mupopt.mup import WidthInfo, width_record
 
 
 def params(seed=0, shapes=((4, 3), (3,), (2, 5))):
@@ -67,9 +68,12 @@ def test_a_real_change_rebuilds_the_plan_and_the_result_follows_it(change, monke
             pass  # below: one param without a gradient
         elif change == "wd_mode":
             o.param_groups[0]["wd_mode"] = "coupled"
-        elif change == "mup":
-            o.param_groups[0]["mup"] = [{"role": "hidden", "m_in": 2.0, "m_out": 2.0} if p.ndim == 2 else
-                                       {"role": "vector", "m_in": 1.0, "m_out": 1.0} for p in o.param_groups[0]["params"]]
+        elif change == "mup":  # new width records, loaded with the state (where they live)
+            sd = o.state_dict()
+            for pid, p in zip(sd["param_groups"][0]["params"], o.param_groups[0]["params"]):
+                info = WidthInfo("hidden", 2.0, 2.0) if p.ndim == 2 else WidthInfo("vector", 1.0, 1.0)
+                sd["state"][pid]["mup"] = width_record(info, p.shape)
+            o.load_state_dict(sd)
     if change == "env":
         monkeypatch.setenv(backends.ENV_VAR, "reference")
     for o, xs in ((opt, ps), (ref, qs)):

@@ -22,6 +22,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton_mode
+from models import tensor_state
 
 with triton_mode.defining_kernels():
     import mupopt
@@ -352,7 +353,7 @@ def test_optimizer_class_backend_triton(name, dtype, device):
     tol = tolerance(dtype, dtype)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.detach().float(), b.detach().float(), **tol)
-        for key, value in r.state[b].items():
+        for key, value in tensor_state(r.state[b]).items():
             torch.testing.assert_close(o.state[a][key].float(), value.float(), **tol)
 
 

@@ -1,4 +1,4 @@
-"""What every mupopt optimizer shares: muP records in the param groups, validation, the step loop.
+"""What every mupopt optimizer shares: muP records in the states, validation, the step loop.
 
 A subclass declares its rule name (a key of :data:`mupopt.mup.LR_EXPONENTS` and of the backend
 registry), validates its hyperparameters, creates its state lazily and turns a group into a frozen
@@ -55,8 +55,8 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
-                   format_table, decay_rule, WD_MODES)
+from ..mup import (RECORD_KEY, MupError, Multipliers, WidthInfo, copy_record, decay_rule, format_table, multipliers,
+                   name_in_models, old_record, read_record, recover_width_infos, width_info, width_record, WD_MODES)
 from ._placement import (ELEMENTWISE, check_placements, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
                          same_layout, viewed_like)
 
@@ -167,12 +167,13 @@ class GroupPlan:
 
     Built by :meth:`MupOptimizer._plan` and reused while its key holds. The key covers: the group
     dict and its params list (add_param_group, load_state_dict and in-place edits of the list), the
-    optimizer's state mapping (load_state_dict replaces it; entries created or removed), the muP
-    records, the group options that enter multipliers or routing (``_plan_options``), the
-    requested backend and ``MUPOPT_BACKEND``, which params have a gradient, and the storage of
-    every param (``data_ptr`` of the local tensor: ``p.data = ...``, ``model.to(...)``). A change
-    of hyperparameters (lr, betas, ...) is read at every step and needs no new plan. Not
-    noticed: a state tensor replaced by hand inside an existing state dict.
+    optimizer's state mapping (load_state_dict replaces it, with the muP records in it; entries
+    created or removed), a group list of records put in by a framework (refused), the group
+    options that enter multipliers or routing (``_plan_options``), the requested backend and
+    ``MUPOPT_BACKEND``, which params have a gradient, and the storage of every param
+    (``data_ptr`` of the local tensor: ``p.data = ...``, ``model.to(...)``). A change of
+    hyperparameters (lr, betas, ...) is read at every step and needs no new plan. Not noticed: a
+    state tensor or record replaced by hand inside an existing state dict.
     """
 
     __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_len")
@@ -279,11 +280,14 @@ class MupOptimizer(Optimizer):
     # wrapper (a closure over the original optimizer) and its ``_opt_called``, GradScaler's
     # per-step found_inf / grad_scale, and private caches named "_plan..." (derived from the
     # param groups; rebuilt when next needed).
-    _PICKLED: ClassVar[tuple[str, ...]] = ("backend",)
+    _PICKLED: ClassVar[tuple[str, ...]] = ("backend", "_widths")
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
         self.backend = backend
+        # Each parameter's width record as add_param_group took it, and its name (or None):
+        # {param: (record, name)}. The record in a parameter's state wins over this one (_width_of).
+        self._widths: dict[torch.Tensor, tuple[dict, str | None]] = {}
         defaults.setdefault("wd_mode", "independent")
         defaults.setdefault("scale_eps", False)
         self._check_group(defaults)
@@ -322,29 +326,77 @@ class MupOptimizer(Optimizer):
             # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
             # their width info back by module and name (mupopt.mup.recover_width_infos).
             recover_width_infos(group["params"])
-            # Width info travels in the group (and so in the state_dict): one record per param.
-            group["mup"] = [None if (w := width_info(p)) is None else w.as_dict() for p in group["params"]]
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                info = width_info(p)
+                name = info.name if info is not None and info.name else (names[i] if names else None)
+                self._widths[p] = (width_record(info, p.shape, name), name)
             self._check_width_consistency()
         except Exception:
-            self.param_groups.pop()
+            for p in self.param_groups.pop()["params"]:
+                self._widths.pop(p, None)
             raise
 
-    def _check_width_consistency(self) -> None:
-        """All params carry width info, or none: a mix means muP was set up on part of a model."""
-        records = [(g, i) for g in self.param_groups for i in range(len(g["params"]))]
-        have = [g["mup"][i] is not None for g, i in records]
+    # A parameter's width record (mupopt.mup.width_record) lives in its optimizer state, which
+    # every checkpoint layout keys by the parameter, so no framework can attach it to another
+    # one (docs/mup.md, "Width records in checkpoints"). Before a parameter's state exists, the
+    # record add_param_group took (or load_state_dict loaded) stands in (self._widths).
+    def _width_of(self, p: torch.Tensor) -> WidthInfo | None:
+        """p's width info: the record in its state, else the one add_param_group took; a record
+        that does not fit p (global shape, name) raises MupError naming p."""
+        record, name = self._own(p)
+        st = self.state.get(p)
+        if st and st.get(RECORD_KEY):
+            record = st[RECORD_KEY]
+        # Read once per record object (Muon's routing asks at every step): a record changes by
+        # load_state_dict (which drops this cache with the plans) or a new state, not in place.
+        cache = self.__dict__.setdefault("_plan_widths", {})
+        hit = cache.get(p)
+        if hit is not None and hit[0] is record:
+            return hit[1]
+        info = read_record(record, tuple(p.shape), name, lambda: self._label(p))
+        cache[p] = (record, info)
+        return info
+
+    def _own(self, p: torch.Tensor) -> tuple[dict, str | None]:
+        """(record, name) add_param_group took for p; for a param put into group["params"] by
+        hand, what add_param_group would have taken."""
+        own = self._widths.get(p)
+        if own is None:
+            own = self._widths[p] = (width_record(width_info(p), p.shape), None)
+        return own
+
+    def _label(self, p: torch.Tensor) -> str:
+        """p as messages name it: its name (param_names, set_base_shapes), else its shape."""
+        name = self._own(p)[1] or name_in_models(p)
+        if name:
+            return repr(name)
+        where = next((f"{i} of param group {g}" for g, group in enumerate(self.param_groups)
+                      for i, q in enumerate(group["params"]) if q is p), None)
+        return f"{where} (shape {tuple(p.shape)})" if where else f"of shape {tuple(p.shape)}"
+
+    def _check_width_consistency(self, infos: dict | None = None) -> None:
+        """All params carry width info, or none: a mix means muP was set up on part of a model.
+        ``infos``: {param: WidthInfo or None} to check instead of the current records."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        have = [(infos[p] if infos is not None else self._width_of(p)) is not None for p in params]
         if any(have) and not all(have):
-            g, i = records[have.index(False)]
-            names = g.get("param_names")
-            name = names[i] if names else name_in_models(g["params"][i])
-            label = repr(name) if name else f"of shape {tuple(g['params'][i].shape)}"
             raise MupError(
-                f"parameter {label} has no muP width information while others have: call "
-                f"mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
+                f"parameter {self._label(params[have.index(False)])} has no muP width information while others "
+                f"have: call mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
             )
 
     def width_infos(self, group: dict) -> list[WidthInfo | None]:
-        return [None if r is None else WidthInfo.from_dict(r) for r in group["mup"]]
+        """The width info of each parameter of ``group`` (None: no muP for it)."""
+        if "mup" in group:
+            raise MupError(
+                "a param group carries a list of muP records ('mup'), the form mupopt saved before it kept each "
+                "record in its parameter's state, put there without mupopt's load_state_dict (which converts it): "
+                "torch.distributed.optim.ZeroRedundancyOptimizer copies one rank's list to every rank, so its "
+                "records cannot be matched to parameters. Delete the key from the checkpoint's param_groups and set "
+                "width information up with mupopt.set_base_shapes (or a .bsh file) before resuming."
+            )
+        return [self._width_of(p) for p in group["params"]]
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         options = self._rule_options(group)
@@ -382,8 +434,16 @@ class MupOptimizer(Optimizer):
             del self.__dict__[k]
         super().__setstate__(state)
         # An optimizer pickled by a mupopt without __getstate__ (torch's: no backend) loads with
-        # the default backend.
+        # the default backend; one pickled before the records moved into the states has them
+        # in group["mup"] lists.
         self.__dict__.setdefault("backend", "auto")
+        if "_widths" not in self.__dict__:
+            self._widths = {}
+            for group in self.param_groups:
+                names = group.get("param_names") or [None] * len(group["params"])
+                records = group.pop("mup", [None] * len(group["params"]))
+                for p, record, name in zip(group["params"], records, names):
+                    self._widths[p] = (old_record(record, p.shape), name or (record or {}).get("name"))
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
@@ -396,11 +456,37 @@ class MupOptimizer(Optimizer):
                     st["step"] = _step_tensor(st["step"], p.device if group.get("capturable", False) else "cpu")
 
     # -- state_dict ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's state_dict, every parameter's width record in its state entry (key "mup",
+        mupopt.mup.width_record). A parameter with muP width information and no state yet (not
+        stepped) is saved with its initial state, what its first step would create (zeros, step
+        0): a record needs a state entry, and a state holding only a record would not load into
+        torch.optim (it takes any non-empty state as created). So such a state_dict costs the
+        memory of those parameters' states, as torch's distributed checkpointing (which steps
+        once with lr 0 to create every state) does."""
+        for group in self.param_groups:  # states created elsewhere (ZeRO, torch.optim) lack it
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and not st.get(RECORD_KEY):
+                    st[RECORD_KEY] = copy_record(self._own(p)[0])
+        sd = super().state_dict()
+        initial, index = {}, 0  # torch numbers the params in group order
+        for group in self.param_groups:
+            for p in group["params"]:
+                record = self._own(p)[0]
+                if not self.state.get(p) and record["role"] != 0:
+                    initial[index] = {**self._init_state(p, group), RECORD_KEY: copy_record(record)}
+                index += 1
+        return {**sd, "state": {**sd["state"], **initial}} if initial else sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this class or of its torch counterpart.
 
-        Group keys the saved dict lacks (a torch.optim.AdamW state_dict has no muP records) keep
-        this optimizer's current values; saved muP records win, so a resume needs no base model.
+        Group keys the saved dict lacks keep this optimizer's current values. Width records: the
+        record saved in a parameter's state wins, so a resume needs no base model; it must fit the
+        parameter it lands on (global shape, and name where both are known), else MupError names
+        the parameter. A state without one (torch.optim's) keeps this optimizer's record. A
+        state_dict of mupopt's first format (records as ``group["mup"]`` lists) is converted.
         A different number of param groups, or of params in a group, raises ValueError naming
         both counts. Step counts of any type (int, float, int64 or float64 tensor) load as
         float32 tensors. Entries of ``_state_dtypes`` (Shampoo's L, R and roots) are not cast
@@ -431,6 +517,7 @@ class MupOptimizer(Optimizer):
                 f"optimizer's group: group {i} has {len(saved['params'])} params in the state dict, "
                 f"{len(current['params'])} in this optimizer",
             )
+        state_dict, loaded = self._load_records(state_dict)
         if self._state_dtypes:
             kept = {}
             for pid, st in state_dict["state"].items():
@@ -438,15 +525,11 @@ class MupOptimizer(Optimizer):
                     kept[pid] = {k: _KeepDtype(v, self._state_dtypes[k]) if k in self._state_dtypes else v for k, v in st.items()}
             if kept:
                 state_dict = {**state_dict, "state": {**state_dict["state"], **kept}}
-        groups = [dict(g) for g in saved_groups]
+        groups = [{k: v for k, v in g.items() if k != "mup"} for g in saved_groups]
         for saved, current in zip(groups, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):
                     saved.setdefault(key, value)
-            check(len(saved["mup"]) == len(saved["params"]), "state_dict: muP records do not match the params")
-            for record in saved["mup"]:
-                if record is not None:
-                    WidthInfo.from_dict(record)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
         # The pre-hooks have run: torch's load_state_dict must not run them a second time.
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
@@ -455,7 +538,47 @@ class MupOptimizer(Optimizer):
             super().load_state_dict({**state_dict, "param_groups": groups})
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
+        for p, record in loaded.items():  # old-format records of params saved without a state
+            self._widths[p] = (record, self._own(p)[1])
+        for p, st in self.state.items():  # states saved without a record (torch.optim) keep ours
+            if isinstance(st, dict) and st and not st.get(RECORD_KEY):
+                st[RECORD_KEY] = copy_record(self._own(p)[0])
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
+
+    def _load_records(self, state_dict: dict) -> tuple[dict, dict]:
+        """load_state_dict's width records, checked before anything is written: each saved
+        record must fit the parameter it lands on, and all parameters must end up with width
+        information or none. Records of mupopt's first format (``group["mup"]``, one per position)
+        move into the states. Returns the state_dict to load and {param: record} of old-format
+        records whose params were saved without a state."""
+        state, loaded, infos = dict(state_dict["state"]), {}, {}
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            old = saved.get("mup")
+            check(old is None or len(old) == len(saved["params"]),
+                  f"state_dict: {len(old or ())} muP records for {len(saved['params'])} params in a group")
+            for k, (pid, p) in enumerate(zip(saved["params"], current["params"])):
+                st = state.get(pid)
+                record = st.get(RECORD_KEY) if isinstance(st, dict) else None
+                # Nothing but the record, or entries left empty (DCP's flattened layout gives an
+                # entry it did not find as {}): the saved entries did not load.
+                if record is not None and all(isinstance(v, dict) and not v for key, v in st.items() if key != RECORD_KEY):
+                    raise MupError(
+                        f"the state of parameter {self._label(p)} holds its muP width record and nothing else: its "
+                        f"other entries were not loaded. DCP's flattened layout (flatten_optimizer_state_dict=True, "
+                        f"torchtitan's) loads only the entries this optimizer's state already has, and Muon's state "
+                        f"depends on its routing, which follows the width records: resume Muon with the width "
+                        f"information of the run that saved it (set_base_shapes, base shapes) or an explicit use_muon"
+                    )
+                if old is not None and not record:
+                    record = old_record(old[k], p.shape)
+                    if st:
+                        state[pid] = {**st, RECORD_KEY: record}
+                    else:
+                        loaded[p] = record
+                own, name = self._own(p)
+                infos[p] = read_record(record or own, tuple(p.shape), name, lambda p=p: self._label(p))
+        self._check_width_consistency(infos)
+        return {**state_dict, "state": state}, loaded
 
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:
@@ -483,7 +606,7 @@ class MupOptimizer(Optimizer):
             return self._build_plan(group, kernel, None, stepped, grads)
         cache = self.__dict__.setdefault("_plan_cache", {})
         key = (
-            kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), id(group.get("mup")),
+            kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), "mup" in group,
             self._plan_options(group), bool(group.get("capturable", False)), self.backend,
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
@@ -527,7 +650,7 @@ class MupOptimizer(Optimizer):
                 seg.own_grads = not distributed and seg.viewed is None
                 seg.grad_layout = [(grad_views[k].dtype, grad_views[k].is_contiguous()) for k in chosen]
                 segments.append(seg)
-        refs = (group, group["params"], self.state, group.get("mup"))
+        refs = (group, group["params"], self.state)
         return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
 
     def _select(self, kernel: str, params: list, grads: list, global_params: list, originals: list,
@@ -633,6 +756,7 @@ class MupOptimizer(Optimizer):
         for p in plan.params:
             if len(self.state[p]) == 0:
                 self.state[p].update(self._init_state(p, group))
+                self.state[p][RECORD_KEY] = copy_record(self._own(p)[0])
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:

@@ -247,10 +247,10 @@ class Muon(MupOptimizer):
     def _uses_muon(self, group: dict, i: int) -> bool:
         if group["use_muon"] is not None:
             return group["use_muon"]
-        record = group.get("mup", [None] * len(group["params"]))[i] if "mup" in group else None
-        if record is None:
+        info = self._width_of(group["params"][i])
+        if info is None:
             return group["params"][i].ndim >= 2
-        return record["role"] == "hidden"
+        return info.role == "hidden"
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         """AdamW's multipliers for the AdamW part; for Muon matrices the muP lr multiplier times
