@@ -43,12 +43,13 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import operator
 import os
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -137,6 +138,135 @@ def unscale_(grads: list, inv_grad_scale: torch.Tensor) -> None:
         torch._foreach_mul_(gs, inv_grad_scale.to(device))
 
 
+class _State(dict):
+    """One parameter's state dict in ``opt.state``: a plain dict that counts its changes.
+
+    A step plan keeps what it derived from the states (the dicts each backend call gets, a C++
+    bound step holding their tensors), so it must learn of any change a user makes between steps:
+    ``opt.state[p] = {}`` or ``del opt.state[p]`` (a reset after a loss spike), ``.clear()``, a
+    tensor replaced (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``). Re-reading every state
+    at every step costs more than the whole step of the fast backends on many small tensors
+    (about 180 us for 1000 tensors of 3 entries, measured: dict lookups through
+    ``Tensor.__hash__`` and an identity compare of every value), so every mutating method here
+    and in :class:`_StateMap` bumps one counter, ``_State.version``, and a plan whose states were
+    all seen at the current version is current at the cost of one integer compare. Assigning a
+    value that is already there (``st["step"] += 1`` on a step tensor) is not a change.
+
+    A plain dict a user puts into ``opt.state`` stays what it is (same object, as torch); the
+    plans that hold one compare the states themselves at every step (``_state_snapshot``)."""
+
+    __slots__ = ()
+    version: ClassVar[int] = 0
+
+    def __setitem__(self, key, value):
+        if dict.get(self, key, _ABSENT) is not value:
+            _State.version += 1
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        _State.version += 1
+        dict.__delitem__(self, key)
+
+    def clear(self):
+        _State.version += 1
+        dict.clear(self)
+
+    def pop(self, *args):
+        _State.version += 1
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        _State.version += 1
+        return dict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            _State.version += 1
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        _State.version += 1
+        dict.update(self, *args, **kwargs)
+
+    def __ior__(self, other):
+        _State.version += 1
+        return dict.__ior__(self, other)
+
+
+class _StateMap(defaultdict):
+    """``opt.state`` of a mupopt optimizer: torch's ``defaultdict(dict)`` whose entries are
+    :class:`_State` and whose own changes (an entry set, replaced or deleted) bump the same
+    counter. ``state_dict()`` hands out plain dicts (MupOptimizer.state_dict)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        if dict.get(self, key, _ABSENT) is not value:
+            _State.version += 1
+        defaultdict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        _State.version += 1
+        defaultdict.__delitem__(self, key)
+
+    def clear(self):
+        _State.version += 1
+        defaultdict.clear(self)
+
+    def pop(self, *args):
+        _State.version += 1
+        return defaultdict.pop(self, *args)
+
+    def popitem(self):
+        _State.version += 1
+        return defaultdict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            _State.version += 1
+        return defaultdict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        _State.version += 1
+        defaultdict.update(self, *args, **kwargs)
+
+    def __ior__(self, other):
+        _State.version += 1
+        return defaultdict.__ior__(self, other)
+
+
+_ABSENT = object()
+
+
+def _tracked(state) -> _StateMap:
+    """``state`` (torch's defaultdict of plain dicts, from __init__, load_state_dict or an
+    unpickled optimizer) as a :class:`_StateMap` of :class:`_State` entries; values that are not
+    plain dicts (a load_state_dict post-hook's flags) are kept as they are."""
+    if type(state) is _StateMap and all(type(v) is not dict for v in state.values()):
+        return state
+    out = _StateMap(_State)
+    for k, v in state.items():
+        dict.__setitem__(out, k, _State(v) if type(v) is dict else v)
+    _State.version += 1
+    return out
+
+
+def _state_snapshot(state, params: list) -> tuple:
+    """What a plan derived from the states of ``params``: each state dict, its size and its
+    values, compared by identity (:func:`_same`). Absent entries are None (``state.get``: no
+    entry is created, as a step skipped by GradScaler creates none)."""
+    dicts = list(map(state.get, params))
+    values = [v for st in dicts if st for v in st.values()]
+    return dicts, [len(st) if st is not None else -1 for st in dicts], values
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Two snapshots hold the same objects (identity: a state tensor replaced by an equal one is
+    a change; ``==`` on tensors would compare values)."""
+    return (a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(operator.is_, a[0], b[0]))
+            and all(map(operator.is_, a[2], b[2])))
+
+
 class Segment:
     """One backend call of a param group's step: a registry name (kernel), the backend chosen for
     it and the tensors it steps, as the backend sees them (local shards of DTensors)."""
@@ -167,15 +297,20 @@ class GroupPlan:
 
     Built by :meth:`MupOptimizer._plan` and reused while its key holds. The key covers: the group
     dict and its params list (add_param_group, load_state_dict and in-place edits of the list), the
-    optimizer's state mapping (load_state_dict replaces it; entries created or removed), the muP
+    optimizer's state mapping (load_state_dict or a user replaces it), the muP
     records, the group options that enter multipliers or routing (``_plan_options``), the
     requested backend and ``MUPOPT_BACKEND``, which params have a gradient, and the storage of
     every param (``data_ptr`` of the local tensor: ``p.data = ...``, ``model.to(...)``). A change
-    of hyperparameters (lr, betas, ...) is read at every step and needs no new plan. Not
-    noticed: a state tensor replaced by hand inside an existing state dict.
+    of hyperparameters (lr, betas, ...) is read at every step and needs no new plan. Any change
+    of the state between steps (an entry created, set, cleared or deleted, a state tensor
+    replaced) is found by comparing the states with what the plan took from them
+    (``state_snapshot``; one integer compare while they are all :class:`_State`:
+    ``state_version``) and gives a new plan, so the step uses the state as it is now, as
+    torch.optim, which reads the state at every step.
     """
 
-    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_len")
+    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_snapshot",
+                 "state_version")
 
     def __init__(self, key, refs, params, locals_, stepped, segments, distributed):
         self.key = key
@@ -186,7 +321,10 @@ class GroupPlan:
         self.stepped = stepped  # their positions in group["params"]
         self.segments = segments
         self.distributed = distributed
-        self.state_len = -1
+        # The states the segments were given (_create_state): their snapshot, and _State.version
+        # then when every one of them is a _State (else None: compared at every step).
+        self.state_snapshot: tuple | None = None
+        self.state_version: int | None = None
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -281,6 +419,11 @@ class MupOptimizer(Optimizer):
     # param groups; rebuilt when next needed).
     _PICKLED: ClassVar[tuple[str, ...]] = ("backend",)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__:  # an optimizer of its own (not a user's subclass of one)
+            _OPTIMIZER_CLASSES.append(cls)
+
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
         self.backend = backend
@@ -288,6 +431,7 @@ class MupOptimizer(Optimizer):
         defaults.setdefault("scale_eps", False)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self.state = _tracked(self.state)
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _check_hparams(self, group: dict) -> None:
@@ -381,6 +525,7 @@ class MupOptimizer(Optimizer):
         for k in [k for k in self.__dict__ if k.startswith("_plan")]:
             del self.__dict__[k]
         super().__setstate__(state)
+        self.state = _tracked(self.state)
         # An optimizer pickled by a mupopt without __getstate__ (torch's: no backend) loads with
         # the default backend.
         self.__dict__.setdefault("backend", "auto")
@@ -396,6 +541,15 @@ class MupOptimizer(Optimizer):
                     st["step"] = _step_tensor(st["step"], p.device if group.get("capturable", False) else "cpu")
 
     # -- state_dict ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's state_dict, each param's state a plain dict (``opt.state`` holds
+        :class:`_State` entries, which ``torch.load(weights_only=True)`` would refuse)."""
+        sd = super().state_dict()
+        state = sd.get("state")
+        if isinstance(state, dict) and any(type(v) is _State for v in state.values()):
+            sd["state"] = {k: dict(v) if type(v) is _State else v for k, v in state.items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this class or of its torch counterpart.
 
@@ -431,6 +585,7 @@ class MupOptimizer(Optimizer):
                 f"optimizer's group: group {i} has {len(saved['params'])} params in the state dict, "
                 f"{len(current['params'])} in this optimizer",
             )
+        self._refuse_other_optimizer(saved_groups)
         if self._state_dtypes:
             kept = {}
             for pid, st in state_dict["state"].items():
@@ -448,6 +603,7 @@ class MupOptimizer(Optimizer):
                 if record is not None:
                     WidthInfo.from_dict(record)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
+        self._check_saved_state_keys(groups, state_dict["state"])
         # The pre-hooks have run: torch's load_state_dict must not run them a second time.
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -456,6 +612,47 @@ class MupOptimizer(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
+
+    def _refuse_other_optimizer(self, saved_groups: list) -> None:
+        """A state_dict of another optimizer (its param groups hold hyperparameters this one does
+        not take, and another mupopt optimizer does) is refused here, with the reason, instead of
+        failing at the first step. Unknown keys alone are kept, as torch keeps them (a newer
+        torch's flags, another library's options)."""
+        own = _hyperparameter_names(type(self)) | set(self.defaults)
+        own |= {k for g in self.param_groups for k in g}
+        foreign = {k for g in saved_groups for k in g} - own - {"params", "param_names"}
+        if not foreign:
+            return
+        scores = {cls: len(foreign & _hyperparameter_names(cls)) for cls in _OPTIMIZER_CLASSES
+                  if not issubclass(type(self), cls)}
+        best = max(scores.values(), default=0)
+        if best == 0:
+            return
+        likely = " or ".join(cls.__name__ for cls, n in scores.items() if n == best)
+        name = type(self).__name__
+        raise ValueError(
+            f"loaded state dict is not a {name} state_dict: its param groups hold {', '.join(sorted(foreign))}, "
+            f"hyperparameters of {likely} that {name} does not take (a state_dict of {likely}?); nothing was loaded"
+        )
+
+    def _check_saved_state_keys(self, groups: list, state: dict) -> None:
+        """Every saved state that is not empty has the keys this optimizer's step reads for its
+        param (``_state_keys``); ``groups`` are the saved groups completed with this optimizer's
+        values, holding the saved param ids."""
+        for saved, current in zip(groups, self.param_groups):
+            group = {**saved, "params": current["params"]}
+            for i, pid in enumerate(saved["params"]):
+                st = state.get(pid)
+                if not isinstance(st, dict) or not st:
+                    continue
+                missing = [k for k in self._state_keys(group, i) if k not in st]
+                if missing:
+                    raise ValueError(
+                        f"loaded state dict: the state of parameter {pid} (here the parameter "
+                        f"{_param_label(current, i)}) has no {', '.join(map(repr, missing))} (it holds "
+                        f"{sorted(map(str, st))}), which {type(self).__name__} needs (a state_dict of another "
+                        f"optimizer?); nothing was loaded"
+                    )
 
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:
@@ -488,7 +685,7 @@ class MupOptimizer(Optimizer):
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
-        if plan is not None and plan.key == key:
+        if plan is not None and plan.key == key and self._states_unchanged(plan):
             if plan.distributed:
                 fresh = [local(p) for p in plan.params]
                 if all(map(operator.is_, fresh, plan.locals)) and tuple(map(_DATA_PTR, fresh)) == plan.ptrs:
@@ -625,13 +822,43 @@ class MupOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.any())
 
-    def _create_state(self, group: dict, plan: GroupPlan) -> None:
-        """Create missing state (lazily, as torch), then give each segment its local state views."""
-        if plan.state_len == len(self.state) and all(seg.states is not None for seg in plan.segments):
-            return
+    def _states_unchanged(self, plan: GroupPlan) -> bool:
+        """Whether the optimizer's state of the plan's params is what the plan's segments hold
+        (GroupPlan): True at once while no state anywhere changed since (``_State.version``),
+        else by comparing the states themselves. A plan whose segments hold no states yet (a new
+        plan, or a step GradScaler skipped before any state existed) counts as changed unless no
+        state of its params exists at all."""
+        if plan.state_version == _State.version:
+            return True
+        snapshot = _state_snapshot(self.state, plan.params)
+        if plan.state_snapshot is None:
+            return not any(snapshot[0])
+        if not _same(snapshot, plan.state_snapshot):
+            return False
+        if plan.state_version is not None:
+            plan.state_version = _State.version
+        return True
+
+    def _create_state(self, group: dict, plan: GroupPlan) -> list:
+        """Create missing state (lazily, as torch), check that every state has the keys this
+        optimizer reads, then give each segment its local state views. Returns (param, had_entry)
+        for each state created here (:func:`_drop_states` undoes them if the step fails before
+        it writes)."""
+        if plan.state_snapshot is not None:
+            return []  # _plan found the states unchanged
+        created = []
         for p in plan.params:
-            if len(self.state[p]) == 0:
+            if p not in self.state:
+                created.append((p, False))
+                self.state[p] = _State(self._init_state(p, group))
+            elif not self.state[p]:
+                created.append((p, True))
                 self.state[p].update(self._init_state(p, group))
+        try:
+            self._check_state_keys(group, plan)
+        except Exception:
+            _drop_states(self.state, created)
+            raise
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:
@@ -640,7 +867,30 @@ class MupOptimizer(Optimizer):
                 states = [_view_state(st, o) if v else st for st, o, v in zip(states, seg.originals, seg.viewed)]
             seg.states = states
             seg.bound = None
-        plan.state_len = len(self.state)
+        plan.state_snapshot = snapshot = _state_snapshot(self.state, plan.params)
+        tracked = type(self.state) is _StateMap and all(type(st) is _State for st in snapshot[0])
+        plan.state_version = _State.version if tracked else None
+        return created
+
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        """The state keys the step of ``group["params"][i]`` reads (those :meth:`_init_state`
+        creates; tests/test_state_handling.py checks that the two agree)."""
+        return ("step", "exp_avg", "exp_avg_sq")
+
+    def _check_state_keys(self, group: dict, plan: GroupPlan) -> None:
+        """Every state of the plan's params has the keys its step reads: a state of another
+        optimizer, or one with entries removed by hand, raises here, before anything is written,
+        instead of a KeyError from the middle of the step."""
+        for k, p in zip(plan.stepped, plan.params):
+            st = self.state[p]
+            missing = [key for key in self._state_keys(group, k) if key not in st]
+            if missing:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the state of parameter {_param_label(group, k)} has no "
+                    f"{', '.join(map(repr, missing))} (it holds {sorted(map(str, st))}): a state of another optimizer, "
+                    f"or entries removed by hand. Reset it with opt.state[p] = {{}} to start that parameter afresh; "
+                    f"nothing was changed"
+                )
 
     def _check_data(self, plans: list) -> None:
         """Checks of this step's values that run after the found_inf decision (Shampoo's
@@ -717,25 +967,37 @@ class MupOptimizer(Optimizer):
             device_found_inf = getattr(self, "found_inf", None)
         elif self._found_inf():
             return  # GradScaler found inf/nan: step nothing, create nothing
-        for group, plan, _ in work:
-            self._create_state(group, plan)
+        # State created by this step is removed again if the step fails before it writes, so that
+        # a refused first step leaves the optimizer as it was (no zero state behind).
+        created: list = []
+        try:
+            for group, plan, _ in work:
+                created += self._create_state(group, plan)
+        except Exception:
+            _drop_states(self.state, created)
+            raise
         segments = []
         # One backend call validates its own inputs before writing (Backend.validates); with
         # several calls in this step, a gradient that would make a later one fail must be found
         # before the first one writes: then every gradient is checked here.
         several = sum(len(plan.segments) for _, plan, _ in work) > 1
-        for group, plan, grads in work:
-            for seg in plan.segments:
-                seg_grads = [grads[i] for i in seg.grad_index]
-                if plan.distributed:
-                    seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
-                seg_grads = viewed_like(seg_grads, seg.originals, seg.viewed)
-                full = several or not seg.backend.validates
-                if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
-                    # A gradient's dtype or layout changed since the backend was chosen: choose again.
-                    self.__dict__.pop("_plan_cache", None)
-                    return self._run(kernel, extra, _retry=True)
-                segments.append((group, seg, seg_grads))
+        try:
+            for group, plan, grads in work:
+                for seg in plan.segments:
+                    seg_grads = [grads[i] for i in seg.grad_index]
+                    if plan.distributed:
+                        seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
+                    seg_grads = viewed_like(seg_grads, seg.originals, seg.viewed)
+                    full = several or not seg.backend.validates
+                    if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
+                        # A gradient's dtype or layout changed since the backend was chosen: choose again.
+                        self.__dict__.pop("_plan_cache", None)
+                        _drop_states(self.state, created)
+                        return self._run(kernel, extra, _retry=True)
+                    segments.append((group, seg, seg_grads))
+        except Exception:
+            _drop_states(self.state, created)
+            raise
         calls, failure = [], None
         try:
             self._check_data([plan for _, plan, _ in work])
@@ -755,9 +1017,20 @@ class MupOptimizer(Optimizer):
         if may_diverge and any(plan.distributed for _, plan, _ in work) and _distributed_ready():
             failure = _agree(failure, type(self).__name__)
         if failure is not None:
+            _drop_states(self.state, created)
             raise failure
-        for call in calls:
-            if call is not None:
+        for i, call in enumerate(calls):
+            if call is None:
+                continue
+            if i == 0 and created:
+                # The first call of a validating backend checks everything before it writes.
+                try:
+                    call()
+                except Exception:
+                    if segments[0][1].backend.validates:
+                        _drop_states(self.state, created)
+                    raise
+            else:
                 call()
 
     @torch.no_grad()
@@ -786,6 +1059,34 @@ class _BoundCall:
         if self.own_grads and not kwargs:
             return self.step.from_param_grads(hp)
         return self.step(grads, hp, **kwargs)
+
+
+_OPTIMIZER_CLASSES: list[type] = []  # every MupOptimizer subclass that defines its own rule
+
+
+@functools.lru_cache(maxsize=None)
+def _hyperparameter_names(cls: type) -> frozenset:
+    """The keyword arguments of an optimizer class's constructor, its hyperparameters."""
+    skip = {"self", "params", "backend"}
+    return frozenset(n for n, a in inspect.signature(cls.__init__).parameters.items()
+                     if n not in skip and a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD))
+
+
+def _drop_states(state, created: list) -> None:
+    """Undo the state a failed step created: ``created`` holds (param, had_entry) pairs; an entry
+    that existed (empty) is emptied again, one that did not is removed."""
+    for p, had_entry in created:
+        if had_entry:
+            state[p].clear()
+        else:
+            state.pop(p, None)
+
+
+def _param_label(group: dict, i: int) -> str:
+    """A parameter named for a message: its name in the group or in a model, else its shape."""
+    names = group.get("param_names")
+    name = names[i] if names else name_in_models(group["params"][i])
+    return repr(name) if name else f"of shape {tuple(group['params'][i].shape)}"
 
 
 def _view_state(state: dict, original: torch.Tensor) -> dict:

@@ -154,6 +154,14 @@ class AdamW(MupOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        return ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("step", "exp_avg", "exp_avg_sq")
+
+    def _plan_options(self, group: dict) -> tuple:
+        # amsgrad switched on by hand after the state exists: a new plan checks the state for
+        # max_exp_avg_sq (_check_state_keys) before anything is written.
+        return (*super()._plan_options(group), group["amsgrad"])
+
     def _hparams(self, group: dict) -> AdamWHparams:
         b1, b2 = group["betas"]
         return AdamWHparams(

@@ -100,7 +100,8 @@ class ADOPT(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, maximize: as torch-adopt.
         foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
-            False; capturable: as :class:`mupopt.AdamW`.
+            False; capturable: as :class:`mupopt.AdamW`. decouple: only True (torch-adopt's
+            default is False: pass decouple=True there for the same optimizer).
         wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -119,6 +120,7 @@ class ADOPT(MupOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        decouple: bool = True,
         wd_mode: str = "independent",
         scale_eps: bool = False,
         backend: str = "auto",
@@ -131,9 +133,9 @@ class ADOPT(MupOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            # Not an option here: recorded so that a state_dict loads into torch-adopt's ADOPT,
-            # whose step reads group["decouple"].
-            decouple=True,
+            # torch-adopt's switch, True only here (refused otherwise in _check_hparams); recorded
+            # so that a state_dict loads into torch-adopt's ADOPT, whose step reads it.
+            decouple=decouple,
         )
         super().__init__(params, defaults, backend=backend)
 

@@ -263,6 +263,9 @@ class Muon(MupOptimizer):
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
 
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self._uses_muon(group, i) else ("step", "exp_avg", "exp_avg_sq")
+
     def _hparams(self, group: dict) -> MuonHparams:
         coeffs = group["ns_coefficients"]
         coeffs = tuple(coeffs) if len(coeffs) == 3 and all(is_number(c) for c in coeffs) else tuple(map(tuple, coeffs))
