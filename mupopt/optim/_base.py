@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import operator
@@ -711,7 +712,7 @@ class MupOptimizer(Optimizer):
             if seg_kernel in ELEMENTWISE and any(map(needs_view, originals)):
                 viewed = [needs_view(t) for t in originals]
             views = viewed_like(originals, originals, viewed)
-            grad_views = viewed_like(seg_grads, originals, viewed)
+            grad_views = _grads_as_params(seg_grads, originals, viewed)[0]
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
                                                 originals, viewed, bool(group.get("capturable", False))):
                 pos = [positions[k] for k in chosen]
@@ -896,7 +897,8 @@ class MupOptimizer(Optimizer):
         """Checks of this step's values that run after the found_inf decision (Shampoo's
         non-finite gradients); may raise, writes nothing."""
 
-    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool, found_inf: torch.Tensor | None = None):
+    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool, found_inf: torch.Tensor | None = None,
+              copies: list = ()):
         """Step one segment with its backend. prepare=True and a two-phase backend
         (``Backend.prepare``): only prepare, and return the commit; otherwise step, return None.
 
@@ -904,7 +906,14 @@ class MupOptimizer(Optimizer):
         validated tensor tables kept in C++) and then called with this step's gradients only;
         not with collectives (LAMB's norm_reduce), which need the unbound two-call form, and not
         under torch.compile, which traces the unbound ops (they have fake kernels). ``found_inf``
-        (capturable groups) goes to the backend, which skips on the device."""
+        (capturable groups) goes to the backend, which skips on the device.
+
+        Gradients of another layout than their param's: where _run has not already laid them
+        out (``copies``: a single call of a validating backend reads ``p.grad`` as it is, with
+        no per-gradient work in Python), the backend refuses one before it writes anything; the
+        gradients are then laid out like their params (:func:`_grads_as_params`) and the call
+        made again. With GradScaler, the unscaled values of a copy are stored back into the
+        gradient, as for any other gradient (module docstring)."""
         backend = seg.backend
         fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
         if (backend.bind is not None and not seg.collectives and not prepare and found_inf is None
@@ -928,11 +937,23 @@ class MupOptimizer(Optimizer):
             else:
                 unscale_(grads, inv_grad_scale)
         try:
-            return fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
+            out = fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
         except (RuntimeError, NotImplementedError) as exc:
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients") from exc
-            raise
+            if copies or seg.viewed is not None or not backend.validates:
+                raise  # the gradients were laid out already (_run): not a layout problem
+            _refuse_bad_grads(type(self).__name__, seg.originals, grads)
+            laid, copies = _grads_as_params(grads, seg.originals, None)
+            if not copies:
+                raise
+            if isinstance(fn, _BoundCall):
+                fn = _BoundCall(fn.step, False)  # the laid-out copies, not p.grad
+            out = fn(seg.params, laid, seg.states, seg.mults, hp, **kwargs)
+        if grad_scale is not None:
+            for g, laid in copies:
+                g.copy_(laid)
+        return out
 
     def _run(self, kernel: str | None = None, extra: dict | None = None, _retry: bool = False) -> None:
         """One step of every param group with the backend(s) of ``kernel`` (default: this
@@ -987,27 +1008,32 @@ class MupOptimizer(Optimizer):
                     seg_grads = [grads[i] for i in seg.grad_index]
                     if plan.distributed:
                         seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
-                    seg_grads = viewed_like(seg_grads, seg.originals, seg.viewed)
                     full = several or not seg.backend.validates
-                    if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
-                        # A gradient's dtype or layout changed since the backend was chosen: choose again.
+                    copies = []
+                    if full or seg.viewed is not None:
+                        # Checked here (shape, sparsity) before a gradient is copied into its
+                        # param's layout: a copy would broadcast a wrong shape.
+                        _refuse_bad_grads(type(self).__name__, seg.originals, seg_grads)
+                        seg_grads, copies = _grads_as_params(seg_grads, seg.originals, seg.viewed)
+                    if full and _check_grads(seg, seg_grads) and not _retry:
+                        # A gradient's dtype changed since the backend was chosen: choose again.
                         self.__dict__.pop("_plan_cache", None)
                         _drop_states(self.state, created)
                         return self._run(kernel, extra, _retry=True)
-                    segments.append((group, seg, seg_grads))
+                    segments.append((group, seg, seg_grads, copies))
         except Exception:
             _drop_states(self.state, created)
             raise
         calls, failure = [], None
         try:
             self._check_data([plan for _, plan, _ in work])
-            for group, seg, seg_grads in segments:
+            for group, seg, seg_grads, copies in segments:
                 hp = self._hparams_for(seg.kernel, group, extra)
                 if seg.backend.prepare is not None:
-                    calls.append(self._call(seg, seg_grads, hp, prepare=True))
+                    calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
                 else:
                     calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
-                                                   found_inf=device_found_inf))
+                                                   found_inf=device_found_inf, copies=copies))
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             failure = exc
         # Only a step whose outcome depends on this rank's data (a prepare phase, data checks:
@@ -1103,16 +1129,38 @@ def _view_state(state: dict, original: torch.Tensor) -> dict:
     return out
 
 
-def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
-    """With ``full``: raise for a sparse gradient (no backend steps one) or one of another shape
-    than its parameter's, and return True when a gradient's dtype or contiguity is not the one
-    the segment's backend was chosen for (the caller then plans again). Without (a single call
-    of a validating backend): nothing here; _call names a sparse gradient if the backend refuses
-    one (a C++ op is not even dispatched for it)."""
-    if not full:
-        return False
-    _refuse_bad_grads(name, seg.params, grads)
+def _check_grads(seg: Segment, grads: list) -> bool:
+    """Whether a gradient's dtype or contiguity (as the backend sees it: in its param's layout,
+    :func:`_grads_as_params`) is not the one the segment's backend was chosen for (the caller
+    then plans again). Only where every gradient is checked (several backend calls in the step,
+    or a backend that does not validate its inputs); a single call of a validating backend
+    checks its gradients itself, and _call names a sparse gradient or lays out a gradient of
+    another layout if the backend refuses it."""
     return any(g.dtype != dtype or g.is_contiguous() != contiguous for g, (dtype, contiguous) in zip(grads, seg.grad_layout))
+
+
+def _grads_as_params(grads: list, originals: list, viewed: list | None) -> tuple[list, list]:
+    """Each gradient as the backend sees its param: with the param's strides (a copy where they
+    differ: a gradient assigned by hand, from a hook or an all-reduce into a transposed buffer),
+    then the param's elementwise view where ``viewed``. A gradient of a contiguous param is made
+    contiguous; one of a param that is neither (a strided param, stepped by the reference) is
+    kept. torch's fused AdamW steps such gradients too. Returns the gradients and the
+    (gradient, copy) pairs, so that an unscaled gradient can be stored back (``_call``)."""
+    out, copies = [], []
+    flags = viewed or itertools.repeat(False)
+    for g, o, v in zip(grads, originals, flags):
+        if v:
+            laid = same_layout(g, o)
+            out.append(elementwise_view(laid))
+        elif not g.is_contiguous() and o.is_contiguous():
+            laid = g.contiguous()
+            out.append(laid)
+        else:
+            out.append(g)
+            continue
+        if laid is not g:
+            copies.append((g, laid))
+    return out, copies
 
 
 def _refuse_bad_grads(name: str, params: list, grads: list) -> None:
