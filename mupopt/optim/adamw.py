@@ -55,11 +55,15 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
         else:
             second = v32
         if hp.capturable:
-            # torch.optim.AdamW(capturable=True)'s form: the corrections as device tensors.
-            step_size_neg = -(hp.lr * m.lr) / (1 - hp.beta1**t)
+            # The corrections as device tensors (t is the step tensor: no host read), applied
+            # as the host path applies them. torch.optim.AdamW(capturable=True) divides by the
+            # step size instead (denom = sqrt(v)/(sqrt(bc2)*step_size) + eps/step_size), so at
+            # lr = 0 (a warmup from zero) it writes 0/0 = NaN wherever v = 0; here lr = 0
+            # leaves p as it is (tests/test_capturable.py).
+            step_size = (hp.lr * m.lr) / (1 - hp.beta1**t)
             bias_correction2_sqrt = (1 - hp.beta2**t).sqrt()
-            denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(hp.eps * m.eps / step_size_neg)
-            p32.addcdiv_(m32, denom)
+            denom = (second.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
+            p32.addcdiv_(m32 * step_size, denom, value=-1.0)
         else:
             bias_correction1 = 1 - hp.beta1**t
             bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
