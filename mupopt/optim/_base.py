@@ -59,7 +59,7 @@ from torch.optim import Optimizer
 from .. import backends
 from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
                    format_table, decay_rule, WD_MODES)
-from ._placement import (ELEMENTWISE, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
+from ._placement import (ELEMENTWISE, dense, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
                          same_layout, viewed_like)
 
 
@@ -273,7 +273,7 @@ class Segment:
     it and the tensors it steps, as the backend sees them (local shards of DTensors)."""
 
     __slots__ = ("kernel", "backend", "positions", "grad_index", "grad_layout", "params", "originals", "viewed",
-                 "own_grads", "states", "mults", "collectives", "bound")
+                 "staged", "own_grads", "states", "mults", "collectives", "bound")
 
     def __init__(self, kernel: str, backend: backends.Backend, positions: list[int], params: list, mults: list):
         self.kernel = kernel
@@ -282,8 +282,9 @@ class Segment:
         self.grad_index: list[int] = []  # indices into group["params"] (and so into the gradients)
         self.grad_layout: list = []  # (dtype, contiguous) of each gradient the backend was chosen for
         self.params = params  # local tensors (elementwise kernels: complex as real, dense as flat)
-        self.originals = params  # the local tensors themselves
+        self.originals = params  # the local tensors themselves (a staged one: its buffer)
         self.viewed: list[bool] | None = None  # per position: params[k] is a view of originals[k]
+        self.staged: list = []  # (local param, contiguous buffer) of params that are not dense
         self.own_grads = False  # the backend may read each param's .grad itself (plain, not viewed)
         self.states: list | None = None  # local state dicts, once state exists
         self.mults = mults
@@ -709,8 +710,14 @@ class MupOptimizer(Optimizer):
             originals = [locals_[k] for k in positions]
             seg_grads = [local_grads[k] for k in positions]
             viewed = None
-            if seg_kernel in ELEMENTWISE and any(map(needs_view, originals)):
-                viewed = [needs_view(t) for t in originals]
+            if seg_kernel in ELEMENTWISE and any(needs_view(t) or not dense(t) for t in originals):
+                viewed = [needs_view(t) or not dense(t) for t in originals]
+                # A param that is not dense (every other column of a larger tensor, torch's
+                # test_forloop_goes_right_direction's non-contiguous case) is stepped through a
+                # contiguous buffer of the plan: copied in before each call, written back after
+                # (Segment.staged), so the fused backends take it too. Its gradients and states
+                # take the buffer's layout.
+                originals = [t if dense(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in originals]
             views = viewed_like(originals, originals, viewed)
             grad_views = _grads_as_params(seg_grads, originals, viewed)[0]
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
@@ -718,6 +725,7 @@ class MupOptimizer(Optimizer):
                 pos = [positions[k] for k in chosen]
                 seg = Segment(seg_kernel, backend, pos, [views[k] for k in chosen], [mults_all[stepped[k]] for k in pos])
                 seg.originals = [originals[k] for k in chosen]
+                seg.staged = [(locals_[k], o) for k, o in zip(pos, seg.originals) if o is not locals_[k]]
                 seg.viewed = None if viewed is None else [viewed[k] for k in chosen]
                 seg.collectives = self._collectives(seg_kernel, [params[k] for k in pos]) if distributed else {}
                 seg.grad_index = [stepped[k] for k in pos]
@@ -936,6 +944,8 @@ class MupOptimizer(Optimizer):
                 kwargs["inv_grad_scale"] = inv_grad_scale
             else:
                 unscale_(grads, inv_grad_scale)
+        for p, buffer in seg.staged:
+            buffer.copy_(p)
         try:
             out = fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
         except (RuntimeError, NotImplementedError) as exc:
@@ -953,6 +963,9 @@ class MupOptimizer(Optimizer):
         if grad_scale is not None:
             for g, laid in copies:
                 g.copy_(laid)
+        if not prepare:
+            for p, buffer in seg.staged:
+                p.copy_(buffer)
         return out
 
     def _run(self, kernel: str | None = None, extra: dict | None = None, _retry: bool = False) -> None:
