@@ -86,15 +86,54 @@ def check_lr(lr) -> None:
     check(is_number(lr) and float(lr) >= 0.0, f"Invalid learning rate: {lr}")
 
 
-def check_betas(betas, count: int = 2) -> None:
+def check_betas(betas, count: int = 2, *, types: bool = True) -> None:
+    """Each beta in [0, 1), then (``types``) :func:`check_beta_types`."""
     check(isinstance(betas, (tuple, list)) and len(betas) == count, f"Invalid betas: {betas} (expected {count} values)")
     for i, b in enumerate(betas):
         check(not isinstance(b, torch.Tensor) or b.numel() == 1, f"Tensor betas[{i}] must be 1-element")
         check(is_number(b) and 0.0 <= float(b) < 1.0, f"Invalid beta parameter at index {i}: {b}")
+    if types:
+        check_beta_types(betas)
+
+
+def check_beta_types(betas) -> None:
     # As torch.optim.Adam: a tensor beta next to a plain number is refused (a sign of a
     # half-converted config). Plain numbers of any real type stay accepted.
     tensors = [isinstance(b, torch.Tensor) for b in betas]
     check(all(tensors) or not any(tensors), "betas must be either both floats or both Tensors")
+
+
+def check_adam_hparams(group: dict) -> None:
+    """torch.optim.Adam(W)'s constructor checks in its order, with its messages (torch-adopt's
+    ADOPT makes the same): a tensor lr, lr, eps, both betas, weight_decay, the betas' types,
+    tensor betas. As torch, a tensor lr or beta with foreach=True and capturable=False is
+    refused (torch's foreach kernels cannot take one; mupopt's backends could, but code that
+    runs here then runs on torch too)."""
+    lr, betas = group["lr"], group["betas"]
+    foreach_only = bool(group.get("foreach")) and not group.get("capturable", False)
+    if isinstance(lr, torch.Tensor):
+        check(not foreach_only, "lr as a Tensor is not supported for capturable=False and foreach=True")
+    check_lr(lr)
+    check_eps(group["eps"])
+    check_betas(betas, types=False)
+    check_weight_decay(group["weight_decay"])
+    check_beta_types(betas)
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            check(not foreach_only, f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def check_implementation_flags(name: str, foreach, fused, differentiable) -> None:
+    """torch.optim's implementation switches, checked after the params as torch checks them:
+    foreach and fused choose among torch's kernels and are ignored here (``backend=`` chooses),
+    but the combinations torch refuses are refused with its errors; differentiable is not
+    provided."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check(not differentiable, f"mupopt.{name} does not support differentiable=True")
 
 
 def check_eps(eps) -> None:

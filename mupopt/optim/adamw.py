@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
-                    new_step, skip_on_found_inf, step_count, store, upcast)
+from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
+                    skip_on_found_inf, step_count, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,6 @@ class AdamW(MupOptimizer):
         scale_eps: bool = False,
         backend: str = "auto",
     ):
-        # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
-        # runs unchanged: foreach/fused choose among torch's own kernels, here backend= chooses.
-        # differentiable changes semantics this class does not provide.
-        if differentiable:
-            raise ValueError("mupopt.AdamW does not support differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
@@ -133,6 +128,10 @@ class AdamW(MupOptimizer):
             decoupled_weight_decay=True,
         )
         super().__init__(params, defaults, backend=backend)
+        # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
+        # runs unchanged (foreach/fused choose among torch's own kernels, here backend= chooses),
+        # checked where torch checks them: after the hyperparameters and the params.
+        check_implementation_flags("AdamW", foreach, fused, differentiable)
 
     def __setstate__(self, state: dict) -> None:
         """As torch.optim.AdamW: whatever a loaded state_dict says (a torch.optim.Adam one
@@ -142,10 +141,7 @@ class AdamW(MupOptimizer):
             group["decoupled_weight_decay"] = True
 
     def _check_hparams(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
+        check_adam_hparams(group)
         check(isinstance(group["amsgrad"], bool), f"amsgrad must be a bool, got {group['amsgrad']!r}")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
-                    new_step, skip_on_found_inf, store, upcast)
+from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
+                    skip_on_found_inf, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,6 @@ class ADOPT(MupOptimizer):
         scale_eps: bool = False,
         backend: str = "auto",
     ):
-        # torch-adopt's implementation switches: accepted and recorded in the groups as it
-        # records them; backend= chooses the implementation here (see mupopt.AdamW).
-        if differentiable:
-            raise ValueError("mupopt.ADOPT does not support differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
@@ -138,12 +134,12 @@ class ADOPT(MupOptimizer):
             decouple=decouple,
         )
         super().__init__(params, defaults, backend=backend)
+        # torch-adopt's implementation switches: accepted and recorded in the groups as it
+        # records them; backend= chooses the implementation here (see mupopt.AdamW).
+        check_implementation_flags("ADOPT", foreach, fused, differentiable)
 
     def _check_hparams(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
+        check_adam_hparams(group)  # torch-adopt's checks are torch.optim.Adam's
         check(group.get("decouple", True) is True, "mupopt.ADOPT implements decouple=True only")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
