@@ -192,8 +192,8 @@ class _State(dict):
     all seen at the current version is current at the cost of one integer compare. Assigning a
     value that is already there (``st["step"] += 1`` on a step tensor) is not a change.
 
-    A plain dict a user puts into ``opt.state`` stays what it is (same object, as torch); the
-    plans that hold one compare the states themselves at every step (``_state_snapshot``)."""
+    A plain dict a user puts into ``opt.state`` stays what it is (same object, as torch): the
+    plans that hold one compare its entries at every step (``GroupPlan.plain_states``)."""
 
     __slots__ = ()
     version: ClassVar[int] = 0
@@ -292,12 +292,11 @@ def _tracked(state) -> _StateMap:
 
 
 def _state_snapshot(state, params: list) -> tuple:
-    """What a plan derived from the states of ``params``: each state dict, its size and its
+    """What a plan derived from the states of ``params``: each state dict, its keys and its
     values, compared by identity (:func:`_same`). Absent entries are None (``state.get``: no
     entry is created, as a step skipped by GradScaler creates none)."""
     dicts = list(map(state.get, params))
-    values = [v for st in dicts if st for v in st.values()]
-    return dicts, [len(st) if st is not None else -1 for st in dicts], values
+    return dicts, [list(st) if st is not None else None for st in dicts], [v for st in dicts if st for v in st.values()]
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -305,6 +304,11 @@ def _same(a: tuple, b: tuple) -> bool:
     a change; ``==`` on tensors would compare values)."""
     return (a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(operator.is_, a[0], b[0]))
             and all(map(operator.is_, a[2], b[2])))
+
+
+def _same_entries(st: dict, keys: list, values: list) -> bool:
+    """A plain (untracked) state dict still holds these keys and these value objects."""
+    return list(st) == keys and all(map(operator.is_, st.values(), values))
 
 
 class Segment:
@@ -351,7 +355,7 @@ class GroupPlan:
     """
 
     __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_snapshot",
-                 "state_version")
+                 "state_version", "plain_states")
 
     def __init__(self, key, refs, params, locals_, stepped, segments, distributed):
         self.key = key
@@ -362,10 +366,12 @@ class GroupPlan:
         self.stepped = stepped  # their positions in group["params"]
         self.segments = segments
         self.distributed = distributed
-        # The states the segments were given (_create_state): their snapshot, and _State.version
-        # then when every one of them is a _State (else None: compared at every step).
+        # The states the segments were given (_create_state): their snapshot, _State.version
+        # then (None where opt.state is not a _StateMap: compared at every step) and the plain
+        # dicts among them with their keys and values (compared at every step).
         self.state_snapshot: tuple | None = None
         self.state_version: int | None = None
+        self.plain_states: list = []
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -872,11 +878,11 @@ class MupOptimizer(Optimizer):
 
     def _states_unchanged(self, plan: GroupPlan) -> bool:
         """Whether the optimizer's state of the plan's params is what the plan's segments hold
-        (GroupPlan): True at once while no state anywhere changed since (``_State.version``),
-        else by comparing the states themselves. A plan whose segments hold no states yet (a new
+        (GroupPlan): True at once while no state anywhere changed since (``_State.version``) and
+        the plain dicts among them hold what they held, else by comparing the states themselves. A plan whose segments hold no states yet (a new
         plan, or a step GradScaler skipped before any state existed) counts as changed unless no
         state of its params exists at all."""
-        if plan.state_version == _State.version:
+        if plan.state_version == _State.version and all(_same_entries(*entry) for entry in plan.plain_states):
             return True
         snapshot = _state_snapshot(self.state, plan.params)
         if plan.state_snapshot is None:
@@ -916,8 +922,15 @@ class MupOptimizer(Optimizer):
             seg.states = states
             seg.bound = None
         plan.state_snapshot = snapshot = _state_snapshot(self.state, plan.params)
-        tracked = type(self.state) is _StateMap and all(type(st) is _State for st in snapshot[0])
-        plan.state_version = _State.version if tracked else None
+        # Changes of the mapping and of _State entries count in _State.version; a plain dict a
+        # user put in (opt.state[p] = {}, then filled by this step) is compared entry by entry
+        # at every step, it alone (a reset parameter does not slow the step of the others). A
+        # mapping that is not a _StateMap (opt.state assigned by hand): everything, every step.
+        if type(self.state) is _StateMap:
+            plan.state_version = _State.version
+            plan.plain_states = [(st, list(st), list(st.values())) for st in snapshot[0] if type(st) is not _State]
+        else:
+            plan.state_version = None
         return created
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
