@@ -263,6 +263,21 @@ def test_a_state_with_keys_removed_is_refused_before_anything_is_written(name, b
     assert opt.state[victim]["step" if "step" in opt.state[victim] else key] is not None
 
 
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_renamed_state_key_is_seen(plain):
+    """The last key renamed, its tensor kept (so the values are the same objects in the same
+    order): the step refuses the state, whether the dict is the optimizer's or a plain one."""
+    ps = leaves()
+    opt = make("sophia", "auto", ps)
+    if plain:
+        opt.state[ps[1]] = {}
+    step(opt, ps, 0)
+    st = opt.state[ps[1]]
+    st["hessian_saved"] = st.pop("hessian")
+    with pytest.raises(RuntimeError, match="has no 'hessian'"):
+        step(opt, ps, 1)
+
+
 def test_muon_state_without_its_adamw_keys_steps_no_matrix():
     """Muon's AdamW part with a state of Muon's matrix part (as a state_dict of another
     model or a hand edit would leave it): refused before the matrices are stepped, so a retry

@@ -59,8 +59,8 @@ from torch.optim import Optimizer
 from .. import backends
 from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
                    format_table, decay_rule, WD_MODES)
-from ._placement import (ELEMENTWISE, dense, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
-                         same_layout, viewed_like)
+from ._placement import (ELEMENTWISE, dense, dist, elementwise_view, is_dtensor, local, local_grad, local_state,
+                         needs_view, same_layout, viewed_like)
 
 
 def check(condition: bool, message: str) -> None:
@@ -879,9 +879,9 @@ class MupOptimizer(Optimizer):
     def _states_unchanged(self, plan: GroupPlan) -> bool:
         """Whether the optimizer's state of the plan's params is what the plan's segments hold
         (GroupPlan): True at once while no state anywhere changed since (``_State.version``) and
-        the plain dicts among them hold what they held, else by comparing the states themselves. A plan whose segments hold no states yet (a new
-        plan, or a step GradScaler skipped before any state existed) counts as changed unless no
-        state of its params exists at all."""
+        the plain dicts among them hold what they held, else by comparing the states themselves.
+        A plan whose segments hold no states yet (a new plan, or a step GradScaler skipped before
+        any state existed) counts as changed unless no state of its params exists at all."""
         if plan.state_version == _State.version and all(_same_entries(*entry) for entry in plan.plain_states):
             return True
         snapshot = _state_snapshot(self.state, plan.params)
