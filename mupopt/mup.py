@@ -492,6 +492,7 @@ def set_base_shapes(
     overrides = dict(overrides or {})
     used_patterns: set[str] = set()
 
+    _warn_unapplied_readouts(model)
     owners = _owners(model)
     names_of: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
@@ -535,6 +536,10 @@ def set_base_shapes(
             if base_widths is not None:
                 _warn_unlisted_width(name, owners[name], shape, info, base_widths)
         info = dataclasses.replace(info, name=name)  # labels mup_summary() of plain parameters
+        if info.role == "output" and hasattr(owners[name], READOUT_BUFFER):
+            # readout_multiplier_ (or restore_readout_multipliers) put the output rule's 1/m in
+            # the forward pass: the lr must not apply it again.
+            info = dataclasses.replace(info, m_in=1.0)
         for n in names:
             result[n] = info
             local_name = n.rpartition(".")[2]
@@ -709,6 +714,7 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
     :func:`shampoo_block_lr` takes into account (1024: mupopt.Shampoo's default)."""
     from .optim.shampoo import is_matrix  # mupopt.optim imports this module
 
+    _warn_unapplied_readouts(model)
     rows = []
     recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
     for name, p in model.named_parameters():
@@ -732,6 +738,7 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
     input: N(0, std_base^2) (unchanged from the base); hidden: std_base / sqrt(m_in);
     output: std_base / m_in, or zero with ``zero_readout``. Every parameter needs width info.
     """
+    _warn_unapplied_readouts(model)
     recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
     for name, p in model.named_parameters():
         info = width_info(p)
@@ -775,6 +782,10 @@ def readout_multiplier_(model: nn.Module, readout: str) -> float:
     The multiplier is a buffer of the module (``<readout>.mup_output_mult``), so it is saved in
     the model's ``state_dict``; a forward hook applies it. A model rebuilt from a checkpoint gets
     it back by calling this function again before ``load_state_dict``. :func:`summary` shows it.
+    A Hugging Face model (one with a ``config`` that ``save_pretrained`` writes) also gets it
+    recorded in ``model.config`` (key ``mupopt_readout_multipliers``): after ``from_pretrained``,
+    :func:`restore_readout_multipliers` puts it back, and :func:`set_base_shapes`,
+    :func:`summary` and :func:`init_mup_` warn while it is missing.
     """
     module = model.get_submodule(readout)
     weight = getattr(module, "weight", None)
@@ -788,7 +799,6 @@ def readout_multiplier_(model: nn.Module, readout: str) -> float:
     tied = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
     if info.role == "output":
         m = info.m_in
-        setattr(weight, WIDTH_ATTR, dataclasses.replace(info, m_in=1.0))
     elif info.role == "input" and len(tied) > 1:
         m = info.m_out  # the d_model side of the shared (vocab, d) weight
     else:
@@ -797,9 +807,84 @@ def readout_multiplier_(model: nn.Module, readout: str) -> float:
             f"untied one (role 'output') or one tied to the embedding (declared 'input')"
         )
     mult = 1.0 / m
-    module.register_buffer(READOUT_BUFFER, torch.tensor(mult, dtype=torch.float32, device=weight.device))
-    module.register_forward_hook(_readout_hook)
+    recorded = _recorded_readouts(model).get(readout)
+    if recorded is not None and not math.isclose(float(recorded), mult, rel_tol=1e-6):
+        raise MupError(f"model.config records a readout multiplier {float(recorded):.6g} for {readout!r}, the widths "
+                       f"give {mult:.6g}: the base shapes differ from the ones the model was trained with")
+    _apply_readout(model, readout, mult)
     return mult
+
+
+# Where readout_multiplier_ also records the multipliers of a Hugging Face model: its config,
+# which save_pretrained writes to config.json and from_pretrained reads back (the buffer itself is
+# dropped there as an unexpected key when the model class is rebuilt without it).
+READOUT_CONFIG_KEY = "mupopt_readout_multipliers"
+
+
+def _hf_config(model: nn.Module):
+    """The model's Hugging Face config (a transformers PretrainedConfig: what save_pretrained
+    serialises), else None. Duck-typed so that mupopt does not import transformers."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "to_dict") and hasattr(config, "save_pretrained") else None
+
+
+def _recorded_readouts(model: nn.Module) -> dict[str, float]:
+    config = _hf_config(model)
+    return dict(getattr(config, READOUT_CONFIG_KEY, None) or {}) if config is not None else {}
+
+
+def _apply_readout(model: nn.Module, readout: str, mult: float) -> None:
+    """Register the multiplier buffer and its forward hook on module ``readout``; an untied
+    readout's width info moves its 1/m from the lr to the forward pass (m_in = 1)."""
+    module = model.get_submodule(readout)
+    weight = getattr(module, "weight", None)
+    info = width_info(weight) if isinstance(weight, torch.Tensor) else None
+    if info is not None and info.role == "output":
+        info = dataclasses.replace(info, m_in=1.0)
+        setattr(weight, WIDTH_ATTR, info)
+        records = module.__dict__.get(MODULE_WIDTHS_ATTR)
+        if records and "weight" in records:  # what recover_width_infos gives a wrapped weight
+            records["weight"] = (info, records["weight"][1])
+    device = weight.device if isinstance(weight, torch.Tensor) else None
+    module.register_buffer(READOUT_BUFFER, torch.tensor(mult, dtype=torch.float32, device=device))
+    module.register_forward_hook(_readout_hook)
+    config = _hf_config(model)
+    if config is not None:
+        setattr(config, READOUT_CONFIG_KEY, {**_recorded_readouts(model), readout: mult})
+
+
+def restore_readout_multipliers(model: nn.Module) -> dict[str, float]:
+    """Re-apply the readout multipliers a Hugging Face model's config records (written by
+    :func:`readout_multiplier_` and saved by ``save_pretrained``) to a model rebuilt by
+    ``from_pretrained``, which drops the multiplier buffer as an unexpected key: its logits would
+    otherwise be m times too large. Call it right after ``from_pretrained`` (and before
+    :func:`set_base_shapes` or after it, either order). Returns {module name: multiplier};
+    a module that already applies a different multiplier raises :class:`MupError`."""
+    recorded = _recorded_readouts(model)
+    for readout, mult in recorded.items():
+        module = model.get_submodule(readout)
+        have = getattr(module, READOUT_BUFFER, None)
+        if have is None:
+            _apply_readout(model, readout, float(mult))
+        elif not math.isclose(float(have), float(mult), rel_tol=1e-6):
+            raise MupError(f"module {readout!r} applies a readout multiplier {float(have):.6g} but model.config "
+                           f"records {float(mult):.6g}")
+    return {k: float(v) for k, v in recorded.items()}
+
+
+def _warn_unapplied_readouts(model: nn.Module) -> None:
+    """A model whose config records readout multipliers that its modules do not apply (a
+    from_pretrained model before :func:`restore_readout_multipliers`): say so."""
+    missing = {name: mult for name, mult in _recorded_readouts(model).items()
+               if not hasattr(model.get_submodule(name), READOUT_BUFFER)}
+    if missing:
+        warnings.warn(
+            f"model.config records muP readout multipliers {missing} that the model does not apply (a model "
+            f"loaded with from_pretrained?): its logits are too large by 1/multiplier. Call "
+            f"mupopt.restore_readout_multipliers(model) after loading.",
+            MupWarning,
+            stacklevel=3,
+        )
 
 
 def readout_multipliers(model: nn.Module) -> dict[str, float]:

@@ -591,26 +591,31 @@ def test_bad_hyperparameters_raise_at_construction(kw, match):
 # -------------------------------------------------------------------------------------------
 # The NS dtype default by device (issue 14, item 13)
 # -------------------------------------------------------------------------------------------
-def test_default_ns_dtype_is_float32_on_the_cpu_and_bfloat16_on_cuda():
-    """ns_dtype=None (the default) resolves at each step by the params' device: float32 on the
-    CPU (bf16 matmuls are slow there), bfloat16 on CUDA as torch.optim.Muon."""
-    from mupopt.optim.muon import default_ns_dtype
+def test_default_ns_dtype_follows_what_the_device_does_fast(monkeypatch):
+    """ns_dtype=None (the default) resolves at each step by the params' device: bfloat16 on
+    CUDA and on CPUs with AMX tiles (bf16 matmuls faster than float32 there), float32 on other
+    CPUs (issue 22 item 9). Both CPU branches, by the capability the rule reads."""
+    from mupopt.optim import muon
 
-    assert default_ns_dtype("cpu") == torch.float32
-    assert default_ns_dtype(torch.device("cuda", 0)) == torch.bfloat16
-    assert "float32 on the CPU" in mupopt.Muon.__doc__
-    p = leaves([(8, 6)], seed=2)[0]
-    opt = mupopt.Muon([p], lr=0.02)
-    assert opt.param_groups[0]["ns_dtype"] is None
-    assert opt._hparams(opt.param_groups[0]).ns_dtype == torch.float32
-    # Bit for bit what an explicit float32 computes, and not what bf16 computes.
-    runs = {}
-    for dtype in (None, torch.float32, torch.bfloat16):
-        q = leaves([(8, 6)], seed=2)[0]
-        run(mupopt.Muon([q], lr=0.02, ns_dtype=dtype), [q], 2, seed=2)
-        runs[dtype] = q.detach()
-    assert torch.equal(runs[None], runs[torch.float32])
-    assert not torch.equal(runs[None], runs[torch.bfloat16])
+    assert muon.default_ns_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert muon.cpu_bf16_matmuls_fast() == (amx and torch.backends.mkldnn.is_available())
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(muon, "cpu_bf16_matmuls_fast", lambda fast=fast: fast)
+        assert muon.default_ns_dtype("cpu") == want
+        p = leaves([(8, 6)], seed=2)[0]
+        opt = mupopt.Muon([p], lr=0.02)
+        assert opt.param_groups[0]["ns_dtype"] is None
+        assert opt._hparams(opt.param_groups[0]).ns_dtype == want
+        # Bit for bit what the explicit dtype computes, and not what the other one computes.
+        runs = {}
+        for dtype in (None, torch.float32, torch.bfloat16):
+            q = leaves([(8, 6)], seed=2)[0]
+            run(mupopt.Muon([q], lr=0.02, ns_dtype=dtype), [q], 2, seed=2)
+            runs[dtype] = q.detach()
+        other = torch.float32 if want == torch.bfloat16 else torch.bfloat16
+        assert torch.equal(runs[None], runs[want])
+        assert not torch.equal(runs[None], runs[other])
     with torch.device("meta"):
         m = torch.zeros(8, 6, requires_grad=True)
     meta_opt = mupopt.Muon([m])

@@ -117,3 +117,76 @@ def test_coord_check_logits_flat_with_the_readout_multiplier(tie):
         assert without > GROW, without
     else:
         assert -VANISH < without < FLAT, without  # the lr form: flat as well
+
+
+# ---------------------------------------------------------------------------------------------
+# The multiplier through rewrapping and re-shaping, and through Hugging Face save/load (issue 22
+# item 4)
+# ---------------------------------------------------------------------------------------------
+def test_untied_readout_keeps_one_lr_rule_whatever_the_order():
+    """The forward 1/m replaces the readout's lr 1/m_in: set_base_shapes again after the
+    multiplier, and the width info recovered for a rewrapped weight (FSDP2 makes new
+    Parameters), keep m_in = 1, so the 1/m is never applied twice."""
+    model = shaped(128, False, POS)
+    assert mupopt.width_info(model.readout.weight).m_in == 4.0
+    mupopt.readout_multiplier_(model, "readout")
+    assert mupopt.width_info(model.readout.weight).m_in == 1.0
+    with torch.device("meta"):
+        base, delta = TinyGPT(BASE, tie=False), TinyGPT(2 * BASE, tie=False)
+    mupopt.set_base_shapes(model, base, delta=delta, overrides=POS)
+    assert mupopt.width_info(model.readout.weight).m_in == 1.0
+    model.readout.weight = torch.nn.Parameter(model.readout.weight.detach().clone())  # no width info
+    mupopt.mup.recover_width_infos(model.parameters())
+    assert mupopt.width_info(model.readout.weight).m_in == 1.0
+
+
+def _gpt2(width: int):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=width, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _shaped_gpt2(width: int):
+    model = _gpt2(width)
+    with torch.device("meta"):
+        base, delta = _gpt2(32), _gpt2(64)
+    mupopt.set_base_shapes(model, base, delta=delta, overrides={"transformer.wte.weight": "input"})
+    return model, base, delta
+
+
+def test_hugging_face_save_and_load_keeps_the_readout_multiplier(tmp_path):
+    """GPT-2 (lm_head tied to wte) at width 128 over base 32: from_pretrained drops the buffer
+    (an unexpected key for the rebuilt class), so the logits come back 4x too large; the config
+    keeps the multiplier, restore_readout_multipliers applies it again, mupopt warns until then."""
+    torch.manual_seed(0)
+    model, base, delta = _shaped_gpt2(128)
+    assert mupopt.readout_multiplier_(model, "lm_head") == 0.25
+    x = torch.randint(0, 64, (2, 8))
+    model.eval()
+    want = model(x).logits
+    model.save_pretrained(tmp_path)
+
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert torch.allclose(loaded(x).logits, 4 * want, atol=1e-5)  # what a user gets without mupopt's help
+    for call in (lambda: mupopt.summary(loaded),
+                 lambda: mupopt.set_base_shapes(loaded, base, delta=delta, overrides={"transformer.wte.weight": "input"})):
+        with pytest.warns(mupopt.MupWarning, match="restore_readout_multipliers"):
+            call()
+    assert mupopt.restore_readout_multipliers(loaded) == {"lm_head": 0.25}
+    assert mupopt.readout_multipliers(loaded) == {"lm_head": 0.25}
+    torch.testing.assert_close(loaded(x).logits, want)
+    assert mupopt.restore_readout_multipliers(loaded) == {"lm_head": 0.25}  # a second call changes nothing
+    torch.testing.assert_close(loaded(x).logits, want)
+
+
+def test_rebuilding_the_multiplier_by_hand_must_agree_with_the_saved_one(tmp_path):
+    model, _, _ = _shaped_gpt2(128)
+    mupopt.readout_multiplier_(model, "lm_head")
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    with torch.device("meta"):
+        other_base, other_delta = _gpt2(64), _gpt2(32)  # another base width: another multiplier
+    with pytest.warns(mupopt.MupWarning):
+        mupopt.set_base_shapes(loaded, other_base, delta=other_delta, overrides={"transformer.wte.weight": "input"})
+    with pytest.raises(mupopt.MupError, match="records a readout multiplier 0.25"):
+        mupopt.readout_multiplier_(loaded, "lm_head")

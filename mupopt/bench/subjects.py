@@ -81,7 +81,7 @@ SUBJECTS: dict[str, Subject] = {
     "sophia_hessian": Subject("sophia_hessian", mupopt.SophiaG, dict(lr=1e-3), call="update_hessian",
                               registry_keys=("sophia_hessian",)),
     # bf16 Newton-Schulz on every device, as the torch.optim.Muon peer (ns_dtype=None would pick
-    # float32 on the CPU) and as muon_cost counts its flops.
+    # float32 on a CPU without AMX) and as muon_cost counts its flops.
     "muon": Subject("muon", mupopt.Muon, dict(lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16), matrix=True, registry_keys=("muon",)),
     "shampoo": Subject("shampoo", mupopt.Shampoo, dict(lr=1e-2, precondition_frequency=1), matrix=True,
                        registry_keys=("shampoo",)),

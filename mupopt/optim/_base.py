@@ -59,8 +59,8 @@ from torch.optim import Optimizer
 from .. import backends
 from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
                    format_table, decay_rule, WD_MODES)
-from ._placement import (ELEMENTWISE, dense, dist, elementwise_view, is_dtensor, local, local_grad, local_state,
-                         needs_view, same_layout, viewed_like)
+from ._placement import (ELEMENTWISE, check_placements, dense, dist, elementwise_view, is_dtensor, local, local_grad,
+                         local_state, needs_view, same_layout, viewed_like)
 
 
 def check(condition: bool, message: str) -> None:
@@ -747,6 +747,7 @@ class MupOptimizer(Optimizer):
         params = [group["params"][i] for i in stepped]
         mults_all = self.group_multipliers(group)
         _refuse_bad_grads(type(self).__name__, params, [grads[i] for i in stepped])
+        check_placements(params, type(self).__name__)
         locals_ = [local(p) for p in params]
         local_grads = [local_grad(p, grads[i]) for p, i in zip(params, stepped)]
         distributed = any(map(is_dtensor, params))
