@@ -224,7 +224,10 @@ class Muon(MupOptimizer):
         check(is_number(group["lr"]) and float(group["lr"]) >= 0, f"Learning rate should be >= 0 but is: {group['lr']}")
         # Not implemented in either part: refused rather than silently ignored.
         check(group.get("maximize", False) is not True, "Muon does not support maximize=True (negate the loss instead)")
-        check(is_number(group["momentum"]) and 0 <= group["momentum"] < 1, f"momentum should be in [0, 1) but is: {group['momentum']}")
+        # torch.optim.Muon's message for a negative momentum; momentum >= 1 (which torch lets
+        # through) would make the buffer grow without bound.
+        check(is_number(group["momentum"]) and group["momentum"] >= 0, f"momentum should be >= 0 but is: {group['momentum']}")
+        check(group["momentum"] < 1, f"momentum should be in [0, 1) but is: {group['momentum']}")
         check(is_number(group["weight_decay"]) and group["weight_decay"] >= 0, f"weight decay should be >= 0 but is: {group['weight_decay']}")
         check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
         check_eps(group["eps"])
@@ -280,6 +283,9 @@ class Muon(MupOptimizer):
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
+
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self._uses_muon(group, i) else ("step", "exp_avg", "exp_avg_sq")
 
     def _hparams(self, group: dict) -> MuonHparams:
         coeffs = group["ns_coefficients"]
