@@ -807,7 +807,7 @@ class MupOptimizer(Optimizer):
                 st = state.get(pid)
                 if not isinstance(st, dict) or not st:
                     continue
-                missing = [k for k in self._state_keys(group, i) if k not in st]
+                missing = [k for k in self._saved_state_keys(group, i, st) if k not in st]
                 if missing:
                     raise ValueError(
                         f"loaded state dict: the state of parameter {pid} (here the parameter "
@@ -1056,6 +1056,11 @@ class MupOptimizer(Optimizer):
         """The state keys the step of ``group["params"][i]`` reads (those :meth:`_init_state`
         creates; tests/test_state_handling.py checks that the two agree)."""
         return ("step", "exp_avg", "exp_avg_sq")
+
+    def _saved_state_keys(self, group: dict, i: int, state: dict) -> tuple[str, ...]:
+        """The keys a loaded ``state`` of ``group["params"][i]`` must have (Muon: by the routing
+        of the width record loaded with it)."""
+        return self._state_keys(group, i)
 
     def _check_state_keys(self, group: dict, plan: GroupPlan) -> None:
         """Every state of the plan's params has the keys its step reads: a state of another

@@ -17,7 +17,7 @@ import torch
 
 from .. import backends
 from ..linalg import newton_schulz
-from ..mup import MupError, Multipliers, multipliers
+from ..mup import RECORD_KEY, MupError, Multipliers, multipliers, read_record
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
                     new_step, skip_on_found_inf, store, upcast)
 from ._placement import Orthogonalize
@@ -248,11 +248,16 @@ class Muon(MupOptimizer):
                 )
 
     def _uses_muon(self, group: dict, i: int) -> bool:
+        return self._routes_to_muon(group, group["params"][i], self._width_of(group["params"][i]))
+
+    @staticmethod
+    def _routes_to_muon(group: dict, p: torch.Tensor, info) -> bool:
+        """The routing of p with width info ``info``: the group's use_muon, else hidden matrices
+        (every matrix without width information, as torch.optim.Muon takes them)."""
         if group["use_muon"] is not None:
             return group["use_muon"]
-        info = self._width_of(group["params"][i])
         if info is None:
-            return group["params"][i].ndim >= 2
+            return p.ndim >= 2
         return info.role == "hidden"
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
@@ -285,7 +290,21 @@ class Muon(MupOptimizer):
         }
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
-        return ("momentum_buffer",) if self._uses_muon(group, i) else ("step", "exp_avg", "exp_avg_sq")
+        return self._keys_of_route(self._uses_muon(group, i))
+
+    @staticmethod
+    def _keys_of_route(muon: bool) -> tuple[str, ...]:
+        return ("momentum_buffer",) if muon else ("step", "exp_avg", "exp_avg_sq")
+
+    def _saved_state_keys(self, group: dict, i: int, state: dict) -> tuple[str, ...]:
+        """A loaded state's keys follow the routing of the width record loaded with it (a resume
+        into an optimizer without width information routes by the saved records)."""
+        record = state.get(RECORD_KEY)
+        if record is None:
+            return self._state_keys(group, i)
+        p = group["params"][i]
+        info = read_record(record, tuple(p.shape), None, lambda: self._label(p))
+        return self._keys_of_route(self._routes_to_muon(group, p, info))
 
     def _hparams(self, group: dict) -> MuonHparams:
         coeffs = group["ns_coefficients"]
