@@ -11,14 +11,17 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# The last step builds the "cpu" backend's library ahead of time (tests would otherwise build it
-# at first use); without a C++ compiler that backend is skipped, so a failed build (-) does not
-# stop the set-up.
+# mup and torchtitan without their declared dependencies (mup's pull a torchvision that breaks
+# beside a CPU torch; torchtitan's serve its trainer: what its optimizer code imports is in the
+# test extra). The last step builds the C++ libraries ahead of time (tests would otherwise build
+# them at first use); without a C++ compiler that backend is skipped, so a failed build (-) does
+# not stop the set-up.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps mup
+	$(BIN)/pip install --quiet --no-deps torchtitan==0.3.0
 	-$(BIN)/python -m mupopt.kernels.cpp.build --quiet
 	touch $(STAMP)
 

@@ -18,7 +18,8 @@ Width information reaches a parameter in one of four ways, all through :func:`se
 (a) a base model (or a dict of base shapes), (b) a base-width table ``{width: base_width}``,
 (c) ``p.infshape`` left by Microsoft's ``mup.set_base_shapes``, (d) explicit overrides by
 parameter-name pattern. It is stored on the parameter (``p.mupopt_width``) and copied into the
-optimizer's param groups, so a state_dict carries it and a resume needs no base model.
+optimizer, which keeps it in each parameter's state (:func:`width_record`), so a state_dict
+carries it and a resume needs no base model.
 
 FSDP2 (``fully_shard``) and tensor parallelism (``parallelize_module``) replace a module's
 Parameter objects with new DTensor Parameters, which carry no attributes. So set_base_shapes
@@ -36,6 +37,7 @@ import math
 import os
 import warnings
 import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -106,6 +108,105 @@ class WidthInfo:
 def width_info(p: torch.Tensor) -> WidthInfo | None:
     """The WidthInfo that :func:`set_base_shapes` attached to ``p``, or None."""
     return getattr(p, WIDTH_ATTR, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Width records: a parameter's WidthInfo as its optimizer state carries it (docs/mup.md,
+# "Width records in checkpoints"). The record sits in the parameter's own state entry
+# (``optimizer.state[p]["mup"]``) because every checkpoint layout keys that entry by the
+# parameter: torch's state_dict by its index, ZeroRedundancyOptimizer by its global index, DCP
+# and torchtitan by its name. Param-group keys are not: ZeRO copies them between ranks, and
+# flattened layouts copy each group's keys under every one of its parameters.
+#
+# Only plain numbers and dicts, for three readers: torch's Optimizer.load_state_dict casts every
+# tensor in a state to the param's dtype (float64 ratios would round in a bf16 model) and turns a
+# string into the text of a generator (it rebuilds every iterable that is not a dict); DCP's
+# flattened optimizer state takes tensors, ints, floats and dicts only; torch.load(weights_only).
+# Hence the role as a code and the name as a CRC-32.
+# ---------------------------------------------------------------------------------------------
+RECORD_KEY = "mup"
+ROLE_CODES = {"input": 1, "hidden": 2, "output": 3, "vector": 4}  # 0: no width information
+_ROLE_OF_CODE = {code: role for role, code in ROLE_CODES.items()}
+_RECORD_FIELDS = ("role", "m_in", "m_out", "fan_in_dim", "name")
+# Path components that wrappers insert into parameter names: activation checkpointing, torch.compile
+# (a compiled module's named_parameters), FSDP1; DDP / DataParallel put "module." in front. A
+# record saved under one wrapping must fit the same parameter under another.
+_WRAPPER_PARTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the path components wrappers insert (``_checkpoint_wrapped_module``,
+    ``_orig_mod``, ``_fsdp_wrapped_module``, a leading ``module``)."""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_PARTS]
+    if len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def name_code(name: str | None) -> int:
+    """The record's form of a parameter name: CRC-32 of :func:`canonical_name`, -1 if unknown."""
+    return -1 if name is None else zlib.crc32(canonical_name(name).encode())
+
+
+def width_record(info: WidthInfo | None, shape: Iterable[int], name: str | None = None) -> dict:
+    """The record of a parameter of global shape ``shape`` (a DTensor's ``shape``) with width
+    ``info`` (None: no width information, every multiplier 1) and name ``name``."""
+    if info is None:
+        role, m_in, m_out, fan_in_dim = 0, 1.0, 1.0, 1
+    else:
+        role, m_in, m_out, fan_in_dim = ROLE_CODES[info.role], float(info.m_in), float(info.m_out), info.fan_in_dim
+    return {"role": role, "m_in": m_in, "m_out": m_out, "fan_in_dim": fan_in_dim, "name": name_code(name),
+            "shape": {str(i): int(s) for i, s in enumerate(shape)}}
+
+
+def copy_record(record: Mapping) -> dict:
+    return {**record, "shape": dict(record.get("shape", {}))}
+
+
+def old_record(record: Mapping | None, shape: Iterable[int]) -> dict:
+    """A record of mupopt's first format (``WidthInfo.as_dict()`` in ``group["mup"]``, by
+    position) as a width record; it knew no shape, so the parameter's own is taken."""
+    info = None if record is None else WidthInfo.from_dict(record)
+    return width_record(info, shape, None if record is None else record.get("name"))
+
+
+def read_record(record: Mapping, shape: tuple[int, ...], name: str | None, label) -> WidthInfo | None:
+    """The WidthInfo of ``record`` for the parameter it is about to serve, whose global shape is
+    ``shape`` and name ``name`` (None: not known here). Raises :class:`MupError` naming the
+    parameter (``label``: its text, or a callable returning it, called only for an error) when
+    the record is malformed or was saved for another parameter: another global shape, or another
+    name where both names are known."""
+
+    def fail(problem: str) -> MupError:
+        return MupError(f"the muP width record for parameter {label() if callable(label) else label} {problem}")
+
+    if not isinstance(record, Mapping) or any(k not in record for k in _RECORD_FIELDS):
+        raise fail(f"is malformed: expected a dict with keys {_RECORD_FIELDS} and 'shape', got {record!r}")
+    dims = record.get("shape", {})  # DCP's flattened layout drops the empty shape of a scalar
+    try:
+        saved_shape = tuple(int(dims[str(i)]) for i in range(len(dims)))
+    except (KeyError, TypeError, ValueError):
+        raise fail(f"has a malformed shape {dims!r}") from None
+    if saved_shape != tuple(shape):
+        raise fail(
+            f"was saved for a parameter of shape {saved_shape}, but it has shape {tuple(shape)}: the records belong "
+            f"to other parameters (a state_dict of another model, edited, or re-keyed by a framework)"
+        )
+    code = name_code(name)
+    if record["name"] != -1 and code != -1 and record["name"] != code:
+        raise fail(
+            f"was saved for a parameter of another name (same shape {tuple(shape)}): the records belong to other "
+            f"parameters (re-ordered, edited, or re-keyed by a framework)"
+        )
+    role = record["role"]
+    if role == 0:
+        return None
+    if role not in _ROLE_OF_CODE:
+        raise fail(f"has an unknown role code {role!r} (known: {ROLE_CODES}, 0 for none)")
+    try:
+        return WidthInfo(_ROLE_OF_CODE[role], record["m_in"], record["m_out"], record["fan_in_dim"], name)
+    except MupError as exc:
+        raise fail(f"is malformed: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,30 +326,37 @@ def _shape_of(x) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
 
 
-def _dims_from_base(name, shape, base_shapes, delta_shapes) -> list[Dim]:
-    if name not in base_shapes:
+def _canonical_keys(shapes: Mapping) -> dict:
+    return {canonical_name(n): s for n, s in shapes.items()}
+
+
+def _dims_from_base(name, shape, base_shapes, delta_shapes, key=None) -> list[Dim]:
+    """``key``: the name in ``base_shapes`` / ``delta_shapes`` (canonical_name), default name."""
+    key = name if key is None else key
+    if key not in base_shapes:
         raise MupError(
             f"parameter {name!r} is missing from the base model: build the base model with the "
             f"same module names, or declare it with overrides={{{name!r}: <role or WidthInfo>}}"
         )
-    base = base_shapes[name]
-    ref = delta_shapes.get(name, shape) if delta_shapes is not None else shape
-    if delta_shapes is not None and name not in delta_shapes:
+    base = base_shapes[key]
+    ref = delta_shapes.get(key, shape) if delta_shapes is not None else shape
+    if delta_shapes is not None and key not in delta_shapes:
         raise MupError(f"parameter {name!r} is missing from the delta model")
     if len(base) != len(shape) or len(ref) != len(shape):
         raise MupError(f"parameter {name!r} has shape {shape} but {base} in the base model")
     return [(s, b if b != r else None) for s, b, r in zip(shape, base, ref)]
 
 
-def _dims_from_record(name, shape, record: "BaseShapes") -> list[Dim]:
+def _dims_from_record(name, shape, record: "BaseShapes", key=None) -> list[Dim]:
     """Dims from recorded base shapes: each entry is the base size of a width dimension or None."""
-    if name not in record:
+    key = name if key is None else key
+    if key not in record:
         raise MupError(
             f"parameter {name!r} is missing from the recorded base shapes: record them again with "
             f"mupopt.make_base_shapes(base, delta, savefile) from models with the same module names, "
             f"or declare it with overrides={{{name!r}: <role or WidthInfo>}}"
         )
-    base = record[name]
+    base = record[key]
     if len(base) != len(shape):
         raise MupError(f"parameter {name!r} has shape {shape} but {len(base)} dimensions in the recorded base shapes")
     return [(s, b) for s, b in zip(shape, base)]
@@ -453,6 +561,7 @@ def set_base_shapes(
     delta: nn.Module | Mapping[str, Iterable[int]] | None = None,
     base_widths: Mapping[int, int] | None = None,
     overrides: Mapping[str, "str | WidthInfo"] | None = None,
+    partial: bool = False,
 ) -> dict[str, WidthInfo]:
     """Give every parameter of ``model`` its muP width information; return it by name.
 
@@ -473,6 +582,12 @@ def set_base_shapes(
     Roles come from the module type and which dimensions scale (docs/mup.md). Tied weights
     without an override, unknown modules with an ambiguous shape and parameters missing from the
     base raise :class:`MupError` naming the parameter and the fix.
+
+    Names are matched without the path components wrappers insert (:func:`canonical_name`:
+    activation checkpointing's ``_checkpoint_wrapped_module``, ``_orig_mod``, DDP's ``module.``),
+    so base shapes recorded from a plain model serve its wrapped, sharded form too (a DTensor's
+    ``shape`` is the global one). ``partial=True``: ``model`` is a part of the model the base
+    was recorded from (a pipeline stage), so base entries it lacks are no error.
     """
     if base is not None and base_widths is not None:
         raise MupError("pass either base= or base_widths=, not both")
@@ -486,9 +601,11 @@ def set_base_shapes(
         raise MupError("recorded base shapes already say which dimensions scale: pass them without delta=")
     base_shapes = delta_shapes = None
     if base is not None and record is None:
-        base_shapes = _named_shapes(base)
+        base_shapes = _canonical_keys(_named_shapes(base))
     if delta is not None:
-        delta_shapes = _named_shapes(delta)
+        delta_shapes = _canonical_keys(_named_shapes(delta))
+    if record is not None:
+        record = BaseShapes(_canonical_keys(record))
     overrides = dict(overrides or {})
     used_patterns: set[str] = set()
 
@@ -500,12 +617,12 @@ def set_base_shapes(
         names_of.setdefault(id(p), []).append(name)
         params[id(p)] = p
     for other, what in ((base_shapes, "base model"), (delta_shapes, "delta model"), (record, "recorded base shapes")):
-        if other is not None:
-            _check_same_names(set(owners), other, what)
+        if other is not None and not partial:
+            _check_same_names({canonical_name(n) for n in owners}, other, what)
     # Which fix the "nothing scales" error shows: at the base width, the one-line delta= fix.
     hint = None
     if base_shapes is not None and delta_shapes is None and all(
-        base_shapes.get(n) == tuple(params[pid].shape) for pid, ns in names_of.items() for n in ns
+        base_shapes.get(canonical_name(n)) == tuple(params[pid].shape) for pid, ns in names_of.items() for n in ns
     ):
         hint = _BASE_WIDTH_HINT
 
@@ -513,12 +630,13 @@ def set_base_shapes(
     for pid, names in names_of.items():
         p = params[pid]
         name = names[0]
+        key = canonical_name(name)
         shape = tuple(p.shape)
-        pattern = _matches(names, overrides)
-        if base_shapes is not None and (name in base_shapes or pattern is None):
-            dims = _dims_from_base(name, shape, base_shapes, delta_shapes)
-        elif record is not None and (name in record or pattern is None):
-            dims = _dims_from_record(name, shape, record)
+        pattern = _matches(names + [canonical_name(n) for n in names], overrides)
+        if base_shapes is not None and (key in base_shapes or pattern is None):
+            dims = _dims_from_base(name, shape, base_shapes, delta_shapes, key)
+        elif record is not None and (key in record or pattern is None):
+            dims = _dims_from_record(name, shape, record, key)
         elif base_widths is not None:
             dims = _dims_from_widths(shape, base_widths)
         elif hasattr(p, "infshape") or pattern is None:
@@ -547,7 +665,7 @@ def set_base_shapes(
         setattr(p, WIDTH_ATTR, info)
     _MODELS.add(model)
     unused = set(overrides) - used_patterns
-    if unused:
+    if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
     return result
 

@@ -1,8 +1,9 @@
-"""What each rank of tests/test_distributed.py runs (gloo on the CPU, world size 2).
+"""What each rank of tests/test_distributed.py (world size 2) and tests/test_distributed_2d.py
+(world size 4, 2-D meshes) runs, gloo on the CPU.
 
 One process group serves every scenario of a test module (starting ranks costs seconds).
 A scenario builds the same small model as the single-process run of the test, places it
-(FSDP2, tensor parallel or DDP), sets muP up in the README order (set_base_shapes before the
+(FSDP2, tensor parallel, both, HSDP or DDP), sets muP up in the README order (set_base_shapes before the
 sharding, optimizer after), steps it, and returns the full parameters (gathered) and what the
 test asks for. Rank 0 saves the results for the test process to compare.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import socket
 import traceback
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,35 +44,44 @@ def one_rank_mesh(device: str = "cpu", backend: str = "gloo"):
     finally:
         if created:
             dist.destroy_process_group()
+
+
 STEPS = 10
 
 
 class Net(nn.Module):
-    """Embedding, a residual MLP block, a norm and a readout: every muP role. Sides are
-    multiples of 16 so that 2-way shards and blocks of 8 line up (Shampoo's comparison)."""
+    """Embedding, residual MLP blocks (fc1, fc2; then fc3, fc4 with blocks=2), a norm and a
+    readout: every muP role. Sides are multiples of 16 so that 2-way shards and blocks of 8 line
+    up (Shampoo's comparison)."""
 
-    def __init__(self, d: int = WIDTH, vocab: int = VOCAB):
+    def __init__(self, d: int = WIDTH, vocab: int = VOCAB, blocks: int = 1):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
+        self.blocks = blocks
+        for b in range(blocks):
+            setattr(self, f"fc{2 * b + 1}", nn.Linear(d, 2 * d))
+            setattr(self, f"fc{2 * b + 2}", nn.Linear(2 * d, d))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, vocab)
 
+    def mlps(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(getattr(self, f"fc{2 * b + 1}"), getattr(self, f"fc{2 * b + 2}")) for b in range(self.blocks)]
+
     def forward(self, x):
         h = self.emb(x)
-        h = h + self.fc2(torch.relu(self.fc1(h)))
+        for up, down in self.mlps():
+            h = h + down(torch.relu(up(h)))
         return self.out(self.norm(h))
 
 
-def make_model(seed: int = 0, mup: bool = True) -> Net:
+def make_model(seed: int = 0, mup: bool = True, blocks: int = 1) -> Net:
     import mupopt
 
     torch.manual_seed(seed)
-    model = Net()
+    model = Net(blocks=blocks)
     if mup:
         with torch.device("meta"):
-            base = Net(BASE)
+            base = Net(BASE, blocks=blocks)
         mupopt.set_base_shapes(model, base)
     return model
 
@@ -80,23 +92,28 @@ def grad_for(step: int, name: str, shape) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * 0.1
 
 
-def make_optimizer(name: str, params, backend: str):
+def optimizer_args(name: str, backend: str = "auto"):
+    """(class, keyword arguments) of each optimizer as the distributed tests configure it."""
     import mupopt
 
-    if name == "adamw":
-        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
-    if name == "adopt":
-        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, backend=backend)
-    if name == "lamb":
-        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, backend=backend)
-    if name == "sophia":
-        return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, backend=backend)
-    if name == "muon":
-        return mupopt.Muon(params, lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2, backend=backend)
-    if name == "shampoo":
-        return mupopt.Shampoo(params, lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
-                              grafting="adam", backend=backend)
-    raise ValueError(name)
+    table = {
+        "adamw": (mupopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+        "adopt": (mupopt.ADOPT, dict(lr=1e-2, weight_decay=0.1)),
+        "lamb": (mupopt.LAMB, dict(lr=1e-2, weight_decay=0.1)),
+        "sophia": (mupopt.SophiaG, dict(lr=1e-2, weight_decay=0.1, rho=0.04)),
+        "muon": (mupopt.Muon, dict(lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2)),
+        "shampoo": (mupopt.Shampoo, dict(lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
+                                         grafting="adam")),
+    }
+    if name not in table:
+        raise ValueError(name)
+    cls, kwargs = table[name]
+    return cls, {**kwargs, "backend": backend}
+
+
+def make_optimizer(name: str, params, backend: str):
+    cls, kwargs = optimizer_args(name, backend)
+    return cls(params, **kwargs)
 
 
 def feed_grads(model: nn.Module, step: int) -> None:
@@ -124,23 +141,42 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def place(model: nn.Module, placement: str):
+    """Shard ``model`` in place (set_base_shapes already ran: the README order). 1-D meshes over
+    the world: "fsdp", "tp", "ddp"; "hsdp" on a (1, world) mesh. 2-D meshes of shape
+    (2, world // 2): "fsdp+tp" (TP on "tp", then FSDP2 on "dp": the dims TP split become
+    _StridedShard) and "hsdp-2d" (replicate x shard)."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    if placement == "hsdp":  # a 2-D mesh (replicate x shard), what Muon's exchange does not take
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model, mesh=init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("rep", "shard")))
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    name = {m: n for n, m in model.named_children()}
+    tp_plan = {}
+    for up, down in model.mlps():
+        tp_plan[name[up]], tp_plan[name[down]] = ColwiseParallel(), RowwiseParallel()
+    if placement == "hsdp":  # a 2-D mesh at 2 ranks (replicate x shard, the replicate dim of size 1)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("rep", "shard")))
+    elif placement == "hsdp-2d":
+        mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+        for up, down in model.mlps():
+            fully_shard(up, mesh=mesh2)
+            fully_shard(down, mesh=mesh2)
+        fully_shard(model, mesh=mesh2)
+    elif placement == "fsdp+tp":
+        mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh2["tp"], tp_plan)
+        for up, down in model.mlps():
+            fully_shard(up, mesh=mesh2["dp"])
+            fully_shard(down, mesh=mesh2["dp"])
+        fully_shard(model, mesh=mesh2["dp"])
     elif placement == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for m in (model.fc1, model.fc2):
-            fully_shard(m, mesh=mesh)
+        for up, down in model.mlps():
+            fully_shard(up, mesh=mesh)
+            fully_shard(down, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif placement == "tp":
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-        parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        parallelize_module(model, mesh, tp_plan)
     elif placement == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     else:
@@ -150,7 +186,7 @@ def place(model: nn.Module, placement: str):
 
 def scenario_steps(spec: dict) -> dict:
     """Fed gradients: the optimizer alone under a placement, STEPS steps."""
-    model = make_model(mup=spec.get("mup", True))
+    model = make_model(mup=spec.get("mup", True), blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
     opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
     out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
@@ -167,8 +203,9 @@ def scenario_steps(spec: dict) -> dict:
     out["selected"] = opt.selected_backends
     if spec["optimizer"] == "muon":
         seg = [s for plan in opt._plan_cache.values() for s in plan.segments if s.kernel == "muon"]
-        hooks = [s.collectives.get("orthogonalize") for s in seg]
-        out["ns_flops"] = sum(h.flops for h in hooks if h is not None)
+        hooks = [h for h in (s.collectives.get("orthogonalize") for s in seg) if h is not None]
+        out["ns_flops"] = all_ranks(sum(h.flops for h in hooks))  # the last step's, every rank's
+        out["ns_calls"] = sum(h.calls for h in hooks)
     if spec["optimizer"] == "lamb":
         seg = [s for plan in opt._plan_cache.values() for s in plan.segments]
         out["norm_calls"] = sum(s.collectives["norm_reduce"].calls for s in seg if "norm_reduce" in s.collectives)
@@ -195,49 +232,268 @@ def scenario_train(spec: dict) -> dict:
     return {"params": full_params(model)}
 
 
-def scenario_dcp(spec: dict) -> dict:
-    """Save after 5 fed steps through DCP, load into a fresh model and optimizer (not stepped),
-    continue 5 steps."""
+def _dcp_save(spec: dict) -> None:
+    """5 fed steps under spec["placement"], then a DCP save to spec["path"]."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    path = spec["path"]
-    model = make_model()
+    model = make_model(blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
     opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
     for t in range(5):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
     msd, osd = get_state_dict(placed, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
 
-    model2 = make_model(seed=1)  # other initial values: the checkpoint must bring them
-    placed2 = place(model2, spec["placement"])
-    opt2 = make_optimizer(spec["optimizer"], placed2.parameters(), spec["backend"])
-    msd2, osd2 = get_state_dict(placed2, opt2)
-    state = {"model": msd2, "optim": osd2}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(placed2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+def _dcp_resume(spec: dict) -> dict:
+    """Load spec["path"] into a fresh model and optimizer (other initial values, not stepped)
+    under spec["resume_placement"] (default: the saving placement), continue 5 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = make_model(seed=1, blocks=spec.get("blocks", 1))  # the checkpoint must bring the values
+    placed = place(model, spec.get("resume_placement", spec["placement"]))
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    msd, osd = get_state_dict(placed, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=spec["path"])
+    set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for t in range(5, STEPS):
+        feed_grads(model, t)
+        step_once(opt, spec["optimizer"], t)
+    return {"params": full_params(model)}
+
+
+def scenario_dcp(spec: dict) -> dict:
+    """Save after 5 fed steps through DCP, resume in the same process group, continue 5 steps."""
+    _dcp_save(spec)
+    return _dcp_resume(spec)
+
+
+def scenario_dcp_save(spec: dict) -> dict:
+    """The save half alone: another world size resumes it (scenario "dcp_resume")."""
+    _dcp_save(spec)
+    return {}
+
+
+def scenario_dcp_resume(spec: dict) -> dict:
+    return _dcp_resume(spec)
+
+
+def placements_of(spec: Sequence[str]) -> list:
+    """Placements from short names: "R", "S<dim>", "SS<dim>/<split_factor>" (_StridedShard),
+    "P" (Partial)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out = []
+    for s in spec:
+        if s == "R":
+            out.append(Replicate())
+        elif s == "P":
+            out.append(Partial())
+        elif s.startswith("SS"):
+            dim, sf = s[2:].split("/")
+            out.append(_StridedShard(int(dim), split_factor=int(sf)))
+        else:
+            out.append(Shard(int(s[1:])))
+    return out
+
+
+def mesh_2d():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+
+
+def all_ranks(value) -> list:
+    """``value`` of every rank, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def scenario_geometry(spec: dict) -> dict:
+    """For each (shape, placements, src) of spec["cases"] on the 2-D mesh: whether DTensor's own
+    distribution of an index tensor (scattered from rank src; cut locally where src is None)
+    gives this rank the elements of the placement layer's block, on every rank."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from mupopt.optim._placement import shard_block
+
+    mesh = mesh_2d()
+    agree = []
+    for shape, names, src in spec["cases"]:
+        placements = placements_of(names)
+        index = torch.arange(math.prod(shape)).view(shape)
+        got = distribute_tensor(index, mesh, placements, src_data_rank=src).to_local()
+        block = shard_block(shape, placements, tuple(mesh.shape), mesh.get_coordinate())
+        agree.append(got.shape == block.shape and torch.equal(got, block.read(index)))
+    return {"agree": all_ranks(agree)}
+
+
+def scenario_orthogonalize(spec: dict) -> dict:
+    """Muon's exchange alone on matrices of spec["cases"] ((shape, placements, mesh: "2d", its
+    "dp" sub-mesh, or the (2, 1) sub-mesh "b,c" of a (2, 2, 1) mesh)): uneven, empty, replicated
+    and strided shards, three process groups.
+    Returns the whole results, every rank's NS flops and collectives, and what every rank got."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from mupopt.linalg import newton_schulz
+    from mupopt.optim._placement import Orthogonalize
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = mesh_2d()
+    meshes = {"2d": mesh, "dp": mesh["dp"],
+              "b,c": init_device_mesh("cpu", (2, dist.get_world_size() // 2, 1), mesh_dim_names=("a", "b", "c"))["b", "c"]}
+    params = []
+    for k, (shape, names, where) in enumerate(spec["cases"]):
+        full = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+        # Cut locally (every rank has `full`): torch's scatter refuses uneven _StridedShard.
+        params.append(distribute_tensor(full, meshes[where], placements_of(names), src_data_rank=None))
+    hook = Orthogonalize(params)
+    out = hook([p.to_local() for p in params], lambda X: newton_schulz(X, 5, dtype=torch.float32, check_finite=False), 5)
+    whole = [DTensor.from_local(o, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+             for o, p in zip(out, params)]
+    return {"whole": whole, "flops": all_ranks(hook.flops), "calls": all_ranks(hook.calls)}
+
+
+def scenario_refuse(spec: dict) -> dict:
+    """A parameter with a placement the placement layer does not step (spec["placements"] on
+    the 2-D mesh): each optimizer's first step must raise; the messages and whether the
+    parameter stayed as it was."""
+    from torch.distributed.tensor import DTensor
+
+    import mupopt
+
+    mesh = mesh_2d()
+    placements = placements_of(spec["placements"])
+    out = {}
+    for name, cls in [("adamw", mupopt.AdamW), ("lamb", mupopt.LAMB), ("muon", mupopt.Muon)]:
+        local = torch.randn(8, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+        p = nn.Parameter(DTensor.from_local(local.clone(), mesh, placements, run_check=False))
+        p.grad = DTensor.from_local(torch.ones(8, 8), mesh, placements, run_check=False)
+        opt = cls([p], lr=1e-2)
+        try:
+            opt.step()
+            out[name] = (None, False)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out[name] = (f"{type(exc).__name__}: {exc}", torch.equal(p.to_local(), local) and not opt.state)
+    return out
+
+
+def zero_step(opt, name: str, step: int) -> None:
+    """One step of a ZeroRedundancyOptimizer: SophiaG's Hessian update runs on the local
+    optimizer (the rank's own parameters), then ZeRO steps it and broadcasts the parameters."""
+    if name == "sophia":
+        if step % 3 == 0:
+            opt.optim.update_hessian()
+        opt.step(bs=64)
+    else:
+        opt.step()
+
+
+def scenario_zero(spec: dict) -> dict:
+    """torch.distributed.optim.ZeroRedundancyOptimizer over a mupopt class: 5 fed steps,
+    consolidate_state_dict, rank 0 saves (torch.save), every rank loads it into a fresh model and
+    ZeRO optimizer (without width information unless spec["mup_at_resume"]: the records must come
+    from the checkpoint) and continues 5 steps."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    name, path = spec["optimizer"], spec["path"]
+    cls, kwargs = optimizer_args(name, spec["backend"])
+    model = make_model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+    for t in range(5):
+        feed_grads(model, t)
+        zero_step(opt, name, t)
+    opt.consolidate_state_dict(to=0)
+    if dist.get_rank() == 0:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    model2 = make_model(seed=1, mup=spec.get("mup_at_resume", False))
+    ckpt = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True)["optim"]  # ZeRO's load_state_dict edits the dict it gets
+    model2.load_state_dict(ckpt["model"])
+    opt2 = ZeroRedundancyOptimizer(model2.parameters(), optimizer_class=cls, **kwargs)
+    opt2.load_state_dict(ckpt["optim"])
     for t in range(5, STEPS):
         feed_grads(model2, t)
-        step_once(opt2, spec["optimizer"], t)
-    return {"params": full_params(model2)}
+        zero_step(opt2, name, t)
+    return {"params": full_params(model2), "saved": saved}
 
 
-def scenario_error(spec: dict) -> dict:
-    """Something that must raise: the message."""
+def scenario_zero_mismatch(spec: dict) -> dict:
+    """A ZeRO checkpoint whose records were moved onto other parameters (one on each rank's
+    partition, so both ranks fail alike): the first step after the load raises, naming the
+    parameter. The error message of this rank."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls, kwargs = optimizer_args(spec["optimizer"], "auto")
     model = make_model()
-    placed = place(model, spec["placement"])
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+    feed_grads(model, 0)
+    zero_step(opt, spec["optimizer"], 0)
+    opt.consolidate_state_dict(to=0)
+    if dist.get_rank() == 0:
+        sd = opt.state_dict()
+        index = {id(p): i for i, p in enumerate(model.parameters())}
+        by_name = dict(model.named_parameters())
+        for part in opt._partition_parameters():  # each rank's first (a matrix) gets norm.weight's record
+            first = part[0]["params"][0]
+            sd["state"][index[id(first)]]["mup"] = dict(sd["state"][index[id(by_name["norm.weight"])]]["mup"])
+        torch.save(sd, spec["path"])
+    dist.barrier()
+    model2 = make_model(seed=1)  # with width information: the message names the parameter
+    opt2 = ZeroRedundancyOptimizer(model2.parameters(), optimizer_class=cls, **kwargs)
+    opt2.load_state_dict(torch.load(spec["path"], weights_only=True))
+    feed_grads(model2, 1)
     try:
-        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
-        feed_grads(model, 0)
-        step_once(opt, spec["optimizer"], 0)
+        zero_step(opt2, spec["optimizer"], 1)
     except Exception as exc:  # noqa: BLE001 - reported to the test
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": f"{type(exc).__name__}: {exc}", "names": [n for n, _ in model.named_parameters()]}
     return {"error": None}
 
 
-SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "error": scenario_error}
+def scenario_torchtitan(spec: dict) -> dict:
+    """torchtitan's optimizer container (mupopt.integrations.torchtitan) built after FSDP2, as
+    torchtitan builds it: width information from the base-shapes file by name, of the global
+    shapes; fed steps; the multipliers, parameters and records of the flattened state_dict."""
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    from mupopt.integrations.torchtitan import MupOptimizersContainer
+
+    model = make_model(mup=False)
+    place(model, "fsdp")
+    cls, kwargs = optimizer_args(spec["optimizer"], "auto")
+    kwargs.pop("backend")
+    config = MupOptimizersContainer.Config(
+        param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name=f"mupopt.{cls.__name__}", optimizer_kwargs=kwargs)],
+        base_shapes=spec["bsh"],
+    )
+    container = config.build(model_parts=[model])
+    (opt,) = container.optimizers
+    out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
+    for t in range(STEPS):
+        feed_grads(model, t)
+        if spec["optimizer"] == "sophia":
+            if t % 3 == 0:
+                opt.update_hessian()
+            opt.step(bs=64)
+        else:
+            container.step()
+    out["params"] = full_params(model)
+    out["records"] = {k: v for k, v in container.state_dict().items() if ".mup." in k}
+    return out
+
+
+SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
+             "dcp_resume": scenario_dcp_resume, "geometry": scenario_geometry, "orthogonalize": scenario_orthogonalize,
+             "refuse": scenario_refuse,
+             "zero": scenario_zero, "zero_mismatch": scenario_zero_mismatch, "torchtitan": scenario_torchtitan}
 
 
 def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:

@@ -114,3 +114,19 @@ def fill_grads(params, step: int, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(10_000 * seed + step)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def tensor_state(st: dict) -> dict:
+    """An optimizer state without mupopt's width record (``"mup"``: a dict of numbers,
+    mupopt.mup.width_record): the tensors the update keeps."""
+    return {k: v for k, v in st.items() if k != "mup"}
+
+
+def same_state_value(a, b) -> bool:
+    """Two values of an optimizer state: tensors (and lists of them: Shampoo's blocks) bit for
+    bit, anything else (the width record) by ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_state_value, a, b))
+    return a == b

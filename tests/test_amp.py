@@ -31,6 +31,8 @@ import triton_mode
 from mupopt import backends
 from mupopt.optim import _base
 
+from models import same_state_value
+
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = False
 if HAVE_TRITON:
@@ -189,9 +191,7 @@ def assert_unchanged(opt, params, snap):
         assert st.keys() == before_state[i].keys()
         for key, value in st.items():
             old = before_state[i][key]
-            values, olds = (value, old) if isinstance(value, list) else ([value], [old])
-            for v, o in zip(values, olds):
-                assert torch.equal(v, o), f"state {i} {key} changed"
+            assert same_state_value(value, old), f"state {i} {key} changed"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,6 +134,40 @@ def test_found_inf_skips_on_the_device(name, backend):
         torch.testing.assert_close(p, q, **TOL)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_warmup_from_lr_zero_leaves_params_unchanged(name, backend):
+    """lr = 0 (the first steps of a warmup) with gradients that are zero in places: params stay
+    exactly as they were, no NaN (torch's capturable AdamW divides by the step size and writes
+    0/0 = NaN where v = 0; on CUDA every capturable step runs the reference backend), and the
+    run then goes on as the host path's does."""
+    cls, kw = CASES[name]
+    ps, qs = model_params(), model_params()
+    cap = cls(ps, capturable=True, backend=backend, **{**kw, "lr": 0.0})
+    ref = cls(qs, backend=backend, **{**kw, "lr": 0.0})
+    before = [p.detach().clone() for p in ps]
+    for t in range(5):
+        if t == 2:
+            for opt in (cap, ref):
+                for group in opt.param_groups:
+                    group["lr"] = kw["lr"]
+        for xs in (ps, qs):
+            grads(xs, t)
+            for x in xs:
+                x.grad.view(-1)[::2] = 0.0  # v = 0 there while lr is 0
+        do_step(ref, name)
+        if t:
+            with no_host_reads():
+                do_step(cap, name)
+        else:
+            do_step(cap, name)
+        if t < 2:
+            assert all(torch.equal(p, b) for p, b in zip(ps, before)), t
+    assert all(torch.isfinite(p).all() for p in ps)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, **TOL)
+
+
 def test_auto_skips_backends_without_capturable_and_explicit_ones_raise():
     """A faster backend that cannot take capturable=True is passed over by auto and refused when
     asked for by name."""

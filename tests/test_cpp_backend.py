@@ -34,6 +34,7 @@ import mupopt
 from mupopt import backends
 from mupopt.mup import WidthInfo
 import mupopt.kernels.cpp as cpp_backend
+from models import tensor_state
 
 SHAPES = [(1,), (7,), (33, 65), (0,), (100003,), (5, 3)]
 WIDTHS = [
@@ -155,7 +156,9 @@ def assert_same(name, o_opt, r_opt, ours, ref):
         sa, sb = o_opt.state[a], r_opt.state[b]
         assert sa.keys() == sb.keys(), (name, i)
         for key in sb:
-            if key == "step":
+            if key == "mup":  # the width record: numbers
+                assert sa[key] == sb[key], (name, i)
+            elif key == "step":
                 assert torch.equal(sa[key], sb[key]), (name, i)
             else:
                 close(sa[key], sb[key], f"{name} state {key!r} of param {i}")
@@ -227,7 +230,7 @@ def test_fp16_params(name, grad_dtype):
     assert_same(name, o, r, ours, ref)
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert a.dtype == torch.float16
-        tensors = [(a.detach(), b.detach())] + [(o.state[a][k], r.state[b][k]) for k in r.state[b]]
+        tensors = [(a.detach(), b.detach())] + [(o.state[a][k], r.state[b][k]) for k in tensor_state(r.state[b])]
         for x, y in tensors:
             if name == "sophia":
                 assert torch.equal(x, y), f"sophia param {i}"
@@ -456,6 +459,34 @@ def test_ahead_of_time_command(capsys):
 
     assert build.main(["--quiet"]) == 0
     assert "mupopt cpu library ready" in capsys.readouterr().out
+
+
+def test_built_library_loads_in_every_process_without_building():
+    """Once the library is built, every process of a job loads it from the cache as it is: no
+    compiler, ninja or lock (build.loads records "cached"; torch's JIT build, which each
+    process here is forbidden to call, would record "built"). Two processes at once, as two
+    ranks start."""
+    from mupopt.kernels.cpp import build
+
+    assert build.load_cpu() is True
+    code = textwrap.dedent(
+        """
+        from torch.utils import cpp_extension
+        def forbidden(*args, **kwargs):
+            raise AssertionError("torch's JIT build was called")
+        cpp_extension.load = forbidden
+        from mupopt.kernels.cpp import build
+        assert build.load_cpu() is True, build.load_cpu()
+        print([r["how"] for r in build.loads])
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0 and out.strip() == "['cached']", err[-2000:]
 
 
 def test_import_and_register_build_nothing(tmp_path):

@@ -111,15 +111,29 @@ def test_dense_layouts_run_on_the_fused_backend(name):
         assert p.stride() == a.state[p]["exp_avg"].stride()  # state keeps the param's layout
 
 
-def test_truly_strided_tensor_falls_back_alone():
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_truly_strided_param_steps_on_the_fused_backend_through_a_copy(name):
+    """A param that is not dense (every other column of a larger tensor, as torch's
+    test_forloop_goes_right_direction makes them) is stepped by the fused backend through a
+    contiguous buffer (copied in, written back): equal to the same optimizer on a contiguous
+    copy, no fallback, the other columns of its storage untouched."""
     if fused() is None:
         pytest.skip("no fused backend here")
-    strided = nn.Parameter(torch.randn(6, 8)[:, ::2])  # every other column: not dense
+    cls, kw = ELEMENTWISE[name]
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    strided = nn.Parameter(base[:, ::2])
     plain = nn.Parameter(torch.randn(5))
-    opt = mupopt.AdamW([strided, plain], lr=0.1)
-    with pytest.warns(mupopt.BackendFallbackWarning, match="not contiguous"):
-        run(opt, [strided, plain], steps=1)
-    assert opt.selected_backends == [{"adamw": f"{fused()} (1) + reference (1)"}]
+    qs = [nn.Parameter(strided.detach().clone()), nn.Parameter(plain.detach().clone())]
+    others = base[:, 1::2].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mupopt.BackendFallbackWarning)
+        opt = cls([strided, plain], **kw)
+        run(opt, [strided, plain], steps=3)
+    ref = cls(qs, **kw)
+    run(ref, qs, steps=3)
+    assert opt.selected_backends[0][name] == fused()
+    assert torch.equal(strided, qs[0]) and torch.equal(plain, qs[1])
+    assert torch.equal(base[:, 1::2], others)
 
 
 @pytest.mark.parametrize("cls", [mupopt.Muon, mupopt.Shampoo])
@@ -127,3 +141,105 @@ def test_muon_and_shampoo_refuse_complex_params(cls):
     z = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
     with pytest.raises(ValueError, match=f"{cls.__name__} does not support complex parameters"):
         cls([z])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of another layout than their param's (issue 22 item 1)
+# ---------------------------------------------------------------------------------------------
+import triton_mode  # noqa: E402
+
+TRITON_ON_CPU = triton_mode.runs_on_cpu()
+ALL_SIX = {
+    **ELEMENTWISE,
+    "muon": (mupopt.Muon, dict(lr=0.05, weight_decay=0.1)),
+    "shampoo": (mupopt.Shampoo, dict(lr=0.05, epsilon=1e-3)),
+}
+
+
+def _cpu_backends(rule):
+    names = [n for n in backends.names(rule) if n in ("reference", "cpu") or (n == "triton" and TRITON_ON_CPU)]
+    return [n for n in names if n != "cpu" or backends.get(rule, n).reason([torch.zeros(2)]) is None]
+
+
+def _param_layouts(name="adamw"):
+    """A contiguous matrix, a contiguous 4-D tensor, a channels_last 4-D tensor (a flat view for
+    the elementwise kernels; Muon and Shampoo get it contiguous: their kernels take matrices as
+    they are laid out) and a vector."""
+    gen = torch.Generator().manual_seed(3)
+    last = torch.channels_last if name in ELEMENTWISE else torch.contiguous_format
+    return [
+        torch.randn(6, 4, generator=gen),
+        torch.randn(4, 3, 2, 2, generator=gen),
+        torch.randn(5, 3, 2, 2, generator=gen).to(memory_format=last),
+        torch.randn(6, generator=gen),
+    ]
+
+
+def _odd_layout(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The values of g in a layout other than its param's: transposed storage for a matrix,
+    channels_last for a contiguous 4-D param and contiguous for a channels_last one, every
+    other element of a larger buffer (not dense) for a vector."""
+    if p.ndim == 2:
+        return g.t().contiguous().t()
+    if p.ndim == 4:
+        return g.contiguous() if not p.is_contiguous() else g.contiguous(memory_format=torch.channels_last)
+    return torch.zeros(2 * g.numel())[::2].view(g.shape).copy_(g)
+
+
+@pytest.mark.parametrize("name,backend", [(n, b) for n in ALL_SIX for b in _cpu_backends(n)])
+def test_gradients_of_any_layout_step_like_contiguous_ones(name, backend, monkeypatch):
+    """Gradients whose strides differ from their param's step exactly as gradients in the
+    param's layout do (torch's fused AdamW steps them too), on every backend: on the first step
+    (the plan is built with them) and on later steps (a plan built for the usual layout),
+    without falling back to another backend."""
+    if backend == "triton":
+        triton_mode.match_environment(monkeypatch, True)
+    cls, kw = ALL_SIX[name]
+    ps = [nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in _param_layouts(name)]
+    qs = [nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in _param_layouts(name)]
+    a, b = cls(ps, backend=backend, **kw), cls(qs, backend=backend, **kw)
+    odd_steps = {0, 2, 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mupopt.BackendFallbackWarning)
+        for t in range(4):
+            gen = torch.Generator().manual_seed(t)
+            for k, (p, q) in enumerate(zip(ps, qs)):
+                g = torch.randn(p.shape, generator=gen)
+                q.grad = torch.empty_like(q).copy_(g)  # the param's layout
+                p.grad = _odd_layout(g, p) if t in odd_steps else torch.empty_like(p).copy_(g)
+                assert t not in odd_steps or p.grad.stride() != p.stride()
+            for o in (a, b):
+                if name == "sophia":
+                    o.update_hessian()
+                    o.step(bs=16)
+                else:
+                    o.step()
+    assert a.selected_backends == b.selected_backends
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q), f"max diff {(p - q).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("adamw"))
+def test_unscaled_gradient_of_another_layout_is_stored_back(backend, monkeypatch):
+    """With GradScaler's grad_scale set, p.grad holds the unscaled gradient after the step (as
+    torch's fused AdamW leaves it), also where the step worked on a copy in the param's layout;
+    p.grad stays the same tensor object."""
+    if backend == "triton":
+        triton_mode.match_environment(monkeypatch, True)
+    ps = [nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in _param_layouts()]
+    qs = [nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in _param_layouts()]
+    a, b = mupopt.AdamW(ps, lr=0.1, backend=backend), mupopt.AdamW(qs, lr=0.1, backend=backend)
+    for t in range(2):
+        gen = torch.Generator().manual_seed(t)
+        grads = []
+        for k, (p, q) in enumerate(zip(ps, qs)):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = _odd_layout(g * 4, p), torch.empty_like(q).copy_(g)
+            grads.append((p.grad, g))
+        a.grad_scale, a.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+        a.step(), b.step()
+        del a.grad_scale, a.found_inf
+        for p, (held, g) in zip(ps, grads):
+            assert p.grad is held and torch.equal(held, g)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)

@@ -795,6 +795,42 @@ def test_recorded_base_shapes_read_microsoft_mup_bsh(tmp_path):
     assert as_tuples(got) == as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides=POS))
 
 
+def test_recorded_base_shapes_match_names_through_wrappers(tmp_path):
+    """Base shapes recorded from the plain model name the parameters of its wrapped form:
+    activation checkpointing's _checkpoint_wrapped_module and DDP's leading module. are not
+    part of a name (what frameworks such as torchtitan build the optimizer over)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    path = tmp_path / "gpt.bsh"
+    mupopt.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), path)
+    want = as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), path, overrides=POS))
+    model = TinyGPT(WIDTH)
+    model.blocks[0] = checkpoint_wrapper(model.blocks[0])
+    wrapped = nn.Module()
+    wrapped.module = model  # DataParallel's naming
+    got = mupopt.set_base_shapes(wrapped, path, overrides=POS)
+    assert any("_checkpoint_wrapped_module" in n for n in got)
+    assert {mupopt.mup.canonical_name(n): v for n, v in as_tuples(got).items()} == want
+
+
+def test_a_part_of_the_model_takes_its_part_of_the_base_shapes(tmp_path):
+    """partial=True (a pipeline stage): base entries the part lacks are no error, its own
+    parameters are matched as in the whole model; without it they are refused, and a parameter
+    the base does not name raises naming it in either case."""
+    path = tmp_path / "gpt.bsh"
+    mupopt.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), path)
+    whole = mupopt.set_base_shapes(TinyGPT(WIDTH), path, overrides=POS)
+    stage = nn.Module()
+    stage.blocks = TinyGPT(WIDTH).blocks
+    with pytest.raises(mupopt.MupError, match="recorded base shapes has .* parameter"):
+        mupopt.set_base_shapes(stage, path)
+    got = mupopt.set_base_shapes(stage, path, overrides=POS, partial=True)
+    assert as_tuples(got) == {n: v for n, v in as_tuples(whole).items() if n.startswith("blocks.")}
+    stage.extra = nn.Linear(WIDTH, WIDTH)
+    with pytest.raises(mupopt.MupError, match="'extra.weight' is missing from the recorded base shapes"):
+        mupopt.set_base_shapes(stage, path, partial=True)
+
+
 def test_an_int_as_base_is_a_type_error_naming_base_widths():
     with pytest.raises(TypeError, match=r"base_widths=\{<width>: 16\}"):
         mupopt.set_base_shapes(MLP(64), 16)
@@ -820,21 +856,26 @@ def test_a_base_with_extra_layers_raises():
 
 def test_mup_summary_of_plain_parameters_uses_the_model_names(gpt):
     """Given model.parameters() (as Hugging Face's Trainer passes them), mup_summary() names
-    each row as set_base_shapes saw it; the name survives a state_dict round trip, and a record
-    saved before names existed still loads (then a positional label)."""
+    each row as set_base_shapes saw it. After a state_dict round trip the roles come from the
+    saved records; the names from what this process knows (the records keep a name as its
+    CRC-32 only: docs/mup.md), so plain parameters without width information get positions."""
     model, _, infos = gpt
+    names = [n for n, _ in model.named_parameters()]
     opt = mupopt.AdamW(model.parameters())
     rows = _rows(opt.mup_summary())
-    assert [r[0] for r in rows] == [n for n, _ in model.named_parameters()]
-    assert [r[2] for r in rows] == [infos[n].role for n, _ in model.named_parameters()]
+    assert [r[0] for r in rows] == names
+    assert [r[2] for r in rows] == [infos[n].role for n in names]
     info = infos["blocks.0.qkv.weight"]
     assert WidthInfo.from_dict(info.as_dict()).name == "blocks.0.qkv.weight"
-    old = copy.deepcopy(opt.state_dict())
-    for record in old["param_groups"][0]["mup"]:
-        del record["name"]
+    sd = copy.deepcopy(opt.state_dict())
     fresh = mupopt.AdamW(model.parameters())
-    fresh.load_state_dict(old)
-    assert _rows(fresh.mup_summary())[0][0] == "group0.param0"
+    fresh.load_state_dict(sd)
+    assert [r[0] for r in _rows(fresh.mup_summary())] == names
+    blind = mupopt.AdamW([p.detach().clone().requires_grad_() for p in model.parameters()])
+    blind.load_state_dict(sd)
+    rows = _rows(blind.mup_summary())
+    assert rows[0][0] == "group0.param0"
+    assert [r[2] for r in rows] == [infos[n].role for n in names]
 
 
 class _ReadmeGPT(nn.Module):

@@ -7,26 +7,81 @@ import pytest
 import torch
 from torch import nn
 
+import dist_worker as dw
 import mupopt
 from mupopt.mup import MupError
 from mupopt.optim import _placement as pl
 
+PLACEMENT_CASES = [
+    # (global shape, placements, mesh shape): Shard as torch.chunk (uneven, empty tails), nested
+    # cuts of one dim, replicated dims, and _StridedShard (FSDP2 over a TP-split dim) in the
+    # forms FSDP2 + TP produce, even and uneven.
+    ((12, 5), ["S0"], (2,)),
+    ((13, 3), ["S1"], (4,)),
+    ((3, 4), ["S0"], (4,)),
+    ((8, 4), ["S0", "S0"], (2, 2)),
+    ((8, 4), ["R", "S1"], (2, 2)),
+    ((7, 6), ["S1", "S0"], (2, 3)),
+    ((32, 16), ["SS0/2", "S0"], (2, 2)),
+    ((16, 32), ["SS1/2", "S1"], (2, 2)),
+    ((30, 5), ["SS0/3", "S0"], (2, 3)),
+    ((10, 6), ["SS0/2", "S0"], (2, 2)),
+    ((12, 6, 4), ["S2", "SS0/2", "S0"], (2, 2, 2)),
+]
 
-def test_shard_box_follows_torch_chunk():
-    """Shard(d) splits as torch.chunk (DTensor's rule), uneven sizes and empty tails included."""
-    for n, parts in [(12, 2), (13, 2), (5, 4), (3, 4), (0, 2)]:
-        chunks = torch.arange(n).chunk(parts) if n else ()
-        for k in range(parts):
-            offset, size = pl._chunk(n, parts, k)
-            want = chunks[k] if k < len(chunks) else torch.arange(0)
-            assert size == len(want) and (size == 0 or offset == int(want[0])), (n, parts, k)
+
+@pytest.mark.parametrize("shape,spec,mesh_shape", PLACEMENT_CASES, ids=[f"{s}-{'.'.join(p)}" for s, p, _ in PLACEMENT_CASES])
+def test_shard_block_agrees_with_torch(shape, spec, mesh_shape):
+    """Every mesh coordinate's block has the shape and first offset that torch's own
+    compute_local_shape_and_global_offset gives (the function DCP places checkpoint shards
+    with), and the blocks of the distinct shards tile the tensor exactly once."""
+    import itertools
+
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    placements = dw.placements_of(spec)
+    seen = torch.zeros(shape, dtype=torch.long)
+    split = [m for m, p in enumerate(placements) if not isinstance(p, pl.Replicate)]
+    distinct = set()
+    for coord in itertools.product(*map(range, mesh_shape)):
+        block = pl.shard_block(shape, placements, mesh_shape, coord)
+        want_shape, want_offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coord), placements)
+        assert block.shape == tuple(want_shape), coord
+        if block.numel:
+            assert tuple(int(ix[0]) for ix in block.indices) == tuple(want_offset), coord
+        where = tuple(coord[m] for m in split)
+        if where not in distinct:
+            distinct.add(where)
+            block.write(seen, block.read(seen) + 1)
+    assert bool((seen == 1).all())
 
 
-def test_shard_box_nested_and_replicated():
-    Shard, Replicate = pl.Shard, pl.Replicate
-    # Shard(0) on both mesh dims of a (2, 2) mesh cuts dim 0 twice; Replicate leaves a dim whole.
-    assert pl.shard_box((8, 4), [Shard(0), Shard(0)], (2, 2), (1, 0)) == ([4, 0], [2, 4])
-    assert pl.shard_box((8, 4), [Replicate(), Shard(1)], (2, 2), (1, 1)) == ([0, 2], [8, 2])
+def test_strided_shard_is_fsdp_over_tensor_parallel():
+    """_StridedShard(0, sf=T) on "dp" with Shard(0) on "tp" holds what FSDP2 gets by cutting
+    the tensor-parallel shard: chunk dp of chunk tp (the right-to-left order of FSDP2 + TP)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    rows = torch.arange(24)
+    for dp, tp in [(2, 2), (2, 3), (3, 2)]:
+        placements = [_StridedShard(0, split_factor=tp), pl.Shard(0)]
+        for i in range(dp):
+            for j in range(tp):
+                block = pl.shard_block((24, 2), placements, (dp, tp), (i, j))
+                assert torch.equal(block.indices[0], rows.chunk(tp)[j].chunk(dp)[i]), (dp, tp, i, j)
+                assert block.is_box  # each rank's rows are one run here: gathers move views
+
+
+def test_non_box_block_reads_and_writes_through_indices():
+    """A _StridedShard alone (no later cut) holds interleaved runs: not a box, still exact."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    block = pl.shard_block((8, 3), [_StridedShard(0, split_factor=2)], (2,), (0,))
+    assert not block.is_box and block.indices[0].tolist() == [0, 1, 4, 5]
+    whole = torch.arange(24.0).view(8, 3)
+    assert torch.equal(block.read(whole), whole[[0, 1, 4, 5]])
+    out = torch.zeros(8, 3)
+    block.write(out, block.read(whole).reshape(-1))
+    assert torch.equal(out[[0, 1, 4, 5]], whole[[0, 1, 4, 5]]) and out[[2, 3, 6, 7]].abs().sum() == 0
 
 
 def test_width_info_survives_parameter_replacement():
@@ -59,7 +114,7 @@ def test_clear_base_shapes_forgets_the_records():
     mupopt.clear_base_shapes(model)
     model[0].weight = nn.Parameter(model[0].weight.detach().clone())
     opt = mupopt.AdamW(model.parameters())
-    assert opt.param_groups[0]["mup"] == [None, None]
+    assert opt.width_infos(opt.param_groups[0]) == [None, None]
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +178,27 @@ def test_a_parameter_without_width_info_is_named_in_the_error():
     model.add_module("extra", nn.Linear(4, 4))
     with pytest.raises(MupError, match=r"parameter 'extra.weight' has no muP width information"):
         mupopt.AdamW(model.parameters())
+
+
+def test_a_placement_the_layer_does_not_step_is_refused(one_rank):
+    """A Partial parameter (a pending sum) cannot be stepped shard by shard: every optimizer's
+    first step raises, naming the optimizer, the placement and the shape, and writes nothing."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    for cls in (mupopt.AdamW, mupopt.LAMB, mupopt.Muon, mupopt.Shampoo):
+        p = nn.Parameter(DTensor.from_local(torch.ones(4, 6), one_rank, [Partial()]))
+        p.grad = DTensor.from_local(torch.ones(4, 6), one_rank, [Partial()])
+        opt = cls([p], lr=1e-2)
+        with pytest.raises(NotImplementedError, match=rf"{cls.__name__}: a parameter of shape \(4, 6\) has placement Partial\(sum\)"):
+            opt.step()
+        assert torch.equal(p.to_local(), torch.ones(4, 6)) and not opt.state
+
+
+def test_a_partial_mesh_without_flatten_is_refused_naming_it(one_rank):
+    """An N-D mesh over part of the world needs one process group over its ranks
+    (DeviceMesh._flatten, with dim names): without them the exchange refuses, naming why."""
+    from types import SimpleNamespace
+
+    mesh = SimpleNamespace(size=lambda: 2, ndim=2, shape=(1, 2), mesh_dim_names=None)  # world: 1 rank
+    with pytest.raises(NotImplementedError, match=r"Muon: parameters on a 2-D mesh of shape \(1, 2\) over part of the world"):
+        pl.mesh_group(mesh, "Muon")

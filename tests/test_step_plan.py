@@ -6,6 +6,7 @@ written before everything that can fail has been checked; auto falls back per te
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 
 import mupopt
 from mupopt import backends
+from mupopt.mup import WidthInfo, width_record
 
 
 def params(seed=0, shapes=((4, 3), (3,), (2, 5))):
@@ -67,9 +69,12 @@ def test_a_real_change_rebuilds_the_plan_and_the_result_follows_it(change, monke
             pass  # below: one param without a gradient
         elif change == "wd_mode":
             o.param_groups[0]["wd_mode"] = "coupled"
-        elif change == "mup":
-            o.param_groups[0]["mup"] = [{"role": "hidden", "m_in": 2.0, "m_out": 2.0} if p.ndim == 2 else
-                                       {"role": "vector", "m_in": 1.0, "m_out": 1.0} for p in o.param_groups[0]["params"]]
+        elif change == "mup":  # new width records, loaded with the state (where they live)
+            sd = o.state_dict()
+            for pid, p in zip(sd["param_groups"][0]["params"], o.param_groups[0]["params"]):
+                info = WidthInfo("hidden", 2.0, 2.0) if p.ndim == 2 else WidthInfo("vector", 1.0, 1.0)
+                sd["state"][pid]["mup"] = width_record(info, p.shape)
+            o.load_state_dict(sd)
     if change == "env":
         monkeypatch.setenv(backends.ENV_VAR, "reference")
     for o, xs in ((opt, ps), (ref, qs)):
@@ -105,16 +110,19 @@ def test_hyperparameter_edits_need_no_new_plan_and_are_honoured():
         opt.step()
 
 
-def test_auto_falls_back_per_tensor_warns_once_and_reports():
-    """A strided leaf (every other column: not dense) goes to the reference alone; the rest
-    stays on the fastest backend; one BackendFallbackWarning names the reason; selected_backends
-    and mup_summary say what ran."""
-    w = nn.Parameter(torch.randn(7, 10)[:, ::2])
+def test_auto_falls_back_per_tensor_warns_once_and_reports(monkeypatch):
+    """A tensor the fastest backend refuses (here: made to refuse (7, 5) tensors) goes to the
+    reference alone; the rest stays on the fastest backend; one BackendFallbackWarning names the
+    reason; selected_backends and mup_summary say what ran."""
+    w = nn.Parameter(torch.randn(7, 5))
     b = nn.Parameter(torch.randn(3))
     w2, b2 = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+    best = backends.names("adamw")[0]
+    if best == "reference" or backends.get("adamw", best).reason([torch.zeros(2)]) is not None:
+        pytest.skip("no faster backend than the reference here")
+    reason = refusing(monkeypatch, best, (7, 5))
     opt = mupopt.AdamW([w, b], lr=1e-2)
     ref = mupopt.AdamW([w2, b2], lr=1e-2, backend="reference")
-    best = backends.names("adamw")[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for t in range(3):
@@ -122,9 +130,7 @@ def test_auto_falls_back_per_tensor_warns_once_and_reports():
                 p.grad = torch.full_like(p, 0.1 * (t + 1))
             opt.step(), ref.step()
     fallback = [c for c in caught if issubclass(c.category, mupopt.BackendFallbackWarning)]
-    if best == "reference":
-        pytest.skip("no faster backend than the reference here")
-    assert len(fallback) == 1 and "not contiguous" in str(fallback[0].message)
+    assert len(fallback) == 1 and reason in str(fallback[0].message)
     assert fallback[0].filename == __file__  # points at the caller's step(), not into mupopt
     assert opt.selected_backends == [{"adamw": f"{best} (1) + reference (1)"}]
     assert f"adamw on {best} (1) + reference (1)" in opt.mup_summary()
@@ -132,13 +138,29 @@ def test_auto_falls_back_per_tensor_warns_once_and_reports():
     torch.testing.assert_close(b, b2, rtol=1e-6, atol=1e-7)
 
 
-def test_explicit_backend_refusal_creates_no_state():
-    w = nn.Parameter(torch.randn(7, 10)[:, ::2])
-    w.grad = torch.ones_like(w)
-    opt = mupopt.AdamW([w], backend="cpu")
+def refusing(monkeypatch, name: str, shape: tuple) -> str:
+    """Make backend ``name`` of adamw refuse tensors of ``shape`` (what it refuses for real,
+    layouts and dtypes, changes as the backends grow); returns the reason it gives."""
+    import dataclasses
+
+    backend = backends.get("adamw", name)
+    reason = f"a test refusal of {shape} tensors"
+
+    def unsupported(tensors):
+        return reason if any(tuple(t.shape) == shape for t in tensors) else backend.unsupported_reason(tensors)
+
+    monkeypatch.setitem(backends._REGISTRY["adamw"], name, dataclasses.replace(backend, unsupported_reason=unsupported))
+    return reason
+
+
+def test_explicit_backend_refusal_creates_no_state(monkeypatch):
     if backends.get("adamw", "cpu").reason([torch.zeros(2)]) is not None:
         pytest.skip("backend cpu cannot run here")
-    with pytest.raises(RuntimeError, match="backend 'cpu' cannot step.*not contiguous"):
+    reason = refusing(monkeypatch, "cpu", (7, 5))
+    w = nn.Parameter(torch.randn(7, 5))
+    w.grad = torch.ones_like(w)
+    opt = mupopt.AdamW([w], backend="cpu")
+    with pytest.raises(RuntimeError, match=f"backend 'cpu' cannot step.*{re.escape(reason)}"):
         opt.step()
     assert len(opt.state) == 0
 

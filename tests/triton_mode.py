@@ -36,6 +36,18 @@ def defining_kernels():
             os.environ[VAR] = before
 
 
+def runs_on_cpu() -> bool:
+    """Whether the "triton" backend steps CPU tensors here: triton installed, its kernels
+    defined interpreted (no CUDA). Imports the kernels inside :func:`defining_kernels`."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        return False
+    with defining_kernels():
+        from mupopt.kernels.triton import _common
+    return bool(_common.INTERPRET)
+
+
 def match_environment(monkeypatch, interpret: bool) -> None:
     """While a test runs, the environment agrees with the mode the kernels were defined in."""
     if interpret:

@@ -1,4 +1,4 @@
-"""What every mupopt optimizer shares: muP records in the param groups, validation, the step loop.
+"""What every mupopt optimizer shares: muP records in the states, validation, the step loop.
 
 A subclass declares its rule name (a key of :data:`mupopt.mup.LR_EXPONENTS` and of the backend
 registry), validates its hyperparameters, creates its state lazily and turns a group into a frozen
@@ -43,22 +43,24 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import math
 import numbers
 import operator
 import os
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from ..mup import (MupError, Multipliers, WidthInfo, multipliers, name_in_models, recover_width_infos, width_info,
-                   format_table, decay_rule, WD_MODES)
-from ._placement import (ELEMENTWISE, dist, elementwise_view, is_dtensor, local, local_grad, local_state, needs_view,
-                         same_layout, viewed_like)
+from ..mup import (RECORD_KEY, MupError, Multipliers, WidthInfo, copy_record, decay_rule, format_table, multipliers,
+                   name_in_models, old_record, read_record, recover_width_infos, width_info, width_record, WD_MODES)
+from ._placement import (ELEMENTWISE, check_placements, dense, dist, elementwise_view, is_dtensor, local, local_grad,
+                         local_state, needs_view, same_layout, viewed_like)
 
 
 def check(condition: bool, message: str) -> None:
@@ -84,15 +86,54 @@ def check_lr(lr) -> None:
     check(is_number(lr) and float(lr) >= 0.0, f"Invalid learning rate: {lr}")
 
 
-def check_betas(betas, count: int = 2) -> None:
+def check_betas(betas, count: int = 2, *, types: bool = True) -> None:
+    """Each beta in [0, 1), then (``types``) :func:`check_beta_types`."""
     check(isinstance(betas, (tuple, list)) and len(betas) == count, f"Invalid betas: {betas} (expected {count} values)")
     for i, b in enumerate(betas):
         check(not isinstance(b, torch.Tensor) or b.numel() == 1, f"Tensor betas[{i}] must be 1-element")
         check(is_number(b) and 0.0 <= float(b) < 1.0, f"Invalid beta parameter at index {i}: {b}")
+    if types:
+        check_beta_types(betas)
+
+
+def check_beta_types(betas) -> None:
     # As torch.optim.Adam: a tensor beta next to a plain number is refused (a sign of a
     # half-converted config). Plain numbers of any real type stay accepted.
     tensors = [isinstance(b, torch.Tensor) for b in betas]
     check(all(tensors) or not any(tensors), "betas must be either both floats or both Tensors")
+
+
+def check_adam_hparams(group: dict) -> None:
+    """torch.optim.Adam(W)'s constructor checks in its order, with its messages (torch-adopt's
+    ADOPT makes the same): a tensor lr, lr, eps, both betas, weight_decay, the betas' types,
+    tensor betas. As torch, a tensor lr or beta with foreach=True and capturable=False is
+    refused (torch's foreach kernels cannot take one; mupopt's backends could, but code that
+    runs here then runs on torch too)."""
+    lr, betas = group["lr"], group["betas"]
+    foreach_only = bool(group.get("foreach")) and not group.get("capturable", False)
+    if isinstance(lr, torch.Tensor):
+        check(not foreach_only, "lr as a Tensor is not supported for capturable=False and foreach=True")
+    check_lr(lr)
+    check_eps(group["eps"])
+    check_betas(betas, types=False)
+    check_weight_decay(group["weight_decay"])
+    check_beta_types(betas)
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            check(not foreach_only, f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def check_implementation_flags(name: str, foreach, fused, differentiable) -> None:
+    """torch.optim's implementation switches, checked after the params as torch checks them:
+    foreach and fused choose among torch's kernels and are ignored here (``backend=`` chooses),
+    but the combinations torch refuses are refused with its errors; differentiable is not
+    provided."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    check(not differentiable, f"mupopt.{name} does not support differentiable=True")
 
 
 def check_eps(eps) -> None:
@@ -137,12 +178,145 @@ def unscale_(grads: list, inv_grad_scale: torch.Tensor) -> None:
         torch._foreach_mul_(gs, inv_grad_scale.to(device))
 
 
+class _State(dict):
+    """One parameter's state dict in ``opt.state``: a plain dict that counts its changes.
+
+    A step plan keeps what it derived from the states (the dicts each backend call gets, a C++
+    bound step holding their tensors), so it must learn of any change a user makes between steps:
+    ``opt.state[p] = {}`` or ``del opt.state[p]`` (a reset after a loss spike), ``.clear()``, a
+    tensor replaced (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``). Re-reading every state
+    at every step costs more than the whole step of the fast backends on many small tensors
+    (about 180 us for 1000 tensors of 3 entries, measured: dict lookups through
+    ``Tensor.__hash__`` and an identity compare of every value), so every mutating method here
+    and in :class:`_StateMap` bumps one counter, ``_State.version``, and a plan whose states were
+    all seen at the current version is current at the cost of one integer compare. Assigning a
+    value that is already there (``st["step"] += 1`` on a step tensor) is not a change.
+
+    A plain dict a user puts into ``opt.state`` stays what it is (same object, as torch): the
+    plans that hold one compare its entries at every step (``GroupPlan.plain_states``)."""
+
+    __slots__ = ()
+    version: ClassVar[int] = 0
+
+    def __setitem__(self, key, value):
+        if dict.get(self, key, _ABSENT) is not value:
+            _State.version += 1
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        _State.version += 1
+        dict.__delitem__(self, key)
+
+    def clear(self):
+        _State.version += 1
+        dict.clear(self)
+
+    def pop(self, *args):
+        _State.version += 1
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        _State.version += 1
+        return dict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            _State.version += 1
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        _State.version += 1
+        dict.update(self, *args, **kwargs)
+
+    def __ior__(self, other):
+        _State.version += 1
+        return dict.__ior__(self, other)
+
+
+class _StateMap(defaultdict):
+    """``opt.state`` of a mupopt optimizer: torch's ``defaultdict(dict)`` whose entries are
+    :class:`_State` and whose own changes (an entry set, replaced or deleted) bump the same
+    counter. ``state_dict()`` hands out plain dicts (MupOptimizer.state_dict)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        if dict.get(self, key, _ABSENT) is not value:
+            _State.version += 1
+        defaultdict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        _State.version += 1
+        defaultdict.__delitem__(self, key)
+
+    def clear(self):
+        _State.version += 1
+        defaultdict.clear(self)
+
+    def pop(self, *args):
+        _State.version += 1
+        return defaultdict.pop(self, *args)
+
+    def popitem(self):
+        _State.version += 1
+        return defaultdict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            _State.version += 1
+        return defaultdict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        _State.version += 1
+        defaultdict.update(self, *args, **kwargs)
+
+    def __ior__(self, other):
+        _State.version += 1
+        return defaultdict.__ior__(self, other)
+
+
+_ABSENT = object()
+
+
+def _tracked(state) -> _StateMap:
+    """``state`` (torch's defaultdict of plain dicts, from __init__, load_state_dict or an
+    unpickled optimizer) as a :class:`_StateMap` of :class:`_State` entries; values that are not
+    plain dicts (a load_state_dict post-hook's flags) are kept as they are."""
+    if type(state) is _StateMap and all(type(v) is not dict for v in state.values()):
+        return state
+    out = _StateMap(_State)
+    for k, v in state.items():
+        dict.__setitem__(out, k, _State(v) if type(v) is dict else v)
+    _State.version += 1
+    return out
+
+
+def _state_snapshot(state, params: list) -> tuple:
+    """What a plan derived from the states of ``params``: each state dict, its keys and its
+    values, compared by identity (:func:`_same`). Absent entries are None (``state.get``: no
+    entry is created, as a step skipped by GradScaler creates none)."""
+    dicts = list(map(state.get, params))
+    return dicts, [list(st) if st is not None else None for st in dicts], [v for st in dicts if st for v in st.values()]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Two snapshots hold the same objects (identity: a state tensor replaced by an equal one is
+    a change; ``==`` on tensors would compare values)."""
+    return (a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(operator.is_, a[0], b[0]))
+            and all(map(operator.is_, a[2], b[2])))
+
+
+def _same_entries(st: dict, keys: list, values: list) -> bool:
+    """A plain (untracked) state dict still holds these keys and these value objects."""
+    return list(st) == keys and all(map(operator.is_, st.values(), values))
+
+
 class Segment:
     """One backend call of a param group's step: a registry name (kernel), the backend chosen for
     it and the tensors it steps, as the backend sees them (local shards of DTensors)."""
 
     __slots__ = ("kernel", "backend", "positions", "grad_index", "grad_layout", "params", "originals", "viewed",
-                 "own_grads", "states", "mults", "collectives", "bound")
+                 "staged", "own_grads", "states", "mults", "collectives", "bound")
 
     def __init__(self, kernel: str, backend: backends.Backend, positions: list[int], params: list, mults: list):
         self.kernel = kernel
@@ -151,8 +325,9 @@ class Segment:
         self.grad_index: list[int] = []  # indices into group["params"] (and so into the gradients)
         self.grad_layout: list = []  # (dtype, contiguous) of each gradient the backend was chosen for
         self.params = params  # local tensors (elementwise kernels: complex as real, dense as flat)
-        self.originals = params  # the local tensors themselves
+        self.originals = params  # the local tensors themselves (a staged one: its buffer)
         self.viewed: list[bool] | None = None  # per position: params[k] is a view of originals[k]
+        self.staged: list = []  # (local param, contiguous buffer) of params that are not dense
         self.own_grads = False  # the backend may read each param's .grad itself (plain, not viewed)
         self.states: list | None = None  # local state dicts, once state exists
         self.mults = mults
@@ -167,15 +342,20 @@ class GroupPlan:
 
     Built by :meth:`MupOptimizer._plan` and reused while its key holds. The key covers: the group
     dict and its params list (add_param_group, load_state_dict and in-place edits of the list), the
-    optimizer's state mapping (load_state_dict replaces it; entries created or removed), the muP
-    records, the group options that enter multipliers or routing (``_plan_options``), the
-    requested backend and ``MUPOPT_BACKEND``, which params have a gradient, and the storage of
-    every param (``data_ptr`` of the local tensor: ``p.data = ...``, ``model.to(...)``). A change
-    of hyperparameters (lr, betas, ...) is read at every step and needs no new plan. Not
-    noticed: a state tensor replaced by hand inside an existing state dict.
+    optimizer's state mapping (load_state_dict or a user replaces it, with the muP records in
+    it), a group list of records put in by a framework (refused), the group options that enter
+    multipliers or routing (``_plan_options``), the requested backend and ``MUPOPT_BACKEND``,
+    which params have a gradient, and the storage of every param (``data_ptr`` of the local
+    tensor: ``p.data = ...``, ``model.to(...)``). A change of hyperparameters (lr, betas, ...) is
+    read at every step and needs no new plan. Any change of the state between steps (an entry
+    created, set, cleared or deleted, a state tensor or record replaced) is found by comparing
+    the states with what the plan took from them (``state_snapshot``; one integer compare while
+    they are all :class:`_State`: ``state_version``) and gives a new plan, so the step uses the
+    state as it is now, as torch.optim, which reads the state at every step.
     """
 
-    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_len")
+    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_snapshot",
+                 "state_version", "plain_states")
 
     def __init__(self, key, refs, params, locals_, stepped, segments, distributed):
         self.key = key
@@ -186,7 +366,12 @@ class GroupPlan:
         self.stepped = stepped  # their positions in group["params"]
         self.segments = segments
         self.distributed = distributed
-        self.state_len = -1
+        # The states the segments were given (_create_state): their snapshot, _State.version
+        # then (None where opt.state is not a _StateMap: compared at every step) and the plain
+        # dicts among them with their keys and values (compared at every step).
+        self.state_snapshot: tuple | None = None
+        self.state_version: int | None = None
+        self.plain_states: list = []
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -279,15 +464,24 @@ class MupOptimizer(Optimizer):
     # wrapper (a closure over the original optimizer) and its ``_opt_called``, GradScaler's
     # per-step found_inf / grad_scale, and private caches named "_plan..." (derived from the
     # param groups; rebuilt when next needed).
-    _PICKLED: ClassVar[tuple[str, ...]] = ("backend",)
+    _PICKLED: ClassVar[tuple[str, ...]] = ("backend", "_widths")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__:  # an optimizer of its own (not a user's subclass of one)
+            _OPTIMIZER_CLASSES.append(cls)
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto"):
         backends.check_name(self.rule, backend)
         self.backend = backend
+        # Each parameter's width record as add_param_group took it, and its name (or None):
+        # {param: (record, name)}. The record in a parameter's state wins over this one (_width_of).
+        self._widths: dict[torch.Tensor, tuple[dict, str | None]] = {}
         defaults.setdefault("wd_mode", "independent")
         defaults.setdefault("scale_eps", False)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self.state = _tracked(self.state)
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _check_hparams(self, group: dict) -> None:
@@ -322,29 +516,77 @@ class MupOptimizer(Optimizer):
             # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
             # their width info back by module and name (mupopt.mup.recover_width_infos).
             recover_width_infos(group["params"])
-            # Width info travels in the group (and so in the state_dict): one record per param.
-            group["mup"] = [None if (w := width_info(p)) is None else w.as_dict() for p in group["params"]]
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                info = width_info(p)
+                name = info.name if info is not None and info.name else (names[i] if names else None)
+                self._widths[p] = (width_record(info, p.shape, name), name)
             self._check_width_consistency()
         except Exception:
-            self.param_groups.pop()
+            for p in self.param_groups.pop()["params"]:
+                self._widths.pop(p, None)
             raise
 
-    def _check_width_consistency(self) -> None:
-        """All params carry width info, or none: a mix means muP was set up on part of a model."""
-        records = [(g, i) for g in self.param_groups for i in range(len(g["params"]))]
-        have = [g["mup"][i] is not None for g, i in records]
+    # A parameter's width record (mupopt.mup.width_record) lives in its optimizer state, which
+    # every checkpoint layout keys by the parameter, so no framework can attach it to another
+    # one (docs/mup.md, "Width records in checkpoints"). Before a parameter's state exists, the
+    # record add_param_group took (or load_state_dict loaded) stands in (self._widths).
+    def _width_of(self, p: torch.Tensor) -> WidthInfo | None:
+        """p's width info: the record in its state, else the one add_param_group took; a record
+        that does not fit p (global shape, name) raises MupError naming p."""
+        record, name = self._own(p)
+        st = self.state.get(p)
+        if st and st.get(RECORD_KEY):
+            record = st[RECORD_KEY]
+        # Read once per record object (Muon's routing asks at every step): a record changes by
+        # load_state_dict (which drops this cache with the plans) or a new state, not in place.
+        cache = self.__dict__.setdefault("_plan_widths", {})
+        hit = cache.get(p)
+        if hit is not None and hit[0] is record:
+            return hit[1]
+        info = read_record(record, tuple(p.shape), name, lambda: self._label(p))
+        cache[p] = (record, info)
+        return info
+
+    def _own(self, p: torch.Tensor) -> tuple[dict, str | None]:
+        """(record, name) add_param_group took for p; for a param put into group["params"] by
+        hand, what add_param_group would have taken."""
+        own = self._widths.get(p)
+        if own is None:
+            own = self._widths[p] = (width_record(width_info(p), p.shape), None)
+        return own
+
+    def _label(self, p: torch.Tensor) -> str:
+        """p as messages name it: its name (param_names, set_base_shapes), else its shape."""
+        name = self._own(p)[1] or name_in_models(p)
+        if name:
+            return repr(name)
+        where = next((f"{i} of param group {g}" for g, group in enumerate(self.param_groups)
+                      for i, q in enumerate(group["params"]) if q is p), None)
+        return f"{where} (shape {tuple(p.shape)})" if where else f"of shape {tuple(p.shape)}"
+
+    def _check_width_consistency(self, infos: dict | None = None) -> None:
+        """All params carry width info, or none: a mix means muP was set up on part of a model.
+        ``infos``: {param: WidthInfo or None} to check instead of the current records."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        have = [(infos[p] if infos is not None else self._width_of(p)) is not None for p in params]
         if any(have) and not all(have):
-            g, i = records[have.index(False)]
-            names = g.get("param_names")
-            name = names[i] if names else name_in_models(g["params"][i])
-            label = repr(name) if name else f"of shape {tuple(g['params'][i].shape)}"
             raise MupError(
-                f"parameter {label} has no muP width information while others have: call "
-                f"mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
+                f"parameter {self._label(params[have.index(False)])} has no muP width information while others "
+                f"have: call mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
             )
 
     def width_infos(self, group: dict) -> list[WidthInfo | None]:
-        return [None if r is None else WidthInfo.from_dict(r) for r in group["mup"]]
+        """The width info of each parameter of ``group`` (None: no muP for it)."""
+        if "mup" in group:
+            raise MupError(
+                "a param group carries a list of muP records ('mup'), the form mupopt saved before it kept each "
+                "record in its parameter's state, put there without mupopt's load_state_dict (which converts it): "
+                "torch.distributed.optim.ZeroRedundancyOptimizer copies one rank's list to every rank, so its "
+                "records cannot be matched to parameters. Delete the key from the checkpoint's param_groups and set "
+                "width information up with mupopt.set_base_shapes (or a .bsh file) before resuming."
+            )
+        return [self._width_of(p) for p in group["params"]]
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         options = self._rule_options(group)
@@ -381,9 +623,18 @@ class MupOptimizer(Optimizer):
         for k in [k for k in self.__dict__ if k.startswith("_plan")]:
             del self.__dict__[k]
         super().__setstate__(state)
+        self.state = _tracked(self.state)
         # An optimizer pickled by a mupopt without __getstate__ (torch's: no backend) loads with
-        # the default backend.
+        # the default backend; one pickled before the records moved into the states has them
+        # in group["mup"] lists.
         self.__dict__.setdefault("backend", "auto")
+        if "_widths" not in self.__dict__:
+            self._widths = {}
+            for group in self.param_groups:
+                names = group.get("param_names") or [None] * len(group["params"])
+                records = group.pop("mup", [None] * len(group["params"]))
+                for p, record, name in zip(group["params"], records, names):
+                    self._widths[p] = (old_record(record, p.shape), name or (record or {}).get("name"))
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
@@ -396,11 +647,39 @@ class MupOptimizer(Optimizer):
                     st["step"] = _step_tensor(st["step"], p.device if group.get("capturable", False) else "cpu")
 
     # -- state_dict ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's state_dict, every parameter's width record in its state entry (key "mup",
+        mupopt.mup.width_record), each state a plain dict (``opt.state`` holds :class:`_State`
+        entries, which ``torch.load(weights_only=True)`` would refuse). A parameter with muP
+        width information and no state yet (not stepped) is saved with its initial state, what
+        its first step would create (zeros, step 0): a record needs a state entry, and a state
+        holding only a record would not load into torch.optim (it takes any non-empty state as
+        created). So such a state_dict costs the memory of those parameters' states, as torch's
+        distributed checkpointing (which steps once with lr 0 to create every state) does."""
+        for group in self.param_groups:  # states created elsewhere (ZeRO, torch.optim) lack it
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and not st.get(RECORD_KEY):
+                    st[RECORD_KEY] = copy_record(self._own(p)[0])
+        sd = super().state_dict()
+        state = {k: dict(v) if type(v) is _State else v for k, v in sd["state"].items()}
+        index = 0  # torch numbers the params in group order
+        for group in self.param_groups:
+            for p in group["params"]:
+                record = self._own(p)[0]
+                if not self.state.get(p) and record["role"] != 0:
+                    state[index] = {**self._init_state(p, group), RECORD_KEY: copy_record(record)}
+                index += 1
+        return {**sd, "state": state}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this class or of its torch counterpart.
 
-        Group keys the saved dict lacks (a torch.optim.AdamW state_dict has no muP records) keep
-        this optimizer's current values; saved muP records win, so a resume needs no base model.
+        Group keys the saved dict lacks keep this optimizer's current values. Width records: the
+        record saved in a parameter's state wins, so a resume needs no base model; it must fit the
+        parameter it lands on (global shape, and name where both are known), else MupError names
+        the parameter. A state without one (torch.optim's) keeps this optimizer's record. A
+        state_dict of mupopt's first format (records as ``group["mup"]`` lists) is converted.
         A different number of param groups, or of params in a group, raises ValueError naming
         both counts. Step counts of any type (int, float, int64 or float64 tensor) load as
         float32 tensors. Entries of ``_state_dtypes`` (Shampoo's L, R and roots) are not cast
@@ -431,6 +710,8 @@ class MupOptimizer(Optimizer):
                 f"optimizer's group: group {i} has {len(saved['params'])} params in the state dict, "
                 f"{len(current['params'])} in this optimizer",
             )
+        self._refuse_other_optimizer(saved_groups)
+        state_dict, loaded = self._load_records(state_dict)
         if self._state_dtypes:
             kept = {}
             for pid, st in state_dict["state"].items():
@@ -438,16 +719,13 @@ class MupOptimizer(Optimizer):
                     kept[pid] = {k: _KeepDtype(v, self._state_dtypes[k]) if k in self._state_dtypes else v for k, v in st.items()}
             if kept:
                 state_dict = {**state_dict, "state": {**state_dict["state"], **kept}}
-        groups = [dict(g) for g in saved_groups]
+        groups = [{k: v for k, v in g.items() if k != "mup"} for g in saved_groups]
         for saved, current in zip(groups, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):
                     saved.setdefault(key, value)
-            check(len(saved["mup"]) == len(saved["params"]), "state_dict: muP records do not match the params")
-            for record in saved["mup"]:
-                if record is not None:
-                    WidthInfo.from_dict(record)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
+        self._check_saved_state_keys(groups, state_dict["state"])
         # The pre-hooks have run: torch's load_state_dict must not run them a second time.
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -455,7 +733,88 @@ class MupOptimizer(Optimizer):
             super().load_state_dict({**state_dict, "param_groups": groups})
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
+        for p, record in loaded.items():  # old-format records of params saved without a state
+            self._widths[p] = (record, self._own(p)[1])
+        for p, st in self.state.items():  # states saved without a record (torch.optim) keep ours
+            if isinstance(st, dict) and st and not st.get(RECORD_KEY):
+                st[RECORD_KEY] = copy_record(self._own(p)[0])
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
+
+    def _load_records(self, state_dict: dict) -> tuple[dict, dict]:
+        """load_state_dict's width records, checked before anything is written: each saved
+        record must fit the parameter it lands on, and all parameters must end up with width
+        information or none. Records of mupopt's first format (``group["mup"]``, one per position)
+        move into the states. Returns the state_dict to load and {param: record} of old-format
+        records whose params were saved without a state."""
+        state, loaded, infos = dict(state_dict["state"]), {}, {}
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            old = saved.get("mup")
+            check(old is None or len(old) == len(saved["params"]),
+                  f"state_dict: {len(old or ())} muP records for {len(saved['params'])} params in a group")
+            for k, (pid, p) in enumerate(zip(saved["params"], current["params"])):
+                st = state.get(pid)
+                record = st.get(RECORD_KEY) if isinstance(st, dict) else None
+                # Nothing but the record, or entries left empty (DCP's flattened layout gives an
+                # entry it did not find as {}): the saved entries did not load.
+                if record is not None and all(isinstance(v, dict) and not v for key, v in st.items() if key != RECORD_KEY):
+                    raise MupError(
+                        f"the state of parameter {self._label(p)} holds its muP width record and nothing else: its "
+                        f"other entries were not loaded. DCP's flattened layout (flatten_optimizer_state_dict=True, "
+                        f"torchtitan's) loads only the entries this optimizer's state already has, and Muon's state "
+                        f"depends on its routing, which follows the width records: resume Muon with the width "
+                        f"information of the run that saved it (set_base_shapes, base shapes) or an explicit use_muon"
+                    )
+                if old is not None and not record:
+                    record = old_record(old[k], p.shape)
+                    if st:
+                        state[pid] = {**st, RECORD_KEY: record}
+                    else:
+                        loaded[p] = record
+                own, name = self._own(p)
+                infos[p] = read_record(record or own, tuple(p.shape), name, lambda p=p: self._label(p))
+        self._check_width_consistency(infos)
+        return {**state_dict, "state": state}, loaded
+
+    def _refuse_other_optimizer(self, saved_groups: list) -> None:
+        """A state_dict of another optimizer (its param groups hold hyperparameters this one does
+        not take, and another mupopt optimizer does) is refused here, with the reason, instead of
+        failing at the first step. Unknown keys alone are kept, as torch keeps them (a newer
+        torch's flags, another library's options)."""
+        own = _hyperparameter_names(type(self)) | set(self.defaults)
+        own |= {k for g in self.param_groups for k in g}
+        foreign = {k for g in saved_groups for k in g} - own - {"params", "param_names"}
+        if not foreign:
+            return
+        scores = {cls: len(foreign & _hyperparameter_names(cls)) for cls in _OPTIMIZER_CLASSES
+                  if not issubclass(type(self), cls)}
+        best = max(scores.values(), default=0)
+        if best == 0:
+            return
+        likely = " or ".join(cls.__name__ for cls, n in scores.items() if n == best)
+        name = type(self).__name__
+        raise ValueError(
+            f"loaded state dict is not a {name} state_dict: its param groups hold {', '.join(sorted(foreign))}, "
+            f"hyperparameters of {likely} that {name} does not take (a state_dict of {likely}?); nothing was loaded"
+        )
+
+    def _check_saved_state_keys(self, groups: list, state: dict) -> None:
+        """Every saved state that is not empty has the keys this optimizer's step reads for its
+        param (``_state_keys``); ``groups`` are the saved groups completed with this optimizer's
+        values, holding the saved param ids."""
+        for saved, current in zip(groups, self.param_groups):
+            group = {**saved, "params": current["params"]}
+            for i, pid in enumerate(saved["params"]):
+                st = state.get(pid)
+                if not isinstance(st, dict) or not st:
+                    continue
+                missing = [k for k in self._saved_state_keys(group, i, st) if k not in st]
+                if missing:
+                    raise ValueError(
+                        f"loaded state dict: the state of parameter {pid} (here the parameter "
+                        f"{_param_label(current, i)}) has no {', '.join(map(repr, missing))} (it holds "
+                        f"{sorted(map(str, st))}), which {type(self).__name__} needs (a state_dict of another "
+                        f"optimizer?); nothing was loaded"
+                    )
 
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:
@@ -483,12 +842,12 @@ class MupOptimizer(Optimizer):
             return self._build_plan(group, kernel, None, stepped, grads)
         cache = self.__dict__.setdefault("_plan_cache", {})
         key = (
-            kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), id(group.get("mup")),
+            kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), "mup" in group,
             self._plan_options(group), bool(group.get("capturable", False)), self.backend,
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
-        if plan is not None and plan.key == key:
+        if plan is not None and plan.key == key and self._states_unchanged(plan):
             if plan.distributed:
                 fresh = [local(p) for p in plan.params]
                 if all(map(operator.is_, fresh, plan.locals)) and tuple(map(_DATA_PTR, fresh)) == plan.ptrs:
@@ -503,6 +862,7 @@ class MupOptimizer(Optimizer):
         params = [group["params"][i] for i in stepped]
         mults_all = self.group_multipliers(group)
         _refuse_bad_grads(type(self).__name__, params, [grads[i] for i in stepped])
+        check_placements(params, type(self).__name__)
         locals_ = [local(p) for p in params]
         local_grads = [local_grad(p, grads[i]) for p, i in zip(params, stepped)]
         distributed = any(map(is_dtensor, params))
@@ -511,22 +871,29 @@ class MupOptimizer(Optimizer):
             originals = [locals_[k] for k in positions]
             seg_grads = [local_grads[k] for k in positions]
             viewed = None
-            if seg_kernel in ELEMENTWISE and any(map(needs_view, originals)):
-                viewed = [needs_view(t) for t in originals]
+            if seg_kernel in ELEMENTWISE and any(needs_view(t) or not dense(t) for t in originals):
+                viewed = [needs_view(t) or not dense(t) for t in originals]
+                # A param that is not dense (every other column of a larger tensor, torch's
+                # test_forloop_goes_right_direction's non-contiguous case) is stepped through a
+                # contiguous buffer of the plan: copied in before each call, written back after
+                # (Segment.staged), so the fused backends take it too. Its gradients and states
+                # take the buffer's layout.
+                originals = [t if dense(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in originals]
             views = viewed_like(originals, originals, viewed)
-            grad_views = viewed_like(seg_grads, originals, viewed)
+            grad_views = _grads_as_params(seg_grads, originals, viewed)[0]
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
                                                 originals, viewed, bool(group.get("capturable", False))):
                 pos = [positions[k] for k in chosen]
                 seg = Segment(seg_kernel, backend, pos, [views[k] for k in chosen], [mults_all[stepped[k]] for k in pos])
                 seg.originals = [originals[k] for k in chosen]
+                seg.staged = [(locals_[k], o) for k, o in zip(pos, seg.originals) if o is not locals_[k]]
                 seg.viewed = None if viewed is None else [viewed[k] for k in chosen]
                 seg.collectives = self._collectives(seg_kernel, [params[k] for k in pos]) if distributed else {}
                 seg.grad_index = [stepped[k] for k in pos]
                 seg.own_grads = not distributed and seg.viewed is None
                 seg.grad_layout = [(grad_views[k].dtype, grad_views[k].is_contiguous()) for k in chosen]
                 segments.append(seg)
-        refs = (group, group["params"], self.state, group.get("mup"))
+        refs = (group, group["params"], self.state)
         return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
 
     def _select(self, kernel: str, params: list, grads: list, global_params: list, originals: list,
@@ -625,13 +992,46 @@ class MupOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         return found_inf is not None and bool(found_inf.any())
 
-    def _create_state(self, group: dict, plan: GroupPlan) -> None:
-        """Create missing state (lazily, as torch), then give each segment its local state views."""
-        if plan.state_len == len(self.state) and all(seg.states is not None for seg in plan.segments):
-            return
+    def _states_unchanged(self, plan: GroupPlan) -> bool:
+        """Whether the optimizer's state of the plan's params is what the plan's segments hold
+        (GroupPlan): True at once while no state anywhere changed since (``_State.version``) and
+        the plain dicts among them hold what they held, else by comparing the states themselves.
+        A plan whose segments hold no states yet (a new plan, or a step GradScaler skipped before
+        any state existed) counts as changed unless no state of its params exists at all."""
+        if plan.state_version == _State.version and all(_same_entries(*entry) for entry in plan.plain_states):
+            return True
+        snapshot = _state_snapshot(self.state, plan.params)
+        if plan.state_snapshot is None:
+            return not any(snapshot[0])
+        if not _same(snapshot, plan.state_snapshot):
+            return False
+        if plan.state_version is not None:
+            plan.state_version = _State.version
+        return True
+
+    def _create_state(self, group: dict, plan: GroupPlan) -> list:
+        """Create missing state (lazily, as torch), check that every state has the keys this
+        optimizer reads, then give each segment its local state views. Returns (param, had_entry)
+        for each state created here (:func:`_drop_states` undoes them if the step fails before
+        it writes)."""
+        if plan.state_snapshot is not None:
+            return []  # _plan found the states unchanged
+        created = []
         for p in plan.params:
-            if len(self.state[p]) == 0:
+            if p not in self.state:
+                created.append((p, False))
+                self.state[p] = _State(self._init_state(p, group))
+            elif not self.state[p]:
+                created.append((p, True))
                 self.state[p].update(self._init_state(p, group))
+            else:
+                continue
+            self.state[p][RECORD_KEY] = copy_record(self._own(p)[0])
+        try:
+            self._check_state_keys(group, plan)
+        except Exception:
+            _drop_states(self.state, created)
+            raise
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:
@@ -640,13 +1040,49 @@ class MupOptimizer(Optimizer):
                 states = [_view_state(st, o) if v else st for st, o, v in zip(states, seg.originals, seg.viewed)]
             seg.states = states
             seg.bound = None
-        plan.state_len = len(self.state)
+        plan.state_snapshot = snapshot = _state_snapshot(self.state, plan.params)
+        # Changes of the mapping and of _State entries count in _State.version; a plain dict a
+        # user put in (opt.state[p] = {}, then filled by this step) is compared entry by entry
+        # at every step, it alone (a reset parameter does not slow the step of the others). A
+        # mapping that is not a _StateMap (opt.state assigned by hand): everything, every step.
+        if type(self.state) is _StateMap:
+            plan.state_version = _State.version
+            plan.plain_states = [(st, list(st), list(st.values())) for st in snapshot[0] if type(st) is not _State]
+        else:
+            plan.state_version = None
+        return created
+
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        """The state keys the step of ``group["params"][i]`` reads (those :meth:`_init_state`
+        creates; tests/test_state_handling.py checks that the two agree)."""
+        return ("step", "exp_avg", "exp_avg_sq")
+
+    def _saved_state_keys(self, group: dict, i: int, state: dict) -> tuple[str, ...]:
+        """The keys a loaded ``state`` of ``group["params"][i]`` must have (Muon: by the routing
+        of the width record loaded with it)."""
+        return self._state_keys(group, i)
+
+    def _check_state_keys(self, group: dict, plan: GroupPlan) -> None:
+        """Every state of the plan's params has the keys its step reads: a state of another
+        optimizer, or one with entries removed by hand, raises here, before anything is written,
+        instead of a KeyError from the middle of the step."""
+        for k, p in zip(plan.stepped, plan.params):
+            st = self.state[p]
+            missing = [key for key in self._state_keys(group, k) if key not in st]
+            if missing:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the state of parameter {_param_label(group, k)} has no "
+                    f"{', '.join(map(repr, missing))} (it holds {sorted(map(str, st))}): a state of another optimizer, "
+                    f"or entries removed by hand. Reset it with opt.state[p] = {{}} to start that parameter afresh; "
+                    f"nothing was changed"
+                )
 
     def _check_data(self, plans: list) -> None:
         """Checks of this step's values that run after the found_inf decision (Shampoo's
         non-finite gradients); may raise, writes nothing."""
 
-    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool, found_inf: torch.Tensor | None = None):
+    def _call(self, seg: Segment, grads: list, hp, *, prepare: bool, found_inf: torch.Tensor | None = None,
+              copies: list = ()):
         """Step one segment with its backend. prepare=True and a two-phase backend
         (``Backend.prepare``): only prepare, and return the commit; otherwise step, return None.
 
@@ -654,7 +1090,14 @@ class MupOptimizer(Optimizer):
         validated tensor tables kept in C++) and then called with this step's gradients only;
         not with collectives (LAMB's norm_reduce), which need the unbound two-call form, and not
         under torch.compile, which traces the unbound ops (they have fake kernels). ``found_inf``
-        (capturable groups) goes to the backend, which skips on the device."""
+        (capturable groups) goes to the backend, which skips on the device.
+
+        Gradients of another layout than their param's: where _run has not already laid them
+        out (``copies``: a single call of a validating backend reads ``p.grad`` as it is, with
+        no per-gradient work in Python), the backend refuses one before it writes anything; the
+        gradients are then laid out like their params (:func:`_grads_as_params`) and the call
+        made again. With GradScaler, the unscaled values of a copy are stored back into the
+        gradient, as for any other gradient (module docstring)."""
         backend = seg.backend
         fn = backend.prepare if prepare and backend.prepare is not None else backend.fn
         if (backend.bind is not None and not seg.collectives and not prepare and found_inf is None
@@ -677,12 +1120,29 @@ class MupOptimizer(Optimizer):
                 kwargs["inv_grad_scale"] = inv_grad_scale
             else:
                 unscale_(grads, inv_grad_scale)
+        for p, buffer in seg.staged:
+            buffer.copy_(p)
         try:
-            return fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
+            out = fn(seg.params, grads, seg.states, seg.mults, hp, **kwargs)
         except (RuntimeError, NotImplementedError) as exc:
             if any(g.is_sparse for g in grads):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients") from exc
-            raise
+            if copies or seg.viewed is not None or not backend.validates:
+                raise  # the gradients were laid out already (_run): not a layout problem
+            _refuse_bad_grads(type(self).__name__, seg.originals, grads)
+            laid, copies = _grads_as_params(grads, seg.originals, None)
+            if not copies:
+                raise
+            if isinstance(fn, _BoundCall):
+                fn = _BoundCall(fn.step, False)  # the laid-out copies, not p.grad
+            out = fn(seg.params, laid, seg.states, seg.mults, hp, **kwargs)
+        if grad_scale is not None:
+            for g, laid in copies:
+                g.copy_(laid)
+        if not prepare:
+            for p, buffer in seg.staged:
+                p.copy_(buffer)
+        return out
 
     def _run(self, kernel: str | None = None, extra: dict | None = None, _retry: bool = False) -> None:
         """One step of every param group with the backend(s) of ``kernel`` (default: this
@@ -717,35 +1177,52 @@ class MupOptimizer(Optimizer):
             device_found_inf = getattr(self, "found_inf", None)
         elif self._found_inf():
             return  # GradScaler found inf/nan: step nothing, create nothing
-        for group, plan, _ in work:
-            self._create_state(group, plan)
+        # State created by this step is removed again if the step fails before it writes, so that
+        # a refused first step leaves the optimizer as it was (no zero state behind).
+        created: list = []
+        try:
+            for group, plan, _ in work:
+                created += self._create_state(group, plan)
+        except Exception:
+            _drop_states(self.state, created)
+            raise
         segments = []
         # One backend call validates its own inputs before writing (Backend.validates); with
         # several calls in this step, a gradient that would make a later one fail must be found
         # before the first one writes: then every gradient is checked here.
         several = sum(len(plan.segments) for _, plan, _ in work) > 1
-        for group, plan, grads in work:
-            for seg in plan.segments:
-                seg_grads = [grads[i] for i in seg.grad_index]
-                if plan.distributed:
-                    seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
-                seg_grads = viewed_like(seg_grads, seg.originals, seg.viewed)
-                full = several or not seg.backend.validates
-                if _check_grads(type(self).__name__, seg, seg_grads, full=full) and not _retry:
-                    # A gradient's dtype or layout changed since the backend was chosen: choose again.
-                    self.__dict__.pop("_plan_cache", None)
-                    return self._run(kernel, extra, _retry=True)
-                segments.append((group, seg, seg_grads))
+        try:
+            for group, plan, grads in work:
+                for seg in plan.segments:
+                    seg_grads = [grads[i] for i in seg.grad_index]
+                    if plan.distributed:
+                        seg_grads = [local_grad(plan.params[k], g) for k, g in zip(seg.positions, seg_grads)]
+                    full = several or not seg.backend.validates
+                    copies = []
+                    if full or seg.viewed is not None:
+                        # Checked here (shape, sparsity) before a gradient is copied into its
+                        # param's layout: a copy would broadcast a wrong shape.
+                        _refuse_bad_grads(type(self).__name__, seg.originals, seg_grads)
+                        seg_grads, copies = _grads_as_params(seg_grads, seg.originals, seg.viewed)
+                    if full and _check_grads(seg, seg_grads) and not _retry:
+                        # A gradient's dtype changed since the backend was chosen: choose again.
+                        self.__dict__.pop("_plan_cache", None)
+                        _drop_states(self.state, created)
+                        return self._run(kernel, extra, _retry=True)
+                    segments.append((group, seg, seg_grads, copies))
+        except Exception:
+            _drop_states(self.state, created)
+            raise
         calls, failure = [], None
         try:
             self._check_data([plan for _, plan, _ in work])
-            for group, seg, seg_grads in segments:
+            for group, seg, seg_grads, copies in segments:
                 hp = self._hparams_for(seg.kernel, group, extra)
                 if seg.backend.prepare is not None:
-                    calls.append(self._call(seg, seg_grads, hp, prepare=True))
+                    calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
                 else:
                     calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
-                                                   found_inf=device_found_inf))
+                                                   found_inf=device_found_inf, copies=copies))
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             failure = exc
         # Only a step whose outcome depends on this rank's data (a prepare phase, data checks:
@@ -755,9 +1232,20 @@ class MupOptimizer(Optimizer):
         if may_diverge and any(plan.distributed for _, plan, _ in work) and _distributed_ready():
             failure = _agree(failure, type(self).__name__)
         if failure is not None:
+            _drop_states(self.state, created)
             raise failure
-        for call in calls:
-            if call is not None:
+        for i, call in enumerate(calls):
+            if call is None:
+                continue
+            if i == 0 and created:
+                # The first call of a validating backend checks everything before it writes.
+                try:
+                    call()
+                except Exception:
+                    if segments[0][1].backend.validates:
+                        _drop_states(self.state, created)
+                    raise
+            else:
                 call()
 
     @torch.no_grad()
@@ -788,6 +1276,34 @@ class _BoundCall:
         return self.step(grads, hp, **kwargs)
 
 
+_OPTIMIZER_CLASSES: list[type] = []  # every MupOptimizer subclass that defines its own rule
+
+
+@functools.lru_cache(maxsize=None)
+def _hyperparameter_names(cls: type) -> frozenset:
+    """The keyword arguments of an optimizer class's constructor, its hyperparameters."""
+    skip = {"self", "params", "backend"}
+    return frozenset(n for n, a in inspect.signature(cls.__init__).parameters.items()
+                     if n not in skip and a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD))
+
+
+def _drop_states(state, created: list) -> None:
+    """Undo the state a failed step created: ``created`` holds (param, had_entry) pairs; an entry
+    that existed (empty) is emptied again, one that did not is removed."""
+    for p, had_entry in created:
+        if had_entry:
+            state[p].clear()
+        else:
+            state.pop(p, None)
+
+
+def _param_label(group: dict, i: int) -> str:
+    """A parameter named for a message: its name in the group or in a model, else its shape."""
+    names = group.get("param_names")
+    name = names[i] if names else name_in_models(group["params"][i])
+    return repr(name) if name else f"of shape {tuple(group['params'][i].shape)}"
+
+
 def _view_state(state: dict, original: torch.Tensor) -> dict:
     """An elementwise kernel's view of one param's state: each param-shaped tensor as the param
     is viewed (a state tensor of another layout, e.g. loaded contiguous for a channels_last
@@ -802,16 +1318,38 @@ def _view_state(state: dict, original: torch.Tensor) -> dict:
     return out
 
 
-def _check_grads(name: str, seg: Segment, grads: list, *, full: bool) -> bool:
-    """With ``full``: raise for a sparse gradient (no backend steps one) or one of another shape
-    than its parameter's, and return True when a gradient's dtype or contiguity is not the one
-    the segment's backend was chosen for (the caller then plans again). Without (a single call
-    of a validating backend): nothing here; _call names a sparse gradient if the backend refuses
-    one (a C++ op is not even dispatched for it)."""
-    if not full:
-        return False
-    _refuse_bad_grads(name, seg.params, grads)
+def _check_grads(seg: Segment, grads: list) -> bool:
+    """Whether a gradient's dtype or contiguity (as the backend sees it: in its param's layout,
+    :func:`_grads_as_params`) is not the one the segment's backend was chosen for (the caller
+    then plans again). Only where every gradient is checked (several backend calls in the step,
+    or a backend that does not validate its inputs); a single call of a validating backend
+    checks its gradients itself, and _call names a sparse gradient or lays out a gradient of
+    another layout if the backend refuses it."""
     return any(g.dtype != dtype or g.is_contiguous() != contiguous for g, (dtype, contiguous) in zip(grads, seg.grad_layout))
+
+
+def _grads_as_params(grads: list, originals: list, viewed: list | None) -> tuple[list, list]:
+    """Each gradient as the backend sees its param: with the param's strides (a copy where they
+    differ: a gradient assigned by hand, from a hook or an all-reduce into a transposed buffer),
+    then the param's elementwise view where ``viewed``. A gradient of a contiguous param is made
+    contiguous; one of a param that is neither (a strided param, stepped by the reference) is
+    kept. torch's fused AdamW steps such gradients too. Returns the gradients and the
+    (gradient, copy) pairs, so that an unscaled gradient can be stored back (``_call``)."""
+    out, copies = [], []
+    flags = viewed or itertools.repeat(False)
+    for g, o, v in zip(grads, originals, flags):
+        if v:
+            laid = same_layout(g, o)
+            out.append(elementwise_view(laid))
+        elif not g.is_contiguous() and o.is_contiguous():
+            laid = g.contiguous()
+            out.append(laid)
+        else:
+            out.append(g)
+            continue
+        if laid is not g:
+            copies.append((g, laid))
+    return out, copies
 
 
 def _refuse_bad_grads(name: str, params: list, grads: list) -> None:

@@ -1,18 +1,22 @@
-"""The placement layer: where a step meets distributed tensors (FSDP2, tensor parallelism).
+"""The placement layer: where a step meets distributed tensors (FSDP2, tensor parallelism, HSDP,
+and their combinations on N-D meshes).
 
 Backends step plain tensors only (:func:`mupopt.backends.subclass_reason`); this module is the one
 place that knows about DTensor placements. For a param group it turns every DTensor into its
 local shard (params, gradients, state), keeps the muP multipliers of the *global* shape (the
 optimizer computes them from ``p.shape``, which for a DTensor is global), and supplies the
-collectives the math needs, batched per step:
+collectives the math needs, batched per step. Where each rank's shard lies comes from the
+DTensor's whole spec, every mesh dim it is split on (Shard, _StridedShard; Replicate holds
+copies), and is checked against the DTensor at plan build; any other placement is refused.
 
 - LAMB's trust ratio needs the norms of the whole tensor: the backend computes per-shard partial
-  sums of squares for all tensors, and :class:`NormReduce` sums them over each tensor's shard
-  mesh dimensions in one all-reduce per distinct process group (one in an FSDP2 run), not one
-  per tensor.
-- Muon orthogonalises whole matrices: :class:`Orthogonalize` sends each shard of a matrix to the
-  rank that owns the matrix (one all-to-all for all matrices), the owner runs Newton-Schulz on
-  the matrices it owns (about 1/world_size of the work, balanced by NS cost), and a second
+  sums of squares for all tensors, and :class:`NormReduce` sums them over all ranks of each
+  tensor's mesh, each distinct shard once, in one all-reduce per distinct process group, not
+  one per tensor.
+- Muon orthogonalises whole matrices: :class:`Orthogonalize` sends each distinct shard of a
+  matrix to the rank that owns the matrix (one all-to-all for all matrices of a mesh), the owner
+  runs Newton-Schulz on the matrices it owns (owners spread over every rank of the mesh,
+  replicas included: about 1/world_size of the work each, balanced by NS cost), and a second
   all-to-all returns each rank its block of the result. The scheme is the one of the published
   distributed Muon implementations that spread the NS work over ranks (Liu et al., "Muon is
   Scalable for LLM Training", arXiv 2502.16982, Sec. 3 "Distributed Muon"; torchtitan/Dion's
@@ -28,6 +32,8 @@ tensor-parallel parameter) are redistributed to the parameter's placements first
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -42,6 +48,12 @@ except ImportError:  # a torch built without distributed support
     dist = None
     DTensor = Replicate = Shard = None
     HAVE_DTENSOR = False
+try:  # FSDP2's placement of a dim that tensor parallelism already split (private; not a Shard
+    # subclass in torch 2.13, a subclass in earlier releases: tested apart from Shard either way)
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:
+    _StridedShard = None
+SHARD_LIKE = tuple(t for t in (Shard, _StridedShard) if t is not None)
 
 
 def is_dtensor(t) -> bool:
@@ -146,34 +158,177 @@ def viewed_like(xs: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], v
 # ---------------------------------------------------------------------------------------------
 # Where each rank's shard lies in the global tensor
 # ---------------------------------------------------------------------------------------------
-def _chunk(n: int, parts: int, k: int) -> tuple[int, int]:
-    """(offset, size) of part k when n is split as torch.chunk splits it (DTensor's Shard)."""
-    size = -(-n // parts) if parts else n
-    start = min(k * size, n)
-    return start, min(size, n - start)
+# Each placement that splits a tensor cuts one tensor dim: Shard(d) as torch.chunk does,
+# _StridedShard(d, split_factor) (FSDP2 over a dim that tensor parallelism already split) into
+# split_factor interleaved runs per part; the cuts are applied in mesh-dim order, as
+# distribute_tensor applies them. So the elements one mesh coordinate holds are the Cartesian
+# product over tensor dims of one increasing index list each: what that dim's cuts leave of
+# arange(size). The cuts are made by each placement's own _split_tensor (the method
+# distribute_tensor cuts with, and the one torch's compute_local_shape_and_global_offset runs on
+# an index vector for _StridedShard), so no copy of torch's arithmetic lives here, and every plan
+# checks the result against the DTensor it steps (check_local).
+_INDICES: dict[tuple, torch.Tensor] = {}
+PROBE_NUMEL = 1 << 16  # check_local compares every global index up to this size (512 KiB of int64)
 
 
-def shard_box(shape: Sequence[int], placements, mesh_shape: Sequence[int], coord: Sequence[int]):
-    """(offsets, sizes) of the block of a tensor of global ``shape`` held at mesh coordinate
-    ``coord``. Shard(d) on several mesh dims cuts dim d again within the previous cut, in mesh
-    dim order, as DTensor does."""
-    offsets = [0] * len(shape)
-    sizes = list(shape)
-    for mesh_dim, placement in enumerate(placements):
-        if isinstance(placement, Shard):
-            if type(placement) is not Shard:  # _StridedShard (FSDP2 over TP): not a box
-                raise NotImplementedError(f"placement {placement}")
-            d = placement.dim
-            start, size = _chunk(sizes[d], mesh_shape[mesh_dim], coord[mesh_dim])
-            offsets[d] += start
-            sizes[d] = size
-        elif not isinstance(placement, Replicate):
-            raise NotImplementedError(f"placement {placement}")
-    return offsets, sizes
+def split_mesh_dims(p, optimizer: str) -> tuple[int, ...]:
+    """The mesh dims in which DTensor ``p`` is split (Shard, _StridedShard); in the others
+    (Replicate) each rank holds a copy. Any other placement raises, naming it: a Partial
+    parameter (a pending sum) or a placement type unknown here cannot be stepped shard by shard,
+    and skipping it would be silently wrong."""
+    dims = []
+    for m, pl in enumerate(p.placements):
+        if isinstance(pl, SHARD_LIKE):
+            dims.append(m)
+        elif not isinstance(pl, Replicate):
+            raise NotImplementedError(
+                f"{optimizer}: a parameter of shape {tuple(p.shape)} has placement {pl!r} on mesh dim {m} "
+                f"({placement_text(p)}); mupopt steps parameters placed with Shard, _StridedShard and "
+                f"Replicate only (redistribute a Partial parameter to Replicate or Shard first)"
+            )
+    return tuple(dims)
 
 
-def sharded_mesh_dims(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
+def check_placements(params: Sequence[torch.Tensor], optimizer: str) -> None:
+    """Refuse, before anything is written, a DTensor parameter with a placement the placement
+    layer does not know (:func:`split_mesh_dims`)."""
+    for p in params:
+        if is_dtensor(p):
+            split_mesh_dims(p, optimizer)
+
+
+def _dim_indices(size: int, dim: int, ndim: int, cuts: tuple) -> torch.Tensor:
+    """The global indices along tensor dim ``dim`` (of ``size``) that survive ``cuts``:
+    (placement, parts, k) in mesh-dim order, keeping part k of each. Cached by value (placement
+    equality is not a safe cache key: earlier torch releases compare a _StridedShard equal to
+    the Shard of its dim)."""
+    key = (size, dim, ndim, tuple((type(pl).__name__, getattr(pl, "split_factor", None), parts, k) for pl, parts, k in cuts))
+    ix = _INDICES.get(key)
+    if ix is None:
+        shape = [1] * ndim
+        shape[dim] = size
+        ix = torch.arange(size).view(shape)  # an index vector along `dim`: the placement cuts it as it cuts p
+        for pl, parts, k in cuts:
+            pieces, _ = pl._split_tensor(ix, parts, with_padding=False, contiguous=False)
+            ix = pieces[k]
+        ix = _INDICES[key] = ix.reshape(-1).clone()
+    return ix
+
+
+class Block:
+    """The elements of a global tensor that one mesh coordinate holds: the Cartesian product of
+    ``indices`` (one increasing index list per tensor dim), in the order of that rank's local
+    tensor. ``read`` and ``write`` move them between the whole tensor and a flat buffer."""
+
+    def __init__(self, indices: tuple):
+        self.indices = indices
+        self.shape = tuple(len(ix) for ix in indices)
+        self.numel = math.prod(self.shape)
+        # A box (each list a run of consecutive indices: every Shard, and _StridedShard where
+        # its runs abut) is read through slices, a view; any other block through index lists.
+        self.is_box = all(len(ix) == 0 or int(ix[-1]) - int(ix[0]) + 1 == len(ix) for ix in indices)
+        if self.is_box:
+            self.offsets = tuple(int(ix[0]) if len(ix) else 0 for ix in indices)
+            self._slices = tuple(slice(o, o + n) for o, n in zip(self.offsets, self.shape))
+        self._keys: dict = {}
+
+    def key(self, device):
+        if self.is_box:
+            return self._slices
+        key = self._keys.get(device)
+        if key is None:
+            n = len(self.indices)
+            key = self._keys[device] = tuple(
+                ix.to(device).view([-1 if e == d else 1 for e in range(n)]) for d, ix in enumerate(self.indices))
+        return key
+
+    def read(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole[self.key(whole.device)]
+
+    def write(self, whole: torch.Tensor, values: torch.Tensor) -> None:
+        whole[self.key(whole.device)] = values.view(self.shape)
+
+
+def shard_block(shape: Sequence[int], placements, mesh_shape: Sequence[int], coord: Sequence[int]) -> Block:
+    """The :class:`Block` of a tensor of global ``shape`` held at mesh coordinate ``coord``."""
+    ndim = len(shape)
+    cuts: list[list] = [[] for _ in shape]
+    for m, pl in enumerate(placements):
+        if isinstance(pl, SHARD_LIKE):
+            cuts[pl.dim % ndim].append((pl, mesh_shape[m], coord[m]))
+        elif not isinstance(pl, Replicate):
+            raise NotImplementedError(f"placement {pl!r}")  # callers refuse it first (split_mesh_dims)
+    return Block(tuple(_dim_indices(n, d, ndim, tuple(c)) for d, (n, c) in enumerate(zip(shape, cuts))))
+
+
+@functools.lru_cache(maxsize=None)
+def _local_split_supported() -> bool:
+    """Whether distribute_tensor takes src_data_rank (None: cut locally, no collective; a public
+    keyword of recent torch, checked rather than assumed)."""
+    import inspect
+
+    from torch.distributed.tensor import distribute_tensor
+
+    return "src_data_rank" in inspect.signature(distribute_tensor).parameters
+
+
+def check_local(p, block: Block, optimizer: str) -> None:
+    """Raise unless ``block`` is where DTensor ``p`` keeps this rank's shard: its local tensor's
+    shape, and (up to PROBE_NUMEL elements, where torch can split without a collective) every
+    index: an index tensor distributed by DTensor itself must give this rank the block's."""
+    local_shape = tuple(p._local_tensor.shape)
+    problem = None
+    if local_shape != block.shape:
+        problem = f"a local shard of shape {local_shape} where the placements give {block.shape}"
+    elif p.numel() <= PROBE_NUMEL and _local_split_supported():
+        from torch.distributed.tensor import distribute_tensor
+
+        index = torch.arange(p.numel()).view(p.shape)
+        probe = distribute_tensor(index, p.device_mesh, p.placements, src_data_rank=None).to_local().cpu()
+        if not torch.equal(probe, block.read(index)):
+            problem = "DTensor places other elements on this rank than the placements give"
+    if problem is not None:
+        raise RuntimeError(
+            f"{optimizer}: {problem} (a parameter of shape {tuple(p.shape)}, {placement_text(p)}, mesh "
+            f"coordinate {p.device_mesh.get_coordinate()}): this torch's DTensor cuts tensors in a way "
+            f"mupopt's placement layer does not know; nothing was changed"
+        )
+
+
+def mesh_group(mesh, optimizer: str):
+    """One process group over every rank of ``mesh``, so that one collective spans all its
+    dims: a 1-D mesh's own group; the default group when an N-D mesh spans the world (no new
+    group); else the mesh flattened to 1-D (DeviceMesh._flatten: private, looked up rather than
+    assumed; created once, by every rank of the root mesh as they build their plans together)."""
+    if mesh.ndim == 1:
+        return mesh.get_group(0)
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    flatten = getattr(mesh, "_flatten", None)
+    if flatten is None or not mesh.mesh_dim_names:
+        raise NotImplementedError(
+            f"{optimizer}: parameters on a {mesh.ndim}-D mesh of shape {tuple(mesh.shape)} over part of the world "
+            f"need one process group over the mesh: DeviceMesh._flatten (missing in this torch) and mesh dim "
+            f"names (init_device_mesh(..., mesh_dim_names=...))"
+        )
+    return flatten().get_group(0)
+
+
+def group_coords(mesh, group) -> list[tuple[int, ...]]:
+    """The mesh coordinate of each rank of ``group`` (a group over exactly the mesh's ranks)."""
+    shape = tuple(mesh.mesh.shape)
+    out: list = [None] * dist.get_world_size(group)
+    for c, rank in zip(itertools.product(*map(range, shape)), mesh.mesh.flatten().tolist()):  # row-major both
+        out[dist.get_group_rank(group, rank)] = c
+    if any(c is None for c in out):
+        raise RuntimeError(f"a process group of {len(out)} ranks for a mesh of shape {shape}")
+    return out
+
+
+def counted_copy(coord: Sequence[int], split: Sequence[int], like: Sequence[int]) -> bool:
+    """Whether the copy at ``coord`` is the one counted among the replicas of its shard: the one
+    whose coordinates in every replicated mesh dim (not in ``split``) are ``like``'s."""
+    return all(c == w for m, (c, w) in enumerate(zip(coord, like)) if m not in split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,35 +336,49 @@ def sharded_mesh_dims(p: torch.Tensor) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 class NormReduce:
     """Sums LAMB's per-shard partial sums of squares ([N, 2] float64, a row per tensor) over
-    the mesh dimensions each tensor is sharded on: one all-reduce per distinct set of process
-    groups (an FSDP2 or TP run has one), whatever the number of tensors. Replicated and plain
-    tensors need no reduction (their local tensor is the whole tensor)."""
+    every rank of each tensor's mesh: one all-reduce per distinct process group (mesh_group: one
+    in an FSDP2, TP or HSDP run; two under FSDP2 + TP, whose parameters that TP leaves whole live
+    on the FSDP sub-mesh), whatever the number of tensors. A shard held by several ranks (mesh
+    dims where the tensor is replicated: HSDP's replica groups, a TP-replicated dim) is counted
+    once: the copies at coordinate 0 of the replicated dims contribute, the others add zeros.
+    Tensors split on no mesh dim need no reduction (their local tensor is the whole tensor)."""
 
-    def __init__(self, params: Sequence[torch.Tensor]):
-        by_groups: dict[tuple, list[int]] = {}
+    def __init__(self, params: Sequence[torch.Tensor], optimizer: str = "LAMB"):
+        by_group: dict[int, tuple] = {}
         for i, p in enumerate(params):
-            if is_dtensor(p):
-                dims = sharded_mesh_dims(p)
-                if dims:
-                    mesh = p.device_mesh
-                    key = tuple(mesh.get_group(d) for d in dims)
-                    by_groups.setdefault(key, []).append(i)
+            split = split_mesh_dims(p, optimizer) if is_dtensor(p) else ()
+            if not split:
+                continue
+            mesh = p.device_mesh
+            coord = mesh.get_coordinate()
+            check_local(p, shard_block(p.shape, p.placements, tuple(mesh.shape), coord), optimizer)
+            group = mesh_group(mesh, optimizer)
+            _, rows, weights = by_group.setdefault(id(group), (group, [], []))
+            rows.append(i)
+            weights.append(1.0 if counted_copy(coord, split, [0] * mesh.ndim) else 0.0)
         self.n = len(params)
-        self.rows = [(groups, torch.tensor(rows, dtype=torch.long)) for groups, rows in by_groups.items()]
+        self.rows = [(group, torch.tensor(rows, dtype=torch.long),
+                      None if all(weights) else torch.tensor(weights, dtype=torch.float64).unsqueeze(1))
+                     for group, rows, weights in by_group.values()]
         self.calls = 0  # collectives issued (tests check the batching)
 
     def __bool__(self) -> bool:
         return bool(self.rows)
 
     def __call__(self, partials: torch.Tensor) -> torch.Tensor:
-        for groups, rows in self.rows:
+        device = partials.device
+        for k, (group, rows, weights) in enumerate(self.rows):
+            if rows.device != device:  # once: the tables live where the partials are
+                rows, weights = rows.to(device), None if weights is None else weights.to(device)
+                self.rows[k] = (group, rows, weights)
             whole = len(rows) == self.n
-            sub = partials if whole else partials.index_select(0, rows.to(partials.device))
-            for group in groups:
-                dist.all_reduce(sub, group=group)
-                self.calls += 1
+            sub = partials if whole else partials.index_select(0, rows)
+            if weights is not None:
+                sub.mul_(weights)
+            dist.all_reduce(sub, group=group)
+            self.calls += 1
             if not whole:
-                partials.index_copy_(0, rows.to(partials.device), sub)
+                partials.index_copy_(0, rows, sub)
         return partials
 
 
@@ -233,51 +402,46 @@ class Orthogonalize:
 
     ``hook(updates, ns)``: ``updates[i]`` is the local (shard-shaped) momentum update of tensor
     i, ``ns(X)`` the backend's Newton-Schulz on a stack X of same-shape matrices (k, r, c).
-    Returns the orthogonalised updates, each shaped (and sharded) like its input. Tensors sharded
-    on a 1-D mesh are gathered to an owner rank, orthogonalised there and scattered back;
-    plain and replicated tensors are orthogonalised where they are.
+    Returns the orthogonalised updates, each shaped (and sharded) like its input. Tensors split
+    on any mesh dim are gathered to an owner rank, orthogonalised there and scattered back, one
+    exchange per process group (:func:`mesh_group`); plain and replicated tensors are
+    orthogonalised where they are.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], optimizer: str = "Muon"):
         self.n = len(params)
         self.local_idx: list[int] = []
-        self.meshes: list[_MeshExchange] = []
-        by_mesh: dict[int, list[int]] = {}
-        meshes = {}
+        by_group: dict[int, tuple] = {}
         for i, p in enumerate(params):
-            if is_dtensor(p) and sharded_mesh_dims(p):
-                if p.device_mesh.ndim != 1:
-                    raise NotImplementedError(
-                        f"{optimizer}: a parameter sharded on a {p.device_mesh.ndim}-D mesh ({placement_text(p)}) "
-                        f"is not supported by the distributed Newton-Schulz (1-D meshes: FSDP2 or tensor "
-                        f"parallelism alone); route it to AdamW with a param group use_muon=False"
-                    )
-                by_mesh.setdefault(id(p.device_mesh), []).append(i)
-                meshes[id(p.device_mesh)] = p.device_mesh
+            if is_dtensor(p) and split_mesh_dims(p, optimizer):
+                group = mesh_group(p.device_mesh, optimizer)
+                by_group.setdefault(id(group), (group, []))[1].append(i)
             else:
                 self.local_idx.append(i)
-        for key, idx in by_mesh.items():
-            self.meshes.append(_MeshExchange(meshes[key], idx, [params[i] for i in idx]))
+        self.exchanges = [_Exchange(group, idx, [params[i] for i in idx], optimizer) for group, idx in by_group.values()]
         self.flops = 0.0  # NS flops of this rank in the last call (for reports and tests)
+        self.calls = 0  # collectives issued in the last call (tests check the batching)
 
     @property
     def distributed(self) -> bool:
-        return bool(self.meshes)
+        return bool(self.exchanges)
 
     def __call__(self, updates: Sequence[torch.Tensor], ns: Callable, ns_steps: int = 5) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * self.n
         self.flops = 0.0
+        calls_before = sum(ex.calls for ex in self.exchanges)
         # Plain / replicated tensors: here, same-shape matrices stacked into one NS call.
         jobs = [(i, updates[i].reshape(matrix_shape(updates[i].shape))) for i in self.local_idx]
         for i, o in self._run_ns(jobs, ns, ns_steps):
             out[i] = o.view(updates[i].shape)
-        for ex in self.meshes:
+        for ex in self.exchanges:
             full = ex.gather([updates[i] for i in ex.idx])  # {position in ex.idx: whole tensor}
             jobs = [(k, t.reshape(matrix_shape(t.shape))) for k, t in full.items()]
             done = {k: o.view(full[k].shape) for k, o in self._run_ns(jobs, ns, ns_steps)}
             first = updates[ex.idx[0]]
             for k, o in zip(ex.idx, ex.scatter(done, first.dtype, first.device)):
                 out[k] = o
+        self.calls = sum(ex.calls for ex in self.exchanges) - calls_before
         return out
 
     def _run_ns(self, jobs, ns, ns_steps):
@@ -297,82 +461,97 @@ class Orthogonalize:
                 yield key, result[k].to(x.dtype)
 
 
-class _MeshExchange:
-    """The two all-to-alls of one 1-D mesh: shards to owners, results back."""
+class _Exchange:
+    """The two all-to-alls of one process group that spans every rank of its matrices' meshes:
+    each distinct shard to its matrix's owner, then each rank's block of the result back.
 
-    def __init__(self, mesh, idx: list[int], params: Sequence[torch.Tensor]):
-        self.mesh = mesh
-        self.group = mesh.get_group(0)
-        self.world = mesh.size(0)
-        self.me = mesh.get_local_rank(0)
+    Owners are spread over every rank of the group, replicas included (each rank does about
+    1/size of the NS flops). A shard held by several ranks (replicated mesh dims: HSDP) is sent
+    once, by the copy in the owner's replica coordinates; every copy gets the result back."""
+
+    def __init__(self, group, idx: list[int], params: Sequence[torch.Tensor], optimizer: str):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.me = dist.get_rank(group)
         self.idx = idx
+        self.calls = 0  # all-to-alls issued
         self.shapes = [tuple(p.shape) for p in params]
-        # Every rank's block of every tensor (offsets, sizes), from the placements alone.
-        self.boxes = [[shard_box(p.shape, p.placements, (self.world,), (r,)) for r in range(self.world)] for p in params]
-        for k, p in enumerate(params):  # the placement arithmetic must agree with DTensor's
-            if list(p._local_tensor.shape) != self.boxes[k][self.me][1]:
-                raise RuntimeError(
-                    f"distributed Muon: a shard of shape {tuple(p._local_tensor.shape)} where its placements "
-                    f"give {tuple(self.boxes[k][self.me][1])} ({placement_text(p)}): uneven sharding is not supported"
-                )
+        self.local_shapes = [tuple(p._local_tensor.shape) for p in params]
         # Owners: largest NS cost first, each to the least-loaded rank (same on every rank).
         load = [0.0] * self.world
         self.owner = [0] * len(params)
-        for k in sorted(range(len(params)), key=lambda k: (-ns_flops(*matrix_shape(self.shapes[k]), 1), k)):
+        cost = [ns_flops(*matrix_shape(s), 1) for s in self.shapes]
+        for k in sorted(range(len(params)), key=lambda k: (-cost[k], k)):
             r = min(range(self.world), key=lambda r: (load[r], r))
             self.owner[k] = r
-            load[r] += ns_flops(*matrix_shape(self.shapes[k]), 1)
+            load[r] += cost[k]
         self.mine = [k for k in range(len(params)) if self.owner[k] == self.me]
+        self.sends = []  # per tensor: whether this rank's copy of its shard goes to the owner
+        self.blocks: dict[int, list[Block]] = {}  # tensors I own: every group rank's block
+        self.senders: dict[int, list[bool]] = {}  # tensors I own: the ranks whose copy I receive
+        coords_of: dict[int, list] = {}
+        for k, p in enumerate(params):
+            mesh = p.device_mesh
+            split = split_mesh_dims(p, optimizer)
+            mesh_shape = tuple(mesh.shape)
+            coords = coords_of.setdefault(id(mesh), group_coords(mesh, group))
+            check_local(p, shard_block(p.shape, p.placements, mesh_shape, coords[self.me]), optimizer)
+            owner_at = coords[self.owner[k]]
+            self.sends.append(counted_copy(coords[self.me], split, owner_at))
+            if self.owner[k] != self.me:
+                continue
+            distinct: dict[tuple, Block] = {}
+            for c in coords:
+                where = tuple(c[m] for m in split)
+                if where not in distinct:
+                    distinct[where] = shard_block(p.shape, p.placements, mesh_shape, c)
+            self.blocks[k] = [distinct[tuple(c[m] for m in split)] for c in coords]
+            self.senders[k] = [counted_copy(c, split, owner_at) for c in coords]
+            if sum(b.numel for b in distinct.values()) != p.numel():  # the shards must tile p
+                raise RuntimeError(f"{optimizer}: the shards of a parameter of shape {tuple(p.shape)} ({placement_text(p)}) "
+                                   f"do not tile it")
 
-    def _numel(self, k: int, r: int) -> int:
-        return math.prod(self.boxes[k][r][1])
-
-    def _slices(self, k: int, r: int):
-        offsets, sizes = self.boxes[k][r]
-        return tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
-
-    def gather(self, shards: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Send my shard of each tensor to its owner; return the whole tensors I own."""
-        dtype, device = shards[0].dtype, shards[0].device
-        # To rank r: my shards of the tensors r owns, in index order.
-        send_parts = [[shards[k].reshape(-1).to(dtype) for k in range(len(shards)) if self.owner[k] == r]
-                      for r in range(self.world)]
-        send_split = [sum(x.numel() for x in parts) for parts in send_parts]
-        recv_split = [sum(self._numel(k, r) for k in self.mine) for r in range(self.world)]
-        flat = [x for parts in send_parts for x in parts]
+    def _all_to_all(self, parts: list[list[torch.Tensor]], recv_split: list[int], dtype, device) -> torch.Tensor:
+        send_split = [sum(x.numel() for x in row) for row in parts]
+        flat = [x.reshape(-1).to(dtype) for row in parts for x in row]
         send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
         recv = torch.empty(sum(recv_split), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send.contiguous(), recv_split, send_split, group=self.group)
+        dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
+        self.calls += 1
+        return recv
+
+    def gather(self, shards: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Send my copy of each shard the owner counts; return the whole tensors I own."""
+        dtype, device = shards[0].dtype, shards[0].device
+        parts = [[shards[k] for k in range(len(shards)) if self.owner[k] == r and self.sends[k]] for r in range(self.world)]
+        recv_split = [sum(self.blocks[k][r].numel for k in self.mine if self.senders[k][r]) for r in range(self.world)]
+        recv = self._all_to_all(parts, recv_split, dtype, device)
         whole = {k: torch.empty(self.shapes[k], dtype=dtype, device=device) for k in self.mine}
         pos = 0
         for r in range(self.world):
             for k in self.mine:
-                n = self._numel(k, r)
-                whole[k][self._slices(k, r)] = recv[pos:pos + n].view(self.boxes[k][r][1])
-                pos += n
+                if self.senders[k][r]:
+                    n = self.blocks[k][r].numel
+                    self.blocks[k][r].write(whole[k], recv[pos:pos + n])
+                    pos += n
         return whole
 
     def scatter(self, done: dict[int, torch.Tensor], dtype: torch.dtype, device) -> list[torch.Tensor]:
-        """Send each rank its block of the tensors I own (in ``dtype``, which every rank passes
-        alike); return my block of every tensor."""
-        send_parts = [[done[k][self._slices(k, r)].reshape(-1).to(dtype) for k in self.mine] for r in range(self.world)]
-        send_split = [sum(x.numel() for x in parts) for parts in send_parts]
-        recv_split = [sum(self._numel(k, self.me) for k in range(len(self.shapes)) if self.owner[k] == r)
+        """Send every rank, replicas included, its block of the tensors I own (in ``dtype``,
+        which every rank passes alike); return my block of every tensor."""
+        parts = [[self.blocks[k][r].read(done[k]) for k in self.mine] for r in range(self.world)]
+        recv_split = [sum(math.prod(self.local_shapes[k]) for k in range(len(self.shapes)) if self.owner[k] == r)
                       for r in range(self.world)]
-        flat = [x for parts in send_parts for x in parts]
-        send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(recv_split), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send.contiguous(), recv_split, send_split, group=self.group)
+        recv = self._all_to_all(parts, recv_split, dtype, device)
         out: list[torch.Tensor | None] = [None] * len(self.shapes)
         pos = 0
         for r in range(self.world):
             for k in range(len(self.shapes)):
                 if self.owner[k] == r:
-                    n = self._numel(k, self.me)
-                    out[k] = recv[pos:pos + n].view(self.boxes[k][self.me][1])
+                    n = math.prod(self.local_shapes[k])
+                    out[k] = recv[pos:pos + n].view(self.local_shapes[k])
                     pos += n
         return out
-
 
 # ---------------------------------------------------------------------------------------------
 # Shampoo: per-shard statistics in a checkpoint
@@ -387,7 +566,7 @@ def all_coords(mesh_shape: Sequence[int]) -> list[tuple[int, ...]]:
 def shard_shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
     """The local shape of DTensor ``p`` at every mesh coordinate (mesh order)."""
     mesh_shape = tuple(p.device_mesh.shape)
-    return [tuple(shard_box(p.shape, p.placements, mesh_shape, c)[1]) for c in all_coords(mesh_shape)]
+    return [shard_block(p.shape, p.placements, mesh_shape, c).shape for c in all_coords(mesh_shape)]
 
 
 def stack_over_ranks(local_blocks: Sequence[torch.Tensor], shapes_per_rank: Sequence[Sequence[tuple]], p) -> list:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
-                    new_step, skip_on_found_inf, step_count, store, upcast)
+from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
+                    skip_on_found_inf, step_count, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,15 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
         else:
             second = v32
         if hp.capturable:
-            # torch.optim.AdamW(capturable=True)'s form: the corrections as device tensors.
-            step_size_neg = -(hp.lr * m.lr) / (1 - hp.beta1**t)
+            # The corrections as device tensors (t is the step tensor: no host read), applied
+            # as the host path applies them. torch.optim.AdamW(capturable=True) divides by the
+            # step size instead (denom = sqrt(v)/(sqrt(bc2)*step_size) + eps/step_size), so at
+            # lr = 0 (a warmup from zero) it writes 0/0 = NaN wherever v = 0; here lr = 0
+            # leaves p as it is (tests/test_capturable.py).
+            step_size = (hp.lr * m.lr) / (1 - hp.beta1**t)
             bias_correction2_sqrt = (1 - hp.beta2**t).sqrt()
-            denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(hp.eps * m.eps / step_size_neg)
-            p32.addcdiv_(m32, denom)
+            denom = (second.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
+            p32.addcdiv_(m32 * step_size, denom, value=-1.0)
         else:
             bias_correction1 = 1 - hp.beta1**t
             bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
@@ -115,11 +119,6 @@ class AdamW(MupOptimizer):
         scale_eps: bool = False,
         backend: str = "auto",
     ):
-        # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
-        # runs unchanged: foreach/fused choose among torch's own kernels, here backend= chooses.
-        # differentiable changes semantics this class does not provide.
-        if differentiable:
-            raise ValueError("mupopt.AdamW does not support differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
@@ -129,6 +128,10 @@ class AdamW(MupOptimizer):
             decoupled_weight_decay=True,
         )
         super().__init__(params, defaults, backend=backend)
+        # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
+        # runs unchanged (foreach/fused choose among torch's own kernels, here backend= chooses),
+        # checked where torch checks them: after the hyperparameters and the params.
+        check_implementation_flags("AdamW", foreach, fused, differentiable)
 
     def __setstate__(self, state: dict) -> None:
         """As torch.optim.AdamW: whatever a loaded state_dict says (a torch.optim.Adam one
@@ -138,10 +141,7 @@ class AdamW(MupOptimizer):
             group["decoupled_weight_decay"] = True
 
     def _check_hparams(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
+        check_adam_hparams(group)
         check(isinstance(group["amsgrad"], bool), f"amsgrad must be a bool, got {group['amsgrad']!r}")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -153,6 +153,14 @@ class AdamW(MupOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        return ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("step", "exp_avg", "exp_avg_sq")
+
+    def _plan_options(self, group: dict) -> tuple:
+        # amsgrad switched on by hand after the state exists: a new plan checks the state for
+        # max_exp_avg_sq (_check_state_keys) before anything is written.
+        return (*super()._plan_options(group), group["amsgrad"])
 
     def _hparams(self, group: dict) -> AdamWHparams:
         b1, b2 = group["betas"]

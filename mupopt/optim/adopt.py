@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
-                    new_step, skip_on_found_inf, store, upcast)
+from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
+                    skip_on_found_inf, store, upcast)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ class ADOPT(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, maximize: as torch-adopt.
         foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
-            False; capturable: as :class:`mupopt.AdamW`.
+            False; capturable: as :class:`mupopt.AdamW`. decouple: only True (torch-adopt's
+            default is False: pass decouple=True there for the same optimizer).
         wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
     """
 
@@ -119,29 +120,26 @@ class ADOPT(MupOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        decouple: bool = True,
         wd_mode: str = "independent",
         scale_eps: bool = False,
         backend: str = "auto",
     ):
-        # torch-adopt's implementation switches: accepted and recorded in the groups as it
-        # records them; backend= chooses the implementation here (see mupopt.AdamW).
-        if differentiable:
-            raise ValueError("mupopt.ADOPT does not support differentiable=True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             wd_mode=wd_mode, scale_eps=scale_eps,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            # Not an option here: recorded so that a state_dict loads into torch-adopt's ADOPT,
-            # whose step reads group["decouple"].
-            decouple=True,
+            # torch-adopt's switch, True only here (refused otherwise in _check_hparams); recorded
+            # so that a state_dict loads into torch-adopt's ADOPT, whose step reads it.
+            decouple=decouple,
         )
         super().__init__(params, defaults, backend=backend)
+        # torch-adopt's implementation switches: accepted and recorded in the groups as it
+        # records them; backend= chooses the implementation here (see mupopt.AdamW).
+        check_implementation_flags("ADOPT", foreach, fused, differentiable)
 
     def _check_hparams(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_weight_decay(group["weight_decay"])
+        check_adam_hparams(group)  # torch-adopt's checks are torch.optim.Adam's
         check(group.get("decouple", True) is True, "mupopt.ADOPT implements decouple=True only")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:

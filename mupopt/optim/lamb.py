@@ -187,8 +187,9 @@ class LAMB(MupOptimizer):
 
     def _collectives(self, kernel: str, params: list) -> dict:
         """Sharded tensors: the trust ratio from whole-tensor norms, the per-shard partial sums
-        of squares summed over the ranks in one all-reduce per step (_placement.NormReduce)."""
-        reduce = ShardNormReduce(params)
+        of squares summed over the ranks, each distinct shard once, in one all-reduce per process
+        group per step (_placement.NormReduce)."""
+        reduce = ShardNormReduce(params, type(self).__name__)
         return {"norm_reduce": reduce} if reduce else {}
 
     def _rule_options(self, group: dict) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from .. import backends
 from ..linalg import newton_schulz
-from ..mup import MupError, Multipliers, multipliers
+from ..mup import RECORD_KEY, MupError, Multipliers, multipliers, read_record
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
                     new_step, skip_on_found_inf, store, upcast)
 from ._placement import Orthogonalize
@@ -224,7 +224,10 @@ class Muon(MupOptimizer):
         check(is_number(group["lr"]) and float(group["lr"]) >= 0, f"Learning rate should be >= 0 but is: {group['lr']}")
         # Not implemented in either part: refused rather than silently ignored.
         check(group.get("maximize", False) is not True, "Muon does not support maximize=True (negate the loss instead)")
-        check(is_number(group["momentum"]) and 0 <= group["momentum"] < 1, f"momentum should be in [0, 1) but is: {group['momentum']}")
+        # torch.optim.Muon's message for a negative momentum; momentum >= 1 (which torch lets
+        # through) would make the buffer grow without bound.
+        check(is_number(group["momentum"]) and group["momentum"] >= 0, f"momentum should be >= 0 but is: {group['momentum']}")
+        check(group["momentum"] < 1, f"momentum should be in [0, 1) but is: {group['momentum']}")
         check(is_number(group["weight_decay"]) and group["weight_decay"] >= 0, f"weight decay should be >= 0 but is: {group['weight_decay']}")
         check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
         check_eps(group["eps"])
@@ -245,12 +248,17 @@ class Muon(MupOptimizer):
                 )
 
     def _uses_muon(self, group: dict, i: int) -> bool:
+        return self._routes_to_muon(group, group["params"][i], self._width_of(group["params"][i]))
+
+    @staticmethod
+    def _routes_to_muon(group: dict, p: torch.Tensor, info) -> bool:
+        """The routing of p with width info ``info``: the group's use_muon, else hidden matrices
+        (every matrix without width information, as torch.optim.Muon takes them)."""
         if group["use_muon"] is not None:
             return group["use_muon"]
-        record = group.get("mup", [None] * len(group["params"]))[i] if "mup" in group else None
-        if record is None:
-            return group["params"][i].ndim >= 2
-        return record["role"] == "hidden"
+        if info is None:
+            return p.ndim >= 2
+        return info.role == "hidden"
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         """AdamW's multipliers for the AdamW part; for Muon matrices the muP lr multiplier times
@@ -280,6 +288,23 @@ class Muon(MupOptimizer):
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
+
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        return self._keys_of_route(self._uses_muon(group, i))
+
+    @staticmethod
+    def _keys_of_route(muon: bool) -> tuple[str, ...]:
+        return ("momentum_buffer",) if muon else ("step", "exp_avg", "exp_avg_sq")
+
+    def _saved_state_keys(self, group: dict, i: int, state: dict) -> tuple[str, ...]:
+        """A loaded state's keys follow the routing of the width record loaded with it (a resume
+        into an optimizer without width information routes by the saved records)."""
+        record = state.get(RECORD_KEY)
+        if record is None:
+            return self._state_keys(group, i)
+        p = group["params"][i]
+        info = read_record(record, tuple(p.shape), None, lambda: self._label(p))
+        return self._keys_of_route(self._routes_to_muon(group, p, info))
 
     def _hparams(self, group: dict) -> MuonHparams:
         coeffs = group["ns_coefficients"]

@@ -292,6 +292,11 @@ class Shampoo(MupOptimizer):
             state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        keys = ("step", "momentum_buffer", "exp_avg_sq")
+        # As _init_state: blocks only where this rank's part of the param is a non-empty matrix.
+        return keys + _MATRIX_STATE if is_matrix(local(group["params"][i])) else keys
+
     def _hparams(self, group: dict) -> ShampooHparams:
         b1, b2 = group["betas"]
         return ShampooHparams(

@@ -157,6 +157,9 @@ class SophiaG(MupOptimizer):
             "hessian": torch.zeros_like(p, memory_format=torch.preserve_format),
         }
 
+    def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
+        return ("step", "exp_avg", "hessian")
+
     def _hparams(self, group: dict, bs: float = 5120) -> SophiaHparams:  # 5120: DEFAULT_BS
         b1, b2 = group["betas"]
         return SophiaHparams(

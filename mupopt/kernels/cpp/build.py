@@ -11,8 +11,19 @@ Cache: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions/py<ver>_<c
 directory per library named after a digest of the sources' folder (its real path), every file
 in it, the flags and the torch version, so an edited source, another checkout, an installed
 wheel's copy or another torch builds anew and never overwrites a library another process has
-loaded (the folder matters too: torch's build files name the sources by absolute path); an
-unchanged one loads in well under a second. ``python -m mupopt.kernels.cpp.build`` builds ahead of time into the same cache.
+loaded (the folder matters too: torch's build files name the sources by absolute path).
+
+Loading a built library: when the cache holds the library of this digest and no build of it is
+under way (torch's ``lock`` file in its folder), it is loaded directly with
+``torch.ops.load_library``: no compiler, no ninja, no lock, well under a second on every rank of
+a job. Only a missing library goes through ``torch.utils.cpp_extension.load``, which compiles it
+(15-75 s; every other process that needs it meanwhile waits on torch's lock file, so on a job's
+first start each rank's first step takes the whole build: the 20-65 s measured per rank in issue
+19) or waits for the process building it. :data:`loads` records which of the two each load was.
+
+Ahead of time, in the environment the jobs run in (same ``TORCH_EXTENSIONS_DIR`` or home):
+``python -m mupopt.kernels.cpp.build`` builds every library this machine's ranks load: "cpu",
+and "cuda" where CUDA is available.
 
 Flags: ``-O3 -fopenmp -ffp-contract=off -fno-math-errno`` and no ``-march``: the hot loops are
 compiled twice (baseline and ``target("avx2,fma")``) and picked at run time
@@ -63,6 +74,10 @@ NVCC_FLAGS = ("-O3", "--prec-div=true", "--prec-sqrt=true")
 _lock = threading.Lock()
 # None: not tried yet; True: loaded; str: why it cannot be built or loaded.
 _outcome: dict[str, "bool | str | None"] = {"cpu": None, "cuda": None}
+# What this process did for each library it loaded, in order: {"kind", "name", "how": "cached"
+# (loaded from the cache as it was: no compiler, ninja or lock) or "built" (torch's JIT build
+# ran: it compiled, or waited for another process compiling), "seconds"}.
+loads: list[dict] = []
 
 
 def csrc_dir() -> Path:
@@ -150,12 +165,15 @@ def _load(kind: str, verbose: bool) -> None:
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
     build_dir = _build_dir(name)
+    start = time.perf_counter()
+    if build_dir is not None and _load_cached(build_dir, name):
+        loads.append({"kind": kind, "name": name, "how": "cached", "seconds": time.perf_counter() - start})
+        return
     announce = build_dir is None or not _is_built(build_dir, name)
     if announce:  # a build takes 15-75 s: say what is happening, once, and how long it took
         where = f" into {build_dir}" if build_dir else ""
         print(f"mupopt: building the {kind} C++ library (backend {kind!r}) from {root}{where}, once per "
               f"source version ...", end="\n" if verbose else "", file=sys.stderr, flush=True)
-    start = time.perf_counter()
     try:
         cpp_extension.load(
             name=name,
@@ -173,6 +191,24 @@ def _load(kind: str, verbose: bool) -> None:
         raise
     if announce:
         print(f"{'mupopt: built' if verbose else ''} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    loads.append({"kind": kind, "name": name, "how": "built", "seconds": time.perf_counter() - start})
+
+
+def _load_cached(build_dir: str, name: str) -> bool:
+    """Load the library of ``name`` straight from its build folder if it is complete there: it
+    exists and torch's lock file is absent (present while a process builds it). A library that
+    fails to load (being written) is left to torch's build, which waits for the lock."""
+    if os.path.exists(os.path.join(build_dir, "lock")):
+        return False
+    for ext in (".so", ".pyd", ".dll", ".dylib"):
+        path = os.path.join(build_dir, name + ext)
+        if os.path.isfile(path):
+            try:
+                torch.ops.load_library(path)
+            except OSError:
+                return False
+            return True
+    return False
 
 
 def _build_dir(name: str) -> str | None:
@@ -256,20 +292,26 @@ def is_loaded(kind: str = "cpu") -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mupopt.kernels.cpp.build [--cuda] [--quiet]``: build ahead of time."""
+    """``python -m mupopt.kernels.cpp.build [--cuda] [--quiet]``: build ahead of time every
+    library a training process on this machine loads: "cpu", and "cuda" where CUDA is available
+    (``--cuda``: fail if it is not). Run it where the jobs run (same torch, same mupopt
+    installation, same ``TORCH_EXTENSIONS_DIR`` or home), e.g. in the container image; every rank
+    then loads the libraries from the cache in well under a second."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mupopt.kernels.cpp.build", description=main.__doc__)
-    parser.add_argument("--cuda", action="store_true", help="also build the CUDA library")
+    parser.add_argument("--cuda", action="store_true", help="require the CUDA library (default: build it where CUDA is available)")
     parser.add_argument("--quiet", action="store_true", help="no compiler output")
     args = parser.parse_args(argv)
     status = 0
-    for kind in ("cpu", "cuda") if args.cuda else ("cpu",):
+    kinds = ("cpu", "cuda") if args.cuda or torch.cuda.is_available() else ("cpu",)
+    for kind in kinds:
         start = time.perf_counter()
         outcome = load_cpu(not args.quiet) if kind == "cpu" else load_cuda(not args.quiet)
         took = time.perf_counter() - start
         if outcome is True:
-            print(f"mupopt {kind} library ready ({took:.1f} s); cache: {_build_root()}")
+            how = next((r["how"] for r in loads if r["kind"] == kind), "cached")
+            print(f"mupopt {kind} library ready ({how}, {took:.1f} s); cache: {_build_root()}")
         else:
             print(f"mupopt {kind} library: {outcome}", file=sys.stderr)
             status = 1
