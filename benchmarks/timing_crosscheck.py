@@ -266,7 +266,7 @@ def gpu_state() -> dict:
 # --------------------------------------------------------------------------------------------
 def make_optimizer(contender: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     if contender == "torch-fused":
-        return subjects.TORCH_FUSED.make(params)
+        return subjects.PEERS_BY_NAME["torch-fused"].make(params)
     return subjects.SUBJECTS["adamw"].make(params, contender)
 
 

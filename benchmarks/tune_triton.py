@@ -88,7 +88,7 @@ def sweep(device: torch.device, shapes: Sequence[tuple], configs: Sequence[tuple
     # Peers first, once: torch fused AdamW and (where it builds) our cuda backend.
     params = fresh()
     if device.type == "cuda":
-        add("adamw", "torch-fused", None, None, subjects.TORCH_FUSED.make(params), "adamw", params)
+        add("adamw", "torch-fused", None, None, subjects.PEERS_BY_NAME["torch-fused"].make(params), "adamw", params)
         cpp_backend.register()
         if cpp_backend.cuda_unsupported_reason(params) is None:
             for key in optimizers:

@@ -33,6 +33,7 @@ other way is a large share of the update.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -131,6 +132,23 @@ def compare(reference: Snapshot, got: Snapshot, *, dtype: torch.dtype, initial: 
                               f"{float(o.flatten()[k]):.9g} vs {float(r.flatten()[k]):.9g}")
         if scale:
             worst = max(worst, float((o - r).abs().max()) / scale)
+    return worst
+
+
+def update_error(reference: Snapshot, got: Snapshot, initial: Snapshot) -> float:
+    """The largest relative difference of two runs' parameter updates, as :func:`compare` measures
+    an update: per param, max |(got - initial) - (reference - initial)| / max |reference - initial|,
+    then the largest over the params of ``reference`` (inf when one is missing or non-finite).
+    No tolerance: the caller decides (peer equivalence, mupopt.bench.measure.equivalence)."""
+    worst = 0.0
+    for name, ref in reference.items():
+        if name not in got or not bool(torch.isfinite(got[name]).all()):
+            return math.inf
+        r = ref.double() - initial[name].double()
+        o = got[name].double() - initial[name].double()
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        diff = float((o - r).abs().max()) if r.numel() else 0.0
+        worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else math.inf))
     return worst
 
 

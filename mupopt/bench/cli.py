@@ -22,7 +22,7 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .subjects import PEER_NAMES
+    from .subjects import LIBRARIES, PEER_NAMES
 
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", type=_csv, default=None,
                         help="comma-separated registry backends to time (default: every registered one)")
     parser.add_argument("--peers", type=_csv, default=None,
-                        help=f"comma-separated peers of {','.join(PEER_NAMES)}; 'none' for none (default: all)")
+                        help=f"comma-separated peers of {','.join(PEER_NAMES)}, or a library ({', '.join(LIBRARIES)}) "
+                             "for all of its peers; 'none' for none (default: all; a library that is not installed "
+                             "gives skipped rows: pip install mupopt[peers])")
     parser.add_argument("--cases", type=_csv, default=None, help="comma-separated case names or prefixes (default: all)")
     parser.add_argument("--dtypes", type=_csv, default=["fp32", "bf16"], help="fp32,bf16 (default: both)")
     parser.add_argument("--compile-max-tensors", type=int, default=None,

@@ -9,6 +9,7 @@ implementations, so it calls the pieces.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -19,13 +20,9 @@ from .. import backends
 from ..linalg import inverse_root_eigh, inverse_root_newton, newton_schulz
 from . import cases as C
 from . import model
-from .check import Snapshot, compare, compare_tensors, snapshot
-from .subjects import (COMPILE_BACKEND, SUBJECTS, TORCH_FOREACH, TORCH_FUSED, TORCH_MUON, Subject, TorchPeer,
-                       compiled_reference, shampoo_subject, timed_first_call, torch_ns, with_scale_eps)
-
-# Optimizer -> torch peers that step the same tensors (torch's AdamW is the yardstick of every
-# elementwise optimizer, filed under adamw).
-TORCH_PEERS: dict[str, tuple[TorchPeer, ...]] = {"adamw": (TORCH_FUSED, TORCH_FOREACH), "muon": (TORCH_MUON,)}
+from .check import Snapshot, compare, compare_tensors, snapshot, update_error
+from .subjects import (COMPILE_BACKEND, EQUIVALENCE_TOL, PEERS_BY_NAME, SUBJECTS, Peer, Subject, compiled_reference,
+                       peers_of, shampoo_subject, timed_first_call, torch_ns, with_scale_eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,30 +81,167 @@ def matrix_tol(subject: Subject) -> float | None:
 
 
 def check_optimizer(subject: Subject, make: Callable[[list], torch.optim.Optimizer], params: Sequence[torch.Tensor],
-                    start: Sequence[torch.Tensor], reference: Snapshot, dtype: torch.dtype, what: str) -> float:
+                    start: Sequence[torch.Tensor], reference: Snapshot, dtype: torch.dtype, what: str,
+                    peer: Peer | None = None) -> float:
     """Run the check sequence with ``make`` on copies of ``start``; raise CheckFailed unless the
-    result matches ``reference``. Returns the largest relative error."""
+    result matches ``reference``. Returns the largest relative error.
+
+    A ``peer`` runs its own sequence (Peer.run_check_sequence) on gradients of its own (a peer
+    may write its gradients, which the other contenders share), and only the params are compared:
+    its state may use our names for other things."""
     copies = C.clone_params(params, start)
+    if peer is not None:
+        for q in copies:
+            q.grad = q.grad.clone()
     opt = make(copies)
-    subject.run_check_sequence(opt)
+    (peer or subject).run_check_sequence(opt)
     got = snapshot(copies, opt)
     del opt
+    if peer is not None and peer.library != "torch":  # torch's optimizers keep our state names
+        got = {k: v for k, v in got.items() if k.startswith("param[")}
     initial = {f"param[{i}]": t for i, t in enumerate(start)}
     return compare(reference, got, dtype=dtype, initial=initial, update_tol=subject.update_tol,
                    matrix_tol=matrix_tol(subject), what=what)
 
 
-def start_optimizer(subject: Subject, make: Callable[[list], torch.optim.Optimizer], params: Sequence[torch.Tensor],
+def start_optimizer(subject: Subject | Peer, make: Callable[[list], torch.optim.Optimizer], params: Sequence[torch.Tensor],
                     sync: Callable[[], None]) -> tuple[torch.optim.Optimizer, float]:
     """The optimizer to time, after its first call (state, compilation) and priming; returns it
-    and the seconds of that first call."""
+    and the seconds of that first call. ``subject``: ours, or a Peer (its own step and prime)."""
     opt = make(list(params))
     first = timed_first_call(lambda: subject.step(opt), sync)
     subject.prime(opt)
     return opt, first
 
 
+# --------------------------------------------------------------------------------------------
+# Peers: are they the same variant as ours?
+# --------------------------------------------------------------------------------------------
+# Calls of the equivalence run: the bench's check sequence (CHECK_STEPS = 2: a step, priming, a
+# step) and one more, each with a new gradient: with the same gradient every call, ADOPT's
+# normalised gradient g / sqrt(v) is +-1 at the second call and no clip ever acts, so a peer
+# without the clip would pass; the third call runs the bias corrections at t = 3.
+EQUIVALENCE_STEPS = 3
+# Small tensors: equivalence is a property of the formulas, not of the sizes. Shampoo: full-rank
+# square blocks within one preconditioner block (a first step's G G^T of a wide block is rank
+# deficient, and its null space's roots follow the rounding, not the formula).
+EQUIVALENCE_SHAPES = {"muon": ((48, 32), (32, 80), (64, 64)), "shampoo": ((32, 32), (24, 24))}
+ELEMENTWISE_EQUIVALENCE_SHAPES = ((48, 32), (32, 80), (40,))
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """A peer against our subject in ``dtype``: the relative error of its updates (update_error)
+    with the hyperparameters as mapped, and under ``peer.neutral`` (None when it has none)."""
+
+    error: float
+    neutral_error: float | None
+    dtype: torch.dtype
+
+    @property
+    def matches(self) -> bool:
+        return self.error <= EQUIVALENCE_TOL
+
+    def consistent(self, peer: Peer) -> bool:
+        """The declaration holds: a same variant matches; a different one differs, and matches
+        under its neutral settings when it has some."""
+        if peer.same_variant:
+            return self.matches
+        return not self.matches and (self.neutral_error is None or self.neutral_error <= peer.neutral_tol)
+
+    def label(self, peer: Peer) -> str:
+        how = f"{str(self.dtype).removeprefix('torch.')}, {EQUIVALENCE_STEPS} steps"
+        if peer.same_variant:
+            if self.matches:
+                text = f"same variant: matches our reference to {EQUIVALENCE_TOL:g} ({how}: {self.error:.1g})"
+            else:
+                text = f"MISMATCH: declared the same variant, but {self.error:.2g} from our reference ({how})"
+        elif self.matches:
+            text = f"MISLABELLED: declared a different variant ({peer.differs}), but matches our reference ({how}: {self.error:.1g})"
+        else:
+            text = f"different variant: {peer.differs} ({self.error:.2g} from ours, {how})"
+            if self.neutral_error is not None:
+                ours, theirs = (", ".join(f"{k}={_short(v)}" for k, v in d.items()) or "as mapped" for d in peer.neutral)
+                verdict = "matches" if self.neutral_error <= peer.neutral_tol else "still DIFFERS"
+                text += (f"; {verdict} to {peer.neutral_tol:g} with ours {ours} and its {theirs} "
+                         f"({self.neutral_error:.1g})")
+        return text
+
+
+def _well_conditioned(shape, *, dtype, device, generator) -> torch.Tensor:
+    """U diag(s) V^T with s in [0.5, 2]: Shampoo's statistics G G^T then have a condition number
+    of 16. A Gaussian square matrix often has a singular value near 0 (seed 1, 32 x 32: 0.005),
+    and our float32 roots take an eigenvalue below n * 1.2e-7 * lambda_max as 0 (linalg.
+    inverse_root_eigh), so such a gradient measures that cut-off, not the formula."""
+    n = shape[0]
+    u, _ = torch.linalg.qr(torch.randn(n, n, dtype=dtype, device=device, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(n, n, dtype=dtype, device=device, generator=generator))
+    return u @ torch.diag(torch.linspace(0.5, 2.0, n, dtype=dtype, device=device)) @ v.T
+
+
+def _short(v) -> str:
+    if isinstance(v, (tuple, list)) and len(v) > 3:
+        return f"[{len(v)} entries]"
+    return str(v).removeprefix("torch.")
+
+
+def equivalence(subject: Subject, peer: Peer, device: torch.device, seed: int = 0) -> Equivalence:
+    """Run ``peer`` (eager) and our reference backend from the same start with the same
+    gradients for EQUIVALENCE_STEPS calls (the first followed by both sides' priming), in
+    ``peer.equivalence_dtype`` (float64: round-off far below EQUIVALENCE_TOL), and compare the
+    params' updates; then again under ``peer.neutral``."""
+    peer = dataclasses.replace(peer, compiled=False)
+    key = subject.key if subject.key in EQUIVALENCE_SHAPES else None
+    shapes = EQUIVALENCE_SHAPES[key] if key else ELEMENTWISE_EQUIVALENCE_SHAPES
+    dtype = peer.equivalence_dtype
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    draw = _well_conditioned if key == "shampoo" else torch.randn
+    grads = [[draw(s, dtype=dtype, device=device, generator=gen) for s in shapes] for _ in range(EQUIVALENCE_STEPS)]
+
+    def updates(make, step, prime) -> tuple[Snapshot, Snapshot]:
+        params = C.make_params(shapes, dtype, device, seed)
+        start = {f"param[{i}]": p.detach().clone() for i, p in enumerate(params)}
+        opt = make(params)
+        for k, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()  # a peer may write its gradients
+            step(opt)
+            if k == 0:
+                prime(opt)
+        return {f"param[{i}]": p.detach() for i, p in enumerate(params)}, start
+
+    def error(ours: dict, theirs: dict) -> float:
+        mine = dataclasses.replace(subject, kwargs={**subject.kwargs, **ours})
+        ref, start = updates(lambda ps: mine.make(ps, "reference"), mine.step, mine.prime)
+        got, _ = updates(lambda ps: peer.make(ps, subject, **theirs), peer.step, peer.prime)
+        return update_error(ref, got, start)
+
+    mapped = error({}, {})
+    neutral = error(*peer.neutral) if peer.neutral is not None and not peer.same_variant else None
+    return Equivalence(mapped, neutral, dtype)
+
+
 Cost = Callable[[Sequence[torch.Tensor], Sequence[dict]], "tuple[int | None, int | None, str | None]"]
+
+
+class _LikeParam(dict):
+    """A state whose every tensor is like its param: what our step keeps."""
+
+    def __init__(self, p: torch.Tensor):
+        super().__init__()
+        self.p = p
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        return self.p
+
+
+def cost_states(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, peer: Peer | None) -> list:
+    """The states a row's bytes are counted from: the optimizer's own, except for a library peer,
+    whose state may be named, shaped or typed otherwise (HeavyBall nests it; 8-bit ones quantise):
+    its row counts the bytes our step must move for these params, so GB/s compares the times."""
+    if peer is not None and peer.library != "torch":
+        return [_LikeParam(p) for p in params]
+    return [opt.state[p] for p in params]
 
 
 def elementwise_cost(key: str) -> Cost:
@@ -216,7 +350,7 @@ def implementations(optimizer: str, case: C.Case | None = None) -> list[tuple[st
     out = [(n, "mupopt") for n in backend_names(optimizer)]
     if case is not None and case.name.endswith((".mup", ".uniform")):
         return out
-    out += [(p.name, "peer") for p in TORCH_PEERS.get(optimizer, ())]
+    out += [(p.name, "peer") for p in peers_of(optimizer)]
     if optimizer != "shampoo":  # eigh breaks the graph: nothing for inductor to fuse
         out.append((COMPILE_BACKEND, "peer"))
     return out
@@ -269,14 +403,20 @@ def prepare(optimizer: str, impl: str, case: C.Case, dtype: str, device: torch.d
     if case.name.endswith((".mup", ".uniform")):
         C.set_mup_widths(params, distinct=case.name.endswith(".mup"))
     ex = contextlib.ExitStack()
+    peer = None
     if impl == COMPILE_BACKEND:
         if case.tensors > compile_max_tensors:
             raise Skip(f"{case.tensors} tensors > compile_max_tensors {compile_max_tensors}: inductor unrolls the "
                        f"per-tensor loop (10 s of compilation for 20 tensors on 2 CPU cores)")
         ex.enter_context(compiled_reference(subject.compile_keys))
         make = lambda ps: subject.make(ps, COMPILE_BACKEND)  # noqa: E731
-    elif impl in {p.name for p in TORCH_PEERS.get(optimizer, ())}:
-        make = next(p for p in TORCH_PEERS[optimizer] if p.name == impl).make
+    elif impl in PEERS_BY_NAME:
+        peer = PEERS_BY_NAME[impl]
+        reason = peer.unavailable(device) or (peer.refuses(subject, params) if peer.refuses else None)
+        if reason is not None:
+            raise Skip(reason)
+        peer = dataclasses.replace(peer, compiled=peer.compiles and case.tensors <= compile_max_tensors)
+        make = lambda ps: peer.make(ps, subject)  # noqa: E731
     else:
         reason = unsupported(subject, impl, params)
         if reason is not None:
@@ -286,11 +426,12 @@ def prepare(optimizer: str, impl: str, case: C.Case, dtype: str, device: torch.d
         start = [p.detach().clone() for p in params]
         reference = reference_snapshot(subject, params, start)
         err = None
-        if impl != "reference":
+        # A peer of another variant computes other numbers by design (Peer.differs): not checked.
+        if impl != "reference" and (peer is None or peer.same_variant):
             err = check_optimizer(subject, make, params, start, reference, C.DTYPES[dtype],
-                                  f"{optimizer} {impl!r}, case {case.name}, {dtype}")
+                                  f"{optimizer} {impl!r}, case {case.name}, {dtype}", peer=peer)
         del reference, start
-        opt, first = start_optimizer(subject, make, params, sync)
+        opt, first = start_optimizer(peer or subject, make, params, sync)
     except BaseException:
         ex.close()
         raise
@@ -300,5 +441,5 @@ def prepare(optimizer: str, impl: str, case: C.Case, dtype: str, device: torch.d
         cost = muon_cost(case.shapes)
     else:
         cost = elementwise_cost(optimizer)
-    nbytes, flops, _ = cost(params, [opt.state[p] for p in params])
-    return Prepared(lambda: subject.step(opt), nbytes, flops, err, first, ex)
+    nbytes, flops, _ = cost(params, cost_states(params, opt, peer))
+    return Prepared(lambda: (peer or subject).step(opt), nbytes, flops, err, first, ex)

@@ -258,6 +258,63 @@ def headline(dicts: Sequence[dict]) -> list[dict]:
     return list(best.values())
 
 
+def peer_table(rows: Iterable[Row | dict]) -> str:
+    """Ours against the public peers (torch's optimizers and the libraries of subjects.PEERS), per
+    optimizer, case and dtype where a peer was measured: our fastest backend (the reference only
+    when nothing else ran), the fastest peer, and peer time / our time (> 1: ours is faster;
+    the rows were timed in the same rounds, Runner._subject). "same" / "different": the peer's
+    variant against ours (measure.equivalence: its notes in the result file give the numbers);
+    a variant that did not hold in the run says so. "" when the run has no peer rows."""
+    from .subjects import PEERS_BY_NAME
+
+    dicts = [_as_dict(r) for r in rows]
+    ok = [d for d in dicts if d.get("status") == "ok" and d.get("median_ms")]
+    keys = list(dict.fromkeys((d["optimizer"], d["case"], d["dtype"]) for d in ok
+                              if d.get("kind") == "peer" and d["backend"] in PEERS_BY_NAME))
+    if not keys:
+        return ""
+    lines = ["| optimizer | case | dtype | ours (ms) | best public peer (ms) | peer time / ours | its variant | other peers (time / ours) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for opt, case, dtype in keys:
+        same = [d for d in ok if (d["optimizer"], d["case"], d["dtype"]) == (opt, case, dtype)]
+        mine = [d for d in same if d.get("kind") == "mupopt"]
+        compiled = [d for d in mine if d["backend"] != "reference"]
+        peers = sorted((d for d in same if d.get("kind") == "peer" and d["backend"] in PEERS_BY_NAME),
+                       key=lambda d: d["median_ms"])
+        if not mine or not peers:
+            continue
+        ours = min(compiled or mine, key=lambda d: d["median_ms"])
+        best, others = peers[0], peers[1:]
+        ratio = lambda d: f"{d['median_ms'] / ours['median_ms']:.2f}x"  # noqa: E731
+        lines.append(f"| {opt} | {case} | {dtype} | {ours['backend']} {_num(ours['median_ms'])} | {_peer_name(best)} "
+                     f"{_num(best['median_ms'])} | {ratio(best)} | {_variant(best, PEERS_BY_NAME)} | "
+                     + "; ".join(f"{_peer_name(d)} {ratio(d)} ({_variant(d, PEERS_BY_NAME)})" for d in others) + " |")
+    differ = {d["backend"] for d in ok if d.get("kind") == "peer" and d["backend"] in PEERS_BY_NAME
+              and not PEERS_BY_NAME[d["backend"]].same_variant}
+    notes = [f"- {name}: {PEERS_BY_NAME[name].differs}" for name in sorted(differ)]
+    not_run = {(d["backend"], d.get("notes", "")) for d in dicts if d.get("kind") == "peer" and d["backend"] in PEERS_BY_NAME
+               and d.get("status") in ("skipped", "failed")}
+    notes += [f"- {name} not measured: {why}" for name, why in sorted(not_run)]
+    return "\n".join(lines) + ("\n\nDifferent variants, and peers not measured:\n\n" + "\n".join(notes) if notes else "")
+
+
+def _peer_name(d: dict) -> str:
+    return d["backend"] + (" (eager)" if "eager (" in d.get("notes", "") else "")
+
+
+def _variant(d: dict, registry: dict) -> str:
+    """The peer's declared variant, or what the run found against it: MISMATCH (declared the same,
+    differs in float64), MISLABELLED (declared different, matches), or the same variant whose
+    check on this case's tensors failed (bf16 rounding, usually: its notes say by how much)."""
+    notes = d.get("notes", "")
+    for flag in ("MISMATCH: declared", "MISLABELLED"):
+        if flag in notes:
+            return flag.split(":")[0]
+    if not registry[d["backend"]].same_variant:
+        return "different"
+    return "same, but its check on this case failed" if "MISMATCH vs reference" in notes else "same"
+
+
 def readme_section(results_dir: str | os.PathLike = DEFAULT_RESULTS, link_base: str | None = None,
                    include_smoke: bool = False) -> str:
     """The text between the markers (docs/benchmarks.md): a table of result files (device, date, mode), then per
@@ -291,6 +348,9 @@ def readme_section(results_dir: str | os.PathLike = DEFAULT_RESULTS, link_base: 
             out.append("Peaks measured in this run: " + ", ".join(
                 f"{r['optimizer']} {r['dtype'] if r['optimizer'] == 'matmul' else ''} {_rate(r)}".replace("  ", " ") for r in peaks) + ".")
             out.append("")
+        peers = peer_table(rows)
+        if peers:
+            out += ["Against the public peers (peer time / our time, > 1: ours is faster):", "", peers, ""]
         out.append(markdown_table(headline(rows), with_skipped=False))
         out += ["", "<details><summary>All rows of this run</summary>", "", markdown_table(rows), "", "</details>"]
     return "\n".join(out)

@@ -8,6 +8,7 @@ that cannot step a case (``unsupported_reason``) gives a "skipped" row saying wh
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -25,8 +26,8 @@ from . import cases as C
 from . import measure as M
 from . import model
 from .check import CheckFailed, compare_tensors
-from .subjects import (COMPILE_BACKEND, PEER_NAMES, SUBJECTS, Subject, TorchPeer, compiled_reference, shampoo_subject,
-                       with_scale_eps)
+from .subjects import (COMPILE_BACKEND, PEER_NAMES, SUBJECTS, Peer, Subject, compiled_reference, expand_peer_names,
+                       peers_of, shampoo_subject, timed_first_call, with_scale_eps)
 from .timing import BUDGETS, LoopTimer, Timer, Timing, copy_numel, matmul_n, measure_copy, measure_matmul
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian", "muon", "shampoo", "ns", "roots")
@@ -109,7 +110,7 @@ class Config:
     mode: str = "quick"
     optimizers: Sequence[str] | None = None  # None: all of OPTIMIZERS
     backends: Sequence[str] | None = None  # None: every registered backend
-    peers: Sequence[str] | None = None  # None: all of PEER_NAMES
+    peers: Sequence[str] | None = None  # None: all of PEER_NAMES (a library's name: all its peers)
     cases: Sequence[str] | None = None  # None: all; else case names or their prefixes
     dtypes: Sequence[str] = ("fp32", "bf16")
     compile_max_tensors: int | None = None  # None: COMPILE_MAX_TENSORS[mode]
@@ -226,9 +227,7 @@ class Runner:
         unknown = set(config.optimizers or ()) - set(OPTIMIZERS)
         if unknown:
             raise ValueError(f"unknown optimizers {sorted(unknown)}; choose from {list(OPTIMIZERS)}")
-        unknown = set(config.peers or ()) - set(PEER_NAMES)
-        if unknown:
-            raise ValueError(f"unknown peers {sorted(unknown)}; choose from {list(PEER_NAMES)}")
+        peers = expand_peer_names(config.peers) if config.peers is not None else set(PEER_NAMES)
         unknown = set(config.dtypes) - set(C.DTYPES)
         if unknown:
             raise ValueError(f"unknown dtypes {sorted(unknown)}; choose from {list(C.DTYPES)}")
@@ -238,7 +237,8 @@ class Runner:
         self.timer = Timer(self.device, BUDGETS[config.mode])
         self.env = environment(self.device, config)
         self.optimizers = tuple(config.optimizers or OPTIMIZERS)
-        self.peers = set(config.peers if config.peers is not None else PEER_NAMES)
+        self.peers = peers
+        self.equivalences: dict[str, str] = {}  # peer name -> its equivalence label (measured once per run)
         limit = config.compile_max_tensors
         self.compile_max = COMPILE_MAX_TENSORS[config.mode] if limit is None else limit
         chosen = config.compile_optimizers
@@ -381,19 +381,25 @@ class Runner:
             names.append("reference")
         return names
 
-    def _measure(self, subject: Subject, name: str, kind: str, make: Callable[[list], torch.optim.Optimizer],
+    def _prepare(self, subject: Subject, name: str, kind: str, make: Callable[[list], torch.optim.Optimizer],
                  group: Group, params, start, reference, *, cost: M.Cost, check: bool = True,
-                 case_name: str | None = None, must_match: bool = True, notes: str = "") -> Row:
-        """Check one implementation against the reference, then time it and make its row. A
-        failure of ours stops the run (unless --keep-going); a peer's is recorded, and a peer
-        whose result differs is still timed, with the difference in its notes."""
+                 case_name: str | None = None, must_match: bool = True, notes: str = "",
+                 peer: Peer | None = None) -> "_Contender | Callable[[], Row]":
+        """Check one implementation against the reference and make its first call: a contender
+        ready to be timed, or (after a failure) the call that records its row. A failure of ours
+        stops the run (unless --keep-going); a peer's is recorded, and a peer whose result
+        differs is still timed, with the difference in its notes. A library peer steps gradients
+        of its own (it may write them: pytorch-optimizer's Muon does), attached before each call."""
         what = f"{subject.key} backend {name!r}, case {case_name or group.case.name}, {group.dtype}"
         row = functools.partial(self._row, subject.key, name, kind, group.case, group.dtype, case_name=case_name)
+        grads = [p.grad for p in params]
+        own = peer is not None and peer.library != "torch"
+        mine = [g.clone() for g in grads] if own else grads
         err = None
         try:
             if check:
                 try:
-                    err = M.check_optimizer(subject, make, params, start, reference, C.DTYPES[group.dtype], what)
+                    err = M.check_optimizer(subject, make, params, start, reference, C.DTYPES[group.dtype], what, peer=peer)
                 except CheckFailed as e:
                     if must_match:
                         differs = M.reference_rerun_differs(subject, params, start, reference)
@@ -403,40 +409,153 @@ class Runner:
                                               f"may be the wrong side") from e
                         raise
                     notes = _join(notes, f"MISMATCH vs reference: {e}")
-            opt, first = M.start_optimizer(subject, make, params, self.timer.sync)
-            timing = self.timer.time(lambda: subject.step(opt))
+            _attach(params, mine)
+            try:
+                opt, first = M.start_optimizer(peer or subject, make, params, self.timer.sync)
+                if peer is not None and peer.compiled:
+                    # HeavyBall's ADOPT compiles at its second call (its first only fills v): not in a timed one.
+                    first += timed_first_call(lambda: peer.step(opt), self.timer.sync)
+            finally:
+                _attach(params, grads)
         except CheckFailed as e:
             self._fail(str(e))
-            return row(status="failed", notes=f"CHECK FAILED: {e}")
+            return functools.partial(row, status="failed", notes=f"CHECK FAILED: {e}")
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if must_match:
                 self._fail(f"{what}: raised {msg}")
-            return row(status="failed", notes=_join(notes, msg))
+            return functools.partial(row, status="failed", notes=_join(notes, msg))
         if name == COMPILE_BACKEND:
             notes = _join(notes, f"first call (compilation) {first:.1f} s")
-        nbytes, flops, peak = cost(params, [opt.state[p] for p in params])
-        return row(timing, nbytes=nbytes, flops=flops, peak_dtype=peak, check_err=err, notes=notes)
+        elif peer is not None and peer.compiled:
+            notes = _join(notes, f"first two calls (compilation) {first:.1f} s")
+        nbytes, flops, peak = cost(params, M.cost_states(params, opt, peer))
+        step = (peer or subject).step
+        return _Contender(name, kind, functools.partial(step, opt), functools.partial(_attach, params, mine), row,
+                          dict(nbytes=nbytes, flops=flops, peak_dtype=peak, check_err=err, notes=notes))
 
-    def _subject(self, subject: Subject, group: Group, params, *, cost: M.Cost, torch_peers: Sequence[TorchPeer] = (),
+    def _time(self, contenders: Sequence["_Contender"]) -> None:
+        """Time ready contenders in the same rounds (Timer.time_rounds); a call that raises marks
+        its contender failed (its later calls do nothing) and the others go on."""
+        if not contenders:
+            return
+        errors: dict[int, str] = {}
+
+        def guarded(i: int, c: _Contender) -> Callable[[], None]:
+            def call() -> None:
+                if i in errors:
+                    return
+                try:
+                    c.call()
+                except Exception as e:  # noqa: BLE001: recorded in the row
+                    errors[i] = f"raised while timed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return call
+
+        timings = self.timer.time_rounds([guarded(i, c) for i, c in enumerate(contenders)], [c.setup for c in contenders])
+        for i, (c, t) in enumerate(zip(contenders, timings)):
+            c.timing, c.error, c.call = t, errors.get(i, ""), None  # drop the optimizer: its memory goes now
+
+    def _memory_tight(self) -> bool:
+        """On a GPU, whether to time what is ready before starting the next contender: all of a
+        subject's contenders alive at once (params, grads, each its state) do not fit beside a
+        Llama-1B list (1.24B params: 10 GB of AdamW state each)."""
+        if self.device.type != "cuda":
+            return False
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # ours to reuse
+        return free + cached < 0.35 * total
+
+    def _measure(self, subject: Subject, name: str, kind: str, make: Callable[[list], torch.optim.Optimizer],
+                 group: Group, params, start, reference, **kw) -> None:
+        """Prepare one implementation, time it alone and make its row."""
+        ready = self._prepare(subject, name, kind, make, group, params, start, reference, **kw)
+        if isinstance(ready, _Contender):
+            self._time([ready])
+            ready.record()
+        else:
+            ready()
+
+    def _subject(self, subject: Subject, group: Group, params, *, cost: M.Cost, peers: Sequence[Peer] = (),
                  case_name: str | None = None, compile_peer: bool = True, only_peers: bool = False) -> None:
-        """Every backend of ``subject`` and its peers on ``params``."""
+        """Every backend of ``subject`` and its peers on ``params``, checked one by one, then timed
+        in the same rounds (Timer.time_rounds); the compile peer after them, alone (it registers
+        a backend and resets dynamo for as long as it runs)."""
         # Timed steps move the params; every check starts from these values, as the reference did.
         start = [p.detach().clone() for p in params]
+        grads = [p.grad for p in params]
         reference = M.reference_snapshot(subject, params, start)
+        slots: list = []  # in row order: a _Contender, or the call that records a skipped/failed row
+        pending: list[_Contender] = []
+
+        def time_pending() -> None:
+            self._time(pending)
+            pending.clear()
+            # The last call may have been a peer's, with its own gradients or none (HeavyBall drops them).
+            _attach(params, grads)
+
+        def add(slot) -> None:
+            slots.append(slot)
+            if isinstance(slot, _Contender):
+                pending.append(slot)
+                if self._memory_tight():
+                    time_pending()
+
         for name in [] if only_peers else self._backend_names(subject):
             reason = M.unsupported(subject, name, params)
             if reason is not None:
-                self._row(subject.key, name, "mupopt", group.case, group.dtype, status="skipped", notes=reason, case_name=case_name)
+                add(functools.partial(self._row, subject.key, name, "mupopt", group.case, group.dtype, status="skipped",
+                                      notes=reason, case_name=case_name))
                 continue
-            self._measure(subject, name, "mupopt", lambda ps, n=name: subject.make(ps, n), group, params, start, reference,
-                          cost=cost, check=name != "reference", case_name=case_name)
-        for peer in torch_peers:
+            add(self._prepare(subject, name, "mupopt", lambda ps, n=name: subject.make(ps, n), group, params, start,
+                              reference, cost=cost, check=name != "reference", case_name=case_name))
+        for peer in peers:
             if peer.name in self.peers:
-                self._measure(subject, peer.name, "peer", peer.make, group, params, start, reference, cost=cost,
-                              check=peer.same_math_as == subject.key, case_name=case_name, must_match=False)
+                add(self._prepare_peer(subject, peer, group, params, start, reference, cost=cost, case_name=case_name))
+        time_pending()
+        for slot in slots:
+            slot.record() if isinstance(slot, _Contender) else slot()
         if compile_peer and not only_peers and "compile" in self.peers:
             self._compile_peer(subject, group, params, start, reference, cost)
+
+    def _prepare_peer(self, subject: Subject, peer: Peer, group: Group, params, start, reference, *, cost: M.Cost,
+                      case_name: str | None) -> "_Contender | Callable[[], Row]":
+        """A peer: skipped with the reason where it cannot run; else its equivalence with our
+        subject (once per run, in float64: measure.equivalence) in its notes, then checked on this
+        case if it is the same variant, and prepared."""
+        row = functools.partial(self._row, subject.key, peer.name, "peer", group.case, group.dtype, case_name=case_name)
+        reason = peer.unavailable(self.device) or (peer.refuses(subject, params) if peer.refuses else None)
+        if reason is not None:
+            return functools.partial(row, status="skipped", notes=reason)
+        notes = f"{peer.library} {peer.version()}".strip() if peer.library != "torch" else ""
+        label = self.equivalences.get(peer.name)
+        if label is None:
+            try:
+                eq = M.equivalence(subject, peer, self.device, self.config.seed)
+                label = eq.label(peer)
+            except Exception as e:  # the peer fails on a plain float64 list: its error is the row
+                label = f"equivalence run raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.equivalences[peer.name] = label
+        notes = _join(notes, label)
+        if label.startswith("equivalence run raised"):
+            return functools.partial(row, status="failed", notes=notes)
+        if peer.note:
+            notes = _join(notes, peer.note)
+        if peer.compiles:
+            compiled = self.config.mode != "smoke" and len(params) <= self.compile_max
+            peer = dataclasses.replace(peer, compiled=compiled)
+            if compiled:
+                import torch._dynamo
+
+                torch._dynamo.reset()  # every case is a new list: past cache_size_limit dynamo runs eager silently
+                notes = _join(notes, "its torch.compile path")
+            else:
+                why = ("--smoke compiles nothing" if self.config.mode == "smoke" else
+                       f"{len(params)} tensors > --compile-max-tensors {self.compile_max}: it compiles each fused "
+                       f"function for the whole list (109 s for GPT-2/8's 148 tensors on 2 shared CPU cores)")
+                notes = _join(notes, f"eager ({why})")
+        return self._prepare(subject, peer.name, "peer", lambda ps: peer.make(ps, subject), group, params, start,
+                             reference, cost=cost, check=peer.same_variant, case_name=case_name, must_match=False,
+                             notes=notes, peer=peer)
 
     def _compile_peer(self, subject: Subject, group: Group, params, start, reference, cost: M.Cost) -> None:
         skip = None
@@ -496,12 +615,12 @@ class Runner:
         params = C.make_params(group.case.shapes, C.DTYPES[group.dtype], self.device, self.config.seed)
         # torch's AdamW is the yardstick of every elementwise optimizer: measured once, filed
         # under adamw, compared against by every row of this case and dtype.
-        peers = [p for p in M.TORCH_PEERS["adamw"] if p.name in self.peers]
         for key in group.keys:
-            self._subject(SUBJECTS[key], group, params, cost=M.elementwise_cost(key), torch_peers=peers if key == "adamw" else ())
-        if "adamw" not in group.keys and peers:
+            self._subject(SUBJECTS[key], group, params, cost=M.elementwise_cost(key), peers=peers_of(key))
+        torch_adamw = _torch_adamw_peers(self.peers)
+        if "adamw" not in group.keys and torch_adamw:
             # Our AdamW not selected: its torch peers still give every row its ratio columns.
-            self._subject(SUBJECTS["adamw"], group, params, cost=M.elementwise_cost("adamw"), torch_peers=peers,
+            self._subject(SUBJECTS["adamw"], group, params, cost=M.elementwise_cost("adamw"), peers=torch_adamw,
                           only_peers=True)
 
     def _group_overhead(self, group: Group) -> None:
@@ -515,12 +634,11 @@ class Runner:
             if self.device.type == "cpu":
                 torch.set_num_threads(1)
             params = C.make_params(group.case.shapes, C.DTYPES[group.dtype], self.device, self.config.seed)
-            peers = [p for p in M.TORCH_PEERS["adamw"] if p.name in self.peers]
             for key in group.keys:
-                self._subject(SUBJECTS[key], group, params, cost=_no_cost, torch_peers=peers if key == "adamw" else (),
-                              compile_peer=False)
-            if "adamw" not in group.keys and peers:
-                self._subject(SUBJECTS["adamw"], group, params, cost=_no_cost, torch_peers=peers, only_peers=True)
+                self._subject(SUBJECTS[key], group, params, cost=_no_cost, peers=peers_of(key), compile_peer=False)
+            torch_adamw = _torch_adamw_peers(self.peers)
+            if "adamw" not in group.keys and torch_adamw:
+                self._subject(SUBJECTS["adamw"], group, params, cost=_no_cost, peers=torch_adamw, only_peers=True)
         finally:
             self.timer = timer
             torch.set_num_threads(threads)
@@ -550,14 +668,15 @@ class Runner:
     def _group_muon(self, group: Group) -> None:
         self._refresh_peak("bf16")
         params = C.make_params(group.case.shapes, C.DTYPES[group.dtype], self.device, self.config.seed)
-        self._subject(SUBJECTS["muon"], group, params, cost=M.muon_cost(group.case.shapes), torch_peers=M.TORCH_PEERS["muon"])
+        self._subject(SUBJECTS["muon"], group, params, cost=M.muon_cost(group.case.shapes), peers=peers_of("muon"))
 
     def _group_shampoo(self, group: Group) -> None:
         self._refresh_peak("fp32")
         params = C.make_params(group.case.shapes, C.DTYPES[group.dtype], self.device, self.config.seed)
         subject = shampoo_subject(self.profile.shampoo_max_dim)
         # eigh breaks the graph: there is nothing for inductor to fuse, so no compile peer.
-        self._subject(subject, group, params, cost=M.shampoo_cost(subject, params), compile_peer=False)
+        self._subject(subject, group, params, cost=M.shampoo_cost(subject, params), peers=peers_of("shampoo"),
+                      compile_peer=False)
 
     def _group_ns(self, group: Group) -> None:
         self._refresh_peak(group.dtype)
@@ -588,6 +707,35 @@ class Runner:
                 row(status="failed", notes=msg)
                 continue
             row(timing, flops=flops, peak_dtype="bf16" if group.dtype == "bf16" else "fp32", check_err=err)
+
+
+@dataclass
+class _Contender:
+    """One implementation of a subject, checked and past its first call, waiting to be timed
+    with the others (Runner._time); ``record`` makes its row."""
+
+    name: str
+    kind: str
+    call: Callable[[], None] | None  # one timed call (None once timed: the optimizer is released)
+    setup: Callable[[], None]  # attaches the gradients it steps with, before each call (untimed)
+    row: Callable[..., Row]
+    row_kwargs: dict
+    timing: Timing | None = None
+    error: str = ""
+
+    def record(self) -> Row:
+        if self.error:
+            return self.row(status="failed", notes=_join(self.row_kwargs["notes"], self.error))
+        return self.row(self.timing, **self.row_kwargs)
+
+
+def _attach(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def _torch_adamw_peers(selected: set[str]) -> list[Peer]:
+    return [p for p in peers_of("adamw") if p.library == "torch" and p.name in selected]
 
 
 def _no_cost(params, states) -> tuple[None, None, None]:

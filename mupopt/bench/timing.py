@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -88,8 +88,10 @@ class Timer:
     def flush(self) -> None:
         self._flush_buf.zero_()
 
-    def _once_ms(self, fn: Callable[[], object]) -> float:
-        """One cold call, in ms."""
+    def _once_ms(self, fn: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
+        """One cold call, in ms (``setup`` runs before the cache flush, untimed)."""
+        if setup is not None:
+            setup()
         self.flush()
         self.sync()
         if self.cuda:
@@ -107,14 +109,29 @@ class Timer:
     def time(self, fn: Callable[[], object]) -> Timing:
         """Warm up (at least once), then repeat cold calls; the caller has already made one call
         that created state and compiled whatever compiles."""
-        b = self.budget
-        first = self._once_ms(fn)
+        return self.time_rounds([fn])[0]
+
+    def time_rounds(self, fns: Sequence[Callable[[], object]],
+                    setups: Sequence[Callable[[], object] | None] | None = None) -> list[Timing]:
+        """Time several callables in the same rounds: each round makes one cold call of every one
+        (starting one further along each round), so that a change in a shared machine's load
+        hits all of them alike and their medians compare as a pair would. ``setups[i]`` runs
+        before each call of ``fns[i]``, untimed. Repetitions: as many rounds as the budget's
+        seconds allow for the mean call, within [min_reps, max_reps]."""
+        b, n = self.budget, len(fns)
+        setups = list(setups) if setups is not None else [None] * n
+        est = [self._once_ms(f, s) for f, s in zip(fns, setups)]
         warm_until = time.perf_counter() + b.warmup_seconds
         while time.perf_counter() < warm_until:
-            first = min(first, self._once_ms(fn))
-        est_s = max(first, 1e-3) / 1e3
-        reps = int(min(b.max_reps, max(b.min_reps, b.seconds / est_s)))
-        return summarize([self._once_ms(fn) for _ in range(reps)])
+            est = [min(e, self._once_ms(f, s)) for e, f, s in zip(est, fns, setups)]
+        mean_s = max(sum(est) / max(n, 1), 1e-3) / 1e3
+        reps = int(min(b.max_reps, max(b.min_reps, b.seconds / mean_s)))
+        samples: list[list[float]] = [[] for _ in range(n)]
+        for r in range(reps):
+            for k in range(n):
+                i = (r + k) % n
+                samples[i].append(self._once_ms(fns[i], setups[i]))
+        return [summarize(s) for s in samples]
 
 
 class LoopTimer(Timer):
@@ -127,25 +144,39 @@ class LoopTimer(Timer):
     def __init__(self, device: torch.device, budget: Budget):
         self.device, self.budget, self.cuda = device, budget, device.type == "cuda"  # no flush buffer
 
-    def time(self, fn: Callable[[], object]) -> Timing:
-        b = self.budget
-        fn()
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        one = max(time.perf_counter() - t0, 1e-6)
-        inner = max(1, int(b.seconds / 10 / one))
-        reps = int(min(b.max_reps, max(b.min_reps, b.seconds / (inner * one))))
-        times = []
-        for _ in range(reps):
+    def time_rounds(self, fns: Sequence[Callable[[], object]],
+                    setups: Sequence[Callable[[], object] | None] | None = None) -> list[Timing]:
+        """Timer.time_rounds with warm caches: per round, each callable's ``inner`` calls back to
+        back (its setup, untimed, before them)."""
+        b, n = self.budget, len(fns)
+        setups = list(setups) if setups is not None else [None] * n
+        ones, inners = [], []
+        for fn, setup in zip(fns, setups):
+            if setup is not None:
+                setup()
+            fn()
             self.sync()
             t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
+            fn()
             self.sync()
-            times.append((time.perf_counter() - t0) * 1e3 / inner)
-        return summarize(times)
+            one = max(time.perf_counter() - t0, 1e-6)
+            ones.append(one)
+            inners.append(max(1, int(b.seconds / 10 / one)))
+        per_round = sum(i * o for i, o in zip(inners, ones)) / max(n, 1)
+        reps = int(min(b.max_reps, max(b.min_reps, b.seconds / per_round)))
+        samples: list[list[float]] = [[] for _ in range(n)]
+        for r in range(reps):
+            for k in range(n):
+                i = (r + k) % n
+                if setups[i] is not None:
+                    setups[i]()
+                self.sync()
+                t0 = time.perf_counter()
+                for _ in range(inners[i]):
+                    fns[i]()
+                self.sync()
+                samples[i].append((time.perf_counter() - t0) * 1e3 / inners[i])
+        return [summarize(s) for s in samples]
 
 
 # --------------------------------------------------------------------------------------------
