@@ -740,15 +740,24 @@ class MupOptimizer(Optimizer):
         calls, failure = [], None
         try:
             self._check_data([plan for _, plan, _ in work])
-            for group, seg, seg_grads in segments:
-                hp = self._hparams_for(seg.kernel, group, extra)
-                if seg.backend.prepare is not None:
-                    calls.append(self._call(seg, seg_grads, hp, prepare=True))
-                else:
-                    calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
-                                                   found_inf=device_found_inf))
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             failure = exc
+        if failure is None:
+            for group, seg, seg_grads in segments:
+                # A prepare phase that exchanges data (Shampoo's sharded matrices) runs on every
+                # rank even after an earlier segment failed on this one, so that no other rank
+                # waits in it; its result is dropped.
+                if failure is not None and not (seg.backend.prepare is not None and seg.collectives):
+                    continue
+                try:
+                    hp = self._hparams_for(seg.kernel, group, extra)
+                    if seg.backend.prepare is not None:
+                        calls.append(self._call(seg, seg_grads, hp, prepare=True))
+                    else:
+                        calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
+                                                       found_inf=device_found_inf))
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+                    failure = failure or exc
         # Only a step whose outcome depends on this rank's data (a prepare phase, data checks:
         # Shampoo's roots and finiteness) can fail on one rank alone; others pay no collective.
         may_diverge = type(self)._check_data is not MupOptimizer._check_data or any(
