@@ -51,8 +51,8 @@ STEPS = 10
 
 class Net(nn.Module):
     """Embedding, residual MLP blocks (fc1, fc2; then fc3, fc4 with blocks=2), a norm and a
-    readout: every muP role. Sides are multiples of 16 so that 2-way shards and blocks of 8 line
-    up (Shampoo's comparison)."""
+    readout: every muP role. Sides of 16 and 32: Shampoo's blocks of 12 (make_optimizer) cut
+    them where no shard ends."""
 
     def __init__(self, d: int = WIDTH, vocab: int = VOCAB, blocks: int = 1):
         super().__init__()
@@ -92,7 +92,9 @@ def grad_for(step: int, name: str, shape) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * 0.1
 
 
-def make_optimizer(name: str, params, backend: str):
+def make_optimizer(name: str, params, backend: str, **options):
+    """The optimizer of every scenario; ``options`` override its hyperparameters (a spec's
+    "options")."""
     import mupopt
 
     if name == "adamw":
@@ -106,8 +108,9 @@ def make_optimizer(name: str, params, backend: str):
     if name == "muon":
         return mupopt.Muon(params, lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2, backend=backend)
     if name == "shampoo":
-        return mupopt.Shampoo(params, lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
-                              grafting="adam", backend=backend)
+        # Blocks of 12 on sides of 16 and 32: no block boundary is a shard boundary (2 or 4 ranks).
+        hp = dict(lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=12, grafting="adam")
+        return mupopt.Shampoo(params, **{**hp, **options}, backend=backend)
     raise ValueError(name)
 
 
@@ -183,14 +186,11 @@ def scenario_steps(spec: dict) -> dict:
     """Fed gradients: the optimizer alone under a placement, STEPS steps."""
     model = make_model(mup=spec.get("mup", True), blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
     out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
-    if spec["optimizer"] == "shampoo":  # ungrafted: the lr rule counts the blocks of the shard
-        import mupopt
-
-        ungrafted = mupopt.Shampoo(placed.parameters(), max_preconditioner_dim=8, grafting=None)
-        out["ungrafted"] = {n: (tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape), m.lr)
-                            for (n, p), m in zip(model.named_parameters(), ungrafted.group_multipliers(ungrafted.param_groups[0]))}
+    if spec["optimizer"] == "shampoo":  # the local shapes, for the lr rule's test
+        out["local_shapes"] = {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+                               for n, p in model.named_parameters()}
     for t in range(STEPS):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
@@ -201,6 +201,14 @@ def scenario_steps(spec: dict) -> dict:
         hooks = [h for h in (s.collectives.get("orthogonalize") for s in seg) if h is not None]
         out["ns_flops"] = all_ranks(sum(h.flops for h in hooks))  # the last step's, every rank's
         out["ns_calls"] = sum(h.calls for h in hooks)
+    if spec["optimizer"] == "shampoo":
+        hooks = [s.collectives["precondition"] for plan in opt._plan_cache.values() for s in plan.segments
+                 if "precondition" in s.collectives]
+        # The last step's (every root is due at every step): every rank's roots and their cost.
+        out["roots"] = all_ranks(sum(h.roots for h in hooks))
+        out["root_cost"] = all_ranks(sum(h.root_cost for h in hooks))
+        out["root_calls"] = sum(h.calls for h in hooks)
+        out["memory"] = all_ranks(opt.preconditioner_memory())
     if spec["optimizer"] == "lamb":
         seg = [s for plan in opt._plan_cache.values() for s in plan.segments]
         out["norm_calls"] = sum(s.collectives["norm_reduce"].calls for s in seg if "norm_reduce" in s.collectives)
@@ -227,6 +235,13 @@ def scenario_train(spec: dict) -> dict:
     return {"params": full_params(model)}
 
 
+def state_dict_options(spec: dict):
+    """spec["flatten"]: DCP's flatten_optimizer_state_dict layout (state and groups per parameter)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=spec.get("flatten", False))
+
+
 def _dcp_save(spec: dict) -> None:
     """5 fed steps under spec["placement"], then a DCP save to spec["path"]."""
     import torch.distributed.checkpoint as dcp
@@ -234,11 +249,11 @@ def _dcp_save(spec: dict) -> None:
 
     model = make_model(blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
     for t in range(5):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
-    msd, osd = get_state_dict(placed, opt)
+    msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
 
 
@@ -250,11 +265,12 @@ def _dcp_resume(spec: dict) -> dict:
 
     model = make_model(seed=1, blocks=spec.get("blocks", 1))  # the checkpoint must bring the values
     placed = place(model, spec.get("resume_placement", spec["placement"]))
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
-    msd, osd = get_state_dict(placed, opt)
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
+    msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=spec["path"])
-    set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=state_dict_options(spec))
     for t in range(5, STEPS):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
@@ -275,6 +291,59 @@ def scenario_dcp_save(spec: dict) -> dict:
 
 def scenario_dcp_resume(spec: dict) -> dict:
     return _dcp_resume(spec)
+
+
+def _snapshot(model: nn.Module, opt) -> list:
+    """Every rank's local params and optimizer state, cloned."""
+    def local(v):
+        return v.to_local() if hasattr(v, "to_local") else v
+
+    out = [local(p).detach().clone() for p in model.parameters()]
+    for st in opt.state.values():
+        for v in st.values():
+            out += [local(x).clone() for x in (v if isinstance(v, list) else [v])]
+    return out
+
+
+def scenario_shampoo_failure(spec: dict) -> dict:
+    """Shampoo under spec["placement"]: 2 fed steps; then step 3 twice with a failure on rank
+    spec["fail_rank"] only: its inverse roots raise, then its shard of fc1's gradient holds a
+    nan. Every rank must raise and keep its params and state as they were. Then step 3 again,
+    without failure. Returns every rank's errors and whether it was untouched, and the params."""
+    import mupopt.optim.shampoo as shampoo
+    from mupopt.linalg import RootComputationError
+
+    model = make_model(blocks=spec.get("blocks", 1))
+    placed = place(model, spec["placement"])
+    opt = make_optimizer("shampoo", placed.parameters(), spec["backend"])
+    for t in range(2):
+        feed_grads(model, t)
+        opt.step()
+    before = _snapshot(model, opt)
+    failing = dist.get_rank() == spec["fail_rank"]
+    errors, untouched = {}, {}
+
+    def refuse(*args, **kwargs):
+        raise RootComputationError("injected: this rank's root fails")
+
+    for case in ("root", "nan"):
+        feed_grads(model, 2)
+        real = shampoo.inverse_root_eigh
+        if failing and case == "root":
+            shampoo.inverse_root_eigh = refuse
+        if failing and case == "nan":
+            model.fc1.weight.grad.to_local()[0, 0] = float("nan")
+        try:
+            opt.step()
+            errors[case] = None
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors[case] = f"{type(exc).__name__}: {exc}"
+        finally:
+            shampoo.inverse_root_eigh = real
+        untouched[case] = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+    feed_grads(model, 2)
+    opt.step()
+    return {"errors": all_ranks(errors), "untouched": all_ranks(untouched), "params": full_params(model)}
 
 
 def placements_of(spec: Sequence[str]) -> list:
@@ -382,7 +451,7 @@ def scenario_refuse(spec: dict) -> dict:
 
 SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
              "dcp_resume": scenario_dcp_resume, "geometry": scenario_geometry, "orthogonalize": scenario_orthogonalize,
-             "refuse": scenario_refuse}
+             "refuse": scenario_refuse, "shampoo_failure": scenario_shampoo_failure}
 
 
 def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:

@@ -371,8 +371,8 @@ def assert_unchanged(opt, params, snap):
     for k in state:
         assert now[k].keys() == state[k].keys()
         for key, value in state[k].items():
-            if isinstance(value, list):
-                assert len(value) == len(now[k][key]) and all(torch.equal(x, y) for x, y in zip(value, now[k][key])), (k, key)
+            if isinstance(value, dict):  # the blocks' statistics, by block number
+                assert value.keys() == now[k][key].keys() and all(torch.equal(x, now[k][key][b]) for b, x in value.items()), (k, key)
             else:
                 assert torch.equal(now[k][key], value), (k, key)
 

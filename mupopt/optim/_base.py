@@ -431,6 +431,7 @@ class MupOptimizer(Optimizer):
                 f"optimizer's group: group {i} has {len(saved['params'])} params in the state dict, "
                 f"{len(current['params'])} in this optimizer",
             )
+        state_dict = self._loaded_state(state_dict)
         if self._state_dtypes:
             kept = {}
             for pid, st in state_dict["state"].items():
@@ -456,6 +457,11 @@ class MupOptimizer(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
+
+    def _loaded_state(self, state_dict: dict) -> dict:
+        """A subclass's own checkpoint form turned into its state (Shampoo's blocks), after the
+        pre-hooks and the count checks; never modifies ``state_dict``."""
+        return state_dict
 
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:

@@ -511,30 +511,33 @@ class Shampoo(MupOptimizer):
             float(group["grafting_epsilon"]), group["root_method"],
         )
 
-    # -- checkpoints of sharded matrices ------------------------------------------------------------
-    # Each block's L, R and roots live on its owner rank only, and the owners depend on the world
-    # size. A checkpoint holds each of them as a DTensor of its global shape (n, n), its rows
-    # sharded over every rank of the parameter's mesh (Shard(0) on every mesh dim): the same
-    # entries at every world size and sharding, so torch.distributed.checkpoint reshards them,
-    # and a plain (n, n) tensor where one process loads them. state_dict sends each rank its rows
-    # from the owners (one all-to-all per process group), load_state_dict sends the rows to the
-    # owners of the loading optimizer: both are collectives (every rank calls them, as
-    # get_state_dict / set_state_dict do). The blocks are given as {"0": ..., "1": ...} (torch's
-    # flatten_optimizer_state_dict takes dicts, not lists; a list's index and the same key in a
-    # dict name one checkpoint entry).
+    # -- checkpoints -------------------------------------------------------------------------------
+    # A state_dict gives each block's L, R and roots as {"0": ..., "1": ...} (by block number):
+    # torch's flatten_optimizer_state_dict takes dicts, not lists (a list's index and the same
+    # key in a dict name one checkpoint entry, so the list form of earlier mupopt still loads).
+    # A sharded matrix's blocks live on their owner ranks, which depend on the world size: a
+    # checkpoint holds each as a DTensor of its global shape (n, n), its rows sharded over every
+    # rank of the parameter's mesh (Shard(0) on every mesh dim), the same entries at every world
+    # size and sharding, so torch.distributed.checkpoint reshards them (one process loads them
+    # as plain (n, n) tensors). state_dict sends each rank its rows from the owners (one
+    # all-to-all per process group), load_state_dict the rows to the loading optimizer's owners:
+    # with sharded matrices both are collectives (every rank calls them, as get_state_dict and
+    # set_state_dict do).
     def state_dict(self) -> dict:
-        """As torch's, except for the L, R and roots of sharded matrices (comment above)."""
+        """As torch's, with the blocks' statistics in the checkpoint form (comment above)."""
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
+        state = dict(sd["state"])
+        for idx, st in sd["state"].items():
+            if "left" in st:
+                state[idx] = {**st, **{key: {str(k): x for k, x in enumerate(st[key])} for key in _MATRIX_STATE}}
+        sd = {**sd, "state": state}
         max_dim = {id(p): g["max_preconditioner_dim"] for g in self.param_groups for p in g["params"]}
         owners = self._owners()
-        jobs = [(idx, p, key, k) for idx, p in enumerate(params) if sharded_matrix(p) and "left" in sd["state"].get(idx, {})
+        jobs = [(idx, p, key, k) for idx, p in enumerate(params) if sharded_matrix(p) and "left" in state.get(idx, {})
                 for key in _MATRIX_STATE for k in range(len(owners[id(p)]))]
         if not jobs:
             return sd
-        state = dict(sd["state"])
-        for idx in {idx for idx, *_ in jobs}:
-            state[idx] = {**state[idx], **{key: {} for key in _MATRIX_STATE}}
         from torch.distributed.tensor import DTensor, Shard
 
         for group, batch in _by_group(jobs, lambda job: job[1].device_mesh):
@@ -549,13 +552,12 @@ class Shampoo(MupOptimizer):
             for n, ((idx, p, key, k), it) in enumerate(zip(batch, items)):
                 state[idx][key][str(k)] = DTensor.from_local(rows[n], it.mesh, it.placements, run_check=False,
                                                              shape=it.shape, stride=(it.shape[1], 1))
-        return {**sd, "state": state}
+        return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Also takes the checkpoint form of sharded matrices' statistics (comment above): each
-        block as a DTensor of any sharding (rows sent to this optimizer's owners, a collective)
-        or as a plain tensor, in a list or in a dict by block number; a plain parameter takes the
-        dict form too."""
+    def _loaded_state(self, state_dict: dict) -> dict:
+        """load_state_dict takes the checkpoint form (comment above) and the list form: each
+        block in a list or in a dict by block number; of a sharded matrix, each block a DTensor
+        of any sharding (rows sent to this optimizer's owners, a collective) or a plain tensor."""
         groups = state_dict.get("param_groups", [])
         saved_state = state_dict.get("state", {})
         # The saved groups' block sides win (MupOptimizer.load_state_dict), so do their owners.
@@ -606,9 +608,7 @@ class Shampoo(MupOptimizer):
             for j, (it, x) in enumerate(zip(items, pieces)):
                 pid, _, key, k, _ = batch[it.tensor]
                 state[pid][key][k] = whole[j] if it.owner == ex.me else x.new_empty(0, dtype=torch.float32)
-        if state is not None:
-            state_dict = {**state_dict, "state": state}
-        super().load_state_dict(state_dict)
+        return state_dict if state is None else {**state_dict, "state": state}
 
     def preconditioner_memory(self) -> dict[str, int]:
         """Bytes this rank holds of "preconditioners" (L, R and their roots, float32), "buffers"
