@@ -425,6 +425,40 @@ def scenario_orthogonalize(spec: dict) -> dict:
     return {"whole": whole, "flops": all_ranks(hook.flops), "calls": all_ranks(hook.calls)}
 
 
+def scenario_exchange_blocks(spec: dict) -> dict:
+    """The exchange alone with Shampoo's regions: blocks of side spec["side"] of the matrices of
+    spec["cases"] (as scenario_orthogonalize's), owners spread over each group. Per case and
+    rank: whether each owner assembled its blocks (and the norm of a second tensor's block)
+    exactly, and whether each rank got back exactly its pieces of the owners' results."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from mupopt.optim._placement import Exchange, ExchangeItem, balance, matrix_shape, mesh_group
+    from mupopt.optim.shampoo import blocks_of
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = mesh_2d()
+    meshes = {"2d": mesh, "dp": mesh["dp"],
+              "b,c": init_device_mesh("cpu", (2, dist.get_world_size() // 2, 1), mesh_dim_names=("a", "b", "c"))["b", "c"]}
+    out = []
+    for k, (shape, names, where) in enumerate(spec["cases"]):
+        full = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+        p = distribute_tensor(full, meshes[where], placements_of(names), src_data_rank=None)
+        group = mesh_group(p.device_mesh, "test")
+        rows, cols = matrix_shape(shape)
+        blocks = blocks_of(rows, cols, spec["side"])
+        owners = balance([1.0] * len(blocks), [0.0] * dist.get_world_size(group))
+        ex = Exchange(group, [ExchangeItem(0, shape, tuple(p.placements), p.device_mesh, (rs.start, rs.stop), (cs.start, cs.stop), r)
+                              for (rs, cs), r in zip(blocks, owners)], "test")
+        mine = p.to_local().reshape(ex.local_shape[0])
+        whole, norms = ex.gather({0: mine}, torch.float32, "cpu", norms_of={0: 3 * mine})
+        full2d = full.reshape(rows, cols)
+        ok = all(torch.equal(w, full2d[blocks[j][0], blocks[j][1]]) and torch.allclose(
+            norms[j], torch.linalg.matrix_norm(3 * full2d[blocks[j][0], blocks[j][1]]), rtol=1e-6) for j, w in whole.items())
+        back = ex.scatter({j: 2 * w for j, w in whole.items()}, torch.float32, "cpu")
+        out.append(ok and torch.equal(back[0], 2 * mine))
+    return {"ok": all_ranks(out)}
+
+
 def scenario_refuse(spec: dict) -> dict:
     """A parameter with a placement the placement layer does not step (spec["placements"] on
     the 2-D mesh): each optimizer's first step must raise; the messages and whether the
@@ -451,7 +485,8 @@ def scenario_refuse(spec: dict) -> dict:
 
 SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
              "dcp_resume": scenario_dcp_resume, "geometry": scenario_geometry, "orthogonalize": scenario_orthogonalize,
-             "refuse": scenario_refuse, "shampoo_failure": scenario_shampoo_failure}
+             "refuse": scenario_refuse, "exchange_blocks": scenario_exchange_blocks,
+             "shampoo_failure": scenario_shampoo_failure}
 
 
 def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:

@@ -76,6 +76,7 @@ def results(tmp_path_factory):
     specs = STEP_SPECS + [(f"dcp-save-{opt}", {"kind": "dcp_save", **spec}) for opt, spec in dcp.items()] + [
         ("geometry", {"kind": "geometry", "cases": GEOMETRY_CASES}),
         ("orthogonalize", {"kind": "orthogonalize", "cases": ORTHO_CASES}),
+        ("exchange-blocks", {"kind": "exchange_blocks", "cases": ORTHO_CASES, "side": 5}),
         ("refuse", {"kind": "refuse", "placements": ["S0", "P"]}),
         ("shampoo-failure", {"kind": "shampoo_failure", "placement": "fsdp+tp", "backend": "reference", "blocks": BLOCKS,
                              "fail_rank": 1}),
@@ -172,6 +173,14 @@ def test_muon_exchange_on_every_placement(results):
     total = sum(ns_flops(*shape, 5) * (WORLD if names == ["R", "R"] else copies[mesh]) for shape, names, mesh in ORTHO_CASES)
     assert sum(got["flops"]) == pytest.approx(total)
     assert max(got["flops"]) < 0.5 * total
+
+
+def test_exchange_of_blocks_on_every_placement(results):
+    """Shampoo's regions (blocks of side 5, so every shard is cut by some block) through the
+    exchange alone, on the shards of the Muon cases (strided, uneven, empty, replicated,
+    sub-mesh): every owner assembles its blocks exactly, with the norm of each block from the
+    pieces' norms, and every rank, every copy included, gets exactly its pieces back."""
+    assert get(results, "exchange-blocks")["ok"] == [[True] * len(ORTHO_CASES)] * WORLD
 
 
 @pytest.mark.parametrize("name", list(DCP))

@@ -22,10 +22,11 @@ copies), and is checked against the DTensor at plan build; any other placement i
   Scalable for LLM Training", arXiv 2502.16982, Sec. 3 "Distributed Muon"; torchtitan/Dion's
   gather-to-owner form): gathering every matrix on every rank, what DTensor does by itself when
   a matmul sees a sharded operand, would repeat all of the NS work on every rank.
-- Shampoo preconditions the blocks of each rank's local shard (the scheme of DistributedShampoo's
-  FSDP distributor, Shi et al. arXiv 2309.06497): statistics and roots need no communication and
-  the root work is spread over the ranks by construction; the blocks are cut where the shard
-  ends as well as every ``max_preconditioner_dim``.
+- Shampoo preconditions the blocks of the global tensor, as one process does: its hook
+  (mupopt.optim.shampoo.GlobalBlocks) sends each block's pieces to the block's owner rank and
+  the preconditioned pieces back through the same :class:`Exchange` (regions of 2-D views: a
+  whole matrix for Muon, a block for Shampoo); the owners keep the blocks' statistics (Shi et
+  al., arXiv 2309.06497: DistributedShampoo's distributors, the same math as one device).
 
 Gradients whose placements differ from their parameter's (a Partial gradient of a replicated
 tensor-parallel parameter) are redistributed to the parameter's placements first.

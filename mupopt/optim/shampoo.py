@@ -379,11 +379,22 @@ class Shampoo(MupOptimizer):
     eigendecomposition (O(r^3 + c^3)) per block, every ``precondition_frequency`` steps; same-size
     blocks are batched into one call.
 
+    Sharded parameters (FSDP2, tensor parallelism, HSDP and their combinations; DTensors): the
+    blocks are those of the global tensor, so a sharded run is the single-process run whatever
+    the mesh and world size. Each block of a sharded matrix has an owner rank that keeps its L,
+    R and roots and computes them from the pieces of the gradient the other ranks send it
+    (:class:`GlobalBlocks`, docs/distributed.md); the root work is spread over every rank of
+    the mesh, and :meth:`preconditioner_memory` counts what this rank holds. ``state_dict`` and
+    ``load_state_dict`` then are collectives (every rank calls them, as torch's
+    get_state_dict / set_state_dict do); the checkpoint holds each block whole (a DTensor of its
+    global shape, rows sharded), so it resumes at any world size.
+
     muP (docs/mup.md): with Adam grafting every block has Adam's norm, hence AdamW's rules;
     without grafting (exponent -1/4 per side) input sqrt(m_out), hidden sqrt(m_out/m_in), output
     1/sqrt(m_in) while no side is split into blocks, and in general sqrt of the growth of the two
     block sides over m_in (:func:`mupopt.mup.shampoo_block_lr`): a side capped by
-    ``max_preconditioner_dim`` no longer grows with width. Damping relative to the largest eigenvalue (``relative_epsilon=True``) makes the
+    ``max_preconditioner_dim`` no longer grows with width (the global blocks' sides, on every
+    placement). Damping relative to the largest eigenvalue (``relative_epsilon=True``) makes the
     epsilon width-free.
 
     Args:
