@@ -404,8 +404,12 @@ def matrix_block(shape: Sequence[int], block: Block) -> Block:
     return Block((block.indices[0], cols))
 
 
-def _span(ix: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
-    """The positions a:b of an increasing index list whose values lie in [lo, hi)."""
+def _span(ix: torch.Tensor, lo: int, hi: int, first: int | None) -> tuple[int, int]:
+    """The positions a:b of an increasing index list whose values lie in [lo, hi); ``first``:
+    its first value when it is a run of consecutive indices (then no search), else None."""
+    if first is not None:
+        n = len(ix)
+        return min(max(lo - first, 0), n), min(max(hi - first, 0), n)
     return int(torch.searchsorted(ix, lo)), int(torch.searchsorted(ix, hi))
 
 
@@ -461,7 +465,7 @@ class Exchange:
         self.items = list(items)
         self.calls = 0  # all-to-alls issued
         coords_of: dict[int, list] = {}
-        shards: dict[int, list] = {}  # tensor -> the 2-D block of every group rank's shard
+        shards: dict[tuple, list] = {}  # geometry -> the 2-D block of every group rank's shard
         self.local_shape: dict[int, tuple[int, int]] = {}  # tensor -> my local 2-D shape
         self.slice: list = []  # per item: the slice (a, b, c, d) of my local 2-D view in it, or None
         self.sends: list[bool] = []  # per item: my piece goes to its owner
@@ -469,25 +473,31 @@ class Exchange:
         self.pieces: dict[int, list] = {}  # items I own: every group rank's piece (Block in the region or None)
         self.senders: dict[int, list[bool]] = {}  # items I own: the ranks whose piece I receive
         for j, it in enumerate(self.items):
-            coords = coords_of.setdefault(id(it.mesh), group_coords(it.mesh, group))
+            if id(it.mesh) not in coords_of:  # (DeviceMesh.mesh is not free: once per mesh)
+                coords_of[id(it.mesh)] = group_coords(it.mesh, group)
+            coords = coords_of[id(it.mesh)]
             # The callers refused any placement but Shard, _StridedShard and Replicate.
             split = tuple(m for m, pl in enumerate(it.placements) if isinstance(pl, SHARD_LIKE))
-            if it.tensor not in shards:
+            # Items of one geometry share it (Shampoo's blocks of a tensor, its checkpoint's blocks).
+            geometry = (it.shape, id(it.mesh), tuple((type(pl).__name__, getattr(pl, "dim", None),
+                                                     getattr(pl, "split_factor", None)) for pl in it.placements))
+            if geometry not in shards:
                 mesh_shape = tuple(it.mesh.shape)
                 distinct: dict[tuple, Block] = {}
                 for c in coords:
                     where = tuple(c[m] for m in split)
                     if where not in distinct:
                         distinct[where] = matrix_block(it.shape, shard_block(it.shape, it.placements, mesh_shape, c))
-                shards[it.tensor] = [distinct[tuple(c[m] for m in split)] for c in coords]
-                self.local_shape[it.tensor] = shards[it.tensor][self.me].shape
-            piece, where = self._clip(shards[it.tensor][self.me], it)
+                shards[geometry] = [distinct[tuple(c[m] for m in split)] for c in coords]
+            shard = shards[geometry]
+            self.local_shape[it.tensor] = shard[self.me].shape
+            piece, where = self._clip(shard[self.me], it)
             self.slice.append(where)
             owner_at = coords[it.owner]
             self.sends.append(piece is not None and counted_copy(coords[self.me], split, owner_at))
             if it.owner != self.me:
                 continue
-            self.pieces[j] = [self._clip(shards[it.tensor][r], it)[0] for r in range(self.world)]
+            self.pieces[j] = [self._clip(shard[r], it)[0] for r in range(self.world)]
             self.senders[j] = [b is not None and counted_copy(coords[r], split, owner_at) for r, b in enumerate(self.pieces[j])]
             size = (it.rows[1] - it.rows[0]) * (it.cols[1] - it.cols[0])
             if sum(b.numel for b, s in zip(self.pieces[j], self.senders[j]) if s) != size:  # the shards must tile it
@@ -499,8 +509,9 @@ class Exchange:
         """(the piece of ``shard`` in item ``it``'s region as a Block of the region, the slice
         (a, b, c, d) of the shard's 2-D view it is), or (None, None) when it is empty."""
         rows, cols = shard.indices
-        a, b = _span(rows, *it.rows)
-        c, d = _span(cols, *it.cols)
+        first = shard.offsets if shard.is_box else (None, None)
+        a, b = _span(rows, *it.rows, first[0])
+        c, d = _span(cols, *it.cols, first[1])
         if a == b or c == d:
             return None, None
         return Block((rows[a:b] - it.rows[0], cols[c:d] - it.cols[0])), (a, b, c, d)

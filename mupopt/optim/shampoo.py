@@ -598,6 +598,8 @@ class Shampoo(MupOptimizer):
                     lists = {key: [None] * n_blocks for key in _MATRIX_STATE}
                 state = state if state is not None else dict(saved_state)
                 state[pid] = {**st, **lists}
+        checked: set = set()  # geometries of loaded DTensors checked against DTensor (once each)
+        ranks_of: dict[int, list] = {}
         for group, batch in _by_group(jobs, lambda job: job[1].device_mesh):
             items, pieces = [], []
             for n, (pid, p, key, k, v) in enumerate(batch):
@@ -607,9 +609,17 @@ class Shampoo(MupOptimizer):
                 if not is_dtensor(v):  # the whole block, on every rank: its owner keeps it
                     state[pid][key][k] = v if owner == dist.get_rank() else v.new_empty(0)
                     continue
-                check_param(v, type(self).__name__)
-                items.append(ExchangeItem(n, (side, side), tuple(v.placements), v.device_mesh, (0, side), (0, side),
-                                          _group_rank(group, owner, v.device_mesh, p)))
+                mesh = v.device_mesh
+                if (side, id(mesh), v.placements) not in checked:
+                    check_param(v, type(self).__name__)
+                    checked.add((side, id(mesh), v.placements))
+                if id(mesh) not in ranks_of:
+                    ranks_of[id(mesh)] = mesh.mesh.flatten().tolist()
+                if owner not in ranks_of[id(mesh)]:
+                    raise ValueError(f"Shampoo: a block of a parameter of shape {tuple(p.shape)} was loaded as a DTensor on a "
+                                     f"mesh without its owner rank {owner} (the parameter's mesh: {p.device_mesh})")
+                items.append(ExchangeItem(n, (side, side), tuple(v.placements), mesh, (0, side), (0, side),
+                                          dist.get_group_rank(group, owner)))
                 pieces.append(v.to_local())
             if not items:
                 continue
@@ -684,11 +694,3 @@ def _by_group(jobs: list, mesh_of) -> list[tuple]:
         group = mesh_group(mesh_of(job), "Shampoo")
         out.setdefault(id(group), (group, []))[1].append(job)
     return list(out.values())
-
-
-def _group_rank(group, rank: int, mesh, p) -> int:
-    """``rank``'s rank in ``group`` (the group of ``mesh``, where a loaded block lies)."""
-    if rank not in mesh.mesh.flatten().tolist():
-        raise ValueError(f"Shampoo: a block of a parameter of shape {tuple(p.shape)} was loaded as a DTensor on a mesh "
-                         f"without its owner rank {rank} (the parameter's mesh: {p.device_mesh})")
-    return dist.get_group_rank(group, rank)
