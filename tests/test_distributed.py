@@ -18,6 +18,7 @@ test process computes the single-process runs and compares:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -93,8 +94,16 @@ def _interpreter(monkeypatch):
 
 
 def single_process_steps(optimizer: str, backend: str, steps=dw.STEPS, mup=True, options=None):
+    """The single-process run (model, optimizer), computed once per arguments in this module
+    (several tests compare against the same run; Shampoo on triton takes ~20 s interpreted).
+    Callers only read it."""
+    return _single_process_steps(optimizer, backend, steps, mup, tuple(sorted((options or {}).items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _single_process_steps(optimizer: str, backend: str, steps: int, mup: bool, options: tuple):
     model = dw.make_model(mup=mup)
-    opt = dw.make_optimizer(optimizer, model.parameters(), backend, **(options or {}))
+    opt = dw.make_optimizer(optimizer, model.parameters(), backend, **dict(options))
     for t in range(steps):
         dw.feed_grads(model, t)
         dw.step_once(opt, optimizer, t)
