@@ -306,16 +306,20 @@ def _snapshot(model: nn.Module, opt) -> list:
 
 
 def scenario_shampoo_failure(spec: dict) -> dict:
-    """Shampoo under spec["placement"]: 2 fed steps; then step 3 twice with a failure on rank
-    spec["fail_rank"] only: its inverse roots raise, then its shard of fc1's gradient holds a
-    nan. Every rank must raise and keep its params and state as they were. Then step 3 again,
-    without failure. Returns every rank's errors and whether it was untouched, and the params."""
+    """Shampoo under spec["placement"], two param groups (the first MLP block, the rest): 2 fed
+    steps; then step 3 twice with a failure on rank spec["fail_rank"] only: its inverse roots
+    raise (in the first group, whose blocks every rank owns some of: that rank must still take
+    part in the second group's exchange), then its shard of fc1's gradient holds a nan. Every
+    rank must raise and keep its params and state as they were. Then step 3 again, without
+    failure. Returns every rank's errors and whether it was untouched, and the params."""
     import mupopt.optim.shampoo as shampoo
     from mupopt.linalg import RootComputationError
 
     model = make_model(blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
-    opt = make_optimizer("shampoo", placed.parameters(), spec["backend"])
+    first = [p for n, p in model.named_parameters() if n.startswith(("fc1.", "fc2."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("fc1.", "fc2."))]
+    opt = make_optimizer("shampoo", [{"params": first}, {"params": rest}], spec["backend"])
     for t in range(2):
         feed_grads(model, t)
         opt.step()

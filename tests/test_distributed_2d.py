@@ -257,9 +257,10 @@ def test_shampoo_roots_spread_over_all_four_ranks(results, placement):
 
 
 def test_shampoo_failure_on_one_rank_leaves_every_rank_unchanged(results):
-    """FSDP2 + TP: an inverse root that fails on rank 1 only, then a nan in rank 1's shard of
-    fc1's gradient: every rank raises (rank 1 its own error, the others that another rank
-    failed), no rank writes anything, no rank waits forever in an exchange; the same step then
+    """FSDP2 + TP, two param groups: an inverse root that fails on rank 1 only (in the first
+    group: rank 1 still takes part in the second group's exchange), then a nan in rank 1's
+    shard of fc1's gradient: every rank raises (rank 1 its own error, the others that another
+    rank failed), no rank writes anything, no rank waits in an exchange; the same step then
     succeeds and the run is the single-process one."""
     got = get(results, "shampoo-failure")
     for rank, errors in enumerate(got["errors"]):
