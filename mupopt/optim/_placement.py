@@ -588,8 +588,10 @@ class Exchange:
             starts[it.owner] += sizes[j]
             if (a, b, c, d) == (0, rows, 0, cols):
                 out[it.tensor] = piece  # the whole local shard: no copy (Muon's matrices)
-            else:
-                out.setdefault(it.tensor, torch.empty((rows, cols), dtype=dtype, device=device))[a:b, c:d] = piece
+                continue
+            if it.tensor not in out:
+                out[it.tensor] = torch.empty((rows, cols), dtype=dtype, device=device)
+            out[it.tensor][a:b, c:d] = piece
         for j in on:  # an empty local shard
             t = self.items[j].tensor
             if t not in out:
