@@ -51,8 +51,8 @@ STEPS = 10
 
 class Net(nn.Module):
     """Embedding, residual MLP blocks (fc1, fc2; then fc3, fc4 with blocks=2), a norm and a
-    readout: every muP role. Sides are multiples of 16 so that 2-way shards and blocks of 8 line
-    up (Shampoo's comparison)."""
+    readout: every muP role. Sides of 16 and 32: Shampoo's blocks of 12 (make_optimizer) cut
+    them where no shard ends."""
 
     def __init__(self, d: int = WIDTH, vocab: int = VOCAB, blocks: int = 1):
         super().__init__()
@@ -92,8 +92,9 @@ def grad_for(step: int, name: str, shape) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * 0.1
 
 
-def optimizer_args(name: str, backend: str = "auto"):
-    """(class, keyword arguments) of each optimizer as the distributed tests configure it."""
+def optimizer_args(name: str, backend: str = "auto", **options):
+    """(class, keyword arguments) of each optimizer as the distributed tests configure it;
+    ``options`` override its hyperparameters (a spec's "options")."""
     import mupopt
 
     table = {
@@ -102,17 +103,18 @@ def optimizer_args(name: str, backend: str = "auto"):
         "lamb": (mupopt.LAMB, dict(lr=1e-2, weight_decay=0.1)),
         "sophia": (mupopt.SophiaG, dict(lr=1e-2, weight_decay=0.1, rho=0.04)),
         "muon": (mupopt.Muon, dict(lr=2e-2, ns_dtype=torch.float32, adamw_lr=1e-2)),
-        "shampoo": (mupopt.Shampoo, dict(lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=8,
+        # Blocks of 12 on sides of 16 and 32: no block boundary is a shard boundary (2 or 4 ranks).
+        "shampoo": (mupopt.Shampoo, dict(lr=1e-2, betas=(0.9, 0.99), epsilon=1e-6, max_preconditioner_dim=12,
                                          grafting="adam")),
     }
     if name not in table:
         raise ValueError(name)
     cls, kwargs = table[name]
-    return cls, {**kwargs, "backend": backend}
+    return cls, {**kwargs, **options, "backend": backend}
 
 
-def make_optimizer(name: str, params, backend: str):
-    cls, kwargs = optimizer_args(name, backend)
+def make_optimizer(name: str, params, backend: str, **options):
+    cls, kwargs = optimizer_args(name, backend, **options)
     return cls(params, **kwargs)
 
 
@@ -188,14 +190,11 @@ def scenario_steps(spec: dict) -> dict:
     """Fed gradients: the optimizer alone under a placement, STEPS steps."""
     model = make_model(mup=spec.get("mup", True), blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
     out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
-    if spec["optimizer"] == "shampoo":  # ungrafted: the lr rule counts the blocks of the shard
-        import mupopt
-
-        ungrafted = mupopt.Shampoo(placed.parameters(), max_preconditioner_dim=8, grafting=None)
-        out["ungrafted"] = {n: (tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape), m.lr)
-                            for (n, p), m in zip(model.named_parameters(), ungrafted.group_multipliers(ungrafted.param_groups[0]))}
+    if spec["optimizer"] == "shampoo":  # the local shapes, for the lr rule's test
+        out["local_shapes"] = {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+                               for n, p in model.named_parameters()}
     for t in range(STEPS):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
@@ -206,6 +205,14 @@ def scenario_steps(spec: dict) -> dict:
         hooks = [h for h in (s.collectives.get("orthogonalize") for s in seg) if h is not None]
         out["ns_flops"] = all_ranks(sum(h.flops for h in hooks))  # the last step's, every rank's
         out["ns_calls"] = sum(h.calls for h in hooks)
+    if spec["optimizer"] == "shampoo":
+        hooks = [s.collectives["precondition"] for plan in opt._plan_cache.values() for s in plan.segments
+                 if "precondition" in s.collectives]
+        # The last step's (every root is due at every step): every rank's roots and their cost.
+        out["roots"] = all_ranks(sum(h.roots for h in hooks))
+        out["root_cost"] = all_ranks(sum(h.root_cost for h in hooks))
+        out["root_calls"] = sum(h.calls for h in hooks)
+        out["memory"] = all_ranks(opt.preconditioner_memory())
     if spec["optimizer"] == "lamb":
         seg = [s for plan in opt._plan_cache.values() for s in plan.segments]
         out["norm_calls"] = sum(s.collectives["norm_reduce"].calls for s in seg if "norm_reduce" in s.collectives)
@@ -232,6 +239,13 @@ def scenario_train(spec: dict) -> dict:
     return {"params": full_params(model)}
 
 
+def state_dict_options(spec: dict):
+    """spec["flatten"]: DCP's flatten_optimizer_state_dict layout (state and groups per parameter)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=spec.get("flatten", False))
+
+
 def _dcp_save(spec: dict) -> None:
     """5 fed steps under spec["placement"], then a DCP save to spec["path"]."""
     import torch.distributed.checkpoint as dcp
@@ -239,11 +253,11 @@ def _dcp_save(spec: dict) -> None:
 
     model = make_model(blocks=spec.get("blocks", 1))
     placed = place(model, spec["placement"])
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
     for t in range(5):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
-    msd, osd = get_state_dict(placed, opt)
+    msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
 
 
@@ -255,11 +269,12 @@ def _dcp_resume(spec: dict) -> dict:
 
     model = make_model(seed=1, blocks=spec.get("blocks", 1))  # the checkpoint must bring the values
     placed = place(model, spec.get("resume_placement", spec["placement"]))
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"])
-    msd, osd = get_state_dict(placed, opt)
+    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
+    msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=spec["path"])
-    set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=state_dict_options(spec))
     for t in range(5, STEPS):
         feed_grads(model, t)
         step_once(opt, spec["optimizer"], t)
@@ -280,6 +295,63 @@ def scenario_dcp_save(spec: dict) -> dict:
 
 def scenario_dcp_resume(spec: dict) -> dict:
     return _dcp_resume(spec)
+
+
+def _snapshot(model: nn.Module, opt) -> list:
+    """Every rank's local params and optimizer state, cloned."""
+    def local(v):
+        return v.to_local() if hasattr(v, "to_local") else v
+
+    out = [local(p).detach().clone() for p in model.parameters()]
+    for st in opt.state.values():
+        for v in st.values():
+            out += [local(x).clone() for x in (v if isinstance(v, list) else [v])]
+    return out
+
+
+def scenario_shampoo_failure(spec: dict) -> dict:
+    """Shampoo under spec["placement"], two param groups (the first MLP block, the rest): 2 fed
+    steps; then step 3 twice with a failure on rank spec["fail_rank"] only: its inverse roots
+    raise (in the first group, whose blocks every rank owns some of: that rank must still take
+    part in the second group's exchange), then its shard of fc1's gradient holds a nan. Every
+    rank must raise and keep its params and state as they were. Then step 3 again, without
+    failure. Returns every rank's errors and whether it was untouched, and the params."""
+    import mupopt.optim.shampoo as shampoo
+    from mupopt.linalg import RootComputationError
+
+    model = make_model(blocks=spec.get("blocks", 1))
+    placed = place(model, spec["placement"])
+    first = [p for n, p in model.named_parameters() if n.startswith(("fc1.", "fc2."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("fc1.", "fc2."))]
+    opt = make_optimizer("shampoo", [{"params": first}, {"params": rest}], spec["backend"])
+    for t in range(2):
+        feed_grads(model, t)
+        opt.step()
+    before = _snapshot(model, opt)
+    failing = dist.get_rank() == spec["fail_rank"]
+    errors, untouched = {}, {}
+
+    def refuse(*args, **kwargs):
+        raise RootComputationError("injected: this rank's root fails")
+
+    for case in ("root", "nan"):
+        feed_grads(model, 2)
+        real = shampoo.inverse_root_eigh
+        if failing and case == "root":
+            shampoo.inverse_root_eigh = refuse
+        if failing and case == "nan":
+            model.fc1.weight.grad.to_local()[0, 0] = float("nan")
+        try:
+            opt.step()
+            errors[case] = None
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors[case] = f"{type(exc).__name__}: {exc}"
+        finally:
+            shampoo.inverse_root_eigh = real
+        untouched[case] = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+    feed_grads(model, 2)
+    opt.step()
+    return {"errors": all_ranks(errors), "untouched": all_ranks(untouched), "params": full_params(model)}
 
 
 def placements_of(spec: Sequence[str]) -> list:
@@ -359,6 +431,40 @@ def scenario_orthogonalize(spec: dict) -> dict:
     whole = [DTensor.from_local(o, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
              for o, p in zip(out, params)]
     return {"whole": whole, "flops": all_ranks(hook.flops), "calls": all_ranks(hook.calls)}
+
+
+def scenario_exchange_blocks(spec: dict) -> dict:
+    """The exchange alone with Shampoo's regions: blocks of side spec["side"] of the matrices of
+    spec["cases"] (as scenario_orthogonalize's), owners spread over each group. Per case and
+    rank: whether each owner assembled its blocks (and the norm of a second tensor's block)
+    exactly, and whether each rank got back exactly its pieces of the owners' results."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from mupopt.optim._placement import Exchange, ExchangeItem, balance, matrix_shape, mesh_group
+    from mupopt.optim.shampoo import blocks_of
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = mesh_2d()
+    meshes = {"2d": mesh, "dp": mesh["dp"],
+              "b,c": init_device_mesh("cpu", (2, dist.get_world_size() // 2, 1), mesh_dim_names=("a", "b", "c"))["b", "c"]}
+    out = []
+    for k, (shape, names, where) in enumerate(spec["cases"]):
+        full = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+        p = distribute_tensor(full, meshes[where], placements_of(names), src_data_rank=None)
+        group = mesh_group(p.device_mesh, "test")
+        rows, cols = matrix_shape(shape)
+        blocks = blocks_of(rows, cols, spec["side"])
+        owners = balance([1.0] * len(blocks), [0.0] * dist.get_world_size(group))
+        ex = Exchange(group, [ExchangeItem(0, shape, tuple(p.placements), p.device_mesh, (rs.start, rs.stop), (cs.start, cs.stop), r)
+                              for (rs, cs), r in zip(blocks, owners)], "test")
+        mine = p.to_local().reshape(ex.local_shape[0])
+        whole, norms = ex.gather({0: mine}, torch.float32, "cpu", norms_of={0: 3 * mine})
+        full2d = full.reshape(rows, cols)
+        ok = all(torch.equal(w, full2d[blocks[j][0], blocks[j][1]]) and torch.allclose(
+            norms[j], torch.linalg.matrix_norm(3 * full2d[blocks[j][0], blocks[j][1]]), rtol=1e-6) for j, w in whole.items())
+        back = ex.scatter({j: 2 * w for j, w in whole.items()}, torch.float32, "cpu")
+        out.append(ok and torch.equal(back[0], 2 * mine))
+    return {"ok": all_ranks(out)}
 
 
 def scenario_refuse(spec: dict) -> dict:
@@ -492,7 +598,8 @@ def scenario_torchtitan(spec: dict) -> dict:
 
 SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
              "dcp_resume": scenario_dcp_resume, "geometry": scenario_geometry, "orthogonalize": scenario_orthogonalize,
-             "refuse": scenario_refuse,
+             "refuse": scenario_refuse, "exchange_blocks": scenario_exchange_blocks,
+             "shampoo_failure": scenario_shampoo_failure,
              "zero": scenario_zero, "zero_mismatch": scenario_zero_mismatch, "torchtitan": scenario_torchtitan}
 
 

@@ -123,10 +123,12 @@ def tensor_state(st: dict) -> dict:
 
 
 def same_state_value(a, b) -> bool:
-    """Two values of an optimizer state: tensors (and lists of them: Shampoo's blocks) bit for
-    bit, anything else (the width record) by ==."""
+    """Two values of an optimizer state: tensors bit for bit, lists and dicts (Shampoo's blocks,
+    the width record) element by element, anything else by ==."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(map(same_state_value, a, b))
+    if isinstance(a, dict):  # Shampoo's blocks by block number; the width record's fields
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state_value(a[k], b[k]) for k in a)
     return a == b

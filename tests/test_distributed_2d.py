@@ -7,12 +7,14 @@
 
 The model has two MLP blocks, so Muon has four hidden matrices of one NS cost to spread over the
 four ranks. One spawn of 4 ranks runs every scenario (tests/dist_worker.py); a second spawn of 2
-ranks resumes the 4-rank checkpoints under FSDP2 alone. Fed gradients, as tests/test_distributed.py:
-AdamW, ADOPT, SophiaG bitwise equal to one process; LAMB and Muon within 1e-6 relative.
-(Shampoo's blocks depend on the mesh: not compared here yet.)
+ranks resumes the 4-rank checkpoints under FSDP2 alone, and the test process resumes them on one
+process. Fed gradients, as tests/test_distributed.py: AdamW, ADOPT, SophiaG bitwise equal to one
+process; LAMB, Muon and Shampoo (blocks of 12 that no shard boundary aligns with, grafted and
+not, and the default blocks) within 1e-6 relative (Shampoo on triton: test_distributed.tolerance).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -20,14 +22,19 @@ import pytest
 import torch
 
 import dist_worker as dw
-from test_distributed import TOLERANCE, assert_close, cpu_backends
+from test_distributed import SHAMPOO_OPTIONS, assert_close, cpu_backends, tolerance
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 WORLD = 4
 BLOCKS = 2
-OPTIMIZERS = ["adamw", "adopt", "sophia", "lamb", "muon"]
-DCP_OPTIMIZERS = ["adamw", "lamb", "muon"]
+OPTIMIZERS = ["adamw", "adopt", "sophia", "lamb", "muon", "shampoo"]
+DCP_OPTIMIZERS = ["adamw", "lamb", "muon", "shampoo"]
+# name -> (optimizer, extra spec): Shampoo also through DCP's flatten_optimizer_state_dict layout,
+# on the reference backend (what is tested is the checkpoint; its single-process runs on triton
+# take ~20 s each under the interpreter).
+DCP = {**{opt: (opt, {}) for opt in DCP_OPTIMIZERS}, "shampoo": ("shampoo", {"backend": "reference"}),
+       "shampoo-flat": ("shampoo", {"backend": "reference", "flatten": True})}
 
 # Every CPU backend on FSDP2 + TP; the default one on HSDP.
 STEP_SPECS = [
@@ -36,6 +43,10 @@ STEP_SPECS = [
 ] + [
     (f"steps-hsdp-2d-{opt}-auto", {"kind": "steps", "placement": "hsdp-2d", "optimizer": opt, "backend": "auto", "blocks": BLOCKS})
     for opt in OPTIMIZERS
+] + [
+    (f"steps-{pl}-shampoo-{tag}", {"kind": "steps", "placement": pl, "optimizer": "shampoo", "backend": "reference",
+                                   "blocks": BLOCKS, "options": options})
+    for pl in ("fsdp+tp", "hsdp-2d") for tag, options in SHAMPOO_OPTIONS.items()
 ]
 
 BACKEND = {"fsdp+tp": "reference", "hsdp-2d": "auto"}  # one of the runs above, for the counts
@@ -64,12 +75,15 @@ def results(tmp_path_factory):
     """Every 4-rank scenario in one spawn; then the 2-rank resumes of its checkpoints."""
     tmp = tmp_path_factory.mktemp("dist2d")
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    dcp = {opt: {"optimizer": opt, "backend": "auto", "blocks": BLOCKS, "path": str(tmp / f"ckpt-{opt}"),
-                 "placement": "fsdp+tp", "resume_placement": "fsdp"} for opt in DCP_OPTIMIZERS}
+    dcp = {name: {"optimizer": opt, "backend": "auto", "blocks": BLOCKS, "path": str(tmp / f"ckpt-{name}"),
+                  "placement": "fsdp+tp", "resume_placement": "fsdp", **extra} for name, (opt, extra) in DCP.items()}
     specs = STEP_SPECS + [(f"dcp-save-{opt}", {"kind": "dcp_save", **spec}) for opt, spec in dcp.items()] + [
         ("geometry", {"kind": "geometry", "cases": GEOMETRY_CASES}),
         ("orthogonalize", {"kind": "orthogonalize", "cases": ORTHO_CASES}),
+        ("exchange-blocks", {"kind": "exchange_blocks", "cases": ORTHO_CASES, "side": 5}),
         ("refuse", {"kind": "refuse", "placements": ["S0", "P"]}),
+        ("shampoo-failure", {"kind": "shampoo_failure", "placement": "fsdp+tp", "backend": "reference", "blocks": BLOCKS,
+                             "fail_rank": 1}),
     ]
     out = tmp / "results.pt"
     torch.multiprocessing.spawn(dw.worker, args=(WORLD, dw.free_port(), specs, str(out), env), nprocs=WORLD, join=True)
@@ -80,6 +94,7 @@ def results(tmp_path_factory):
     out2 = tmp / "resumed.pt"
     torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), resumes, str(out2), env), nprocs=2, join=True)
     res.update(torch.load(out2, weights_only=False))
+    res["_dcp"] = dcp
     return res
 
 
@@ -95,9 +110,15 @@ def _interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def single_process(optimizer: str, backend: str, steps: int = dw.STEPS):
+def single_process(optimizer: str, backend: str, steps: int = dw.STEPS, options=None):
+    """The single-process run (model, optimizer), once per arguments (as test_distributed's)."""
+    return _single_process(optimizer, backend, steps, tuple(sorted((options or {}).items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _single_process(optimizer: str, backend: str, steps: int, options: tuple):
     model = dw.make_model(blocks=BLOCKS)
-    opt = dw.make_optimizer(optimizer, model.parameters(), backend)
+    opt = dw.make_optimizer(optimizer, model.parameters(), backend, **dict(options))
     for t in range(steps):
         dw.feed_grads(model, t)
         dw.step_once(opt, optimizer, t)
@@ -107,9 +128,10 @@ def single_process(optimizer: str, backend: str, steps: int = dw.STEPS):
 @pytest.mark.parametrize("key,spec", STEP_SPECS, ids=[k for k, _ in STEP_SPECS])
 def test_2d_steps_equal_single_process(results, key, spec):
     got = get(results, key)
-    model, opt = single_process(spec["optimizer"], spec["backend"])
+    model, opt = single_process(spec["optimizer"], spec["backend"], options=spec.get("options"))
     assert got["mults"] == [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)], "muP multipliers"
-    assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()}, TOLERANCE[spec["optimizer"]], key)
+    assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()},
+                 tolerance(spec["optimizer"], spec["backend"]), key)
 
 
 @pytest.mark.parametrize("placement,groups", [("fsdp+tp", 2), ("hsdp-2d", 1)])
@@ -163,14 +185,95 @@ def test_muon_exchange_on_every_placement(results):
     assert max(got["flops"]) < 0.5 * total
 
 
-@pytest.mark.parametrize("optimizer", DCP_OPTIMIZERS)
-def test_dcp_saved_at_four_ranks_resumes_at_two(results, optimizer):
+def test_exchange_of_blocks_on_every_placement(results):
+    """Shampoo's regions (blocks of side 5, so every shard is cut by some block) through the
+    exchange alone, on the shards of the Muon cases (strided, uneven, empty, replicated,
+    sub-mesh): every owner assembles its blocks exactly, with the norm of each block from the
+    pieces' norms, and every rank, every copy included, gets exactly its pieces back."""
+    assert get(results, "exchange-blocks")["ok"] == [[True] * len(ORTHO_CASES)] * WORLD
+
+
+@pytest.mark.parametrize("name", list(DCP))
+def test_dcp_saved_at_four_ranks_resumes_at_two(results, name):
     """Saved under FSDP2 + TP on 4 ranks after 5 steps, resumed under FSDP2 on 2 ranks into a
-    fresh model and optimizer: the run continues as the uninterrupted single-process run."""
-    get(results, f"dcp-save-{optimizer}")
-    got = get(results, f"dcp-resume-{optimizer}")["params"]
-    model, _ = single_process(optimizer, "auto")
-    assert_close(got, {n: p.detach() for n, p in model.named_parameters()}, TOLERANCE[optimizer], optimizer)
+    fresh model and optimizer: the run continues as the uninterrupted single-process run
+    (Shampoo: its blocks' statistics go to other owners; also in the flattened layout)."""
+    optimizer = DCP[name][0]
+    get(results, f"dcp-save-{name}")
+    got = get(results, f"dcp-resume-{name}")["params"]
+    backend = results["_dcp"][name]["backend"]
+    model, _ = single_process(optimizer, backend)
+    assert_close(got, {n: p.detach() for n, p in model.named_parameters()}, tolerance(optimizer, backend), name)
+
+
+@pytest.mark.parametrize("name", list(DCP))
+def test_dcp_saved_at_four_ranks_resumes_on_one_process(results, name):
+    """The same checkpoints (FSDP2 + TP, 4 ranks) resumed here, in one process, into a fresh
+    model and optimizer: the run continues as the uninterrupted single-process run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizer = DCP[name][0]
+    get(results, f"dcp-save-{name}")
+    spec = results["_dcp"][name]
+    model = dw.make_model(seed=1, blocks=BLOCKS)
+    opt = dw.make_optimizer(optimizer, model.parameters(), spec["backend"])
+    msd, osd = get_state_dict(model, opt, options=dw.state_dict_options(spec))
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=spec["path"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=dw.state_dict_options(spec))
+    for t in range(5, dw.STEPS):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, optimizer, t)
+    want, _ = single_process(optimizer, spec["backend"])
+    assert_close({n: p.detach() for n, p in model.named_parameters()},
+                 {n: p.detach() for n, p in want.named_parameters()}, tolerance(optimizer, spec["backend"]), name)
+
+
+@pytest.mark.parametrize("placement", ["fsdp+tp", "hsdp-2d"])
+def test_shampoo_roots_spread_over_all_four_ranks(results, placement):
+    """Every block's roots are computed once per copy of its mesh, by the block's owner: the
+    matrices on the 2-D mesh once over the four ranks, those on the "dp" sub-mesh (FSDP2 + TP:
+    what TP leaves whole) once by each of its two copies. Each rank's share of the cost is
+    within one block's cost of the even split (largest first, to the least loaded), and every
+    rank computes some. One exchange (two all-to-alls) per process group and step."""
+    from mupopt.optim.shampoo import blocks_of, root_cost
+
+    got = get(results, f"steps-{placement}-shampoo-{BACKEND[placement]}")
+    model, opt = single_process("shampoo", "reference", steps=1)
+    on_dp = {"emb.weight", "out.weight"} if placement == "fsdp+tp" else set()
+    cost = {"2d": [], "dp": []}
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            for rs, cs in blocks_of(p.shape[0], p.numel() // p.shape[0], 12):
+                cost["dp" if name in on_dp else "2d"].append(root_cost(rs.stop - rs.start, cs.stop - cs.start))
+    assert sum(got["roots"]) == 2 * (len(cost["2d"]) + 2 * len(cost["dp"]))
+    assert sum(got["root_cost"]) == pytest.approx(sum(cost["2d"]) + 2 * sum(cost["dp"]))
+    even = sum(cost["2d"]) / 4 + sum(cost["dp"]) / 2
+    assert max(got["root_cost"]) <= even + max(cost["2d"]) + max(cost["dp"], default=0)
+    assert min(got["roots"]) > 0
+    assert got["root_calls"] == (4 if on_dp else 2)
+
+
+def test_shampoo_failure_on_one_rank_leaves_every_rank_unchanged(results):
+    """FSDP2 + TP, two param groups: an inverse root that fails on rank 1 only (in the first
+    group: rank 1 still takes part in the second group's exchange), then a nan in rank 1's
+    shard of fc1's gradient: every rank raises (rank 1 its own error, the others that another
+    rank failed), no rank writes anything, no rank waits in an exchange; the same step then
+    succeeds and the run is the single-process one."""
+    got = get(results, "shampoo-failure")
+    for rank, errors in enumerate(got["errors"]):
+        if rank == 1:
+            assert errors["root"].startswith("RootComputationError: injected"), errors
+            assert errors["nan"].startswith("ValueError: Shampoo: non-finite gradient"), errors
+        else:
+            for case in ("root", "nan"):
+                assert "the step failed on another rank" in errors[case], (rank, errors)
+    assert got["untouched"] == [{"root": True, "nan": True}] * WORLD
+    model, _ = single_process("shampoo", "reference", steps=3)
+    assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()}, tolerance("shampoo", "reference"),
+                 "after the failures")
 
 
 def test_a_partial_parameter_is_refused_on_a_2d_mesh(results):

@@ -503,7 +503,7 @@ def test_load_state_dict_with_other_counts_names_both(name):
 def test_load_pre_hooks_run_first_and_once():
     """torch runs load_state_dict pre-hooks on the dict as given, before its checks: a hook
     that adapts a state_dict saved for other params (torch's documented use) must see it before
-    mupopt's count checks and its muP validation, unwrapped (Shampoo's lists as lists), once."""
+    mupopt's count checks and its muP validation, unwrapped (Shampoo's blocks as saved), once."""
     params = make_params()
     opt = make("shampoo", params)
     bigger = make_params()
@@ -520,7 +520,7 @@ def test_load_pre_hooks_run_first_and_once():
 
     handle = opt.register_load_state_dict_pre_hook(trim)
     opt.load_state_dict(other.state_dict())
-    assert len(seen) == 1 and isinstance(seen[0], list)
+    assert len(seen) == 1 and isinstance(seen[0], dict) and all(isinstance(x, torch.Tensor) for x in seen[0].values())
     assert opt.state[params[0]]["step"].item() == 2
     handle.remove()
     assert len(opt._optimizer_load_state_dict_pre_hooks) == 0

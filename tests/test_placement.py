@@ -202,3 +202,49 @@ def test_a_partial_mesh_without_flatten_is_refused_naming_it(one_rank):
     mesh = SimpleNamespace(size=lambda: 2, ndim=2, shape=(1, 2), mesh_dim_names=None)  # world: 1 rank
     with pytest.raises(NotImplementedError, match=r"Muon: parameters on a 2-D mesh of shape \(1, 2\) over part of the world"):
         pl.mesh_group(mesh, "Muon")
+
+
+def test_shampoo_checkpoint_form_and_its_refusals(one_rank):
+    """Shampoo's state_dict gives each block whole, by block number: a DTensor (n, n) with its
+    rows sharded for a sharded matrix, the tensor itself for a plain one; both load back (the
+    list form too). Per-shard blocks of earlier releases, and a state whose blocks are not
+    where the owners are, are refused naming the block, nothing changed."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    value = torch.randn(12, 8, generator=gen)
+    sharded = nn.Parameter(distribute_tensor(value.clone(), one_rank, [Shard(0)]))
+    plain = nn.Parameter(value.clone())
+    opt = mupopt.Shampoo([sharded, plain], lr=1e-2, max_preconditioner_dim=5)  # blocks: rows 5, 5, 2 x cols 5, 3
+    for _ in range(2):
+        g = torch.randn(12, 8, generator=gen)
+        sharded.grad, plain.grad = distribute_tensor(g.clone(), one_rank, [Shard(0)]), g.clone()
+        opt.step()
+    sd = opt.state_dict()
+    left = sd["state"][0]["left"]
+    assert list(left) == [str(k) for k in range(6)]
+    assert all(isinstance(x, DTensor) and x.placements == (Shard(0),) for x in left.values())
+    assert [tuple(x.shape) for x in left.values()] == [(5, 5)] * 4 + [(2, 2)] * 2
+    assert all(isinstance(x, torch.Tensor) and not isinstance(x, DTensor) for x in sd["state"][1]["left"].values())
+    twins = [nn.Parameter(distribute_tensor(value.clone(), one_rank, [Shard(0)])), nn.Parameter(value.clone())]
+    other = mupopt.Shampoo(twins, lr=1e-2, max_preconditioner_dim=5)
+    as_lists = {**sd, "state": {**sd["state"], 1: {**sd["state"][1], **{k: list(sd["state"][1][k].values())
+                                                                       for k in ("left", "right", "left_root", "right_root")}}}}
+    other.load_state_dict(as_lists)
+    for p, q in zip([sharded, plain], twins):
+        for key in ("left", "right", "left_root", "right_root"):
+            assert all(torch.equal(x, y) for x, y in zip(opt.state[p][key], other.state[q][key])), key
+
+    stacked = {**sd["state"][0], "left": {**left, "0": torch.zeros(1, 5, 5)}}  # a per-rank stack
+    with pytest.raises(ValueError, match=r"state 'left' of block 0 of a parameter of shape \(12, 8\) is \(1, 5, 5\), "
+                                         r"expected \(5, 5\) \(a checkpoint of per-shard blocks"):
+        other.load_state_dict({**sd, "state": {**sd["state"], 0: stacked}})
+
+    opt.state[sharded]["right"][3] = torch.empty(0)  # not where the owner keeps it
+    before = sharded.to_local().clone()
+    sharded.grad = distribute_tensor(torch.ones(12, 8), one_rank, [Shard(0)])
+    plain.grad = torch.ones(12, 8)
+    with pytest.raises(RuntimeError, match=r"state 'right' of block 3 of a parameter of shape \(12, 8\) is \(0,\) on "
+                                           r"this rank, which owns the block"):
+        opt.step()
+    assert torch.equal(sharded.to_local(), before) and opt.state[sharded]["step"].item() == 2

@@ -711,6 +711,7 @@ class MupOptimizer(Optimizer):
                 f"{len(current['params'])} in this optimizer",
             )
         self._refuse_other_optimizer(saved_groups)
+        state_dict = self._loaded_state(state_dict)
         state_dict, loaded = self._load_records(state_dict)
         if self._state_dtypes:
             kept = {}
@@ -815,6 +816,11 @@ class MupOptimizer(Optimizer):
                         f"{sorted(map(str, st))}), which {type(self).__name__} needs (a state_dict of another "
                         f"optimizer?); nothing was loaded"
                     )
+
+    def _loaded_state(self, state_dict: dict) -> dict:
+        """A subclass's own checkpoint form turned into its state (Shampoo's blocks), after the
+        pre-hooks and the count checks; never modifies ``state_dict``."""
+        return state_dict
 
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:
@@ -1216,15 +1222,24 @@ class MupOptimizer(Optimizer):
         calls, failure = [], None
         try:
             self._check_data([plan for _, plan, _ in work])
-            for group, seg, seg_grads, copies in segments:
-                hp = self._hparams_for(seg.kernel, group, extra)
-                if seg.backend.prepare is not None:
-                    calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
-                else:
-                    calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
-                                                   found_inf=device_found_inf, copies=copies))
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
             failure = exc
+        if failure is None:
+            for group, seg, seg_grads, copies in segments:
+                # A prepare phase that exchanges data (Shampoo's sharded matrices) runs on every
+                # rank even after an earlier segment failed on this one, so that no other rank
+                # waits in it; its result is dropped.
+                if failure is not None and not (seg.backend.prepare is not None and seg.collectives):
+                    continue
+                try:
+                    hp = self._hparams_for(seg.kernel, group, extra)
+                    if seg.backend.prepare is not None:
+                        calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
+                    else:
+                        calls.append(functools.partial(self._call, seg, seg_grads, hp, prepare=False,
+                                                       found_inf=device_found_inf, copies=copies))
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+                    failure = failure or exc
         # Only a step whose outcome depends on this rank's data (a prepare phase, data checks:
         # Shampoo's roots and finiteness) can fail on one rank alone; others pay no collective.
         may_diverge = type(self)._check_data is not MupOptimizer._check_data or any(

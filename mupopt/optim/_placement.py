@@ -22,10 +22,11 @@ copies), and is checked against the DTensor at plan build; any other placement i
   Scalable for LLM Training", arXiv 2502.16982, Sec. 3 "Distributed Muon"; torchtitan/Dion's
   gather-to-owner form): gathering every matrix on every rank, what DTensor does by itself when
   a matmul sees a sharded operand, would repeat all of the NS work on every rank.
-- Shampoo preconditions the blocks of each rank's local shard (the scheme of DistributedShampoo's
-  FSDP distributor, Shi et al. arXiv 2309.06497): statistics and roots need no communication and
-  the root work is spread over the ranks by construction; the blocks are cut where the shard
-  ends as well as every ``max_preconditioner_dim``.
+- Shampoo preconditions the blocks of the global tensor, as one process does: its hook
+  (mupopt.optim.shampoo.GlobalBlocks) sends each block's pieces to the block's owner rank and
+  the preconditioned pieces back through the same :class:`Exchange` (regions of 2-D views: a
+  whole matrix for Muon, a block for Shampoo); the owners keep the blocks' statistics (Shi et
+  al., arXiv 2309.06497: DistributedShampoo's distributors, the same math as one device).
 
 Gradients whose placements differ from their parameter's (a Partial gradient of a replicated
 tensor-parallel parameter) are redistributed to the parameter's placements first.
@@ -35,7 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -383,13 +384,224 @@ class NormReduce:
 
 
 # ---------------------------------------------------------------------------------------------
-# Muon: Newton-Schulz on whole matrices, the work spread over the ranks
+# Regions of sharded matrices gathered to owner ranks and scattered back (Muon, Shampoo)
 # ---------------------------------------------------------------------------------------------
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """Muon's 2-D view (shape[0], rest) of a tensor shape."""
+    """The 2-D view (shape[0], rest) of a tensor shape (Muon's and Shampoo's)."""
     return shape[0], math.prod(shape[1:])
 
 
+def matrix_block(shape: Sequence[int], block: Block) -> Block:
+    """``block`` (of a tensor of global ``shape``) in the 2-D view (shape[0], rest): rows are
+    its dim-0 indices, columns the row-major ravel of its other lists, again an increasing list,
+    so the 2-D view of a local shard (local.reshape(rows, cols)) holds exactly these elements in
+    this order."""
+    if len(shape) == 2:
+        return block
+    cols = torch.zeros(1, dtype=torch.long)
+    for n, ix in zip(shape[1:], block.indices[1:]):
+        cols = (cols.unsqueeze(1) * n + ix.unsqueeze(0)).reshape(-1)
+    return Block((block.indices[0], cols))
+
+
+def _span(ix: torch.Tensor, lo: int, hi: int, first: int | None) -> tuple[int, int]:
+    """The positions a:b of an increasing index list whose values lie in [lo, hi); ``first``:
+    its first value when it is a run of consecutive indices (then no search), else None."""
+    if first is not None:
+        n = len(ix)
+        return min(max(lo - first, 0), n), min(max(hi - first, 0), n)
+    return int(torch.searchsorted(ix, lo)), int(torch.searchsorted(ix, hi))
+
+
+def balance(costs: Sequence[float], loads: list[float]) -> list[int]:
+    """Owners for items of ``costs``: largest first, each to the least-loaded bin (``loads``,
+    updated in place; ties to the lower index, so every rank computes the same owners)."""
+    owners = [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        r = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owners[k] = r
+        loads[r] += costs[k]
+    return owners
+
+
+def check_param(p, optimizer: str) -> None:
+    """check_local for DTensor ``p`` at this rank's mesh coordinate."""
+    mesh = p.device_mesh
+    check_local(p, shard_block(p.shape, p.placements, tuple(mesh.shape), mesh.get_coordinate()), optimizer)
+
+
+class ExchangeItem(NamedTuple):
+    """One matrix an owner assembles: rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]``
+    of the 2-D view (:func:`matrix_shape`) of tensor number ``tensor``, whose global ``shape``
+    is placed with ``placements`` on ``mesh``; ``owner`` is a rank of the exchange's group."""
+
+    tensor: int
+    shape: tuple
+    placements: tuple
+    mesh: object
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    owner: int
+
+
+class Exchange:
+    """The two all-to-alls of one process group (one that spans exactly the ranks of its items'
+    meshes, :func:`mesh_group`): :meth:`gather` sends each distinct piece of every item to the
+    item's owner, :meth:`scatter` returns every rank, replicas included, its pieces of the
+    owners' results.
+
+    A rank's piece of an item is the part of its shard inside the item's region: the shard of
+    the 2-D view is the Cartesian product of two increasing index lists (:func:`matrix_block`),
+    so the piece is a slice of the local 2-D view, and in the region a Cartesian product of
+    index lists (a :class:`Block`). Muon's items are whole matrices, Shampoo's the blocks of
+    side <= max_preconditioner_dim. A piece held by several ranks (replicated mesh dims: HSDP)
+    is sent once, by the copy in the owner's replica coordinates; every copy gets the result
+    back. Empty pieces are not sent."""
+
+    def __init__(self, group, items: Sequence[ExchangeItem], optimizer: str):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.me = dist.get_rank(group)
+        self.items = list(items)
+        self.calls = 0  # all-to-alls issued
+        coords_of: dict[int, list] = {}
+        shards: dict[tuple, list] = {}  # geometry -> the 2-D block of every group rank's shard
+        self.local_shape: dict[int, tuple[int, int]] = {}  # tensor -> my local 2-D shape
+        self.slice: list = []  # per item: the slice (a, b, c, d) of my local 2-D view in it, or None
+        self.sends: list[bool] = []  # per item: my piece goes to its owner
+        self.mine = [j for j, it in enumerate(self.items) if it.owner == self.me]
+        self.pieces: dict[int, list] = {}  # items I own: every group rank's piece (Block in the region or None)
+        self.senders: dict[int, list[bool]] = {}  # items I own: the ranks whose piece I receive
+        for j, it in enumerate(self.items):
+            if id(it.mesh) not in coords_of:  # (DeviceMesh.mesh is not free: once per mesh)
+                coords_of[id(it.mesh)] = group_coords(it.mesh, group)
+            coords = coords_of[id(it.mesh)]
+            # The callers refused any placement but Shard, _StridedShard and Replicate.
+            split = tuple(m for m, pl in enumerate(it.placements) if isinstance(pl, SHARD_LIKE))
+            # Items of one geometry share it (Shampoo's blocks of a tensor, its checkpoint's blocks).
+            geometry = (it.shape, id(it.mesh), tuple((type(pl).__name__, getattr(pl, "dim", None),
+                                                     getattr(pl, "split_factor", None)) for pl in it.placements))
+            if geometry not in shards:
+                mesh_shape = tuple(it.mesh.shape)
+                distinct: dict[tuple, Block] = {}
+                for c in coords:
+                    where = tuple(c[m] for m in split)
+                    if where not in distinct:
+                        distinct[where] = matrix_block(it.shape, shard_block(it.shape, it.placements, mesh_shape, c))
+                shards[geometry] = [distinct[tuple(c[m] for m in split)] for c in coords]
+            shard = shards[geometry]
+            self.local_shape[it.tensor] = shard[self.me].shape
+            piece, where = self._clip(shard[self.me], it)
+            self.slice.append(where)
+            owner_at = coords[it.owner]
+            self.sends.append(piece is not None and counted_copy(coords[self.me], split, owner_at))
+            if it.owner != self.me:
+                continue
+            self.pieces[j] = [self._clip(shard[r], it)[0] for r in range(self.world)]
+            self.senders[j] = [b is not None and counted_copy(coords[r], split, owner_at) for r, b in enumerate(self.pieces[j])]
+            size = (it.rows[1] - it.rows[0]) * (it.cols[1] - it.cols[0])
+            if sum(b.numel for b, s in zip(self.pieces[j], self.senders[j]) if s) != size:  # the shards must tile it
+                raise RuntimeError(f"{optimizer}: the shards of a tensor of shape {it.shape} (placements "
+                                   f"{tuple(it.placements)}) do not tile its rows {it.rows}, columns {it.cols}")
+
+    @staticmethod
+    def _clip(shard: Block, it: ExchangeItem):
+        """(the piece of ``shard`` in item ``it``'s region as a Block of the region, the slice
+        (a, b, c, d) of the shard's 2-D view it is), or (None, None) when it is empty."""
+        rows, cols = shard.indices
+        first = shard.offsets if shard.is_box else (None, None)
+        a, b = _span(rows, *it.rows, first[0])
+        c, d = _span(cols, *it.cols, first[1])
+        if a == b or c == d:
+            return None, None
+        return Block((rows[a:b] - it.rows[0], cols[c:d] - it.cols[0])), (a, b, c, d)
+
+    def _all_to_all(self, parts: list[list[torch.Tensor]], recv_split: list[int], dtype, device) -> torch.Tensor:
+        send_split = [sum(x.numel() for x in row) for row in parts]
+        flat = [x.reshape(-1).to(dtype) for row in parts for x in row]
+        send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+        recv = torch.empty(sum(recv_split), dtype=dtype, device=device)
+        dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
+        self.calls += 1
+        return recv
+
+    def gather(self, local2d: dict, dtype: torch.dtype, device, norms_of: dict | None = None):
+        """Send my piece of each item to its owner; return {item: the whole region} for the
+        items I own. ``local2d[t]``: my local 2-D view of tensor t. With ``norms_of`` (2-D
+        tensors like ``local2d``), each piece also carries the Frobenius norm of the same piece
+        of ``norms_of[t]``, and the second value returned is {item: the norm of the whole
+        region} (the pieces' norms combined: one value per piece, not the piece itself)."""
+        extra = 1 if norms_of is not None else 0
+        parts: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        for j, it in enumerate(self.items):
+            if self.sends[j]:
+                a, b, c, d = self.slice[j]
+                parts[it.owner].append(local2d[it.tensor][a:b, c:d])
+                if extra:
+                    parts[it.owner].append(torch.linalg.matrix_norm(norms_of[it.tensor][a:b, c:d]).reshape(1))
+        recv_split = [sum(self.pieces[j][r].numel + extra for j in self.mine if self.senders[j][r]) for r in range(self.world)]
+        recv = self._all_to_all(parts, recv_split, dtype, device)
+        whole = {}
+        for j in self.mine:
+            it = self.items[j]
+            whole[j] = torch.empty((it.rows[1] - it.rows[0], it.cols[1] - it.cols[0]), dtype=dtype, device=device)
+        norms: dict[int, list] = {j: [] for j in self.mine}
+        pos = 0
+        for r in range(self.world):
+            for j in self.mine:
+                if self.senders[j][r]:
+                    n = self.pieces[j][r].numel
+                    self.pieces[j][r].write(whole[j], recv[pos:pos + n])
+                    pos += n + extra
+                    if extra:
+                        norms[j].append(recv[pos - 1:pos])
+        if not extra:
+            return whole
+        # One piece: its norm itself (sqrt(x^2) == |x| in binary floating point), as one process.
+        return whole, {j: torch.linalg.vector_norm(torch.cat(v)) for j, v in norms.items()}
+
+    def scatter(self, done: dict, dtype: torch.dtype, device, active: Sequence[int] | None = None) -> dict:
+        """Send every rank, replicas included, its pieces of the items I own (``done[j]``, the
+        whole region of item j); return {tensor: my local 2-D view of the results}, for the
+        tensors of ``active`` (item indices, the same on every rank; default all)."""
+        active = range(len(self.items)) if active is None else active
+        on = set(active)
+        parts = [[self.pieces[j][r].read(done[j]) for j in self.mine if j in on and self.pieces[j][r] is not None]
+                 for r in range(self.world)]
+        sizes = [0 if self.slice[j] is None else (self.slice[j][1] - self.slice[j][0]) * (self.slice[j][3] - self.slice[j][2])
+                 for j in range(len(self.items))]
+        recv_split = [0] * self.world
+        for j in on:
+            recv_split[self.items[j].owner] += sizes[j]
+        recv = self._all_to_all(parts, recv_split, dtype, device)
+        out: dict[int, torch.Tensor] = {}
+        starts = [0] * self.world
+        for r in range(1, self.world):
+            starts[r] = starts[r - 1] + recv_split[r - 1]
+        for j in sorted(on):  # each owner sent its items in item order
+            it = self.items[j]
+            if sizes[j] == 0:
+                continue
+            a, b, c, d = self.slice[j]
+            rows, cols = self.local_shape[it.tensor]
+            piece = recv[starts[it.owner]:starts[it.owner] + sizes[j]].view(b - a, d - c)
+            starts[it.owner] += sizes[j]
+            if (a, b, c, d) == (0, rows, 0, cols):
+                out[it.tensor] = piece  # the whole local shard: no copy (Muon's matrices)
+                continue
+            if it.tensor not in out:
+                out[it.tensor] = torch.empty((rows, cols), dtype=dtype, device=device)
+            out[it.tensor][a:b, c:d] = piece
+        for j in on:  # an empty local shard
+            t = self.items[j].tensor
+            if t not in out:
+                out[t] = torch.empty(self.local_shape[t], dtype=dtype, device=device)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon: Newton-Schulz on whole matrices, the work spread over the ranks
+# ---------------------------------------------------------------------------------------------
 def ns_flops(rows: int, cols: int, steps: int) -> float:
     """Multiply-adds x 2 of ``steps`` quintic NS iterations on a (rows, cols) matrix, computed on
     the wide orientation (m <= n): X X^T (2 m^2 n), A A (2 m^3) and B X (2 m^2 n) per step."""
@@ -404,8 +616,9 @@ class Orthogonalize:
     i, ``ns(X)`` the backend's Newton-Schulz on a stack X of same-shape matrices (k, r, c).
     Returns the orthogonalised updates, each shaped (and sharded) like its input. Tensors split
     on any mesh dim are gathered to an owner rank, orthogonalised there and scattered back, one
-    exchange per process group (:func:`mesh_group`); plain and replicated tensors are
-    orthogonalised where they are.
+    :class:`Exchange` per process group (:func:`mesh_group`); owners are spread over every rank
+    of the group, replicas included, by NS cost (each rank does about 1/size of the flops).
+    Plain and replicated tensors are orthogonalised where they are.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], optimizer: str = "Muon"):
@@ -418,7 +631,16 @@ class Orthogonalize:
                 by_group.setdefault(id(group), (group, []))[1].append(i)
             else:
                 self.local_idx.append(i)
-        self.exchanges = [_Exchange(group, idx, [params[i] for i in idx], optimizer) for group, idx in by_group.values()]
+        self.exchanges = []
+        for group, idx in by_group.values():
+            shapes = [matrix_shape(params[i].shape) for i in idx]
+            owners = balance([ns_flops(r, c, 1) for r, c in shapes], [0.0] * dist.get_world_size(group))
+            items = []
+            for k, (i, (r, c), owner) in enumerate(zip(idx, shapes, owners)):
+                p = params[i]
+                check_param(p, optimizer)
+                items.append(ExchangeItem(k, tuple(p.shape), tuple(p.placements), p.device_mesh, (0, r), (0, c), owner))
+            self.exchanges.append((Exchange(group, items, optimizer), idx))
         self.flops = 0.0  # NS flops of this rank in the last call (for reports and tests)
         self.calls = 0  # collectives issued in the last call (tests check the batching)
 
@@ -429,19 +651,21 @@ class Orthogonalize:
     def __call__(self, updates: Sequence[torch.Tensor], ns: Callable, ns_steps: int = 5) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * self.n
         self.flops = 0.0
-        calls_before = sum(ex.calls for ex in self.exchanges)
+        calls_before = sum(ex.calls for ex, _ in self.exchanges)
         # Plain / replicated tensors: here, same-shape matrices stacked into one NS call.
         jobs = [(i, updates[i].reshape(matrix_shape(updates[i].shape))) for i in self.local_idx]
         for i, o in self._run_ns(jobs, ns, ns_steps):
             out[i] = o.view(updates[i].shape)
-        for ex in self.exchanges:
-            full = ex.gather([updates[i] for i in ex.idx])  # {position in ex.idx: whole tensor}
-            jobs = [(k, t.reshape(matrix_shape(t.shape))) for k, t in full.items()]
-            done = {k: o.view(full[k].shape) for k, o in self._run_ns(jobs, ns, ns_steps)}
-            first = updates[ex.idx[0]]
-            for k, o in zip(ex.idx, ex.scatter(done, first.dtype, first.device)):
-                out[k] = o
-        self.calls = sum(ex.calls for ex in self.exchanges) - calls_before
+        for ex, idx in self.exchanges:
+            # In the update's dtype: exact for the fp32 updates of the reference (NS returns bf16
+            # or fp32), and one dtype for the exchange on every rank.
+            first = updates[idx[0]]
+            whole = ex.gather({k: updates[i].reshape(ex.local_shape[k]) for k, i in enumerate(idx)}, first.dtype, first.device)
+            done = dict(self._run_ns(list(whole.items()), ns, ns_steps))
+            back = ex.scatter(done, first.dtype, first.device)
+            for k, i in enumerate(idx):
+                out[i] = back[k].view(updates[i].shape)
+        self.calls = sum(ex.calls for ex, _ in self.exchanges) - calls_before
         return out
 
     def _run_ns(self, jobs, ns, ns_steps):
@@ -456,150 +680,4 @@ class Orthogonalize:
             result = ns(torch.stack([x for _, x in members]))
             self.flops += len(members) * ns_flops(shape[0], shape[1], ns_steps)
             for k, (key, x) in enumerate(members):
-                # In the update's dtype: exact for the fp32 updates of the reference (NS returns
-                # bf16 or fp32), and one dtype for the exchange on every rank.
                 yield key, result[k].to(x.dtype)
-
-
-class _Exchange:
-    """The two all-to-alls of one process group that spans every rank of its matrices' meshes:
-    each distinct shard to its matrix's owner, then each rank's block of the result back.
-
-    Owners are spread over every rank of the group, replicas included (each rank does about
-    1/size of the NS flops). A shard held by several ranks (replicated mesh dims: HSDP) is sent
-    once, by the copy in the owner's replica coordinates; every copy gets the result back."""
-
-    def __init__(self, group, idx: list[int], params: Sequence[torch.Tensor], optimizer: str):
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.me = dist.get_rank(group)
-        self.idx = idx
-        self.calls = 0  # all-to-alls issued
-        self.shapes = [tuple(p.shape) for p in params]
-        self.local_shapes = [tuple(p._local_tensor.shape) for p in params]
-        # Owners: largest NS cost first, each to the least-loaded rank (same on every rank).
-        load = [0.0] * self.world
-        self.owner = [0] * len(params)
-        cost = [ns_flops(*matrix_shape(s), 1) for s in self.shapes]
-        for k in sorted(range(len(params)), key=lambda k: (-cost[k], k)):
-            r = min(range(self.world), key=lambda r: (load[r], r))
-            self.owner[k] = r
-            load[r] += cost[k]
-        self.mine = [k for k in range(len(params)) if self.owner[k] == self.me]
-        self.sends = []  # per tensor: whether this rank's copy of its shard goes to the owner
-        self.blocks: dict[int, list[Block]] = {}  # tensors I own: every group rank's block
-        self.senders: dict[int, list[bool]] = {}  # tensors I own: the ranks whose copy I receive
-        coords_of: dict[int, list] = {}
-        for k, p in enumerate(params):
-            mesh = p.device_mesh
-            split = split_mesh_dims(p, optimizer)
-            mesh_shape = tuple(mesh.shape)
-            coords = coords_of.setdefault(id(mesh), group_coords(mesh, group))
-            check_local(p, shard_block(p.shape, p.placements, mesh_shape, coords[self.me]), optimizer)
-            owner_at = coords[self.owner[k]]
-            self.sends.append(counted_copy(coords[self.me], split, owner_at))
-            if self.owner[k] != self.me:
-                continue
-            distinct: dict[tuple, Block] = {}
-            for c in coords:
-                where = tuple(c[m] for m in split)
-                if where not in distinct:
-                    distinct[where] = shard_block(p.shape, p.placements, mesh_shape, c)
-            self.blocks[k] = [distinct[tuple(c[m] for m in split)] for c in coords]
-            self.senders[k] = [counted_copy(c, split, owner_at) for c in coords]
-            if sum(b.numel for b in distinct.values()) != p.numel():  # the shards must tile p
-                raise RuntimeError(f"{optimizer}: the shards of a parameter of shape {tuple(p.shape)} ({placement_text(p)}) "
-                                   f"do not tile it")
-
-    def _all_to_all(self, parts: list[list[torch.Tensor]], recv_split: list[int], dtype, device) -> torch.Tensor:
-        send_split = [sum(x.numel() for x in row) for row in parts]
-        flat = [x.reshape(-1).to(dtype) for row in parts for x in row]
-        send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(recv_split), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send, recv_split, send_split, group=self.group)
-        self.calls += 1
-        return recv
-
-    def gather(self, shards: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Send my copy of each shard the owner counts; return the whole tensors I own."""
-        dtype, device = shards[0].dtype, shards[0].device
-        parts = [[shards[k] for k in range(len(shards)) if self.owner[k] == r and self.sends[k]] for r in range(self.world)]
-        recv_split = [sum(self.blocks[k][r].numel for k in self.mine if self.senders[k][r]) for r in range(self.world)]
-        recv = self._all_to_all(parts, recv_split, dtype, device)
-        whole = {k: torch.empty(self.shapes[k], dtype=dtype, device=device) for k in self.mine}
-        pos = 0
-        for r in range(self.world):
-            for k in self.mine:
-                if self.senders[k][r]:
-                    n = self.blocks[k][r].numel
-                    self.blocks[k][r].write(whole[k], recv[pos:pos + n])
-                    pos += n
-        return whole
-
-    def scatter(self, done: dict[int, torch.Tensor], dtype: torch.dtype, device) -> list[torch.Tensor]:
-        """Send every rank, replicas included, its block of the tensors I own (in ``dtype``,
-        which every rank passes alike); return my block of every tensor."""
-        parts = [[self.blocks[k][r].read(done[k]) for k in self.mine] for r in range(self.world)]
-        recv_split = [sum(math.prod(self.local_shapes[k]) for k in range(len(self.shapes)) if self.owner[k] == r)
-                      for r in range(self.world)]
-        recv = self._all_to_all(parts, recv_split, dtype, device)
-        out: list[torch.Tensor | None] = [None] * len(self.shapes)
-        pos = 0
-        for r in range(self.world):
-            for k in range(len(self.shapes)):
-                if self.owner[k] == r:
-                    n = math.prod(self.local_shapes[k])
-                    out[k] = recv[pos:pos + n].view(self.local_shapes[k])
-                    pos += n
-        return out
-
-# ---------------------------------------------------------------------------------------------
-# Shampoo: per-shard statistics in a checkpoint
-# ---------------------------------------------------------------------------------------------
-def all_coords(mesh_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    coords = [()]
-    for n in mesh_shape:
-        coords = [c + (k,) for c in coords for k in range(n)]
-    return coords
-
-
-def shard_shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
-    """The local shape of DTensor ``p`` at every mesh coordinate (mesh order)."""
-    mesh_shape = tuple(p.device_mesh.shape)
-    return [shard_block(p.shape, p.placements, mesh_shape, c).shape for c in all_coords(mesh_shape)]
-
-
-def stack_over_ranks(local_blocks: Sequence[torch.Tensor], shapes_per_rank: Sequence[Sequence[tuple]], p) -> list:
-    """Per-rank tensors (Shampoo's L, R and roots of this rank's blocks) as DTensors with a
-    leading mesh dimension, so that a distributed checkpoint keeps every rank's own (DCP saves a
-    plain tensor once, as if it were replicated). Block k of every rank shares one global shape,
-    (ranks, max rows, max cols); a smaller block (an uneven last shard) is zero-padded."""
-    from torch.distributed.tensor import DTensor
-
-    mesh = p.device_mesh
-    out = []
-    for k, x in enumerate(local_blocks):
-        sides = [shapes[k] for shapes in shapes_per_rank]
-        full = tuple(max(s[d] for s in sides) for d in range(x.ndim))
-        if tuple(x.shape) == full:
-            piece = x.unsqueeze(0)  # a view: a checkpoint load writes the state itself
-        else:
-            piece = x.new_zeros((1, *full))
-            piece[(0, *(slice(0, n) for n in x.shape))] = x
-        shape = (mesh.size(), *full)
-        stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
-        out.append(DTensor.from_local(piece, mesh, [Shard(0)] * mesh.ndim, run_check=False, shape=shape, stride=stride))
-    return out
-
-
-def unstack_over_ranks(value, local_shape: tuple) -> torch.Tensor:
-    """This rank's block back from :func:`stack_over_ranks` (a DTensor), cropped to its shape."""
-    if not is_dtensor(value):
-        return value
-    piece = value.to_local()
-    if piece.shape[0] != 1:
-        raise ValueError(
-            f"Shampoo statistics saved for another sharding (local {tuple(piece.shape)}): a resume "
-            f"needs the same world size and placements (they are per-shard blocks)"
-        )
-    return piece[0][tuple(slice(0, n) for n in local_shape)]

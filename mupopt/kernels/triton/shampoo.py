@@ -281,14 +281,16 @@ def _mm_tiles(interpret: bool) -> dict:
     return dict(bm=64, bn=64, bk=32, warps=4, stages=3)
 
 
-def shampoo_triton(params, grads, states, mults, hp) -> None:
+def shampoo_triton(params, grads, states, mults, hp, *, precondition=None) -> None:
     """The functional Shampoo step of the "triton" backend (signature of shampoo_reference)."""
-    shampoo_triton_prepare(params, grads, states, mults, hp)()
+    shampoo_triton_prepare(params, grads, states, mults, hp, precondition=precondition)()
 
 
-def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], None]:
+def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=None) -> Callable[[], None]:
     """Phase 1 (statistics, roots; may raise, writes nothing); returns phase 2, which writes, as
-    mupopt.optim.shampoo.shampoo_reference_prepare."""
+    mupopt.optim.shampoo.shampoo_reference_prepare. ``precondition`` (sharded matrices): as
+    there; the owners' block math is the hook's (torch), the elementwise update of the covered
+    shards this backend's update kernel, with the hook's directions as their D."""
     if not params:
         return lambda: None
     _check(params, grads, states)
@@ -303,11 +305,13 @@ def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], Non
 
     # ---- Phase 1: new statistics and the due roots; nothing of params or state is written ----
     plans = []
+    covered = set(precondition.covered) if precondition is not None else set()
     # size -> [(tensor, side, block, y address, row stride, k stride, K, old statistic, g is bf16)]
     jobs: dict[int, list[tuple]] = {}
     for i, (p, g, st) in enumerate(zip(params, grads, states)):
         t = t_all[i]
-        plan = {"matrix": is_matrix(p), "refresh": False, "precondition": False}
+        plan = {"matrix": is_matrix(p) and i not in covered, "refresh": False, "precondition": False,
+                "given": i in covered and t >= start}
         if plan["matrix"]:
             rows, cols = p.shape[0], p.numel() // p.shape[0]
             blocks = blocks_of(rows, cols, hp.max_preconditioner_dim)
@@ -323,6 +327,16 @@ def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], Non
                     lst = jobs.setdefault(n, [])
                     lst.append((i, side, k, addr, sr, sk, K, old, g.dtype == torch.bfloat16))
         plans.append(plan)
+
+    finish = None
+    if covered:
+        # The hook exchanges data with every rank: called before anything below can raise.
+        g32 = {i: grads[i].float() for i in covered}
+        adams = {}
+        for i in covered:  # the Adam direction, as the update kernel forms it (the graft's block norms)
+            v = states[i]["exp_avg_sq"].float() * hp.grafting_beta2 + (1.0 - hp.grafting_beta2) * g32[i] * g32[i]
+            adams[i] = g32[i] / ((v / (1 - hp.grafting_beta2 ** t_all[i])).sqrt() + hp.grafting_epsilon)
+        finish = precondition.prepare(g32, adams, {i: t_all[i] for i in covered}, {i: states[i] for i in covered}, hp)
 
     stacks: dict[int, torch.Tensor] = {}
     for n, lst in jobs.items():
@@ -357,6 +371,7 @@ def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], Non
 
     def commit() -> None:
         # ---- Phase 2: commit state, precondition, graft, momentum, decay, update ----
+        directions = finish() if finish is not None else {}  # {i: this rank's piece of D, fp32}
         _common.increment_steps(states)
         for n, lst in jobs.items():
             _foreach_copy([job[7] for job in lst], list(stacks[n].unbind(0)))
@@ -380,24 +395,33 @@ def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], Non
                                     grads[i].data_ptr() + base * es))
                     scratch += r * c
         n_pre = len(entries)
+        # Then the covered shards whose D the hook returned (one entry per tensor, scale 1), then
+        # whole tensors taking the Adam direction.
+        given = {}
         for i, plan in enumerate(plans):
-            if not plan["precondition"]:
+            if plan["given"]:
+                numel = params[i].numel()
+                given[len(entries)] = directions[i]
+                entries.append((i, 0, 1, numel, numel, None, None, None, None))
+        for i, plan in enumerate(plans):
+            if not plan["precondition"] and not plan["given"]:
                 numel = params[i].numel()
                 entries.append((i, 0, 1, numel, numel, None, None, None, None))
 
         H = torch.empty(scratch, dtype=torch.float32, device=device)
         D = torch.empty(scratch, dtype=torch.float32, device=device)
-        scale = torch.ones(max(n_pre, 1), dtype=torch.float32, device=device)
+        scale = torch.ones(max(n_pre + len(given), 1), dtype=torch.float32, device=device)
         graft = hp.grafting == "adam"
         cfg = _mm_tiles(interpret)
 
         # Update table (also read by the graft-norm kernel), one row per entry.
         rows_i64, rows_f32 = [], []
-        for i, base, r, c, ld, slot, _, _, _ in entries:
+        for e, (i, base, r, c, ld, slot, _, _, _) in enumerate(entries):
             st, t, m = states[i], t_all[i], mults[i]
+            d_addr = given[e].data_ptr() if e in given else 0 if slot is None else D.data_ptr() + 4 * slot
             rows_i64.append([
                 params[i].data_ptr(), grads[i].data_ptr(), st["momentum_buffer"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-                0 if slot is None else D.data_ptr() + 4 * slot, base, max(c, 1), ld, r * c, 0, 0,
+                d_addr, base, max(c, 1), ld, r * c, 0, 0,
             ])
             # formed in float64 as the reference forms them, rounded once to fp32
             rows_f32.append([
@@ -450,7 +474,7 @@ def shampoo_triton_prepare(params, grads, states, mults, hp) -> Callable[[], Non
                         )
                     d_norm = part_d.sum(1).sqrt()
                     a_norm = part_a.sum(1).sqrt()
-                    scale = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
+                    scale[:n_pre] = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
 
             live = [e for e in range(len(entries)) if counts[e] > 0]
             for (p16, g16, m16, v16), ids in _group(live, lambda e: dtype_key(e, ("p", "g", "m", "v"))).items():
