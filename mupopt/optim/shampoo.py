@@ -498,6 +498,18 @@ class Shampoo(MupOptimizer):
             cached = self.__dict__["_plan_owners"] = (key, block_owners([(g["params"], g["max_preconditioner_dim"]) for g in self.param_groups]))
         return cached[1]
 
+    def _create_state(self, group: dict, plan) -> list:
+        """As MupOptimizer's, after turning blocks a framework wrote straight into ``self.state``
+        in the checkpoint form (a dict by block number: ZeroRedundancyOptimizer copies the
+        consolidated states in without load_state_dict) back into the list the step reads."""
+        for p in plan.params:
+            st = self.state.get(p)
+            for key in _MATRIX_STATE if st else ():
+                blocks = st.get(key)
+                if isinstance(blocks, dict):
+                    st[key] = [blocks[str(k)] for k in range(len(blocks))]
+        return super()._create_state(group, plan)
+
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         # A DTensor's param-sized buffers are DTensors like p (they reshard with it in a
         # checkpoint); the blocks are the global tensor's, and of a sharded matrix this rank
