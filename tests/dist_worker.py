@@ -304,7 +304,10 @@ def _snapshot(model: nn.Module, opt) -> list:
 
     out = [local(p).detach().clone() for p in model.parameters()]
     for st in opt.state.values():
-        for v in st.values():
+        for key, v in st.items():
+            if key == "mup":  # the width record: numbers, compared as a value
+                out.append(v)
+                continue
             out += [local(x).clone() for x in (v if isinstance(v, list) else [v])]
     return out
 
@@ -348,7 +351,7 @@ def scenario_shampoo_failure(spec: dict) -> dict:
             errors[case] = f"{type(exc).__name__}: {exc}"
         finally:
             shampoo.inverse_root_eigh = real
-        untouched[case] = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+        untouched[case] = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, _snapshot(model, opt)))
     feed_grads(model, 2)
     opt.step()
     return {"errors": all_ranks(errors), "untouched": all_ranks(untouched), "params": full_params(model)}
