@@ -314,6 +314,78 @@ def test_eigh_rank_deficient_is_pseudo_inverse_root(p):
     assert rel_dist(Rd, ref_inverse_root(A64, p, eps)) < 1e-3
 
 
+U32 = torch.finfo(torch.float32).eps
+# diag(4, 4e-3, 4e-9, 0): lam_max = 4, default floor sqrt(4) * u * 4 = 9.5e-7, so 4e-9 and 0 are
+# below float32's resolution. eigh of a diagonal matrix is exact, so each rule is seen exactly.
+_DIAG = (4.0, 4e-3, 4e-9, 0.0)
+_FLOOR = 2 * U32 * 4.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        # Damped below the floor: unresolved eigenvalues count as 0, then raised to the floor
+        # (the rule before gave them eps^(-1/4) = 1000).
+        (dict(eps=1e-12), (4 + 1e-12, 4e-3 + 1e-12, _FLOOR, _FLOOR)),
+        (dict(eps=1e-12 / 4, relative_eps=True), (4 + 1e-12, 4e-3 + 1e-12, _FLOOR, _FLOOR)),
+        # Damped above the floor: (A' + eps I) with A' = A less its unresolved eigenvalues.
+        (dict(eps=1e-4), (4 + 1e-4, 4e-3 + 1e-4, 1e-4, 1e-4)),
+        # Undamped: the pseudo-inverse root (unresolved eigenvalues get 0).
+        (dict(), (4.0, 4e-3, None, None)),
+        # An explicit floor of 1e-2 * lam_max = 0.04: 4e-3 is now unresolved too.
+        (dict(eps=1e-12, rank_rtol=1e-2), (4 + 1e-12, 0.04, 0.04, 0.04)),
+        # rank_rtol=0: no floor, the exact formula; undamped, every positive eigenvalue.
+        (dict(eps=1e-12, rank_rtol=0.0), (4 + 1e-12, 4e-3 + 1e-12, 4e-9 + 1e-12, 1e-12)),
+        (dict(rank_rtol=0.0), (4.0, 4e-3, 4e-9, None)),
+    ],
+    ids=["eps-below-floor", "relative-eps-below-floor", "eps-above-floor", "pinv", "explicit-floor",
+         "no-floor", "no-floor-pinv"],
+)
+def test_eigh_floor_rule_on_a_diagonal_matrix(kwargs, expected):
+    """Each branch of inverse_root_eigh's documented rule, on a matrix whose eigenvalues float32
+    eigh returns exactly; None = root 0."""
+    A = torch.diag(torch.tensor(_DIAG))
+    want = torch.tensor([0.0 if d is None else d ** -0.25 for d in expected], dtype=torch.float64)
+    torch.testing.assert_close(inverse_root_eigh(A, 4, **kwargs).double(), torch.diag(want), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("eps, relative", [(1e-12, False), (0.0, False), (1e-12, True)])
+def test_eigh_root_is_bounded_by_the_floor(eps, relative):
+    """||R||_2 <= max(eps', floor)^(-1/p) whatever float32 eigh makes of the unresolved
+    eigenvalues: rank-deficient matrices (zero eigenvalues come out as noise of +-1u*lam_max)
+    and full-rank ones with eigenvalues down to 1e-8 * lam_max, in one batch."""
+    n, p = 48, 4
+    gen = _gen(21)
+    low_rank = [(lambda G: G @ G.T)(torch.randn(n, r, dtype=torch.float64, generator=gen)) for r in (3, 20)]
+    A64 = torch.stack(low_rank + [make_spd(n, 1e8, seed=22), make_spd(n, 1e8, scale=1e-3, seed=23)])
+    lam_max = lam_max64(A64)[..., None]
+    floor = math.sqrt(n) * U32 * lam_max
+    damping = eps * lam_max if relative else torch.full_like(lam_max, eps)
+    bound = torch.maximum(floor, damping).pow(-1.0 / p)
+    R = inverse_root_eigh(A64.float(), p, eps=eps, relative_eps=relative).double()
+    norm2 = torch.linalg.matrix_norm(R, ord=2)[..., None, None]
+    assert (norm2 <= bound * (1 + 1e-4)).all()
+    # The bound is attained (to eigh's accuracy): each matrix has eigenvalues below the floor.
+    assert (norm2 >= bound * (1 - 1e-2)).all() or eps == 0.0
+
+
+def test_eigh_float64_retry_keeps_the_float32_floor(monkeypatch):
+    """The floor belongs to A's precision: a float32 matrix whose float32 eigh fails gets the
+    same root from the float64 retry (before: the retry used float64's floor, and 4e-9 counted as
+    resolved there but not in float32)."""
+    A = torch.diag(torch.tensor(_DIAG))
+    plain = inverse_root_eigh(A, 4, eps=1e-12)
+    real_eigh = torch.linalg.eigh
+
+    def float32_fails(S, *args, **kwargs):
+        if S.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated float32 failure")
+        return real_eigh(S, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", float32_fails)
+    torch.testing.assert_close(inverse_root_eigh(A, 4, eps=1e-12), plain, rtol=1e-6, atol=0.0)
+
+
 def test_eigh_zero_matrix_gives_zero():
     assert torch.equal(inverse_root_eigh(torch.zeros(2, 5, 5), 2), torch.zeros(2, 5, 5))
 
@@ -386,6 +458,8 @@ def test_eigh_retries_in_float64_then_raises(monkeypatch):
         (lambda: inverse_root_eigh(torch.eye(3), 0), "p must be"),
         (lambda: inverse_root_eigh(torch.ones(3, 4), 2), r"\(\.\.\., n, n\)"),
         (lambda: inverse_root_eigh(torch.eye(3), 2, eps=-1.0), "eps"),
+        (lambda: inverse_root_eigh(torch.eye(3), 2, rank_rtol=-1.0), "rank_rtol"),
+        (lambda: inverse_root_eigh(torch.eye(3), 2, rank_rtol=float("nan")), "rank_rtol"),
         (lambda: inverse_root_newton(torch.eye(3), 2.5), "integer"),
         (lambda: inverse_root_newton(torch.eye(3, dtype=torch.int64), 2), "floating"),
         (lambda: inverse_root_newton(torch.eye(3), 2, tol=0.0), "tol"),
