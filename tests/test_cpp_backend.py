@@ -4,8 +4,8 @@ The library is built here on first use (skipped only when no C++ compiler exists
 build's own sentence is the skip reason). Contract: 10 steps through the optimizer classes with
 ``backend="cpu"`` and ``backend="reference"`` from identical tensors and gradients, on odd sizes
 (1, 7, 33x65, 0 and 100003 elements), three param groups with different hyperparameters, muP
-width information on every parameter (multipliers other than 1), float32, bfloat16 and float16 storage,
-maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors; then the
+width information on every parameter (multipliers other than 1), float32, bfloat16, float16 and
+float64 storage (float64 computed in float64), maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors; then the
 build's laziness and its fallback without a compiler.
 
 Tolerances. The CPU loops follow ATen's rounding sequence (fused multiply-adds where ATen's
@@ -17,7 +17,9 @@ and the first and second moments of AdamW exactly. In bfloat16 such a float32 ul
 norm, summed in float64 here, in float32 by torch) can send a stored value to the neighbouring
 bf16 value: at most one bf16 ulp, on at most 1% of the elements. float16 storage (params,
 states, gradients) is held to the same rule with float16's ulp: the rounding to float16 is
-exact (round to nearest even, as torch), only the float32 sqrt ulp can flip it.
+exact (round to nearest even, as torch), only the float32 sqrt ulp can flip it. float64 is
+computed in float64 by both backends: within float64 round-off (rtol 1e-12; torch's float64 sqrt
+is MKL's too, and LAMB's norms are summed in another order), Sophia and AdamW's moments exactly.
 """
 from __future__ import annotations
 
@@ -145,6 +147,8 @@ def close(ours, ref, what):
         ulp = 2**-7 if ours.dtype == torch.bfloat16 else 2**-10
         torch.testing.assert_close(a, b, rtol=ulp, atol=1e-6, msg=lambda m: f"{what}: {m}")
         assert (a != b).float().mean().item() <= 0.01, f"{what}: more than 1% of {ours.dtype} elements differ"
+    elif ours.dtype == torch.float64:
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14, msg=lambda m: f"{what}: {m}")
     else:
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
@@ -178,25 +182,29 @@ BF16 = [torch.bfloat16] * len(SHAPES)
 MIXED = [torch.float32, torch.bfloat16] * (len(SHAPES) // 2)
 FP16 = [torch.float16] * len(SHAPES)
 MIXED16 = [torch.float16, torch.float32, torch.bfloat16] * (len(SHAPES) // 3)
+FP64 = [torch.float64] * len(SHAPES)
+MIXED64 = [torch.float64, torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float64]
 
 
 # ---------------------------------------------------------------------------------------------
 # The contract through the optimizer classes
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16], ids=["fp32", "bf16", "mixed", "fp16", "mixed16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16, FP64, MIXED64],
+                         ids=["fp32", "bf16", "mixed", "fp16", "mixed16", "fp64", "mixed64"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name, dtypes):
     o, *_ = contract(name, dtypes)
     assert o.backend == "cpu"
+    assert all(v == "cpu" for g in o.selected_backends for v in g.values()), o.selected_backends
 
 
-@pytest.mark.parametrize("dtypes", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, FP64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_maximize(name, dtypes):
     contract(name, dtypes, maximize=True)
 
 
-@pytest.mark.parametrize("dtypes", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, FP64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_adamw_amsgrad(dtypes, maximize):
     contract("adamw", dtypes, amsgrad=True, maximize=maximize)
@@ -233,7 +241,7 @@ def test_fp16_params(name, grad_dtype):
                 assert torch.equal(x, y), f"sophia param {i}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_lamb_blocks_and_large_tensors(dtype):
     """csrc/cpu/lamb.cpp runs both passes per block of at most 2**20 elements: here a block of
     two tensors (keeping u in the scratch), a tensor that starts the next block because the sum
@@ -252,7 +260,7 @@ def test_lamb_blocks_and_large_tensors(dtype):
 
     o = cls(two_groups(ours), **kwargs, backend="cpu")
     r = cls(two_groups(ref), **kwargs, backend="reference")
-    steps = 3 if dtype == torch.float32 else 1
+    steps = 1 if dtype == torch.bfloat16 else 3
     run("lamb", o, ours, steps=steps)
     run("lamb", r, ref, steps=steps)
     assert_same("lamb", o, r, ours, ref)
@@ -274,13 +282,15 @@ def test_adopt_first_step_and_later_steps_in_one_call():
     assert_same("adopt", o, r, ours, ref)
 
 
-def test_rounding_follows_aten():
+@pytest.mark.parametrize("dtypes", [FP32, FP64], ids=["fp32", "fp64"])
+def test_rounding_follows_aten(dtypes):
     """Where no square root is involved the results are bit-identical to the reference: Sophia
-    entirely, AdamW's moments. (Guards the FMA choice: without it 11% of lerp results differ.)"""
-    o, r, ours, ref = contract("sophia", FP32)
+    entirely, AdamW's moments. (Guards the FMA choice: without it 11% of lerp results differ;
+    in float64, guards float64 arithmetic: float32 math would differ everywhere.)"""
+    o, r, ours, ref = contract("sophia", dtypes)
     for a, b in zip(ours, ref):
         assert torch.equal(a.detach(), b.detach())
-    o, r, ours, ref = contract("adamw", FP32)
+    o, r, ours, ref = contract("adamw", dtypes)
     for a, b in zip(ours, ref):
         assert torch.equal(o.state[a]["exp_avg"], r.state[b]["exp_avg"])
         assert torch.equal(o.state[a]["exp_avg_sq"], r.state[b]["exp_avg_sq"])
@@ -307,7 +317,8 @@ def test_unsupported_layouts_fall_back(monkeypatch):
     assert backends.select("adamw", "auto", [strided]).name != "cpu"
     with pytest.raises(RuntimeError, match="not contiguous"):
         backends.select("adamw", "cpu", [strided])
-    assert "float64" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.float64)])
+    assert cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.float64)]) is None
+    assert "int32" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.int32)])
     if torch.device("meta").type == "meta":
         assert "backend 'cpu' steps CPU tensors" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, device="meta")])
 
@@ -354,17 +365,21 @@ def call_op(name, ts, **extra):
         raise AssertionError(name)
 
 
+F32_F64 = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+
+
+@F32_F64
 @pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia", "sophia_hessian"])
-def test_found_inf_skips_the_whole_update(name):
+def test_found_inf_skips_the_whole_update(name, dtype):
     """found_inf != 0: params, states and step counts untouched; found_inf == 0: exactly the
     unguarded call."""
-    ts = op_tensors()
+    ts = op_tensors(dtype=dtype)
     before = [[t.clone() for t in lst] for lst in ts]
     call_op(name, ts, found_inf=torch.tensor([1.0]))
     for lst, old in zip(ts, before):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
-    guarded, plain = op_tensors(), op_tensors()
+    guarded, plain = op_tensors(dtype=dtype), op_tensors(dtype=dtype)
     call_op(name, guarded, found_inf=torch.tensor([0.0]))
     call_op(name, plain)
     changed = False
@@ -377,9 +392,10 @@ def test_found_inf_skips_the_whole_update(name):
         assert all(s.item() == 4.0 for s in plain[5])
 
 
+@F32_F64
 @pytest.mark.parametrize("name", ["adamw", "lamb", "sophia"])
-def test_grad_scale_unscales_inside_the_kernel(name):
-    scaled, plain = op_tensors(), op_tensors()
+def test_grad_scale_unscales_inside_the_kernel(name, dtype):
+    scaled, plain = op_tensors(dtype=dtype), op_tensors(dtype=dtype)
     scaled[1][:] = [g * 1024 for g in scaled[1]]  # a power of two: unscaling is exact
     call_op(name, scaled, grad_scale=torch.tensor([1024.0]))
     call_op(name, plain)
@@ -425,6 +441,14 @@ def test_op_errors_name_the_tensor():
         q = list(p)
         q[4] = torch.zeros(65, 33).t()
         adamw_(q, g, m, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    # float64 goes with float64: a float32 param with a float64 gradient, and the other way round.
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is Double but params\[1\] is Float; float64 gradients need"):
+        adamw_(p, [g[0], g[1].double(), *g[2:]], m, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    p64, g64, m64, v64, _, _ = op_tensors(dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is Float but params\[0\] is Double"):
+        adamw_(p64, [g64[0].float(), *g64[1:]], m64, v64, [], steps, MULTS, MULTS, MULTS, **kw)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is a Int tensor.*supported: float32, bfloat16, float16, float64"):
+        adamw_([torch.zeros(1, dtype=torch.int32), *p[1:]], g, m, v, [], steps, MULTS, MULTS, MULTS, **kw)
     # Every failure above left everything as it was (checks come before any write).
     assert all(s.item() == 3.0 for s in steps)
 

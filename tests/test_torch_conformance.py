@@ -36,11 +36,15 @@ What does not apply, and why (whole parts of optim_db):
   lr and tensor betas (1-element, any shape) apply.
 - ``differentiable``, ``foreach``, ``fused`` (supported_impls): implementation switches of torch;
   mupopt accepts foreach/fused and records them in the groups, and ``backend=`` chooses the
-  implementation. So torch's implementation-parity tests (test_foreach_matches_forloop,
-  test_fused_matches_forloop, test_fused_large_tensor, test_fused_cpu_matches_cuda,
-  test_peak_memory_foreach, test_set_default_dtype_works_with_foreach,
-  test_defaults_changed_to_foreach, test_differentiable_*) are replaced by the comparison of
-  every mupopt backend with torch.
+  implementation. torch's two parity tests of a derived implementation against the for-loop one
+  are restated with mupopt's backends as the derived implementation: test_foreach_matches_forloop
+  (float64, every CPU backend) and test_fused_matches_forloop (float64, float32, bfloat16,
+  float16, the fused "cpu" backend), on torch's own model, schedule of frozen layers and
+  gradient-free steps, and tolerances. The others (test_fused_large_tensor,
+  test_fused_cpu_matches_cuda, test_peak_memory_foreach, test_set_default_dtype_works_with_foreach,
+  test_defaults_changed_to_foreach, test_differentiable_*) test torch's implementations
+  themselves (memory of its foreach kernels, its CUDA kernels, autograd through the step) and are
+  replaced by the comparison of every mupopt backend with torch.
 - test_complex / test_complex_2d (AdamW's supports_complex=True): mupopt refuses complex
   parameters today (issue 13 item 9, owned elsewhere); test_complex_parameter_refused in
   tests/test_errors.py holds the current behaviour.
@@ -235,6 +239,91 @@ def _exact(backend: str, kwargs: dict) -> bool:
     steps)."""
     tensors = isinstance(kwargs.get("lr"), torch.Tensor) or any(isinstance(b, torch.Tensor) for b in kwargs.get("betas", ()))
     return backend == "reference" and not tensors
+
+
+def _cpu_inputs(info, dtype):
+    """The kwargs variants torch's derived-implementation tests use on the CPU (none is
+    capturable there)."""
+    if info is None:
+        return []
+    return [(oi.desc, dict(oi.kwargs)) for oi in info.optim_inputs_func(device="cpu", dtype=dtype)]
+
+
+def _derived_model(dtype):
+    """torch's _test_derived_optimizers model: Linear(2, 3), Sigmoid, Linear(3, 1), Sigmoid in
+    ``dtype`` (seed 1), plus a 0-dim parameter as the list's last (pytorch issue 100701)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 1), torch.nn.Sigmoid())
+    model.to(dtype=dtype)
+    extra = torch.zeros((), dtype=dtype, requires_grad=True)  # torch: empty (uninitialised memory)
+    extra.grad = torch.rand_like(extra)
+    return model, list(model.parameters()) + [extra]
+
+
+def _derived_matches_forloop(kwargs, dtype, make_ours, desc):
+    """torch's _compare_between: 7 steps of the for-loop AdamW (foreach=False) and of ours from
+    identical models; step 2 without gradients (a no-op), model[2] frozen at steps 3 and 4; after
+    every step each param and each state entry of ours equal to torch's with assertEqual's
+    default tolerances for ``dtype`` (float64: 1e-7), dtypes included, and then set to torch's
+    (its TensorTracker.pop_check_set: each step is compared from the same start)."""
+    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=dtype).reshape(3, 2)
+    m_ref, p_ref = _derived_model(dtype)
+    m_our, p_our = _derived_model(dtype)
+    ref = torch.optim.AdamW(p_ref, **kwargs, foreach=False)
+    ours = make_ours(p_our)
+    for i in range(7):
+        for model, opt in ((m_ref, ref), (m_our, ours)):
+            opt.zero_grad()
+            if i == 3:
+                model[2].requires_grad_(False)
+            if i == 5:
+                model[2].requires_grad_(True)
+            if i != 2:
+                model(x).sum().backward()
+            opt.step()
+        for k, (a, b) in enumerate(zip(p_ref, p_our)):
+            pairs = [(b, a, f"param {k}")] + [(ours.state[b][key], v, f"{key} of param {k}") for key, v in ref.state[a].items()]
+            for mine, theirs, what in pairs:
+                torch.testing.assert_close(mine, theirs, msg=lambda m: f"{desc}: step {i}, {what}: {m}")
+                with torch.no_grad():
+                    mine.copy_(theirs)
+    # Every model param was stepped (the 0-dim one loses its gradient to the first zero_grad, as
+    # in torch's test) and the params moved.
+    assert all(ours.state[b] for b in p_our[:-1]) and not ours.state[p_our[-1]]
+    assert any(not torch.equal(a, b) for a, b in zip(p_our, _derived_model(dtype)[1]))
+    return ours
+
+
+@needs_adamw
+@pytest.mark.parametrize("backend", cpu_backends("adamw"))
+def test_foreach_matches_forloop(backend):
+    """torch's test_foreach_matches_forloop (float64) with a mupopt backend as the derived
+    implementation: float64 params are stepped in float64 by every CPU backend."""
+    for desc, kwargs in _cpu_inputs(ADAMW, torch.float64):
+        def make(params):
+            return mupopt.AdamW(params, **kwargs, foreach=True, backend=backend)
+
+        opt = _derived_matches_forloop(kwargs, torch.float64, make, desc)
+        assert opt.selected_backends == [{"adamw": backend}], opt.selected_backends
+
+
+@needs_adamw
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float64", "float32", "bfloat16", "float16"])
+def test_fused_matches_forloop(dtype):
+    """torch's test_fused_matches_forloop (every floating dtype) with the fused "cpu" backend as
+    the fused implementation. bfloat16 and float16 are computed in float32 there (as torch's
+    fused kernels do) and in the storage dtype by the for-loop; torch's default tolerances for
+    those dtypes cover the difference, as they do for torch's own fused AdamW."""
+    if "cpu" not in backends.names("adamw"):
+        pytest.skip("backend 'cpu' is not registered")
+
+    for desc, kwargs in _cpu_inputs(ADAMW, dtype):
+        def make(params):
+            return mupopt.AdamW(params, **kwargs, fused=True, backend="cpu")
+
+        opt = _derived_matches_forloop(kwargs, dtype, make, desc)
+        assert opt.selected_backends == [{"adamw": "cpu"}], opt.selected_backends
 
 
 def _error_inputs(info):

@@ -92,10 +92,13 @@ SpanFn<Op> span_for_grad(DType g, bool use_fma) {
   }
 }
 
-// The loop for one (param/state, grad) storage pair: float32, bfloat16 or float16 each.
+// The loop for one (param/state, grad) storage pair: float32, bfloat16 or float16 each, or
+// float64 both (the bindings refuse float64 paired with another dtype: table.h).
 template <class Op>
 SpanFn<Op> span_for(DType p, DType g, bool use_fma) {
   switch (p) {
+    case DType::kFloat64:
+      return pick_isa<Op, double, double>(use_fma);
     case DType::kBFloat16:
       return span_for_grad<Op, bf16_t>(g, use_fma);
     case DType::kFloat16:

@@ -8,7 +8,8 @@
 // and division per element. Measured on this 2-core AMD EPYC (32 MB L3), 16M parameters in
 // tensors of 1M, LAMB against our AdamW in the same process: 1.66x for two passes over the
 // whole list (u recomputed), 1.40x blocked, 1.34x blocked with u kept (performance.md's byte
-// ratio: 1.43x). A block of 1M elements touches 20 MB (p g m v u): it stays within a 32 MB L3.
+// ratio: 1.43x). A block of 1M elements touches 20 MB (p g m v u): it stays within a 32 MB L3
+// (float64: 40 MB).
 // For one 16M tensor a 64 MB scratch gained nothing (1.63x against 1.67x), so tensors above
 // kLambBlock recompute u from the stored moments instead and need no scratch.
 //
@@ -38,6 +39,15 @@ void row_sums(const TensorRow& row, const std::vector<double>& partials, double&
   }
 }
 
+// Whether the states keep full precision (float32 or float64): pass 2 may read the moments
+// pass 1 stored (see lamb.h).
+bool wide_states(DType d) { return d == DType::kFloat32 || d == DType::kFloat64; }
+
+// A tensor's trust ratio in its compute type (float64 for float64 params).
+double trust_of(DType d, double p_sq, double u_sq, const LambHyper& h) {
+  return d == DType::kFloat64 ? lamb_trust(p_sq, u_sq, h.f64) : lamb_trust(p_sq, u_sq, h.f32);
+}
+
 // Pass 1, trust ratios, pass 2 over one block; rows' first_chunk counted from the block's start.
 template <LambKeep kKeep, LambSource kSource>
 void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<double>& partials) {
@@ -47,7 +57,7 @@ void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<
     TensorRow& row = l.rows[r];
     double p_sq, u_sq;
     row_sums(row, partials, p_sq, u_sq);
-    row.scalar[LambScalars::kTrust] = lamb_trust(p_sq, u_sq, h);
+    row.scalar[LambScalars::kTrust] = trust_of(l.param, p_sq, u_sq, h);
   }
   run(LambUpdateOp<kSource>{h}, l, a, nullptr);
 }
@@ -58,7 +68,7 @@ void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<
 void lamb_partials(const Launch& l, const LambHyper& h, const Args& a, double* sums) {
   if (skipped(a) || l.n_chunks == 0) return;
   std::vector<double> partials(static_cast<size_t>(l.n_chunks) * kMaxReduce, 0.0);
-  if (l.param == DType::kFloat32) {
+  if (wide_states(l.param)) {
     run(LambNormOp<LambKeep::kMoments>{h}, l, a, partials.data());
   } else {
     run(LambNormOp<LambKeep::kNothing>{h}, l, a, partials.data());
@@ -74,9 +84,9 @@ void lamb_apply(const Launch& l, const LambHyper& h, const Args& a, const double
   for (int r = 0; r < l.n_rows; ++r) {
     TensorRow& row = l.rows[r];
     const int64_t i = row.source;
-    row.scalar[LambScalars::kTrust] = lamb_trust(sums[2 * i], sums[2 * i + 1], h);
+    row.scalar[LambScalars::kTrust] = trust_of(l.param, sums[2 * i], sums[2 * i + 1], h);
   }
-  if (l.param == DType::kFloat32) {
+  if (wide_states(l.param)) {
     run(LambUpdateOp<LambSource::kFromMoments>{h}, l, a, nullptr);
   } else {
     run(LambUpdateOp<LambSource::kRecompute>{h}, l, a, nullptr);
@@ -85,10 +95,12 @@ void lamb_apply(const Launch& l, const LambHyper& h, const Args& a, const double
 
 void lamb(const Launch& l, const LambHyper& h, const Args& a) {
   if (skipped(a) || l.n_chunks == 0) return;
-  const bool float_states = l.param == DType::kFloat32;
+  const bool wide = wide_states(l.param);
+  const size_t elem = l.param == DType::kFloat64 ? sizeof(double) : sizeof(float);
   int64_t total = 0;
   for (int r = 0; r < l.n_rows; ++r) total += l.rows[r].numel;
-  std::unique_ptr<float[]> direction;  // allocated when a block first keeps u; no block keeps more
+  // u in the states' dtype; allocated when a block first keeps u; no block keeps more.
+  std::unique_ptr<unsigned char[]> direction;
   std::vector<double> partials;
   std::vector<TensorRow> rows;
   for (int r0 = 0, r1 = 0; r0 < l.n_rows; r0 = r1) {
@@ -101,16 +113,16 @@ void lamb(const Launch& l, const LambHyper& h, const Args& a) {
       n_chunks += chunks_of(row.numel, kCpuChunk);
     }
     const Launch block{rows.data(), r1 - r0, n_chunks, l.param, l.grad};
-    if (!float_states) {
+    if (!wide) {
       lamb_block<LambKeep::kNothing, LambSource::kRecompute>(block, h, a, partials);
     } else if (numel > kLambBlock) {
       lamb_block<LambKeep::kMoments, LambSource::kFromMoments>(block, h, a, partials);
     } else {
-      if (!direction) direction.reset(new float[std::min(total, kLambBlock)]);
-      int64_t offset = 0;
+      if (!direction) direction.reset(new unsigned char[static_cast<size_t>(std::min(total, kLambBlock)) * elem]);
+      size_t offset = 0;
       for (TensorRow& row : rows) {
         row.ptr[4] = direction.get() + offset;
-        offset += row.numel;
+        offset += static_cast<size_t>(row.numel) * elem;
       }
       lamb_block<LambKeep::kMomentsAndDirection, LambSource::kFromDirection>(block, h, a, partials);
     }
