@@ -266,6 +266,94 @@ def test_lamb_blocks_and_large_tensors(dtype):
     assert_same("lamb", o, r, ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_lamb_results_do_not_depend_on_the_threads(dtype):
+    """csrc/cpu/lamb.cpp runs blocks of at most 2**20 elements whole on one thread each when they
+    share out evenly (with 2 threads here: two blocks of four 2**18-element tensors and a block of
+    5 elements), else with every thread on every pass (3 threads here); the chunks and the order
+    of their partial sums are the same either way, so every result is bit for bit one thread's."""
+    sizes = [2**18] * 8 + [5]
+    threads_before = torch.get_num_threads()
+
+    def run_with(threads):
+        gen = torch.Generator().manual_seed(3)
+        p, m = [[torch.randn(n, generator=gen).to(dtype) for n in sizes] for _ in range(2)]
+        v = [torch.rand(n, generator=gen).to(dtype) for n in sizes]
+        steps = [torch.tensor(float(i % 2)) for i in range(len(sizes))]
+        mults = [1.0 + 0.5 * (i % 3) for i in range(len(sizes))]
+        torch.set_num_threads(threads)
+        try:
+            for t in range(2):
+                g = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+                torch.ops.mupopt.lamb_(p, g, m, v, steps, mults, mults, lr=1e-2, beta1=0.9, beta2=0.999,
+                                       weight_decay=0.01, eps=1e-6, clamp_value=0.5 if t else None, maximize=False)
+        finally:
+            torch.set_num_threads(threads_before)
+        return p + m + v
+
+    one = run_with(1)
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(one, run_with(threads))):
+            assert torch.equal(a, b), f"{threads} threads, tensor {i}"
+
+
+TRAFFIC_PASSES = {"adamw": [15, 13], "sophia": [15, 5], "sophia_hessian": [6, 4], "lamb": [15, 12, 13, 1]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("name", list(TRAFFIC_PASSES))
+def test_traffic_op_moves_the_bytes_of_each_pass(name, dtype):
+    """The benchmarks' no-math bound (torch.ops.mupopt.traffic_, csrc/cpu/traffic.cpp): each pass
+    stores into the lists of its store mask the sum of the lists of its load mask (in the compute
+    type, rounded to the storage dtype) and leaves the others alone: every byte of the byte model
+    (mupopt/bench/model.py) is read or written."""
+    passes = TRAFFIC_PASSES[name]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(4)
+    used = 0
+    for k in range(0, len(passes), 2):
+        used |= passes[k] | passes[k + 1]
+    lists = [[torch.randn(n, generator=gen).to(dtype) for n in N_OP] if used >> s & 1 else [] for s in range(4)]
+    expected = [[t.clone() for t in lst] for lst in lists]
+    initial = [[t.clone() for t in lst] for lst in lists]
+    for k in range(0, len(passes), 2):
+        load, store = passes[k], passes[k + 1]
+        for i in range(len(N_OP)):
+            total = torch.zeros(N_OP[i], dtype=compute)
+            for s in range(4):
+                if load >> s & 1:
+                    total = total + expected[s][i].to(compute)
+            for s in range(4):
+                if store >> s & 1:
+                    expected[s][i] = total.to(dtype)
+    torch.ops.mupopt.traffic_(*lists, passes)
+    for s in range(4):
+        for i, (a, b) in enumerate(zip(lists[s], expected[s])):
+            assert torch.equal(a, b), f"list {s}, tensor {i}"
+    stored = sum(passes[k + 1] for k in range(0, len(passes), 2))
+    assert all(not torch.equal(a, b) for s in range(4) if stored >> s & 1 for a, b in zip(lists[s], initial[s]) if a.numel())
+
+
+def test_traffic_op_refuses_other_patterns():
+    ts = [[torch.zeros(3)] for _ in range(4)]
+    with pytest.raises(RuntimeError, match=r"no traffic pattern \(load 1, store 1\); supported: AdamW/ADOPT \(15, 13\)"):
+        torch.ops.mupopt.traffic_(*ts, [1, 1])
+    with pytest.raises(RuntimeError, match="passes must hold \\(load mask, store mask\\) pairs, got 3 values"):
+        torch.ops.mupopt.traffic_(*ts, [15, 13, 15])
+
+
+def test_one_openmp_runtime():
+    """The library is built with -fopenmp and torch ships its own libgomp: both must run on one
+    OpenMP runtime (two would keep two thread pools spinning on the same cores). Linux: one
+    libgomp mapped into this process."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    torch.ops.mupopt.cpu_isa()  # the library is loaded
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    assert len(runtimes) <= 1, runtimes
+
+
 def test_adopt_first_step_and_later_steps_in_one_call():
     """A group added after 3 steps: one call holds tensors at s == 0 (v = g*g only) and s == 3."""
     cls, kwargs = CASES["adopt"]
