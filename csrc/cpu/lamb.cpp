@@ -197,17 +197,19 @@ void lamb(const Launch& l, const LambHyper& h, const Args& a) {
   }
 #pragma omp parallel num_threads(n)
   {
+    // The team OpenMP gave (fewer threads than asked for inside another parallel region, or
+    // under a thread limit): every block still has exactly one owner in it.
 #if defined(_OPENMP)
-    const int t = omp_get_thread_num();
+    const int t = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    const int t = 0;
+    const int t = 0, team = 1;
 #endif
     Args one = a;
     one.num_threads = 1;
     BlockRunner mine{l, h, elem, capacity, {}, {}, {}};
     int64_t start = 0;
     for (const Block& b : whole) {
-      if (owner(b, start, whole_total, n) == t) mine(b, one);
+      if (owner(b, start, whole_total, team) == t) mine(b, one);
       start += b.numel;
     }
   }
