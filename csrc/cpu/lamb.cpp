@@ -119,6 +119,21 @@ struct BlockRunner {
   std::vector<double> partials;
   std::unique_ptr<unsigned char[]> direction;
 
+  // Everything a thread will allocate for ``blocks``, allocated here (before a parallel region:
+  // nothing may throw inside one).
+  void reserve(const std::vector<Block>& blocks) {
+    size_t max_rows = 0, max_chunks = 0;
+    for (const Block& b : blocks) {
+      int64_t chunks = 0;
+      for (int r = b.r0; r < b.r1; ++r) chunks += chunks_of(l.rows[r].numel, kCpuChunk);
+      max_rows = std::max(max_rows, static_cast<size_t>(b.r1 - b.r0));
+      max_chunks = std::max(max_chunks, static_cast<size_t>(chunks));
+    }
+    rows.reserve(max_rows);
+    partials.reserve(max_chunks * kMaxReduce);
+    if (wide_states(l.param) && !direction) direction.reset(new unsigned char[static_cast<size_t>(capacity) * elem]);
+  }
+
   void operator()(const Block& b, const Args& a) {
     rows.assign(l.rows + b.r0, l.rows + b.r1);
     int64_t n_chunks = 0;
@@ -195,6 +210,14 @@ void lamb(const Launch& l, const LambHyper& h, const Args& a) {
     for (const Block& b : whole) shared(b, a);
     return;
   }
+  std::vector<BlockRunner> runners;
+  runners.reserve(static_cast<size_t>(n));
+  for (int t = 0; t < n; ++t) {
+    runners.push_back(BlockRunner{l, h, elem, capacity, {}, {}, {}});
+    runners.back().reserve(whole);
+  }
+  Args one = a;
+  one.num_threads = 1;
 #pragma omp parallel num_threads(n)
   {
     // The team OpenMP gave (fewer threads than asked for inside another parallel region, or
@@ -204,9 +227,7 @@ void lamb(const Launch& l, const LambHyper& h, const Args& a) {
 #else
     const int t = 0, team = 1;
 #endif
-    Args one = a;
-    one.num_threads = 1;
-    BlockRunner mine{l, h, elem, capacity, {}, {}, {}};
+    BlockRunner& mine = runners[static_cast<size_t>(t)];
     int64_t start = 0;
     for (const Block& b : whole) {
       if (owner(b, start, whole_total, team) == t) mine(b, one);
