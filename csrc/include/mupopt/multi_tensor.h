@@ -106,27 +106,6 @@ MUPOPT_HDI int find_row(const TensorRow* rows, int n_rows, int64_t c) {
 #else
 #define MUPOPT_SIMD_SUM_R0_R1
 #endif
-#if defined(__GNUC__) || defined(__clang__)
-#define MUPOPT_PREFETCH(ptr) __builtin_prefetch((ptr), 0, 3)
-#else
-#define MUPOPT_PREFETCH(ptr) ((void)(ptr))
-#endif
-
-// Software prefetch: the loops run in blocks of kPrefetchBlock elements, and before each block
-// every stream the Op reads is requested kPrefetchAhead elements further on (within the
-// tensor), so that memory keeps streaming while the block's divisions and square roots run.
-// Measured on the 2-core Xeon (AVX-512), 16M fp32 elements in 16 tensors, 2 threads, its own
-// buffers per loop (none finds another's data in the caches): AdamW 11.7 -> 9.8 ms per step and
-// its no-math traffic (cpu/traffic.cpp) 10.8 -> 9.8 ms; 128 to 384 elements ahead did the same,
-// 1024 and 2048 less. The hardware prefetchers alone leave the step at 84% of the traffic's speed
-// (issue 22 item 11). Blocks and distance change no arithmetic: the results are the same bits.
-constexpr int64_t kPrefetchBlock = 256;
-constexpr int64_t kPrefetchAhead = 256;
-
-template <class S>
-MUPOPT_FORCE_INLINE void prefetch_lines(const S* s, int64_t from, int64_t to) {
-  for (int64_t j = from; j < to; j += 64 / static_cast<int64_t>(sizeof(S))) MUPOPT_PREFETCH(s + j);
-}
 
 template <class Op, bool kFma, class TP, class TG>
 MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul_f,
@@ -147,16 +126,6 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   TP* __restrict__ s4 = static_cast<TP*>(row.ptr[4]);
   T sc[kMaxScalars];
   for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<T>(row.scalar[k]);
-  // The lines of block [b0, e0) kPrefetchAhead elements on, within the tensor.
-  const int64_t numel = row.numel;
-  const auto prefetch = [&](int64_t b0, int64_t e0) {
-    const int64_t from = b0 + kPrefetchAhead, to = e0 + kPrefetchAhead < numel ? e0 + kPrefetchAhead : numel;
-    if constexpr ((L & 1u) != 0) prefetch_lines(s0, from, to);
-    if constexpr ((L & 2u) != 0) prefetch_lines(s1, from, to);
-    if constexpr ((L & 4u) != 0) prefetch_lines(s2, from, to);
-    if constexpr ((L & 8u) != 0) prefetch_lines(s3, from, to);
-    if constexpr ((L & 16u) != 0) prefetch_lines(s4, from, to);
-  };
 
   // The body shared by both loops below: load, apply, store one element.
 #define MUPOPT_CPU_ELEMENT(RED)                                \
@@ -179,12 +148,10 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     // two small arrays (L1-resident), a second loop adds them up with an "omp simd" reduction.
     // (One loop doing both is not vectorised by GCC 12: its simd-lane arrays, see above.)
     constexpr int kBlock = 256;
-    static_assert(kBlock == kPrefetchBlock, "one block for the sums and the prefetches");
     T t0[kBlock], t1[kBlock];
     double r0 = 0.0, r1 = 0.0;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
-      prefetch(b0, b0 + n);
       MUPOPT_SIMD
       for (int k = 0; k < n; ++k) {
         const int64_t i = b0 + k;
@@ -203,13 +170,9 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     red[1] = r1;
   } else {
     (void)red;
-    for (int64_t b0 = begin; b0 < end; b0 += kPrefetchBlock) {
-      const int64_t e0 = b0 + kPrefetchBlock < end ? b0 + kPrefetchBlock : end;
-      prefetch(b0, e0);
-      MUPOPT_SIMD
-      for (int64_t i = b0; i < e0; ++i) {
-        MUPOPT_CPU_ELEMENT(nullptr)
-      }
+    MUPOPT_SIMD
+    for (int64_t i = begin; i < end; ++i) {
+      MUPOPT_CPU_ELEMENT(nullptr)
     }
   }
 #undef MUPOPT_CPU_ELEMENT
