@@ -159,6 +159,39 @@ void sophia_hessian_cpu(TensorList grads, TensorList hessians, double beta2, con
   for (const Group& g : t.groups) cpu::sophia_hessian(launch_of(t, g), h, a);
 }
 
+// The memory bound of a step for the benchmarks (cpu/traffic.cpp): ``passes`` holds (load mask,
+// store mask) pairs over the four lists, each pass one traversal of the lists with no math.
+// The lists are checked as an optimizer's (list 0 param-like, 1 gradient-like and read only,
+// 2-3 states); lists no pass uses may be empty.
+void traffic_cpu(TensorList streams0, TensorList streams1, TensorList streams2, TensorList streams3,
+                 at::IntArrayRef passes) {
+  const char* op = "traffic_";
+  TORCH_CHECK(!passes.empty() && passes.size() % 2 == 0, op,
+              ": passes must hold (load mask, store mask) pairs, got ", passes.size(), " values");
+  unsigned used = 0;
+  for (size_t k = 0; k < passes.size(); k += 2) {
+    const int64_t load = passes[k], store = passes[k + 1];
+    TORCH_CHECK(load >= 0 && load < 16 && store >= 0 && store < 16 &&
+                    cpu::traffic_supported(static_cast<unsigned>(load), static_cast<unsigned>(store)),
+                op, ": no traffic pattern (load ", load, ", store ", store,
+                "); supported: AdamW/ADOPT (15, 13), SophiaG (15, 5), Hessian EMA (6, 4), LAMB (15, 12) then (13, 1)");
+    used |= static_cast<unsigned>(load | store);
+  }
+  const TensorList lists[4] = {streams0, streams1, streams2, streams3};
+  const char* names[4] = {"streams0", "streams1", "streams2", "streams3"};
+  std::array<Stream, kMaxStreams> streams{};
+  for (int s = 0; s < 4; ++s) {
+    if ((used >> s) & 1u) streams[s] = Stream{lists[s], names[s]};
+  }
+  Table t = make_table(op, streams, nullptr, 0, kCpuChunk);
+  const cpu::Args a = cpu_args(op, t.device, false, c10::nullopt, c10::nullopt);
+  for (size_t k = 0; k < passes.size(); k += 2) {
+    for (const Group& g : t.groups) {
+      cpu::traffic(launch_of(t, g), static_cast<unsigned>(passes[k]), static_cast<unsigned>(passes[k + 1]), a);
+    }
+  }
+}
+
 // Which loops this CPU build runs ("avx2+fma" or "plain"): for tests and benchmarks.
 std::string cpu_isa() { return cpu_use_fma() ? (MUPOPT_CPU_X86_DISPATCH ? "avx2+fma" : "fma") : "plain"; }
 
@@ -208,6 +241,10 @@ TORCH_LIBRARY(mupopt, m) {
       "Tensor? found_inf=None) -> ()");
   // Which CPU loops run here: "avx2+fma", "fma" (non-x86) or "plain" (tests, benchmarks).
   m.def("cpu_isa() -> str", &mupopt::binding::cpu_isa);
+  // Benchmarks: a step's traffic with no math, (load, store) mask pairs over the four lists.
+  m.def(
+      "traffic_(Tensor(a!)[] streams0, Tensor(b!)[] streams1, Tensor(c!)[] streams2, Tensor(d!)[] streams3, "
+      "int[] passes) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
@@ -219,6 +256,7 @@ TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
   m.impl("lamb_apply_", &lamb_apply_cpu);
   m.impl("sophia_", &sophia_cpu);
   m.impl("sophia_hessian_", &sophia_hessian_cpu);
+  m.impl("traffic_", &traffic_cpu);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ inline bool check_grads(BoundPlan& p, const char* op, at::TensorList grads) {
     TORCH_CHECK(g.sizes() == param.sizes(), op, ": grads[", i, "] is a ", describe(g), " but params[", i,
                 "] has shape ", param.sizes());
     check_tensor(op, "grads", i, g, p.device, "params", param.numel());
+    check_grad_dtype(op, i, g, "params", param);
     const int b = p.base_of[i];
     if (b >= 0) {
       void* ptr = g.data_ptr();

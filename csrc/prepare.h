@@ -3,9 +3,10 @@
 //
 // Each scalar is formed in float64 with the reference backend's own expression (same operands,
 // same order: `-lr * lr_mult / (1 - beta1**t)` is ((-lr) * lr_mult) / (1 - pow(beta1, t)), and
-// CPython's float ** calls the same libm pow) and rounded once to float32, the rounding torch
-// applies to a Python scalar used with a float32 tensor. So the kernels see the very float32
-// constants the reference's ATen calls see.
+// CPython's float ** calls the same libm pow) and kept in float64 in the row; the loops round it
+// once to their compute type: to float32 for float32/16-bit storage, the rounding torch applies
+// to a Python scalar used with a float32 tensor, and not at all for float64 storage. So the
+// kernels see the very constants the reference's ATen calls see.
 //
 // Step counts stay where torch keeps them (float32 CPU scalars in the states); the op bumps
 // them (step += 1 in float32, as the reference) unless found_inf is set, so one call either
@@ -45,11 +46,11 @@ inline void adamw_scalars(Table& t, const double* before, const double* lr_mults
       bc1 = 1.0 - std::pow(beta1, step);
       bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, step));
     }
-    float* s = t.rows[r].scalar;
-    s[S::kDecay] = static_cast<float>(1.0 - lr * weight_decay * wd_mults[i]);
-    s[S::kStepSize] = static_cast<float>(-lr * lr_mults[i] / bc1);
-    s[S::kBc2Sqrt] = static_cast<float>(bc2_sqrt);
-    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
+    double* s = t.rows[r].scalar;
+    s[S::kDecay] = 1.0 - lr * weight_decay * wd_mults[i];
+    s[S::kStepSize] = -lr * lr_mults[i] / bc1;
+    s[S::kBc2Sqrt] = bc2_sqrt;
+    s[S::kEps] = eps * eps_mults[i];
   }
 }
 
@@ -67,12 +68,12 @@ inline void adopt_scalars(Table& t, const double* before, const double* lr_mults
       last = s_before;
       clip = std::pow(s_before, 0.25);
     }
-    float* s = t.rows[r].scalar;
-    s[S::kFirst] = s_before == 0.0 ? 1.0f : 0.0f;
-    s[S::kDecayAlpha] = static_cast<float>(-lr * weight_decay * wd_mults[i]);
-    s[S::kStepAlpha] = static_cast<float>(-lr * lr_mults[i]);
-    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
-    s[S::kClip] = static_cast<float>(clip);
+    double* s = t.rows[r].scalar;
+    s[S::kFirst] = s_before == 0.0 ? 1.0 : 0.0;
+    s[S::kDecayAlpha] = -lr * weight_decay * wd_mults[i];
+    s[S::kStepAlpha] = -lr * lr_mults[i];
+    s[S::kEps] = eps * eps_mults[i];
+    s[S::kClip] = clip;
   }
 }
 
@@ -90,12 +91,12 @@ inline void lamb_scalars(Table& t, const double* before, const double* lr_mults,
       bc1 = 1.0 - std::pow(beta1, step);
       bc2 = 1.0 - std::pow(beta2, step);
     }
-    float* s = t.rows[r].scalar;
-    s[S::kBc1] = static_cast<float>(bc1);
-    s[S::kBc2] = static_cast<float>(bc2);
-    s[S::kEps] = static_cast<float>(eps * eps_mults[i]);
-    s[S::kAlpha] = static_cast<float>(-lr * lr_mults[i]);
-    s[S::kTrust] = 1.0f;  // set by the norm pass
+    double* s = t.rows[r].scalar;
+    s[S::kBc1] = bc1;
+    s[S::kBc2] = bc2;
+    s[S::kEps] = eps * eps_mults[i];
+    s[S::kAlpha] = -lr * lr_mults[i];
+    s[S::kTrust] = 1.0;  // set by the norm pass
   }
 }
 
@@ -103,9 +104,9 @@ inline void sophia_scalars(Table& t, const double* lr_mults, const double* wd_mu
   using S = SophiaScalars;
   for (size_t r = 0; r < t.rows.size(); ++r) {
     const int64_t i = t.source[r];
-    float* s = t.rows[r].scalar;
-    s[S::kDecay] = static_cast<float>(1.0 - lr * weight_decay * wd_mults[i]);
-    s[S::kAlpha] = static_cast<float>(-lr * lr_mults[i]);
+    double* s = t.rows[r].scalar;
+    s[S::kDecay] = 1.0 - lr * weight_decay * wd_mults[i];
+    s[S::kAlpha] = -lr * lr_mults[i];
   }
 }
 

@@ -49,6 +49,8 @@ inline DType storage_of(const at::Tensor& t) {
       return DType::kBFloat16;
     case at::kHalf:
       return DType::kFloat16;
+    case at::kDouble:
+      return DType::kFloat64;
     default:
       return DType::kFloat32;
   }
@@ -108,14 +110,18 @@ inline bool vector_aligned(const void* ptr, const at::Tensor& t) {
 }
 
 // The checks every tensor of an op's lists passes: defined, on ``device``, float32, bfloat16 or
-// float16, ``numel`` elements (those of the reference list's tensor ``ref_name``[i]), contiguous.
+// float16 (or float64 on the CPU: the CUDA kernels compute in float32 only), ``numel`` elements
+// (those of the reference list's tensor ``ref_name``[i]), contiguous.
 inline void check_tensor(const char* op, const char* name, int64_t i, const at::Tensor& t,
                          const c10::Device& device, const char* ref_name, int64_t numel) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is a ", describe(t),
               " but the call's tensors are on ", device.str(), " (one device per call)");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op,
-              ": ", name, "[", i, "] is a ", describe(t), "; supported: float32, bfloat16, float16");
+  const at::ScalarType d = t.scalar_type();
+  const bool f64 = d == at::kDouble && device.is_cpu();
+  TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || f64, op, ": ", name, "[", i, "] is a ",
+              describe(t), "; supported: float32, bfloat16, float16",
+              device.is_cpu() ? ", float64" : " (float64: the cpu and reference backends)");
   TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(), " elements but ", ref_name, "[",
               i, "] has ", numel);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] (", describe(t), ", strides ", t.strides(),
@@ -131,8 +137,18 @@ struct RowSet {
   c10::optional<c10::Device> device;  // empty when every list is empty
 };
 
+// float64 is computed in float64, every other storage dtype in float32: a gradient is float64
+// exactly when its parameter is (torch's AdamW refuses the mixed pairs too).
+inline void check_grad_dtype(const char* op, int64_t i, const at::Tensor& g, const char* param_name,
+                             const at::Tensor& param) {
+  TORCH_CHECK((g.scalar_type() == at::kDouble) == (param.scalar_type() == at::kDouble), op, ": grads[", i, "] is ",
+              c10::toString(g.scalar_type()), " but ", param_name, "[", i, "] is ",
+              c10::toString(param.scalar_type()),
+              "; float64 gradients need float64 params and states, and the other way round");
+}
+
 // Checks the lists of ``op`` and builds their rows (see make_table). Nothing is modified.
-inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& streams, const float* scal,
+inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& streams, const double* scal,
                         int n_scalars, const std::function<int(int64_t)>& variant = nullptr) {
   int ref = -1;
   for (int s = 0; s < kMaxStreams && ref < 0; ++s) {
@@ -170,6 +186,8 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
         TORCH_CHECK(t.scalar_type() == pt.scalar_type(), op, ": ", streams[s].name, "[", i, "] is ",
                     c10::toString(t.scalar_type()), " but ", streams[param_stream].name, "[", i, "] is ",
                     c10::toString(pt.scalar_type()), "; states must have their parameter's dtype");
+      } else {
+        check_grad_dtype(op, i, t, streams[param_stream].name, pt);
       }
       if (row.numel > 0) {
         row.ptr[s] = t.data_ptr();
@@ -193,7 +211,7 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
 // tensors that need different Ops (ADOPT's first step); empty tensors are validated and then
 // left out (they have nothing to update). Nothing is modified: an error leaves every tensor as
 // it was.
-inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& streams, const float* scal,
+inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& streams, const double* scal,
                         int n_scalars, int64_t chunk, const std::function<int(int64_t)>& variant = nullptr) {
   const RowSet set = make_rows(op, streams, scal, n_scalars, variant);
   Table table;

@@ -96,6 +96,29 @@ def test_overhead_case_times_whole_steps_against_torch_fused(smoke_run):
     assert "us/tensor" in report.markdown_table(rows)
 
 
+def test_cpu_rows_are_given_as_a_percentage_of_the_no_math_bound(tmp_path):
+    """Issue 22 item 11: on the CPU every elementwise row of a case has its % of the no-math bound
+    of its optimizer's bytes (a "peak" row timed just before, csrc/cpu/traffic.cpp), torch's
+    AdamW peers included; the table shows the column."""
+    from mupopt.kernels.cpp import build
+
+    outcome = build.load_cpu()
+    if outcome is not True:
+        pytest.skip(f"the cpu library cannot be built here: {outcome}")
+    rows, failures = run(Config(device="cpu", mode="smoke", optimizers=("adamw", "lamb"), backends=("cpu",),
+                                peers=("torch-fused",), cases=("large",), dtypes=("fp32",)), progress=False)
+    assert not failures
+    ok = [r for r in rows if r.status == "ok" and r.case == "large"]
+    bounds = {r.optimizer: r for r in ok if r.backend == "no-math bound"}
+    assert set(bounds) == {"adamw", "lamb"} and all(b.kind == "peak" for b in bounds.values())
+    assert bounds["lamb"].bytes == 40 * bounds["lamb"].numel and bounds["adamw"].bytes == 28 * bounds["adamw"].numel
+    measured = [r for r in ok if r.kind != "peak"]
+    assert {(r.optimizer, r.backend) for r in measured} == {("adamw", "cpu"), ("adamw", "torch-fused"), ("lamb", "cpu")}
+    for r in measured:
+        assert r.pct_of_bound == pytest.approx(100 * bounds[r.optimizer].median_ms / r.median_ms)
+    assert "% of bound" in report.markdown_table(rows) and report.BOUND_NOTE in report.markdown_table(rows)
+
+
 def test_overhead_target_is_a_quarter_of_torch_fused():
     from mupopt.bench.runner import Row, target_for
 

@@ -4,8 +4,8 @@ The library is built here on first use (skipped only when no C++ compiler exists
 build's own sentence is the skip reason). Contract: 10 steps through the optimizer classes with
 ``backend="cpu"`` and ``backend="reference"`` from identical tensors and gradients, on odd sizes
 (1, 7, 33x65, 0 and 100003 elements), three param groups with different hyperparameters, muP
-width information on every parameter (multipliers other than 1), float32, bfloat16 and float16 storage,
-maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors; then the
+width information on every parameter (multipliers other than 1), float32, bfloat16, float16 and
+float64 storage (float64 computed in float64), maximize, amsgrad; then the raw ops: GradScaler's found_inf and grad_scale, errors; then the
 build's laziness and its fallback without a compiler.
 
 Tolerances. The CPU loops follow ATen's rounding sequence (fused multiply-adds where ATen's
@@ -17,7 +17,9 @@ and the first and second moments of AdamW exactly. In bfloat16 such a float32 ul
 norm, summed in float64 here, in float32 by torch) can send a stored value to the neighbouring
 bf16 value: at most one bf16 ulp, on at most 1% of the elements. float16 storage (params,
 states, gradients) is held to the same rule with float16's ulp: the rounding to float16 is
-exact (round to nearest even, as torch), only the float32 sqrt ulp can flip it.
+exact (round to nearest even, as torch), only the float32 sqrt ulp can flip it. float64 is
+computed in float64 by both backends: within float64 round-off (rtol 1e-12; torch's float64 sqrt
+is MKL's too, and LAMB's norms are summed in another order), Sophia and AdamW's moments exactly.
 """
 from __future__ import annotations
 
@@ -146,6 +148,8 @@ def close(ours, ref, what):
         ulp = 2**-7 if ours.dtype == torch.bfloat16 else 2**-10
         torch.testing.assert_close(a, b, rtol=ulp, atol=1e-6, msg=lambda m: f"{what}: {m}")
         assert (a != b).float().mean().item() <= 0.01, f"{what}: more than 1% of {ours.dtype} elements differ"
+    elif ours.dtype == torch.float64:
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14, msg=lambda m: f"{what}: {m}")
     else:
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
@@ -181,25 +185,29 @@ BF16 = [torch.bfloat16] * len(SHAPES)
 MIXED = [torch.float32, torch.bfloat16] * (len(SHAPES) // 2)
 FP16 = [torch.float16] * len(SHAPES)
 MIXED16 = [torch.float16, torch.float32, torch.bfloat16] * (len(SHAPES) // 3)
+FP64 = [torch.float64] * len(SHAPES)
+MIXED64 = [torch.float64, torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float64]
 
 
 # ---------------------------------------------------------------------------------------------
 # The contract through the optimizer classes
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16], ids=["fp32", "bf16", "mixed", "fp16", "mixed16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16, FP64, MIXED64],
+                         ids=["fp32", "bf16", "mixed", "fp16", "mixed16", "fp64", "mixed64"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name, dtypes):
     o, *_ = contract(name, dtypes)
     assert o.backend == "cpu"
+    assert all(v == "cpu" for g in o.selected_backends for v in g.values()), o.selected_backends
 
 
-@pytest.mark.parametrize("dtypes", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, FP64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_maximize(name, dtypes):
     contract(name, dtypes, maximize=True)
 
 
-@pytest.mark.parametrize("dtypes", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, FP64], ids=["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_adamw_amsgrad(dtypes, maximize):
     contract("adamw", dtypes, amsgrad=True, maximize=maximize)
@@ -236,7 +244,7 @@ def test_fp16_params(name, grad_dtype):
                 assert torch.equal(x, y), f"sophia param {i}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_lamb_blocks_and_large_tensors(dtype):
     """csrc/cpu/lamb.cpp runs both passes per block of at most 2**20 elements: here a block of
     two tensors (keeping u in the scratch), a tensor that starts the next block because the sum
@@ -255,10 +263,98 @@ def test_lamb_blocks_and_large_tensors(dtype):
 
     o = cls(two_groups(ours), **kwargs, backend="cpu")
     r = cls(two_groups(ref), **kwargs, backend="reference")
-    steps = 3 if dtype == torch.float32 else 1
+    steps = 1 if dtype == torch.bfloat16 else 3
     run("lamb", o, ours, steps=steps)
     run("lamb", r, ref, steps=steps)
     assert_same("lamb", o, r, ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_lamb_results_do_not_depend_on_the_threads(dtype):
+    """csrc/cpu/lamb.cpp runs blocks of at most 2**20 elements whole on one thread each when they
+    share out evenly (with 2 threads here: two blocks of four 2**18-element tensors and a block of
+    5 elements), else with every thread on every pass (3 threads here); the chunks and the order
+    of their partial sums are the same either way, so every result is bit for bit one thread's."""
+    sizes = [2**18] * 8 + [5]
+    threads_before = torch.get_num_threads()
+
+    def run_with(threads):
+        gen = torch.Generator().manual_seed(3)
+        p, m = [[torch.randn(n, generator=gen).to(dtype) for n in sizes] for _ in range(2)]
+        v = [torch.rand(n, generator=gen).to(dtype) for n in sizes]
+        steps = [torch.tensor(float(i % 2)) for i in range(len(sizes))]
+        mults = [1.0 + 0.5 * (i % 3) for i in range(len(sizes))]
+        torch.set_num_threads(threads)
+        try:
+            for t in range(2):
+                g = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+                torch.ops.mupopt.lamb_(p, g, m, v, steps, mults, mults, lr=1e-2, beta1=0.9, beta2=0.999,
+                                       weight_decay=0.01, eps=1e-6, clamp_value=0.5 if t else None, maximize=False)
+        finally:
+            torch.set_num_threads(threads_before)
+        return p + m + v
+
+    one = run_with(1)
+    for threads in (2, 3):
+        for i, (a, b) in enumerate(zip(one, run_with(threads))):
+            assert torch.equal(a, b), f"{threads} threads, tensor {i}"
+
+
+TRAFFIC_PASSES = {"adamw": [15, 13], "sophia": [15, 5], "sophia_hessian": [6, 4], "lamb": [15, 12, 13, 1]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("name", list(TRAFFIC_PASSES))
+def test_traffic_op_moves_the_bytes_of_each_pass(name, dtype):
+    """The benchmarks' no-math bound (torch.ops.mupopt.traffic_, csrc/cpu/traffic.cpp): each pass
+    stores into the lists of its store mask the sum of the lists of its load mask (in the compute
+    type, rounded to the storage dtype) and leaves the others alone: every byte of the byte model
+    (mupopt/bench/model.py) is read or written."""
+    passes = TRAFFIC_PASSES[name]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(4)
+    used = 0
+    for k in range(0, len(passes), 2):
+        used |= passes[k] | passes[k + 1]
+    lists = [[torch.randn(n, generator=gen).to(dtype) for n in N_OP] if used >> s & 1 else [] for s in range(4)]
+    expected = [[t.clone() for t in lst] for lst in lists]
+    initial = [[t.clone() for t in lst] for lst in lists]
+    for k in range(0, len(passes), 2):
+        load, store = passes[k], passes[k + 1]
+        for i in range(len(N_OP)):
+            total = torch.zeros(N_OP[i], dtype=compute)
+            for s in range(4):
+                if load >> s & 1:
+                    total = total + expected[s][i].to(compute)
+            for s in range(4):
+                if store >> s & 1:
+                    expected[s][i] = total.to(dtype)
+    torch.ops.mupopt.traffic_(*lists, passes)
+    for s in range(4):
+        for i, (a, b) in enumerate(zip(lists[s], expected[s])):
+            assert torch.equal(a, b), f"list {s}, tensor {i}"
+    stored = sum(passes[k + 1] for k in range(0, len(passes), 2))
+    assert all(not torch.equal(a, b) for s in range(4) if stored >> s & 1 for a, b in zip(lists[s], initial[s]) if a.numel())
+
+
+def test_traffic_op_refuses_other_patterns():
+    ts = [[torch.zeros(3)] for _ in range(4)]
+    with pytest.raises(RuntimeError, match=r"no traffic pattern \(load 1, store 1\); supported: AdamW/ADOPT \(15, 13\)"):
+        torch.ops.mupopt.traffic_(*ts, [1, 1])
+    with pytest.raises(RuntimeError, match="passes must hold \\(load mask, store mask\\) pairs, got 3 values"):
+        torch.ops.mupopt.traffic_(*ts, [15, 13, 15])
+
+
+def test_one_openmp_runtime():
+    """The library is built with -fopenmp and torch ships its own libgomp: both must run on one
+    OpenMP runtime (two would keep two thread pools spinning on the same cores). Linux: one
+    libgomp mapped into this process."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    torch.ops.mupopt.cpu_isa()  # the library is loaded
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    assert len(runtimes) <= 1, runtimes
 
 
 def test_adopt_first_step_and_later_steps_in_one_call():
@@ -277,13 +373,15 @@ def test_adopt_first_step_and_later_steps_in_one_call():
     assert_same("adopt", o, r, ours, ref)
 
 
-def test_rounding_follows_aten():
+@pytest.mark.parametrize("dtypes", [FP32, FP64], ids=["fp32", "fp64"])
+def test_rounding_follows_aten(dtypes):
     """Where no square root is involved the results are bit-identical to the reference: Sophia
-    entirely, AdamW's moments. (Guards the FMA choice: without it 11% of lerp results differ.)"""
-    o, r, ours, ref = contract("sophia", FP32)
+    entirely, AdamW's moments. (Guards the FMA choice: without it 11% of lerp results differ;
+    in float64, guards float64 arithmetic: float32 math would differ everywhere.)"""
+    o, r, ours, ref = contract("sophia", dtypes)
     for a, b in zip(ours, ref):
         assert torch.equal(a.detach(), b.detach())
-    o, r, ours, ref = contract("adamw", FP32)
+    o, r, ours, ref = contract("adamw", dtypes)
     for a, b in zip(ours, ref):
         assert torch.equal(o.state[a]["exp_avg"], r.state[b]["exp_avg"])
         assert torch.equal(o.state[a]["exp_avg_sq"], r.state[b]["exp_avg_sq"])
@@ -310,7 +408,8 @@ def test_unsupported_layouts_fall_back(monkeypatch):
     assert backends.select("adamw", "auto", [strided]).name != "cpu"
     with pytest.raises(RuntimeError, match="not contiguous"):
         backends.select("adamw", "cpu", [strided])
-    assert "float64" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.float64)])
+    assert cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.float64)]) is None
+    assert "int32" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, dtype=torch.int32)])
     if torch.device("meta").type == "meta":
         assert "backend 'cpu' steps CPU tensors" in cpp_backend.cpu_unsupported_reason([torch.zeros(3, device="meta")])
 
@@ -357,17 +456,21 @@ def call_op(name, ts, **extra):
         raise AssertionError(name)
 
 
+F32_F64 = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+
+
+@F32_F64
 @pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia", "sophia_hessian"])
-def test_found_inf_skips_the_whole_update(name):
+def test_found_inf_skips_the_whole_update(name, dtype):
     """found_inf != 0: params, states and step counts untouched; found_inf == 0: exactly the
     unguarded call."""
-    ts = op_tensors()
+    ts = op_tensors(dtype=dtype)
     before = [[t.clone() for t in lst] for lst in ts]
     call_op(name, ts, found_inf=torch.tensor([1.0]))
     for lst, old in zip(ts, before):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
-    guarded, plain = op_tensors(), op_tensors()
+    guarded, plain = op_tensors(dtype=dtype), op_tensors(dtype=dtype)
     call_op(name, guarded, found_inf=torch.tensor([0.0]))
     call_op(name, plain)
     changed = False
@@ -380,9 +483,10 @@ def test_found_inf_skips_the_whole_update(name):
         assert all(s.item() == 4.0 for s in plain[5])
 
 
+@F32_F64
 @pytest.mark.parametrize("name", ["adamw", "lamb", "sophia"])
-def test_grad_scale_unscales_inside_the_kernel(name):
-    scaled, plain = op_tensors(), op_tensors()
+def test_grad_scale_unscales_inside_the_kernel(name, dtype):
+    scaled, plain = op_tensors(dtype=dtype), op_tensors(dtype=dtype)
     scaled[1][:] = [g * 1024 for g in scaled[1]]  # a power of two: unscaling is exact
     call_op(name, scaled, grad_scale=torch.tensor([1024.0]))
     call_op(name, plain)
@@ -428,6 +532,14 @@ def test_op_errors_name_the_tensor():
         q = list(p)
         q[4] = torch.zeros(65, 33).t()
         adamw_(q, g, m, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    # float64 goes with float64: a float32 param with a float64 gradient, and the other way round.
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is Double but params\[1\] is Float; float64 gradients need"):
+        adamw_(p, [g[0], g[1].double(), *g[2:]], m, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    p64, g64, m64, v64, _, _ = op_tensors(dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is Float but params\[0\] is Double"):
+        adamw_(p64, [g64[0].float(), *g64[1:]], m64, v64, [], steps, MULTS, MULTS, MULTS, **kw)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is a Int tensor.*supported: float32, bfloat16, float16, float64"):
+        adamw_([torch.zeros(1, dtype=torch.int32), *p[1:]], g, m, v, [], steps, MULTS, MULTS, MULTS, **kw)
     # Every failure above left everything as it was (checks come before any write).
     assert all(s.item() == 3.0 for s in steps)
 

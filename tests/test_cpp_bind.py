@@ -4,7 +4,7 @@
 ``fn(params, grads, states, mults, hp)`` does: the same kernels on the same tensors, so every
 result is compared bit for bit (params, every state tensor, the step counts) over several steps,
 with new gradient tensors every step, a learning rate that changes every step, float32,
-bfloat16, float16 and mixed storage, gradient dtypes that change between steps, empty tensors and muP
+bfloat16, float16, float64 and mixed storage, gradient dtypes that change between steps, empty tensors and muP
 multipliers other than 1. A bad gradient raises before anything is written.
 """
 from __future__ import annotations
@@ -126,13 +126,16 @@ BF16 = [torch.bfloat16] * len(SHAPES)
 MIXED = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
 FP16 = [torch.float16] * len(SHAPES)
 MIXED16 = [torch.float16, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float32]
+FP64 = [torch.float64] * len(SHAPES)
+MIXED64 = [torch.float64, torch.float32, torch.float64, torch.bfloat16, torch.float64, torch.float16]
 
 
 # ---------------------------------------------------------------------------------------------
 # Bound step == fn, bit for bit
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16], ids=["fp32", "bf16", "mixed", "fp16", "mixed16"])
+@pytest.mark.parametrize("dtypes", [FP32, BF16, MIXED, FP16, MIXED16, FP64, MIXED64],
+                         ids=["fp32", "bf16", "mixed", "fp16", "mixed16", "fp64", "mixed64"])
 def test_bound_step_is_fn(name, dtypes):
     twin_run(name, dtypes)
 
@@ -142,7 +145,7 @@ def test_maximize(name):
     twin_run(name, MIXED, steps=3, maximize=True)
 
 
-@pytest.mark.parametrize("dtypes", [FP32, MIXED], ids=["fp32", "mixed"])
+@pytest.mark.parametrize("dtypes", [FP32, MIXED, MIXED64], ids=["fp32", "mixed", "mixed64"])
 def test_adamw_amsgrad(dtypes):
     twin_run("adamw", dtypes, steps=4, amsgrad=True)
 
@@ -234,7 +237,7 @@ def test_empty_list():
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtypes", [FP32, MIXED], ids=["fp32", "mixed"])
+@pytest.mark.parametrize("dtypes", [FP32, MIXED, MIXED64], ids=["fp32", "mixed", "mixed64"])
 def test_from_param_grads_is_fn(name, dtypes):
     """step.from_param_grads(hp): the C++ op reads each bound param's .grad itself."""
     params, states = make_case(name, dtypes)
@@ -293,7 +296,8 @@ class NotPlain(torch.Tensor):
 BAD = {
     "shape": (lambda g: g.reshape(65, 33), r"grads\[2\] is a Float tensor of shape \[65, 33\].*params\[2\] has shape \[33, 65\]"),
     "numel": (lambda g: g[:-1], r"grads\[2\].*shape \[32, 65\]"),
-    "dtype": (lambda g: g.double(), r"grads\[2\] is a Double tensor.*supported: float32, bfloat16, float16"),
+    "dtype": (lambda g: g.to(torch.int32), r"grads\[2\] is a Int tensor.*supported: float32, bfloat16, float16, float64"),
+    "float64": (lambda g: g.double(), r"grads\[2\] is Double but params\[2\] is Float; float64 gradients need float64"),
     "non-contiguous": (lambda g: g.t().contiguous().t(), r"grads\[2\].*is not contiguous"),
     "subclass": (lambda g: g.as_subclass(NotPlain), r"tensor 2 is a NotPlain, a tensor subclass"),
 }

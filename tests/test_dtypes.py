@@ -3,9 +3,11 @@
 float64: the reference backend computes float64 params in float64 (torch.optim does), so 10
 steps of mupopt.AdamW equal torch.optim.AdamW on float64 params bit for bit, ADOPT torch-adopt's,
 and every optimizer's float64 update is within float64 round-off of its float64 transcription
-(mupopt/testing.py) where float32 math was 1e-7 off. The fused backends compute in float32:
-they refuse float64 tensors with a reason that says so, and ``auto`` steps them with the
-reference backend (per tensor).
+(mupopt/testing.py) where float32 math was 1e-7 off. The "cpu" backend computes float64 in
+float64 too (issue 22 item 3; its bit-level statement against torch is in test_bitwise.py), so
+``auto`` keeps float64 CPU params on it, bound steps included; the other fused backends compute
+in float32 and refuse float64 tensors with a reason that says so (``auto`` then steps them with
+the reference backend, per tensor).
 
 float16: the "cpu" and "triton" backends' own fp16 tests live in test_cpp_backend.py,
 test_cpp_bind.py and test_triton.py; here the registry's choice.
@@ -66,7 +68,7 @@ def train(opt, params, steps=STEPS, sophia=False):
 
 
 def quiet(fn):
-    """Run fn with auto's fallback warning (fused backends refuse float64) silenced."""
+    """Run fn with auto's fallback warning (where a fused backend refuses float64) silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mupopt.BackendFallbackWarning)
         return fn()
@@ -81,7 +83,7 @@ def test_fp64_bitwise_with_named_reference(name, variant):
         pytest.skip("amsgrad exists for AdamW only")
     extra = {variant: True} if variant != "plain" else {}
     ours, theirs = make_params(), make_params()
-    o = case.cls(groups(ours, case.kwargs["lr"]), **case.kwargs, **extra)
+    o = case.cls(groups(ours, case.kwargs["lr"]), **case.kwargs, **extra, backend="reference")
     r = case.reference(groups(theirs, case.kwargs["lr"]), **case.kwargs, **extra)
     quiet(lambda: train(o, ours))
     train(r, theirs)
@@ -94,14 +96,26 @@ def test_fp64_bitwise_with_named_reference(name, variant):
                 assert torch.equal(o.state[a][key], value.reshape(o.state[a][key].shape)), f"{key} of param {i}"
 
 
+def cpu_library_or_skip():
+    if "cpu" not in backends.names("adamw"):
+        pytest.skip("backend 'cpu' is not registered")
+    from mupopt.kernels.cpp import build
+
+    if build.load_cpu() is not True:
+        pytest.skip("the cpu library cannot be built here")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia"])
-def test_fp64_matches_float64_oracle(name):
+def test_fp64_matches_float64_oracle(name, backend):
     """Every elementwise optimizer with muP multipliers other than 1 against its float64
     transcription: float64 round-off (1e-12 relative) where float32 math is ~1e-7 off."""
+    if backend == "cpu":
+        cpu_library_or_skip()
     case = CASES[name]
     params = make_params(widths=WIDTHS)
     shadow = [p.detach().clone() for p in params]
-    kwargs = dict(case.kwargs)
+    kwargs = dict(case.kwargs, backend=backend)
     if name in ("adamw", "adopt", "lamb"):
         kwargs["scale_eps"] = True
     opt = case.cls(groups(params, kwargs["lr"]), **kwargs)
@@ -121,6 +135,7 @@ def test_fp64_matches_float64_oracle(name):
                 if name == "sophia" and t % 3 == 0:
                     ORACLES["sophia_hessian"](shadow[i], grads[i], states[i], m, hp)
                 ORACLES[name](shadow[i], grads[i], states[i], m, hp)
+    assert all(v == backend for g in opt.selected_backends for v in g.values()), opt.selected_backends
     for p, s in zip(params, shadow):
         assert p.dtype == F64
         torch.testing.assert_close(p.detach(), s, rtol=1e-12, atol=1e-14)
@@ -169,7 +184,10 @@ def test_fp64_shampoo_elementwise_parts_match_float64_oracle():
 
 
 @pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia", "sophia_hessian"])
-def test_fused_backends_say_why_they_refuse_fp64(name):
+def test_fp64_backends(name, monkeypatch):
+    """"cpu" steps float64 CPU tensors; every other fused backend refuses them saying why, and
+    ``auto`` picks "cpu" for them (the reference where the library cannot be built)."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
     for backend in backends.names(name):
         if backend == "reference":
             continue
@@ -177,8 +195,38 @@ def test_fused_backends_say_why_they_refuse_fp64(name):
         if refuse([torch.zeros(3)]) is not None:
             continue  # cannot run here at all (triton without the interpreter, no compiler)
         reason = refuse([torch.zeros(3, dtype=F64)])
-        assert reason is not None and "float64" in reason and "reference backend" in reason, (backend, reason)
-    assert backends.select(name, "auto", [torch.zeros(3, dtype=F64)]).name == "reference"
+        if backend == "cpu":
+            assert reason is None, reason
+        else:
+            assert reason is not None and "float64" in reason and "reference backend" in reason, (backend, reason)
+    cpu = "cpu" in backends.names(name) and backends._REGISTRY[name]["cpu"].reason([torch.zeros(3)]) is None
+    assert backends.select(name, "auto", [torch.zeros(3, dtype=F64)]).name == ("cpu" if cpu else "reference")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia"])
+def test_auto_keeps_fp64_on_cpu(name, monkeypatch):
+    """A group of float64 and float32 params (and a bfloat16 one) with ``auto``: one "cpu" call
+    steps them all, each in its own arithmetic, with no fallback warning; the result equals
+    the reference backend's on the same tensors (float64 to float64 round-off)."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cpu_library_or_skip()
+    case = CASES[name]
+    dtypes = [F64, torch.float32, F64, F64, torch.bfloat16, F64]
+    ours = [p.to(d).detach().requires_grad_() for p, d in zip(make_params(), dtypes)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    o = case.cls(ours, **case.kwargs)
+    r = case.cls(ref, **case.kwargs, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mupopt.BackendFallbackWarning)
+        train(o, ours, sophia=name == "sophia")
+    train(r, ref, sophia=name == "sophia")
+    assert o.selected_backends == [{k: "cpu" for k in o.selected_backends[0]}], o.selected_backends
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype
+        if a.dtype == F64:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adopt", "lamb", "sophia", "sophia_hessian"])

@@ -23,6 +23,9 @@ void lamb_partials(const Launch& l, const LambHyper& h, const Args& a, double* s
 void lamb_apply(const Launch& l, const LambHyper& h, const Args& a, const double* sums);
 void sophia(const Launch& l, const SophiaHyper& h, const Args& a);
 void sophia_hessian(const Launch& l, const SophiaHyper& h, const Args& a);
+// Benchmarks: a step's traffic with no math (traffic.cpp), one pass of (load, store) stream masks.
+bool traffic_supported(unsigned load, unsigned store);
+void traffic(const Launch& l, unsigned load, unsigned store, const Args& a);
 
 }  // namespace cpu
 }  // namespace mupopt

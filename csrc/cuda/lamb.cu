@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kTrustThreads)
   }
   if (lane != 0) return;
   if constexpr (kTrust) {
-    row.scalar[LambScalars::kTrust] = lamb_trust(p_sq, u_sq, h);
+    row.scalar[LambScalars::kTrust] = lamb_trust(p_sq, u_sq, h.f32);  // float32 math only on CUDA
   } else {
     sums[2 * static_cast<int64_t>(row.source)] = p_sq;
     sums[2 * static_cast<int64_t>(row.source) + 1] = u_sq;
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kTrustThreads)
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= n_rows) return;
   const int64_t i = rows[r].source;
-  rows[r].scalar[LambScalars::kTrust] = lamb_trust(sums[2 * i], sums[2 * i + 1], h);
+  rows[r].scalar[LambScalars::kTrust] = lamb_trust(sums[2 * i], sums[2 * i + 1], h.f32);
 }
 
 int row_sum_blocks(int n_rows) {

@@ -249,6 +249,49 @@ def elementwise_cost(key: str) -> Cost:
     return lambda params, states: (model.step_bytes(key, params, states), None, None)
 
 
+BOUND = "no-math bound"  # the backend name of the bound's rows (kind "peak")
+
+
+def traffic_bound(key: str, params: Sequence[torch.Tensor]) -> "Callable[[], None] | str":
+    """The CPU's memory bound of one ``key`` step on tensors like ``params``: a callable that
+    runs the step's passes (model.PASSES) with no math through ``torch.ops.mupopt.traffic_``
+    (csrc/cpu/traffic.cpp: the same launch table, chunks, threads and loops as backend "cpu"), on
+    buffers of its own with the operands' dtypes (states: the param's; gradients: ``p.grad``'s,
+    else the param's); its ``nbytes`` is the bytes model of one call. A string saying why not
+    where it cannot run (not the CPU, no C++ library)."""
+    if any(p.device.type != "cpu" for p in params):
+        return "the no-math bound is a CPU loop (csrc/cpu/traffic.cpp)"
+    from ..kernels.cpp import build
+
+    outcome = build.load_cpu()
+    if outcome is not True:
+        return f"the no-math bound needs the cpu library: {outcome}"
+    names = model.operands(key)
+    gen = torch.Generator().manual_seed(1)
+
+    def buffer(p: torch.Tensor, name: str) -> torch.Tensor:
+        like = p.grad if name == "grad" and p.grad is not None else p
+        return torch.randn(like.shape, generator=gen).to(like.dtype)
+
+    # The op's lists are numbered as the optimizers' streams: 0 param, 1 gradient, 2.. states.
+    states = [n for n in names if n not in ("param", "grad")]
+    index = {"param": 0, "grad": 1, **{n: 2 + k for k, n in enumerate(states)}}
+    streams: list[list[torch.Tensor]] = [[], [], [], []]
+    for name in names:
+        streams[index[name]] = [buffer(p, name) for p in params]
+    passes = []
+    for reads, writes in model.PASSES[key]:
+        passes += [sum(1 << index[n] for n in reads), sum(1 << index[n] for n in writes)]
+    op = torch.ops.mupopt.traffic_.default
+
+    def bound() -> None:
+        op(*streams, passes)
+
+    bound.nbytes = sum(sum(model.TRAFFIC[key][name]) * t.numel() * t.element_size()
+                       for name in names for t in streams[index[name]])
+    return bound
+
+
 def muon_cost(shapes: Sequence[tuple]) -> Cost:
     flops = model.muon_step_flops(shapes)
     return lambda params, states: (None, flops, "bf16")  # Newton-Schulz runs in bf16 (ns_dtype)

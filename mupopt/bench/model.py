@@ -21,20 +21,35 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-# Operand -> (reads, writes) per element per step. "param" is p, "grad" is p.grad, other keys are
-# the optimizer's state keys (the same names torch.optim uses, so torch peers count the same).
-TRAFFIC: dict[str, dict[str, tuple[int, int]]] = {
+# The passes of each elementwise step over its operands, in order: (operands read, operands
+# written) per element. "param" is p, "grad" is p.grad, other keys are the optimizer's state keys
+# (the same names torch.optim uses, so torch peers count the same). The bytes model (TRAFFIC) counts
+# them; the CPU's no-math bound (measure.traffic_bound) replays them.
+PASSES: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = {
     # read p g m v, write p m v: 7 x 4 = 28 B in fp32.
-    "adamw": {"param": (1, 1), "grad": (1, 0), "exp_avg": (1, 1), "exp_avg_sq": (1, 1)},
-    "adopt": {"param": (1, 1), "grad": (1, 0), "exp_avg": (1, 1), "exp_avg_sq": (1, 1)},
+    "adamw": ((("param", "grad", "exp_avg", "exp_avg_sq"), ("param", "exp_avg", "exp_avg_sq")),),
+    "adopt": ((("param", "grad", "exp_avg", "exp_avg_sq"), ("param", "exp_avg", "exp_avg_sq")),),
     # LAMB needs the norms of p and of the update before it can write p. Best known: pass 1 reads
     # p g m v and writes m v (and the per-tensor norm partials); pass 2 re-reads p m v, recomputes
     # the update and writes p: 10 x 4 = 40 B, i.e. a floor of 40/28 = 1.43x AdamW's time.
-    "lamb": {"param": (2, 1), "grad": (1, 0), "exp_avg": (2, 1), "exp_avg_sq": (2, 1)},
+    "lamb": ((("param", "grad", "exp_avg", "exp_avg_sq"), ("exp_avg", "exp_avg_sq")),
+             (("param", "exp_avg", "exp_avg_sq"), ("param",))),
     # read p g m h, write p m: 24 B.
-    "sophia": {"param": (1, 1), "grad": (1, 0), "exp_avg": (1, 1), "hessian": (1, 0)},
+    "sophia": ((("param", "grad", "exp_avg", "hessian"), ("param", "exp_avg")),),
     # read g h, write h: 12 B.
-    "sophia_hessian": {"grad": (1, 0), "hessian": (1, 1)},
+    "sophia_hessian": ((("grad", "hessian"), ("hessian",)),),
+}
+
+
+def operands(optimizer: str) -> list[str]:
+    """The operands of ``optimizer``'s passes in order of first appearance."""
+    return list(dict.fromkeys(name for reads, writes in PASSES[optimizer] for name in reads + writes))
+
+
+# Operand -> (reads, writes) per element per step, from PASSES.
+TRAFFIC: dict[str, dict[str, tuple[int, int]]] = {
+    opt: {name: (sum(name in r for r, _ in passes), sum(name in w for _, w in passes)) for name in operands(opt)}
+    for opt, passes in PASSES.items()
 }
 
 ELEMENTWISE = tuple(TRAFFIC)

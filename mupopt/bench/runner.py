@@ -75,6 +75,9 @@ class Row:
     tflops: float | None = None
     pct_of_peak: float | None = None  # of the copy bandwidth (GB/s rows) or matmul rate (TFLOP/s rows)
     peak: str = ""  # which peak, with its value
+    # CPU elementwise rows: % of the no-math bound of this optimizer's bytes on the same tensors
+    # (the bound row's time / this row's time; measure.traffic_bound)
+    pct_of_bound: float | None = None
     ratio_to_torch_fused: float | None = None
     ratio_to_torch_foreach: float | None = None
     ratio_to_compile: float | None = None
@@ -248,6 +251,7 @@ class Runner:
         self.stopped_early = ""
         self.copy_gbps: float | None = None
         self.matmul_tflops: dict[str, float] = {}
+        self.bound_ms: dict[tuple[str, str, str], float] = {}  # (optimizer, case, dtype) -> no-math bound
         self._show = progress
         self.progress: Progress | None = None
 
@@ -358,6 +362,9 @@ class Runner:
         if status == "ok":
             rate = f"{row.gbps:.2f} GB/s" if row.gbps is not None else f"{row.tflops:.3g} TFLOP/s" if row.tflops is not None else ""
             pct = f" ({row.pct_of_peak:.0f}% of peak)" if row.pct_of_peak is not None else ""
+            bound = self.bound_ms.get((optimizer, row.case, dtype))
+            if bound is not None and kind != "peak":
+                pct += f" ({100 * bound / row.median_ms:.0f}% of bound)"
             self.progress.log(f"{optimizer:>14} {backend:>15}: {row.median_ms:9.3f} ms  {rate}{pct}")
         else:
             self.progress.log(f"{optimizer:>14} {backend:>15}: {status}: {notes[:150]}")
@@ -616,12 +623,31 @@ class Runner:
         # torch's AdamW is the yardstick of every elementwise optimizer: measured once, filed
         # under adamw, compared against by every row of this case and dtype.
         for key in group.keys:
+            self._bound(key, group, params)
             self._subject(SUBJECTS[key], group, params, cost=M.elementwise_cost(key), peers=peers_of(key))
         torch_adamw = _torch_adamw_peers(self.peers)
         if "adamw" not in group.keys and torch_adamw:
             # Our AdamW not selected: its torch peers still give every row its ratio columns.
+            self._bound("adamw", group, params)
             self._subject(SUBJECTS["adamw"], group, params, cost=M.elementwise_cost("adamw"), peers=torch_adamw,
                           only_peers=True)
+
+    def _bound(self, key: str, group: Group, params) -> None:
+        """The CPU's no-math bound of ``key``'s bytes on this case (measure.traffic_bound), timed
+        just before ``key``'s rows: a row of kind "peak" under ``key`` by which every row of this
+        optimizer, case and dtype is divided (pct_of_bound). Nothing on other devices, nor when
+        --backends leaves out "cpu" (the bound runs that backend's loops: no build for it)."""
+        if self.device.type != "cpu" or (self.config.backends is not None and "cpu" not in self.config.backends):
+            return
+        fn = M.traffic_bound(key, params)
+        if isinstance(fn, str):
+            self._row(key, M.BOUND, "peak", group.case, group.dtype, status="skipped", notes=fn)
+            return
+        timing = self.timer.time(fn)
+        row = self._row(key, M.BOUND, "peak", group.case, group.dtype, timing, nbytes=fn.nbytes,
+                        notes="this optimizer's passes with no math, same table, chunks, threads and loops as "
+                              "backend 'cpu' (csrc/cpu/traffic.cpp)")
+        self.bound_ms[(key, group.case.name, group.dtype)] = row.median_ms
 
     def _group_overhead(self, group: Group) -> None:
         """Issue 15: host time of a whole step() on many tiny tensors, every elementwise optimizer
@@ -764,6 +790,9 @@ def finish(rows: list[Row], device_type: str, targets: bool = True) -> None:
     for r in rows:
         if not _ok(r) or r.kind == "peak":
             continue
+        bound = by_key.get((r.optimizer, r.case, r.dtype, M.BOUND))
+        if bound is not None:
+            r.pct_of_bound = 100 * bound.median_ms / r.median_ms
         for peer, column in RATIO_COLUMNS.items():
             # torch's AdamW peers are filed under adamw and serve every elementwise optimizer.
             owner = "adamw" if peer in ("torch-fused", "torch-foreach") and r.optimizer in ELEMENTWISE else r.optimizer

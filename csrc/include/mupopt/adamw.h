@@ -9,7 +9,7 @@
 // mul_ then addcmul_, fma((1-b2)*g, g, v*b2) under FMA. One rounding differs on the CPU: torch's
 // float32 sqrt there is MKL's vmsSqrt (VML_HA, not correctly rounded), sqrtf here is IEEE; so the
 // cpu backend equals torch.optim.AdamW run with a correctly rounded sqrt (tests/test_bitwise.py).
-// Bytes per element (fp32): reads p g m v, writes p m v = 28 (amsgrad: 36).
+// Bytes per element (fp32): reads p g m v, writes p m v = 28 (amsgrad: 36); fp64 twice that.
 #pragma once
 
 #include "common.h"
@@ -17,37 +17,44 @@
 namespace mupopt {
 
 // Per-tensor scalars (row.scalar), formed in float64 by the caller exactly as the reference
-// forms them and rounded once to float32.
+// forms them; the loops round them once to their compute type.
 struct AdamWScalars {
   enum : int { kDecay = 0, kStepSize = 1, kBc2Sqrt = 2, kEps = 3, kCount = 4 };
 };
 
-struct AdamWHyper {
-  Lerp m_lerp;            // weight 1 - beta1
-  float beta2;
-  float one_minus_beta2;  // 1 - beta2 rounded from float64, as torch's Python scalar
+template <class T>
+struct AdamWCoefs {
+  Lerp<T> m_lerp;     // weight 1 - beta1
+  T beta2;
+  T one_minus_beta2;  // 1 - beta2 formed in float64, as torch's Python scalar
 };
+using AdamWHyper = PerCompute<AdamWCoefs>;
 
-MUPOPT_HD inline AdamWHyper make_adamw_hyper(double beta1, double beta2) {
-  AdamWHyper h;
-  h.m_lerp = Lerp::make(static_cast<float>(1.0 - beta1));
-  h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+template <class T>
+MUPOPT_HD inline AdamWCoefs<T> adamw_coefs(double beta1, double beta2) {
+  AdamWCoefs<T> h;
+  h.m_lerp = Lerp<T>::make(static_cast<T>(1.0 - beta1));
+  h.beta2 = static_cast<T>(beta2);
+  h.one_minus_beta2 = static_cast<T>(1.0 - beta2);
   return h;
 }
 
-template <bool kFma, bool kAmsgrad>
-MUPOPT_HDI void adamw_update(float& p, float g, float& m, float& v, float& vmax, const AdamWHyper& h, float decay,
-                             float step_size, float bc2_sqrt, float eps) {
+MUPOPT_HD inline AdamWHyper make_adamw_hyper(double beta1, double beta2) {
+  return AdamWHyper{adamw_coefs<float>(beta1, beta2), adamw_coefs<double>(beta1, beta2)};
+}
+
+template <bool kFma, bool kAmsgrad, class T>
+MUPOPT_HDI void adamw_update(T& p, T g, T& m, T& v, T& vmax, const AdamWCoefs<T>& h, T decay, T step_size,
+                             T bc2_sqrt, T eps) {
   p = p * decay;
   m = h.m_lerp.template apply<kFma>(m, g);
   v = madd<kFma>(h.one_minus_beta2 * g, g, v * h.beta2);
-  float second = v;
+  T second = v;
   if constexpr (kAmsgrad) {
     vmax = max_nan(vmax, v);
     second = vmax;
   }
-  const float denom = sqrtf(second) / bc2_sqrt + eps;
+  const T denom = sqrt_of(second) / bc2_sqrt + eps;
   p = p + (step_size * m) / denom;
 }
 
@@ -61,11 +68,11 @@ struct AdamWOp {
   static constexpr int kReduce = 0;
   AdamWHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float* s, float*) const {
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T* s, T*) const {
     using S = AdamWScalars;
-    adamw_update<kFma, kAmsgrad>(x[0], x[1], x[2], x[3], x[4], h, s[S::kDecay], s[S::kStepSize], s[S::kBc2Sqrt],
-                                 s[S::kEps]);
+    adamw_update<kFma, kAmsgrad>(x[0], x[1], x[2], x[3], x[4], h.template get<T>(), s[S::kDecay], s[S::kStepSize],
+                                 s[S::kBc2Sqrt], s[S::kEps]);
   }
 };
 

@@ -22,33 +22,40 @@ struct AdoptScalars {
   enum : int { kFirst = 0, kDecayAlpha = 1, kStepAlpha = 2, kEps = 3, kClip = 4, kCount = 5 };
 };
 
-struct AdoptHyper {
-  Lerp m_lerp;  // weight 1 - beta1
-  float beta2;
-  float one_minus_beta2;
+template <class T>
+struct AdoptCoefs {
+  Lerp<T> m_lerp;  // weight 1 - beta1
+  T beta2;
+  T one_minus_beta2;
 };
+using AdoptHyper = PerCompute<AdoptCoefs>;
 
-MUPOPT_HD inline AdoptHyper make_adopt_hyper(double beta1, double beta2) {
-  AdoptHyper h;
-  h.m_lerp = Lerp::make(static_cast<float>(1.0 - beta1));
-  h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+template <class T>
+MUPOPT_HD inline AdoptCoefs<T> adopt_coefs(double beta1, double beta2) {
+  AdoptCoefs<T> h;
+  h.m_lerp = Lerp<T>::make(static_cast<T>(1.0 - beta1));
+  h.beta2 = static_cast<T>(beta2);
+  h.one_minus_beta2 = static_cast<T>(1.0 - beta2);
   return h;
 }
 
+MUPOPT_HD inline AdoptHyper make_adopt_hyper(double beta1, double beta2) {
+  return AdoptHyper{adopt_coefs<float>(beta1, beta2), adopt_coefs<double>(beta1, beta2)};
+}
+
 // s == 0: the reference's v.addcmul_(g, g) (value 1), i.e. fma(g, g, v).
-template <bool kFma>
-MUPOPT_HDI void adopt_first(float g, float& v) {
+template <bool kFma, class T>
+MUPOPT_HDI void adopt_first(T g, T& v) {
   v = madd<kFma>(g, g, v);
 }
 
-template <bool kFma>
-MUPOPT_HDI void adopt_update(float& p, float g, float& m, float& v, const AdoptHyper& h, float decay_alpha,
-                             float step_alpha, float eps, float clip) {
+template <bool kFma, class T>
+MUPOPT_HDI void adopt_update(T& p, T g, T& m, T& v, const AdoptCoefs<T>& h, T decay_alpha, T step_alpha, T eps,
+                             T clip) {
   p = madd<kFma>(p, decay_alpha, p);
-  const float root = sqrtf(v);
-  const float denom = root < eps ? eps : root;  // clamp(min=eps): a NaN passes through
-  float n = g / denom;
+  const T root = sqrt_of(v);
+  const T denom = root < eps ? eps : root;  // clamp(min=eps): a NaN passes through
+  T n = g / denom;
   n = n < -clip ? -clip : (n > clip ? clip : n);  // clamp(-clip, clip): a NaN passes through
   m = h.m_lerp.template apply<kFma>(m, n);
   p = madd<kFma>(m, step_alpha, p);
@@ -64,8 +71,8 @@ struct AdoptInitOp {
   static constexpr int kReduce = 0;
   AdoptHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float*, float*) const {
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T*, T*) const {
     adopt_first<kFma>(x[1], x[3]);
   }
 };
@@ -79,10 +86,11 @@ struct AdoptOp {
   static constexpr int kReduce = 0;
   AdoptHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float* s, float*) const {
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T* s, T*) const {
     using S = AdoptScalars;
-    adopt_update<kFma>(x[0], x[1], x[2], x[3], h, s[S::kDecayAlpha], s[S::kStepAlpha], s[S::kEps], s[S::kClip]);
+    adopt_update<kFma>(x[0], x[1], x[2], x[3], h.template get<T>(), s[S::kDecayAlpha], s[S::kStepAlpha], s[S::kEps],
+                       s[S::kClip]);
   }
 };
 

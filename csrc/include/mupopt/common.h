@@ -1,6 +1,7 @@
 // What every mupopt kernel header shares: host/device qualifiers, bf16 storage without
-// cuda_bf16.h, and the three arithmetic forms the optimizers are written in (fused
-// multiply-add, torch's lerp, NaN-propagating min/max).
+// cuda_bf16.h, the compute type of each storage type, and the arithmetic forms the optimizers
+// are written in (fused multiply-add, torch's lerp, NaN-propagating min/max), each for float32
+// and float64 arithmetic.
 //
 // Numerics: the per-element functions reproduce the rounding sequence of the reference
 // backends (mupopt/optim/<name>.py), which run ATen's vectorised CPU kernels. On a CPU whose
@@ -9,11 +10,18 @@
 // the FMA form, 11257 without it for lerp); the DEFAULT capability evaluates a*b + c with two
 // roundings. `madd<kFma>` selects either form, so the CPU backend can follow ATen bit for bit.
 // CUDA code always uses kFma = true.
+//
+// Compute type: float32 for float32, bfloat16 and float16 storage; float64 for float64 storage,
+// as torch.optim computes in the param's dtype (the reference backends likewise,
+// mupopt/optim/_base.py compute_dtype). Every per-element function is a template on it; the
+// CUDA kernels instantiate float32 only (the cuda backend refuses float64 tensors).
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MUPOPT_HD __host__ __device__
@@ -32,9 +40,9 @@
 
 namespace mupopt {
 
-// Storage dtypes the kernels read and write. Math is always float32.
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-constexpr int kDTypeCount = 3;
+// Storage dtypes the kernels read and write (float64: the CPU loops only).
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+constexpr int kDTypeCount = 4;
 
 // bfloat16 storage: the upper 16 bits of a float32. A plain struct, so host code needs no
 // CUDA header and the CPU loops vectorise its conversions as integer shifts.
@@ -134,12 +142,65 @@ MUPOPT_HDI f16_t from_float<f16_t>(float x) {
   return out;
 }
 
+// The arithmetic type of a storage type (see the header comment) and the conversions the loops
+// use: storage -> compute type on load, compute type -> storage on store (float32 and float64:
+// the identity; 16-bit: the conversions above).
+template <class S>
+struct ComputeOf {
+  using type = float;
+};
+template <>
+struct ComputeOf<double> {
+  using type = double;
+};
+template <class S>
+using compute_t = typename ComputeOf<S>::type;
+
+template <class S>
+MUPOPT_HDI compute_t<S> to_compute(S x) {
+  if constexpr (std::is_same<S, double>::value) {
+    return x;
+  } else {
+    return to_float(x);
+  }
+}
+
+template <class S>
+MUPOPT_HDI S from_compute(compute_t<S> x) {
+  if constexpr (std::is_same<S, double>::value) {
+    return x;
+  } else {
+    return from_float<S>(x);
+  }
+}
+
+// The unsigned integer of a compute type's width (select_bits' masks).
+template <class T>
+struct BitsOf;
+template <>
+struct BitsOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct BitsOf<double> {
+  using type = uint64_t;
+};
+template <class T>
+using bits_t = typename BitsOf<T>::type;
+
+MUPOPT_HDI float sqrt_of(float x) { return sqrtf(x); }
+MUPOPT_HDI double sqrt_of(double x) { return sqrt(x); }
+MUPOPT_HDI float abs_of(float x) { return fabsf(x); }
+MUPOPT_HDI double abs_of(double x) { return fabs(x); }
+MUPOPT_HDI float fused_madd(float a, float b, float c) { return fmaf(a, b, c); }
+MUPOPT_HDI double fused_madd(double a, double b, double c) { return fma(a, b, c); }
+
 // a*b + c: one rounding (kFma) or two. The two-rounding form relies on the compiler not
 // contracting it: the CPU build passes -ffp-contract=off; CUDA code never instantiates it.
-template <bool kFma>
-MUPOPT_HDI float madd(float a, float b, float c) {
+template <bool kFma, class T>
+MUPOPT_HDI T madd(T a, T b, T c) {
   if constexpr (kFma) {
-    return fmaf(a, b, c);
+    return fused_madd(a, b, c);
   } else {
     return a * b + c;
   }
@@ -149,41 +210,80 @@ MUPOPT_HDI float madd(float a, float b, float c) {
 // bit operations on the host: GCC 12 does not vectorise `flag ? a : b` on a loop-invariant
 // bool (checked with -fopt-info-vec: "relevant stmt not supported" on the select), while the
 // bit form vectorises as two ANDs and an OR and is exact for every value, NaN included.
-MUPOPT_HDI float select_bits(uint32_t mask, float a, float b) {
+template <class T>
+MUPOPT_HDI T select_bits(bits_t<T> mask, T a, T b) {
 #if defined(__CUDA_ARCH__)
   return mask ? a : b;
 #else
-  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+  bits_t<T> ua, ub;
+  memcpy(&ua, &a, sizeof ua);
+  memcpy(&ub, &b, sizeof ub);
+  const bits_t<T> u = (ua & mask) | (ub & ~mask);
+  T out;
+  memcpy(&out, &u, sizeof out);
+  return out;
 #endif
 }
 
-MUPOPT_HD inline uint32_t mask_of(bool flag) { return flag ? 0xFFFFFFFFu : 0u; }
+template <class T>
+MUPOPT_HD inline bits_t<T> mask_of(bool flag) {
+  return flag ? ~bits_t<T>(0) : bits_t<T>(0);
+}
 
 // torch.lerp with a scalar weight w, in ATen's form: start + w*(end-start) for |w| < 0.5, else
 // end + (w-1)*(end-start). The choice depends on w only, so it is made once per call.
+template <class T>
 struct Lerp {
-  float coef;
-  uint32_t start_mask;  // all ones: the start + w*diff form
+  T coef;
+  bits_t<T> start_mask;  // all ones: the start + w*diff form
 
-  static MUPOPT_HD Lerp make(float w) {
+  static MUPOPT_HD Lerp make(T w) {
     Lerp l;
-    const bool from_start = fabsf(w) < 0.5f;
-    l.start_mask = mask_of(from_start);
-    l.coef = from_start ? w : w - 1.0f;
+    const bool from_start = abs_of(w) < T(0.5);
+    l.start_mask = mask_of<T>(from_start);
+    l.coef = from_start ? w : w - T(1);
     return l;
   }
 
   template <bool kFma>
-  MUPOPT_HDI float apply(float start, float end) const {
+  MUPOPT_HDI T apply(T start, T end) const {
     return madd<kFma>(coef, end - start, select_bits(start_mask, start, end));
   }
 };
 
 // torch.maximum / torch.minimum / clamp: a NaN in either operand gives NaN.
-MUPOPT_HDI float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-MUPOPT_HDI float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+template <class T>
+MUPOPT_HDI T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+template <class T>
+MUPOPT_HDI T min_nan(T a, T b) {
+  return (a < b || a != a) ? a : b;
+}
 
 // torch.sign: -1, 0 or 1 (0 for NaN, as ATen's (0 < x) - (x < 0)).
-MUPOPT_HDI float sign_of(float x) { return static_cast<float>((0.0f < x) - (x < 0.0f)); }
+template <class T>
+MUPOPT_HDI T sign_of(T x) {
+  return static_cast<T>((T(0) < x) - (x < T(0)));
+}
+
+// An optimizer's hyperparameter record in both compute types, each formed from the float64
+// values as the reference forms it for a tensor of that type (a Python float is rounded to
+// float32 for a float32 tensor and kept for a float64 one). An Op carries one and each loop
+// takes the record of its compute type (get<T>()).
+template <template <class> class H>
+struct PerCompute {
+  H<float> f32;
+  H<double> f64;
+
+  template <class T>
+  MUPOPT_HDI const H<T>& get() const {
+    if constexpr (std::is_same<T, double>::value) {
+      return f64;
+    } else {
+      return f32;
+    }
+  }
+};
 
 }  // namespace mupopt

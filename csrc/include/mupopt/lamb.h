@@ -6,14 +6,14 @@
 //   p += (-lr*lr_mult) * (u*trust)
 //
 // Two passes, pass 1 giving the per-tensor norms that pass 2 needs, in one of three forms:
-//  float32 states, a block of tensors of at most kLambBlock elements (CPU: the passes of each
-//  block run back to back, so pass 2 reads what pass 1 left in the cache):
-//   LambNormOp<kMomentsAndDirection>: reads p g m v, writes m v and u (a float32 scratch,
-//                                     stream 4), sums p*p and u*u per tensor (float64)
+//  float32 or float64 states, a block of tensors of at most kLambBlock elements (CPU: the passes
+//  of each block run back to back, so pass 2 reads what pass 1 left in the cache):
+//   LambNormOp<kMomentsAndDirection>: reads p g m v, writes m v and u (a scratch of the states'
+//                                     dtype, stream 4), sums p*p and u*u per tensor (float64)
 //   (host or a small kernel: trust per tensor, written into the row's kTrust scalar)
 //   LambUpdateOp<kFromDirection>:     reads p u, writes p
-//  float32 states otherwise (the best known byte count from memory, performance.md: 40 B per
-//  element, and no scratch as large as the tensor):
+//  float32 or float64 states otherwise (the best known byte count from memory, performance.md:
+//  40 B per element, and no scratch as large as the tensor):
 //   LambNormOp<kMoments>:             reads p g m v, writes m v, sums
 //   LambUpdateOp<kFromMoments>:       reads p m v, recomputes u from the stored m v, writes p
 //  bfloat16 or float16 states: the second pass must not see m and v rounded to 16 bits (the reference forms
@@ -25,7 +25,7 @@
 //
 // Split form (ops lamb_partials_ / lamb_apply_, for sharded tensors whose norms are reduced
 // across ranks between the passes): the same Ops over the whole list, no blocks, so two
-// passes over memory. lamb_partials_ runs LambNormOp<kMoments> (float32 states) or
+// passes over memory. lamb_partials_ runs LambNormOp<kMoments> (float32 or float64 states) or
 // <kNothing> (16-bit states) and returns each tensor's two sums (float64, chunk partials added in
 // chunk order, as above); lamb_apply_ takes the reduced sums, forms the trust ratios with
 // lamb_trust and runs LambUpdateOp<kFromMoments> or <kRecompute>. With the sums unchanged the
@@ -40,46 +40,55 @@ struct LambScalars {
   enum : int { kBc1 = 0, kBc2 = 1, kEps = 2, kAlpha = 3, kTrust = 4, kCount = 5 };
 };
 
-struct LambHyper {
-  Lerp m_lerp;  // weight 1 - beta1
-  float beta2;
-  float one_minus_beta2;
-  float weight_decay;
-  float clamp_value;  // used when has_clamp
+template <class T>
+struct LambCoefs {
+  Lerp<T> m_lerp;  // weight 1 - beta1
+  T beta2;
+  T one_minus_beta2;
+  T weight_decay;
+  T clamp_value;  // used when has_clamp
   int32_t has_clamp;
 };
+using LambHyper = PerCompute<LambCoefs>;
 
-MUPOPT_HD inline LambHyper make_lamb_hyper(double beta1, double beta2, double weight_decay, bool has_clamp,
-                                           double clamp_value) {
-  LambHyper h;
-  h.m_lerp = Lerp::make(static_cast<float>(1.0 - beta1));
-  h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  h.weight_decay = static_cast<float>(weight_decay);
+template <class T>
+MUPOPT_HD inline LambCoefs<T> lamb_coefs(double beta1, double beta2, double weight_decay, bool has_clamp,
+                                         double clamp_value) {
+  LambCoefs<T> h;
+  h.m_lerp = Lerp<T>::make(static_cast<T>(1.0 - beta1));
+  h.beta2 = static_cast<T>(beta2);
+  h.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+  h.weight_decay = static_cast<T>(weight_decay);
   h.has_clamp = has_clamp ? 1 : 0;
-  h.clamp_value = has_clamp ? static_cast<float>(clamp_value) : 0.0f;
+  h.clamp_value = has_clamp ? static_cast<T>(clamp_value) : T(0);
   return h;
 }
 
+MUPOPT_HD inline LambHyper make_lamb_hyper(double beta1, double beta2, double weight_decay, bool has_clamp,
+                                           double clamp_value) {
+  return LambHyper{lamb_coefs<float>(beta1, beta2, weight_decay, has_clamp, clamp_value),
+                   lamb_coefs<double>(beta1, beta2, weight_decay, has_clamp, clamp_value)};
+}
+
 // The trust-ratio-free direction u from the new m, v.
-template <bool kFma>
-MUPOPT_HDI float lamb_direction(float p, float m, float v, const LambHyper& h, float bc1, float bc2, float eps) {
-  const float denom = sqrtf(v / bc2) + eps;
+template <bool kFma, class T>
+MUPOPT_HDI T lamb_direction(T p, T m, T v, const LambCoefs<T>& h, T bc1, T bc2, T eps) {
+  const T denom = sqrt_of(v / bc2) + eps;
   return madd<kFma>(p, h.weight_decay, (m / bc1) / denom);
 }
 
-// From the per-tensor sums of squares. Norms rounded to float32 as torch's fp32 vector_norm
-// returns them; phi / ||u|| in float32.
-MUPOPT_HDI float lamb_trust(double p_sq, double u_sq, const LambHyper& h) {
-  const float w_norm = static_cast<float>(sqrt(p_sq));
-  const float u_norm = static_cast<float>(sqrt(u_sq));
-  const float phi = h.has_clamp ? min_nan(w_norm, h.clamp_value) : w_norm;
-  return (w_norm > 0.0f && u_norm > 0.0f) ? phi / u_norm : 1.0f;
+// From the per-tensor sums of squares. Norms rounded to the compute type (float32: as torch's
+// fp32 vector_norm returns them); phi / ||u|| in the compute type.
+template <class T>
+MUPOPT_HDI T lamb_trust(double p_sq, double u_sq, const LambCoefs<T>& h) {
+  const T w_norm = static_cast<T>(sqrt(p_sq));
+  const T u_norm = static_cast<T>(sqrt(u_sq));
+  const T phi = h.has_clamp ? min_nan(w_norm, h.clamp_value) : w_norm;
+  return (w_norm > T(0) && u_norm > T(0)) ? phi / u_norm : T(1);
 }
 
-template <bool kFma>
-MUPOPT_HDI float lamb_moments(float p, float g, float& m, float& v, const LambHyper& h, float bc1, float bc2,
-                              float eps) {
+template <bool kFma, class T>
+MUPOPT_HDI T lamb_moments(T p, T g, T& m, T& v, const LambCoefs<T>& h, T bc1, T bc2, T eps) {
   m = h.m_lerp.template apply<kFma>(m, g);
   v = madd<kFma>(h.one_minus_beta2 * g, g, v * h.beta2);
   return lamb_direction<kFma>(p, m, v, h, bc1, bc2, eps);
@@ -89,8 +98,8 @@ MUPOPT_HDI float lamb_moments(float p, float g, float& m, float& v, const LambHy
 enum class LambKeep { kNothing, kMoments, kMomentsAndDirection };
 enum class LambSource { kRecompute, kFromMoments, kFromDirection };
 
-// Pass 1. Streams: 0 param (read), 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 u (float32 scratch,
-// written with kMomentsAndDirection). red = (p*p, u*u).
+// Pass 1. Streams: 0 param (read), 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 u (scratch of the states'
+// dtype, written with kMomentsAndDirection). red = (p*p, u*u).
 template <LambKeep kKeep>
 struct LambNormOp {
   static constexpr int kStreams = kKeep == LambKeep::kMomentsAndDirection ? 5 : 4;
@@ -101,10 +110,11 @@ struct LambNormOp {
   static constexpr int kReduce = 2;
   LambHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float* s, float* red) const {
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T* s, T* red) const {
     using S = LambScalars;
-    const float u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+    const LambCoefs<T>& c = h.template get<T>();
+    const T u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], c, s[S::kBc1], s[S::kBc2], s[S::kEps]);
     if constexpr (kKeep == LambKeep::kMomentsAndDirection) x[4] = u;
     red[0] = x[0] * x[0];
     red[1] = u * u;
@@ -123,14 +133,15 @@ struct LambUpdateOp {
   static constexpr int kReduce = 0;
   LambHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float* s, float*) const {
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T* s, T*) const {
     using S = LambScalars;
-    float u;
+    const LambCoefs<T>& c = h.template get<T>();
+    T u;
     if constexpr (kSource == LambSource::kRecompute) {
-      u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+      u = lamb_moments<kFma>(x[0], x[1], x[2], x[3], c, s[S::kBc1], s[S::kBc2], s[S::kEps]);
     } else if constexpr (kSource == LambSource::kFromMoments) {
-      u = lamb_direction<kFma>(x[0], x[2], x[3], h, s[S::kBc1], s[S::kBc2], s[S::kEps]);
+      u = lamb_direction<kFma>(x[0], x[2], x[3], c, s[S::kBc1], s[S::kBc2], s[S::kEps]);
     } else {
       u = x[4];
     }

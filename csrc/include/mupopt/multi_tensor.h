@@ -14,11 +14,12 @@
 //     static constexpr bool kGradStream;    // stream 1 is a gradient: unscaled and negated
 //                                           // (maximize) before the Op sees it
 //     static constexpr int kReduce;         // 0, or 2 per-element contributions summed per tensor
-//     template <bool kFma> MUPOPT_HDI void apply(float* x, const float* s, float* red) const;
+//     template <bool kFma, class T> MUPOPT_HDI void apply(T* x, const T* s, T* red) const;
 //   };
 //
 // Storage: stream 0 and the states (streams >= 2) share one dtype TP, stream 1 has dtype TG;
-// each is float32, bfloat16 or float16, so nine instantiations per Op. All math is float32.
+// each is float32, bfloat16 or float16 (nine pairs, float32 math), or both are float64 (float64
+// math; CPU loops only): the compute type T = compute_t<TP> (common.h).
 #pragma once
 
 #include "common.h"
@@ -44,7 +45,8 @@ struct TensorRow {
   void* ptr[kMaxStreams];     // stream addresses (unused streams: nullptr)
   int64_t numel;              // > 0: empty tensors get no row
   int64_t first_chunk;        // index of this tensor's first chunk within its launch
-  float scalar[kMaxScalars];  // per-tensor scalars, meaning given by the Op's header
+  double scalar[kMaxScalars];  // per-tensor scalars (meaning given by the Op's header), formed in
+                               // float64 and rounded once to the compute type by the loops
   int32_t aligned;            // CUDA: every used stream allows 4-element vector accesses
   int32_t source;             // the tensor's index in the op's lists (LAMB's per-tensor sums)
 };
@@ -106,12 +108,15 @@ MUPOPT_HDI int find_row(const TensorRow* rows, int n_rows, int64_t c) {
 #endif
 
 template <class Op, bool kFma, class TP, class TG>
-MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul,
+MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul_f,
                                   double* red) {
+  using T = compute_t<TP>;
+  static_assert(std::is_same<T, compute_t<TG>>::value, "float64 gradients go with float64 params and states");
   // Local copies: the compiler cannot prove that stores through the stream pointers leave a
   // referenced Op alone, and would reload its fields every element (GCC 12 then refuses to
   // vectorise the bf16 loops: "no vectype" for the reloaded bool).
   const Op op = op_ref;
+  const T gmul = static_cast<T>(gmul_f);
   constexpr unsigned L = Op::kLoad;
   constexpr unsigned W = Op::kStore;
   TP* __restrict__ s0 = static_cast<TP*>(row.ptr[0]);
@@ -119,23 +124,23 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   TP* __restrict__ s2 = static_cast<TP*>(row.ptr[2]);
   TP* __restrict__ s3 = static_cast<TP*>(row.ptr[3]);
   TP* __restrict__ s4 = static_cast<TP*>(row.ptr[4]);
-  float sc[kMaxScalars];
-  for (int k = 0; k < kMaxScalars; ++k) sc[k] = row.scalar[k];
+  T sc[kMaxScalars];
+  for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<T>(row.scalar[k]);
 
   // The body shared by both loops below: load, apply, store one element.
-#define MUPOPT_CPU_ELEMENT(RED)                              \
-  float x[kMaxStreams] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};     \
-  if constexpr ((L & 1u) != 0) x[0] = to_float(s0[i]);       \
-  if constexpr ((L & 2u) != 0) x[1] = to_float(s1[i]);       \
-  if constexpr ((L & 4u) != 0) x[2] = to_float(s2[i]);       \
-  if constexpr ((L & 8u) != 0) x[3] = to_float(s3[i]);       \
-  if constexpr ((L & 16u) != 0) x[4] = to_float(s4[i]);      \
-  if constexpr (Op::kGradStream) x[1] *= gmul;               \
-  op.template apply<kFma>(x, sc, RED);                       \
-  if constexpr ((W & 1u) != 0) s0[i] = from_float<TP>(x[0]); \
-  if constexpr ((W & 4u) != 0) s2[i] = from_float<TP>(x[2]); \
-  if constexpr ((W & 8u) != 0) s3[i] = from_float<TP>(x[3]); \
-  if constexpr ((W & 16u) != 0) s4[i] = from_float<TP>(x[4]);
+#define MUPOPT_CPU_ELEMENT(RED)                                \
+  T x[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};           \
+  if constexpr ((L & 1u) != 0) x[0] = to_compute(s0[i]);       \
+  if constexpr ((L & 2u) != 0) x[1] = to_compute(s1[i]);       \
+  if constexpr ((L & 4u) != 0) x[2] = to_compute(s2[i]);       \
+  if constexpr ((L & 8u) != 0) x[3] = to_compute(s3[i]);       \
+  if constexpr ((L & 16u) != 0) x[4] = to_compute(s4[i]);      \
+  if constexpr (Op::kGradStream) x[1] *= gmul;                 \
+  op.template apply<kFma, T>(x, sc, RED);                      \
+  if constexpr ((W & 1u) != 0) s0[i] = from_compute<TP>(x[0]); \
+  if constexpr ((W & 4u) != 0) s2[i] = from_compute<TP>(x[2]); \
+  if constexpr ((W & 8u) != 0) s3[i] = from_compute<TP>(x[3]); \
+  if constexpr ((W & 16u) != 0) s4[i] = from_compute<TP>(x[4]);
 
   if constexpr (Op::kReduce > 0) {
     // Sums in float64, per chunk (then per tensor in chunk order, so the result does not depend
@@ -143,14 +148,14 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     // two small arrays (L1-resident), a second loop adds them up with an "omp simd" reduction.
     // (One loop doing both is not vectorised by GCC 12: its simd-lane arrays, see above.)
     constexpr int kBlock = 256;
-    float t0[kBlock], t1[kBlock];
+    T t0[kBlock], t1[kBlock];
     double r0 = 0.0, r1 = 0.0;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
       MUPOPT_SIMD
       for (int k = 0; k < n; ++k) {
         const int64_t i = b0 + k;
-        float c[kMaxReduce] = {0.0f, 0.0f};
+        T c[kMaxReduce] = {T(0), T(0)};
         MUPOPT_CPU_ELEMENT(c)
         t0[k] = c[0];
         t1[k] = c[1];
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
   const float gmul = grad_multiplier(ga);
   float sc[kMaxScalars];
 #pragma unroll
-  for (int k = 0; k < kMaxScalars; ++k) sc[k] = row.scalar[k];
+  for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<float>(row.scalar[k]);
   TP* s0 = static_cast<TP*>(row.ptr[0]);
   const TG* s1 = static_cast<const TG*>(row.ptr[1]);
   TP* s2 = static_cast<TP*>(row.ptr[2]);
@@ -292,7 +297,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
         for (int s = 0; s < kMaxStreams; ++s) x[s] = ((L >> s) & 1u) ? v[s][j] : 0.0f;
         if constexpr (Op::kGradStream) x[1] *= gmul;
         float c[kMaxReduce] = {0.0f, 0.0f};
-        op.template apply<true>(x, sc, c);
+        op.template apply<true, float>(x, sc, c);
         if constexpr (Op::kReduce > 0) {
           acc0 += static_cast<double>(c[0]);
           acc1 += static_cast<double>(c[1]);
@@ -316,7 +321,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
     if constexpr ((L & 16u) != 0) x[4] = to_float(s4[i]);
     if constexpr (Op::kGradStream) x[1] *= gmul;
     float c[kMaxReduce] = {0.0f, 0.0f};
-    op.template apply<true>(x, sc, c);
+    op.template apply<true, float>(x, sc, c);
     if constexpr (Op::kReduce > 0) {
       acc0 += static_cast<double>(c[0]);
       acc1 += static_cast<double>(c[1]);
@@ -349,6 +354,8 @@ template <class Op, class TP>
 cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, const Op& op,
                               const GradArgs& ga, double* partials, cudaStream_t stream) {
   switch (tg) {
+    case DType::kFloat64:
+      return cudaErrorInvalidValue;  // float32 math only: the bindings refuse float64 tensors
     case DType::kBFloat16:
       return launch_typed<Op, TP, bf16_t>(rows, n_rows, n_chunks, op, ga, partials, stream);
     case DType::kFloat16:
@@ -366,6 +373,8 @@ cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chu
   if (n_chunks == 0) return cudaSuccess;
   if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
   switch (tp) {
+    case DType::kFloat64:
+      return cudaErrorInvalidValue;  // as above
     case DType::kBFloat16:
       return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
     case DType::kFloat16:

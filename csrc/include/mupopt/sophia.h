@@ -16,41 +16,50 @@
 namespace mupopt {
 
 // The official code's guard against h == 0: with no Hessian estimate the ratio saturates at 1.
-constexpr float kSophiaHessianFloor = 1e-15f;
+// (A Python float: rounded to float32 for float32 tensors, kept for float64 ones.)
+constexpr double kSophiaHessianFloor = 1e-15;
 
 struct SophiaScalars {
   enum : int { kDecay = 0, kAlpha = 1, kCount = 2 };
 };
 
-struct SophiaHyper {
-  float beta1;
-  float one_minus_beta1;
-  float rho_bs;  // rho * bs, the float64 product rounded once
-  float beta2;   // Hessian EMA
-  float one_minus_beta2;
+template <class T>
+struct SophiaCoefs {
+  T beta1;
+  T one_minus_beta1;
+  T rho_bs;  // rho * bs, the float64 product rounded once
+  T beta2;   // Hessian EMA
+  T one_minus_beta2;
+  T floor;   // kSophiaHessianFloor
 };
+using SophiaHyper = PerCompute<SophiaCoefs>;
 
-MUPOPT_HD inline SophiaHyper make_sophia_hyper(double beta1, double beta2, double rho_bs) {
-  SophiaHyper h;
-  h.beta1 = static_cast<float>(beta1);
-  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  h.rho_bs = static_cast<float>(rho_bs);
-  h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+template <class T>
+MUPOPT_HD inline SophiaCoefs<T> sophia_coefs(double beta1, double beta2, double rho_bs) {
+  SophiaCoefs<T> h;
+  h.beta1 = static_cast<T>(beta1);
+  h.one_minus_beta1 = static_cast<T>(1.0 - beta1);
+  h.rho_bs = static_cast<T>(rho_bs);
+  h.beta2 = static_cast<T>(beta2);
+  h.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+  h.floor = static_cast<T>(kSophiaHessianFloor);
   return h;
 }
 
-template <bool kFma>
-MUPOPT_HDI void sophia_update(float& p, float g, float& m, float hess, const SophiaHyper& h, float decay,
-                              float alpha) {
+MUPOPT_HD inline SophiaHyper make_sophia_hyper(double beta1, double beta2, double rho_bs) {
+  return SophiaHyper{sophia_coefs<float>(beta1, beta2, rho_bs), sophia_coefs<double>(beta1, beta2, rho_bs)};
+}
+
+template <bool kFma, class T>
+MUPOPT_HDI void sophia_update(T& p, T g, T& m, T hess, const SophiaCoefs<T>& h, T decay, T alpha) {
   p = p * decay;
   m = madd<kFma>(g, h.one_minus_beta1, m * h.beta1);
-  const float ratio = min_nan(fabsf(m) / (hess * h.rho_bs + kSophiaHessianFloor), 1.0f);
+  const T ratio = min_nan(abs_of(m) / (hess * h.rho_bs + h.floor), T(1));
   p = madd<kFma>(alpha * sign_of(m), ratio, p);
 }
 
-template <bool kFma>
-MUPOPT_HDI void sophia_hessian_update(float g, float& hess, const SophiaHyper& h) {
+template <bool kFma, class T>
+MUPOPT_HDI void sophia_hessian_update(T g, T& hess, const SophiaCoefs<T>& h) {
   hess = madd<kFma>(h.one_minus_beta2 * g, g, hess * h.beta2);
 }
 
@@ -63,10 +72,10 @@ struct SophiaOp {
   static constexpr int kReduce = 0;
   SophiaHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float* s, float*) const {
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T* s, T*) const {
     using S = SophiaScalars;
-    sophia_update<kFma>(x[0], x[1], x[2], x[3], h, s[S::kDecay], s[S::kAlpha]);
+    sophia_update<kFma>(x[0], x[1], x[2], x[3], h.template get<T>(), s[S::kDecay], s[S::kAlpha]);
   }
 };
 
@@ -80,9 +89,9 @@ struct SophiaHessianOp {
   static constexpr int kReduce = 0;
   SophiaHyper h;
 
-  template <bool kFma>
-  MUPOPT_HDI void apply(float* x, const float*, float*) const {
-    sophia_hessian_update<kFma>(x[1], x[2], h);
+  template <bool kFma, class T>
+  MUPOPT_HDI void apply(T* x, const T*, T*) const {
+    sophia_hessian_update<kFma>(x[1], x[2], h.template get<T>());
   }
 };
 

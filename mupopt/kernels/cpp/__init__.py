@@ -4,8 +4,9 @@
 :func:`register` adds, for the registry names "adamw", "adopt", "lamb", "sophia" and
 "sophia_hessian":
 
-- backend "cpu" (CPU tensors; priority 20, so ``auto`` prefers it on the CPU over the reference
-  and over Triton's interpreter);
+- backend "cpu" (CPU tensors of float32, bfloat16, float16 and float64, the last computed in
+  float64; priority 20, so ``auto`` prefers it on the CPU over the reference and over Triton's
+  interpreter);
 - backend "cuda" (CUDA tensors; only when ``torch.cuda.is_available()``; priority 15, above
   Triton's 10: on an H200 it stepped GPT-2 small and Llama-1B lists 1.4-2.4x faster than the
   Triton kernels, level with or ahead of torch's fused AdamW; benchmarks/results/).
@@ -29,7 +30,10 @@ from . import ops
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 CPU_PRIORITY = 20
 CUDA_PRIORITY = 15
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Storage dtypes per backend. float64 is computed in float64 on the CPU (as torch.optim); the
+# CUDA kernels compute in float32 only, so float64 CUDA tensors go to the reference backend.
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) -> str | None:
@@ -37,7 +41,7 @@ def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) ->
 
     Called for every step: the loop touches only cheap attributes (is_cuda, dtype,
     is_contiguous(): about 0.5 us per tensor; device.type allocates a device object each time)."""
-    supported = _SUPPORTED_DTYPES
+    supported = _CUDA_DTYPES if cuda else _CPU_DTYPES
     index = None
     for i, t in enumerate(tensors):
         if t.is_cuda != cuda or (not cuda and not t.is_cpu):
@@ -48,9 +52,10 @@ def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) ->
             elif t.get_device() != index:
                 return f"tensors on different devices (cuda:{index} and {t.device}): one device per step call"
         if t.dtype not in supported:
-            why = (" (float64 params are stepped in float64 arithmetic by the reference backend; the kernels "
-                   "compute in float32)" if t.dtype == torch.float64 else "")
-            return f"tensor {i} has dtype {t.dtype}; backend {backend!r} supports float32, bfloat16 and float16{why}"
+            why = (" (float64 params are stepped in float64 arithmetic by the cpu backend on the CPU and by "
+                   "the reference backend; the CUDA kernels compute in float32)" if t.dtype == torch.float64 else "")
+            names = "float32, bfloat16 and float16" if cuda else "float32, bfloat16, float16 and float64"
+            return f"tensor {i} has dtype {t.dtype}; backend {backend!r} supports {names}{why}"
         if not t.is_contiguous():
             return (
                 f"tensor {i} (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous; the "

@@ -57,6 +57,7 @@ CPU_SOURCES = (
     "cpu/adopt.cpp",
     "cpu/lamb.cpp",
     "cpu/sophia.cpp",
+    "cpu/traffic.cpp",
 )
 CUDA_SOURCES = (
     "bindings_cuda.cpp",
