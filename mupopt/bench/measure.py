@@ -171,8 +171,9 @@ class Equivalence:
 def _well_conditioned(shape, *, dtype, device, generator) -> torch.Tensor:
     """U diag(s) V^T with s in [0.5, 2]: Shampoo's statistics G G^T then have a condition number
     of 16. A Gaussian square matrix often has a singular value near 0 (seed 1, 32 x 32: 0.005),
-    and our float32 roots take an eigenvalue below n * 1.2e-7 * lambda_max as 0 (linalg.
-    inverse_root_eigh), so such a gradient measures that cut-off, not the formula."""
+    below what float32 statistics resolve (about sqrt(n) * 1.2e-7 * lambda_max): our roots raise
+    such eigenvalues to that floor (linalg.inverse_root_eigh), so such a gradient measures the
+    floor, not the formula, and a peer computing in float32 its own way differs there."""
     n = shape[0]
     u, _ = torch.linalg.qr(torch.randn(n, n, dtype=dtype, device=device, generator=generator))
     v, _ = torch.linalg.qr(torch.randn(n, n, dtype=dtype, device=device, generator=generator))
