@@ -766,6 +766,11 @@ class MupOptimizer(Optimizer):
             if kept:
                 state_dict = {**state_dict, "state": {**state_dict["state"], **kept}}
         groups = [{k: v for k, v in g.items() if k != "mup"} for g in saved_groups]
+        if self._lean_keys:
+            # state_bits is this optimizer's choice of storage, not a hyperparameter of the
+            # saved run: a checkpoint of another format is converted to it (below), not adopted.
+            for saved, current in zip(groups, self.param_groups):
+                saved["state_bits"] = current.get("state_bits", 32)
         for saved, current in zip(groups, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):
@@ -860,8 +865,10 @@ class MupOptimizer(Optimizer):
                 if not isinstance(st, dict) or not st:
                     continue
                 missing = [k for k in self._saved_state_keys(group, i, st) if k not in st]
-                missing += [k + lean.ABSMAX for k in self._lean_keys if isinstance(st.get(k), torch.Tensor)
-                            and st[k].dtype == torch.uint8 and k + lean.ABSMAX not in st]
+                # 8-bit codes (uint8) without their scales cannot be decoded.
+                values = {k: v.value if isinstance(v, _KeepDtype) else v for k, v in st.items()}
+                missing += [k + lean.ABSMAX for k in self._lean_keys if isinstance(values.get(k), torch.Tensor)
+                            and values[k].dtype == torch.uint8 and k + lean.ABSMAX not in st]
                 if missing:
                     raise ValueError(
                         f"loaded state dict: the state of parameter {pid} (here the parameter "

@@ -236,6 +236,15 @@ def state_keys(keys: tuple[str, ...], state_or_format, kinds: dict[str, str]) ->
     return tuple(out)
 
 
+def entry_nbytes(p: torch.Tensor, group: dict) -> int:
+    """The bytes of one state entry of ``p`` in its group's format (a DTensor: its local shard)."""
+    t = p.to_local() if hasattr(p, "to_local") else p
+    fmt = state_format(p, group)
+    if fmt == 8:
+        return t.numel() + 4 * blocks_of(t.numel())
+    return t.numel() * (2 if fmt == 16 else t.element_size())
+
+
 def nbytes(state: dict) -> int:
     """The bytes of the tensors in a param's state (the local shard of a DTensor)."""
     total = 0

@@ -660,7 +660,8 @@ class Shampoo(MupOptimizer):
 
     def preconditioner_memory(self) -> dict[str, int]:
         """Bytes this rank holds of "preconditioners" (L, R and their roots, float32), "buffers"
-        (momentum and the Adam second moment, in the parameter's dtype; a DTensor's local shard)
+        (momentum and the Adam second moment in their ``state_bits`` format, 8-bit scales
+        included; a DTensor's local shard)
         and "total". A parameter whose state exists counts what it holds (of a sharded matrix,
         the blocks this rank owns); one without state yet (before the first step) counts what
         its first step will allocate, so the number is known before any memory is spent."""
@@ -672,11 +673,10 @@ class Shampoo(MupOptimizer):
                 if "momentum_buffer" in st:
                     for key in _MATRIX_STATE:
                         pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
-                    for key in ("momentum_buffer", "exp_avg_sq"):
-                        if key in st:
-                            buf += local(st[key]).numel() * st[key].element_size()
+                    buf += lean.nbytes({k: v for k, v in st.items()
+                                        if k.removesuffix(lean.ABSMAX) in ("momentum_buffer", "exp_avg_sq")})
                     continue
-                buf += 2 * local(p).numel() * p.element_size()
+                buf += 2 * lean.entry_nbytes(p, group)
                 if is_matrix(p):
                     blocks = blocks_of(*matrix_shape(p.shape), group["max_preconditioner_dim"])
                     if sharded_matrix(p):
