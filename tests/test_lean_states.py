@@ -98,6 +98,8 @@ def test_state_format_rules():
     assert lean.state_format(torch.empty(64, 64), {"state_bits": 16}) == 16
     assert lean.zeros(torch.empty(10, dtype=torch.float16), {"state_bits": 16}, "m")["m"].dtype == torch.bfloat16
     assert lean.zeros(torch.empty(10, dtype=torch.float16), {}, "m")["m"].dtype == torch.float16
+    for bits in (8, 16):  # complex params keep their dtype
+        assert lean.zeros(torch.empty(80, 80, dtype=torch.complex64), {"state_bits": bits}, "m")["m"].dtype == torch.complex64
 
 
 # -- the optimizers ------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ roots stay float32). Each optimizer names its elementwise state entries and thei
 (:func:`state_format`):
 
 - ``32`` (default): each entry in its param's dtype, as torch.optim keeps it.
-- ``16``: each entry in bfloat16, for every param (math in float32, stores rounded to nearest).
+- ``16``: each entry in bfloat16, for every real param (math in float32, stores rounded to
+  nearest); complex params keep format 32.
 - ``8``: block-wise quantized (Dettmers et al. 2021, "8-bit Optimizers via Block-wise
   Quantization", arXiv 2110.02861), for a param with at least :data:`MIN_8BIT_SIZE` elements
   that is a real, contiguous, plain (not distributed) tensor; others keep format 32, as
@@ -131,8 +132,8 @@ def quantizable(p: torch.Tensor) -> bool:
 def state_format(p: torch.Tensor, group: dict) -> int:
     """The format of ``p``'s lean state entries in ``group``: 8, 16 or 32 (module docstring)."""
     bits = group.get("state_bits", 32)
-    if bits == 8 and not quantizable(p):
-        return 32
+    if (bits == 8 and not quantizable(p)) or (bits == 16 and not p.is_floating_point()):
+        return 32  # complex params keep their dtype (a bfloat16 state would drop the imaginary part)
     return bits
 
 
