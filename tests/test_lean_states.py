@@ -85,7 +85,8 @@ def test_zero_and_nonfinite_blocks():
     out = lean.dequantize(codes, absmax, lean.SIGNED)
     assert torch.equal(out[:lean.BLOCK], torch.zeros(lean.BLOCK))  # an all-zero block is exactly zero
     assert out[lean.BLOCK:2 * lean.BLOCK].isnan().all()  # NaN poisons its own block only
-    assert out[2 * lean.BLOCK:].isfinite().all() and out[-1] == 1.0 and out[2 * lean.BLOCK] == -1.0
+    lowest = torch.tensor(lean.build_map(lean.maps, lean.SIGNED)[0], dtype=torch.float32)  # -1, or dynamic's -0.993
+    assert out[2 * lean.BLOCK:].isfinite().all() and out[-1] == 1.0 and out[2 * lean.BLOCK] == lowest
     z = lean.zeros(torch.empty(64, 64), {"state_bits": 8}, "m")
     assert torch.equal(lean.dequantize(z["m"], z["m_absmax"], lean.SIGNED), torch.zeros(64, 64))
 
@@ -180,12 +181,12 @@ def test_first_step_stores_the_quantized_32bit_state(name):
 # element, so where m is tiny its sign decides a whole lr step and any rounding of m or h can
 # move an element by up to 2 lr per step: its max-norm difference is larger for 16 bits too.
 TOL = {  # name: (16-bit, 8-bit)
-    "adamw": (0.01, 0.07),  # measured 0.0045, 0.036
-    "adopt": (0.01, 0.12),  # 0.0040, 0.059
-    "lamb": (0.01, 0.05),  # 0.0051, 0.025
-    "sophia": (0.2, 0.25),  # 0.099, 0.126
-    "muon": (0.01, 0.035),  # 0.0047, 0.017
-    "shampoo": (0.01, 0.02),  # 0.0035, 0.0098
+    "adamw": (0.01, 0.07),  # measured 0.0045, 0.035
+    "adopt": (0.01, 0.05),  # 0.0040, 0.025
+    "lamb": (0.01, 0.08),  # 0.0051, 0.038
+    "sophia": (0.2, 0.25),  # 0.099, 0.118
+    "muon": (0.01, 0.055),  # 0.0047, 0.027
+    "shampoo": (0.01, 0.035),  # 0.0035, 0.017
 }
 
 
