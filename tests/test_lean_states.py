@@ -457,3 +457,25 @@ def test_width_records_untouched(name):
     opt.load_state_dict(sd)
     for p, q in zip(nets[32].parameters(), fresh.parameters()):
         assert opt.state[q][RECORD_KEY] == opts[32].state[p][RECORD_KEY]
+
+
+def test_amsgrad_and_capturable_with_8bit_states():
+    """AdamW's max_exp_avg_sq is quantized with the unsigned map; capturable=True (step counts
+    as tensors, found_inf skipped on the device) steps 8-bit states and skips without a write."""
+    ps, qs = _params(), _params()
+    o32, o8 = _make("adamw", ps, 32, amsgrad=True), _make("adamw", qs, 8, amsgrad=True)
+    _drive(o32, ps, 1)
+    _drive(o8, qs, 1)
+    codes, absmax = lean.quantized(o32.state[ps[0]]["max_exp_avg_sq"], lean.UNSIGNED)
+    assert torch.equal(o8.state[qs[0]]["max_exp_avg_sq"], codes)
+    assert torch.equal(o8.state[qs[0]]["max_exp_avg_sq_absmax"], absmax)
+    cs = _params()
+    opt = _make("adamw", cs, 8, capturable=True)
+    _drive(opt, cs, 2)
+    before = {k: v.clone() for k, v in opt.state[cs[0]].items() if isinstance(v, torch.Tensor)}
+    opt.found_inf = torch.tensor(1.0)
+    _drive(opt, cs, 1, start=2)
+    del opt.found_inf
+    assert all(torch.equal(opt.state[cs[0]][k], v) for k, v in before.items())
+    _drive(opt, cs, 1, start=3)
+    assert not torch.equal(opt.state[cs[0]]["exp_avg"], before["exp_avg"])
