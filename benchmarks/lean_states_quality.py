@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--formats", default="32,16,8:dynamic,8:linear-sqrt")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         for fmt in args.formats.split(","):
             bits, _, maps = fmt.partition(":")
             lean.maps = maps or lean.DEFAULT_MAPS
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 r = train_run(data, cfg, args.width, name, spec.center, param="mup", wd=spec.wd, steps=args.steps,
                               batch=args.batch, seq=args.seq, seed=seed, state_bits=int(bits))
                 r["format"] = fmt

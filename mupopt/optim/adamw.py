@@ -106,6 +106,12 @@ class AdamW(MupOptimizer):
             (blocks of 256 quantized with a float32 scale per block; tensors below 4096 elements
             stay in 32 bits; stepped by the reference backend for now): docs/lean-states.md.
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
+        base_shapes: muP width information by parameter name, for code that builds the optimizer
+            from ``model.named_parameters()`` without calling ``mupopt.set_base_shapes`` on the
+            model: recorded base shapes (``mupopt.make_base_shapes(base, delta, path)``) or that
+            path. Roles come from which dimensions scale (docs/mup.md, "Width information by name").
+        overrides: ``{name pattern: role or WidthInfo}`` for base_shapes=, as in set_base_shapes;
+            needed for (vocab, d) matrices, which are readouts or embedding tables.
     """
 
     rule = "adamw"
@@ -129,6 +135,8 @@ class AdamW(MupOptimizer):
         scale_eps: bool = False,
         state_bits: int = 32,
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -138,7 +146,7 @@ class AdamW(MupOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
         # runs unchanged (foreach/fused choose among torch's own kernels, here backend= chooses),
         # checked where torch checks them: after the hyperparameters and the params.

@@ -127,7 +127,7 @@ class SophiaG(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
         capturable: as :class:`mupopt.AdamW` (the step count enters no formula here).
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "sophia"
@@ -146,6 +146,8 @@ class SophiaG(MupOptimizer):
         wd_mode: str = "independent",
         state_bits: int = 32,
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         # sophia-opt's switch, recorded in the groups as it records it; only False here.
         defaults = dict(
@@ -153,7 +155,7 @@ class SophiaG(MupOptimizer):
             capturable=capturable,
         )
         defaults["state_bits"] = state_bits
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])
