@@ -479,3 +479,17 @@ def test_amsgrad_and_capturable_with_8bit_states():
     assert all(torch.equal(opt.state[cs[0]][k], v) for k, v in before.items())
     _drive(opt, cs, 1, start=3)
     assert not torch.equal(opt.state[cs[0]]["exp_avg"], before["exp_avg"])
+
+
+def test_mupcheck_tools_pass_state_bits():
+    """`mupopt transfer` / `coord-check --state-bits N` build every optimizer with it."""
+    from mupopt.mupcheck.train import OPTIMIZERS, make_optimizer
+    from mupopt.mupcheck.transfer import build_parser
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    for name in OPTIMIZERS:
+        opt = make_optimizer(name, net, 1e-3, state_bits=8)
+        assert all(g["state_bits"] == 8 for g in opt.param_groups), name
+    assert build_parser().parse_args(["--state-bits", "16"]).state_bits == 16
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--state-bits", "4"])
