@@ -239,7 +239,7 @@ def test_bf16_states_on_the_cpu_backend_are_refused_with_a_reason():
     assert opt.selected_backends[0]["adamw"] == ("cpu" if "cpu" in mupopt.backends.names("adamw") else "reference")
 
 
-@pytest.mark.parametrize("bad", [7, 0, 64, "8", 8.5, True, None])
+@pytest.mark.parametrize("bad", [7, 0, 64, "8", 8.0, 8.5, True, None])
 def test_bad_state_bits(bad):
     with pytest.raises(ValueError, match="Invalid state_bits"):
         mupopt.AdamW(_params(), state_bits=bad)

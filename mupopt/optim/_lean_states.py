@@ -36,9 +36,9 @@ measured on the character GPT of ``mupopt transfer`` (docs/lean-states.md):
 - ``"dynamic"``: Dettmers et al.'s dynamic tree map, signed for momenta and unsigned for second
   moments (as bitsandbytes' Adam uses them): a run of e zero bits selects the decade 10^-e, the
   bits after the indicator bit a linear fraction in (0.1, 1); plus 0 and 1.0.
-- ``"linear-sqrt"`` (Li et al. 2023, "Memory Efficient Optimizers with 4-bit States", arXiv
-  2309.01507, Sec. 4: a linear map for the first moment; the second moment's map must not
-  contain zero, since a v stored as 0 turns a small m into an update of m/eps): signed linear
+- ``"linear-sqrt"`` (after Li et al. 2023, "Memory Efficient Optimizers with 4-bit States",
+  arXiv 2309.01507: the second moment's map must not contain zero, since a v stored as 0 turns
+  a small m into an update of m/eps; the first moment gets the simplest signed map): signed linear
   ``(k - 127)/127`` for k = 0..254 (255 codes, 0 exact; code 255 unused, decodes as 1.0), and
   unsigned square-root ``((k + 1)/256)^2`` for k = 0..255 (v's square root quantized linearly,
   no zero: the smallest value is absmax/65536).
@@ -46,8 +46,8 @@ measured on the character GPT of ``mupopt transfer`` (docs/lean-states.md):
 :data:`DEFAULT_MAPS` is the one the measurement picked: "dynamic" (AdamW, char GPT width 128,
 300 steps, 2 seeds: +0.17% final validation loss against 32-bit states; "linear-sqrt" +0.95%,
 +1.8% on one seed: the linear map's step of absmax/127 rounds the many small momenta of a block
-to 0). Codes are meaningful only with the map
-they were made with: a checkpoint of format 8 loads into this version's maps.
+to 0). Codes are meaningful only with the map they were made with: a checkpoint of format 8
+loads into this version's maps.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ maps = DEFAULT_MAPS
 
 
 def check_state_bits(value) -> None:
-    if isinstance(value, bool) or value not in STATE_BITS:
+    if not isinstance(value, int) or isinstance(value, bool) or value not in STATE_BITS:
         raise ValueError(f"Invalid state_bits: {value!r} (expected 8, 16 or 32)")
 
 
@@ -305,12 +305,6 @@ def _decoded_call(fn, params, grads, states, mults, hp, kinds, kwargs, prepare=F
         return commit
     write_back()
     return out
-
-
-def describe() -> str:
-    """One line on the format in use (for messages and docs)."""
-    return (f"state_bits=8: blocks of {BLOCK}, float32 absmax per block, maps {maps!r}, tensors below "
-            f"{MIN_8BIT_SIZE} elements in 32 bits (format {FORMAT_VERSION})")
 
 
 def relative_error_bound(kind: str, name: str | None = None) -> float:
