@@ -493,3 +493,22 @@ def test_mupcheck_tools_pass_state_bits():
     assert build_parser().parse_args(["--state-bits", "16"]).state_bits == 16
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--state-bits", "4"])
+
+
+def test_torch_adamw_checkpoint_into_8bit():
+    """A torch.optim.AdamW state_dict (no state_bits in its groups) loads into an 8-bit
+    mupopt.AdamW quantized, and both continue alike."""
+    ps = _params()
+    ref = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+    _drive(ref, ps, 3)
+    opt = _make("adamw", [torch.nn.Parameter(p.detach().clone()) for p in ps], 8)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    q = opt.param_groups[0]["params"]
+    assert opt.param_groups[0]["state_bits"] == 8
+    codes, absmax = lean.quantized(ref.state[ps[0]]["exp_avg"], lean.SIGNED)
+    assert torch.equal(opt.state[q[0]]["exp_avg"], codes) and torch.equal(opt.state[q[0]]["exp_avg_absmax"], absmax)
+    before = [p.detach().clone() for p in ps]
+    _drive(ref, ps, 3, start=3)
+    _drive(opt, q, 3, start=3)
+    for a, b, s in zip(ps, q, before):  # the 8-bit tolerance of test_8_and_16_bit_track_32_bit
+        assert (a - b).abs().max() <= TOL["adamw"][1] * (a - s).abs().max()
