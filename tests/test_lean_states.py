@@ -77,6 +77,22 @@ def test_quantize_matches_float64_spec(name, kind, n, monkeypatch):
     assert torch.allclose(got[same], ref_values[same], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("name", lean.MAP_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bucket_search_equals_bucketize(name, kind, monkeypatch):
+    """The two-lookup nearest-code search (lean.nearest_codes) against torch.bucketize over the
+    midpoints, the spec's rule, on every midpoint, its float32 neighbours, and random values."""
+    monkeypatch.setattr(lean, "maps", name)
+    _, mid = lean.map_tensor(kind, name=name)
+    near = [mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0))]
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.rand(100_000, generator=gen) * torch.exp(-20 * torch.rand(100_000, generator=gen))
+    y = torch.cat([*near, rand, -rand, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-45])])
+    if kind == lean.UNSIGNED:
+        y = y.abs()
+    assert torch.equal(lean.nearest_codes(y, kind).long(), torch.bucketize(y, mid))
+
+
 def test_zero_and_nonfinite_blocks():
     x = torch.zeros(3 * lean.BLOCK)
     x[lean.BLOCK + 5] = float("nan")

@@ -117,6 +117,37 @@ def _tables(name: str, kind: str, device: torch.device) -> tuple[torch.Tensor, t
     return values.to(device), midpoints.to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _buckets(name: str, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest-code search as two lookups: the 2^16 buckets of float32 values that share
+    their top 16 bits (sign, exponent, 7 mantissa bits) hold at most one midpoint each (checked
+    here; true of both map families), so the number of midpoints < y is base[bucket(y)] plus
+    (y > inside[bucket(y)]) (NaN where the bucket holds none: the comparison is then False).
+    Equal to bucketize by construction (tests/test_lean_states.py checks it on every midpoint
+    and its float32 neighbours); about 3x faster than its binary search on the CPU."""
+    _, mid = _tables(name, kind, torch.device("cpu"))
+    which = (mid.view(torch.int32) >> 16) & 0xFFFF
+    if torch.bincount(which.long()).max() > 1:
+        raise AssertionError(f"map {name!r} ({kind}) has two midpoints in one float32 bucket")
+    inside = torch.full((1 << 16,), float("nan"))
+    inside[which.long()] = mid
+    # One member of each bucket (its lowest 16 bits zero): every member has the same count of
+    # midpoints outside the bucket below it, since none lies within the bucket.
+    rep = (torch.arange(1 << 16, dtype=torch.int64) << 16).to(torch.int32).view(torch.float32)
+    below = torch.bucketize(rep, mid).to(torch.int64)  # midpoints < rep
+    base = below - (inside < rep).to(torch.int64)  # without the bucket's own midpoint
+    return base.to(torch.uint8 if base.max() < 256 else torch.int16).to(device), inside.to(device)
+
+
+def nearest_codes(y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The codes of float32 ``y`` (normalized values): the number of midpoints < y (the spec's
+    rule), as uint8."""
+    base, inside = _buckets(maps, kind, y.device)
+    idx = ((y.contiguous().view(torch.int32) >> 16) & 0xFFFF).reshape(-1)  # int32: index_select takes it
+    code = base.index_select(0, idx).to(torch.uint8) + (y.reshape(-1) > inside.index_select(0, idx)).to(torch.uint8)
+    return code.view(y.shape)
+
+
 def map_tensor(kind: str, device="cpu", name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [256], midpoints) of the map in use for ``kind``, float32 on ``device``."""
     return _tables(name or maps, kind, torch.device(device))
@@ -169,7 +200,6 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, kind: str) -> torch.Te
 
 def quantize_(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, kind: str) -> None:
     """Store the values ``x`` (any float dtype, the codes' shape) into ``codes`` and ``absmax``."""
-    _, midpoints = map_tensor(kind, codes.device)
     n = codes.numel()
     flat = x.reshape(-1).float()
     pad = absmax.numel() * BLOCK - n
@@ -180,7 +210,7 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, kind: 
     # A NaN in a block: amax is NaN (amax propagates it), so the block decodes as NaN.
     y = blocks / torch.where(amax > 0, amax, torch.ones_like(amax)).view(-1, 1)
     y = torch.where(amax.view(-1, 1) > 0, y, torch.zeros_like(y))
-    c = torch.bucketize(y, midpoints)  # index of the first midpoint >= y: ties to the lower code
+    c = nearest_codes(y, kind)  # the number of midpoints < y: ties to the lower code
     codes.view(-1).copy_(c.reshape(-1)[:n])
     absmax.copy_(amax)
 
