@@ -77,7 +77,7 @@ def check_state_bits(value) -> None:
 
 
 def _dynamic(signed: bool) -> list[float]:
-    # Dettmers et al. 2021, Sec. 2.2 (dynamic tree quantization): after the sign bit (signed
+    # Dettmers et al. 2021 (dynamic tree quantization): after the sign bit (signed
     # only) e zero bits give the decade 10^-e, a 1 bit ends them, the remaining f bits are a
     # linear fraction: 2^f values at the midpoints of (0.1, 1) cut in 2^f equal parts. e = 0..6
     # leaves room for exactly two more values: 0 and 1.0 (absmax itself, exact).
