@@ -177,9 +177,10 @@ def store_param(p: torch.Tensor, p32: torch.Tensor, state: dict, stochastic: boo
         p.copy_(p32)
 
 
-def seeds_of(states, stochastic: bool) -> list[int]:
-    """The fused backends' per-tensor seeds: empty without the option (round to nearest), else
-    one per state (0 for a tensor that has none: a float32 param, whose store ignores it)."""
-    if not stochastic:
+def seeds_of(states, stochastic: bool = True) -> list[int]:
+    """The fused backends' per-tensor seeds: empty for rounding to nearest (``stochastic``
+    False, or no state with a seed: float32 params only), else one per state (0 for a state
+    without one: a float32 param, whose store ignores it)."""
+    if not stochastic or not any("sr_seed" in st for st in states):
         return []
     return [int(st.get("sr_seed", 0)) for st in states]
