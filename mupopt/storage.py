@@ -25,8 +25,9 @@ states keep their rounding to nearest). E[stored] equals the float32 result exac
   (exact); the value rounds up when 31 random bits (as an integer) are below frac*2^31. That is
   exact for |x| >= 2^-32; below, frac*2^31 is truncated and the value rounds up with a
   probability low by less than 2^-31, a bias below 2^-55 in absolute terms.
-- non-finite values (inf, NaN) are rounded to nearest as without the option; finite values above
-  the largest bfloat16 / float16 round to inf with the probability of their fraction.
+- inf stays inf and NaN a quiet NaN (bfloat16: the upper half of its bits with the quiet bit
+  set; float16: torch's conversion); finite values above the largest bfloat16 / float16 round to
+  inf with the probability of their fraction.
 - float32 and float64 params: the option does nothing (their store is exact), so a group may mix
   bfloat16 and float32 params (e.g. norms kept in float32).
 
@@ -143,12 +144,11 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) ->
     """float32 ``x`` rounded to bfloat16 or float16 with the random ``bits`` (int64, one per
     element, shaped like x): the rules of the module docstring."""
     assert x.dtype == torch.float32, x.dtype
-    nearest = x.to(dtype)
     finite = torch.isfinite(x)
     if dtype == torch.bfloat16:
         u = x.view(torch.int32).to(torch.int64) & MASK32
-        up = ((u + (bits >> 16)) >> 16) & 0xFFFF
-        return torch.where(finite, _to_int16(up).view(torch.bfloat16), nearest)
+        up = ((u + torch.where(finite, bits >> 16, 0)) >> 16) | torch.where(x.isnan(), 0x40, 0)
+        return _to_int16(up).view(torch.bfloat16)
     if dtype != torch.float16:
         raise ValueError(f"stochastic rounding stores bfloat16 or float16, not {dtype}")
     a = x.abs()
@@ -161,7 +161,7 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) ->
     threshold = ((y - whole) * 2.0**31).to(torch.int64)
     small = (whole + ((bits >> 1) < threshold).to(torch.float32)) * 2.0**-24
     mag = torch.where(a >= 2.0**-14, normal, small)
-    return torch.where(finite, torch.copysign(mag, x).to(dtype), nearest)
+    return torch.where(finite, torch.copysign(mag, x), x).to(dtype)
 
 
 def store_param(p: torch.Tensor, p32: torch.Tensor, state: dict, stochastic: bool) -> None:

@@ -66,11 +66,16 @@ def test_rule_matches_float64_transcription(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nonfinite_round_to_nearest(dtype):
-    x = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0])
-    bits = storage.random_bits(storage.step_key(5, 1), torch.arange(5))
-    out = storage.round_stochastic(x, dtype, bits)
-    assert torch.equal(out.view(torch.int16), x.to(dtype).view(torch.int16))
+def test_nonfinite_kept(dtype):
+    """inf stays inf, NaN stays NaN (also NaNs whose payload would carry into the exponent or
+    vanish under an added 16 bits: 0x7FFFFFFF, 0x7F800001), zeros keep their sign."""
+    x = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 0.0, 0.0])
+    x.view(torch.int32)[5:] = torch.tensor([0x7FFFFFFF, 0x7F800001], dtype=torch.int32)
+    for seed in range(20):
+        bits = storage.random_bits(storage.step_key(seed, 1), torch.arange(7))
+        out = storage.round_stochastic(x, dtype, bits)
+        assert torch.equal(out[:2], x[:2].to(dtype)) and out[2].isnan() and out[5:].isnan().all()
+        assert torch.equal(out[3:5].view(torch.int16), x[3:5].to(dtype).view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype,value", [

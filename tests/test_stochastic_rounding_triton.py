@@ -47,6 +47,7 @@ def test_store_same_bits_as_reference(dtype):
     x = torch.exp2(torch.empty(n).uniform_(-140 if dtype == torch.bfloat16 else -34, 17, generator=g))
     x = x * torch.randn(n, generator=g).sign()
     x[:5] = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0])
+    x.view(torch.int32)[5:7] = torch.tensor([0x7FFFFFFF, 0x7F800001], dtype=torch.int32)  # NaN payloads
     key = int(storage.step_key(987654321, 12))
     out = torch.empty(n, dtype=dtype)
     kind = _common.param_kind(_common.storage_kind(dtype), True)

@@ -200,14 +200,12 @@ def _random_bits(key, offs):
 
 @triton.jit
 def _bf16_stochastic(x, r):
-    """float32 -> bfloat16 rounded stochastically with random bits r (mupopt/storage.py)."""
+    """float32 -> bfloat16 rounded stochastically with random bits r (mupopt/storage.py): inf
+    stays inf, NaN keeps its upper half with the quiet bit set."""
     u = x.to(tl.uint32, bitcast=True)
-    up = (u + (r >> 16)) >> 16
-    if _INTERPRET:
-        near = _bf16_rtne(x).to(tl.uint16, bitcast=True).to(tl.uint32)
-    else:
-        near = x.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    bits = tl.where((u & 0x7FFFFFFF) < 0x7F800000, up, near)
+    body = u & 0x7FFFFFFF
+    up = (u + tl.where(body < 0x7F800000, r >> 16, 0)) >> 16
+    bits = tl.where(body > 0x7F800000, up | 0x40, up)
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
@@ -226,8 +224,8 @@ def _f16_stochastic(x, r):
     up = ((r >> 1).to(tl.int32) < threshold).to(tl.float32)
     small = ((whole + up) * 5.960464477539063e-08).to(tl.uint32, bitcast=True)
     mag = tl.where(ua < 0x38800000, small, normal)
-    rounded = (mag | (u & tl.cast(0x80000000, tl.uint32))).to(tl.float32, bitcast=True).to(tl.float16)
-    return tl.where(ua < 0x7F800000, rounded, x.to(tl.float16))
+    value = tl.where(ua < 0x7F800000, (mag | (u & tl.cast(0x80000000, tl.uint32))).to(tl.float32, bitcast=True), x)
+    return value.to(tl.float16)
 
 
 @triton.jit
