@@ -65,6 +65,11 @@ class _Entry:
     # (rtol, atol) of a backend against the reference backend; None: (1e-5, 1e-6).
     backend_tol: tuple[float, float] | None = None
     named_kwargs: dict = field(default_factory=dict)  # ours, in the named comparison only
+    # Stochastic rounding check (bf16 params): None where every backend's float32 math is the
+    # reference's, so the stored bits are too (one bfloat16 spacing allowed); else the absolute
+    # drift allowed per step, as a fraction of lr: a float32 difference in the last bit flips a
+    # rounding, and the trained model's gradients then carry the flip on.
+    sr_drift: float | None = None
 
 
 def _torch_adamw(params, **kw):
@@ -111,6 +116,9 @@ OPTIMIZERS = [
         # the bf16 Newton-Schulz outputs differ by bf16 roundings. Measured on an H200 after 10
         # steps at lr 2e-2: max abs difference 3.8e-5 (the float64 check stays at 1e-5).
         named_tol_cuda=(1e-3, 1e-4),
+        # Triton's Newton-Schulz is not the reference's bit for bit; measured under the
+        # interpreter after 10 steps: 4.9e-4 absolute at lr 2e-2 (allowed: 2e-3).
+        sr_drift=0.01,
     ),
     _Entry(
         "shampoo", Shampoo,
@@ -125,6 +133,9 @@ OPTIMIZERS = [
         # condition number, as against float64 above (measured: triton under TRITON_INTERPRET=1,
         # 2.2e-6 to 3.9e-6 absolute after 10 steps).
         backend_tol=(1e-3, 5e-5),
+        # Triton's Gram products and roots differ in the last bit (above); measured under the
+        # interpreter after 10 steps: 1.2e-4 absolute at lr 1e-2 (allowed: 5e-4).
+        sr_drift=0.005,
     ),
 ]
 REFERENCE_NAMES = {
@@ -295,7 +306,8 @@ def _check(entry: _Entry, backend: str, device: str, against: str, steps: int) -
         # Backends whose float32 math differs from the reference's in the last bit (MKL's square
         # root, matmul orders) may round a value the other way: one bfloat16 spacing (2^-7
         # relative; absolute for values near 0).
-        label, result, tol = "reference backend (bf16, stochastic rounding)", params, (2.0**-7, 2.0**-14)
+        atol = 2.0**-14 if entry.sr_drift is None else steps * entry.kwargs["lr"] * entry.sr_drift
+        label, result, tol = "reference backend (bf16, stochastic rounding)", params, (2.0**-7, atol)
     else:
         params = [p.clone().requires_grad_() for p in start]
         for p, q in zip(model.parameters(), params):
