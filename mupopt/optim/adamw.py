@@ -98,6 +98,9 @@ class AdamW(MupOptimizer):
         capturable: as torch: step counts on the params' device, bias corrections as device
             tensors, GradScaler's found_inf applied on the device (no host read in the step).
             Backends that support it: "reference" and "cpu" (``Backend.capturable``).
+        stochastic_rounding: round bfloat16 / float16 param stores stochastically (unbiased; the
+            cure for bf16 params whose small updates round away), not to nearest. Default False;
+            a no-op for float32 params. docs/dtypes.md, mupopt/storage.py.
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
     """
 

@@ -104,7 +104,7 @@ class ADOPT(MupOptimizer):
         foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
             False; capturable: as :class:`mupopt.AdamW`. decouple: only True (torch-adopt's
             default is False: pass decouple=True there for the same optimizer).
-        wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
+        wd_mode, scale_eps, stochastic_rounding, backend: as :class:`mupopt.AdamW`.
     """
 
     rule = "adopt"

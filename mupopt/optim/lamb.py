@@ -148,7 +148,7 @@ class LAMB(MupOptimizer):
         hidden_lr_exponent: the hidden-layer lr multiplier is m_in**hidden_lr_exponent. P1 derives
             0 (the default) assuming ||W||_F ~ ||W||_*; a strict derivation for full-rank hidden
             weights gives -1/2. The coordinate check (mupopt coord-check) tells which transfers.
-        capturable, scale_eps, backend: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
+        capturable, scale_eps, stochastic_rounding, backend: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
     """
 
     rule = "lamb"

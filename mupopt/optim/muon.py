@@ -189,7 +189,8 @@ class Muon(MupOptimizer):
         capturable: the AdamW part's step counts on the params' device and GradScaler's found_inf
             applied on the device, as :class:`mupopt.AdamW` (the Muon part has no step count).
         maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, backend: as :class:`mupopt.AdamW`. stochastic_rounding: as :class:`mupopt.AdamW`,
+            for both parts (Muon's matrices then keep a "step" count in their state for it).
     """
 
     rule = "muon"

@@ -408,7 +408,7 @@ class Shampoo(MupOptimizer):
         grafting_beta2=0.999, grafting_epsilon=1e-8: the Adam grafting (and 1-D) direction.
         root_method: "eigh" (float32, retried in float64) or "newton" (coupled Newton, matmuls
             only; needs a damping that keeps L and R positive definite).
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, backend: as :class:`mupopt.AdamW`.
     """
 
     rule = "shampoo"

@@ -121,7 +121,7 @@ class SophiaG(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
         capturable: as :class:`mupopt.AdamW` (the step count enters no formula here).
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, backend: as :class:`mupopt.AdamW`.
     """
 
     rule = "sophia"
