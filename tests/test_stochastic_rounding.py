@@ -395,3 +395,27 @@ def test_capturable_found_inf_on_device(backend):
     assert _differing([host], [device]) <= (0 if backend == "cpu" else 4)
     _, skipped_steps = run(True, True)
     assert skipped_steps == 2.0
+
+
+def test_lamb_norm_reduce_same_bits():
+    """LAMB's split form (norm_reduce: lamb_partials_ then lamb_apply_, whose step counts are
+    already incremented when the params are stored) against the reference's."""
+    from mupopt import backends
+
+    _cpu_available()
+    out = []
+    for name in ("reference", "cpu"):
+        torch.manual_seed(0)
+        opt = mupopt.LAMB([torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in [(40000,), (9, 4)]],
+                          lr=1e-3, stochastic_rounding=True)
+        group = opt.param_groups[0]
+        states = [opt._init_state(p, group) | {"sr_seed": 99 + i} for i, p in enumerate(group["params"])]
+        hp = dataclasses.replace(opt._hparams(group), stochastic_rounding=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            grads = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in group["params"]]
+            with torch.no_grad():
+                backends.get("lamb", name).fn(group["params"], grads, states, opt.group_multipliers(group), hp,
+                                              norm_reduce=lambda sums: sums)
+        out.append([p.detach().clone() for p in group["params"]])
+    assert _differing(*out) == 0
