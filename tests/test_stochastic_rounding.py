@@ -419,3 +419,15 @@ def test_lamb_norm_reduce_same_bits():
                                               norm_reduce=lambda sums: sums)
         out.append([p.detach().clone() for p in group["params"]])
     assert _differing(*out) == 0
+
+
+def test_state_dict_loads_into_torch_adamw():
+    """The seeds and the group key are extra entries torch.optim.AdamW carries along and ignores."""
+    torch.manual_seed(0)
+    p, opt = _train(lambda ps: mupopt.AdamW(ps, lr=1e-3, stochastic_rounding=True, backend="reference"), 2)
+    q = torch.nn.Parameter(p.detach().clone())
+    theirs = torch.optim.AdamW([q], lr=1e-3)
+    theirs.load_state_dict(opt.state_dict())
+    q.grad = torch.randn_like(q)
+    theirs.step()
+    assert theirs.state[q]["step"].item() == 3.0 and "sr_seed" in theirs.state[q]
