@@ -178,9 +178,9 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     red[1] = r1;
   } else if constexpr (kNeedsBits<TP, R>) {
     // Stochastic rounding: the random bits of a block of 256 first, in a loop of their own, then
-    // the update reading them from L1. One loop doing both ran the AdamW bf16 step at 1.25x the
-    // round-to-nearest loop (the hash's constants and masks on top of the update's live vectors;
-    // 1.42 vs 1.13 ns per element, L2-resident, AVX2); split: see docs/dtypes.md.
+    // the update reading them from L1. One loop doing both ran the AdamW bf16 step at 1.25-1.30x
+    // the round-to-nearest loop (the hash's constants and masks on top of the update's live
+    // vectors), split 1.2x (L2-resident, AVX2, one thread; docs/dtypes.md).
     (void)red;
     constexpr int kBlock = 256;
     uint32_t bits[kBlock];
