@@ -72,20 +72,14 @@ class Format(enum.IntEnum):
     FP16_SR = 4
 
 
+# The code of each storage dtype, and of its stochastically rounded param store.
 FORMAT_CODES = {torch.float32: Format.FP32, torch.bfloat16: Format.BF16, torch.float16: Format.FP16}
-_STOCHASTIC = {torch.bfloat16: Format.BF16_SR, torch.float16: Format.FP16_SR}
-
-
-def param_format(dtype: torch.dtype, stochastic: bool) -> Format:
-    """The storage code of a param store: stochastic rounding applies to 16-bit dtypes only."""
-    if stochastic and dtype in _STOCHASTIC:
-        return _STOCHASTIC[dtype]
-    return FORMAT_CODES[dtype]
+STOCHASTIC_FORMATS = {torch.bfloat16: Format.BF16_SR, torch.float16: Format.FP16_SR}
 
 
 def rounds_stochastically(t: torch.Tensor) -> bool:
     """Whether stochastic rounding changes anything for a tensor of this dtype."""
-    return t.dtype in _STOCHASTIC
+    return t.dtype in STOCHASTIC_FORMATS
 
 
 def _mul32(x, c: int):

@@ -95,8 +95,8 @@ CACHE_SIZE = 64
 # Storage codes of the kernels' compile-time dtype arguments (False/True are 0/1): those of
 # mupopt.storage.Format. 3 and 4 are param formats only: bfloat16 / float16 storage whose stores
 # round stochastically (_store with the tensor's key; keys_arg).
-_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_STOCHASTIC_KIND = {1: 3, 2: 4}
+_KIND = {dtype: int(code) for dtype, code in storage.FORMAT_CODES.items()}
+_STOCHASTIC_KIND = {_KIND[dtype]: int(code) for dtype, code in storage.STOCHASTIC_FORMATS.items()}
 
 
 def storage_kind(dtype: torch.dtype) -> int:
