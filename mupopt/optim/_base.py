@@ -42,6 +42,7 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -57,7 +58,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from .. import backends
+from .. import backends, storage
 from ..mup import (RECORD_KEY, BaseShapes, MupError, Multipliers, WidthInfo, canonical_name, copy_record, decay_rule,
                    format_table, load_base_shapes, multipliers, name_in_models, old_record, read_record,
                    recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
@@ -528,6 +529,7 @@ class MupOptimizer(Optimizer):
         self._widths: dict[torch.Tensor, tuple[dict, str | None]] = {}
         defaults.setdefault("wd_mode", "independent")
         defaults.setdefault("scale_eps", False)
+        defaults.setdefault("stochastic_rounding", False)
         self._check_group(defaults)
         super().__init__(params, defaults)
         self.state = _tracked(self.state)
@@ -554,6 +556,8 @@ class MupOptimizer(Optimizer):
         check(group["wd_mode"] in WD_MODES, f"Invalid wd_mode: {group['wd_mode']!r} (expected one of {WD_MODES})")
         check(isinstance(group["scale_eps"], bool), f"Invalid scale_eps: {group['scale_eps']!r}")
         check(isinstance(group.get("maximize", False), bool), f"maximize must be a bool, got {group.get('maximize')!r}")
+        check(isinstance(group.get("stochastic_rounding", False), bool),
+              f"Invalid stochastic_rounding: {group.get('stochastic_rounding')!r} (expected a bool)")
 
     def add_param_group(self, param_group: dict) -> None:
         self.__dict__.pop("_plan_cache", None)
@@ -904,6 +908,7 @@ class MupOptimizer(Optimizer):
         key = (
             kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), "mup" in group,
             self._plan_options(group), bool(group.get("capturable", False)), self.backend,
+            bool(group.get("stochastic_rounding", False)),
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
@@ -1092,6 +1097,8 @@ class MupOptimizer(Optimizer):
         except Exception:
             _drop_states(self.state, created)
             raise
+        if group.get("stochastic_rounding", False):
+            self._add_rounding_state(group, plan)
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:
@@ -1111,6 +1118,22 @@ class MupOptimizer(Optimizer):
         else:
             plan.state_version = None
         return created
+
+    def _add_rounding_state(self, group: dict, plan: GroupPlan) -> None:
+        """What stochastic rounding needs in the state of each bfloat16 / float16 param
+        (mupopt/storage.py): its seed, drawn here from torch's default generator the first time
+        the param is stepped with the option on (a state loaded with one keeps it, so a resume
+        continues the same random stream), and a step count where the state has none (Muon's
+        matrices; their backends then count it). Created after every check of the plan, and
+        only by a step that is taken: a step GradScaler skips draws nothing."""
+        for p in plan.params:
+            if not storage.rounds_stochastically(p):
+                continue
+            st = self.state[p]
+            if "sr_seed" not in st:
+                st["sr_seed"] = storage.draw_seed()
+            if "step" not in st:
+                st["step"] = new_step(p, group)
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
         """The state keys the step of ``group["params"][i]`` reads (those :meth:`_init_state`
@@ -1287,6 +1310,8 @@ class MupOptimizer(Optimizer):
                     continue
                 try:
                     hp = self._hparams_for(seg.kernel, group, extra)
+                    if group.get("stochastic_rounding", False):
+                        hp = dataclasses.replace(hp, stochastic_rounding=True)
                     if seg.backend.prepare is not None:
                         calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
                     else:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .. import backends
+from ..storage import store_param
 from ._placement import NormReduce as ShardNormReduce
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
                     is_number, new_step, skip_on_found_inf, step_count, store, upcast)
@@ -29,6 +30,7 @@ class LAMBHparams:
     clamp_value: float | None
     maximize: bool
     capturable: bool = False
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 NormReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -113,7 +115,7 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
             p32, update = _lamb_direction(p, g, st, m, hp)
             trust = trust_ratio(sum_of_squares(p32), sum_of_squares(update), hp, p32.dtype)
             p32.add_(update * trust, alpha=-hp.lr * m.lr)
-            store(p, p32)
+            store_param(p, p32, st, hp.stochastic_rounding)
         return
     if not params:
         return
@@ -125,10 +127,10 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
         partials[i, 1] = sum_of_squares(update)
         pending.append((p32, update))
     reduced = reduce_norm_sums(norm_reduce, partials)
-    for i, (p, m, (p32, update)) in enumerate(zip(params, mults, pending)):
+    for i, (p, st, m, (p32, update)) in enumerate(zip(params, states, mults, pending)):
         trust = trust_ratio(reduced[i, 0], reduced[i, 1], hp, p32.dtype)
         p32.add_(update * trust, alpha=-hp.lr * m.lr)
-        store(p, p32)
+        store_param(p, p32, st, hp.stochastic_rounding)
 
 
 backends.register(backends.Backend("lamb", "reference", skip_on_found_inf(lamb_reference), capturable=True))
@@ -146,7 +148,7 @@ class LAMB(MupOptimizer):
         hidden_lr_exponent: the hidden-layer lr multiplier is m_in**hidden_lr_exponent. P1 derives
             0 (the default) assuming ||W||_F ~ ||W||_*; a strict derivation for full-rank hidden
             weights gives -1/2. The coordinate check (mupopt coord-check) tells which transfers.
-        capturable, scale_eps, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
+        capturable, scale_eps, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
     """
 
     rule = "lamb"
@@ -164,6 +166,7 @@ class LAMB(MupOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         scale_eps: bool = False,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -172,6 +175,7 @@ class LAMB(MupOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp_value=clamp_value,
             hidden_lr_exponent=hidden_lr_exponent, maximize=maximize, capturable=capturable, scale_eps=scale_eps,
         )
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

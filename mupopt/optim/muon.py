@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .. import backends
+from ..storage import store_param
 from ..linalg import newton_schulz
 from ..mup import RECORD_KEY, MupError, Multipliers, multipliers, read_record
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
@@ -61,6 +62,7 @@ class MuonHparams:
     eps: float
     adjust_lr_fn: str | None
     ns_dtype: torch.dtype
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
@@ -134,11 +136,13 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonali
             out = ns(torch.stack([views[i] for i in idx]))
             for k, i in enumerate(idx):
                 ortho[i] = out[k]
-    for p, o, m in zip(params, ortho, mults):
+    for p, o, m, st in zip(params, ortho, mults, states):
         p32 = upcast(p, compute_dtype(p))
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr)
-        store(p, p32)
+        if "step" in st:  # stochastic rounding's count (mupopt/storage.py); torch's Muon has none
+            st["step"] += 1
+        store_param(p, p32, st, hp.stochastic_rounding)
 
 
 def ns_steps(hp: MuonHparams) -> int:
@@ -185,7 +189,8 @@ class Muon(MupOptimizer):
         capturable: the AdamW part's step counts on the params' device and GradScaler's found_inf
             applied on the device, as :class:`mupopt.AdamW` (the Muon part has no step count).
         maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
-        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. stochastic_rounding: as :class:`mupopt.AdamW`,
+            for both parts (Muon's matrices then keep a "step" count in their state for it).
     """
 
     rule = "muon"
@@ -209,6 +214,7 @@ class Muon(MupOptimizer):
         adamw_wd: float = 0.01,
         capturable: bool = False,
         wd_mode: str = "independent",
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -219,6 +225,7 @@ class Muon(MupOptimizer):
             ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_wd=adamw_wd, use_muon=None, capturable=capturable, wd_mode=wd_mode, scale_eps=False,
         )
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

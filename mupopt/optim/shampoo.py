@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import backends
+from ..storage import store_param
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
 from ._base import (MupOptimizer, _agree, _distributed_ready, check, check_betas, check_lr, check_weight_decay, compute_dtype, fp32,
@@ -42,6 +43,7 @@ class ShampooHparams:
     grafting_beta2: float
     grafting_epsilon: float
     root_method: str
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def blocks_of(rows: int, cols: int, max_dim: int) -> list[tuple[slice, slice]]:
@@ -192,7 +194,7 @@ def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams, 
             p32 = upcast(p, cd)
             p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
             p32.add_(mom32, alpha=-hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr)
-            store(p, p32)
+            store_param(p, p32, st, hp.stochastic_rounding)
 
     return commit
 
@@ -406,7 +408,7 @@ class Shampoo(MupOptimizer):
         grafting_beta2=0.999, grafting_epsilon=1e-8: the Adam grafting (and 1-D) direction.
         root_method: "eigh" (float32, retried in float64) or "newton" (coupled Newton, matmuls
             only; needs a damping that keeps L and R positive definite).
-        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "shampoo"
@@ -431,6 +433,7 @@ class Shampoo(MupOptimizer):
         grafting_epsilon: float = 1e-8,
         root_method: str = "eigh",
         wd_mode: str = "independent",
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -442,6 +445,7 @@ class Shampoo(MupOptimizer):
             relative_epsilon=relative_epsilon, grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
             root_method=root_method, wd_mode=wd_mode, scale_eps=False,
         )
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
