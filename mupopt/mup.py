@@ -27,6 +27,10 @@ also records the width info by parameter name on the module that owns it
 (``module.mupopt_widths``), and remembers the model (weakly): an optimizer built later over the
 new Parameters finds their width info there (:func:`recover_width_infos`), so the order
 ``set_base_shapes`` -> ``fully_shard`` -> optimizer gives the same muP run as the reverse.
+
+Depth information (:func:`set_base_depth`: CompleteP, Dey et al., arXiv 2505.01618; depth-muP,
+Yang et al., arXiv 2310.02244) is kept the same way, in ``p.mupopt_depth`` and
+``module.mupopt_depths``, and joins the width record (docs/mup.md, "Depth").
 """
 from __future__ import annotations
 
