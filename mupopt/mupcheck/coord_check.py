@@ -24,6 +24,11 @@ random initial weights that shrink like 1/sqrt(width) (e.g. attention logits thr
 W_q0^T W_k0), so at small widths and few steps a mildly negative slope is expected and passes.
 SP "grows" when the slope is > ``grow`` (default 0.4). See docs/mup-results.md for the measured
 slopes these thresholds come from.
+
+Over depth (``--depths 2,4,8,16,32``, GPT, fixed width): the same slopes against depth, SP (no
+depth rule, residual multiplier 1) against the depth rule (mupopt.set_base_depth, ``--alpha``),
+with the extra layer type ``stream``, the last block's output: the residual stream whose change
+each block should contribute Theta(1/L) to (docs/mup.md, "Depth"). Same thresholds.
 """
 from __future__ import annotations
 

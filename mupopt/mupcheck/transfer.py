@@ -21,6 +21,10 @@ Summary numbers per (optimizer, param, wd_mode):
 - ``fixed_lr_monotone``: at the lr that is best at the base width, whether the loss never gets
   worse as the width grows (P1's second criterion), with the losses.
 
+Over depth (``--depths 2,4,16``): the same sweep at one width (the first of ``--widths``) and
+several depths, SP (no depth rule) against the depth rule of mupopt.set_base_depth (``--alpha``,
+base depth the smallest); the summary's ``widths`` then lists depths (``axis`` "depth").
+
 Weight decay (P2, Kosson et al., arXiv 2510.19093): ``--wd-modes independent,coupled`` runs muP
 with both decay modes; the difference needs training long compared with 1/(lr*wd) steps, so at
 CPU scale pass a large ``--wd`` to shorten that time scale (and say so when quoting results).
