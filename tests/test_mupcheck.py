@@ -195,3 +195,12 @@ def test_transfer_over_depth_writes_a_depth_summary(tmp_path):
     assert set(rows) == {"sp", "depth"}
     assert rows["depth"]["axis"] == "depth" and rows["depth"]["widths"] == [2, 4]
     assert json.loads((tmp_path / "transfer-summary.json").read_text())["settings"]["depths"] == [2, 4]
+
+
+def test_joint_width_and_depth_sweep_pairs_them(tmp_path):
+    records = transfer.sweep(["adamw"], [16, 32], depths=(2, 4), joint=True, lrs=[1e-2], steps=1, batch=2, seq=8,
+                             eval_batches=1)
+    assert {(r["param"], r["width"], r["depth"]) for r in records} == {
+        (p, w, d) for p in ("sp", "depth") for w, d in ((16, 2), (32, 4))}
+    with pytest.raises(ValueError, match="pairs widths with depths"):
+        transfer.sweep(["adamw"], [16, 32], depths=(2, 4, 8), joint=True, lrs=[1e-2], steps=1)

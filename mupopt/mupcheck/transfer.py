@@ -100,19 +100,23 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
           base_width: int | None = None, seeds: int = 1, wd: float | None = None, device: str = "cpu",
           corpus: str | None = None, hess_every: int = 10, precondition_frequency: int = 10,
           muon_adamw_ratio: float = 0.1, eval_batches: int = 8, depths=None, alpha: float = 1.0,
-          progress=None) -> list[dict]:
+          joint: bool = False, progress=None) -> list[dict]:
     """Every (optimizer, param, wd_mode, seed, width, lr) run; the records of :func:`train_run`.
     SP runs use only the first wd mode (SP has no lr multipliers, so the modes coincide); LAMB
     has no wd mode (its decay is inside the trust-ratio update).
 
     ``depths``: the sweep over depth instead, at the fixed width ``widths[0]`` (its own base
     width): params "sp" (no depth rule) and "depth" (mupopt.set_base_depth with ``alpha``
-    against the smallest depth; "mup" in ``params`` means it)."""
+    against the smallest depth; "mup" in ``params`` means it). ``joint``: width and depth grow
+    together, the i-th width with the i-th depth (e.g. widths 32,64 with depths 2,8): "depth"
+    is then muP in width plus the depth rule, "sp" standard parameterization in both."""
     widths = sorted(widths)
     data = load_corpus(corpus)
+    if joint and (not depths or len(depths) != len(widths)):
+        raise ValueError(f"joint=True pairs widths with depths: got {len(widths)} widths and {len(depths or ())} depths")
     if depths:
         params = tuple("depth" if p == "mup" else p for p in params)
-        runs = [(widths[0], d) for d in sorted(depths)]
+        runs = list(zip(widths, sorted(depths))) if joint else [(widths[0], d) for d in sorted(depths)]
         base_width = widths[0]
     else:
         runs = [(w, depth) for w in widths]
@@ -159,9 +163,9 @@ def _parabola_min(xs: list[float], ys: list[float], i: int) -> float:
 
 
 def axis_of(records: list[dict]) -> str:
-    """"depth" for a sweep over depth (its runs differ in depth, not width), else "width"."""
-    depths = {r.get("depth") for r in records}
-    return "depth" if len(depths) > 1 and len({r["width"] for r in records}) == 1 else "width"
+    """"depth" for a sweep over depth (its runs differ in depth; in a joint sweep also in
+    width, one width per depth), else "width"."""
+    return "depth" if len({r.get("depth") for r in records}) > 1 else "width"
 
 
 def summarize(records, wide: int = 128) -> list[dict]:
@@ -325,6 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "the depth rule of mupopt.set_base_depth against the smallest depth)")
     parser.add_argument("--alpha", type=float, default=1.0, help="depth rule's residual exponent (1 CompleteP, "
                         "0.5 depth-muP; default 1)")
+    parser.add_argument("--joint", action="store_true", help="with --depths: width and depth grow together, the "
+                        "i-th width with the i-th depth (muP + depth rule vs SP in both)")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per point (default 1)")
     parser.add_argument("--hess-every", type=int, default=10, help="SophiaG Hessian update interval (default 10)")
@@ -350,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
         depth=args.depth, n_head=args.n_head, base_width=args.base_width, seeds=args.seeds, device=args.device,
         corpus=args.corpus, hess_every=args.hess_every, precondition_frequency=args.precondition_frequency,
         muon_adamw_ratio=args.muon_adamw_ratio, eval_batches=args.eval_batches,
-        **({"depths": args.depths, "alpha": args.alpha} if args.depths else {}),
+        **({"depths": args.depths, "alpha": args.alpha, "joint": args.joint} if args.depths else {}),
     )
     print(format_summary(result["summary"]))
     print(f"\nwrote {len(result['files'])} files under {args.out} in {result['seconds']:.0f} s")
