@@ -204,3 +204,11 @@ def test_joint_width_and_depth_sweep_pairs_them(tmp_path):
         (p, w, d) for p in ("sp", "depth") for w, d in ((16, 2), (32, 4))}
     with pytest.raises(ValueError, match="pairs widths with depths"):
         transfer.sweep(["adamw"], [16, 32], depths=(2, 4, 8), joint=True, lrs=[1e-2], steps=1)
+
+
+def test_depth_sweep_sp_and_rule_coincide_at_the_base_depth():
+    """At the base depth the depth rule is the identity: SP and the rule give the same run (for
+    Muon too, whose routing follows the width information both keep)."""
+    records = transfer.sweep(["muon"], [16], depths=(2, 4), lrs=[1e-2], steps=2, batch=2, seq=8, eval_batches=1)
+    at_base = {r["param"]: r["val_loss"] for r in records if r["depth"] == 2}
+    assert at_base["sp"] == at_base["depth"]

@@ -150,7 +150,9 @@ def coord_data(
                     rule = {"alpha": alpha, "base_depth": min(depths)} if (depths and param == "depth") else {}
                     cfg = config_for(model, data, base_width=base_width or widths[0], depth=d, n_head=n_head,
                                      block_size=max(seq, 8), **rule)
-                    net = build_model(cfg, width, "mup" if param == "depth" else param, seed=seed, device=device)
+                    # Over depth, SP keeps the width information (multipliers 1 at this, the base
+                    # width): only the depth rule differs between the two (Muon routes by it).
+                    net = build_model(cfg, width, "mup" if depths else param, seed=seed, device=device)
                     x, y = _fixed_batch(cfg, data, batch, seq, seed, device)
                     opt = make_optimizer(name, net, opt_lr, wd=0.0)
                     base = {"width": width, "optimizer": name, "param": param, "seed": seed, "model": model}

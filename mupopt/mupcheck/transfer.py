@@ -63,11 +63,12 @@ def _evaluate(model, data, batches, seq, device, seed=12345, n=8) -> float:
 def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = "mup", wd: float = 0.0,
               wd_mode: str = "independent", steps: int = 150, batch: int = 16, seq: int = 64, seed: int = 0,
               device: str = "cpu", hess_every: int = 10, precondition_frequency: int = 10,
-              muon_adamw_ratio: float = 0.1, eval_batches: int = 8) -> dict:
-    """Train one model; return its record (losses nan when it diverged)."""
+              muon_adamw_ratio: float = 0.1, eval_batches: int = 8, width_param: str | None = None) -> dict:
+    """Train one model; return its record (losses nan when it diverged). ``width_param``: the
+    width parameterization to build with when it is not ``param`` (the depth sweeps)."""
     clock = Timer()
     torch.manual_seed(seed)
-    model = build_model(cfg, width, "mup" if param == "depth" else param, seed=seed, device=device)
+    model = build_model(cfg, width, width_param or param, seed=seed, device=device)
     opt = make_optimizer(optimizer, model, lr, wd=wd, wd_mode=wd_mode,
                          precondition_frequency=precondition_frequency, muon_adamw_ratio=muon_adamw_ratio)
     gen = torch.Generator().manual_seed(seed)
@@ -138,8 +139,13 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
                 for seed in range(seeds):
                     for width, d in runs:
                         cfg = cfg_for(param, d)
+                        # Over depth alone, SP keeps the width information (all multipliers 1 at
+                        # this, the base width): only the depth rule differs (Muon routes by it).
+                        width_param = ("sp" if joint else "mup") if param == "sp" and depths else (
+                            "mup" if param == "depth" else None)
                         for lr in grid:
                             r = train_run(data, cfg, width, name, lr, param=param, wd=decay, wd_mode=mode,
+                                          width_param=width_param,
                                           steps=steps, batch=batch, seq=seq, seed=seed, device=device,
                                           hess_every=hess_every, precondition_frequency=precondition_frequency,
                                           muon_adamw_ratio=muon_adamw_ratio, eval_batches=eval_batches)
