@@ -539,6 +539,8 @@ def _infer(name: str, module, dims: list[Dim], hint: str | None = None) -> Width
         )
     in_s, out_s = scales[fan_in], scales[fan_out]
     m_in, m_out = _ratio(dims[fan_in]), _ratio(dims[fan_out])
+    if module is None:  # known by its name alone (an optimizer's base_shapes=): nn.Linear's layout
+        return _infer_by_name(name, dims, in_s, out_s, m_in, m_out)
     if isinstance(module, _EMBEDDINGS):
         if in_s:
             raise MupError(f"embedding {name!r}: its vocabulary dimension (dim 0) scales with width")
@@ -561,6 +563,54 @@ def _infer(name: str, module, dims: list[Dim], hint: str | None = None) -> Width
         f"is ambiguous (input, output or hidden?); declare it with "
         f"overrides={{{name!r}: 'input' | 'hidden' | 'output' | 'vector' | WidthInfo(...)}}"
     )
+
+
+def _infer_by_name(name: str, dims: list[Dim], in_s: bool, out_s: bool, m_in: float, m_out: float) -> WidthInfo:
+    """The role of a matrix whose module is not known (dims in nn.Linear's (fan_out, fan_in)
+    layout). Both dimensions scale: hidden; only dim 0: input (a Linear from fixed features).
+    Only dim 1 is a readout (nn.Linear (vocab, d): output) or an embedding table (nn.Embedding
+    (vocab, d): input, its fan_in the vocabulary): the same shapes, so the name must be declared."""
+    shape = tuple(s for s, _ in dims)
+    if in_s and out_s:
+        return WidthInfo("hidden", m_in, m_out)
+    if out_s:
+        return WidthInfo("input", m_in, m_out)
+    if in_s:
+        raise MupError(
+            f"parameter {name!r} (shape {shape}): only dimension 1 scales with width, the shape of a readout "
+            f"(nn.Linear weight (vocab, d): role 'output') and of an embedding table (nn.Embedding weight "
+            f"(vocab, d): role 'input'); its name alone does not tell which. Declare it: "
+            f"overrides={{{name!r}: 'output'}} or {{{name!r}: 'input'}} (or call mupopt.set_base_shapes on the "
+            f"model, where the module type tells)"
+        )
+    raise MupError(
+        f"parameter {name!r} (shape {shape}): no dimension scales with width in the recorded base shapes, so "
+        f"its role cannot be told; declare it with overrides={{{name!r}: 'hidden' | 'input' | 'output'}}"
+    )
+
+
+def width_info_by_name(name: str, shape: tuple[int, ...], record: "BaseShapes",
+                       overrides: Mapping[str, "str | WidthInfo"], used: set[str] | None = None) -> WidthInfo:
+    """The width information of a parameter known by its name and global shape only, not its
+    module (an optimizer given ``base_shapes=`` and named parameters): dimensions from the
+    recorded base shapes (:func:`make_base_shapes`; keys and ``name`` compared without wrapper
+    path components, :func:`canonical_name`), the role from which of them scale
+    (:func:`_infer_by_name`) or from ``overrides`` (``{name pattern: role or WidthInfo}``, first
+    match wins; matched patterns are added to ``used``)."""
+    key = canonical_name(name)
+    pattern = _matches([name, key], overrides)
+    if key in record or pattern is None:
+        dims = _dims_from_record(name, shape, record, key)
+    else:  # declared by an override and absent from the record: nothing scales but the override
+        dims = [(s, None) for s in shape]
+    _check_not_narrower(name, shape, dims)
+    if pattern is not None:
+        if used is not None:
+            used.add(pattern)
+        info = _from_override(name, None, dims, overrides[pattern])
+    else:
+        info = _infer(name, None, dims)
+    return dataclasses.replace(info, name=name)
 
 
 def _from_override(name, module, dims: list[Dim], value) -> WidthInfo:

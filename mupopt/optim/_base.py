@@ -51,15 +51,16 @@ import operator
 import os
 import warnings
 from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from .. import backends
-from ..mup import (RECORD_KEY, DepthInfo, MupError, Multipliers, WidthInfo, copy_record, decay_rule, depth_info, format_table,
-                   multipliers, name_in_models, old_record, read_depth, read_record, recover_width_infos, width_info,
-                   width_record, WD_MODES)
+from ..mup import (RECORD_KEY, BaseShapes, DepthInfo, MupError, Multipliers, WidthInfo, canonical_name, copy_record,
+                   decay_rule, depth_info, format_table, load_base_shapes, multipliers, name_in_models, old_record,
+                   read_depth, read_record, recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
 from ._placement import (ELEMENTWISE, check_placements, dense, dist, elementwise_view, is_dtensor, local, local_grad,
                          local_state, needs_view, same_layout, viewed_like)
 
@@ -402,6 +403,47 @@ class _KeepDtype:
         return cast(self.value)
 
 
+class _NamedWidths:
+    """An optimizer's ``base_shapes=`` and ``overrides=``: the width information of each named
+    parameter from recorded base shapes (:func:`mupopt.mup.width_info_by_name`)."""
+
+    def __init__(self, base_shapes, overrides):
+        if isinstance(base_shapes, (str, os.PathLike)):
+            base_shapes = load_base_shapes(base_shapes)
+        if not isinstance(base_shapes, BaseShapes):
+            raise MupError(
+                f"base_shapes= takes recorded base shapes (mupopt.make_base_shapes(base, delta, path), or that "
+                f"path), got {type(base_shapes).__name__}; a base model goes to mupopt.set_base_shapes(model, base)"
+            )
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise MupError(f"overrides= takes {{name pattern: role or WidthInfo}}, got {type(overrides).__name__}")
+        self.record = BaseShapes({canonical_name(n): dims for n, dims in base_shapes.items()})
+        self.overrides = dict(overrides or {})
+        self.used: set[str] = set()
+
+    def info(self, p: torch.Tensor, name: str | None, carried: WidthInfo | None) -> WidthInfo:
+        """p's width info by its name; ``carried``: what p carries (set_base_shapes), which must agree."""
+        if name is None:
+            raise MupError(
+                f"base_shapes= finds each parameter's width information by its name, and a parameter of shape "
+                f"{tuple(p.shape)} came without one: pass model.named_parameters() (or param groups built from "
+                f"(name, parameter) pairs), as torch.optim accepts them"
+            )
+        info = width_info_by_name(name, tuple(p.shape), self.record, self.overrides, self.used)
+        if carried is not None and carried != info:
+            raise MupError(
+                f"parameter {name!r} carries width information from mupopt.set_base_shapes ({carried.role}, m_in "
+                f"{carried.m_in:g}, m_out {carried.m_out:g}) that differs from what base_shapes= gives it ({info.role}, "
+                f"m_in {info.m_in:g}, m_out {info.m_out:g}): give it one source"
+            )
+        return info
+
+    def check_all_used(self) -> None:
+        unused = set(self.overrides) - self.used
+        if unused:
+            raise MupError(f"overrides {sorted(unused)} match no parameter given to the optimizer")
+
+
 def new_step(p: torch.Tensor, group: dict) -> torch.Tensor:
     """A new state's step count: a float32 scalar on the CPU (the host reads it for the bias
     corrections), or on the param's device with ``capturable=True`` (as torch.optim)."""
@@ -465,16 +507,22 @@ class MupOptimizer(Optimizer):
     # wrapper (a closure over the original optimizer) and its ``_opt_called``, GradScaler's
     # per-step found_inf / grad_scale, and private caches named "_plan..." (derived from the
     # param groups; rebuilt when next needed).
-    _PICKLED: ClassVar[tuple[str, ...]] = ("backend", "_widths")
+    _PICKLED: ClassVar[tuple[str, ...]] = ("backend", "_widths", "_named_widths")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "rule" in cls.__dict__:  # an optimizer of its own (not a user's subclass of one)
             _OPTIMIZER_CLASSES.append(cls)
 
-    def __init__(self, params, defaults: dict, *, backend: str = "auto"):
+    def __init__(self, params, defaults: dict, *, backend: str = "auto", base_shapes=None, overrides=None):
         backends.check_name(self.rule, backend)
         self.backend = backend
+        # base_shapes= (class docstrings): width information of named parameters by name, for
+        # frameworks that build the optimizer from named parameters and give it no model.
+        self._named_widths = _NamedWidths(base_shapes, overrides) if base_shapes is not None else None
+        if base_shapes is None and overrides is not None:
+            raise MupError("overrides= declares roles for base_shapes=: pass base_shapes= too (or use "
+                           "mupopt.set_base_shapes(model, ..., overrides=...))")
         # Each parameter's width record as add_param_group took it, and its name (or None):
         # {param: (record, name)}. The record in a parameter's state wins over this one (_width_of).
         self._widths: dict[torch.Tensor, tuple[dict, str | None]] = {}
@@ -483,6 +531,8 @@ class MupOptimizer(Optimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
         self.state = _tracked(self.state)
+        if self._named_widths is not None:
+            self._named_widths.check_all_used()
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _check_hparams(self, group: dict) -> None:
@@ -520,6 +570,8 @@ class MupOptimizer(Optimizer):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 info = width_info(p)
+                if self._named_widths is not None:
+                    info = self._named_widths.info(p, names[i] if names else None, info)
                 name = info.name if info is not None and info.name else (names[i] if names else None)
                 self._widths[p] = (width_record(info, p.shape, name, depth_info(p)), name)
             self._check_width_consistency()
@@ -644,6 +696,7 @@ class MupOptimizer(Optimizer):
         # the default backend; one pickled before the records moved into the states has them
         # in group["mup"] lists.
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_named_widths", None)
         if "_widths" not in self.__dict__:
             self._widths = {}
             for group in self.param_groups:

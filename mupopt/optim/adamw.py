@@ -97,6 +97,12 @@ class AdamW(MupOptimizer):
             tensors, GradScaler's found_inf applied on the device (no host read in the step).
             Backends that support it: "reference" and "cpu" (``Backend.capturable``).
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
+        base_shapes: muP width information by parameter name, for code that builds the optimizer
+            from ``model.named_parameters()`` without calling ``mupopt.set_base_shapes`` on the
+            model: recorded base shapes (``mupopt.make_base_shapes(base, delta, path)``) or that
+            path. Roles come from which dimensions scale (docs/mup.md, "Width information by name").
+        overrides: ``{name pattern: role or WidthInfo}`` for base_shapes=, as in set_base_shapes;
+            needed for (vocab, d) matrices, which are readouts or embedding tables.
     """
 
     rule = "adamw"
@@ -118,6 +124,8 @@ class AdamW(MupOptimizer):
         wd_mode: str = "independent",
         scale_eps: bool = False,
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -127,7 +135,7 @@ class AdamW(MupOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
         # runs unchanged (foreach/fused choose among torch's own kernels, here backend= chooses),
         # checked where torch checks them: after the hyperparameters and the params.

@@ -102,7 +102,7 @@ class ADOPT(MupOptimizer):
         foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
             False; capturable: as :class:`mupopt.AdamW`. decouple: only True (torch-adopt's
             default is False: pass decouple=True there for the same optimizer).
-        wd_mode, scale_eps, backend: as :class:`mupopt.AdamW`.
+        wd_mode, scale_eps, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "adopt"
@@ -124,6 +124,8 @@ class ADOPT(MupOptimizer):
         wd_mode: str = "independent",
         scale_eps: bool = False,
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
@@ -133,7 +135,7 @@ class ADOPT(MupOptimizer):
             # so that a state_dict loads into torch-adopt's ADOPT, whose step reads it.
             decouple=decouple,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch-adopt's implementation switches: accepted and recorded in the groups as it
         # records them; backend= chooses the implementation here (see mupopt.AdamW).
         check_implementation_flags("ADOPT", foreach, fused, differentiable)

@@ -146,7 +146,7 @@ class LAMB(MupOptimizer):
         hidden_lr_exponent: the hidden-layer lr multiplier is m_in**hidden_lr_exponent. P1 derives
             0 (the default) assuming ||W||_F ~ ||W||_*; a strict derivation for full-rank hidden
             weights gives -1/2. The coordinate check (mupopt coord-check) tells which transfers.
-        capturable, scale_eps, backend: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
+        capturable, scale_eps, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
     """
 
     rule = "lamb"
@@ -165,12 +165,14 @@ class LAMB(MupOptimizer):
         capturable: bool = False,
         scale_eps: bool = False,
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp_value=clamp_value,
             hidden_lr_exponent=hidden_lr_exponent, maximize=maximize, capturable=capturable, scale_eps=scale_eps,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])

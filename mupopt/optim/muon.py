@@ -185,7 +185,7 @@ class Muon(MupOptimizer):
         capturable: the AdamW part's step counts on the params' device and GradScaler's found_inf
             applied on the device, as :class:`mupopt.AdamW` (the Muon part has no step count).
         maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "muon"
@@ -210,6 +210,8 @@ class Muon(MupOptimizer):
         capturable: bool = False,
         wd_mode: str = "independent",
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -217,7 +219,7 @@ class Muon(MupOptimizer):
             ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_wd=adamw_wd, use_muon=None, capturable=capturable, wd_mode=wd_mode, scale_eps=False,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
         check(not isinstance(group["lr"], torch.Tensor) or group["lr"].numel() == 1, "Tensor lr must be 1-element")

@@ -406,7 +406,7 @@ class Shampoo(MupOptimizer):
         grafting_beta2=0.999, grafting_epsilon=1e-8: the Adam grafting (and 1-D) direction.
         root_method: "eigh" (float32, retried in float64) or "newton" (coupled Newton, matmuls
             only; needs a damping that keeps L and R positive definite).
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "shampoo"
@@ -432,6 +432,8 @@ class Shampoo(MupOptimizer):
         root_method: str = "eigh",
         wd_mode: str = "independent",
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         defaults = dict(
             lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
@@ -440,7 +442,7 @@ class Shampoo(MupOptimizer):
             relative_epsilon=relative_epsilon, grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
             root_method=root_method, wd_mode=wd_mode, scale_eps=False,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])

@@ -119,7 +119,7 @@ class SophiaG(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
         capturable: as :class:`mupopt.AdamW` (the step count enters no formula here).
-        wd_mode, backend: as :class:`mupopt.AdamW`.
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "sophia"
@@ -136,13 +136,15 @@ class SophiaG(MupOptimizer):
         capturable: bool = False,
         wd_mode: str = "independent",
         backend: str = "auto",
+        base_shapes=None,
+        overrides=None,
     ):
         # sophia-opt's switch, recorded in the groups as it records it; only False here.
         defaults = dict(
             lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, maximize=maximize, wd_mode=wd_mode,
             capturable=capturable,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
         check_lr(group["lr"])
