@@ -608,7 +608,13 @@ class MupOptimizer(Optimizer):
         st = self.state.get(p)
         if st and st.get(RECORD_KEY):
             record = st[RECORD_KEY]
-        return read_depth(record, lambda: self._label(p))
+        cache = self.__dict__.setdefault("_plan_depths", {})  # as _width_of's: once per record object
+        hit = cache.get(p)
+        if hit is not None and hit[0] is record:
+            return hit[1]
+        depth = read_depth(record, lambda: self._label(p))
+        cache[p] = (record, depth)
+        return depth
 
     def depth_infos(self, group: dict) -> list[DepthInfo | None]:
         """The depth info of each parameter of ``group`` (None: no depth rule for it)."""
