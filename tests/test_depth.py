@@ -310,3 +310,26 @@ def test_inverse_width_decay_is_independent_decay_over_width():
         torch_opt.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_depth_survives_fully_shard():
+    """FSDP2 (fully_shard, a one-rank gloo mesh) after set_base_shapes and set_base_depth: the
+    optimizer built over the new DTensor parameters gets the single-process multipliers."""
+    from torch.distributed.fsdp import fully_shard
+    import dist_worker as dw
+
+    def build():
+        model = ResNet(depth=4)
+        widths(model, 4)
+        mupopt.set_base_depth(model, model.blocks, base_depth=BASE_D, alpha=0.5)
+        return model
+
+    reference = lr_eps(mupopt.AdamW(build().parameters(), lr=1e-3))
+    with dw.one_rank_mesh() as mesh:
+        model = build()
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(mupopt.depth_info(p) is None for p in model.parameters())  # new Parameters
+        assert lr_eps(mupopt.AdamW(model.parameters(), lr=1e-3)) == reference
+    assert any(m[0] != 1.0 and m[2] != 1.0 for m in reference)
