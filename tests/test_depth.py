@@ -333,3 +333,20 @@ def test_depth_survives_fully_shard():
         assert all(mupopt.depth_info(p) is None for p in model.parameters())  # new Parameters
         assert lr_eps(mupopt.AdamW(model.parameters(), lr=1e-3)) == reference
     assert any(m[0] != 1.0 and m[2] != 1.0 for m in reference)
+
+
+def test_a_checkpoint_saved_without_depth_resumes_with_depth_factor_one():
+    """A state_dict saved before depth existed (records without depth fields) wins over the
+    resuming optimizer's records, as width records do: the run goes on as it was saved."""
+    plain = ResNet(depth=8)
+    opt = mupopt.AdamW(plain.parameters(), lr=1e-3)
+    fill_grads(list(plain.parameters()), 0)
+    opt.step()
+    sd = opt.state_dict()
+    assert all("m_depth" not in st["mup"] for st in sd["state"].values())
+    deep = ResNet(depth=8)
+    mupopt.set_base_depth(deep, deep.blocks, base_depth=BASE_D)
+    resumed = mupopt.AdamW(deep.parameters(), lr=1e-3)
+    assert any(m[2] != 1.0 for m in lr_eps(resumed))  # before the load: its own depth records
+    resumed.load_state_dict(sd)
+    assert all(m == (1.0, 1.0, 1.0) for m in lr_eps(resumed))
