@@ -45,7 +45,7 @@ class OptSpec:
     lr: float
     center: float
     wd: float
-    wd_modes: tuple = ("independent", "coupled")
+    wd_modes: tuple = ("independent", "coupled", "inverse_width")
 
 
 def _adamw(params, lr, wd, wd_mode, **_):

@@ -59,9 +59,9 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends, storage
-from ..mup import (RECORD_KEY, BaseShapes, MupError, Multipliers, WidthInfo, canonical_name, copy_record, decay_rule,
-                   format_table, load_base_shapes, multipliers, name_in_models, old_record, read_record,
-                   recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
+from ..mup import (RECORD_KEY, BaseShapes, DepthInfo, MupError, Multipliers, WidthInfo, canonical_name, copy_record,
+                   decay_rule, depth_info, format_table, load_base_shapes, multipliers, name_in_models, old_record,
+                   read_depth, read_record, recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
 from ._placement import (ELEMENTWISE, check_placements, dense, dist, elementwise_view, is_dtensor, local, local_grad,
                          local_state, needs_view, same_layout, viewed_like)
 
@@ -577,7 +577,7 @@ class MupOptimizer(Optimizer):
                 if self._named_widths is not None:
                     info = self._named_widths.info(p, names[i] if names else None, info)
                 name = info.name if info is not None and info.name else (names[i] if names else None)
-                self._widths[p] = (width_record(info, p.shape, name), name)
+                self._widths[p] = (width_record(info, p.shape, name, depth_info(p)), name)
             self._check_width_consistency()
         except Exception:
             for p in self.param_groups.pop()["params"]:
@@ -605,12 +605,31 @@ class MupOptimizer(Optimizer):
         cache[p] = (record, info)
         return info
 
+    def _depth_of(self, p: torch.Tensor) -> DepthInfo | None:
+        """p's depth info (mupopt.set_base_depth), from the same record as :meth:`_width_of`;
+        None for a record without depth fields (depth factor 1)."""
+        record = self._own(p)[0]
+        st = self.state.get(p)
+        if st and st.get(RECORD_KEY):
+            record = st[RECORD_KEY]
+        cache = self.__dict__.setdefault("_plan_depths", {})  # as _width_of's: once per record object
+        hit = cache.get(p)
+        if hit is not None and hit[0] is record:
+            return hit[1]
+        depth = read_depth(record, lambda: self._label(p))
+        cache[p] = (record, depth)
+        return depth
+
+    def depth_infos(self, group: dict) -> list[DepthInfo | None]:
+        """The depth info of each parameter of ``group`` (None: no depth rule for it)."""
+        return [self._depth_of(p) for p in group["params"]]
+
     def _own(self, p: torch.Tensor) -> tuple[dict, str | None]:
         """(record, name) add_param_group took for p; for a param put into group["params"] by
         hand, what add_param_group would have taken."""
         own = self._widths.get(p)
         if own is None:
-            own = self._widths[p] = (width_record(width_info(p), p.shape), None)
+            own = self._widths[p] = (width_record(width_info(p), p.shape, depth=depth_info(p)), None)
         return own
 
     def _label(self, p: torch.Tensor) -> str:
@@ -647,10 +666,11 @@ class MupOptimizer(Optimizer):
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         options = self._rule_options(group)
-        return [multipliers(self.rule, info, **options) for info in self.width_infos(group)]
+        return [multipliers(self.rule, info, depth=depth, **options)
+                for info, depth in zip(self.width_infos(group), self.depth_infos(group))]
 
     def mup_summary(self) -> str:
-        """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight decay."""
+        """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, depth, weight decay."""
         rows = []
         for gi, group in enumerate(self.param_groups):
             infos = self.width_infos(group)
@@ -658,8 +678,9 @@ class MupOptimizer(Optimizer):
             names = group.get("param_names") or [
                 info.name if info is not None and info.name else f"group{gi}.param{i}" for i, info in enumerate(infos)
             ]
-            for name, p, info, m in zip(names, group["params"], infos, self.group_multipliers(group)):
-                rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
+            for name, p, info, m, depth in zip(names, group["params"], infos, self.group_multipliers(group),
+                                               self.depth_infos(group)):
+                rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m), depth))
         used = self.selected_backends
         ran = "; ".join(f"group {gi}: " + ", ".join(f"{k} on {v}" for k, v in u.items()) for gi, u in enumerate(used) if u)
         return format_table(rows) + "\nbackends at the last step: " + (ran or f"none yet (requested: {self.backend!r})")

@@ -275,13 +275,13 @@ class Muon(MupOptimizer):
         ``shape`` is global, so a rank stepping a shard still scales by the full matrix)."""
         rule = "muon_match_rms_adamw" if group["adjust_lr_fn"] == "match_rms_adamw" else "muon"
         out = []
-        for i, info in enumerate(self.width_infos(group)):
+        for i, (info, depth) in enumerate(zip(self.width_infos(group), self.depth_infos(group))):
             if not self._uses_muon(group, i):
-                out.append(multipliers("adamw", info, wd_mode=group["wd_mode"]))
+                out.append(multipliers("adamw", info, depth=depth, wd_mode=group["wd_mode"]))
             elif info is not None and info.role != "hidden":
                 raise MupError(f"use_muon=True on a parameter of role {info.role!r}: Muon's muP rules cover hidden matrices only")
             else:
-                m = multipliers(rule, info, wd_mode=group["wd_mode"])
+                m = multipliers(rule, info, depth=depth, wd_mode=group["wd_mode"])
                 shape = group["params"][i].shape
                 rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, 1)
                 factor = shape_factor(group["adjust_lr_fn"], rows, cols) if rows and cols else 1.0

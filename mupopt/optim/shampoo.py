@@ -486,13 +486,15 @@ class Shampoo(MupOptimizer):
         return (group["wd_mode"], group["grafting"], group["max_preconditioner_dim"])
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
+        depths = self.depth_infos(group)
         if group["grafting"] == "adam":
-            return [multipliers("shampoo_grafted", info, wd_mode=group["wd_mode"]) for info in self.width_infos(group)]
+            return [multipliers("shampoo_grafted", info, depth=depth, wd_mode=group["wd_mode"])
+                    for info, depth in zip(self.width_infos(group), depths)]
         # The blocks are those of the global shape (a DTensor's p.shape), on every placement.
         return [
-            multipliers("shampoo", info, wd_mode=group["wd_mode"],
+            multipliers("shampoo", info, depth=depth, wd_mode=group["wd_mode"],
                         shampoo_blocks=(tuple(p.shape), group["max_preconditioner_dim"]) if is_matrix(p) else None)
-            for p, info in zip(group["params"], self.width_infos(group))
+            for p, info, depth in zip(group["params"], self.width_infos(group), depths)
         ]
 
     def _owners(self) -> dict[int, list[int]]:
