@@ -57,16 +57,16 @@ cpu::Args cpu_args(const char* op, const c10::optional<c10::Device>& device, boo
 }
 
 cpu::Launch launch_of(Table& t, const Group& g) {
-  return cpu::Launch{t.rows.data() + g.begin, g.n_rows, g.n_chunks, g.param, g.grad};
+  return cpu::Launch{t.rows.data() + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad};
 }
 
 void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList max_exp_avg_sqs, TensorList state_steps, ArrayRef<double> lr_mults,
                ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
                double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
-               const OptTensor& found_inf) {
+               const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
-                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCpuChunk);
+                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCpuChunk, sr_seeds);
   const cpu::Args a = cpu_args("adamw_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
@@ -77,9 +77,9 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 void adopt_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
                ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
-               bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+               bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
-                          weight_decay, eps, kCpuChunk);
+                          weight_decay, eps, kCpuChunk, sr_seeds);
   const cpu::Args a = cpu_args("adopt_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
@@ -90,9 +90,9 @@ void adopt_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
 void lamb_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
               TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr, double beta1,
               double beta2, double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
-              const OptTensor& grad_scale, const OptTensor& found_inf) {
+              const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCpuChunk);
+                         eps, kCpuChunk, sr_seeds);
   const cpu::Args a = cpu_args("lamb_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
@@ -108,9 +108,9 @@ Tensor lamb_partials_cpu(TensorList params, TensorList grads, TensorList exp_avg
                          TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
                          double beta1, double beta2, double weight_decay, double eps,
                          c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                         const OptTensor& found_inf) {
+                         const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCpuChunk, "lamb_partials_");
+                         eps, kCpuChunk, sr_seeds, "lamb_partials_");
   const cpu::Args a = cpu_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
   Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2},
                           at::TensorOptions().dtype(at::kDouble).device(t.device.value_or(at::Device(at::kCPU))));
@@ -126,9 +126,9 @@ void lamb_apply_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Te
                     TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, const Tensor& sums,
                     double lr, double beta1, double beta2, double weight_decay, double eps,
                     c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                    const OptTensor& found_inf) {
+                    const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCpuChunk, "lamb_apply_", /*steps_bumped=*/true);
+                         eps, kCpuChunk, sr_seeds, "lamb_apply_", /*steps_bumped=*/true);
   const Tensor s = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
   const cpu::Args a = cpu_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
@@ -139,9 +139,9 @@ void lamb_apply_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Te
 
 void sophia_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList state_steps,
                 ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr, double beta1, double rho, double bs,
-                double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+                double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
-                           kCpuChunk);
+                           kCpuChunk, sr_seeds);
   const cpu::Args a = cpu_args("sophia_", t.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return;
   bump_steps(state_steps);
@@ -207,17 +207,17 @@ TORCH_LIBRARY(mupopt, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float[] lr_mults, float[] wd_mults, "
       "float[] eps_mults, *, float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
   m.def(
       "adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, *, float lr, "
       "float beta1, float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
   // lamb_ in two calls, for norms reduced by the caller in between (see lamb.h): lamb_partials_
   // updates the moments (float32 states) and the steps and returns float64 [N, 2], per tensor
   // (sum of p*p before the update, sum of u*u); lamb_apply_ takes those sums (reduced) and
@@ -226,16 +226,16 @@ TORCH_LIBRARY(mupopt, m) {
       "lamb_partials_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> Tensor");
+      "Tensor? found_inf=None, int[] sr_seeds=[]) -> Tensor");
   m.def(
       "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] state_steps, float[] lr_mults, float[] eps_mults, Tensor sums, *, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
   m.def(
       "sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] wd_mults, *, float lr, float beta1, float rho, "
-      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
   m.def(
       "sophia_hessian_(Tensor[] grads, Tensor(a!)[] hessians, *, float beta2, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
@@ -286,6 +286,7 @@ bool adamw_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, doubl
   assemble(p, grads, kCpuChunk);
   adamw_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr, beta1,
                 beta2, weight_decay, eps);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const AdamWHyper h = make_adamw_hyper(beta1, beta2);
   for (const Group& g : p.table.groups) cpu::adamw(launch_of(p.table, g), h, amsgrad, a);
@@ -303,6 +304,7 @@ bool adopt_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, doubl
   assemble(p, grads, kCpuChunk, [&](int64_t i) { return adopt_variant(p.before[i]); });
   adopt_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr,
                 weight_decay, eps);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const AdoptHyper h = make_adopt_hyper(beta1, beta2);
   for (const Group& g : p.table.groups) cpu::adopt(launch_of(p.table, g), h, g.variant == 0, a);
@@ -320,6 +322,7 @@ bool lamb_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, double
   read_before(p);
   assemble(p, grads, kCpuChunk);
   lamb_scalars(p.table, p.before.data(), p.lr_mults.data(), p.eps_mults.data(), lr, beta1, beta2, eps);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const LambHyper h =
       make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
@@ -334,8 +337,10 @@ bool sophia_bound_cpu(Plan plan, TensorList grads, double lr, double beta1, doub
   if (!check_grads(p, op, grads)) return false;
   const cpu::Args a = cpu_args(op, p.device, maximize, grad_scale, found_inf);
   if (cpu::skipped(a)) return true;
+  read_before(p);
   assemble(p, grads, kCpuChunk);
   sophia_scalars(p.table, p.lr_mults.data(), p.wd_mults.data(), lr, weight_decay);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);  // rho*bs: the reference's float64 product
   for (const Group& g : p.table.groups) cpu::sophia(launch_of(p.table, g), h, a);
@@ -414,16 +419,16 @@ TORCH_LIBRARY_FRAGMENT(mupopt, m) {
       .def("op", &BoundPlan::op);     // the per-call op it stands for ("adamw_", ...)
 #define MUPOPT_PLAN "__torch__.torch.classes.mupopt.BoundPlan"
   m.def("bind_adamw(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
-        "Tensor[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults) -> " MUPOPT_PLAN,
+        "Tensor[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_adamw);
   m.def("bind_adopt(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
-        "float[] lr_mults, float[] wd_mults, float[] eps_mults) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_adopt);
   m.def("bind_lamb(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
-        "float[] lr_mults, float[] eps_mults) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] eps_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_lamb);
   m.def("bind_sophia(Tensor[] params, Tensor[] exp_avgs, Tensor[] hessians, Tensor[] state_steps, "
-        "float[] lr_mults, float[] wd_mults) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] wd_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_sophia);
   m.def("bind_sophia_hessian(Tensor[] params, Tensor[] hessians) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_sophia_hessian);

@@ -66,7 +66,7 @@ void for_each_group(const char* op, const Table& t, const Tensor& rows, Fn&& fn)
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto* base = reinterpret_cast<TensorRow*>(rows.data_ptr());
   for (const Group& g : t.groups) {
-    C10_CUDA_CHECK(fn(cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, g.param, g.grad}, g, stream));
+    C10_CUDA_CHECK(fn(cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad}, g, stream));
   }
 }
 
@@ -85,9 +85,9 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 TensorList max_exp_avg_sqs, TensorList state_steps, ArrayRef<double> lr_mults,
                 ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
                 double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
-                const OptTensor& found_inf) {
+                const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
-                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCudaChunk);
+                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCudaChunk, sr_seeds);
   const GradArgs ga = grad_args("adamw_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
@@ -101,9 +101,9 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
 void adopt_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                 TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
                 ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
-                bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+                bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
-                          weight_decay, eps, kCudaChunk);
+                          weight_decay, eps, kCudaChunk, sr_seeds);
   const GradArgs ga = grad_args("adopt_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
@@ -117,9 +117,9 @@ void adopt_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
 void lamb_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr, double beta1,
                double beta2, double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
-               const OptTensor& grad_scale, const OptTensor& found_inf) {
+               const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCudaChunk);
+                         eps, kCudaChunk, sr_seeds);
   const GradArgs ga = grad_args("lamb_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
@@ -137,9 +137,9 @@ Tensor lamb_partials_cuda(TensorList params, TensorList grads, TensorList exp_av
                           TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
                           double beta1, double beta2, double weight_decay, double eps,
                           c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                          const OptTensor& found_inf) {
+                          const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCudaChunk, "lamb_partials_");
+                         eps, kCudaChunk, sr_seeds, "lamb_partials_");
   const GradArgs ga = grad_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
   const auto device = t.device.value_or(params.empty() ? at::Device(at::kCPU) : params[0].device());
   Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2}, at::TensorOptions().dtype(at::kDouble).device(device));
@@ -160,9 +160,9 @@ void lamb_apply_cuda(TensorList params, TensorList grads, TensorList exp_avgs, T
                      TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults,
                      const Tensor& sums, double lr, double beta1, double beta2, double weight_decay, double eps,
                      c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                     const OptTensor& found_inf) {
+                     const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCudaChunk, "lamb_apply_", /*steps_bumped=*/true);
+                         eps, kCudaChunk, sr_seeds, "lamb_apply_", /*steps_bumped=*/true);
   const Tensor reduced = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
   const GradArgs ga = grad_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
@@ -177,9 +177,9 @@ void lamb_apply_cuda(TensorList params, TensorList grads, TensorList exp_avgs, T
 void sophia_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                  TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr,
                  double beta1, double rho, double bs, double weight_decay, bool maximize, const OptTensor& grad_scale,
-                 const OptTensor& found_inf) {
+                 const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
   Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
-                           kCudaChunk);
+                           kCudaChunk, sr_seeds);
   const GradArgs ga = grad_args("sophia_", t.device, maximize, grad_scale, found_inf);
   if (found_inf_set(found_inf)) return;
   bump_steps(state_steps);
@@ -252,6 +252,7 @@ bool adamw_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, doub
   assemble(p, grads, kCudaChunk);
   adamw_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr, beta1,
                 beta2, weight_decay, eps);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const Tensor rows = upload_rows(p.table);
   const AdamWHyper h = make_adamw_hyper(beta1, beta2);
@@ -272,6 +273,7 @@ bool adopt_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, doub
   assemble(p, grads, kCudaChunk, [&](int64_t i) { return adopt_variant(p.before[i]); });
   adopt_scalars(p.table, p.before.data(), p.lr_mults.data(), p.wd_mults.data(), p.eps_mults.data(), lr,
                 weight_decay, eps);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const Tensor rows = upload_rows(p.table);
   const AdoptHyper h = make_adopt_hyper(beta1, beta2);
@@ -292,6 +294,7 @@ bool lamb_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, doubl
   if (skip) return true;
   assemble(p, grads, kCudaChunk);
   lamb_scalars(p.table, p.before.data(), p.lr_mults.data(), p.eps_mults.data(), lr, beta1, beta2, eps);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const Tensor rows = upload_rows(p.table);
   const LambHyper h =
@@ -313,6 +316,7 @@ bool sophia_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, dou
   if (skip) return true;
   assemble(p, grads, kCudaChunk);
   sophia_scalars(p.table, p.lr_mults.data(), p.wd_mults.data(), lr, weight_decay);
+  set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
   const Tensor rows = upload_rows(p.table);
   const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);

@@ -58,6 +58,7 @@ struct BoundPlan : torch::CustomClassHolder {
   std::vector<DType> base_param;     // per base row: param/state dtype
   std::vector<double> lr_mults, wd_mults, eps_mults;
   bool has_max = false;  // AdamW: max_exp_avg_sqs bound, so amsgrad steps can run
+  std::vector<int64_t> sr_seeds;  // stochastic rounding of the param stores (prepare.h set_rounding)
 
   // Per-step scratch and the grouping of the last step (reused while the keys are the same).
   std::vector<void*> grad_ptr;  // per base row
@@ -210,7 +211,8 @@ inline void bump_bound_steps(BoundPlan& p) {
 // The bind ops (device independent: the step ops group the rows with their device's chunk).
 inline Plan bind_adamw(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::ArrayRef<double> lr_mults,
-                       at::ArrayRef<double> wd_mults, at::ArrayRef<double> eps_mults) {
+                       at::ArrayRef<double> wd_mults, at::ArrayRef<double> eps_mults,
+                       at::IntArrayRef sr_seeds) {
   // Without max_exp_avg_sqs the plan runs amsgrad=False steps only.
   const bool has_max = !max_exp_avg_sqs.empty() || params.empty();
   Plan p = make_plan("adamw_",
@@ -219,33 +221,47 @@ inline Plan bind_adamw(at::TensorList params, at::TensorList exp_avgs, at::Tenso
                       has_max ? Stream{max_exp_avg_sqs, "max_exp_avg_sqs"} : Stream{}},
                      &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults});
   p->has_max = has_max;
+  check_seeds(p->name.c_str(), sr_seeds, p->n);
+  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
   return p;
 }
 
 inline Plan bind_adopt(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
-                       at::ArrayRef<double> eps_mults) {
-  return make_plan("adopt_",
+                       at::ArrayRef<double> eps_mults,
+                       at::IntArrayRef sr_seeds) {
+  Plan p = make_plan("adopt_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults});
+                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults});;
+  check_seeds(p->name.c_str(), sr_seeds, p->n);
+  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+  return p;
 }
 
 // LAMB has no decay multiplier (the decay is inside u).
 inline Plan bind_lamb(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                      at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> eps_mults) {
-  return make_plan("lamb_",
+                      at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> eps_mults,
+                       at::IntArrayRef sr_seeds) {
+  Plan p = make_plan("lamb_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {nullptr, {}}, {"eps_mults", eps_mults});
+                   &state_steps, {"lr_mults", lr_mults}, {nullptr, {}}, {"eps_mults", eps_mults});;
+  check_seeds(p->name.c_str(), sr_seeds, p->n);
+  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+  return p;
 }
 
 inline Plan bind_sophia(at::TensorList params, at::TensorList exp_avgs, at::TensorList hessians,
-                        at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults) {
-  return make_plan("sophia_",
+                        at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
+                       at::IntArrayRef sr_seeds) {
+  Plan p = make_plan("sophia_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"}, Stream{hessians, "hessians"},
                     Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {nullptr, {}});
+                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {nullptr, {}});;
+  check_seeds(p->name.c_str(), sr_seeds, p->n);
+  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+  return p;
 }
 
 // The Hessian EMA: params are bound for the gradients' shapes (the kernel does not read them);

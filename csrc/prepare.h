@@ -28,6 +28,29 @@ namespace binding {
 using at::ArrayRef;
 using at::TensorList;
 
+// Stochastic rounding of the param stores (storage.h, mupopt/storage.py). ``seeds``: empty
+// (round to nearest) or one per tensor, each the tensor's state["sr_seed"] in [0, 2^32).
+inline void check_seeds(const char* op, ArrayRef<int64_t> seeds, int64_t n) {
+  TORCH_CHECK(seeds.empty() || static_cast<int64_t>(seeds.size()) == n, op, ": sr_seeds has ", seeds.size(),
+              " values for ", n, " tensors (none: round to nearest)");
+  for (size_t i = 0; i < seeds.size(); ++i) {
+    TORCH_CHECK(seeds[i] >= 0 && seeds[i] < (int64_t{1} << 32), op, ": sr_seeds[", i, "] = ", seeds[i],
+                " is not a 32-bit seed");
+  }
+}
+
+// Each row's key from its seed and the step count its param is stored under: ``counts`` before
+// this step's increment, or after it when ``bumped`` (lamb_apply_).
+inline void set_rounding(Table& t, ArrayRef<int64_t> seeds, const double* counts, bool bumped = false) {
+  t.stochastic = !seeds.empty();
+  if (!t.stochastic) return;
+  for (size_t r = 0; r < t.rows.size(); ++r) {
+    const int64_t i = t.source[r];
+    const double step = bumped ? counts[i] : next_step(counts[i]);
+    t.rows[r].sr_key = sr_step_key(static_cast<uint32_t>(seeds[i]), static_cast<uint32_t>(static_cast<int64_t>(step)));
+  }
+}
+
 // Per-tensor scalars, shared by the per-call ops (prepare_* below) and the bound plans
 // (bound.h). ``before[i]``: tensor i's step count before this step; the multipliers per tensor.
 // Rows are visited in table order, where neighbours usually share their step count, so the
@@ -113,10 +136,12 @@ inline void sophia_scalars(Table& t, const double* lr_mults, const double* wd_mu
 inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                            TensorList max_exp_avg_sqs, TensorList steps, ArrayRef<double> lr_mults,
                            ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1,
-                           double beta2, double weight_decay, double eps, bool amsgrad, int64_t chunk) {
+                           double beta2, double weight_decay, double eps, bool amsgrad, int64_t chunk,
+                           ArrayRef<int64_t> sr_seeds) {
   const char* op = "adamw_";
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
+  check_seeds(op, sr_seeds, n);
   check_mults(op, "lr_mults", lr_mults, n);
   check_mults(op, "wd_mults", wd_mults, n);
   check_mults(op, "eps_mults", eps_mults, n);
@@ -127,16 +152,19 @@ inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_a
                        nullptr, AdamWScalars::kCount, chunk);
   adamw_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, beta1, beta2,
                 weight_decay, eps);
+  set_rounding(t, sr_seeds, before.data());
   return t;
 }
 
 // Launch groups of variant 0 hold the tensors at their first step (s == 0: v = g*g only).
 inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                            TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
-                           ArrayRef<double> eps_mults, double lr, double weight_decay, double eps, int64_t chunk) {
+                           ArrayRef<double> eps_mults, double lr, double weight_decay, double eps, int64_t chunk,
+                           ArrayRef<int64_t> sr_seeds) {
   const char* op = "adopt_";
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
+  check_seeds(op, sr_seeds, n);
   check_mults(op, "lr_mults", lr_mults, n);
   check_mults(op, "wd_mults", wd_mults, n);
   check_mults(op, "eps_mults", eps_mults, n);
@@ -145,6 +173,7 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
                        nullptr, AdoptScalars::kCount, chunk, [&](int64_t i) { return adopt_variant(before[i]); });
   adopt_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, weight_decay, eps);
+  set_rounding(t, sr_seeds, before.data());
   return t;
 }
 
@@ -152,10 +181,11 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
 // lamb_partials_ incremented them), so the bias corrections use them as they are.
 inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                           TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
-                          double beta1, double beta2, double eps, int64_t chunk, const char* op = "lamb_",
-                          bool steps_bumped = false) {
+                          double beta1, double beta2, double eps, int64_t chunk, ArrayRef<int64_t> sr_seeds,
+                          const char* op = "lamb_", bool steps_bumped = false) {
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
+  check_seeds(op, sr_seeds, n);
   check_mults(op, "lr_mults", lr_mults, n);
   check_mults(op, "eps_mults", eps_mults, n);
   Table t = make_table(op,
@@ -163,15 +193,18 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
                        nullptr, LambScalars::kCount, chunk);
   lamb_scalars(t, before.data(), lr_mults.data(), eps_mults.data(), lr, beta1, beta2, eps, steps_bumped);
+  set_rounding(t, sr_seeds, before.data(), steps_bumped);
   return t;
 }
 
 inline Table prepare_sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                             TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr,
-                            double weight_decay, int64_t chunk) {
+                            double weight_decay, int64_t chunk, ArrayRef<int64_t> sr_seeds) {
   const char* op = "sophia_";
   const int64_t n = static_cast<int64_t>(params.size());
-  read_steps(op, steps, n);  // checked; Sophia's update does not depend on the count
+  // Sophia's update does not depend on the count; stochastic rounding's key does.
+  const std::vector<double> before = read_steps(op, steps, n);
+  check_seeds(op, sr_seeds, n);
   check_mults(op, "lr_mults", lr_mults, n);
   check_mults(op, "wd_mults", wd_mults, n);
   Table t = make_table(op,
@@ -179,6 +212,7 @@ inline Table prepare_sophia(TensorList params, TensorList grads, TensorList exp_
                         Stream{hessians, "hessians"}, Stream{}},
                        nullptr, SophiaScalars::kCount, chunk);
   sophia_scalars(t, lr_mults.data(), wd_mults.data(), lr, weight_decay);
+  set_rounding(t, sr_seeds, before.data());
   return t;
 }
 

@@ -41,7 +41,11 @@ struct Table {
   std::vector<int64_t> source;  // per row: the tensor's index in the op's lists
   std::vector<Group> groups;
   c10::optional<c10::Device> device;  // empty when every list is empty
+  bool stochastic = false;  // param stores rounded stochastically (rows' sr_key; set_rounding)
 };
+
+// The param format of a launch group (storage.h): its dtype, or the stochastic code of it.
+inline DType launch_param(const Table& t, const Group& g) { return t.stochastic ? stochastic_format(g.param) : g.param; }
 
 inline DType storage_of(const at::Tensor& t) {
   switch (t.scalar_type()) {

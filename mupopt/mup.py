@@ -27,6 +27,10 @@ also records the width info by parameter name on the module that owns it
 (``module.mupopt_widths``), and remembers the model (weakly): an optimizer built later over the
 new Parameters finds their width info there (:func:`recover_width_infos`), so the order
 ``set_base_shapes`` -> ``fully_shard`` -> optimizer gives the same muP run as the reverse.
+
+Depth information (:func:`set_base_depth`: CompleteP, Dey et al., arXiv 2505.01618; depth-muP,
+Yang et al., arXiv 2310.02244) is kept the same way, in ``p.mupopt_depth`` and
+``module.mupopt_depths``, and joins the width record (docs/mup.md, "Depth").
 """
 from __future__ import annotations
 
@@ -45,8 +49,15 @@ import torch
 from torch import nn
 
 ROLES = ("input", "hidden", "output", "vector")
-WD_MODES = ("independent", "coupled")
+WD_MODES = ("independent", "coupled", "inverse_width")
 WIDTH_ATTR = "mupopt_width"
+DEPTH_ATTR = "mupopt_depth"
+# On each module that owns a parameter set_base_depth saw: {local name: (DepthInfo, shape)}.
+MODULE_DEPTHS_ATTR = "mupopt_depths"
+# The residual exponents the depth theory covers: 1/2 (depth-muP: Yang et al., Tensor Programs
+# VI, arXiv 2310.02244; Bordelon et al., arXiv 2309.16620) to 1 (CompleteP: Dey et al., arXiv
+# 2505.01618). Outside it set_base_depth refuses (docs/mup.md, "Depth").
+ALPHA_RANGE = (0.5, 1.0)
 # On each module that owns a parameter set_base_shapes saw: {parameter name in that module:
 # (WidthInfo, shape)}; survives FSDP2 / tensor parallelism replacing the Parameter objects.
 MODULE_WIDTHS_ATTR = "mupopt_widths"
@@ -110,6 +121,47 @@ def width_info(p: torch.Tensor) -> WidthInfo | None:
     return getattr(p, WIDTH_ATTR, None)
 
 
+@dataclass(frozen=True)
+class DepthInfo:
+    """How one tensor scales with depth (:func:`set_base_depth`).
+
+    branch: the tensor lives in a residual branch (a parameter of one of the repeated blocks,
+    whose output the forward multiplies by ``m_depth ** -alpha``); False for the embedding,
+    final norm and readout, which depth does not touch.
+    m_depth: m_L = depth / base_depth (number of blocks over the base model's).
+    alpha: the residual exponent, in [1/2, 1] (1: CompleteP, 1/2: depth-muP).
+    """
+
+    branch: bool
+    m_depth: float = 1.0
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.branch, bool):
+            raise MupError(f"branch must be a bool, got {self.branch!r}")
+        if not (isinstance(self.m_depth, (int, float)) and math.isfinite(self.m_depth) and self.m_depth > 0):
+            raise MupError(f"m_depth must be a positive finite number, got {self.m_depth!r}")
+        lo, hi = ALPHA_RANGE
+        if not (isinstance(self.alpha, (int, float)) and lo <= self.alpha <= hi):
+            raise MupError(f"alpha must be in [{lo}, {hi}] (1: CompleteP, 0.5: depth-muP), got {self.alpha!r}")
+
+    @property
+    def lr(self) -> float:
+        """The depth factor of a branch tensor's lr: m_L^(alpha-1) (CompleteP Table 1)."""
+        return self.m_depth ** (self.alpha - 1.0) if self.branch else 1.0
+
+    @property
+    def eps(self) -> float:
+        """The depth factor of a branch tensor's Adam epsilon: m_L^(-alpha) (CompleteP Table 1):
+        its gradient carries the residual multiplier m_L^(-alpha), so sqrt(v) does too."""
+        return self.m_depth ** (-self.alpha) if self.branch else 1.0
+
+
+def depth_info(p: torch.Tensor) -> DepthInfo | None:
+    """The DepthInfo that :func:`set_base_depth` attached to ``p``, or None."""
+    return getattr(p, DEPTH_ATTR, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Width records: a parameter's WidthInfo as its optimizer state carries it (docs/mup.md,
 # "Width records in checkpoints"). The record sits in the parameter's own state entry
@@ -148,15 +200,44 @@ def name_code(name: str | None) -> int:
     return -1 if name is None else zlib.crc32(canonical_name(name).encode())
 
 
-def width_record(info: WidthInfo | None, shape: Iterable[int], name: str | None = None) -> dict:
+def width_record(info: WidthInfo | None, shape: Iterable[int], name: str | None = None,
+                 depth: DepthInfo | None = None) -> dict:
     """The record of a parameter of global shape ``shape`` (a DTensor's ``shape``) with width
-    ``info`` (None: no width information, every multiplier 1) and name ``name``."""
+    ``info`` (None: no width information, every multiplier 1), name ``name`` and depth
+    ``depth``. The depth fields (``branch`` 0/1, ``m_depth``, ``alpha``) are there only with
+    depth information: a record without them (every record saved before they existed) reads as
+    depth multiplier 1 (:func:`read_depth`)."""
     if info is None:
         role, m_in, m_out, fan_in_dim = 0, 1.0, 1.0, 1
     else:
         role, m_in, m_out, fan_in_dim = ROLE_CODES[info.role], float(info.m_in), float(info.m_out), info.fan_in_dim
-    return {"role": role, "m_in": m_in, "m_out": m_out, "fan_in_dim": fan_in_dim, "name": name_code(name),
-            "shape": {str(i): int(s) for i, s in enumerate(shape)}}
+    record = {"role": role, "m_in": m_in, "m_out": m_out, "fan_in_dim": fan_in_dim, "name": name_code(name),
+              "shape": {str(i): int(s) for i, s in enumerate(shape)}}
+    if depth is not None:
+        record.update(branch=int(depth.branch), m_depth=float(depth.m_depth), alpha=float(depth.alpha))
+    return record
+
+
+_DEPTH_FIELDS = ("branch", "m_depth", "alpha")
+
+
+def read_depth(record: Mapping, label) -> DepthInfo | None:
+    """The DepthInfo of a width record (:func:`width_record`); None for a record without depth
+    fields (saved before they existed, or without set_base_depth). A record with only some of
+    them, or with bad values, raises :class:`MupError` naming the parameter (``label``)."""
+    have = [k in record for k in _DEPTH_FIELDS]
+    if not any(have):
+        return None
+    def where() -> str:
+        return label() if callable(label) else label
+    if not all(have):
+        raise MupError(f"the muP record for parameter {where()} has some depth fields but not all of {_DEPTH_FIELDS}: {record!r}")
+    if record["branch"] not in (0, 1):
+        raise MupError(f"the muP record for parameter {where()} has branch {record['branch']!r} (expected 0 or 1)")
+    try:
+        return DepthInfo(bool(record["branch"]), float(record["m_depth"]), float(record["alpha"]))
+    except (MupError, TypeError, ValueError) as exc:
+        raise MupError(f"the muP record for parameter {where()} has malformed depth fields: {exc}") from None
 
 
 def copy_record(record: Mapping) -> dict:
@@ -239,6 +320,11 @@ WD_FORM["lamb"] = "in_update"
 
 # P1: epsilon needs scaling (by 1/m_out) only where it is not negligible; opt-in via scale_eps.
 EPS_SCALED = {"adamw", "adopt", "lamb", "shampoo", "shampoo_grafted"}
+# Depth: the rules whose epsilon is added to sqrt(v) of the gradient, which carries the residual
+# multiplier m_L^(-alpha) in a branch: their epsilon gets that factor too (CompleteP Table 1),
+# always (the depth rule is opted into by set_base_depth). Sophia's clip denominator and
+# Shampoo's damping take no epsilon multiplier (Shampoo's relative_epsilon is scale-free).
+DEPTH_EPS = {"adamw", "adopt", "lamb"}
 
 
 class Multipliers(NamedTuple):
@@ -278,37 +364,56 @@ def multipliers(
     rule: str,
     info: WidthInfo | None,
     *,
+    depth: DepthInfo | None = None,
     wd_mode: str = "independent",
     scale_eps: bool = False,
     lamb_hidden_exponent: float = 0.0,
     shampoo_blocks: tuple[tuple[int, ...], int] | None = None,
 ) -> Multipliers:
-    """The per-tensor multipliers of optimizer ``rule`` for a tensor with width ``info``.
+    """The per-tensor multipliers of optimizer ``rule`` for a tensor with width ``info`` and
+    depth ``depth`` (None: no width / no depth information, factor 1).
 
     wd_mode "independent" (default, P1 and P2): the per-step decay lr*wd is the same at every
-    width, i.e. the lr multiplier does not touch the decay. "coupled": the decay is scaled with
-    the lr multiplier, as torch.optim with one param group per width would do (P2 shows it fails
-    late in training). With ``info`` None every multiplier is 1. ``shampoo_blocks`` (shape,
-    max_preconditioner_dim) of a weight with L and R: rule "shampoo" then takes the block sides
-    into account (:func:`shampoo_block_lr`) instead of the table's unblocked exponents.
+    width, i.e. the width lr multiplier does not touch the decay. "coupled": the decay is scaled
+    with the lr multiplier, as torch.optim with one param group per width would do (P2 shows it
+    fails late in training). "inverse_width" (Qiu et al., arXiv 2512.05620): independent decay
+    scaled by 1/m, m = max(m_in, m_out), the tensor's width ratio (near-optimal for
+    compute-optimal horizons, where training runs longer at larger width). ``shampoo_blocks``
+    (shape, max_preconditioner_dim) of a weight with L and R: rule "shampoo" then takes the
+    block sides into account (:func:`shampoo_block_lr`) instead of the table's unblocked exponents.
+
+    Depth (docs/mup.md, "Depth"): a tensor of a residual branch gets lr and decay factor
+    m_L^(alpha-1) (CompleteP, Dey et al., arXiv 2505.01618, Table 1, for AdamW; derived for the
+    other optimizers, all of which make scale-free updates) and, for the Adam-type epsilon
+    (DEPTH_EPS), m_L^(-alpha). Tensors outside the branches get no depth factor.
     """
     if rule not in LR_EXPONENTS:
         raise MupError(f"no muP rule for optimizer {rule!r}; known: {sorted(LR_EXPONENTS)}")
     if wd_mode not in WD_MODES:
         raise ValueError(f"Invalid wd_mode: {wd_mode!r} (expected one of {WD_MODES})")
-    if info is None:
-        return ONES
-    table = LR_EXPONENTS[rule]
-    if info.role not in table:
-        raise MupError(f"optimizer rule {rule!r} has no entry for role {info.role!r}")
-    e_in, e_out = table[info.role]
-    if rule == "lamb" and info.role == "hidden":
-        e_in = lamb_hidden_exponent
-    lr = info.m_in**e_in * info.m_out**e_out
-    if rule == "shampoo" and shampoo_blocks is not None and info.role != "vector":
-        lr = shampoo_block_lr(info, *shampoo_blocks)
-    wd = lr if wd_mode == "coupled" else 1.0
-    eps = 1.0 / info.m_out if (scale_eps and rule in EPS_SCALED) else 1.0
+    lr = wd = eps = 1.0
+    if info is not None:
+        table = LR_EXPONENTS[rule]
+        if info.role not in table:
+            raise MupError(f"optimizer rule {rule!r} has no entry for role {info.role!r}")
+        e_in, e_out = table[info.role]
+        if rule == "lamb" and info.role == "hidden":
+            e_in = lamb_hidden_exponent
+        lr = info.m_in**e_in * info.m_out**e_out
+        if rule == "shampoo" and shampoo_blocks is not None and info.role != "vector":
+            lr = shampoo_block_lr(info, *shampoo_blocks)
+        if wd_mode == "coupled":
+            wd = lr
+        elif wd_mode == "inverse_width":
+            wd = 1.0 / max(info.m_in, info.m_out)
+        eps = 1.0 / info.m_out if (scale_eps and rule in EPS_SCALED) else 1.0
+    if depth is not None:
+        # CompleteP scales the decay with the depth lr factor (weight_decay * m_N only, lr *
+        # m_L^(alpha-1)): lr*wd follows depth in every wd_mode; 1 at alpha = 1.
+        lr *= depth.lr
+        wd *= depth.lr
+        if rule in DEPTH_EPS:
+            eps *= depth.eps
     return Multipliers(lr, wd, eps)
 
 
@@ -820,6 +925,8 @@ def recover_width_infos(params: Iterable[torch.Tensor]) -> int:
     Looks only at models set_base_shapes was called on. A parameter found under a recorded name
     whose shape differs raises :class:`MupError` (its width info would be wrong). Returns how many
     parameters got their width info back."""
+    params = list(params)
+    _recover_depth_infos(params)  # set_base_depth's information, kept the same way
     missing = {id(p): p for p in params if getattr(p, WIDTH_ATTR, None) is None}
     if not missing:
         return 0
@@ -845,6 +952,103 @@ def recover_width_infos(params: Iterable[torch.Tensor]) -> int:
     return recovered
 
 
+def _recover_depth_infos(params: Iterable[torch.Tensor]) -> None:
+    """recover_width_infos for the depth information of :func:`set_base_depth`."""
+    missing = {id(p) for p in params if getattr(p, DEPTH_ATTR, None) is None}
+    if not missing:
+        return
+    for model in list(_MODELS):
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for local_name, (info, shape) in (module.__dict__.get(MODULE_DEPTHS_ATTR) or {}).items():
+                q = module._parameters.get(local_name)
+                if q is None or id(q) not in missing:
+                    continue
+                if tuple(q.shape) != tuple(shape):
+                    name = f"{mod_name}.{local_name}" if mod_name else local_name
+                    raise MupError(f"parameter {name!r} now has shape {tuple(q.shape)} but {tuple(shape)} when "
+                                   f"set_base_depth saw it: call mupopt.set_base_depth again on the model as it is now")
+                setattr(q, DEPTH_ATTR, info)
+                missing.discard(id(q))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# set_base_depth: which parameters live in residual branches, and the depth multiplier.
+# ---------------------------------------------------------------------------------------------
+RESIDUAL_ATTR = "mupopt_residual_multiplier"
+
+
+def _block_signature(block: nn.Module) -> tuple:
+    return tuple((type(m).__name__, n) for n, m in block.named_modules()) + tuple(
+        (n, tuple(p.shape)) for n, p in block.named_parameters(remove_duplicate=False))
+
+
+def set_base_depth(model: nn.Module, blocks: Iterable[nn.Module], base_depth: int = 2, alpha: float = 1.0) -> float:
+    """Give every parameter of ``model`` its depth information; return the residual multiplier
+    ``(base_depth / depth) ** alpha`` for the forward pass (``x = x + mult * block(x)``).
+
+    ``blocks``: the repeated residual blocks (e.g. ``model.blocks``), all modules of ``model``
+    and all of the same structure; depth = their number, m_L = depth / base_depth. Their
+    parameters are the residual-branch tensors (lr and decay x m_L^(alpha-1), Adam epsilon x
+    m_L^(-alpha): :func:`multipliers`); every other parameter gets depth factor 1. ``alpha``: 1
+    is CompleteP (Dey et al., arXiv 2505.01618), 1/2 depth-muP (Yang et al., arXiv 2310.02244;
+    Bordelon et al., arXiv 2309.16620); values outside [1/2, 1] are refused (the theory covers
+    that range only; alpha = 0 is standard parameterization: do not call this function).
+
+    The information composes with :func:`set_base_shapes` in either order (a separate
+    attribute, ``p.mupopt_depth``), is recorded by name on the owning modules so that FSDP2 /
+    tensor parallelism keep it (:func:`recover_width_infos`), travels in the optimizer's width
+    records (``state[p]["mup"]``) and shows in :func:`summary`. The multiplier is also kept as
+    ``model.mupopt_residual_multiplier``. The forward multiplier itself is the model's to apply.
+    """
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise MupError(f"blocks= takes the repeated blocks (an nn.ModuleList or a list of modules), got one "
+                       f"{type(blocks).__name__}")
+    blocks = list(blocks)
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise MupError("blocks= must be a non-empty list of the model's residual blocks (nn.Module)")
+    if isinstance(base_depth, bool) or not isinstance(base_depth, (int, float)) or not math.isfinite(base_depth) \
+            or base_depth <= 0:
+        raise MupError(f"base_depth must be a positive number (the depth the hyperparameters were tuned at), "
+                       f"got {base_depth!r}")
+    lo, hi = ALPHA_RANGE
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not lo <= alpha <= hi:
+        raise MupError(f"alpha must be in [{lo}, {hi}]: 1 is CompleteP, 0.5 depth-muP; got {alpha!r} (alpha = 0, "
+                       f"standard parameterization, means no depth rule: do not call set_base_depth)")
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    for i, b in enumerate(blocks):
+        if id(b) not in names:
+            raise MupError(f"block {i} ({type(b).__name__}) is not a module of the model: pass the model's own "
+                           f"blocks (e.g. blocks=model.blocks)")
+    if len({id(b) for b in blocks}) != len(blocks):
+        raise MupError("blocks= lists a module more than once")
+    first = _block_signature(blocks[0])
+    for i, b in enumerate(blocks[1:], 1):
+        if _block_signature(b) != first:
+            raise MupError(f"block {i} ({names[id(b)]!r}) differs in structure from block 0 ({names[id(blocks[0])]!r}): "
+                           f"the depth rule assumes repeated identical blocks")
+    m_depth = len(blocks) / base_depth
+    in_branch = {id(p) for b in blocks for p in b.parameters()}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            info = DepthInfo(id(p) in in_branch, float(m_depth), float(alpha))
+            setattr(p, DEPTH_ATTR, info)
+            module.__dict__.setdefault(MODULE_DEPTHS_ATTR, {})[local] = (info, tuple(p.shape))
+    mult = (base_depth / len(blocks)) ** alpha
+    model.__dict__[RESIDUAL_ATTR] = mult
+    _MODELS.add(model)
+    return mult
+
+
+def clear_base_depth(model: nn.Module) -> None:
+    """Remove mupopt's depth information from every parameter (depth factors back to 1)."""
+    for p in model.parameters():
+        if hasattr(p, DEPTH_ATTR):
+            delattr(p, DEPTH_ATTR)
+    for module in model.modules():
+        module.__dict__.pop(MODULE_DEPTHS_ATTR, None)
+    model.__dict__.pop(RESIDUAL_ATTR, None)
+
 
 # ---------------------------------------------------------------------------------------------
 # Summary and init
@@ -856,9 +1060,20 @@ def decay_rule(rule: str, m: Multipliers) -> str:
     return "p *= 1 - lr*wd" if m.wd == 1.0 else f"p *= 1 - lr*wd*{m.wd:.4g}"
 
 
-def format_table(rows: list[tuple[str, tuple, WidthInfo | None, Multipliers, str]]) -> str:
-    """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight-decay rule."""
-    header = ("name", "shape", "role", "m_in", "m_out", "lr mult", "weight decay")
+def depth_text(depth: DepthInfo | None) -> str:
+    """The depth column of the summary: "-" without depth information, else where the tensor
+    lives (branch or trunk) and m_L, with alpha for a branch."""
+    if depth is None:
+        return "-"
+    if depth.branch:
+        return f"branch(m_L={depth.m_depth:.4g},a={depth.alpha:.3g})"
+    return f"trunk(m_L={depth.m_depth:.4g})"
+
+
+def format_table(rows: list[tuple[str, tuple, WidthInfo | None, Multipliers, str, DepthInfo | None]]) -> str:
+    """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, depth, weight-decay
+    rule (and the epsilon multiplier where one is not 1)."""
+    header = ("name", "shape", "role", "m_in", "m_out", "lr mult", "depth", "weight decay")
     body = [
         (
             name,
@@ -867,9 +1082,10 @@ def format_table(rows: list[tuple[str, tuple, WidthInfo | None, Multipliers, str
             f"{info.m_in:.4g}" if info else "1",
             f"{info.m_out:.4g}" if info else "1",
             f"{m.lr:.4g}",
-            wd,
+            depth_text(depth),
+            wd + (f", eps x{m.eps:.4g}" if m.eps != 1.0 else ""),
         )
-        for name, shape, info, m, wd in rows
+        for name, shape, info, m, wd, depth in rows
     ]
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -886,16 +1102,19 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
     rows = []
     recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
     for name, p in model.named_parameters():
-        info = width_info(p)
+        info, depth = width_info(p), depth_info(p)
         blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
-        m = multipliers(optimizer, info, shampoo_blocks=blocks, **rule_options)
-        rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m)))
+        m = multipliers(optimizer, info, depth=depth, shampoo_blocks=blocks, **rule_options)
+        rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m), depth))
     table = format_table(rows)
     forward = readout_multipliers(model)
     if forward:
         table += "\nforward readout multipliers (mupopt.readout_multiplier_): " + ", ".join(
             f"{name} output x {mult:.4g}" for name, mult in forward.items()
         )
+    residual = model.__dict__.get(RESIDUAL_ATTR)
+    if residual is not None:
+        table += f"\nforward residual multiplier (mupopt.set_base_depth): x = x + {residual:.4g} * block(x)"
     return table
 
 
@@ -905,6 +1124,9 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
 
     input: N(0, std_base^2) (unchanged from the base); hidden: std_base / sqrt(m_in);
     output: std_base / m_in, or zero with ``zero_readout``. Every parameter needs width info.
+    Depth (:func:`set_base_depth`) changes no std: CompleteP's Table 1 (Dey et al., arXiv
+    2505.01618) keeps every init variance depth-free and puts the 1/L in the forward residual
+    multiplier instead (the GPT-2 habit of std / sqrt(2 L) on output projections must be off).
     """
     _warn_unapplied_readouts(model)
     recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters

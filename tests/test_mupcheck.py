@@ -159,3 +159,56 @@ def test_layer_types_and_corpus():
     data = load_corpus()
     assert 50 <= data.vocab <= 100 and len(data.train) > 80_000
     assert set(SIX) <= set(OPTIMIZERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth (mupopt.set_base_depth): the check over depth and the sweep over depth
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt", ["adamw", "muon"])
+def test_depth_rule_keeps_the_residual_stream_change_flat_and_sp_does_not(opt):
+    """Depths 2 and 16 (three octaves) at width 16: the change of the residual stream the readout
+    sees ("stream") grows with depth in SP (each block adds a Theta(1) change) and stays flat
+    under CompleteP (alpha 1: each block adds Theta(1/L))."""
+    records = coord_check.coord_data([opt], [16], depths=(2, 16), steps=3, seeds=1, batch=2, seq=8)
+    rows = _slopes(records, opt)
+    stream = rows["stream"]
+    assert stream["axis"] == "depth"
+    assert stream["depth_flat"], stream
+    assert stream["sp_grows"], stream
+    assert stream["sp_delta_slope"] > stream["depth_delta_slope"] + 0.4, stream
+    assert {r["depth"] for r in records} == {2, 16}
+
+
+def test_depth_models_apply_the_residual_multiplier():
+    cfg = ModelConfig(kind="gpt", base_width=16, depth=8, alpha=0.5, base_depth=2, block_size=8)
+    model = build_model(cfg, 16, "mup")
+    assert all(b.residual == pytest.approx(0.5) for b in model.blocks)
+    assert model.mupopt_residual_multiplier == pytest.approx(0.5)
+    sp = build_model(ModelConfig(kind="gpt", base_width=16, depth=8, block_size=8), 16, "mup")
+    assert all(b.residual == 1.0 for b in sp.blocks)
+
+
+def test_transfer_over_depth_writes_a_depth_summary(tmp_path):
+    result = transfer.run(["adamw"], [16], depths=(2, 4), out=tmp_path, plots=False, lrs=[1e-3, 1e-2], steps=2,
+                          batch=2, seq=8, eval_batches=1)
+    rows = {r["param"]: r for r in result["summary"]}
+    assert set(rows) == {"sp", "depth"}
+    assert rows["depth"]["axis"] == "depth" and rows["depth"]["widths"] == [2, 4]
+    assert json.loads((tmp_path / "transfer-summary.json").read_text())["settings"]["depths"] == [2, 4]
+
+
+def test_joint_width_and_depth_sweep_pairs_them(tmp_path):
+    records = transfer.sweep(["adamw"], [16, 32], depths=(2, 4), joint=True, lrs=[1e-2], steps=1, batch=2, seq=8,
+                             eval_batches=1)
+    assert {(r["param"], r["width"], r["depth"]) for r in records} == {
+        (p, w, d) for p in ("sp", "depth") for w, d in ((16, 2), (32, 4))}
+    with pytest.raises(ValueError, match="pairs widths with depths"):
+        transfer.sweep(["adamw"], [16, 32], depths=(2, 4, 8), joint=True, lrs=[1e-2], steps=1)
+
+
+def test_depth_sweep_sp_and_rule_coincide_at_the_base_depth():
+    """At the base depth the depth rule is the identity: SP and the rule give the same run (for
+    Muon too, whose routing follows the width information both keep)."""
+    records = transfer.sweep(["muon"], [16], depths=(2, 4), lrs=[1e-2], steps=2, batch=2, seq=8, eval_batches=1)
+    at_base = {r["param"]: r["val_loss"] for r in records if r["depth"] == 2}
+    assert at_base["sp"] == at_base["depth"]

@@ -551,6 +551,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
     adamw_triton(p, g, s, M, AdamWHparams(1e-3, 0.9, 0.999, 1e-8, 0.1, True, True))
     p, g, s = make(("exp_avg", "exp_avg_sq"), torch.float16, torch.float16)  # fp16 storage
     adamw_triton(p, g, s, M, AdamWHparams(1e-3, 0.9, 0.999, 1e-8, 0.1, False, False))
+    # stochastic rounding of bf16 and fp16 params (param storage codes 3 and 4)
+    for dtype in (BF16, torch.float16):
+        p, g, s = make(("exp_avg", "exp_avg_sq"), dtype, dtype)
+        for st in s:
+            st["sr_seed"] = 12345
+        adamw_triton(p, g, s, M, AdamWHparams(1e-3, 0.9, 0.999, 1e-8, 0.1, False, False, stochastic_rounding=True))
     p, g, s = make(("exp_avg", "exp_avg_sq"), F32, F32)
     adopt_triton(p, g, s, M, ADOPTHparams(1e-3, 0.9, 0.9999, 1e-6, 0.0, False))
     for s_dtype in (F32, BF16):
@@ -575,6 +581,7 @@ def test_kernels_compile_for_sm90_and_vectorise():
         "_sophia_kernel", "_sophia_hessian_kernel",
     }
     assert {r["constexprs"]["SUMS"] for r in results if r["kernel"] == "_lamb_trust_kernel"} == {"0", "1", "2"}
+    assert {"3", "4"} <= {r["constexprs"]["P_BF16"] for r in results if r["kernel"] == "_adamw_kernel"}
     for r in results:
         if r["kernel"] == "_lamb_trust_kernel" or r["constexprs"].get("ALIGNED") != "True":
             continue

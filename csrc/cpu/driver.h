@@ -61,52 +61,69 @@ using SpanFn = void (*)(const Op&, const TensorRow&, int64_t, int64_t, float, do
 #define MUPOPT_TARGET_FMA
 #endif
 
-template <class Op, class TP, class TG>
+template <class Op, class TP, class TG, Rounding R>
 MUPOPT_TARGET_FMA void span_fma(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red) {
-  cpu_span<Op, true, TP, TG>(op, row, b, e, gmul, red);
+  cpu_span<Op, true, TP, TG, R>(op, row, b, e, gmul, red);
 }
 
-template <class Op, class TP, class TG>
+template <class Op, class TP, class TG, Rounding R>
 void span_plain(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red) {
-  cpu_span<Op, false, TP, TG>(op, row, b, e, gmul, red);
+  cpu_span<Op, false, TP, TG, R>(op, row, b, e, gmul, red);
 }
 
-template <class Op, class TP, class TG>
+template <class Op, class TP, class TG, Rounding R>
 SpanFn<Op> pick_isa(bool use_fma) {
 #if MUPOPT_CPU_X86_DISPATCH
-  return use_fma ? &span_fma<Op, TP, TG> : &span_plain<Op, TP, TG>;
+  return use_fma ? &span_fma<Op, TP, TG, R> : &span_plain<Op, TP, TG, R>;
 #else
   // aarch64, ppc64le, s390x: fused multiply-add is baseline, and ATen's vector kernels use it.
   (void)use_fma;
-  return &span_fma<Op, TP, TG>;
+  return &span_fma<Op, TP, TG, R>;
 #endif
 }
 
-template <class Op, class TP>
+template <class Op, class TP, Rounding R>
 SpanFn<Op> span_for_grad(DType g, bool use_fma) {
   switch (g) {
     case DType::kBFloat16:
-      return pick_isa<Op, TP, bf16_t>(use_fma);
+      return pick_isa<Op, TP, bf16_t, R>(use_fma);
     case DType::kFloat16:
-      return pick_isa<Op, TP, f16_t>(use_fma);
+      return pick_isa<Op, TP, f16_t, R>(use_fma);
     default:
-      return pick_isa<Op, TP, float>(use_fma);
+      return pick_isa<Op, TP, float, R>(use_fma);
   }
 }
 
-// The loop for one (param/state, grad) storage pair: float32, bfloat16 or float16 each, or
-// float64 both (the bindings refuse float64 paired with another dtype: table.h).
+// Stochastic rounding instantiates only the loops of Ops that store a param (stream 0); for
+// the others (the Hessian EMA, LAMB's norm pass) the stochastic codes take the nearest loops,
+// which do the same.
+template <class Op, class TP>
+SpanFn<Op> span_for_stochastic(DType g, bool use_fma) {
+  if constexpr ((Op::kStore & 1u) != 0) {
+    return span_for_grad<Op, TP, Rounding::kStochastic>(g, use_fma);
+  } else {
+    return span_for_grad<Op, TP, Rounding::kNearest>(g, use_fma);
+  }
+}
+
+// The loop for one (param format, grad) storage pair: float32, bfloat16 or float16 each (the
+// param's bfloat16 / float16 also rounded stochastically: storage.h), or float64 both (the
+// bindings refuse float64 paired with another dtype: table.h).
 template <class Op>
 SpanFn<Op> span_for(DType p, DType g, bool use_fma) {
   switch (p) {
     case DType::kFloat64:
-      return pick_isa<Op, double, double>(use_fma);
+      return pick_isa<Op, double, double, Rounding::kNearest>(use_fma);
     case DType::kBFloat16:
-      return span_for_grad<Op, bf16_t>(g, use_fma);
+      return span_for_grad<Op, bf16_t, Rounding::kNearest>(g, use_fma);
     case DType::kFloat16:
-      return span_for_grad<Op, f16_t>(g, use_fma);
+      return span_for_grad<Op, f16_t, Rounding::kNearest>(g, use_fma);
+    case DType::kBFloat16Stochastic:
+      return span_for_stochastic<Op, bf16_t>(g, use_fma);
+    case DType::kFloat16Stochastic:
+      return span_for_stochastic<Op, f16_t>(g, use_fma);
     default:
-      return span_for_grad<Op, float>(g, use_fma);
+      return span_for_grad<Op, float, Rounding::kNearest>(g, use_fma);
   }
 }
 

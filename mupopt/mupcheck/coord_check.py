@@ -24,6 +24,11 @@ random initial weights that shrink like 1/sqrt(width) (e.g. attention logits thr
 W_q0^T W_k0), so at small widths and few steps a mildly negative slope is expected and passes.
 SP "grows" when the slope is > ``grow`` (default 0.4). See docs/mup-results.md for the measured
 slopes these thresholds come from.
+
+Over depth (``--depths 2,4,8,16,32``, GPT, fixed width): the same slopes against depth, SP (no
+depth rule, residual multiplier 1) against the depth rule (mupopt.set_base_depth, ``--alpha``),
+with the extra layer type ``stream``, the last block's output: the residual stream whose change
+each block should contribute Theta(1/L) to (docs/mup.md, "Depth"). Same thresholds.
 """
 from __future__ import annotations
 
@@ -44,7 +49,9 @@ EXTRA_COLUMNS = ("rms", "delta_l1", "delta_rms", "layer_type", "optimizer", "par
 FLAT = 0.2
 VANISH = 0.5
 GROW = 0.4
-TYPE_ORDER = ("input", "attn_qkv", "attn_logits", "attn_out", "mlp_fc", "mlp_out", "hidden", "residual", "output")
+TYPE_ORDER = ("input", "attn_qkv", "attn_logits", "attn_out", "mlp_fc", "mlp_out", "hidden", "residual", "stream", "output")
+# The parameterization each axis compares with SP: muP across widths, the depth rule across depths.
+RULE = {"width": "mup", "depth": "depth"}
 
 
 class _Recorder:
@@ -110,28 +117,51 @@ def coord_data(
     corpus: str | None = None,
     hess_every: int = 1,
     state_bits: int = 32,
+    depths=None,
+    alpha: float = 1.0,
     progress=None,
 ) -> list[dict]:
     """Train every (optimizer, param, seed, width) for ``steps`` steps on one batch; return the
     coordinate records (see the module docstring). ``lr``: one value, a dict by optimizer, or
-    None for each optimizer's default (OPTIMIZERS[name].lr); it is the lr at the base width."""
+    None for each optimizer's default (OPTIMIZERS[name].lr); it is the lr at the base width.
+
+    ``depths``: the check over depth instead (GPT only) at the fixed width ``widths[0]`` (its
+    own base width, so every width multiplier is 1): params "sp" (residual multiplier 1, no
+    depth rule) and "depth" (mupopt.set_base_depth with ``alpha`` against the smallest depth);
+    the records gain a ``depth`` column and a ``stream`` layer type (the last block's output,
+    the residual stream the readout sees)."""
     widths = sorted(widths)
     data = load_corpus(corpus) if model == "gpt" else None
-    cfg = config_for(model, data, base_width=base_width or widths[0], depth=depth, n_head=n_head,
-                     block_size=max(seq, 8))
+    if depths:
+        if model != "gpt":
+            raise ValueError("the coordinate check over depth needs residual blocks: model 'gpt'")
+        params = tuple("depth" if p == "mup" else p for p in params)
+        runs = [(widths[0], d) for d in sorted(depths)]
+        base_width = widths[0]
+    else:
+        runs = [(w, depth) for w in widths]
     rows: list[dict] = []
     for name in optimizers:
         opt_lr = lr.get(name, OPTIMIZERS[name].lr) if isinstance(lr, dict) else (lr or OPTIMIZERS[name].lr)
         for param in params:
             for seed in range(seeds):
-                for width in widths:
+                for width, d in runs:
                     clock = Timer()
                     torch.manual_seed(seed)
-                    net = build_model(cfg, width, param, seed=seed, device=device)
+                    rule = {"alpha": alpha, "base_depth": min(depths)} if (depths and param == "depth") else {}
+                    cfg = config_for(model, data, base_width=base_width or widths[0], depth=d, n_head=n_head,
+                                     block_size=max(seq, 8), **rule)
+                    # Over depth, SP keeps the width information (multipliers 1 at this, the base
+                    # width): only the depth rule differs between the two (Muon routes by it).
+                    net = build_model(cfg, width, "mup" if depths else param, seed=seed, device=device)
                     x, y = _fixed_batch(cfg, data, batch, seq, seed, device)
                     opt = make_optimizer(name, net, opt_lr, wd=0.0, state_bits=state_bits)
                     base = {"width": width, "optimizer": name, "param": param, "seed": seed, "model": model}
+                    if depths:
+                        base["depth"] = d
                     rec = _Recorder(net, model, base)
+                    if depths:
+                        rec.handles.append(net.blocks[-1].register_forward_hook(rec._hook("stream", "stream")))
 
                     def pause():
                         rec.active = False
@@ -145,7 +175,7 @@ def coord_data(
                     rec.remove()
                     rows.extend(rec.rows)
                     if progress:
-                        progress(f"{name} {param} seed {seed} width {width}: {clock():.1f}s")
+                        progress(f"{name} {param} seed {seed} width {width} depth {d}: {clock():.1f}s")
     return rows
 
 
@@ -170,15 +200,20 @@ def get_coord_data(*args, **kwargs):
     return to_frame(coord_data(*args, **kwargs))
 
 
-def _aggregate(records: list[dict], key: str, t: int | None = None) -> dict:
-    """{(optimizer, param, layer_type, t): {width: geometric mean of ``key``}}."""
+def axis_of(records: list[dict]) -> str:
+    """"depth" for records of the check over depth (they carry a depth column), else "width"."""
+    return "depth" if records and records[0].get("depth") is not None else "width"
+
+
+def _aggregate(records: list[dict], key: str, t: int | None = None, axis: str = "width") -> dict:
+    """{(optimizer, param, layer_type, t): {width (or depth): geometric mean of ``key``}}."""
     acc: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
         if t is not None and r["t"] != t:
             continue
         v = r[key]
         if v is not None and v > 0 and math.isfinite(v):
-            acc[(r["optimizer"], r["param"], r["layer_type"], r["t"])][r["width"]].append(math.log(v))
+            acc[(r["optimizer"], r["param"], r["layer_type"], r["t"])][r[axis]].append(math.log(v))
     return {k: {w: math.exp(sum(v) / len(v)) for w, v in d.items()} for k, d in acc.items()}
 
 
@@ -190,32 +225,38 @@ def verdicts(records, flat: float = FLAT, grow: float = GROW, vanish: float = VA
     records = as_records(records)
     if not records:
         return []
+    axis = axis_of(records)
+    rule = RULE[axis]
     last = max(r["t"] for r in records)
-    delta = _aggregate(records, "delta_rms", last)
-    act = _aggregate(records, "rms", last)
+    delta = _aggregate(records, "delta_rms", last, axis)
+    act = _aggregate(records, "rms", last, axis)
     keys = sorted({(k[0], k[2]) for k in delta} | {(k[0], k[2]) for k in act},
                   key=lambda k: (k[0], TYPE_ORDER.index(k[1]) if k[1] in TYPE_ORDER else 99))
     out = []
     for opt, lt in keys:
-        row = {"optimizer": opt, "layer_type": lt, "t": last}
-        for param in ("sp", "mup"):
+        row = {"optimizer": opt, "layer_type": lt, "t": last, "axis": axis}
+        for param in ("sp", rule):
             for name, table in (("delta", delta), ("act", act)):
                 d = table.get((opt, param, lt, last))
                 row[f"{param}_{name}_slope"] = loglog_slope(list(d), list(d.values())) if d else float("nan")
-        row["mup_flat"] = bool(-vanish < row["mup_delta_slope"] < flat) if math.isfinite(row["mup_delta_slope"]) else None
+        slope = row[f"{rule}_delta_slope"]
+        row[f"{rule}_flat"] = bool(-vanish < slope < flat) if math.isfinite(slope) else None
         row["sp_grows"] = bool(row["sp_delta_slope"] > grow) if math.isfinite(row["sp_delta_slope"]) else None
         out.append(row)
     return out
 
 
 def format_verdicts(rows: list[dict]) -> str:
-    header = ("optimizer", "layer type", "SP dx slope", "muP dx slope", "SP act slope", "muP act slope", "muP flat", "SP grows")
+    rule = RULE[rows[0].get("axis", "width")] if rows else "mup"
+    label = "muP" if rule == "mup" else "depth"
+    header = ("optimizer", "layer type", "SP dx slope", f"{label} dx slope", "SP act slope", f"{label} act slope",
+              f"{label} flat", "SP grows")
     body = []
     for r in rows:
         f = lambda v: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.2f}"
         yn = lambda v: "n/a" if v is None else ("yes" if v else "NO")
-        body.append((r["optimizer"], r["layer_type"], f(r.get("sp_delta_slope")), f(r.get("mup_delta_slope")),
-                     f(r.get("sp_act_slope")), f(r.get("mup_act_slope")), yn(r["mup_flat"]), yn(r["sp_grows"])))
+        body.append((r["optimizer"], r["layer_type"], f(r.get("sp_delta_slope")), f(r.get(f"{rule}_delta_slope")),
+                     f(r.get("sp_act_slope")), f(r.get(f"{rule}_act_slope")), yn(r[f"{rule}_flat"]), yn(r["sp_grows"])))
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body])
@@ -230,7 +271,9 @@ def plot(records, out_dir: Path, prefix: str = "coord") -> list[Path]:
         return []
     records = as_records(records)
     out_dir.mkdir(parents=True, exist_ok=True)
-    act, delta = _aggregate(records, "rms"), _aggregate(records, "delta_rms")
+    axis = axis_of(records)
+    rule = RULE[axis]
+    act, delta = _aggregate(records, "rms", axis=axis), _aggregate(records, "delta_rms", axis=axis)
     slopes = {(r["optimizer"], r["layer_type"]): r for r in verdicts(records)}
     steps = sorted({r["t"] for r in records})
     paths = []
@@ -238,7 +281,7 @@ def plot(records, out_dir: Path, prefix: str = "coord") -> list[Path]:
         types = [lt for lt in TYPE_ORDER if any(k[0] == opt and k[2] == lt for k in act)]
         colors = {lt: plt.cm.tab10(i % 10) for i, lt in enumerate(types)}
         fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True, sharey="row", squeeze=False)
-        for col, param in enumerate(("sp", "mup")):
+        for col, param in enumerate(("sp", rule)):
             for row, (table, what) in enumerate(((act, "activation RMS"), (delta, "RMS of change since init"))):
                 ax = axes[row][col]
                 for lt in types:
@@ -255,10 +298,11 @@ def plot(records, out_dir: Path, prefix: str = "coord") -> list[Path]:
                                 alpha=0.25 + 0.75 * (i + 1) / len(steps), label=label)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.set_title(f"{opt}, {'SP' if param == 'sp' else 'muP'}: {what}", fontsize=10)
+                ax.set_title(f"{opt}, {'SP' if param == 'sp' else ('muP' if param == 'mup' else 'depth rule')}: {what}",
+                             fontsize=10)
                 ax.grid(True, which="both", alpha=0.3)
                 if row == 1:
-                    ax.set_xlabel("width")
+                    ax.set_xlabel(axis)
                 ax.legend(fontsize=7, loc="best")
         fig.suptitle(f"coordinate check, {opt}: steps t=1..{steps[-1]} (darker = later); slopes at t={steps[-1]}")
         fig.tight_layout()
@@ -275,7 +319,7 @@ def run(optimizers=SIX, widths=(64, 128, 256, 512), *, out: str | Path = "mupche
     ``coord[-MODEL]-OPT.png``. Returns {"frame", "verdicts", "files", "seconds"}."""
     torch.set_flush_denormal(True)  # muP's small readout/gradients hit slow subnormals on CPU
     out = Path(out)
-    prefix = prefix or f"coord-{kwargs.get('model', 'gpt')}"
+    prefix = prefix or f"coord-{kwargs.get('model', 'gpt')}" + ("-depth" if kwargs.get("depths") else "")
     clock = Timer()
     progress = (lambda m: print(f"  {m}", file=sys.stderr)) if verbose else None
     records = coord_data(optimizers, widths, progress=progress, **kwargs)
@@ -284,6 +328,8 @@ def run(optimizers=SIX, widths=(64, 128, 256, 512), *, out: str | Path = "mupche
     summary = {"settings": {"optimizers": list(optimizers), "widths": sorted(widths), "flat": flat, "grow": grow, "vanish": vanish,
                             **{k: v for k, v in kwargs.items() if k != "progress"}},
                "verdicts": rows, "seconds": round(clock(), 1)}
+    if kwargs.get("depths"):
+        summary["settings"]["depths"] = sorted(kwargs["depths"])
     files.append(write_json(summary, out / f"{prefix}-verdict.json"))
     if plots:
         files.extend(plot(records, out, prefix))
@@ -311,6 +357,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8; MLP: 8 samples)")
     parser.add_argument("--seq", type=int, default=16, help="sequence length for the GPT (default 16)")
     parser.add_argument("--depth", type=int, default=2, help="blocks / hidden layers (default 2)")
+    parser.add_argument("--depths", type=_ints, default=None,
+                        help="check over depth instead, e.g. 2,4,8,16,32 (GPT, fixed width = the first of --widths; "
+                             "SP vs the depth rule of mupopt.set_base_depth against the smallest depth)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="depth rule's residual exponent (1 CompleteP, "
+                        "0.5 depth-muP; default 1)")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads, fixed across widths (default 4)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
@@ -334,10 +385,12 @@ def main(args: argparse.Namespace) -> int:
         grow=args.grow, vanish=args.vanish, verbose=args.verbose, prefix=args.prefix, model=args.model, params=tuple(args.params.split(",")),
         steps=args.steps, seeds=args.seeds, lr=args.lr, base_width=args.base_width, batch=args.batch, seq=args.seq,
         depth=args.depth, n_head=args.n_head, device=args.device, corpus=args.corpus, state_bits=args.state_bits,
+        **({"depths": args.depths, "alpha": args.alpha} if args.depths else {}),
     )
     print(format_verdicts(result["verdicts"]))
     print(f"\nwrote {len(result['files'])} files under {args.out} in {result['seconds']:.0f} s")
-    bad = [r for r in result["verdicts"] if r["mup_flat"] is False]
+    rule = RULE["depth" if args.depths else "width"]
+    bad = [r for r in result["verdicts"] if r[f"{rule}_flat"] is False]
     return 1 if bad else 0
 
 

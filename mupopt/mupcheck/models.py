@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mup import clear_base_shapes, init_mup_, set_base_shapes, width_info
+from ..mup import clear_base_shapes, init_mup_, set_base_depth, set_base_shapes, width_info
 
 PARAMETERIZATIONS = ("sp", "mup")
 MODELS = ("gpt", "mlp")
@@ -105,7 +105,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + r * attn(ln1(x)), then x + r * mlp(ln2(x)); ``residual`` r
+    is 1 but under a depth rule (the multiplier set_base_depth returns, (base_depth/depth)^alpha)."""
 
     def __init__(self, width: int, n_head: int, attn_scale: float, ffn_mult: int = 4):
         super().__init__()
@@ -113,10 +114,11 @@ class Block(nn.Module):
         self.attn = Attention(width, n_head, attn_scale)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = FeedForward(width, ffn_mult)
+        self.residual = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        x = x + self.residual * self.attn(self.ln1(x))
+        return x + self.residual * self.mlp(self.ln2(x))
 
 
 class CharGPT(nn.Module):
@@ -165,6 +167,10 @@ class ModelConfig:
     d_out: int = 10
     std_base: float | None = None  # None: 0.02 for the GPT, 1/sqrt(base_width) for the MLP
     zero_readout: bool = False
+    # Depth rule (GPT only): None = standard (residual multiplier 1, no depth information);
+    # else alpha of mupopt.set_base_depth against base_depth blocks (1 CompleteP, 0.5 depth-muP).
+    alpha: float | None = None
+    base_depth: int = 2
 
     def std(self) -> float:
         if self.std_base is not None:
@@ -219,6 +225,8 @@ def build_model(cfg: ModelConfig, width: int, param: str = "mup", seed: int = 0,
 
     ``param="mup"``: width information attached (the optimizer applies muP multipliers) and
     ``init_mup_``. ``param="sp"``: SP init and no width information (every multiplier 1).
+    ``cfg.alpha`` set: also the depth rule (set_base_depth against ``cfg.base_depth`` blocks and
+    the residual multiplier it returns in every block); init is depth-free either way.
     """
     if param not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {param!r}; expected one of {PARAMETERIZATIONS}")
@@ -230,6 +238,12 @@ def build_model(cfg: ModelConfig, width: int, param: str = "mup", seed: int = 0,
     else:
         init_sp_(model, cfg.std(), generator=gen)
         clear_base_shapes(model)
+    if cfg.alpha is not None:
+        if cfg.kind != "gpt":
+            raise ValueError("a depth rule needs residual blocks: model kind 'gpt'")
+        mult = set_base_depth(model, model.blocks, base_depth=cfg.base_depth, alpha=cfg.alpha)
+        for block in model.blocks:
+            block.residual = mult
     return model.to(device)
 
 

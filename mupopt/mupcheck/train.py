@@ -45,7 +45,7 @@ class OptSpec:
     lr: float
     center: float
     wd: float
-    wd_modes: tuple = ("independent", "coupled")
+    wd_modes: tuple = ("independent", "coupled", "inverse_width")
 
 
 # state_bits: the optimizer-state format (32 default, 16, 8: docs/lean-states.md).

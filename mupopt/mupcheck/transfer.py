@@ -21,6 +21,10 @@ Summary numbers per (optimizer, param, wd_mode):
 - ``fixed_lr_monotone``: at the lr that is best at the base width, whether the loss never gets
   worse as the width grows (P1's second criterion), with the losses.
 
+Over depth (``--depths 2,4,16``): the same sweep at one width (the first of ``--widths``) and
+several depths, SP (no depth rule) against the depth rule of mupopt.set_base_depth (``--alpha``,
+base depth the smallest); the summary's ``widths`` then lists depths (``axis`` "depth").
+
 Weight decay (P2, Kosson et al., arXiv 2510.19093): ``--wd-modes independent,coupled`` runs muP
 with both decay modes; the difference needs training long compared with 1/(lr*wd) steps, so at
 CPU scale pass a large ``--wd`` to shorten that time scale (and say so when quoting results).
@@ -59,11 +63,13 @@ def _evaluate(model, data, batches, seq, device, seed=12345, n=8) -> float:
 def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = "mup", wd: float = 0.0,
               wd_mode: str = "independent", steps: int = 150, batch: int = 16, seq: int = 64, seed: int = 0,
               device: str = "cpu", hess_every: int = 10, precondition_frequency: int = 10,
-              muon_adamw_ratio: float = 0.1, eval_batches: int = 8, state_bits: int = 32) -> dict:
-    """Train one model; return its record (losses nan when it diverged)."""
+              muon_adamw_ratio: float = 0.1, eval_batches: int = 8, width_param: str | None = None,
+              state_bits: int = 32) -> dict:
+    """Train one model; return its record (losses nan when it diverged). ``width_param``: the
+    width parameterization to build with when it is not ``param`` (the depth sweeps)."""
     clock = Timer()
     torch.manual_seed(seed)
-    model = build_model(cfg, width, param, seed=seed, device=device)
+    model = build_model(cfg, width, width_param or param, seed=seed, device=device)
     opt = make_optimizer(optimizer, model, lr, wd=wd, wd_mode=wd_mode,
                          precondition_frequency=precondition_frequency, muon_adamw_ratio=muon_adamw_ratio,
                          state_bits=state_bits)
@@ -85,7 +91,7 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
     if not math.isfinite(val):
         diverged = True
     return {
-        "optimizer": optimizer, "param": param, "wd_mode": wd_mode, "width": width, "lr": lr, "seed": seed,
+        "optimizer": optimizer, "param": param, "wd_mode": wd_mode, "width": width, "depth": cfg.depth, "lr": lr, "seed": seed,
         "steps": steps, "weight_decay": wd, "train_loss": float("nan") if diverged else sum(losses[-tail:]) / tail,
         "val_loss": val, "diverged": diverged, "seconds": round(clock(), 2), "state_bits": state_bits,
     }
@@ -96,13 +102,32 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
           steps: int = 150, batch: int = 16, seq: int = 64, depth: int = 2, n_head: int = 4,
           base_width: int | None = None, seeds: int = 1, wd: float | None = None, device: str = "cpu",
           corpus: str | None = None, hess_every: int = 10, precondition_frequency: int = 10,
-          muon_adamw_ratio: float = 0.1, eval_batches: int = 8, state_bits: int = 32, progress=None) -> list[dict]:
+          muon_adamw_ratio: float = 0.1, eval_batches: int = 8, depths=None, alpha: float = 1.0,
+          joint: bool = False, state_bits: int = 32, progress=None) -> list[dict]:
     """Every (optimizer, param, wd_mode, seed, width, lr) run; the records of :func:`train_run`.
     SP runs use only the first wd mode (SP has no lr multipliers, so the modes coincide); LAMB
-    has no wd mode (its decay is inside the trust-ratio update)."""
+    has no wd mode (its decay is inside the trust-ratio update).
+
+    ``depths``: the sweep over depth instead, at the fixed width ``widths[0]`` (its own base
+    width): params "sp" (no depth rule) and "depth" (mupopt.set_base_depth with ``alpha``
+    against the smallest depth; "mup" in ``params`` means it). ``joint``: width and depth grow
+    together, the i-th width with the i-th depth (e.g. widths 32,64 with depths 2,8): "depth"
+    is then muP in width plus the depth rule, "sp" standard parameterization in both."""
     widths = sorted(widths)
     data = load_corpus(corpus)
-    cfg = config_for("gpt", data, base_width=base_width or widths[0], depth=depth, n_head=n_head, block_size=seq)
+    if joint and (not depths or len(depths) != len(widths)):
+        raise ValueError(f"joint=True pairs widths with depths: got {len(widths)} widths and {len(depths or ())} depths")
+    if depths:
+        params = tuple("depth" if p == "mup" else p for p in params)
+        runs = list(zip(widths, sorted(depths))) if joint else [(widths[0], d) for d in sorted(depths)]
+        base_width = widths[0]
+    else:
+        runs = [(w, depth) for w in widths]
+
+    def cfg_for(param, d):
+        rule = {"alpha": alpha, "base_depth": min(depths)} if (depths and param == "depth") else {}
+        return config_for("gpt", data, base_width=base_width or widths[0], depth=d, n_head=n_head, block_size=seq,
+                          **rule)
     records = []
     for name in optimizers:
         spec = OPTIMIZERS[name]
@@ -114,9 +139,15 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
                 modes = modes[:1]
             for mode in modes:
                 for seed in range(seeds):
-                    for width in widths:
+                    for width, d in runs:
+                        cfg = cfg_for(param, d)
+                        # Over depth alone, SP keeps the width information (all multipliers 1 at
+                        # this, the base width): only the depth rule differs (Muon routes by it).
+                        width_param = ("sp" if joint else "mup") if param == "sp" and depths else (
+                            "mup" if param == "depth" else None)
                         for lr in grid:
                             r = train_run(data, cfg, width, name, lr, param=param, wd=decay, wd_mode=mode,
+                                          width_param=width_param,
                                           steps=steps, batch=batch, seq=seq, seed=seed, device=device,
                                           hess_every=hess_every, precondition_frequency=precondition_frequency,
                                           muon_adamw_ratio=muon_adamw_ratio, eval_batches=eval_batches,
@@ -124,7 +155,7 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
                             r["grid_index"] = grid.index(lr)
                             records.append(r)
                             if progress:
-                                progress(f"{name} {param} {mode} w={width} lr={lr:.3g}: val {r['val_loss']:.4f} "
+                                progress(f"{name} {param} {mode} w={width} d={d} lr={lr:.3g}: val {r['val_loss']:.4f} "
                                          f"({r['seconds']:.1f}s)")
     return records
 
@@ -140,14 +171,22 @@ def _parabola_min(xs: list[float], ys: list[float], i: int) -> float:
     return -b / (2 * a) if a > 0 else xs[i]
 
 
+def axis_of(records: list[dict]) -> str:
+    """"depth" for a sweep over depth (its runs differ in depth; in a joint sweep also in
+    width, one width per depth), else "width"."""
+    return "depth" if len({r.get("depth") for r in records}) > 1 else "width"
+
+
 def summarize(records, wide: int = 128) -> list[dict]:
-    """Per (optimizer, param, wd_mode): best lr per width, shift in grid steps, fixed-lr trend."""
+    """Per (optimizer, param, wd_mode): best lr per width (or per depth in a sweep over depth,
+    where ``widths`` lists the depths and ``axis`` says so), shift in grid steps, fixed-lr trend."""
     records = as_records(records)
+    axis = axis_of(records)
     groups: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
         loss = r["val_loss"]
         loss = float("inf") if (loss is None or not math.isfinite(loss)) else loss
-        cell = groups[(r["optimizer"], r["param"], r["wd_mode"])][r["width"]]
+        cell = groups[(r["optimizer"], r["param"], r["wd_mode"])][r[axis]]
         cell.setdefault(r["lr"], []).append(loss)
     out = []
     for (opt, param, mode), by_width in groups.items():
@@ -167,14 +206,14 @@ def summarize(records, wide: int = 128) -> list[dict]:
         j = grid.index(base_lr)
         fixed = [best[w]["losses"][j] for w in widths]
         out.append({
-            "optimizer": opt, "param": param, "wd_mode": mode, "widths": widths, "grid": grid,
+            "optimizer": opt, "param": param, "wd_mode": mode, "axis": axis, "widths": widths, "grid": grid,
             "best_lr": [best[w]["best_lr"] for w in widths], "best_index": idx,
             "best_log2_lr": [round(best[w]["best_log2_lr"], 3) for w in widths],
             "best_loss": [best[w]["best_loss"] for w in widths],
             "best_at_grid_edge": [best[w]["edge"] for w in widths],
             "shift_steps": max(idx) - min(idx),
             "drift_steps": idx[-1] - idx[0],
-            "shift_steps_wide": (max(wide_idx) - min(wide_idx)) if len(wide_idx) >= 2 else None,
+            "shift_steps_wide": (max(wide_idx) - min(wide_idx)) if len(wide_idx) >= 2 and axis == "width" else None,
             "fixed_lr": base_lr, "fixed_lr_losses": fixed,
             "fixed_lr_monotone": all(b <= a + 1e-3 for a, b in zip(fixed, fixed[1:])),
         })
@@ -182,7 +221,9 @@ def summarize(records, wide: int = 128) -> list[dict]:
 
 
 def format_summary(rows: list[dict]) -> str:
-    header = ("optimizer", "param", "wd", "best lr per width", "shift", "drift", "loss at base-best lr", "monotone")
+    axis = rows[0].get("axis", "width") if rows else "width"
+    header = ("optimizer", "param", "wd", f"best lr per {axis} ({','.join(map(str, rows[0]['widths'])) if rows else ''})",
+              "shift", "drift", "loss at base-best lr", "monotone")
     body = []
     for r in rows:
         lrs = " ".join(f"{lr:.2g}{'*' if e else ''}" for lr, e in zip(r["best_lr"], r["best_at_grid_edge"]))
@@ -207,7 +248,7 @@ def plot(records, out_dir: Path, prefix: str = "transfer") -> list[Path]:
     paths = []
     for opt in dict.fromkeys(r["optimizer"] for r in records):
         panels = [k for k in summary if k[0] == opt]
-        panels.sort(key=lambda k: (k[1] != "sp", k[2] != "independent"))
+        panels.sort(key=lambda k: (k[1] != "sp", k[2] != "independent"))  # SP first
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharex=True, sharey=True, squeeze=False)
         finite = [r["val_loss"] for r in records if r["optimizer"] == opt and r["val_loss"] is not None
                   and math.isfinite(r["val_loss"])]
@@ -215,7 +256,7 @@ def plot(records, out_dir: Path, prefix: str = "transfer") -> list[Path]:
             s = summary[key]
             cmap = plt.cm.viridis
             for k, w in enumerate(s["widths"]):
-                losses = [r for r in records if (r["optimizer"], r["param"], r["wd_mode"]) == key and r["width"] == w]
+                losses = [r for r in records if (r["optimizer"], r["param"], r["wd_mode"]) == key and r[s["axis"]] == w]
                 by_lr = defaultdict(list)
                 for r in losses:
                     v = r["val_loss"]
@@ -223,11 +264,11 @@ def plot(records, out_dir: Path, prefix: str = "transfer") -> list[Path]:
                 xs = sorted(by_lr)
                 ys = [sum(by_lr[x]) / len(by_lr[x]) for x in xs]
                 color = cmap(k / max(1, len(s["widths"]) - 1))
-                ax.plot(xs, ys, "o-", ms=3, color=color, label=f"width {w}")
+                ax.plot(xs, ys, "o-", ms=3, color=color, label=f"{s['axis']} {w}")
                 ax.plot([s["best_lr"][k]], [s["best_loss"][k]], "*", ms=12, color=color, mec="k")
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(plt.NullFormatter())
-            title = f"{opt} {'SP' if key[1] == 'sp' else 'muP'}" + (f", wd {key[2]}" if key[1] == "mup" else "")
+            title = f"{opt} {dict(sp='SP', mup='muP', depth='depth rule')[key[1]]}" + (f", wd {key[2]}" if key[1] == "mup" else "")
             ax.set_title(f"{title}\nbest-lr shift {s['shift_steps']} grid step(s)", fontsize=10)
             ax.set_xlabel("learning rate (at the base width)")
             ax.grid(True, which="both", alpha=0.3)
@@ -256,6 +297,8 @@ def run(optimizers=SIX, widths=(32, 64, 128), *, out: str | Path = "mupcheck-out
     summary = summarize(records, wide)
     files = [write_csv(records, out / f"{prefix}.csv"), write_json(records, out / f"{prefix}.json")]
     settings = {"optimizers": list(optimizers), "widths": sorted(widths), **kwargs}
+    if settings.get("depths"):
+        settings["depths"] = sorted(settings["depths"])
     files.append(write_json({"settings": settings, "summary": summary, "seconds": round(clock(), 1)},
                             out / f"{prefix}-summary.json"))
     if plots:
@@ -280,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--base-width", type=int, default=None, help="muP base width (default: the smallest width)")
     parser.add_argument("--params", default="sp,mup", help="parameterizations, comma list of sp, mup (default both)")
     parser.add_argument("--wd-modes", default="independent",
-                        help="muP weight-decay modes, comma list of independent, coupled (default independent)")
+                        help="muP weight-decay modes, comma list of independent, coupled, inverse_width (default independent)")
     parser.add_argument("--wd", type=float, default=None, help="weight decay (default: per optimizer, see train.OPTIMIZERS)")
     parser.add_argument("--lrs", type=_floats, default=None, help="explicit lr grid (comma list); overrides the grid options")
     parser.add_argument("--lr-center", type=float, default=None, help="centre of the lr grid (default: per optimizer)")
@@ -290,6 +333,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
     parser.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
     parser.add_argument("--depth", type=int, default=2, help="transformer blocks (default 2)")
+    parser.add_argument("--depths", type=_ints, default=None,
+                        help="sweep over depth instead, e.g. 2,4,8,16 (fixed width = the first of --widths; SP vs "
+                             "the depth rule of mupopt.set_base_depth against the smallest depth)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="depth rule's residual exponent (1 CompleteP, "
+                        "0.5 depth-muP; default 1)")
+    parser.add_argument("--joint", action="store_true", help="with --depths: width and depth grow together, the "
+                        "i-th width with the i-th depth (muP + depth rule vs SP in both)")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per point (default 1)")
     parser.add_argument("--hess-every", type=int, default=10, help="SophiaG Hessian update interval (default 10)")
@@ -317,6 +367,7 @@ def main(args: argparse.Namespace) -> int:
         depth=args.depth, n_head=args.n_head, base_width=args.base_width, seeds=args.seeds, device=args.device,
         corpus=args.corpus, hess_every=args.hess_every, precondition_frequency=args.precondition_frequency,
         muon_adamw_ratio=args.muon_adamw_ratio, eval_batches=args.eval_batches, state_bits=args.state_bits,
+        **({"depths": args.depths, "alpha": args.alpha, "joint": args.joint} if args.depths else {}),
     )
     print(format_summary(result["summary"]))
     print(f"\nwrote {len(result['files'])} files under {args.out} in {result['seconds']:.0f} s")

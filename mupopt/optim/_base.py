@@ -42,6 +42,7 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -57,11 +58,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from .. import backends
+from .. import backends, storage
 from . import _lean_states as lean
-from ..mup import (RECORD_KEY, BaseShapes, MupError, Multipliers, WidthInfo, canonical_name, copy_record, decay_rule,
-                   format_table, load_base_shapes, multipliers, name_in_models, old_record, read_record,
-                   recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
+from ..mup import (RECORD_KEY, BaseShapes, DepthInfo, MupError, Multipliers, WidthInfo, canonical_name, copy_record,
+                   decay_rule, depth_info, format_table, load_base_shapes, multipliers, name_in_models, old_record,
+                   read_depth, read_record, recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
 from ._placement import (ELEMENTWISE, check_placements, dense, dist, elementwise_view, is_dtensor, local, local_grad,
                          local_state, needs_view, same_layout, viewed_like)
 
@@ -533,6 +534,7 @@ class MupOptimizer(Optimizer):
         self._widths: dict[torch.Tensor, tuple[dict, str | None]] = {}
         defaults.setdefault("wd_mode", "independent")
         defaults.setdefault("scale_eps", False)
+        defaults.setdefault("stochastic_rounding", False)
         self._check_group(defaults)
         super().__init__(params, defaults)
         self.state = _tracked(self.state)
@@ -568,6 +570,8 @@ class MupOptimizer(Optimizer):
         check(isinstance(group["scale_eps"], bool), f"Invalid scale_eps: {group['scale_eps']!r}")
         check(isinstance(group.get("maximize", False), bool), f"maximize must be a bool, got {group.get('maximize')!r}")
         lean.check_state_bits(group.get("state_bits", 32))
+        check(isinstance(group.get("stochastic_rounding", False), bool),
+              f"Invalid stochastic_rounding: {group.get('stochastic_rounding')!r} (expected a bool)")
 
     def add_param_group(self, param_group: dict) -> None:
         self.__dict__.pop("_plan_cache", None)
@@ -591,7 +595,7 @@ class MupOptimizer(Optimizer):
                 if self._named_widths is not None:
                     info = self._named_widths.info(p, names[i] if names else None, info)
                 name = info.name if info is not None and info.name else (names[i] if names else None)
-                self._widths[p] = (width_record(info, p.shape, name), name)
+                self._widths[p] = (width_record(info, p.shape, name, depth_info(p)), name)
             self._check_width_consistency()
         except Exception:
             for p in self.param_groups.pop()["params"]:
@@ -619,12 +623,31 @@ class MupOptimizer(Optimizer):
         cache[p] = (record, info)
         return info
 
+    def _depth_of(self, p: torch.Tensor) -> DepthInfo | None:
+        """p's depth info (mupopt.set_base_depth), from the same record as :meth:`_width_of`;
+        None for a record without depth fields (depth factor 1)."""
+        record = self._own(p)[0]
+        st = self.state.get(p)
+        if st and st.get(RECORD_KEY):
+            record = st[RECORD_KEY]
+        cache = self.__dict__.setdefault("_plan_depths", {})  # as _width_of's: once per record object
+        hit = cache.get(p)
+        if hit is not None and hit[0] is record:
+            return hit[1]
+        depth = read_depth(record, lambda: self._label(p))
+        cache[p] = (record, depth)
+        return depth
+
+    def depth_infos(self, group: dict) -> list[DepthInfo | None]:
+        """The depth info of each parameter of ``group`` (None: no depth rule for it)."""
+        return [self._depth_of(p) for p in group["params"]]
+
     def _own(self, p: torch.Tensor) -> tuple[dict, str | None]:
         """(record, name) add_param_group took for p; for a param put into group["params"] by
         hand, what add_param_group would have taken."""
         own = self._widths.get(p)
         if own is None:
-            own = self._widths[p] = (width_record(width_info(p), p.shape), None)
+            own = self._widths[p] = (width_record(width_info(p), p.shape, depth=depth_info(p)), None)
         return own
 
     def _label(self, p: torch.Tensor) -> str:
@@ -661,10 +684,11 @@ class MupOptimizer(Optimizer):
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
         options = self._rule_options(group)
-        return [multipliers(self.rule, info, **options) for info in self.width_infos(group)]
+        return [multipliers(self.rule, info, depth=depth, **options)
+                for info, depth in zip(self.width_infos(group), self.depth_infos(group))]
 
     def mup_summary(self) -> str:
-        """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, weight decay."""
+        """One row per parameter: name, shape, role, m_in, m_out, lr multiplier, depth, weight decay."""
         rows = []
         for gi, group in enumerate(self.param_groups):
             infos = self.width_infos(group)
@@ -672,8 +696,9 @@ class MupOptimizer(Optimizer):
             names = group.get("param_names") or [
                 info.name if info is not None and info.name else f"group{gi}.param{i}" for i, info in enumerate(infos)
             ]
-            for name, p, info, m in zip(names, group["params"], infos, self.group_multipliers(group)):
-                rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m)))
+            for name, p, info, m, depth in zip(names, group["params"], infos, self.group_multipliers(group),
+                                               self.depth_infos(group)):
+                rows.append((name, tuple(p.shape), info, m, decay_rule(self.rule, m), depth))
         used = self.selected_backends
         ran = "; ".join(f"group {gi}: " + ", ".join(f"{k} on {v}" for k, v in u.items()) for gi, u in enumerate(used) if u)
         return format_table(rows) + "\nbackends at the last step: " + (ran or f"none yet (requested: {self.backend!r})")
@@ -964,6 +989,7 @@ class MupOptimizer(Optimizer):
         key = (
             kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), "mup" in group,
             self._plan_options(group), bool(group.get("capturable", False)), self.backend,
+            bool(group.get("stochastic_rounding", False)),
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
@@ -1183,6 +1209,8 @@ class MupOptimizer(Optimizer):
         except Exception:
             _drop_states(self.state, created)
             raise
+        if group.get("stochastic_rounding", False):
+            self._add_rounding_state(group, plan)
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:
@@ -1202,6 +1230,22 @@ class MupOptimizer(Optimizer):
         else:
             plan.state_version = None
         return created
+
+    def _add_rounding_state(self, group: dict, plan: GroupPlan) -> None:
+        """What stochastic rounding needs in the state of each bfloat16 / float16 param
+        (mupopt/storage.py): its seed, drawn here from torch's default generator the first time
+        the param is stepped with the option on (a state loaded with one keeps it, so a resume
+        continues the same random stream), and a step count where the state has none (Muon's
+        matrices; their backends then count it). Created after every check of the plan, and
+        only by a step that is taken: a step GradScaler skips draws nothing."""
+        for p in plan.params:
+            if not storage.rounds_stochastically(p):
+                continue
+            st = self.state[p]
+            if "sr_seed" not in st:
+                st["sr_seed"] = storage.draw_seed()
+            if "step" not in st:
+                st["step"] = new_step(p, group)
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
         """The state keys the step of ``group["params"][i]`` reads (those :meth:`_init_state`
@@ -1381,6 +1425,8 @@ class MupOptimizer(Optimizer):
                     continue
                 try:
                     hp = self._hparams_for(seg.kernel, group, extra)
+                    if group.get("stochastic_rounding", False):
+                        hp = dataclasses.replace(hp, stochastic_rounding=True)
                     if seg.backend.prepare is not None:
                         calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
                     else:

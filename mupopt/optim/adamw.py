@@ -12,6 +12,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
+from ..storage import store_param
 from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
                     skip_on_found_inf, step_count, store, upcast)
 
@@ -26,6 +27,7 @@ class AdamWHparams:
     amsgrad: bool
     maximize: bool
     capturable: bool = False
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
@@ -70,7 +72,7 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
             bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
             denom = (second.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
             p32.addcdiv_(m32, denom, value=-hp.lr * m.lr / bias_correction1)
-        store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+        store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
 # The entries state_bits stores in 16 or 8 bits, with the sign of their values (_lean_states).
@@ -105,6 +107,9 @@ class AdamW(MupOptimizer):
         state_bits: 32 (default: exp_avg and exp_avg_sq in the param's dtype), 16 (bfloat16) or 8
             (blocks of 256 quantized with a float32 scale per block; tensors below 4096 elements
             stay in 32 bits; stepped by the reference backend for now): docs/lean-states.md.
+        stochastic_rounding: round bfloat16 / float16 param stores stochastically (unbiased; the
+            cure for bf16 params whose small updates round away), not to nearest. Default False;
+            a no-op for float32 params. docs/dtypes.md, mupopt/storage.py.
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
         base_shapes: muP width information by parameter name, for code that builds the optimizer
             from ``model.named_parameters()`` without calling ``mupopt.set_base_shapes`` on the
@@ -134,6 +139,7 @@ class AdamW(MupOptimizer):
         wd_mode: str = "independent",
         scale_eps: bool = False,
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -146,6 +152,7 @@ class AdamW(MupOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True,
         )
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
         # runs unchanged (foreach/fused choose among torch's own kernels, here backend= chooses),

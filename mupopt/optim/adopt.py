@@ -12,6 +12,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
+from ..storage import store_param
 from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
                     skip_on_found_inf, store, upcast)
 
@@ -25,6 +26,7 @@ class ADOPTHparams:
     weight_decay: float
     maximize: bool
     capturable: bool = False
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
@@ -62,7 +64,7 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
         m32.lerp_(normed, 1 - hp.beta1)
         p32.add_(m32, alpha=-hp.lr * m.lr)
         v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
-        store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+        store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
 def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
@@ -85,7 +87,7 @@ def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
     p32.copy_(torch.where(first, p32, p_new))
     m32.copy_(torch.where(first, m32, m_new))
     v32.copy_(torch.where(first, v_first, v_new))
-    store(p, p32), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+    store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
 ADOPT_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores (_lean_states)
@@ -107,7 +109,7 @@ class ADOPT(MupOptimizer):
         foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
             False; capturable: as :class:`mupopt.AdamW`. decouple: only True (torch-adopt's
             default is False: pass decouple=True there for the same optimizer).
-        wd_mode, scale_eps, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, scale_eps, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "adopt"
@@ -130,6 +132,7 @@ class ADOPT(MupOptimizer):
         wd_mode: str = "independent",
         scale_eps: bool = False,
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -143,6 +146,7 @@ class ADOPT(MupOptimizer):
             decouple=decouple,
         )
         defaults["state_bits"] = state_bits
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch-adopt's implementation switches: accepted and recorded in the groups as it
         # records them; backend= chooses the implementation here (see mupopt.AdamW).

@@ -15,6 +15,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
+from ..storage import store_param
 from ._placement import NormReduce as ShardNormReduce
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
                     is_number, new_step, skip_on_found_inf, step_count, store, upcast)
@@ -30,6 +31,7 @@ class LAMBHparams:
     clamp_value: float | None
     maximize: bool
     capturable: bool = False
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 NormReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -114,7 +116,7 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
             p32, update = _lamb_direction(p, g, st, m, hp)
             trust = trust_ratio(sum_of_squares(p32), sum_of_squares(update), hp, p32.dtype)
             p32.add_(update * trust, alpha=-hp.lr * m.lr)
-            store(p, p32)
+            store_param(p, p32, st, hp.stochastic_rounding)
         return
     if not params:
         return
@@ -126,10 +128,10 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
         partials[i, 1] = sum_of_squares(update)
         pending.append((p32, update))
     reduced = reduce_norm_sums(norm_reduce, partials)
-    for i, (p, m, (p32, update)) in enumerate(zip(params, mults, pending)):
+    for i, (p, st, m, (p32, update)) in enumerate(zip(params, states, mults, pending)):
         trust = trust_ratio(reduced[i, 0], reduced[i, 1], hp, p32.dtype)
         p32.add_(update * trust, alpha=-hp.lr * m.lr)
-        store(p, p32)
+        store_param(p, p32, st, hp.stochastic_rounding)
 
 
 LAMB_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores (_lean_states)
@@ -150,7 +152,7 @@ class LAMB(MupOptimizer):
         hidden_lr_exponent: the hidden-layer lr multiplier is m_in**hidden_lr_exponent. P1 derives
             0 (the default) assuming ||W||_F ~ ||W||_*; a strict derivation for full-rank hidden
             weights gives -1/2. The coordinate check (mupopt coord-check) tells which transfers.
-        capturable, scale_eps, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
+        capturable, scale_eps, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
     """
 
     rule = "lamb"
@@ -170,6 +172,7 @@ class LAMB(MupOptimizer):
         capturable: bool = False,
         scale_eps: bool = False,
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -179,6 +182,7 @@ class LAMB(MupOptimizer):
             hidden_lr_exponent=hidden_lr_exponent, maximize=maximize, capturable=capturable, scale_eps=scale_eps,
         )
         defaults["state_bits"] = state_bits
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

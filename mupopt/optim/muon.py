@@ -17,6 +17,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
+from ..storage import store_param
 from ..linalg import newton_schulz
 from ..mup import RECORD_KEY, MupError, Multipliers, multipliers, read_record
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
@@ -62,6 +63,7 @@ class MuonHparams:
     eps: float
     adjust_lr_fn: str | None
     ns_dtype: torch.dtype
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
@@ -135,11 +137,13 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonali
             out = ns(torch.stack([views[i] for i in idx]))
             for k, i in enumerate(idx):
                 ortho[i] = out[k]
-    for p, o, m in zip(params, ortho, mults):
+    for p, o, m, st in zip(params, ortho, mults, states):
         p32 = upcast(p, compute_dtype(p))
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr)
-        store(p, p32)
+        if "step" in st:  # stochastic rounding's count (mupopt/storage.py); torch's Muon has none
+            st["step"] += 1
+        store_param(p, p32, st, hp.stochastic_rounding)
 
 
 def ns_steps(hp: MuonHparams) -> int:
@@ -188,7 +192,8 @@ class Muon(MupOptimizer):
         capturable: the AdamW part's step counts on the params' device and GradScaler's found_inf
             applied on the device, as :class:`mupopt.AdamW` (the Muon part has no step count).
         maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
-        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. stochastic_rounding: as :class:`mupopt.AdamW`,
+            for both parts (Muon's matrices then keep a "step" count in their state for it).
     """
 
     rule = "muon"
@@ -215,6 +220,7 @@ class Muon(MupOptimizer):
         capturable: bool = False,
         wd_mode: str = "independent",
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -226,6 +232,7 @@ class Muon(MupOptimizer):
             adamw_wd=adamw_wd, use_muon=None, capturable=capturable, wd_mode=wd_mode, scale_eps=False,
         )
         defaults["state_bits"] = state_bits
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
@@ -275,13 +282,13 @@ class Muon(MupOptimizer):
         ``shape`` is global, so a rank stepping a shard still scales by the full matrix)."""
         rule = "muon_match_rms_adamw" if group["adjust_lr_fn"] == "match_rms_adamw" else "muon"
         out = []
-        for i, info in enumerate(self.width_infos(group)):
+        for i, (info, depth) in enumerate(zip(self.width_infos(group), self.depth_infos(group))):
             if not self._uses_muon(group, i):
-                out.append(multipliers("adamw", info, wd_mode=group["wd_mode"]))
+                out.append(multipliers("adamw", info, depth=depth, wd_mode=group["wd_mode"]))
             elif info is not None and info.role != "hidden":
                 raise MupError(f"use_muon=True on a parameter of role {info.role!r}: Muon's muP rules cover hidden matrices only")
             else:
-                m = multipliers(rule, info, wd_mode=group["wd_mode"])
+                m = multipliers(rule, info, depth=depth, wd_mode=group["wd_mode"])
                 shape = group["params"][i].shape
                 rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, 1)
                 factor = shape_factor(group["adjust_lr_fn"], rows, cols) if rows and cols else 1.0

@@ -13,6 +13,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
+from ..storage import store_param
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
 from ._base import (MupOptimizer, _agree, _distributed_ready, check, check_betas, check_lr, check_weight_decay, compute_dtype, fp32,
@@ -43,6 +44,7 @@ class ShampooHparams:
     grafting_beta2: float
     grafting_epsilon: float
     root_method: str
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def blocks_of(rows: int, cols: int, max_dim: int) -> list[tuple[slice, slice]]:
@@ -195,7 +197,7 @@ def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams, 
             p32 = upcast(p, cd)
             p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
             p32.add_(mom32, alpha=-hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr)
-            store(p, p32)
+            store_param(p, p32, st, hp.stochastic_rounding)
 
     return commit
 
@@ -413,7 +415,7 @@ class Shampoo(MupOptimizer):
         grafting_beta2=0.999, grafting_epsilon=1e-8: the Adam grafting (and 1-D) direction.
         root_method: "eigh" (float32, retried in float64) or "newton" (coupled Newton, matmuls
             only; needs a damping that keeps L and R positive definite).
-        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "shampoo"
@@ -440,6 +442,7 @@ class Shampoo(MupOptimizer):
         root_method: str = "eigh",
         wd_mode: str = "independent",
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -452,6 +455,7 @@ class Shampoo(MupOptimizer):
             root_method=root_method, wd_mode=wd_mode, scale_eps=False,
         )
         defaults["state_bits"] = state_bits
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:
@@ -492,13 +496,15 @@ class Shampoo(MupOptimizer):
         return (group["wd_mode"], group["grafting"], group["max_preconditioner_dim"])
 
     def group_multipliers(self, group: dict) -> list[Multipliers]:
+        depths = self.depth_infos(group)
         if group["grafting"] == "adam":
-            return [multipliers("shampoo_grafted", info, wd_mode=group["wd_mode"]) for info in self.width_infos(group)]
+            return [multipliers("shampoo_grafted", info, depth=depth, wd_mode=group["wd_mode"])
+                    for info, depth in zip(self.width_infos(group), depths)]
         # The blocks are those of the global shape (a DTensor's p.shape), on every placement.
         return [
-            multipliers("shampoo", info, wd_mode=group["wd_mode"],
+            multipliers("shampoo", info, depth=depth, wd_mode=group["wd_mode"],
                         shampoo_blocks=(tuple(p.shape), group["max_preconditioner_dim"]) if is_matrix(p) else None)
-            for p, info in zip(group["params"], self.width_infos(group))
+            for p, info, depth in zip(group["params"], self.width_infos(group), depths)
         ]
 
     def _owners(self) -> dict[int, list[int]]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from . import _lean_states as lean
+from ..storage import store_param
 from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, compute_dtype, is_number,
                     new_step, skip_on_found_inf, store, upcast)
 
@@ -33,6 +34,7 @@ class SophiaHparams:
     bs: float
     maximize: bool
     capturable: bool = False  # no step count enters the math: nothing changes but found_inf's skip
+    stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
 
 
 def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
@@ -53,7 +55,7 @@ def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
         m32.mul_(hp.beta1).add_(g32, alpha=1 - hp.beta1)
         ratio = (m32.abs() / (hp.rho * hp.bs * h32 + HESSIAN_FLOOR)).clamp(None, 1)
         p32.addcmul_(m32.sign(), ratio, value=-hp.lr * m.lr)
-        store(p, p32), store(st["exp_avg"], m32)
+        store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32)
 
 
 def sophia_hessian_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
@@ -127,7 +129,7 @@ class SophiaG(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
         capturable: as :class:`mupopt.AdamW` (the step count enters no formula here).
-        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "sophia"
@@ -145,6 +147,7 @@ class SophiaG(MupOptimizer):
         capturable: bool = False,
         wd_mode: str = "independent",
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -155,6 +158,7 @@ class SophiaG(MupOptimizer):
             capturable=capturable,
         )
         defaults["state_bits"] = state_bits
+        defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

@@ -40,9 +40,25 @@
 
 namespace mupopt {
 
-// Storage dtypes the kernels read and write (float64: the CPU loops only).
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+// Storage dtypes the kernels read and write (float64: the CPU loops only). The first
+// kDTypeCount codes are the dtypes of tensors; the stochastic codes are param formats of a
+// launch only: bfloat16 / float16 storage whose param stream is rounded stochastically
+// (storage.h), its states to nearest.
+enum class DType : int32_t {
+  kFloat32 = 0,
+  kBFloat16 = 1,
+  kFloat16 = 2,
+  kFloat64 = 3,
+  kBFloat16Stochastic = 4,
+  kFloat16Stochastic = 5,
+};
 constexpr int kDTypeCount = 4;
+
+// A launch's param format with stochastic rounding on: 16-bit storage changes, float32 and
+// float64 stores are exact and stay as they are.
+MUPOPT_HD inline DType stochastic_format(DType d) {
+  return d == DType::kBFloat16 ? DType::kBFloat16Stochastic : d == DType::kFloat16 ? DType::kFloat16Stochastic : d;
+}
 
 // bfloat16 storage: the upper 16 bits of a float32. A plain struct, so host code needs no
 // CUDA header and the CPU loops vectorise its conversions as integer shifts.

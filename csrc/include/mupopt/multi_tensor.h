@@ -23,6 +23,7 @@
 #pragma once
 
 #include "common.h"
+#include "storage.h"
 
 namespace mupopt {
 
@@ -49,6 +50,7 @@ struct TensorRow {
                                // float64 and rounded once to the compute type by the loops
   int32_t aligned;            // CUDA: every used stream allows 4-element vector accesses
   int32_t source;             // the tensor's index in the op's lists (LAMB's per-tensor sums)
+  uint32_t sr_key;            // stochastic rounding of the param stream: sr_step_key (storage.h)
 };
 
 // Per-call gradient handling, shared by every Op with kGradStream.
@@ -107,7 +109,7 @@ MUPOPT_HDI int find_row(const TensorRow* rows, int n_rows, int64_t c) {
 #define MUPOPT_SIMD_SUM_R0_R1
 #endif
 
-template <class Op, bool kFma, class TP, class TG>
+template <class Op, bool kFma, class TP, class TG, Rounding R = Rounding::kNearest>
 MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul_f,
                                   double* red) {
   using T = compute_t<TP>;
@@ -126,9 +128,10 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   TP* __restrict__ s4 = static_cast<TP*>(row.ptr[4]);
   T sc[kMaxScalars];
   for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<T>(row.scalar[k]);
+  const uint32_t span_key = sr_span_key(row.sr_key, begin);
 
   // The body shared by both loops below: load, apply, store one element.
-#define MUPOPT_CPU_ELEMENT(RED)                                \
+#define MUPOPT_CPU_ELEMENT(RED, RBITS)                         \
   T x[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};           \
   if constexpr ((L & 1u) != 0) x[0] = to_compute(s0[i]);       \
   if constexpr ((L & 2u) != 0) x[1] = to_compute(s1[i]);       \
@@ -137,7 +140,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   if constexpr ((L & 16u) != 0) x[4] = to_compute(s4[i]);      \
   if constexpr (Op::kGradStream) x[1] *= gmul;                 \
   op.template apply<kFma, T>(x, sc, RED);                      \
-  if constexpr ((W & 1u) != 0) s0[i] = from_compute<TP>(x[0]); \
+  if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], RBITS); \
   if constexpr ((W & 4u) != 0) s2[i] = from_compute<TP>(x[2]); \
   if constexpr ((W & 8u) != 0) s3[i] = from_compute<TP>(x[3]); \
   if constexpr ((W & 16u) != 0) s4[i] = from_compute<TP>(x[4]);
@@ -149,14 +152,19 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     // (One loop doing both is not vectorised by GCC 12: its simd-lane arrays, see above.)
     constexpr int kBlock = 256;
     T t0[kBlock], t1[kBlock];
+    uint32_t bits[kNeedsBits<TP, R> ? kBlock : 1];
     double r0 = 0.0, r1 = 0.0;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
+      if constexpr (kNeedsBits<TP, R>) {
+        MUPOPT_SIMD
+        for (int k = 0; k < n; ++k) bits[k] = sr_bits(span_key, static_cast<uint32_t>(b0 + k));
+      }
       MUPOPT_SIMD
       for (int k = 0; k < n; ++k) {
         const int64_t i = b0 + k;
         T c[kMaxReduce] = {T(0), T(0)};
-        MUPOPT_CPU_ELEMENT(c)
+        MUPOPT_CPU_ELEMENT(c, (bits[kNeedsBits<TP, R> ? k : 0]))
         t0[k] = c[0];
         t1[k] = c[1];
       }
@@ -168,11 +176,29 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     }
     red[0] = r0;
     red[1] = r1;
+  } else if constexpr (kNeedsBits<TP, R>) {
+    // Stochastic rounding: the random bits of a block of 256 first, in a loop of their own, then
+    // the update reading them from L1. One loop doing both ran the AdamW bf16 step at 1.25-1.30x
+    // the round-to-nearest loop (the hash's constants and masks on top of the update's live
+    // vectors), split 1.2x (L2-resident, AVX2, one thread; docs/dtypes.md).
+    (void)red;
+    constexpr int kBlock = 256;
+    uint32_t bits[kBlock];
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+      const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
+      MUPOPT_SIMD
+      for (int k = 0; k < n; ++k) bits[k] = sr_bits(span_key, static_cast<uint32_t>(b0 + k));
+      MUPOPT_SIMD
+      for (int k = 0; k < n; ++k) {
+        const int64_t i = b0 + k;
+        MUPOPT_CPU_ELEMENT(nullptr, bits[k])
+      }
+    }
   } else {
     (void)red;
     MUPOPT_SIMD
     for (int64_t i = begin; i < end; ++i) {
-      MUPOPT_CPU_ELEMENT(nullptr)
+      MUPOPT_CPU_ELEMENT(nullptr, 0u)
     }
   }
 #undef MUPOPT_CPU_ELEMENT
@@ -242,6 +268,23 @@ __device__ MUPOPT_FORCE_INLINE void store4(f16_t* p, const float* x) {
   *reinterpret_cast<uint2*>(p) = v;
 }
 
+// The param stream's 4-element store in its format: rounding to nearest as store4, or each
+// element through the storage layer (storage.h) with its index ``i0 + j``.
+template <Rounding R, class TP>
+__device__ MUPOPT_FORCE_INLINE void store4_param(TP* p, const float* x, uint32_t span_key, int64_t i0) {
+  if constexpr (R == Rounding::kNearest || std::is_same<TP, float>::value) {
+    store4(p, x);
+  } else {
+    uint32_t h[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = store_value<TP, R>(x[j], sr_bits(span_key, static_cast<uint32_t>(i0 + j))).bits;
+    uint2 v;
+    v.x = h[0] | (h[1] << 16);
+    v.y = h[2] | (h[3] << 16);
+    *reinterpret_cast<uint2*>(p) = v;
+  }
+}
+
 // Block-wide sum of one double per thread, in a fixed order (deterministic).
 __device__ MUPOPT_FORCE_INLINE double block_sum(double v, double* shared) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, off);
@@ -258,7 +301,7 @@ __device__ MUPOPT_FORCE_INLINE double block_sum(double v, double* shared) {
 
 }  // namespace cuda_detail
 
-template <class Op, class TP, class TG>
+template <class Op, class TP, class TG, Rounding R>
 __global__ void __launch_bounds__(cuda_detail::kThreads)
     multi_tensor_kernel(const TensorRow* __restrict__ rows, int n_rows, Op op, GradArgs ga, double* partials) {
   using namespace cuda_detail;
@@ -273,6 +316,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
   float sc[kMaxScalars];
 #pragma unroll
   for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<float>(row.scalar[k]);
+  const uint32_t span_key = sr_span_key(row.sr_key, begin);
   TP* s0 = static_cast<TP*>(row.ptr[0]);
   const TG* s1 = static_cast<const TG*>(row.ptr[1]);
   TP* s2 = static_cast<TP*>(row.ptr[2]);
@@ -305,7 +349,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
 #pragma unroll
         for (int s = 0; s < kMaxStreams; ++s) v[s][j] = x[s];
       }
-      if constexpr ((W & 1u) != 0) store4(s0 + i, v[0]);
+      if constexpr ((W & 1u) != 0) store4_param<R>(s0 + i, v[0], span_key, i);
       if constexpr ((W & 4u) != 0) store4(s2 + i, v[2]);
       if constexpr ((W & 8u) != 0) store4(s3 + i, v[3]);
       if constexpr ((W & 16u) != 0) store4(s4 + i, v[4]);
@@ -326,7 +370,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
       acc0 += static_cast<double>(c[0]);
       acc1 += static_cast<double>(c[1]);
     }
-    if constexpr ((W & 1u) != 0) s0[i] = from_float<TP>(x[0]);
+    if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], sr_bits(span_key, static_cast<uint32_t>(i)));
     if constexpr ((W & 4u) != 0) s2[i] = from_float<TP>(x[2]);
     if constexpr ((W & 8u) != 0) s3[i] = from_float<TP>(x[3]);
     if constexpr ((W & 16u) != 0) s4[i] = from_float<TP>(x[4]);
@@ -342,45 +386,62 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
   }
 }
 
-template <class Op, class TP, class TG>
+template <class Op, class TP, class TG, Rounding R>
 cudaError_t launch_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, const Op& op, const GradArgs& ga,
                          double* partials, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n_chunks)), block(cuda_detail::kThreads);
-  multi_tensor_kernel<Op, TP, TG><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  multi_tensor_kernel<Op, TP, TG, R><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
   return cudaGetLastError();
 }
 
-template <class Op, class TP>
+template <class Op, class TP, Rounding R = Rounding::kNearest>
 cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, const Op& op,
                               const GradArgs& ga, double* partials, cudaStream_t stream) {
   switch (tg) {
-    case DType::kFloat64:
-      return cudaErrorInvalidValue;  // float32 math only: the bindings refuse float64 tensors
     case DType::kBFloat16:
-      return launch_typed<Op, TP, bf16_t>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      return launch_typed<Op, TP, bf16_t, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
     case DType::kFloat16:
-      return launch_typed<Op, TP, f16_t>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      return launch_typed<Op, TP, f16_t, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+    case DType::kFloat32:
+      return launch_typed<Op, TP, float, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
     default:
-      return launch_typed<Op, TP, float>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      return cudaErrorInvalidValue;  // float32 math only: the bindings refuse float64 tensors
   }
 }
 
-// One launch per dtype pair. rows: device table of n_rows rows with first_chunk counted from 0;
-// partials: device buffer of 2 * n_chunks doubles when Op::kReduce, else unused.
+// A stochastic param format: the stochastic loops for Ops that store the param (stream 0), the
+// nearest ones (which do the same) for the others.
+template <class Op, class TP>
+cudaError_t launch_stochastic(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, const Op& op,
+                              const GradArgs& ga, double* partials, cudaStream_t stream) {
+  if constexpr ((Op::kStore & 1u) != 0) {
+    return launch_grad_typed<Op, TP, Rounding::kStochastic>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+  } else {
+    return launch_grad_typed<Op, TP>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+  }
+}
+
+// One launch per (param format, grad dtype) pair. rows: device table of n_rows rows with
+// first_chunk counted from 0; partials: device buffer of 2 * n_chunks doubles when
+// Op::kReduce, else unused.
 template <class Op>
 cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tp, DType tg, const Op& op,
                                 const GradArgs& ga, double* partials, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
   switch (tp) {
-    case DType::kFloat64:
-      return cudaErrorInvalidValue;  // as above
     case DType::kBFloat16:
       return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
     case DType::kFloat16:
       return launch_grad_typed<Op, f16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
-    default:
+    case DType::kBFloat16Stochastic:
+      return launch_stochastic<Op, bf16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    case DType::kFloat16Stochastic:
+      return launch_stochastic<Op, f16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    case DType::kFloat32:
       return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    default:
+      return cudaErrorInvalidValue;  // float64: as above
   }
 }
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...backends import PLAIN_TENSOR_TYPES, subclass_reason
+from ...storage import seeds_of
 
 
 def _require(tensors: Sequence[torch.Tensor]) -> None:
@@ -69,6 +70,7 @@ def adamw(params, grads, states, mults, hp, *, found_inf=None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if hp.amsgrad else [], steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         **_hyper("adamw", hp), grad_scale=None, found_inf=found_inf,
+        sr_seeds=seeds_of(states, hp.stochastic_rounding),
     )
 
 
@@ -82,6 +84,7 @@ def adopt(params, grads, states, mults, hp, *, found_inf=None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         **_hyper("adopt", hp), grad_scale=None, found_inf=found_inf,
+        sr_seeds=seeds_of(states, hp.stochastic_rounding),
     )
 
 
@@ -96,7 +99,8 @@ def lamb(params, grads, states, mults, hp, *, norm_reduce=None, found_inf=None) 
     _require(params)
     exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
     args = (params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults])
-    kwargs = dict(_hyper("lamb", hp), grad_scale=None, found_inf=found_inf)
+    kwargs = dict(_hyper("lamb", hp), grad_scale=None, found_inf=found_inf,
+                  sr_seeds=seeds_of(states, hp.stochastic_rounding))
     if norm_reduce is None:
         torch.ops.mupopt.lamb_(*args, **kwargs)
         return
@@ -116,6 +120,7 @@ def sophia(params, grads, states, mults, hp, *, found_inf=None) -> None:
     torch.ops.mupopt.sophia_(
         params, grads, exp_avgs, hessians, steps, [m.lr for m in mults], [m.wd for m in mults],
         **_hyper("sophia", hp), grad_scale=None, found_inf=found_inf,
+        sr_seeds=seeds_of(states, hp.stochastic_rounding),
     )
 
 
@@ -164,7 +169,8 @@ def _mults(mults, *fields: str) -> list[list[float]]:
     return [[float(getattr(m, f)) for m in mults] for f in fields]
 
 
-def _bound(name: str, make: Callable) -> Callable:
+def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callable | None = None,
+           params: Sequence[torch.Tensor] = ()) -> Callable:
     """``step(grads, hp)`` over the plan ``make()`` builds, through the ops ``<name>_bound_``
     (False when a bound tensor changed in place: nothing done, then bind anew) and
     ``<name>_bound_grads_``.
@@ -173,7 +179,12 @@ def _bound(name: str, make: Callable) -> Callable:
     read by the C++ op from the bound params themselves (the ``*_bound_grads_`` op): no list to
     build and convert per step (300 tensors: ~58 -> ~40 us; 1000: ~260 -> ~190 us, measured).
     For params whose ``.grad`` is the gradient to apply (not for local shards of DTensors, whose
-    gradients are elsewhere); a None ``.grad`` raises."""
+    gradients are elsewhere); a None ``.grad`` raises.
+
+    Stochastic rounding: the plan is bound with the states' seeds (``seeds``, from
+    :func:`mupopt.storage.seeds_of`); a step with ``hp.stochastic_rounding`` off on such a plan
+    (the option switched off while the seeds stay in the states) goes to ``unbound(grads, hp)``,
+    the per-call op, which rounds to nearest."""
     op = _raw(getattr(torch.ops.mupopt, f"{name}_bound_").default)
     op_grads = _raw(getattr(torch.ops.mupopt, f"{name}_bound_grads_").default)
     plan = make()
@@ -186,10 +197,14 @@ def _bound(name: str, make: Callable) -> Callable:
                 raise RuntimeError(f"{name} bound step: the bound tensors keep changing")
 
     def step(grads, hp) -> None:
+        if seeds and not hp.stochastic_rounding:
+            return unbound(grads, hp)
         _check_plain(name, grads)
         call(lambda plan: op(plan, grads, **_hyper(name, hp)))
 
     def from_param_grads(hp) -> None:
+        if seeds and not hp.stochastic_rounding:
+            return unbound([p.grad for p in params], hp)
         call(lambda plan: op_grads(plan, **_hyper(name, hp)))
 
     step.from_param_grads = from_param_grads
@@ -206,26 +221,27 @@ def bind_adamw(params, states, mults) -> Callable:
     has_max = all("max_exp_avg_sq" in st for st in states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
     bind = torch.ops.mupopt.bind_adamw.default
+    seeds = seeds_of(states)
+    frozen = list(mults)
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
         maxs = _lists(states, "max_exp_avg_sq")[0] if has_max else []
-        return bind(params, exp_avgs, exp_avg_sqs, maxs, steps, lr_m, wd_m, eps_m)
+        return bind(params, exp_avgs, exp_avg_sqs, maxs, steps, lr_m, wd_m, eps_m, seeds)
 
-    bound = _bound("adamw", make)
+    bound = _bound("adamw", make, seeds, lambda grads, hp: adamw(params, grads, states, frozen, hp), params)
     if has_max:
         return bound
-    frozen_mults = list(mults)
 
     def step(grads, hp) -> None:
         if hp.amsgrad:
-            adamw(params, grads, states, frozen_mults, hp)
+            adamw(params, grads, states, frozen, hp)
         else:
             bound(grads, hp)
 
     def from_param_grads(hp) -> None:
         if hp.amsgrad:
-            adamw(params, [p.grad for p in params], states, frozen_mults, hp)
+            adamw(params, [p.grad for p in params], states, frozen, hp)
         else:
             bound.from_param_grads(hp)
 
@@ -241,12 +257,14 @@ def bind_adopt(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
     bind = torch.ops.mupopt.bind_adopt.default
+    seeds = seeds_of(states)
+    frozen = list(mults)
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
-        return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, wd_m, eps_m)
+        return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, wd_m, eps_m, seeds)
 
-    return _bound("adopt", make)
+    return _bound("adopt", make, seeds, lambda grads, hp: adopt(params, grads, states, frozen, hp), params)
 
 
 def bind_lamb(params, states, mults) -> Callable:
@@ -257,12 +275,14 @@ def bind_lamb(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     lr_m, eps_m = _mults(mults, "lr", "eps")
     bind = torch.ops.mupopt.bind_lamb.default
+    seeds = seeds_of(states)
+    frozen = list(mults)
 
     def make():
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
-        return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, eps_m)
+        return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, eps_m, seeds)
 
-    return _bound("lamb", make)
+    return _bound("lamb", make, seeds, lambda grads, hp: lamb(params, grads, states, frozen, hp), params)
 
 
 def bind_sophia(params, states, mults) -> Callable:
@@ -273,12 +293,14 @@ def bind_sophia(params, states, mults) -> Callable:
     params, states = list(params), list(states)
     lr_m, wd_m = _mults(mults, "lr", "wd")
     bind = torch.ops.mupopt.bind_sophia.default
+    seeds = seeds_of(states)
+    frozen = list(mults)
 
     def make():
         exp_avgs, hessians, steps = _lists(states, "exp_avg", "hessian", "step")
-        return bind(params, exp_avgs, hessians, steps, lr_m, wd_m)
+        return bind(params, exp_avgs, hessians, steps, lr_m, wd_m, seeds)
 
-    return _bound("sophia", make)
+    return _bound("sophia", make, seeds, lambda grads, hp: sophia(params, grads, states, frozen, hp), params)
 
 
 def bind_sophia_hessian(params, states, mults) -> Callable:

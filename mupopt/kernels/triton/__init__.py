@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from ...mup import Multipliers
+from ...storage import seeds_of
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 PRIORITY = 10
@@ -115,7 +116,8 @@ def unsupported_reason(tensors: Sequence[torch.Tensor], supported=_SUPPORTED_DTY
 # copies back exactly that: params, the written state tensors and the step counts; gradients
 # are read only, except in the "<name>_triton_unscale_" variant (a GradScaler scale), which
 # stores the unscaled gradients back. State dicts, Multipliers and the hyperparameter record
-# travel flattened (tensor lists per state key, float lists) and are rebuilt inside the op.
+# travel flattened (tensor lists per state key, float lists) and are rebuilt inside the op
+# (stochastic rounding's per-tensor seeds as floats after the multipliers: exact below 2^53).
 #
 # name: (state keys written, state keys only read, params written, step counts incremented)
 _OP_SPECS = {
@@ -202,6 +204,9 @@ def _make_impl(name: str):
                     dicts[i][key] = flat[k * n + i]
         for i, step in enumerate(steps):
             dicts[i]["step"] = step
+        if len(mults) == 4 * n:  # stochastic rounding: the seeds follow the multipliers
+            for i in range(n):
+                dicts[i]["sr_seed"] = int(mults[3 * n + i])
         fn, hp_cls = _kernel(name)
         multipliers = [Multipliers(*mults[3 * i:3 * i + 3]) for i in range(n)]
         fn(params, grads, dicts, multipliers, _decode_hparams(hp_cls, hparams), inv_grad_scale)
@@ -251,6 +256,8 @@ def _step_fn(name: str):
         read_flat = [st[k] for k in read_keys for st in states]
         steps = [st["step"] for st in states] if counts_steps else []
         mult = [float(x) for m in mults for x in m]
+        if getattr(hp, "stochastic_rounding", False):
+            mult += [float(seed) for seed in seeds_of(states) or [0] * len(states)]  # exact: < 2^32
         args = (list(params), list(grads), flat, read_flat, steps, keys, read_keys, mult, _encode_hparams(hp))
         if inv_grad_scale is None:
             getattr(torch.ops.mupopt, op_name(name, False))(*args)

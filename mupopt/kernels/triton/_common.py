@@ -78,6 +78,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import storage
+
 # Elements per program and warps: 8192 with 16 warps (16 elements per thread, four 16-byte
 # accesses per operand), from benchmarks/tune_triton.py on an H200 (torch 2.11, triton 3.6,
 # 2026-11-27): AdamW on one 2^26 fp32 tensor at 57% of copy against 39% for the first, untuned
@@ -90,13 +92,22 @@ REDUCE_BLOCK = 1024
 ALIGNMENT = 16
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CACHE_SIZE = 64
-# Storage codes of the kernels' compile-time dtype arguments (False/True are 0/1).
-_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Storage codes of the kernels' compile-time dtype arguments (False/True are 0/1): those of
+# mupopt.storage.Format. 3 and 4 are param formats only: bfloat16 / float16 storage whose stores
+# round stochastically (_store with the tensor's key; keys_arg).
+_KIND = {dtype: int(code) for dtype, code in storage.FORMAT_CODES.items()}
+_STOCHASTIC_KIND = {_KIND[dtype]: int(code) for dtype, code in storage.STOCHASTIC_FORMATS.items()}
 
 
 def storage_kind(dtype: torch.dtype) -> int:
     """The kernels' storage code of ``dtype``: 0 float32, 1 bfloat16, 2 float16."""
     return _KIND[dtype]
+
+
+def param_kind(kind: int, stochastic: bool) -> int:
+    """A param's storage code with stochastic rounding on: 3 for bfloat16, 4 for float16;
+    float32 stores are exact and keep their code."""
+    return _STOCHASTIC_KIND.get(kind, kind) if stochastic else kind
 
 
 # Test seam: when set, launch() hands (kernel, grid, args, meta) to it instead of launching
@@ -141,7 +152,7 @@ def _load(addr, offs, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED
     of its own: on the GPU it is free either way, but each nested jit call costs about 0.7 ms
     per program in the interpreter (AdamW step on the test list: 62 -> 30 ms).
     """
-    if IS_BF16 == 2:
+    if IS_BF16 == 2 or IS_BF16 == 4:
         ptr = addr.to(tl.pointer_type(tl.float16))
     elif IS_BF16:
         ptr = addr.to(tl.pointer_type(tl.bfloat16))
@@ -169,10 +180,61 @@ def _bf16_rtne(x):
 
 
 @triton.jit
-def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """Store float32 ``x`` in the storage dtype (storage code ``IS_BF16`` as :func:`_load`;
-    bf16 and fp16: round to nearest even, as torch)."""
-    if IS_BF16 == 2:
+def _mix32(x):
+    """lowbias32 on uint32 (mupopt/storage.py mix32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.cast(0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.cast(0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _random_bits(key, offs):
+    """The 32 random bits of elements ``offs`` (int64 indices in their tensor) under the
+    tensor's ``key`` (uint32): mupopt/storage.py random_bits."""
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    return _mix32(lo ^ (hi * tl.cast(0x9E3779B9, tl.uint32)) ^ key)
+
+
+@triton.jit
+def _bf16_stochastic(x, r):
+    """float32 -> bfloat16 rounded stochastically with random bits r (mupopt/storage.py): inf
+    stays inf, NaN keeps its upper half with the quiet bit set."""
+    u = x.to(tl.uint32, bitcast=True)
+    body = u & 0x7FFFFFFF
+    up = (u + tl.where(body < 0x7F800000, r >> 16, 0)) >> 16
+    bits = tl.where(body > 0x7F800000, up | 0x40, up)
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _f16_stochastic(x, r):
+    """float32 -> float16 rounded stochastically with random bits r (mupopt/storage.py)."""
+    u = x.to(tl.uint32, bitcast=True)
+    ua = u & 0x7FFFFFFF
+    normal = (ua + (r >> 19)) & tl.cast(0xFFFFE000, tl.uint32)
+    # Below 2^-14 (pattern 0x38800000) in units of 2^-24; the clamp on the pattern keeps the
+    # other lanes (NaN included) finite for the int32 conversions.
+    a = tl.where(ua < 0x38800000, ua, 0x38800000).to(tl.float32, bitcast=True)
+    y = a * 16777216.0
+    whole = y.to(tl.int32).to(tl.float32)
+    threshold = ((y - whole) * 2147483648.0).to(tl.int32)
+    up = ((r >> 1).to(tl.int32) < threshold).to(tl.float32)
+    small = ((whole + up) * 5.960464477539063e-08).to(tl.uint32, bitcast=True)
+    mag = tl.where(ua < 0x38800000, small, normal)
+    value = tl.where(ua < 0x7F800000, (mag | (u & tl.cast(0x80000000, tl.uint32))).to(tl.float32, bitcast=True), x)
+    return value.to(tl.float16)
+
+
+@triton.jit
+def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, key=0):
+    """Store float32 ``x`` in the storage format (storage code ``IS_BF16`` as :func:`_load`;
+    bf16 and fp16: round to nearest even, as torch; codes 3 and 4: bf16 and fp16 rounded
+    stochastically with the random bits of ``key``, the tensor's uint32 key, and ``offs``).
+    The storage layer of this backend: a new format is one more code here and in _load."""
+    if IS_BF16 == 2 or IS_BF16 == 4:
         ptr = addr.to(tl.pointer_type(tl.float16))
     elif IS_BF16:
         ptr = addr.to(tl.pointer_type(tl.bfloat16))
@@ -180,7 +242,11 @@ def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MA
         ptr = addr.to(tl.pointer_type(tl.float32))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
-    if IS_BF16 == 2:
+    if IS_BF16 == 3:
+        y = _bf16_stochastic(x, _random_bits(key, offs))
+    elif IS_BF16 == 4:
+        y = _f16_stochastic(x, _random_bits(key, offs))
+    elif IS_BF16 == 2:
         y = x.to(tl.float16)  # cvt.rn; the interpreter: numpy's astype, also nearest even
     elif IS_BF16:
         if _INTERPRET:
@@ -296,6 +362,19 @@ class Plan:
                 Launch(flags, aligned, s0, s1, c0, c1 - c0, self.chunks[c0:c1], self.ranges[s0:s1])
             )
             s0 = s1
+
+    def keys_arg(self, states: Sequence[dict], stochastic: bool) -> torch.Tensor:
+        """The kernels' stochastic-rounding key table: int64 [N] in slot order, each tensor's
+        key at this step (mupopt.storage.step_key of its seed and its step count, incremented
+        already), or without the option the placeholder ``numel`` (never read: the param codes
+        are then below 3). A tensor either way: no other kernel signature."""
+        if not stochastic:
+            return self.numel
+        keys = [storage.step_key(st.get("sr_seed", 0), st["step"]) for st in states]
+        keys = [int(k) for k in keys]
+        if not self.identity:
+            keys = [keys[i] for i in self.order]
+        return torch.tensor(keys, dtype=torch.int64).to(self.device)
 
     def inv_scale_arg(self, inv_grad_scale: torch.Tensor | None) -> torch.Tensor:
         """The kernels' 1/grad-scale pointer argument: the float32 scale on this plan's device,

@@ -26,7 +26,7 @@ _NUM_SCALARS = 4
 
 @triton.jit
 def _adamw_chunk(
-    p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
+    p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask, key,
     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -52,7 +52,7 @@ def _adamw_chunk(
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p + step_size * tl.div_rn(m, denom)
-    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key)
     _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
     _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
 
@@ -61,8 +61,8 @@ def _adamw_chunk(
 def _adamw_kernel(
     # tables (see _common): static addresses [N, NUM_PTRS] (p, m, v[, vmax]), per-step gradient
     # addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; 1/grad
-    # scale [1] (read only when HAS_GRAD_SCALE)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
+    # scale [1] (read only when HAS_GRAD_SCALE); stochastic rounding keys [N] (P_BF16 >= 3)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2,
     # storage dtypes, variant, layout
@@ -89,12 +89,16 @@ def _adamw_kernel(
         inv_scale = tl.load(inv_scale_ptr)
     else:
         inv_scale = 1.0  # unused
+    if P_BF16 >= 3:
+        key = tl.load(keys_ptr + slot).to(tl.uint32)
+    else:
+        key = 0  # unused
     if full:
-        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
+        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask, key,
                      decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask,
+        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask, key,
                      decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -118,6 +122,7 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     scalars[:, _EPS] = hp.eps * mult[:, 2]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
+    keys = plan.keys_arg(states, hp.stochastic_rounding)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -128,9 +133,9 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
             g16 = launch.kinds[-1]
             _common.launch(
                 _adamw_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, keys,
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
-                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
+                P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
                 AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
                 HAS_GRAD_SCALE=inv_grad_scale is not None, NUM_PTRS=len(roles), BLOCK=_common.BLOCK,
             )

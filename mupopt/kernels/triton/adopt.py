@@ -30,7 +30,7 @@ _NUM_SCALARS = 6  # padded to an even count (the per-step buffer packs them in i
 
 @triton.jit
 def _adopt_chunk(
-    p_addr, g_addr, m_addr, v_addr, offs, mask,
+    p_addr, g_addr, m_addr, v_addr, offs, mask, key,
     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
@@ -52,7 +52,7 @@ def _adopt_chunk(
     p_new = p_new + step * m_new
     v_new = v * beta2 + one_minus_beta2 * g * g
     is_first = first != 0.0
-    _store(p_addr, offs, tl.where(is_first, p, p_new), mask, P_BF16, ALIGNED, MASKED)
+    _store(p_addr, offs, tl.where(is_first, p, p_new), mask, P_BF16, ALIGNED, MASKED, key)
     _store(m_addr, offs, tl.where(is_first, m, m_new), mask, M_BF16, ALIGNED, MASKED)
     _store(v_addr, offs, tl.where(is_first, v + g * g, v_new), mask, V_BF16, ALIGNED, MASKED)
 
@@ -61,8 +61,8 @@ def _adopt_chunk(
 def _adopt_kernel(
     # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
     # per-step scalars [N, 6], sizes [N], this launch's chunks [C, 2]; 1/grad scale [1] (read
-    # only when HAS_GRAD_SCALE)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
+    # only when HAS_GRAD_SCALE); stochastic rounding keys [N] (P_BF16 >= 3)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2,
     # storage dtypes, variant, layout
@@ -85,12 +85,16 @@ def _adopt_kernel(
         inv_scale = tl.load(inv_scale_ptr)
     else:
         inv_scale = 1.0  # unused
+    if P_BF16 >= 3:
+        key = tl.load(keys_ptr + slot).to(tl.uint32)
+    else:
+        key = 0  # unused
     if full:
-        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
                      decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
                      decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -115,6 +119,7 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     scalars[:, _FIRST] = (s == 0).to(torch.float64)
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
+    keys = plan.keys_arg(states, hp.stochastic_rounding)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -123,9 +128,9 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
             p16, m16, v16, g16 = launch.kinds
             _common.launch(
                 _adopt_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, keys,
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
-                P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16,
+                P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16,
                 MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
                 HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
             )

@@ -174,7 +174,7 @@ def _lamb_trust_kernel(
 
 
 @triton.jit
-def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
                        bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                        P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                        MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
@@ -192,13 +192,14 @@ def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
         _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
         _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
     u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
-    _store(p_addr, offs, p + step * (u * trust), mask, P_BF16, ALIGNED, MASKED)
+    _store(p_addr, offs, p + step * (u * trust), mask, P_BF16, ALIGNED, MASKED, key)
 
 
 @triton.jit
 def _lamb_update_kernel(
-    # tables as _lamb_norms_kernel; trust ratios of all slots [N]
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr, inv_scale_ptr,
+    # tables as _lamb_norms_kernel; trust ratios of all slots [N]; stochastic rounding keys [N]
+    # (P_BF16 >= 3)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr, inv_scale_ptr, keys_ptr,
     beta1_weight, beta2, one_minus_beta2, weight_decay,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
@@ -220,12 +221,16 @@ def _lamb_update_kernel(
         inv_scale = tl.load(inv_scale_ptr)
     else:
         inv_scale = 1.0  # unused
+    if P_BF16 >= 3:
+        key = tl.load(keys_ptr + slot).to(tl.uint32)
+    else:
+        key = 0  # unused
     if full:
-        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
                            bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask,
+        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
                            bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -253,6 +258,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     scalars[:, _STEP] = -hp.lr * mult[:, 0]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
+    keys = plan.keys_arg(states, hp.stochastic_rounding)
 
     partials = torch.empty(max(plan.n_chunks, 1), 2, dtype=torch.float64, device=plan.device)
     trust = torch.ones(plan.n, dtype=torch.float32, device=plan.device)
@@ -264,7 +270,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     def meta(launch):
         p16, m16, v16, g16 = launch.kinds
         return dict(
-            P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
+            P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
             MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
             HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
         )
@@ -279,7 +285,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     def update(launch):
         _common.launch(
             _lamb_update_kernel, (launch.n_chunks,),
-            plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale,
+            plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale, keys,
             *shared, **meta(launch),
         )
 

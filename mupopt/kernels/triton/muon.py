@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from ... import backends
+from ... import backends, storage
 from ...linalg import newton_schulz
 from ...optim.muon import matrix_view
 from . import newton_schulz as ns
@@ -46,13 +46,13 @@ BLOCK = 4096
 NUM_WARPS = 8
 _ALIGNMENT = 16
 # Per-tensor rows of the per-step table: addresses (g, buf, p), then two fp32 scalars
-# (decay, step) bit-packed into one int64.
-_ROW = 4
+# (decay, step) bit-packed into one int64, then the stochastic rounding key (P_BF16 >= 3).
+_ROW = 5
 
 
 @_jit
 def _muon_momentum_kernel(
-    # per-step table [k, 4] int64: g, buf addresses (p and the scalars unused here);
+    # per-step table [k, 5] int64: g, buf addresses (p, the scalars and the key unused here);
     # output u stack (k, numel) in the NS dtype
     table_ptr, u_ptr,
     numel, one_minus_mu, mu,
@@ -63,7 +63,7 @@ def _muon_momentum_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # numel is specialised on divisibility by 16, so the mask stays vectorisable.
     mask = offs < numel
-    row = table_ptr + b * 4
+    row = table_ptr + b * 5
     g_addr = tl.load(row)
     buf_addr = tl.load(row + 1)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, True)
@@ -79,9 +79,9 @@ def _muon_momentum_kernel(
 
 @_jit
 def _muon_update_kernel(
-    # per-step table [k, 4] int64: p address in column 2, (decay, step) fp32 pair in column 3
-    # (read through scal_ptr, the same memory viewed as fp32 [k, 8]); O stack (k, numel) in the
-    # NS dtype
+    # per-step table [k, 5] int64: p address in column 2, (decay, step) fp32 pair in column 3
+    # (read through scal_ptr, the same memory viewed as fp32 [k, 10]), the stochastic rounding
+    # key in column 4; O stack (k, numel) in the NS dtype
     table_ptr, scal_ptr, o_ptr,
     numel,
     P_BF16: tl.constexpr, O_BF16: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -89,15 +89,19 @@ def _muon_update_kernel(
     b = tl.program_id(1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    row = table_ptr + b * 4
+    row = table_ptr + b * 5
     p_addr = tl.load(row + 2)
-    decay = tl.load(scal_ptr + b * 8 + 6)
-    step = tl.load(scal_ptr + b * 8 + 7)
+    decay = tl.load(scal_ptr + b * 10 + 6)
+    step = tl.load(scal_ptr + b * 10 + 7)
+    if P_BF16 >= 3:
+        key = tl.load(row + 4).to(tl.uint32)
+    else:
+        key = 0  # unused
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, True)
     o = tl.load(o_ptr + b.to(tl.int64) * numel + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * decay
     p = p + step * o
-    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, True)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, True, key)
 
 
 def build() -> None:
@@ -163,6 +167,16 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
         table[r, 1] = bufs[i].data_ptr()
         table[r, 2] = params[i].data_ptr()
     table[:, 3] = scal.view(torch.int64).reshape(-1)
+    # Stochastic rounding's count (the reference's, mupopt/storage.py) and keys.
+    counted = [st for st in states if "step" in st]
+    if counted:
+        _common.increment_steps(counted)
+    if hp.stochastic_rounding:
+        for r, i in enumerate(order):
+            st = states[i]
+            table[r, 4] = int(storage.step_key(st.get("sr_seed", 0), st.get("step", 0))) if "sr_seed" in st else 0
+    else:
+        table[:, 4] = 0
     aligned = bool((table[:, :3] % _ALIGNMENT == 0).all())
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
@@ -213,7 +227,8 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
             _common.launch(
                 _muon_update_kernel, grid,
                 rows_tab, rows_tab.view(torch.float32), O, numel,
-                P_BF16=p_dtype == torch.bfloat16, O_BF16=O.dtype == torch.bfloat16, ALIGNED=aligned, BLOCK=BLOCK,
+                P_BF16=_common.param_kind(_common.storage_kind(p_dtype), hp.stochastic_rounding),
+                O_BF16=O.dtype == torch.bfloat16, ALIGNED=aligned, BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
 

@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ... import backends
+from ... import backends, storage
 from ...optim import shampoo as _reference
 from ...optim.shampoo import ROOT, blocks_of, is_matrix
 from . import newton_schulz as ns
@@ -69,7 +69,8 @@ _STATS_ROW = 6
 _MM_ROW = 9
 # int64 columns of the update table: p, g, mom, v, D addresses (D = 0: Adam direction), element
 # offset of the block in the tensor, block columns, tensor columns (row stride), block numel,
-# then fp32 (decay, step, 1-bg2^t, pad) packed in two int64 columns.
+# then fp32 (decay, step, 1-bg2^t) and the stochastic rounding key (uint32 bits, read when
+# P_BF16 >= 3) packed in two int64 columns.
 _UP_ROW = 11
 _UP_SCAL = 18  # fp32 index of "decay" within a row viewed as fp32 [2 * _UP_ROW]
 
@@ -214,7 +215,11 @@ def _shampoo_update_kernel(
     p = _load(p_addr, offs, mask, P_BF16, False, True)
     p = p * decay
     p = p + step * mom
-    _store(p_addr, offs, p, mask, P_BF16, False, True)
+    if P_BF16 >= 3:
+        key = tl.load(scal_ptr + entry * (2 * ROW) + _UP_SCAL_C + 3).to(tl.uint32, bitcast=True)
+    else:
+        key = 0  # unused
+    _store(p_addr, offs, p, mask, P_BF16, False, True, key)
 
 
 def _helpers() -> dict:
@@ -431,7 +436,11 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
                 0.0,
             ])
         table = torch.tensor(rows_i64, dtype=torch.int64).reshape(len(entries), _UP_ROW)
-        table[:, 9:] = torch.tensor(rows_f32, dtype=torch.float32).reshape(len(entries), 4).view(torch.int64)
+        f32 = torch.tensor(rows_f32, dtype=torch.float32).reshape(len(entries), 4)
+        if hp.stochastic_rounding:  # the key's bits in the fourth fp32 slot (mupopt/storage.py)
+            keys = [int(storage.step_key(states[i].get("sr_seed", 0), states[i]["step"])) for (i, *_r) in entries]
+            f32.view(torch.int32)[:, 3] = torch.tensor([(k ^ 0x80000000) - 0x80000000 for k in keys], dtype=torch.int32)
+        table[:, 9:] = f32.view(torch.int64)
         table_d = _upload(table, device)
         counts = [-(-(r * c) // BLOCK) for (_, _, r, c, *_rest) in entries]
 
@@ -482,7 +491,8 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
                 _common.launch(
                     _shampoo_update_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks, scale,
                     hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon, hp.beta1, 1.0 - hp.beta1,
-                    P_BF16=p16, G_BF16=g16, M_BF16=m16, V_BF16=v16, ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                    P_BF16=_common.param_kind(int(p16), hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16,
+                    ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 )
 
     return commit

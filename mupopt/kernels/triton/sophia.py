@@ -27,7 +27,7 @@ _NUM_SCALARS = 2
 
 @triton.jit
 def _sophia_chunk(
-    p_addr, g_addr, m_addr, h_addr, offs, mask,
+    p_addr, g_addr, m_addr, h_addr, offs, mask, key,
     decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, H_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
@@ -47,7 +47,7 @@ def _sophia_chunk(
     ratio = tl.minimum(tl.div_rn(tl.abs(m), rho_bs * h + hessian_floor), 1.0, propagate_nan=tl.PropagateNan.ALL)
     sign = tl.where(m > 0.0, 1.0, tl.where(m < 0.0, -1.0, 0.0))
     p = p + step * sign * ratio
-    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key)
     _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
 
 
@@ -55,8 +55,8 @@ def _sophia_chunk(
 def _sophia_kernel(
     # tables (see _common): static addresses [N, 3] (p, m, h), per-step gradient addresses [N],
     # per-step scalars [N, 2], sizes [N], this launch's chunks [C, 2]; 1/grad scale [1] (read
-    # only when HAS_GRAD_SCALE)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr,
+    # only when HAS_GRAD_SCALE); stochastic rounding keys [N] (P_BF16 >= 3)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr,
     # hyperparameters shared by all tensors
     beta1, one_minus_beta1, rho_bs, hessian_floor,
     # storage dtypes, variant, layout
@@ -75,12 +75,16 @@ def _sophia_kernel(
         inv_scale = tl.load(inv_scale_ptr)
     else:
         inv_scale = 1.0  # unused
+    if P_BF16 >= 3:
+        key = tl.load(keys_ptr + slot).to(tl.uint32)
+    else:
+        key = 0  # unused
     if full:
-        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask,
+        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask, key,
                       decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
                       P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask,
+        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, offs, mask, key,
                       decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
                       P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -137,6 +141,7 @@ def sophia_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None
     scalars[:, _STEP] = -hp.lr * mult[:, 0]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
+    keys = plan.keys_arg(states, hp.stochastic_rounding)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -145,9 +150,9 @@ def sophia_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None
             p16, m16, h16, g16 = launch.kinds
             _common.launch(
                 _sophia_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, keys,
                 hp.beta1, 1.0 - hp.beta1, hp.rho * hp.bs, HESSIAN_FLOOR,
-                P_BF16=p16, G_BF16=g16, M_BF16=m16, H_BF16=h16,
+                P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, H_BF16=h16,
                 MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
                 HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
             )

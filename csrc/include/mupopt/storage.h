@@ -1,0 +1,110 @@
+// The storage layer of the C++ backends (CPU loops and CUDA kernel alike): how a value computed in
+// float32 is written to its storage format. The per-element math of the optimizers (adamw.h, ...)
+// never sees a format; the traversal (multi_tensor.h) loads with to_compute() and stores with
+// store_value<TP, R>(), where TP is the storage type (float, bf16_t, f16_t, double: common.h)
+// and R the rounding of the param stream:
+//
+//   Rounding::kNearest     round to nearest even, as torch's copy_ (common.h's from_float);
+//   Rounding::kStochastic  bfloat16 / float16 rounded stochastically (below); float32 and
+//                          float64 stores are exact and ignore it.
+//
+// A launch carries its param format as a DType code (kBFloat16Stochastic, kFloat16Stochastic:
+// the bf16 / f16 storage of the param, its states rounded to nearest), so the drivers pick the
+// loop instantiation by one switch. A block-quantized state format would be one more code and
+// one more load/store pair here.
+//
+// Stochastic rounding: the executable spec is mupopt/storage.py (round_stochastic, random_bits);
+// this is the same rule, bit for bit (tests/test_stochastic_rounding.py compares the backends):
+//  - random bits: mix32(key ^ lo32(i) ^ hi32(i)*0x9E3779B9) for element index i, with the
+//    per-tensor, per-step key = mix32(mix32(step) ^ seed) formed on the host (TensorRow::sr_key)
+//    and mix32 C. Wellons' lowbias32 (hash-prospector, 2018: two multiply-xorshift rounds);
+//  - bfloat16: add the top 16 random bits to the float32 pattern, keep its upper half;
+//  - float16: |x| >= 2^-14: the same with 13 bits below float16's 10-bit mantissa; below, in
+//    units of float16's fixed spacing 2^-24: up when 31 random bits < frac(|x|*2^24) * 2^31;
+//  - inf stays inf, NaN stays a quiet NaN (bits: bf16_stochastic, f16_stochastic).
+// Written without branches (masks), so the CPU loops stay vectorised.
+#pragma once
+
+#include "common.h"
+
+namespace mupopt {
+
+enum class Rounding : int32_t { kNearest = 0, kStochastic = 1 };
+
+// lowbias32: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16.
+MUPOPT_HDI uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// A tensor's key at one step (``step``: the count after this step's increment).
+MUPOPT_HD inline uint32_t sr_step_key(uint32_t seed, uint32_t step) { return mix32(mix32(step) ^ seed); }
+
+// The key with the high word of the element index folded in. Chunks (32768 CPU, 16384 CUDA
+// elements) divide 2^32, so the high word is constant over one chunk: the loops form this once.
+MUPOPT_HDI uint32_t sr_span_key(uint32_t key, int64_t begin) {
+  return key ^ (static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32) * 0x9E3779B9u);
+}
+
+// Non-finite values: inf stays inf; NaN stays NaN, quiet (bfloat16: its upper half with the quiet
+// bit set; float16: 0x7E00 with the sign, as common.h's from_float). No round-to-nearest
+// conversion on this path (an extra conversion and select per element); the guard keeps a NaN
+// whose payload would carry into the exponent from becoming -0 and one whose payload lies in
+// the low 16 bits from becoming inf.
+MUPOPT_HDI bf16_t bf16_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  const uint32_t body = u & 0x7FFFFFFFu;
+  const uint32_t finite = 0u - static_cast<uint32_t>(body < 0x7F800000u);
+  const uint32_t nan = 0u - static_cast<uint32_t>(body > 0x7F800000u);
+  // No wrap: finite patterns are <= 0xFF7FFFFF; non-finite ones get nothing added.
+  bf16_t out;
+  out.bits = static_cast<uint16_t>(((u + ((r >> 16) & finite)) >> 16) | (nan & 0x40u));
+  return out;
+}
+
+MUPOPT_HDI f16_t f16_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  const uint32_t ua = u & 0x7FFFFFFFu;
+  // float16 normals and above: 13 random bits under float16's mantissa, then truncation.
+  const uint32_t normal = (ua + (r >> 19)) & ~0x1FFFu;
+  // Below 2^-14 (pattern 0x38800000): units of 2^-24. The clamp of the pattern keeps the lanes
+  // of the other branch (and NaN) finite; y < 2^10, so the int32 conversions are exact.
+  const uint32_t is_small = 0u - static_cast<uint32_t>(ua < 0x38800000u);
+  const float y = bits_float((ua & is_small) | (0x38800000u & ~is_small)) * 0x1.0p+24f;
+  const float whole = static_cast<float>(static_cast<int32_t>(y));
+  const int32_t threshold = static_cast<int32_t>((y - whole) * 0x1.0p+31f);
+  const float up = static_cast<float>(static_cast<int32_t>(static_cast<int32_t>(r >> 1) < threshold));
+  const uint32_t small = float_bits((whole + up) * 0x1.0p-24f);
+  const uint32_t mag = (small & is_small) | (normal & ~is_small);
+  // One conversion: exact for the value on float16's grid (2^16 and above become inf), and
+  // x itself where it is not finite.
+  const uint32_t finite = 0u - static_cast<uint32_t>(ua < 0x7F800000u);
+  return from_float<f16_t>(bits_float(((mag | (u & 0x80000000u)) & finite) | (u & ~finite)));
+}
+
+// The random bits of element index ``lo`` (its low word) under sr_span_key's ``span_key``.
+MUPOPT_HDI uint32_t sr_bits(uint32_t span_key, uint32_t lo) { return mix32(span_key ^ lo); }
+
+// compute type -> storage. ``r``: the element's random bits (sr_bits), read by kStochastic on
+// 16-bit storage only.
+template <class TP, Rounding R>
+MUPOPT_HDI TP store_value(compute_t<TP> x, uint32_t r) {
+  if constexpr (R == Rounding::kStochastic && std::is_same<TP, bf16_t>::value) {
+    return bf16_stochastic(x, r);
+  } else if constexpr (R == Rounding::kStochastic && std::is_same<TP, f16_t>::value) {
+    return f16_stochastic(x, r);
+  } else {
+    (void)r;
+    return from_compute<TP>(x);
+  }
+}
+
+// Whether a loop storing TP with rounding R needs random bits.
+template <class TP, Rounding R>
+constexpr bool kNeedsBits = R == Rounding::kStochastic && !std::is_same<compute_t<TP>, TP>::value;
+
+}  // namespace mupopt
