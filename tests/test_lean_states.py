@@ -528,3 +528,21 @@ def test_torch_adamw_checkpoint_into_8bit():
     _drive(opt, q, 3, start=3)
     for a, b, s in zip(ps, q, before):  # the 8-bit tolerance of test_8_and_16_bit_track_32_bit
         assert (a - b).abs().max() <= TOL["adamw"][1] * (a - s).abs().max()
+
+
+def test_8bit_states_with_stochastic_rounding_of_bf16_params():
+    """Both memory savings together (bf16 params rounded stochastically, 8-bit states): the
+    bias, whose states stay 32-bit, takes the same random bits and so the same values as in a
+    run with 32-bit states; the 8-bit matrices move as in that run, within the 8-bit tolerance."""
+    runs = {}
+    for bits in (32, 8):
+        torch.manual_seed(0)
+        ps = _params(torch.bfloat16)
+        opt = _make("adamw", ps, bits, stochastic_rounding=True)
+        _drive(opt, ps, 10)
+        runs[bits] = ps
+    start = _params(torch.bfloat16)
+    assert torch.equal(runs[8][1], runs[32][1])
+    for k in (0, 2):
+        moved = (runs[32][k].float() - start[k].float()).abs().max()
+        assert (runs[8][k].float() - runs[32][k].float()).abs().max() <= TOL["adamw"][1] * moved + 2**-8 * start[k].abs().max()
