@@ -80,6 +80,11 @@ class Backend:
     # step(grads, hp), which checks the gradients and then does what fn(params, grads, states,
     # mults, hp) does. Bind again when a param or state tensor object changes.
     bind: "Callable | None" = None
+    # The state formats fn steps (state_bits, mupopt.optim._lean_states): 32, states in their
+    # param's dtype; 16, bfloat16 states of params of another dtype; 8, block-quantized states.
+    # A backend is not chosen for a tensor whose states are in another format: ``auto`` falls
+    # back per tensor (BackendFallbackWarning), an explicit request raises.
+    state_bits: tuple = (32,)
 
     def reason(self, tensors: Sequence[torch.Tensor]) -> str | None:
         """None when this backend can step ``tensors``, else why not: a tensor subclass (every

@@ -182,3 +182,25 @@ ORACLES = {
     "muon": muon_f64,
     "shampoo": shampoo_f64,
 }
+
+
+def lean_roundtrip_f64(x: torch.Tensor, values: list[float], used: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Format 8 of mupopt.optim._lean_states written from its spec in float64, by brute force:
+    per block of ``block`` elements (row-major), absmax = max |x|, y = x / absmax (0 for an
+    all-zero block), code = the index of the used map value (the first ``used`` of ``values``)
+    nearest to y, the lower one on a tie; value = map[code] * absmax. Returns (codes as int64,
+    values as float64), both flat."""
+    flat = x.detach().reshape(-1).double()
+    table = torch.tensor(values[:used], dtype=torch.float64)
+    codes = torch.empty(flat.numel(), dtype=torch.int64)
+    out = torch.empty(flat.numel(), dtype=torch.float64)
+    for start in range(0, flat.numel(), block):
+        xb = flat[start:start + block]
+        amax = float(xb.abs().max())
+        y = xb / amax if amax > 0 else torch.zeros_like(xb)
+        dist = (y[:, None] - table[None, :]).abs()
+        # argmin returns the first minimum: the lower code on a tie (the table ascends).
+        c = dist.argmin(dim=1)
+        codes[start:start + block] = c
+        out[start:start + block] = table[c] * amax
+    return codes, out

@@ -116,6 +116,7 @@ def coord_data(
     device: str = "cpu",
     corpus: str | None = None,
     hess_every: int = 1,
+    state_bits: int = 32,
     depths=None,
     alpha: float = 1.0,
     progress=None,
@@ -154,7 +155,7 @@ def coord_data(
                     # width): only the depth rule differs between the two (Muon routes by it).
                     net = build_model(cfg, width, "mup" if depths else param, seed=seed, device=device)
                     x, y = _fixed_batch(cfg, data, batch, seq, seed, device)
-                    opt = make_optimizer(name, net, opt_lr, wd=0.0)
+                    opt = make_optimizer(name, net, opt_lr, wd=0.0, state_bits=state_bits)
                     base = {"width": width, "optimizer": name, "param": param, "seed": seed, "model": model}
                     if depths:
                         base["depth"] = d
@@ -363,6 +364,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "0.5 depth-muP; default 1)")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads, fixed across widths (default 4)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
+                        help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
     parser.add_argument("--corpus", default=None, help="text file for the GPT (default: the shipped Tiny Shakespeare excerpt)")
     parser.add_argument("--flat", type=float, default=FLAT, help=f"muP passes when slope < this (default {FLAT})")
     parser.add_argument("--vanish", type=float, default=VANISH,
@@ -381,7 +384,7 @@ def main(args: argparse.Namespace) -> int:
         parse_optimizers(args.optimizers), args.widths, out=args.out, plots=not args.no_plots, flat=args.flat,
         grow=args.grow, vanish=args.vanish, verbose=args.verbose, prefix=args.prefix, model=args.model, params=tuple(args.params.split(",")),
         steps=args.steps, seeds=args.seeds, lr=args.lr, base_width=args.base_width, batch=args.batch, seq=args.seq,
-        depth=args.depth, n_head=args.n_head, device=args.device, corpus=args.corpus,
+        depth=args.depth, n_head=args.n_head, device=args.device, corpus=args.corpus, state_bits=args.state_bits,
         **({"depths": args.depths, "alpha": args.alpha} if args.depths else {}),
     )
     print(format_verdicts(result["verdicts"]))

@@ -48,27 +48,31 @@ class OptSpec:
     wd_modes: tuple = ("independent", "coupled", "inverse_width")
 
 
-def _adamw(params, lr, wd, wd_mode, **_):
-    return AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd, wd_mode=wd_mode)
+# state_bits: the optimizer-state format (32 default, 16, 8: docs/lean-states.md).
+def _adamw(params, lr, wd, wd_mode, state_bits=32, **_):
+    return AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd, wd_mode=wd_mode, state_bits=state_bits)
 
 
-def _adopt(params, lr, wd, wd_mode, **_):
-    return ADOPT(params, lr=lr, betas=(0.9, 0.9999), weight_decay=wd, wd_mode=wd_mode)
+def _adopt(params, lr, wd, wd_mode, state_bits=32, **_):
+    return ADOPT(params, lr=lr, betas=(0.9, 0.9999), weight_decay=wd, wd_mode=wd_mode, state_bits=state_bits)
 
 
 def _lamb(exponent):
-    def make(params, lr, wd, wd_mode, **_):
-        return LAMB(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd, hidden_lr_exponent=exponent)
+    def make(params, lr, wd, wd_mode, state_bits=32, **_):
+        return LAMB(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd, hidden_lr_exponent=exponent,
+                    state_bits=state_bits)
     return make
 
 
-def _sophia(params, lr, wd, wd_mode, **_):
-    return SophiaG(params, lr=lr, betas=(0.965, 0.99), rho=0.04, weight_decay=wd, wd_mode=wd_mode)
+def _sophia(params, lr, wd, wd_mode, state_bits=32, **_):
+    return SophiaG(params, lr=lr, betas=(0.965, 0.99), rho=0.04, weight_decay=wd, wd_mode=wd_mode,
+                   state_bits=state_bits)
 
 
-def _muon(params, lr, wd, wd_mode, muon_adamw_ratio=0.1, **_):
+def _muon(params, lr, wd, wd_mode, muon_adamw_ratio=0.1, state_bits=32, **_):
     return Muon(params, lr=lr, weight_decay=wd, adjust_lr_fn="original", ns_dtype=torch.float32,
-                adamw_lr=lr * muon_adamw_ratio, adamw_betas=(0.9, 0.95), adamw_wd=wd, wd_mode=wd_mode)
+                adamw_lr=lr * muon_adamw_ratio, adamw_betas=(0.9, 0.95), adamw_wd=wd, wd_mode=wd_mode,
+                state_bits=state_bits)
 
 
 # Shampoo block size in these tools: preconditioner sides of at most 256, so that a CPU run at
@@ -77,10 +81,10 @@ SHAMPOO_BLOCK = 256
 
 
 def _shampoo(grafting):
-    def make(params, lr, wd, wd_mode, precondition_frequency=1, max_preconditioner_dim=SHAMPOO_BLOCK, **_):
+    def make(params, lr, wd, wd_mode, precondition_frequency=1, max_preconditioner_dim=SHAMPOO_BLOCK, state_bits=32, **_):
         return Shampoo(params, lr=lr, betas=(0.9, 0.999), epsilon=1e-6, relative_epsilon=True,
                        weight_decay=wd, grafting=grafting, precondition_frequency=precondition_frequency,
-                       max_preconditioner_dim=max_preconditioner_dim, wd_mode=wd_mode)
+                       max_preconditioner_dim=max_preconditioner_dim, wd_mode=wd_mode, state_bits=state_bits)
     return make
 
 

@@ -63,14 +63,16 @@ def _evaluate(model, data, batches, seq, device, seed=12345, n=8) -> float:
 def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = "mup", wd: float = 0.0,
               wd_mode: str = "independent", steps: int = 150, batch: int = 16, seq: int = 64, seed: int = 0,
               device: str = "cpu", hess_every: int = 10, precondition_frequency: int = 10,
-              muon_adamw_ratio: float = 0.1, eval_batches: int = 8, width_param: str | None = None) -> dict:
+              muon_adamw_ratio: float = 0.1, eval_batches: int = 8, width_param: str | None = None,
+              state_bits: int = 32) -> dict:
     """Train one model; return its record (losses nan when it diverged). ``width_param``: the
     width parameterization to build with when it is not ``param`` (the depth sweeps)."""
     clock = Timer()
     torch.manual_seed(seed)
     model = build_model(cfg, width, width_param or param, seed=seed, device=device)
     opt = make_optimizer(optimizer, model, lr, wd=wd, wd_mode=wd_mode,
-                         precondition_frequency=precondition_frequency, muon_adamw_ratio=muon_adamw_ratio)
+                         precondition_frequency=precondition_frequency, muon_adamw_ratio=muon_adamw_ratio,
+                         state_bits=state_bits)
     gen = torch.Generator().manual_seed(seed)
     tail = max(1, steps // 10)
     losses = []
@@ -91,7 +93,7 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
     return {
         "optimizer": optimizer, "param": param, "wd_mode": wd_mode, "width": width, "depth": cfg.depth, "lr": lr, "seed": seed,
         "steps": steps, "weight_decay": wd, "train_loss": float("nan") if diverged else sum(losses[-tail:]) / tail,
-        "val_loss": val, "diverged": diverged, "seconds": round(clock(), 2),
+        "val_loss": val, "diverged": diverged, "seconds": round(clock(), 2), "state_bits": state_bits,
     }
 
 
@@ -101,7 +103,7 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
           base_width: int | None = None, seeds: int = 1, wd: float | None = None, device: str = "cpu",
           corpus: str | None = None, hess_every: int = 10, precondition_frequency: int = 10,
           muon_adamw_ratio: float = 0.1, eval_batches: int = 8, depths=None, alpha: float = 1.0,
-          joint: bool = False, progress=None) -> list[dict]:
+          joint: bool = False, state_bits: int = 32, progress=None) -> list[dict]:
     """Every (optimizer, param, wd_mode, seed, width, lr) run; the records of :func:`train_run`.
     SP runs use only the first wd mode (SP has no lr multipliers, so the modes coincide); LAMB
     has no wd mode (its decay is inside the trust-ratio update).
@@ -148,7 +150,8 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
                                           width_param=width_param,
                                           steps=steps, batch=batch, seq=seq, seed=seed, device=device,
                                           hess_every=hess_every, precondition_frequency=precondition_frequency,
-                                          muon_adamw_ratio=muon_adamw_ratio, eval_batches=eval_batches)
+                                          muon_adamw_ratio=muon_adamw_ratio, eval_batches=eval_batches,
+                                          state_bits=state_bits)
                             r["grid_index"] = grid.index(lr)
                             records.append(r)
                             if progress:
@@ -345,6 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
     parser.add_argument("--wide", type=int, default=128, help="shift_steps_wide counts widths >= this (default 128)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
+                        help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
     parser.add_argument("--corpus", default=None, help="text file (default: the shipped Tiny Shakespeare excerpt)")
     parser.add_argument("--out", default="mupcheck-out/transfer", help="output directory (default mupcheck-out/transfer)")
     parser.add_argument("--prefix", default="transfer", help="file name prefix (default transfer)")
@@ -361,7 +366,7 @@ def main(args: argparse.Namespace) -> int:
         points=args.points, spacing=args.spacing, steps=args.steps, batch=args.batch, seq=args.seq,
         depth=args.depth, n_head=args.n_head, base_width=args.base_width, seeds=args.seeds, device=args.device,
         corpus=args.corpus, hess_every=args.hess_every, precondition_frequency=args.precondition_frequency,
-        muon_adamw_ratio=args.muon_adamw_ratio, eval_batches=args.eval_batches,
+        muon_adamw_ratio=args.muon_adamw_ratio, eval_batches=args.eval_batches, state_bits=args.state_bits,
         **({"depths": args.depths, "alpha": args.alpha, "joint": args.joint} if args.depths else {}),
     )
     print(format_summary(result["summary"]))

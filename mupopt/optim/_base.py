@@ -59,6 +59,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import backends, storage
+from . import _lean_states as lean
 from ..mup import (RECORD_KEY, BaseShapes, DepthInfo, MupError, Multipliers, WidthInfo, canonical_name, copy_record,
                    decay_rule, depth_info, format_table, load_base_shapes, multipliers, name_in_models, old_record,
                    read_depth, read_record, recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
@@ -509,6 +510,10 @@ class MupOptimizer(Optimizer):
     # per-step found_inf / grad_scale, and private caches named "_plan..." (derived from the
     # param groups; rebuilt when next needed).
     _PICKLED: ClassVar[tuple[str, ...]] = ("backend", "_widths", "_named_widths")
+    # The elementwise state entries that ``state_bits`` stores in 16 or 8 bits, each with its sign
+    # (mupopt.optim._lean_states: SIGNED for momenta, UNSIGNED for second moments). Empty: the
+    # optimizer takes no state_bits.
+    _lean_keys: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -535,6 +540,14 @@ class MupOptimizer(Optimizer):
         self.state = _tracked(self.state)
         if self._named_widths is not None:
             self._named_widths.check_all_used()
+        if backend != "auto" and any(g.get("state_bits", 32) == 8 for g in self.param_groups):
+            chosen = backends.get(self.rule, backend)
+            if 8 not in chosen.state_bits:
+                raise ValueError(
+                    f"{type(self).__name__}: backend {backend!r} does not implement 8-bit optimizer states "
+                    f"(state_bits=8) yet; backends that do: "
+                    + ", ".join(n for n in backends.names(self.rule) if 8 in backends.get(self.rule, n).state_bits)
+                    + ' (or backend="auto", which steps 8-bit states there and the rest on the fastest backend)')
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _check_hparams(self, group: dict) -> None:
@@ -556,6 +569,7 @@ class MupOptimizer(Optimizer):
         check(group["wd_mode"] in WD_MODES, f"Invalid wd_mode: {group['wd_mode']!r} (expected one of {WD_MODES})")
         check(isinstance(group["scale_eps"], bool), f"Invalid scale_eps: {group['scale_eps']!r}")
         check(isinstance(group.get("maximize", False), bool), f"maximize must be a bool, got {group.get('maximize')!r}")
+        lean.check_state_bits(group.get("state_bits", 32))
         check(isinstance(group.get("stochastic_rounding", False), bool),
               f"Invalid stochastic_rounding: {group.get('stochastic_rounding')!r} (expected a bool)")
 
@@ -568,6 +582,10 @@ class MupOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_complex() and self.rule not in ELEMENTWISE:
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
+                if group.get("state_bits", 32) == 8 and is_dtensor(p):
+                    raise NotImplementedError(
+                        f"{type(self).__name__}: state_bits=8 for distributed (DTensor) params is not implemented yet "
+                        f"(parameter of shape {tuple(p.shape)}); state_bits=16 or 32 work with them")
             # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
             # their width info back by module and name (mupopt.mup.recover_width_infos).
             recover_width_infos(group["params"])
@@ -685,6 +703,20 @@ class MupOptimizer(Optimizer):
         ran = "; ".join(f"group {gi}: " + ", ".join(f"{k} on {v}" for k, v in u.items()) for gi, u in enumerate(used) if u)
         return format_table(rows) + "\nbackends at the last step: " + (ran or f"none yet (requested: {self.backend!r})")
 
+    def state_memory(self) -> int:
+        """Bytes of optimizer state this process holds: every tensor in every parameter's state
+        (a DTensor's local shard; the step counts and 8-bit scales included). A parameter whose
+        state does not exist yet (before its first step) counts what its first step will
+        allocate, computed without allocating it (shapes and dtypes only, on fake tensors)."""
+        total = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    st = _planned_state(self, p, group)
+                total += lean.nbytes(st)
+        return total
+
     # -- copy and pickle ------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         """torch.optim.Optimizer pickles only defaults, state and param_groups; a mupopt optimizer
@@ -792,14 +824,32 @@ class MupOptimizer(Optimizer):
         self._refuse_other_optimizer(saved_groups)
         state_dict = self._loaded_state(state_dict)
         state_dict, loaded = self._load_records(state_dict)
-        if self._state_dtypes:
+        # torch casts every floating state entry to its param's dtype. Entries of _state_dtypes
+        # keep their own dtype; the state_bits entries and their 8-bit scales keep the dtype they
+        # were saved in where the group or the saved state is not of format 32 (a bf16 state
+        # loaded for a float16 param, a float32 scale for a bf16 param), then are converted to the
+        # group's format below (lean.convert).
+        lean_groups = {pid for saved, current in zip(saved_groups, self.param_groups)
+                       if current.get("state_bits", 32) != 32 for pid in saved["params"]}
+        if self._state_dtypes or self._lean_keys:
             kept = {}
             for pid, st in state_dict["state"].items():
-                if isinstance(st, dict) and any(k in self._state_dtypes for k in st):
-                    kept[pid] = {k: _KeepDtype(v, self._state_dtypes[k]) if k in self._state_dtypes else v for k, v in st.items()}
+                if not isinstance(st, dict):
+                    continue
+                keep_lean = pid in lean_groups or any(k.endswith(lean.ABSMAX) for k in st)
+                if any(k in self._state_dtypes for k in st) or (keep_lean and any(k in self._lean_keys for k in st)):
+                    kept[pid] = {k: _KeepDtype(v, self._state_dtypes[k]) if k in self._state_dtypes else
+                                 _KeepDtype(v, v.dtype) if keep_lean and isinstance(v, torch.Tensor) and (
+                                     k in self._lean_keys or k.endswith(lean.ABSMAX)) else v
+                                 for k, v in st.items()}
             if kept:
                 state_dict = {**state_dict, "state": {**state_dict["state"], **kept}}
         groups = [{k: v for k, v in g.items() if k != "mup"} for g in saved_groups]
+        if self._lean_keys:
+            # state_bits is this optimizer's choice of storage, not a hyperparameter of the
+            # saved run: a checkpoint of another format is converted to it (below), not adopted.
+            for saved, current in zip(groups, self.param_groups):
+                saved["state_bits"] = current.get("state_bits", 32)
         for saved, current in zip(groups, self.param_groups):
             for key, value in current.items():
                 if key not in ("params", "param_names"):
@@ -818,6 +868,12 @@ class MupOptimizer(Optimizer):
         for p, st in self.state.items():  # states saved without a record (torch.optim) keep ours
             if isinstance(st, dict) and st and not st.get(RECORD_KEY):
                 st[RECORD_KEY] = copy_record(self._own(p)[0])
+        if self._lean_keys:  # a state_dict of another state_bits: quantized, dequantized or cast
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if isinstance(st, dict) and st:
+                        lean.convert(st, p, group, self._lean_keys)
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
 
     def _load_records(self, state_dict: dict) -> tuple[dict, dict]:
@@ -888,6 +944,10 @@ class MupOptimizer(Optimizer):
                 if not isinstance(st, dict) or not st:
                     continue
                 missing = [k for k in self._saved_state_keys(group, i, st) if k not in st]
+                # 8-bit codes (uint8) without their scales cannot be decoded.
+                values = {k: v.value if isinstance(v, _KeepDtype) else v for k, v in st.items()}
+                missing += [k + lean.ABSMAX for k in self._lean_keys if isinstance(values.get(k), torch.Tensor)
+                            and values[k].dtype == torch.uint8 and k + lean.ABSMAX not in st]
                 if missing:
                     raise ValueError(
                         f"loaded state dict: the state of parameter {pid} (here the parameter "
@@ -904,7 +964,7 @@ class MupOptimizer(Optimizer):
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:
         """Group values that change multipliers or routing (part of the plan's key)."""
-        return (group["wd_mode"], group["scale_eps"])
+        return (group["wd_mode"], group["scale_eps"], group.get("state_bits", 32))
 
     def _segments(self, group: dict, kernel: str, stepped: list[int]) -> list[tuple[str, list[int]]]:
         """(registry name, positions in ``stepped``) per backend call; Muon splits its params."""
@@ -967,8 +1027,9 @@ class MupOptimizer(Optimizer):
                 originals = [t if dense(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in originals]
             views = viewed_like(originals, originals, viewed)
             grad_views = _grads_as_params(seg_grads, originals, viewed)[0]
+            formats = [self._state_format(group, params[k]) for k in positions]
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
-                                                originals, viewed, bool(group.get("capturable", False))):
+                                                originals, viewed, bool(group.get("capturable", False)), formats):
                 pos = [positions[k] for k in chosen]
                 seg = Segment(seg_kernel, backend, pos, [views[k] for k in chosen], [mults_all[stepped[k]] for k in pos])
                 seg.originals = [originals[k] for k in chosen]
@@ -982,13 +1043,24 @@ class MupOptimizer(Optimizer):
         refs = (group, group["params"], self.state)
         return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
 
+    def _state_format(self, group: dict, p: torch.Tensor) -> int:
+        """The format p's state entries are in (or are about to be converted to) as backends
+        see it: 8 (blocks), 16 (bfloat16 states of a param of another dtype) or 32 (states in
+        the param's dtype, also bfloat16 states of a bfloat16 param)."""
+        if not self._lean_keys:
+            return 32
+        fmt = lean.state_format(p, group)
+        return 32 if fmt == 16 and p.dtype == torch.bfloat16 else fmt
+
     def _select(self, kernel: str, params: list, grads: list, global_params: list, originals: list,
-                viewed: list | None, capturable: bool = False):
+                viewed: list | None, capturable: bool = False, formats: list | None = None):
         """[(backend, positions)]: the backend of every tensor. An explicit backend steps all or
         raises; ``auto`` takes the best backend that can step the whole list, else the best one
         per tensor (a strided or fp64 tensor falls back alone, not its whole group), and warns
         once per optimizer when a faster backend for this device could not run. ``params`` and
-        ``grads`` are what the backend will see (views of ``originals`` where ``viewed``)."""
+        ``grads`` are what the backend will see (views of ``originals`` where ``viewed``).
+        ``formats[i]``: the format of tensor i's states (:meth:`_state_format`); a backend steps
+        the formats in its ``state_bits``."""
         if not params:
             return []
         requested = self.backend
@@ -997,20 +1069,32 @@ class MupOptimizer(Optimizer):
         states = [self.state.get(p) for p in global_params]
         for i, (p, st) in enumerate(zip(originals, states)):
             for k, v in (st or {}).items():
-                if isinstance(v, torch.Tensor) and v.ndim and local(v).shape != p.shape:
+                if isinstance(v, torch.Tensor) and v.ndim and local(v).shape != p.shape and not k.endswith(lean.ABSMAX):
                     raise RuntimeError(
                         f"{type(self).__name__}: state {k!r} of a parameter of shape {tuple(p.shape)} has shape "
                         f"{tuple(local(v).shape)} (a state_dict of another model?); nothing was changed"
                     )
         flags = viewed or [False] * len(params)
-        tensors_of = [[p, g, *(elementwise_view(same_layout(local(v), o)) if f else local(v)
+        tensors_of = [[p, g, *(elementwise_view(same_layout(local(v), o)) if f and v.shape == o.shape else local(v)
                                for v in (st or {}).values() if isinstance(v, torch.Tensor) and v.ndim)]
                       for p, g, st, o, f in zip(params, grads, states, originals, flags)]
         everything = [t for ts in tensors_of for t in ts]
+        formats = formats or [32] * len(params)
+        all_formats = set(formats)
+
+        def reason_of(backend, tensors, fmts):
+            for fmt in sorted(fmts):
+                if fmt not in backend.state_bits:
+                    what = "8-bit block-quantized" if fmt == 8 else "bfloat16 states of non-bfloat16 params"
+                    return (f"its optimizer states are {what} (state_bits={fmt}), which backend {backend.name!r} does "
+                            f"not implement yet (backends that do: " + ", ".join(
+                                n for n in backends.names(kernel) if fmt in backends.get(kernel, n).state_bits) + ")")
+            return backend.reason(tensors)
+
         backends.check_name(kernel, requested)
         if requested != "auto":
             backend = backends.get(kernel, requested)
-            reason = backend.reason(everything)
+            reason = reason_of(backend, everything, all_formats)
             if reason is None and capturable and not backend.capturable:
                 reason = "it does not support capturable=True (backends that do: " + ", ".join(
                     n for n in backends.names(kernel) if backends.get(kernel, n).capturable) + ")"
@@ -1020,14 +1104,14 @@ class MupOptimizer(Optimizer):
         candidates = [backends.get(kernel, n) for n in backends.names(kernel)]
         if capturable:
             candidates = [b for b in candidates if b.capturable]
-        if candidates[0].reason(everything) is None:  # the common case: the best one takes all
+        if reason_of(candidates[0], everything, all_formats) is None:  # the common case: the best one takes all
             return [(candidates[0], list(range(len(params))))]
         # Else the best backend per tensor: one fp16 or strided tensor falls back alone.
         chosen: dict[str, tuple[backends.Backend, list[int]]] = {}
         for i, ts in enumerate(tensors_of):
             refused = []
             for backend in candidates:
-                reason = backend.reason(ts)
+                reason = reason_of(backend, ts, {formats[i]})
                 if reason is None:
                     chosen.setdefault(backend.name, (backend, []))[1].append(i)
                     self._warn_fallback(kernel, backend, refused, params[i])
@@ -1113,6 +1197,13 @@ class MupOptimizer(Optimizer):
             else:
                 continue
             self.state[p][RECORD_KEY] = copy_record(self._own(p)[0])
+        if self._lean_keys:
+            # A state of another format (group["state_bits"] changed since it was made): converted
+            # now, before the keys are checked; the values stay what they were (up to rounding).
+            new = {id(q) for q, _ in created}
+            for p in plan.params:
+                if id(p) not in new and self.state[p]:
+                    lean.convert(self.state[p], p, group, self._lean_keys)
         try:
             self._check_state_keys(group, plan)
         except Exception:
@@ -1172,7 +1263,10 @@ class MupOptimizer(Optimizer):
         instead of a KeyError from the middle of the step."""
         for k, p in zip(plan.stepped, plan.params):
             st = self.state[p]
-            missing = [key for key in self._state_keys(group, k) if key not in st]
+            keys = self._state_keys(group, k)
+            if self._lean_keys:
+                keys = lean.state_keys(keys, lean.state_format(p, group), self._lean_keys)
+            missing = [key for key in keys if key not in st]
             if missing:
                 raise RuntimeError(
                     f"{type(self).__name__}: the state of parameter {_param_label(group, k)} has no "
@@ -1400,6 +1494,17 @@ def _hyperparameter_names(cls: type) -> frozenset:
     skip = {"self", "params", "backend"}
     return frozenset(n for n, a in inspect.signature(cls.__init__).parameters.items()
                      if n not in skip and a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD))
+
+
+def _planned_state(opt: MupOptimizer, p: torch.Tensor, group: dict) -> dict:
+    """The state p's first step would create, as fake tensors (shapes and dtypes, no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return opt._init_state(p, group)
+    except Exception:  # noqa: BLE001 - a state whose creation fake tensors cannot trace (collectives)
+        return opt._init_state(p, group)
 
 
 def _drop_states(state, created: list) -> None:

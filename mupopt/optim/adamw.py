@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
+from . import _lean_states as lean
 from ..storage import store_param
 from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
                     skip_on_found_inf, step_count, store, upcast)
@@ -74,7 +75,12 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
         store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
-backends.register(backends.Backend("adamw", "reference", skip_on_found_inf(adamw_reference), capturable=True))
+# The entries state_bits stores in 16 or 8 bits, with the sign of their values (_lean_states).
+ADAMW_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED, "max_exp_avg_sq": lean.UNSIGNED}
+
+backends.register(backends.Backend(
+    "adamw", "reference", skip_on_found_inf(lean.reference(adamw_reference, ADAMW_STATES, elementwise=True)),
+    capturable=True, state_bits=lean.STATE_BITS))
 
 
 class AdamW(MupOptimizer):
@@ -98,6 +104,9 @@ class AdamW(MupOptimizer):
         capturable: as torch: step counts on the params' device, bias corrections as device
             tensors, GradScaler's found_inf applied on the device (no host read in the step).
             Backends that support it: "reference" and "cpu" (``Backend.capturable``).
+        state_bits: 32 (default: exp_avg and exp_avg_sq in the param's dtype), 16 (bfloat16) or 8
+            (blocks of 256 quantized with a float32 scale per block; tensors below 4096 elements
+            stay in 32 bits; stepped by the reference backend for now): docs/lean-states.md.
         stochastic_rounding: round bfloat16 / float16 param stores stochastically (unbiased; the
             cure for bf16 params whose small updates round away), not to nearest. Default False;
             a no-op for float32 params. docs/dtypes.md, mupopt/storage.py.
@@ -111,6 +120,7 @@ class AdamW(MupOptimizer):
     """
 
     rule = "adamw"
+    _lean_keys = ADAMW_STATES
 
     def __init__(
         self,
@@ -128,6 +138,7 @@ class AdamW(MupOptimizer):
         fused: bool | None = None,
         wd_mode: str = "independent",
         scale_eps: bool = False,
+        state_bits: int = 32,
         stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
@@ -135,7 +146,7 @@ class AdamW(MupOptimizer):
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            wd_mode=wd_mode, scale_eps=scale_eps,
+            wd_mode=wd_mode, scale_eps=scale_eps, state_bits=state_bits,
             # torch.optim.AdamW's group keys with the values it records, so that code reading
             # group["fused"] (or a torch.optim.AdamW loading this state_dict) finds them.
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
@@ -160,13 +171,9 @@ class AdamW(MupOptimizer):
         check(isinstance(group["amsgrad"], bool), f"amsgrad must be a bool, got {group['amsgrad']!r}")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = {
-            "step": new_step(p, group),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
+        state = {"step": new_step(p, group), **lean.zeros(p, group, "exp_avg"), **lean.zeros(p, group, "exp_avg_sq")}
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state.update(lean.zeros(p, group, "max_exp_avg_sq"))
         return state
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:

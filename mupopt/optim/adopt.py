@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
+from . import _lean_states as lean
 from ..storage import store_param
 from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
                     skip_on_found_inf, store, upcast)
@@ -89,7 +90,11 @@ def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
     store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
-backends.register(backends.Backend("adopt", "reference", skip_on_found_inf(adopt_reference), capturable=True))
+ADOPT_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores (_lean_states)
+
+backends.register(backends.Backend(
+    "adopt", "reference", skip_on_found_inf(lean.reference(adopt_reference, ADOPT_STATES, elementwise=True)),
+    capturable=True, state_bits=lean.STATE_BITS))
 
 
 class ADOPT(MupOptimizer):
@@ -108,6 +113,7 @@ class ADOPT(MupOptimizer):
     """
 
     rule = "adopt"
+    _lean_keys = ADOPT_STATES
 
     def __init__(
         self,
@@ -125,6 +131,7 @@ class ADOPT(MupOptimizer):
         decouple: bool = True,
         wd_mode: str = "independent",
         scale_eps: bool = False,
+        state_bits: int = 32,
         stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
@@ -138,6 +145,7 @@ class ADOPT(MupOptimizer):
             # so that a state_dict loads into torch-adopt's ADOPT, whose step reads it.
             decouple=decouple,
         )
+        defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch-adopt's implementation switches: accepted and recorded in the groups as it
@@ -149,11 +157,7 @@ class ADOPT(MupOptimizer):
         check(group.get("decouple", True) is True, "mupopt.ADOPT implements decouple=True only")
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        return {
-            "step": new_step(p, group),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
+        return {"step": new_step(p, group), **lean.zeros(p, group, "exp_avg"), **lean.zeros(p, group, "exp_avg_sq")}
 
     def _hparams(self, group: dict) -> ADOPTHparams:
         b1, b2 = group["betas"]

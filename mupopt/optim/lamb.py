@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .. import backends
+from . import _lean_states as lean
 from ..storage import store_param
 from ._placement import NormReduce as ShardNormReduce
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
@@ -133,7 +134,10 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
         store_param(p, p32, st, hp.stochastic_rounding)
 
 
-backends.register(backends.Backend("lamb", "reference", skip_on_found_inf(lamb_reference), capturable=True))
+LAMB_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores (_lean_states)
+
+backends.register(backends.Backend("lamb", "reference", skip_on_found_inf(lean.reference(lamb_reference, LAMB_STATES)),
+                                   capturable=True, state_bits=lean.STATE_BITS))
 
 
 class LAMB(MupOptimizer):
@@ -152,6 +156,7 @@ class LAMB(MupOptimizer):
     """
 
     rule = "lamb"
+    _lean_keys = LAMB_STATES
 
     def __init__(
         self,
@@ -166,6 +171,7 @@ class LAMB(MupOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         scale_eps: bool = False,
+        state_bits: int = 32,
         stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
@@ -175,6 +181,7 @@ class LAMB(MupOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp_value=clamp_value,
             hidden_lr_exponent=hidden_lr_exponent, maximize=maximize, capturable=capturable, scale_eps=scale_eps,
         )
+        defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
@@ -202,11 +209,7 @@ class LAMB(MupOptimizer):
         return {"scale_eps": group["scale_eps"], "lamb_hidden_exponent": float(group["hidden_lr_exponent"])}
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        return {
-            "step": new_step(p, group),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
+        return {"step": new_step(p, group), **lean.zeros(p, group, "exp_avg"), **lean.zeros(p, group, "exp_avg_sq")}
 
     def _hparams(self, group: dict) -> LAMBHparams:
         b1, b2 = group["betas"]

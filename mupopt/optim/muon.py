@@ -16,13 +16,14 @@ from typing import Sequence
 import torch
 
 from .. import backends
+from . import _lean_states as lean
 from ..storage import store_param
 from ..linalg import newton_schulz
 from ..mup import RECORD_KEY, MupError, Multipliers, multipliers, read_record
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
                     new_step, skip_on_found_inf, store, upcast)
 from ._placement import Orthogonalize
-from .adamw import AdamWHparams
+from .adamw import ADAMW_STATES, AdamWHparams
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
 # torch.optim.Muon's default lr; also the reference lr of the AdamW part when a group's lr at
@@ -150,7 +151,9 @@ def ns_steps(hp: MuonHparams) -> int:
     return hp.ns_steps if hp.ns_steps is not None else len(hp.ns_coefficients)
 
 
-backends.register(backends.Backend("muon", "reference", skip_on_found_inf(muon_reference), capturable=True))
+backends.register(backends.Backend("muon", "reference",
+                                   skip_on_found_inf(lean.reference(muon_reference, {"momentum_buffer": lean.SIGNED})),
+                                   capturable=True, state_bits=lean.STATE_BITS))
 
 
 class Muon(MupOptimizer):
@@ -194,6 +197,8 @@ class Muon(MupOptimizer):
     """
 
     rule = "muon"
+    # Muon's momentum and the AdamW part's moments (one param has one or the other).
+    _lean_keys = {"momentum_buffer": lean.SIGNED, **ADAMW_STATES}
 
     def __init__(
         self,
@@ -214,6 +219,7 @@ class Muon(MupOptimizer):
         adamw_wd: float = 0.01,
         capturable: bool = False,
         wd_mode: str = "independent",
+        state_bits: int = 32,
         stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
@@ -225,6 +231,7 @@ class Muon(MupOptimizer):
             ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_wd=adamw_wd, use_muon=None, capturable=capturable, wd_mode=wd_mode, scale_eps=False,
         )
+        defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
@@ -291,12 +298,8 @@ class Muon(MupOptimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         i = next(k for k, q in enumerate(group["params"]) if q is p)
         if self._uses_muon(group, i):
-            return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
-        return {
-            "step": new_step(p, group),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
+            return lean.zeros(p, group, "momentum_buffer")
+        return {"step": new_step(p, group), **lean.zeros(p, group, "exp_avg"), **lean.zeros(p, group, "exp_avg_sq")}
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
         return self._keys_of_route(self._uses_muon(group, i))

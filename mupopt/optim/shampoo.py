@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import backends
+from . import _lean_states as lean
 from ..storage import store_param
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
@@ -58,14 +59,16 @@ def is_matrix(p: torch.Tensor) -> bool:
     return p.ndim >= 2 and p.numel() > 0
 
 
-def init_shampoo_state(p: torch.Tensor, hp_max_dim: int, owned: list[bool] | None = None) -> dict:
+def init_shampoo_state(p: torch.Tensor, hp_max_dim: int, owned: list[bool] | None = None, group: dict | None = None) -> dict:
     """A new state; the blocks are those of p's (global) shape. ``owned``: per block, whether
     this rank keeps its L, R and roots (a sharded matrix, :class:`GlobalBlocks`); the others
-    get empty placeholders. Default: every block."""
+    get empty placeholders. Default: every block. ``group``: its ``state_bits`` give the format
+    of the momentum and the Adam second moment (grafting / diagonal); L, R and roots are float32."""
+    group = group or {}
     state = {
         "step": torch.tensor(0.0, dtype=torch.float32),
-        "momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),  # Adam grafting / diagonal
+        **lean.zeros(p, group, "momentum_buffer"),
+        **lean.zeros(p, group, "exp_avg_sq"),
     }
     if is_matrix(p):
         blocks = blocks_of(*matrix_shape(p.shape), hp_max_dim)
@@ -366,7 +369,11 @@ class GlobalBlocks:
                         )
 
 
-backends.register(backends.Backend("shampoo", "reference", shampoo_reference, prepare=shampoo_reference_prepare))
+SHAMPOO_STATES = {"momentum_buffer": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores
+
+backends.register(backends.Backend("shampoo", "reference", lean.reference(shampoo_reference, SHAMPOO_STATES),
+                                   prepare=lean.reference(shampoo_reference_prepare, SHAMPOO_STATES, prepare=True),
+                                   state_bits=lean.STATE_BITS))
 
 
 class Shampoo(MupOptimizer):
@@ -412,6 +419,7 @@ class Shampoo(MupOptimizer):
     """
 
     rule = "shampoo"
+    _lean_keys = SHAMPOO_STATES
     # L, R and their roots are float32 whatever the param's dtype (init_shampoo_state): a
     # state_dict keeps them so on load instead of torch's cast to the param's dtype.
     _state_dtypes = {key: torch.float32 for key in ("left", "right", "left_root", "right_root")}
@@ -433,6 +441,7 @@ class Shampoo(MupOptimizer):
         grafting_epsilon: float = 1e-8,
         root_method: str = "eigh",
         wd_mode: str = "independent",
+        state_bits: int = 32,
         stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
@@ -445,6 +454,7 @@ class Shampoo(MupOptimizer):
             relative_epsilon=relative_epsilon, grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
             root_method=root_method, wd_mode=wd_mode, scale_eps=False,
         )
+        defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
@@ -525,7 +535,7 @@ class Shampoo(MupOptimizer):
         owned = None
         if sharded_matrix(p):
             owned = [r == dist.get_rank() for r in self._owners()[id(p)]]
-        return init_shampoo_state(p, group["max_preconditioner_dim"], owned)
+        return init_shampoo_state(p, group["max_preconditioner_dim"], owned, group)
 
     def _collectives(self, kernel: str, params: list) -> dict:
         """Sharded matrices: blocks of the global tensor on owner ranks (GlobalBlocks)."""
@@ -658,7 +668,8 @@ class Shampoo(MupOptimizer):
 
     def preconditioner_memory(self) -> dict[str, int]:
         """Bytes this rank holds of "preconditioners" (L, R and their roots, float32), "buffers"
-        (momentum and the Adam second moment, in the parameter's dtype; a DTensor's local shard)
+        (momentum and the Adam second moment in their ``state_bits`` format, 8-bit scales
+        included; a DTensor's local shard)
         and "total". A parameter whose state exists counts what it holds (of a sharded matrix,
         the blocks this rank owns); one without state yet (before the first step) counts what
         its first step will allocate, so the number is known before any memory is spent."""
@@ -670,11 +681,10 @@ class Shampoo(MupOptimizer):
                 if "momentum_buffer" in st:
                     for key in _MATRIX_STATE:
                         pre += sum(x.numel() * x.element_size() for x in st.get(key, []))
-                    for key in ("momentum_buffer", "exp_avg_sq"):
-                        if key in st:
-                            buf += local(st[key]).numel() * st[key].element_size()
+                    buf += lean.nbytes({k: v for k, v in st.items()
+                                        if k.removesuffix(lean.ABSMAX) in ("momentum_buffer", "exp_avg_sq")})
                     continue
-                buf += 2 * local(p).numel() * p.element_size()
+                buf += 2 * lean.entry_nbytes(p, group)
                 if is_matrix(p):
                     blocks = blocks_of(*matrix_shape(p.shape), group["max_preconditioner_dim"])
                     if sharded_matrix(p):

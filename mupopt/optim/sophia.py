@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
+from . import _lean_states as lean
 from ..storage import store_param
 from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, compute_dtype, is_number,
                     new_step, skip_on_found_inf, store, upcast)
@@ -68,9 +69,16 @@ def sophia_hessian_reference(params, grads, states, mults, hp: SophiaHparams) ->
         store(st["hessian"], h32)
 
 
-backends.register(backends.Backend("sophia", "reference", skip_on_found_inf(sophia_reference), capturable=True))
-backends.register(backends.Backend("sophia_hessian", "reference", skip_on_found_inf(sophia_hessian_reference),
-                                   capturable=True))
+# What state_bits stores (_lean_states); the Hessian EMA is a non-negative GNB estimate.
+SOPHIA_STATES = {"exp_avg": lean.SIGNED, "hessian": lean.UNSIGNED}
+
+backends.register(backends.Backend(
+    "sophia", "reference", skip_on_found_inf(lean.reference(sophia_reference, SOPHIA_STATES, elementwise=True)),
+    capturable=True, state_bits=lean.STATE_BITS))
+backends.register(backends.Backend(
+    "sophia_hessian", "reference",
+    skip_on_found_inf(lean.reference(sophia_hessian_reference, SOPHIA_STATES, elementwise=True)),
+    capturable=True, state_bits=lean.STATE_BITS))
 
 
 def gnb_backward(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -125,6 +133,7 @@ class SophiaG(MupOptimizer):
     """
 
     rule = "sophia"
+    _lean_keys = SOPHIA_STATES
 
     def __init__(
         self,
@@ -137,6 +146,7 @@ class SophiaG(MupOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         wd_mode: str = "independent",
+        state_bits: int = 32,
         stochastic_rounding: bool = False,
         backend: str = "auto",
         base_shapes=None,
@@ -147,6 +157,7 @@ class SophiaG(MupOptimizer):
             lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, maximize=maximize, wd_mode=wd_mode,
             capturable=capturable,
         )
+        defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
@@ -157,11 +168,7 @@ class SophiaG(MupOptimizer):
         check_weight_decay(group["weight_decay"])
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        return {
-            "step": new_step(p, group),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "hessian": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
+        return {"step": new_step(p, group), **lean.zeros(p, group, "exp_avg"), **lean.zeros(p, group, "hessian")}
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
         return ("step", "exp_avg", "hessian")
