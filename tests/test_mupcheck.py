@@ -24,9 +24,13 @@ MUP_COLUMNS = ["width", "module", "t", "l1"]
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_cpu():
-    # muP's small readout and gradients hit slow subnormal floats on CPU; the tools set this too.
+    # muP's small readout and gradients hit slow subnormal floats on CPU; the tools' run() set
+    # this too and put the previous mode back (mupopt.mupcheck.train.flushing_denormals), as
+    # this fixture does for the tests after it, with torch's threads started first.
+    torch.ones(1 << 20).add_(1.0)
     torch.set_flush_denormal(True)
     yield
+    torch.set_flush_denormal(False)
 
 
 def _slopes(records, opt):
@@ -212,3 +216,21 @@ def test_depth_sweep_sp_and_rule_coincide_at_the_base_depth():
     records = transfer.sweep(["muon"], [16], depths=(2, 4), lrs=[1e-2], steps=2, batch=2, seq=8, eval_batches=1)
     at_base = {r["param"]: r["val_loss"] for r in records if r["depth"] == 2}
     assert at_base["sp"] == at_base["depth"]
+
+
+def test_tools_put_the_denormal_mode_back():
+    """coord-check and transfer flush subnormals while they run and restore the mode after
+    (it is process-wide: left on, a later test of stochastic rounding saw 1e-40 become 0)."""
+    from mupopt.mupcheck.train import flushing_denormals
+
+    def subnormal_survives():
+        return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() != 0.0
+
+    try:
+        for before in (False, True):
+            torch.set_flush_denormal(before)
+            assert not flushing_denormals(subnormal_survives)()
+            assert subnormal_survives() == (not before)
+        assert coord_check.run.__wrapped__ and transfer.run.__wrapped__  # both tools decorated
+    finally:
+        torch.set_flush_denormal(True)  # this module's fixture mode

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .models import ModelConfig, build_model, config_for, layer_type, load_corpus
-from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, as_records, loglog_slope, lm_loss, make_optimizer,
+from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, flushing_denormals, as_records, loglog_slope, lm_loss, make_optimizer,
                     parse_optimizers, pyplot, to_frame, train_step, write_csv, write_json)
 
 MUP_COLUMNS = ("width", "module", "t", "l1")  # Microsoft mup's get_coord_data columns
@@ -313,11 +313,11 @@ def plot(records, out_dir: Path, prefix: str = "coord") -> list[Path]:
     return paths
 
 
+@flushing_denormals
 def run(optimizers=SIX, widths=(64, 128, 256, 512), *, out: str | Path = "mupcheck-out/coord", plots: bool = True,
         flat: float = FLAT, grow: float = GROW, vanish: float = VANISH, verbose: bool = False, prefix: str | None = None, **kwargs) -> dict:
     """coord_data + verdicts + files: ``coord[-MODEL].csv``, ``coord[-MODEL]-verdict.json``,
     ``coord[-MODEL]-OPT.png``. Returns {"frame", "verdicts", "files", "seconds"}."""
-    torch.set_flush_denormal(True)  # muP's small readout/gradients hit slow subnormals on CPU
     out = Path(out)
     prefix = prefix or f"coord-{kwargs.get('model', 'gpt')}" + ("-depth" if kwargs.get("depths") else "")
     clock = Timer()

@@ -20,6 +20,7 @@ A learning rate always means the group lr at the base width (where every muP mul
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -219,6 +220,29 @@ def loglog_slope(xs, ys) -> float:
     my = sum(p[1] for p in pts) / len(pts)
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else float("nan")
+
+
+def flushing_denormals(fn: Callable) -> Callable:
+    """Run ``fn`` with subnormal floats flushed to zero, then put the previous mode back: muP's
+    small readout outputs and gradients hit slow subnormal arithmetic on the CPU. The mode is
+    process's (torch.set_flush_denormal) and has no getter, so it is read from whether a
+    float32 subnormal survives a multiply; leaving it set changed later code (a test of
+    stochastic rounding on subnormals saw every input become 0). The mode is a per-thread CPU
+    register that a new thread copies from the thread that creates it, and setting it changes
+    the calling thread only: so torch's intra-op threads are started first (one op large enough
+    to run in parallel), else threads created during the run would keep flushing after it."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        was_on = torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() == 0.0
+        torch.ones(1 << 20).add_(1.0)  # above torch's grain size (32768): every intra-op thread runs
+        torch.set_flush_denormal(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_flush_denormal(was_on)
+
+    return run
 
 
 @dataclass

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .models import build_model, config_for, load_corpus
-from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, as_records, lm_loss, lr_factor, make_optimizer,
+from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, flushing_denormals, as_records, lm_loss, lr_factor, make_optimizer,
                     parse_optimizers, pyplot, scale_lr, to_frame, train_step, write_csv, write_json)
 
 
@@ -285,11 +285,11 @@ def plot(records, out_dir: Path, prefix: str = "transfer") -> list[Path]:
     return paths
 
 
+@flushing_denormals
 def run(optimizers=SIX, widths=(32, 64, 128), *, out: str | Path = "mupcheck-out/transfer", plots: bool = True,
         verbose: bool = False, prefix: str = "transfer", wide: int = 128, **kwargs) -> dict:
     """sweep + summary + files (``PREFIX.csv``, ``PREFIX.json``, ``PREFIX-summary.json``,
     ``PREFIX-OPT.png``). Returns {"frame", "summary", "files", "seconds"}."""
-    torch.set_flush_denormal(True)  # muP's small readout/gradients hit slow subnormals on CPU
     out = Path(out)
     clock = Timer()
     progress = (lambda m: print(f"  {m}", file=sys.stderr)) if verbose else None
