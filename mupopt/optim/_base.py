@@ -182,7 +182,48 @@ def unscale_(grads: list, inv_grad_scale: torch.Tensor) -> None:
         torch._foreach_mul_(gs, inv_grad_scale.to(device))
 
 
-class _State(dict):
+class _Counted:
+    """The mutating methods of a dict, each bumping ``_State.version`` (mixed into :class:`_State`
+    and :class:`_StateMap`, whose docstrings say why)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        if dict.get(self, key, _ABSENT) is not value:
+            _State.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        _State.version += 1
+        super().__delitem__(key)
+
+    def clear(self):
+        _State.version += 1
+        super().clear()
+
+    def pop(self, *args):
+        _State.version += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        _State.version += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            _State.version += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs):
+        _State.version += 1
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other):
+        _State.version += 1
+        return super().__ior__(other)
+
+
+class _State(_Counted, dict):
     """One parameter's state dict in ``opt.state``: a plain dict that counts its changes.
 
     A step plan keeps what it derived from the states (the dicts each backend call gets, a C++
@@ -191,8 +232,8 @@ class _State(dict):
     tensor replaced (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``). Re-reading every state
     at every step costs more than the whole step of the fast backends on many small tensors
     (about 180 us for 1000 tensors of 3 entries, measured: dict lookups through
-    ``Tensor.__hash__`` and an identity compare of every value), so every mutating method here
-    and in :class:`_StateMap` bumps one counter, ``_State.version``, and a plan whose states were
+    ``Tensor.__hash__`` and an identity compare of every value), so every mutating method of
+    this dict and of :class:`_StateMap` (:class:`_Counted`) bumps one counter, ``_State.version``, and a plan whose states were
     all seen at the current version is current at the cost of one integer compare. Assigning a
     value that is already there (``st["step"] += 1`` on a step tensor) is not a change.
 
@@ -202,81 +243,13 @@ class _State(dict):
     __slots__ = ()
     version: ClassVar[int] = 0
 
-    def __setitem__(self, key, value):
-        if dict.get(self, key, _ABSENT) is not value:
-            _State.version += 1
-        dict.__setitem__(self, key, value)
 
-    def __delitem__(self, key):
-        _State.version += 1
-        dict.__delitem__(self, key)
-
-    def clear(self):
-        _State.version += 1
-        dict.clear(self)
-
-    def pop(self, *args):
-        _State.version += 1
-        return dict.pop(self, *args)
-
-    def popitem(self):
-        _State.version += 1
-        return dict.popitem(self)
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            _State.version += 1
-        return dict.setdefault(self, key, default)
-
-    def update(self, *args, **kwargs):
-        _State.version += 1
-        dict.update(self, *args, **kwargs)
-
-    def __ior__(self, other):
-        _State.version += 1
-        return dict.__ior__(self, other)
-
-
-class _StateMap(defaultdict):
+class _StateMap(_Counted, defaultdict):
     """``opt.state`` of a mupopt optimizer: torch's ``defaultdict(dict)`` whose entries are
     :class:`_State` and whose own changes (an entry set, replaced or deleted) bump the same
     counter. ``state_dict()`` hands out plain dicts (MupOptimizer.state_dict)."""
 
     __slots__ = ()
-
-    def __setitem__(self, key, value):
-        if dict.get(self, key, _ABSENT) is not value:
-            _State.version += 1
-        defaultdict.__setitem__(self, key, value)
-
-    def __delitem__(self, key):
-        _State.version += 1
-        defaultdict.__delitem__(self, key)
-
-    def clear(self):
-        _State.version += 1
-        defaultdict.clear(self)
-
-    def pop(self, *args):
-        _State.version += 1
-        return defaultdict.pop(self, *args)
-
-    def popitem(self):
-        _State.version += 1
-        return defaultdict.popitem(self)
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            _State.version += 1
-        return defaultdict.setdefault(self, key, default)
-
-    def update(self, *args, **kwargs):
-        _State.version += 1
-        defaultdict.update(self, *args, **kwargs)
-
-    def __ior__(self, other):
-        _State.version += 1
-        return defaultdict.__ior__(self, other)
 
 
 _ABSENT = object()
