@@ -546,3 +546,16 @@ def test_8bit_states_with_stochastic_rounding_of_bf16_params():
     for k in (0, 2):
         moved = (runs[32][k].float() - start[k].float()).abs().max()
         assert (runs[8][k].float() - runs[32][k].float()).abs().max() <= TOL["adamw"][1] * moved + 2**-8 * start[k].abs().max()
+
+
+def test_hessian_update_leaves_the_8bit_momentum_alone():
+    """SophiaG's Hessian EMA writes h only: exp_avg's codes and absmax stay as they are (a
+    re-quantization of decoded values is not the identity: a block whose largest |m| is
+    negative decodes as -0.993*absmax with the signed dynamic map)."""
+    ps = _params()
+    opt = _make("sophia", ps, 8)
+    _drive(opt, ps, 1)
+    before = {k: v.clone() for k, v in opt.state[ps[0]].items() if k.startswith("exp_avg")}
+    opt.update_hessian()
+    for k, v in before.items():
+        assert torch.equal(opt.state[ps[0]][k], v), k
