@@ -1048,8 +1048,12 @@ class MupOptimizer(Optimizer):
                         f"{tuple(local(v).shape)} (a state_dict of another model?); nothing was changed"
                     )
         flags = viewed or [False] * len(params)
+        # A backend's reason sees the param, its gradient and its state tensors, less the block
+        # scales of 8-bit states (shaped by blocks, not like the param: a backend that lists 8 in
+        # its state_bits checks them itself).
         tensors_of = [[p, g, *(elementwise_view(same_layout(local(v), o)) if f and v.shape == o.shape else local(v)
-                               for v in (st or {}).values() if isinstance(v, torch.Tensor) and v.ndim)]
+                               for k, v in (st or {}).items()
+                               if isinstance(v, torch.Tensor) and v.ndim and not k.endswith(lean.ABSMAX))]
                       for p, g, st, o, f in zip(params, grads, states, originals, flags)]
         everything = [t for ts in tensors_of for t in ts]
         formats = formats or [32] * len(params)
