@@ -27,6 +27,9 @@ from ...storage import seeds_of
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 PRIORITY = 10
+# The optimizer-state formats every kernel here steps (mupopt/optim/_lean_states.py): 32, 16
+# (bfloat16 states: the storage code of their dtype) and 8 (_common's codes 5 and 6).
+STATE_BITS = (8, 16, 32)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Muon's and Shampoo's kernels (Newton-Schulz, Gram products) take float32 and bfloat16 only.
 MATRIX_DTYPES = (torch.float32, torch.bfloat16)
@@ -94,6 +97,8 @@ def unsupported_reason(tensors: Sequence[torch.Tensor], supported=_SUPPORTED_DTY
             device = t.device
         elif t.device != device:
             return f"tensors on different devices ({device} and {t.device}): one device per step call"
+        if t.dtype == torch.uint8:
+            continue  # the codes of 8-bit states (state_bits=8): the kernels check their roles and scales
         if t.dtype not in supported:
             why = (" (float64 params are stepped in float64 arithmetic by the reference backend; the kernels "
                    "compute in float32)" if t.dtype == torch.float64 else "")
@@ -284,6 +289,6 @@ def register() -> None:
         backends.register(
             backends.Backend(
                 name, "triton", _step_fn(name), priority=PRIORITY, unsupported_reason=unsupported_reason,
-                amp_scaling=True, devices=("cuda",), validates=True,
+                amp_scaling=True, devices=("cuda",), validates=True, state_bits=STATE_BITS,
             )
         )

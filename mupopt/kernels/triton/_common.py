@@ -68,6 +68,7 @@ steps) and per-step scalars computed on the device.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -79,6 +80,7 @@ import triton
 import triton.language as tl
 
 from ... import storage
+from ...optim import _lean_states as lean
 
 # Elements per program and warps: 8192 with 16 warps (16 elements per thread, four 16-byte
 # accesses per operand), from benchmarks/tune_triton.py on an H200 (torch 2.11, triton 3.6,
@@ -97,11 +99,41 @@ CACHE_SIZE = 64
 # round stochastically (_store with the tensor's key; keys_arg).
 _KIND = {dtype: int(code) for dtype, code in storage.FORMAT_CODES.items()}
 _STOCHASTIC_KIND = {_KIND[dtype]: int(code) for dtype, code in storage.STOCHASTIC_FORMATS.items()}
+# Format 8 (state_bits=8, mupopt/optim/_lean_states.py): uint8 codes and a float32 absmax per
+# lean.BLOCK elements; the code says which map decodes them (a state entry's sign is fixed).
+Q8_SIGNED, Q8_UNSIGNED = 5, 6
+_Q8_KIND = {lean.SIGNED: Q8_SIGNED, lean.UNSIGNED: Q8_UNSIGNED}
+# The lookup tables of both maps in one float32 tensor (:func:`lut`), per map: the 256 values,
+# then _lean_states._buckets' 2^16 "inside" midpoints and 2^16 base counts (as floats: exact).
+_LUT_INSIDE = 256
+_LUT_BASE = 256 + (1 << 16)
+LUT_SIZE = 256 + 2 * (1 << 16)
+_Q8_BLOCK = tl.constexpr(lean.BLOCK)
+_LUT_INSIDE_C = tl.constexpr(_LUT_INSIDE)
+_LUT_BASE_C = tl.constexpr(_LUT_BASE)
+_LUT_SIZE_C = tl.constexpr(LUT_SIZE)
 
 
 def storage_kind(dtype: torch.dtype) -> int:
     """The kernels' storage code of ``dtype``: 0 float32, 1 bfloat16, 2 float16."""
     return _KIND[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _lut(maps: str, device: torch.device) -> torch.Tensor:
+    parts = []
+    for kind in (lean.SIGNED, lean.UNSIGNED):
+        values, _ = lean.map_tensor(kind, "cpu", maps)
+        base, inside = lean._buckets(maps, kind, torch.device("cpu"))
+        parts += [values, inside, base.to(torch.float32)]
+    return torch.cat(parts).to(device)
+
+
+def lut(device: torch.device) -> torch.Tensor:
+    """The format-8 lookup tables (float32 [2 * LUT_SIZE]: signed map, then unsigned) of the maps
+    in use (``lean.maps``) on ``device``: every kernel takes it (a placeholder-free argument, read
+    only for codes 5 and 6)."""
+    return _lut(lean.maps, torch.device(device))
 
 
 def param_kind(kind: int, stochastic: bool) -> int:
@@ -143,30 +175,101 @@ def _chunk_coords(chunks_ptr, numel_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load(addr, offs, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+def _chunk_inputs(chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_KIND: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """What every elementwise kernel reads first: :func:`_chunk_coords`, then its gradient's
+    address, the 1/grad scale (1.0 unless HAS_GRAD_SCALE) and the param's stochastic rounding
+    key (0 unless the param code is 3 or 4)."""
+    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
+    g_addr = tl.load(grad_ptrs_ptr + slot)
+    if HAS_GRAD_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    else:
+        inv_scale = 1.0  # unused
+    if P_KIND >= 3:
+        key = tl.load(keys_ptr + slot).to(tl.uint32)
+    else:
+        key = 0  # unused
+    return slot, offs, mask, full, g_addr, inv_scale, key
+
+
+@triton.jit
+def _load(addr, offs, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, absmax=0, lut=0):
     """Load elements ``offs`` of the tensor at int64 address ``addr`` as float32. ``IS_BF16`` is
-    the storage code (:func:`storage_kind`; a bool means float32 or bfloat16).
+    the storage code (:func:`storage_kind`; a bool means float32 or bfloat16; 5 and 6: format-8
+    codes at ``addr``, their blocks' absmax at int64 address ``absmax``, decoded with the map
+    tables at pointer ``lut``, :func:`lut`).
 
     Only a tensor's last chunk is masked: a mask against a numel read from memory would keep the
     compiler from vectorising the full chunks. The address is typed here rather than by a helper
     of its own: on the GPU it is free either way, but each nested jit call costs about 0.7 ms
     per program in the interpreter (AdamW step on the test list: 62 -> 30 ms).
     """
-    if IS_BF16 == 2 or IS_BF16 == 4:
-        ptr = addr.to(tl.pointer_type(tl.float16))
-    elif IS_BF16:
-        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    if IS_BF16 >= 5:
+        x = _load_q8(addr, offs, mask, IS_BF16, MASKED, absmax, lut)
     else:
-        ptr = addr.to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        # The host checked every address of this launch is 16-byte aligned; without the hint an
-        # int_to_ptr pointer gets scalar 4-byte accesses.
-        ptr = tl.multiple_of(ptr, 16)
+        if IS_BF16 == 2 or IS_BF16 == 4:
+            ptr = addr.to(tl.pointer_type(tl.float16))
+        elif IS_BF16:
+            ptr = addr.to(tl.pointer_type(tl.bfloat16))
+        else:
+            ptr = addr.to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            # The host checked every address of this launch is 16-byte aligned; without the hint an
+            # int_to_ptr pointer gets scalar 4-byte accesses.
+            ptr = tl.multiple_of(ptr, 16)
+        if MASKED:
+            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(ptr + offs).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_q8(addr, offs, mask, KIND: tl.constexpr, MASKED: tl.constexpr, absmax, lut):
+    """Format 8's value of each element: MAP[code] * absmax of its block (float32 product)."""
+    codes_ptr = addr.to(tl.pointer_type(tl.uint8))
+    scales = absmax.to(tl.pointer_type(tl.float32))
     if MASKED:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
+        code = tl.load(codes_ptr + offs, mask=mask, other=0)
+        scale = tl.load(scales + offs // _Q8_BLOCK, mask=mask, other=0.0)
     else:
-        x = tl.load(ptr + offs)
-    return x.to(tl.float32)
+        code = tl.load(codes_ptr + offs)
+        scale = tl.load(scales + offs // _Q8_BLOCK)
+    return tl.load(lut + (KIND - 5) * _LUT_SIZE_C + code.to(tl.int32)) * scale
+
+
+@triton.jit
+def _store_q8(addr, offs, x, mask, KIND: tl.constexpr, MASKED: tl.constexpr, absmax, lut):
+    """Store float32 ``x`` in format 8 (lean.quantize_: absmax per block, y = x/absmax, the code
+    of the nearest map value by _lean_states._buckets' two lookups). Every block of 256 lies in
+    one program: the program's elements start at a multiple of 256 and number a multiple of it;
+    lanes past the tensor's end count as 0, as lean.quantize_'s padding."""
+    N: tl.constexpr = x.shape[0]
+    if MASKED:
+        x = tl.where(mask, x, 0.0)
+    xb = tl.reshape(x, (N // _Q8_BLOCK, _Q8_BLOCK))
+    amax = tl.max(tl.abs(xb), axis=1)
+    # A NaN anywhere makes its block's absmax NaN (torch's amax; a GPU max drops NaN operands).
+    has_nan = tl.max((xb != xb).to(tl.int32), axis=1) > 0
+    amax = tl.where(has_nan, float("nan"), amax)
+    live = amax > 0.0
+    y = tl.div_rn(xb, tl.where(live, amax, 1.0)[:, None])
+    y = tl.where(live[:, None], y, 0.0)
+    table = lut + (KIND - 5) * _LUT_SIZE_C
+    bucket = (y.to(tl.uint32, bitcast=True) >> 16).to(tl.int32)
+    code = tl.load(table + _LUT_BASE_C + bucket).to(tl.int32) + (y > tl.load(table + _LUT_INSIDE_C + bucket)).to(tl.int32)
+    code = tl.reshape(code, (N,)).to(tl.uint8)
+    block = tl.min(tl.reshape(offs, (N // _Q8_BLOCK, _Q8_BLOCK)), axis=1) // _Q8_BLOCK
+    codes_ptr = addr.to(tl.pointer_type(tl.uint8))
+    scales = absmax.to(tl.pointer_type(tl.float32))
+    if MASKED:
+        tl.store(codes_ptr + offs, code, mask=mask)
+        in_tensor = tl.max(tl.reshape(mask.to(tl.int32), (N // _Q8_BLOCK, _Q8_BLOCK)), axis=1) > 0
+        tl.store(scales + block, amax, mask=in_tensor)
+    else:
+        tl.store(codes_ptr + offs, code)
+        tl.store(scales + block, amax)
 
 
 @triton.jit
@@ -229,36 +332,53 @@ def _f16_stochastic(x, r):
 
 
 @triton.jit
-def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, key=0):
+def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, key=0,
+           absmax=0, lut=0):
     """Store float32 ``x`` in the storage format (storage code ``IS_BF16`` as :func:`_load`;
     bf16 and fp16: round to nearest even, as torch; codes 3 and 4: bf16 and fp16 rounded
-    stochastically with the random bits of ``key``, the tensor's uint32 key, and ``offs``).
+    stochastically with the random bits of ``key``, the tensor's uint32 key, and ``offs``; 5
+    and 6: format 8, :func:`_store_q8`, ``absmax`` and ``lut`` as in :func:`_load`).
     The storage layer of this backend: a new format is one more code here and in _load."""
-    if IS_BF16 == 2 or IS_BF16 == 4:
-        ptr = addr.to(tl.pointer_type(tl.float16))
-    elif IS_BF16:
-        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    if IS_BF16 >= 5:
+        _store_q8(addr, offs, x, mask, IS_BF16, MASKED, absmax, lut)
     else:
-        ptr = addr.to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    if IS_BF16 == 3:
-        y = _bf16_stochastic(x, _random_bits(key, offs))
-    elif IS_BF16 == 4:
-        y = _f16_stochastic(x, _random_bits(key, offs))
-    elif IS_BF16 == 2:
-        y = x.to(tl.float16)  # cvt.rn; the interpreter: numpy's astype, also nearest even
-    elif IS_BF16:
-        if _INTERPRET:
-            y = _bf16_rtne(x)
+        if IS_BF16 == 2 or IS_BF16 == 4:
+            ptr = addr.to(tl.pointer_type(tl.float16))
+        elif IS_BF16:
+            ptr = addr.to(tl.pointer_type(tl.bfloat16))
         else:
-            y = x.to(tl.bfloat16)  # cvt.rn
+            ptr = addr.to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        if IS_BF16 == 3:
+            y = _bf16_stochastic(x, _random_bits(key, offs))
+        elif IS_BF16 == 4:
+            y = _f16_stochastic(x, _random_bits(key, offs))
+        elif IS_BF16 == 2:
+            y = x.to(tl.float16)  # cvt.rn; the interpreter: numpy's astype, also nearest even
+        elif IS_BF16:
+            if _INTERPRET:
+                y = _bf16_rtne(x)
+            else:
+                y = x.to(tl.bfloat16)  # cvt.rn
+        else:
+            y = x
+        if MASKED:
+            tl.store(ptr + offs, y, mask=mask)
+        else:
+            tl.store(ptr + offs, y)
+
+
+@triton.jit
+def _entry(row, k: tl.constexpr, ROW: tl.constexpr, KIND: tl.constexpr):
+    """(address, block-scale address) of static role ``k`` in a plan row of ``ROW`` columns
+    (Plan.row): the scale's only for format 8 (codes 5 and 6), else 0."""
+    addr = tl.load(row + k)
+    if KIND >= 5:
+        absmax = tl.load(row + ROW // 2 + k)
     else:
-        y = x
-    if MASKED:
-        tl.store(ptr + offs, y, mask=mask)
-    else:
-        tl.store(ptr + offs, y)
+        absmax = 0
+    return addr, absmax
 
 
 @triton.jit
@@ -278,13 +398,25 @@ def fail(op: str, message: str) -> None:
     raise RuntimeError(f"backend 'triton' cannot step these {op} tensors: {message}")
 
 
-def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor) -> None:
+def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor, scale=None, sign=None) -> None:
+    """``scale``: the absmax tensor of a format-8 state (codes ``t``), None for other formats;
+    ``sign``: the role's map sign (lean.SIGNED / UNSIGNED) where it may be in format 8."""
     if type(t) not in _PLAIN:
         # A wrapper subclass (DTensor) has no storage of its own: data_ptr() would be 0.
         fail(op, f"{role} {i} is a {type(t).__name__}, a tensor subclass: pass its local tensor")
     if t.device != ref.device:
         fail(op, f"{role} {i} is on {t.device}, its parameter on {ref.device} (one device per call)")
-    if t.dtype not in SUPPORTED_DTYPES:
+    if (t.dtype == torch.uint8) != (scale is not None) or (scale is not None and sign is None):
+        fail(op, f"{role} {i} has dtype {t.dtype} and {'a' if scale is not None else 'no'} {role}{lean.ABSMAX} "
+                 f"entry: 8-bit states (state_bits=8) are uint8 codes with float32 block scales, for the "
+                 f"elementwise optimizer states only")
+    if scale is not None:
+        blocks = lean.blocks_of(t.numel())
+        if (type(scale) not in _PLAIN or scale.dtype != torch.float32 or scale.shape != (blocks,)
+                or not scale.is_contiguous() or scale.device != t.device):
+            fail(op, f"{role}{lean.ABSMAX} {i} must be a contiguous float32 tensor of shape ({blocks},) on "
+                     f"{t.device}, not {scale.dtype} {tuple(scale.shape)} on {scale.device}")
+    elif t.dtype not in SUPPORTED_DTYPES:
         fail(op, f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16, float16")
     if t.shape != ref.shape:
         fail(op, f"{role} {i} has shape {tuple(t.shape)}, its parameter {tuple(ref.shape)}")
@@ -318,17 +450,31 @@ class Launch:
     ranges: torch.Tensor  # view of Plan.ranges: this launch's slots
 
 
-class Plan:
-    """Tables of one tensor list (see the module docstring); built once per cache key."""
+def _kind_of(t: torch.Tensor, sign) -> int:
+    """The storage code of a static tensor: its dtype's, or format 8's for the codes of a role
+    whose map sign is ``sign``."""
+    return _Q8_KIND[sign] if t.dtype == torch.uint8 else _KIND[t.dtype]
 
-    def __init__(self, static_lists: Sequence[Sequence[torch.Tensor]], grads: Sequence[torch.Tensor]):
+
+class Plan:
+    """Tables of one tensor list (see the module docstring); built once per cache key.
+
+    ``ptrs`` rows hold the R static addresses, then R addresses of their format-8 block scales
+    (0 for other formats): ``row`` = 2R int64 columns per slot."""
+
+    def __init__(self, static_lists: Sequence[Sequence[torch.Tensor]], grads: Sequence[torch.Tensor],
+                 scales: Sequence | None = None, signs: Sequence | None = None):
         first_list = static_lists[0]
         n = len(first_list)
+        roles = len(static_lists)
+        scales = scales or [None] * roles
+        signs = signs or [None] * roles
         self.device = first_list[0].device
         self.n = n
+        self.row = 2 * roles
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
-            flags = tuple(_KIND[lst[i].dtype] for lst in static_lists) + (_KIND[grads[i].dtype],)
+            flags = tuple(_kind_of(lst[i], sign) for lst, sign in zip(static_lists, signs)) + (_KIND[grads[i].dtype],)
             groups.setdefault(flags, []).append(i)
         self.order = [i for members in groups.values() for i in members]
         self.identity = self.order == list(range(n))
@@ -342,10 +488,12 @@ class Plan:
         chunk_no = torch.arange(self.n_chunks) - torch.tensor(first, dtype=torch.long)[slot_of_chunk]
         chunks = torch.stack([slot_of_chunk, chunk_no], 1).to(torch.int32)
         ranges = torch.tensor([first, counts], dtype=torch.int32).T.contiguous().reshape(n, 2)
-        ptrs = torch.tensor([[lst[i].data_ptr() for lst in static_lists] for i in self.order], dtype=torch.int64)
+        ptrs = torch.tensor([[lst[i].data_ptr() for lst in static_lists]
+                             + [sc[i].data_ptr() if sc is not None and sc[i] is not None else 0 for sc in scales]
+                             for i in self.order], dtype=torch.int64)
 
         dev = self.device
-        self.ptrs = ptrs.reshape(n, len(static_lists)).to(dev)
+        self.ptrs = ptrs.reshape(n, self.row).to(dev)
         self.numel = torch.tensor(numel, dtype=torch.int64).to(dev)
         self.chunks = chunks.to(dev)
         self.ranges = ranges.to(dev)
@@ -425,33 +573,50 @@ def plan_for(
     roles: Sequence[str],
     static_lists: Sequence[Sequence[torch.Tensor]],
     grads: Sequence[torch.Tensor],
+    scales: Sequence | None = None,
+    signs: Sequence | None = None,
 ) -> Plan:
     """The cached Plan of these tensors (built and validated on a miss).
 
     ``static_lists[k]`` holds the tensors of role ``roles[k]`` (the first role gives sizes and
-    the device); gradients are validated here every step.
+    the device); gradients are validated here every step. ``scales[k]`` (optional): None, or per
+    tensor the absmax tensor of a format-8 state (None where the state is in another format);
+    ``signs[k]``: the map sign of a role that may be in format 8. :func:`plan_states` forms them.
     """
     first_list = static_lists[0]
     check_grads(op, first_list, grads)
+    scales = scales or [None] * len(static_lists)
     key = [op, BLOCK, first_list[0].device, tuple(map(_NUMEL, first_list)), tuple(g.dtype for g in grads)]
-    for lst in static_lists:
+    for lst, sc in zip(static_lists, scales):
         if len(lst) != len(first_list):
             fail(op, f"{len(lst)} tensors of one role for {len(first_list)} parameters")
         key.append(tuple(map(_PTR, lst)))
         key.append(tuple(t.dtype for t in lst))
+        if sc is not None:
+            key.append(tuple(0 if t is None else t.data_ptr() for t in sc))
     key = tuple(key)
     plan = _CACHE.get(key)
     if plan is not None:
         _CACHE.move_to_end(key)
         return plan
-    for role, lst in zip(roles, static_lists):
+    signs = signs or [None] * len(static_lists)
+    for role, lst, sc, sign in zip(roles, static_lists, scales, signs):
         for i, (t, ref) in enumerate(zip(lst, first_list)):
-            _check_tensor(op, role, i, t, ref)
-    plan = Plan(static_lists, grads)
+            _check_tensor(op, role, i, t, ref, None if sc is None else sc[i], sign)
+    plan = Plan(static_lists, grads, scales, signs)
     _CACHE[key] = plan
     if len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return plan
+
+
+def plan_states(op: str, params, grads, states, keys: Sequence[str], kinds: dict) -> Plan:
+    """The Plan of ``params`` and their state entries ``keys`` (roles "param", then the keys), in
+    any state format: 32 or 16 (a float dtype) or 8 (uint8 codes, the block scales of
+    ``key + lean.ABSMAX``, decoded with the map of ``kinds[key]``)."""
+    static = [params] + [[st[k] for st in states] for k in keys]
+    scales = [None] + [[st.get(k + lean.ABSMAX) for st in states] for k in keys]
+    return plan_for(op, ["param", *keys], static, grads, scales, [None] + [kinds.get(k) for k in keys])
 
 
 def clear_cache() -> None:

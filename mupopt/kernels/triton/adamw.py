@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _chunk_coords, _lerp, _load, _store
+from ...optim.adamw import ADAMW_STATES
+from ._common import _chunk_inputs, _entry, _lerp, _load, _store
 
 # Per-tensor scalars, in table order.
 _DECAY, _STEP_SIZE, _BC2_SQRT, _EPS = range(4)
@@ -26,7 +27,7 @@ _NUM_SCALARS = 4
 
 @triton.jit
 def _adamw_chunk(
-    p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask, key,
+    p_addr, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -34,8 +35,8 @@ def _adamw_chunk(
 ):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
-    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
-    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED, m_amax, lut)
+    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED, v_amax, lut)
     if HAS_GRAD_SCALE:
         g = g * inv_scale
         _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
@@ -45,60 +46,53 @@ def _adamw_chunk(
     m = _lerp(m, g, beta1_weight)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
-        vmax = tl.maximum(_load(vmax_addr, offs, mask, VMAX_BF16, ALIGNED, MASKED), v,
+        vmax = tl.maximum(_load(vmax_addr, offs, mask, VMAX_BF16, ALIGNED, MASKED, vmax_amax, lut), v,
                           propagate_nan=tl.PropagateNan.ALL)
-        _store(vmax_addr, offs, vmax, mask, VMAX_BF16, ALIGNED, MASKED)
+        _store(vmax_addr, offs, vmax, mask, VMAX_BF16, ALIGNED, MASKED, 0, vmax_amax, lut)
         denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p + step_size * tl.div_rn(m, denom)
     _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key)
-    _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
-    _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
+    _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
+    _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED, 0, v_amax, lut)
 
 
 @triton.jit
 def _adamw_kernel(
-    # tables (see _common): static addresses [N, NUM_PTRS] (p, m, v[, vmax]), per-step gradient
-    # addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; 1/grad
-    # scale [1] (read only when HAS_GRAD_SCALE); stochastic rounding keys [N] (P_BF16 >= 3)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr,
+    # tables (see _common): static addresses [N, ROW] (p, m, v[, vmax], then their block scales),
+    # per-step gradient addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks
+    # [C, 2]; 1/grad scale [1] (read only when HAS_GRAD_SCALE); stochastic rounding keys [N]
+    # (P_BF16 >= 3); format-8 map tables (_common.lut)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr, lut,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2,
-    # storage dtypes, variant, layout
+    # storage codes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, NUM_PTRS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
-    row = ptrs_ptr + slot * NUM_PTRS
+    slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
+        chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
+    row = ptrs_ptr + slot * ROW
     p_addr = tl.load(row)
-    m_addr = tl.load(row + 1)
-    v_addr = tl.load(row + 2)
+    m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
+    v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     if AMSGRAD:
-        vmax_addr = tl.load(row + 3)
+        vmax_addr, vmax_amax = _entry(row, 3, ROW, VMAX_BF16)
     else:
-        vmax_addr = v_addr  # unused
-    g_addr = tl.load(grad_ptrs_ptr + slot)
+        vmax_addr, vmax_amax = v_addr, v_amax  # unused
     scal = scalars_ptr + slot * 4
     decay = tl.load(scal)
     step_size = tl.load(scal + 1)
     bc2_sqrt = tl.load(scal + 2)
     eps = tl.load(scal + 3)
-    if HAS_GRAD_SCALE:
-        inv_scale = tl.load(inv_scale_ptr)
-    else:
-        inv_scale = 1.0  # unused
-    if P_BF16 >= 3:
-        key = tl.load(keys_ptr + slot).to(tl.uint32)
-    else:
-        key = 0  # unused
     if full:
-        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask, key,
+        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
                      decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, offs, mask, key,
+        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
                      decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -108,9 +102,8 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
-    roles = ["param", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp.amsgrad else [])
-    static = [params] + [[st[k] for st in states] for k in roles[1:]]
-    plan = _common.plan_for("adamw", roles, static, grads)
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp.amsgrad else [])
+    plan = _common.plan_states("adamw", params, grads, states, keys, ADAMW_STATES)
 
     _common.increment_steps(states)
     t = _common.read_steps(states)
@@ -122,7 +115,7 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     scalars[:, _EPS] = hp.eps * mult[:, 2]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
-    keys = plan.keys_arg(states, hp.stochastic_rounding)
+    sr_keys = plan.keys_arg(states, hp.stochastic_rounding)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -133,9 +126,9 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
             g16 = launch.kinds[-1]
             _common.launch(
                 _adamw_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, keys,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, sr_keys, _common.lut(plan.device),
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
                 P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
                 AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
-                HAS_GRAD_SCALE=inv_grad_scale is not None, NUM_PTRS=len(roles), BLOCK=_common.BLOCK,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
             )

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _chunk_coords, _lerp, _load, _store
+from ...optim.adopt import ADOPT_STATES
+from ._common import _chunk_inputs, _entry, _lerp, _load, _store
 
 _DECAY_ALPHA, _STEP, _EPS, _CLIP, _FIRST = range(5)
 _NUM_SCALARS = 6  # padded to an even count (the per-step buffer packs them in int64 words)
@@ -30,15 +31,15 @@ _NUM_SCALARS = 6  # padded to an even count (the per-step buffer packs them in i
 
 @triton.jit
 def _adopt_chunk(
-    p_addr, g_addr, m_addr, v_addr, offs, mask, key,
+    p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
-    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
-    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
+    m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED, m_amax, lut)
+    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED, v_amax, lut)
     if HAS_GRAD_SCALE:
         g = g * inv_scale
         _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
@@ -53,48 +54,42 @@ def _adopt_chunk(
     v_new = v * beta2 + one_minus_beta2 * g * g
     is_first = first != 0.0
     _store(p_addr, offs, tl.where(is_first, p, p_new), mask, P_BF16, ALIGNED, MASKED, key)
-    _store(m_addr, offs, tl.where(is_first, m, m_new), mask, M_BF16, ALIGNED, MASKED)
-    _store(v_addr, offs, tl.where(is_first, v + g * g, v_new), mask, V_BF16, ALIGNED, MASKED)
+    _store(m_addr, offs, tl.where(is_first, m, m_new), mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
+    _store(v_addr, offs, tl.where(is_first, v + g * g, v_new), mask, V_BF16, ALIGNED, MASKED, 0, v_amax, lut)
 
 
 @triton.jit
 def _adopt_kernel(
-    # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
-    # per-step scalars [N, 6], sizes [N], this launch's chunks [C, 2]; 1/grad scale [1] (read
-    # only when HAS_GRAD_SCALE); stochastic rounding keys [N] (P_BF16 >= 3)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr,
+    # tables (see _common): static addresses [N, ROW] (p, m, v, then their block scales),
+    # per-step gradient addresses [N], per-step scalars [N, 6], sizes [N], this launch's chunks
+    # [C, 2]; 1/grad scale [1] (read only when HAS_GRAD_SCALE); stochastic rounding keys [N]
+    # (P_BF16 >= 3); format-8 map tables (_common.lut)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, inv_scale_ptr, keys_ptr, lut,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2,
-    # storage dtypes, variant, layout
+    # storage codes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
-    row = ptrs_ptr + slot * 3
+    slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
+        chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
+    row = ptrs_ptr + slot * ROW
     p_addr = tl.load(row)
-    m_addr = tl.load(row + 1)
-    v_addr = tl.load(row + 2)
-    g_addr = tl.load(grad_ptrs_ptr + slot)
+    m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
+    v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     scal = scalars_ptr + slot * 6
     decay_alpha = tl.load(scal)
     step = tl.load(scal + 1)
     eps = tl.load(scal + 2)
     clip = tl.load(scal + 3)
     first = tl.load(scal + 4)
-    if HAS_GRAD_SCALE:
-        inv_scale = tl.load(inv_scale_ptr)
-    else:
-        inv_scale = 1.0  # unused
-    if P_BF16 >= 3:
-        key = tl.load(keys_ptr + slot).to(tl.uint32)
-    else:
-        key = 0  # unused
     if full:
-        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
+        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                      decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
+        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                      decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -104,9 +99,7 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
-    roles = ["param", "exp_avg", "exp_avg_sq"]
-    static = [params] + [[st[k] for st in states] for k in roles[1:]]
-    plan = _common.plan_for("adopt", roles, static, grads)
+    plan = _common.plan_states("adopt", params, grads, states, ("exp_avg", "exp_avg_sq"), ADOPT_STATES)
 
     s = _common.read_steps(states)  # before the increment
     _common.increment_steps(states)
@@ -119,7 +112,7 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     scalars[:, _FIRST] = (s == 0).to(torch.float64)
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
-    keys = plan.keys_arg(states, hp.stochastic_rounding)
+    sr_keys = plan.keys_arg(states, hp.stochastic_rounding)
 
     with plan.device_guard():
         for launch in plan.launches:
@@ -128,9 +121,9 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
             p16, m16, v16, g16 = launch.kinds
             _common.launch(
                 _adopt_kernel, (launch.n_chunks,),
-                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, keys,
+                plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, sr_keys, _common.lut(plan.device),
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
                 P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16,
                 MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
-                HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
+                HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
             )

@@ -38,15 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ...optim.lamb import LAMB_STATES
 from . import _common
-from ._common import _chunk_coords, _lerp, _load, _store
+from ._common import _chunk_inputs, _entry, _lerp, _load, _store
 
 _BC1, _BC2, _EPS, _STEP = range(4)
 _NUM_SCALARS = 4
 
 
 @triton.jit
-def _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
+def _lamb_moments(g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
                   G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                   STORE_GRAD: tl.constexpr, MASKED: tl.constexpr):
@@ -57,8 +58,8 @@ def _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_m
             _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
-    m = _lerp(_load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED), g, beta1_weight)
-    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED) * beta2 + one_minus_beta2 * g * g
+    m = _lerp(_load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED, m_amax, lut), g, beta1_weight)
+    v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED, v_amax, lut) * beta2 + one_minus_beta2 * g * g
     return m, v
 
 
@@ -71,16 +72,17 @@ def _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay):
 
 
 @triton.jit
-def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
+def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
                       bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                       P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                       MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
                       HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
     p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
     # g stays scaled in memory until pass 3 (which may read it again) has used it.
-    m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
-                         G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False, MASKED)
-    if MOMENTS_IN_PASS_1:
+    m, v = _lamb_moments(g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, beta1_weight, beta2,
+                         one_minus_beta2, inv_scale, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE,
+                         False, MASKED)
+    if MOMENTS_IN_PASS_1:  # float32 states only
         _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
         _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
     u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
@@ -95,37 +97,35 @@ def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
 
 @triton.jit
 def _lamb_norms_kernel(
-    # tables (see _common): static addresses [N, 3] (p, m, v), per-step gradient addresses [N],
-    # per-step scalars [N, 4], sizes [N], this launch's chunks [C, 2]; output partials [C, 2];
-    # 1/grad scale [1] (read only when HAS_GRAD_SCALE)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, partials_ptr, inv_scale_ptr,
+    # tables (see _common): static addresses [N, ROW] (p, m, v, then their block scales),
+    # per-step gradient addresses [N], per-step scalars [N, 4], sizes [N], this launch's chunks
+    # [C, 2]; output partials [C, 2]; 1/grad scale [1] (read only when HAS_GRAD_SCALE);
+    # format-8 map tables (_common.lut)
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, partials_ptr, inv_scale_ptr, lut,
     # hyperparameters shared by all tensors
     beta1_weight, beta2, one_minus_beta2, weight_decay,
-    # storage dtypes, variant, layout
+    # storage codes, variant, layout
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
-    row = ptrs_ptr + slot * 3
+    # no param store here: the key is not read (numel_ptr stands in for the key table)
+    slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
+        chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, numel_ptr, 0, HAS_GRAD_SCALE, BLOCK)
+    row = ptrs_ptr + slot * ROW
     p_addr = tl.load(row)
-    m_addr = tl.load(row + 1)
-    v_addr = tl.load(row + 2)
-    g_addr = tl.load(grad_ptrs_ptr + slot)
+    m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
+    v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     scal = scalars_ptr + slot * 4
     bc1 = tl.load(scal)
     bc2 = tl.load(scal + 1)
     eps = tl.load(scal + 2)
-    if HAS_GRAD_SCALE:
-        inv_scale = tl.load(inv_scale_ptr)
-    else:
-        inv_scale = 1.0  # unused
     if full:
-        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
+        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
                           bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, partials_ptr, offs, mask,
+        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
                           bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -174,7 +174,7 @@ def _lamb_trust_kernel(
 
 
 @triton.jit
-def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
+def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                        bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                        P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                        MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
@@ -187,10 +187,11 @@ def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
             g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED) * inv_scale
             _store(g_addr, offs, g, mask, G_BF16, ALIGNED, MASKED)
     else:
-        m, v = _lamb_moments(g_addr, m_addr, v_addr, offs, mask, beta1_weight, beta2, one_minus_beta2, inv_scale,
-                             G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True, MASKED)
-        _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED)
-        _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED)
+        m, v = _lamb_moments(g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, beta1_weight, beta2,
+                             one_minus_beta2, inv_scale, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE,
+                             True, MASKED)
+        _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
+        _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED, 0, v_amax, lut)
     u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
     _store(p_addr, offs, p + step * (u * trust), mask, P_BF16, ALIGNED, MASKED, key)
 
@@ -199,38 +200,30 @@ def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
 def _lamb_update_kernel(
     # tables as _lamb_norms_kernel; trust ratios of all slots [N]; stochastic rounding keys [N]
     # (P_BF16 >= 3)
-    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr, inv_scale_ptr, keys_ptr,
+    ptrs_ptr, grad_ptrs_ptr, scalars_ptr, numel_ptr, chunks_ptr, trust_ptr, inv_scale_ptr, keys_ptr, lut,
     beta1_weight, beta2, one_minus_beta2, weight_decay,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    slot, offs, mask, full = _chunk_coords(chunks_ptr, numel_ptr, BLOCK)
-    row = ptrs_ptr + slot * 3
+    slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
+        chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
+    row = ptrs_ptr + slot * ROW
     p_addr = tl.load(row)
-    m_addr = tl.load(row + 1)
-    v_addr = tl.load(row + 2)
-    g_addr = tl.load(grad_ptrs_ptr + slot)
+    m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
+    v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     scal = scalars_ptr + slot * 4
     bc1 = tl.load(scal)
     bc2 = tl.load(scal + 1)
     eps = tl.load(scal + 2)
     step = tl.load(scal + 3)
     trust = tl.load(trust_ptr + slot)
-    if HAS_GRAD_SCALE:
-        inv_scale = tl.load(inv_scale_ptr)
-    else:
-        inv_scale = 1.0  # unused
-    if P_BF16 >= 3:
-        key = tl.load(keys_ptr + slot).to(tl.uint32)
-    else:
-        key = 0  # unused
     if full:
-        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
+        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                            bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, offs, mask, key,
+        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                            bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -244,9 +237,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     trust ratios from the reduced sums and the update passes."""
     if not params:
         return
-    roles = ["param", "exp_avg", "exp_avg_sq"]
-    static = [params] + [[st[k] for st in states] for k in roles[1:]]
-    plan = _common.plan_for("lamb", roles, static, grads)
+    plan = _common.plan_states("lamb", params, grads, states, ("exp_avg", "exp_avg_sq"), LAMB_STATES)
 
     _common.increment_steps(states)
     t = _common.read_steps(states)
@@ -258,7 +249,8 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     scalars[:, _STEP] = -hp.lr * mult[:, 0]
     grad_ptrs, scal, grads_aligned = plan.upload(grads, scalars)
     inv_scale = plan.inv_scale_arg(inv_grad_scale)
-    keys = plan.keys_arg(states, hp.stochastic_rounding)
+    sr_keys = plan.keys_arg(states, hp.stochastic_rounding)
+    lut = _common.lut(plan.device)
 
     partials = torch.empty(max(plan.n_chunks, 1), 2, dtype=torch.float64, device=plan.device)
     trust = torch.ones(plan.n, dtype=torch.float32, device=plan.device)
@@ -272,20 +264,20 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
         return dict(
             P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
             MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
-            HAS_GRAD_SCALE=inv_grad_scale is not None, BLOCK=_common.BLOCK,
+            HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
         )
 
     def norms(launch):
         _common.launch(
             _lamb_norms_kernel, (launch.n_chunks,),
             plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, partials[launch.c0:launch.c0 + launch.n_chunks],
-            inv_scale, *shared, **meta(launch),
+            inv_scale, lut, *shared, **meta(launch),
         )
 
     def update(launch):
         _common.launch(
             _lamb_update_kernel, (launch.n_chunks,),
-            plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale, keys,
+            plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, trust, inv_scale, sr_keys, lut,
             *shared, **meta(launch),
         )
 

@@ -30,6 +30,7 @@ import torch
 
 from ... import backends, storage
 from ...linalg import newton_schulz
+from ...optim import _lean_states as lean
 from ...optim.muon import matrix_view
 from . import newton_schulz as ns
 
@@ -46,15 +47,17 @@ BLOCK = 4096
 NUM_WARPS = 8
 _ALIGNMENT = 16
 # Per-tensor rows of the per-step table: addresses (g, buf, p), then two fp32 scalars
-# (decay, step) bit-packed into one int64, then the stochastic rounding key (P_BF16 >= 3).
-_ROW = 5
+# (decay, step) bit-packed into one int64, then the stochastic rounding key (P_BF16 >= 3), then
+# the address of buf's block scales (format 8; else 0).
+_ROW = 6
 
 
 @_jit
 def _muon_momentum_kernel(
-    # per-step table [k, 5] int64: g, buf addresses (p, the scalars and the key unused here);
-    # output u stack (k, numel) in the NS dtype
-    table_ptr, u_ptr,
+    # per-step table [k, 6] int64: g, buf addresses and buf's block scales (p, the scalars and
+    # the key unused here); output u stack (k, numel) in the NS dtype; format-8 map tables
+    # (_common.lut)
+    table_ptr, u_ptr, lut,
     numel, one_minus_mu, mu,
     G_BF16: tl.constexpr, BUF_BF16: tl.constexpr, U_BF16: tl.constexpr, NESTEROV: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -63,13 +66,15 @@ def _muon_momentum_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # numel is specialised on divisibility by 16, so the mask stays vectorisable.
     mask = offs < numel
-    row = table_ptr + b * 5
+    row = table_ptr + b * 6
     g_addr = tl.load(row)
     buf_addr = tl.load(row + 1)
+    buf_amax = tl.load(row + 5)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, True)
-    buf = _load(buf_addr, offs, mask, BUF_BF16, ALIGNED, True)
+    # BLOCK is a multiple of 256: a program holds whole blocks of a format-8 buffer
+    buf = _load(buf_addr, offs, mask, BUF_BF16, ALIGNED, True, buf_amax, lut)
     buf = _lerp(buf, g, one_minus_mu)
-    _store(buf_addr, offs, buf, mask, BUF_BF16, ALIGNED, True)
+    _store(buf_addr, offs, buf, mask, BUF_BF16, ALIGNED, True, 0, buf_amax, lut)
     if NESTEROV:
         u = _lerp(g, buf, mu)  # from the fp32 buffer, before its storage rounding (as torch)
     else:
@@ -79,8 +84,8 @@ def _muon_momentum_kernel(
 
 @_jit
 def _muon_update_kernel(
-    # per-step table [k, 5] int64: p address in column 2, (decay, step) fp32 pair in column 3
-    # (read through scal_ptr, the same memory viewed as fp32 [k, 10]), the stochastic rounding
+    # per-step table [k, 6] int64: p address in column 2, (decay, step) fp32 pair in column 3
+    # (read through scal_ptr, the same memory viewed as fp32 [k, 12]), the stochastic rounding
     # key in column 4; O stack (k, numel) in the NS dtype
     table_ptr, scal_ptr, o_ptr,
     numel,
@@ -89,10 +94,10 @@ def _muon_update_kernel(
     b = tl.program_id(1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    row = table_ptr + b * 5
+    row = table_ptr + b * 6
     p_addr = tl.load(row + 2)
-    decay = tl.load(scal_ptr + b * 10 + 6)
-    step = tl.load(scal_ptr + b * 10 + 7)
+    decay = tl.load(scal_ptr + b * 12 + 6)
+    step = tl.load(scal_ptr + b * 12 + 7)
     if P_BF16 >= 3:
         key = tl.load(row + 4).to(tl.uint32)
     else:
@@ -127,14 +132,37 @@ def _check(params, grads, states) -> None:
         if p.dtype not in ns.SUPPORTED_DTYPES or not p.is_contiguous() or p.ndim < 2:
             _fail(f"param {i} (shape {tuple(p.shape)}, {p.dtype}) must be a contiguous fp32/bf16 matrix")
         for role, t in (("gradient", g), ("momentum_buffer", buf)):
+            quantized = role == "momentum_buffer" and (t.dtype == torch.uint8 or lean.is_quantized(st, role))
+            if quantized:
+                _check_q8(i, t, st)
             if t.shape != p.shape:
                 _fail(f"{role} {i} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
             if t.device != p.device:
                 _fail(f"{role} {i} is on {t.device}, its parameter on {p.device}")
-            if t.dtype not in ns.SUPPORTED_DTYPES:
+            if t.dtype not in ns.SUPPORTED_DTYPES and not quantized:
                 _fail(f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16")
             if not t.is_contiguous():
                 _fail(f"{role} {i} (shape {tuple(t.shape)}) is not contiguous")
+
+
+def _check_q8(i: int, codes: torch.Tensor, st: dict) -> None:
+    """A format-8 momentum buffer: uint8 codes shaped like the param, float32 block scales."""
+    scales = st.get("momentum_buffer" + lean.ABSMAX)
+    if codes.dtype != torch.uint8 or scales is None:
+        _fail(f"momentum_buffer {i} has dtype {codes.dtype} and {'a' if scales is not None else 'no'} block-scale "
+              f"entry: an 8-bit state (state_bits=8) is uint8 codes with float32 block scales")
+    blocks = lean.blocks_of(codes.numel())
+    if not codes.is_contiguous() or scales.dtype != torch.float32 or scales.shape != (blocks,) or \
+            not scales.is_contiguous() or scales.device != codes.device:
+        _fail(f"momentum_buffer {i}: contiguous codes and contiguous float32 block scales of shape ({blocks},) "
+              f"on one device needed, not {scales.dtype} {tuple(scales.shape)}")
+
+
+def _buffer_kind(dtype: torch.dtype) -> int:
+    """The storage code of a momentum buffer: format 8 (signed map) for codes."""
+    from . import _common
+
+    return _common.Q8_SIGNED if dtype == torch.uint8 else _common.storage_kind(dtype)
 
 
 def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None:
@@ -166,6 +194,8 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
         table[r, 0] = grads[i].data_ptr()
         table[r, 1] = bufs[i].data_ptr()
         table[r, 2] = params[i].data_ptr()
+        scales = states[i].get("momentum_buffer" + lean.ABSMAX)
+        table[r, 5] = 0 if scales is None else scales.data_ptr()
     table[:, 3] = scal.view(torch.int64).reshape(-1)
     # Stochastic rounding's count (the reference's, mupopt/storage.py) and keys.
     counted = [st for st in states if "step" in st]
@@ -202,8 +232,8 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
             if numel:
                 _common.launch(
                     _muon_momentum_kernel, grid,
-                    rows_tab, U, numel, 1.0 - hp.momentum, hp.momentum,
-                    G_BF16=g_dtype == torch.bfloat16, BUF_BF16=b_dtype == torch.bfloat16,
+                    rows_tab, U, _common.lut(device), numel, 1.0 - hp.momentum, hp.momentum,
+                    G_BF16=g_dtype == torch.bfloat16, BUF_BF16=_buffer_kind(b_dtype),
                     U_BF16=u_dtype == torch.bfloat16, NESTEROV=bool(hp.nesterov), ALIGNED=aligned, BLOCK=BLOCK,
                     num_warps=NUM_WARPS,
                 )
@@ -252,4 +282,4 @@ def register() -> None:
     if "triton" not in backends.names("muon"):
         backends.register(backends.Backend("muon", "triton", muon_triton, priority=PRIORITY,
                                            unsupported_reason=unsupported_reason, devices=("cuda",),
-                                           validates=True))
+                                           validates=True, state_bits=lean.STATE_BITS))

@@ -1,0 +1,224 @@
+"""state_bits=8 and 16 in the "triton" backend (under TRITON_INTERPRET=1 on CPU tensors where there
+is no CUDA): its storage layer (_common._store / _load with the format-8 codes) stores and reads
+exactly what mupopt/optim/_lean_states.py stores and reads, and the six optimizers step formats
+8 and 16 as the reference backend does, to the standard their format-32 kernels meet (bit for
+bit where those are; within float32 round-off where the kernels' float32 math is not the
+reference's bit for bit: tests/test_triton.py's tolerance())."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import triton_mode
+
+with triton_mode.defining_kernels():
+    import triton
+    import triton.language as tl
+
+    import mupopt
+    from mupopt.kernels.triton import _common
+    from mupopt.optim import _lean_states as lean
+
+    @triton.jit
+    def _roundtrip_kernel(x_ptr, codes_addr, absmax_addr, out_ptr, lut, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        # store x in format 8, then read it back (one program per BLOCK elements, as the kernels)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        _common._store(codes_addr, offs, x, mask, KIND, False, True, 0, absmax_addr, lut)
+        y = _common._load(codes_addr, offs, mask, KIND, False, True, absmax_addr, lut)
+        tl.store(out_ptr + offs, y, mask=mask)
+
+
+pytestmark = pytest.mark.skipif(not _common.INTERPRET, reason="CPU tensors need the interpreter (no CUDA here)")
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch):
+    triton_mode.match_environment(monkeypatch, _common.INTERPRET)
+
+
+# -- the storage layer ---------------------------------------------------------------------------
+@pytest.mark.parametrize("maps", lean.MAP_NAMES)
+@pytest.mark.parametrize("kind", (lean.SIGNED, lean.UNSIGNED))
+def test_store_and_load_same_bits_as_reference(kind, maps, monkeypatch):
+    """Codes and absmax equal lean.quantize_'s, the values read equal lean.dequantize's, bit for
+    bit: blocks of very different scales, a zero block, a NaN block, an inf block, a partial
+    last block, and 2048-element programs (8 blocks each; the last one masked)."""
+    monkeypatch.setattr(lean, "maps", maps)
+    g = torch.Generator().manual_seed(0)
+    n = 5 * 2048 + 300  # 41 blocks, the last of 44 elements
+    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 4)
+    x = x * torch.repeat_interleave(torch.logspace(-30, 30, lean.blocks_of(n)), lean.BLOCK)[:n]
+    x[256:512] = 0.0
+    x[600] = float("nan")
+    x[1000] = -float("inf")
+    x[1001] = 3.0
+    x[2048 * 2 + 7] = -0.0
+    if kind == lean.UNSIGNED:
+        x = x.abs()
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.full((lean.blocks_of(n),), 7.0)
+    out = torch.empty(n)
+    _roundtrip_kernel[(triton.cdiv(n, 2048),)](x, codes.data_ptr(), absmax.data_ptr(), out, _common.lut(x.device), n,
+                                               KIND=_common._Q8_KIND[kind], BLOCK=2048)
+    want_codes, want_absmax = lean.quantized(x, kind)
+    assert torch.equal(codes, want_codes)
+    assert torch.equal(absmax.view(torch.int32), want_absmax.view(torch.int32)) or (
+        torch.equal(absmax.isnan(), want_absmax.isnan())
+        and torch.equal(absmax[~absmax.isnan()], want_absmax[~want_absmax.isnan()]))
+    assert absmax[2].isnan() and absmax[3].isinf() and absmax[1] == 0
+    want = lean.dequantize(want_codes, want_absmax, kind)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~out.isnan()], want[~want.isnan()])
+
+
+# -- the optimizers ------------------------------------------------------------------------------
+SIX = ("adamw", "adopt", "lamb", "sophia", "muon", "shampoo")
+# 70 x 70: 19 blocks and a partial one (Shampoo: preconditioner blocks of 64 that cut across the
+# format's blocks); 50: below MIN_8BIT_SIZE, format 32 beside the others; 41 x 200 = 8200: two
+# chunks of the elementwise kernels (8192), the second of 8 elements.
+SHAPES = [(70, 70), (50,), (41, 200)]
+
+
+def _make(name, params, bits, backend, **kw):
+    kw = dict(state_bits=bits, backend=backend, **kw)
+    if name == "adamw":
+        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, **kw)
+    if name == "adopt":
+        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, **kw)
+    if name == "lamb":
+        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, **kw)
+    if name == "sophia":
+        return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, **kw)
+    if name == "muon":  # no width info: matrices to Muon, the bias to the AdamW part
+        return mupopt.Muon(params, lr=2e-2, adamw_lr=1e-2, ns_dtype=torch.float32, **kw)
+    return mupopt.Shampoo(params, lr=1e-2, precondition_frequency=1, max_preconditioner_dim=64, **kw)
+
+
+def _run(name, backend, bits, dtype=F32, steps=3, poison=False, **kw):
+    torch.manual_seed(0)  # stochastic rounding's seeds come from torch's generator
+    gen = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in SHAPES]
+    opt = _make(name, ps, bits, backend, **kw)
+    for t in range(steps):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=gen) * (1 + 3 * torch.rand(p.shape, generator=gen))).to(dtype)
+        if poison and t == steps - 1:
+            ps[0].grad.view(-1)[300] = float("nan")  # block 1 of the 70 x 70
+            ps[2].grad.view(-1)[8195] = float("inf")  # the last block, in the second chunk
+        if name == "sophia":
+            opt.step(bs=64)
+            if t % 2 == 0:
+                opt.update_hessian()
+        else:
+            opt.step()
+    return ps, opt
+
+
+def _same_floats(a, b, tol, what):
+    """Equal NaN positions; elsewhere within ``tol`` (assert_close), and for 16-bit storage at
+    most 1% of the values differ (a float32 ulp can flip a rounding: tests/test_triton.py)."""
+    assert a.dtype == b.dtype, what
+    assert torch.equal(a.isnan(), b.isnan()), what
+    fin = ~a.isnan()
+    torch.testing.assert_close(a[fin].float(), b[fin].float(), msg=what, **tol)
+    if a.dtype in (BF16, torch.float16) and fin.any():
+        assert (a[fin] != b[fin]).float().mean() <= 0.01, what
+
+
+def _tolerance(dtype):
+    # tests/test_triton.py's tolerance(): float32 round-off; one bf16 ulp.
+    return dict(rtol=1e-5, atol=1e-6) if dtype == F32 else dict(rtol=1.6e-2, atol=1e-3)
+
+
+def _compare(ref, tri, dtype):
+    """Triton's run against the reference's, to the standard of the format-32 kernels: their
+    float32 math is not the reference's bit for bit (ATen's vectorised lerp and addcmul, MKL's
+    sqrt: tests/test_triton.py), so a float32 state may differ in its last bit, a block's absmax
+    with it, and a value on the edge between two codes may take the other one (at most 1% of the
+    codes, adjacent ones; measured: none in these runs), a bf16 rounding may flip (one ulp, at
+    most 1% of the values)."""
+    (pr, orf), (pt, ot) = ref, tri
+    # every kernel of the step on "triton" (Muon: its AdamW part too; SophiaG: the Hessian EMA)
+    assert all(used.split(" ")[0] == "triton" and "+" not in used for step in ot.selected_backends
+               for used in step.values()), ot.selected_backends
+    for k, (a, b) in enumerate(zip(pr, pt)):
+        _same_floats(a.detach(), b.detach(), _tolerance(dtype), f"param {k}")
+        sa, sb = orf.state[a], ot.state[b]
+        assert set(sa) == set(sb)
+        for key, v in sa.items():
+            w = sb[key]
+            if not isinstance(v, torch.Tensor) or key not in orf._lean_keys and not key.endswith(lean.ABSMAX):
+                continue
+            what = f"param {k} {key}"
+            if v.dtype == torch.uint8:
+                assert lean.is_quantized(sa, key) and lean.is_quantized(sb, key), what
+                differ = v != w
+                assert differ.float().mean() <= 0.01 and (v.int() - w.int()).abs().max() <= 1, what
+            elif key.endswith(lean.ABSMAX):
+                _same_floats(v, w, dict(rtol=1e-6, atol=0), what)  # the largest |value|, to float32 round-off
+            else:
+                _same_floats(v, w, _tolerance(v.dtype), what)
+
+
+def _formats_used(opt, bits):
+    got = {lean.state_format(p, opt.param_groups[0]) for p in opt.param_groups[0]["params"]}
+    assert got == ({8, 32} if bits == 8 else {16}), got
+
+
+def _lean_entries(opt, p):
+    return {k: v for k, v in opt.state[p].items() if k in opt._lean_keys}
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_first_step_stores_the_quantized_32bit_state(name):
+    """One step from zero states: the float32 states the kernels compute are the same whatever
+    the format (a zero state reads as 0 in each), so the 8-bit run stores exactly the
+    quantization (lean.quantized) of the 32-bit run's states, the 16-bit run their bfloat16
+    rounding, bit for bit, and the params are equal bit for bit."""
+    runs = {bits: _run(name, "triton", bits, steps=1) for bits in (32, 16, 8)}
+    (p32, o32), (p16, o16), (p8, o8) = runs[32], runs[16], runs[8]
+    for a, b, c in zip(p32, p16, p8):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        ref = _lean_entries(o32, a)
+        assert ref and set(ref) == set(_lean_entries(o16, b)) == set(_lean_entries(o8, c))
+        for key, value in ref.items():
+            assert torch.equal(o16.state[b][key], value.to(BF16)), key
+            st8 = o8.state[c]
+            if c.numel() >= lean.MIN_8BIT_SIZE:
+                codes, absmax = lean.quantized(value, o8._lean_keys[key])
+                assert torch.equal(st8[key], codes) and torch.equal(st8[key + lean.ABSMAX], absmax), key
+            else:
+                assert key + lean.ABSMAX not in st8 and torch.equal(st8[key], value)  # kept in 32 bits
+
+
+@pytest.mark.parametrize("name", ("adamw", "adopt", "lamb", "sophia", "muon"))
+def test_bf16_params_stochastic_rounding_maximize_nonfinite(name):
+    """bf16 params rounded stochastically, maximize, 8-bit states, three steps, the last with a
+    NaN and an inf gradient: their blocks turn NaN in both backends alike, the rest as the
+    reference (_compare)."""
+    kw = dict(stochastic_rounding=True) if name == "muon" else dict(stochastic_rounding=True, maximize=True)
+    ref = _run(name, "reference", 8, BF16, poison=True, **kw)
+    tri = _run(name, "triton", 8, BF16, poison=True, **kw)
+    _formats_used(tri[1], 8)
+    _compare(ref, tri, BF16)
+    key = "momentum_buffer" if name == "muon" else "exp_avg"
+    absmax = tri[1].state[tri[0][0]][key + lean.ABSMAX]
+    assert absmax[1].isnan() and not absmax[0].isnan()
+
+
+@pytest.mark.parametrize("bits", (8, 16))
+@pytest.mark.parametrize("name", SIX)
+def test_fp32_params_match_reference(name, bits):
+    """float32 params (format 16: bfloat16 states of float32 params), three steps."""
+    ref = _run(name, "reference", bits)
+    tri = _run(name, "triton", bits)
+    _formats_used(tri[1], bits)
+    _compare(ref, tri, F32)
