@@ -99,7 +99,9 @@ def _make(name, params, bits, backend, **kw):
         return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, **kw)
     if name == "muon":  # no width info: matrices to Muon, the bias to the AdamW part
         return mupopt.Muon(params, lr=2e-2, adamw_lr=1e-2, ns_dtype=torch.float32, **kw)
-    return mupopt.Shampoo(params, lr=1e-2, precondition_frequency=1, max_preconditioner_dim=64, **kw)
+    # epsilon 1e-2 as tests/test_triton_matrix.py: the roots of nearly singular statistics amplify
+    # the matmuls' round-off beyond its tolerance in any format
+    return mupopt.Shampoo(params, lr=1e-2, epsilon=1e-2, precondition_frequency=1, max_preconditioner_dim=64, **kw)
 
 
 def _run(name, backend, bits, dtype=F32, steps=3, poison=False, **kw):
@@ -133,24 +135,28 @@ def _same_floats(a, b, tol, what):
         assert (a[fin] != b[fin]).float().mean() <= 0.01, what
 
 
-def _tolerance(dtype):
-    # tests/test_triton.py's tolerance(): float32 round-off; one bf16 ulp.
-    return dict(rtol=1e-5, atol=1e-6) if dtype == F32 else dict(rtol=1.6e-2, atol=1e-3)
+def _tolerance(dtype, name=""):
+    # tests/test_triton.py's tolerance(): float32 round-off; one bf16 ulp. Shampoo:
+    # tests/test_triton_matrix.py's shampoo_tol("cpu") (its roots amplify the matmuls' round-off).
+    if dtype == F32:
+        return dict(rtol=1e-4, atol=1e-5) if name == "shampoo" else dict(rtol=1e-5, atol=1e-6)
+    return dict(rtol=1.6e-2, atol=1e-3)
 
 
-def _compare(ref, tri, dtype):
+def _compare(name, ref, tri, dtype, param_tol=None):
     """Triton's run against the reference's, to the standard of the format-32 kernels: their
     float32 math is not the reference's bit for bit (ATen's vectorised lerp and addcmul, MKL's
-    sqrt: tests/test_triton.py), so a float32 state may differ in its last bit, a block's absmax
-    with it, and a value on the edge between two codes may take the other one (at most 1% of the
-    codes, adjacent ones; measured: none in these runs), a bf16 rounding may flip (one ulp, at
-    most 1% of the values)."""
+    sqrt: tests/test_triton.py; Shampoo's matmuls: tests/test_triton_matrix.py), so a float32
+    state may differ in its last bits and a block's absmax with it, a value near the edge
+    between two codes may take the other one (at most 1% of the codes; the decoded values then
+    within the map's rounding bound of each other), a bf16 rounding may flip (one ulp, at most 1%
+    of the values)."""
     (pr, orf), (pt, ot) = ref, tri
     # every kernel of the step on "triton" (Muon: its AdamW part too; SophiaG: the Hessian EMA)
     assert all(used.split(" ")[0] == "triton" and "+" not in used for step in ot.selected_backends
                for used in step.values()), ot.selected_backends
     for k, (a, b) in enumerate(zip(pr, pt)):
-        _same_floats(a.detach(), b.detach(), _tolerance(dtype), f"param {k}")
+        _same_floats(a.detach(), b.detach(), param_tol or _tolerance(dtype, name), f"param {k}")
         sa, sb = orf.state[a], ot.state[b]
         assert set(sa) == set(sb)
         for key, v in sa.items():
@@ -160,12 +166,19 @@ def _compare(ref, tri, dtype):
             what = f"param {k} {key}"
             if v.dtype == torch.uint8:
                 assert lean.is_quantized(sa, key) and lean.is_quantized(sb, key), what
-                differ = v != w
-                assert differ.float().mean() <= 0.01 and (v.int() - w.int()).abs().max() <= 1, what
+                assert (v != w).float().mean() <= 0.01, what
+                kind = orf._lean_keys[key]
+                da, db = lean.decoded(sa, key, kind), lean.decoded(sb, key, kind)
+                scale = torch.repeat_interleave(sa[key + lean.ABSMAX], lean.BLOCK)[:v.numel()].view(v.shape)
+                fin = da.isfinite() & db.isfinite()
+                assert torch.equal(da.isnan(), db.isnan()), what
+                bound = 2 * lean.relative_error_bound(kind) + _tolerance(F32, name)["rtol"]
+                assert ((da - db)[fin].abs() <= bound * scale[fin]).all(), what
             elif key.endswith(lean.ABSMAX):
-                _same_floats(v, w, dict(rtol=1e-6, atol=0), what)  # the largest |value|, to float32 round-off
+                # the largest |value|, to the values' float32 round-off
+                _same_floats(v, w, dict(rtol=_tolerance(F32, name)["rtol"], atol=0), what)
             else:
-                _same_floats(v, w, _tolerance(v.dtype), what)
+                _same_floats(v, w, _tolerance(v.dtype, name), what)
 
 
 def _formats_used(opt, bits):
@@ -199,19 +212,22 @@ def test_first_step_stores_the_quantized_32bit_state(name):
                 assert key + lean.ABSMAX not in st8 and torch.equal(st8[key], value)  # kept in 32 bits
 
 
-@pytest.mark.parametrize("name", ("adamw", "adopt", "lamb", "sophia", "muon"))
+@pytest.mark.parametrize("name", SIX)
 def test_bf16_params_stochastic_rounding_maximize_nonfinite(name):
-    """bf16 params rounded stochastically, maximize, 8-bit states, three steps, the last with a
-    NaN and an inf gradient: their blocks turn NaN in both backends alike, the rest as the
+    """bf16 params rounded stochastically, maximize (where the optimizer has it), 8-bit states,
+    three steps, the last with a NaN and an inf gradient (not for Shampoo, whose roots refuse
+    non-finite statistics): their blocks turn NaN in both backends alike, the rest as the
     reference (_compare)."""
-    kw = dict(stochastic_rounding=True) if name == "muon" else dict(stochastic_rounding=True, maximize=True)
-    ref = _run(name, "reference", 8, BF16, poison=True, **kw)
-    tri = _run(name, "triton", 8, BF16, poison=True, **kw)
+    kw = dict(stochastic_rounding=True) if name in ("muon", "shampoo") else dict(stochastic_rounding=True, maximize=True)
+    poison = name != "shampoo"
+    ref = _run(name, "reference", 8, BF16, poison=poison, **kw)
+    tri = _run(name, "triton", 8, BF16, poison=poison, **kw)
     _formats_used(tri[1], 8)
-    _compare(ref, tri, BF16)
-    key = "momentum_buffer" if name == "muon" else "exp_avg"
-    absmax = tri[1].state[tri[0][0]][key + lean.ABSMAX]
-    assert absmax[1].isnan() and not absmax[0].isnan()
+    _compare(name, ref, tri, BF16)
+    if poison:
+        key = "momentum_buffer" if name == "muon" else "exp_avg"
+        absmax = tri[1].state[tri[0][0]][key + lean.ABSMAX]
+        assert absmax[1].isnan() and not absmax[0].isnan()
 
 
 @pytest.mark.parametrize("bits", (8, 16))
@@ -221,4 +237,12 @@ def test_fp32_params_match_reference(name, bits):
     ref = _run(name, "reference", bits)
     tri = _run(name, "triton", bits)
     _formats_used(tri[1], bits)
-    _compare(ref, tri, F32)
+    # Shampoo's D differs from the reference's by round-off that its roots amplify (1e-6
+    # relative), enough to flip a bf16 rounding or an 8-bit code of the momentum it feeds (|m| <
+    # 1 here): a flip of one step's momentum by one bf16 ulp (2^-8) or one code (twice the map's
+    # rounding bound) moves a param by lr times that, carried by beta1 into the later steps: at
+    # most 1 + 2 + 3 = 6 times over 3 steps. Measured: 4.7e-5 (16 bits), 4.0e-4 (8 bits);
+    # format 32 alone 5.9e-6.
+    flip = 2**-8 if bits == 16 else 2 * lean.relative_error_bound(lean.SIGNED)
+    param_tol = dict(rtol=1e-4, atol=6 * 1e-2 * flip) if name == "shampoo" else None
+    _compare(name, ref, tri, F32, param_tol)

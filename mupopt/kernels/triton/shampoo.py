@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 import torch
 
 from ... import backends, storage
+from ...optim import _lean_states as lean
 from ...optim import shampoo as _reference
 from ...optim.shampoo import ROOT, blocks_of, is_matrix
 from . import newton_schulz as ns
@@ -69,10 +70,11 @@ _STATS_ROW = 6
 _MM_ROW = 9
 # int64 columns of the update table: p, g, mom, v, D addresses (D = 0: Adam direction), element
 # offset of the block in the tensor, block columns, tensor columns (row stride), block numel,
-# then fp32 (decay, step, 1-bg2^t) and the stochastic rounding key (uint32 bits, read when
-# P_BF16 >= 3) packed in two int64 columns.
-_UP_ROW = 11
-_UP_SCAL = 18  # fp32 index of "decay" within a row viewed as fp32 [2 * _UP_ROW]
+# the block-scale addresses of mom and v (format 8; else 0), then fp32 (decay, step, 1-bg2^t)
+# and the stochastic rounding key (uint32 bits, read when P_BF16 >= 3) packed in two int64
+# columns.
+_UP_ROW = 13
+_UP_SCAL = 22  # fp32 index of "decay" within a row viewed as fp32 [2 * _UP_ROW]
 
 
 @_jit
@@ -167,13 +169,14 @@ def _shampoo_entry(table_ptr, scal_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl
 def _shampoo_graft_norm_kernel(
     # update table and chunk table (entry, chunk) of the preconditioned blocks;
     # partial [n_blocks, max_chunks] fp32 sums of A^2
-    table_ptr, scal_ptr, chunks_ptr, partial_ptr, max_chunks,
+    table_ptr, scal_ptr, chunks_ptr, partial_ptr, max_chunks, lut,
     bg2, one_minus_bg2, eps_g,
     G_BF16: tl.constexpr, V_BF16: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     entry, row, e, mask, offs, bc2 = _shampoo_entry(table_ptr, scal_ptr, chunks_ptr, ROW, BLOCK)
     g = _load(tl.load(row + 1), offs, mask, G_BF16, False, True)
-    v = _load(tl.load(row + 3), offs, mask, V_BF16, False, True)
+    # v is only read here: a format-8 v decodes element by element in any traversal
+    v = _load(tl.load(row + 3), offs, mask, V_BF16, False, True, tl.load(row + 10), lut)
     v = v * bg2 + one_minus_bg2 * g * g
     adam = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps_g)
     adam = tl.where(mask, adam, 0.0)
@@ -183,9 +186,11 @@ def _shampoo_graft_norm_kernel(
 
 @_jit
 def _shampoo_update_kernel(
-    # update table [n, 11] int64 (see _UP_ROW) and its fp32 view; chunk table (entry, chunk);
-    # graft scale per preconditioned block
-    table_ptr, scal_ptr, chunks_ptr, scale_ptr,
+    # update table [n, 13] int64 (see _UP_ROW) and its fp32 view; chunk table (entry, chunk);
+    # graft scale per entry; format-8 map tables (_common.lut). An entry whose states are in
+    # format 8 is a whole tensor (its stores quantize whole 256-element blocks: BLOCK is a
+    # multiple of 256 and a whole tensor's chunks start at multiples of BLOCK)
+    table_ptr, scal_ptr, chunks_ptr, scale_ptr, lut,
     bg2, one_minus_bg2, eps_g, beta1, one_minus_beta1,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     ROW: tl.constexpr, BLOCK: tl.constexpr,
@@ -196,22 +201,24 @@ def _shampoo_update_kernel(
     m_addr = tl.load(row + 2)
     v_addr = tl.load(row + 3)
     d_addr = tl.load(row + 4)
+    m_amax = tl.load(row + 9)
+    v_amax = tl.load(row + 10)
     decay = tl.load(scal_ptr + entry * (2 * ROW) + _UP_SCAL_C)
     step = tl.load(scal_ptr + entry * (2 * ROW) + _UP_SCAL_C + 1)
 
     g = _load(g_addr, offs, mask, G_BF16, False, True)
-    v = _load(v_addr, offs, mask, V_BF16, False, True)
+    v = _load(v_addr, offs, mask, V_BF16, False, True, v_amax, lut)
     v = v * bg2 + one_minus_bg2 * g * g
-    _store(v_addr, offs, v, mask, V_BF16, False, True)
+    _store(v_addr, offs, v, mask, V_BF16, False, True, 0, v_amax, lut)
     if d_addr != 0:
         # preconditioned block: the graft-scaled D (scale 1 without grafting)
         d = tl.load(d_addr.to(tl.pointer_type(tl.float32)) + e, mask=mask, other=0.0) * tl.load(scale_ptr + entry)
     else:
         # 1-D tensors and matrices before start_preconditioning_step: the Adam direction
         d = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps_g)
-    mom = _load(m_addr, offs, mask, M_BF16, False, True)
+    mom = _load(m_addr, offs, mask, M_BF16, False, True, m_amax, lut)
     mom = mom * beta1 + one_minus_beta1 * d
-    _store(m_addr, offs, mom, mask, M_BF16, False, True)
+    _store(m_addr, offs, mom, mask, M_BF16, False, True, 0, m_amax, lut)
     p = _load(p_addr, offs, mask, P_BF16, False, True)
     p = p * decay
     p = p + step * mom
@@ -257,11 +264,19 @@ def _check(params, grads, states) -> None:
             _fail(f"param {i} (shape {tuple(p.shape)}, {p.dtype}, {p.device}) must be a contiguous "
                   f"fp32/bf16 tensor on {device}")
         for role, t in [("gradient", g)] + [(k, st[k]) for k in _STATE_KEYS]:
+            quantized = role != "gradient" and (t.dtype == torch.uint8 or lean.is_quantized(st, role))
+            if quantized:
+                scales = st.get(role + lean.ABSMAX)
+                blocks = lean.blocks_of(t.numel())
+                if t.dtype != torch.uint8 or scales is None or scales.dtype != torch.float32 or \
+                        scales.shape != (blocks,) or not scales.is_contiguous() or scales.device != device:
+                    _fail(f"{role} {i}: an 8-bit state (state_bits=8) is uint8 codes with contiguous float32 "
+                          f"block scales of shape ({blocks},) on {device}")
             if t.shape != p.shape:
                 _fail(f"{role} {i} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
             if t.device != device:
                 _fail(f"{role} {i} is on {t.device}, the first parameter on {device}")
-            if t.dtype not in ns.SUPPORTED_DTYPES:
+            if t.dtype not in ns.SUPPORTED_DTYPES and not quantized:
                 _fail(f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16")
             if not t.is_contiguous():
                 _fail(f"{role} {i} (shape {tuple(t.shape)}) is not contiguous")
@@ -412,21 +427,34 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
             if not plan["precondition"] and not plan["given"]:
                 numel = params[i].numel()
                 entries.append((i, 0, 1, numel, numel, None, None, None, None))
+        # Preconditioned tensors with format-8 states: their update runs over the whole tensor
+        # (a format-8 store needs whole 256-element blocks of the flattened tensor, which the
+        # preconditioner's blocks cut across), with the graft-scaled D assembled in the tensor's
+        # layout (whole[i], scale 1); their block entries above serve the matmuls and norms only.
+        whole: dict[int, torch.Tensor] = {}
+        for i, plan in enumerate(plans):
+            if plan["precondition"] and lean.is_quantized(states[i], "momentum_buffer"):
+                whole[i] = torch.empty(params[i].numel(), dtype=torch.float32, device=device)
+                whole_entry = len(entries)
+                entries.append((i, 0, 1, params[i].numel(), params[i].numel(), None, None, None, None))
+                given[whole_entry] = whole[i]
 
         H = torch.empty(scratch, dtype=torch.float32, device=device)
         D = torch.empty(scratch, dtype=torch.float32, device=device)
-        scale = torch.ones(max(n_pre + len(given), 1), dtype=torch.float32, device=device)
+        scale = torch.ones(len(entries), dtype=torch.float32, device=device)
         graft = hp.grafting == "adam"
         cfg = _mm_tiles(interpret)
+        lut = _common.lut(device)
 
         # Update table (also read by the graft-norm kernel), one row per entry.
         rows_i64, rows_f32 = [], []
         for e, (i, base, r, c, ld, slot, _, _, _) in enumerate(entries):
             st, t, m = states[i], t_all[i], mults[i]
             d_addr = given[e].data_ptr() if e in given else 0 if slot is None else D.data_ptr() + 4 * slot
+            scales = [st[k + lean.ABSMAX].data_ptr() if lean.is_quantized(st, k) else 0 for k in _STATE_KEYS]
             rows_i64.append([
                 params[i].data_ptr(), grads[i].data_ptr(), st["momentum_buffer"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-                d_addr, base, max(c, 1), ld, r * c, 0, 0,
+                d_addr, base, max(c, 1), ld, r * c, *scales, 0, 0,
             ])
             # formed in float64 as the reference forms them, rounded once to fp32
             rows_f32.append([
@@ -440,14 +468,16 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
         if hp.stochastic_rounding:  # the key's bits in the fourth fp32 slot (mupopt/storage.py)
             keys = [int(storage.step_key(states[i].get("sr_seed", 0), states[i]["step"])) for (i, *_r) in entries]
             f32.view(torch.int32)[:, 3] = torch.tensor([(k ^ 0x80000000) - 0x80000000 for k in keys], dtype=torch.int32)
-        table[:, 9:] = f32.view(torch.int64)
+        table[:, 11:] = f32.view(torch.int64)
         table_d = _upload(table, device)
         counts = [-(-(r * c) // BLOCK) for (_, _, r, c, *_rest) in entries]
 
-        def dtype_key(e: int, roles: tuple[str, ...]) -> tuple[bool, ...]:
+        def dtype_key(e: int, roles: tuple[str, ...]) -> tuple[int, ...]:
+            """The storage codes (_common.storage_kind; format 8: _common.Q8_*) of ``roles``."""
             i = entries[e][0]
             tensors = {"p": params[i], "g": grads[i], "m": states[i]["momentum_buffer"], "v": states[i]["exp_avg_sq"]}
-            return tuple(tensors[role].dtype == torch.bfloat16 for role in roles)
+            signs = {"m": lean.SIGNED, "v": lean.UNSIGNED}
+            return tuple(_common._kind_of(tensors[role], signs.get(role)) for role in roles)
 
         with ns._device_guard(params[0]):
             if n_pre:
@@ -478,19 +508,26 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
                         chunks = _upload(_chunk_table(ids, counts), device)
                         _common.launch(
                             _shampoo_graft_norm_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks,
-                            part_a, max_chunks, hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon,
+                            part_a, max_chunks, lut, hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon,
                             G_BF16=g_bf16, V_BF16=v_bf16, ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
                         )
                     d_norm = part_d.sum(1).sqrt()
                     a_norm = part_a.sum(1).sqrt()
                     scale[:n_pre] = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
 
-            live = [e for e in range(len(entries)) if counts[e] > 0]
+            for i, buf in whole.items():  # D * graft scale, per block, in the tensor's layout
+                view = buf.view(params[i].shape[0], -1)
+                for e, (j, base, r, c, ld, slot, *_rest) in enumerate(entries[:n_pre]):
+                    if j == i:
+                        rows = slice(base // ld, base // ld + r)
+                        view[rows, base % ld:base % ld + c] = D[slot:slot + r * c].view(r, c) * scale[e]
+            live = [e for e in range(len(entries)) if counts[e] > 0
+                    and not (e < n_pre and entries[e][0] in whole)]
             for (p16, g16, m16, v16), ids in _group(live, lambda e: dtype_key(e, ("p", "g", "m", "v"))).items():
                 chunks = _upload(_chunk_table(ids, counts), device)
                 _common.launch(
                     _shampoo_update_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks, scale,
-                    hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon, hp.beta1, 1.0 - hp.beta1,
+                    lut, hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon, hp.beta1, 1.0 - hp.beta1,
                     P_BF16=_common.param_kind(int(p16), hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16,
                     ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 )
@@ -537,4 +574,4 @@ def register() -> None:
     if "triton" not in backends.names("shampoo"):
         backends.register(backends.Backend("shampoo", "triton", shampoo_triton, priority=PRIORITY,
                                            unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare,
-                                           devices=("cuda",), validates=True))
+                                           devices=("cuda",), validates=True, state_bits=lean.STATE_BITS))
