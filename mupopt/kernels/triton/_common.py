@@ -8,7 +8,9 @@ each program finds its tensor and its per-tensor scalars in tables.
 Tables (all device tensors, one row per tensor "slot"; slots are the caller's tensors reordered
 so that each dtype combination is a contiguous range of slots):
 
-- ``ptrs``    int64 [N, R]  addresses of the tensors that persist across steps (param, states)
+- ``ptrs``    int64 [N, 2R] addresses of the tensors that persist across steps (param, states),
+                            then the addresses of their format-8 block scales (0 for other
+                            formats; :func:`plan_states`)
 - ``numel``   int64 [N]
 - ``chunks``  int32 [C, 2]  (slot, chunk number within the tensor) of every chunk
 - ``ranges``  int32 [N, 2]  (first chunk, number of chunks) of every slot (LAMB's norm reduction)
@@ -25,8 +27,19 @@ included (checked by tests/test_triton.py); under the interpreter CUDA tensors a
 need one launch (or one compiled signature) per tensor count; packing all tensors into one
 flat buffer would cost a copy of every parameter per step. The element type of each pointer is
 a compile-time storage code (the ``*_BF16`` arguments; :func:`storage_kind`: 0 float32, 1 (True)
-bfloat16, 2 float16), so float32, bfloat16 and float16 storage, and any mix of them between the
-param, the gradient and each state, is one specialisation each.
+bfloat16, 2 float16; 3 and 4 bfloat16 and float16 params rounded stochastically; 5 and 6 the
+8-bit states of ``state_bits=8`` with the signed and the unsigned map), so float32, bfloat16 and
+float16 storage, and any mix of them between the param, the gradient and each state, is one
+specialisation each.
+
+Storage layer: :func:`_load` and :func:`_store` are the only place a kernel touches memory for a
+param, gradient or state value, whatever the format; the optimizers' kernels hold the math.
+Format 8 (mupopt/optim/_lean_states.py): a store quantizes whole 256-element blocks, so every
+program's elements start at a multiple of 256 and number a multiple of it (``BLOCK`` here, and
+the Muon / Shampoo kernels' own); a load is a gather of the map value times the block's absmax.
+Both take the block-scale address from the plan row and the map tables (:func:`lut`) as one
+more kernel argument; the results equal ``lean.quantize_`` and ``lean.dequantize`` bit for bit
+(tests/test_lean_states_triton.py).
 
 Vectorisation: a pointer made from an integer carries no alignment information, so the compiler
 would emit 4-byte accesses. When every address of a launch is 16-byte aligned (checked on the

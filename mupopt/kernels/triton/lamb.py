@@ -22,9 +22,9 @@ forms the trust ratios from the reduced sums before each pass 3. With the sums u
 result is bit for bit the one without.
 
 Bytes per element with float32 states: pass 1 reads p g m v and writes m v, pass 3 reads p m v
-and writes p: 40, the floor of the performance table. With lower-precision states, pass 3 cannot
-recompute u from the stored (rounded) m and v and match the reference, which forms u from the
-unrounded float32 moments; there (``MOMENTS_IN_PASS_1`` False) pass 1 stores nothing and pass 3
+and writes p: 40, the floor of the performance table. With lower-precision states (bf16, fp16,
+8-bit), pass 3 cannot recompute u from the stored (rounded) m and v and match the reference,
+which forms u from the unrounded float32 moments; there (``MOMENTS_IN_PASS_1`` False) pass 1 stores nothing and pass 3
 recomputes m and v from the old states and g and stores them (fp32 p,g with bf16 m,v: 32 bytes
 against 28 for the two-pass form, for a result equal to the reference's).
 

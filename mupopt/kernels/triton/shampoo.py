@@ -39,6 +39,13 @@ keeps one definition of the stopping rule, so the backend cannot drift from the 
 matrices as the reference's batches (all due matrices of one size), so even eigh's whole-batch
 float64 retry matches.
 
+State formats (``state_bits``): the grafting momentum and second moment go through
+``_common``'s ``_load``/``_store`` in any format (float32, bf16, 8-bit). An 8-bit store needs
+whole 256-element blocks of the flattened tensor, which the preconditioner's blocks cut across,
+so a preconditioned tensor with 8-bit states is updated as one whole-tensor entry, its
+graft-scaled D (D_b * scale_b in float32, what the kernel forms per block) assembled in the
+tensor's layout first; its block entries serve the matmuls and graft norms only.
+
 Not measured on a GPU (none was available when written): verified in Triton's interpreter on
 the CPU and by compiling for sm_90; tile sizes are untuned.
 """
