@@ -568,6 +568,23 @@ _COMPILE_SCRIPT = textwrap.dedent(
     p, g, s = make(("exp_avg", "hessian"), F32, F32)
     sophia_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False))
     sophia_hessian_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False))
+    # 8-bit states (state_bits=8: storage codes 5 and 6, _common._store_q8 / _load_q8)
+    def make8(keys, p_dtype):
+        ps, gs, ss = make((), p_dtype, F32)
+        for q, st in zip(ps, ss):
+            for k in keys:
+                st[k] = torch.zeros(q.shape, dtype=torch.uint8)
+                st[k + "_absmax"] = torch.zeros(-(-q.numel() // 256))
+        return ps, gs, ss
+    p, g, s = make8(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), F32)
+    adamw_triton(p, g, s, M, AdamWHparams(1e-3, 0.9, 0.999, 1e-8, 0.1, True, True))
+    p, g, s = make8(("exp_avg", "exp_avg_sq"), BF16)
+    adopt_triton(p, g, s, M, ADOPTHparams(1e-3, 0.9, 0.9999, 1e-6, 0.0, False))
+    p, g, s = make8(("exp_avg", "exp_avg_sq"), F32)
+    lamb_triton(p, g, s, M, LAMBHparams(1e-3, 0.9, 0.999, 1e-6, 0.01, None, False))
+    p, g, s = make8(("exp_avg", "hessian"), F32)
+    sophia_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False))
+    sophia_hessian_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False))
     print(json.dumps(results))
     """
 )
@@ -582,6 +599,9 @@ def test_kernels_compile_for_sm90_and_vectorise():
     }
     assert {r["constexprs"]["SUMS"] for r in results if r["kernel"] == "_lamb_trust_kernel"} == {"0", "1", "2"}
     assert {"3", "4"} <= {r["constexprs"]["P_BF16"] for r in results if r["kernel"] == "_adamw_kernel"}
+    for kernel, role in (("_adamw_kernel", "M_BF16"), ("_adamw_kernel", "VMAX_BF16"), ("_adopt_kernel", "V_BF16"),
+                         ("_lamb_update_kernel", "M_BF16"), ("_sophia_kernel", "H_BF16"), ("_sophia_hessian_kernel", "H_BF16")):
+        assert {r["constexprs"][role] for r in results if r["kernel"] == kernel} & {"5", "6"}, (kernel, role)
     for r in results:
         if r["kernel"] == "_lamb_trust_kernel" or r["constexprs"].get("ALIGNED") != "True":
             continue

@@ -419,11 +419,13 @@ def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor
         fail(op, f"{role} {i} is a {type(t).__name__}, a tensor subclass: pass its local tensor")
     if t.device != ref.device:
         fail(op, f"{role} {i} is on {t.device}, its parameter on {ref.device} (one device per call)")
-    if (t.dtype == torch.uint8) != (scale is not None) or (scale is not None and sign is None):
+    if sign is not None and (t.dtype == torch.uint8) != (scale is not None):
         fail(op, f"{role} {i} has dtype {t.dtype} and {'a' if scale is not None else 'no'} {role}{lean.ABSMAX} "
-                 f"entry: 8-bit states (state_bits=8) are uint8 codes with float32 block scales, for the "
-                 f"elementwise optimizer states only")
+                 f"entry: an 8-bit state (state_bits=8) is uint8 codes with float32 block scales")
     if scale is not None:
+        if BLOCK % lean.BLOCK:
+            fail(op, f"BLOCK = {BLOCK} is not a multiple of {lean.BLOCK}: a program must hold whole blocks of "
+                     f"its 8-bit states")
         blocks = lean.blocks_of(t.numel())
         if (type(scale) not in _PLAIN or scale.dtype != torch.float32 or scale.shape != (blocks,)
                 or not scale.is_contiguous() or scale.device != t.device):
