@@ -361,7 +361,8 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
         g32 = {i: grads[i].float() for i in covered}
         adams = {}
         for i in covered:  # the Adam direction, as the update kernel forms it (the graft's block norms)
-            v = states[i]["exp_avg_sq"].float() * hp.grafting_beta2 + (1.0 - hp.grafting_beta2) * g32[i] * g32[i]
+            v = lean.decoded(states[i], "exp_avg_sq", lean.UNSIGNED).float()  # any state format
+            v = v * hp.grafting_beta2 + (1.0 - hp.grafting_beta2) * g32[i] * g32[i]
             adams[i] = g32[i] / ((v / (1 - hp.grafting_beta2 ** t_all[i])).sqrt() + hp.grafting_epsilon)
         finish = precondition.prepare(g32, adams, {i: t_all[i] for i in covered}, {i: states[i] for i in covered}, hp)
 
