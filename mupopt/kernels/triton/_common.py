@@ -134,6 +134,7 @@ def storage_kind(dtype: torch.dtype) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _lut(maps: str, device: torch.device) -> torch.Tensor:
+    """One table tensor per (maps, device): 1 MiB, built once."""
     parts = []
     for kind in (lean.SIGNED, lean.UNSIGNED):
         values, _ = lean.map_tensor(kind, "cpu", maps)
@@ -144,8 +145,8 @@ def _lut(maps: str, device: torch.device) -> torch.Tensor:
 
 def lut(device: torch.device) -> torch.Tensor:
     """The format-8 lookup tables (float32 [2 * LUT_SIZE]: signed map, then unsigned) of the maps
-    in use (``lean.maps``) on ``device``: every kernel takes it (a placeholder-free argument, read
-    only for codes 5 and 6)."""
+    in use (``lean.maps``) on ``device``: every elementwise kernel takes it (one signature for
+    every format; read only for codes 5 and 6)."""
     return _lut(lean.maps, torch.device(device))
 
 
