@@ -53,7 +53,7 @@ is even, its high half when i is odd. mix32 is C. Wellons' "lowbias32" (hash-pro
 two multiply-xorshift rounds, full avalanche of every input bit (bias 0.17 by its author's
 measure), cheap in vector integer code. 16 bits are all a bfloat16 store consumes, so one word
 serves two elements: the hash was most of what the option costs on the CPU (docs/dtypes.md),
-and sharing it cut the AdamW bf16 step's cost from 1.18x to 1.12x of rounding to nearest.
+and sharing it cuts that cost (measured in docs/dtypes.md).
 Arithmetic is modulo 2^32; here in int64 tensors or Python ints with explicit masks, every
 product split into 16-bit halves so that nothing overflows int64.
 """

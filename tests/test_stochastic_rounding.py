@@ -14,6 +14,8 @@ import torch
 
 import mupopt
 from mupopt import storage
+from stochastic_steps import differing as _differing
+from stochastic_steps import stepped as _stepped
 
 SIX = {
     "adamw": (mupopt.AdamW, dict(lr=1e-4, weight_decay=0.0)),
@@ -280,24 +282,6 @@ def _cpu_available():
     reason = cpu_unsupported_reason([torch.zeros(1)])
     if reason is not None:
         pytest.skip(reason)
-
-
-def _stepped(cls, kw, backend, dtype, steps=3):
-    """Three params (one longer than two CPU chunks of 32768 and a Triton block, so the element
-    index crosses chunk boundaries), ``steps`` steps with the option on."""
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(70001,), (33, 17), (5,)]]
-    opt = cls(ps, lr=1e-3, stochastic_rounding=True, backend=backend, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        opt.step()
-    return [p.detach().clone() for p in ps], opt
-
-
-def _differing(a, b) -> int:
-    return sum(int((x.view(torch.int16) != y.view(torch.int16)).sum()) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
