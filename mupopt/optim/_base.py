@@ -555,10 +555,6 @@ class MupOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_complex() and self.rule not in ELEMENTWISE:
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
-                if group.get("state_bits", 32) == 8 and is_dtensor(p):
-                    raise NotImplementedError(
-                        f"{type(self).__name__}: state_bits=8 for distributed (DTensor) params is not implemented yet "
-                        f"(parameter of shape {tuple(p.shape)}); state_bits=16 or 32 work with them")
             # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
             # their width info back by module and name (mupopt.mup.recover_width_infos).
             recover_width_infos(group["params"])
@@ -753,6 +749,10 @@ class MupOptimizer(Optimizer):
                 record = self._own(p)[0]
                 if not self.state.get(p) and record["role"] != 0:
                     state[index] = {**self._init_state(p, group), RECORD_KEY: copy_record(record)}
+                if self._lean_keys and is_dtensor(p) and isinstance(state.get(index), dict):
+                    # 8-bit entries of a sharded param as float32 values placed like it: its blocks
+                    # are cut per local shard, the values are not (mupopt.optim._lean_states).
+                    state[index] = lean.export_state(state[index], p, self._lean_keys)
                 index += 1
         return {**sd, "state": state}
 
