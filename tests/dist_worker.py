@@ -245,9 +245,7 @@ def local_index(p) -> torch.Tensor:
 
 def scenario_lean_steps(spec: dict) -> dict:
     """Fed gradients, spec["steps"] steps (default 3), no muP unless spec["mup"]: the full params,
-    and every rank's local shard index and local optimizer state per parameter name."""
-    from torch.distributed.tensor import DTensor
-
+    and every rank's local_states."""
     with min_8bit(spec):
         model = make_model(mup=spec.get("mup", False), width=spec.get("width", WIDTH))
         if "dtype" in spec:
@@ -257,19 +255,20 @@ def scenario_lean_steps(spec: dict) -> dict:
         for t in range(spec.get("steps", 3)):
             feed_grads(model, t)
             step_once(opt, spec["optimizer"], t)
-        return {"params": full_params(model), "ranks": all_ranks(local_states(model, opt)),
-                "memory": all_ranks(opt.state_memory())}
+        return {"params": full_params(model), "ranks": all_ranks(local_states(model, opt))}
 
 
 def local_states(model: nn.Module, opt) -> dict:
-    """{name: {"index": local_index(p), "state": p's state, each tensor's local shard, cloned}}."""
+    """{name: {"index": local_index(p), "state": p's state, "param": p}}, each tensor this rank's
+    local shard, cloned."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in model.named_parameters():
         st = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in opt.state.get(p, {}).items()
               if isinstance(v, torch.Tensor)}
-        out[name] = {"index": local_index(p), "state": st}
+        mine = p.to_local() if isinstance(p, DTensor) else p
+        out[name] = {"index": local_index(p), "state": st, "param": mine.detach().clone()}
     return out
 
 

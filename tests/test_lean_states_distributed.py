@@ -19,6 +19,9 @@ float32 values placed like the param):
   blocks: quantized anew per shard from the exported values).
 Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gradients round
 apart (their random bits are independent), and a DCP resume is bit-exact.
+
+On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
+above; HSDP with stochastic rounding: replicas stay equal, DCP resume bit-exact.
 """
 from __future__ import annotations
 
@@ -142,10 +145,8 @@ def min8(monkeypatch):
     monkeypatch.setattr(lean, "MIN_8BIT_SIZE", MIN8)
 
 
-def _initial(optimizer, dtype=None) -> dict:
+def _initial(optimizer) -> dict:
     model = dw.make_model(mup=MUP8.get(optimizer, False), width=WIDTH8)
-    if dtype is not None:
-        model.to(dtype)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -383,3 +384,65 @@ def test_stochastic_rounding_resume_through_dcp_bit_exact(results):
     for name, w in want.items():
         assert w.dtype == torch.bfloat16
         assert torch.equal(r["params"][name], w), name
+
+
+# -- 2-D meshes (4 ranks) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def results_2d(tmp_path_factory):
+    """FSDP2 + TP on a (2, 2) mesh (TP's dims _StridedShard under FSDP2) and HSDP (every shard
+    on two ranks), AdamW with 8-bit states; the HSDP runs round bf16 params stochastically."""
+    tmp = tmp_path_factory.mktemp("lean-dist-2d")
+    sr = {**OPTIONS8["adamw"], **SR}
+    specs = [("lean-fsdp+tp", lean_spec("fsdp+tp", "adamw")),
+             ("lean4-fsdp+tp", lean_spec("fsdp+tp", "adamw", steps=STEPS8 + 1)),
+             ("dcp8-fsdp+tp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt"))),
+             ("lean4-hsdp-sr", lean_spec("hsdp-2d", "adamw", steps=STEPS8 + 1, dtype="bfloat16", options=sr)),
+             ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr))]
+    out = tmp / "results.pt"
+    env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    torch.multiprocessing.spawn(dw.worker, args=(4, dw.free_port(), specs, str(out), env), nprocs=4, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def test_8bit_fsdp_tp_2d_per_shard_and_dcp_resume(results_2d, monkeypatch):
+    """On the (2, 2) mesh: each rank's states and params are those of one process stepping its
+    shard alone (bit for bit), and a DCP save and resume continues as the uninterrupted run."""
+    r = _ok(results_2d, "lean-fsdp+tp")
+    full0 = _initial("adamw")
+    strided = 0
+    for mine in r["ranks"]:
+        for name, entry in mine.items():
+            quantized = any(k.endswith(lean.ABSMAX) for k in entry["state"])
+            p, want = _shard_alone("adamw", name, full0[name], entry["index"], quantized, STEPS8, OPTIONS8["adamw"],
+                                   None, monkeypatch)
+            assert torch.equal(entry["param"], p), name
+            for k, v in want.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(entry["state"][k], v), (name, k)
+            # fc1's rows: TP's halves, each cut again by FSDP2 (not one run of the global tensor)
+            strided += quantized and name == "fc1.weight"
+    assert strided == 4
+    d = _ok(results_2d, "dcp8-fsdp+tp")
+    _same_states(d["saved"], d["loaded"])
+    for name, w in _ok(results_2d, "lean4-fsdp+tp")["params"].items():
+        assert torch.equal(d["params"][name], w), name
+
+
+def test_stochastic_rounding_hsdp_replicas_stay_equal_and_resume(results_2d):
+    """HSDP with bf16 params rounded stochastically and 8-bit states: the two replicas of each
+    shard hold equal params and states (their rounding keys are alike: a key per rank would
+    split them), and a DCP resume is bit-exact."""
+    r = _ok(results_2d, "lean4-hsdp-sr")
+    by_index: dict = {}
+    for mine in r["ranks"]:
+        for name, entry in mine.items():
+            by_index.setdefault((name, tuple(entry["index"].reshape(-1).tolist())), []).append(entry)
+    assert len(by_index) == 2 * len(r["ranks"][0])  # two shards of every param, each on two ranks
+    for (name, _), (a, b) in by_index.items():
+        assert a["param"].dtype == torch.bfloat16
+        assert torch.equal(a["param"], b["param"]), name
+        for k in a["state"]:
+            assert torch.equal(a["state"][k], b["state"][k]), (name, k)
+    d = _ok(results_2d, "dcp8-hsdp-sr")
+    for name, w in r["params"].items():
+        assert torch.equal(d["params"][name], w), name
