@@ -80,6 +80,8 @@ from typing import Callable
 
 import torch
 
+from ._placement import is_dtensor
+
 FORMAT_VERSION = 1
 BLOCK = 256
 # bitsandbytes' min_8bit_size: tensors smaller than this keep format 32 (their states are a
@@ -181,18 +183,14 @@ def blocks_of(n: int) -> int:
     return -(-n // BLOCK)
 
 
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" or (hasattr(t, "to_local") and hasattr(t, "placements"))
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def quantizable(p: torch.Tensor) -> bool:
     """Whether format 8 applies to ``p`` (module docstring): the size is the global one (every
     rank of a DTensor decides alike), contiguity that of the local shard the blocks cut."""
-    if _is_dtensor(p):
+    if is_dtensor(p):
         return p.is_floating_point() and p.numel() >= MIN_8BIT_SIZE and p.to_local().is_contiguous()
     return (type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() and p.numel() >= MIN_8BIT_SIZE
             and p.is_contiguous())
@@ -216,7 +214,7 @@ def _local_of_loaded(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     the global shape (a single-process state_dict) is cut locally."""
     from torch.distributed.tensor import distribute_tensor
 
-    if _is_dtensor(value):
+    if is_dtensor(value):
         if value.device_mesh != p.device_mesh:
             raise ValueError(f"a loaded state entry on a mesh of shape {tuple(value.device_mesh.shape)} for a "
                              f"parameter on a mesh of shape {tuple(p.device_mesh.shape)}: load it through "
@@ -241,7 +239,7 @@ def zeros(p: torch.Tensor, group: dict, key: str) -> dict:
     """The zero state entry ``key`` of ``p`` in the group's format (one or two tensors)."""
     fmt = state_format(p, group)
     if fmt == 8:
-        if _is_dtensor(p):  # blocks over the local shard; codes placed like p, scales local (docstring)
+        if is_dtensor(p):  # blocks over the local shard; codes placed like p, scales local (docstring)
             t = p.to_local()
             return {key: _like_param(torch.zeros(t.shape, dtype=torch.uint8, device=t.device), p),
                     key + ABSMAX: torch.zeros(blocks_of(t.numel()), dtype=torch.float32, device=t.device)}
@@ -309,12 +307,12 @@ def convert(state: dict, p: torch.Tensor, group: dict, kinds: dict[str, str]) ->
         if key not in state or not isinstance(state[key], torch.Tensor):
             continue
         if fmt == 8:
-            if is_quantized(state, key) and _is_dtensor(p) and not _is_dtensor(state[key]):
+            if is_quantized(state, key) and is_dtensor(p) and not is_dtensor(state[key]):
                 # Codes of the whole tensor (a single-process state_dict): blocks cut anew per shard.
                 state[key] = dequantize(state[key], state.pop(key + ABSMAX), kind)
             if is_quantized(state, key):
                 continue
-            if _is_dtensor(p):  # blocks over this rank's shard
+            if is_dtensor(p):  # blocks over this rank's shard
                 codes, absmax = quantized(_local_of_loaded(state[key], p), kind)
                 state[key], state[key + ABSMAX] = _like_param(codes, p), absmax
             else:
@@ -324,7 +322,7 @@ def convert(state: dict, p: torch.Tensor, group: dict, kinds: dict[str, str]) ->
         dtype = torch.bfloat16 if fmt == 16 else p.dtype
         if is_quantized(state, key):
             value = dequantize(_local(state[key]), state.pop(key + ABSMAX), kind)
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 value = _like_param(value, p)
         elif state[key].dtype == dtype:
             continue
