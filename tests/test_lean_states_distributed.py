@@ -477,3 +477,19 @@ def test_stochastic_rounding_hsdp_replicas_stay_equal_and_resume(results_2d):
     d = _ok(results_2d, "dcp8-hsdp-sr")
     for name, w in r["params"].items():
         assert torch.equal(d["params"][name], w), name
+
+
+def test_8bit_state_memory_of_a_shard(min8):
+    """state_memory() counts a DTensor param's local codes and local scales, before its first
+    step (planned) as after: 1 byte per local element and 4 per local block, per entry."""
+    import mupopt
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with dw.one_rank_mesh() as mesh:
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(40, 30), mesh, [Shard(0)]))
+        opt = mupopt.AdamW([w], lr=1e-2, state_bits=8)
+        want = 2 * (40 * 30 + 4 * lean.blocks_of(40 * 30)) + 4  # exp_avg, exp_avg_sq; the float32 step
+        assert opt.state_memory() == want
+        w.grad = distribute_tensor(torch.randn(40, 30), mesh, [Shard(0)])
+        opt.step()
+        assert lean.is_quantized(opt.state[w], "exp_avg") and opt.state_memory() == want
