@@ -23,7 +23,8 @@ Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gra
 apart (their random bits are independent), and a DCP resume is bit-exact.
 
 On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
-above; HSDP with stochastic rounding: replicas stay equal, DCP resume bit-exact.
+above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
+equal, DCP resume bit-exact.
 """
 from __future__ import annotations
 
@@ -427,6 +428,7 @@ def results_2d(tmp_path_factory):
     specs = [("lean-fsdp+tp", lean_spec("fsdp+tp", "adamw")),
              ("lean4-fsdp+tp", lean_spec("fsdp+tp", "adamw", steps=STEPS8 + 1)),
              ("dcp8-fsdp+tp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt"))),
+             ("dcp8-fsdp+tp-to-fsdp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-to-fsdp"), resume_placement="fsdp")),
              ("lean4-hsdp-sr", lean_spec("hsdp-2d", "adamw", steps=STEPS8 + 1, dtype="bfloat16", options=sr)),
              ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr))]
     out = tmp / "results.pt"
@@ -457,6 +459,30 @@ def test_8bit_fsdp_tp_2d_per_shard_and_dcp_resume(results_2d, monkeypatch):
     _same_states(d["saved"], d["loaded"])
     for name, w in _ok(results_2d, "lean4-fsdp+tp")["params"].items():
         assert torch.equal(d["params"][name], w), name
+
+
+def test_8bit_dcp_reshards_from_2d_to_1d_mesh(results_2d):
+    """Saved on the (2, 2) mesh under FSDP2 + TP, loaded on a 1-D mesh of 4 ranks under FSDP2
+    (other shards, other blocks): each rank's loaded codes and scales are the checkpoint's values
+    quantized over its new shard, bit for bit."""
+    from mupopt.optim.adamw import ADAMW_STATES
+
+    r = _ok(results_2d, "dcp8-fsdp+tp-to-fsdp")
+    moved = 0
+    for name in r["saved"][0]:
+        values = _global_values(r["saved"], name, r["params"][name].numel(), ADAMW_STATES)
+        for mine in r["loaded"]:
+            entry = mine[name]
+            for k, kind in ADAMW_STATES.items():
+                if k + lean.ABSMAX not in entry["state"]:
+                    continue
+                want = values[k][entry["index"].reshape(-1)].view(entry["index"].shape)
+                codes, absmax = lean.quantized(want, kind)
+                assert torch.equal(entry["state"][k], codes) and torch.equal(entry["state"][k + lean.ABSMAX], absmax), (name, k)
+                moved += 1
+    assert moved >= 4 * 4 * 2  # 4 matrices on 4 ranks, 2 entries each
+    for w in r["params"].values():
+        assert bool(torch.isfinite(w).all())
 
 
 def test_stochastic_rounding_hsdp_replicas_stay_equal_and_resume(results_2d):
