@@ -16,15 +16,17 @@ store functions in each backend's storage layer; the per-element math does not c
 Stochastic rounding (``stochastic_rounding=True`` on every optimizer; param stores only, the
 states keep their rounding to nearest). E[stored] equals the float32 result exactly:
 
-- bfloat16: 16 random bits are added to the float32 bit pattern below bfloat16's mantissa and
-  the low 16 bits are truncated. A value a fraction f of the way from its lower neighbour (in
-  magnitude) to the upper one carries f*2^16 in those bits, so it rounds up with probability f.
+Each element gets 16 random bits r (below):
+
+- bfloat16: r is added to the float32 bit pattern below bfloat16's mantissa and the low 16
+  bits are truncated. A value a fraction f of the way from its lower neighbour (in magnitude)
+  to the upper one carries f*2^16 in those bits, so it rounds up with probability f.
 - float16: for |x| >= 2^-14 (float16's normals) float16 keeps 10 of float32's 23 mantissa bits:
-  the same rule with 13 random bits. Below 2^-14 float16's spacing is the fixed 2^-24, which is
-  more than 13 dropped bits: y = |x|*2^24 (exact) splits into floor(y) and frac = y - floor(y)
-  (exact); the value rounds up when 31 random bits (as an integer) are below frac*2^31. That is
-  exact for |x| >= 2^-32; below, frac*2^31 is truncated and the value rounds up with a
-  probability low by less than 2^-31, a bias below 2^-55 in absolute terms.
+  the same rule with the top 13 bits of r. Below 2^-14 float16's spacing is the fixed 2^-24,
+  which is more than 13 dropped bits: y = |x|*2^24 (exact) splits into floor(y) and frac = y -
+  floor(y) (exact); the value rounds up when r (as an integer) is below frac*2^16, truncated.
+  That is exact for |x| >= 2^-17 (frac has at most 16 bits); below, the value rounds up with a
+  probability low by less than 2^-16, a bias below 2^-40 in absolute terms.
 - inf stays inf and NaN a quiet NaN (bfloat16: the upper half of its bits with the quiet bit
   set; float16: torch's conversion); finite values above the largest bfloat16 / float16 round to
   inf with the probability of their fraction.
@@ -45,9 +47,13 @@ for bit) and a resume from a state_dict continues the same stream:
   param; a param the fused backends step through a contiguous copy: its row-major index), the
   same however a backend cuts the tensor into chunks.
 
-bits(i) = mix32(key ^ lo32(i) ^ hi32(i)*0x9E3779B9) with key = mix32(mix32(step) ^ seed), and
-mix32 C. Wellons' "lowbias32" (hash-prospector, 2018): two multiply-xorshift rounds, full
-avalanche of every input bit (bias 0.17 by its author's measure), cheap in vector integer code.
+One 32-bit word per pair of elements, j = i >> 1: word(j) = mix32(key ^ lo32(j) ^
+hi32(j)*0x9E3779B9) with key = mix32(mix32(step) ^ seed); element i takes its low half when i
+is even, its high half when i is odd. mix32 is C. Wellons' "lowbias32" (hash-prospector, 2018):
+two multiply-xorshift rounds, full avalanche of every input bit (bias 0.17 by its author's
+measure), cheap in vector integer code. 16 bits are all a bfloat16 store consumes, so one word
+serves two elements: the hash was most of what the option costs on the CPU (docs/dtypes.md),
+and sharing it cuts that cost (measured in docs/dtypes.md).
 Arithmetic is modulo 2^32; here in int64 tensors or Python ints with explicit masks, every
 product split into 16-bit halves so that nothing overflows int64.
 """
@@ -122,11 +128,13 @@ def element_index(t: torch.Tensor) -> torch.Tensor:
 
 
 def random_bits(key, index: torch.Tensor) -> torch.Tensor:
-    """The 32 random bits (int64 in [0, 2^32)) of each element ``index`` under ``key``."""
-    word = (index & MASK32) ^ _mul32(index >> 32, _GOLDEN)
+    """The 16 random bits (int64 in [0, 2^16)) of each element ``index`` under ``key``: the
+    low half of its pair's word for an even index, the high half for an odd one."""
+    pair = index >> 1
+    word = (pair & MASK32) ^ _mul32(pair >> 32, _GOLDEN)
     if isinstance(key, torch.Tensor):
         key = key.to(index.device)
-    return mix32(word ^ key)
+    return (mix32(word ^ key) >> ((index & 1) * 16)) & 0xFFFF
 
 
 def _to_int16(bits: torch.Tensor) -> torch.Tensor:
@@ -135,25 +143,25 @@ def _to_int16(bits: torch.Tensor) -> torch.Tensor:
 
 
 def round_stochastic(x: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) -> torch.Tensor:
-    """float32 ``x`` rounded to bfloat16 or float16 with the random ``bits`` (int64, one per
-    element, shaped like x): the rules of the module docstring."""
+    """float32 ``x`` rounded to bfloat16 or float16 with the random ``bits`` (int64 in [0,
+    2^16), one per element, shaped like x): the rules of the module docstring."""
     assert x.dtype == torch.float32, x.dtype
     finite = torch.isfinite(x)
     if dtype == torch.bfloat16:
         u = x.view(torch.int32).to(torch.int64) & MASK32
-        up = ((u + torch.where(finite, bits >> 16, 0)) >> 16) | torch.where(x.isnan(), 0x40, 0)
+        up = ((u + torch.where(finite, bits, 0)) >> 16) | torch.where(x.isnan(), 0x40, 0)
         return _to_int16(up).view(torch.bfloat16)
     if dtype != torch.float16:
         raise ValueError(f"stochastic rounding stores bfloat16 or float16, not {dtype}")
     a = x.abs()
     ua = a.view(torch.int32).to(torch.int64)
-    normal = ((ua + (bits >> 19)) & ~0x1FFF).to(torch.int32).view(torch.float32)
+    normal = ((ua + (bits >> 3)) & ~0x1FFF).to(torch.int32).view(torch.float32)
     # float16's subnormal range: units of 2^-24. min() keeps y finite where this branch is not
     # taken (the C++ and Triton code do the same, so no lane ever converts inf or NaN).
     y = torch.clamp_max(a, 2.0**-14) * 2.0**24
     whole = torch.trunc(y)
-    threshold = ((y - whole) * 2.0**31).to(torch.int64)
-    small = (whole + ((bits >> 1) < threshold).to(torch.float32)) * 2.0**-24
+    threshold = ((y - whole) * 2.0**16).to(torch.int64)
+    small = (whole + (bits < threshold).to(torch.float32)) * 2.0**-24
     mag = torch.where(a >= 2.0**-14, normal, small)
     return torch.where(finite, torch.copysign(mag, x), x).to(dtype)
 

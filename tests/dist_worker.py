@@ -74,11 +74,11 @@ class Net(nn.Module):
         return self.out(self.norm(h))
 
 
-def make_model(seed: int = 0, mup: bool = True, blocks: int = 1) -> Net:
+def make_model(seed: int = 0, mup: bool = True, blocks: int = 1, width: int = WIDTH) -> Net:
     import mupopt
 
     torch.manual_seed(seed)
-    model = Net(blocks=blocks)
+    model = Net(width, blocks=blocks)
     if mup:
         with torch.device("meta"):
             base = Net(BASE, blocks=blocks)
@@ -123,7 +123,7 @@ def feed_grads(model: nn.Module, step: int) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, p in model.named_parameters():
-        g = grad_for(step, name, p.shape)
+        g = grad_for(step, name, p.shape).to(p.dtype)
         p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
 
 
@@ -219,6 +219,90 @@ def scenario_steps(spec: dict) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def min_8bit(spec: dict):
+    """spec["min_8bit"]: format 8's size threshold for the scenario (the test models are small)."""
+    from mupopt.optim import _lean_states as lean
+
+    saved = lean.MIN_8BIT_SIZE
+    lean.MIN_8BIT_SIZE = spec.get("min_8bit", saved)
+    try:
+        yield
+    finally:
+        lean.MIN_8BIT_SIZE = saved
+
+
+def local_index(p) -> torch.Tensor:
+    """Which elements of the global tensor (row-major indices) this rank's shard of ``p`` holds,
+    shaped like the shard, as DTensor itself cuts them (the whole tensor for a plain one)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    index = torch.arange(p.numel()).view(p.shape)
+    if not isinstance(p, DTensor):
+        return index
+    return distribute_tensor(index, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def scenario_lean_steps(spec: dict) -> dict:
+    """Fed gradients, spec["steps"] steps (default 3), no muP unless spec["mup"]: the full params,
+    and every rank's local_states."""
+    with min_8bit(spec):
+        model = make_model(mup=spec.get("mup", False), width=spec.get("width", WIDTH))
+        if "dtype" in spec:
+            model.to(getattr(torch, spec["dtype"]))
+        placed = place(model, spec["placement"])
+        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
+        for t in range(spec.get("steps", 3)):
+            feed_grads(model, t)
+            step_once(opt, spec["optimizer"], t)
+        return {"params": full_params(model), "ranks": all_ranks(local_states(model, opt))}
+
+
+def local_states(model: nn.Module, opt) -> dict:
+    """{name: {"index": local_index(p), "state": p's state, "param": p}}, each tensor this rank's
+    local shard, cloned."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        st = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in opt.state.get(p, {}).items()
+              if isinstance(v, torch.Tensor)}
+        mine = p.to_local() if isinstance(p, DTensor) else p
+        out[name] = {"index": local_index(p), "state": st, "param": mine.detach().clone()}
+    return out
+
+
+def scenario_sr_shards(spec: dict) -> dict:
+    """Stochastic rounding on FSDP2 shards that hold equal values: one bf16 weight made of two
+    copies of one block (rank 0 holds one, rank 1 the other), equal gradients, ranks seeding
+    torch apart (their seeds must still agree). Two steps with spec["options"]; every rank's
+    local weight and state["sr_seed"]."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import mupopt
+
+    with min_8bit({"min_8bit": 256, **spec}):
+        torch.manual_seed(0)
+        half = torch.randn(8, 64) * 0.1  # bfloat16 steps of 2^-11 or less: an update of ~1e-3 falls between
+        model = nn.Linear(64, 16, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.cat([half, half]))
+        model.to(torch.bfloat16)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        fully_shard(model, mesh=mesh)
+        torch.manual_seed(100 + dist.get_rank())
+        opt = mupopt.AdamW(model.parameters(), lr=1e-3, **spec["options"])
+        g = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            model.weight.grad = distribute_tensor(torch.cat([g, g]).bfloat16(), mesh, [Shard(0)])
+            opt.step()
+        st = opt.state[model.weight]
+        return {"local": all_ranks(model.weight.to_local().detach().clone()), "seeds": all_ranks(st["sr_seed"]),
+                "quantized": "exp_avg_absmax" in st}
+
+
 def scenario_train(spec: dict) -> dict:
     """Forward/backward on a global batch split over the ranks (README order for muP)."""
     model = make_model(mup=spec.get("mup", True))
@@ -246,45 +330,62 @@ def state_dict_options(spec: dict):
     return StateDictOptions(flatten_optimizer_state_dict=spec.get("flatten", False))
 
 
-def _dcp_save(spec: dict) -> None:
-    """5 fed steps under spec["placement"], then a DCP save to spec["path"]."""
+def _dcp_save(spec: dict) -> dict:
+    """spec["save_at"] (default 5) fed steps under spec["placement"], then a DCP save to
+    spec["path"]. spec["width"], spec["min_8bit"]: the model's width and format 8's threshold."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model = make_model(blocks=spec.get("blocks", 1))
-    placed = place(model, spec["placement"])
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
-    for t in range(5):
-        feed_grads(model, t)
-        step_once(opt, spec["optimizer"], t)
-    msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
+    with min_8bit(spec):
+        model = make_model(blocks=spec.get("blocks", 1), width=spec.get("width", WIDTH), mup=spec.get("mup", True))
+        if "dtype" in spec:
+            model.to(getattr(torch, spec["dtype"]))
+        placed = place(model, spec["placement"])
+        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
+        for t in range(spec.get("save_at", 5)):
+            feed_grads(model, t)
+            step_once(opt, spec["optimizer"], t)
+        msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
+        return local_states(model, opt)
 
 
 def _dcp_resume(spec: dict) -> dict:
     """Load spec["path"] into a fresh model and optimizer (other initial values, not stepped)
-    under spec["resume_placement"] (default: the saving placement), continue 5 steps."""
+    under spec["resume_placement"] (default: the saving placement) and spec["resume_options"]
+    (default: the saving options), continue to spec["steps"] (default STEPS) steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model = make_model(seed=1, blocks=spec.get("blocks", 1))  # the checkpoint must bring the values
-    placed = place(model, spec.get("resume_placement", spec["placement"]))
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
-    msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=spec["path"])
-    set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=state_dict_options(spec))
-    for t in range(5, STEPS):
-        feed_grads(model, t)
-        step_once(opt, spec["optimizer"], t)
-    return {"params": full_params(model)}
+    with min_8bit(spec):
+        # Other initial values: the checkpoint must bring them.
+        model = make_model(seed=1, blocks=spec.get("blocks", 1), width=spec.get("width", WIDTH), mup=spec.get("mup", True))
+        if "dtype" in spec:
+            model.to(getattr(torch, spec["dtype"]))
+        placed = place(model, spec.get("resume_placement", spec["placement"]))
+        options = spec.get("resume_options", spec.get("options", {}))
+        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **options)
+        msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=spec["path"])
+        set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=state_dict_options(spec))
+        loaded = local_states(model, opt)
+        for t in range(spec.get("save_at", 5), spec.get("steps", STEPS)):
+            feed_grads(model, t)
+            step_once(opt, spec["optimizer"], t)
+        return {"params": full_params(model), "loaded": loaded}
 
 
 def scenario_dcp(spec: dict) -> dict:
     """Save after 5 fed steps through DCP, resume in the same process group, continue 5 steps."""
-    _dcp_save(spec)
-    return _dcp_resume(spec)
+    saved = _dcp_save(spec)
+    out = _dcp_resume(spec)
+    if spec.get("states"):  # every rank's local states as saved and as loaded
+        out["saved"], out["loaded"] = all_ranks(saved), all_ranks(out["loaded"])
+    else:
+        del out["loaded"]
+    return out
 
 
 def scenario_dcp_save(spec: dict) -> dict:
@@ -294,7 +395,9 @@ def scenario_dcp_save(spec: dict) -> dict:
 
 
 def scenario_dcp_resume(spec: dict) -> dict:
-    return _dcp_resume(spec)
+    out = _dcp_resume(spec)
+    del out["loaded"]
+    return out
 
 
 def _snapshot(model: nn.Module, opt) -> list:
@@ -599,7 +702,7 @@ def scenario_torchtitan(spec: dict) -> dict:
     return out
 
 
-SCENARIOS = {"steps": scenario_steps, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
+SCENARIOS = {"steps": scenario_steps, "lean_steps": scenario_lean_steps, "sr_shards": scenario_sr_shards, "train": scenario_train, "dcp": scenario_dcp, "dcp_save": scenario_dcp_save,
              "dcp_resume": scenario_dcp_resume, "geometry": scenario_geometry, "orthogonalize": scenario_orthogonalize,
              "refuse": scenario_refuse, "exchange_blocks": scenario_exchange_blocks,
              "shampoo_failure": scenario_shampoo_failure,

@@ -135,6 +135,18 @@ def test_depth_and_width_compose_in_either_order():
     assert ma[j] == (pytest.approx(0.5), pytest.approx(1.0), pytest.approx(1.0))
 
 
+def _assert_same_steps(model, opt, ref, torch_opt, steps=3):
+    """``opt`` on ``model`` and ``torch_opt`` on its copy ``ref`` (param groups carrying the
+    expected multipliers), stepped with the same gradients: the params agree to float64 rounding."""
+    for step in range(steps):
+        fill_grads(list(model.parameters()), step)
+        fill_grads(list(ref.parameters()), step)
+        opt.step()
+        torch_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_adamw_under_depth_steps_as_torch_adamw_with_completep_groups():
     """mupopt.AdamW on a width x depth model against torch.optim.AdamW with one group per tensor
     built as CompleteP's reference code builds them (lr * m_N^-1 * m_L^(alpha-1), weight_decay *
@@ -154,14 +166,7 @@ def test_adamw_under_depth_steps_as_torch_adamw_with_completep_groups():
         groups.append({"params": [p], "lr": lr * width_lr * depth_lr, "weight_decay": wd / width_lr,
                        "eps": eps * (m_L ** -0.5 if branch else 1.0)})
     opt = mupopt.AdamW(model.parameters(), lr=lr, weight_decay=wd, eps=eps)
-    torch_opt = torch.optim.AdamW(groups, lr=lr)
-    for step in range(3):
-        fill_grads(list(model.parameters()), step)
-        fill_grads(list(ref.parameters()), step)
-        opt.step()
-        torch_opt.step()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_steps(model, opt, ref, torch.optim.AdamW(groups, lr=lr))
 
 
 def test_muon_hidden_branch_matrices_get_the_depth_factor():
@@ -302,14 +307,7 @@ def test_inverse_width_decay_is_independent_decay_over_width():
         # torch's decay is lr_group * weight_decay: want lr * wd / m
         groups.append({"params": [p], "lr": lr * width_lr, "weight_decay": wd / m / width_lr})
     opt = mupopt.AdamW(model.parameters(), lr=lr, weight_decay=wd, wd_mode="inverse_width")
-    torch_opt = torch.optim.AdamW(groups, lr=lr)
-    for step in range(3):
-        fill_grads(list(model.parameters()), step)
-        fill_grads(list(ref.parameters()), step)
-        opt.step()
-        torch_opt.step()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_same_steps(model, opt, ref, torch.optim.AdamW(groups, lr=lr))
 
 
 def test_depth_survives_fully_shard():

@@ -1,9 +1,34 @@
-"""state_bits with DTensor params on 2 CPU ranks (gloo; the workers of tests/dist_worker.py):
+"""state_bits with DTensor params on 2 CPU ranks (gloo; the workers of tests/dist_worker.py).
+
 16-bit (bfloat16) states step FSDP2 and tensor-parallel shards as one process steps the whole
-tensors, and resume through torch.distributed.checkpoint; 8-bit states refuse DTensor params with
-a clear error (blocks per local shard are specified in mupopt.optim._lean_states, not built)."""
+tensors, and resume through torch.distributed.checkpoint.
+
+8-bit states (mupopt.optim._lean_states: blocks over each rank's local shard, checkpoints as
+float32 values placed like the param):
+- each rank's local states are, bit for bit, what one process makes stepping that local shard
+  alone with the same gradient shard, for the entries whose math is per element (all of AdamW,
+  ADOPT, SophiaG and LAMB; Muon's momentum and AdamW part; Shampoo's Adam second moment); the
+  params too where the whole step is per element (AdamW, ADOPT, SophiaG);
+- AdamW's params lie, like those of one process stepping whole tensors in format 8, inside the
+  interval that format 8's error bound (lean.relative_error_bound) allows around the exact
+  (float64, unquantized) trajectory; LAMB's, Muon's and Shampoo's differ from those of one
+  process stepping whole tensors in format 8 by at most 3x that run's own distance from format
+  32 (a tolerance, measured at up to 1.8x);
+- a DCP save and resume is bit-exact (the loaded codes and scales are the saved ones, the
+  continued run equals the uninterrupted one), a format-32 checkpoint loads into format 8 and a
+  format-8 one into format 32 (the loaded states are the checkpoint's values, quantized per
+  shard / exported), and a checkpoint of FSDP2 shards loads on tensor-parallel shards (other
+  blocks: quantized anew per shard from the exported values).
+Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gradients round
+apart (their random bits are independent), and a DCP resume is bit-exact.
+
+On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
+above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
+equal, DCP resume bit-exact.
+"""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -11,10 +36,43 @@ import pytest
 import torch
 
 import dist_worker as dw
+from mupopt.optim import _lean_states as lean
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 BF16 = {"state_bits": 16}
+# Format 8 on the small test model: width 24, threshold 256, so that the embedding and readout
+# (16 x 24) and the MLP matrices (48 x 24) are quantized and biases and the norm are not; FSDP2
+# and TP shards then hold 192 or 576 elements: blocks end inside shards and shards inside the
+# blocks one process would cut.
+WIDTH8, MIN8, STEPS8 = 24, 256, 3
+OPTIMIZERS8 = ("adamw", "adopt", "sophia", "lamb", "muon", "shampoo")
+# AdamW without weight decay: the interval of test_adamw_8bit_params_within_the_format_bound
+# then needs no transcription of the decay modes.
+OPTIONS8 = {name: {"state_bits": 8, **({"weight_decay": 0.0} if name == "adamw" else {})} for name in OPTIMIZERS8}
+# Muon routes hidden matrices by their muP roles: its runs have width information.
+MUP8 = {"muon": True}
+# The entries whose update is per element (momentum and second moments of raw gradients).
+PER_SHARD = {"adamw": None, "adopt": None, "sophia": None, "lamb": ("step", "exp_avg", "exp_avg_sq"),
+             "muon": ("momentum_buffer", "exp_avg", "exp_avg_sq"), "shampoo": ("step", "exp_avg_sq")}
+SR = {"state_bits": 8, "stochastic_rounding": True}
+
+
+# Shampoo's auto picks other backends (other float32 roundings of the format-32 entries) for
+# sharded and for plain tensors: both sides of the comparisons use the reference.
+BACKEND8 = {"shampoo": "reference"}
+
+
+def lean_spec(placement, optimizer, **extra):
+    return {"kind": "lean_steps", "placement": placement, "optimizer": optimizer, "backend": BACKEND8.get(optimizer, "auto"),
+            "options": OPTIONS8[optimizer], "width": WIDTH8, "min_8bit": MIN8, "steps": STEPS8,
+            "mup": MUP8.get(optimizer, False), **extra}
+
+
+def dcp_spec(placement, optimizer, path, **extra):
+    return {"kind": "dcp", "placement": placement, "optimizer": optimizer, "backend": BACKEND8.get(optimizer, "auto"),
+            "options": OPTIONS8[optimizer], "width": WIDTH8, "min_8bit": MIN8, "save_at": 2, "steps": STEPS8 + 1,
+            "mup": MUP8.get(optimizer, False), "states": True, "path": path, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +82,23 @@ def results(tmp_path_factory):
                                     "options": BF16})
              for pl in ("fsdp", "tp") for opt in ("adamw", "muon")]
     specs += [("dcp-fsdp-adamw", {"kind": "dcp", "placement": "fsdp", "optimizer": "adamw", "backend": "auto",
-                                  "options": BF16, "path": str(tmp / "ckpt")}),
-              ("refuse-8", {"kind": "steps", "placement": "fsdp", "optimizer": "adamw", "backend": "auto",
-                            "options": {"state_bits": 8}})]
+                                  "options": BF16, "path": str(tmp / "ckpt")})]
+    specs += [(f"lean-{pl}-{opt}", lean_spec(pl, opt)) for pl in ("fsdp", "tp") for opt in OPTIMIZERS8]
+    # Uninterrupted runs of the DCP cases' length, and the DCP cases.
+    specs += [(f"lean4-{pl}-{opt}", lean_spec(pl, opt, steps=STEPS8 + 1))
+              for pl, opt in (("fsdp", "adamw"), ("tp", "adamw"), ("fsdp", "muon"), ("tp", "shampoo"))]
+    specs += [(f"dcp8-{pl}-{opt}", dcp_spec(pl, opt, str(tmp / f"ckpt8-{pl}-{opt}")))
+              for pl, opt in (("fsdp", "adamw"), ("tp", "adamw"), ("fsdp", "muon"), ("tp", "shampoo"))]
+    specs += [("dcp-32-to-8", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-32-8"), options={"weight_decay": 0.0},
+                                       resume_options=OPTIONS8["adamw"])),
+              ("dcp-8-to-32", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-8-32"), resume_options={"weight_decay": 0.0})),
+              ("dcp-fsdp-to-tp", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-fsdp-tp"), resume_placement="tp", min_8bit=512))]
+    # Stochastic rounding: bf16 params, 8-bit states.
+    specs += [("sr-shards", {"kind": "sr_shards", "options": SR}),
+              ("lean4-sr", lean_spec("fsdp", "adamw", steps=STEPS8 + 1, dtype="bfloat16",
+                                     options={**OPTIONS8["adamw"], **SR})),
+              ("dcp8-sr", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16",
+                                   options={**OPTIONS8["adamw"], **SR}))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
@@ -70,6 +142,380 @@ def test_bf16_states_resume_through_dcp(results):
         assert torch.equal(got[name], w), name
 
 
-def test_8bit_states_refuse_dtensor_params(results):
-    failed = results["refuse-8"].get("failed", "")
-    assert "NotImplementedError" in failed and "state_bits=8 for distributed (DTensor) params" in failed
+# -- 8-bit states -------------------------------------------------------------------------------
+@pytest.fixture
+def min8(monkeypatch):
+    monkeypatch.setattr(lean, "MIN_8BIT_SIZE", MIN8)
+
+
+def _initial(optimizer) -> dict:
+    model = dw.make_model(mup=MUP8.get(optimizer, False), width=WIDTH8)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _shard_alone(optimizer, name, full0, index, quantized, steps, options, use_muon, monkeypatch):
+    """One process stepping one rank's shard of parameter ``name`` as a plain tensor of the
+    shard's shape, with that shard of each step's gradient. Returns (param, state)."""
+    # Format 8 where the distributed run quantized this param (its threshold is on the global size).
+    monkeypatch.setattr(lean, "MIN_8BIT_SIZE", 1 if quantized else 1 << 40)
+    flat = index.reshape(-1)
+    p = torch.nn.Parameter(full0.reshape(-1)[flat].view(index.shape).clone())
+    group = {"params": [p]} if use_muon is None else {"params": [p], "use_muon": use_muon}
+    opt = dw.make_optimizer(optimizer, [group], BACKEND8.get(optimizer, "auto"), **options)
+    for t in range(steps):
+        p.grad = dw.grad_for(t, name, full0.shape).to(p.dtype).reshape(-1)[flat].view(index.shape)
+        dw.step_once(opt, optimizer, t)
+    return p.detach(), opt.state[p]
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS8)
+def test_8bit_states_per_shard_equal_one_process_on_the_shard(results, placement, optimizer, monkeypatch):
+    r = _ok(results, f"lean-{placement}-{optimizer}")
+    full0 = _initial(optimizer)
+    quantized_seen = 0
+    for rank, mine in enumerate(r["ranks"]):
+        for name, entry in mine.items():
+            got = entry["state"]
+            quantized = any(k.endswith(lean.ABSMAX) for k in got)
+            quantized_seen += quantized
+            use_muon = ("momentum_buffer" in got) if optimizer == "muon" else None  # the distributed routing
+            _, want = _shard_alone(optimizer, name, full0[name], entry["index"], quantized, STEPS8,
+                                   OPTIONS8[optimizer], use_muon, monkeypatch)
+            keys = PER_SHARD[optimizer] or [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+            keys = [k for k in keys if k in want]
+            keys += [k + lean.ABSMAX for k in keys if k + lean.ABSMAX in want]
+            assert keys, (rank, name)
+            for k in keys:
+                assert torch.equal(got[k], want[k]), (rank, name, k)
+    # The 4 matrices on each rank: under FSDP2 all shards; under TP fc1 and fc2 are, the
+    # embedding and readout plain tensors stepped whole.
+    assert quantized_seen == 8
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adopt", "sophia"])
+def test_8bit_params_per_shard_equal_one_process_on_the_shard(results, placement, optimizer, monkeypatch):
+    r = _ok(results, f"lean-{placement}-{optimizer}")
+    full0 = _initial(optimizer)
+    for name, w in r["params"].items():
+        got = torch.empty_like(w).reshape(-1)
+        for mine in r["ranks"]:
+            entry = mine[name]
+            quantized = any(k.endswith(lean.ABSMAX) for k in entry["state"])
+            p, _ = _shard_alone(optimizer, name, full0[name], entry["index"], quantized, STEPS8, OPTIONS8[optimizer],
+                                None, monkeypatch)
+            got[entry["index"].reshape(-1)] = p.reshape(-1)
+        assert torch.equal(got.view(w.shape), w), name
+
+
+def _adamw_interval(name, full0, steps, hp):
+    """Bounds (float64) on AdamW's params after ``steps`` steps with states stored in format 8,
+    whatever the blocks: the exact recursion, each stored m and v widened by format 8's error
+    bound times the largest magnitude the entry can have anywhere in the tensor (no block's
+    absmax exceeds it), and the update taken at the worst corner of the (m, v) box."""
+    rs, ru = lean.relative_error_bound(lean.SIGNED), lean.relative_error_bound(lean.UNSIGNED)
+    b1, b2 = hp["betas"]
+    lr, eps = hp["lr"], hp["eps"]
+    m_lo = m_hi = v_lo = v_hi = torch.zeros(full0.shape, dtype=torch.float64)
+    p_lo = p_hi = full0.double()
+    for t in range(1, steps + 1):
+        g = dw.grad_for(t - 1, name, full0.shape).double()
+        m_lo, m_hi = b1 * m_lo + (1 - b1) * g, b1 * m_hi + (1 - b1) * g
+        v_lo, v_hi = b2 * v_lo + (1 - b2) * g * g, b2 * v_hi + (1 - b2) * g * g
+        bc1, bc2 = 1 - b1**t, math.sqrt(1 - b2**t)
+
+        def u(m, v):
+            return m / (v.clamp_min(0).sqrt() / bc2 + eps) / bc1
+
+        # The step uses m and v before they are stored: the box of this step's values.
+        hi = torch.where(m_hi > 0, u(m_hi, v_lo), u(m_hi, v_hi))
+        lo = torch.where(m_lo > 0, u(m_lo, v_hi), u(m_lo, v_lo))
+        p_lo, p_hi = p_lo - lr * hi, p_hi - lr * lo
+        # Then stored: each value within bound * absmax of its block (plus float32 roundings).
+        am = torch.maximum(m_lo.abs(), m_hi.abs()).max() * (1 + 1e-6)
+        av = v_hi.max() * (1 + 1e-6)
+        m_lo, m_hi = m_lo - rs * am, m_hi + rs * am
+        v_lo, v_hi = (v_lo - ru * av).clamp_min(0), v_hi + ru * av
+    # The params themselves are float32: a few roundings of |p| per step.
+    slack = steps * 4 * 2.0**-24 * torch.maximum(p_lo.abs(), p_hi.abs())
+    return p_lo - slack, p_hi + slack
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+def test_adamw_8bit_params_within_the_format_bound(results, placement, min8):
+    """The distributed run's params and those of one process stepping the whole tensors in
+    format 8 both lie inside the interval format 8's error bound allows; so they differ by at
+    most its width. The interval is narrower than the steps taken (a bound that can fail)."""
+    got = _ok(results, f"lean-{placement}-adamw")["params"]
+    model = dw.make_model(mup=False, width=WIDTH8)
+    opt = dw.make_optimizer("adamw", model.parameters(), "auto", **OPTIONS8["adamw"])
+    for t in range(STEPS8):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, "adamw", t)
+    assert any(lean.is_quantized(st, "exp_avg") for st in opt.state.values())
+    full0 = _initial("adamw")
+    hp = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}
+    for name, p in model.named_parameters():
+        lo, hi = _adamw_interval(name, full0[name], STEPS8, hp)
+        for which, value in (("distributed", got[name]), ("one process", p.detach())):
+            v = value.double()
+            assert bool(((v >= lo) & (v <= hi)).all()), (name, which, float((lo - v).clamp_min(0).max()),
+                                                         float((v - hi).clamp_min(0).max()))
+        moved = (got[name].double() - full0[name].double()).abs().mean()
+        assert float((hi - lo).mean()) < float(moved), name
+
+
+def _whole_tensor_run(optimizer, options) -> dict:
+    model = dw.make_model(mup=MUP8.get(optimizer, False), width=WIDTH8)
+    opt = dw.make_optimizer(optimizer, model.parameters(), BACKEND8.get(optimizer, "auto"), **options)
+    for t in range(STEPS8):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, optimizer, t)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+@pytest.mark.parametrize("optimizer", ["lamb", "muon", "shampoo"])
+def test_8bit_params_near_one_process_on_whole_tensors(results, placement, optimizer, min8):
+    """LAMB, Muon, Shampoo (whole-tensor math: no per-shard run to equal): the distributed run's
+    params differ from one process stepping whole tensors in format 8 by no more than 3 times
+    that run's own distance from format 32, per tensor (both runs are format 8 with blocks cut
+    elsewhere: each is as far from the 32-bit run as the format's error makes it), plus the
+    collectives' float32 reordering (1e-6 relative, as tests/test_distributed.py)."""
+    got = _ok(results, f"lean-{placement}-{optimizer}")["params"]
+    eight = _whole_tensor_run(optimizer, OPTIONS8[optimizer])
+    full = _whole_tensor_run(optimizer, {k: v for k, v in OPTIONS8[optimizer].items() if k != "state_bits"})
+    quantized_apart = 0
+    for name, w in eight.items():
+        effect = float((w - full[name]).abs().max())
+        diff = float((got[name] - w).abs().max())
+        assert diff <= 3 * effect + 1e-6 * float(w.abs().max()) + 1e-7, (name, diff, effect)
+        quantized_apart += diff > 0
+    assert quantized_apart > 0  # blocks do end elsewhere
+
+
+def _same_states(a: dict, b: dict, keys=None) -> None:
+    for rank, (x, y) in enumerate(zip(a, b)):
+        for name in x:
+            for k, v in x[name]["state"].items():
+                if keys is None or k in keys:
+                    assert torch.equal(v, y[name]["state"][k]), (rank, name, k)
+
+
+@pytest.mark.parametrize("case", ["fsdp-adamw", "tp-adamw", "fsdp-muon", "tp-shampoo"])
+def test_8bit_states_resume_through_dcp_bit_exact(results, case):
+    r = _ok(results, f"dcp8-{case}")
+    _same_states(r["saved"], r["loaded"])  # codes and scales back exactly (and the rest)
+    assert sum(k.endswith(lean.ABSMAX) for m in r["loaded"] for e in m.values() for k in e["state"]) > 0
+    want = _ok(results, f"lean4-{case}")["params"]
+    for name, w in want.items():
+        assert torch.equal(r["params"][name], w), name
+
+
+def _global_values(saved: list, name: str, numel: int, kinds: dict) -> dict:
+    """The whole tensor (flat) of each state entry of parameter ``name`` from every rank's local
+    states (8-bit entries as their checkpoint values, lean.exported)."""
+    out = {}
+    for mine in saved:
+        entry = mine[name]
+        for k, v in entry["state"].items():
+            if k.endswith(lean.ABSMAX) or not v.ndim:
+                continue
+            if k + lean.ABSMAX in entry["state"]:
+                v = lean.exported(v, entry["state"][k + lean.ABSMAX], kinds[k])
+            out.setdefault(k, torch.full((numel,), float("nan")))[entry["index"].reshape(-1)] = v.reshape(-1).float()
+    return out
+
+
+@pytest.mark.parametrize("case", ["dcp-32-to-8", "dcp-8-to-32", "dcp-fsdp-to-tp"])
+def test_8bit_dcp_loads_across_formats_and_shardings(results, case):
+    """The loaded states are the checkpoint's values (a format-32 state's, or a format-8 state's
+    exported values), quantized over the loading rank's shard where it steps format 8: checked
+    bit for bit against each rank's saved states."""
+    from mupopt.optim.adamw import ADAMW_STATES
+
+    r = _ok(results, case)
+    checked = 0
+    for name in r["saved"][0]:
+        values = _global_values(r["saved"], name, r["params"][name].numel(), ADAMW_STATES)
+        for mine in r["loaded"]:
+            entry = mine[name]
+            flat = entry["index"].reshape(-1)
+            for k, kind in ADAMW_STATES.items():
+                if k not in entry["state"]:
+                    continue
+                want = values[k][flat].view(entry["index"].shape)
+                if k + lean.ABSMAX in entry["state"]:
+                    codes, absmax = lean.quantized(want, kind)
+                    assert torch.equal(entry["state"][k], codes) and torch.equal(entry["state"][k + lean.ABSMAX], absmax), (name, k)
+                else:
+                    assert torch.equal(entry["state"][k], want.to(entry["state"][k].dtype)), (name, k)
+                checked += 1
+    assert checked >= 8
+    saved_8 = sum(k.endswith(lean.ABSMAX) for m in r["saved"] for e in m.values() for k in e["state"])
+    loaded_8 = sum(k.endswith(lean.ABSMAX) for m in r["loaded"] for e in m.values() for k in e["state"])
+    if case == "dcp-32-to-8":
+        assert saved_8 == 0 and loaded_8 > 0
+    elif case == "dcp-8-to-32":
+        assert saved_8 > 0 and loaded_8 == 0
+    else:
+        assert saved_8 > 0 and loaded_8 > 0
+    for w in r["params"].values():
+        assert bool(torch.isfinite(w).all())
+
+
+@pytest.mark.parametrize("kind", [lean.SIGNED, lean.UNSIGNED])
+@pytest.mark.parametrize("maps", lean.MAP_NAMES)
+def test_exported_values_quantize_back_to_the_same_codes_and_scales(kind, maps, monkeypatch):
+    """What load_state_dict does to a checkpoint of a DTensor param's 8-bit state, on blocks of
+    absmax from 2^-126 (the smallest normal float32) to 1e38, every code present: the codes and
+    scales come back bit for bit. (The plain decode would not: the signed dynamic map has no
+    -1.0, so a block whose largest magnitude is negative decodes below its absmax.)"""
+    monkeypatch.setattr(lean, "maps", maps)
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([2.0**-126, 1e-30, 1e-12, 3e-4, 1.0, 7e5, 1e20, 1e38])
+    x = torch.randn(len(scales), 2, lean.BLOCK, generator=gen) * torch.logspace(-8, 0, lean.BLOCK)
+    x = x / x.abs().amax(dim=(1, 2), keepdim=True) * scales.view(-1, 1, 1)
+    x[::2, 0] = -x[::2, 0].abs()  # blocks whose largest magnitude is negative
+    if kind == lean.UNSIGNED:
+        x = x.abs()
+    values, _ = lean.map_tensor(kind)
+    # Second block of each scale: every code's value once (times the scale: codes come back as they are).
+    x[:, 1] = values[torch.randperm(lean.BLOCK, generator=gen) % lean.used_codes(maps, kind)] * scales.view(-1, 1)
+    codes, absmax = lean.quantized(x.reshape(-1, lean.BLOCK), kind)
+    assert all(len(set(c.tolist())) == lean.used_codes(maps, kind) for c in codes[1::2])
+    again = lean.quantized(lean.exported(codes, absmax, kind), kind)
+    assert torch.equal(again[0], codes) and torch.equal(again[1], absmax)
+    # The export differs from the decode only where the decode lies below the block's absmax.
+    dec, exp = lean.dequantize(codes, absmax, kind), lean.exported(codes, absmax, kind)
+    differ = dec != exp
+    assert bool((exp[differ] == -absmax.view(-1, 1).expand_as(exp)[differ]).all())
+    assert bool(differ.any()) == (kind == lean.SIGNED and maps == "dynamic")
+
+
+# -- stochastic rounding ----------------------------------------------------------------------
+def test_stochastic_rounding_shards_draw_independent_bits(results):
+    """Two FSDP2 shards of one bf16 param holding equal values and gradients (the param is two
+    copies of one block, 8-bit states): their keys apart, they round apart. Before the shard's
+    offset went into its key, ranks with one seed drew the same bits and these were equal."""
+    r = _ok(results, "sr-shards")
+    a, b = r["local"]
+    assert a.dtype == torch.bfloat16 and a.shape == b.shape
+    differ = (a != b).float().mean()
+    # Each element rounds up with the probability of its fraction q, independently on the two
+    # shards: they differ with probability 2q(1-q), 1/3 for q uniform (two steps: about that).
+    assert 0.15 < float(differ) < 0.6, float(differ)
+    assert r["quantized"]
+    assert r["seeds"][0] == r["seeds"][1]  # one seed per param on every rank: the checkpoint's
+
+
+def test_stochastic_rounding_resume_through_dcp_bit_exact(results):
+    r = _ok(results, "dcp8-sr")
+    want = _ok(results, "lean4-sr")["params"]
+    for name, w in want.items():
+        assert w.dtype == torch.bfloat16
+        assert torch.equal(r["params"][name], w), name
+
+
+# -- 2-D meshes (4 ranks) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def results_2d(tmp_path_factory):
+    """FSDP2 + TP on a (2, 2) mesh (TP's dims _StridedShard under FSDP2) and HSDP (every shard
+    on two ranks), AdamW with 8-bit states; the HSDP runs round bf16 params stochastically."""
+    tmp = tmp_path_factory.mktemp("lean-dist-2d")
+    sr = {**OPTIONS8["adamw"], **SR}
+    specs = [("lean-fsdp+tp", lean_spec("fsdp+tp", "adamw")),
+             ("lean4-fsdp+tp", lean_spec("fsdp+tp", "adamw", steps=STEPS8 + 1)),
+             ("dcp8-fsdp+tp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt"))),
+             ("dcp8-fsdp+tp-to-fsdp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-to-fsdp"), resume_placement="fsdp")),
+             ("lean4-hsdp-sr", lean_spec("hsdp-2d", "adamw", steps=STEPS8 + 1, dtype="bfloat16", options=sr)),
+             ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr))]
+    out = tmp / "results.pt"
+    env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    torch.multiprocessing.spawn(dw.worker, args=(4, dw.free_port(), specs, str(out), env), nprocs=4, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def test_8bit_fsdp_tp_2d_per_shard_and_dcp_resume(results_2d, monkeypatch):
+    """On the (2, 2) mesh: each rank's states and params are those of one process stepping its
+    shard alone (bit for bit), and a DCP save and resume continues as the uninterrupted run."""
+    r = _ok(results_2d, "lean-fsdp+tp")
+    full0 = _initial("adamw")
+    strided = 0
+    for mine in r["ranks"]:
+        for name, entry in mine.items():
+            quantized = any(k.endswith(lean.ABSMAX) for k in entry["state"])
+            p, want = _shard_alone("adamw", name, full0[name], entry["index"], quantized, STEPS8, OPTIONS8["adamw"],
+                                   None, monkeypatch)
+            assert torch.equal(entry["param"], p), name
+            for k, v in want.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(entry["state"][k], v), (name, k)
+            # fc1's rows: TP's halves, each cut again by FSDP2 (not one run of the global tensor)
+            strided += quantized and name == "fc1.weight"
+    assert strided == 4
+    d = _ok(results_2d, "dcp8-fsdp+tp")
+    _same_states(d["saved"], d["loaded"])
+    for name, w in _ok(results_2d, "lean4-fsdp+tp")["params"].items():
+        assert torch.equal(d["params"][name], w), name
+
+
+def test_8bit_dcp_reshards_from_2d_to_1d_mesh(results_2d):
+    """Saved on the (2, 2) mesh under FSDP2 + TP, loaded on a 1-D mesh of 4 ranks under FSDP2
+    (other shards, other blocks): each rank's loaded codes and scales are the checkpoint's values
+    quantized over its new shard, bit for bit."""
+    from mupopt.optim.adamw import ADAMW_STATES
+
+    r = _ok(results_2d, "dcp8-fsdp+tp-to-fsdp")
+    moved = 0
+    for name in r["saved"][0]:
+        values = _global_values(r["saved"], name, r["params"][name].numel(), ADAMW_STATES)
+        for mine in r["loaded"]:
+            entry = mine[name]
+            for k, kind in ADAMW_STATES.items():
+                if k + lean.ABSMAX not in entry["state"]:
+                    continue
+                want = values[k][entry["index"].reshape(-1)].view(entry["index"].shape)
+                codes, absmax = lean.quantized(want, kind)
+                assert torch.equal(entry["state"][k], codes) and torch.equal(entry["state"][k + lean.ABSMAX], absmax), (name, k)
+                moved += 1
+    assert moved >= 4 * 4 * 2  # 4 matrices on 4 ranks, 2 entries each
+    for w in r["params"].values():
+        assert bool(torch.isfinite(w).all())
+
+
+def test_stochastic_rounding_hsdp_replicas_stay_equal_and_resume(results_2d):
+    """HSDP with bf16 params rounded stochastically and 8-bit states: the two replicas of each
+    shard hold equal params and states (their rounding keys are alike: a key per rank would
+    split them), and a DCP resume is bit-exact."""
+    r = _ok(results_2d, "lean4-hsdp-sr")
+    by_index: dict = {}
+    for mine in r["ranks"]:
+        for name, entry in mine.items():
+            by_index.setdefault((name, tuple(entry["index"].reshape(-1).tolist())), []).append(entry)
+    assert len(by_index) == 2 * len(r["ranks"][0])  # two shards of every param, each on two ranks
+    for (name, _), (a, b) in by_index.items():
+        assert a["param"].dtype == torch.bfloat16
+        assert torch.equal(a["param"], b["param"]), name
+        for k in a["state"]:
+            assert torch.equal(a["state"][k], b["state"][k]), (name, k)
+    d = _ok(results_2d, "dcp8-hsdp-sr")
+    for name, w in r["params"].items():
+        assert torch.equal(d["params"][name], w), name
+
+
+def test_8bit_state_memory_of_a_shard(min8):
+    """state_memory() counts a DTensor param's local codes and local scales, before its first
+    step (planned) as after: 1 byte per local element and 4 per local block, per entry."""
+    import mupopt
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with dw.one_rank_mesh() as mesh:
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(40, 30), mesh, [Shard(0)]))
+        opt = mupopt.AdamW([w], lr=1e-2, state_bits=8)
+        want = 2 * (40 * 30 + 4 * lean.blocks_of(40 * 30)) + 4  # exp_avg, exp_avg_sq; the float32 step
+        assert opt.state_memory() == want
+        w.grad = distribute_tensor(torch.randn(40, 30), mesh, [Shard(0)])
+        opt.step()
+        assert lean.is_quantized(opt.state[w], "exp_avg") and opt.state_memory() == want

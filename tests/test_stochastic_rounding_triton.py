@@ -13,6 +13,8 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton_mode
+from stochastic_steps import differing as _differing
+from stochastic_steps import stepped
 
 with triton_mode.defining_kernels():
     import triton
@@ -60,20 +62,8 @@ def test_store_same_bits_as_reference(dtype):
     assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
-def _stepped(cls, kw, backend, dtype, shapes, steps=2):
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-    opt = cls(ps, lr=1e-3, stochastic_rounding=True, backend=backend, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=g).to(dtype)
-        opt.step()
-    return [p.detach().clone() for p in ps], opt
-
-
-def _differing(a, b) -> int:
-    return sum(int((x.view(torch.int16) != y.view(torch.int16)).sum()) for x, y in zip(a, b))
+def _stepped(cls, kw, backend, dtype, shapes):
+    return stepped(cls, kw, backend, dtype, shapes, steps=2)  # 2: the interpreter is slow
 
 
 ELEMENTWISE_SHAPES = [(_common.BLOCK + 904,), (33, 17), (5,)]

@@ -250,6 +250,28 @@ def _advance(schedulers, loss):
         s.step(loss) if isinstance(s, ReduceLROnPlateau) else s.step()
 
 
+def _losses_around_training(opt, weight, bias, schedulers, closure_to_step: bool) -> tuple[float, float]:
+    """The loss before and after 20 steps on one fixed input (torch's two "goes right direction"
+    tests): the closure passed to ``opt.step`` (``closure_to_step``) or called before it."""
+    inpt = torch.randn(5, generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(weight, bias, inpt)
+        loss.backward()
+        return loss
+
+    initial = closure().item()
+    for _ in range(20):
+        if closure_to_step:
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
+        _advance(schedulers, loss)
+    return initial, closure().item()
+
+
 @pytest.mark.parametrize("with_lrsched", [False, True])
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("cls,backend,info", CASES)
@@ -258,22 +280,8 @@ def test_forloop_goes_right_direction(cls, backend, info, contiguous, with_lrsch
     for constructors in (info.scheduler_inputs if with_lrsched else [None]):
         for oi in info.optim_inputs_func(device="cpu"):
             weight, bias = _weight_bias(contiguous)
-            inpt = torch.randn(5, generator=torch.Generator().manual_seed(1))
             opt = cls([weight, bias], **oi.kwargs)
-            schedulers = _schedulers(opt, constructors)
-
-            def closure():
-                opt.zero_grad()
-                loss = _loss(weight, bias, inpt)
-                loss.backward()
-                return loss
-
-            initial = closure().item()
-            for _ in range(20):
-                loss = closure()
-                opt.step()
-                _advance(schedulers, loss)
-            final = closure().item()
+            initial, final = _losses_around_training(opt, weight, bias, _schedulers(opt, constructors), False)
             assert final > initial if oi.kwargs.get("maximize", False) else final < initial, oi.desc
 
 
@@ -282,21 +290,9 @@ def test_param_group_with_lrscheduler_goes_right_direction(cls, backend, info, u
     cls = use(cls, backend)
     for constructors in info.scheduler_inputs:
         weight, bias = _weight_bias()
-        inpt = torch.randn(5, generator=torch.Generator().manual_seed(1))
         opt = cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
-        schedulers = _schedulers(opt, constructors)
-
-        def closure():
-            opt.zero_grad()
-            loss = _loss(weight, bias, inpt)
-            loss.backward()
-            return loss
-
-        initial = closure().item()
-        for _ in range(20):
-            loss = opt.step(closure)
-            _advance(schedulers, loss)
-        assert closure().item() < initial
+        initial, final = _losses_around_training(opt, weight, bias, _schedulers(opt, constructors), True)
+        assert final < initial
 
 
 @pytest.mark.parametrize("cls,backend,info", CASES)

@@ -63,8 +63,8 @@ from . import _lean_states as lean
 from ..mup import (RECORD_KEY, BaseShapes, DepthInfo, MupError, Multipliers, WidthInfo, canonical_name, copy_record,
                    decay_rule, depth_info, format_table, load_base_shapes, multipliers, name_in_models, old_record,
                    read_depth, read_record, recover_width_infos, width_info, width_info_by_name, width_record, WD_MODES)
-from ._placement import (ELEMENTWISE, check_placements, dense, dist, elementwise_view, is_dtensor, local, local_grad,
-                         local_state, needs_view, same_layout, viewed_like)
+from ._placement import (ELEMENTWISE, agree_seeds, check_placements, dense, dist, elementwise_view, is_dtensor, local,
+                         local_grad, local_state, needs_view, same_layout, viewed_like)
 
 
 def check(condition: bool, message: str) -> None:
@@ -555,10 +555,6 @@ class MupOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_complex() and self.rule not in ELEMENTWISE:
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
-                if group.get("state_bits", 32) == 8 and is_dtensor(p):
-                    raise NotImplementedError(
-                        f"{type(self).__name__}: state_bits=8 for distributed (DTensor) params is not implemented yet "
-                        f"(parameter of shape {tuple(p.shape)}); state_bits=16 or 32 work with them")
             # FSDP2 / tensor parallelism replace Parameter objects after set_base_shapes: get
             # their width info back by module and name (mupopt.mup.recover_width_infos).
             recover_width_infos(group["params"])
@@ -753,6 +749,10 @@ class MupOptimizer(Optimizer):
                 record = self._own(p)[0]
                 if not self.state.get(p) and record["role"] != 0:
                     state[index] = {**self._init_state(p, group), RECORD_KEY: copy_record(record)}
+                if self._lean_keys and is_dtensor(p) and isinstance(state.get(index), dict):
+                    # 8-bit entries of a sharded param as float32 values placed like it: its blocks
+                    # are cut per local shard, the values are not (mupopt.optim._lean_states).
+                    state[index] = lean.export_state(state[index], p, self._lean_keys)
                 index += 1
         return {**sd, "state": state}
 
@@ -1191,7 +1191,7 @@ class MupOptimizer(Optimizer):
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:
-                states = [local_state(st) for st in states]
+                states = [local_state(st, plan.params[k]) for st, k in zip(states, seg.positions)]
             if seg.viewed is not None:
                 states = [_view_state(st, o) if v else st for st, o, v in zip(states, seg.originals, seg.viewed)]
             seg.states = states
@@ -1215,14 +1215,21 @@ class MupOptimizer(Optimizer):
         continues the same random stream), and a step count where the state has none (Muon's
         matrices; their backends then count it). Created after every check of the plan, and
         only by a step that is taken: a step GradScaler skips draws nothing."""
+        drawn = []
         for p in plan.params:
             if not storage.rounds_stochastically(p):
                 continue
             st = self.state[p]
             if "sr_seed" not in st:
                 st["sr_seed"] = storage.draw_seed()
+                drawn.append(p)
             if "step" not in st:
                 st["step"] = new_step(p, group)
+        sharded = [p for p in drawn if is_dtensor(p)]
+        if sharded and _distributed_ready():  # one seed per param on every rank (agree_seeds)
+            seeds = agree_seeds(sharded, [self.state[p]["sr_seed"] for p in sharded], type(self).__name__)
+            for p, seed in zip(sharded, seeds):
+                self.state[p]["sr_seed"] = seed
 
     def _state_keys(self, group: dict, i: int) -> tuple[str, ...]:
         """The state keys the step of ``group["params"][i]`` reads (those :meth:`_init_state`

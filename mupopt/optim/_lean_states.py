@@ -10,9 +10,10 @@ roots stay float32). Each optimizer names its elementwise state entries and thei
 - ``16``: each entry in bfloat16, for every real param (math in float32, stores rounded to
   nearest); complex params keep format 32.
 - ``8``: block-wise quantized (Dettmers et al. 2021, "8-bit Optimizers via Block-wise
-  Quantization", arXiv 2110.02861), for a param with at least :data:`MIN_8BIT_SIZE` elements
-  that is a real, contiguous, plain (not distributed) tensor; others keep format 32, as
-  bitsandbytes keeps tensors below its ``min_8bit_size`` (4096) in 32 bits.
+  Quantization", arXiv 2110.02861), for a real param with at least :data:`MIN_8BIT_SIZE`
+  elements (a DTensor: of its global shape, so that every rank decides alike) that is contiguous
+  (a DTensor: its local shard); others keep format 32, as bitsandbytes keeps tensors below its
+  ``min_8bit_size`` (4096) in 32 bits.
 
 Format 8, version :data:`FORMAT_VERSION` (the spec a kernel implements; ``tests/test_lean_states.py``
 checks this module against a float64 transcription of it). An entry ``key`` of a param of n
@@ -20,8 +21,11 @@ elements is two tensors in the param's state:
 
 - ``state[key]``: uint8 codes, the param's shape, contiguous; element i (row-major) is code c_i.
 - ``state[key + "_absmax"]``: float32, shape ``[ceil(n / BLOCK)]``; block b covers the elements
-  ``[b*BLOCK, min((b+1)*BLOCK, n))``. A distributed implementation cuts blocks over each rank's
-  local shard (not implemented here: format 8 refuses DTensor params).
+  ``[b*BLOCK, min((b+1)*BLOCK, n))``. A DTensor param (FSDP2, tensor parallel, N-D meshes): the
+  blocks cut each rank's local shard (n its local size, i its row-major index in the shard);
+  ``state[key]`` is a DTensor with the param's mesh, placements and global shape (so the
+  placement layer hands backends the local codes like any state), ``state[key + "_absmax"]`` a
+  plain tensor of the local blocks (see "Checkpoints of DTensor params" for why).
 - value: ``x_i = MAP[c_i] * absmax[i // BLOCK]`` (float32 product).
 - store of float32 values x: ``absmax_b = max |x_i|`` over the block; ``y_i = x_i / absmax_b``
   (float32; ``y_i = 0`` where ``absmax_b = 0``); ``c_i`` = the code of the nearest map value:
@@ -48,6 +52,26 @@ measured on the character GPT of ``mupopt transfer`` (docs/lean-states.md):
 +1.8% on one seed: the linear map's step of absmax/127 rounds the many small momenta of a block
 to 0). Codes are meaningful only with the map they were made with: a checkpoint of format 8
 loads into this version's maps.
+
+Checkpoints of DTensor params. A block's scale belongs to one rank's shard, so a checkpoint of
+codes and scales would be valid only for the mesh and placements that made it (torch's DCP would
+reshard the codes, elementwise, under scales cut elsewhere: silently wrong), and it would not
+load into a format-32 optimizer or from one (DCP loads the entries the loading optimizer's
+state_dict names). So ``state_dict()`` carries each quantized entry of a DTensor param as float32
+values, a DTensor placed like the param (:func:`export_state`), the form of a format-32 state of
+a float32 param: DCP reshards it to any mesh, and a load quantizes this rank's shard anew
+(:func:`convert`); format-32 checkpoints load into format 8 and back. A resume on the same
+sharding is bit-exact: re-quantizing the exported values of a block gives its codes and absmax
+back, since the block's largest magnitude is exported exactly (code 255 decodes to absmax; the
+signed dynamic map has no -1.0, so :func:`exported` gives its lowest code as -absmax, within
+0.71% of absmax of the decoded value, less than the code's own rounding interval) and every other
+value divided by that absmax lands within 2 float32 roundings of its map value, far inside its
+code's interval (the maps' values are >= 0.7% apart relative). Checked for every map and kind
+on blocks of absmax 2^-126 to 1e38 (tests/test_lean_states_distributed.py); a block whose absmax
+is subnormal (< 2^-126) may come back with a code off by one there. The cost: the checkpoint,
+and the state_dict while it lives, hold 4 bytes per element per entry, as format 32 does.
+(Plain params keep codes and scales in their state_dict, bit-exact and 1/4 the size: one
+process, one set of blocks.)
 """
 from __future__ import annotations
 
@@ -55,6 +79,8 @@ import functools
 from typing import Callable
 
 import torch
+
+from ._placement import is_dtensor
 
 FORMAT_VERSION = 1
 BLOCK = 256
@@ -157,10 +183,48 @@ def blocks_of(n: int) -> int:
     return -(-n // BLOCK)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
 def quantizable(p: torch.Tensor) -> bool:
-    """Whether format 8 applies to ``p`` (module docstring)."""
+    """Whether format 8 applies to ``p`` (module docstring): the size is the global one (every
+    rank of a DTensor decides alike), contiguity that of the local shard the blocks cut."""
+    if is_dtensor(p):
+        return p.is_floating_point() and p.numel() >= MIN_8BIT_SIZE and p.to_local().is_contiguous()
     return (type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() and p.numel() >= MIN_8BIT_SIZE
             and p.is_contiguous())
+
+
+def _like_param(local_value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``local_value`` (p's local shape) as a DTensor with p's mesh, placements and global shape."""
+    from torch.distributed.tensor import DTensor
+
+    strides, acc = [], 1
+    for n in reversed(p.shape):  # contiguous strides of the global shape
+        strides.insert(0, acc)
+        acc *= n
+    return DTensor.from_local(local_value, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=tuple(strides))
+
+
+def _local_of_loaded(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a loaded state entry of DTensor param ``p``: a DTensor of another
+    placement is redistributed (elementwise values: any layout holds them), a plain tensor of
+    the global shape (a single-process state_dict) is cut locally."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if is_dtensor(value):
+        if value.device_mesh != p.device_mesh:
+            raise ValueError(f"a loaded state entry on a mesh of shape {tuple(value.device_mesh.shape)} for a "
+                             f"parameter on a mesh of shape {tuple(p.device_mesh.shape)}: load it through "
+                             f"torch.distributed.checkpoint, which reshards it")
+        if tuple(value.placements) != tuple(p.placements):
+            value = value.redistribute(p.device_mesh, p.placements)
+        return value.to_local()
+    if tuple(value.shape) != tuple(p.shape):
+        raise ValueError(f"a loaded state entry of shape {tuple(value.shape)} for a parameter of shape {tuple(p.shape)}")
+    return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def state_format(p: torch.Tensor, group: dict) -> int:
@@ -175,8 +239,10 @@ def zeros(p: torch.Tensor, group: dict, key: str) -> dict:
     """The zero state entry ``key`` of ``p`` in the group's format (one or two tensors)."""
     fmt = state_format(p, group)
     if fmt == 8:
-        if type(p) not in (torch.Tensor, torch.nn.Parameter):
-            raise NotImplementedError("state_bits=8 for distributed (DTensor) params is not implemented yet")
+        if is_dtensor(p):  # blocks over the local shard; codes placed like p, scales local (docstring)
+            t = p.to_local()
+            return {key: _like_param(torch.zeros(t.shape, dtype=torch.uint8, device=t.device), p),
+                    key + ABSMAX: torch.zeros(blocks_of(t.numel()), dtype=torch.float32, device=t.device)}
         return {key: torch.zeros(p.shape, dtype=torch.uint8, device=p.device),
                 key + ABSMAX: torch.zeros(blocks_of(p.numel()), dtype=torch.float32, device=p.device)}
     dtype = torch.bfloat16 if fmt == 16 else p.dtype
@@ -241,15 +307,23 @@ def convert(state: dict, p: torch.Tensor, group: dict, kinds: dict[str, str]) ->
         if key not in state or not isinstance(state[key], torch.Tensor):
             continue
         if fmt == 8:
+            if is_quantized(state, key) and is_dtensor(p) and not is_dtensor(state[key]):
+                # Codes of the whole tensor (a single-process state_dict): blocks cut anew per shard.
+                state[key] = dequantize(state[key], state.pop(key + ABSMAX), kind)
             if is_quantized(state, key):
                 continue
-            codes, absmax = quantized(state[key], kind)
-            state[key], state[key + ABSMAX] = codes, absmax
+            if is_dtensor(p):  # blocks over this rank's shard
+                codes, absmax = quantized(_local_of_loaded(state[key], p), kind)
+                state[key], state[key + ABSMAX] = _like_param(codes, p), absmax
+            else:
+                state[key], state[key + ABSMAX] = quantized(state[key], kind)
             changed = True
             continue
         dtype = torch.bfloat16 if fmt == 16 else p.dtype
         if is_quantized(state, key):
-            value = dequantize(state[key], state.pop(key + ABSMAX), kind)
+            value = dequantize(_local(state[key]), state.pop(key + ABSMAX), kind)
+            if is_dtensor(p):
+                value = _like_param(value, p)
         elif state[key].dtype == dtype:
             continue
         else:
@@ -257,6 +331,31 @@ def convert(state: dict, p: torch.Tensor, group: dict, kinds: dict[str, str]) ->
         state[key] = value.to(dtype)
         changed = True
     return changed
+
+
+def exported(codes: torch.Tensor, absmax: torch.Tensor, kind: str) -> torch.Tensor:
+    """The float32 values a state_dict carries for a quantized entry of a DTensor param (module
+    docstring, "Checkpoints of DTensor params"): ``MAP[c] * absmax`` as :func:`dequantize`, except
+    that the lowest code of a map whose lowest value is above -1 (the signed dynamic map's
+    -0.99296875) gives ``-absmax``: that code holds the block's absmax when its largest
+    magnitude was negative, and re-quantizing needs that magnitude back exactly."""
+    values, _ = map_tensor(kind, codes.device)
+    out = dequantize(codes, absmax, kind)
+    if values[0] > -1.0 and kind == SIGNED and out.numel():
+        scale = torch.repeat_interleave(absmax, BLOCK)[:codes.numel()].view(codes.shape)
+        out = torch.where(codes == 0, -scale, out)
+    return out
+
+
+def export_state(state: dict, p: torch.Tensor, kinds: dict[str, str]) -> dict:
+    """``state`` (of DTensor param ``p``) as its state_dict carries it: each quantized entry as a
+    float32 DTensor placed like ``p`` (:func:`exported`), without its scales; a new dict."""
+    out = dict(state)
+    for key, kind in kinds.items():
+        if is_quantized(state, key):
+            out[key] = _like_param(exported(_local(state[key]), state[key + ABSMAX], kind), p)
+            del out[key + ABSMAX]
+    return out
 
 
 def state_keys(keys: tuple[str, ...], state_or_format, kinds: dict[str, str]) -> tuple[str, ...]:

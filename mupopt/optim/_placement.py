@@ -86,11 +86,58 @@ def local_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g._local_tensor
 
 
-def local_state(state: dict) -> dict:
+def local_state(state: dict, p: torch.Tensor | None = None) -> dict:
     """A view of one param's state dict with each DTensor replaced by its local shard. Backends
     update state tensors in place (and the step count, a plain tensor, in place), so writing
-    through the view writes the optimizer's state."""
-    return {k: local(v) for k, v in state.items()}
+    through the view writes the optimizer's state. The stochastic-rounding seed of a DTensor
+    param ``p`` is its shard's (:func:`shard_seed`)."""
+    view = {k: local(v) for k, v in state.items()}
+    if p is not None and "sr_seed" in view:
+        view["sr_seed"] = shard_seed(p, view["sr_seed"])
+    return view
+
+
+def shard_seed(p: torch.Tensor, seed: int) -> int:
+    """The seed stochastic rounding uses on this rank's shard of ``p`` (mupopt/storage.py).
+
+    Backends count element indices from 0 in the local shard, so shards keyed by the param's one
+    seed (``state["sr_seed"]``, alike on every rank: the checkpoint holds one) would draw the
+    same bits at the same local offsets: correlated rounding across shards. Each shard's key is
+    the seed mixed with the global row-major index of the shard's first element instead: distinct
+    for every shard (shards do not overlap), alike for the replicas of one shard (HSDP, Replicate
+    mesh dims: they must stay equal), and the seed itself where that index is 0 (plain tensors,
+    the first shard), so single-process results do not change."""
+    if not is_dtensor(p):
+        return seed
+    from ..storage import MASK32, mix32
+
+    mesh = p.device_mesh
+    block = shard_block(tuple(p.shape), p.placements, tuple(mesh.shape), mesh.get_coordinate())
+    first, stride = 0, 1
+    for ix, n in reversed(list(zip(block.indices, p.shape))):
+        if len(ix) == 0:
+            return seed  # an empty shard rounds nothing
+        first += int(ix[0]) * stride
+        stride *= n
+    if first == 0:
+        return seed
+    return int(mix32(int(seed) ^ mix32((first & MASK32) ^ mix32((first >> 32) + 1))))
+
+
+def agree_seeds(params: Sequence[torch.Tensor], seeds: Sequence[int], optimizer: str) -> list[int]:
+    """The seeds of DTensor ``params`` as the first rank of each one's mesh drew them (one
+    broadcast per process group): a checkpoint holds one seed per param (DCP saves a non-tensor
+    entry from one rank), so every rank must hold that one, also where ranks seed torch apart."""
+    out = list(seeds)
+    by_group: dict = {}
+    for i, p in enumerate(params):
+        by_group.setdefault(mesh_group(p.device_mesh, optimizer), []).append(i)
+    for group, idx in by_group.items():
+        t = torch.tensor([out[i] for i in idx], dtype=torch.int64)
+        dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
+        for i, s in zip(idx, t.tolist()):
+            out[i] = s
+    return out
 
 
 def placement_text(p: torch.Tensor) -> str:

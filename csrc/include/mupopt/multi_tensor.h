@@ -109,6 +109,23 @@ MUPOPT_HDI int find_row(const TensorRow* rows, int n_rows, int64_t c) {
 #define MUPOPT_SIMD_SUM_R0_R1
 #endif
 
+// The 16 random bits (storage.h) of elements b0 .. b0+n-1 of one span (b0 even: blocks start at
+// multiples of 256) into bits[0 .. n), from one hash per pair of elements: on a little-endian
+// machine the pair's word, stored whole, puts its low half on the even element and its high
+// half on the odd one, which is the rule; so the hash loop is a plain vectorised loop over
+// words. (Written as two 16-bit stores per word, GCC 12 saved nothing over one hash per element.)
+MUPOPT_FORCE_INLINE void sr_fill(uint16_t* __restrict__ bits, uint32_t span_key, int64_t b0, int n) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  typedef uint32_t __attribute__((may_alias)) word_t;
+  word_t* words = reinterpret_cast<word_t*>(bits);
+  const uint32_t pair0 = static_cast<uint32_t>(static_cast<uint64_t>(b0) >> 1);
+  MUPOPT_SIMD
+  for (int k = 0; k < (n + 1) / 2; ++k) words[k] = sr_word(span_key, pair0 + static_cast<uint32_t>(k));
+#else
+  for (int k = 0; k < n; ++k) bits[k] = static_cast<uint16_t>(sr_bits(span_key, b0 + k));
+#endif
+}
+
 template <class Op, bool kFma, class TP, class TG, Rounding R = Rounding::kNearest>
 MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul_f,
                                   double* red) {
@@ -152,19 +169,16 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     // (One loop doing both is not vectorised by GCC 12: its simd-lane arrays, see above.)
     constexpr int kBlock = 256;
     T t0[kBlock], t1[kBlock];
-    uint32_t bits[kNeedsBits<TP, R> ? kBlock : 1];
+    alignas(64) uint16_t bits[kNeedsBits<TP, R> ? kBlock : 2];
     double r0 = 0.0, r1 = 0.0;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
-      if constexpr (kNeedsBits<TP, R>) {
-        MUPOPT_SIMD
-        for (int k = 0; k < n; ++k) bits[k] = sr_bits(span_key, static_cast<uint32_t>(b0 + k));
-      }
+      if constexpr (kNeedsBits<TP, R>) sr_fill(bits, span_key, b0, n);
       MUPOPT_SIMD
       for (int k = 0; k < n; ++k) {
         const int64_t i = b0 + k;
         T c[kMaxReduce] = {T(0), T(0)};
-        MUPOPT_CPU_ELEMENT(c, (bits[kNeedsBits<TP, R> ? k : 0]))
+        MUPOPT_CPU_ELEMENT(c, (static_cast<uint32_t>(bits[kNeedsBits<TP, R> ? k : 0])))
         t0[k] = c[0];
         t1[k] = c[1];
       }
@@ -183,15 +197,14 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     // vectors), split 1.2x (L2-resident, AVX2, one thread; docs/dtypes.md).
     (void)red;
     constexpr int kBlock = 256;
-    uint32_t bits[kBlock];
+    alignas(64) uint16_t bits[kBlock];
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
-      MUPOPT_SIMD
-      for (int k = 0; k < n; ++k) bits[k] = sr_bits(span_key, static_cast<uint32_t>(b0 + k));
+      sr_fill(bits, span_key, b0, n);
       MUPOPT_SIMD
       for (int k = 0; k < n; ++k) {
         const int64_t i = b0 + k;
-        MUPOPT_CPU_ELEMENT(nullptr, bits[k])
+        MUPOPT_CPU_ELEMENT(nullptr, static_cast<uint32_t>(bits[k]))
       }
     }
   } else {
@@ -275,9 +288,13 @@ __device__ MUPOPT_FORCE_INLINE void store4_param(TP* p, const float* x, uint32_t
   if constexpr (R == Rounding::kNearest || std::is_same<TP, float>::value) {
     store4(p, x);
   } else {
+    // i0 is a multiple of 4: the elements are two whole pairs, one random word each (storage.h).
+    const uint32_t pair0 = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 1);
+    const uint32_t w0 = sr_word(span_key, pair0), w1 = sr_word(span_key, pair0 + 1u);
+    const uint32_t r[4] = {w0 & 0xFFFFu, w0 >> 16, w1 & 0xFFFFu, w1 >> 16};
     uint32_t h[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = store_value<TP, R>(x[j], sr_bits(span_key, static_cast<uint32_t>(i0 + j))).bits;
+    for (int j = 0; j < 4; ++j) h[j] = store_value<TP, R>(x[j], r[j]).bits;
     uint2 v;
     v.x = h[0] | (h[1] << 16);
     v.y = h[2] | (h[3] << 16);
@@ -370,7 +387,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
       acc0 += static_cast<double>(c[0]);
       acc1 += static_cast<double>(c[1]);
     }
-    if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], sr_bits(span_key, static_cast<uint32_t>(i)));
+    if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], sr_bits(span_key, i));
     if constexpr ((W & 4u) != 0) s2[i] = from_float<TP>(x[2]);
     if constexpr ((W & 8u) != 0) s3[i] = from_float<TP>(x[3]);
     if constexpr ((W & 16u) != 0) s4[i] = from_float<TP>(x[4]);

@@ -15,12 +15,14 @@
 //
 // Stochastic rounding: the executable spec is mupopt/storage.py (round_stochastic, random_bits);
 // this is the same rule, bit for bit (tests/test_stochastic_rounding.py compares the backends):
-//  - random bits: mix32(key ^ lo32(i) ^ hi32(i)*0x9E3779B9) for element index i, with the
-//    per-tensor, per-step key = mix32(mix32(step) ^ seed) formed on the host (TensorRow::sr_key)
-//    and mix32 C. Wellons' lowbias32 (hash-prospector, 2018: two multiply-xorshift rounds);
-//  - bfloat16: add the top 16 random bits to the float32 pattern, keep its upper half;
-//  - float16: |x| >= 2^-14: the same with 13 bits below float16's 10-bit mantissa; below, in
-//    units of float16's fixed spacing 2^-24: up when 31 random bits < frac(|x|*2^24) * 2^31;
+//  - random bits: 16 per element, one 32-bit word per pair j = i >> 1 of element indices,
+//    mix32(key ^ lo32(j) ^ hi32(j)*0x9E3779B9), its low half for even i and high half for odd
+//    i, with the per-tensor, per-step key = mix32(mix32(step) ^ seed) formed on the host
+//    (TensorRow::sr_key) and mix32 C. Wellons' lowbias32 (hash-prospector, 2018: two
+//    multiply-xorshift rounds);
+//  - bfloat16: add the 16 random bits to the float32 pattern, keep its upper half;
+//  - float16: |x| >= 2^-14: the same with the top 13 bits below float16's 10-bit mantissa;
+//    below, in units of float16's fixed spacing 2^-24: up when the 16 bits < frac(|x|*2^24)*2^16;
 //  - inf stays inf, NaN stays a quiet NaN (bits: bf16_stochastic, f16_stochastic).
 // Written without branches (masks), so the CPU loops stay vectorised.
 #pragma once
@@ -44,10 +46,11 @@ MUPOPT_HDI uint32_t mix32(uint32_t x) {
 // A tensor's key at one step (``step``: the count after this step's increment).
 MUPOPT_HD inline uint32_t sr_step_key(uint32_t seed, uint32_t step) { return mix32(mix32(step) ^ seed); }
 
-// The key with the high word of the element index folded in. Chunks (32768 CPU, 16384 CUDA
-// elements) divide 2^32, so the high word is constant over one chunk: the loops form this once.
+// The key with the high word of the pair index (element index >> 1) folded in. Chunks (32768
+// CPU, 16384 CUDA elements) divide 2^33, so the high word is constant over one chunk: the loops
+// form this once.
 MUPOPT_HDI uint32_t sr_span_key(uint32_t key, int64_t begin) {
-  return key ^ (static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32) * 0x9E3779B9u);
+  return key ^ (static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 33) * 0x9E3779B9u);
 }
 
 // Non-finite values: inf stays inf; NaN stays NaN, quiet (bfloat16: its upper half with the quiet
@@ -55,29 +58,29 @@ MUPOPT_HDI uint32_t sr_span_key(uint32_t key, int64_t begin) {
 // conversion on this path (an extra conversion and select per element); the guard keeps a NaN
 // whose payload would carry into the exponent from becoming -0 and one whose payload lies in
 // the low 16 bits from becoming inf.
-MUPOPT_HDI bf16_t bf16_stochastic(float x, uint32_t r) {
+MUPOPT_HDI bf16_t bf16_stochastic(float x, uint32_t r) {  // r < 2^16
   const uint32_t u = float_bits(x);
   const uint32_t body = u & 0x7FFFFFFFu;
   const uint32_t finite = 0u - static_cast<uint32_t>(body < 0x7F800000u);
   const uint32_t nan = 0u - static_cast<uint32_t>(body > 0x7F800000u);
   // No wrap: finite patterns are <= 0xFF7FFFFF; non-finite ones get nothing added.
   bf16_t out;
-  out.bits = static_cast<uint16_t>(((u + ((r >> 16) & finite)) >> 16) | (nan & 0x40u));
+  out.bits = static_cast<uint16_t>(((u + (r & finite)) >> 16) | (nan & 0x40u));
   return out;
 }
 
-MUPOPT_HDI f16_t f16_stochastic(float x, uint32_t r) {
+MUPOPT_HDI f16_t f16_stochastic(float x, uint32_t r) {  // r < 2^16
   const uint32_t u = float_bits(x);
   const uint32_t ua = u & 0x7FFFFFFFu;
   // float16 normals and above: 13 random bits under float16's mantissa, then truncation.
-  const uint32_t normal = (ua + (r >> 19)) & ~0x1FFFu;
+  const uint32_t normal = (ua + (r >> 3)) & ~0x1FFFu;
   // Below 2^-14 (pattern 0x38800000): units of 2^-24. The clamp of the pattern keeps the lanes
   // of the other branch (and NaN) finite; y < 2^10, so the int32 conversions are exact.
   const uint32_t is_small = 0u - static_cast<uint32_t>(ua < 0x38800000u);
   const float y = bits_float((ua & is_small) | (0x38800000u & ~is_small)) * 0x1.0p+24f;
   const float whole = static_cast<float>(static_cast<int32_t>(y));
-  const int32_t threshold = static_cast<int32_t>((y - whole) * 0x1.0p+31f);
-  const float up = static_cast<float>(static_cast<int32_t>(static_cast<int32_t>(r >> 1) < threshold));
+  const int32_t threshold = static_cast<int32_t>((y - whole) * 0x1.0p+16f);
+  const float up = static_cast<float>(static_cast<int32_t>(static_cast<int32_t>(r) < threshold));
   const uint32_t small = float_bits((whole + up) * 0x1.0p-24f);
   const uint32_t mag = (small & is_small) | (normal & ~is_small);
   // One conversion: exact for the value on float16's grid (2^16 and above become inf), and
@@ -86,11 +89,18 @@ MUPOPT_HDI f16_t f16_stochastic(float x, uint32_t r) {
   return from_float<f16_t>(bits_float(((mag | (u & 0x80000000u)) & finite) | (u & ~finite)));
 }
 
-// The random bits of element index ``lo`` (its low word) under sr_span_key's ``span_key``.
-MUPOPT_HDI uint32_t sr_bits(uint32_t span_key, uint32_t lo) { return mix32(span_key ^ lo); }
+// The random word of the pair of elements whose pair index (element index >> 1) has low word
+// ``pair_lo``, under sr_span_key's ``span_key``: 16 bits for each of the two elements.
+MUPOPT_HDI uint32_t sr_word(uint32_t span_key, uint32_t pair_lo) { return mix32(span_key ^ pair_lo); }
 
-// compute type -> storage. ``r``: the element's random bits (sr_bits), read by kStochastic on
-// 16-bit storage only.
+// The 16 random bits of element ``i`` (in the span of ``span_key``).
+MUPOPT_HDI uint32_t sr_bits(uint32_t span_key, int64_t i) {
+  const uint32_t word = sr_word(span_key, static_cast<uint32_t>(static_cast<uint64_t>(i) >> 1));
+  return (word >> ((static_cast<uint32_t>(i) & 1u) * 16u)) & 0xFFFFu;
+}
+
+// compute type -> storage. ``r``: the element's 16 random bits (sr_bits), read by kStochastic
+// on 16-bit storage only.
 template <class TP, Rounding R>
 MUPOPT_HDI TP store_value(compute_t<TP> x, uint32_t r) {
   if constexpr (R == Rounding::kStochastic && std::is_same<TP, bf16_t>::value) {

@@ -308,11 +308,14 @@ def _mix32(x):
 
 @triton.jit
 def _random_bits(key, offs):
-    """The 32 random bits of elements ``offs`` (int64 indices in their tensor) under the
-    tensor's ``key`` (uint32): mupopt/storage.py random_bits."""
-    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
-    hi = (offs >> 32).to(tl.uint32)
-    return _mix32(lo ^ (hi * tl.cast(0x9E3779B9, tl.uint32)) ^ key)
+    """The 16 random bits of elements ``offs`` (int64 indices in their tensor) under the
+    tensor's ``key`` (uint32): mupopt/storage.py random_bits (one word per pair of elements,
+    hashed here once per element: on a GPU the hash is not what a step waits for)."""
+    pair = offs >> 1
+    lo = (pair & 0xFFFFFFFF).to(tl.uint32)
+    hi = (pair >> 32).to(tl.uint32)
+    word = _mix32(lo ^ (hi * tl.cast(0x9E3779B9, tl.uint32)) ^ key)
+    return (word >> ((offs & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
@@ -321,7 +324,7 @@ def _bf16_stochastic(x, r):
     stays inf, NaN keeps its upper half with the quiet bit set."""
     u = x.to(tl.uint32, bitcast=True)
     body = u & 0x7FFFFFFF
-    up = (u + tl.where(body < 0x7F800000, r >> 16, 0)) >> 16
+    up = (u + tl.where(body < 0x7F800000, r, 0)) >> 16
     bits = tl.where(body > 0x7F800000, up | 0x40, up)
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
@@ -331,14 +334,14 @@ def _f16_stochastic(x, r):
     """float32 -> float16 rounded stochastically with random bits r (mupopt/storage.py)."""
     u = x.to(tl.uint32, bitcast=True)
     ua = u & 0x7FFFFFFF
-    normal = (ua + (r >> 19)) & tl.cast(0xFFFFE000, tl.uint32)
+    normal = (ua + (r >> 3)) & tl.cast(0xFFFFE000, tl.uint32)
     # Below 2^-14 (pattern 0x38800000) in units of 2^-24; the clamp on the pattern keeps the
     # other lanes (NaN included) finite for the int32 conversions.
     a = tl.where(ua < 0x38800000, ua, 0x38800000).to(tl.float32, bitcast=True)
     y = a * 16777216.0
     whole = y.to(tl.int32).to(tl.float32)
-    threshold = ((y - whole) * 2147483648.0).to(tl.int32)
-    up = ((r >> 1).to(tl.int32) < threshold).to(tl.float32)
+    threshold = ((y - whole) * 65536.0).to(tl.int32)
+    up = (r.to(tl.int32) < threshold).to(tl.float32)
     small = ((whole + up) * 5.960464477539063e-08).to(tl.uint32, bitcast=True)
     mag = tl.where(ua < 0x38800000, small, normal)
     value = tl.where(ua < 0x7F800000, (mag | (u & tl.cast(0x80000000, tl.uint32))).to(tl.float32, bitcast=True), x)
