@@ -183,7 +183,10 @@ def test_first_step_stores_the_quantized_32bit_state(name):
             assert o16.state[b][key].dtype == torch.bfloat16
             assert torch.equal(o16.state[b][key], value.to(torch.bfloat16))
             st8 = o8.state[c]
-            if c.numel() >= lean.MIN_8BIT_SIZE:
+            if c.numel() >= lean.MIN_8BIT_SIZE and name == "adopt" and key == "exp_avg":
+                # not written by ADOPT's first step (v = g*g only): still the zero state
+                assert not st8[key].any() and not st8[key + lean.ABSMAX].any()
+            elif c.numel() >= lean.MIN_8BIT_SIZE:
                 codes, absmax = lean.quantized(value, o8._lean_keys[key])
                 assert torch.equal(st8[key], codes) and torch.equal(st8[key + lean.ABSMAX], absmax), key
             else:
