@@ -225,8 +225,7 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     TORCH_CHECK(static_cast<int64_t>(streams[s].list.size()) == n, op, ": ", streams[s].name, " has ",
                 streams[s].list.size(), " tensors but ", streams[ref].name, " has ", n);
   }
-  // The param's dtype: stream 0's, or without one the gradient's (sophia_hessian_).
-  const int param_stream = streams[0].name != nullptr ? 0 : 1;
+  const bool has_param = streams[0].name != nullptr;
 
   RowSet out;
   out.rows.reserve(n);
@@ -238,6 +237,13 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     const at::Tensor& r = streams[ref].list[i];
     TORCH_CHECK(r.defined(), op, ": ", streams[ref].name, "[", i, "] is undefined");
     if (!out.device) out.device = r.device();
+    // What the states' format is relative to: the param; without one (sophia_hessian_) the first
+    // state itself (format 32, any gradient dtype), or the gradient where the state is uint8 codes.
+    int param_stream = 0;
+    if (!has_param) {
+      const at::Tensor& first = streams[2].list[i];
+      param_stream = first.defined() && first.scalar_type() == at::kByte ? 1 : 2;
+    }
     const at::Tensor& pt = streams[param_stream].list[i];
     TensorRow row;
     std::memset(&row, 0, sizeof row);
@@ -248,7 +254,7 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     for (int s = 0; s < kMaxStreams; ++s) {
       if (streams[s].name == nullptr) continue;
       const at::Tensor& t = streams[s].list[i];
-      const bool state = s >= 2;
+      const bool state = s >= 2 && s != param_stream;
       check_tensor(op, streams[s].name, i, t, *out.device, streams[ref].name, row.numel, state);
       if (state) {
         StateFormat f = state_format_of(op, streams[s].name, i, t, streams[param_stream].name, pt);
@@ -277,7 +283,7 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
           ++used_absmax;
           any_q8 = true;
         }
-      } else if (s == 1 && param_stream == 0) {
+      } else if (s == 1 && param_stream != 1) {
         check_grad_dtype(op, i, t, streams[param_stream].name, pt);
       }
       if (row.numel > 0) {

@@ -273,7 +273,7 @@ def test_bad_block_scales_are_refused_and_change_nothing():
 
 
 def _table_codes(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The lookup of csrc/include/mupopt/storage.h's encode_q8, transcribed (int64 arithmetic)."""
+    """The lookup of csrc/include/mupopt/storage.h's q8_bucket and q8_code, transcribed (int64 arithmetic)."""
     lo, count = int(table[256]), int(table[257])
     entry = table[258:].long() & 0xFFFFFFFF
     u = y.view(torch.int32).long() & 0xFFFFFFFF

@@ -155,8 +155,10 @@ struct QuantTable {
 };
 
 // The code of x in a block of absmax ``amax`` (``div``: amax where amax > 0, else 1; ``pos``:
-// amax > 0), as _lean_states.quantize_: y = x / amax, or 0 where amax is not > 0 (0 or NaN).
-MUPOPT_HDI uint8_t encode_q8(float x, float div, bool pos, const QuantTable& q) {
+// amax > 0), as _lean_states.quantize_: y = x / amax, or 0 where amax is not > 0 (0 or NaN). In
+// two steps, so that the CPU loops vectorise the first and look the table up in scalar code
+// (multi_tensor.h's q8_encode): the entry index and the key of y, then the code from the entry.
+MUPOPT_HDI void q8_bucket(float x, float div, bool pos, const QuantTable& q, uint32_t& index, uint32_t& key) {
   const float y = pos ? x / div : 0.0f;
   const uint32_t u = float_bits(y);
   const uint32_t body = u & 0x7FFFFFFFu;
@@ -164,9 +166,12 @@ MUPOPT_HDI uint8_t encode_q8(float x, float div, bool pos, const QuantTable& q) 
   uint32_t mag = body >> 16;
   mag = mag < q.lo ? q.lo : mag;
   mag = mag > q.lo + q.count - 1 ? q.lo + q.count - 1 : mag;
-  const uint32_t e = q.entry[(mag - q.lo) + (neg ? q.count : 0u)];
-  const uint32_t key = (u & 0xFFFFu) ^ (neg ? 0xFFFFu : 0u);
-  return static_cast<uint8_t>((e >> 16) + static_cast<uint32_t>(key > (e & 0xFFFFu)));
+  index = (mag - q.lo) + (neg ? q.count : 0u);
+  key = (u & 0xFFFFu) ^ (neg ? 0xFFFFu : 0u);
+}
+
+MUPOPT_HDI uint8_t q8_code(uint32_t entry, uint32_t key) {
+  return static_cast<uint8_t>((entry >> 16) + static_cast<uint32_t>(key > (entry & 0xFFFFu)));
 }
 
 // Whether a loop storing TP with rounding R needs random bits.
