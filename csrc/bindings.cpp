@@ -5,6 +5,12 @@
 // tensor's step count and muP multipliers and form its scalars themselves (csrc/prepare.h: the
 // reference's expressions in float64, rounded once); uniform hyperparameters are plain floats.
 //
+// state_bits (mupopt/optim/_lean_states.py): each tensor's states are in its param's dtype
+// (format 32), bfloat16 (16) or uint8 codes (8, float32 / bfloat16 / float16 params). Format 8
+// also takes ``absmax``, the float32 block scales of every uint8 state in list order (tensor by
+// tensor, each tensor's states in the op's order), and ``maps``, one table per state list
+// (csrc/include/mupopt/storage.h's QuantTable, built by mupopt/kernels/cpp/ops.py).
+//
 // GradScaler: ``grad_scale`` (the loss scale; gradients are multiplied by 1/scale inside the
 // kernel, as GradScaler.unscale_ does) and ``found_inf`` (nonzero: the call changes nothing, the
 // step counts included) are optional float32 tensors with one element on the tensors' device.
@@ -17,6 +23,7 @@
 
 #include "cpu/ops.h"
 #include "prepare.h"
+#include "step.h"
 #include "table.h"
 
 namespace mupopt {
@@ -26,7 +33,6 @@ namespace {
 using at::ArrayRef;
 using at::Tensor;
 using at::TensorList;
-using OptTensor = c10::optional<at::Tensor>;
 
 // The avx2+fma loops when this CPU has both and ATen also uses its AVX2/AVX512 kernels, whose
 // lerp/add(alpha)/addcmul round once (see csrc/cpu/driver.h). ATen decides with the same cpuid
@@ -57,107 +63,46 @@ cpu::Args cpu_args(const char* op, const c10::optional<c10::Device>& device, boo
 }
 
 cpu::Launch launch_of(Table& t, const Group& g) {
-  return cpu::Launch{t.rows.data() + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad};
+  return cpu::Launch{t.rows.data() + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad, g.state,
+                     t.maps.data()};
 }
 
-void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-               TensorList max_exp_avg_sqs, TensorList state_steps, ArrayRef<double> lr_mults,
-               ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
-               double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
-               const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
-                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCpuChunk, sr_seeds);
-  const cpu::Args a = cpu_args("adamw_", t.device, maximize, grad_scale, found_inf);
-  if (cpu::skipped(a)) return;
-  bump_steps(state_steps);
-  const AdamWHyper h = make_adamw_hyper(beta1, beta2);
-  for (const Group& g : t.groups) cpu::adamw(launch_of(t, g), h, amsgrad, a);
-}
-
-void adopt_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-               TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
-               ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
-               bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
-                          weight_decay, eps, kCpuChunk, sr_seeds);
-  const cpu::Args a = cpu_args("adopt_", t.device, maximize, grad_scale, found_inf);
-  if (cpu::skipped(a)) return;
-  bump_steps(state_steps);
-  const AdoptHyper h = make_adopt_hyper(beta1, beta2);
-  for (const Group& g : t.groups) cpu::adopt(launch_of(t, g), h, g.variant == 0, a);
-}
-
-void lamb_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-              TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr, double beta1,
-              double beta2, double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
-              const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCpuChunk, sr_seeds);
-  const cpu::Args a = cpu_args("lamb_", t.device, maximize, grad_scale, found_inf);
-  if (cpu::skipped(a)) return;
-  bump_steps(state_steps);
-  const LambHyper h =
-      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
-  for (const Group& g : t.groups) cpu::lamb(launch_of(t, g), h, a);
-}
-
-// The split form of lamb_ (csrc/include/mupopt/lamb.h), for tensors whose norms the caller
-// reduces between the two calls (shards of one tensor on several ranks). Same arguments as
-// lamb_; lamb_apply_ must follow with the same lists and the reduced sums.
-Tensor lamb_partials_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                         TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
-                         double beta1, double beta2, double weight_decay, double eps,
-                         c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                         const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCpuChunk, sr_seeds, "lamb_partials_");
-  const cpu::Args a = cpu_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
-  Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2},
-                          at::TensorOptions().dtype(at::kDouble).device(t.device.value_or(at::Device(at::kCPU))));
-  if (cpu::skipped(a)) return sums;
-  bump_steps(state_steps);
-  const LambHyper h =
-      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
-  for (const Group& g : t.groups) cpu::lamb_partials(launch_of(t, g), h, a, sums.data_ptr<double>());
-  return sums;
-}
-
-void lamb_apply_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                    TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, const Tensor& sums,
-                    double lr, double beta1, double beta2, double weight_decay, double eps,
-                    c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                    const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCpuChunk, sr_seeds, "lamb_apply_", /*steps_bumped=*/true);
-  const Tensor s = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
-  const cpu::Args a = cpu_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
-  if (cpu::skipped(a)) return;
-  const LambHyper h =
-      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
-  for (const Group& g : t.groups) cpu::lamb_apply(launch_of(t, g), h, a, s.data_ptr<double>());
-}
-
-void sophia_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians, TensorList state_steps,
-                ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr, double beta1, double rho, double bs,
-                double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
-                           kCpuChunk, sr_seeds);
-  const cpu::Args a = cpu_args("sophia_", t.device, maximize, grad_scale, found_inf);
-  if (cpu::skipped(a)) return;
-  bump_steps(state_steps);
-  const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);  // rho*bs: the reference's float64 product
-  for (const Group& g : t.groups) cpu::sophia(launch_of(t, g), h, a);
-}
-
-void sophia_hessian_cpu(TensorList grads, TensorList hessians, double beta2, const OptTensor& grad_scale,
-                        const OptTensor& found_inf) {
-  Table t = make_table("sophia_hessian_",
-                       {Stream{}, Stream{grads, "grads"}, Stream{hessians, "hessians"}, Stream{}, Stream{}}, nullptr,
-                       0, kCpuChunk);
-  const cpu::Args a = cpu_args("sophia_hessian_", t.device, false, grad_scale, found_inf);
-  const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
-  for (const Group& g : t.groups) cpu::sophia_hessian(launch_of(t, g), h, a);
-}
+// The CPU side of the per-call optimizer ops (step.h): the loops of csrc/cpu on the table in
+// place, found_inf read where it lies (a CPU tensor).
+struct CpuDevice {
+  static constexpr int64_t kChunk = kCpuChunk;
+  struct Ctx {
+    cpu::Args a;
+    bool skip;
+  };
+  static Ctx begin(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
+                   const OptTensor& found_inf, const OptTensors&, bool) {
+    Ctx c{cpu_args(op, t.device, maximize, grad_scale, found_inf), false};
+    c.skip = cpu::skipped(c.a);
+    return c;
+  }
+  template <class Fn>
+  static void each(const char*, Table& t, Ctx&, Fn&& fn) {
+    for (const Group& g : t.groups) fn(launch_of(t, g), g);
+  }
+  static void adamw(const cpu::Launch& l, const Group&, const AdamWHyper& h, bool amsgrad, Ctx& c) {
+    cpu::adamw(l, h, amsgrad, c.a);
+  }
+  static void adopt(const cpu::Launch& l, const Group&, const AdoptHyper& h, bool first_step, Ctx& c) {
+    cpu::adopt(l, h, first_step, c.a);
+  }
+  static void lamb(const cpu::Launch& l, const Group&, const LambHyper& h, Ctx& c) { cpu::lamb(l, h, c.a); }
+  static void lamb_partials(const cpu::Launch& l, const Group&, const LambHyper& h, Ctx& c, const Tensor& sums) {
+    cpu::lamb_partials(l, h, c.a, sums.data_ptr<double>());
+  }
+  static void lamb_apply(const cpu::Launch& l, const Group&, const LambHyper& h, Ctx& c, const Tensor& sums) {
+    cpu::lamb_apply(l, h, c.a, sums.data_ptr<double>());
+  }
+  static void sophia(const cpu::Launch& l, const Group&, const SophiaHyper& h, Ctx& c) { cpu::sophia(l, h, c.a); }
+  static void sophia_hessian(const cpu::Launch& l, const Group&, const SophiaHyper& h, Ctx& c) {
+    cpu::sophia_hessian(l, h, c.a);
+  }
+};
 
 // The memory bound of a step for the benchmarks (cpu/traffic.cpp): ``passes`` holds (load mask,
 // store mask) pairs over the four lists, each pass one traversal of the lists with no math.
@@ -183,7 +128,8 @@ void traffic_cpu(TensorList streams0, TensorList streams1, TensorList streams2, 
   for (int s = 0; s < 4; ++s) {
     if ((used >> s) & 1u) streams[s] = Stream{lists[s], names[s]};
   }
-  Table t = make_table(op, streams, nullptr, 0, kCpuChunk);
+  // Lists 2 and 3 in list 0's dtype, bfloat16 or uint8 (the states of state_bits 32, 16, 8).
+  Table t = make_table(op, streams, nullptr, 0, kCpuChunk, nullptr, LeanLists{{}, {}, /*raw_bytes=*/true});
   const cpu::Args a = cpu_args(op, t.device, false, c10::nullopt, c10::nullopt);
   for (size_t k = 0; k < passes.size(); k += 2) {
     for (const Group& g : t.groups) {
@@ -207,17 +153,17 @@ TORCH_LIBRARY(mupopt, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float[] lr_mults, float[] wd_mults, "
       "float[] eps_mults, *, float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   m.def(
       "adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, *, float lr, "
       "float beta1, float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   // lamb_ in two calls, for norms reduced by the caller in between (see lamb.h): lamb_partials_
   // updates the moments (float32 states) and the steps and returns float64 [N, 2], per tensor
   // (sum of p*p before the update, sum of u*u); lamb_apply_ takes those sums (reduced) and
@@ -226,19 +172,19 @@ TORCH_LIBRARY(mupopt, m) {
       "lamb_partials_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[]) -> Tensor");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> Tensor");
   m.def(
       "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] state_steps, float[] lr_mults, float[] eps_mults, Tensor sums, *, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   m.def(
       "sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] wd_mults, *, float lr, float beta1, float rho, "
-      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[]) -> ()");
+      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   m.def(
       "sophia_hessian_(Tensor[] grads, Tensor(a!)[] hessians, *, float beta2, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   // Which CPU loops run here: "avx2+fma", "fma" (non-x86) or "plain" (tests, benchmarks).
   m.def("cpu_isa() -> str", &mupopt::binding::cpu_isa);
   // Benchmarks: a step's traffic with no math, (load, store) mask pairs over the four lists.
@@ -249,13 +195,13 @@ TORCH_LIBRARY(mupopt, m) {
 
 TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
   using namespace mupopt::binding;
-  m.impl("adamw_", &adamw_cpu);
-  m.impl("adopt_", &adopt_cpu);
-  m.impl("lamb_", &lamb_cpu);
-  m.impl("lamb_partials_", &lamb_partials_cpu);
-  m.impl("lamb_apply_", &lamb_apply_cpu);
-  m.impl("sophia_", &sophia_cpu);
-  m.impl("sophia_hessian_", &sophia_hessian_cpu);
+  m.impl("adamw_", &adamw_step<CpuDevice>);
+  m.impl("adopt_", &adopt_step<CpuDevice>);
+  m.impl("lamb_", &lamb_step<CpuDevice>);
+  m.impl("lamb_partials_", &lamb_partials_step<CpuDevice>);
+  m.impl("lamb_apply_", &lamb_apply_step<CpuDevice>);
+  m.impl("sophia_", &sophia_step<CpuDevice>);
+  m.impl("sophia_hessian_", &sophia_hessian_step<CpuDevice>);
   m.impl("traffic_", &traffic_cpu);
 }
 

@@ -16,6 +16,7 @@
 
 #include "cuda/ops.h"
 #include "prepare.h"
+#include "step.h"
 #include "table.h"
 
 namespace mupopt {
@@ -25,7 +26,16 @@ namespace {
 using at::ArrayRef;
 using at::Tensor;
 using at::TensorList;
-using OptTensor = c10::optional<at::Tensor>;
+
+// The CUDA kernel steps states in their param's dtype or bfloat16 (formats 32 and 16; the
+// backend registers state_bits=(16, 32), so the optimizers never hand it format 8).
+void refuse_block8(const char* op, const Table& t, const OptTensors& absmax = c10::nullopt) {
+  TORCH_CHECK(!absmax.has_value() || absmax->empty(), op, ": state_bits=8 is not implemented on CUDA yet");
+  for (const Group& g : t.groups) {
+    TORCH_CHECK(g.state == StateFormat::kParam || g.state == StateFormat::kBFloat16, op,
+                ": state_bits=8 is not implemented on CUDA yet");
+  }
+}
 
 // A device copy of a table's rows (undefined when it has none).
 Tensor upload_rows(const Table& t) {
@@ -34,17 +44,6 @@ Tensor upload_rows(const Table& t) {
   Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), t.rows.data(), static_cast<size_t>(bytes));
   return host.to(*t.device, /*non_blocking=*/true);
-}
-
-struct DeviceTable {
-  Table table;
-  Tensor rows;  // device copy of table.rows (bytes)
-};
-
-DeviceTable upload(Table&& t) {
-  DeviceTable d{std::move(t), Tensor()};
-  d.rows = upload_rows(d.table);
-  return d;
 }
 
 GradArgs grad_args(const char* op, const c10::optional<c10::Device>& device, bool maximize,
@@ -66,13 +65,9 @@ void for_each_group(const char* op, const Table& t, const Tensor& rows, Fn&& fn)
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto* base = reinterpret_cast<TensorRow*>(rows.data_ptr());
   for (const Group& g : t.groups) {
-    C10_CUDA_CHECK(fn(cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad}, g, stream));
+    C10_CUDA_CHECK(
+        fn(cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad, g.state}, g, stream));
   }
-}
-
-template <class Fn>
-void for_each_group(const char* op, const DeviceTable& d, Fn&& fn) {
-  for_each_group(op, d.table, d.rows, std::forward<Fn>(fn));
 }
 
 // found_inf decides whether the host-side step counts move, so it is read here: one
@@ -81,126 +76,63 @@ bool found_inf_set(const OptTensor& found_inf) {
   return found_inf.has_value() && found_inf->defined() && found_inf->item<float>() != 0.0f;
 }
 
-void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList max_exp_avg_sqs, TensorList state_steps, ArrayRef<double> lr_mults,
-                ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
-                double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
-                const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
-                          eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, kCudaChunk, sr_seeds);
-  const GradArgs ga = grad_args("adamw_", t.device, maximize, grad_scale, found_inf);
-  if (found_inf_set(found_inf)) return;
-  bump_steps(state_steps);
-  DeviceTable d = upload(std::move(t));
-  const AdamWHyper h = make_adamw_hyper(beta1, beta2);
-  for_each_group("adamw_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::adamw(l, h, amsgrad, ga, s);
-  });
-}
-
-void adopt_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
-                ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
-                bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
-                          weight_decay, eps, kCudaChunk, sr_seeds);
-  const GradArgs ga = grad_args("adopt_", t.device, maximize, grad_scale, found_inf);
-  if (found_inf_set(found_inf)) return;
-  bump_steps(state_steps);
-  DeviceTable d = upload(std::move(t));
-  const AdoptHyper h = make_adopt_hyper(beta1, beta2);
-  for_each_group("adopt_", d, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
-    return cuda::adopt(l, h, g.variant == 0, ga, s);
-  });
-}
-
-void lamb_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-               TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr, double beta1,
-               double beta2, double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
-               const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCudaChunk, sr_seeds);
-  const GradArgs ga = grad_args("lamb_", t.device, maximize, grad_scale, found_inf);
-  if (found_inf_set(found_inf)) return;
-  bump_steps(state_steps);
-  DeviceTable d = upload(std::move(t));
-  const LambHyper h =
-      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
-  for_each_group("lamb_", d, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
-    Tensor partials =
-        at::empty({g.n_chunks * kMaxReduce}, at::TensorOptions().dtype(at::kDouble).device(*d.table.device));
-    return cuda::lamb(l, h, ga, partials.data_ptr<double>(), s);
-  });
-}
-
-Tensor lamb_partials_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                          TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
-                          double beta1, double beta2, double weight_decay, double eps,
-                          c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                          const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCudaChunk, sr_seeds, "lamb_partials_");
-  const GradArgs ga = grad_args("lamb_partials_", t.device, maximize, grad_scale, found_inf);
-  const auto device = t.device.value_or(params.empty() ? at::Device(at::kCPU) : params[0].device());
-  Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2}, at::TensorOptions().dtype(at::kDouble).device(device));
-  if (found_inf_set(found_inf)) return sums;
-  bump_steps(state_steps);
-  DeviceTable d = upload(std::move(t));
-  const LambHyper h =
-      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
-  for_each_group("lamb_partials_", d, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
-    Tensor partials =
-        at::empty({g.n_chunks * kMaxReduce}, at::TensorOptions().dtype(at::kDouble).device(*d.table.device));
-    return cuda::lamb_partials(l, h, ga, partials.data_ptr<double>(), sums.data_ptr<double>(), s);
-  });
-  return sums;
-}
-
-void lamb_apply_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                     TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults,
-                     const Tensor& sums, double lr, double beta1, double beta2, double weight_decay, double eps,
-                     c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                     const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, kCudaChunk, sr_seeds, "lamb_apply_", /*steps_bumped=*/true);
-  const Tensor reduced = check_lamb_sums("lamb_apply_", sums, static_cast<int64_t>(params.size()), t.device);
-  const GradArgs ga = grad_args("lamb_apply_", t.device, maximize, grad_scale, found_inf);
-  if (found_inf_set(found_inf)) return;
-  DeviceTable d = upload(std::move(t));
-  const LambHyper h =
-      make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
-  for_each_group("lamb_apply_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::lamb_apply(l, h, ga, reduced.data_ptr<double>(), s);
-  });
-}
-
-void sophia_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
-                 TensorList state_steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr,
-                 double beta1, double rho, double bs, double weight_decay, bool maximize, const OptTensor& grad_scale,
-                 const OptTensor& found_inf, at::IntArrayRef sr_seeds) {
-  Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
-                           kCudaChunk, sr_seeds);
-  const GradArgs ga = grad_args("sophia_", t.device, maximize, grad_scale, found_inf);
-  if (found_inf_set(found_inf)) return;
-  bump_steps(state_steps);
-  DeviceTable d = upload(std::move(t));
-  const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);
-  for_each_group("sophia_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::sophia(l, h, ga, s);
-  });
-}
-
-void sophia_hessian_cuda(TensorList grads, TensorList hessians, double beta2, const OptTensor& grad_scale,
-                         const OptTensor& found_inf) {
-  DeviceTable d = upload(make_table("sophia_hessian_",
-                                    {Stream{}, Stream{grads, "grads"}, Stream{hessians, "hessians"}, Stream{}, Stream{}},
-                                    nullptr, 0, kCudaChunk));
-  const GradArgs ga = grad_args("sophia_hessian_", d.table.device, false, grad_scale, found_inf);
-  const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
-  for_each_group("sophia_hessian_", d, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
-    return cuda::sophia_hessian(l, h, ga, s);
-  });
-}
+// The CUDA side of the per-call optimizer ops (step.h): the table copied to the device after the
+// step counts moved, one launch per group on the current stream; found_inf read once on the host
+// where step counts depend on it.
+struct CudaDevice {
+  static constexpr int64_t kChunk = kCudaChunk;
+  struct Ctx {
+    GradArgs ga;
+    bool skip;
+    Tensor rows;  // the device copy of the table's rows, alive until the launches are queued
+    cudaStream_t stream;
+    c10::Device device;
+  };
+  static Ctx begin(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
+                   const OptTensor& found_inf, const OptTensors& absmax, bool host_skip) {
+    refuse_block8(op, t, absmax);
+    Ctx c{grad_args(op, t.device, maximize, grad_scale, found_inf), false, Tensor(), nullptr,
+          t.device.value_or(c10::Device(c10::kCUDA))};
+    c.skip = host_skip && found_inf_set(found_inf);
+    return c;
+  }
+  template <class Fn>
+  static void each(const char* op, Table& t, Ctx& c, Fn&& fn) {
+    c.rows = upload_rows(t);
+    for_each_group(op, t, c.rows, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+      c.stream = s;
+      return fn(l, g);
+    });
+  }
+  static cudaError_t adamw(const cuda::Launch& l, const Group&, const AdamWHyper& h, bool amsgrad, Ctx& c) {
+    return cuda::adamw(l, h, amsgrad, c.ga, c.stream);
+  }
+  static cudaError_t adopt(const cuda::Launch& l, const Group&, const AdoptHyper& h, bool first_step, Ctx& c) {
+    return cuda::adopt(l, h, first_step, c.ga, c.stream);
+  }
+  static Tensor partials(const Group& g, const Ctx& c) {
+    return at::empty({g.n_chunks * kMaxReduce}, at::TensorOptions().dtype(at::kDouble).device(c.device));
+  }
+  static cudaError_t lamb(const cuda::Launch& l, const Group& g, const LambHyper& h, Ctx& c) {
+    Tensor p = partials(g, c);
+    return cuda::lamb(l, h, c.ga, p.data_ptr<double>(), c.stream);
+  }
+  static cudaError_t lamb_partials(const cuda::Launch& l, const Group& g, const LambHyper& h, Ctx& c,
+                                   const Tensor& sums) {
+    Tensor p = partials(g, c);
+    return cuda::lamb_partials(l, h, c.ga, p.data_ptr<double>(), sums.data_ptr<double>(), c.stream);
+  }
+  static cudaError_t lamb_apply(const cuda::Launch& l, const Group&, const LambHyper& h, Ctx& c,
+                                const Tensor& sums) {
+    return cuda::lamb_apply(l, h, c.ga, sums.data_ptr<double>(), c.stream);
+  }
+  static cudaError_t sophia(const cuda::Launch& l, const Group&, const SophiaHyper& h, Ctx& c) {
+    return cuda::sophia(l, h, c.ga, c.stream);
+  }
+  static cudaError_t sophia_hessian(const cuda::Launch& l, const Group&, const SophiaHyper& h, Ctx& c) {
+    return cuda::sophia_hessian(l, h, c.ga, c.stream);
+  }
+};
 
 }  // namespace
 }  // namespace binding
@@ -208,13 +140,13 @@ void sophia_hessian_cuda(TensorList grads, TensorList hessians, double beta2, co
 
 TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
   using namespace mupopt::binding;
-  m.impl("adamw_", &adamw_cuda);
-  m.impl("adopt_", &adopt_cuda);
-  m.impl("lamb_", &lamb_cuda);
-  m.impl("lamb_partials_", &lamb_partials_cuda);
-  m.impl("lamb_apply_", &lamb_apply_cuda);
-  m.impl("sophia_", &sophia_cuda);
-  m.impl("sophia_hessian_", &sophia_hessian_cuda);
+  m.impl("adamw_", &adamw_step<CudaDevice>);
+  m.impl("adopt_", &adopt_step<CudaDevice>);
+  m.impl("lamb_", &lamb_step<CudaDevice>);
+  m.impl("lamb_partials_", &lamb_partials_step<CudaDevice>);
+  m.impl("lamb_apply_", &lamb_apply_step<CudaDevice>);
+  m.impl("sophia_", &sophia_step<CudaDevice>);
+  m.impl("sophia_hessian_", &sophia_hessian_step<CudaDevice>);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -233,6 +165,10 @@ namespace {
 bool begin_bound(BoundPlan& p, const char* op, TensorList grads, bool maximize, const OptTensor& grad_scale,
                  const OptTensor& found_inf, GradArgs& ga, bool& skip) {
   if (!check_grads(p, op, grads)) return false;
+  for (StateFormat f : p.base_state) {
+    TORCH_CHECK(f == StateFormat::kParam || f == StateFormat::kBFloat16, op,
+                ": state_bits=8 is not implemented on CUDA yet");
+  }
   ga = grad_args(op, p.device, maximize, grad_scale, found_inf);
   skip = found_inf_set(found_inf);
   if (!skip) read_before(p);
@@ -332,6 +268,10 @@ bool sophia_hessian_bound_cuda(Plan plan, TensorList grads, double beta2, const 
   const char* op = "sophia_hessian_bound_";
   BoundPlan& p = *plan;
   if (!check_grads(p, op, grads)) return false;
+  for (StateFormat f : p.base_state) {
+    TORCH_CHECK(f == StateFormat::kParam || f == StateFormat::kBFloat16, op,
+                ": state_bits=8 is not implemented on CUDA yet");
+  }
   const GradArgs ga = grad_args(op, p.device, false, grad_scale, found_inf);
   assemble(p, grads, kCudaChunk);
   const Tensor rows = upload_rows(p.table);

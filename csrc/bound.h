@@ -55,7 +55,9 @@ struct BoundPlan : torch::CustomClassHolder {
   // One row per non-empty tensor, in list order, without the gradient stream.
   std::vector<TensorRow> base;
   std::vector<int64_t> base_source;  // per base row: the tensor's index in the lists
-  std::vector<DType> base_param;     // per base row: param/state dtype
+  std::vector<DType> base_param;     // per base row: param dtype
+  std::vector<StateFormat> base_state;  // per base row: the states' format (formats 32 and 16;
+                                        // format 8 steps through the per-call ops)
   std::vector<double> lr_mults, wd_mults, eps_mults;
   bool has_max = false;  // AdamW: max_exp_avg_sqs bound, so amsgrad steps can run
   std::vector<int64_t> sr_seeds;  // stochastic rounding of the param stores (prepare.h set_rounding)
@@ -114,6 +116,7 @@ inline Plan make_plan(const char* op, const std::array<Stream, kMaxStreams>& str
   p->base_of.assign(static_cast<size_t>(p->n), -1);
   for (size_t r = 0; r < set.rows.size(); ++r) {
     p->base_param.push_back(key_param(set.keys[r]));
+    p->base_state.push_back(key_state(set.keys[r]));
     p->base_of[set.sources[r]] = static_cast<int>(r);
   }
   p->grad_ptr.assign(p->base.size(), nullptr);
@@ -165,7 +168,7 @@ void assemble(BoundPlan& p, at::TensorList grads, int64_t chunk, Variant&& varia
   std::vector<int> keys(nb);
   for (size_t b = 0; b < nb; ++b) {
     const int64_t i = p.base_source[b];
-    keys[b] = group_key(variant(i), p.base_param[b], storage_of(grads[i]));
+    keys[b] = group_key(variant(i), p.base_param[b], storage_of(grads[i]), p.base_state[b]);
   }
   if (chunk == p.chunk && keys == p.keys) {
     for (size_t r = 0; r < p.table.rows.size(); ++r) {

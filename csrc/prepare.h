@@ -137,7 +137,7 @@ inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_a
                            TensorList max_exp_avg_sqs, TensorList steps, ArrayRef<double> lr_mults,
                            ArrayRef<double> wd_mults, ArrayRef<double> eps_mults, double lr, double beta1,
                            double beta2, double weight_decay, double eps, bool amsgrad, int64_t chunk,
-                           ArrayRef<int64_t> sr_seeds) {
+                           ArrayRef<int64_t> sr_seeds, const LeanLists& lean = {}) {
   const char* op = "adamw_";
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
@@ -149,7 +149,7 @@ inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_a
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{exp_avg_sqs, "exp_avg_sqs"},
                         amsgrad ? Stream{max_exp_avg_sqs, "max_exp_avg_sqs"} : Stream{}},
-                       nullptr, AdamWScalars::kCount, chunk);
+                       nullptr, AdamWScalars::kCount, chunk, nullptr, lean);
   adamw_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, beta1, beta2,
                 weight_decay, eps);
   set_rounding(t, sr_seeds, before.data());
@@ -160,7 +160,7 @@ inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_a
 inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                            TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults,
                            ArrayRef<double> eps_mults, double lr, double weight_decay, double eps, int64_t chunk,
-                           ArrayRef<int64_t> sr_seeds) {
+                           ArrayRef<int64_t> sr_seeds, const LeanLists& lean = {}) {
   const char* op = "adopt_";
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
@@ -171,7 +171,8 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
   Table t = make_table(op,
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                       nullptr, AdoptScalars::kCount, chunk, [&](int64_t i) { return adopt_variant(before[i]); });
+                       nullptr, AdoptScalars::kCount, chunk, [&](int64_t i) { return adopt_variant(before[i]); },
+                       lean);
   adopt_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, weight_decay, eps);
   set_rounding(t, sr_seeds, before.data());
   return t;
@@ -182,7 +183,7 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
 inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                           TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> eps_mults, double lr,
                           double beta1, double beta2, double eps, int64_t chunk, ArrayRef<int64_t> sr_seeds,
-                          const char* op = "lamb_", bool steps_bumped = false) {
+                          const char* op = "lamb_", bool steps_bumped = false, const LeanLists& lean = {}) {
   const int64_t n = static_cast<int64_t>(params.size());
   const std::vector<double> before = read_steps(op, steps, n);
   check_seeds(op, sr_seeds, n);
@@ -191,7 +192,7 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
   Table t = make_table(op,
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                       nullptr, LambScalars::kCount, chunk);
+                       nullptr, LambScalars::kCount, chunk, nullptr, lean);
   lamb_scalars(t, before.data(), lr_mults.data(), eps_mults.data(), lr, beta1, beta2, eps, steps_bumped);
   set_rounding(t, sr_seeds, before.data(), steps_bumped);
   return t;
@@ -199,7 +200,8 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
 
 inline Table prepare_sophia(TensorList params, TensorList grads, TensorList exp_avgs, TensorList hessians,
                             TensorList steps, ArrayRef<double> lr_mults, ArrayRef<double> wd_mults, double lr,
-                            double weight_decay, int64_t chunk, ArrayRef<int64_t> sr_seeds) {
+                            double weight_decay, int64_t chunk, ArrayRef<int64_t> sr_seeds,
+                            const LeanLists& lean = {}) {
   const char* op = "sophia_";
   const int64_t n = static_cast<int64_t>(params.size());
   // Sophia's update does not depend on the count; stochastic rounding's key does.
@@ -210,7 +212,7 @@ inline Table prepare_sophia(TensorList params, TensorList grads, TensorList exp_
   Table t = make_table(op,
                        {Stream{params, "params"}, Stream{grads, "grads"}, Stream{exp_avgs, "exp_avgs"},
                         Stream{hessians, "hessians"}, Stream{}},
-                       nullptr, SophiaScalars::kCount, chunk);
+                       nullptr, SophiaScalars::kCount, chunk, nullptr, lean);
   sophia_scalars(t, lr_mults.data(), wd_mults.data(), lr, weight_decay);
   set_rounding(t, sr_seeds, before.data());
   return t;

@@ -33,11 +33,14 @@ struct Group {
   int64_t n_chunks;  // chunks of the group; first_chunk restarts at 0 in every group
   DType param;
   DType grad;
+  StateFormat state;
   int variant;
 };
 
 struct Table {
   std::vector<TensorRow> rows;
+  // Format 8: one map per state stream (the op's ``maps``, storage.h), read by the loops.
+  std::array<QuantTable, kMaxStreams> maps{};
   std::vector<int64_t> source;  // per row: the tensor's index in the op's lists
   std::vector<Group> groups;
   c10::optional<c10::Device> device;  // empty when every list is empty
@@ -65,11 +68,17 @@ inline std::string describe(const at::Tensor& t) {
          t.device().str();
 }
 
-// A row's launch group: (variant, param/state dtype, grad dtype), in this order of precedence.
-inline int group_key(int variant, DType param, DType grad) {
-  return (variant * kDTypeCount + static_cast<int>(param)) * kDTypeCount + static_cast<int>(grad);
+// A row's launch group: (variant, state format, param dtype, grad dtype), in this order of
+// precedence.
+inline int group_key(int variant, DType param, DType grad, StateFormat state = StateFormat::kParam) {
+  return ((variant * kStateFormatCount + static_cast<int>(state)) * kDTypeCount + static_cast<int>(param)) *
+             kDTypeCount +
+         static_cast<int>(grad);
 }
-inline int key_variant(int key) { return key / (kDTypeCount * kDTypeCount); }
+inline int key_variant(int key) { return key / (kStateFormatCount * kDTypeCount * kDTypeCount); }
+inline StateFormat key_state(int key) {
+  return static_cast<StateFormat>((key / (kDTypeCount * kDTypeCount)) % kStateFormatCount);
+}
 inline DType key_param(int key) { return static_cast<DType>((key / kDTypeCount) % kDTypeCount); }
 inline DType key_grad(int key) { return static_cast<DType>(key % kDTypeCount); }
 
@@ -95,6 +104,7 @@ inline void group_rows(const std::vector<TensorRow>& rows, const std::vector<int
       g.variant = key_variant(key);
       g.param = key_param(key);
       g.grad = key_grad(key);
+      g.state = key_state(key);
       table.groups.push_back(g);
     }
     Group& g = table.groups.back();
@@ -114,22 +124,60 @@ inline bool vector_aligned(const void* ptr, const at::Tensor& t) {
 }
 
 // The checks every tensor of an op's lists passes: defined, on ``device``, float32, bfloat16 or
-// float16 (or float64 on the CPU: the CUDA kernels compute in float32 only), ``numel`` elements
-// (those of the reference list's tensor ``ref_name``[i]), contiguous.
+// float16 (or float64 on the CPU: the CUDA kernels compute in float32 only; or uint8 where
+// ``codes_ok``: format 8's states), ``numel`` elements (those of the reference list's tensor
+// ``ref_name``[i]), contiguous.
 inline void check_tensor(const char* op, const char* name, int64_t i, const at::Tensor& t,
-                         const c10::Device& device, const char* ref_name, int64_t numel) {
+                         const c10::Device& device, const char* ref_name, int64_t numel, bool codes_ok = false) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is a ", describe(t),
               " but the call's tensors are on ", device.str(), " (one device per call)");
   const at::ScalarType d = t.scalar_type();
   const bool f64 = d == at::kDouble && device.is_cpu();
-  TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || f64, op, ": ", name, "[", i, "] is a ",
-              describe(t), "; supported: float32, bfloat16, float16",
-              device.is_cpu() ? ", float64" : " (float64: the cpu and reference backends)");
+  TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || f64 || (codes_ok && d == at::kByte), op,
+              ": ", name, "[", i, "] is a ", describe(t), "; supported: float32, bfloat16, float16",
+              device.is_cpu() ? ", float64" : " (float64: the cpu and reference backends)",
+              codes_ok ? " (uint8: codes of state_bits=8)" : "");
   TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(), " elements but ", ref_name, "[",
               i, "] has ", numel);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] (", describe(t), ", strides ", t.strides(),
               ") is not contiguous; the kernels read each tensor as one flat array");
+}
+
+// The format of a state tensor ``t`` of param ``p`` (state_bits, storage.h's StateFormat): the
+// param's dtype (32), bfloat16 for a param of another dtype (16), uint8 codes (8).
+inline StateFormat state_format_of(const char* op, const char* name, int64_t i, const at::Tensor& t,
+                                   const char* param_name, const at::Tensor& p) {
+  const at::ScalarType d = t.scalar_type(), pd = p.scalar_type();
+  if (d == pd) return StateFormat::kParam;
+  const bool narrow_ok = pd == at::kFloat || pd == at::kHalf || pd == at::kBFloat16 || pd == at::kDouble;
+  if (d == at::kBFloat16 && narrow_ok) return StateFormat::kBFloat16;
+  if (d == at::kByte && narrow_ok) return StateFormat::kBlock8;
+  TORCH_CHECK(false, op, ": ", name, "[", i, "] is ", c10::toString(d), " but ", param_name, "[", i, "] is ",
+              c10::toString(pd), "; states must have their parameter's dtype, or be bfloat16 (state_bits=16) "
+              "or uint8 codes (state_bits=8)");
+  return StateFormat::kParam;
+}
+
+// Format 8's tables (storage.h's QuantTable), one int32 tensor per state stream of the op.
+inline QuantTable check_map(const char* op, size_t k, const at::Tensor& m, const c10::Device& device) {
+  TORCH_CHECK(m.defined() && m.scalar_type() == at::kInt && m.dim() == 1 && m.is_contiguous() &&
+                  m.numel() > kQuantHeader,
+              op, ": maps[", k, "] must be a contiguous 1-D int32 tensor (a state_bits=8 map table), got ",
+              m.defined() ? describe(m) : std::string("an undefined tensor"));
+  TORCH_CHECK(m.device() == device, op, ": maps[", k, "] is on ", m.device().str(), " but the tensors are on ",
+              device.str());
+  const int32_t* d = m.data_ptr<int32_t>();
+  QuantTable q;
+  q.value = reinterpret_cast<const float*>(d);
+  q.lo = static_cast<uint32_t>(d[256]);
+  q.count = static_cast<uint32_t>(d[257]);
+  TORCH_CHECK(d[256] >= 0 && d[257] > 0 && q.lo + q.count <= 0x8000u &&
+                  m.numel() == kQuantHeader + 2 * static_cast<int64_t>(q.count),
+              op, ": maps[", k, "] is not a map table (header lo=", d[256], ", count=", d[257], ", ", m.numel(),
+              " values)");
+  q.entry = reinterpret_cast<const uint32_t*>(d + kQuantHeader);
+  return q;
 }
 
 // The rows of an op's lists before grouping: one per non-empty tensor, with its index in the
@@ -139,6 +187,7 @@ struct RowSet {
   std::vector<int64_t> sources;
   std::vector<int> keys;
   c10::optional<c10::Device> device;  // empty when every list is empty
+  std::array<QuantTable, kMaxStreams> maps{};
 };
 
 // float64 is computed in float64, every other storage dtype in float32: a gradient is float64
@@ -151,9 +200,19 @@ inline void check_grad_dtype(const char* op, int64_t i, const at::Tensor& g, con
               "; float64 gradients need float64 params and states, and the other way round");
 }
 
+// State formats (streams >= 2): each tensor's states share one format (state_format_of). Format
+// 8 states come with ``absmax``: their float32 block scales, in list order (tensor by tensor,
+// each tensor's quantized states in stream order), and ``maps``: one table per state stream.
+struct LeanLists {
+  at::TensorList absmax;
+  at::TensorList maps;
+  bool raw_bytes = false;  // uint8 states are plain bytes (StateFormat::kBytes: traffic_ only)
+};
+
 // Checks the lists of ``op`` and builds their rows (see make_table). Nothing is modified.
 inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& streams, const double* scal,
-                        int n_scalars, const std::function<int(int64_t)>& variant = nullptr) {
+                        int n_scalars, const std::function<int(int64_t)>& variant = nullptr,
+                        const LeanLists& lean = {}) {
   int ref = -1;
   for (int s = 0; s < kMaxStreams && ref < 0; ++s) {
     if (streams[s].name != nullptr) ref = s;
@@ -166,31 +225,65 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     TORCH_CHECK(static_cast<int64_t>(streams[s].list.size()) == n, op, ": ", streams[s].name, " has ",
                 streams[s].list.size(), " tensors but ", streams[ref].name, " has ", n);
   }
-  // The dtype shared by stream 0 and the states.
-  const int param_stream = streams[0].name != nullptr ? 0 : 2;
+  const bool has_param = streams[0].name != nullptr;
 
   RowSet out;
   out.rows.reserve(n);
   out.sources.reserve(n);
   out.keys.reserve(n);
+  size_t used_absmax = 0;
+  bool any_q8 = false;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& r = streams[ref].list[i];
     TORCH_CHECK(r.defined(), op, ": ", streams[ref].name, "[", i, "] is undefined");
     if (!out.device) out.device = r.device();
+    // What the states' format is relative to: the param; without one (sophia_hessian_) the first
+    // state itself (format 32, any gradient dtype), or the gradient where the state is uint8 codes.
+    int param_stream = 0;
+    if (!has_param) {
+      const at::Tensor& first = streams[2].list[i];
+      param_stream = first.defined() && first.scalar_type() == at::kByte ? 1 : 2;
+    }
     const at::Tensor& pt = streams[param_stream].list[i];
     TensorRow row;
     std::memset(&row, 0, sizeof row);
     row.numel = r.numel();
     row.aligned = 1;
+    int first_state = -1;
+    StateFormat format = StateFormat::kParam;
     for (int s = 0; s < kMaxStreams; ++s) {
       if (streams[s].name == nullptr) continue;
       const at::Tensor& t = streams[s].list[i];
-      check_tensor(op, streams[s].name, i, t, *out.device, streams[ref].name, row.numel);
-      if (s != 1) {
-        TORCH_CHECK(t.scalar_type() == pt.scalar_type(), op, ": ", streams[s].name, "[", i, "] is ",
-                    c10::toString(t.scalar_type()), " but ", streams[param_stream].name, "[", i, "] is ",
-                    c10::toString(pt.scalar_type()), "; states must have their parameter's dtype");
-      } else {
+      const bool state = s >= 2 && s != param_stream;
+      check_tensor(op, streams[s].name, i, t, *out.device, streams[ref].name, row.numel, state);
+      if (state) {
+        StateFormat f = state_format_of(op, streams[s].name, i, t, streams[param_stream].name, pt);
+        if (f == StateFormat::kBlock8 && lean.raw_bytes) f = StateFormat::kBytes;
+        if (first_state < 0) {
+          first_state = s;
+          format = f;
+        }
+        TORCH_CHECK(f == format, op, ": ", streams[s].name, "[", i, "] is ", c10::toString(t.scalar_type()),
+                    " but ", streams[first_state].name, "[", i, "] is ",
+                    c10::toString(streams[first_state].list[i].scalar_type()),
+                    "; a tensor's states share one format (state_bits)");
+        if (f == StateFormat::kBlock8) {
+          TORCH_CHECK(used_absmax < lean.absmax.size(), op, ": ", streams[s].name, "[", i,
+                      "] holds uint8 codes (state_bits=8) but absmax has only ", lean.absmax.size(),
+                      " tensors (one per quantized state, in list order)");
+          const at::Tensor& a = lean.absmax[used_absmax];
+          const int64_t blocks = (row.numel + kQuantBlock - 1) / kQuantBlock;
+          TORCH_CHECK(a.defined() && a.scalar_type() == at::kFloat && a.dim() == 1 && a.numel() == blocks &&
+                          a.is_contiguous() && a.device() == *out.device,
+                      op, ": absmax[", used_absmax, "] (the block scales of ", streams[s].name, "[", i,
+                      "]) must be a contiguous float32 tensor of shape [", blocks, "] on ", out.device->str(),
+                      " (one per ", kQuantBlock, " elements), got ",
+                      a.defined() ? describe(a) : std::string("an undefined tensor"));
+          row.absmax[s] = a.data_ptr<float>();
+          ++used_absmax;
+          any_q8 = true;
+        }
+      } else if (s == 1 && param_stream != 1) {
         check_grad_dtype(op, i, t, streams[param_stream].name, pt);
       }
       if (row.numel > 0) {
@@ -205,7 +298,21 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     const DType grad = streams[1].name != nullptr ? storage_of(streams[1].list[i]) : DType::kFloat32;
     out.rows.push_back(row);
     out.sources.push_back(i);
-    out.keys.push_back(group_key(v, storage_of(pt), grad));
+    out.keys.push_back(group_key(v, storage_of(pt), grad, format));
+  }
+  TORCH_CHECK(used_absmax == lean.absmax.size(), op, ": absmax has ", lean.absmax.size(),
+              " tensors but the lists hold ", used_absmax, " quantized (uint8) states");
+  if (any_q8) {
+    size_t n_states = 0;
+    for (int s = 2; s < kMaxStreams; ++s) n_states += streams[s].name != nullptr ? 1 : 0;
+    TORCH_CHECK(lean.maps.size() == n_states, op, ": maps has ", lean.maps.size(),
+                " tables but state_bits=8 needs one per state list (", n_states, ")");
+    size_t k = 0;
+    for (int s = 2; s < kMaxStreams; ++s) {
+      if (streams[s].name == nullptr) continue;
+      out.maps[s] = check_map(op, k, lean.maps[k], *out.device);
+      ++k;
+    }
   }
   return out;
 }
@@ -216,10 +323,12 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
 // left out (they have nothing to update). Nothing is modified: an error leaves every tensor as
 // it was.
 inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& streams, const double* scal,
-                        int n_scalars, int64_t chunk, const std::function<int(int64_t)>& variant = nullptr) {
-  const RowSet set = make_rows(op, streams, scal, n_scalars, variant);
+                        int n_scalars, int64_t chunk, const std::function<int(int64_t)>& variant = nullptr,
+                        const LeanLists& lean = {}) {
+  const RowSet set = make_rows(op, streams, scal, n_scalars, variant, lean);
   Table table;
   table.device = set.device;
+  table.maps = set.maps;
   group_rows(set.rows, set.sources, set.keys, chunk, table);
   return table;
 }

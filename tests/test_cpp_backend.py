@@ -518,7 +518,13 @@ def test_op_errors_name_the_tensor():
     p, g, m, v, vmax, steps = op_tensors()
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False)
     adamw_ = torch.ops.mupopt.adamw_
-    with pytest.raises(RuntimeError, match=r"exp_avgs\[2\] is BFloat16 but params\[2\] is Float"):
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[2\] is Half but params\[2\] is Float; states must have"):
+        bad = list(m)
+        bad[2] = bad[2].half()
+        adamw_(p, g, bad, v, [], steps, MULTS, MULTS, MULTS, **kw)
+    # bfloat16 states of a float32 param are state_bits=16, but all of a tensor's states or none
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[2\] is Float but exp_avgs\[2\] is BFloat16; a tensor's "
+                                           r"states share one format"):
         bad = list(m)
         bad[2] = bad[2].bfloat16()
         adamw_(p, g, bad, v, [], steps, MULTS, MULTS, MULTS, **kw)

@@ -19,20 +19,23 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "mupopt/multi_tensor.h"
 
 namespace mupopt {
 namespace cpu {
 
-// One launch: a contiguous range of table rows sharing one (param/state, grad) dtype pair,
-// first_chunk counted from 0 in kCpuChunk units.
+// One launch: a contiguous range of table rows sharing one (param format, grad dtype, state
+// format) triple, first_chunk counted from 0 in kCpuChunk units.
 struct Launch {
   TensorRow* rows;
   int n_rows;
   int64_t n_chunks;
   DType param;
   DType grad;
+  StateFormat state = StateFormat::kParam;
+  const QuantTable* maps = nullptr;  // format 8: kMaxStreams tables, one per state stream
 };
 
 struct Args {
@@ -51,7 +54,7 @@ constexpr int64_t kParallelMin = 65536;
 inline bool skipped(const Args& a) { return a.grad.found_inf != nullptr && *a.grad.found_inf != 0.0f; }
 
 template <class Op>
-using SpanFn = void (*)(const Op&, const TensorRow&, int64_t, int64_t, float, double*);
+using SpanFn = void (*)(const Op&, const TensorRow&, int64_t, int64_t, float, double*, const QuantTable*);
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define MUPOPT_CPU_X86_DISPATCH 1
@@ -61,36 +64,73 @@ using SpanFn = void (*)(const Op&, const TensorRow&, int64_t, int64_t, float, do
 #define MUPOPT_TARGET_FMA
 #endif
 
-template <class Op, class TP, class TG, Rounding R>
-MUPOPT_TARGET_FMA void span_fma(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red) {
-  cpu_span<Op, true, TP, TG, R>(op, row, b, e, gmul, red);
+template <class Op, class TP, class TG, class TS, Rounding R>
+MUPOPT_TARGET_FMA void span_fma(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red,
+                                const QuantTable* maps) {
+  cpu_span<Op, true, TP, TG, TS, R>(op, row, b, e, gmul, red, maps);
 }
 
-template <class Op, class TP, class TG, Rounding R>
-void span_plain(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red) {
-  cpu_span<Op, false, TP, TG, R>(op, row, b, e, gmul, red);
+template <class Op, class TP, class TG, class TS, Rounding R>
+void span_plain(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red,
+                const QuantTable* maps) {
+  cpu_span<Op, false, TP, TG, TS, R>(op, row, b, e, gmul, red, maps);
 }
 
-template <class Op, class TP, class TG, Rounding R>
+template <class Op, class TP, class TG, class TS, Rounding R>
 SpanFn<Op> pick_isa(bool use_fma) {
 #if MUPOPT_CPU_X86_DISPATCH
-  return use_fma ? &span_fma<Op, TP, TG, R> : &span_plain<Op, TP, TG, R>;
+  return use_fma ? &span_fma<Op, TP, TG, TS, R> : &span_plain<Op, TP, TG, TS, R>;
 #else
   // aarch64, ppc64le, s390x: fused multiply-add is baseline, and ATen's vector kernels use it.
   (void)use_fma;
-  return &span_fma<Op, TP, TG, R>;
+  return &span_fma<Op, TP, TG, TS, R>;
 #endif
 }
 
+// The state formats an Op steps (storage.h): its kStateFormats mask, else kOptimizerFormats
+// (LAMB's passes that keep float32 moments or the direction between them are for format 32
+// only; the traffic bound moves bfloat16 and raw bytes).
+template <class Op, class = void>
+struct StateFormatsOf : std::integral_constant<unsigned, kOptimizerFormats> {};
+template <class Op>
+struct StateFormatsOf<Op, std::void_t<decltype(Op::kStateFormats)>>
+    : std::integral_constant<unsigned, Op::kStateFormats> {};
+
+// The state format's storage type (storage.h), the one switch for formats: TP itself (format
+// 32), bf16_t (16), q8_t (8), uint8_t (bytes).
+template <class Op, class TP, class TG, Rounding R>
+SpanFn<Op> span_for_state(StateFormat s, bool use_fma) {
+  constexpr unsigned kFormats = StateFormatsOf<Op>::value;
+  switch (s) {
+    case StateFormat::kParam:
+      if constexpr ((kFormats & format_bit(StateFormat::kParam)) != 0) return pick_isa<Op, TP, TG, TP, R>(use_fma);
+      break;
+    case StateFormat::kBFloat16:
+      if constexpr ((kFormats & format_bit(StateFormat::kBFloat16)) != 0) {
+        return pick_isa<Op, TP, TG, bf16_t, R>(use_fma);
+      }
+      break;
+    case StateFormat::kBlock8:
+      if constexpr ((kFormats & format_bit(StateFormat::kBlock8)) != 0) return pick_isa<Op, TP, TG, q8_t, R>(use_fma);
+      break;
+    case StateFormat::kBytes:
+      if constexpr ((kFormats & format_bit(StateFormat::kBytes)) != 0) {
+        return pick_isa<Op, TP, TG, uint8_t, R>(use_fma);
+      }
+      break;
+  }
+  return nullptr;
+}
+
 template <class Op, class TP, Rounding R>
-SpanFn<Op> span_for_grad(DType g, bool use_fma) {
+SpanFn<Op> span_for_grad(DType g, StateFormat s, bool use_fma) {
   switch (g) {
     case DType::kBFloat16:
-      return pick_isa<Op, TP, bf16_t, R>(use_fma);
+      return span_for_state<Op, TP, bf16_t, R>(s, use_fma);
     case DType::kFloat16:
-      return pick_isa<Op, TP, f16_t, R>(use_fma);
+      return span_for_state<Op, TP, f16_t, R>(s, use_fma);
     default:
-      return pick_isa<Op, TP, float, R>(use_fma);
+      return span_for_state<Op, TP, float, R>(s, use_fma);
   }
 }
 
@@ -98,32 +138,33 @@ SpanFn<Op> span_for_grad(DType g, bool use_fma) {
 // the others (the Hessian EMA, LAMB's norm pass) the stochastic codes take the nearest loops,
 // which do the same.
 template <class Op, class TP>
-SpanFn<Op> span_for_stochastic(DType g, bool use_fma) {
+SpanFn<Op> span_for_stochastic(DType g, StateFormat s, bool use_fma) {
   if constexpr ((Op::kStore & 1u) != 0) {
-    return span_for_grad<Op, TP, Rounding::kStochastic>(g, use_fma);
+    return span_for_grad<Op, TP, Rounding::kStochastic>(g, s, use_fma);
   } else {
-    return span_for_grad<Op, TP, Rounding::kNearest>(g, use_fma);
+    return span_for_grad<Op, TP, Rounding::kNearest>(g, s, use_fma);
   }
 }
 
-// The loop for one (param format, grad) storage pair: float32, bfloat16 or float16 each (the
-// param's bfloat16 / float16 also rounded stochastically: storage.h), or float64 both (the
-// bindings refuse float64 paired with another dtype: table.h).
+// The loop for one (param format, grad, state format) triple: float32, bfloat16 or float16
+// param and grad (the param's bfloat16 / float16 also rounded stochastically: storage.h), or
+// float64 both (the bindings refuse float64 paired with another dtype: table.h); the states in
+// one of the StateFormats. nullptr: an Op that does not step that state format.
 template <class Op>
-SpanFn<Op> span_for(DType p, DType g, bool use_fma) {
+SpanFn<Op> span_for(DType p, DType g, StateFormat s, bool use_fma) {
   switch (p) {
     case DType::kFloat64:
-      return pick_isa<Op, double, double, Rounding::kNearest>(use_fma);
+      return span_for_state<Op, double, double, Rounding::kNearest>(s, use_fma);
     case DType::kBFloat16:
-      return span_for_grad<Op, bf16_t, Rounding::kNearest>(g, use_fma);
+      return span_for_grad<Op, bf16_t, Rounding::kNearest>(g, s, use_fma);
     case DType::kFloat16:
-      return span_for_grad<Op, f16_t, Rounding::kNearest>(g, use_fma);
+      return span_for_grad<Op, f16_t, Rounding::kNearest>(g, s, use_fma);
     case DType::kBFloat16Stochastic:
-      return span_for_stochastic<Op, bf16_t>(g, use_fma);
+      return span_for_stochastic<Op, bf16_t>(g, s, use_fma);
     case DType::kFloat16Stochastic:
-      return span_for_stochastic<Op, f16_t>(g, use_fma);
+      return span_for_stochastic<Op, f16_t>(g, s, use_fma);
     default:
-      return span_for_grad<Op, float, Rounding::kNearest>(g, use_fma);
+      return span_for_grad<Op, float, Rounding::kNearest>(g, s, use_fma);
   }
 }
 
@@ -134,7 +175,8 @@ template <class Op>
 void run(const Op& op, const Launch& l, const Args& a, double* partials) {
   if (l.n_chunks == 0) return;
   const float gmul = grad_multiplier(a.grad);
-  const SpanFn<Op> fn = span_for<Op>(l.param, l.grad, a.use_fma);
+  const SpanFn<Op> fn = span_for<Op>(l.param, l.grad, l.state, a.use_fma);
+  if (fn == nullptr) return;  // not reached: the callers pick Ops of the launch's state format
   const TensorRow* rows = l.rows;
   const int n_rows = l.n_rows;
   int64_t total = 0;
@@ -147,7 +189,7 @@ void run(const Op& op, const Launch& l, const Args& a, double* partials) {
       const TensorRow& row = rows[r];
       for (int64_t b = 0, c = row.first_chunk; b < row.numel; b += kCpuChunk, ++c) {
         fn(op, row, b, std::min(b + kCpuChunk, row.numel), gmul,
-           partials != nullptr ? partials + c * kMaxReduce : nullptr);
+           partials != nullptr ? partials + c * kMaxReduce : nullptr, l.maps);
       }
     }
     return;
@@ -157,7 +199,7 @@ void run(const Op& op, const Launch& l, const Args& a, double* partials) {
     const TensorRow& row = rows[find_row(rows, n_rows, c)];
     const int64_t b = (c - row.first_chunk) * kCpuChunk;
     const int64_t e = std::min(b + kCpuChunk, row.numel);
-    fn(op, row, b, e, gmul, partials != nullptr ? partials + c * kMaxReduce : nullptr);
+    fn(op, row, b, e, gmul, partials != nullptr ? partials + c * kMaxReduce : nullptr, l.maps);
   }
 }
 

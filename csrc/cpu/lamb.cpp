@@ -44,9 +44,11 @@ void row_sums(const TensorRow& row, const std::vector<double>& partials, double&
   }
 }
 
-// Whether the states keep full precision (float32 or float64): pass 2 may read the moments
-// pass 1 stored (see lamb.h).
-bool wide_states(DType d) { return d == DType::kFloat32 || d == DType::kFloat64; }
+// Whether the states keep full precision (float32 or float64, format 32): pass 2 may read the
+// moments pass 1 stored (see lamb.h).
+bool wide_states(const Launch& l) {
+  return l.state == StateFormat::kParam && (l.param == DType::kFloat32 || l.param == DType::kFloat64);
+}
 
 // A tensor's trust ratio in its compute type (float64 for float64 params).
 double trust_of(DType d, double p_sq, double u_sq, const LambHyper& h) {
@@ -73,7 +75,7 @@ void lamb_block(const Launch& l, const LambHyper& h, const Args& a, std::vector<
 void lamb_partials(const Launch& l, const LambHyper& h, const Args& a, double* sums) {
   if (skipped(a) || l.n_chunks == 0) return;
   std::vector<double> partials(static_cast<size_t>(l.n_chunks) * kMaxReduce, 0.0);
-  if (wide_states(l.param)) {
+  if (wide_states(l)) {
     run(LambNormOp<LambKeep::kMoments>{h}, l, a, partials.data());
   } else {
     run(LambNormOp<LambKeep::kNothing>{h}, l, a, partials.data());
@@ -91,7 +93,7 @@ void lamb_apply(const Launch& l, const LambHyper& h, const Args& a, const double
     const int64_t i = row.source;
     row.scalar[LambScalars::kTrust] = trust_of(l.param, sums[2 * i], sums[2 * i + 1], h);
   }
-  if (wide_states(l.param)) {
+  if (wide_states(l)) {
     run(LambUpdateOp<LambSource::kFromMoments>{h}, l, a, nullptr);
   } else {
     run(LambUpdateOp<LambSource::kRecompute>{h}, l, a, nullptr);
@@ -158,7 +160,7 @@ struct BlockRunner {
     }
     rows.reserve(max_rows);
     partials.reserve(max_chunks * kMaxReduce);
-    if (wide_states(l.param)) direction = scratch(k).get(static_cast<size_t>(capacity) * elem);
+    if (wide_states(l)) direction = scratch(k).get(static_cast<size_t>(capacity) * elem);
   }
 
   void operator()(const Block& b, const Args& a) {
@@ -168,8 +170,11 @@ struct BlockRunner {
       row.first_chunk = n_chunks;
       n_chunks += chunks_of(row.numel, kCpuChunk);
     }
-    const Launch block{rows.data(), b.r1 - b.r0, n_chunks, l.param, l.grad};
-    if (!wide_states(l.param)) {
+    Launch block = l;
+    block.rows = rows.data();
+    block.n_rows = b.r1 - b.r0;
+    block.n_chunks = n_chunks;
+    if (!wide_states(l)) {
       lamb_block<LambKeep::kNothing, LambSource::kRecompute>(block, h, a, partials);
     } else if (b.numel > kLambBlock) {
       lamb_block<LambKeep::kMoments, LambSource::kFromMoments>(block, h, a, partials);

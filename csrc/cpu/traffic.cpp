@@ -8,7 +8,8 @@
 //
 // The patterns are the byte model of mupopt/bench/model.py (PASSES), streams numbered as the
 // optimizers' (0 param, 1 gradient: read only, 2 and 3 states): AdamW and ADOPT read p g m v and
-// write p m v (28 B per fp32 element); SophiaG reads p g m h and writes p m (24 B); its Hessian
+// write p m v (28 B per fp32 element; the states in bfloat16 or as uint8 bytes: the bounds of
+// state_bits=16 and 8); SophiaG reads p g m h and writes p m (24 B); its Hessian
 // EMA reads g h and writes h (12 B); LAMB's best known two passes read p g m v and write m v,
 // then read p m v and write p (40 B).
 #include "ops.h"
@@ -25,6 +26,10 @@ struct TrafficOp {
   static constexpr unsigned kStore = kS;
   static constexpr bool kGradStream = false;
   static constexpr int kReduce = 0;
+  // States as stored, decoded by nothing: the param's dtype, bfloat16, or state_bits=8's codes
+  // as bytes (their block scales, 8 B per 256 elements, left out).
+  static constexpr unsigned kStateFormats =
+      format_bit(StateFormat::kParam) | format_bit(StateFormat::kBFloat16) | format_bit(StateFormat::kBytes);
 
   template <bool kFma, class T>
   MUPOPT_FORCE_INLINE void apply(T* x, const T*, T*) const {

@@ -69,19 +69,19 @@ cudaError_t lamb_passes(const Launch& l, const LambHyper& h, const GradArgs& ga,
   constexpr LambKeep kKeep = kFloatStates ? LambKeep::kMoments : LambKeep::kNothing;
   constexpr LambSource kSource = kFloatStates ? LambSource::kFromMoments : LambSource::kRecompute;
   cudaError_t err =
-      launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambNormOp<kKeep>{h}, ga, partials, stream);
+      launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambNormOp<kKeep>{h}, ga, partials, stream);
   if (err != cudaSuccess) return err;
   lamb_row_sums_kernel<true>
       <<<row_sum_blocks(l.n_rows), kTrustThreads, 0, stream>>>(l.rows, l.n_rows, partials, h, ga.found_inf, nullptr);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambUpdateOp<kSource>{h}, ga, nullptr,
+  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambUpdateOp<kSource>{h}, ga, nullptr,
                              stream);
 }
 
 cudaError_t lamb(const Launch& l, const LambHyper& h, const GradArgs& ga, double* partials, cudaStream_t stream) {
   if (l.n_chunks == 0) return cudaSuccess;
-  return l.param == DType::kFloat32 ? lamb_passes<true>(l, h, ga, partials, stream)
+  return (l.param == DType::kFloat32 && l.state == StateFormat::kParam) ? lamb_passes<true>(l, h, ga, partials, stream)
                                     : lamb_passes<false>(l, h, ga, partials, stream);
 }
 
@@ -91,10 +91,10 @@ cudaError_t lamb_partials(const Launch& l, const LambHyper& h, const GradArgs& g
                           cudaStream_t stream) {
   if (l.n_chunks == 0) return cudaSuccess;
   const cudaError_t err =
-      l.param == DType::kFloat32
-          ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambNormOp<LambKeep::kMoments>{h}, ga,
+      (l.param == DType::kFloat32 && l.state == StateFormat::kParam)
+          ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambNormOp<LambKeep::kMoments>{h}, ga,
                                 partials, stream)
-          : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, LambNormOp<LambKeep::kNothing>{h}, ga,
+          : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambNormOp<LambKeep::kNothing>{h}, ga,
                                 partials, stream);
   if (err != cudaSuccess) return err;
   lamb_row_sums_kernel<false>
@@ -109,10 +109,10 @@ cudaError_t lamb_apply(const Launch& l, const LambHyper& h, const GradArgs& ga, 
   lamb_trust_from_sums_kernel<<<blocks, kTrustThreads, 0, stream>>>(l.rows, l.n_rows, sums, h, ga.found_inf);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return l.param == DType::kFloat32
-             ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad,
+  return (l.param == DType::kFloat32 && l.state == StateFormat::kParam)
+             ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state,
                                    LambUpdateOp<LambSource::kFromMoments>{h}, ga, nullptr, stream)
-             : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad,
+             : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state,
                                    LambUpdateOp<LambSource::kRecompute>{h}, ga, nullptr, stream);
 }
 

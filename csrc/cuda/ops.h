@@ -15,14 +15,15 @@
 namespace mupopt {
 namespace cuda {
 
-// One launch: `rows` is a device copy of n_rows table rows sharing one dtype pair, first_chunk
-// counted from 0 in kCudaChunk units.
+// One launch: `rows` is a device copy of n_rows table rows sharing one (param, grad, state
+// format) triple, first_chunk counted from 0 in kCudaChunk units.
 struct Launch {
   TensorRow* rows;
   int n_rows;
   int64_t n_chunks;
   DType param;
   DType grad;
+  StateFormat state;  // kParam or kBFloat16 (storage.h)
 };
 
 cudaError_t adamw(const Launch& l, const AdamWHyper& h, bool amsgrad, const GradArgs& ga, cudaStream_t stream);

@@ -253,13 +253,15 @@ def elementwise_cost(key: str) -> Cost:
 BOUND = "no-math bound"  # the backend name of the bound's rows (kind "peak")
 
 
-def traffic_bound(key: str, params: Sequence[torch.Tensor]) -> "Callable[[], None] | str":
+def traffic_bound(key: str, params: Sequence[torch.Tensor], state_dtype: torch.dtype | None = None
+                  ) -> "Callable[[], None] | str":
     """The CPU's memory bound of one ``key`` step on tensors like ``params``: a callable that
     runs the step's passes (model.PASSES) with no math through ``torch.ops.mupopt.traffic_``
     (csrc/cpu/traffic.cpp: the same launch table, chunks, threads and loops as backend "cpu"), on
-    buffers of its own with the operands' dtypes (states: the param's; gradients: ``p.grad``'s,
-    else the param's); its ``nbytes`` is the bytes model of one call. A string saying why not
-    where it cannot run (not the CPU, no C++ library)."""
+    buffers of its own with the operands' dtypes (states: the param's, or ``state_dtype``:
+    bfloat16 for state_bits=16, uint8 for state_bits=8's codes, moved as bytes; gradients:
+    ``p.grad``'s, else the param's); its ``nbytes`` is the bytes model of one call. A string
+    saying why not where it cannot run (not the CPU, no C++ library)."""
     if any(p.device.type != "cpu" for p in params):
         return "the no-math bound is a CPU loop (csrc/cpu/traffic.cpp)"
     from ..kernels.cpp import build
@@ -272,7 +274,10 @@ def traffic_bound(key: str, params: Sequence[torch.Tensor]) -> "Callable[[], Non
 
     def buffer(p: torch.Tensor, name: str) -> torch.Tensor:
         like = p.grad if name == "grad" and p.grad is not None else p
-        return torch.randn(like.shape, generator=gen).to(like.dtype)
+        dtype = state_dtype if state_dtype is not None and name not in ("param", "grad") else like.dtype
+        if dtype == torch.uint8:
+            return torch.randint(0, 256, like.shape, generator=gen, dtype=torch.uint8)
+        return torch.randn(like.shape, generator=gen).to(dtype)
 
     # The op's lists are numbered as the optimizers' streams: 0 param, 1 gradient, 2.. states.
     states = [n for n in names if n not in ("param", "grad")]

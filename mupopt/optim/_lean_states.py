@@ -416,13 +416,21 @@ def reference(fn: Callable, kinds: dict[str, str], *, elementwise: bool = False,
 def _decoded_call(fn, params, grads, states, mults, hp, kinds, kwargs, prepare=False):
     views = [{k: (decoded(st, k, kinds[k]) if k in kinds else v) for k, v in st.items() if not k.endswith(ABSMAX)}
              for st in states]
+    # The decoded entries as fn received them: only those fn writes (in place, or replaced) are
+    # stored back. Storing an untouched entry again is not the identity: a block whose largest
+    # magnitude is negative decodes (signed dynamic map, no -1.0) to 0.993 * absmax, and its
+    # second quantization shrinks absmax by that much, so SophiaG's Hessian update would move
+    # its momentum (and every step its Hessian estimate) without computing either.
+    given = [{k: (v, v._version) for k, v in view.items() if k in kinds and isinstance(v, torch.Tensor)}
+             for view in views]
     out = fn(params, grads, views, mults, hp, **kwargs)
 
     def write_back():
-        for st, view in zip(states, views):
+        for st, view, before in zip(states, views, given):
             for k, v in view.items():
                 if k in kinds and is_quantized(st, k):
-                    quantize_(v, st[k], st[k + ABSMAX], kinds[k])
+                    if k not in before or before[k][0] is not v or before[k][1] != v._version:
+                        quantize_(v, st[k], st[k + ABSMAX], kinds[k])
                 elif st.get(k) is not v:
                     st[k] = v
 

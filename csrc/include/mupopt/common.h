@@ -120,6 +120,12 @@ MUPOPT_HDI T from_float(float x);
 template <>
 MUPOPT_HDI float from_float<float>(float x) { return x; }
 
+// Raw bytes: the no-math traffic bound of state_bits=8 (csrc/cpu/traffic.cpp) moves its codes as
+// numbers; a byte out is the low byte of the value's pattern (defined for any value).
+MUPOPT_HDI float to_float(uint8_t x) { return static_cast<float>(x); }
+template <>
+MUPOPT_HDI uint8_t from_float<uint8_t>(float x) { return static_cast<uint8_t>(float_bits(x)); }
+
 template <>
 MUPOPT_HDI bf16_t from_float<bf16_t>(float x) {
   const uint32_t u = float_bits(x);

@@ -16,9 +16,11 @@
 //  40 B per element, and no scratch as large as the tensor):
 //   LambNormOp<kMoments>:             reads p g m v, writes m v, sums
 //   LambUpdateOp<kFromMoments>:       reads p m v, recomputes u from the stored m v, writes p
-//  bfloat16 or float16 states: the second pass must not see m and v rounded to 16 bits (the reference forms
-//  u from their float32 values; reading the rounded ones moved a few parameters by up to 8 bf16
-//  ulps in 10 steps), so the first pass only sums and the second recomputes m, v and u:
+//  bfloat16 or float16 states, and the states of formats 16 and 8 (state_bits): the second pass
+//  must not see m and v rounded to 16 bits or quantized (the reference forms u from their float32
+//  values; reading the rounded ones moved a few parameters by up to 8 bf16 ulps in 10 steps), so
+//  the first pass only sums and the second recomputes m, v and u, and stores them, once, from
+//  the same old values (format 8: the same decoded blocks):
 //   LambNormOp<kNothing>:             reads p g m v, sums
 //   LambUpdateOp<kRecompute>:         reads p g m v, writes p m v (all 16-bit: 22 B per element)
 // Recomputed values are bit-identical to the first pass's (same inputs, same operations).
@@ -33,6 +35,7 @@
 #pragma once
 
 #include "common.h"
+#include "storage.h"
 
 namespace mupopt {
 
@@ -108,6 +111,9 @@ struct LambNormOp {
       kKeep == LambKeep::kNothing ? 0x00u : (kKeep == LambKeep::kMoments ? 0x0Cu : 0x1Cu);
   static constexpr bool kGradStream = true;
   static constexpr int kReduce = 2;
+  // States of formats 16 and 8: pass 1 only sums (see the header comment).
+  static constexpr unsigned kStateFormats =
+      kKeep == LambKeep::kNothing ? kOptimizerFormats : format_bit(StateFormat::kParam);
   LambHyper h;
 
   template <bool kFma, class T>
@@ -131,6 +137,8 @@ struct LambUpdateOp {
   static constexpr unsigned kStore = kSource == LambSource::kRecompute ? 0x0Du : 0x01u;
   static constexpr bool kGradStream = kSource == LambSource::kRecompute;
   static constexpr int kReduce = 0;
+  static constexpr unsigned kStateFormats =
+      kSource == LambSource::kRecompute ? kOptimizerFormats : format_bit(StateFormat::kParam);
   LambHyper h;
 
   template <bool kFma, class T>

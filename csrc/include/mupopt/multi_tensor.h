@@ -17,9 +17,11 @@
 //     template <bool kFma, class T> MUPOPT_HDI void apply(T* x, const T* s, T* red) const;
 //   };
 //
-// Storage: stream 0 and the states (streams >= 2) share one dtype TP, stream 1 has dtype TG;
-// each is float32, bfloat16 or float16 (nine pairs, float32 math), or both are float64 (float64
-// math; CPU loops only): the compute type T = compute_t<TP> (common.h).
+// Storage: stream 0 has dtype TP, stream 1 dtype TG, the states (streams >= 2) the format TS:
+// TP itself, bfloat16 or format 8's blocks (storage.h's StateFormat; the CPU loops only: the
+// CUDA kernel keeps TS = TP). TP and TG are each float32, bfloat16 or float16 (nine pairs,
+// float32 math), or both are float64 (float64 math, TS = TP; CPU loops only): the compute type
+// T = compute_t<TP> (common.h).
 #pragma once
 
 #include "common.h"
@@ -51,6 +53,7 @@ struct TensorRow {
   int32_t aligned;            // CUDA: every used stream allows 4-element vector accesses
   int32_t source;             // the tensor's index in the op's lists (LAMB's per-tensor sums)
   uint32_t sr_key;            // stochastic rounding of the param stream: sr_step_key (storage.h)
+  float* absmax[kMaxStreams];  // format 8 (StateFormat::kBlock8): each state stream's block scales
 };
 
 // Per-call gradient handling, shared by every Op with kGradStream.
@@ -126,11 +129,73 @@ MUPOPT_FORCE_INLINE void sr_fill(uint16_t* __restrict__ bits, uint32_t span_key,
 #endif
 }
 
-template <class Op, bool kFma, class TP, class TG, Rounding R = Rounding::kNearest>
+#if defined(_OPENMP)
+#define MUPOPT_SIMD_MAX_M _Pragma("omp simd reduction(max : m)")
+#else
+#define MUPOPT_SIMD_MAX_M
+#endif
+
+// Table lookups of format 8 stay scalar: vectorised, GCC makes them AVX2 gathers, which ran the
+// whole 8-bit AdamW step at 18 ns per element on the 2-core Xeon (L2-resident, one thread; 3.3 ns
+// for float32 states): gathers are microcoded where the Gather Data Sampling mitigation is on.
+// An empty asm on the looked-up value keeps the compiler from vectorising the loop.
+#if defined(__GNUC__) || defined(__clang__)
+#define MUPOPT_SCALAR(v) asm("" : "+r"(v))
+#else
+#define MUPOPT_SCALAR(v)
+#endif
+
+// Format 8, one block of n <= kQuantBlock elements: decode (value = MAP[code] * absmax, the
+// float32 product of _lean_states.dequantize) into the L1 array q ...
+template <class T>
+MUPOPT_FORCE_INLINE void q8_decode(const uint8_t* __restrict__ codes, float amax, const float* __restrict__ value,
+                                   T* __restrict__ q, int n) {
+  const uint32_t* __restrict__ bits = reinterpret_cast<const uint32_t*>(value);
+  for (int k = 0; k < n; ++k) {
+    uint32_t v = bits[codes[k]];
+    MUPOPT_SCALAR(v);
+    q[k] = static_cast<T>(bits_float(v) * amax);
+  }
+}
+
+// ... and encode the new values q: absmax = the max of the patterns of |x| (integer order is
+// float order there, and a NaN pattern exceeds every other, so a NaN propagates as in torch's
+// amax), then the codes (storage.h's q8_bucket, vectorised, and q8_code). float64 values
+// (float64 params) are rounded to float32 first, as the reference stores them into its float32
+// decoded copy before quantizing.
+template <class T>
+MUPOPT_FORCE_INLINE void q8_encode(const T* __restrict__ q, uint8_t* __restrict__ codes, float* absmax,
+                                   const QuantTable& table, int n) {
+  uint32_t m = 0;
+  MUPOPT_SIMD_MAX_M
+  for (int k = 0; k < n; ++k) {
+    const uint32_t a = float_bits(static_cast<float>(q[k])) & 0x7FFFFFFFu;
+    m = a > m ? a : m;
+  }
+  const float amax = bits_float(m);
+  *absmax = amax;
+  const bool pos = amax > 0.0f;
+  const float div = pos ? amax : 1.0f;
+  const QuantTable t = table;
+  uint32_t index[kQuantBlock], key[kQuantBlock];
+  MUPOPT_SIMD
+  for (int k = 0; k < n; ++k) q8_bucket(static_cast<float>(q[k]), div, pos, t, index[k], key[k]);
+  for (int k = 0; k < n; ++k) {
+    uint32_t e = t.entry[index[k]];
+    MUPOPT_SCALAR(e);
+    codes[k] = q8_code(e, key[k]);
+  }
+}
+
+// TS: the states' storage type (streams >= 2): TP (format 32), bf16_t (format 16) or q8_t
+// (format 8, blocks decoded into and encoded from L1 arrays; ``maps`` holds each state
+// stream's tables).
+template <class Op, bool kFma, class TP, class TG, class TS, Rounding R = Rounding::kNearest>
 MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul_f,
-                                  double* red) {
+                                  double* red, const QuantTable* maps) {
   using T = compute_t<TP>;
   static_assert(std::is_same<T, compute_t<TG>>::value, "float64 gradients go with float64 params and states");
+  constexpr bool kQ8 = std::is_same<TS, q8_t>::value;
   // Local copies: the compiler cannot prove that stores through the stream pointers leave a
   // referenced Op alone, and would reload its fields every element (GCC 12 then refuses to
   // vectorise the bf16 loops: "no vectype" for the reloaded bool).
@@ -138,83 +203,127 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   const T gmul = static_cast<T>(gmul_f);
   constexpr unsigned L = Op::kLoad;
   constexpr unsigned W = Op::kStore;
+  // Format 8: the state streams' storage is codes (uint8), read and written in the block loop.
+  using SS = typename std::conditional<kQ8, uint8_t, TS>::type;
   TP* __restrict__ s0 = static_cast<TP*>(row.ptr[0]);
   const TG* __restrict__ s1 = static_cast<const TG*>(row.ptr[1]);
-  TP* __restrict__ s2 = static_cast<TP*>(row.ptr[2]);
-  TP* __restrict__ s3 = static_cast<TP*>(row.ptr[3]);
-  TP* __restrict__ s4 = static_cast<TP*>(row.ptr[4]);
+  SS* __restrict__ s2 = static_cast<SS*>(row.ptr[2]);
+  SS* __restrict__ s3 = static_cast<SS*>(row.ptr[3]);
+  SS* __restrict__ s4 = static_cast<SS*>(row.ptr[4]);
   T sc[kMaxScalars];
   for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<T>(row.scalar[k]);
   const uint32_t span_key = sr_span_key(row.sr_key, begin);
 
-  // The body shared by both loops below: load, apply, store one element.
-#define MUPOPT_CPU_ELEMENT(RED, RBITS)                         \
-  T x[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};           \
-  if constexpr ((L & 1u) != 0) x[0] = to_compute(s0[i]);       \
-  if constexpr ((L & 2u) != 0) x[1] = to_compute(s1[i]);       \
-  if constexpr ((L & 4u) != 0) x[2] = to_compute(s2[i]);       \
-  if constexpr ((L & 8u) != 0) x[3] = to_compute(s3[i]);       \
-  if constexpr ((L & 16u) != 0) x[4] = to_compute(s4[i]);      \
-  if constexpr (Op::kGradStream) x[1] *= gmul;                 \
-  op.template apply<kFma, T>(x, sc, RED);                      \
-  if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], RBITS); \
-  if constexpr ((W & 4u) != 0) s2[i] = from_compute<TP>(x[2]); \
-  if constexpr ((W & 8u) != 0) s3[i] = from_compute<TP>(x[3]); \
-  if constexpr ((W & 16u) != 0) s4[i] = from_compute<TP>(x[4]);
+  // The body shared by the loops below: load, apply, store one element. Format 8 states come
+  // from and go to the block arrays q2..q4 (index k), the others from and to memory (index i).
+#define MUPOPT_LOAD_STATE(X, S, Q)                   \
+  if constexpr (kQ8) {                               \
+    X = Q[k];                                        \
+  } else {                                           \
+    X = to_compute(reinterpret_cast<const TS*>(S)[i]); \
+  }
+#define MUPOPT_CPU_ELEMENT(RED, RBITS)                                     \
+  T x[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};                       \
+  if constexpr ((L & 1u) != 0) x[0] = to_compute(s0[i]);                   \
+  if constexpr ((L & 2u) != 0) x[1] = to_compute(s1[i]);                   \
+  if constexpr ((L & 4u) != 0) { MUPOPT_LOAD_STATE(x[2], s2, q2) }        \
+  if constexpr ((L & 8u) != 0) { MUPOPT_LOAD_STATE(x[3], s3, q3) }        \
+  if constexpr ((L & 16u) != 0) { MUPOPT_LOAD_STATE(x[4], s4, q4) }       \
+  if constexpr (Op::kGradStream) x[1] *= gmul;                             \
+  op.template apply<kFma, T>(x, sc, RED);                                  \
+  if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], RBITS);    \
+  if constexpr ((W & 4u) != 0) {                                           \
+    if constexpr (kQ8) q2[k] = x[2];                                       \
+    else reinterpret_cast<TS*>(s2)[i] = from_compute<TS>(x[2]);            \
+  }                                                                        \
+  if constexpr ((W & 8u) != 0) {                                           \
+    if constexpr (kQ8) q3[k] = x[3];                                       \
+    else reinterpret_cast<TS*>(s3)[i] = from_compute<TS>(x[3]);            \
+  }                                                                        \
+  if constexpr ((W & 16u) != 0) {                                          \
+    if constexpr (kQ8) q4[k] = x[4];                                       \
+    else reinterpret_cast<TS*>(s4)[i] = from_compute<TS>(x[4]);            \
+  }
 
-  if constexpr (Op::kReduce > 0) {
-    // Sums in float64, per chunk (then per tensor in chunk order, so the result does not depend
-    // on the thread count). Blocks of 256: a plain vectorised loop leaves the contributions in
-    // two small arrays (L1-resident), a second loop adds them up with an "omp simd" reduction.
-    // (One loop doing both is not vectorised by GCC 12: its simd-lane arrays, see above.)
-    constexpr int kBlock = 256;
-    T t0[kBlock], t1[kBlock];
+  if constexpr (Op::kReduce > 0 || kNeedsBits<TP, R> || kQ8) {
+    // Blocks of 256 (a chunk holds whole blocks: kCpuChunk is a multiple of kQuantBlock), each in
+    // a few plain loops over L1-resident arrays, since one loop doing everything is not
+    // vectorised by GCC 12 (its simd-lane arrays, see MUPOPT_SIMD):
+    //  - stochastic rounding: the block's random bits first (sr_fill: one hash per pair). One
+    //    loop doing both ran the AdamW bf16 step at 1.25-1.30x the round-to-nearest loop (the
+    //    hash's constants and masks on top of the update's live vectors), split 1.2x
+    //    (L2-resident, AVX2, one thread; docs/dtypes.md);
+    //  - format 8: each loaded state stream decoded (map value times the block's absmax);
+    //  - the update, leaving format 8's new values and the reduction's contributions in arrays;
+    //  - sums in float64, per chunk (then per tensor in chunk order, so the result does not
+    //    depend on the thread count), with an "omp simd" reduction;
+    //  - format 8: each stored stream's absmax (the max of the patterns of |x|: integer order is
+    //    float order there, and a NaN pattern exceeds every other, so a NaN propagates as in
+    //    torch's amax), then its codes.
+    constexpr int kBlock = kQuantBlock;
+    constexpr int kRed = Op::kReduce > 0 ? kBlock : 1;
+    constexpr int kQ = kQ8 ? kBlock : 1;
+    T t0[kRed], t1[kRed];
+    T q2[kQ], q3[kQ], q4[kQ];
     alignas(64) uint16_t bits[kNeedsBits<TP, R> ? kBlock : 2];
     double r0 = 0.0, r1 = 0.0;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
       if constexpr (kNeedsBits<TP, R>) sr_fill(bits, span_key, b0, n);
-      MUPOPT_SIMD
-      for (int k = 0; k < n; ++k) {
-        const int64_t i = b0 + k;
-        T c[kMaxReduce] = {T(0), T(0)};
-        MUPOPT_CPU_ELEMENT(c, (static_cast<uint32_t>(bits[kNeedsBits<TP, R> ? k : 0])))
-        t0[k] = c[0];
-        t1[k] = c[1];
+      const int64_t blk = b0 / kBlock;
+      if constexpr (kQ8) {
+        if constexpr ((L & 4u) != 0) q8_decode(s2 + b0, row.absmax[2][blk], maps[2].value, q2, n);
+        if constexpr ((L & 8u) != 0) q8_decode(s3 + b0, row.absmax[3][blk], maps[3].value, q3, n);
+        if constexpr ((L & 16u) != 0) q8_decode(s4 + b0, row.absmax[4][blk], maps[4].value, q4, n);
       }
-      MUPOPT_SIMD_SUM_R0_R1
-      for (int k = 0; k < n; ++k) {
-        r0 += static_cast<double>(t0[k]);
-        r1 += static_cast<double>(t1[k]);
+      if constexpr (Op::kReduce > 0) {
+        MUPOPT_SIMD
+        for (int k = 0; k < n; ++k) {
+          const int64_t i = b0 + k;
+          T c[kMaxReduce] = {T(0), T(0)};
+          MUPOPT_CPU_ELEMENT(c, (static_cast<uint32_t>(bits[kNeedsBits<TP, R> ? k : 0])))
+          t0[k] = c[0];
+          t1[k] = c[1];
+        }
+        MUPOPT_SIMD_SUM_R0_R1
+        for (int k = 0; k < n; ++k) {
+          r0 += static_cast<double>(t0[k]);
+          r1 += static_cast<double>(t1[k]);
+        }
+      } else {
+        MUPOPT_SIMD
+        for (int k = 0; k < n; ++k) {
+          const int64_t i = b0 + k;
+          MUPOPT_CPU_ELEMENT(nullptr, (static_cast<uint32_t>(bits[kNeedsBits<TP, R> ? k : 0])))
+        }
+      }
+      if constexpr (kQ8) {
+        if constexpr ((W & 4u) != 0) q8_encode(q2, s2 + b0, row.absmax[2] + blk, maps[2], n);
+        if constexpr ((W & 8u) != 0) q8_encode(q3, s3 + b0, row.absmax[3] + blk, maps[3], n);
+        if constexpr ((W & 16u) != 0) q8_encode(q4, s4 + b0, row.absmax[4] + blk, maps[4], n);
       }
     }
-    red[0] = r0;
-    red[1] = r1;
-  } else if constexpr (kNeedsBits<TP, R>) {
-    // Stochastic rounding: the random bits of a block of 256 first, in a loop of their own, then
-    // the update reading them from L1. One loop doing both ran the AdamW bf16 step at 1.25-1.30x
-    // the round-to-nearest loop (the hash's constants and masks on top of the update's live
-    // vectors), split 1.2x (L2-resident, AVX2, one thread; docs/dtypes.md).
-    (void)red;
-    constexpr int kBlock = 256;
-    alignas(64) uint16_t bits[kBlock];
-    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-      const int n = static_cast<int>(end - b0 < kBlock ? end - b0 : kBlock);
-      sr_fill(bits, span_key, b0, n);
-      MUPOPT_SIMD
-      for (int k = 0; k < n; ++k) {
-        const int64_t i = b0 + k;
-        MUPOPT_CPU_ELEMENT(nullptr, static_cast<uint32_t>(bits[k]))
-      }
+    if constexpr (Op::kReduce > 0) {
+      red[0] = r0;
+      red[1] = r1;
+    } else {
+      (void)red;
     }
   } else {
     (void)red;
+    (void)maps;
     MUPOPT_SIMD
     for (int64_t i = begin; i < end; ++i) {
+      constexpr int k = 0;
+      T* q2 = nullptr;
+      T* q3 = nullptr;
+      T* q4 = nullptr;
+      (void)q2, (void)q3, (void)q4, (void)k;
       MUPOPT_CPU_ELEMENT(nullptr, 0u)
     }
   }
 #undef MUPOPT_CPU_ELEMENT
+#undef MUPOPT_LOAD_STATE
 }
 
 #endif  // !__CUDACC__
@@ -223,7 +332,8 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
 // CUDA: one thread block per chunk; the block finds its row by binary search over first_chunk
 // (no per-chunk table to upload), reads 4 elements per access when the host found every stream
 // of the row aligned for it (16 bytes fp32, 8 bytes bf16), and skips everything when found_inf
-// is set. Launch: one per (Op, dtype pair), grid = number of chunks.
+// is set. Launch: one per (Op, dtype pair, state format), grid = number of chunks. States: TS =
+// TP (format 32) or bf16_t (format 16); format 8 is not implemented here yet.
 // ---------------------------------------------------------------------------------------------
 #if defined(__CUDACC__)
 
@@ -318,7 +428,7 @@ __device__ MUPOPT_FORCE_INLINE double block_sum(double v, double* shared) {
 
 }  // namespace cuda_detail
 
-template <class Op, class TP, class TG, Rounding R>
+template <class Op, class TP, class TG, class TS, Rounding R>
 __global__ void __launch_bounds__(cuda_detail::kThreads)
     multi_tensor_kernel(const TensorRow* __restrict__ rows, int n_rows, Op op, GradArgs ga, double* partials) {
   using namespace cuda_detail;
@@ -336,9 +446,9 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
   const uint32_t span_key = sr_span_key(row.sr_key, begin);
   TP* s0 = static_cast<TP*>(row.ptr[0]);
   const TG* s1 = static_cast<const TG*>(row.ptr[1]);
-  TP* s2 = static_cast<TP*>(row.ptr[2]);
-  TP* s3 = static_cast<TP*>(row.ptr[3]);
-  TP* s4 = static_cast<TP*>(row.ptr[4]);
+  TS* s2 = static_cast<TS*>(row.ptr[2]);
+  TS* s3 = static_cast<TS*>(row.ptr[3]);
+  TS* s4 = static_cast<TS*>(row.ptr[4]);
   double acc0 = 0.0, acc1 = 0.0;
 
   int64_t scalar_from = begin;
@@ -388,9 +498,9 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
       acc1 += static_cast<double>(c[1]);
     }
     if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], sr_bits(span_key, i));
-    if constexpr ((W & 4u) != 0) s2[i] = from_float<TP>(x[2]);
-    if constexpr ((W & 8u) != 0) s3[i] = from_float<TP>(x[3]);
-    if constexpr ((W & 16u) != 0) s4[i] = from_float<TP>(x[4]);
+    if constexpr ((W & 4u) != 0) s2[i] = from_float<TS>(x[2]);
+    if constexpr ((W & 8u) != 0) s3[i] = from_float<TS>(x[3]);
+    if constexpr ((W & 16u) != 0) s4[i] = from_float<TS>(x[4]);
   }
   if constexpr (Op::kReduce > 0) {
     __shared__ double shared[kThreads / 32];
@@ -403,24 +513,39 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
   }
 }
 
-template <class Op, class TP, class TG, Rounding R>
+template <class Op, class TP, class TG, class TS, Rounding R>
 cudaError_t launch_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, const Op& op, const GradArgs& ga,
                          double* partials, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n_chunks)), block(cuda_detail::kThreads);
-  multi_tensor_kernel<Op, TP, TG, R><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  multi_tensor_kernel<Op, TP, TG, TS, R><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
   return cudaGetLastError();
 }
 
+// The states' storage (storage.h's StateFormat): the param's (format 32) or bfloat16 (16).
+// Format 8 is not implemented in this kernel (the cuda backend registers state_bits=(16, 32)).
+template <class Op, class TP, class TG, Rounding R>
+cudaError_t launch_state_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, StateFormat ts, const Op& op,
+                               const GradArgs& ga, double* partials, cudaStream_t stream) {
+  switch (ts) {
+    case StateFormat::kParam:
+      return launch_typed<Op, TP, TG, TP, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+    case StateFormat::kBFloat16:
+      return launch_typed<Op, TP, TG, bf16_t, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 template <class Op, class TP, Rounding R = Rounding::kNearest>
-cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, const Op& op,
-                              const GradArgs& ga, double* partials, cudaStream_t stream) {
+cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, StateFormat ts,
+                              const Op& op, const GradArgs& ga, double* partials, cudaStream_t stream) {
   switch (tg) {
     case DType::kBFloat16:
-      return launch_typed<Op, TP, bf16_t, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      return launch_state_typed<Op, TP, bf16_t, R>(rows, n_rows, n_chunks, ts, op, ga, partials, stream);
     case DType::kFloat16:
-      return launch_typed<Op, TP, f16_t, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      return launch_state_typed<Op, TP, f16_t, R>(rows, n_rows, n_chunks, ts, op, ga, partials, stream);
     case DType::kFloat32:
-      return launch_typed<Op, TP, float, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      return launch_state_typed<Op, TP, float, R>(rows, n_rows, n_chunks, ts, op, ga, partials, stream);
     default:
       return cudaErrorInvalidValue;  // float32 math only: the bindings refuse float64 tensors
   }
@@ -429,34 +554,35 @@ cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunk
 // A stochastic param format: the stochastic loops for Ops that store the param (stream 0), the
 // nearest ones (which do the same) for the others.
 template <class Op, class TP>
-cudaError_t launch_stochastic(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, const Op& op,
-                              const GradArgs& ga, double* partials, cudaStream_t stream) {
+cudaError_t launch_stochastic(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, StateFormat ts,
+                              const Op& op, const GradArgs& ga, double* partials, cudaStream_t stream) {
   if constexpr ((Op::kStore & 1u) != 0) {
-    return launch_grad_typed<Op, TP, Rounding::kStochastic>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    return launch_grad_typed<Op, TP, Rounding::kStochastic>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
   } else {
-    return launch_grad_typed<Op, TP>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+    return launch_grad_typed<Op, TP>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
   }
 }
 
-// One launch per (param format, grad dtype) pair. rows: device table of n_rows rows with
-// first_chunk counted from 0; partials: device buffer of 2 * n_chunks doubles when
+// One launch per (param format, grad dtype, state format) triple. rows: device table of n_rows
+// rows with first_chunk counted from 0; partials: device buffer of 2 * n_chunks doubles when
 // Op::kReduce, else unused.
 template <class Op>
-cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tp, DType tg, const Op& op,
-                                const GradArgs& ga, double* partials, cudaStream_t stream) {
+cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tp, DType tg,
+                                StateFormat ts, const Op& op, const GradArgs& ga, double* partials,
+                                cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
   switch (tp) {
     case DType::kBFloat16:
-      return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+      return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
     case DType::kFloat16:
-      return launch_grad_typed<Op, f16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+      return launch_grad_typed<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
     case DType::kBFloat16Stochastic:
-      return launch_stochastic<Op, bf16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+      return launch_stochastic<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
     case DType::kFloat16Stochastic:
-      return launch_stochastic<Op, f16_t>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+      return launch_stochastic<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
     case DType::kFloat32:
-      return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, op, ga, partials, stream);
+      return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
     default:
       return cudaErrorInvalidValue;  // float64: as above
   }

@@ -10,8 +10,13 @@
 //
 // A launch carries its param format as a DType code (kBFloat16Stochastic, kFloat16Stochastic:
 // the bf16 / f16 storage of the param, its states rounded to nearest), so the drivers pick the
-// loop instantiation by one switch. A block-quantized state format would be one more code and
-// one more load/store pair here.
+// loop instantiation by one switch.
+//
+// The states (streams >= 2) have a format of their own, StateFormat (state_bits,
+// mupopt/optim/_lean_states.py): kParam (the param's storage type, format 32), kBFloat16
+// (bfloat16 states of float32 / float16 params, format 16: rounded to nearest on store) or
+// kBlock8 (format 8: uint8 codes and a float32 absmax per block of kQuantBlock elements; storage
+// type q8_t, decoded and encoded per block by the traversal with the tables of QuantTable).
 //
 // Stochastic rounding: the executable spec is mupopt/storage.py (round_stochastic, random_bits);
 // this is the same rule, bit for bit (tests/test_stochastic_rounding.py compares the backends):
@@ -111,6 +116,72 @@ MUPOPT_HDI TP store_value(compute_t<TP> x, uint32_t r) {
     (void)r;
     return from_compute<TP>(x);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State formats
+// ---------------------------------------------------------------------------------------------
+// kBytes: uint8 states moved as plain numbers, for the no-math bound of format 8's traffic only
+// (csrc/cpu/traffic.cpp).
+enum class StateFormat : int32_t { kParam = 0, kBFloat16 = 1, kBlock8 = 2, kBytes = 3 };
+constexpr int kStateFormatCount = 4;
+// An Op's kStateFormats: a mask of (1 << format).
+constexpr unsigned format_bit(StateFormat f) { return 1u << static_cast<int>(f); }
+// What an Op steps unless it says otherwise (driver.h).
+constexpr unsigned kOptimizerFormats =
+    format_bit(StateFormat::kParam) | format_bit(StateFormat::kBFloat16) | format_bit(StateFormat::kBlock8);
+
+// Format 8's storage tag: one uint8 code per element (the row's stream pointer) and one float32
+// absmax per block (TensorRow::absmax). Never converted element by element: the CPU loops decode
+// and encode whole blocks (multi_tensor.h).
+struct q8_t {
+  uint8_t code;
+};
+
+// Format 8's block: the spec's BLOCK (_lean_states.py); blocks start at element 0 of a tensor,
+// and the chunks of both traversals are multiples of it, so a chunk holds whole blocks.
+constexpr int kQuantBlock = 256;
+
+// One map's tables (one per state stream; its kind, signed or unsigned, is the optimizer's
+// choice), built by mupopt/kernels/cpp/ops.py from _lean_states.py's map and its bucket search
+// and handed over as one int32 tensor: [0, 256) the map's float32 values, [256] lo, [257] count,
+// then 2*count bucket entries (count for y >= 0, then count for y < 0).
+//
+// The nearest code of a normalized y (|y| <= 1 or NaN), the spec's "number of midpoints < y",
+// through the 2^16 buckets of float32 values sharing their top 16 bits (each holds at most one
+// midpoint): code = base + (y > midpoint in y's bucket). Only the buckets of magnitudes in
+// [lo, lo + count) are kept: lo is below the bucket of the smallest |midpoint| (every smaller
+// magnitude has lo's code) and lo + count - 1 is 1.0's bucket (|y| <= 1; NaN, whose magnitude
+// is above it, takes that entry: the spec's NaN code is the top one, as bucketize puts NaN after
+// every midpoint). 2 * count is about 5600 entries, 22 KiB for the dynamic maps: L1-resident.
+// An entry is base << 16 | t: within the bucket y > midpoint exactly when the low 16 bits of
+// y's pattern, complemented for y < 0 (the pattern order of negative floats is reversed), are
+// > t; t = 0xFFFF where the bucket holds no midpoint (never true).
+constexpr int kQuantHeader = 258;
+struct QuantTable {
+  const float* value = nullptr;      // 256 map values
+  const uint32_t* entry = nullptr;   // 2 * count bucket entries
+  uint32_t lo = 0, count = 0;
+};
+
+// The code of x in a block of absmax ``amax`` (``div``: amax where amax > 0, else 1; ``pos``:
+// amax > 0), as _lean_states.quantize_: y = x / amax, or 0 where amax is not > 0 (0 or NaN). In
+// two steps, so that the CPU loops vectorise the first and look the table up in scalar code
+// (multi_tensor.h's q8_encode): the entry index and the key of y, then the code from the entry.
+MUPOPT_HDI void q8_bucket(float x, float div, bool pos, const QuantTable& q, uint32_t& index, uint32_t& key) {
+  const float y = pos ? x / div : 0.0f;
+  const uint32_t u = float_bits(y);
+  const uint32_t body = u & 0x7FFFFFFFu;
+  const uint32_t neg = (u >> 31) & static_cast<uint32_t>(body <= 0x7F800000u);  // NaN: as positive
+  uint32_t mag = body >> 16;
+  mag = mag < q.lo ? q.lo : mag;
+  mag = mag > q.lo + q.count - 1 ? q.lo + q.count - 1 : mag;
+  index = (mag - q.lo) + (neg ? q.count : 0u);
+  key = (u & 0xFFFFu) ^ (neg ? 0xFFFFu : 0u);
+}
+
+MUPOPT_HDI uint8_t q8_code(uint32_t entry, uint32_t key) {
+  return static_cast<uint8_t>((entry >> 16) + static_cast<uint32_t>(key > (entry & 0xFFFFu)));
 }
 
 // Whether a loop storing TP with rounding R needs random bits.

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...backends import PLAIN_TENSOR_TYPES, subclass_reason
+from ...optim import _lean_states as lean
 from ...storage import seeds_of
 
 
@@ -40,6 +41,74 @@ def _require(tensors: Sequence[torch.Tensor]) -> None:
 
 def _lists(states: Sequence[dict], *keys: str) -> list[list[torch.Tensor]]:
     return [[st[k] for st in states] for k in keys]
+
+
+# -- state_bits=8 -------------------------------------------------------------------------------
+def _kinds(name: str) -> dict[str, str]:
+    """The kind (signed / unsigned map) of each state entry of optimizer ``name``: its own
+    *_STATES dict (imported here: the optimizer modules import the backends)."""
+    if name == "adamw":
+        from ...optim.adamw import ADAMW_STATES as kinds
+    elif name == "adopt":
+        from ...optim.adopt import ADOPT_STATES as kinds
+    elif name == "lamb":
+        from ...optim.lamb import LAMB_STATES as kinds
+    else:  # sophia, sophia_hessian
+        from ...optim.sophia import SOPHIA_STATES as kinds
+    return kinds
+
+
+_TABLES: dict = {}
+
+
+def map_table(kind: str, name: str | None = None) -> torch.Tensor:
+    """The int32 table of format 8's map ``name`` (default: the one in use) for ``kind``, as the
+    C++ loops read it (csrc/include/mupopt/storage.h, QuantTable): the 256 map values (float32
+    bits), lo, count, then 2*count bucket entries ``base << 16 | t`` for the magnitude buckets
+    lo .. lo+count-1 of y >= 0, then of y < 0. Made from the spec's own tables
+    (``_lean_states._tables`` and ``_buckets``), so the maps are defined once."""
+    name = name or lean.maps
+    key = (name, kind)
+    if key not in _TABLES:
+        cpu = torch.device("cpu")
+        values, mid = lean._tables(name, kind, cpu)
+        base, inside = lean._buckets(name, kind, cpu)
+        magnitude = (mid.view(torch.int32) >> 16) & 0x7FFF
+        lo = max(int(magnitude.min()) - 1, 0)  # below the smallest |midpoint|'s bucket: one code
+        hi = 0x3F80  # the bucket of 1.0 (|y| <= 1); NaN takes it too (the spec's top code)
+        if bool((magnitude >= hi).any()):
+            raise AssertionError(f"map {name!r} ({kind}) has a midpoint at or above 1.0")
+        buckets = torch.arange(lo, hi + 1, dtype=torch.int64)
+        entries = []
+        for sign in (0, 0x8000):
+            idx = buckets | sign
+            b = base.long()[idx]
+            ins = inside[idx]
+            low = ins.view(torch.int32).long() & 0xFFFF
+            # y < 0: the low bits' order is reversed, so compare their complements
+            t = torch.where(torch.isnan(ins), torch.full_like(low, 0xFFFF), low if sign == 0 else 0xFFFF - low)
+            entries.append((b << 16) | t)
+        body = torch.cat(entries)
+        header = torch.tensor([lo, hi + 1 - lo], dtype=torch.int64)
+        table = torch.cat([values.view(torch.int32).long(), header, body])
+        # int32 two's complement of the uint32 entries
+        _TABLES[key] = torch.where(table >= 1 << 31, table - (1 << 32), table).to(torch.int32)
+    return _TABLES[key]
+
+
+def _lean(name: str, states: Sequence[dict], keys: Sequence[str]) -> dict:
+    """The state_bits=8 arguments of an op over the state lists ``keys``: none when no state is
+    quantized, else ``absmax`` (every quantized state's block scales, tensor by tensor, each
+    tensor's in the order of ``keys``) and ``maps`` (one table per list)."""
+    absmax = [st[k + lean.ABSMAX] for st in states for k in keys if k + lean.ABSMAX in st]
+    if not absmax:
+        return {}
+    kinds = _kinds(name)
+    return dict(absmax=absmax, maps=[map_table(kinds[k]) for k in keys])
+
+
+def _quantized(states: Sequence[dict]) -> bool:
+    return any(k.endswith(lean.ABSMAX) for st in states for k in st)
 
 
 def _hyper(name: str, hp) -> dict:
@@ -66,11 +135,12 @@ def adamw(params, grads, states, mults, hp, *, found_inf=None) -> None:
         return
     _require(params)
     exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hp.amsgrad else ("exp_avg", "exp_avg_sq")
     torch.ops.mupopt.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if hp.amsgrad else [], steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         **_hyper("adamw", hp), grad_scale=None, found_inf=found_inf,
-        sr_seeds=seeds_of(states, hp.stochastic_rounding),
+        sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("adamw", states, keys),
     )
 
 
@@ -84,7 +154,7 @@ def adopt(params, grads, states, mults, hp, *, found_inf=None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps,
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         **_hyper("adopt", hp), grad_scale=None, found_inf=found_inf,
-        sr_seeds=seeds_of(states, hp.stochastic_rounding),
+        sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("adopt", states, ("exp_avg", "exp_avg_sq")),
     )
 
 
@@ -100,7 +170,7 @@ def lamb(params, grads, states, mults, hp, *, norm_reduce=None, found_inf=None) 
     exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
     args = (params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults])
     kwargs = dict(_hyper("lamb", hp), grad_scale=None, found_inf=found_inf,
-                  sr_seeds=seeds_of(states, hp.stochastic_rounding))
+                  sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("lamb", states, ("exp_avg", "exp_avg_sq")))
     if norm_reduce is None:
         torch.ops.mupopt.lamb_(*args, **kwargs)
         return
@@ -120,7 +190,7 @@ def sophia(params, grads, states, mults, hp, *, found_inf=None) -> None:
     torch.ops.mupopt.sophia_(
         params, grads, exp_avgs, hessians, steps, [m.lr for m in mults], [m.wd for m in mults],
         **_hyper("sophia", hp), grad_scale=None, found_inf=found_inf,
-        sr_seeds=seeds_of(states, hp.stochastic_rounding),
+        sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("sophia", states, ("exp_avg", "hessian")),
     )
 
 
@@ -131,7 +201,7 @@ def sophia_hessian(params, grads, states, mults, hp, *, found_inf=None) -> None:
     _require(params)
     torch.ops.mupopt.sophia_hessian_(
         grads, [st["hessian"] for st in states], **_hyper("sophia_hessian", hp), grad_scale=None,
-        found_inf=found_inf,
+        found_inf=found_inf, **_lean("sophia_hessian", states, ("hessian",)),
     )
 
 
@@ -211,11 +281,25 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
     return step
 
 
+def _per_call(fn: Callable, params, states, mults) -> Callable:
+    """The step of a list with state_bits=8 states: the per-call op (the bound plans keep no
+    block scales; the op's argument lists are built per step, as without a plan)."""
+    params, states, frozen = list(params), list(states), list(mults)
+
+    def step(grads, hp) -> None:
+        fn(params, grads, states, frozen, hp)
+
+    step.from_param_grads = lambda hp: step([p.grad for p in params], hp)
+    return step
+
+
 def bind_adamw(params, states, mults) -> Callable:
     """Bound AdamW step (see the module docstring). Bound with every state's "max_exp_avg_sq"
     when each has one; an amsgrad step without them goes to :func:`adamw` (which raises as before)."""
     if not params:
         return _nothing
+    if _quantized(states):
+        return _per_call(adamw, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     has_max = all("max_exp_avg_sq" in st for st in states)
@@ -253,6 +337,8 @@ def bind_adopt(params, states, mults) -> Callable:
     """Bound ADOPT step (see the module docstring)."""
     if not params:
         return _nothing
+    if _quantized(states):
+        return _per_call(adopt, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
@@ -271,6 +357,8 @@ def bind_lamb(params, states, mults) -> Callable:
     """Bound LAMB step (see the module docstring); whole-tensor norms only (no norm_reduce)."""
     if not params:
         return _nothing
+    if _quantized(states):
+        return _per_call(lamb, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     lr_m, eps_m = _mults(mults, "lr", "eps")
@@ -289,6 +377,8 @@ def bind_sophia(params, states, mults) -> Callable:
     """Bound SophiaG step (see the module docstring)."""
     if not params:
         return _nothing
+    if _quantized(states):
+        return _per_call(sophia, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     lr_m, wd_m = _mults(mults, "lr", "wd")
@@ -307,6 +397,8 @@ def bind_sophia_hessian(params, states, mults) -> Callable:
     """Bound Hessian EMA: ``step(grads, hp)`` updates each state's "hessian" only."""
     if not params:
         return _nothing
+    if _quantized(states):
+        return _per_call(sophia_hessian, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     bind = torch.ops.mupopt.bind_sophia_hessian.default

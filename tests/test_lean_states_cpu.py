@@ -1,0 +1,307 @@
+"""state_bits=8 and 16 on the C++ "cpu" backend (issue 20 items 2, 3, 6): the loops decode and
+encode the block-quantized format (csrc/include/mupopt/multi_tensor.h, storage.h) and store
+bfloat16 states of float32 / float16 params, and must store exactly what the reference backend
+stores (mupopt/optim/_lean_states.py, the executable spec): codes, block scales, bfloat16
+states and params, bit for bit, step after step. The reference runs with a correctly rounded
+square root, as in tests/test_bitwise.py (torch's float32 sqrt is MKL's, 1 ulp off at times;
+the C++ loops' is IEEE)."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import mupopt
+from mupopt import backends
+from mupopt.optim._base import BackendFallbackWarning
+from mupopt.optim import _lean_states as lean
+from test_bitwise import correctly_rounded_sqrt
+
+NAMES = ("adamw", "adopt", "lamb", "sophia")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_available():
+    from mupopt.kernels.cpp import cpu_unsupported_reason
+
+    reason = cpu_unsupported_reason([torch.zeros(1)])
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _params(dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    # 5000 elements: 19 full blocks and a partial one; a bias below MIN_8BIT_SIZE (format 32 in
+    # the same group); 40000 elements: two CPU chunks of 32768, the second one partial.
+    shapes = [(100, 50), (50,), (40000,)]
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in shapes]
+
+
+def _make(name, params, bits, backend, **kw):
+    kw = dict(state_bits=bits, backend=backend, **kw)
+    if name == "adamw":
+        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, **kw)
+    if name == "adopt":
+        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, **kw)
+    if name == "lamb":
+        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, **kw)
+    return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, **kw)
+
+
+def _grads(params, gen, poison=None):
+    out = []
+    for k, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen) * (1 + 3 * torch.rand(p.shape, generator=gen))
+        if poison is not None and k == 0:
+            flat = g.view(-1)
+            flat[300] = poison  # block 1 of the first tensor
+            flat[4999] = -poison if poison == poison else poison  # the partial last block
+        out.append(g.to(p.dtype))
+    return out
+
+
+def _run(name, bits, backend, steps=3, dtype=torch.float32, poison_at=None, poison=float("inf"), amp=False, **kw):
+    if backend == "reference":
+        with correctly_rounded_sqrt():
+            return _run_on(name, bits, backend, steps, dtype, poison_at, poison, amp, **kw)
+    return _run_on(name, bits, backend, steps, dtype, poison_at, poison, amp, **kw)
+
+
+def _run_on(name, bits, backend, steps, dtype, poison_at, poison, amp, **kw):
+    torch.manual_seed(0)  # stochastic rounding's seeds
+    ps = _params(dtype)
+    opt = _make(name, ps, bits, backend, **kw)
+    gen = torch.Generator().manual_seed(7)
+    for t in range(steps):
+        for p, g in zip(ps, _grads(ps, gen, poison if t == poison_at else None)):
+            p.grad = g
+        if amp:
+            # what GradScaler hands a fused optimizer: scaled gradients and its scale; the
+            # second step has found_inf set and changes nothing
+            for p in ps:
+                p.grad = p.grad * 4
+            opt.grad_scale = torch.tensor(4.0)
+            opt.found_inf = torch.tensor(1.0 if t == 1 else 0.0)
+        if isinstance(opt, mupopt.SophiaG):
+            opt.step(bs=64)
+            if t % 2 == 0:
+                for p, g in zip(ps, _grads(ps, gen)):
+                    p.grad = g
+                opt.update_hessian()
+        else:
+            opt.step()
+        if amp:
+            del opt.grad_scale, opt.found_inf
+    return ps, opt
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (NaN payloads included)."""
+    t = t.detach()
+    if t.dtype == torch.uint8:
+        return t
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _close_params(a, b, what):
+    """LAMB's params: its trust ratio comes from float64 sums in the C++ loops and from torch's
+    float32 norm in the reference, which differ in the last bit at times (as for format 32:
+    tests/test_cpp_backend.py); its states depend on the gradients only and stay bit for bit."""
+    dtype = a.dtype
+    a, b = a.detach().float(), b.detach().float()
+    rtol = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_same(run_a, run_b, exact_params=True):
+    (pa, oa), (pb, ob) = run_a, run_b
+    for k, (a, b) in enumerate(zip(pa, pb)):
+        if exact_params:
+            assert torch.equal(_bits(a), _bits(b)), f"param {k}: {int((_bits(a) != _bits(b)).sum())} differ"
+        else:
+            _close_params(a, b, f"param {k}")
+        sa, sb = oa.state[a], ob.state[b]
+        assert set(sa) == set(sb)
+        for key, va in sa.items():
+            if isinstance(va, torch.Tensor) and key != "sr_seed":
+                vb = sb[key]
+                assert va.dtype == vb.dtype, (k, key)
+                assert torch.equal(_bits(va), _bits(vb)), f"param {k} state {key!r}: {int((_bits(va) != _bits(vb)).sum())} differ"
+
+
+def _formats(opt, ps):
+    return [(opt.state[p]["exp_avg"].dtype) for p in ps]
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_equals_reference_bit_for_bit(name, bits):
+    ref = _run(name, bits, "reference")
+    cpu = _run(name, bits, "cpu")
+    assert cpu[1].selected_backends[0][name] == "cpu"
+    want = [torch.uint8, torch.float32, torch.uint8] if bits == 8 else [torch.bfloat16] * 3
+    assert _formats(cpu[1], cpu[0]) == want
+    _assert_same(ref, cpu, exact_params=name != "lamb")
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_params_with_and_without_stochastic_rounding(name, bits, stochastic):
+    """bfloat16 params (format 16 is their own dtype, so the cpu backend's format 32 loops)."""
+    runs = [_run(name, bits, b, dtype=torch.bfloat16, stochastic_rounding=stochastic) for b in ("reference", "cpu")]
+    assert runs[1][1].selected_backends[0][name] == "cpu"
+    _assert_same(*runs, exact_params=name != "lamb")
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_float16_and_float64_params(dtype, bits):
+    runs = [_run("adamw", bits, b, dtype=dtype, stochastic_rounding=dtype == torch.float16) for b in ("reference", "cpu")]
+    assert runs[1][1].selected_backends[0]["adamw"] == "cpu"
+    _assert_same(*runs)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("option", ["amsgrad", "maximize", "amp"])
+def test_adamw_options(option, bits):
+    kw = {"amp": True} if option == "amp" else {option: True}
+    _assert_same(*[_run("adamw", bits, b, steps=4, **kw) for b in ("reference", "cpu")])
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_blocks(name, poison):
+    """A non-finite gradient in two blocks: the codes and scales of those blocks (NaN or inf
+    scales, the spec's codes) and every other block match the reference's, bit for bit."""
+    runs = [_run(name, 8, b, steps=3, poison_at=1, poison=poison) for b in ("reference", "cpu")]
+    _assert_same(*runs, exact_params=name != "lamb")
+    ps, opt = runs[1]
+    assert not torch.isfinite(opt.state[ps[0]]["exp_avg" + lean.ABSMAX][1])  # the poisoned block
+    assert torch.isfinite(opt.state[ps[0]]["exp_avg" + lean.ABSMAX][2:-1]).all()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_lamb_split_passes_with_norm_reduce(bits):
+    """lamb_partials_ / lamb_apply_ (the form for sharded params): the states are stored once,
+    by the second pass, from the same decoded blocks; the result equals the reference's."""
+    out = []
+    for backend in ("reference", "cpu"):
+        ps = _params()
+        opt = _make("lamb", ps, bits, backend)
+        group = opt.param_groups[0]
+        states = [opt._init_state(p, group) for p in ps]
+        hp = opt._hparams(group)
+        mults = opt.group_multipliers(group)
+        gen = torch.Generator().manual_seed(3)
+        calls = []
+
+        def reduce(sums):
+            calls.append(1)
+            return sums
+
+        for _ in range(3):
+            with torch.no_grad(), correctly_rounded_sqrt():
+                backends.get("lamb", backend).fn(ps, _grads(ps, gen), states, mults, hp, norm_reduce=reduce)
+        assert len(calls) == 3
+        out.append((ps, states))
+    (pa, sa), (pb, sb) = out
+    for a, b, x, y in zip(pa, pb, sa, sb):
+        _close_params(a, b, "param")
+        for key in x:
+            assert torch.equal(_bits(x[key]), _bits(y[key])), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_auto_takes_the_cpu_backend_without_a_warning(name):
+    ps = _params()
+    opt = _make(name, ps, 8, "auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        for p, g in zip(ps, _grads(ps, torch.Generator().manual_seed(0))):
+            p.grad = g
+        opt.step(**({"bs": 64} if name == "sophia" else {}))
+    assert opt.selected_backends[0][name] == "cpu"
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.uint8 and opt.state[ps[1]]["exp_avg"].dtype == torch.float32
+
+
+@pytest.fixture
+def format32_backend():
+    """A backend that steps format 32 only (the cpu backend's function, state_bits=(32,))."""
+    cpu = backends.get("adamw", "cpu")
+    b = backends.register(dataclasses.replace(cpu, name="only32", state_bits=(32,), bind=None))
+    yield b
+    del backends._REGISTRY["adamw"]["only32"]
+
+
+def test_explicit_backend_without_the_format_still_raises(format32_backend):
+    with pytest.raises(ValueError, match="backend 'only32' does not implement 8-bit"):
+        _make("adamw", _params(), 8, "only32")  # at construction
+    ps = _params()
+    opt = _make("adamw", ps, 16, "only32")  # float32 params: format 16, known at the first step
+    for p, g in zip(ps, _grads(ps, torch.Generator().manual_seed(0))):
+        p.grad = g
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match="state_bits=16"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps)) and not opt.state
+
+
+def test_bad_block_scales_are_refused_and_change_nothing():
+    ps = _params()
+    opt = _make("adamw", ps, 8, "cpu")
+    group = opt.param_groups[0]
+    states = [opt._init_state(p, group) for p in ps]
+    hp, mults = opt._hparams(group), opt.group_multipliers(group)
+    grads = _grads(ps, torch.Generator().manual_seed(0))
+    fn = backends.get("adamw", "cpu").fn
+    before = [p.detach().clone() for p in ps]
+    states[0]["exp_avg" + lean.ABSMAX] = torch.zeros(5)  # 20 blocks needed
+    with pytest.raises(RuntimeError, match=r"absmax\[0\].*shape \[20\]"):
+        fn(ps, grads, states, mults, hp)
+    states[0]["exp_avg" + lean.ABSMAX] = torch.zeros(20, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32"):
+        fn(ps, grads, states, mults, hp)
+    states[0]["exp_avg" + lean.ABSMAX] = torch.zeros(20)
+    del states[0]["exp_avg_sq" + lean.ABSMAX]
+    with pytest.raises(RuntimeError, match="absmax"):
+        fn(ps, grads, states, mults, hp)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    assert all(float(st["step"]) == 0 for st in states)
+
+
+def _table_codes(y: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The lookup of csrc/include/mupopt/storage.h's q8_bucket and q8_code, transcribed (int64 arithmetic)."""
+    lo, count = int(table[256]), int(table[257])
+    entry = table[258:].long() & 0xFFFFFFFF
+    u = y.view(torch.int32).long() & 0xFFFFFFFF
+    body = u & 0x7FFFFFFF
+    neg = ((u >> 31) == 1) & (body <= 0x7F800000)
+    mag = (body >> 16).clamp(lo, lo + count - 1)
+    e = entry[(mag - lo) + torch.where(neg, count, 0)]
+    key = (u & 0xFFFF) ^ torch.where(neg, 0xFFFF, 0)
+    return (e >> 16) + (key > (e & 0xFFFF)).long()
+
+
+@pytest.mark.parametrize("kind", [lean.SIGNED, lean.UNSIGNED])
+@pytest.mark.parametrize("name", lean.MAP_NAMES)
+def test_kernel_table_equals_the_spec_search(name, kind, monkeypatch):
+    """The compact table the loops read gives the spec's code for every midpoint and its float32
+    neighbours, the map values, 0, +-0, tiny and non-finite y (as the spec's nearest_codes)."""
+    from mupopt.kernels.cpp.ops import map_table
+
+    monkeypatch.setattr(lean, "maps", name)
+    values, mid = lean.map_tensor(kind, name=name)
+    assert torch.equal(map_table(kind, name)[:256].view(torch.float32), values)
+    ys = [mid, values, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45, 1.0, -1.0,
+                                     float("nan"), -float("nan")])]
+    for d in (1, 2, 3):
+        ys += [torch.nextafter(mid, mid + d), torch.nextafter(mid, mid - d)]
+    bits = mid.view(torch.int32)
+    ys += [(bits + d).view(torch.float32) for d in (-2, -1, 1, 2)]
+    y = torch.cat(ys)
+    y = y[(y.abs() <= 1) | y.isnan()]
+    want = lean.nearest_codes(y, kind).long()
+    assert torch.equal(_table_codes(y, map_table(kind, name)), want)
