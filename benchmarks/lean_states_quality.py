@@ -48,7 +48,9 @@ def parse_config(text: str) -> dict:
     return {"param_dtype": dtype, "stochastic_rounding": sr, "state_bits": int(bits), "maps": maps or lean.DEFAULT_MAPS}
 
 
-def train(args) -> list[dict]:
+def train(args, save=None) -> list[dict]:
+    """Every (optimizer, configuration, seed) run; ``save(rows)`` after each (a long matrix
+    keeps what it finished when stopped)."""
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)
     data = load_corpus(None)
@@ -67,6 +69,8 @@ def train(args) -> list[dict]:
                 rows.append(r)
                 print(f"{name} {text} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
                       f"({r['seconds']:.0f} s)", flush=True)
+                if save:
+                    save(rows)
     lean.maps = lean.DEFAULT_MAPS
     return rows
 
@@ -140,6 +144,17 @@ def plot(rows: list[dict], path: Path, smooth: int = 25, title: str = "") -> Pat
     return path
 
 
+def write(rows: list[dict], out: Path) -> None:
+    """``out`` (CSV, without the curves) and the same name .json (with them)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flat = [{k: v for k, v in r.items() if k != "losses"} for r in rows]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    out.with_suffix(".json").write_text(json.dumps(rows) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--optimizers", default="adamw", help="comma list of mupopt transfer's names, or 'six'")
@@ -162,17 +177,8 @@ def main(argv=None) -> int:
     if args.inputs:
         rows = [r for f in args.inputs.split(",") for r in json.loads(Path(f).read_text())]
     else:
-        rows = train(args)
+        rows = train(args, (lambda rows: write(rows, Path(args.out))) if args.out else None)
     print("\n" + summary(rows))
-    if args.out and not args.inputs:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        flat = [{k: v for k, v in r.items() if k != "losses"} for r in rows]
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(flat[0]))
-            w.writeheader()
-            w.writerows(flat)
-        out.with_suffix(".json").write_text(json.dumps(rows) + "\n")
     if args.plot:
         plot(rows, Path(args.plot), args.smooth, args.title)
     return 0
