@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from mupopt.mupcheck.models import config_for, load_corpus
 from mupopt.mupcheck.train import OPTIMIZERS, parse_optimizers, pyplot
@@ -48,6 +49,37 @@ def parse_config(text: str) -> dict:
     return {"param_dtype": dtype, "stochastic_rounding": sr, "state_bits": int(bits), "maps": maps or lean.DEFAULT_MAPS}
 
 
+class LostUpdates:
+    """While active, per optimizer step: the fraction of elements whose update (the change the
+    step made, in float32 params) is below half a bfloat16 spacing of the param, i.e. the updates
+    that a bfloat16 param rounded to nearest would drop (Zamirai et al. 2020, "Revisiting
+    BFloat16 Training", arXiv 2010.06192). The spacing of x in [2^(e-1), 2^e) is 2^(e-8) (8
+    significant bits). Through torch's global step hooks, so that the training loop is the one
+    of ``mupopt transfer``."""
+
+    def __init__(self):
+        self.fractions: list[float] = []
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handles = [register_optimizer_step_pre_hook(self._pre),
+                         register_optimizer_step_post_hook(self._post)]
+
+    def _pre(self, opt, args, kwargs):
+        self._before = [(p, p.detach().clone()) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+
+    def _post(self, opt, args, kwargs):
+        lost = total = 0
+        for p, old in self._before:
+            half = torch.ldexp(torch.ones_like(old), torch.frexp(old.bfloat16().float())[1] - 9)
+            nonzero = old != 0
+            lost += ((p.detach() - old).abs() < half)[nonzero].sum().item()
+            total += nonzero.sum().item()
+        self.fractions.append(lost / max(total, 1))
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
 def train(args, save=None) -> list[dict]:
     """Every (optimizer, configuration, seed) run; ``save(rows)`` after each (a long matrix
     keeps what it finished when stopped)."""
@@ -62,8 +94,18 @@ def train(args, save=None) -> list[dict]:
             c = parse_config(text)
             lean.maps = c.pop("maps")
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
-                              steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
+                probe = LostUpdates() if args.lost_updates and c["param_dtype"] == "fp32" else None
+                try:
+                    r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
+                                  steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
+                finally:
+                    if probe:
+                        probe.close()
+                if probe:  # one entry per step (SophiaG's Hessian refresh is no step)
+                    r["lost"] = probe.fractions
+                    n = len(probe.fractions)
+                    r["lost_thirds"] = " ".join(f"{statistics.mean(probe.fractions[i * n // 3:(i + 1) * n // 3]):.3f}"
+                                                for i in range(3))
                 r["config"] = text
                 r["lr_scale"] = args.lr_scale
                 rows.append(r)
@@ -147,7 +189,7 @@ def plot(rows: list[dict], path: Path, smooth: int = 25, title: str = "") -> Pat
 def write(rows: list[dict], out: Path) -> None:
     """``out`` (CSV, without the curves) and the same name .json (with them)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    flat = [{k: v for k, v in r.items() if k != "losses"} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("losses", "lost")} for r in rows]
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
@@ -168,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr-scale", type=float, default=1.0, help="lr = the optimizer's grid centre times this")
     ap.add_argument("--configs", "--formats", dest="configs", default="32,16,8:dynamic,8:linear-sqrt",
                     help="comma list of [fp32|bf16|bf16-sr/]32|16|8[:map]; the first is the baseline")
+    ap.add_argument("--lost-updates", action="store_true",
+                    help="fp32-param runs also record, per step, the fraction of updates below half a bf16 spacing")
     ap.add_argument("--out", default=None, help="CSV of the runs (and the same name .json with the loss curves)")
     ap.add_argument("--inputs", default=None, help="plot these JSON files of earlier runs instead of training")
     ap.add_argument("--plot", default=None, help="PNG of the loss curves")
