@@ -149,7 +149,9 @@ def plot(rows: list[dict], path: Path, smooth: int = 25, title: str = "") -> Pat
     if plt is None:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    names = sorted(dict.fromkeys(r["optimizer"] for r in rows),
+                   key=lambda n: list(OPTIMIZERS).index(n) if n in OPTIMIZERS else len(OPTIMIZERS))
+    every = list(dict.fromkeys(r["config"] for r in rows))  # one colour per configuration in every panel
     fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.5), squeeze=False, sharex=True)
     for j, name in enumerate(names):
         curves = defaultdict(list)
@@ -162,21 +164,21 @@ def plot(rows: list[dict], path: Path, smooth: int = 25, title: str = "") -> Pat
             continue
         base = mean[configs[0]]
         lo = min(min(m[len(m) // 4:]) for m in mean.values())
-        for k, c in enumerate(configs):
-            seeds = len(curves[c])
-            label = f"{c} ({seeds} seed{'s' if seeds > 1 else ''})"
-            style = dict(color=plt.cm.tab10(k), lw=1.2, ls="--" if c.endswith("/8") or c == "8" else "-")
-            axes[0][j].plot(range(1, len(mean[c]) + 1), mean[c], label=label, **style)
+        for c in configs:
+            style = dict(color=plt.cm.tab10(every.index(c)), lw=1.2, ls="--" if c.endswith("/8") or c == "8" else "-")
+            axes[0][j].plot(range(1, len(mean[c]) + 1), mean[c], label=c, **style)
             axes[1][j].plot(range(1, len(mean[c]) + 1), [a - b for a, b in zip(mean[c], base)], **style)
         axes[0][j].set_ylim(lo - 0.05, lo + 0.9)
-        axes[0][j].set_title(name, fontsize=10)
+        seeds = sorted({r["seed"] for r in rows if r["optimizer"] == name})
+        axes[0][j].set_title(f"{name} (seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))})", fontsize=10)
         axes[1][j].axhline(0.0, color="k", lw=0.5)
         axes[1][j].set_xlabel("step")
         for ax in axes[:, j]:
             ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel(f"training loss (moving average, {smooth} steps)")
     axes[1][0].set_ylabel(f"difference from {rows[0]['config']}")
-    axes[0][-1].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    axes[0][0].legend([handles[c] for c in every if c in handles], [c for c in every if c in handles], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
