@@ -1,32 +1,207 @@
-"""Training quality of the optimizer-state formats (docs/lean-states.md): the character GPT of
+"""Training quality of the memory-lean options (docs/lean-states.md): the character GPT of
 ``mupopt transfer`` (muP, one width, the optimizer's grid-centre lr), trained from the same seed
-on the same batches with state_bits 32, 16 and 8 (8: each map of mupopt.optim._lean_states).
+on the same batches in several configurations, each ``[PARAMS/]BITS[:MAP]``:
+
+- PARAMS: ``fp32`` (default), ``bf16`` (pure-bf16 params, forward and backward; the optimizer's
+  param stores rounded to nearest) or ``bf16-sr`` (the same with ``stochastic_rounding=True``);
+- BITS: ``state_bits`` 32, 16 or 8; MAP (8 only): a map family of mupopt.optim._lean_states.
 
     PYTHONPATH=$PWD python benchmarks/lean_states_quality.py --optimizers adamw --width 128 \
-        --steps 300 --seeds 2 --out benchmarks/results/lean-states.csv
+        --steps 300 --seeds 2 --configs 32,16,8:dynamic,8:linear-sqrt --out benchmarks/results/lean-states/x.csv
+    PYTHONPATH=$PWD python benchmarks/lean_states_quality.py --optimizers six --steps 300 \
+        --configs 32,bf16/32,bf16-sr/32,8,bf16-sr/8 --out benchmarks/results/lean-states/lean-seed0.csv
 
-Prints one row per run and, per optimizer and format, the mean final validation loss and its
-relative difference from state_bits=32.
+Prints one row per run and, per optimizer and configuration, the mean final validation loss and
+its relative difference from the first configuration. ``--out X.csv`` also writes X.json, the
+same rows with every step's training loss (``losses``). ``--plot P.png --inputs a.json,b.json``
+draws those curves (no training): per optimizer, the training loss (moving average over
+``--smooth`` steps, mean over seeds) and its difference from the first configuration.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from mupopt.mupcheck.models import config_for, load_corpus
-from mupopt.mupcheck.train import OPTIMIZERS
+from mupopt.mupcheck.train import OPTIMIZERS, parse_optimizers, pyplot
 from mupopt.mupcheck.transfer import train_run
 from mupopt.optim import _lean_states as lean
+
+PARAMS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-sr": ("bf16", True)}
+
+
+def parse_config(text: str) -> dict:
+    """``[PARAMS/]BITS[:MAP]`` -> train_run's options plus the map family."""
+    params, _, fmt = text.rpartition("/")
+    params = params or "fp32"
+    bits, _, maps = fmt.partition(":")
+    if params not in PARAMS or bits not in ("8", "16", "32") or (maps and bits != "8"):
+        raise SystemExit(f"bad configuration {text!r}: expected [fp32|bf16|bf16-sr/]32|16|8[:map]")
+    dtype, sr = PARAMS[params]
+    return {"param_dtype": dtype, "stochastic_rounding": sr, "state_bits": int(bits), "maps": maps or lean.DEFAULT_MAPS}
+
+
+class LostUpdates:
+    """While active, per optimizer step: the fraction of elements whose update (the change the
+    step made, in float32 params) is below half a bfloat16 spacing of the param, i.e. the updates
+    that a bfloat16 param rounded to nearest would drop (Zamirai et al. 2020, "Revisiting
+    BFloat16 Training", arXiv 2010.06192). The spacing of x in [2^(e-1), 2^e) is 2^(e-8) (8
+    significant bits). Through torch's global step hooks, so that the training loop is the one
+    of ``mupopt transfer``."""
+
+    def __init__(self):
+        self.fractions: list[float] = []
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handles = [register_optimizer_step_pre_hook(self._pre),
+                         register_optimizer_step_post_hook(self._post)]
+
+    def _pre(self, opt, args, kwargs):
+        self._before = [(p, p.detach().clone()) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+
+    def _post(self, opt, args, kwargs):
+        lost = total = 0
+        for p, old in self._before:
+            half = torch.ldexp(torch.ones_like(old), torch.frexp(old.bfloat16().float())[1] - 9)
+            nonzero = old != 0
+            lost += ((p.detach() - old).abs() < half)[nonzero].sum().item()
+            total += nonzero.sum().item()
+        self.fractions.append(lost / max(total, 1))
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def train(args, save=None) -> list[dict]:
+    """Every (optimizer, configuration, seed) run; ``save(rows)`` after each (a long matrix
+    keeps what it finished when stopped)."""
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
+    data = load_corpus(None)
+    cfg = config_for("gpt", data, base_width=args.base_width, depth=2, n_head=4, block_size=args.seq)
+    rows = []
+    for name in parse_optimizers(args.optimizers):
+        spec = OPTIMIZERS[name]
+        for text in args.configs.split(","):
+            c = parse_config(text)
+            lean.maps = c.pop("maps")
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                probe = LostUpdates() if args.lost_updates and c["param_dtype"] == "fp32" else None
+                try:
+                    r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
+                                  steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
+                finally:
+                    if probe:
+                        probe.close()
+                if probe:  # one entry per step (SophiaG's Hessian refresh is no step)
+                    r["lost"] = probe.fractions
+                    n = len(probe.fractions)
+                    r["lost_thirds"] = " ".join(f"{statistics.mean(probe.fractions[i * n // 3:(i + 1) * n // 3]):.3f}"
+                                                for i in range(3))
+                r["config"] = text
+                r["lr_scale"] = args.lr_scale
+                rows.append(r)
+                print(f"{name} {text} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
+                      f"({r['seconds']:.0f} s)", flush=True)
+                if save:
+                    save(rows)
+    lean.maps = lean.DEFAULT_MAPS
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Per optimizer and configuration: mean final validation loss over seeds, and its relative
+    difference from the optimizer's first configuration."""
+    lines = ["optimizer | config | seeds | mean val loss | vs " + rows[0]["config"]]
+    for name in dict.fromkeys(r["optimizer"] for r in rows):
+        configs = list(dict.fromkeys(r["config"] for r in rows if r["optimizer"] == name))
+        mean = {c: statistics.mean(r["val_loss"] for r in rows if r["optimizer"] == name and r["config"] == c)
+                for c in configs}
+        for c in configs:
+            n = sum(1 for r in rows if r["optimizer"] == name and r["config"] == c)
+            lines.append(f"{name} | {c} | {n} | {mean[c]:.4f} | {100 * (mean[c] - mean[configs[0]]) / mean[configs[0]]:+.2f}%")
+    return "\n".join(lines)
+
+
+def _smooth(xs: list[float], k: int) -> list[float]:
+    """Trailing moving average over k steps (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= k:
+            acc -= xs[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot(rows: list[dict], path: Path, smooth: int = 25, title: str = "") -> Path | None:
+    """One column per optimizer: training loss (top) and its difference from the first
+    configuration (bottom), each the mean over seeds of the moving average."""
+    plt = pyplot()
+    if plt is None:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    names = sorted(dict.fromkeys(r["optimizer"] for r in rows),
+                   key=lambda n: list(OPTIMIZERS).index(n) if n in OPTIMIZERS else len(OPTIMIZERS))
+    every = list(dict.fromkeys(r["config"] for r in rows))  # one colour per configuration in every panel
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.5), squeeze=False, sharex=True)
+    for j, name in enumerate(names):
+        curves = defaultdict(list)
+        for r in rows:
+            if r["optimizer"] == name and r.get("losses") and not r["diverged"]:
+                curves[r["config"]].append(_smooth(r["losses"], smooth))
+        mean = {c: [statistics.mean(v) for v in zip(*cs)] for c, cs in curves.items()}
+        configs = list(mean)
+        if not configs:
+            continue
+        base = mean[configs[0]]
+        lo = min(min(m[len(m) // 4:]) for m in mean.values())
+        for c in configs:
+            style = dict(color=plt.cm.tab10(every.index(c)), lw=1.2, ls="--" if c.endswith("/8") or c == "8" else "-")
+            axes[0][j].plot(range(1, len(mean[c]) + 1), mean[c], label=c, **style)
+            axes[1][j].plot(range(1, len(mean[c]) + 1), [a - b for a, b in zip(mean[c], base)], **style)
+        axes[0][j].set_ylim(lo - 0.05, lo + 0.9)
+        seeds = sorted({r["seed"] for r in rows if r["optimizer"] == name})
+        axes[0][j].set_title(f"{name} (seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))})", fontsize=10)
+        axes[1][j].axhline(0.0, color="k", lw=0.5)
+        axes[1][j].set_xlabel("step")
+        for ax in axes[:, j]:
+            ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(f"training loss (moving average, {smooth} steps)")
+    axes[1][0].set_ylabel(f"difference from {rows[0]['config']}")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    axes[0][0].legend([handles[c] for c in every if c in handles], [c for c in every if c in handles], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write(rows: list[dict], out: Path) -> None:
+    """``out`` (CSV, without the curves) and the same name .json (with them)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flat = [{k: v for k, v in r.items() if k not in ("losses", "lost")} for r in rows]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    out.with_suffix(".json").write_text(json.dumps(rows) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--optimizers", default="adamw")
+    ap.add_argument("--optimizers", default="adamw", help="comma list of mupopt transfer's names, or 'six'")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--base-width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=300)
@@ -34,39 +209,24 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--formats", default="32,16,8:dynamic,8:linear-sqrt")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="lr = the optimizer's grid centre times this")
+    ap.add_argument("--configs", "--formats", dest="configs", default="32,16,8:dynamic,8:linear-sqrt",
+                    help="comma list of [fp32|bf16|bf16-sr/]32|16|8[:map]; the first is the baseline")
+    ap.add_argument("--lost-updates", action="store_true",
+                    help="fp32-param runs also record, per step, the fraction of updates below half a bf16 spacing")
+    ap.add_argument("--out", default=None, help="CSV of the runs (and the same name .json with the loss curves)")
+    ap.add_argument("--inputs", default=None, help="plot these JSON files of earlier runs instead of training")
+    ap.add_argument("--plot", default=None, help="PNG of the loss curves")
+    ap.add_argument("--smooth", type=int, default=25, help="moving-average window of the plotted curves")
+    ap.add_argument("--title", default="")
     args = ap.parse_args(argv)
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(1)
-    data = load_corpus(None)
-    cfg = config_for("gpt", data, base_width=args.base_width, depth=2, n_head=4, block_size=args.seq)
-    rows = []
-    for name in args.optimizers.split(","):
-        spec = OPTIMIZERS[name]
-        for fmt in args.formats.split(","):
-            bits, _, maps = fmt.partition(":")
-            lean.maps = maps or lean.DEFAULT_MAPS
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                r = train_run(data, cfg, args.width, name, spec.center, param="mup", wd=spec.wd, steps=args.steps,
-                              batch=args.batch, seq=args.seq, seed=seed, state_bits=int(bits))
-                r["format"] = fmt
-                rows.append(r)
-                print(f"{name} {fmt} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
-                      f"({r['seconds']:.0f} s)", flush=True)
-    lean.maps = lean.DEFAULT_MAPS
-    print("\noptimizer | format | mean val loss | vs 32-bit")
-    for name in args.optimizers.split(","):
-        base = statistics.mean(r["val_loss"] for r in rows if r["optimizer"] == name and r["format"] == "32")
-        for fmt in args.formats.split(","):
-            v = statistics.mean(r["val_loss"] for r in rows if r["optimizer"] == name and r["format"] == fmt)
-            print(f"{name} | {fmt} | {v:.4f} | {100 * (v - base) / base:+.2f}%")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    if args.inputs:
+        rows = [r for f in args.inputs.split(",") for r in json.loads(Path(f).read_text())]
+    else:
+        rows = train(args, (lambda rows: write(rows, Path(args.out))) if args.out else None)
+    print("\n" + summary(rows))
+    if args.plot:
+        plot(rows, Path(args.plot), args.smooth, args.title)
     return 0
 
 

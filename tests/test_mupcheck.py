@@ -234,3 +234,48 @@ def test_tools_put_the_denormal_mode_back():
         assert coord_check.run.__wrapped__ and transfer.run.__wrapped__  # both tools decorated
     finally:
         torch.set_flush_denormal(True)  # this module's fixture mode
+
+
+def test_bf16_model_is_the_fp32_init_rounded_with_its_width_information():
+    from mupopt.mup import width_info
+
+    cfg = ModelConfig(kind="gpt", base_width=32, vocab=20, block_size=8)
+    fp32, bf16 = build_model(cfg, 64, "mup", seed=3), build_model(cfg, 64, "mup", seed=3, param_dtype="bf16")
+    for (n, a), (_, b) in zip(fp32.named_parameters(), bf16.named_parameters()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.bfloat16(), b), n
+        assert width_info(b) == width_info(a) and width_info(b) is not None, n
+    with pytest.raises(ValueError, match="param_dtype"):
+        build_model(cfg, 64, "mup", param_dtype="fp16")
+
+
+@pytest.mark.parametrize("tool", ["transfer", "coord-check"])
+def test_param_dtype_and_stochastic_rounding_flags_reach_the_optimizer(tool, tmp_path, monkeypatch):
+    """`--param-dtype bf16 --stochastic-rounding` (and `--state-bits`): the optimizers the tool
+    builds step bf16 params with the option on (each stepped param drew its rounding seed);
+    without the flags, float32 params and no seed."""
+    module = transfer if tool == "transfer" else coord_check
+    made = []
+    real = module.make_optimizer
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(module, "make_optimizer", spy)
+    tiny = (["--widths", "16", "--points", "1", "--eval-batches", "1"] if tool == "transfer" else
+            ["--widths", "16,32", "--seeds", "1"])
+    common = ["--optimizers", "adamw,muon", "--params", "mup", "--steps", "2", "--batch", "2", "--seq", "8",
+              "--no-plots", *tiny]
+    for flags, lean in ((["--param-dtype", "bf16", "--stochastic-rounding", "--state-bits", "16"], True), ([], False)):
+        made.clear()
+        module.main(module.build_parser().parse_args([*common, "--out", str(tmp_path / str(lean)), *flags]))
+        assert made
+        for opt in made:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            assert all(g["stochastic_rounding"] is lean and g["state_bits"] == (16 if lean else 32)
+                       for g in opt.param_groups)
+            assert {p.dtype for p in params} == {torch.bfloat16 if lean else torch.float32}
+            assert all(("sr_seed" in opt.state[p]) is lean for p in params if opt.state[p])
+    if tool == "transfer":
+        rows = json.loads((tmp_path / "True" / "transfer.json").read_text())
+        assert {(r["param_dtype"], r["stochastic_rounding"]) for r in rows} == {("bf16", True)}

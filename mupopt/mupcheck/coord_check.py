@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelConfig, build_model, config_for, layer_type, load_corpus
+from .models import PARAM_DTYPES, ModelConfig, build_model, config_for, layer_type, load_corpus
 from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, flushing_denormals, as_records, loglog_slope, lm_loss, make_optimizer,
                     parse_optimizers, pyplot, to_frame, train_step, write_csv, write_json)
 
@@ -117,6 +117,8 @@ def coord_data(
     corpus: str | None = None,
     hess_every: int = 1,
     state_bits: int = 32,
+    param_dtype: str = "fp32",
+    stochastic_rounding: bool = False,
     depths=None,
     alpha: float = 1.0,
     progress=None,
@@ -153,9 +155,13 @@ def coord_data(
                                      block_size=max(seq, 8), **rule)
                     # Over depth, SP keeps the width information (multipliers 1 at this, the base
                     # width): only the depth rule differs between the two (Muon routes by it).
-                    net = build_model(cfg, width, "mup" if depths else param, seed=seed, device=device)
+                    net = build_model(cfg, width, "mup" if depths else param, seed=seed, device=device,
+                                      param_dtype=param_dtype)
                     x, y = _fixed_batch(cfg, data, batch, seq, seed, device)
-                    opt = make_optimizer(name, net, opt_lr, wd=0.0, state_bits=state_bits)
+                    if x.is_floating_point():  # the MLP's inputs, in the params' dtype
+                        x = x.to(PARAM_DTYPES[param_dtype])
+                    opt = make_optimizer(name, net, opt_lr, wd=0.0, state_bits=state_bits,
+                                         stochastic_rounding=stochastic_rounding)
                     base = {"width": width, "optimizer": name, "param": param, "seed": seed, "model": model}
                     if depths:
                         base["depth"] = d
@@ -182,7 +188,7 @@ def coord_data(
 def _mlp_step(opt, net, x, y, step, hess_every, pause):
     from ..optim import SophiaG
 
-    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss = torch.nn.functional.cross_entropy(net(x).float(), y)  # float32 loss, as lm_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if isinstance(opt, SophiaG):
@@ -366,6 +372,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
                         help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
+    parser.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
+                        help="dtype of the params, forward and backward: fp32 (default) or bf16 (pure bf16, no "
+                             "float32 master copy; the loss in float32)")
+    parser.add_argument("--stochastic-rounding", action="store_true",
+                        help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
+                             "a no-op with fp32 params)")
     parser.add_argument("--corpus", default=None, help="text file for the GPT (default: the shipped Tiny Shakespeare excerpt)")
     parser.add_argument("--flat", type=float, default=FLAT, help=f"muP passes when slope < this (default {FLAT})")
     parser.add_argument("--vanish", type=float, default=VANISH,
@@ -385,6 +397,7 @@ def main(args: argparse.Namespace) -> int:
         grow=args.grow, vanish=args.vanish, verbose=args.verbose, prefix=args.prefix, model=args.model, params=tuple(args.params.split(",")),
         steps=args.steps, seeds=args.seeds, lr=args.lr, base_width=args.base_width, batch=args.batch, seq=args.seq,
         depth=args.depth, n_head=args.n_head, device=args.device, corpus=args.corpus, state_bits=args.state_bits,
+        param_dtype=args.param_dtype, stochastic_rounding=args.stochastic_rounding,
         **({"depths": args.depths, "alpha": args.alpha} if args.depths else {}),
     )
     print(format_verdicts(result["verdicts"]))

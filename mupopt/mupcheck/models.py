@@ -47,6 +47,9 @@ from ..mup import clear_base_shapes, init_mup_, set_base_depth, set_base_shapes,
 
 PARAMETERIZATIONS = ("sp", "mup")
 MODELS = ("gpt", "mlp")
+# --param-dtype: the dtype of every parameter, hence of the forward and backward (pure-bf16
+# training: no float32 master copy; the optimizer steps the bf16 params themselves).
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CORPUS = DATA_DIR / "tinyshakespeare.txt"
 
@@ -220,16 +223,20 @@ def init_sp_(model: nn.Module, std_base: float, *, generator: torch.Generator | 
 
 
 def build_model(cfg: ModelConfig, width: int, param: str = "mup", seed: int = 0,
-                device: str | torch.device = "cpu") -> nn.Module:
+                device: str | torch.device = "cpu", param_dtype: str = "fp32") -> nn.Module:
     """A member of the width family, initialised with ``seed``.
 
     ``param="mup"``: width information attached (the optimizer applies muP multipliers) and
     ``init_mup_``. ``param="sp"``: SP init and no width information (every multiplier 1).
     ``cfg.alpha`` set: also the depth rule (set_base_depth against ``cfg.base_depth`` blocks and
     the residual multiplier it returns in every block); init is depth-free either way.
+    ``param_dtype`` ("fp32" or "bf16", :data:`PARAM_DTYPES`): the float32 init rounded to it, so
+    that both start from the same weights up to that rounding.
     """
     if param not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {param!r}; expected one of {PARAMETERIZATIONS}")
+    if param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"unknown param_dtype {param_dtype!r}; expected one of {list(PARAM_DTYPES)}")
     model = _construct(cfg, width, param)
     set_widths(model, cfg, width, param)
     gen = torch.Generator().manual_seed(seed)
@@ -244,7 +251,9 @@ def build_model(cfg: ModelConfig, width: int, param: str = "mup", seed: int = 0,
         mult = set_base_depth(model, model.blocks, base_depth=cfg.base_depth, alpha=cfg.alpha)
         for block in model.blocks:
             block.residual = mult
-    return model.to(device)
+    # Module.to keeps each Parameter object (it swaps .data), so the width information set_base_shapes
+    # attached to it stays.
+    return model.to(device=device, dtype=PARAM_DTYPES[param_dtype])
 
 
 def layer_type(kind: str, module_name: str) -> str | None:

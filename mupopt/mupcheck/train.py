@@ -49,31 +49,38 @@ class OptSpec:
     wd_modes: tuple = ("independent", "coupled", "inverse_width")
 
 
-# state_bits: the optimizer-state format (32 default, 16, 8: docs/lean-states.md).
-def _adamw(params, lr, wd, wd_mode, state_bits=32, **_):
-    return AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd, wd_mode=wd_mode, state_bits=state_bits)
+# The memory-lean options every maker passes on (docs/lean-states.md): state_bits, the
+# optimizer-state format (32 default, 16, 8); stochastic_rounding, the rounding of bfloat16 param
+# stores (False: to nearest; a no-op on float32 params).
+LEAN_OPTIONS = ("state_bits", "stochastic_rounding")
 
 
-def _adopt(params, lr, wd, wd_mode, state_bits=32, **_):
-    return ADOPT(params, lr=lr, betas=(0.9, 0.9999), weight_decay=wd, wd_mode=wd_mode, state_bits=state_bits)
+def _lean(extra: dict) -> dict:
+    return {k: extra[k] for k in LEAN_OPTIONS if k in extra}
+
+
+def _adamw(params, lr, wd, wd_mode, **extra):
+    return AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd, wd_mode=wd_mode, **_lean(extra))
+
+
+def _adopt(params, lr, wd, wd_mode, **extra):
+    return ADOPT(params, lr=lr, betas=(0.9, 0.9999), weight_decay=wd, wd_mode=wd_mode, **_lean(extra))
 
 
 def _lamb(exponent):
-    def make(params, lr, wd, wd_mode, state_bits=32, **_):
-        return LAMB(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd, hidden_lr_exponent=exponent,
-                    state_bits=state_bits)
+    def make(params, lr, wd, wd_mode, **extra):
+        return LAMB(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd, hidden_lr_exponent=exponent, **_lean(extra))
     return make
 
 
-def _sophia(params, lr, wd, wd_mode, state_bits=32, **_):
-    return SophiaG(params, lr=lr, betas=(0.965, 0.99), rho=0.04, weight_decay=wd, wd_mode=wd_mode,
-                   state_bits=state_bits)
+def _sophia(params, lr, wd, wd_mode, **extra):
+    return SophiaG(params, lr=lr, betas=(0.965, 0.99), rho=0.04, weight_decay=wd, wd_mode=wd_mode, **_lean(extra))
 
 
-def _muon(params, lr, wd, wd_mode, muon_adamw_ratio=0.1, state_bits=32, **_):
+def _muon(params, lr, wd, wd_mode, muon_adamw_ratio=0.1, **extra):
     return Muon(params, lr=lr, weight_decay=wd, adjust_lr_fn="original", ns_dtype=torch.float32,
                 adamw_lr=lr * muon_adamw_ratio, adamw_betas=(0.9, 0.95), adamw_wd=wd, wd_mode=wd_mode,
-                state_bits=state_bits)
+                **_lean(extra))
 
 
 # Shampoo block size in these tools: preconditioner sides of at most 256, so that a CPU run at
@@ -82,10 +89,10 @@ SHAMPOO_BLOCK = 256
 
 
 def _shampoo(grafting):
-    def make(params, lr, wd, wd_mode, precondition_frequency=1, max_preconditioner_dim=SHAMPOO_BLOCK, state_bits=32, **_):
+    def make(params, lr, wd, wd_mode, precondition_frequency=1, max_preconditioner_dim=SHAMPOO_BLOCK, **extra):
         return Shampoo(params, lr=lr, betas=(0.9, 0.999), epsilon=1e-6, relative_epsilon=True,
                        weight_decay=wd, grafting=grafting, precondition_frequency=precondition_frequency,
-                       max_preconditioner_dim=max_preconditioner_dim, wd_mode=wd_mode, state_bits=state_bits)
+                       max_preconditioner_dim=max_preconditioner_dim, wd_mode=wd_mode, **_lean(extra))
     return make
 
 
@@ -132,7 +139,10 @@ def lr_factor(step: int, steps: int, warmup: float = 0.05, final: float = 0.1) -
 
 
 def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    # In float32 also for a bfloat16 model, as torch.autocast does (log_softmax and nll_loss are
+    # on its float32 list): the loss's gradient, softmax minus one-hot, is a difference of numbers
+    # near 1 for the likely characters, and bf16 keeps 8 bits of it. A no-op on float32 logits.
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def train_step(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, *,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .models import build_model, config_for, load_corpus
+from .models import PARAM_DTYPES, build_model, config_for, load_corpus
 from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, flushing_denormals, as_records, lm_loss, lr_factor, make_optimizer,
                     parse_optimizers, pyplot, scale_lr, to_frame, train_step, write_csv, write_json)
 
@@ -64,15 +64,19 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
               wd_mode: str = "independent", steps: int = 150, batch: int = 16, seq: int = 64, seed: int = 0,
               device: str = "cpu", hess_every: int = 10, precondition_frequency: int = 10,
               muon_adamw_ratio: float = 0.1, eval_batches: int = 8, width_param: str | None = None,
-              state_bits: int = 32) -> dict:
+              state_bits: int = 32, param_dtype: str = "fp32", stochastic_rounding: bool = False,
+              curve: bool = False) -> dict:
     """Train one model; return its record (losses nan when it diverged). ``width_param``: the
-    width parameterization to build with when it is not ``param`` (the depth sweeps)."""
+    width parameterization to build with when it is not ``param`` (the depth sweeps).
+    ``param_dtype`` ("fp32", "bf16"), ``stochastic_rounding`` and ``state_bits``: the
+    memory-lean options (docs/lean-states.md); ``curve``: the record also holds every step's
+    training loss (``losses``)."""
     clock = Timer()
     torch.manual_seed(seed)
-    model = build_model(cfg, width, width_param or param, seed=seed, device=device)
+    model = build_model(cfg, width, width_param or param, seed=seed, device=device, param_dtype=param_dtype)
     opt = make_optimizer(optimizer, model, lr, wd=wd, wd_mode=wd_mode,
                          precondition_frequency=precondition_frequency, muon_adamw_ratio=muon_adamw_ratio,
-                         state_bits=state_bits)
+                         state_bits=state_bits, stochastic_rounding=stochastic_rounding)
     gen = torch.Generator().manual_seed(seed)
     tail = max(1, steps // 10)
     losses = []
@@ -90,11 +94,15 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
     val = float("nan") if diverged else _evaluate(model, data, batch, seq, device, n=eval_batches)
     if not math.isfinite(val):
         diverged = True
-    return {
+    record = {
         "optimizer": optimizer, "param": param, "wd_mode": wd_mode, "width": width, "depth": cfg.depth, "lr": lr, "seed": seed,
         "steps": steps, "weight_decay": wd, "train_loss": float("nan") if diverged else sum(losses[-tail:]) / tail,
         "val_loss": val, "diverged": diverged, "seconds": round(clock(), 2), "state_bits": state_bits,
+        "param_dtype": param_dtype, "stochastic_rounding": stochastic_rounding,
     }
+    if curve:
+        record["losses"] = losses
+    return record
 
 
 def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_modes=("independent",),
@@ -103,7 +111,8 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
           base_width: int | None = None, seeds: int = 1, wd: float | None = None, device: str = "cpu",
           corpus: str | None = None, hess_every: int = 10, precondition_frequency: int = 10,
           muon_adamw_ratio: float = 0.1, eval_batches: int = 8, depths=None, alpha: float = 1.0,
-          joint: bool = False, state_bits: int = 32, progress=None) -> list[dict]:
+          joint: bool = False, state_bits: int = 32, param_dtype: str = "fp32", stochastic_rounding: bool = False,
+          progress=None) -> list[dict]:
     """Every (optimizer, param, wd_mode, seed, width, lr) run; the records of :func:`train_run`.
     SP runs use only the first wd mode (SP has no lr multipliers, so the modes coincide); LAMB
     has no wd mode (its decay is inside the trust-ratio update).
@@ -151,7 +160,8 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
                                           steps=steps, batch=batch, seq=seq, seed=seed, device=device,
                                           hess_every=hess_every, precondition_frequency=precondition_frequency,
                                           muon_adamw_ratio=muon_adamw_ratio, eval_batches=eval_batches,
-                                          state_bits=state_bits)
+                                          state_bits=state_bits, param_dtype=param_dtype,
+                                          stochastic_rounding=stochastic_rounding)
                             r["grid_index"] = grid.index(lr)
                             records.append(r)
                             if progress:
@@ -350,6 +360,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
                         help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
+    parser.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
+                        help="dtype of the params, forward and backward: fp32 (default) or bf16 (pure bf16, no "
+                             "float32 master copy; the loss in float32)")
+    parser.add_argument("--stochastic-rounding", action="store_true",
+                        help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
+                             "a no-op with fp32 params)")
     parser.add_argument("--corpus", default=None, help="text file (default: the shipped Tiny Shakespeare excerpt)")
     parser.add_argument("--out", default="mupcheck-out/transfer", help="output directory (default mupcheck-out/transfer)")
     parser.add_argument("--prefix", default="transfer", help="file name prefix (default transfer)")
@@ -367,6 +383,7 @@ def main(args: argparse.Namespace) -> int:
         depth=args.depth, n_head=args.n_head, base_width=args.base_width, seeds=args.seeds, device=args.device,
         corpus=args.corpus, hess_every=args.hess_every, precondition_frequency=args.precondition_frequency,
         muon_adamw_ratio=args.muon_adamw_ratio, eval_batches=args.eval_batches, state_bits=args.state_bits,
+        param_dtype=args.param_dtype, stochastic_rounding=args.stochastic_rounding,
         **({"depths": args.depths, "alpha": args.alpha, "joint": args.joint} if args.depths else {}),
     )
     print(format_summary(result["summary"]))
