@@ -102,7 +102,7 @@ def main() -> None:
         key = (bp, bs)
         if key not in bounds:
             bounds[key] = measure.traffic_bound("adamw", make_params(n, k, bp, seed=1), state_dtype=bs)
-    bound_label = {key: f"bound {b.nbytes / n:.0f} B" for key, b in bounds.items()}
+    bound_label = {key: f"{b.nbytes / n:.0f} B" for key, b in bounds.items()}
     for key, b in bounds.items():
         steps[bound_label[key]] = b
     for step in steps.values():

@@ -29,6 +29,7 @@ from torch import nn
 from . import backends
 from .mup import WIDTH_ATTR, set_base_shapes
 from .optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG, gnb_backward
+from .optim import _lean_states as lean
 from .testing import ORACLES
 
 VOCAB = 50
@@ -146,6 +147,9 @@ REFERENCE_NAMES = {
 }
 SOPHIA_BS = 256
 SR = "reference-sr"  # the check of stochastic rounding: bf16 params, every backend vs the reference
+# The checks of the lean state formats (state_bits 16 and 8): every backend that steps a format
+# (Backend.state_bits) vs the reference backend in the same format.
+LEAN = {"reference-states16": 16, "reference-states8": 8}
 
 
 @dataclass
@@ -308,6 +312,22 @@ def _check(entry: _Entry, backend: str, device: str, against: str, steps: int) -
         # relative; absolute for values near 0).
         atol = 2.0**-14 if entry.sr_drift is None else steps * entry.kwargs["lr"] * entry.sr_drift
         label, result, tol = "reference backend (bf16, stochastic rounding)", params, (2.0**-7, atol)
+    elif against in LEAN:
+        bits = LEAN[against]
+        params = [p.clone().requires_grad_() for p in start]
+        for p, q in zip(model.parameters(), params):
+            setattr(q, WIDTH_ATTR, getattr(p, WIDTH_ATTR))
+        opt = entry.cls(model.parameters(), **ours_kwargs, state_bits=bits, backend=backend)
+        follower = _optimizer_follower(entry.cls(params, **ours_kwargs, state_bits=bits, backend="reference"),
+                                       params, sophia)
+        rtol, atol = entry.backend_tol or (1e-5, 1e-6)
+        # A float32 difference in the last bit (MKL's square root, another summation order) can
+        # store a state the other way: a bfloat16 spacing (2^-8 relative), or the neighbouring
+        # 8-bit code (at most twice the map's error bound, relative to the block's absmax). An
+        # update moves by about lr times that relative change, per step.
+        flip = 2.0**-8 if bits == 16 else 2 * lean.relative_error_bound(lean.SIGNED)
+        tol = (rtol, max(atol, steps * entry.kwargs["lr"] * flip))
+        label, result = f"reference backend (state_bits={bits})", params
     else:
         params = [p.clone().requires_grad_() for p in start]
         for p, q in zip(model.parameters(), params):
@@ -336,7 +356,8 @@ def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[s
             for backend in backends.names(entry.name):
                 if _probe_reason(entry.name, backend, device) is not None:
                     continue
-                checks = ["oracle"] if backend == "reference" else ["reference", SR]
+                lean_checks = [c for c, bits in LEAN.items() if bits in backends.get(entry.name, backend).state_bits]
+                checks = ["oracle"] if backend == "reference" else ["reference", SR, *lean_checks]
                 if backend == "reference" and reference_problem(entry.reference_module) is None:
                     checks.insert(0, "named")
                 for against in checks:

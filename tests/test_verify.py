@@ -25,6 +25,12 @@ def test_verify_covers_every_optimizer_and_passes(tmp_path, capsys):
         }
         assert checked == runnable
     assert all(r["passed"] for r in rows)
+    # every backend that steps 8-bit states gets a row for them
+    for entry in verify.OPTIMIZERS:
+        for b in {r["backend"] for r in rows if r["optimizer"] == entry.name} - {"reference"}:
+            has = any(r["against"] == "reference backend (state_bits=8)" for r in rows
+                      if r["optimizer"] == entry.name and r["backend"] == b)
+            assert has == (8 in backends.get(entry.name, b).state_bits), (entry.name, b)
     table = capsys.readouterr().out
     assert "| optimizer" in table and "passed, 0 failed" in table
 
@@ -87,3 +93,31 @@ def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_verify_checks_the_lean_state_formats_where_a_backend_steps_them():
+    """Rows "reference-states16/8" for every backend that registers the format; they pass for
+    the cpu backend, and the 8-bit row's tolerance separates 8-bit from 32-bit states (a row
+    that compared the wrong formats would fail)."""
+    from mupopt.kernels import cpp
+
+    cpp.register()
+    entry = next(e for e in verify.OPTIMIZERS if e.name == "adamw")
+    if cpp.cpu_unsupported_reason([torch.zeros(4)]) is not None:
+        import pytest
+
+        pytest.skip("the cpu backend is not built here")
+    rows = [verify._check(entry, "cpu", "cpu", against, 5) for against in verify.LEAN]
+    assert [r.against for r in rows] == ["reference backend (state_bits=16)", "reference backend (state_bits=8)"]
+    assert all(r.passed for r in rows), verify.format_rows(rows)
+    # The same 5 steps with 32-bit states differ from the 8-bit run by more than the row allows.
+    model8, model32 = verify._models("cpu", True), verify._models("cpu", True)
+    opt8 = entry.cls(model8.parameters(), **entry.kwargs, state_bits=8, backend="cpu")
+    opt32 = entry.cls(model32.parameters(), **entry.kwargs, backend="cpu")
+    for opt, model in ((opt8, model8), (opt32, model32)):
+        verify._train(entry, opt, model, [], 5, "cpu")
+    assert any("exp_avg_absmax" in st for st in opt8.state.values())  # the 4096-element matrix
+    _, _, same = verify._compare(list(model8.parameters()), [p.detach() for p in model32.parameters()],
+                                 rows[1].rtol, rows[1].atol)
+    assert not same
+
