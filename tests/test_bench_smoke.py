@@ -328,3 +328,24 @@ def test_bench_overhead_script_reports_paired_ratios(tmp_path):
     rows = [line for line in out.read_text().splitlines() if "tensors" in line and "ours/fused" in line]
     assert [r.split()[2] for r in rows] == ["AdamW", "ADOPT", "LAMB", "SophiaG"]
     assert all(float(r.split("ours/fused ")[1].split()[0]) > 0 and ("met" in r) for r in rows)
+
+
+def test_lean_case_times_every_format_and_checks_it(monkeypatch):
+    """The GPT-2 list's ``.lean`` group: AdamW with 16- and 8-bit states, and on bf16 params with
+    stochastic rounding alone and with 8-bit states, each its own case, each checked against the
+    reference backend in the same options; a backend that steps the formats wrongly is stopped."""
+    config = Config(device="cpu", mode="smoke", optimizers=["adamw"], backends=["reference"], peers=[],
+                    cases=["gpt2-small/32.lean"], dtypes=["bf16"])
+    rows, _ = run(config, progress=False)
+    mine = [r for r in rows if r.kind == "mupopt"]
+    assert {r.case for r in mine} == {f"gpt2-small/32.{v}" for v in ("states16", "states8", "sr", "sr-states8")}
+    assert all(r.status == "ok" for r in mine)
+    from mupopt.optim import _lean_states as lean
+
+    wrong = backends.Backend("adamw", "wrong", lean.reference(_wrong_adamw, {"exp_avg": lean.SIGNED,
+                                                                             "exp_avg_sq": lean.UNSIGNED}),
+                             state_bits=lean.STATE_BITS)
+    monkeypatch.setitem(backends._REGISTRY["adamw"], "wrong", wrong)
+    config.backends = ["wrong"]
+    with pytest.raises(CheckFailed, match="'wrong'.*gpt2-small/32.states16"):
+        run(config, progress=False)

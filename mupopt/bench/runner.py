@@ -210,7 +210,7 @@ class Progress:
 class Group:
     """One unit of work: a family of measurements on one set of tensors."""
 
-    family: str  # "peaks", "elementwise", "overhead", "mup", "muon", "shampoo", "ns", "roots"
+    family: str  # "peaks", "elementwise", "overhead", "mup", "lean", "muon", "shampoo", "ns", "roots"
     case: C.Case | None
     dtype: str
     keys: tuple[str, ...] = ()
@@ -277,6 +277,10 @@ class Runner:
             mup_case = C.Case(f"{case.name}.mup", case.shapes, "GPT-2 list, a different lr and eps multiplier per tensor")
             if self._want_case(mup_case):
                 groups += [Group("mup", mup_case, dt, ("adamw",)) for dt in dtypes]
+            lean_case = C.Case(f"{case.name}.lean", case.shapes,
+                               "GPT-2 list, AdamW with 16- and 8-bit states (bf16: and stochastic rounding)")
+            if self._want_case(lean_case):
+                groups += [Group("lean", lean_case, dt, ("adamw",)) for dt in dtypes]
         if "muon" in self.optimizers:
             groups += [Group("muon", case, dt, ("muon",)) for case in C.muon_cases(prof) if self._want_case(case) for dt in dtypes]
         if "ns" in self.optimizers:
@@ -690,6 +694,25 @@ class Runner:
                 self._subject(subject, group, params, cost=M.elementwise_cost("adamw"), case_name=name, compile_peer=False)
         finally:
             C.clear_mup_widths(params)
+
+    def _group_lean(self, group: Group) -> None:
+        """AdamW with the memory-lean options (docs/lean-states.md) on the GPT-2 list, every
+        backend that steps them: state_bits 16 and 8, and on bf16 params stochastic rounding
+        alone and with 8-bit states. Each variant is its own case (``<list>.states8``, ...); its
+        bytes are the states' own (uint8 codes, bf16), so pct_of_peak is against the format's
+        bytes. torch's AdamW on the same list is the elementwise group's row of the base case."""
+        self._refresh_peak()
+        params = C.make_params(group.case.shapes, C.DTYPES[group.dtype], self.device, self.config.seed)
+        base = group.case.name[: -len(".lean")]
+        variants = {"states16": {"state_bits": 16}, "states8": {"state_bits": 8}}
+        if group.dtype == "bf16":
+            variants.update({"sr": {"stochastic_rounding": True},
+                             "sr-states8": {"stochastic_rounding": True, "state_bits": 8}})
+        adamw = SUBJECTS["adamw"]
+        for name, options in variants.items():
+            subject = dataclasses.replace(adamw, kwargs={**adamw.kwargs, **options})
+            self._subject(subject, group, params, cost=M.elementwise_cost("adamw"), case_name=f"{base}.{name}",
+                          compile_peer=False)
 
     def _group_muon(self, group: Group) -> None:
         self._refresh_peak("bf16")
