@@ -58,9 +58,11 @@ PER_SHARD = {"adamw": None, "adopt": None, "sophia": None, "lamb": ("step", "exp
 SR = {"state_bits": 8, "stochastic_rounding": True}
 
 
-# Shampoo's auto picks other backends (other float32 roundings of the format-32 entries) for
-# sharded and for plain tensors: both sides of the comparisons use the reference.
-BACKEND8 = {"shampoo": "reference"}
+# Shampoo's and Muon's auto pick other backends for sharded and for plain tensors (Muon: triton,
+# which steps 8-bit states too, on the sharded matrices), whose float32 roundings differ from
+# the reference's in the last bit (a block's absmax too): both sides of the comparisons use the
+# reference.
+BACKEND8 = {"shampoo": "reference", "muon": "reference"}
 
 
 def lean_spec(placement, optimizer, **extra):
