@@ -51,6 +51,26 @@ bool cpu_use_fma() {
 #endif
 }
 
+// The copy of the loops: plain without fma (above); 512-bit where the CPU has what ATen's AVX512
+// kernels need (avx512 f, vl, bw, dq) and ATEN_CPU_CAPABILITY does not ask for avx2 (the two
+// copies store the same bits: the same IEEE operations, fused alike).
+cpu::Isa cpu_isa_choice() {
+#if MUPOPT_CPU_X86_DISPATCH
+  static const cpu::Isa isa = [] {
+    if (!cpu_use_fma()) return cpu::Isa::kPlain;
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env != nullptr && (std::strcmp(env, "avx2") == 0 || std::strcmp(env, "AVX2") == 0)) return cpu::Isa::kAvx2Fma;
+    __builtin_cpu_init();
+    const bool wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    return wide ? cpu::Isa::kAvx512Fma : cpu::Isa::kAvx2Fma;
+  }();
+  return isa;
+#else
+  return cpu_use_fma() ? cpu::Isa::kAvx2Fma : cpu::Isa::kPlain;
+#endif
+}
+
 cpu::Args cpu_args(const char* op, const c10::optional<c10::Device>& device, bool maximize,
                    const OptTensor& grad_scale, const OptTensor& found_inf) {
   cpu::Args a;
@@ -58,7 +78,7 @@ cpu::Args cpu_args(const char* op, const c10::optional<c10::Device>& device, boo
   a.grad.found_inf = optional_scalar(op, "found_inf", found_inf, device);
   a.grad.sign = maximize ? -1.0f : 1.0f;
   a.num_threads = at::get_num_threads();
-  a.use_fma = cpu_use_fma();
+  a.isa = cpu_isa_choice();
   return a;
 }
 
@@ -139,7 +159,16 @@ void traffic_cpu(TensorList streams0, TensorList streams1, TensorList streams2, 
 }
 
 // Which loops this CPU build runs ("avx2+fma" or "plain"): for tests and benchmarks.
-std::string cpu_isa() { return cpu_use_fma() ? (MUPOPT_CPU_X86_DISPATCH ? "avx2+fma" : "fma") : "plain"; }
+std::string cpu_isa() {
+  switch (cpu_isa_choice()) {
+    case cpu::Isa::kAvx512Fma:
+      return "avx512+fma";
+    case cpu::Isa::kAvx2Fma:
+      return MUPOPT_CPU_X86_DISPATCH ? "avx2+fma" : "fma";
+    default:
+      return "plain";
+  }
+}
 
 }  // namespace
 }  // namespace binding

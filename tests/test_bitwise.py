@@ -209,11 +209,12 @@ def test_both_capabilities_in_a_subprocess():
 
 
 def test_cpu_isa_follows_aten_capability():
-    """The cpu backend picks its avx2+fma loops exactly when ATen runs AVX2/AVX512 kernels."""
+    """The cpu backend picks its fused loops exactly when ATen runs AVX2/AVX512 kernels, the
+    512-bit copy when ATen runs its AVX512 ones."""
     _cpu_backend_or_skip()
     cap = torch.backends.cpu.get_cpu_capability()
     isa = torch.ops.mupopt.cpu_isa()
     if cap == "DEFAULT":
         assert isa == "plain"
     elif cap in ("AVX2", "AVX512"):
-        assert isa == "avx2+fma"
+        assert isa == {"AVX2": "avx2+fma", "AVX512": "avx512+fma"}[cap]

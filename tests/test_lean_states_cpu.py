@@ -305,3 +305,25 @@ def test_kernel_table_equals_the_spec_search(name, kind, monkeypatch):
     y = y[(y.abs() <= 1) | y.isnan()]
     want = lean.nearest_codes(y, kind).long()
     assert torch.equal(_table_codes(y, map_table(kind, name)), want)
+
+
+def test_the_256_bit_loops_in_a_subprocess():
+    """Where this process runs the 512-bit copy of the loops (csrc/cpu/driver.h: ATen's AVX512
+    capability), the equality tests above again under ATEN_CPU_CAPABILITY=avx2, which runs the
+    256-bit copy: both copies store the reference's bits."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.ops.mupopt.cpu_isa() != "avx512+fma":
+        pytest.skip(f"this process runs the {torch.ops.mupopt.cpu_isa()} loops already")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    code = ("import sys, torch, pytest; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1], '-k',"
+            " 'equals_reference or bf16_params or float16_and_float64 or nonfinite']))")
+    proc = subprocess.run([sys.executable, "-c", code, __file__], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "avx2+fma" in subprocess.run(
+        [sys.executable, "-c", "import mupopt.kernels.cpp.build as b; b.load_cpu(); import torch; "
+         "print(torch.ops.mupopt.cpu_isa())"], env=env, capture_output=True, text=True, timeout=300).stdout

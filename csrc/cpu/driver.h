@@ -9,12 +9,13 @@
 //    DEFAULT kernels do not; following ATen's choice keeps this backend bit for bit with the
 //    reference on the same machine;
 //  - speed: without -mfma every fmaf is a libm call and nothing vectorises.
-// 256-bit AVX2 code is enough: an AVX-512 copy of the loops (zmm, tried on the 2-core AMD EPYC
-// Zen 4 of the CI-like machine) ran at the same speed, one thread, 32768 L2-resident elements:
-// AdamW 0.59 vs 0.61 ns per element, LAMB 1.39 vs 1.41 (the dividers, not the vector width,
-// set the pace), and would add another compile of every loop. On the 2-core AVX-512 Xeon
-// (issue 22 item 11) an AVX-512 copy of AdamW's loop ran between 5% slower and 9% faster than
-// this one in five side-by-side runs on a loaded machine, 16M elements, 2 threads: not shown.
+// 256-bit AVX2 code is enough for the float32 loops: an AVX-512 copy (zmm, tried on the 2-core
+// AMD EPYC Zen 4 of the CI-like machine) ran at the same speed, one thread, 32768 L2-resident
+// elements: AdamW 0.59 vs 0.61 ns per element, LAMB 1.39 vs 1.41 (the dividers, not the vector
+// width, set the pace); on the 2-core AVX-512 Xeon (issue 22 item 11) between 5% slower and 9%
+// faster in five side-by-side runs on a loaded machine, 16M elements, 2 threads. The loops of
+// 16-bit params and of lean states are compute-bound there, and get a third, 512-bit copy
+// (kHasWideCopy below) where ATen runs its AVX512 kernels.
 #pragma once
 
 #include <algorithm>
@@ -38,10 +39,14 @@ struct Launch {
   const QuantTable* maps = nullptr;  // format 8: kMaxStreams tables, one per state stream
 };
 
+// Which copy of the loops runs: bindings.cpp picks it once per process, as ATen picks its kernels
+// (plain where ATen runs its DEFAULT kernels; 512-bit where it runs its AVX512 ones).
+enum class Isa : int { kPlain = 0, kAvx2Fma = 1, kAvx512Fma = 2 };
+
 struct Args {
   GradArgs grad;
   int num_threads;  // at::get_num_threads() of the caller
-  bool use_fma;     // the avx2+fma copy (x86), see the header comment; ignored elsewhere
+  Isa isa;          // x86; elsewhere every choice runs the fma copy
 };
 
 // Below this many elements (in all tensors of a launch) it runs on the calling thread. An
@@ -59,14 +64,34 @@ using SpanFn = void (*)(const Op&, const TensorRow&, int64_t, int64_t, float, do
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define MUPOPT_CPU_X86_DISPATCH 1
 #define MUPOPT_TARGET_FMA __attribute__((target("avx2,fma")))
+#define MUPOPT_TARGET_AVX512 \
+  __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512")))
 #else
 #define MUPOPT_CPU_X86_DISPATCH 0
 #define MUPOPT_TARGET_FMA
+#define MUPOPT_TARGET_AVX512
 #endif
+
+// The loops with a 512-bit copy: 16-bit params and states of another storage than the param's
+// (bf16, 8-bit blocks). On the 2-core AVX-512 Xeon these are compute-bound (conversions,
+// roundings, random bits, block decode): bench_cpu_lean.py, AdamW at 16M, bf16 params with
+// stochastic rounding and bf16 states at 35-53% of their byte bound with the 256-bit copy,
+// 57-63% with 512-bit vectors (two runs each, under load). float32 / float64 loops on states of
+// their own dtype move their bytes as fast with 256-bit vectors (AdamW 0.59 vs 0.61 ns per
+// element, above): no third copy of them to compile.
+template <class TP, class TS>
+constexpr bool kHasWideCopy =
+    !(std::is_same<TP, TS>::value && (std::is_same<TP, float>::value || std::is_same<TP, double>::value));
 
 template <class Op, class TP, class TG, class TS, Rounding R>
 MUPOPT_TARGET_FMA void span_fma(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red,
                                 const QuantTable* maps) {
+  cpu_span<Op, true, TP, TG, TS, R>(op, row, b, e, gmul, red, maps);
+}
+
+template <class Op, class TP, class TG, class TS, Rounding R>
+MUPOPT_TARGET_AVX512 void span_avx512(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red,
+                                      const QuantTable* maps) {
   cpu_span<Op, true, TP, TG, TS, R>(op, row, b, e, gmul, red, maps);
 }
 
@@ -77,12 +102,15 @@ void span_plain(const Op& op, const TensorRow& row, int64_t b, int64_t e, float 
 }
 
 template <class Op, class TP, class TG, class TS, Rounding R>
-SpanFn<Op> pick_isa(bool use_fma) {
+SpanFn<Op> pick_isa(Isa isa) {
 #if MUPOPT_CPU_X86_DISPATCH
-  return use_fma ? &span_fma<Op, TP, TG, TS, R> : &span_plain<Op, TP, TG, TS, R>;
+  if constexpr (kHasWideCopy<TP, TS>) {
+    if (isa == Isa::kAvx512Fma) return &span_avx512<Op, TP, TG, TS, R>;
+  }
+  return isa != Isa::kPlain ? &span_fma<Op, TP, TG, TS, R> : &span_plain<Op, TP, TG, TS, R>;
 #else
   // aarch64, ppc64le, s390x: fused multiply-add is baseline, and ATen's vector kernels use it.
-  (void)use_fma;
+  (void)isa;
   return &span_fma<Op, TP, TG, TS, R>;
 #endif
 }
@@ -99,23 +127,23 @@ struct StateFormatsOf<Op, std::void_t<decltype(Op::kStateFormats)>>
 // The state format's storage type (storage.h), the one switch for formats: TP itself (format
 // 32), bf16_t (16), q8_t (8), uint8_t (bytes).
 template <class Op, class TP, class TG, Rounding R>
-SpanFn<Op> span_for_state(StateFormat s, bool use_fma) {
+SpanFn<Op> span_for_state(StateFormat s, Isa isa) {
   constexpr unsigned kFormats = StateFormatsOf<Op>::value;
   switch (s) {
     case StateFormat::kParam:
-      if constexpr ((kFormats & format_bit(StateFormat::kParam)) != 0) return pick_isa<Op, TP, TG, TP, R>(use_fma);
+      if constexpr ((kFormats & format_bit(StateFormat::kParam)) != 0) return pick_isa<Op, TP, TG, TP, R>(isa);
       break;
     case StateFormat::kBFloat16:
       if constexpr ((kFormats & format_bit(StateFormat::kBFloat16)) != 0) {
-        return pick_isa<Op, TP, TG, bf16_t, R>(use_fma);
+        return pick_isa<Op, TP, TG, bf16_t, R>(isa);
       }
       break;
     case StateFormat::kBlock8:
-      if constexpr ((kFormats & format_bit(StateFormat::kBlock8)) != 0) return pick_isa<Op, TP, TG, q8_t, R>(use_fma);
+      if constexpr ((kFormats & format_bit(StateFormat::kBlock8)) != 0) return pick_isa<Op, TP, TG, q8_t, R>(isa);
       break;
     case StateFormat::kBytes:
       if constexpr ((kFormats & format_bit(StateFormat::kBytes)) != 0) {
-        return pick_isa<Op, TP, TG, uint8_t, R>(use_fma);
+        return pick_isa<Op, TP, TG, uint8_t, R>(isa);
       }
       break;
   }
@@ -123,14 +151,14 @@ SpanFn<Op> span_for_state(StateFormat s, bool use_fma) {
 }
 
 template <class Op, class TP, Rounding R>
-SpanFn<Op> span_for_grad(DType g, StateFormat s, bool use_fma) {
+SpanFn<Op> span_for_grad(DType g, StateFormat s, Isa isa) {
   switch (g) {
     case DType::kBFloat16:
-      return span_for_state<Op, TP, bf16_t, R>(s, use_fma);
+      return span_for_state<Op, TP, bf16_t, R>(s, isa);
     case DType::kFloat16:
-      return span_for_state<Op, TP, f16_t, R>(s, use_fma);
+      return span_for_state<Op, TP, f16_t, R>(s, isa);
     default:
-      return span_for_state<Op, TP, float, R>(s, use_fma);
+      return span_for_state<Op, TP, float, R>(s, isa);
   }
 }
 
@@ -138,11 +166,11 @@ SpanFn<Op> span_for_grad(DType g, StateFormat s, bool use_fma) {
 // the others (the Hessian EMA, LAMB's norm pass) the stochastic codes take the nearest loops,
 // which do the same.
 template <class Op, class TP>
-SpanFn<Op> span_for_stochastic(DType g, StateFormat s, bool use_fma) {
+SpanFn<Op> span_for_stochastic(DType g, StateFormat s, Isa isa) {
   if constexpr ((Op::kStore & 1u) != 0) {
-    return span_for_grad<Op, TP, Rounding::kStochastic>(g, s, use_fma);
+    return span_for_grad<Op, TP, Rounding::kStochastic>(g, s, isa);
   } else {
-    return span_for_grad<Op, TP, Rounding::kNearest>(g, s, use_fma);
+    return span_for_grad<Op, TP, Rounding::kNearest>(g, s, isa);
   }
 }
 
@@ -151,20 +179,20 @@ SpanFn<Op> span_for_stochastic(DType g, StateFormat s, bool use_fma) {
 // float64 both (the bindings refuse float64 paired with another dtype: table.h); the states in
 // one of the StateFormats. nullptr: an Op that does not step that state format.
 template <class Op>
-SpanFn<Op> span_for(DType p, DType g, StateFormat s, bool use_fma) {
+SpanFn<Op> span_for(DType p, DType g, StateFormat s, Isa isa) {
   switch (p) {
     case DType::kFloat64:
-      return span_for_state<Op, double, double, Rounding::kNearest>(s, use_fma);
+      return span_for_state<Op, double, double, Rounding::kNearest>(s, isa);
     case DType::kBFloat16:
-      return span_for_grad<Op, bf16_t, Rounding::kNearest>(g, s, use_fma);
+      return span_for_grad<Op, bf16_t, Rounding::kNearest>(g, s, isa);
     case DType::kFloat16:
-      return span_for_grad<Op, f16_t, Rounding::kNearest>(g, s, use_fma);
+      return span_for_grad<Op, f16_t, Rounding::kNearest>(g, s, isa);
     case DType::kBFloat16Stochastic:
-      return span_for_stochastic<Op, bf16_t>(g, s, use_fma);
+      return span_for_stochastic<Op, bf16_t>(g, s, isa);
     case DType::kFloat16Stochastic:
-      return span_for_stochastic<Op, f16_t>(g, s, use_fma);
+      return span_for_stochastic<Op, f16_t>(g, s, isa);
     default:
-      return span_for_grad<Op, float, Rounding::kNearest>(g, s, use_fma);
+      return span_for_grad<Op, float, Rounding::kNearest>(g, s, isa);
   }
 }
 
@@ -175,7 +203,7 @@ template <class Op>
 void run(const Op& op, const Launch& l, const Args& a, double* partials) {
   if (l.n_chunks == 0) return;
   const float gmul = grad_multiplier(a.grad);
-  const SpanFn<Op> fn = span_for<Op>(l.param, l.grad, l.state, a.use_fma);
+  const SpanFn<Op> fn = span_for<Op>(l.param, l.grad, l.state, a.isa);
   if (fn == nullptr) return;  // not reached: the callers pick Ops of the launch's state format
   const TensorRow* rows = l.rows;
   const int n_rows = l.n_rows;
