@@ -356,7 +356,10 @@ def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[s
             for backend in backends.names(entry.name):
                 if _probe_reason(entry.name, backend, device) is not None:
                     continue
-                lean_checks = [c for c, bits in LEAN.items() if bits in backends.get(entry.name, backend).state_bits]
+                # A format's row needs both sides to step it (a registered reference may not).
+                lean_checks = [c for c, bits in LEAN.items()
+                               if bits in backends.get(entry.name, backend).state_bits
+                               and bits in backends.get(entry.name, "reference").state_bits]
                 checks = ["oracle"] if backend == "reference" else ["reference", SR, *lean_checks]
                 if backend == "reference" and reference_problem(entry.reference_module) is None:
                     checks.insert(0, "named")

@@ -30,7 +30,8 @@ def test_verify_covers_every_optimizer_and_passes(tmp_path, capsys):
         for b in {r["backend"] for r in rows if r["optimizer"] == entry.name} - {"reference"}:
             has = any(r["against"] == "reference backend (state_bits=8)" for r in rows
                       if r["optimizer"] == entry.name and r["backend"] == b)
-            assert has == (8 in backends.get(entry.name, b).state_bits), (entry.name, b)
+            both = all(8 in backends.get(entry.name, x).state_bits for x in (b, "reference"))
+            assert has == both, (entry.name, b)
     table = capsys.readouterr().out
     assert "| optimizer" in table and "passed, 0 failed" in table
 
@@ -84,11 +85,12 @@ def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
         rows = verify.run(["cpu"], steps=10)
         print(verify.format_rows(rows))
         got = {}
-        for r in rows:  # two rows each: fp32 params, and bf16 params with stochastic rounding
+        for r in rows:  # four rows each: fp32 params, bf16 params with stochastic rounding,
+                        # 16- and 8-bit states
             if r.backend == "triton":
                 got[(r.optimizer, r.backend)] = got.get((r.optimizer, r.backend), True) and r.passed
         assert got == {("muon", "triton"): True, ("shampoo", "triton"): True}, got
-        assert sum(r.backend == "triton" for r in rows) == 4
+        assert sum(r.backend == "triton" for r in rows) == 8
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
