@@ -18,6 +18,7 @@ from mupopt import backends
 from mupopt.optim._base import BackendFallbackWarning
 from mupopt.optim import _lean_states as lean
 from test_bitwise import correctly_rounded_sqrt
+from test_lean_states import _make
 
 NAMES = ("adamw", "adopt", "lamb", "sophia")
 
@@ -37,17 +38,6 @@ def _params(dtype=torch.float32, seed=1):
     # the same group); 40000 elements: two CPU chunks of 32768, the second one partial.
     shapes = [(100, 50), (50,), (40000,)]
     return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in shapes]
-
-
-def _make(name, params, bits, backend, **kw):
-    kw = dict(state_bits=bits, backend=backend, **kw)
-    if name == "adamw":
-        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, **kw)
-    if name == "adopt":
-        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, **kw)
-    if name == "lamb":
-        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, **kw)
-    return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, **kw)
 
 
 def _grads(params, gen, poison=None):

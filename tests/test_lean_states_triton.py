@@ -15,6 +15,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton_mode
+from test_lean_states import _make as make_lean
 
 with triton_mode.defining_kernels():
     import triton
@@ -92,20 +93,13 @@ MATRIX_SHAPES = [(65, 64), (50,)]
 
 
 def _make(name, params, bits, backend, **kw):
-    kw = dict(state_bits=bits, backend=backend, **kw)
-    if name == "adamw":
-        return mupopt.AdamW(params, lr=1e-2, weight_decay=0.1, **kw)
-    if name == "adopt":
-        return mupopt.ADOPT(params, lr=1e-2, weight_decay=0.1, **kw)
-    if name == "lamb":
-        return mupopt.LAMB(params, lr=1e-2, weight_decay=0.1, **kw)
-    if name == "sophia":
-        return mupopt.SophiaG(params, lr=1e-2, weight_decay=0.1, rho=0.04, **kw)
-    if name == "muon":  # no width info: matrices to Muon, the bias to the AdamW part
-        return mupopt.Muon(params, lr=2e-2, adamw_lr=1e-2, ns_dtype=torch.float32, **kw)
-    # epsilon 1e-2 as tests/test_triton_matrix.py: the roots of nearly singular statistics amplify
-    # the matmuls' round-off beyond its tolerance in any format
-    return mupopt.Shampoo(params, lr=1e-2, epsilon=1e-2, precondition_frequency=1, max_preconditioner_dim=48, **kw)
+    """tests/test_lean_states.py's optimizers, but Shampoo with epsilon 1e-2 as
+    tests/test_triton_matrix.py: the roots of nearly singular statistics amplify the matmuls'
+    round-off beyond its tolerance in any format."""
+    if name == "shampoo":
+        return mupopt.Shampoo(params, lr=1e-2, epsilon=1e-2, precondition_frequency=1, max_preconditioner_dim=48,
+                              state_bits=bits, backend=backend, **kw)
+    return make_lean(name, params, bits, backend, **kw)
 
 
 def _run(name, backend, bits, dtype=F32, steps=3, poison=False, **kw):
