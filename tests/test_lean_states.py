@@ -337,7 +337,8 @@ def test_state_dict_round_trip_is_bit_exact(name):
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
     st0 = sd["state"][0]
-    assert st0[next(iter(opt._lean_keys.keys() & st0.keys()))].dtype == torch.uint8
+    key = next(k for k in opt._lean_keys if k + lean.CODES in st0)  # codes under their own name
+    assert st0[key + lean.CODES].dtype == torch.uint8 and key not in st0
     resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
     opt2 = _make(name, resumed, 8)
     opt2.load_state_dict(sd)
@@ -426,6 +427,66 @@ def test_a_checkpoint_with_codes_but_no_scales_is_refused():
     with pytest.raises(ValueError, match="exp_avg_absmax"):
         opt2.load_state_dict(sd)
     assert not opt2.state
+
+
+def test_codes_saved_under_the_entry_name_still_load():
+    # checkpoints written before the codes had a key of their own: uint8 under the entry's name
+    ps = _params()
+    opt = _make("adamw", ps, 8)
+    _drive(opt, ps, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"] = {i: {k.removesuffix(lean.CODES): v for k, v in st.items()} for i, st in sd["state"].items()}
+    assert sd["state"][0]["exp_avg"].dtype == torch.uint8
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = _make("adamw", qs, 8)
+    opt2.load_state_dict(sd)
+    for a, b in zip(ps, qs):
+        for key, v in opt.state[a].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, opt2.state[b][key]), key
+    # a state with both names for one entry is not a state_dict of this format: refused whole
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg"] = torch.zeros(ps[0].shape)
+    opt3 = _make("adamw", [torch.nn.Parameter(p.detach().clone()) for p in ps], 8)
+    with pytest.raises(ValueError, match="exp_avg_codes"):
+        opt3.load_state_dict(sd)
+    assert not opt3.state
+
+
+def test_dcp_format_mismatch_is_an_error_not_codes_cast_to_values(tmp_path):
+    # DCP loads into the loading optimizer's entries, casting to their dtype: were the 8-bit
+    # codes saved under "exp_avg", a 32-bit optimizer would load the numbers 0..255 as its
+    # momentum. Under "exp_avg_codes" the mismatch is a missing key; the same format resumes.
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    # DCP wraps a rank's error in CheckpointException, a BaseException (torch 2.13)
+    failed = (RuntimeError, dcp.api.CheckpointException)
+    ps = _params()
+    o8 = _make("adamw", ps, 8)
+    _drive(o8, ps, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is ... uninitialized"
+        dcp.save({"opt": o8.state_dict()}, checkpoint_id=str(tmp_path / "8"))
+        for bits in (32, 8):
+            qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+            dest = _make("adamw", qs, bits)
+            _drive(dest, qs, 1)  # states exist, as get_optimizer_state_dict makes them
+            sd = {"opt": dest.state_dict()}
+            if bits == 32:
+                with pytest.raises(failed, match=r"Missing key in checkpoint state_dict: opt\.state\.0\.exp_avg\b"):
+                    dcp.load(sd, checkpoint_id=str(tmp_path / "8"))
+                continue
+            dcp.load(sd, checkpoint_id=str(tmp_path / "8"))
+            dest.load_state_dict(sd["opt"])
+            for a, b in zip(ps, qs):
+                for key, v in o8.state[a].items():
+                    if isinstance(v, torch.Tensor) and key != "step":
+                        assert torch.equal(v, dest.state[b][key]), key
+        # and a 32-bit checkpoint into an 8-bit optimizer: missing codes, reported
+        o32 = _make("adamw", [torch.nn.Parameter(p.detach().clone()) for p in ps], 32)
+        _drive(o32, o32.param_groups[0]["params"], 1)
+        dcp.save({"opt": o32.state_dict()}, checkpoint_id=str(tmp_path / "32"))
+        with pytest.raises(failed, match=r"Missing key in checkpoint state_dict: opt\.state\.0\.exp_avg_codes"):
+            dcp.load({"opt": o8.state_dict()}, checkpoint_id=str(tmp_path / "32"))
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -753,6 +753,10 @@ class MupOptimizer(Optimizer):
                     # 8-bit entries of a sharded param as float32 values placed like it: its blocks
                     # are cut per local shard, the values are not (mupopt.optim._lean_states).
                     state[index] = lean.export_state(state[index], p, self._lean_keys)
+                elif self._lean_keys and isinstance(state.get(index), dict):
+                    # codes under their own key, so that a format mismatch is a missing key for
+                    # DCP, not codes cast to values (mupopt.optim._lean_states)
+                    state[index] = lean.export_codes(state[index], self._lean_keys)
                 index += 1
         return {**sd, "state": state}
 
@@ -781,6 +785,8 @@ class MupOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if self._lean_keys and isinstance(state_dict.get("state"), dict):
+            state_dict["state"] = {pid: lean.import_codes(st, self._lean_keys) for pid, st in state_dict["state"].items()}
         saved_groups = state_dict["param_groups"]
         check(
             len(saved_groups) == len(self.param_groups),

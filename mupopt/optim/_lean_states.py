@@ -70,8 +70,14 @@ code's interval (the maps' values are >= 0.7% apart relative). Checked for every
 on blocks of absmax 2^-126 to 1e38 (tests/test_lean_states_distributed.py); a block whose absmax
 is subnormal (< 2^-126) may come back with a code off by one there. The cost: the checkpoint,
 and the state_dict while it lives, hold 4 bytes per element per entry, as format 32 does.
-(Plain params keep codes and scales in their state_dict, bit-exact and 1/4 the size: one
-process, one set of blocks.)
+
+Checkpoints of plain params keep codes and scales, bit-exact and 1/4 the size (one process, one
+set of blocks), the codes under ``key + "_codes"`` (:data:`CODES`, :func:`export_codes`), not
+``key``: DCP loads into the entries the loading optimizer's state_dict names and casts each to
+its dtype, so uint8 codes under ``key`` would land in a format-32 optimizer's float32 ``key`` as
+the numbers 0..255 (silently wrong). Under their own name a format mismatch is a missing key,
+which DCP reports; ``load_state_dict`` takes them back under ``key`` (:func:`import_codes`; also
+the codes of checkpoints written before, uint8 under ``key``).
 """
 from __future__ import annotations
 
@@ -90,6 +96,7 @@ MIN_8BIT_SIZE = 4096
 STATE_BITS = (8, 16, 32)
 SIGNED, UNSIGNED = "signed", "unsigned"
 ABSMAX = "_absmax"
+CODES = "_codes"  # a plain param's codes in its state_dict (module docstring)
 MAP_NAMES = ("dynamic", "linear-sqrt")
 DEFAULT_MAPS = "dynamic"
 # Which maps format 8 uses in this process (module attribute, for the measurement only:
@@ -356,6 +363,27 @@ def export_state(state: dict, p: torch.Tensor, kinds: dict[str, str]) -> dict:
             out[key] = _like_param(exported(_local(state[key]), state[key + ABSMAX], kind), p)
             del out[key + ABSMAX]
     return out
+
+
+def export_codes(state: dict, kinds: dict[str, str]) -> dict:
+    """``state`` (of a plain param) as its state_dict carries it: each quantized entry's codes
+    under ``key + CODES`` (module docstring); ``state`` itself where nothing is quantized."""
+    if not any(is_quantized(state, key) for key in kinds):
+        return state
+    return {(key + CODES if key in kinds and is_quantized(state, key) else key): v for key, v in state.items()}
+
+
+def import_codes(state, kinds: dict[str, str]):
+    """The inverse of :func:`export_codes` on a loaded state: ``key + CODES`` back to ``key``.
+    A state holding both (not a state_dict of this format) raises ValueError."""
+    if not isinstance(state, dict) or not any(key + CODES in state for key in kinds):
+        return state
+    both = [key for key in kinds if key + CODES in state and key in state]
+    if both:
+        raise ValueError(f"loaded state dict: a state holds both {both[0]!r} and {both[0] + CODES!r} "
+                         f"(8-bit codes and another value of one entry); nothing was loaded")
+    names = {key + CODES: key for key in kinds}
+    return {names.get(k, k): v for k, v in state.items()}
 
 
 def state_keys(keys: tuple[str, ...], state_or_format, kinds: dict[str, str]) -> tuple[str, ...]:
