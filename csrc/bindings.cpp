@@ -224,13 +224,7 @@ TORCH_LIBRARY(mupopt, m) {
 
 TORCH_LIBRARY_IMPL(mupopt, CPU, m) {
   using namespace mupopt::binding;
-  m.impl("adamw_", &adamw_step<CpuDevice>);
-  m.impl("adopt_", &adopt_step<CpuDevice>);
-  m.impl("lamb_", &lamb_step<CpuDevice>);
-  m.impl("lamb_partials_", &lamb_partials_step<CpuDevice>);
-  m.impl("lamb_apply_", &lamb_apply_step<CpuDevice>);
-  m.impl("sophia_", &sophia_step<CpuDevice>);
-  m.impl("sophia_hessian_", &sophia_hessian_step<CpuDevice>);
+  impl_step_ops<CpuDevice>(m);
   m.impl("traffic_", &traffic_cpu);
 }
 

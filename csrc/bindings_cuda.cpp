@@ -140,13 +140,7 @@ struct CudaDevice {
 
 TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
   using namespace mupopt::binding;
-  m.impl("adamw_", &adamw_step<CudaDevice>);
-  m.impl("adopt_", &adopt_step<CudaDevice>);
-  m.impl("lamb_", &lamb_step<CudaDevice>);
-  m.impl("lamb_partials_", &lamb_partials_step<CudaDevice>);
-  m.impl("lamb_apply_", &lamb_apply_step<CudaDevice>);
-  m.impl("sophia_", &sophia_step<CudaDevice>);
-  m.impl("sophia_hessian_", &sophia_hessian_step<CudaDevice>);
+  impl_step_ops<CudaDevice>(m);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "prepare.h"
 #include "table.h"
@@ -157,6 +158,19 @@ void sophia_hessian_step(at::TensorList grads, at::TensorList hessians, double b
   run_step<Dev>(
       op, t, at::TensorList(), false, false, grad_scale, found_inf, absmax,
       [&](const auto& l, const Group& g, auto& ctx) { return Dev::sophia_hessian(l, g, h, ctx); }, /*host_skip=*/false);
+}
+
+// The kernels of the per-call optimizer ops on device Dev (TORCH_LIBRARY_IMPL of bindings.cpp,
+// bindings_cuda.cpp): one list of names for both devices.
+template <class Dev>
+void impl_step_ops(torch::Library& m) {
+  m.impl("adamw_", &adamw_step<Dev>);
+  m.impl("adopt_", &adopt_step<Dev>);
+  m.impl("lamb_", &lamb_step<Dev>);
+  m.impl("lamb_partials_", &lamb_partials_step<Dev>);
+  m.impl("lamb_apply_", &lamb_apply_step<Dev>);
+  m.impl("sophia_", &sophia_step<Dev>);
+  m.impl("sophia_hessian_", &sophia_hessian_step<Dev>);
 }
 
 }  // namespace binding

@@ -186,18 +186,33 @@ def place(model: nn.Module, placement: str):
     return model
 
 
+def build(spec: dict, *, seed: int = 0, mup: bool = True, placement: str | None = None, options: dict | None = None):
+    """The scenario's (model, placed model, optimizer): make_model with spec["blocks"],
+    spec["width"], spec["mup"] (default ``mup``), cast to spec["dtype"] if given, placed under
+    ``placement`` (default spec["placement"]), the optimizer with ``options`` (default
+    spec["options"])."""
+    model = make_model(seed=seed, blocks=spec.get("blocks", 1), width=spec.get("width", WIDTH), mup=spec.get("mup", mup))
+    if "dtype" in spec:
+        model.to(getattr(torch, spec["dtype"]))
+    placed = place(model, placement or spec["placement"])
+    options = spec.get("options", {}) if options is None else options
+    return model, placed, make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **options)
+
+
+def fed_steps(model: nn.Module, opt, name: str, steps: range) -> None:
+    for t in steps:
+        feed_grads(model, t)
+        step_once(opt, name, t)
+
+
 def scenario_steps(spec: dict) -> dict:
     """Fed gradients: the optimizer alone under a placement, STEPS steps."""
-    model = make_model(mup=spec.get("mup", True), blocks=spec.get("blocks", 1))
-    placed = place(model, spec["placement"])
-    opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
+    model, placed, opt = build(spec)
     out = {"mults": [str(m) for g in opt.param_groups for m in opt.group_multipliers(g)]}
     if spec["optimizer"] == "shampoo":  # the local shapes, for the lr rule's test
         out["local_shapes"] = {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
                                for n, p in model.named_parameters()}
-    for t in range(STEPS):
-        feed_grads(model, t)
-        step_once(opt, spec["optimizer"], t)
+    fed_steps(model, opt, spec["optimizer"], range(STEPS))
     out["params"] = full_params(model)
     out["selected"] = opt.selected_backends
     if spec["optimizer"] == "muon":
@@ -247,14 +262,8 @@ def scenario_lean_steps(spec: dict) -> dict:
     """Fed gradients, spec["steps"] steps (default 3), no muP unless spec["mup"]: the full params,
     and every rank's local_states."""
     with min_8bit(spec):
-        model = make_model(mup=spec.get("mup", False), width=spec.get("width", WIDTH))
-        if "dtype" in spec:
-            model.to(getattr(torch, spec["dtype"]))
-        placed = place(model, spec["placement"])
-        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
-        for t in range(spec.get("steps", 3)):
-            feed_grads(model, t)
-            step_once(opt, spec["optimizer"], t)
+        model, _, opt = build(spec, mup=False)
+        fed_steps(model, opt, spec["optimizer"], range(spec.get("steps", 3)))
         return {"params": full_params(model), "ranks": all_ranks(local_states(model, opt))}
 
 
@@ -337,14 +346,8 @@ def _dcp_save(spec: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     with min_8bit(spec):
-        model = make_model(blocks=spec.get("blocks", 1), width=spec.get("width", WIDTH), mup=spec.get("mup", True))
-        if "dtype" in spec:
-            model.to(getattr(torch, spec["dtype"]))
-        placed = place(model, spec["placement"])
-        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **spec.get("options", {}))
-        for t in range(spec.get("save_at", 5)):
-            feed_grads(model, t)
-            step_once(opt, spec["optimizer"], t)
+        model, placed, opt = build(spec)
+        fed_steps(model, opt, spec["optimizer"], range(spec.get("save_at", 5)))
         msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
         return local_states(model, opt)
@@ -358,22 +361,16 @@ def _dcp_resume(spec: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     with min_8bit(spec):
-        # Other initial values: the checkpoint must bring them.
-        model = make_model(seed=1, blocks=spec.get("blocks", 1), width=spec.get("width", WIDTH), mup=spec.get("mup", True))
-        if "dtype" in spec:
-            model.to(getattr(torch, spec["dtype"]))
-        placed = place(model, spec.get("resume_placement", spec["placement"]))
-        options = spec.get("resume_options", spec.get("options", {}))
-        opt = make_optimizer(spec["optimizer"], placed.parameters(), spec["backend"], **options)
+        # Other initial values (seed 1): the checkpoint must bring them.
+        model, placed, opt = build(spec, seed=1, placement=spec.get("resume_placement"),
+                                   options=spec.get("resume_options"))
         msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=spec["path"])
         set_state_dict(placed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=state_dict_options(spec))
         loaded = local_states(model, opt)
-        for t in range(spec.get("save_at", 5), spec.get("steps", STEPS)):
-            feed_grads(model, t)
-            step_once(opt, spec["optimizer"], t)
+        fed_steps(model, opt, spec["optimizer"], range(spec.get("save_at", 5), spec.get("steps", STEPS)))
         return {"params": full_params(model), "loaded": loaded}
 
 

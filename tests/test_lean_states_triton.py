@@ -248,42 +248,13 @@ def test_fp32_params_match_reference(name, bits):
 
 
 # -- compiled for the GPU (sm_90, no GPU needed) -------------------------------------------------
-_COMPILE_SCRIPT = r"""
-import json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-sys.path.insert(0, sys.argv[1])
-from mupopt.kernels.triton import _common
+_COMPILE_LAUNCHES = r"""
 from mupopt.kernels.triton.muon import muon_triton
 from mupopt.kernels.triton.shampoo import shampoo_triton
 from mupopt.mup import Multipliers
 from mupopt.optim import _lean_states as lean
 from mupopt.optim.muon import MuonHparams
 from mupopt.optim.shampoo import ShampooHparams, init_shampoo_state
-assert not _common.INTERPRET
-TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32", torch.bfloat16: "*bf16"}
-results = []
-
-def compile_hook(kernel, grid, args, meta):
-    values = dict(zip(kernel.arg_names, args))
-    values.update(meta)
-    signature, constexprs = {}, {}
-    for param in kernel.params:
-        v = values[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[param.name] = TYPES[v.dtype]
-        else:
-            signature[param.name] = "fp32" if isinstance(v, float) else "i32"
-    options = {"num_warps": meta["num_warps"], "num_stages": meta.get("num_stages", 3)}
-    triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=options)
-    results.append({"kernel": kernel.__name__, "constexprs": {k: str(v) for k, v in constexprs.items()}})
-
-_common.LAUNCH_HOOK = compile_hook
 group = {"state_bits": 8}
 ps = [torch.zeros(70, 70), torch.zeros(5000)]
 M = [Multipliers(1.0, 1.0, 1.0)] * 2
@@ -295,14 +266,13 @@ assert states[0]["momentum_buffer"].dtype == torch.uint8
 # start_preconditioning_step 100: no roots to take from the (uncomputed) statistics
 shampoo_triton(ps, [torch.zeros_like(p) for p in ps], states, M,
                ShampooHparams(1e-3, 0.9, 0.999, 1e-2, False, 0.0, 64, 1, 100, "adam", 0.999, 1e-8, "newton"))
-print(json.dumps(results))
 """
 
 
 def test_muon_and_shampoo_8bit_kernels_compile_for_sm90():
     """The Muon momentum and Shampoo update kernels with 8-bit states (codes 5 and 6) compile
     for the GPU: the interpreter accepts code the compiler may not."""
-    results = triton_mode.compile_for_sm90(_COMPILE_SCRIPT)
+    results = triton_mode.compile_for_sm90(_COMPILE_LAUNCHES)
     by_kernel = {}
     for r in results:
         by_kernel.setdefault(r["kernel"], []).append(r["constexprs"])

@@ -412,47 +412,17 @@ def test_shampoo_registration():
 # ---------------------------------------------------------------------------------------------
 # The matmul kernels compile for the GPU (sm_90, no GPU needed) and use the tensor cores
 # ---------------------------------------------------------------------------------------------
-_COMPILE_SCRIPT = textwrap.dedent(
+_COMPILE_LAUNCHES = textwrap.dedent(
     r"""
-    import json, os, re, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    sys.path.insert(0, sys.argv[1])
-    from mupopt.kernels.triton import _common
     from mupopt.kernels.triton import newton_schulz as ns
-    assert not _common.INTERPRET
-    TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32", torch.bfloat16: "*bf16"}
-    results = []
-
-    def compile_hook(kernel, grid, args, meta):
-        values = dict(zip(kernel.arg_names, args))
-        values.update(meta)
-        signature, constexprs = {}, {}
-        for param in kernel.params:
-            v = values[param.name]
-            if param.is_constexpr:
-                signature[param.name], constexprs[param.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                signature[param.name] = TYPES[v.dtype]
-            else:
-                signature[param.name] = "fp32" if isinstance(v, float) else "i32"
-        options = {"num_warps": meta["num_warps"], "num_stages": meta.get("num_stages", 3)}
-        ptx = triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs),
-                             target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-        results.append({"kernel": kernel.__name__, "wgmma": len(re.findall(r"wgmma\.mma_async", ptx))})
-
-    _common.LAUNCH_HOOK = compile_hook
     # min side 600: the 128 x 128 x 64 bf16 tiles; one iteration is every kernel once
     ns.newton_schulz_triton(torch.zeros(2, 600, 700), steps=1, check_finite=False)
-    print(json.dumps(results))
     """
 )
 
 
 def test_newton_schulz_kernels_compile_for_sm90_with_wgmma():
-    results = triton_mode.compile_for_sm90(_COMPILE_SCRIPT)
+    results = triton_mode.compile_for_sm90(_COMPILE_LAUNCHES)
     assert [r["kernel"] for r in results] == ["_ns_normalize_kernel", "_ns_syrk_kernel", "_ns_syrk_kernel", "_ns_update_kernel"]
     for r in results[1:]:
         assert r["wgmma"] > 0, r  # Hopper tensor-core MMA for the three matmul kernels
@@ -461,54 +431,19 @@ def test_newton_schulz_kernels_compile_for_sm90_with_wgmma():
 # ---------------------------------------------------------------------------------------------
 # Matrices of 2^31 or more elements: 64-bit element offsets (issue 13 item 12)
 # ---------------------------------------------------------------------------------------------
-_OFFSETS_SCRIPT = textwrap.dedent(
+_OFFSETS_LAUNCHES = textwrap.dedent(
     r"""
-    import json, os, re, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    sys.path.insert(0, sys.argv[1])
-    from mupopt.kernels.triton import _common
     from mupopt.kernels.triton import newton_schulz as ns
     from mupopt.kernels.triton import shampoo as sh
-    assert not _common.INTERPRET
     ns.build(); sh.build()
-    TYPES = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32", torch.bfloat16: "*bf16"}
-    results = []
-
-    def offsets(kernel, signature, constexprs, num_warps):
-        compiled = triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        # tt.addptr %ptrs, %offsets : tensor<...x!tt.ptr<T>>, tensor<...xiNN>
-        found = re.findall(r"tt\.addptr [^\n]*: tensor<[^>]*!tt\.ptr<[^>]*>>, tensor<[0-9x]*(i\d+)>",
-                           compiled.asm["ttir"])
-        results.append({"kernel": kernel.__name__, "offset_types": sorted(set(found))})
-
-    def hook(kernel, grid, args, meta):
-        values = dict(zip(kernel.arg_names, args))
-        values.update(meta)
-        signature, constexprs = {}, {}
-        for param in kernel.params:
-            v = values[param.name]
-            if param.is_constexpr:
-                signature[param.name], constexprs[param.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                signature[param.name] = TYPES[v.dtype]
-            else:  # every integer as i32: what Triton passes for sizes and strides below 2^31
-                signature[param.name] = "fp32" if isinstance(v, float) else "i32"
-        offsets(kernel, signature, constexprs, meta["num_warps"])
-
-    _common.LAUNCH_HOOK = hook
     ns.newton_schulz_triton(torch.zeros(2, 600, 700), steps=1, check_finite=False)
     _common.LAUNCH_HOOK = None
     stats = {"G_BF16": True, "ROW": 6, "BLOCK": 64, "BLOCK_K": 32}
-    offsets(sh._shampoo_stats_kernel, {"table_ptr": "*i64", "out_ptr": "*fp32", "tiles_ptr": "*i32", "N": "i32",
+    compile_sm90(sh._shampoo_stats_kernel, {"table_ptr": "*i64", "out_ptr": "*fp32", "tiles_ptr": "*i32", "N": "i32",
                                        "decay": "fp32", "gain": "fp32", **{k: "constexpr" for k in stats}}, stats, 4)
     mm = {"B_BF16": True, "SUMSQ": True, "ROW": 9, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
-    offsets(sh._shampoo_matmul_kernel, {"table_ptr": "*i64", "partial_ptr": "*fp32", "max_tiles": "i32",
+    compile_sm90(sh._shampoo_matmul_kernel, {"table_ptr": "*i64", "partial_ptr": "*fp32", "max_tiles": "i32",
                                         **{k: "constexpr" for k in mm}}, mm, 4)
-    print(json.dumps(results))
     """
 )
 
@@ -518,7 +453,7 @@ def test_matrix_kernels_use_64_bit_element_offsets():
     below 2^31), each tensor of pointers is formed from int64 offsets: a row or column index times
     a stride never wraps at 2^31, so a 262144 x 8192 matrix is addressed correctly. (Before: i32
     offsets in the four Newton-Schulz kernels and in Shampoo's statistics tiles.)"""
-    results = triton_mode.compile_for_sm90(_OFFSETS_SCRIPT)
+    results = triton_mode.compile_for_sm90(_OFFSETS_LAUNCHES)
     assert [r["kernel"] for r in results] == ["_ns_normalize_kernel", "_ns_syrk_kernel", "_ns_syrk_kernel",
                                               "_ns_update_kernel", "_shampoo_stats_kernel", "_shampoo_matmul_kernel"]
     for r in results:

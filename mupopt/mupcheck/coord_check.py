@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .models import PARAM_DTYPES, ModelConfig, build_model, config_for, layer_type, load_corpus
-from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, flushing_denormals, as_records, loglog_slope, lm_loss, make_optimizer,
+from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, add_storage_arguments, flushing_denormals, as_records, loglog_slope, lm_loss, make_optimizer,
                     parse_optimizers, pyplot, to_frame, train_step, write_csv, write_json)
 
 MUP_COLUMNS = ("width", "module", "t", "l1")  # Microsoft mup's get_coord_data columns
@@ -370,14 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "0.5 depth-muP; default 1)")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads, fixed across widths (default 4)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
-    parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
-                        help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
-    parser.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
-                        help="dtype of the params, forward and backward: fp32 (default) or bf16 (pure bf16, no "
-                             "float32 master copy; the loss in float32)")
-    parser.add_argument("--stochastic-rounding", action="store_true",
-                        help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
-                             "a no-op with fp32 params)")
+    add_storage_arguments(parser)
     parser.add_argument("--corpus", default=None, help="text file for the GPT (default: the shipped Tiny Shakespeare excerpt)")
     parser.add_argument("--flat", type=float, default=FLAT, help=f"muP passes when slope < this (default {FLAT})")
     parser.add_argument("--vanish", type=float, default=VANISH,

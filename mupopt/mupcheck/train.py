@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optim import ADOPT, LAMB, AdamW, Muon, Shampoo, SophiaG
+from .models import PARAM_DTYPES
 
 SIX = ("adamw", "adopt", "lamb", "sophia", "muon", "shampoo")
 
@@ -106,6 +107,19 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "shampoo": OptSpec("shampoo", _shampoo("adam"), lr=5e-3, center=8e-3, wd=0.1),
     "shampoo-nograft": OptSpec("shampoo-nograft", _shampoo(None), lr=5e-3, center=8e-3, wd=0.1),
 }
+
+
+def add_storage_arguments(parser) -> None:
+    """The storage options of ``mupopt transfer`` and ``mupopt coord-check`` (docs/lean-states.md):
+    ``--state-bits``, ``--param-dtype``, ``--stochastic-rounding``."""
+    parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
+                        help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
+    parser.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
+                        help="dtype of the params, forward and backward: fp32 (default) or bf16 (pure bf16, no "
+                             "float32 master copy; the loss in float32)")
+    parser.add_argument("--stochastic-rounding", action="store_true",
+                        help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
+                             "a no-op with fp32 params)")
 
 
 def parse_optimizers(text: str | None, default=SIX) -> list[str]:

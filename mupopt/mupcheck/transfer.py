@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .models import PARAM_DTYPES, build_model, config_for, load_corpus
-from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, flushing_denormals, as_records, lm_loss, lr_factor, make_optimizer,
+from .models import build_model, config_for, load_corpus
+from .train import (NO_MATPLOTLIB, OPTIMIZERS, SIX, Timer, add_storage_arguments, flushing_denormals, as_records, lm_loss, lr_factor, make_optimizer,
                     parse_optimizers, pyplot, scale_lr, to_frame, train_step, write_csv, write_json)
 
 
@@ -358,14 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
     parser.add_argument("--wide", type=int, default=128, help="shift_steps_wide counts widths >= this (default 128)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
-    parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
-                        help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
-    parser.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
-                        help="dtype of the params, forward and backward: fp32 (default) or bf16 (pure bf16, no "
-                             "float32 master copy; the loss in float32)")
-    parser.add_argument("--stochastic-rounding", action="store_true",
-                        help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
-                             "a no-op with fp32 params)")
+    add_storage_arguments(parser)
     parser.add_argument("--corpus", default=None, help="text file (default: the shipped Tiny Shakespeare excerpt)")
     parser.add_argument("--out", default="mupcheck-out/transfer", help="output directory (default mupcheck-out/transfer)")
     parser.add_argument("--prefix", default="transfer", help="file name prefix (default transfer)")
