@@ -293,29 +293,41 @@ def _per_call(fn: Callable, params, states, mults) -> Callable:
     return step
 
 
-def bind_adamw(params, states, mults) -> Callable:
-    """Bound AdamW step (see the module docstring). Bound with every state's "max_exp_avg_sq"
-    when each has one; an amsgrad step without them goes to :func:`adamw` (which raises as before)."""
+def _bind(name: str, unbound: Callable, lists: Callable, mult_fields: tuple, params, states, mults) -> Callable:
+    """The bound step of optimizer op ``name`` (``bind_<name>``, then ``<name>_bound_``): the
+    plan binds ``params``, ``lists(states)`` (the state lists, step counts last), the muP
+    multipliers ``mult_fields`` and the stochastic-rounding seeds. 8-bit states go to the
+    per-call op ``unbound`` (:func:`_per_call`), as does a step with stochastic rounding switched
+    off on a seeded plan (:func:`_bound`)."""
     if not params:
         return _nothing
     if _quantized(states):
-        return _per_call(adamw, params, states, mults)
+        return _per_call(unbound, params, states, mults)
     _require(params)
-    params, states = list(params), list(states)
-    has_max = all("max_exp_avg_sq" in st for st in states)
-    lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
-    bind = torch.ops.mupopt.bind_adamw.default
+    params, states, frozen = list(params), list(states), list(mults)
+    mult_lists = _mults(mults, *mult_fields)
+    bind = getattr(torch.ops.mupopt, f"bind_{name}").default
     seeds = seeds_of(states)
-    frozen = list(mults)
 
     def make():
-        exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
-        maxs = _lists(states, "max_exp_avg_sq")[0] if has_max else []
-        return bind(params, exp_avgs, exp_avg_sqs, maxs, steps, lr_m, wd_m, eps_m, seeds)
+        return bind(params, *lists(states), *mult_lists, seeds)
 
-    bound = _bound("adamw", make, seeds, lambda grads, hp: adamw(params, grads, states, frozen, hp), params)
-    if has_max:
+    return _bound(name, make, seeds, lambda grads, hp: unbound(params, grads, states, frozen, hp), params)
+
+
+def bind_adamw(params, states, mults) -> Callable:
+    """Bound AdamW step (see the module docstring). Bound with every state's "max_exp_avg_sq"
+    when each has one; an amsgrad step without them goes to :func:`adamw` (which raises as before)."""
+    has_max = bool(states) and all("max_exp_avg_sq" in st for st in states)
+
+    def lists(states):
+        exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
+        return exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if has_max else [], steps
+
+    bound = _bind("adamw", adamw, lists, ("lr", "wd", "eps"), params, states, mults)
+    if has_max or bound is _nothing or _quantized(states):
         return bound
+    params, states, frozen = list(params), list(states), list(mults)
 
     def step(grads, hp) -> None:
         if hp.amsgrad:
@@ -335,62 +347,20 @@ def bind_adamw(params, states, mults) -> Callable:
 
 def bind_adopt(params, states, mults) -> Callable:
     """Bound ADOPT step (see the module docstring)."""
-    if not params:
-        return _nothing
-    if _quantized(states):
-        return _per_call(adopt, params, states, mults)
-    _require(params)
-    params, states = list(params), list(states)
-    lr_m, wd_m, eps_m = _mults(mults, "lr", "wd", "eps")
-    bind = torch.ops.mupopt.bind_adopt.default
-    seeds = seeds_of(states)
-    frozen = list(mults)
-
-    def make():
-        exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
-        return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, wd_m, eps_m, seeds)
-
-    return _bound("adopt", make, seeds, lambda grads, hp: adopt(params, grads, states, frozen, hp), params)
+    return _bind("adopt", adopt, lambda st: _lists(st, "exp_avg", "exp_avg_sq", "step"), ("lr", "wd", "eps"),
+                 params, states, mults)
 
 
 def bind_lamb(params, states, mults) -> Callable:
     """Bound LAMB step (see the module docstring); whole-tensor norms only (no norm_reduce)."""
-    if not params:
-        return _nothing
-    if _quantized(states):
-        return _per_call(lamb, params, states, mults)
-    _require(params)
-    params, states = list(params), list(states)
-    lr_m, eps_m = _mults(mults, "lr", "eps")
-    bind = torch.ops.mupopt.bind_lamb.default
-    seeds = seeds_of(states)
-    frozen = list(mults)
-
-    def make():
-        exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
-        return bind(params, exp_avgs, exp_avg_sqs, steps, lr_m, eps_m, seeds)
-
-    return _bound("lamb", make, seeds, lambda grads, hp: lamb(params, grads, states, frozen, hp), params)
+    return _bind("lamb", lamb, lambda st: _lists(st, "exp_avg", "exp_avg_sq", "step"), ("lr", "eps"),
+                 params, states, mults)
 
 
 def bind_sophia(params, states, mults) -> Callable:
     """Bound SophiaG step (see the module docstring)."""
-    if not params:
-        return _nothing
-    if _quantized(states):
-        return _per_call(sophia, params, states, mults)
-    _require(params)
-    params, states = list(params), list(states)
-    lr_m, wd_m = _mults(mults, "lr", "wd")
-    bind = torch.ops.mupopt.bind_sophia.default
-    seeds = seeds_of(states)
-    frozen = list(mults)
-
-    def make():
-        exp_avgs, hessians, steps = _lists(states, "exp_avg", "hessian", "step")
-        return bind(params, exp_avgs, hessians, steps, lr_m, wd_m, seeds)
-
-    return _bound("sophia", make, seeds, lambda grads, hp: sophia(params, grads, states, frozen, hp), params)
+    return _bind("sophia", sophia, lambda st: _lists(st, "exp_avg", "hessian", "step"), ("lr", "wd"),
+                 params, states, mults)
 
 
 def bind_sophia_hessian(params, states, mults) -> Callable:
