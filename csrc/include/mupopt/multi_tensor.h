@@ -135,10 +135,11 @@ MUPOPT_FORCE_INLINE void sr_fill(uint16_t* __restrict__ bits, uint32_t span_key,
 #define MUPOPT_SIMD_MAX_M
 #endif
 
-// Table lookups of format 8 stay scalar: vectorised, GCC makes them AVX2 gathers, which ran the
-// whole 8-bit AdamW step at 18 ns per element on the 2-core Xeon (L2-resident, one thread; 3.3 ns
-// for float32 states): gathers are microcoded where the Gather Data Sampling mitigation is on.
-// An empty asm on the looked-up value keeps the compiler from vectorising the loop.
+// Table lookups of format 8's plain codec stay scalar: vectorised, GCC makes them AVX2 gathers,
+// which ran the whole 8-bit AdamW step at 18 ns per element on the 2-core Xeon (L2-resident, one
+// thread; 3.3 ns for float32 states): gathers are microcoded where the Gather Data Sampling
+// mitigation is on. An empty asm on the looked-up value keeps the compiler from vectorising the
+// loop. (CPUs with AVX-512 VBMI take csrc/cpu/q8_vbmi.h's permutes instead: no lookups.)
 #if defined(__GNUC__) || defined(__clang__)
 #define MUPOPT_SCALAR(v) asm("" : "+r"(v))
 #else
