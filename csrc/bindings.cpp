@@ -53,7 +53,8 @@ bool cpu_use_fma() {
 
 // The copy of the loops: plain without fma (above); 512-bit where the CPU has what ATen's AVX512
 // kernels need (avx512 f, vl, bw, dq) and ATEN_CPU_CAPABILITY does not ask for avx2 (the two
-// copies store the same bits: the same IEEE operations, fused alike).
+// copies store the same bits: the same IEEE operations, fused alike), with format 8's VBMI codec
+// where the CPU has avx512vbmi too (csrc/cpu/q8_vbmi.h; the same bits again).
 cpu::Isa cpu_isa_choice() {
 #if MUPOPT_CPU_X86_DISPATCH
   static const cpu::Isa isa = [] {
@@ -63,7 +64,8 @@ cpu::Isa cpu_isa_choice() {
     __builtin_cpu_init();
     const bool wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-    return wide ? cpu::Isa::kAvx512Fma : cpu::Isa::kAvx2Fma;
+    if (!wide) return cpu::Isa::kAvx2Fma;
+    return __builtin_cpu_supports("avx512vbmi") ? cpu::Isa::kAvx512Vbmi : cpu::Isa::kAvx512Fma;
   }();
   return isa;
 #else
@@ -158,10 +160,32 @@ void traffic_cpu(TensorList streams0, TensorList streams1, TensorList streams2, 
   }
 }
 
-// Which loops this CPU build runs ("avx2+fma" or "plain"): for tests and benchmarks.
+// Tests only: format 8's block codec alone (cpu/q8_codec.cpp) on the float32 values x with map
+// table ``map``, codec "vbmi" (csrc/cpu/q8_vbmi.h) or "scalar": (codes, absmax, decoded values).
+std::vector<Tensor> q8_codec_test(const Tensor& x, const Tensor& map, c10::string_view codec) {
+  const char* op = "q8_codec_test";
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 && x.is_contiguous(), op,
+              ": x must be a contiguous 1-D float32 CPU tensor, got ", describe(x));
+  TORCH_CHECK(codec == "vbmi" || codec == "scalar", op, ": codec must be \"vbmi\" or \"scalar\", got \"",
+              std::string(codec), "\"");
+  const QuantTable t = check_map(op, 0, map, x.device());
+  const int64_t n = x.numel();
+  Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
+  Tensor absmax = at::empty({(n + kQuantBlock - 1) / kQuantBlock}, x.options());
+  Tensor decoded = at::empty({n}, x.options());
+  TORCH_CHECK(cpu::q8_codec(x.data_ptr<float>(), n, t, codec == "vbmi", codes.data_ptr<uint8_t>(),
+                            absmax.data_ptr<float>(), decoded.data_ptr<float>()),
+              op, ": this CPU has no AVX-512 VBMI");
+  return {codes, absmax, decoded};
+}
+
+// Which loops this CPU build runs ("avx512+fma", "avx2+fma", "fma" or "plain"): for tests and
+// benchmarks. The VBMI codec of format 8 is part of "avx512+fma" (it stores the same bits);
+// q8_codec_test_ tells whether this CPU has it.
 std::string cpu_isa() {
   switch (cpu_isa_choice()) {
     case cpu::Isa::kAvx512Fma:
+    case cpu::Isa::kAvx512Vbmi:
       return "avx512+fma";
     case cpu::Isa::kAvx2Fma:
       return MUPOPT_CPU_X86_DISPATCH ? "avx2+fma" : "fma";
@@ -216,6 +240,8 @@ TORCH_LIBRARY(mupopt, m) {
       "Tensor? found_inf=None, Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
   // Which CPU loops run here: "avx2+fma", "fma" (non-x86) or "plain" (tests, benchmarks).
   m.def("cpu_isa() -> str", &mupopt::binding::cpu_isa);
+  // Tests only: format 8's block codec alone, "vbmi" or "scalar" -> [codes, absmax, decoded].
+  m.def("q8_codec_test(Tensor x, Tensor map, str codec) -> Tensor[]", &mupopt::binding::q8_codec_test);
   // Benchmarks: a step's traffic with no math, (load, store) mask pairs over the four lists.
   m.def(
       "traffic_(Tensor(a!)[] streams0, Tensor(b!)[] streams1, Tensor(c!)[] streams2, Tensor(d!)[] streams3, "

@@ -173,10 +173,14 @@ inline QuantTable check_map(const char* op, size_t k, const at::Tensor& m, const
   q.lo = static_cast<uint32_t>(d[256]);
   q.count = static_cast<uint32_t>(d[257]);
   TORCH_CHECK(d[256] >= 0 && d[257] > 0 && q.lo + q.count <= 0x8000u &&
-                  m.numel() == kQuantHeader + 2 * static_cast<int64_t>(q.count),
+                  m.numel() == kQuantHeader + 2 * static_cast<int64_t>(q.count) + kQuantVectorWords,
               op, ": maps[", k, "] is not a map table (header lo=", d[256], ", count=", d[257], ", ", m.numel(),
               " values)");
   q.entry = reinterpret_cast<const uint32_t*>(d + kQuantHeader);
+  const int32_t* v = d + kQuantHeader + 2 * static_cast<int64_t>(q.count);
+  q.value_planes = reinterpret_cast<const uint8_t*>(v);
+  q.mid_planes = reinterpret_cast<const uint8_t*>(v + 256);
+  q.pivots = reinterpret_cast<const uint16_t*>(v + 512);
   return q;
 }
 

@@ -317,3 +317,86 @@ def test_the_256_bit_loops_in_a_subprocess():
     assert "avx2+fma" in subprocess.run(
         [sys.executable, "-c", "import mupopt.kernels.cpp.build as b; b.load_cpu(); import torch; "
          "print(torch.ops.mupopt.cpu_isa())"], env=env, capture_output=True, text=True, timeout=300).stdout
+
+
+def _codec_values(name, kind):
+    """Values for format 8's block codec: every midpoint of the map, its float32 neighbours (1 to
+    3 ulps and 1-2 patterns away), the map values, 0, -0, +-1, the smallest magnitudes, in blocks
+    of absmax 1 (each block led by 1.0, so y = x exactly), the same blocks scaled by 2^-100 and
+    2^100 (y exact again) and by 3.7 (y rounded by the division); blocks with NaN, inf, -inf,
+    both infinities, all zeros, subnormal and huge absmax; a random sample of several scales;
+    and a partial last block (a tensor tail of 77 elements)."""
+    values, mid = lean.map_tensor(kind, name=name)
+    ys = [mid, values, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, -1e-45, 2**-126, -2**-126])]
+    for d in (1, 2, 3):
+        ys += [torch.nextafter(mid, mid + d), torch.nextafter(mid, mid - d)]
+    bits = mid.view(torch.int32)
+    ys += [(bits + d).view(torch.float32) for d in (-2, -1, 1, 2)]
+    ys += [-y for y in ys]
+    y = torch.cat(ys)
+    y = y[y.abs() <= 1]
+    y = torch.cat([y, y.new_zeros(-y.numel() % 255)]).view(-1, 255)
+    unit = torch.cat([torch.ones(y.shape[0], 1), y], dim=1)  # blocks of absmax 1
+    gen = torch.Generator().manual_seed(3)
+    special = torch.randn(8, 256, generator=gen)
+    special[0, 5] = float("nan")
+    special[1, 17] = float("inf")
+    special[2, 200] = -float("inf")
+    special[3, 0], special[3, 255] = float("inf"), -float("inf")
+    special[4] = 0.0
+    special[5] *= 1e-41  # subnormal absmax
+    special[6] *= 1e37
+    special[7, 100] = -float("nan")
+    sample = torch.randn(400, 256, generator=gen) * torch.logspace(-30, 30, 400).view(-1, 1)
+    heavy = torch.randn(100, 256, generator=gen) ** 5  # many values far below their block's absmax
+    tail = torch.randn(77, generator=gen)
+    blocks = torch.cat([unit, unit * 2.0**-100, unit * 2.0**100, unit * 3.7, special, sample, heavy])
+    return torch.cat([blocks.reshape(-1), tail])
+
+
+@pytest.mark.parametrize("codec", ["vbmi", "scalar"])
+@pytest.mark.parametrize("kind", [lean.SIGNED, lean.UNSIGNED])
+@pytest.mark.parametrize("name", lean.MAP_NAMES)
+def test_block_codec_equals_the_spec(name, kind, codec, monkeypatch):
+    """Format 8's block codec alone (torch.ops.mupopt.q8_codec_test, a test-only binding of the
+    loops' codec: csrc/cpu/q8_vbmi.h, or the plain one of multi_tensor.h) stores the spec's codes
+    and block scales (_lean_states.quantized) and decodes the spec's values (dequantize), bit
+    for bit, on every midpoint and its neighbours, special blocks and a partial last block."""
+    from mupopt.kernels.cpp.ops import map_table
+
+    monkeypatch.setattr(lean, "maps", name)
+    x = _codec_values(name, kind)
+    try:
+        codes, absmax, decoded = torch.ops.mupopt.q8_codec_test(x, map_table(kind, name), codec)
+    except RuntimeError as e:
+        if "no AVX-512 VBMI" not in str(e):
+            raise
+        pytest.skip("this CPU has no AVX-512 VBMI")
+    want_codes, want_absmax = lean.quantized(x, kind)
+    assert torch.equal(_bits(absmax), _bits(want_absmax))
+    wrong = (codes != want_codes).nonzero().view(-1)
+    assert wrong.numel() == 0, f"{wrong.numel()} codes differ, first at {wrong[:5].tolist()}: x={x[wrong[:5]].tolist()}"
+    assert torch.equal(_bits(decoded), _bits(lean.dequantize(want_codes, want_absmax, kind)))
+
+
+def test_block_codec_in_the_loops_on_midpoints():
+    """The same values through the loops: AdamW with beta1 = 0 stores m = g exactly, so a step
+    quantizes the gradient; the codes and scales equal the reference backend's, and the
+    reference's are the spec's (the step of format 8 is _lean_states' quantize)."""
+    values, mid = lean.map_tensor(lean.SIGNED)
+    y = torch.cat([mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1), values, -mid])
+    y = torch.cat([y, y.new_zeros(-y.numel() % 255)]).view(-1, 255)
+    g = torch.cat([torch.ones(y.shape[0], 1), y], dim=1).reshape(-1)[:-3]  # a partial last block
+    g = torch.cat([g, torch.randn(8192 - g.numel() % 256 + 100)])
+    runs = []
+    for backend in ("reference", "cpu"):
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        opt = mupopt.AdamW([p], lr=1e-3, betas=(0.0, 0.999), state_bits=8, backend=backend)
+        p.grad = g.clone()
+        with correctly_rounded_sqrt():
+            opt.step()
+        runs.append(([p], opt))
+    _assert_same(*runs)
+    st = runs[1][1].state[runs[1][0][0]]
+    want_codes, want_absmax = lean.quantized(g, lean.SIGNED)
+    assert torch.equal(st["exp_avg"], want_codes) and torch.equal(st["exp_avg" + lean.ABSMAX], want_absmax)

@@ -40,8 +40,9 @@ struct Launch {
 };
 
 // Which copy of the loops runs: bindings.cpp picks it once per process, as ATen picks its kernels
-// (plain where ATen runs its DEFAULT kernels; 512-bit where it runs its AVX512 ones).
-enum class Isa : int { kPlain = 0, kAvx2Fma = 1, kAvx512Fma = 2 };
+// (plain where ATen runs its DEFAULT kernels; 512-bit where it runs its AVX512 ones; 512-bit with
+// format 8's VBMI codec, q8_vbmi.h, where the CPU also has AVX-512 VBMI: the same bits).
+enum class Isa : int { kPlain = 0, kAvx2Fma = 1, kAvx512Fma = 2, kAvx512Vbmi = 3 };
 
 struct Args {
   GradArgs grad;
@@ -71,6 +72,15 @@ using SpanFn = void (*)(const Op&, const TensorRow&, int64_t, int64_t, float, do
 #define MUPOPT_TARGET_FMA
 #define MUPOPT_TARGET_AVX512
 #endif
+}  // namespace cpu
+}  // namespace mupopt
+
+#if MUPOPT_CPU_X86_DISPATCH
+#include "q8_vbmi.h"
+#endif
+
+namespace mupopt {
+namespace cpu {
 
 // The loops with a 512-bit copy: 16-bit params and states of another storage than the param's
 // (bf16, 8-bit blocks). On the 2-core AVX-512 Xeon these are compute-bound (conversions,
@@ -95,6 +105,15 @@ MUPOPT_TARGET_AVX512 void span_avx512(const Op& op, const TensorRow& row, int64_
   cpu_span<Op, true, TP, TG, TS, R>(op, row, b, e, gmul, red, maps);
 }
 
+#if MUPOPT_CPU_X86_DISPATCH
+// The 512-bit copy of the format-8 loops with the VBMI codec (q8_vbmi.h).
+template <class Op, class TP, class TG, class TS, Rounding R>
+MUPOPT_TARGET_VBMI void span_avx512vbmi(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul,
+                                        double* red, const QuantTable* maps) {
+  cpu_span<Op, true, TP, TG, TS, R, Q8Vbmi>(op, row, b, e, gmul, red, maps);
+}
+#endif
+
 template <class Op, class TP, class TG, class TS, Rounding R>
 void span_plain(const Op& op, const TensorRow& row, int64_t b, int64_t e, float gmul, double* red,
                 const QuantTable* maps) {
@@ -105,7 +124,10 @@ template <class Op, class TP, class TG, class TS, Rounding R>
 SpanFn<Op> pick_isa(Isa isa) {
 #if MUPOPT_CPU_X86_DISPATCH
   if constexpr (kHasWideCopy<TP, TS>) {
-    if (isa == Isa::kAvx512Fma) return &span_avx512<Op, TP, TG, TS, R>;
+    if constexpr (std::is_same<TS, q8_t>::value) {
+      if (isa == Isa::kAvx512Vbmi) return &span_avx512vbmi<Op, TP, TG, TS, R>;
+    }
+    if (isa == Isa::kAvx512Fma || isa == Isa::kAvx512Vbmi) return &span_avx512<Op, TP, TG, TS, R>;
   }
   return isa != Isa::kPlain ? &span_fma<Op, TP, TG, TS, R> : &span_plain<Op, TP, TG, TS, R>;
 #else

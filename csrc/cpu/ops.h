@@ -26,6 +26,11 @@ void sophia_hessian(const Launch& l, const SophiaHyper& h, const Args& a);
 // Benchmarks: a step's traffic with no math (traffic.cpp), one pass of (load, store) stream masks.
 bool traffic_supported(unsigned load, unsigned store);
 void traffic(const Launch& l, unsigned load, unsigned store, const Args& a);
+// Tests only (q8_codec.cpp): format 8's block codec on n float32 values x, block by block: the
+// codes and block scales, and the decoded values. vbmi: the AVX-512 VBMI codec (false where this
+// CPU lacks it), else the plain one.
+bool q8_codec(const float* x, int64_t n, const QuantTable& t, bool vbmi, uint8_t* codes, float* absmax,
+              float* decoded);
 
 }  // namespace cpu
 }  // namespace mupopt

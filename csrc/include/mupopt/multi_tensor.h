@@ -135,62 +135,67 @@ MUPOPT_FORCE_INLINE void sr_fill(uint16_t* __restrict__ bits, uint32_t span_key,
 #define MUPOPT_SIMD_MAX_M
 #endif
 
-// Table lookups of format 8 stay scalar: vectorised, GCC makes them AVX2 gathers, which ran the
-// whole 8-bit AdamW step at 18 ns per element on the 2-core Xeon (L2-resident, one thread; 3.3 ns
-// for float32 states): gathers are microcoded where the Gather Data Sampling mitigation is on.
-// An empty asm on the looked-up value keeps the compiler from vectorising the loop.
+// Table lookups of format 8's plain codec stay scalar: vectorised, GCC makes them AVX2 gathers,
+// which ran the whole 8-bit AdamW step at 18 ns per element on the 2-core Xeon (L2-resident, one
+// thread; 3.3 ns for float32 states): gathers are microcoded where the Gather Data Sampling
+// mitigation is on. An empty asm on the looked-up value keeps the compiler from vectorising the
+// loop. (CPUs with AVX-512 VBMI take csrc/cpu/q8_vbmi.h's permutes instead: no lookups.)
 #if defined(__GNUC__) || defined(__clang__)
 #define MUPOPT_SCALAR(v) asm("" : "+r"(v))
 #else
 #define MUPOPT_SCALAR(v)
 #endif
 
-// Format 8, one block of n <= kQuantBlock elements: decode (value = MAP[code] * absmax, the
-// float32 product of _lean_states.dequantize) into the L1 array q ...
-template <class T>
-MUPOPT_FORCE_INLINE void q8_decode(const uint8_t* __restrict__ codes, float amax, const float* __restrict__ value,
-                                   T* __restrict__ q, int n) {
-  const uint32_t* __restrict__ bits = reinterpret_cast<const uint32_t*>(value);
-  for (int k = 0; k < n; ++k) {
-    uint32_t v = bits[codes[k]];
-    MUPOPT_SCALAR(v);
-    q[k] = static_cast<T>(bits_float(v) * amax);
+// Format 8, one block of n <= kQuantBlock elements, in plain C++ (every copy of the loops; the
+// 512-bit copy on CPUs with AVX-512 VBMI takes csrc/cpu/q8_vbmi.h's codec instead, same bits):
+// decode (value = MAP[code] * absmax, the float32 product of _lean_states.dequantize) into the
+// L1 array q ...
+struct Q8Scalar {
+  template <class T>
+  static MUPOPT_FORCE_INLINE void decode(const uint8_t* __restrict__ codes, float amax, const QuantTable& table,
+                                         T* __restrict__ q, int n) {
+    const uint32_t* __restrict__ bits = reinterpret_cast<const uint32_t*>(table.value);
+    for (int k = 0; k < n; ++k) {
+      uint32_t v = bits[codes[k]];
+      MUPOPT_SCALAR(v);
+      q[k] = static_cast<T>(bits_float(v) * amax);
+    }
   }
-}
 
-// ... and encode the new values q: absmax = the max of the patterns of |x| (integer order is
-// float order there, and a NaN pattern exceeds every other, so a NaN propagates as in torch's
-// amax), then the codes (storage.h's q8_bucket, vectorised, and q8_code). float64 values
-// (float64 params) are rounded to float32 first, as the reference stores them into its float32
-// decoded copy before quantizing.
-template <class T>
-MUPOPT_FORCE_INLINE void q8_encode(const T* __restrict__ q, uint8_t* __restrict__ codes, float* absmax,
-                                   const QuantTable& table, int n) {
-  uint32_t m = 0;
-  MUPOPT_SIMD_MAX_M
-  for (int k = 0; k < n; ++k) {
-    const uint32_t a = float_bits(static_cast<float>(q[k])) & 0x7FFFFFFFu;
-    m = a > m ? a : m;
+  // ... and encode the new values q: absmax = the max of the patterns of |x| (integer order is
+  // float order there, and a NaN pattern exceeds every other, so a NaN propagates as in torch's
+  // amax), then the codes (storage.h's q8_bucket, vectorised, and q8_code). float64 values
+  // (float64 params) are rounded to float32 first, as the reference stores them into its float32
+  // decoded copy before quantizing.
+  template <class T>
+  static MUPOPT_FORCE_INLINE void encode(const T* __restrict__ q, uint8_t* __restrict__ codes, float* absmax,
+                                         const QuantTable& table, int n) {
+    uint32_t m = 0;
+    MUPOPT_SIMD_MAX_M
+    for (int k = 0; k < n; ++k) {
+      const uint32_t a = float_bits(static_cast<float>(q[k])) & 0x7FFFFFFFu;
+      m = a > m ? a : m;
+    }
+    const float amax = bits_float(m);
+    *absmax = amax;
+    const bool pos = amax > 0.0f;
+    const float div = pos ? amax : 1.0f;
+    const QuantTable t = table;
+    uint32_t index[kQuantBlock], key[kQuantBlock];
+    MUPOPT_SIMD
+    for (int k = 0; k < n; ++k) q8_bucket(static_cast<float>(q[k]), div, pos, t, index[k], key[k]);
+    for (int k = 0; k < n; ++k) {
+      uint32_t e = t.entry[index[k]];
+      MUPOPT_SCALAR(e);
+      codes[k] = q8_code(e, key[k]);
+    }
   }
-  const float amax = bits_float(m);
-  *absmax = amax;
-  const bool pos = amax > 0.0f;
-  const float div = pos ? amax : 1.0f;
-  const QuantTable t = table;
-  uint32_t index[kQuantBlock], key[kQuantBlock];
-  MUPOPT_SIMD
-  for (int k = 0; k < n; ++k) q8_bucket(static_cast<float>(q[k]), div, pos, t, index[k], key[k]);
-  for (int k = 0; k < n; ++k) {
-    uint32_t e = t.entry[index[k]];
-    MUPOPT_SCALAR(e);
-    codes[k] = q8_code(e, key[k]);
-  }
-}
+};
 
 // TS: the states' storage type (streams >= 2): TP (format 32), bf16_t (format 16) or q8_t
-// (format 8, blocks decoded into and encoded from L1 arrays; ``maps`` holds each state
-// stream's tables).
-template <class Op, bool kFma, class TP, class TG, class TS, Rounding R = Rounding::kNearest>
+// (format 8, blocks decoded into and encoded from L1 arrays by the codec Q8; ``maps`` holds each
+// state stream's tables).
+template <class Op, bool kFma, class TP, class TG, class TS, Rounding R = Rounding::kNearest, class Q8 = Q8Scalar>
 MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_t begin, int64_t end, float gmul_f,
                                   double* red, const QuantTable* maps) {
   using T = compute_t<TP>;
@@ -272,9 +277,9 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
       if constexpr (kNeedsBits<TP, R>) sr_fill(bits, span_key, b0, n);
       const int64_t blk = b0 / kBlock;
       if constexpr (kQ8) {
-        if constexpr ((L & 4u) != 0) q8_decode(s2 + b0, row.absmax[2][blk], maps[2].value, q2, n);
-        if constexpr ((L & 8u) != 0) q8_decode(s3 + b0, row.absmax[3][blk], maps[3].value, q3, n);
-        if constexpr ((L & 16u) != 0) q8_decode(s4 + b0, row.absmax[4][blk], maps[4].value, q4, n);
+        if constexpr ((L & 4u) != 0) Q8::decode(s2 + b0, row.absmax[2][blk], maps[2], q2, n);
+        if constexpr ((L & 8u) != 0) Q8::decode(s3 + b0, row.absmax[3][blk], maps[3], q3, n);
+        if constexpr ((L & 16u) != 0) Q8::decode(s4 + b0, row.absmax[4][blk], maps[4], q4, n);
       }
       if constexpr (Op::kReduce > 0) {
         MUPOPT_SIMD
@@ -298,9 +303,9 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
         }
       }
       if constexpr (kQ8) {
-        if constexpr ((W & 4u) != 0) q8_encode(q2, s2 + b0, row.absmax[2] + blk, maps[2], n);
-        if constexpr ((W & 8u) != 0) q8_encode(q3, s3 + b0, row.absmax[3] + blk, maps[3], n);
-        if constexpr ((W & 16u) != 0) q8_encode(q4, s4 + b0, row.absmax[4] + blk, maps[4], n);
+        if constexpr ((W & 4u) != 0) Q8::encode(q2, s2 + b0, row.absmax[2] + blk, maps[2], n);
+        if constexpr ((W & 8u) != 0) Q8::encode(q3, s3 + b0, row.absmax[3] + blk, maps[3], n);
+        if constexpr ((W & 16u) != 0) Q8::encode(q4, s4 + b0, row.absmax[4] + blk, maps[4], n);
       }
     }
     if constexpr (Op::kReduce > 0) {

@@ -157,11 +157,18 @@ constexpr int kQuantBlock = 256;
 // An entry is base << 16 | t: within the bucket y > midpoint exactly when the low 16 bits of
 // y's pattern, complemented for y < 0 (the pattern order of negative floats is reversed), are
 // > t; t = 0xFFFF where the bucket holds no midpoint (never true).
+// After the entries, kQuantVectorWords words for the AVX-512 VBMI codec (csrc/cpu/q8_vbmi.h,
+// which documents them): the values and the midpoints as byte planes, and the pivots of a rank
+// search over the midpoints' 16-bit keys.
 constexpr int kQuantHeader = 258;
+constexpr int kQuantVectorWords = 704;
 struct QuantTable {
   const float* value = nullptr;      // 256 map values
   const uint32_t* entry = nullptr;   // 2 * count bucket entries
   uint32_t lo = 0, count = 0;
+  const uint8_t* value_planes = nullptr;  // [4][256]: byte j of value[c] at [j][c]
+  const uint8_t* mid_planes = nullptr;    // [4][256]: byte j of the c-th midpoint (NaN past the last)
+  const uint16_t* pivots = nullptr;       // 384 keys of the rank search
 };
 
 // The code of x in a block of absmax ``amax`` (``div``: amax where amax > 0, else 1; ``pos``:

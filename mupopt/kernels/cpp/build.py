@@ -58,6 +58,7 @@ CPU_SOURCES = (
     "cpu/lamb.cpp",
     "cpu/sophia.cpp",
     "cpu/traffic.cpp",
+    "cpu/q8_codec.cpp",
 )
 CUDA_SOURCES = (
     "bindings_cuda.cpp",

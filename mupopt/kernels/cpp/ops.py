@@ -61,12 +61,40 @@ def _kinds(name: str) -> dict[str, str]:
 _TABLES: dict = {}
 
 
+def _sort_key16(x: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of float32 ``x``'s order-preserving integer key (non-negative: the pattern
+    with its sign bit set; negative: the pattern complemented), as int64 in [0, 2^16)."""
+    u = x.view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(u >= 1 << 31, u ^ 0xFFFFFFFF, u | (1 << 31)) >> 16
+
+
+def _vector_tables(values: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """The tables of the AVX-512 VBMI codec (csrc/cpu/q8_vbmi.h), as int32 words: the map values
+    and the midpoints as four byte planes each (plane j: byte j of the 256 float32 patterns; the
+    midpoints padded with NaN after the last, so that no y compares above a padding entry), then
+    the pivots of the rank search over the midpoints' 16-bit keys (:func:`_sort_key16`, padded
+    with 0xFFFF): for step s = 1, 2, 4, ..., 128, ``key[2*s*t + s - 1]`` for t < 128 / s, at
+    words 0, 128, 192, 224, ..., 352 of 384 uint16 (each from step 4 on in a slot of 32)."""
+    pad = torch.full((256 - mid.numel(),), float("nan"), dtype=torch.float32)
+    mids = torch.cat([mid, pad])
+    planes = [t.view(torch.uint8).view(256, 4).t().contiguous().view(-1).view(torch.int32) for t in (values, mids)]
+    key = torch.cat([_sort_key16(mid), torch.full((256 - mid.numel(),), 0xFFFF, dtype=torch.int64)])
+    pivots = torch.zeros(384, dtype=torch.int64)
+    for i in range(8):
+        s = 1 << i
+        at = (0, 128)[i] if i < 2 else 192 + 32 * (i - 2)
+        pivots[at:at + 128 // s] = key[s - 1::2 * s]
+    pivots = torch.where(pivots >= 1 << 15, pivots - (1 << 16), pivots).to(torch.int16)  # uint16 as int16
+    return torch.cat([*planes, pivots.view(torch.int32)])
+
+
 def map_table(kind: str, name: str | None = None) -> torch.Tensor:
     """The int32 table of format 8's map ``name`` (default: the one in use) for ``kind``, as the
     C++ loops read it (csrc/include/mupopt/storage.h, QuantTable): the 256 map values (float32
     bits), lo, count, then 2*count bucket entries ``base << 16 | t`` for the magnitude buckets
-    lo .. lo+count-1 of y >= 0, then of y < 0. Made from the spec's own tables
-    (``_lean_states._tables`` and ``_buckets``), so the maps are defined once."""
+    lo .. lo+count-1 of y >= 0, then of y < 0, then the 704 words of the vector codec's tables
+    (:func:`_vector_tables`). Made from the spec's own tables (``_lean_states._tables`` and
+    ``_buckets``), so the maps are defined once."""
     name = name or lean.maps
     key = (name, kind)
     if key not in _TABLES:
@@ -92,7 +120,8 @@ def map_table(kind: str, name: str | None = None) -> torch.Tensor:
         header = torch.tensor([lo, hi + 1 - lo], dtype=torch.int64)
         table = torch.cat([values.view(torch.int32).long(), header, body])
         # int32 two's complement of the uint32 entries
-        _TABLES[key] = torch.where(table >= 1 << 31, table - (1 << 32), table).to(torch.int32)
+        table = torch.where(table >= 1 << 31, table - (1 << 32), table).to(torch.int32)
+        _TABLES[key] = torch.cat([table, _vector_tables(values, mid)])
     return _TABLES[key]
 
 
