@@ -66,7 +66,9 @@ def map_table(kind: str, name: str | None = None) -> torch.Tensor:
     C++ loops read it (csrc/include/mupopt/storage.h, QuantTable): the 256 map values (float32
     bits), lo, count, then 2*count bucket entries ``base << 16 | t`` for the magnitude buckets
     lo .. lo+count-1 of y >= 0, then of y < 0. Made from the spec's own tables
-    (``_lean_states._tables`` and ``_buckets``), so the maps are defined once."""
+    (``_lean_states._tables`` and ``_buckets``), so the maps are defined once. A CPU tensor for
+    CPU and CUDA ops alike: the CUDA ops copy it to the device with their launch table and the
+    kernel into shared memory (csrc/bindings_cuda.cpp, multi_tensor.h's q8_chunk)."""
     name = name or lean.maps
     key = (name, kind)
     if key not in _TABLES:
