@@ -47,21 +47,26 @@ struct Upload {
 Upload upload(const char* op, const Table& t) {
   Upload u;
   if (t.rows.empty()) return u;
-  // Where each stream's table goes among the tables (in 4-byte words), its words and its header.
+  // Where each stream's table goes among the tables (in 4-byte words) and its header; size[s]:
+  // the words to copy for stream s, 0 where an earlier stream has the same table.
   int64_t words = 0;
   std::array<int64_t, kMaxStreams> size{};
   for (int s = 0; s < kMaxStreams; ++s) {
     const QuantTable& q = t.maps[s];
     if (q.value == nullptr) continue;
-    size[s] = kQuantHeader + 2 * static_cast<int64_t>(q.count);
     u.maps.lo[s] = q.lo;
     u.maps.count[s] = q.count;
     int same = -1;
     for (int r = 0; r < s; ++r) {
       if (t.maps[r].value == q.value) same = r;
     }
-    u.maps.offset[s] = same >= 0 ? u.maps.offset[same] : static_cast<int32_t>(words);
-    if (same < 0) words += size[s];
+    if (same >= 0) {
+      u.maps.offset[s] = u.maps.offset[same];
+      continue;
+    }
+    u.maps.offset[s] = static_cast<int32_t>(words);
+    size[s] = kQuantHeader + 2 * static_cast<int64_t>(q.count);
+    words += size[s];
   }
   TORCH_CHECK(words * 4 <= kMaxMapBytes, op, ": the state_bits=8 map tables take ", words * 4,
               " bytes; the CUDA kernels hold them in shared memory, at most ", kMaxMapBytes);
@@ -74,7 +79,7 @@ Upload upload(const char* op, const Table& t) {
   for (int s = 0; s < kMaxStreams; ++s) {
     if (size[s] == 0) continue;
     std::memcpy(h + map_at + 4 * static_cast<int64_t>(u.maps.offset[s]), t.maps[s].value,
-                static_cast<size_t>(size[s] * 4));  // a shared table is copied twice, to one place
+                static_cast<size_t>(size[s] * 4));
   }
   u.device = host.to(*t.device, /*non_blocking=*/true);
   if (words > 0) {
