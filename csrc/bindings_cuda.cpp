@@ -3,7 +3,9 @@
 // Per call: the launch table is built on the host (table.h), copied to the device with one
 // pinned, non-blocking copy (the caching host allocator keeps the pinned buffer until the copy
 // has run; the device copy is freed in stream order after the kernels that read it), then one
-// launch per dtype pair on the current stream. grad_scale and found_inf are read by the kernels
+// launch per dtype pair on the current stream. Format 8 (state_bits=8): the op's map tables are
+// CPU tensors, as for the CPU ops (mupopt/kernels/cpp/ops.py hands both the same arguments), and
+// travel to the device in that same copy, behind the rows. grad_scale and found_inf are read by the kernels
 // on the device; found_inf is also read once on the host (a sync, only when passed) because the
 // step counts it guards live on the host.
 #include <ATen/ATen.h>
@@ -27,23 +29,63 @@ using at::ArrayRef;
 using at::Tensor;
 using at::TensorList;
 
-// The CUDA kernel steps states in their param's dtype or bfloat16 (formats 32 and 16; the
-// backend registers state_bits=(16, 32), so the optimizers never hand it format 8).
-void refuse_block8(const char* op, const Table& t, const OptTensors& absmax = c10::nullopt) {
-  TORCH_CHECK(!absmax.has_value() || absmax->empty(), op, ": state_bits=8 is not implemented on CUDA yet");
-  for (const Group& g : t.groups) {
-    TORCH_CHECK(g.state == StateFormat::kParam || g.state == StateFormat::kBFloat16, op,
-                ": state_bits=8 is not implemented on CUDA yet");
-  }
-}
+// Format 8's tables as the kernels copy them into shared memory: every distinct table of a call
+// together at most this size. The dynamic maps take 46.5 KiB (signed 22.9 + unsigned 23.7;
+// mupopt/kernels/cpp/ops.py map_table); 96 KiB stays under the opt-in limit of every GPU since
+// sm_80 (99 KiB on sm_86 / sm_89, 163 KiB sm_80, 227 KiB sm_90).
+constexpr int64_t kMaxMapBytes = 96 * 1024;
 
-// A device copy of a table's rows (undefined when it has none).
-Tensor upload_rows(const Table& t) {
-  if (t.rows.empty()) return Tensor();
-  const int64_t bytes = static_cast<int64_t>(t.rows.size() * sizeof(TensorRow));
+// A call's launch table on the device: its rows and, for format 8, its map tables (each distinct
+// table once: AdamW's exp_avg_sq and max_exp_avg_sq share the unsigned map) behind them, in one
+// pinned host buffer copied with one non-blocking copy. ``device`` is undefined when the table
+// has no rows.
+struct Upload {
+  Tensor device;
+  DeviceMaps maps;
+};
+
+Upload upload(const char* op, const Table& t) {
+  Upload u;
+  if (t.rows.empty()) return u;
+  // Where each stream's table goes among the tables (in 4-byte words) and its header; size[s]:
+  // the words to copy for stream s, 0 where an earlier stream has the same table.
+  int64_t words = 0;
+  std::array<int64_t, kMaxStreams> size{};
+  for (int s = 0; s < kMaxStreams; ++s) {
+    const QuantTable& q = t.maps[s];
+    if (q.value == nullptr) continue;
+    u.maps.lo[s] = q.lo;
+    u.maps.count[s] = q.count;
+    int same = -1;
+    for (int r = 0; r < s; ++r) {
+      if (t.maps[r].value == q.value) same = r;
+    }
+    if (same >= 0) {
+      u.maps.offset[s] = u.maps.offset[same];
+      continue;
+    }
+    u.maps.offset[s] = static_cast<int32_t>(words);
+    size[s] = kQuantHeader + 2 * static_cast<int64_t>(q.count);
+    words += size[s];
+  }
+  TORCH_CHECK(words * 4 <= kMaxMapBytes, op, ": the state_bits=8 map tables take ", words * 4,
+              " bytes; the CUDA kernels hold them in shared memory, at most ", kMaxMapBytes);
+  const int64_t row_bytes = static_cast<int64_t>(t.rows.size() * sizeof(TensorRow));
+  const int64_t map_at = (row_bytes + 15) / 16 * 16;  // 16-byte aligned tables
+  const int64_t bytes = words > 0 ? map_at + words * 4 : row_bytes;
   Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), t.rows.data(), static_cast<size_t>(bytes));
-  return host.to(*t.device, /*non_blocking=*/true);
+  auto* h = static_cast<uint8_t*>(host.data_ptr());
+  std::memcpy(h, t.rows.data(), static_cast<size_t>(row_bytes));
+  for (int s = 0; s < kMaxStreams; ++s) {
+    if (size[s] == 0) continue;
+    std::memcpy(h + map_at + 4 * static_cast<int64_t>(u.maps.offset[s]), t.maps[s].value,
+                static_cast<size_t>(size[s] * 4));
+  }
+  u.device = host.to(*t.device, /*non_blocking=*/true);
+  if (words > 0) {
+    u.maps.words = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(u.device.data_ptr()) + map_at);
+  }
+  return u;
 }
 
 GradArgs grad_args(const char* op, const c10::optional<c10::Device>& device, bool maximize,
@@ -55,18 +97,18 @@ GradArgs grad_args(const char* op, const c10::optional<c10::Device>& device, boo
   return ga;
 }
 
-// fn(launch, group, stream) for every launch group of table ``t`` whose rows are on the device
-// as ``rows`` (upload_rows).
+// fn(launch, group, stream) for every launch group of table ``t`` whose rows and maps are on the
+// device as ``u`` (upload).
 template <class Fn>
-void for_each_group(const char* op, const Table& t, const Tensor& rows, Fn&& fn) {
+void for_each_group(const char* op, const Table& t, const Upload& u, Fn&& fn) {
   if (t.groups.empty()) return;
   TORCH_CHECK(t.device->is_cuda(), op, ": CUDA kernel called with tensors on ", t.device->str());
   c10::cuda::CUDAGuard guard(*t.device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto* base = reinterpret_cast<TensorRow*>(rows.data_ptr());
+  auto* base = reinterpret_cast<TensorRow*>(u.device.data_ptr());
   for (const Group& g : t.groups) {
-    C10_CUDA_CHECK(
-        fn(cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad, g.state}, g, stream));
+    C10_CUDA_CHECK(fn(
+        cuda::Launch{base + g.begin, g.n_rows, g.n_chunks, launch_param(t, g), g.grad, g.state, u.maps}, g, stream));
   }
 }
 
@@ -84,22 +126,21 @@ struct CudaDevice {
   struct Ctx {
     GradArgs ga;
     bool skip;
-    Tensor rows;  // the device copy of the table's rows, alive until the launches are queued
+    Upload upload;  // the device copy of the table's rows and maps, alive until the launches are queued
     cudaStream_t stream;
     c10::Device device;
   };
   static Ctx begin(const char* op, const Table& t, bool maximize, const OptTensor& grad_scale,
-                   const OptTensor& found_inf, const OptTensors& absmax, bool host_skip) {
-    refuse_block8(op, t, absmax);
-    Ctx c{grad_args(op, t.device, maximize, grad_scale, found_inf), false, Tensor(), nullptr,
+                   const OptTensor& found_inf, const OptTensors&, bool host_skip) {
+    Ctx c{grad_args(op, t.device, maximize, grad_scale, found_inf), false, Upload{}, nullptr,
           t.device.value_or(c10::Device(c10::kCUDA))};
     c.skip = host_skip && found_inf_set(found_inf);
     return c;
   }
   template <class Fn>
   static void each(const char* op, Table& t, Ctx& c, Fn&& fn) {
-    c.rows = upload_rows(t);
-    for_each_group(op, t, c.rows, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
+    c.upload = upload(op, t);
+    for_each_group(op, t, c.upload, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
       c.stream = s;
       return fn(l, g);
     });
@@ -146,7 +187,8 @@ TORCH_LIBRARY_IMPL(mupopt, CUDA, m) {
 // ---------------------------------------------------------------------------------------------
 // Bound plans (csrc/bound.h, defined in bindings.cpp): the CUDA kernels of the step ops. Per
 // step as the per-call ops: the plan's table (gradient addresses and scalars of this step)
-// copied to the device once, one launch per group.
+// copied to the device once, one launch per group. Formats 32 and 16 only: a plan refuses uint8
+// states (it keeps no block scales), and ops.py steps format 8 through the per-call ops.
 // ---------------------------------------------------------------------------------------------
 #include "bound.h"
 
@@ -159,10 +201,6 @@ namespace {
 bool begin_bound(BoundPlan& p, const char* op, TensorList grads, bool maximize, const OptTensor& grad_scale,
                  const OptTensor& found_inf, GradArgs& ga, bool& skip) {
   if (!check_grads(p, op, grads)) return false;
-  for (StateFormat f : p.base_state) {
-    TORCH_CHECK(f == StateFormat::kParam || f == StateFormat::kBFloat16, op,
-                ": state_bits=8 is not implemented on CUDA yet");
-  }
   ga = grad_args(op, p.device, maximize, grad_scale, found_inf);
   skip = found_inf_set(found_inf);
   if (!skip) read_before(p);
@@ -184,7 +222,7 @@ bool adamw_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, doub
                 beta2, weight_decay, eps);
   set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
-  const Tensor rows = upload_rows(p.table);
+  const Upload rows = upload(op, p.table);
   const AdamWHyper h = make_adamw_hyper(beta1, beta2);
   for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
     return cuda::adamw(l, h, amsgrad, ga, s);
@@ -205,7 +243,7 @@ bool adopt_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, doub
                 weight_decay, eps);
   set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
-  const Tensor rows = upload_rows(p.table);
+  const Upload rows = upload(op, p.table);
   const AdoptHyper h = make_adopt_hyper(beta1, beta2);
   for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
     return cuda::adopt(l, h, g.variant == 0, ga, s);
@@ -226,7 +264,7 @@ bool lamb_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, doubl
   lamb_scalars(p.table, p.before.data(), p.lr_mults.data(), p.eps_mults.data(), lr, beta1, beta2, eps);
   set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
-  const Tensor rows = upload_rows(p.table);
+  const Upload rows = upload(op, p.table);
   const LambHyper h =
       make_lamb_hyper(beta1, beta2, weight_decay, clamp_value.has_value(), clamp_value.value_or(0.0));
   for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group& g, cudaStream_t s) {
@@ -248,7 +286,7 @@ bool sophia_bound_cuda(Plan plan, TensorList grads, double lr, double beta1, dou
   sophia_scalars(p.table, p.lr_mults.data(), p.wd_mults.data(), lr, weight_decay);
   set_rounding(p.table, p.sr_seeds, p.before.data());
   bump_bound_steps(p);
-  const Tensor rows = upload_rows(p.table);
+  const Upload rows = upload(op, p.table);
   const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);
   for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
     return cuda::sophia(l, h, ga, s);
@@ -262,13 +300,9 @@ bool sophia_hessian_bound_cuda(Plan plan, TensorList grads, double beta2, const 
   const char* op = "sophia_hessian_bound_";
   BoundPlan& p = *plan;
   if (!check_grads(p, op, grads)) return false;
-  for (StateFormat f : p.base_state) {
-    TORCH_CHECK(f == StateFormat::kParam || f == StateFormat::kBFloat16, op,
-                ": state_bits=8 is not implemented on CUDA yet");
-  }
   const GradArgs ga = grad_args(op, p.device, false, grad_scale, found_inf);
   assemble(p, grads, kCudaChunk);
-  const Tensor rows = upload_rows(p.table);
+  const Upload rows = upload(op, p.table);
   const SophiaHyper h = make_sophia_hyper(0.0, beta2, 0.0);
   for_each_group(op, p.table, rows, [&](const cuda::Launch& l, const Group&, cudaStream_t s) {
     return cuda::sophia_hessian(l, h, ga, s);

@@ -159,14 +159,17 @@ inline StateFormat state_format_of(const char* op, const char* name, int64_t i, 
   return StateFormat::kParam;
 }
 
-// Format 8's tables (storage.h's QuantTable), one int32 tensor per state stream of the op.
-inline QuantTable check_map(const char* op, size_t k, const at::Tensor& m, const c10::Device& device) {
+// Format 8's tables (storage.h's QuantTable), one int32 tensor per state stream of the op, on
+// the CPU whatever the tensors' device: the host checks their headers here, the CPU loops read
+// them in place and the CUDA ops copy them to the device with the launch table
+// (bindings_cuda.cpp), so no device read is needed to check them.
+inline QuantTable check_map(const char* op, size_t k, const at::Tensor& m) {
   TORCH_CHECK(m.defined() && m.scalar_type() == at::kInt && m.dim() == 1 && m.is_contiguous() &&
                   m.numel() > kQuantHeader,
               op, ": maps[", k, "] must be a contiguous 1-D int32 tensor (a state_bits=8 map table), got ",
               m.defined() ? describe(m) : std::string("an undefined tensor"));
-  TORCH_CHECK(m.device() == device, op, ": maps[", k, "] is on ", m.device().str(), " but the tensors are on ",
-              device.str());
+  TORCH_CHECK(m.device().is_cpu(), op, ": maps[", k, "] is on ", m.device().str(),
+              "; map tables are CPU tensors for every device (mupopt/kernels/cpp/ops.py map_table)");
   const int32_t* d = m.data_ptr<int32_t>();
   QuantTable q;
   q.value = reinterpret_cast<const float*>(d);
@@ -314,7 +317,7 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     size_t k = 0;
     for (int s = 2; s < kMaxStreams; ++s) {
       if (streams[s].name == nullptr) continue;
-      out.maps[s] = check_map(op, k, lean.maps[k], *out.device);
+      out.maps[s] = check_map(op, k, lean.maps[k]);
       ++k;
     }
   }

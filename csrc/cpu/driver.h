@@ -137,15 +137,6 @@ SpanFn<Op> pick_isa(Isa isa) {
 #endif
 }
 
-// The state formats an Op steps (storage.h): its kStateFormats mask, else kOptimizerFormats
-// (LAMB's passes that keep float32 moments or the direction between them are for format 32
-// only; the traffic bound moves bfloat16 and raw bytes).
-template <class Op, class = void>
-struct StateFormatsOf : std::integral_constant<unsigned, kOptimizerFormats> {};
-template <class Op>
-struct StateFormatsOf<Op, std::void_t<decltype(Op::kStateFormats)>>
-    : std::integral_constant<unsigned, Op::kStateFormats> {};
-
 // The state format's storage type (storage.h), the one switch for formats: TP itself (format
 // 32), bf16_t (16), q8_t (8), uint8_t (bytes).
 template <class Op, class TP, class TG, Rounding R>

@@ -7,9 +7,9 @@ namespace cuda {
 
 cudaError_t adopt(const Launch& l, const AdoptHyper& h, bool first_step, const GradArgs& ga, cudaStream_t stream) {
   if (first_step) {
-    return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, AdoptInitOp{h}, ga, nullptr, stream);
+    return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps, AdoptInitOp{h}, ga, nullptr, stream);
   }
-  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, AdoptOp{h}, ga, nullptr, stream);
+  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps, AdoptOp{h}, ga, nullptr, stream);
 }
 
 }  // namespace cuda

@@ -69,13 +69,13 @@ cudaError_t lamb_passes(const Launch& l, const LambHyper& h, const GradArgs& ga,
   constexpr LambKeep kKeep = kFloatStates ? LambKeep::kMoments : LambKeep::kNothing;
   constexpr LambSource kSource = kFloatStates ? LambSource::kFromMoments : LambSource::kRecompute;
   cudaError_t err =
-      launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambNormOp<kKeep>{h}, ga, partials, stream);
+      launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps, LambNormOp<kKeep>{h}, ga, partials, stream);
   if (err != cudaSuccess) return err;
   lamb_row_sums_kernel<true>
       <<<row_sum_blocks(l.n_rows), kTrustThreads, 0, stream>>>(l.rows, l.n_rows, partials, h, ga.found_inf, nullptr);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambUpdateOp<kSource>{h}, ga, nullptr,
+  return launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps, LambUpdateOp<kSource>{h}, ga, nullptr,
                              stream);
 }
 
@@ -92,9 +92,9 @@ cudaError_t lamb_partials(const Launch& l, const LambHyper& h, const GradArgs& g
   if (l.n_chunks == 0) return cudaSuccess;
   const cudaError_t err =
       (l.param == DType::kFloat32 && l.state == StateFormat::kParam)
-          ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambNormOp<LambKeep::kMoments>{h}, ga,
+          ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps, LambNormOp<LambKeep::kMoments>{h}, ga,
                                 partials, stream)
-          : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, LambNormOp<LambKeep::kNothing>{h}, ga,
+          : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps, LambNormOp<LambKeep::kNothing>{h}, ga,
                                 partials, stream);
   if (err != cudaSuccess) return err;
   lamb_row_sums_kernel<false>
@@ -110,9 +110,9 @@ cudaError_t lamb_apply(const Launch& l, const LambHyper& h, const GradArgs& ga, 
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return (l.param == DType::kFloat32 && l.state == StateFormat::kParam)
-             ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state,
+             ? launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps,
                                    LambUpdateOp<LambSource::kFromMoments>{h}, ga, nullptr, stream)
-             : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state,
+             : launch_multi_tensor(l.rows, l.n_rows, l.n_chunks, l.param, l.grad, l.state, l.maps,
                                    LambUpdateOp<LambSource::kRecompute>{h}, ga, nullptr, stream);
 }
 

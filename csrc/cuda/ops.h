@@ -23,7 +23,8 @@ struct Launch {
   int64_t n_chunks;
   DType param;
   DType grad;
-  StateFormat state;  // kParam or kBFloat16 (storage.h)
+  StateFormat state;  // kParam, kBFloat16 or kBlock8 (storage.h)
+  DeviceMaps maps;    // kBlock8: the device copy of the map tables (multi_tensor.h)
 };
 
 cudaError_t adamw(const Launch& l, const AdamWHyper& h, bool amsgrad, const GradArgs& ga, cudaStream_t stream);

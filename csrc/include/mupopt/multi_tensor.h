@@ -18,8 +18,8 @@
 //   };
 //
 // Storage: stream 0 has dtype TP, stream 1 dtype TG, the states (streams >= 2) the format TS:
-// TP itself, bfloat16 or format 8's blocks (storage.h's StateFormat; the CPU loops only: the
-// CUDA kernel keeps TS = TP). TP and TG are each float32, bfloat16 or float16 (nine pairs,
+// TP itself, bfloat16 or format 8's blocks (storage.h's StateFormat; in the CPU loops and the
+// CUDA kernel alike, each with its own block loop for format 8). TP and TG are each float32, bfloat16 or float16 (nine pairs,
 // float32 math), or both are float64 (float64 math, TS = TP; CPU loops only): the compute type
 // T = compute_t<TP> (common.h).
 #pragma once
@@ -55,6 +55,28 @@ struct TensorRow {
   uint32_t sr_key;            // stochastic rounding of the param stream: sr_step_key (storage.h)
   float* absmax[kMaxStreams];  // format 8 (StateFormat::kBlock8): each state stream's block scales
 };
+
+// Format 8 on CUDA: where a launch's map tables lie in device memory. bindings_cuda.cpp copies
+// the op's host tables (storage.h's QuantTable layout: 256 values, lo, count, 2*count bucket
+// entries) to the device with the launch table, each distinct table once (AdamW's exp_avg_sq
+// and max_exp_avg_sq share the unsigned map), and the kernel copies what its Op reads into
+// shared memory. Plain data, built by the host compiler, read by the launchers.
+struct DeviceMaps {
+  const uint32_t* words = nullptr;   // device address of the tables, back to back
+  int32_t offset[kMaxStreams] = {};  // stream s's table begins at words + offset[s]
+  uint32_t lo[kMaxStreams] = {};     // its header, as checked on the host (table.h's check_map)
+  uint32_t count[kMaxStreams] = {};  // 0: stream s has no table
+};
+
+// The state formats an Op steps (storage.h): its kStateFormats mask, else kOptimizerFormats
+// (LAMB's passes that keep float32 moments or the direction between them are for format 32
+// only; the CPU traffic bound moves bfloat16 and raw bytes). Both drivers instantiate an Op
+// for these formats only.
+template <class Op, class = void>
+struct StateFormatsOf : std::integral_constant<unsigned, kOptimizerFormats> {};
+template <class Op>
+struct StateFormatsOf<Op, std::void_t<decltype(Op::kStateFormats)>>
+    : std::integral_constant<unsigned, Op::kStateFormats> {};
 
 // Per-call gradient handling, shared by every Op with kGradStream.
 struct GradArgs {
@@ -338,7 +360,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
 // (no per-chunk table to upload), reads 4 elements per access when the host found every stream
 // of the row aligned for it (16 bytes fp32, 8 bytes bf16), and skips everything when found_inf
 // is set. Launch: one per (Op, dtype pair, state format), grid = number of chunks. States: TS =
-// TP (format 32) or bf16_t (format 16); format 8 is not implemented here yet.
+// TP (format 32), bf16_t (format 16) or q8_t (format 8: q8_chunk below).
 // ---------------------------------------------------------------------------------------------
 #if defined(__CUDACC__)
 
@@ -431,30 +453,19 @@ __device__ MUPOPT_FORCE_INLINE double block_sum(double v, double* shared) {
   return total;  // valid in thread 0
 }
 
-}  // namespace cuda_detail
-
+// One chunk [begin, end) of a row whose states are format 32 or 16 (TS = TP or bf16_t): 4-wide
+// accesses where the row is aligned, then the rest one element per thread.
 template <class Op, class TP, class TG, class TS, Rounding R>
-__global__ void __launch_bounds__(cuda_detail::kThreads)
-    multi_tensor_kernel(const TensorRow* __restrict__ rows, int n_rows, Op op, GradArgs ga, double* partials) {
-  using namespace cuda_detail;
+__device__ MUPOPT_FORCE_INLINE void plain_chunk(const TensorRow& row, int64_t begin, int64_t end, const Op& op,
+                                                float gmul, const float* sc, uint32_t span_key, double& acc0,
+                                                double& acc1) {
   constexpr unsigned L = Op::kLoad;
   constexpr unsigned W = Op::kStore;
-  if (ga.found_inf != nullptr && *ga.found_inf != 0.0f) return;
-  const int64_t chunk = blockIdx.x;
-  const TensorRow& row = rows[find_row(rows, n_rows, chunk)];
-  const int64_t begin = (chunk - row.first_chunk) * kCudaChunk;
-  const int64_t end = min(begin + kCudaChunk, row.numel);
-  const float gmul = grad_multiplier(ga);
-  float sc[kMaxScalars];
-#pragma unroll
-  for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<float>(row.scalar[k]);
-  const uint32_t span_key = sr_span_key(row.sr_key, begin);
   TP* s0 = static_cast<TP*>(row.ptr[0]);
   const TG* s1 = static_cast<const TG*>(row.ptr[1]);
   TS* s2 = static_cast<TS*>(row.ptr[2]);
   TS* s3 = static_cast<TS*>(row.ptr[3]);
   TS* s4 = static_cast<TS*>(row.ptr[4]);
-  double acc0 = 0.0, acc1 = 0.0;
 
   int64_t scalar_from = begin;
   if (row.aligned) {
@@ -507,6 +518,248 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
     if constexpr ((W & 8u) != 0) s3[i] = from_float<TS>(x[3]);
     if constexpr ((W & 16u) != 0) s4[i] = from_float<TS>(x[4]);
   }
+}
+
+// ---- Format 8 (state_bits=8, storage.h's kBlock8) ------------------------------------------
+// A thread takes 4 consecutive elements per iteration and 256 threads 1024, so quantization
+// block b of an iteration (256 elements) is threads 64b .. 64b+63: two whole warps. Per
+// iteration: the codes of each loaded state stream decoded (map value times the block's absmax),
+// the Op's math, then for each stored state stream the block's absmax (a warp max of the |x|
+// patterns, then one exchange through shared memory between the block's two warps) and the
+// codes, by the same helpers as the CPU loops (storage.h's q8_bucket and q8_code). Every thread
+// runs every iteration (threads past the end hold no elements), so the loop may synchronise.
+//
+// The tables live in shared memory, copied in by each thread block: the 256 map values (1 KiB)
+// of a stream the Op loads, the whole bucket table of one it stores (the dynamic maps: 22.9 KiB
+// signed, 23.7 KiB unsigned; 46.5 KiB for AdamW's two, under the 48 KiB a kernel gets without
+// opting in). Chosen over a binary search over the 255 midpoints in shared memory: a lookup is
+// one shared load per element instead of 8 dependent ones. At an H100's memory bound (3.35 TB/s,
+// 10 bytes per element for AdamW with bf16 params: 0.34 G elements per ms) AdamW's two decodes
+// and two binary searches would take 18 shared loads per element, 6 T per second of the about
+// 7.4 T (132 SMs x 32 lanes x 1.75 GHz) an H100 serves without bank conflicts; the buckets take
+// 4. And it is the CPU loops' rule, not a second implementation of the spec's. Cost: 47 KiB read from L2 per thread block of 16384 elements (3 bytes per element
+// against 10-16 from DRAM), and 4 resident blocks per SM (half occupancy). Untuned: no GPU was
+// lent when this was written.
+
+// The shared-memory copy of a launch's tables for one Op: stream s's table begins at word at[s]
+// (its values; lo, count and the bucket entries follow, as in device memory). Piece s copies
+// n[s] words from src[s]; n[s] = 0 where the stream reads another stream's copy (the same table)
+// or nothing. Built on the host per launch (shared_maps).
+struct SharedMaps {
+  const uint32_t* src[kMaxStreams];
+  int32_t n[kMaxStreams];
+  int32_t at[kMaxStreams];
+  uint32_t lo[kMaxStreams];
+  uint32_t count[kMaxStreams];
+  int32_t words;  // shared memory in 4-byte words
+};
+
+// What an Op with load mask L and store mask W reads of the tables in ``d``: the values of a
+// loaded stream, the whole table of a stored one; false when a stream it needs has no table.
+template <unsigned L, unsigned W>
+inline bool shared_maps(const DeviceMaps& d, SharedMaps& out) {
+  out = SharedMaps{};
+  for (int s = 2; s < kMaxStreams; ++s) {
+    const bool store = ((W >> s) & 1u) != 0, load = ((L >> s) & 1u) != 0;
+    if (!store && !load) continue;
+    if (d.words == nullptr || d.count[s] == 0) return false;
+    const int32_t need = store ? kQuantHeader + 2 * static_cast<int32_t>(d.count[s]) : 256;
+    out.lo[s] = d.lo[s];
+    out.count[s] = d.count[s];
+    int reuse = -1;
+    for (int t = 2; t < s; ++t) {
+      if (out.n[t] >= need && d.offset[t] == d.offset[s]) reuse = t;
+    }
+    if (reuse >= 0) {
+      out.at[s] = out.at[reuse];
+      continue;
+    }
+    out.src[s] = d.words + d.offset[s];
+    out.n[s] = need;
+    out.at[s] = out.words;
+    out.words += need;
+  }
+  return true;
+}
+
+// The dynamic shared memory of the format-8 kernels (the tables); 16-byte aligned.
+extern __shared__ __align__(16) uint32_t q8_shared[];
+
+// Max of one uint32 per thread over a warp.
+__device__ MUPOPT_FORCE_INLINE uint32_t warp_max(uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xFFFFFFFFu, v);
+#else
+  for (int off = 16; off > 0; off >>= 1) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, off));
+  return v;
+#endif
+}
+
+// One chunk [begin, end) of a row whose states are format 8. acc0/acc1: this thread's share of
+// the Op's sums.
+template <class Op, class TP, class TG, Rounding R>
+__device__ MUPOPT_FORCE_INLINE void q8_chunk(const TensorRow& row, int64_t begin, int64_t end, const Op& op,
+                                             float gmul, const float* sc, uint32_t span_key, const SharedMaps& sm,
+                                             double& acc0, double& acc1) {
+  constexpr unsigned L = Op::kLoad;
+  constexpr unsigned W = Op::kStore;
+  // The tables into shared memory (46.5 KiB for the dynamic maps: 47 loads per thread), before
+  // any lookup.
+#pragma unroll
+  for (int s = 2; s < kMaxStreams; ++s) {
+    for (int k = threadIdx.x; k < sm.n[s]; k += kThreads) q8_shared[sm.at[s] + k] = __ldg(sm.src[s] + k);
+  }
+  __syncthreads();
+  QuantTable q[kMaxStreams];
+#pragma unroll
+  for (int s = 2; s < kMaxStreams; ++s) {
+    q[s].value = reinterpret_cast<const float*>(q8_shared + sm.at[s]);
+    q[s].entry = q8_shared + sm.at[s] + kQuantHeader;
+    q[s].lo = sm.lo[s];
+    q[s].count = sm.count[s];
+  }
+  // Per-warp maxima of each stored state stream (index s - 2), two buffers used in turn by
+  // successive iterations: the buffer written in iteration k + 1 was last read in iteration
+  // k - 1, before every thread passed iteration k's barrier, so one barrier per iteration.
+  __shared__ uint32_t warp_amax[2][kMaxStreams - 2][kThreads / 32];
+  TP* s0 = static_cast<TP*>(row.ptr[0]);
+  const TG* s1 = static_cast<const TG*>(row.ptr[1]);
+  uint8_t* codes[kMaxStreams] = {nullptr, nullptr, static_cast<uint8_t*>(row.ptr[2]),
+                                 static_cast<uint8_t*>(row.ptr[3]), static_cast<uint8_t*>(row.ptr[4])};
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const bool block_head = (threadIdx.x & (kQuantBlock / kVec - 1)) == 0;  // first thread of its 64
+  int buf = 0;
+  for (int64_t base = begin; base < end; base += kThreads * kVec, buf ^= 1) {
+    const int64_t i0 = base + threadIdx.x * kVec;
+    const int n = end - i0 >= kVec ? kVec : (end > i0 ? static_cast<int>(end - i0) : 0);
+    const bool whole = n == kVec && row.aligned;  // vector accesses (codes: 4 bytes)
+    const int64_t blk = i0 / kQuantBlock;
+    // Elements past the end stay 0: they add nothing to a block's max.
+    float v[kMaxStreams][kVec] = {};
+    if (whole) {
+      if constexpr ((L & 1u) != 0) load4(s0 + i0, v[0]);
+      if constexpr ((L & 2u) != 0) load4(s1 + i0, v[1]);
+    } else {
+      // Every index below a constant (unrolled, guarded by j < n): a runtime index would put v
+      // in local memory.
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if (j >= n) continue;
+        if constexpr ((L & 1u) != 0) v[0][j] = to_float(s0[i0 + j]);
+        if constexpr ((L & 2u) != 0) v[1][j] = to_float(s1[i0 + j]);
+      }
+    }
+#pragma unroll
+    for (int s = 2; s < kMaxStreams; ++s) {
+      if (((L >> s) & 1u) == 0 || n == 0) continue;
+      const float amax = row.absmax[s][blk];
+      uint32_t c4 = 0;
+      if (whole) {
+        c4 = *reinterpret_cast<const uint32_t*>(codes[s] + i0);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (j < n) c4 |= static_cast<uint32_t>(codes[s][i0 + j]) << (8 * j);
+        }
+      }
+      // The spec's float32 product; __fmul_rn is never contracted into a later add of the
+      // Op's math (nvcc fuses a*b + c by default), which the reference's stored value is not.
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if (j < n) v[s][j] = __fmul_rn(q[s].value[(c4 >> (8 * j)) & 0xFFu], amax);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (j >= n) continue;
+      float x[kMaxStreams];
+#pragma unroll
+      for (int s = 0; s < kMaxStreams; ++s) x[s] = v[s][j];
+      if constexpr (Op::kGradStream) x[1] *= gmul;
+      float c[kMaxReduce] = {0.0f, 0.0f};
+      op.template apply<true, float>(x, sc, c);
+      if constexpr (Op::kReduce > 0) {
+        acc0 += static_cast<double>(c[0]);
+        acc1 += static_cast<double>(c[1]);
+      }
+#pragma unroll
+      for (int s = 0; s < kMaxStreams; ++s) v[s][j] = x[s];
+    }
+    if constexpr ((W & 1u) != 0) {
+      if (whole) {
+        store4_param<R>(s0 + i0, v[0], span_key, i0);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (j < n) s0[i0 + j] = store_value<TP, R>(v[0][j], sr_bits(span_key, i0 + j));
+        }
+      }
+    }
+    if constexpr ((W & 0x1Cu) != 0) {
+      // absmax: the max of the |x| patterns (integer order is float order there, and a NaN
+      // pattern exceeds every other: a NaN propagates, as on the CPU and in torch's amax).
+#pragma unroll
+      for (int s = 2; s < kMaxStreams; ++s) {
+        if (((W >> s) & 1u) == 0) continue;
+        uint32_t m = 0;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) m = max(m, float_bits(v[s][j]) & 0x7FFFFFFFu);
+        m = warp_max(m);
+        if (lane == 0) warp_amax[buf][s - 2][warp] = m;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int s = 2; s < kMaxStreams; ++s) {
+        if (((W >> s) & 1u) == 0 || n == 0) continue;
+        const float amax = bits_float(max(warp_amax[buf][s - 2][warp], warp_amax[buf][s - 2][warp ^ 1]));
+        // Every thread of the block has decoded it (before the barrier above): now it may change.
+        if (block_head) row.absmax[s][blk] = amax;
+        const bool pos = amax > 0.0f;
+        const float div = pos ? amax : 1.0f;
+        uint32_t c4 = 0;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          uint32_t index, key;
+          q8_bucket(v[s][j], div, pos, q[s], index, key);
+          c4 |= static_cast<uint32_t>(q8_code(q[s].entry[index], key)) << (8 * j);
+        }
+        if (whole) {
+          *reinterpret_cast<uint32_t*>(codes[s] + i0) = c4;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (j < n) codes[s][i0 + j] = static_cast<uint8_t>(c4 >> (8 * j));
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cuda_detail
+
+template <class Op, class TP, class TG, class TS, Rounding R>
+__global__ void __launch_bounds__(cuda_detail::kThreads)
+    multi_tensor_kernel(const TensorRow* __restrict__ rows, int n_rows, Op op, GradArgs ga, double* partials,
+                        cuda_detail::SharedMaps maps) {
+  using namespace cuda_detail;
+  if (ga.found_inf != nullptr && *ga.found_inf != 0.0f) return;
+  const int64_t chunk = blockIdx.x;
+  const TensorRow& row = rows[find_row(rows, n_rows, chunk)];
+  const int64_t begin = (chunk - row.first_chunk) * kCudaChunk;
+  const int64_t end = min(begin + kCudaChunk, row.numel);
+  const float gmul = grad_multiplier(ga);
+  float sc[kMaxScalars];
+#pragma unroll
+  for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<float>(row.scalar[k]);
+  const uint32_t span_key = sr_span_key(row.sr_key, begin);
+  double acc0 = 0.0, acc1 = 0.0;
+  if constexpr (std::is_same<TS, q8_t>::value) {
+    q8_chunk<Op, TP, TG, R>(row, begin, end, op, gmul, sc, span_key, maps, acc0, acc1);
+  } else {
+    (void)maps;
+    plain_chunk<Op, TP, TG, TS, R>(row, begin, end, op, gmul, sc, span_key, acc0, acc1);
+  }
   if constexpr (Op::kReduce > 0) {
     __shared__ double shared[kThreads / 32];
     const double a = block_sum(acc0, shared);
@@ -520,37 +773,67 @@ __global__ void __launch_bounds__(cuda_detail::kThreads)
 
 template <class Op, class TP, class TG, class TS, Rounding R>
 cudaError_t launch_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, const Op& op, const GradArgs& ga,
-                         double* partials, cudaStream_t stream) {
+                         double* partials, const DeviceMaps& maps, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n_chunks)), block(cuda_detail::kThreads);
-  multi_tensor_kernel<Op, TP, TG, TS, R><<<grid, block, 0, stream>>>(rows, n_rows, op, ga, partials);
+  cuda_detail::SharedMaps shared{};
+  size_t bytes = 0;
+  if constexpr (std::is_same<TS, q8_t>::value) {
+    if (!cuda_detail::shared_maps<Op::kLoad, Op::kStore>(maps, shared)) return cudaErrorInvalidValue;
+    bytes = static_cast<size_t>(shared.words) * sizeof(uint32_t);
+    // Above 48 KiB (static shared memory included: under 1 KiB here) a kernel must opt in. The
+    // dynamic maps need 46.5 KiB at most, so this is for other tables (bindings_cuda.cpp bounds
+    // them).
+    if (bytes > 47 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(multi_tensor_kernel<Op, TP, TG, TS, R>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+      if (err != cudaSuccess) return err;
+    }
+  } else {
+    (void)maps;
+  }
+  multi_tensor_kernel<Op, TP, TG, TS, R><<<grid, block, bytes, stream>>>(rows, n_rows, op, ga, partials, shared);
   return cudaGetLastError();
 }
 
-// The states' storage (storage.h's StateFormat): the param's (format 32) or bfloat16 (16).
-// Format 8 is not implemented in this kernel (the cuda backend registers state_bits=(16, 32)).
+// The states' storage (storage.h's StateFormat): the param's (format 32), bfloat16 (16) or
+// format 8's blocks; each only where the Op steps it (StateFormatsOf).
 template <class Op, class TP, class TG, Rounding R>
 cudaError_t launch_state_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, StateFormat ts, const Op& op,
-                               const GradArgs& ga, double* partials, cudaStream_t stream) {
+                               const GradArgs& ga, double* partials, const DeviceMaps& maps, cudaStream_t stream) {
+  constexpr unsigned kFormats = StateFormatsOf<Op>::value;
   switch (ts) {
     case StateFormat::kParam:
-      return launch_typed<Op, TP, TG, TP, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      if constexpr ((kFormats & format_bit(StateFormat::kParam)) != 0) {
+        return launch_typed<Op, TP, TG, TP, R>(rows, n_rows, n_chunks, op, ga, partials, maps, stream);
+      }
+      break;
     case StateFormat::kBFloat16:
-      return launch_typed<Op, TP, TG, bf16_t, R>(rows, n_rows, n_chunks, op, ga, partials, stream);
+      if constexpr ((kFormats & format_bit(StateFormat::kBFloat16)) != 0) {
+        return launch_typed<Op, TP, TG, bf16_t, R>(rows, n_rows, n_chunks, op, ga, partials, maps, stream);
+      }
+      break;
+    case StateFormat::kBlock8:
+      if constexpr ((kFormats & format_bit(StateFormat::kBlock8)) != 0) {
+        return launch_typed<Op, TP, TG, q8_t, R>(rows, n_rows, n_chunks, op, ga, partials, maps, stream);
+      }
+      break;
     default:
-      return cudaErrorInvalidValue;
+      break;
   }
+  return cudaErrorInvalidValue;
 }
 
 template <class Op, class TP, Rounding R = Rounding::kNearest>
 cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, StateFormat ts,
-                              const Op& op, const GradArgs& ga, double* partials, cudaStream_t stream) {
+                              const Op& op, const GradArgs& ga, double* partials, const DeviceMaps& maps,
+                              cudaStream_t stream) {
   switch (tg) {
     case DType::kBFloat16:
-      return launch_state_typed<Op, TP, bf16_t, R>(rows, n_rows, n_chunks, ts, op, ga, partials, stream);
+      return launch_state_typed<Op, TP, bf16_t, R>(rows, n_rows, n_chunks, ts, op, ga, partials, maps, stream);
     case DType::kFloat16:
-      return launch_state_typed<Op, TP, f16_t, R>(rows, n_rows, n_chunks, ts, op, ga, partials, stream);
+      return launch_state_typed<Op, TP, f16_t, R>(rows, n_rows, n_chunks, ts, op, ga, partials, maps, stream);
     case DType::kFloat32:
-      return launch_state_typed<Op, TP, float, R>(rows, n_rows, n_chunks, ts, op, ga, partials, stream);
+      return launch_state_typed<Op, TP, float, R>(rows, n_rows, n_chunks, ts, op, ga, partials, maps, stream);
     default:
       return cudaErrorInvalidValue;  // float32 math only: the bindings refuse float64 tensors
   }
@@ -560,34 +843,36 @@ cudaError_t launch_grad_typed(const TensorRow* rows, int n_rows, int64_t n_chunk
 // nearest ones (which do the same) for the others.
 template <class Op, class TP>
 cudaError_t launch_stochastic(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, StateFormat ts,
-                              const Op& op, const GradArgs& ga, double* partials, cudaStream_t stream) {
+                              const Op& op, const GradArgs& ga, double* partials, const DeviceMaps& maps,
+                              cudaStream_t stream) {
   if constexpr ((Op::kStore & 1u) != 0) {
-    return launch_grad_typed<Op, TP, Rounding::kStochastic>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+    return launch_grad_typed<Op, TP, Rounding::kStochastic>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps,
+                                                            stream);
   } else {
-    return launch_grad_typed<Op, TP>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+    return launch_grad_typed<Op, TP>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
   }
 }
 
 // One launch per (param format, grad dtype, state format) triple. rows: device table of n_rows
 // rows with first_chunk counted from 0; partials: device buffer of 2 * n_chunks doubles when
-// Op::kReduce, else unused.
+// Op::kReduce, else unused; maps: format 8's tables (unused by the other formats).
 template <class Op>
 cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tp, DType tg,
-                                StateFormat ts, const Op& op, const GradArgs& ga, double* partials,
-                                cudaStream_t stream) {
+                                StateFormat ts, const DeviceMaps& maps, const Op& op, const GradArgs& ga,
+                                double* partials, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
   switch (tp) {
     case DType::kBFloat16:
-      return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+      return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     case DType::kFloat16:
-      return launch_grad_typed<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+      return launch_grad_typed<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     case DType::kBFloat16Stochastic:
-      return launch_stochastic<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+      return launch_stochastic<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     case DType::kFloat16Stochastic:
-      return launch_stochastic<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+      return launch_stochastic<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     case DType::kFloat32:
-      return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, stream);
+      return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     default:
       return cudaErrorInvalidValue;  // float64: as above
   }

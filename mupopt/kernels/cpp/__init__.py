@@ -5,10 +5,10 @@
 "sophia_hessian":
 
 - backend "cpu" (CPU tensors of float32, bfloat16, float16 and float64, the last computed in
-  float64; optimizer states in every ``state_bits`` format, 32, 16 and 8; priority 20, so ``auto`` prefers it on the CPU over the reference and over
-  Triton's interpreter);
-- backend "cuda" (CUDA tensors; states of formats 32 and 16; only when
-  ``torch.cuda.is_available()``; priority 15, above
+  float64; optimizer states in every ``state_bits`` format, 32, 16 and 8; priority 20, so
+  ``auto`` prefers it on the CPU over the reference and over Triton's interpreter);
+- backend "cuda" (CUDA tensors; states of formats 32, 16 and 8, format 8 compiled but not yet
+  run on a GPU; only when ``torch.cuda.is_available()``; priority 15, above
   Triton's 10: on an H200 it stepped GPT-2 small and Llama-1B lists 1.4-2.4x faster than the
   Triton kernels, level with or ahead of torch's fused AdamW; benchmarks/results/).
 
@@ -35,10 +35,11 @@ CUDA_PRIORITY = 15
 # CUDA kernels compute in float32 only, so float64 CUDA tensors go to the reference backend.
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_BITS_CPU = (8, 16, 32)
-# The CUDA kernel stores bfloat16 states (format 16) like bfloat16 params; format 8's blocks are
-# not implemented there yet (compiled by tests/test_csrc_compiles.py; no GPU run yet).
-STATE_BITS_CUDA = (16, 32)
+# Both step every state format in their kernels (csrc/include/mupopt/multi_tensor.h): the CPU
+# loops and the CUDA kernel decode and encode format 8 per block of 256. The CUDA kernel's
+# formats 16 and 8 are compiled by tests/test_csrc_compiles.py and not yet run on a GPU
+# (tests/test_lean_states_cuda.py, marked gpu, waits for one).
+STATE_BITS = (8, 16, 32)
 
 
 def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) -> str | None:
@@ -56,7 +57,7 @@ def _layout_reason(tensors: Sequence[torch.Tensor], cuda: bool, backend: str) ->
                 index = t.get_device()
             elif t.get_device() != index:
                 return f"tensors on different devices (cuda:{index} and {t.device}): one device per step call"
-        if not cuda and t.dtype == torch.uint8 and t.is_contiguous():
+        if t.dtype == torch.uint8 and t.is_contiguous():
             continue  # state_bits=8's codes (the op checks that they are a state's)
         if t.dtype not in supported:
             why = (" (float64 params are stepped in float64 arithmetic by the cpu backend on the CPU and by "
@@ -107,7 +108,7 @@ def register() -> None:
                     # capturable: on CPU tensors the step counts live on the host anyway; the op
                     # reads found_inf itself (no Python host read), so nothing here waits.
                     devices=("cpu",), validates=True, capturable=True,
-                    bind=ops.BIND[name], state_bits=STATE_BITS_CPU,
+                    bind=ops.BIND[name], state_bits=STATE_BITS,
                 )
             )
         if with_cuda and "cuda" not in backends.names(name):
@@ -115,7 +116,7 @@ def register() -> None:
                 backends.Backend(
                     name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason,
                     devices=("cuda",), validates=True,
-                    bind=ops.BIND[name], state_bits=STATE_BITS_CUDA,
+                    bind=ops.BIND[name], state_bits=STATE_BITS,
                 )
             )
 

@@ -94,7 +94,9 @@ def map_table(kind: str, name: str | None = None) -> torch.Tensor:
     bits), lo, count, then 2*count bucket entries ``base << 16 | t`` for the magnitude buckets
     lo .. lo+count-1 of y >= 0, then of y < 0, then the 704 words of the vector codec's tables
     (:func:`_vector_tables`). Made from the spec's own tables (``_lean_states._tables`` and
-    ``_buckets``), so the maps are defined once."""
+    ``_buckets``), so the maps are defined once. A CPU tensor for CPU and CUDA ops alike: the
+    CUDA ops copy it to the device with their launch table and the kernel its values and bucket
+    entries into shared memory (csrc/bindings_cuda.cpp, multi_tensor.h's q8_chunk)."""
     name = name or lean.maps
     key = (name, kind)
     if key not in _TABLES:
