@@ -11,6 +11,10 @@ on the same batches in several configurations, each ``[PARAMS/]BITS[:MAP]``:
     PYTHONPATH=$PWD python benchmarks/lean_states_quality.py --optimizers six --steps 300 \
         --configs 32,bf16/32,bf16-sr/32,8,bf16-sr/8 --out benchmarks/results/lean-states/lean-seed0.csv
 
+``--lr-scale F`` multiplies the grid-centre lr by F; ``--group KEY=VALUE[,KEY=VALUE]`` sets a
+param-group option of every run's optimizer after it is built (e.g. ``--group rho=0.1`` for
+SophiaG), an option the optimizer must already have; both are recorded in each row.
+
 Prints one row per run and, per optimizer and configuration, the mean final validation loss and
 its relative difference from the first configuration. ``--out X.csv`` also writes X.json, the
 same rows with every step's training loss (``losses``). ``--plot P.png --inputs a.json,b.json``
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import sys
@@ -80,6 +85,36 @@ class LostUpdates:
             h.remove()
 
 
+def parse_group(text: str | None) -> dict:
+    """``KEY=VALUE[,KEY=VALUE]`` -> {KEY: float(VALUE)}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key:
+            raise SystemExit(f"bad --group item {item!r}: expected KEY=NUMBER")
+    return out
+
+
+def with_group_options(spec, options: dict):
+    """``spec`` whose optimizer gets ``options`` set in every param group after construction."""
+    if not options:
+        return spec
+
+    def make(*a, **k):
+        opt = spec.make(*a, **k)
+        for g in opt.param_groups:
+            unknown = [key for key in options if key not in g]
+            if unknown:
+                raise SystemExit(f"{spec.name} has no param-group option {unknown}; it has {sorted(g)}")
+            g.update(options)
+        return opt
+    return dataclasses.replace(spec, make=make)
+
+
 def train(args, save=None) -> list[dict]:
     """Every (optimizer, configuration, seed) run; ``save(rows)`` after each (a long matrix
     keeps what it finished when stopped)."""
@@ -87,32 +122,38 @@ def train(args, save=None) -> list[dict]:
     torch.set_num_threads(1)
     data = load_corpus(None)
     cfg = config_for("gpt", data, base_width=args.base_width, depth=2, n_head=4, block_size=args.seq)
+    group = parse_group(args.group)
     rows = []
     for name in parse_optimizers(args.optimizers):
         spec = OPTIMIZERS[name]
-        for text in args.configs.split(","):
-            c = parse_config(text)
-            lean.maps = c.pop("maps")
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                probe = LostUpdates() if args.lost_updates and c["param_dtype"] == "fp32" else None
-                try:
-                    r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
-                                  steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
-                finally:
-                    if probe:
-                        probe.close()
-                if probe:  # one entry per step (SophiaG's Hessian refresh is no step)
-                    r["lost"] = probe.fractions
-                    n = len(probe.fractions)
-                    r["lost_thirds"] = " ".join(f"{statistics.mean(probe.fractions[i * n // 3:(i + 1) * n // 3]):.3f}"
-                                                for i in range(3))
-                r["config"] = text
-                r["lr_scale"] = args.lr_scale
-                rows.append(r)
-                print(f"{name} {text} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
-                      f"({r['seconds']:.0f} s)", flush=True)
-                if save:
-                    save(rows)
+        OPTIMIZERS[name] = with_group_options(spec, group)  # train_run builds through OPTIMIZERS
+        try:
+            for text in args.configs.split(","):
+                c = parse_config(text)
+                lean.maps = c.pop("maps")
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
+                    probe = LostUpdates() if args.lost_updates and c["param_dtype"] == "fp32" else None
+                    try:
+                        r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
+                                      steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
+                    finally:
+                        if probe:
+                            probe.close()
+                    if probe:  # one entry per step (SophiaG's Hessian refresh is no step)
+                        r["lost"] = probe.fractions
+                        n = len(probe.fractions)
+                        r["lost_thirds"] = " ".join(
+                            f"{statistics.mean(probe.fractions[i * n // 3:(i + 1) * n // 3]):.3f}" for i in range(3))
+                    r["config"] = text
+                    r["lr_scale"] = args.lr_scale
+                    r["group"] = args.group or ""
+                    rows.append(r)
+                    print(f"{name} {text} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
+                          f"({r['seconds']:.0f} s)", flush=True)
+                    if save:
+                        save(rows)
+        finally:
+            OPTIMIZERS[name] = spec
     lean.maps = lean.DEFAULT_MAPS
     return rows
 
@@ -210,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr-scale", type=float, default=1.0, help="lr = the optimizer's grid centre times this")
+    ap.add_argument("--group", default=None,
+                    help="KEY=VALUE[,KEY=VALUE]: param-group options set after construction, e.g. rho=0.1")
     ap.add_argument("--configs", "--formats", dest="configs", default="32,16,8:dynamic,8:linear-sqrt",
                     help="comma list of [fp32|bf16|bf16-sr/]32|16|8[:map]; the first is the baseline")
     ap.add_argument("--lost-updates", action="store_true",
