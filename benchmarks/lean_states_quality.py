@@ -16,7 +16,9 @@ param-group option of every run's optimizer after it is built (e.g. ``--group rh
 SophiaG), an option the optimizer must already have; both are recorded in each row.
 
 Prints one row per run and, per optimizer and configuration, the mean final validation loss and
-its relative difference from the first configuration. ``--out X.csv`` also writes X.json, the
+its relative difference from the first configuration (or ``--baseline``), and the per-seed
+(paired) differences with their mean and standard error; ``--inputs a.json,b.json`` without
+``--plot`` prints that summary of earlier runs. ``--out X.csv`` also writes X.json, the
 same rows with every step's training loss (``losses``). ``--plot P.png --inputs a.json,b.json``
 draws those curves (no training): per optimizer, the training loss (moving average over
 ``--smooth`` steps, mean over seeds) and its difference from the first configuration.
@@ -158,17 +160,29 @@ def train(args, save=None) -> list[dict]:
     return rows
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], baseline: str | None = None) -> str:
     """Per optimizer and configuration: mean final validation loss over seeds, and its relative
-    difference from the optimizer's first configuration."""
-    lines = ["optimizer | config | seeds | mean val loss | vs " + rows[0]["config"]]
+    difference from the baseline configuration (default: the first); then, paired by seed (the
+    same init and batches), each seed's relative difference from the baseline, their mean and its
+    standard error (sample standard deviation / sqrt(seeds); needs 2 seeds or more)."""
+    base = baseline or rows[0]["config"]
+    lines = [f"optimizer | config | seeds | mean val loss | vs {base} | paired by seed: mean +- s.e. (per seed)"]
     for name in dict.fromkeys(r["optimizer"] for r in rows):
-        configs = list(dict.fromkeys(r["config"] for r in rows if r["optimizer"] == name))
-        mean = {c: statistics.mean(r["val_loss"] for r in rows if r["optimizer"] == name and r["config"] == c)
-                for c in configs}
-        for c in configs:
-            n = sum(1 for r in rows if r["optimizer"] == name and r["config"] == c)
-            lines.append(f"{name} | {c} | {n} | {mean[c]:.4f} | {100 * (mean[c] - mean[configs[0]]) / mean[configs[0]]:+.2f}%")
+        val = defaultdict(dict)  # config -> seed -> final validation loss
+        for r in rows:
+            if r["optimizer"] == name:
+                val[r["config"]][r["seed"]] = r["val_loss"]
+        if base not in val:
+            continue
+        mean = {c: statistics.mean(v.values()) for c, v in val.items()}
+        for c, v in val.items():
+            seeds = sorted(set(v) & set(val[base]))
+            d = [100 * (v[s] - val[base][s]) / val[base][s] for s in seeds]
+            se = f" +- {statistics.stdev(d) / len(d) ** 0.5:.2f}%" if len(d) > 1 else ""
+            paired = (f"{statistics.mean(d):+.2f}%{se} (" + ", ".join(f"{s}: {x:+.2f}%" for s, x in zip(seeds, d)) + ")"
+                      if c != base and d else "")
+            lines.append(f"{name} | {c} | {len(v)} | {mean[c]:.4f} | "
+                         f"{100 * (mean[c] - mean[base]) / mean[base]:+.2f}% | {paired}")
     return "\n".join(lines)
 
 
@@ -255,6 +269,7 @@ def main(argv=None) -> int:
                     help="KEY=VALUE[,KEY=VALUE]: param-group options set after construction, e.g. rho=0.1")
     ap.add_argument("--configs", "--formats", dest="configs", default="32,16,8:dynamic,8:linear-sqrt",
                     help="comma list of [fp32|bf16|bf16-sr/]32|16|8[:map]; the first is the baseline")
+    ap.add_argument("--baseline", default=None, help="the configuration the summary compares with (default: the first)")
     ap.add_argument("--lost-updates", action="store_true",
                     help="fp32-param runs also record, per step, the fraction of updates below half a bf16 spacing")
     ap.add_argument("--out", default=None, help="CSV of the runs (and the same name .json with the loss curves)")
@@ -267,7 +282,7 @@ def main(argv=None) -> int:
         rows = [r for f in args.inputs.split(",") for r in json.loads(Path(f).read_text())]
     else:
         rows = train(args, (lambda rows: write(rows, Path(args.out))) if args.out else None)
-    print("\n" + summary(rows))
+    print("\n" + summary(rows, args.baseline))
     if args.plot:
         plot(rows, Path(args.plot), args.smooth, args.title)
     return 0
