@@ -11,8 +11,14 @@ on the same batches in several configurations, each ``[PARAMS/]BITS[:MAP]``:
     PYTHONPATH=$PWD python benchmarks/lean_states_quality.py --optimizers six --steps 300 \
         --configs 32,bf16/32,bf16-sr/32,8,bf16-sr/8 --out benchmarks/results/lean-states/lean-seed0.csv
 
+``--lr-scale F`` multiplies the grid-centre lr by F; ``--group KEY=VALUE[,KEY=VALUE]`` sets a
+param-group option of every run's optimizer after it is built (e.g. ``--group rho=0.1`` for
+SophiaG), an option the optimizer must already have; both are recorded in each row.
+
 Prints one row per run and, per optimizer and configuration, the mean final validation loss and
-its relative difference from the first configuration. ``--out X.csv`` also writes X.json, the
+its relative difference from the first configuration (or ``--baseline``), and the per-seed
+(paired) differences with their mean and standard error; ``--inputs a.json,b.json`` without
+``--plot`` prints that summary of earlier runs. ``--out X.csv`` also writes X.json, the
 same rows with every step's training loss (``losses``). ``--plot P.png --inputs a.json,b.json``
 draws those curves (no training): per optimizer, the training loss (moving average over
 ``--smooth`` steps, mean over seeds) and its difference from the first configuration.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import sys
@@ -80,6 +87,36 @@ class LostUpdates:
             h.remove()
 
 
+def parse_group(text: str | None) -> dict:
+    """``KEY=VALUE[,KEY=VALUE]`` -> {KEY: float(VALUE)}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key:
+            raise SystemExit(f"bad --group item {item!r}: expected KEY=NUMBER")
+    return out
+
+
+def with_group_options(spec, options: dict):
+    """``spec`` whose optimizer gets ``options`` set in every param group after construction."""
+    if not options:
+        return spec
+
+    def make(*a, **k):
+        opt = spec.make(*a, **k)
+        for g in opt.param_groups:
+            unknown = [key for key in options if key not in g]
+            if unknown:
+                raise SystemExit(f"{spec.name} has no param-group option {unknown}; it has {sorted(g)}")
+            g.update(options)
+        return opt
+    return dataclasses.replace(spec, make=make)
+
+
 def train(args, save=None) -> list[dict]:
     """Every (optimizer, configuration, seed) run; ``save(rows)`` after each (a long matrix
     keeps what it finished when stopped)."""
@@ -87,47 +124,65 @@ def train(args, save=None) -> list[dict]:
     torch.set_num_threads(1)
     data = load_corpus(None)
     cfg = config_for("gpt", data, base_width=args.base_width, depth=2, n_head=4, block_size=args.seq)
+    group = parse_group(args.group)
     rows = []
     for name in parse_optimizers(args.optimizers):
         spec = OPTIMIZERS[name]
-        for text in args.configs.split(","):
-            c = parse_config(text)
-            lean.maps = c.pop("maps")
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                probe = LostUpdates() if args.lost_updates and c["param_dtype"] == "fp32" else None
-                try:
-                    r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
-                                  steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
-                finally:
-                    if probe:
-                        probe.close()
-                if probe:  # one entry per step (SophiaG's Hessian refresh is no step)
-                    r["lost"] = probe.fractions
-                    n = len(probe.fractions)
-                    r["lost_thirds"] = " ".join(f"{statistics.mean(probe.fractions[i * n // 3:(i + 1) * n // 3]):.3f}"
-                                                for i in range(3))
-                r["config"] = text
-                r["lr_scale"] = args.lr_scale
-                rows.append(r)
-                print(f"{name} {text} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
-                      f"({r['seconds']:.0f} s)", flush=True)
-                if save:
-                    save(rows)
+        OPTIMIZERS[name] = with_group_options(spec, group)  # train_run builds through OPTIMIZERS
+        try:
+            for text in args.configs.split(","):
+                c = parse_config(text)
+                lean.maps = c.pop("maps")
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
+                    probe = LostUpdates() if args.lost_updates and c["param_dtype"] == "fp32" else None
+                    try:
+                        r = train_run(data, cfg, args.width, name, spec.center * args.lr_scale, param="mup", wd=spec.wd,
+                                      steps=args.steps, batch=args.batch, seq=args.seq, seed=seed, curve=True, **c)
+                    finally:
+                        if probe:
+                            probe.close()
+                    if probe:  # one entry per step (SophiaG's Hessian refresh is no step)
+                        r["lost"] = probe.fractions
+                        n = len(probe.fractions)
+                        r["lost_thirds"] = " ".join(
+                            f"{statistics.mean(probe.fractions[i * n // 3:(i + 1) * n // 3]):.3f}" for i in range(3))
+                    r["config"] = text
+                    r["lr_scale"] = args.lr_scale
+                    r["group"] = args.group or ""
+                    rows.append(r)
+                    print(f"{name} {text} seed {seed}: val {r['val_loss']:.4f} train {r['train_loss']:.4f} "
+                          f"({r['seconds']:.0f} s)", flush=True)
+                    if save:
+                        save(rows)
+        finally:
+            OPTIMIZERS[name] = spec
     lean.maps = lean.DEFAULT_MAPS
     return rows
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], baseline: str | None = None) -> str:
     """Per optimizer and configuration: mean final validation loss over seeds, and its relative
-    difference from the optimizer's first configuration."""
-    lines = ["optimizer | config | seeds | mean val loss | vs " + rows[0]["config"]]
+    difference from the baseline configuration (default: the first); then, paired by seed (the
+    same init and batches), each seed's relative difference from the baseline, their mean and its
+    standard error (sample standard deviation / sqrt(seeds); needs 2 seeds or more)."""
+    base = baseline or rows[0]["config"]
+    lines = [f"optimizer | config | seeds | mean val loss | vs {base} | paired by seed: mean +- s.e. (per seed)"]
     for name in dict.fromkeys(r["optimizer"] for r in rows):
-        configs = list(dict.fromkeys(r["config"] for r in rows if r["optimizer"] == name))
-        mean = {c: statistics.mean(r["val_loss"] for r in rows if r["optimizer"] == name and r["config"] == c)
-                for c in configs}
-        for c in configs:
-            n = sum(1 for r in rows if r["optimizer"] == name and r["config"] == c)
-            lines.append(f"{name} | {c} | {n} | {mean[c]:.4f} | {100 * (mean[c] - mean[configs[0]]) / mean[configs[0]]:+.2f}%")
+        val = defaultdict(dict)  # config -> seed -> final validation loss
+        for r in rows:
+            if r["optimizer"] == name:
+                val[r["config"]][r["seed"]] = r["val_loss"]
+        if base not in val:
+            continue
+        mean = {c: statistics.mean(v.values()) for c, v in val.items()}
+        for c, v in val.items():
+            seeds = sorted(set(v) & set(val[base]))
+            d = [100 * (v[s] - val[base][s]) / val[base][s] for s in seeds]
+            se = f" +- {statistics.stdev(d) / len(d) ** 0.5:.2f}%" if len(d) > 1 else ""
+            paired = (f"{statistics.mean(d):+.2f}%{se} (" + ", ".join(f"{s}: {x:+.2f}%" for s, x in zip(seeds, d)) + ")"
+                      if c != base and d else "")
+            lines.append(f"{name} | {c} | {len(v)} | {mean[c]:.4f} | "
+                         f"{100 * (mean[c] - mean[base]) / mean[base]:+.2f}% | {paired}")
     return "\n".join(lines)
 
 
@@ -210,8 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr-scale", type=float, default=1.0, help="lr = the optimizer's grid centre times this")
+    ap.add_argument("--group", default=None,
+                    help="KEY=VALUE[,KEY=VALUE]: param-group options set after construction, e.g. rho=0.1")
     ap.add_argument("--configs", "--formats", dest="configs", default="32,16,8:dynamic,8:linear-sqrt",
                     help="comma list of [fp32|bf16|bf16-sr/]32|16|8[:map]; the first is the baseline")
+    ap.add_argument("--baseline", default=None, help="the configuration the summary compares with (default: the first)")
     ap.add_argument("--lost-updates", action="store_true",
                     help="fp32-param runs also record, per step, the fraction of updates below half a bf16 spacing")
     ap.add_argument("--out", default=None, help="CSV of the runs (and the same name .json with the loss curves)")
@@ -224,7 +282,7 @@ def main(argv=None) -> int:
         rows = [r for f in args.inputs.split(",") for r in json.loads(Path(f).read_text())]
     else:
         rows = train(args, (lambda rows: write(rows, Path(args.out))) if args.out else None)
-    print("\n" + summary(rows))
+    print("\n" + summary(rows, args.baseline))
     if args.plot:
         plot(rows, Path(args.plot), args.smooth, args.title)
     return 0
