@@ -168,7 +168,7 @@ std::vector<Tensor> q8_codec_test(const Tensor& x, const Tensor& map, c10::strin
               ": x must be a contiguous 1-D float32 CPU tensor, got ", describe(x));
   TORCH_CHECK(codec == "vbmi" || codec == "scalar", op, ": codec must be \"vbmi\" or \"scalar\", got \"",
               std::string(codec), "\"");
-  const QuantTable t = check_map(op, 0, map, x.device());
+  const QuantTable t = check_map(op, 0, map);
   const int64_t n = x.numel();
   Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
   Tensor absmax = at::empty({(n + kQuantBlock - 1) / kQuantBlock}, x.options());
