@@ -145,6 +145,44 @@ def _make(name, params, bits, backend="reference", **kw):
     return mupopt.Shampoo(params, lr=1e-2, precondition_frequency=1, max_preconditioner_dim=64, **kw)
 
 
+def _fed_steps(opt, ps, draw, steps, amp=False):
+    """``steps`` steps of ``opt`` over ``ps``, gradients from ``draw(t)`` at step t and
+    ``draw(None)`` for SophiaG's Hessian (every other step). ``amp``: what GradScaler hands a
+    fused optimizer, scaled gradients and its scale; the second step has found_inf set and
+    changes nothing. (tests/test_lean_states_cpu.py, tests/test_lean_states_cuda.py.)"""
+    device = ps[0].device
+    for t in range(steps):
+        for p, g in zip(ps, draw(t)):
+            p.grad = g
+        if amp:
+            for p in ps:
+                p.grad = p.grad * 4
+            opt.grad_scale = torch.tensor(4.0, device=device)
+            opt.found_inf = torch.tensor(1.0 if t == 1 else 0.0, device=device)
+        if isinstance(opt, mupopt.SophiaG):
+            opt.step(bs=64)
+            if t % 2 == 0:
+                for p, g in zip(ps, draw(None)):
+                    p.grad = g
+                opt.update_hessian()
+        else:
+            opt.step()
+        if amp:
+            del opt.grad_scale, opt.found_inf
+
+
+def _same_floats(a, b, tol, what):
+    """Equal NaN positions; elsewhere within ``tol`` (assert_close), and for 16-bit storage at
+    most 1% of the values differ (a float32 last bit can flip a rounding: tests/test_triton.py).
+    (tests/test_lean_states_triton.py, tests/test_lean_states_cuda.py.)"""
+    assert a.dtype == b.dtype, what
+    assert torch.equal(a.isnan(), b.isnan()), what
+    fin = ~a.isnan()
+    torch.testing.assert_close(a[fin].float(), b[fin].float(), msg=what, **tol)
+    if a.dtype in (torch.bfloat16, torch.float16) and fin.any():
+        assert (a[fin] != b[fin]).float().mean() <= 0.01, what
+
+
 def _drive(opt, params, steps, seed=0, start=0):
     gen = torch.Generator().manual_seed(seed)
     for t in range(start + steps):

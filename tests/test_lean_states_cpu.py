@@ -18,7 +18,7 @@ from mupopt import backends
 from mupopt.optim._base import BackendFallbackWarning
 from mupopt.optim import _lean_states as lean
 from test_bitwise import correctly_rounded_sqrt
-from test_lean_states import _make
+from test_lean_states import _fed_steps, _make
 
 NAMES = ("adamw", "adopt", "lamb", "sophia")
 
@@ -64,26 +64,7 @@ def _run_on(name, bits, backend, steps, dtype, poison_at, poison, amp, **kw):
     ps = _params(dtype)
     opt = _make(name, ps, bits, backend, **kw)
     gen = torch.Generator().manual_seed(7)
-    for t in range(steps):
-        for p, g in zip(ps, _grads(ps, gen, poison if t == poison_at else None)):
-            p.grad = g
-        if amp:
-            # what GradScaler hands a fused optimizer: scaled gradients and its scale; the
-            # second step has found_inf set and changes nothing
-            for p in ps:
-                p.grad = p.grad * 4
-            opt.grad_scale = torch.tensor(4.0)
-            opt.found_inf = torch.tensor(1.0 if t == 1 else 0.0)
-        if isinstance(opt, mupopt.SophiaG):
-            opt.step(bs=64)
-            if t % 2 == 0:
-                for p, g in zip(ps, _grads(ps, gen)):
-                    p.grad = g
-                opt.update_hessian()
-        else:
-            opt.step()
-        if amp:
-            del opt.grad_scale, opt.found_inf
+    _fed_steps(opt, ps, lambda t: _grads(ps, gen, poison if t is not None and t == poison_at else None), steps, amp)
     return ps, opt
 
 

@@ -23,7 +23,7 @@ import mupopt
 from mupopt import backends
 from mupopt.optim import _lean_states as lean
 from mupopt.optim._base import BackendFallbackWarning
-from test_lean_states import _make
+from test_lean_states import _fed_steps, _make, _same_floats
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -52,26 +52,7 @@ def _run(name, bits, backend, steps=3, dtype=F32, poison_at=None, amp=False, **k
     ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(device=DEV, dtype=dtype)) for s in SHAPES]
     opt = _make(name, ps, bits, backend, **kw)
     gen = torch.Generator().manual_seed(7)
-    for t in range(steps):
-        for p, g in zip(ps, _grads(ps, gen, poison=t == poison_at)):
-            p.grad = g
-        if amp:
-            # what GradScaler hands a fused optimizer: scaled gradients and its scale; the second
-            # step has found_inf set and changes nothing
-            for p in ps:
-                p.grad = p.grad * 4
-            opt.grad_scale = torch.tensor(4.0, device=DEV)
-            opt.found_inf = torch.tensor(1.0 if t == 1 else 0.0, device=DEV)
-        if name == "sophia":
-            opt.step(bs=64)
-            if t % 2 == 0:
-                for p, g in zip(ps, _grads(ps, gen)):
-                    p.grad = g
-                opt.update_hessian()
-        else:
-            opt.step()
-        if amp:
-            del opt.grad_scale, opt.found_inf
+    _fed_steps(opt, ps, lambda t: _grads(ps, gen, poison=t is not None and t == poison_at), steps, amp)
     return ps, opt
 
 
@@ -80,17 +61,6 @@ def _on_cuda_backend(opt, name):
     for step in opt.selected_backends:
         for used in step.values():
             assert used.split(" ")[0] == BACKEND and "+" not in used, opt.selected_backends
-
-
-def _same_floats(a, b, tol, what):
-    """Equal NaN positions; elsewhere within ``tol``; for 16-bit storage at most 1% of the values
-    differ (a float32 last bit can flip a rounding)."""
-    assert a.dtype == b.dtype, what
-    assert torch.equal(a.isnan(), b.isnan()), what
-    fin = ~a.isnan()
-    torch.testing.assert_close(a[fin].float(), b[fin].float(), msg=what, **tol)
-    if a.dtype in (BF16, torch.float16) and fin.any():
-        assert (a[fin] != b[fin]).float().mean() <= 0.01, what
 
 
 def _tolerance(dtype):

@@ -4,31 +4,18 @@ summary pairs runs by seed (per-seed difference from the baseline, mean, standar
 training here: the runs themselves are the benchmark's job."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import statistics
-import sys
 
 import pytest
 import torch
 
+import benchmark_scripts
 from mupopt.mupcheck.train import OPTIMIZERS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def q():
-    spec = importlib.util.spec_from_file_location("lean_states_quality",
-                                                  os.path.join(ROOT, "benchmarks", "lean_states_quality.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return mod
+    return benchmark_scripts.load("lean_states_quality")
 
 
 def test_parse_group(q):

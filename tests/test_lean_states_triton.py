@@ -15,7 +15,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton_mode
-from test_lean_states import _make as make_lean
+from test_lean_states import _make as make_lean, _same_floats
 
 with triton_mode.defining_kernels():
     import triton
@@ -121,17 +121,6 @@ def _run(name, backend, bits, dtype=F32, steps=3, poison=False, **kw):
         else:
             opt.step()
     return ps, opt
-
-
-def _same_floats(a, b, tol, what):
-    """Equal NaN positions; elsewhere within ``tol`` (assert_close), and for 16-bit storage at
-    most 1% of the values differ (a float32 ulp can flip a rounding: tests/test_triton.py)."""
-    assert a.dtype == b.dtype, what
-    assert torch.equal(a.isnan(), b.isnan()), what
-    fin = ~a.isnan()
-    torch.testing.assert_close(a[fin].float(), b[fin].float(), msg=what, **tol)
-    if a.dtype in (BF16, torch.float16) and fin.any():
-        assert (a[fin] != b[fin]).float().mean() <= 0.01, what
 
 
 def _tolerance(dtype, name=""):

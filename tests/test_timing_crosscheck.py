@@ -3,28 +3,17 @@ its extraction of `mupopt bench` rows from a real smoke run of the runner, the c
 CUDA and a smoke run of the whole script. The GPU numbers it exists for come from a GPU call."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def xc():
-    spec = importlib.util.spec_from_file_location("timing_crosscheck", os.path.join(ROOT, "benchmarks", "timing_crosscheck.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses resolve their annotations through it
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return mod
+    return benchmark_scripts.load("timing_crosscheck")
 
 
 def _s(xc, contender, method, series, r, med, p20=None, p80=None, nbytes=28):

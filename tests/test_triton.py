@@ -583,12 +583,9 @@ def test_tuning_sweep_checks_and_restores_the_configuration(capsys):
     optimizer), and BLOCK / NUM_WARPS are as before afterwards."""
     if not INTERPRET:
         pytest.skip("the smoke sweep runs the interpreted kernels on CPU tensors")
-    import importlib.util
+    import benchmark_scripts
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tune_triton.py")
-    spec = importlib.util.spec_from_file_location("tune_triton", path)
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = benchmark_scripts.load("tune_triton")
     before = (_common.BLOCK, _common.NUM_WARPS)
     launched = []
     real_launch = _common.launch
