@@ -453,6 +453,20 @@ __device__ MUPOPT_FORCE_INLINE double block_sum(double v, double* shared) {
   return total;  // valid in thread 0
 }
 
+// One element's step, the same in every CUDA loop: the gradient multiplier, the Op's math on
+// x (the element of each stream, updated in place), its reduction terms added to acc0 / acc1.
+template <class Op>
+__device__ MUPOPT_FORCE_INLINE void apply_element(const Op& op, float* x, float gmul, const float* sc, double& acc0,
+                                                  double& acc1) {
+  if constexpr (Op::kGradStream) x[1] *= gmul;
+  float c[kMaxReduce] = {0.0f, 0.0f};
+  op.template apply<true, float>(x, sc, c);
+  if constexpr (Op::kReduce > 0) {
+    acc0 += static_cast<double>(c[0]);
+    acc1 += static_cast<double>(c[1]);
+  }
+}
+
 // One chunk [begin, end) of a row whose states are format 32 or 16 (TS = TP or bf16_t): 4-wide
 // accesses where the row is aligned, then the rest one element per thread.
 template <class Op, class TP, class TG, class TS, Rounding R>
@@ -482,13 +496,7 @@ __device__ MUPOPT_FORCE_INLINE void plain_chunk(const TensorRow& row, int64_t be
         float x[kMaxStreams];
 #pragma unroll
         for (int s = 0; s < kMaxStreams; ++s) x[s] = ((L >> s) & 1u) ? v[s][j] : 0.0f;
-        if constexpr (Op::kGradStream) x[1] *= gmul;
-        float c[kMaxReduce] = {0.0f, 0.0f};
-        op.template apply<true, float>(x, sc, c);
-        if constexpr (Op::kReduce > 0) {
-          acc0 += static_cast<double>(c[0]);
-          acc1 += static_cast<double>(c[1]);
-        }
+        apply_element(op, x, gmul, sc, acc0, acc1);
 #pragma unroll
         for (int s = 0; s < kMaxStreams; ++s) v[s][j] = x[s];
       }
@@ -506,13 +514,7 @@ __device__ MUPOPT_FORCE_INLINE void plain_chunk(const TensorRow& row, int64_t be
     if constexpr ((L & 4u) != 0) x[2] = to_float(s2[i]);
     if constexpr ((L & 8u) != 0) x[3] = to_float(s3[i]);
     if constexpr ((L & 16u) != 0) x[4] = to_float(s4[i]);
-    if constexpr (Op::kGradStream) x[1] *= gmul;
-    float c[kMaxReduce] = {0.0f, 0.0f};
-    op.template apply<true, float>(x, sc, c);
-    if constexpr (Op::kReduce > 0) {
-      acc0 += static_cast<double>(c[0]);
-      acc1 += static_cast<double>(c[1]);
-    }
+    apply_element(op, x, gmul, sc, acc0, acc1);
     if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], sr_bits(span_key, i));
     if constexpr ((W & 4u) != 0) s2[i] = from_float<TS>(x[2]);
     if constexpr ((W & 8u) != 0) s3[i] = from_float<TS>(x[3]);
@@ -675,13 +677,7 @@ __device__ MUPOPT_FORCE_INLINE void q8_chunk(const TensorRow& row, int64_t begin
       float x[kMaxStreams];
 #pragma unroll
       for (int s = 0; s < kMaxStreams; ++s) x[s] = v[s][j];
-      if constexpr (Op::kGradStream) x[1] *= gmul;
-      float c[kMaxReduce] = {0.0f, 0.0f};
-      op.template apply<true, float>(x, sc, c);
-      if constexpr (Op::kReduce > 0) {
-        acc0 += static_cast<double>(c[0]);
-        acc1 += static_cast<double>(c[1]);
-      }
+      apply_element(op, x, gmul, sc, acc0, acc1);
 #pragma unroll
       for (int s = 0; s < kMaxStreams; ++s) v[s][j] = x[s];
     }
