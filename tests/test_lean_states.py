@@ -183,6 +183,33 @@ def _same_floats(a, b, tol, what):
         assert (a[fin] != b[fin]).float().mean() <= 0.01, what
 
 
+def _hard_values(n, seed, kind, negative_zero_at):
+    """n values for a quantizer: blocks of scales from 1e-30 to 1e30, a zero block (256-511), a
+    NaN (600), -inf next to 3.0 (1000, 1001), -0.0 at ``negative_zero_at``; magnitudes for the
+    unsigned kind. (tests/test_lean_states_triton.py, tests/test_lean_states_cuda.py.)"""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 4)
+    x = x * torch.repeat_interleave(torch.logspace(-30, 30, lean.blocks_of(n)), lean.BLOCK)[:n]
+    x[256:512] = 0.0
+    x[600] = float("nan")
+    x[1000] = -float("inf")
+    x[1001] = 3.0
+    x[negative_zero_at] = -0.0
+    return x.abs() if kind == lean.UNSIGNED else x
+
+
+def _auto_step_without_fallback(name, ps, grads):
+    """One step of ``name`` with 8-bit states and backend "auto" over ``ps``; a
+    BackendFallbackWarning fails it. (tests/test_lean_states_cpu.py, _cuda.py.)"""
+    opt = _make(name, ps, 8, "auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        for p, g in zip(ps, grads):
+            p.grad = g
+        opt.step(**({"bs": 64} if name == "sophia" else {}))
+    return opt
+
+
 def _drive(opt, params, steps, seed=0, start=0):
     gen = torch.Generator().manual_seed(seed)
     for t in range(start + steps):

@@ -8,17 +8,15 @@ the C++ loops' is IEEE)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
 
 import mupopt
 from mupopt import backends
-from mupopt.optim._base import BackendFallbackWarning
 from mupopt.optim import _lean_states as lean
 from test_bitwise import correctly_rounded_sqrt
-from test_lean_states import _fed_steps, _make
+from test_lean_states import _auto_step_without_fallback, _fed_steps, _make
 
 NAMES = ("adamw", "adopt", "lamb", "sophia")
 
@@ -188,12 +186,7 @@ def test_lamb_split_passes_with_norm_reduce(bits):
 @pytest.mark.parametrize("name", NAMES)
 def test_auto_takes_the_cpu_backend_without_a_warning(name):
     ps = _params()
-    opt = _make(name, ps, 8, "auto")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BackendFallbackWarning)
-        for p, g in zip(ps, _grads(ps, torch.Generator().manual_seed(0))):
-            p.grad = g
-        opt.step(**({"bs": 64} if name == "sophia" else {}))
+    opt = _auto_step_without_fallback(name, ps, _grads(ps, torch.Generator().manual_seed(0)))
     assert opt.selected_backends[0][name] == "cpu"
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.uint8 and opt.state[ps[1]]["exp_avg"].dtype == torch.float32
 

@@ -14,16 +14,12 @@ format 8 (tests/test_lean_states_triton.py): a value within float32 round-off of
 two codes may take the other one (at most 1% of the codes), a bf16 rounding may flip."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-import mupopt
 from mupopt import backends
 from mupopt.optim import _lean_states as lean
-from mupopt.optim._base import BackendFallbackWarning
-from test_lean_states import _fed_steps, _make, _same_floats
+from test_lean_states import _auto_step_without_fallback, _fed_steps, _hard_values, _make, _same_floats
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -98,19 +94,6 @@ def _compare(ref, got, dtype):
 
 
 # -- the storage layer: codes and scales as the spec ----------------------------------------------
-def _values(n, seed, kind):
-    """Blocks of scales from 1e-30 to 1e30, a zero block, a NaN block, an inf block, -0.0."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 4)
-    x = x * torch.repeat_interleave(torch.logspace(-30, 30, lean.blocks_of(n)), lean.BLOCK)[:n]
-    x[256:512] = 0.0
-    x[600] = float("nan")
-    x[1000] = -float("inf")
-    x[1001] = 3.0
-    x[1500] = -0.0
-    return x.abs() if kind == lean.UNSIGNED else x
-
-
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
 def test_stores_equal_the_spec_bit_for_bit(offset):
     """One adamw_ call with betas 0 from zero states writes m = g (the lerp with weight 1 returns
@@ -123,7 +106,7 @@ def test_stores_equal_the_spec_bit_for_bit(offset):
     sizes = (5000, 40000)
     store = [torch.zeros(n + offset, device=DEV)[offset:] for n in sizes]
     params = [s.copy_(torch.full_like(s, 0.5)) for s in store]
-    grads = [_values(n, k, lean.SIGNED).to(DEV) for k, n in enumerate(sizes)]
+    grads = [_hard_values(n, k, lean.SIGNED, negative_zero_at=1500).to(DEV) for k, n in enumerate(sizes)]
     codes = [[torch.zeros(n + offset, dtype=torch.uint8, device=DEV)[offset:] for n in sizes] for _ in range(2)]
     absmax = [torch.full((lean.blocks_of(n),), 7.0, device=DEV) for n in sizes for _ in range(2)]
     steps = [torch.zeros(()) for _ in sizes]
@@ -265,11 +248,6 @@ def test_auto_takes_the_cuda_backend_without_a_warning(name):
     with no BackendFallbackWarning."""
     gen = torch.Generator().manual_seed(1)
     ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(DEV)) for s in SHAPES]
-    opt = _make(name, ps, 8, "auto")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BackendFallbackWarning)
-        for p, g in zip(ps, _grads(ps, torch.Generator().manual_seed(0))):
-            p.grad = g
-        opt.step(**({"bs": 64} if name == "sophia" else {}))
+    opt = _auto_step_without_fallback(name, ps, _grads(ps, torch.Generator().manual_seed(0)))
     _on_cuda_backend(opt, name)
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.uint8 and opt.state[ps[1]]["exp_avg"].dtype == F32

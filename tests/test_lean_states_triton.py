@@ -15,7 +15,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton_mode
-from test_lean_states import _make as make_lean, _same_floats
+from test_lean_states import _hard_values, _make as make_lean, _same_floats
 
 with triton_mode.defining_kernels():
     import triton
@@ -54,17 +54,8 @@ def test_store_and_load_same_bits_as_reference(kind, maps, monkeypatch):
     bit: blocks of very different scales, a zero block, a NaN block, an inf block, a partial
     last block, and 2048-element programs (8 blocks each; the last one masked)."""
     monkeypatch.setattr(lean, "maps", maps)
-    g = torch.Generator().manual_seed(0)
     n = 5 * 2048 + 300  # 41 blocks, the last of 44 elements
-    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 4)
-    x = x * torch.repeat_interleave(torch.logspace(-30, 30, lean.blocks_of(n)), lean.BLOCK)[:n]
-    x[256:512] = 0.0
-    x[600] = float("nan")
-    x[1000] = -float("inf")
-    x[1001] = 3.0
-    x[2048 * 2 + 7] = -0.0
-    if kind == lean.UNSIGNED:
-        x = x.abs()
+    x = _hard_values(n, 0, kind, negative_zero_at=2048 * 2 + 7)
     codes = torch.empty(n, dtype=torch.uint8)
     absmax = torch.full((lean.blocks_of(n),), 7.0)
     out = torch.empty(n)
