@@ -12,11 +12,18 @@ def _verify(args) -> int:
 
     devices = None if args.device == "auto" else [args.device]
     progress = (lambda msg: print(f"  checking {msg}", file=sys.stderr)) if args.verbose else None
-    rows = verify.run(devices, steps=args.steps, progress=progress)
+    try:
+        rows = verify.run(devices, steps=args.steps, progress=progress, optimizers=args.optimizer,
+                          backend_names=args.backend)
+    except ValueError as err:
+        print(f"mupopt verify: {err}", file=sys.stderr)
+        return 2
     print(verify.format_rows(rows))
     print()
-    print(verify.format_unchecked(verify.unchecked(devices)))
+    print(verify.format_unchecked(verify.unchecked(devices, args.optimizer, args.backend)))
     for entry in verify.OPTIMIZERS:
+        if args.optimizer and entry.name not in args.optimizer:
+            continue
         problem = verify.reference_problem(entry.reference_module)
         if entry.reference_module is not None and problem is not None:
             print(f"{entry.name}: not checked against {entry.reference_module}: {problem}")
@@ -37,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check every optimizer and backend available here against its reference")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
     p.add_argument("--steps", type=int, default=10, help="training steps per check (default 10)")
+    p.add_argument("--optimizer", action="append", metavar="NAME",
+                   help="check only this optimizer (repeatable; default: all)")
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="check only this backend (repeatable; default: all registered), e.g. "
+                        "TRITON_INTERPRET=1 mupopt verify --device cpu --backend triton")
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print each check as it starts")
     p.set_defaults(func=_verify)

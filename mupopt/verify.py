@@ -346,14 +346,33 @@ def _check(entry: _Entry, backend: str, device: str, against: str, steps: int) -
     return Row(entry.name, backend, device, label, max_abs, max_rel, passed, *tol)
 
 
-def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[str], None] | None = None) -> list[Row]:
-    """All checks for the devices given (default: cpu, and cuda when present)."""
+def _selected(optimizers: list[str] | None, backend_names: list[str] | None) -> list[tuple[_Entry, list[str]]]:
+    """The (entry, backends) pairs :func:`run` checks: every registered one, or those named.
+    An unknown name raises ValueError (a typo must not check nothing and pass)."""
+    known = [e.name for e in OPTIMIZERS]
+    for name in optimizers or []:
+        if name not in known:
+            raise ValueError(f"unknown optimizer {name!r} (verify knows {', '.join(known)})")
+    # "cuda" registers only where CUDA is available; naming it elsewhere checks nothing and
+    # unchecked() says why.
+    registered = sorted({b for e in OPTIMIZERS for b in backends.names(e.name)} | {"cuda"})
+    for name in backend_names or []:
+        if name not in registered:
+            raise ValueError(f"unknown backend {name!r} (registered here: {', '.join(registered)})")
+    return [(e, [b for b in backends.names(e.name) if backend_names is None or b in backend_names])
+            for e in OPTIMIZERS if optimizers is None or e.name in optimizers]
+
+
+def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[str], None] | None = None,
+        optimizers: list[str] | None = None, backend_names: list[str] | None = None) -> list[Row]:
+    """All checks for the devices given (default: cpu, and cuda when present), of the
+    optimizers and backends named (default: all registered)."""
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
-        for entry in OPTIMIZERS:
-            for backend in backends.names(entry.name):
+        for entry, names in _selected(optimizers, backend_names):
+            for backend in names:
                 if _probe_reason(entry.name, backend, device) is not None:
                     continue
                 # A format's row needs both sides to step it (a registered reference may not).
@@ -384,22 +403,26 @@ def _how_to_include(backend: str, device: str) -> str:
     return "mupopt verify --device cpu"
 
 
-def unchecked(devices: list[str] | None = None) -> list[Unchecked]:
-    """Every registered (optimizer, backend) that :func:`run` with these devices leaves out:
-    the backend's own reason on each device and how to include it. Backend "cuda" is registered
-    only where CUDA is available; a line says so on other machines."""
+def unchecked(devices: list[str] | None = None, optimizers: list[str] | None = None,
+              backend_names: list[str] | None = None) -> list[Unchecked]:
+    """Every registered (optimizer, backend) of those named (default: all) that :func:`run`
+    with these devices leaves out: the backend's own reason on each device and how to include
+    it. Backend "cuda" is registered only where CUDA is available; a line says so on other
+    machines."""
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out = []
-    for entry in OPTIMIZERS:
-        for backend in backends.names(entry.name):
+    for entry, names in _selected(optimizers, backend_names):
+        for backend in names:
             reasons = {d: _probe_reason(entry.name, backend, d) for d in devices}
             if all(r is not None for r in reasons.values()):
                 d = devices[0]
                 out.append(Unchecked(entry.name, backend, reasons[d], _how_to_include(backend, d)))
-    if not torch.cuda.is_available():
+    # csrc's CUDA library steps the elementwise optimizers (verify's sophia entry is both).
+    on_cuda = [e.name for e, _ in _selected(optimizers, None) if e.name in ("adamw", "adopt", "lamb", "sophia")]
+    if not torch.cuda.is_available() and on_cuda and (backend_names is None or "cuda" in backend_names):
         out.append(Unchecked(
-            "adamw, adopt, lamb, sophia", "cuda", "registered only where CUDA is available (no CUDA device here)",
+            ", ".join(on_cuda), "cuda", "registered only where CUDA is available (no CUDA device here)",
             "mupopt verify on a machine with CUDA",
         ))
     return out

@@ -75,14 +75,30 @@ def test_verify_lists_every_backend_it_did_not_check(capsys):
     assert f"{shampoo.atol:.1e}" in out
 
 
+def test_verify_checks_only_the_optimizers_and_backends_named(tmp_path, capsys):
+    """--optimizer and --backend narrow the checks (and the not-checked list) to what they name;
+    a name verify does not know is an error, not an empty run that passes."""
+    out = tmp_path / "verify.json"
+    argv = ["verify", "--device", "cpu", "--steps", "2", "--optimizer", "adamw", "--optimizer", "lamb",
+            "--backend", "reference", "--json", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["optimizer"], r["backend"]) for r in rows} == {("adamw", "reference"), ("lamb", "reference")}
+    printed = capsys.readouterr().out
+    assert "/ triton" not in printed and "shampoo" not in printed
+    for argv, word in ((["--optimizer", "adam"], "'adam'"), (["--backend", "fused"], "'fused'")):
+        assert cli.main(["verify", "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err
+        assert word in err and "unknown" in err
+
+
 def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
     """Under TRITON_INTERPRET=1 the Triton backends of Muon (never checked before: a 1-D probe
     left it out) and Shampoo (failed at a tolerance tighter than its roots allow) are checked
     and pass."""
     code = textwrap.dedent("""
         from mupopt import verify
-        verify.OPTIMIZERS = [e for e in verify.OPTIMIZERS if e.name in ("muon", "shampoo")]
-        rows = verify.run(["cpu"], steps=10)
+        rows = verify.run(["cpu"], steps=10, optimizers=["muon", "shampoo"], backend_names=["triton"])
         print(verify.format_rows(rows))
         got = {}
         for r in rows:  # four rows each: fp32 params, bf16 params with stochastic rounding,
@@ -90,7 +106,7 @@ def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
             if r.backend == "triton":
                 got[(r.optimizer, r.backend)] = got.get((r.optimizer, r.backend), True) and r.passed
         assert got == {("muon", "triton"): True, ("shampoo", "triton"): True}, got
-        assert sum(r.backend == "triton" for r in rows) == 8
+        assert len(rows) == 8 and all(r.backend == "triton" for r in rows)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
