@@ -56,7 +56,11 @@ MUPOPT_HDI void adopt_update(T& p, T g, T& m, T& v, const AdoptCoefs<T>& h, T de
   const T root = sqrt_of(v);
   const T denom = root < eps ? eps : root;  // clamp(min=eps): a NaN passes through
   T n = g / denom;
-  n = n < -clip ? -clip : (n > clip ? clip : n);  // clamp(-clip, clip): a NaN passes through
+  // clamp(-clip, clip) as ATen writes it, min(max(n, -clip), clip); a NaN passes through. Two
+  // selects of this form are one vmaxps and one vminps each; the nested select took 7 vector
+  // operations per 16 elements (compares, mask logic, blends).
+  n = n < -clip ? -clip : n;
+  n = n > clip ? clip : n;
   m = h.m_lerp.template apply<kFma>(m, n);
   p = madd<kFma>(m, step_alpha, p);
   v = madd<kFma>(h.one_minus_beta2 * g, g, v * h.beta2);

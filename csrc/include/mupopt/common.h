@@ -126,13 +126,20 @@ MUPOPT_HDI float to_float(uint8_t x) { return static_cast<float>(x); }
 template <>
 MUPOPT_HDI uint8_t from_float<uint8_t>(float x) { return static_cast<uint8_t>(float_bits(x)); }
 
+// bf16 round to nearest even as a 32-bit word whose upper half is the result (the lower half is
+// not cleared): from_float<bf16_t> keeps the upper half; the CPU pair loop (multi_tensor.h)
+// packs two words into one without narrowing to 16-bit lanes.
+// NaN found by x != x: one float compare, where the pattern test (u & 0x7FFFFFFF) > 0x7F800000
+// takes two vector operations. inf needs no select (low half zero: nothing carries).
+MUPOPT_HDI uint32_t bf16_nearest_high(float x) {
+  const uint32_t u = float_bits(x);
+  return x != x ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+}
+
 template <>
 MUPOPT_HDI bf16_t from_float<bf16_t>(float x) {
-  const uint32_t u = float_bits(x);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
   bf16_t out;
-  out.bits = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  out.bits = static_cast<uint16_t>(bf16_nearest_high(x) >> 16);
   return out;
 }
 
