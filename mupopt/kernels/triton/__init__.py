@@ -290,5 +290,7 @@ def register() -> None:
             backends.Backend(
                 name, "triton", _step_fn(name), priority=PRIORITY, unsupported_reason=unsupported_reason,
                 amp_scaling=True, devices=("cuda",), validates=True, state_bits=STATE_BITS,
+                # kahan_summation: only the Hessian EMA, which stores no param (docs/lean-states.md).
+                kahan_summation=name == "sophia_hessian",
             )
         )
