@@ -162,3 +162,201 @@ def test_bf16_stall_gone(name):
     rms_kahan = float((stored - fp32).pow(2).mean().sqrt())
     rms_sr = float((sr - fp32).pow(2).mean().sqrt())
     assert rms_kahan < rms_sr, (rms_kahan, rms_sr)
+
+
+# -- checkpoints, copies, memory ------------------------------------------------------------
+def _train(factory, steps, p=None, opt=None, dtype=torch.bfloat16, gen_seed=1):
+    if p is None:
+        p = torch.nn.Parameter(torch.randn(32, 48).to(dtype))
+    if opt is None:
+        opt = factory([p])
+    g = torch.Generator().manual_seed(gen_seed)
+    for _ in range(steps):
+        p.grad = torch.randn(32, 48, generator=g).to(p.dtype)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("name", list(SIX))
+def test_state_dict_resume_bit_exact(name):
+    """Save after 4 steps, continue 4: a fresh optimizer (option off: the loaded group turns it
+    on) loading the save through torch.save / torch.load continues bit for bit, its
+    compensation included."""
+    cls, kw = SIX[name]
+    kw = dict(kw, lr=1e-3)
+    factory = lambda ps: cls(ps, kahan_summation=True, backend="reference", **kw)  # noqa: E731
+    torch.manual_seed(0)
+    p, opt = _train(factory, 4)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    assert opt.state_dict()["state"][0][KEY].dtype == torch.bfloat16
+    saved_p = p.detach().clone()
+    _train(None, 4, p, opt, gen_seed=2)
+
+    q = torch.nn.Parameter(saved_p.clone())
+    opt2 = cls([q], backend="reference", **kw)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.param_groups[0]["kahan_summation"] is True
+    _train(None, 4, q, opt2, gen_seed=2)
+    assert torch.equal(_bits(p), _bits(q))
+    assert torch.equal(_bits(opt.state[p][KEY]), _bits(opt2.state[q][KEY]))
+
+
+def test_deepcopy_and_pickle_step_identically():
+    torch.manual_seed(0)
+    p, opt = _train(lambda ps: mupopt.AdamW(ps, lr=1e-3, kahan_summation=True, backend="reference"), 3)
+    q, opt2 = copy.deepcopy((p, opt))
+    r, opt3 = pickle.loads(pickle.dumps((p, opt)))
+    assert opt2.state[q][KEY] is not opt.state[p][KEY]
+    for a, o in ((p, opt), (q, opt2), (r, opt3)):
+        _train(None, 3, a, o, gen_seed=5)
+    for a, o in ((q, opt2), (r, opt3)):
+        assert torch.equal(_bits(p), _bits(a))
+        assert torch.equal(_bits(opt.state[p][KEY]), _bits(o.state[a][KEY]))
+
+
+@pytest.mark.parametrize("name", list(SIX))
+def test_state_memory_counts_compensation(name):
+    """2 bytes per element of a bfloat16 param, before the first step (planned) and after; none
+    for a float32 param, whose step and state the option leaves as they are."""
+    cls, kw = SIX[name]
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 48).to(torch.bfloat16))
+    plain, kahan = cls([p], backend="reference", **kw), cls([p], kahan_summation=True, backend="reference", **kw)
+    assert kahan.state_memory() - plain.state_memory() == 2 * p.numel()
+    _train(None, 2, p, kahan)
+    planned = plain.state_memory()
+    assert kahan.state_memory() - planned == 2 * p.numel()
+    out = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        q, opt = _train(lambda ps: cls(ps, kahan_summation=on, backend="reference", **dict(kw, lr=1e-3)), 3,
+                        dtype=torch.float32)
+        out.append((q.detach().clone(), set(opt.state[q])))
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1] and KEY not in out[1][1]
+
+
+def test_gradscaler_skip_creates_nothing():
+    p = torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
+    opt = mupopt.AdamW([p], kahan_summation=True, backend="reference")
+    p.grad = torch.randn(8, 8).to(torch.bfloat16)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    del opt.found_inf
+    assert not opt.state[p]
+    opt.step()
+    assert KEY in opt.state[p]
+
+
+def test_toggled_off_drops_and_on_starts_from_zero():
+    """Switched off, the next step rounds to nearest and drops the compensation (a later switch
+    on must not add an error of a param that has moved since); switched on, it starts at 0."""
+    torch.manual_seed(0)
+    p, opt = _train(lambda ps: mupopt.AdamW(ps, lr=1e-3, kahan_summation=True, backend="reference"), 2)
+    assert bool(opt.state[p][KEY].ne(0).any())
+    opt.param_groups[0]["kahan_summation"] = False
+    _train(None, 1, p, opt)
+    assert KEY not in opt.state[p]
+    opt.param_groups[0]["kahan_summation"] = True
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert torch.equal(_bits(p), _bits(before)) and not bool(opt.state[p][KEY].ne(0).any())
+
+
+def test_with_8bit_states():
+    """The compensation is a param-store option: 8-bit states (state_bits=8) step beside it as
+    they step without it (the same states after one step from the same start)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64).to(torch.bfloat16))
+    q = torch.nn.Parameter(p.detach().clone())
+    a = mupopt.AdamW([p], lr=1e-2, state_bits=8, kahan_summation=True, backend="reference")
+    b = mupopt.AdamW([q], lr=1e-2, state_bits=8, backend="reference")
+    p.grad = torch.randn(64, 64).to(torch.bfloat16)
+    q.grad = p.grad.clone()
+    a.step(), b.step()
+    assert a.state[p]["exp_avg"].dtype == torch.uint8
+    assert torch.equal(a.state[p]["exp_avg"], b.state[q]["exp_avg"])
+    assert torch.equal(_bits(p), _bits(q))  # from c = 0, the first store is the nearest one
+    assert bool(a.state[p][KEY].ne(0).any())
+
+
+# -- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_value_refused(bad):
+    p = torch.nn.Parameter(torch.randn(4).to(torch.bfloat16))
+    for cls, kw in SIX.values():
+        with pytest.raises(ValueError, match="kahan_summation"):
+            cls([p], kahan_summation=bad, **kw)
+
+
+def test_with_stochastic_rounding_refused():
+    """Both at once: a clear error at construction, in add_param_group, and at a step after a
+    group was changed by hand (nothing written)."""
+    p = torch.nn.Parameter(torch.randn(4, 4).to(torch.bfloat16))
+    for cls, kw in SIX.values():
+        with pytest.raises(ValueError, match="choose one"):
+            cls([p], kahan_summation=True, stochastic_rounding=True, **kw)
+    opt = mupopt.AdamW([p], kahan_summation=True, backend="reference")
+    with pytest.raises(ValueError, match="choose one"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "stochastic_rounding": True})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["stochastic_rounding"] = True
+    p.grad = torch.randn(4, 4).to(torch.bfloat16)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="choose one"):
+        opt.step()
+    assert torch.equal(_bits(p), _bits(before)) and not opt.state[p]
+
+
+# -- the registry: backends without it -------------------------------------------------------
+def _cpu_available():
+    from mupopt.kernels.cpp import cpu_unsupported_reason
+
+    reason = cpu_unsupported_reason([torch.zeros(1)])
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_explicit_backend_without_it_raises():
+    """backend="cpu" (no compensated store yet): the first step raises before anything is
+    written, naming the backends that have it."""
+    _cpu_available()
+    p = torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
+    opt = mupopt.AdamW([p], kahan_summation=True, backend="cpu")
+    p.grad = torch.randn(8, 8).to(torch.bfloat16)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="kahan_summation=True.*backends that do: reference"):
+        opt.step()
+    assert torch.equal(_bits(p), _bits(before)) and not opt.state[p]
+    mupopt.AdamW([torch.nn.Parameter(torch.randn(8))], kahan_summation=True, backend="cpu").step()  # no grad: fine
+    q = torch.nn.Parameter(torch.randn(8))  # float32: the option does nothing, cpu steps it
+    opt = mupopt.AdamW([q], kahan_summation=True, backend="cpu")
+    q.grad = torch.randn(8)
+    opt.step()
+    assert opt.selected_backends == [{"adamw": "cpu"}]
+
+
+def test_auto_falls_back_per_tensor_with_warning():
+    """auto: the bfloat16 params go to the reference backend with BackendFallbackWarning, the
+    float32 ones of the same group stay on cpu; SophiaG's Hessian EMA (no param store) stays on
+    cpu."""
+    _cpu_available()
+    torch.manual_seed(0)
+    low = torch.nn.Parameter(torch.randn(16, 16).to(torch.bfloat16))
+    full = torch.nn.Parameter(torch.randn(16))
+    for cls, kw in (SIX["adamw"], SIX["sophia"]):
+        opt = cls([low, full], kahan_summation=True, **kw)
+        low.grad, full.grad = torch.randn(16, 16).to(torch.bfloat16), torch.randn(16)
+        with pytest.warns(BackendFallbackWarning, match="kahan_summation"):
+            opt.step()
+        assert KEY in opt.state[low] and KEY not in opt.state[full]
+        rule = opt.rule
+        assert opt.selected_backends[0][rule] == "cpu (1) + reference (1)"
+        if cls is mupopt.SophiaG:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", BackendFallbackWarning)
+                opt.update_hessian()
+            assert opt.selected_backends[0]["sophia_hessian"] == "cpu"
