@@ -5,7 +5,7 @@ Every backend keeps its load/store conversions in one place, keyed by a storage 
 - reference: this module (:func:`store_param`, :func:`round_stochastic`);
 - cpu / cuda: ``csrc/include/mupopt/storage.h`` (``Rounding``, ``store_value``);
 - triton: ``mupopt/kernels/triton/_common.py`` (``_load`` / ``_store``, storage codes
-  :data:`FORMAT_CODES`).
+  :data:`FORMAT_CODES`; 7 and 8 the compensated params of ``kahan_summation``).
 
 Formats (the codes the Triton kernels take as compile-time constants; the C++ loops take the
 dtype and a :class:`Rounding` as template arguments): float32, bfloat16 and float16 rounded to

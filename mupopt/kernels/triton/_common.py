@@ -28,7 +28,8 @@ need one launch (or one compiled signature) per tensor count; packing all tensor
 flat buffer would cost a copy of every parameter per step. The element type of each pointer is
 a compile-time storage code (the ``*_BF16`` arguments; :func:`storage_kind`: 0 float32, 1 (True)
 bfloat16, 2 float16; 3 and 4 bfloat16 and float16 params rounded stochastically; 5 and 6 the
-8-bit states of ``state_bits=8`` with the signed and the unsigned map), so float32, bfloat16 and
+8-bit states of ``state_bits=8`` with the signed and the unsigned map; 7 and 8 bfloat16 and
+float16 params with a compensation, ``kahan_summation``), so float32, bfloat16 and
 float16 storage, and any mix of them between the param, the gradient and each state, is one
 specialisation each.
 
