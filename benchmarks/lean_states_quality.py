@@ -3,7 +3,8 @@
 on the same batches in several configurations, each ``[PARAMS/]BITS[:MAP]``:
 
 - PARAMS: ``fp32`` (default), ``bf16`` (pure-bf16 params, forward and backward; the optimizer's
-  param stores rounded to nearest) or ``bf16-sr`` (the same with ``stochastic_rounding=True``);
+  param stores rounded to nearest), ``bf16-sr`` (the same with ``stochastic_rounding=True``) or
+  ``bf16-kahan`` (with ``kahan_summation=True``: compensated stores);
 - BITS: ``state_bits`` 32, 16 or 8; MAP (8 only): a map family of mupopt.optim._lean_states.
 
     PYTHONPATH=$PWD python benchmarks/lean_states_quality.py --optimizers adamw --width 128 \
@@ -42,7 +43,8 @@ from mupopt.mupcheck.train import OPTIMIZERS, parse_optimizers, pyplot
 from mupopt.mupcheck.transfer import train_run
 from mupopt.optim import _lean_states as lean
 
-PARAMS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16-sr": ("bf16", True)}
+PARAMS = {"fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "bf16-sr": ("bf16", True, False),
+          "bf16-kahan": ("bf16", False, True)}
 
 
 def parse_config(text: str) -> dict:
@@ -51,9 +53,10 @@ def parse_config(text: str) -> dict:
     params = params or "fp32"
     bits, _, maps = fmt.partition(":")
     if params not in PARAMS or bits not in ("8", "16", "32") or (maps and bits != "8"):
-        raise SystemExit(f"bad configuration {text!r}: expected [fp32|bf16|bf16-sr/]32|16|8[:map]")
-    dtype, sr = PARAMS[params]
-    return {"param_dtype": dtype, "stochastic_rounding": sr, "state_bits": int(bits), "maps": maps or lean.DEFAULT_MAPS}
+        raise SystemExit(f"bad configuration {text!r}: expected [fp32|bf16|bf16-sr|bf16-kahan/]32|16|8[:map]")
+    dtype, sr, kahan = PARAMS[params]
+    return {"param_dtype": dtype, "stochastic_rounding": sr, "kahan_summation": kahan, "state_bits": int(bits),
+            "maps": maps or lean.DEFAULT_MAPS}
 
 
 class LostUpdates:
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group", default=None,
                     help="KEY=VALUE[,KEY=VALUE]: param-group options set after construction, e.g. rho=0.1")
     ap.add_argument("--configs", "--formats", dest="configs", default="32,16,8:dynamic,8:linear-sqrt",
-                    help="comma list of [fp32|bf16|bf16-sr/]32|16|8[:map]; the first is the baseline")
+                    help="comma list of [fp32|bf16|bf16-sr|bf16-kahan/]32|16|8[:map]; the first is the baseline")
     ap.add_argument("--baseline", default=None, help="the configuration the summary compares with (default: the first)")
     ap.add_argument("--lost-updates", action="store_true",
                     help="fp32-param runs also record, per step, the fraction of updates below half a bf16 spacing")

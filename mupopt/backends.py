@@ -85,6 +85,11 @@ class Backend:
     # A backend is not chosen for a tensor whose states are in another format: ``auto`` falls
     # back per tensor (BackendFallbackWarning), an explicit request raises.
     state_bits: tuple = (32,)
+    # True: fn steps ``hp.kahan_summation`` (bfloat16 / float16 params with a compensation,
+    # state["param_compensation"]: mupopt/storage.py), or stores no param (SophiaG's Hessian EMA).
+    # A backend without it is not chosen for such a param: ``auto`` falls back per tensor
+    # (BackendFallbackWarning), an explicit request raises, as for state_bits.
+    kahan_summation: bool = False
 
     def reason(self, tensors: Sequence[torch.Tensor]) -> str | None:
         """None when this backend can step ``tensors``, else why not: a tensor subclass (every

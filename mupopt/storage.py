@@ -5,7 +5,7 @@ Every backend keeps its load/store conversions in one place, keyed by a storage 
 - reference: this module (:func:`store_param`, :func:`round_stochastic`);
 - cpu / cuda: ``csrc/include/mupopt/storage.h`` (``Rounding``, ``store_value``);
 - triton: ``mupopt/kernels/triton/_common.py`` (``_load`` / ``_store``, storage codes
-  :data:`FORMAT_CODES`).
+  :data:`FORMAT_CODES`; 7 and 8 the compensated params of ``kahan_summation``).
 
 Formats (the codes the Triton kernels take as compile-time constants; the C++ loops take the
 dtype and a :class:`Rounding` as template arguments): float32, bfloat16 and float16 rounded to
@@ -56,6 +56,21 @@ serves two elements: the hash was most of what the option costs on the CPU (docs
 and sharing it cuts that cost (measured in docs/dtypes.md).
 Arithmetic is modulo 2^32; here in int64 tensors or Python ints with explicit masks, every
 product split into 16-bit halves so that nothing overflows int64.
+
+Compensated stores (``kahan_summation=True`` on every optimizer; the alternative to stochastic
+rounding, the two are refused together): a bfloat16 / float16 param keeps a second tensor of its
+dtype and shape, ``state["param_compensation"]`` = c, the rounding error of its last store
+(Zamirai et al. 2020, "Revisiting BFloat16 Training", arXiv 2010.06192, Kahan-summation weight
+update). The step reads the param as x = float32(p) + float32(c) (one rounded float32 addition),
+applies its update to x in float32 as for any param, and stores
+
+    p = round_nearest(x),   c = round_nearest(x - float32(p))
+
+x - p is exact in float32 (p is x rounded to nearest), so p + c holds x to about 16 significant
+bits (bfloat16: 8 + 8) where p alone holds 8: an update smaller than half a spacing of p
+accumulates in c until it moves p, deterministically, at 2 bytes per element. float16's c is
+limited by float16's range (errors below 2^-24 are lost). A non-finite x makes c NaN (inf - inf), so
+the param is NaN after its next step. float32 and float64 params: the option does nothing.
 """
 from __future__ import annotations
 
@@ -166,17 +181,41 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) ->
     return torch.where(finite, torch.copysign(mag, x), x).to(dtype)
 
 
-def store_param(p: torch.Tensor, p32: torch.Tensor, state: dict, stochastic: bool) -> None:
+def load_param(p: torch.Tensor, dtype: torch.dtype, state: dict, compensated: bool = False) -> torch.Tensor:
+    """The param in the compute ``dtype``: ``p`` itself when it has that dtype (in-place math
+    updates it), else a copy; with ``compensated`` (``kahan_summation=True``) and p bfloat16 or
+    float16, p + c in float32 (one rounded float32 addition), c = ``state[COMPENSATION]``."""
+    if compensated and compensates(p):
+        return p.to(dtype) + state[COMPENSATION].to(dtype)
+    return p if p.dtype == dtype else p.to(dtype)
+
+
+def store_param(p: torch.Tensor, p32: torch.Tensor, state: dict, stochastic: bool, compensated: bool = False) -> None:
     """Write the computed param ``p32`` (float32 or float64) into ``p``: rounded to nearest
     (``copy_``), or stochastically when ``stochastic`` and p is bfloat16 or float16, with the
-    parameter's seed and this step's count from ``state``."""
+    parameter's seed and this step's count from ``state``; with ``compensated`` and p bfloat16
+    or float16, rounded to nearest with the rounding error kept in ``state[COMPENSATION]``
+    (module docstring, "Compensated stores")."""
     if p is p32:
         return
-    if stochastic and rounds_stochastically(p):
+    if compensated and compensates(p):
+        p.copy_(p32)
+        # p32 - p is exact in float32 (p is p32 rounded to nearest: their difference is p32's
+        # low mantissa bits); rounding it to p's dtype is the only loss.
+        state[COMPENSATION].copy_(p32.float() - p.float())
+    elif stochastic and rounds_stochastically(p):
         key = step_key(state["sr_seed"], state["step"])
         p.copy_(round_stochastic(p32.float(), p.dtype, random_bits(key, element_index(p))))
     else:
         p.copy_(p32)
+
+
+COMPENSATION = "param_compensation"  # the state entry of kahan_summation=True
+
+
+def compensates(t: torch.Tensor) -> bool:
+    """Whether ``kahan_summation=True`` keeps a compensation for a tensor of this dtype."""
+    return t.dtype in STOCHASTIC_FORMATS
 
 
 def seeds_of(states, stochastic: bool = True) -> list[int]:

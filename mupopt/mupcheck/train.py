@@ -52,8 +52,8 @@ class OptSpec:
 
 # The memory-lean options every maker passes on (docs/lean-states.md): state_bits, the
 # optimizer-state format (32 default, 16, 8); stochastic_rounding, the rounding of bfloat16 param
-# stores (False: to nearest; a no-op on float32 params).
-LEAN_OPTIONS = ("state_bits", "stochastic_rounding")
+# stores (False: to nearest; a no-op on float32 params); kahan_summation, their compensated store.
+LEAN_OPTIONS = ("state_bits", "stochastic_rounding", "kahan_summation")
 
 
 def _lean(extra: dict) -> dict:

@@ -65,10 +65,10 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
               device: str = "cpu", hess_every: int = 10, precondition_frequency: int = 10,
               muon_adamw_ratio: float = 0.1, eval_batches: int = 8, width_param: str | None = None,
               state_bits: int = 32, param_dtype: str = "fp32", stochastic_rounding: bool = False,
-              curve: bool = False) -> dict:
+              kahan_summation: bool = False, curve: bool = False) -> dict:
     """Train one model; return its record (losses nan when it diverged). ``width_param``: the
     width parameterization to build with when it is not ``param`` (the depth sweeps).
-    ``param_dtype`` ("fp32", "bf16"), ``stochastic_rounding`` and ``state_bits``: the
+    ``param_dtype`` ("fp32", "bf16"), ``stochastic_rounding``, ``kahan_summation`` and ``state_bits``: the
     memory-lean options (docs/lean-states.md); ``curve``: the record also holds every step's
     training loss (``losses``)."""
     clock = Timer()
@@ -76,7 +76,8 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
     model = build_model(cfg, width, width_param or param, seed=seed, device=device, param_dtype=param_dtype)
     opt = make_optimizer(optimizer, model, lr, wd=wd, wd_mode=wd_mode,
                          precondition_frequency=precondition_frequency, muon_adamw_ratio=muon_adamw_ratio,
-                         state_bits=state_bits, stochastic_rounding=stochastic_rounding)
+                         state_bits=state_bits, stochastic_rounding=stochastic_rounding,
+                         kahan_summation=kahan_summation)
     gen = torch.Generator().manual_seed(seed)
     tail = max(1, steps // 10)
     losses = []
@@ -98,7 +99,7 @@ def train_run(data, cfg, width: int, optimizer: str, lr: float, *, param: str = 
         "optimizer": optimizer, "param": param, "wd_mode": wd_mode, "width": width, "depth": cfg.depth, "lr": lr, "seed": seed,
         "steps": steps, "weight_decay": wd, "train_loss": float("nan") if diverged else sum(losses[-tail:]) / tail,
         "val_loss": val, "diverged": diverged, "seconds": round(clock(), 2), "state_bits": state_bits,
-        "param_dtype": param_dtype, "stochastic_rounding": stochastic_rounding,
+        "param_dtype": param_dtype, "stochastic_rounding": stochastic_rounding, "kahan_summation": kahan_summation,
     }
     if curve:
         record["losses"] = losses

@@ -508,6 +508,7 @@ class MupOptimizer(Optimizer):
         defaults.setdefault("wd_mode", "independent")
         defaults.setdefault("scale_eps", False)
         defaults.setdefault("stochastic_rounding", False)
+        defaults.setdefault("kahan_summation", False)
         self._check_group(defaults)
         super().__init__(params, defaults)
         self.state = _tracked(self.state)
@@ -545,6 +546,11 @@ class MupOptimizer(Optimizer):
         lean.check_state_bits(group.get("state_bits", 32))
         check(isinstance(group.get("stochastic_rounding", False), bool),
               f"Invalid stochastic_rounding: {group.get('stochastic_rounding')!r} (expected a bool)")
+        check(isinstance(group.get("kahan_summation", False), bool),
+              f"Invalid kahan_summation: {group.get('kahan_summation')!r} (expected a bool)")
+        check(not (group.get("stochastic_rounding", False) and group.get("kahan_summation", False)),
+              "stochastic_rounding=True and kahan_summation=True are two ways to store bfloat16 / float16 params "
+              "(unbiased random rounding, or round to nearest with the error kept in a compensation buffer): choose one")
 
     def add_param_group(self, param_group: dict) -> None:
         self.__dict__.pop("_plan_cache", None)
@@ -968,7 +974,7 @@ class MupOptimizer(Optimizer):
         key = (
             kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), "mup" in group,
             self._plan_options(group), bool(group.get("capturable", False)), self.backend,
-            bool(group.get("stochastic_rounding", False)),
+            bool(group.get("stochastic_rounding", False)), bool(group.get("kahan_summation", False)),
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
@@ -1007,8 +1013,11 @@ class MupOptimizer(Optimizer):
             views = viewed_like(originals, originals, viewed)
             grad_views = _grads_as_params(seg_grads, originals, viewed)[0]
             formats = [self._state_format(group, params[k]) for k in positions]
+            kahan = bool(group.get("kahan_summation", False))
+            compensated = [kahan and storage.compensates(params[k]) for k in positions]
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
-                                                originals, viewed, bool(group.get("capturable", False)), formats):
+                                                originals, viewed, bool(group.get("capturable", False)), formats,
+                                                compensated):
                 pos = [positions[k] for k in chosen]
                 seg = Segment(seg_kernel, backend, pos, [views[k] for k in chosen], [mults_all[stepped[k]] for k in pos])
                 seg.originals = [originals[k] for k in chosen]
@@ -1032,14 +1041,17 @@ class MupOptimizer(Optimizer):
         return 32 if fmt == 16 and p.dtype == torch.bfloat16 else fmt
 
     def _select(self, kernel: str, params: list, grads: list, global_params: list, originals: list,
-                viewed: list | None, capturable: bool = False, formats: list | None = None):
+                viewed: list | None, capturable: bool = False, formats: list | None = None,
+                compensated: list | None = None):
         """[(backend, positions)]: the backend of every tensor. An explicit backend steps all or
         raises; ``auto`` takes the best backend that can step the whole list, else the best one
         per tensor (a strided or fp64 tensor falls back alone, not its whole group), and warns
         once per optimizer when a faster backend for this device could not run. ``params`` and
         ``grads`` are what the backend will see (views of ``originals`` where ``viewed``).
         ``formats[i]``: the format of tensor i's states (:meth:`_state_format`); a backend steps
-        the formats in its ``state_bits``."""
+        the formats in its ``state_bits``. ``compensated[i]``: tensor i is stepped with
+        kahan_summation (a bfloat16 / float16 param with the option on); a backend steps those
+        when its ``kahan_summation`` is True."""
         if not params:
             return []
         requested = self.backend
@@ -1064,8 +1076,13 @@ class MupOptimizer(Optimizer):
         everything = [t for ts in tensors_of for t in ts]
         formats = formats or [32] * len(params)
         all_formats = set(formats)
+        compensated = compensated or [False] * len(params)
 
-        def reason_of(backend, tensors, fmts):
+        def reason_of(backend, tensors, fmts, kahan=any(compensated)):
+            if kahan and not backend.kahan_summation:
+                return ("it steps a bfloat16 / float16 param with kahan_summation=True (a compensation buffer), which "
+                        f"backend {backend.name!r} does not implement yet (backends that do: " + ", ".join(
+                            n for n in backends.names(kernel) if backends.get(kernel, n).kahan_summation) + ")")
             for fmt in sorted(fmts):
                 if fmt not in backend.state_bits:
                     what = "8-bit block-quantized" if fmt == 8 else "bfloat16 states of non-bfloat16 params"
@@ -1094,7 +1111,7 @@ class MupOptimizer(Optimizer):
         for i, ts in enumerate(tensors_of):
             refused = []
             for backend in candidates:
-                reason = reason_of(backend, ts, {formats[i]})
+                reason = reason_of(backend, ts, {formats[i]}, compensated[i])
                 if reason is None:
                     chosen.setdefault(backend.name, (backend, []))[1].append(i)
                     self._warn_fallback(kernel, backend, refused, params[i])
@@ -1194,6 +1211,7 @@ class MupOptimizer(Optimizer):
             raise
         if group.get("stochastic_rounding", False):
             self._add_rounding_state(group, plan)
+        _set_compensation(self.state, plan.params, group)
         for seg in plan.segments:
             states = [self.state[plan.params[k]] for k in seg.positions]
             if plan.distributed:
@@ -1417,6 +1435,8 @@ class MupOptimizer(Optimizer):
                     hp = self._hparams_for(seg.kernel, group, extra)
                     if group.get("stochastic_rounding", False):
                         hp = dataclasses.replace(hp, stochastic_rounding=True)
+                    if group.get("kahan_summation", False):
+                        hp = dataclasses.replace(hp, kahan_summation=True)
                     if seg.backend.prepare is not None:
                         calls.append(self._call(seg, seg_grads, hp, prepare=True, copies=copies))
                     else:
@@ -1492,9 +1512,29 @@ def _planned_state(opt: MupOptimizer, p: torch.Tensor, group: dict) -> dict:
 
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return opt._init_state(p, group)
+            state = opt._init_state(p, group)
+            _set_compensation({p: state}, [p], group)
+            return state
     except Exception:  # noqa: BLE001 - a state whose creation fake tensors cannot trace (collectives)
-        return opt._init_state(p, group)
+        state = opt._init_state(p, group)
+        _set_compensation({p: state}, [p], group)
+        return state
+
+
+def _set_compensation(state, params: list, group: dict) -> None:
+    """kahan_summation (mupopt/storage.py): each bfloat16 / float16 param's compensation, zero
+    (the param holds its value exactly) where the state has none; with the option off, a
+    compensation left from when it was on is dropped, so that switching it on again starts from
+    zero instead of adding an error of a param that has moved since (it is at most half a
+    spacing of the param: dropping it loses no more than a store to nearest did)."""
+    on = bool(group.get("kahan_summation", False))
+    for p in params:
+        st = state[p]
+        if on and storage.compensates(p):
+            if storage.COMPENSATION not in st:
+                st[storage.COMPENSATION] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif storage.COMPENSATION in st:
+            del st[storage.COMPENSATION]
 
 
 def _drop_states(state, created: list) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
-from ..storage import store_param
+from ..storage import load_param, store_param
 from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
                     skip_on_found_inf, step_count, store, upcast)
 
@@ -28,6 +28,7 @@ class AdamWHparams:
     maximize: bool
     capturable: bool = False
     stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
+    kahan_summation: bool = False  # compensated param stores (mupopt/storage.py)
 
 
 def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
@@ -45,7 +46,7 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
         st["step"] += 1
         t = step_count(st, hp.capturable)
         cd = compute_dtype(p)
-        p32, m32, v32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
+        p32, m32, v32 = load_param(p, cd, st, hp.kahan_summation), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
         g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         m32.lerp_(g32, 1 - hp.beta1)
@@ -72,7 +73,7 @@ def adamw_reference(params, grads, states, mults, hp: AdamWHparams) -> None:
             bias_correction2_sqrt = math.sqrt(1 - hp.beta2**t)
             denom = (second.sqrt() / bias_correction2_sqrt).add_(hp.eps * m.eps)
             p32.addcdiv_(m32, denom, value=-hp.lr * m.lr / bias_correction1)
-        store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+        store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
 # The entries state_bits stores in 16 or 8 bits, with the sign of their values (_lean_states).
@@ -80,7 +81,7 @@ ADAMW_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED, "max_exp_av
 
 backends.register(backends.Backend(
     "adamw", "reference", skip_on_found_inf(lean.reference(adamw_reference, ADAMW_STATES, elementwise=True)),
-    capturable=True, state_bits=lean.STATE_BITS))
+    capturable=True, state_bits=lean.STATE_BITS, kahan_summation=True))
 
 
 class AdamW(MupOptimizer):
@@ -110,6 +111,11 @@ class AdamW(MupOptimizer):
         stochastic_rounding: round bfloat16 / float16 param stores stochastically (unbiased; the
             cure for bf16 params whose small updates round away), not to nearest. Default False;
             a no-op for float32 params. docs/dtypes.md, mupopt/storage.py.
+        kahan_summation: keep each bfloat16 / float16 param's rounding error in a compensation
+            buffer of its dtype (``state["param_compensation"]``, 2 bytes per element for bf16)
+            and add it back before the next update: deterministic, the alternative to
+            stochastic_rounding (both together raise). Default False; a no-op for float32
+            params. mupopt/storage.py, docs/lean-states.md.
         backend: "auto", or a registered backend name (``mupopt.backends.names("adamw")``).
         base_shapes: muP width information by parameter name, for code that builds the optimizer
             from ``model.named_parameters()`` without calling ``mupopt.set_base_shapes`` on the
@@ -140,6 +146,7 @@ class AdamW(MupOptimizer):
         scale_eps: bool = False,
         state_bits: int = 32,
         stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -153,6 +160,7 @@ class AdamW(MupOptimizer):
             decoupled_weight_decay=True,
         )
         defaults["stochastic_rounding"] = stochastic_rounding
+        defaults["kahan_summation"] = kahan_summation
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch.optim.AdamW's implementation switches, accepted so that a call written for torch
         # runs unchanged (foreach/fused choose among torch's own kernels, here backend= chooses),

@@ -12,7 +12,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
-from ..storage import store_param
+from ..storage import load_param, store_param
 from ._base import (MupOptimizer, check, check_adam_hparams, check_implementation_flags, compute_dtype, new_step,
                     skip_on_found_inf, store, upcast)
 
@@ -27,6 +27,7 @@ class ADOPTHparams:
     maximize: bool
     capturable: bool = False
     stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
+    kahan_summation: bool = False  # compensated param stores (mupopt/storage.py)
 
 
 def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
@@ -56,7 +57,7 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
             v32.addcmul_(g32, g32)
             store(st["exp_avg_sq"], v32)
             continue
-        p32, m32 = upcast(p, cd), upcast(st["exp_avg"], cd)
+        p32, m32 = load_param(p, cd, st, hp.kahan_summation), upcast(st["exp_avg"], cd)
         p32.add_(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
         normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
         clip = s**0.25
@@ -64,7 +65,7 @@ def adopt_reference(params, grads, states, mults, hp: ADOPTHparams) -> None:
         m32.lerp_(normed, 1 - hp.beta1)
         p32.add_(m32, alpha=-hp.lr * m.lr)
         v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
-        store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+        store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
 def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
@@ -75,7 +76,7 @@ def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
     first = s == 0
     cd = compute_dtype(p)
     g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
-    p32, m32, v32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
+    p32, m32, v32 = load_param(p, cd, st, hp.kahan_summation), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
     decayed = p32.add(p32, alpha=-hp.lr * hp.weight_decay * m.wd)
     normed = g32.div(torch.clamp(v32.sqrt(), hp.eps * m.eps))
     clip = s.pow(0.25).to(normed.dtype)
@@ -87,14 +88,14 @@ def _adopt_capturable(p, g, st, m, hp: ADOPTHparams) -> None:
     p32.copy_(torch.where(first, p32, p_new))
     m32.copy_(torch.where(first, m32, m_new))
     v32.copy_(torch.where(first, v_first, v_new))
-    store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
+    store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation), store(st["exp_avg"], m32), store(st["exp_avg_sq"], v32)
 
 
 ADOPT_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores (_lean_states)
 
 backends.register(backends.Backend(
     "adopt", "reference", skip_on_found_inf(lean.reference(adopt_reference, ADOPT_STATES, elementwise=True)),
-    capturable=True, state_bits=lean.STATE_BITS))
+    capturable=True, state_bits=lean.STATE_BITS, kahan_summation=True))
 
 
 class ADOPT(MupOptimizer):
@@ -109,7 +110,7 @@ class ADOPT(MupOptimizer):
         foreach, fused: accepted and ignored, as in :class:`mupopt.AdamW`; differentiable: only
             False; capturable: as :class:`mupopt.AdamW`. decouple: only True (torch-adopt's
             default is False: pass decouple=True there for the same optimizer).
-        wd_mode, scale_eps, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, scale_eps, stochastic_rounding, kahan_summation, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "adopt"
@@ -133,6 +134,7 @@ class ADOPT(MupOptimizer):
         scale_eps: bool = False,
         state_bits: int = 32,
         stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -147,6 +149,7 @@ class ADOPT(MupOptimizer):
         )
         defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
+        defaults["kahan_summation"] = kahan_summation
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
         # torch-adopt's implementation switches: accepted and recorded in the groups as it
         # records them; backend= chooses the implementation here (see mupopt.AdamW).

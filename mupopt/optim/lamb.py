@@ -15,7 +15,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
-from ..storage import store_param
+from ..storage import load_param, store_param
 from ._placement import NormReduce as ShardNormReduce
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_lr, check_weight_decay, compute_dtype,
                     is_number, new_step, skip_on_found_inf, step_count, store, upcast)
@@ -32,6 +32,7 @@ class LAMBHparams:
     maximize: bool
     capturable: bool = False
     stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
+    kahan_summation: bool = False  # compensated param stores (mupopt/storage.py)
 
 
 NormReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -77,7 +78,7 @@ def _lamb_direction(p, g, st, m, hp: LAMBHparams):
     st["step"] += 1
     t = step_count(st, hp.capturable)
     cd = compute_dtype(p)
-    p32, m32, v32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
+    p32, m32, v32 = load_param(p, cd, st, hp.kahan_summation), upcast(st["exp_avg"], cd), upcast(st["exp_avg_sq"], cd)
     g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
     m32.lerp_(g32, 1 - hp.beta1)
     v32.mul_(hp.beta2).addcmul_(g32, g32, value=1 - hp.beta2)
@@ -116,7 +117,7 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
             p32, update = _lamb_direction(p, g, st, m, hp)
             trust = trust_ratio(sum_of_squares(p32), sum_of_squares(update), hp, p32.dtype)
             p32.add_(update * trust, alpha=-hp.lr * m.lr)
-            store_param(p, p32, st, hp.stochastic_rounding)
+            store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation)
         return
     if not params:
         return
@@ -131,13 +132,13 @@ def lamb_reference(params, grads, states, mults, hp: LAMBHparams, *, norm_reduce
     for i, (p, st, m, (p32, update)) in enumerate(zip(params, states, mults, pending)):
         trust = trust_ratio(reduced[i, 0], reduced[i, 1], hp, p32.dtype)
         p32.add_(update * trust, alpha=-hp.lr * m.lr)
-        store_param(p, p32, st, hp.stochastic_rounding)
+        store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation)
 
 
 LAMB_STATES = {"exp_avg": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  # what state_bits stores (_lean_states)
 
 backends.register(backends.Backend("lamb", "reference", skip_on_found_inf(lean.reference(lamb_reference, LAMB_STATES)),
-                                   capturable=True, state_bits=lean.STATE_BITS))
+                                   capturable=True, state_bits=lean.STATE_BITS, kahan_summation=True))
 
 
 class LAMB(MupOptimizer):
@@ -152,7 +153,7 @@ class LAMB(MupOptimizer):
         hidden_lr_exponent: the hidden-layer lr multiplier is m_in**hidden_lr_exponent. P1 derives
             0 (the default) assuming ||W||_F ~ ||W||_*; a strict derivation for full-rank hidden
             weights gives -1/2. The coordinate check (mupopt coord-check) tells which transfers.
-        capturable, scale_eps, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
+        capturable, scale_eps, stochastic_rounding, kahan_summation, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. (No wd_mode: the decay is inside u.)
     """
 
     rule = "lamb"
@@ -173,6 +174,7 @@ class LAMB(MupOptimizer):
         scale_eps: bool = False,
         state_bits: int = 32,
         stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -183,6 +185,7 @@ class LAMB(MupOptimizer):
         )
         defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
+        defaults["kahan_summation"] = kahan_summation
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
-from ..storage import store_param
+from ..storage import load_param, store_param
 from ..linalg import newton_schulz
 from ..mup import RECORD_KEY, MupError, Multipliers, multipliers, read_record
 from ._base import (MupOptimizer, check, check_betas, check_eps, check_weight_decay, compute_dtype, is_number,
@@ -64,6 +64,7 @@ class MuonHparams:
     adjust_lr_fn: str | None
     ns_dtype: torch.dtype
     stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
+    kahan_summation: bool = False  # compensated param stores (mupopt/storage.py)
 
 
 def default_ns_dtype(device: torch.device | str) -> torch.dtype:
@@ -138,12 +139,12 @@ def muon_reference(params, grads, states, mults, hp: MuonHparams, *, orthogonali
             for k, i in enumerate(idx):
                 ortho[i] = out[k]
     for p, o, m, st in zip(params, ortho, mults, states):
-        p32 = upcast(p, compute_dtype(p))
+        p32 = load_param(p, compute_dtype(p), st, hp.kahan_summation)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         p32.add_(o.view(p.shape), alpha=-hp.lr * m.lr)
         if "step" in st:  # stochastic rounding's count (mupopt/storage.py); torch's Muon has none
             st["step"] += 1
-        store_param(p, p32, st, hp.stochastic_rounding)
+        store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation)
 
 
 def ns_steps(hp: MuonHparams) -> int:
@@ -153,7 +154,7 @@ def ns_steps(hp: MuonHparams) -> int:
 
 backends.register(backends.Backend("muon", "reference",
                                    skip_on_found_inf(lean.reference(muon_reference, {"momentum_buffer": lean.SIGNED})),
-                                   capturable=True, state_bits=lean.STATE_BITS))
+                                   capturable=True, state_bits=lean.STATE_BITS, kahan_summation=True))
 
 
 class Muon(MupOptimizer):
@@ -192,8 +193,9 @@ class Muon(MupOptimizer):
         capturable: the AdamW part's step counts on the params' device and GradScaler's found_inf
             applied on the device, as :class:`mupopt.AdamW` (the Muon part has no step count).
         maximize: not supported (torch.optim.Muon has none): maximize=True in a group raises.
-        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. stochastic_rounding: as :class:`mupopt.AdamW`,
-            for both parts (Muon's matrices then keep a "step" count in their state for it).
+        wd_mode, backend, base_shapes, overrides: as :class:`mupopt.AdamW`. stochastic_rounding, kahan_summation: as :class:`mupopt.AdamW`,
+            for both parts (Muon's matrices then keep a "step" count in their state for
+            stochastic rounding).
     """
 
     rule = "muon"
@@ -221,6 +223,7 @@ class Muon(MupOptimizer):
         wd_mode: str = "independent",
         state_bits: int = 32,
         stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -233,6 +236,7 @@ class Muon(MupOptimizer):
         )
         defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
+        defaults["kahan_summation"] = kahan_summation
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

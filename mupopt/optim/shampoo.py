@@ -13,7 +13,7 @@ import torch
 
 from .. import backends
 from . import _lean_states as lean
-from ..storage import store_param
+from ..storage import load_param, store_param
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
 from ._base import (MupOptimizer, _agree, _distributed_ready, check, check_betas, check_lr, check_weight_decay, compute_dtype, fp32,
@@ -45,6 +45,7 @@ class ShampooHparams:
     grafting_epsilon: float
     root_method: str
     stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
+    kahan_summation: bool = False  # compensated param stores (mupopt/storage.py)
 
 
 def blocks_of(rows: int, cols: int, max_dim: int) -> list[tuple[slice, slice]]:
@@ -194,10 +195,10 @@ def shampoo_reference_prepare(params, grads, states, mults, hp: ShampooHparams, 
             mom32 = upcast(st["momentum_buffer"], cd)
             mom32.mul_(hp.beta1).add_(direction, alpha=1 - hp.beta1)
             store(st["momentum_buffer"], mom32)
-            p32 = upcast(p, cd)
+            p32 = load_param(p, cd, st, hp.kahan_summation)
             p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
             p32.add_(mom32, alpha=-hp.lr * m.lr / (1 - hp.beta1**t) if hp.beta1 > 0 else -hp.lr * m.lr)
-            store_param(p, p32, st, hp.stochastic_rounding)
+            store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation)
 
     return commit
 
@@ -373,7 +374,7 @@ SHAMPOO_STATES = {"momentum_buffer": lean.SIGNED, "exp_avg_sq": lean.UNSIGNED}  
 
 backends.register(backends.Backend("shampoo", "reference", lean.reference(shampoo_reference, SHAMPOO_STATES),
                                    prepare=lean.reference(shampoo_reference_prepare, SHAMPOO_STATES, prepare=True),
-                                   state_bits=lean.STATE_BITS))
+                                   state_bits=lean.STATE_BITS, kahan_summation=True))
 
 
 class Shampoo(MupOptimizer):
@@ -415,7 +416,7 @@ class Shampoo(MupOptimizer):
         grafting_beta2=0.999, grafting_epsilon=1e-8: the Adam grafting (and 1-D) direction.
         root_method: "eigh" (float32, retried in float64) or "newton" (coupled Newton, matmuls
             only; needs a damping that keeps L and R positive definite).
-        wd_mode, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, kahan_summation, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "shampoo"
@@ -443,6 +444,7 @@ class Shampoo(MupOptimizer):
         wd_mode: str = "independent",
         state_bits: int = 32,
         stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -456,6 +458,7 @@ class Shampoo(MupOptimizer):
         )
         defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
+        defaults["kahan_summation"] = kahan_summation
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from . import _lean_states as lean
-from ..storage import store_param
+from ..storage import load_param, store_param
 from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, compute_dtype, is_number,
                     new_step, skip_on_found_inf, store, upcast)
 
@@ -35,6 +35,7 @@ class SophiaHparams:
     maximize: bool
     capturable: bool = False  # no step count enters the math: nothing changes but found_inf's skip
     stochastic_rounding: bool = False  # param stores (mupopt/storage.py)
+    kahan_summation: bool = False  # compensated param stores (mupopt/storage.py)
 
 
 def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
@@ -49,13 +50,13 @@ def sophia_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
     for p, g, st, m in zip(params, grads, states, mults):
         st["step"] += 1
         cd = compute_dtype(p)
-        p32, m32, h32 = upcast(p, cd), upcast(st["exp_avg"], cd), upcast(st["hessian"], cd)
+        p32, m32, h32 = load_param(p, cd, st, hp.kahan_summation), upcast(st["exp_avg"], cd), upcast(st["hessian"], cd)
         g32 = -upcast(g, cd) if hp.maximize else upcast(g, cd)
         p32.mul_(1 - hp.lr * hp.weight_decay * m.wd)
         m32.mul_(hp.beta1).add_(g32, alpha=1 - hp.beta1)
         ratio = (m32.abs() / (hp.rho * hp.bs * h32 + HESSIAN_FLOOR)).clamp(None, 1)
         p32.addcmul_(m32.sign(), ratio, value=-hp.lr * m.lr)
-        store_param(p, p32, st, hp.stochastic_rounding), store(st["exp_avg"], m32)
+        store_param(p, p32, st, hp.stochastic_rounding, hp.kahan_summation), store(st["exp_avg"], m32)
 
 
 def sophia_hessian_reference(params, grads, states, mults, hp: SophiaHparams) -> None:
@@ -74,14 +75,14 @@ SOPHIA_STATES = {"exp_avg": lean.SIGNED, "hessian": lean.UNSIGNED}
 
 backends.register(backends.Backend(
     "sophia", "reference", skip_on_found_inf(lean.reference(sophia_reference, SOPHIA_STATES, elementwise=True)),
-    capturable=True, state_bits=lean.STATE_BITS))
+    capturable=True, state_bits=lean.STATE_BITS, kahan_summation=True))
 # The Hessian EMA's reference decodes and re-stores h only: re-storing exp_avg, which it does not
 # change, would not be the identity in format 8 (a block whose largest |m| is negative decodes
 # as -0.993*absmax with the signed dynamic map, and re-quantizing shrinks its absmax so).
 backends.register(backends.Backend(
     "sophia_hessian", "reference",
     skip_on_found_inf(lean.reference(sophia_hessian_reference, {"hessian": SOPHIA_STATES["hessian"]}, elementwise=True)),
-    capturable=True, state_bits=lean.STATE_BITS))
+    capturable=True, state_bits=lean.STATE_BITS, kahan_summation=True))
 
 
 def gnb_backward(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -132,7 +133,7 @@ class SophiaG(MupOptimizer):
         params: parameters, named parameters or param groups.
         lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1, maximize: as sophia-opt.
         capturable: as :class:`mupopt.AdamW` (the step count enters no formula here).
-        wd_mode, stochastic_rounding, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
+        wd_mode, stochastic_rounding, kahan_summation, backend, base_shapes, overrides: as :class:`mupopt.AdamW`.
     """
 
     rule = "sophia"
@@ -151,6 +152,7 @@ class SophiaG(MupOptimizer):
         wd_mode: str = "independent",
         state_bits: int = 32,
         stochastic_rounding: bool = False,
+        kahan_summation: bool = False,
         backend: str = "auto",
         base_shapes=None,
         overrides=None,
@@ -162,6 +164,7 @@ class SophiaG(MupOptimizer):
         )
         defaults["state_bits"] = state_bits
         defaults["stochastic_rounding"] = stochastic_rounding
+        defaults["kahan_summation"] = kahan_summation
         super().__init__(params, defaults, backend=backend, base_shapes=base_shapes, overrides=overrides)
 
     def _check_hparams(self, group: dict) -> None:

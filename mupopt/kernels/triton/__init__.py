@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ...mup import Multipliers
-from ...storage import seeds_of
+from ...storage import COMPENSATION, seeds_of
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 PRIORITY = 10
@@ -126,10 +126,10 @@ def unsupported_reason(tensors: Sequence[torch.Tensor], supported=_SUPPORTED_DTY
 #
 # name: (state keys written, state keys only read, params written, step counts incremented)
 _OP_SPECS = {
-    "adamw": (("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), (), True, True),
-    "adopt": (("exp_avg", "exp_avg_sq"), (), True, True),
-    "lamb": (("exp_avg", "exp_avg_sq"), (), True, True),
-    "sophia": (("exp_avg",), ("hessian",), True, True),
+    "adamw": (("exp_avg", "exp_avg_sq", "max_exp_avg_sq", COMPENSATION), (), True, True),
+    "adopt": (("exp_avg", "exp_avg_sq", COMPENSATION), (), True, True),
+    "lamb": (("exp_avg", "exp_avg_sq", COMPENSATION), (), True, True),
+    "sophia": (("exp_avg", COMPENSATION), ("hessian",), True, True),
     # The Hessian EMA writes h only: params are read for their count, step counts untouched.
     "sophia_hessian": (("hessian",), (), False, False),
 }
@@ -290,5 +290,8 @@ def register() -> None:
             backends.Backend(
                 name, "triton", _step_fn(name), priority=PRIORITY, unsupported_reason=unsupported_reason,
                 amp_scaling=True, devices=("cuda",), validates=True, state_bits=STATE_BITS,
+                # kahan_summation: the storage layer's codes 7 and 8 (_common); the Hessian EMA
+                # stores no param.
+                kahan_summation=True,
             )
         )

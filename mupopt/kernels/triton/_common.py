@@ -28,7 +28,8 @@ need one launch (or one compiled signature) per tensor count; packing all tensor
 flat buffer would cost a copy of every parameter per step. The element type of each pointer is
 a compile-time storage code (the ``*_BF16`` arguments; :func:`storage_kind`: 0 float32, 1 (True)
 bfloat16, 2 float16; 3 and 4 bfloat16 and float16 params rounded stochastically; 5 and 6 the
-8-bit states of ``state_bits=8`` with the signed and the unsigned map), so float32, bfloat16 and
+8-bit states of ``state_bits=8`` with the signed and the unsigned map; 7 and 8 bfloat16 and
+float16 params with a compensation, ``kahan_summation``), so float32, bfloat16 and
 float16 storage, and any mix of them between the param, the gradient and each state, is one
 specialisation each.
 
@@ -112,6 +113,10 @@ CACHE_SIZE = 64
 # round stochastically (_store with the tensor's key; keys_arg).
 _KIND = {dtype: int(code) for dtype, code in storage.FORMAT_CODES.items()}
 _STOCHASTIC_KIND = {_KIND[dtype]: int(code) for dtype, code in storage.STOCHASTIC_FORMATS.items()}
+# 7 and 8: bfloat16 and float16 params with a compensation (kahan_summation, mupopt/storage.py):
+# loaded as p + c, stored as p = x rounded, c = x - p rounded; c's address is in the param's
+# block-scale column of the plan row (a param is never in format 8, so the column is free).
+_COMPENSATED_KIND = {_KIND[torch.bfloat16]: 7, _KIND[torch.float16]: 8}
 # Format 8 (state_bits=8, mupopt/optim/_lean_states.py): uint8 codes and a float32 absmax per
 # lean.BLOCK elements; the code says which map decodes them (a state entry's sign is fixed).
 Q8_SIGNED, Q8_UNSIGNED = 5, 6
@@ -150,9 +155,11 @@ def lut(device: torch.device) -> torch.Tensor:
     return _lut(lean.maps, torch.device(device))
 
 
-def param_kind(kind: int, stochastic: bool) -> int:
-    """A param's storage code with stochastic rounding on: 3 for bfloat16, 4 for float16;
-    float32 stores are exact and keep their code."""
+def param_kind(kind: int, stochastic: bool, compensated: bool = False) -> int:
+    """A param's storage code with stochastic rounding on: 3 for bfloat16, 4 for float16; with
+    kahan_summation: 7 and 8; float32 stores are exact and keep their code."""
+    if compensated:
+        return _COMPENSATED_KIND.get(kind, kind)
     return _STOCHASTIC_KIND.get(kind, kind) if stochastic else kind
 
 
@@ -200,7 +207,7 @@ def _chunk_inputs(chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr,
         inv_scale = tl.load(inv_scale_ptr)
     else:
         inv_scale = 1.0  # unused
-    if P_KIND >= 3:
+    if P_KIND == 3 or P_KIND == 4:
         key = tl.load(keys_ptr + slot).to(tl.uint32)
     else:
         key = 0  # unused
@@ -218,8 +225,13 @@ def _load(addr, offs, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED
     compiler from vectorising the full chunks. The address is typed here rather than by a helper
     of its own: on the GPU it is free either way, but each nested jit call costs about 0.7 ms
     per program in the interpreter (AdamW step on the test list: 62 -> 30 ms).
+
+    Codes 7 and 8 (a compensated bfloat16 / float16 param): p + c in float32, c at int64
+    address ``absmax`` (mupopt/storage.py, "Compensated stores").
     """
-    if IS_BF16 >= 5:
+    if IS_BF16 >= 7:
+        x = _load_compensated(addr, offs, mask, IS_BF16, ALIGNED, MASKED, absmax)
+    elif IS_BF16 >= 5:
         x = _load_q8(addr, offs, mask, IS_BF16, MASKED, absmax, lut)
     else:
         if IS_BF16 == 2 or IS_BF16 == 4:
@@ -237,6 +249,55 @@ def _load(addr, offs, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MASKED
         else:
             x = tl.load(ptr + offs).to(tl.float32)
     return x
+
+
+@triton.jit
+def _load_compensated(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, comp):
+    """p + c of a compensated param (codes 7 bfloat16, 8 float16): one rounded float32 addition.
+    c's address carries no alignment hint (the host checks the params' alignment only)."""
+    if KIND == 8:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+        cptr = comp.to(tl.pointer_type(tl.float16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+        cptr = comp.to(tl.pointer_type(tl.bfloat16))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    if MASKED:
+        p = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        p = tl.load(ptr + offs).to(tl.float32)
+        c = tl.load(cptr + offs).to(tl.float32)
+    return p + c
+
+
+@triton.jit
+def _store_compensated(addr, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, comp):
+    """Codes 7 and 8: p = x rounded to nearest even, c = (x - p) rounded (x - p is exact in
+    float32), each stored in the param's dtype."""
+    if KIND == 8:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+        cptr = comp.to(tl.pointer_type(tl.float16))
+        y = x.to(tl.float16)
+        c = (x - y.to(tl.float32)).to(tl.float16)
+    else:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+        cptr = comp.to(tl.pointer_type(tl.bfloat16))
+        if _INTERPRET:
+            y = _bf16_rtne(x)
+            c = _bf16_rtne(x - y.to(tl.float32))
+        else:
+            y = x.to(tl.bfloat16)
+            c = (x - y.to(tl.float32)).to(tl.bfloat16)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    if MASKED:
+        tl.store(ptr + offs, y, mask=mask)
+        tl.store(cptr + offs, c, mask=mask)
+    else:
+        tl.store(ptr + offs, y)
+        tl.store(cptr + offs, c)
 
 
 @triton.jit
@@ -355,8 +416,11 @@ def _store(addr, offs, x, mask, IS_BF16: tl.constexpr, ALIGNED: tl.constexpr, MA
     bf16 and fp16: round to nearest even, as torch; codes 3 and 4: bf16 and fp16 rounded
     stochastically with the random bits of ``key``, the tensor's uint32 key, and ``offs``; 5
     and 6: format 8, :func:`_store_q8`, ``absmax`` and ``lut`` as in :func:`_load`).
+    7 and 8: a compensated param, :func:`_store_compensated`, c at address ``absmax``).
     The storage layer of this backend: a new format is one more code here and in _load."""
-    if IS_BF16 >= 5:
+    if IS_BF16 >= 7:
+        _store_compensated(addr, offs, x, mask, IS_BF16, ALIGNED, MASKED, absmax)
+    elif IS_BF16 >= 5:
         _store_q8(addr, offs, x, mask, IS_BF16, MASKED, absmax, lut)
     else:
         if IS_BF16 == 2 or IS_BF16 == 4:
@@ -423,6 +487,12 @@ def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor
         fail(op, f"{role} {i} is a {type(t).__name__}, a tensor subclass: pass its local tensor")
     if t.device != ref.device:
         fail(op, f"{role} {i} is on {t.device}, its parameter on {ref.device} (one device per call)")
+    if role == "param" and scale is not None:  # a compensation (kahan_summation), shaped like the param
+        if (type(scale) not in _PLAIN or scale.dtype != t.dtype or scale.shape != t.shape or not scale.is_contiguous()
+                or scale.device != t.device):
+            fail(op, f"{storage.COMPENSATION} {i} must be a contiguous {t.dtype} tensor of shape {tuple(t.shape)} on "
+                     f"{t.device}, like its parameter")
+        scale = None
     if sign is not None and (t.dtype == torch.uint8) != (scale is not None):
         fail(op, f"{role} {i} has dtype {t.dtype} and {'a' if scale is not None else 'no'} {role}{lean.ABSMAX} "
                  f"entry: an 8-bit state (state_bits=8) is uint8 codes with float32 block scales")
@@ -629,12 +699,20 @@ def plan_for(
     return plan
 
 
-def plan_states(op: str, params, grads, states, keys: Sequence[str], kinds: dict) -> Plan:
+def plan_states(op: str, params, grads, states, keys: Sequence[str], kinds: dict, compensated: bool = False) -> Plan:
     """The Plan of ``params`` and their state entries ``keys`` (roles "param", then the keys), in
     any state format: 32 or 16 (a float dtype) or 8 (uint8 codes, the block scales of
-    ``key + lean.ABSMAX``, decoded with the map of ``kinds[key]``)."""
+    ``key + lean.ABSMAX``, decoded with the map of ``kinds[key]``). ``compensated``
+    (kahan_summation): each bfloat16 / float16 param's compensation goes in its block-scale
+    column (kernel codes 7 and 8)."""
     static = [params] + [[st[k] for st in states] for k in keys]
-    scales = [None] + [[st.get(k + lean.ABSMAX) for st in states] for k in keys]
+    comps = None
+    if compensated:
+        comps = [st.get(storage.COMPENSATION) for st in states]
+        for i, (p, c) in enumerate(zip(params, comps)):
+            if c is None and storage.compensates(p):
+                fail(op, f"param {i} ({p.dtype}) has no state[{storage.COMPENSATION!r}] (kahan_summation=True)")
+    scales = [comps] + [[st.get(k + lean.ABSMAX) for st in states] for k in keys]
     return plan_for(op, ["param", *keys], static, grads, scales, [None] + [kinds.get(k) for k in keys])
 
 

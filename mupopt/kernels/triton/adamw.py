@@ -27,13 +27,13 @@ _NUM_SCALARS = 4
 
 @triton.jit
 def _adamw_chunk(
-    p_addr, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
+    p_addr, p_comp, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
     decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     VMAX_BF16: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
-    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED, p_comp)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED, m_amax, lut)
     v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED, v_amax, lut)
@@ -53,7 +53,7 @@ def _adamw_chunk(
     else:
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     p = p + step_size * tl.div_rn(m, denom)
-    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key, p_comp)
     _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
     _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED, 0, v_amax, lut)
 
@@ -75,7 +75,7 @@ def _adamw_kernel(
     slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
         chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
     row = ptrs_ptr + slot * ROW
-    p_addr = tl.load(row)
+    p_addr, p_comp = _entry(row, 0, ROW, P_BF16)  # p_comp: codes 7 and 8 only
     m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
     v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     if AMSGRAD:
@@ -88,11 +88,11 @@ def _adamw_kernel(
     bc2_sqrt = tl.load(scal + 2)
     eps = tl.load(scal + 3)
     if full:
-        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
+        _adamw_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
                      decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _adamw_chunk(p_addr, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
+        _adamw_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, vmax_addr, m_amax, v_amax, vmax_amax, lut, offs, mask, key,
                      decay, step_size, bc2_sqrt, eps, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, VMAX_BF16, AMSGRAD, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -103,7 +103,7 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     if not params:
         return
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hp.amsgrad else [])
-    plan = _common.plan_states("adamw", params, grads, states, keys, ADAMW_STATES)
+    plan = _common.plan_states("adamw", params, grads, states, keys, ADAMW_STATES, hp.kahan_summation)
 
     _common.increment_steps(states)
     t = _common.read_steps(states)
@@ -128,7 +128,7 @@ def adamw_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
                 _adamw_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, sr_keys, _common.lut(plan.device),
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
-                P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
+                P_BF16=_common.param_kind(p16, hp.stochastic_rounding, hp.kahan_summation), G_BF16=g16, M_BF16=m16, V_BF16=v16, VMAX_BF16=vmax16,
                 AMSGRAD=hp.amsgrad, MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
                 HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
             )

@@ -31,12 +31,12 @@ _NUM_SCALARS = 6  # padded to an even count (the per-step buffer packs them in i
 
 @triton.jit
 def _adopt_chunk(
-    p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
+    p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
     decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
-    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED, p_comp)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED, m_amax, lut)
     v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED, v_amax, lut)
@@ -53,7 +53,7 @@ def _adopt_chunk(
     p_new = p_new + step * m_new
     v_new = v * beta2 + one_minus_beta2 * g * g
     is_first = first != 0.0
-    _store(p_addr, offs, tl.where(is_first, p, p_new), mask, P_BF16, ALIGNED, MASKED, key)
+    _store(p_addr, offs, tl.where(is_first, p, p_new), mask, P_BF16, ALIGNED, MASKED, key, p_comp)
     _store(m_addr, offs, tl.where(is_first, m, m_new), mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
     _store(v_addr, offs, tl.where(is_first, v + g * g, v_new), mask, V_BF16, ALIGNED, MASKED, 0, v_amax, lut)
 
@@ -75,7 +75,7 @@ def _adopt_kernel(
     slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
         chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
     row = ptrs_ptr + slot * ROW
-    p_addr = tl.load(row)
+    p_addr, p_comp = _entry(row, 0, ROW, P_BF16)  # p_comp: codes 7 and 8 only
     m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
     v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     scal = scalars_ptr + slot * 6
@@ -85,11 +85,11 @@ def _adopt_kernel(
     clip = tl.load(scal + 3)
     first = tl.load(scal + 4)
     if full:
-        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
+        _adopt_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                      decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _adopt_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
+        _adopt_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                      decay_alpha, step, eps, clip, first, beta1_weight, beta2, one_minus_beta2, inv_scale,
                      P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -99,7 +99,7 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
     ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
-    plan = _common.plan_states("adopt", params, grads, states, ("exp_avg", "exp_avg_sq"), ADOPT_STATES)
+    plan = _common.plan_states("adopt", params, grads, states, ("exp_avg", "exp_avg_sq"), ADOPT_STATES, hp.kahan_summation)
 
     s = _common.read_steps(states)  # before the increment
     _common.increment_steps(states)
@@ -123,7 +123,7 @@ def adopt_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None:
                 _adopt_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, sr_keys, _common.lut(plan.device),
                 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2,
-                P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16,
+                P_BF16=_common.param_kind(p16, hp.stochastic_rounding, hp.kahan_summation), G_BF16=g16, M_BF16=m16, V_BF16=v16,
                 MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
                 HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
             )

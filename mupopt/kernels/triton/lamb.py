@@ -72,12 +72,12 @@ def _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay):
 
 
 @triton.jit
-def _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
+def _lamb_norms_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
                       bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                       P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                       MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
                       HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED, p_comp)
     # g stays scaled in memory until pass 3 (which may read it again) has used it.
     m, v = _lamb_moments(g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, beta1_weight, beta2,
                          one_minus_beta2, inv_scale, G_BF16, M_BF16, V_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE,
@@ -113,7 +113,7 @@ def _lamb_norms_kernel(
     slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
         chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, numel_ptr, 0, HAS_GRAD_SCALE, BLOCK)
     row = ptrs_ptr + slot * ROW
-    p_addr = tl.load(row)
+    p_addr, p_comp = _entry(row, 0, ROW, P_BF16)  # p_comp: codes 7 and 8 only
     m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
     v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     scal = scalars_ptr + slot * 4
@@ -121,11 +121,11 @@ def _lamb_norms_kernel(
     bc2 = tl.load(scal + 1)
     eps = tl.load(scal + 2)
     if full:
-        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
+        _lamb_norms_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
                           bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _lamb_norms_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
+        _lamb_norms_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, partials_ptr, offs, mask,
                           bc1, bc2, eps, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                           P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -174,12 +174,12 @@ def _lamb_trust_kernel(
 
 
 @triton.jit
-def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
+def _lamb_update_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                        bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                        P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, V_BF16: tl.constexpr,
                        MAXIMIZE: tl.constexpr, MOMENTS_IN_PASS_1: tl.constexpr, ALIGNED: tl.constexpr,
                        HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
-    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED, p_comp)
     if MOMENTS_IN_PASS_1:
         m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED)
         v = _load(v_addr, offs, mask, V_BF16, ALIGNED, MASKED)
@@ -193,7 +193,7 @@ def _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs
         _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
         _store(v_addr, offs, v, mask, V_BF16, ALIGNED, MASKED, 0, v_amax, lut)
     u = _lamb_direction(p, m, v, bc1, bc2, eps, weight_decay)
-    _store(p_addr, offs, p + step * (u * trust), mask, P_BF16, ALIGNED, MASKED, key)
+    _store(p_addr, offs, p + step * (u * trust), mask, P_BF16, ALIGNED, MASKED, key, p_comp)
 
 
 @triton.jit
@@ -209,7 +209,7 @@ def _lamb_update_kernel(
     slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
         chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
     row = ptrs_ptr + slot * ROW
-    p_addr = tl.load(row)
+    p_addr, p_comp = _entry(row, 0, ROW, P_BF16)  # p_comp: codes 7 and 8 only
     m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
     v_addr, v_amax = _entry(row, 2, ROW, V_BF16)
     scal = scalars_ptr + slot * 4
@@ -219,11 +219,11 @@ def _lamb_update_kernel(
     step = tl.load(scal + 3)
     trust = tl.load(trust_ptr + slot)
     if full:
-        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
+        _lamb_update_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                            bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _lamb_update_chunk(p_addr, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
+        _lamb_update_chunk(p_addr, p_comp, g_addr, m_addr, v_addr, m_amax, v_amax, lut, offs, mask, key,
                            bc1, bc2, eps, step, trust, beta1_weight, beta2, one_minus_beta2, weight_decay, inv_scale,
                            P_BF16, G_BF16, M_BF16, V_BF16, MAXIMIZE, MOMENTS_IN_PASS_1, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -237,7 +237,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     trust ratios from the reduced sums and the update passes."""
     if not params:
         return
-    plan = _common.plan_states("lamb", params, grads, states, ("exp_avg", "exp_avg_sq"), LAMB_STATES)
+    plan = _common.plan_states("lamb", params, grads, states, ("exp_avg", "exp_avg_sq"), LAMB_STATES, hp.kahan_summation)
 
     _common.increment_steps(states)
     t = _common.read_steps(states)
@@ -262,7 +262,7 @@ def lamb_triton(params, grads, states, mults, hp, inv_grad_scale=None, *, norm_r
     def meta(launch):
         p16, m16, v16, g16 = launch.kinds
         return dict(
-            P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
+            P_BF16=_common.param_kind(p16, hp.stochastic_rounding, hp.kahan_summation), G_BF16=g16, M_BF16=m16, V_BF16=v16, MAXIMIZE=hp.maximize,
             MOMENTS_IN_PASS_1=not (m16 or v16), ALIGNED=launch.aligned and grads_aligned,
             HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
         )

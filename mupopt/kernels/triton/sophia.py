@@ -27,12 +27,12 @@ _NUM_SCALARS = 2
 
 @triton.jit
 def _sophia_chunk(
-    p_addr, g_addr, m_addr, h_addr, m_amax, h_amax, lut, offs, mask, key,
+    p_addr, p_comp, g_addr, m_addr, h_addr, m_amax, h_amax, lut, offs, mask, key,
     decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
     P_BF16: tl.constexpr, G_BF16: tl.constexpr, M_BF16: tl.constexpr, H_BF16: tl.constexpr,
     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr,
 ):
-    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED)
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, MASKED, p_comp)
     g = _load(g_addr, offs, mask, G_BF16, ALIGNED, MASKED)
     m = _load(m_addr, offs, mask, M_BF16, ALIGNED, MASKED, m_amax, lut)
     h = _load(h_addr, offs, mask, H_BF16, ALIGNED, MASKED, h_amax, lut)
@@ -47,7 +47,7 @@ def _sophia_chunk(
     ratio = tl.minimum(tl.div_rn(tl.abs(m), rho_bs * h + hessian_floor), 1.0, propagate_nan=tl.PropagateNan.ALL)
     sign = tl.where(m > 0.0, 1.0, tl.where(m < 0.0, -1.0, 0.0))
     p = p + step * sign * ratio
-    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, MASKED, key, p_comp)
     _store(m_addr, offs, m, mask, M_BF16, ALIGNED, MASKED, 0, m_amax, lut)
 
 
@@ -68,17 +68,17 @@ def _sophia_kernel(
     slot, offs, mask, full, g_addr, inv_scale, key = _chunk_inputs(
         chunks_ptr, numel_ptr, grad_ptrs_ptr, inv_scale_ptr, keys_ptr, P_BF16, HAS_GRAD_SCALE, BLOCK)
     row = ptrs_ptr + slot * ROW
-    p_addr = tl.load(row)
+    p_addr, p_comp = _entry(row, 0, ROW, P_BF16)  # p_comp: codes 7 and 8 only
     m_addr, m_amax = _entry(row, 1, ROW, M_BF16)
     h_addr, h_amax = _entry(row, 2, ROW, H_BF16)
     decay = tl.load(scalars_ptr + slot * 2)
     step = tl.load(scalars_ptr + slot * 2 + 1)
     if full:
-        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, m_amax, h_amax, lut, offs, mask, key,
+        _sophia_chunk(p_addr, p_comp, g_addr, m_addr, h_addr, m_amax, h_amax, lut, offs, mask, key,
                       decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
                       P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, False)
     else:
-        _sophia_chunk(p_addr, g_addr, m_addr, h_addr, m_amax, h_amax, lut, offs, mask, key,
+        _sophia_chunk(p_addr, p_comp, g_addr, m_addr, h_addr, m_amax, h_amax, lut, offs, mask, key,
                       decay, step, beta1, one_minus_beta1, rho_bs, hessian_floor, inv_scale,
                       P_BF16, G_BF16, M_BF16, H_BF16, MAXIMIZE, ALIGNED, HAS_GRAD_SCALE, True)
 
@@ -122,7 +122,7 @@ def sophia_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None
     ``inv_grad_scale``, GradScaler's unscale: see mupopt.backends)."""
     if not params:
         return
-    plan = _common.plan_states("sophia", params, grads, states, ("exp_avg", "hessian"), SOPHIA_STATES)
+    plan = _common.plan_states("sophia", params, grads, states, ("exp_avg", "hessian"), SOPHIA_STATES, hp.kahan_summation)
 
     _common.increment_steps(states)
     mult = _common.mult_table(mults)
@@ -142,7 +142,7 @@ def sophia_triton(params, grads, states, mults, hp, inv_grad_scale=None) -> None
                 _sophia_kernel, (launch.n_chunks,),
                 plan.ptrs, grad_ptrs, scal, plan.numel, launch.chunks, inv_scale, sr_keys, _common.lut(plan.device),
                 hp.beta1, 1.0 - hp.beta1, hp.rho * hp.bs, HESSIAN_FLOOR,
-                P_BF16=_common.param_kind(p16, hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, H_BF16=h16,
+                P_BF16=_common.param_kind(p16, hp.stochastic_rounding, hp.kahan_summation), G_BF16=g16, M_BF16=m16, H_BF16=h16,
                 MAXIMIZE=hp.maximize, ALIGNED=launch.aligned and grads_aligned,
                 HAS_GRAD_SCALE=inv_grad_scale is not None, ROW=plan.row, BLOCK=_common.BLOCK,
             )
