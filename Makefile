@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml Makefile
 verify: $(STAMP)
 	$(BIN)/mupopt verify
 
+# One pytest worker per core (pytest-xdist), each test file whole on one worker (its module
+# fixtures, e.g. the 4-rank spawns, run once): the suite waits on compiles (nvcc, the C++
+# library from a wheel) and on spawned ranks, which another file's tests then overlap.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info
