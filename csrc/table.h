@@ -184,6 +184,7 @@ inline QuantTable check_map(const char* op, size_t k, const at::Tensor& m) {
   q.value_planes = reinterpret_cast<const uint8_t*>(v);
   q.mid_planes = reinterpret_cast<const uint8_t*>(v + 256);
   q.pivots = reinterpret_cast<const uint16_t*>(v + 512);
+  if (v[704 + 130] != 0) q.lines = reinterpret_cast<const float*>(v + 704);  // ops.py's _rank_lines
   return q;
 }
 

@@ -299,13 +299,20 @@ def _codec_values(name, kind):
     of absmax 1 (each block led by 1.0, so y = x exactly), the same blocks scaled by 2^-100 and
     2^100 (y exact again) and by 3.7 (y rounded by the division); blocks with NaN, inf, -inf,
     both infinities, all zeros, subnormal and huge absmax; a random sample of several scales;
-    and a partial last block (a tensor tail of 77 elements)."""
+    and a partial last block (a tensor tail of 77 elements). For the VBMI codec's rank lines
+    (mupopt/kernels/cpp/ops.py's _rank_lines: one line per decade of the dynamic map, picked by
+    binade): the powers of two and the decades' ends 10^-e with their neighbours, and every
+    4099th float32 pattern of [0, 1] (the whole range at about 250 points per binade;
+    benchmarks/bench_q8_codec.py --check 1 takes all of them)."""
     values, mid = lean.map_tensor(kind, name=name)
     ys = [mid, values, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, -1e-45, 2**-126, -2**-126])]
     for d in (1, 2, 3):
         ys += [torch.nextafter(mid, mid + d), torch.nextafter(mid, mid - d)]
     bits = mid.view(torch.int32)
     ys += [(bits + d).view(torch.float32) for d in (-2, -1, 1, 2)]
+    ends = torch.tensor([2.0**-e for e in range(40)] + [10.0**-e for e in range(9)]).view(torch.int32)
+    ys += [(ends + d).view(torch.float32) for d in range(-2, 3)]
+    ys += [torch.arange(0, 0x3F800001, 4099, dtype=torch.int32).view(torch.float32)]
     ys += [-y for y in ys]
     y = torch.cat(ys)
     y = y[y.abs() <= 1]
@@ -351,6 +358,40 @@ def test_block_codec_equals_the_spec(name, kind, codec, monkeypatch):
     wrong = (codes != want_codes).nonzero().view(-1)
     assert wrong.numel() == 0, f"{wrong.numel()} codes differ, first at {wrong[:5].tolist()}: x={x[wrong[:5]].tolist()}"
     assert torch.equal(_bits(decoded), _bits(lean.dequantize(want_codes, want_absmax, kind)))
+
+
+@pytest.mark.parametrize("kind", [lean.SIGNED, lean.UNSIGNED])
+@pytest.mark.parametrize("name", lean.MAP_NAMES)
+def test_rank_lines_where_the_map_is_linear_per_decade(name, kind):
+    """The VBMI codec's closed-form search (ops.py's _rank_lines) is on for the dynamic maps and
+    the signed linear one, off for the square-root map (no lines: the rank search), and its
+    lines (in float64 here) place every midpoint c within 0.3 of rho = c + 1/2 (0.25 off at the
+    top one, between the map's last value and 1.0): rho rises with y, so trunc(rho(y)) is the
+    code or one below it wherever rho's float32 error is below 0.2. The map values sit within
+    0.5 of their codes (0 is 0.28-0.39 above: no decade's line runs through it). The codec's
+    exactness is test_block_codec_equals_the_spec's."""
+    from mupopt.kernels.cpp.ops import map_table
+
+    words = map_table(kind, name)[-132:]
+    values, mid = lean.map_tensor(kind, name=name)
+    on = not (name == "linear-sqrt" and kind == lean.UNSIGNED)
+    assert int(words[130]) == int(on)
+    if not on:
+        return
+    assert int(words[129]) == int(kind == lean.SIGNED)
+    lines = words[:128].view(torch.float32).double().view(4, 32)
+
+    def rho(y):
+        t = y.double().abs() if kind == lean.SIGNED else y.double().clamp(min=0)
+        b = (t.clamp(min=2.0**-31).float().view(torch.int32) >> 23).long() & 31
+        r = torch.minimum(t * lines[0, b] + lines[1, b], t * lines[2, b] + lines[3, b])
+        return torch.where(y < 0, 254 - r, r) if kind == lean.SIGNED else r
+
+    used = lean.used_codes(name, kind)
+    codes = torch.arange(used - (name == "dynamic"), dtype=torch.float64)  # 1.0 at 255: no line
+    assert (rho(values[:codes.numel()]) - codes).abs().max() < 0.5
+    assert (rho(mid) - torch.arange(mid.numel()) - 0.5).abs().max() < 0.3
+    assert (rho(mid).diff() > 0).all()
 
 
 def test_block_codec_in_the_loops_on_midpoints():

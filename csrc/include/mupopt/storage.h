@@ -174,9 +174,10 @@ constexpr int kQuantBlock = 256;
 // > t; t = 0xFFFF where the bucket holds no midpoint (never true).
 // After the entries, kQuantVectorWords words for the AVX-512 VBMI codec (csrc/cpu/q8_vbmi.h,
 // which documents them): the values and the midpoints as byte planes, and the pivots of a rank
-// search over the midpoints' 16-bit keys.
+// search over the midpoints' 16-bit keys, then 132 words of its closed-form search (the rank
+// lines of ops.py's _rank_lines; ``lines`` is null where the map has none).
 constexpr int kQuantHeader = 258;
-constexpr int kQuantVectorWords = 704;
+constexpr int kQuantVectorWords = 704 + 132;
 struct QuantTable {
   const float* value = nullptr;      // 256 map values
   const uint32_t* entry = nullptr;   // 2 * count bucket entries
@@ -184,6 +185,7 @@ struct QuantTable {
   const uint8_t* value_planes = nullptr;  // [4][256]: byte j of value[c] at [j][c]
   const uint8_t* mid_planes = nullptr;    // [4][256]: byte j of the c-th midpoint (NaN past the last)
   const uint16_t* pivots = nullptr;       // 384 keys of the rank search
+  const float* lines = nullptr;           // 132 words of rank lines, or null (q8_vbmi.h)
 };
 
 // The code of x in a block of absmax ``amax`` (``div``: amax where amax > 0, else 1; ``pos``:

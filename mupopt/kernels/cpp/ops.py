@@ -88,13 +88,68 @@ def _vector_tables(values: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     return torch.cat([*planes, pivots.view(torch.int32)])
 
 
+RANK_LINE_WORDS = 132  # after _vector_tables' 704 words: csrc/include/mupopt/storage.h, kQuantVectorWords
+
+
+def _decade(t: float) -> int:
+    """The decade e of the dynamic map holding magnitude ``t`` (t in (10^-(e+1), 10^-e]; 6 below)."""
+    e = 0
+    while e < 6 and t <= 10.0 ** -(e + 1):
+        e += 1
+    return e
+
+
+def _rank_lines(name: str, kind: str, values: torch.Tensor) -> torch.Tensor:
+    """The closed-form code search of the VBMI codec (csrc/cpu/q8_vbmi.h, encode_lines), as int32
+    words, for the maps whose codes are linear in y within each binade but for at most one kink:
+    the continuous rank rho(t) of a magnitude t (rho(MAP[c]) = c, rho(midpoint c) = c + 1/2 up to
+    the float32 roundings) is the minimum of two lines per binade [2^(b-31), 2^(b-30)), b < 32.
+
+    - "dynamic" (Dettmers et al. 2021; _lean_states._dynamic): decade e holds n = 2^f values
+      10^-e (0.1 + 0.9 (k + 1/2) / n) at codes start_e + k, so rho = start_e + k where
+      k + 1/2 = (t 10^e - 0.1) n / 0.9: the line t * 10^e n / 0.9 + start_e - 1/2 - n / 9. Each
+      decade's line is steeper than the next one up (density 5^e up to a factor), and the lines of
+      neighbouring decades meet at 10^-e, so the minimum of the (at most two) decades a binade
+      meets is rho. Decade 6's line also holds down to 0 (rho(0) = start_6 - 1/2 - n / 9).
+    - "linear-sqrt" signed: rho = 127 + 127 t (values (k - 127) / 127).
+
+    A signed map mirrors negative y: rho(y) = 254 - rho(|y|) (MAP[254 - c] = -MAP[c] on codes
+    0..254, and the float32 midpoints mirror exactly). The "linear-sqrt" unsigned map (values
+    ((k + 1) / 256)^2) has no lines: all words zero, the codec keeps its rank search.
+    Layout: slope and intercept of the lower line (32 each), of the upper line, then the top code
+    (float32; where a NaN y lands), signed (0 / 1), enabled (0 / 1) and a zero word."""
+    words = torch.zeros(RANK_LINE_WORDS, dtype=torch.int32)
+    signed = kind == lean.SIGNED
+    if name == "dynamic":
+        bits = 7 if signed else 8
+        decades = []
+        for e in range(7):
+            n = 2 ** (bits - 1 - e)
+            first = torch.tensor(10.0 ** -e * (0.1 + 0.9 * 0.5 / n), dtype=torch.float32)
+            start = int((values == first).nonzero())
+            decades.append((10.0 ** e * n / 0.9, start - 0.5 - n / 9))
+        lines = [(decades[_decade(2.0 ** (b - 31))], decades[_decade(min(2.0 ** (b - 30), 1.0) * (1 - 1e-9))])
+                 for b in range(32)]
+    elif name == "linear-sqrt" and signed:
+        lines = [((127.0, 127.0), (127.0, 127.0))] * 32
+    else:
+        return words
+    f = torch.tensor([[lo[0] for lo, _ in lines], [lo[1] for lo, _ in lines],
+                      [hi[0] for _, hi in lines], [hi[1] for _, hi in lines]], dtype=torch.float32)
+    words[:128] = f.reshape(-1).view(torch.int32)
+    words[128] = torch.tensor([float(lean.used_codes(name, kind) - 1)], dtype=torch.float32).view(torch.int32)
+    words[129] = int(signed)
+    words[130] = 1
+    return words
+
+
 def map_table(kind: str, name: str | None = None) -> torch.Tensor:
     """The int32 table of format 8's map ``name`` (default: the one in use) for ``kind``, as the
     C++ loops read it (csrc/include/mupopt/storage.h, QuantTable): the 256 map values (float32
     bits), lo, count, then 2*count bucket entries ``base << 16 | t`` for the magnitude buckets
     lo .. lo+count-1 of y >= 0, then of y < 0, then the 704 words of the vector codec's tables
-    (:func:`_vector_tables`). Made from the spec's own tables (``_lean_states._tables`` and
-    ``_buckets``), so the maps are defined once. A CPU tensor for CPU and CUDA ops alike: the
+    (:func:`_vector_tables`) and its 132 words of rank lines (:func:`_rank_lines`). Made from the
+    spec's own tables (``_lean_states._tables`` and ``_buckets``), so the maps are defined once. A CPU tensor for CPU and CUDA ops alike: the
     CUDA ops copy it to the device with their launch table and the kernel its values and bucket
     entries into shared memory (csrc/bindings_cuda.cpp, multi_tensor.h's q8_chunk)."""
     name = name or lean.maps
@@ -123,7 +178,7 @@ def map_table(kind: str, name: str | None = None) -> torch.Tensor:
         table = torch.cat([values.view(torch.int32).long(), header, body])
         # int32 two's complement of the uint32 entries
         table = torch.where(table >= 1 << 31, table - (1 << 32), table).to(torch.int32)
-        _TABLES[key] = torch.cat([table, _vector_tables(values, mid)])
+        _TABLES[key] = torch.cat([table, _vector_tables(values, mid), _rank_lines(name, kind, values)])
     return _TABLES[key]
 
 
