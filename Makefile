@@ -28,11 +28,10 @@ $(STAMP): pyproject.toml Makefile
 verify: $(STAMP)
 	$(BIN)/mupopt verify
 
-# One pytest worker per core (pytest-xdist), each test file whole on one worker (its module
-# fixtures, e.g. the 4-rank spawns, run once): the suite waits on compiles (nvcc, the C++
-# library from a wheel) and on spawned ranks, which another file's tests then overlap.
+# Serial on purpose: pytest-xdist (-n auto --dist loadfile) was no faster on 2 cores (a clean
+# CI run: tests 1385 s, against 1170-1461 s serial; the suite is CPU-bound on both cores).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info
