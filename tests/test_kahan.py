@@ -17,6 +17,7 @@ import torch
 import mupopt
 from mupopt import storage
 from mupopt.optim._base import BackendFallbackWarning
+from test_stochastic_rounding import _train
 
 SIX = {
     "adamw": (mupopt.AdamW, dict(lr=1e-4, weight_decay=0.0)),
@@ -165,18 +166,6 @@ def test_bf16_stall_gone(name):
 
 
 # -- checkpoints, copies, memory ------------------------------------------------------------
-def _train(factory, steps, p=None, opt=None, dtype=torch.bfloat16, gen_seed=1):
-    if p is None:
-        p = torch.nn.Parameter(torch.randn(32, 48).to(dtype))
-    if opt is None:
-        opt = factory([p])
-    g = torch.Generator().manual_seed(gen_seed)
-    for _ in range(steps):
-        p.grad = torch.randn(32, 48, generator=g).to(p.dtype)
-        opt.step()
-    return p, opt
-
-
 @pytest.mark.parametrize("name", list(SIX))
 def test_state_dict_resume_bit_exact(name):
     """Save after 4 steps, continue 4: a fresh optimizer (option off: the loaded group turns it
