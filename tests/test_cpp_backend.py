@@ -648,9 +648,15 @@ def test_without_compiler_auto_falls_back_and_explicit_raises(tmp_path):
 
 
 def test_a_wheel_carries_the_sources(tmp_path):
-    """An installed wheel (not the editable checkout) builds the cpu library from the copy of
-    csrc/ it carries as package data. The wheel is built from a copy of the checkout, so that
-    setuptools writes nothing into the checkout, and imported from outside it."""
+    """An installed wheel (not the editable checkout) carries csrc/ as package data, every source
+    file byte for byte (the cache digest of its copy equals the checkout's), so the cpu library
+    loads from the copy, from outside the checkout, without a second build: the build cache is
+    shared by identical sources wherever they lie (mupopt/kernels/cpp/build.py). A file missing
+    from the wheel changes the digest; the child then builds (or fails) and says so. The wheel is
+    built from a copy of the checkout, so that setuptools writes nothing into the checkout."""
+    from mupopt.kernels.cpp import build
+
+    assert build.load_cpu() is True  # the checkout's library, in this process's cache
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
@@ -664,21 +670,24 @@ def test_a_wheel_carries_the_sources(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("mupopt-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
                    timeout=300)
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(tmp_path / "site"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     env.pop("MUPOPT_CSRC", None)
     code = """
         import sys, torch, mupopt
         from mupopt.kernels.cpp import build
-        site = sys.argv[1]
+        site, digest = sys.argv[1], sys.argv[2]
         assert mupopt.__file__.startswith(site), mupopt.__file__
         assert str(build.csrc_dir()).startswith(site) and not build.csrc_dir().is_symlink(), build.csrc_dir()
+        assert build._digest("cpu", build.CXX_FLAGS) == digest, "the wheel's sources differ from the checkout's"
         assert build.load_cpu() is True
+        assert [ld["how"] for ld in build.loads] == ["cached"], build.loads
         p = torch.ones(5, requires_grad=True); p.grad = torch.ones(5)
         mupopt.AdamW([p], backend="cpu", lr=0.1).step()
         assert p.detach().lt(1).all()
         print("ok")
         """
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "site")], env=env,
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "site"),
+                          build._digest("cpu", build.CXX_FLAGS)], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 

@@ -8,10 +8,13 @@ can run (``auto``), calls :func:`load_cpu` / :func:`load_cuda`, which try once p
 remember the outcome, success or the reason for failure.
 
 Cache: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions/py<ver>_<cpu|cuXY>``), one
-directory per library named after a digest of the sources' folder (its real path), every file
-in it, the flags and the torch version, so an edited source, another checkout, an installed
-wheel's copy or another torch builds anew and never overwrites a library another process has
-loaded (the folder matters too: torch's build files name the sources by absolute path).
+directory per library named after a digest of every source file (its path relative to the
+sources' folder and its bytes), the flags and the torch version, so an edited source or another
+torch builds anew, and a checkout, another checkout of the same commit and an installed wheel's
+copy share one library. Not the folder: a complete library is loaded from the cache without
+torch's build (below), so two folders of identical sources never rebuild over each other
+(torch's ninja file names the sources by absolute path; it is only written by a build, which
+runs only where the library is missing).
 
 Loading a built library: when the cache holds the library of this digest and no build of it is
 under way (torch's ``lock`` file in its folder), it is loaded directly with
@@ -90,7 +93,6 @@ def _digest(kind: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     h.update(f"{kind}|{torch.__version__}|{torch.version.cuda}|{' '.join(flags)}".encode())
     root = csrc_dir()
-    h.update(str(root.resolve()).encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".cuh")):
         rel = path.relative_to(root).as_posix()
         if kind == "cpu" and (rel.startswith("cuda/") or rel == "bindings_cuda.cpp"):
