@@ -5,6 +5,7 @@ import importlib.util
 
 import torch
 
+import interpreter_speed
 import triton_mode
 
 # triton.language's own @triton.jit helpers (tl.sum, tl.max, tl.cdiv, ...) take the mode of the
@@ -16,3 +17,4 @@ import triton_mode
 if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
     with triton_mode.defining_kernels():
         import triton.language  # noqa: F401
+    interpreter_speed.install()  # test speed only: tests/interpreter_speed.py

@@ -708,6 +708,10 @@ SCENARIOS = {"steps": scenario_steps, "lean_steps": scenario_lean_steps, "sr_sha
 
 def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:
     os.environ.update(env)
+    if env.get("TRITON_INTERPRET") == "1":
+        import interpreter_speed
+
+        interpreter_speed.install()  # test speed only: tests/interpreter_speed.py
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)

@@ -96,7 +96,9 @@ def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
     """Under TRITON_INTERPRET=1 the Triton backends of Muon (never checked before: a 1-D probe
     left it out) and Shampoo (failed at a tolerance tighter than its roots allow) are checked
     and pass."""
-    code = textwrap.dedent("""
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n" + textwrap.dedent("""
+        import interpreter_speed
+        interpreter_speed.install()  # test speed only
         from mupopt import verify
         rows = verify.run(["cpu"], steps=10, optimizers=["muon", "shampoo"], backend_names=["triton"])
         print(verify.format_rows(rows))
