@@ -271,7 +271,11 @@ def test_compensated_kernels_compile_for_sm90():
 
 def test_compiled_step_writes_the_compensation():
     """torch.compile(opt.step): the Triton custom op (in the graph) lists the compensation among
-    the entries it writes, so 3 compiled steps leave params and compensations as 3 eager ones."""
+    the entries it writes, so 3 compiled steps leave params and compensations as 3 eager ones.
+    Each group mixes float32 params (no compensation: an empty placeholder in the op's list)
+    with bf16 ones, a float32 param first in one group and last in the other: the op once
+    took its entries from the first param's state (an InterpreterError of a fake tensor when a
+    bf16 param came first, a missing compensation when a float32 one did)."""
     import torch._dynamo
 
     graphs = []
@@ -284,16 +288,24 @@ def test_compiled_step_writes_the_compensation():
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)).bfloat16()
-        opt = mupopt.AdamW(model.parameters(), lr=1e-2, backend="triton", kahan_summation=True)
+        scales = [torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(3))]  # float32
+        (w1, b1), (w2, b2) = model[0].parameters(), model[1].parameters()
+        groups = [{"params": [scales[0], w1, b1]}, {"params": [w2, b2, scales[1]]}]
+        opt = mupopt.AdamW(groups, lr=1e-2, backend="triton", kahan_summation=True)
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3)).bfloat16()
         step = torch.compile(opt.step, backend=recording) if compiled else opt.step
         for _ in range(3):
             opt.zero_grad()
-            model(x).float().pow(2).mean().backward()
+            h = model[0](x).float() * scales[0]
+            (model[1](h.bfloat16()).float() * scales[1]).pow(2).mean().backward()
             step()
-        return [t.detach().clone() for p in model.parameters() for t in (p, opt.state[p][KEY])]
+        assert all(KEY not in opt.state[s] for s in scales)
+        return ([t.detach().clone() for p in model.parameters() for t in (p, opt.state[p][KEY])],
+                [s.detach().clone() for s in scales])
 
-    eager, compiled = run(False), run(True)
-    assert any("torch.ops.mupopt.adamw_triton_" in g for g in graphs)
+    (eager, eager32), (compiled, compiled32) = run(False), run(True)
+    assert sum("torch.ops.mupopt.adamw_triton_" in g for g in graphs) >= 1
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(eager, compiled))
+    assert all(torch.equal(a, b) for a, b in zip(eager32, compiled32))
     assert any(bool(c.ne(0).any()) for c in compiled[1::2])
+    assert all(bool(s.ne(1).all()) for s in compiled32)  # the float32 params were stepped
