@@ -268,16 +268,20 @@ def scenario_lean_steps(spec: dict) -> dict:
 
 
 def local_states(model: nn.Module, opt) -> dict:
-    """{name: {"index": local_index(p), "state": p's state, "param": p}}, each tensor this rank's
-    local shard, cloned."""
+    """{name: {"index": local_index(p), "state": p's state, "param": p, "placed": keys}}, each
+    tensor this rank's local shard, cloned; "placed": the state entries that are DTensors placed
+    as p is (mesh and placements)."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in model.named_parameters():
-        st = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in opt.state.get(p, {}).items()
+        state = opt.state.get(p, {})
+        st = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in state.items()
               if isinstance(v, torch.Tensor)}
+        placed = {k for k, v in state.items() if isinstance(v, DTensor) and isinstance(p, DTensor)
+                  and v.device_mesh == p.device_mesh and v.placements == p.placements}
         mine = p.to_local() if isinstance(p, DTensor) else p
-        out[name] = {"index": local_index(p), "state": st, "param": mine.detach().clone()}
+        out[name] = {"index": local_index(p), "state": st, "param": mine.detach().clone(), "placed": placed}
     return out
 
 

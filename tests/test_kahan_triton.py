@@ -1,7 +1,8 @@
 """kahan_summation in the "triton" backend (under TRITON_INTERPRET=1 on CPU tensors where there
 is no CUDA): the storage layer's compensated codes 7 and 8 (_common._load / _store) and the
-four elementwise optimizers' steps equal the reference backend's bit for bit, params and
-compensations; Muon and Shampoo's Triton kernels lack it (registry: auto falls back)."""
+four elementwise optimizers' steps, and Muon's and Shampoo's, equal the backend's own float32
+step on p + c followed by the split, bit for bit, and the reference backend's within the
+documented float32 gap."""
 from __future__ import annotations
 
 import importlib.util
@@ -133,18 +134,78 @@ def test_missing_compensation_refused():
         adamw_triton([p], [torch.randn(16).bfloat16()], [st], [mupopt.mup.Multipliers(1.0, 1.0, 1.0)], hp)
 
 
-@pytest.mark.parametrize("cls", [mupopt.Muon, mupopt.Shampoo])
-def test_matrix_optimizers_refuse_explicitly(cls):
-    """Muon's and Shampoo's Triton kernels have no compensated store: backend="triton" raises at
-    the first step with a bf16 param, before anything is written (auto would fall back)."""
+# Muon (its AdamW part: the vector, through the adamw kernel) and Shampoo (blocks of 8: the
+# (12, 8) and (6, 10) matrices are cut into blocks whose update rows start at offsets inside the
+# tensor, where p and c are addressed alike).
+MATRIX = {"muon": (mupopt.Muon, dict(ns_dtype=torch.float32)),
+          "shampoo": (mupopt.Shampoo, dict(max_preconditioner_dim=8))}
+MATRIX_SHAPES = [(12, 8), (6, 10), (5,)]
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_matrix_step_is_its_float32_step_then_split(name):
+    """Muon's and Shampoo's kernels with the compensated param codes, bit for bit: a bf16 step
+    with the option equals the same backend's step of a float32 param set to p + c (bf16 states,
+    state_bits=16), rounded to nearest into p and the remainder into c. Gradients are multiples
+    of 1/8 in [-3/8, 3/8]: Shampoo's statistics of bf16 gradients take another MMA path than
+    those of float32 ones (tensor-core operands), whose sums of products agree in every bit
+    only where they are exact. And within the float32 sqrt / Newton-Schulz gap of the reference
+    backend (as test_elementwise_same_as_reference): p + c within 4 float32 ulps of the largest
+    |p| plus one spacing of c per step."""
+    cls, kw = MATRIX[name]
     torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(32, 16).bfloat16())
-    opt = cls([w], lr=1e-3, kahan_summation=True, backend="triton")
-    w.grad = torch.randn(32, 16).bfloat16()
-    before = w.detach().clone()
-    with pytest.raises(RuntimeError, match="kahan_summation=True"):
-        opt.step()
-    assert torch.equal(w.detach().view(torch.int16), before.view(torch.int16)) and not opt.state[w]
+    ps = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in MATRIX_SHAPES]
+    qs = [torch.nn.Parameter(p.detach().float().clone()) for p in ps]
+    rs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = cls(ps, lr=1e-2, kahan_summation=True, backend="triton", **kw)
+    f32 = cls(qs, lr=1e-2, state_bits=16, backend="triton", **kw)
+    ref = cls(rs, lr=1e-2, kahan_summation=True, backend="reference", **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        for p, q, r in zip(ps, qs, rs):
+            p.grad = (torch.randint(-3, 4, p.shape, generator=g) * 0.125).bfloat16()
+            q.grad, r.grad = p.grad.float(), p.grad.clone()
+        for o in (opt, f32, ref):
+            o.step()
+        assert opt.selected_backends == ([{"muon": "triton (2)", "adamw": "triton (1)"}] if name == "muon"
+                                         else [{"shampoo": "triton"}])
+        for p, q in zip(ps, qs):
+            c = opt.state[p][KEY]
+            assert torch.equal(p.detach().view(torch.int16), q.detach().bfloat16().view(torch.int16)), p.shape
+            assert torch.equal(c.view(torch.int16), (q.detach() - p.detach().float()).bfloat16().view(torch.int16)), p.shape
+            with torch.no_grad():
+                q.copy_(p.float() + c.float())
+    for p, r in zip(ps, rs):
+        c, cr = opt.state[p][KEY], ref.state[r][KEY]
+        assert bool((c != 0).any()), p.shape
+        x, y = p.detach().double() + c.double(), r.detach().double() + cr.double()
+        ulp32 = torch.ldexp(torch.ones_like(y), torch.frexp(y.abs().max().float())[1] - 24)
+        c_spacing = torch.ldexp(torch.ones_like(y), torch.frexp(torch.maximum(c.abs(), cr.abs()).float())[1] - 8)
+        assert bool(((x - y).abs() <= 4 * ulp32 + STEPS * c_spacing.double()).all()), p.shape
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_matrix_missing_compensation_refused(name):
+    """A bf16 param whose compensation is missing (the kernel would address 0): Muon's and
+    Shampoo's kernels refuse it before anything is written."""
+    from mupopt.kernels.triton.muon import muon_triton
+    from mupopt.kernels.triton.shampoo import shampoo_triton
+    from mupopt.optim.muon import MuonHparams
+    from mupopt.optim.shampoo import ShampooHparams, init_shampoo_state
+
+    p = torch.randn(8, 8).bfloat16()
+    before = p.clone()
+    if name == "muon":
+        fn, st = muon_triton, {"momentum_buffer": torch.zeros_like(p)}
+        hp = MuonHparams(0.02, 0.1, 0.95, True, ((3.4445, -4.775, 2.0315),), 1, 1e-7, None, torch.float32,
+                         kahan_summation=True)
+    else:
+        fn, st = shampoo_triton, dict(init_shampoo_state(p, 8), step=torch.tensor(0.0))
+        hp = ShampooHparams(1e-3, 0.9, 0.999, 1e-2, False, 0.0, 8, 1, 1, "adam", 0.999, 1e-8, "newton",
+                            kahan_summation=True)
+    with pytest.raises(RuntimeError, match="param_compensation"):
+        fn([p], [torch.randn(8, 8).bfloat16()], [st], [mupopt.mup.Multipliers(1.0, 1.0, 1.0)], hp)
+    assert torch.equal(p.view(torch.int16), before.view(torch.int16))
 
 
 # -- compiled for the GPU (sm_90, no GPU needed) -------------------------------------------------
@@ -174,25 +235,47 @@ p, g, s = make(("exp_avg", "exp_avg_sq"), torch.bfloat16)
 lamb_triton(p, g, s, M, LAMBHparams(1e-3, 0.9, 0.999, 1e-6, 0.01, None, False, kahan_summation=True))
 p, g, s = make(("exp_avg", "hessian"), torch.bfloat16)
 sophia_triton(p, g, s, M, SophiaHparams(1e-4, 0.965, 0.99, 0.04, 0.1, 64.0, False, kahan_summation=True))
+from mupopt.kernels.triton.muon import muon_triton
+from mupopt.kernels.triton.shampoo import shampoo_triton
+from mupopt.optim.muon import MuonHparams
+from mupopt.optim.shampoo import ShampooHparams, init_shampoo_state
+w = torch.zeros(70, 70, dtype=torch.bfloat16)
+muon_triton([w], [torch.zeros_like(w)], [{"momentum_buffer": torch.zeros_like(w), storage.COMPENSATION: torch.zeros_like(w)}],
+            M[:1], MuonHparams(0.02, 0.1, 0.95, True, ((3.4445, -4.775, 2.0315),), 1, 1e-7, None, torch.bfloat16,
+                               kahan_summation=True))
+ps = [w, torch.zeros(5000, dtype=torch.bfloat16)]
+states = [dict(init_shampoo_state(p, 64), step=torch.tensor(0.0), **{storage.COMPENSATION: torch.zeros_like(p)}) for p in ps]
+# start_preconditioning_step 100: no roots to take from the (uncomputed) statistics
+shampoo_triton(ps, [torch.zeros_like(p) for p in ps], states, M,
+               ShampooHparams(1e-3, 0.9, 0.999, 1e-2, False, 0.0, 64, 1, 100, "adam", 0.999, 1e-8, "newton",
+                              kahan_summation=True))
 """
 
 
 def test_compensated_kernels_compile_for_sm90():
-    """The compensated load and store (codes 7 and 8) compile for the GPU, and the full-chunk
-    path still moves the param with 16-byte accesses: the interpreter accepts code the compiler
-    may not."""
+    """The compensated load and store (codes 7 and 8) compile for the GPU, in the elementwise
+    kernels and in Muon's and Shampoo's updates, and the full-chunk path still moves the param
+    with 16-byte accesses: the interpreter accepts code the compiler may not."""
     results = triton_mode.compile_for_sm90(_COMPILE_LAUNCHES)
     codes = {(r["kernel"], r["constexprs"].get("P_BF16")) for r in results}
     assert {("_adamw_kernel", "7"), ("_adamw_kernel", "8"), ("_adopt_kernel", "7"), ("_lamb_norms_kernel", "7"),
-            ("_lamb_update_kernel", "7"), ("_sophia_kernel", "7")} <= codes
+            ("_lamb_update_kernel", "7"), ("_sophia_kernel", "7"), ("_muon_update_kernel", "7"),
+            ("_shampoo_update_kernel", "7")} <= codes
+    # The vector-access check is the elementwise kernels' (Muon's and Shampoo's are asserted to
+    # compile only: their bf16 accesses are not 16-byte vectors with or without the option).
+    elementwise = {"_adamw_kernel", "_adopt_kernel", "_lamb_norms_kernel", "_lamb_update_kernel", "_sophia_kernel"}
     for r in results:
-        if r["constexprs"].get("ALIGNED") == "True" and r["kernel"] != "_lamb_trust_kernel":
+        if r["constexprs"].get("ALIGNED") == "True" and r["kernel"] in elementwise:
             assert r["v4_loads"] > 0, r
 
 
 def test_compiled_step_writes_the_compensation():
     """torch.compile(opt.step): the Triton custom op (in the graph) lists the compensation among
-    the entries it writes, so 3 compiled steps leave params and compensations as 3 eager ones."""
+    the entries it writes, so 3 compiled steps leave params and compensations as 3 eager ones.
+    Each group mixes float32 params (no compensation: an empty placeholder in the op's list)
+    with bf16 ones, a float32 param first in one group and last in the other: the op once
+    took its entries from the first param's state (an InterpreterError of a fake tensor when a
+    bf16 param came first, a missing compensation when a float32 one did)."""
     import torch._dynamo
 
     graphs = []
@@ -205,16 +288,24 @@ def test_compiled_step_writes_the_compensation():
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)).bfloat16()
-        opt = mupopt.AdamW(model.parameters(), lr=1e-2, backend="triton", kahan_summation=True)
+        scales = [torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(3))]  # float32
+        (w1, b1), (w2, b2) = model[0].parameters(), model[1].parameters()
+        groups = [{"params": [scales[0], w1, b1]}, {"params": [w2, b2, scales[1]]}]
+        opt = mupopt.AdamW(groups, lr=1e-2, backend="triton", kahan_summation=True)
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3)).bfloat16()
         step = torch.compile(opt.step, backend=recording) if compiled else opt.step
         for _ in range(3):
             opt.zero_grad()
-            model(x).float().pow(2).mean().backward()
+            h = model[0](x).float() * scales[0]
+            (model[1](h.bfloat16()).float() * scales[1]).pow(2).mean().backward()
             step()
-        return [t.detach().clone() for p in model.parameters() for t in (p, opt.state[p][KEY])]
+        assert all(KEY not in opt.state[s] for s in scales)
+        return ([t.detach().clone() for p in model.parameters() for t in (p, opt.state[p][KEY])],
+                [s.detach().clone() for s in scales])
 
-    eager, compiled = run(False), run(True)
-    assert any("torch.ops.mupopt.adamw_triton_" in g for g in graphs)
+    (eager, eager32), (compiled, compiled32) = run(False), run(True)
+    assert sum("torch.ops.mupopt.adamw_triton_" in g for g in graphs) >= 1
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(eager, compiled))
+    assert all(torch.equal(a, b) for a, b in zip(eager32, compiled32))
     assert any(bool(c.ne(0).any()) for c in compiled[1::2])
+    assert all(bool(s.ne(1).all()) for s in compiled32)  # the float32 params were stepped

@@ -21,10 +21,15 @@ float32 values placed like the param):
   blocks: quantized anew per shard from the exported values).
 Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gradients round
 apart (their random bits are independent), and a DCP resume is bit-exact.
+Compensated bf16 params (kahan_summation): each compensation a DTensor placed as its param;
+AdamW on TP, and on FSDP2 through a DCP save and resume, params and compensations bit for bit
+those of one process stepping whole tensors; Muon (FSDP2) and Shampoo (TP) p + c within 1e-6
+plus a spacing of c per step.
 
 On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
 above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
-equal, DCP resume bit-exact.
+equal, DCP resume bit-exact; AdamW with compensated bf16 params on FSDP2 + TP through DCP as on
+FSDP2.
 """
 from __future__ import annotations
 
@@ -77,6 +82,30 @@ def dcp_spec(placement, optimizer, path, **extra):
             "mup": MUP8.get(optimizer, False), "states": True, "path": path, **extra}
 
 
+# kahan_summation: bf16 params with their compensations, on the reference backend on both sides
+# of each comparison (the fused backends' float32 sqrt differs from the CPU reference's in the
+# last bit, which a compensation shows: tests/test_kahan_triton.py; the placement layer hands
+# every backend the same local shards). Shampoo without momentum: its momentum buffer (bf16, as
+# the param) stores the preconditioned direction, whose last float32 bit differs between the
+# sharded and the whole-tensor roots; a bf16 rounding then turns that into a bf16 ulp of the
+# buffer (measured: 1 element of fc2.weight after 1 step), which the next step's update carries
+# into p + c far above the reordering (4.6e-5 against 3e-8).
+KAHAN = {"kahan_summation": True}
+KAHAN_OPTIONS = {"shampoo": {"betas": (0.0, 0.99)}}
+KAHAN_STEPS = 3
+
+
+def kahan_spec(placement, optimizer, steps=KAHAN_STEPS, **extra):
+    return {"kind": "lean_steps", "placement": placement, "optimizer": optimizer, "backend": "reference",
+            "options": {**KAHAN, **KAHAN_OPTIONS.get(optimizer, {})}, "dtype": "bfloat16", "steps": steps,
+            "mup": MUP8.get(optimizer, False), **extra}
+
+
+def kahan_dcp_spec(placement, optimizer, path):
+    return {**kahan_spec(placement, optimizer, steps=KAHAN_STEPS + 1), "kind": "dcp", "save_at": 2, "states": True,
+            "path": path}
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lean-dist")
@@ -101,6 +130,12 @@ def results(tmp_path_factory):
                                      options={**OPTIONS8["adamw"], **SR})),
               ("dcp8-sr", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16",
                                    options={**OPTIONS8["adamw"], **SR}))]
+    # Compensated bf16 params (kahan_summation): AdamW on both 1-D placements (FSDP2: the DCP
+    # case's save and its continued run), Muon and Shampoo (whole-tensor math) once each.
+    specs += [("kahan-tp-adamw", kahan_spec("tp", "adamw")),
+              ("kahan-fsdp-muon", kahan_spec("fsdp", "muon")),
+              ("kahan-tp-shampoo", kahan_spec("tp", "shampoo")),
+              ("kahan-dcp-fsdp-adamw", kahan_dcp_spec("fsdp", "adamw", str(tmp / "ckpt-kahan")))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
@@ -424,7 +459,8 @@ def test_stochastic_rounding_resume_through_dcp_bit_exact(results):
 @pytest.fixture(scope="module")
 def results_2d(tmp_path_factory):
     """FSDP2 + TP on a (2, 2) mesh (TP's dims _StridedShard under FSDP2) and HSDP (every shard
-    on two ranks), AdamW with 8-bit states; the HSDP runs round bf16 params stochastically."""
+    on two ranks), AdamW with 8-bit states; the HSDP runs round bf16 params stochastically; and
+    AdamW with compensated bf16 params (kahan_summation) on FSDP2 + TP."""
     tmp = tmp_path_factory.mktemp("lean-dist-2d")
     sr = {**OPTIONS8["adamw"], **SR}
     specs = [("lean-fsdp+tp", lean_spec("fsdp+tp", "adamw")),
@@ -432,7 +468,8 @@ def results_2d(tmp_path_factory):
              ("dcp8-fsdp+tp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt"))),
              ("dcp8-fsdp+tp-to-fsdp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-to-fsdp"), resume_placement="fsdp")),
              ("lean4-hsdp-sr", lean_spec("hsdp-2d", "adamw", steps=STEPS8 + 1, dtype="bfloat16", options=sr)),
-             ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr))]
+             ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr)),
+             ("kahan-dcp-fsdp+tp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan")))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(4, dw.free_port(), specs, str(out), env), nprocs=4, join=True)
@@ -521,3 +558,104 @@ def test_8bit_state_memory_of_a_shard(min8):
         w.grad = distribute_tensor(torch.randn(40, 30), mesh, [Shard(0)])
         opt.step()
         assert lean.is_quantized(opt.state[w], "exp_avg") and opt.state_memory() == want
+
+
+# -- compensated bf16 params (kahan_summation) ------------------------------------------------
+def _kahan_one_process(optimizer: str, steps: int) -> dict:
+    """One process stepping the whole bf16 tensors: {name: (param, compensation)}."""
+    model = dw.make_model(mup=MUP8.get(optimizer, False)).to(torch.bfloat16)
+    opt = dw.make_optimizer(optimizer, model.parameters(), "reference", **KAHAN, **KAHAN_OPTIONS.get(optimizer, {}))
+    for t in range(steps):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, optimizer, t)
+    return {n: (p.detach().clone(), opt.state[p]["param_compensation"].clone()) for n, p in model.named_parameters()}
+
+
+def _kahan_whole(ranks: list, name: str, shape) -> tuple:
+    """Parameter ``name`` and its compensation, whole (float32), from every rank's local shards."""
+    p, c = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    for mine in ranks:
+        entry = mine[name]
+        flat = entry["index"].reshape(-1)
+        p.view(-1)[flat] = entry["param"].reshape(-1).float()
+        c.view(-1)[flat] = entry["state"]["param_compensation"].reshape(-1).float()
+    return p, c
+
+
+def _kahan_placed(ranks: list, sharded: int) -> None:
+    """On every rank, ``sharded`` compensations are DTensors placed as their params, bf16."""
+    for mine in ranks:
+        assert sum("param_compensation" in e["placed"] for e in mine.values()) == sharded
+        assert all(e["state"]["param_compensation"].dtype == torch.bfloat16 for e in mine.values())
+
+
+@pytest.mark.parametrize("case", ["tp-adamw", "fsdp-muon", "tp-shampoo"])
+def test_kahan_on_shards_equals_one_process(results, case):
+    """Each sharded param's compensation is a DTensor placed as the param (every rank steps its
+    local shard of it), and params and compensations equal those of one process stepping the
+    whole tensors on the same global gradients: AdamW bit for bit (FSDP2: the DCP test below);
+    Muon and Shampoo (whole-tensor math, their Newton-Schulz / roots batched or reduced in
+    another order) p + c within 1e-6 of the largest |p| (the reordering, as
+    tests/test_distributed.py) plus one spacing of c per step (a last-bit difference of x at a
+    rounding boundary of c moves c by one spacing: tests/test_kahan_triton.py); a compensation
+    ignored would be off by c itself, 2^8 spacings. Measured: Muon equal, Shampoo 6e-7 of the
+    largest |p|."""
+    placement, optimizer = case.split("-")
+    r = _ok(results, f"kahan-{case}")
+    # FSDP2 shards every param; TP places fc1's and fc2's weights and biases (fc2's bias replicated).
+    _kahan_placed(r["ranks"], {"fsdp": 9, "tp": 4}[placement])
+    moved = 0
+    for name, (p, c) in _kahan_one_process(optimizer, KAHAN_STEPS).items():
+        got_p, got_c = _kahan_whole(r["ranks"], name, p.shape)
+        assert torch.equal(got_p.bfloat16(), r["params"][name]), name  # the shards are the gathered param
+        if optimizer == "adamw":
+            assert torch.equal(got_p, p.float()) and torch.equal(got_c, c.float()), name
+        else:
+            x, y = got_p.double() + got_c.double(), p.double() + c.double()
+            spacing = torch.ldexp(torch.ones_like(y), torch.frexp(torch.maximum(got_c.abs(), c.abs().float()))[1] - 8)
+            assert bool(((x - y).abs() <= 1e-6 * y.abs().max() + KAHAN_STEPS * spacing.double()).all()), name
+        moved += int((c != 0).sum())
+    assert moved > 0  # the compensations hold something to compare
+
+
+def _kahan_dcp(r: dict, sharded: int) -> None:
+    """A DCP save after 2 steps, loaded into a fresh model and optimizer: the saved params and
+    compensations are one process's after 2 steps, bit for bit; they (and the rest of the
+    states) come back bit for bit on every rank; the continued run equals one process's 4 steps."""
+    _kahan_placed(r["saved"], sharded)
+    for name, (p, c) in _kahan_one_process("adamw", 2).items():
+        got_p, got_c = _kahan_whole(r["saved"], name, p.shape)
+        assert torch.equal(got_p, p.float()) and torch.equal(got_c, c.float()), name
+        assert bool(c.any()), name
+    _same_states(r["saved"], r["loaded"])
+    for name, (p, _) in _kahan_one_process("adamw", KAHAN_STEPS + 1).items():
+        assert r["params"][name].dtype == torch.bfloat16
+        assert torch.equal(r["params"][name], p), name
+
+
+def test_kahan_fsdp_equals_one_process_and_resumes_through_dcp(results):
+    _kahan_dcp(_ok(results, "kahan-dcp-fsdp-adamw"), 9)
+
+
+def test_kahan_state_memory_of_a_shard():
+    """state_memory() counts a DTensor param's local compensation (2 bytes per local element of
+    a bf16 param), before its first step as after."""
+    import mupopt
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with dw.one_rank_mesh() as mesh:
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(40, 30).bfloat16(), mesh, [Shard(0)]))
+        opt = mupopt.AdamW([w], lr=1e-2, kahan_summation=True, backend="reference")
+        want = 3 * 40 * 30 * 2 + 4  # exp_avg, exp_avg_sq, compensation in bf16; the float32 step
+        assert opt.state_memory() == want
+        w.grad = distribute_tensor(torch.randn(40, 30).bfloat16(), mesh, [Shard(0)])
+        opt.step()
+        c = opt.state[w]["param_compensation"]
+        assert c.placements == w.placements and c.to_local().shape == w.to_local().shape
+        assert opt.state_memory() == want
+
+
+def test_kahan_fsdp_tp_2d_equals_one_process_and_resumes(results_2d):
+    """The same on the (2, 2) mesh (TP's dims _StridedShard under FSDP2): every compensation
+    placed as its param, one process's params and compensations bit for bit, DCP bit-exact."""
+    _kahan_dcp(_ok(results_2d, "kahan-dcp-fsdp+tp-adamw"), 9)

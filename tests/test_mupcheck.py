@@ -248,11 +248,20 @@ def test_bf16_model_is_the_fp32_init_rounded_with_its_width_information():
         build_model(cfg, 64, "mup", param_dtype="fp16")
 
 
+# flags -> (stochastic_rounding, kahan_summation, state_bits, param dtype)
+STORAGE_FLAGS = {
+    "sr": (["--param-dtype", "bf16", "--stochastic-rounding", "--state-bits", "16"], (True, False, 16, torch.bfloat16)),
+    "kahan": (["--param-dtype", "bf16", "--kahan-summation"], (False, True, 32, torch.bfloat16)),
+    "none": ([], (False, False, 32, torch.float32)),
+}
+
+
 @pytest.mark.parametrize("tool", ["transfer", "coord-check"])
-def test_param_dtype_and_stochastic_rounding_flags_reach_the_optimizer(tool, tmp_path, monkeypatch):
-    """`--param-dtype bf16 --stochastic-rounding` (and `--state-bits`): the optimizers the tool
-    builds step bf16 params with the option on (each stepped param drew its rounding seed);
-    without the flags, float32 params and no seed."""
+def test_param_dtype_and_param_store_flags_reach_the_optimizer(tool, tmp_path, monkeypatch):
+    """`--param-dtype bf16 --stochastic-rounding` (and `--state-bits`), `--param-dtype bf16
+    --kahan-summation`: the optimizers the tool builds step bf16 params with the option on (each
+    stepped param drew its rounding seed, or holds a compensation); without the flags, float32
+    params and neither. The transfer records say which."""
     module = transfer if tool == "transfer" else coord_check
     made = []
     real = module.make_optimizer
@@ -266,16 +275,32 @@ def test_param_dtype_and_stochastic_rounding_flags_reach_the_optimizer(tool, tmp
             ["--widths", "16,32", "--seeds", "1"])
     common = ["--optimizers", "adamw,muon", "--params", "mup", "--steps", "2", "--batch", "2", "--seq", "8",
               "--no-plots", *tiny]
-    for flags, lean in ((["--param-dtype", "bf16", "--stochastic-rounding", "--state-bits", "16"], True), ([], False)):
+    for case, (flags, (sr, kahan, bits, dtype)) in STORAGE_FLAGS.items():
         made.clear()
-        module.main(module.build_parser().parse_args([*common, "--out", str(tmp_path / str(lean)), *flags]))
+        module.main(module.build_parser().parse_args([*common, "--out", str(tmp_path / case), *flags]))
         assert made
         for opt in made:
             params = [p for g in opt.param_groups for p in g["params"]]
-            assert all(g["stochastic_rounding"] is lean and g["state_bits"] == (16 if lean else 32)
+            assert all(g["stochastic_rounding"] is sr and g["kahan_summation"] is kahan and g["state_bits"] == bits
                        for g in opt.param_groups)
-            assert {p.dtype for p in params} == {torch.bfloat16 if lean else torch.float32}
-            assert all(("sr_seed" in opt.state[p]) is lean for p in params if opt.state[p])
-    if tool == "transfer":
-        rows = json.loads((tmp_path / "True" / "transfer.json").read_text())
-        assert {(r["param_dtype"], r["stochastic_rounding"]) for r in rows} == {("bf16", True)}
+            assert {p.dtype for p in params} == {dtype}
+            stepped = [opt.state[p] for p in params if opt.state[p]]
+            assert stepped
+            assert all(("sr_seed" in st) is sr and ("param_compensation" in st) is kahan for st in stepped)
+        if tool == "transfer":
+            rows = json.loads((tmp_path / case / "transfer.json").read_text())
+            assert {(r["param_dtype"], r["stochastic_rounding"], r["kahan_summation"]) for r in rows} == {
+                ("bf16" if dtype == torch.bfloat16 else "fp32", sr, kahan)}
+
+
+@pytest.mark.parametrize("tool", ["transfer", "coord-check"])
+def test_stochastic_rounding_with_kahan_summation_refused(tool, capsys):
+    """Both ways of storing bf16 params at once: a usage error (exit status 2) naming both flags,
+    before any run, as the optimizers refuse both with a ValueError."""
+    from mupopt import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main([tool, "--param-dtype", "bf16", "--stochastic-rounding", "--kahan-summation", "--no-plots"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kahan-summation" in err and "--stochastic-rounding" in err and "not allowed" in err

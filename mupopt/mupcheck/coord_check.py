@@ -119,6 +119,7 @@ def coord_data(
     state_bits: int = 32,
     param_dtype: str = "fp32",
     stochastic_rounding: bool = False,
+    kahan_summation: bool = False,
     depths=None,
     alpha: float = 1.0,
     progress=None,
@@ -161,7 +162,7 @@ def coord_data(
                     if x.is_floating_point():  # the MLP's inputs, in the params' dtype
                         x = x.to(PARAM_DTYPES[param_dtype])
                     opt = make_optimizer(name, net, opt_lr, wd=0.0, state_bits=state_bits,
-                                         stochastic_rounding=stochastic_rounding)
+                                         stochastic_rounding=stochastic_rounding, kahan_summation=kahan_summation)
                     base = {"width": width, "optimizer": name, "param": param, "seed": seed, "model": model}
                     if depths:
                         base["depth"] = d
@@ -391,6 +392,7 @@ def main(args: argparse.Namespace) -> int:
         steps=args.steps, seeds=args.seeds, lr=args.lr, base_width=args.base_width, batch=args.batch, seq=args.seq,
         depth=args.depth, n_head=args.n_head, device=args.device, corpus=args.corpus, state_bits=args.state_bits,
         param_dtype=args.param_dtype, stochastic_rounding=args.stochastic_rounding,
+        kahan_summation=args.kahan_summation,
         **({"depths": args.depths, "alpha": args.alpha} if args.depths else {}),
     )
     print(format_verdicts(result["verdicts"]))

@@ -111,15 +111,21 @@ OPTIMIZERS: dict[str, OptSpec] = {
 
 def add_storage_arguments(parser) -> None:
     """The storage options of ``mupopt transfer`` and ``mupopt coord-check`` (docs/lean-states.md):
-    ``--state-bits``, ``--param-dtype``, ``--stochastic-rounding``."""
+    ``--state-bits``, ``--param-dtype``, and ``--stochastic-rounding`` or ``--kahan-summation``
+    (two ways to store bf16 params: argparse refuses both together, exit status 2, as the
+    optimizers refuse both with a ValueError)."""
     parser.add_argument("--state-bits", type=int, choices=(8, 16, 32), default=32,
                         help="optimizer-state format: 32 (default), 16 (bfloat16) or 8 (block-quantized; docs/lean-states.md)")
     parser.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
                         help="dtype of the params, forward and backward: fp32 (default) or bf16 (pure bf16, no "
                              "float32 master copy; the loss in float32)")
-    parser.add_argument("--stochastic-rounding", action="store_true",
-                        help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
-                             "a no-op with fp32 params)")
+    rounding = parser.add_mutually_exclusive_group()
+    rounding.add_argument("--stochastic-rounding", action="store_true",
+                          help="round the optimizer's bf16 param stores stochastically (default: to nearest; "
+                               "a no-op with fp32 params)")
+    rounding.add_argument("--kahan-summation", action="store_true",
+                          help="keep each bf16 param's rounding error in a compensation (2 bytes per element) "
+                               "and add it back at the next step (default: off; a no-op with fp32 params)")
 
 
 def parse_optimizers(text: str | None, default=SIX) -> list[str]:

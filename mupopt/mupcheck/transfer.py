@@ -113,7 +113,7 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
           corpus: str | None = None, hess_every: int = 10, precondition_frequency: int = 10,
           muon_adamw_ratio: float = 0.1, eval_batches: int = 8, depths=None, alpha: float = 1.0,
           joint: bool = False, state_bits: int = 32, param_dtype: str = "fp32", stochastic_rounding: bool = False,
-          progress=None) -> list[dict]:
+          kahan_summation: bool = False, progress=None) -> list[dict]:
     """Every (optimizer, param, wd_mode, seed, width, lr) run; the records of :func:`train_run`.
     SP runs use only the first wd mode (SP has no lr multipliers, so the modes coincide); LAMB
     has no wd mode (its decay is inside the trust-ratio update).
@@ -162,7 +162,7 @@ def sweep(optimizers=SIX, widths=(32, 64, 128), *, params=("sp", "mup"), wd_mode
                                           hess_every=hess_every, precondition_frequency=precondition_frequency,
                                           muon_adamw_ratio=muon_adamw_ratio, eval_batches=eval_batches,
                                           state_bits=state_bits, param_dtype=param_dtype,
-                                          stochastic_rounding=stochastic_rounding)
+                                          stochastic_rounding=stochastic_rounding, kahan_summation=kahan_summation)
                             r["grid_index"] = grid.index(lr)
                             records.append(r)
                             if progress:
@@ -378,6 +378,7 @@ def main(args: argparse.Namespace) -> int:
         corpus=args.corpus, hess_every=args.hess_every, precondition_frequency=args.precondition_frequency,
         muon_adamw_ratio=args.muon_adamw_ratio, eval_batches=args.eval_batches, state_bits=args.state_bits,
         param_dtype=args.param_dtype, stochastic_rounding=args.stochastic_rounding,
+        kahan_summation=args.kahan_summation,
         **({"depths": args.depths, "alpha": args.alpha, "joint": args.joint} if args.depths else {}),
     )
     print(format_summary(result["summary"]))

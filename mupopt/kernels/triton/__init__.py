@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ...mup import Multipliers
-from ...storage import COMPENSATION, seeds_of
+from ...storage import COMPENSATION, compensates, seeds_of
 
 OPTIMIZERS = ("adamw", "adopt", "lamb", "sophia", "sophia_hessian")
 PRIORITY = 10
@@ -123,6 +123,10 @@ def unsupported_reason(tensors: Sequence[torch.Tensor], supported=_SUPPORTED_DTY
 # stores the unscaled gradients back. State dicts, Multipliers and the hyperparameter record
 # travel flattened (tensor lists per state key, float lists) and are rebuilt inside the op
 # (stochastic rounding's per-tensor seeds as floats after the multipliers: exact below 2^53).
+# kahan_summation's compensation: a group may mix float32 params, which have none, with bf16 /
+# fp16 ones; the op takes one tensor list per entry, so a param without one has an empty
+# placeholder in its slot, which the op drops (storage.compensates: a float32 param's store
+# ignores it).
 #
 # name: (state keys written, state keys only read, params written, step counts incremented)
 _OP_SPECS = {
@@ -206,7 +210,8 @@ def _make_impl(name: str):
         for flat, names in ((states, keys), (read_states, read_keys)):
             for k, key in enumerate(names):
                 for i in range(n):
-                    dicts[i][key] = flat[k * n + i]
+                    if key != COMPENSATION or compensates(params[i]):
+                        dicts[i][key] = flat[k * n + i]
         for i, step in enumerate(steps):
             dicts[i]["step"] = step
         if len(mults) == 4 * n:  # stochastic rounding: the seeds follow the multipliers
@@ -254,10 +259,11 @@ def _step_fn(name: str):
             _kernel(name)[0](params, grads, states, mults, hp, inv_grad_scale, **collectives)
             return
         first = states[0]
-        # Keys every state has (AdamW's max_exp_avg_sq exists with amsgrad only).
-        keys = [k for k in written if k in first]
+        # Keys every state has (AdamW's max_exp_avg_sq exists with amsgrad only); the
+        # compensation where any state has one (see _OP_SPECS: placeholders for the others).
+        keys = [k for k in written if k in first or (k == COMPENSATION and any(k in st for st in states))]
         read_keys = [k for k in read if k in first]
-        flat = [st[k] for k in keys for st in states]
+        flat = [st[k] if k in st or k != COMPENSATION else p.new_empty(0) for k in keys for p, st in zip(params, states)]
         read_flat = [st[k] for k in read_keys for st in states]
         steps = [st["step"] for st in states] if counts_steps else []
         mult = [float(x) for m in mults for x in m]

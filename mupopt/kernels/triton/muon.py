@@ -16,7 +16,9 @@ Traversal: the elementwise kernels do not use ``_common``'s multi-tensor chunk t
 tensors of one launch all have one shape, so a 2-D grid (chunk, matrix) with one per-step table
 of addresses and scalars is the whole traversal, and the launch count is set by the NS stacks
 anyway. The per-element math reuses ``_common``'s device helpers (``_load``/``_store``: fp32
-math, round-to-nearest-even bf16 stores, ``_lerp``: ATen's lerp formula).
+math, round-to-nearest-even bf16 stores, stochastic (codes 3, 4) and compensated (codes 7, 8,
+``kahan_summation``: the update loads p + c and stores the split) param stores, ``_lerp``:
+ATen's lerp formula).
 
 ``ns_dtype``: bfloat16 and float32 run the Triton NS; float64 (a debugging option) runs
 ``linalg.newton_schulz`` in torch and rounds O to float32 for the update (the reference adds the
@@ -47,15 +49,17 @@ BLOCK = 4096
 NUM_WARPS = 8
 _ALIGNMENT = 16
 # Per-tensor rows of the per-step table: addresses (g, buf, p), then two fp32 scalars
-# (decay, step) bit-packed into one int64, then the stochastic rounding key (P_BF16 >= 3), then
-# the address of buf's block scales (format 8; else 0).
-_ROW = 6
+# (decay, step) bit-packed into one int64, then the stochastic rounding key (P_BF16 3 and 4),
+# then the address of buf's block scales (format 8; else 0), then the address of p's
+# compensation (kahan_summation, P_BF16 7 and 8; else 0). The kernels' literal row stride 7 and
+# fp32 offsets 14 * b + 6 and + 7 follow from it.
+_ROW = 7
 
 
 @_jit
 def _muon_momentum_kernel(
-    # per-step table [k, 6] int64: g, buf addresses and buf's block scales (p, the scalars and
-    # the key unused here); output u stack (k, numel) in the NS dtype; format-8 map tables
+    # per-step table [k, 7] int64: g, buf addresses and buf's block scales (p, the scalars, the
+    # key and the compensation unused here); output u stack (k, numel) in the NS dtype; format-8 map tables
     # (_common.lut)
     table_ptr, u_ptr, lut,
     numel, one_minus_mu, mu,
@@ -66,7 +70,7 @@ def _muon_momentum_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # numel is specialised on divisibility by 16, so the mask stays vectorisable.
     mask = offs < numel
-    row = table_ptr + b * 6
+    row = table_ptr + b * 7
     g_addr = tl.load(row)
     buf_addr = tl.load(row + 1)
     buf_amax = tl.load(row + 5)
@@ -84,9 +88,9 @@ def _muon_momentum_kernel(
 
 @_jit
 def _muon_update_kernel(
-    # per-step table [k, 6] int64: p address in column 2, (decay, step) fp32 pair in column 3
-    # (read through scal_ptr, the same memory viewed as fp32 [k, 12]), the stochastic rounding
-    # key in column 4; O stack (k, numel) in the NS dtype
+    # per-step table [k, 7] int64: p address in column 2, (decay, step) fp32 pair in column 3
+    # (read through scal_ptr, the same memory viewed as fp32 [k, 14]), the stochastic rounding
+    # key in column 4, p's compensation in column 6; O stack (k, numel) in the NS dtype
     table_ptr, scal_ptr, o_ptr,
     numel,
     P_BF16: tl.constexpr, O_BF16: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -94,19 +98,23 @@ def _muon_update_kernel(
     b = tl.program_id(1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    row = table_ptr + b * 6
+    row = table_ptr + b * 7
     p_addr = tl.load(row + 2)
-    decay = tl.load(scal_ptr + b * 12 + 6)
-    step = tl.load(scal_ptr + b * 12 + 7)
-    if P_BF16 >= 3:
+    decay = tl.load(scal_ptr + b * 14 + 6)
+    step = tl.load(scal_ptr + b * 14 + 7)
+    if P_BF16 == 3 or P_BF16 == 4:
         key = tl.load(row + 4).to(tl.uint32)
     else:
         key = 0  # unused
-    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, True)
+    if P_BF16 >= 7:  # the storage layer takes c's address in the block-scale argument
+        comp = tl.load(row + 6)
+    else:
+        comp = 0  # unused
+    p = _load(p_addr, offs, mask, P_BF16, ALIGNED, True, comp)
     o = tl.load(o_ptr + b.to(tl.int64) * numel + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * decay
     p = p + step * o
-    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, True, key)
+    _store(p_addr, offs, p, mask, P_BF16, ALIGNED, True, key, comp)
 
 
 def build() -> None:
@@ -118,7 +126,7 @@ def _fail(message: str) -> None:
     raise RuntimeError(f"backend 'triton' cannot step these muon tensors: {message}")
 
 
-def _check(params, grads, states) -> None:
+def _check(params, grads, states, kahan: bool = False) -> None:
     if not (len(params) == len(grads) == len(states)):
         _fail(f"{len(params)} params, {len(grads)} gradients, {len(states)} states")
     device = params[0].device
@@ -143,6 +151,17 @@ def _check(params, grads, states) -> None:
                 _fail(f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16")
             if not t.is_contiguous():
                 _fail(f"{role} {i} (shape {tuple(t.shape)}) is not contiguous")
+        if kahan and storage.compensates(p):
+            _check_compensation(i, p, st)
+
+
+def _check_compensation(i: int, p: torch.Tensor, st: dict) -> None:
+    """kahan_summation: a bf16 / fp16 param's compensation is read and written at the param's
+    offsets (a missing one would be address 0)."""
+    c = st.get(storage.COMPENSATION)
+    if c is None or c.dtype != p.dtype or c.shape != p.shape or not c.is_contiguous() or c.device != p.device:
+        _fail(f"{storage.COMPENSATION} {i} must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)} on "
+              f"{p.device}, like its parameter (kahan_summation=True)")
 
 
 def _check_q8(i: int, codes: torch.Tensor, st: dict) -> None:
@@ -171,7 +190,7 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
     as the momentum kernel writes them, and this backend's batched Triton NS)."""
     if not params:
         return
-    _check(params, grads, states)
+    _check(params, grads, states, hp.kahan_summation)
     build()
     from . import _common
 
@@ -196,6 +215,8 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
         table[r, 2] = params[i].data_ptr()
         scales = states[i].get("momentum_buffer" + lean.ABSMAX)
         table[r, 5] = 0 if scales is None else scales.data_ptr()
+        comp = states[i].get(storage.COMPENSATION) if hp.kahan_summation else None
+        table[r, 6] = 0 if comp is None else comp.data_ptr()
     table[:, 3] = scal.view(torch.int64).reshape(-1)
     # Stochastic rounding's count (the reference's, mupopt/storage.py) and keys.
     counted = [st for st in states if "step" in st]
@@ -257,7 +278,8 @@ def muon_triton(params, grads, states, mults, hp, *, orthogonalize=None) -> None
             _common.launch(
                 _muon_update_kernel, grid,
                 rows_tab, rows_tab.view(torch.float32), O, numel,
-                P_BF16=_common.param_kind(_common.storage_kind(p_dtype), hp.stochastic_rounding),
+                P_BF16=_common.param_kind(_common.storage_kind(p_dtype), hp.stochastic_rounding,
+                                          hp.kahan_summation),
                 O_BF16=O.dtype == torch.bfloat16, ALIGNED=aligned, BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
@@ -282,4 +304,6 @@ def register() -> None:
     if "triton" not in backends.names("muon"):
         backends.register(backends.Backend("muon", "triton", muon_triton, priority=PRIORITY,
                                            unsupported_reason=unsupported_reason, devices=("cuda",),
-                                           validates=True, state_bits=lean.STATE_BITS))
+                                           validates=True, state_bits=lean.STATE_BITS,
+                                           # the update kernel's param codes 7 and 8 (_common)
+                                           kahan_summation=True))

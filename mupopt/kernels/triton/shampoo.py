@@ -45,6 +45,9 @@ whole 256-element blocks of the flattened tensor, which the preconditioner's blo
 so a preconditioned tensor with 8-bit states is updated as one whole-tensor entry, its
 graft-scaled D (D_b * scale_b in float32, what the kernel forms per block) assembled in the
 tensor's layout first; its block entries serve the matmuls and graft norms only.
+Param stores likewise: stochastic rounding (codes 3, 4) and ``kahan_summation`` (codes 7, 8: the
+update loads p + c and stores the split, c addressed at the param's offsets, column 11 of the
+update table).
 
 Not measured on a GPU (none was available when written): verified in Triton's interpreter on
 the CPU and by compiling for sm_90; tile sizes are untuned.
@@ -77,11 +80,12 @@ _STATS_ROW = 6
 _MM_ROW = 9
 # int64 columns of the update table: p, g, mom, v, D addresses (D = 0: Adam direction), element
 # offset of the block in the tensor, block columns, tensor columns (row stride), block numel,
-# the block-scale addresses of mom and v (format 8; else 0), then fp32 (decay, step, 1-bg2^t)
-# and the stochastic rounding key (uint32 bits, read when P_BF16 >= 3) packed in two int64
+# the block-scale addresses of mom and v (format 8; else 0), the address of p's compensation
+# (kahan_summation, read when P_BF16 is 7 or 8; else 0), then fp32 (decay, step, 1-bg2^t) and
+# the stochastic rounding key (uint32 bits, read when P_BF16 is 3 or 4) packed in two int64
 # columns.
-_UP_ROW = 13
-_UP_SCAL = 22  # fp32 index of "decay" within a row viewed as fp32 [2 * _UP_ROW]
+_UP_ROW = 14
+_UP_SCAL = 24  # fp32 index of "decay" within a row viewed as fp32 [2 * _UP_ROW]
 
 
 @_jit
@@ -193,7 +197,7 @@ def _shampoo_graft_norm_kernel(
 
 @_jit
 def _shampoo_update_kernel(
-    # update table [n, 13] int64 (see _UP_ROW) and its fp32 view; chunk table (entry, chunk);
+    # update table [n, 14] int64 (see _UP_ROW) and its fp32 view; chunk table (entry, chunk);
     # graft scale per entry; format-8 map tables (_common.lut). An entry whose states are in
     # format 8 is a whole tensor (its stores quantize whole 256-element blocks: BLOCK is a
     # multiple of 256 and a whole tensor's chunks start at multiples of BLOCK)
@@ -226,14 +230,18 @@ def _shampoo_update_kernel(
     mom = _load(m_addr, offs, mask, M_BF16, False, True, m_amax, lut)
     mom = mom * beta1 + one_minus_beta1 * d
     _store(m_addr, offs, mom, mask, M_BF16, False, True, 0, m_amax, lut)
-    p = _load(p_addr, offs, mask, P_BF16, False, True)
+    if P_BF16 >= 7:  # the storage layer takes c's address in the block-scale argument
+        comp = tl.load(row + 11)
+    else:
+        comp = 0  # unused
+    p = _load(p_addr, offs, mask, P_BF16, False, True, comp)
     p = p * decay
     p = p + step * mom
-    if P_BF16 >= 3:
+    if P_BF16 == 3 or P_BF16 == 4:
         key = tl.load(scal_ptr + entry * (2 * ROW) + _UP_SCAL_C + 3).to(tl.uint32, bitcast=True)
     else:
         key = 0  # unused
-    _store(p_addr, offs, p, mask, P_BF16, False, True, key)
+    _store(p_addr, offs, p, mask, P_BF16, False, True, key, comp)
 
 
 def _helpers() -> dict:
@@ -258,7 +266,7 @@ _STATE_KEYS = ("momentum_buffer", "exp_avg_sq")
 _MATRIX_KEYS = ("left", "right", "left_root", "right_root")
 
 
-def _check(params, grads, states) -> None:
+def _check(params, grads, states, kahan: bool = False) -> None:
     """Everything that could fail, before anything is written (the two-phase guarantee)."""
     if not (len(params) == len(grads) == len(states)):
         _fail(f"{len(params)} params, {len(grads)} gradients, {len(states)} states")
@@ -287,6 +295,12 @@ def _check(params, grads, states) -> None:
                 _fail(f"{role} {i} has dtype {t.dtype}; supported: float32, bfloat16")
             if not t.is_contiguous():
                 _fail(f"{role} {i} (shape {tuple(t.shape)}) is not contiguous")
+        c = st.get(storage.COMPENSATION)
+        if kahan and storage.compensates(p) and (c is None or c.dtype != p.dtype or c.shape != p.shape
+                                                  or not c.is_contiguous() or c.device != p.device):
+            # read and written at the param's offsets (a missing one would be address 0)
+            _fail(f"{storage.COMPENSATION} {i} must be a contiguous {p.dtype} tensor of shape {tuple(p.shape)} on "
+                  f"{p.device}, like its parameter (kahan_summation=True)")
         if is_matrix(p):
             for key in _MATRIX_KEYS:
                 for t in st[key]:
@@ -320,7 +334,7 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
     shards this backend's update kernel, with the hook's directions as their D."""
     if not params:
         return lambda: None
-    _check(params, grads, states)
+    _check(params, grads, states, hp.kahan_summation)
     build()
     from . import _common
 
@@ -460,9 +474,10 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
             st, t, m = states[i], t_all[i], mults[i]
             d_addr = given[e].data_ptr() if e in given else 0 if slot is None else D.data_ptr() + 4 * slot
             scales = [st[k + lean.ABSMAX].data_ptr() if lean.is_quantized(st, k) else 0 for k in _STATE_KEYS]
+            comp = st.get(storage.COMPENSATION) if hp.kahan_summation else None
             rows_i64.append([
                 params[i].data_ptr(), grads[i].data_ptr(), st["momentum_buffer"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-                d_addr, base, max(c, 1), ld, r * c, *scales, 0, 0,
+                d_addr, base, max(c, 1), ld, r * c, *scales, 0 if comp is None else comp.data_ptr(), 0, 0,
             ])
             # formed in float64 as the reference forms them, rounded once to fp32
             rows_f32.append([
@@ -476,7 +491,7 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
         if hp.stochastic_rounding:  # the key's bits in the fourth fp32 slot (mupopt/storage.py)
             keys = [int(storage.step_key(states[i].get("sr_seed", 0), states[i]["step"])) for (i, *_r) in entries]
             f32.view(torch.int32)[:, 3] = torch.tensor([(k ^ 0x80000000) - 0x80000000 for k in keys], dtype=torch.int32)
-        table[:, 11:] = f32.view(torch.int64)
+        table[:, 12:] = f32.view(torch.int64)
         table_d = _upload(table, device)
         counts = [-(-(r * c) // BLOCK) for (_, _, r, c, *_rest) in entries]
 
@@ -536,7 +551,8 @@ def shampoo_triton_prepare(params, grads, states, mults, hp, *, precondition=Non
                 _common.launch(
                     _shampoo_update_kernel, (chunks.shape[0],), table_d, table_d.view(torch.float32), chunks, scale,
                     lut, hp.grafting_beta2, 1.0 - hp.grafting_beta2, hp.grafting_epsilon, hp.beta1, 1.0 - hp.beta1,
-                    P_BF16=_common.param_kind(int(p16), hp.stochastic_rounding), G_BF16=g16, M_BF16=m16, V_BF16=v16,
+                    P_BF16=_common.param_kind(int(p16), hp.stochastic_rounding, hp.kahan_summation), G_BF16=g16,
+                    M_BF16=m16, V_BF16=v16,
                     ROW=_UP_ROW, BLOCK=BLOCK, num_warps=NUM_WARPS,
                 )
 
@@ -582,4 +598,6 @@ def register() -> None:
     if "triton" not in backends.names("shampoo"):
         backends.register(backends.Backend("shampoo", "triton", shampoo_triton, priority=PRIORITY,
                                            unsupported_reason=unsupported_reason, prepare=shampoo_triton_prepare,
-                                           devices=("cuda",), validates=True, state_bits=lean.STATE_BITS))
+                                           devices=("cuda",), validates=True, state_bits=lean.STATE_BITS,
+                                           # the update kernel's param codes 7 and 8 (_common)
+                                           kahan_summation=True))
