@@ -203,14 +203,47 @@ def _decode_hparams(cls, values: Sequence[float]):
     return cls(*out)
 
 
+def _op_keys(names: Sequence[str], params, states) -> tuple[list[str], list[torch.Tensor]]:
+    """The state entries one custom-op call passes: the keys among ``names`` that any state has,
+    each followed by its block scales (``key + "_absmax"``) where any state keeps it in 8 bits,
+    and the flat list, key-major, with an empty placeholder where a state lacks the entry: one
+    param group mixes float32 and bf16 params (a compensation for the bf16 ones only) and
+    tensors below ``MIN_8BIT_SIZE`` (32-bit states) with 8-bit ones. :func:`_entry_present`
+    tells the op's implementation which entries are real."""
+    from ...optim._lean_states import ABSMAX
+
+    keys = []
+    for k in names:
+        if any(k in st for st in states):
+            keys.append(k)
+            if any(k + ABSMAX in st for st in states):
+                keys.append(k + ABSMAX)
+    flat = [st[k] if k in st else p.new_empty(0) for k in keys for p, st in zip(params, states)]
+    return keys, flat
+
+
+def _entry_present(key: str, param: torch.Tensor, entries: dict) -> bool:
+    """Whether a state has ``key`` (the rule :func:`_op_keys` filled its placeholders by): a
+    compensation for bfloat16 / float16 params, block scales for 8-bit (uint8) states, every
+    other entry always."""
+    from ...optim._lean_states import ABSMAX
+
+    if key == COMPENSATION:
+        return compensates(param)
+    if key.endswith(ABSMAX):
+        codes = entries.get(key[: -len(ABSMAX)])
+        return codes is not None and codes.dtype == torch.uint8
+    return True
+
+
 def _make_impl(name: str):
     def impl(params, grads, states, read_states, steps, keys, read_keys, mults, hparams, inv_grad_scale=None):
         n = len(grads)
         dicts = [{} for _ in range(n)]
         for flat, names in ((states, keys), (read_states, read_keys)):
-            for k, key in enumerate(names):
+            for k, key in enumerate(names):  # a key's block scales come after the key (_op_keys)
                 for i in range(n):
-                    if key != COMPENSATION or compensates(params[i]):
+                    if _entry_present(key, params[i], dicts[i]):
                         dicts[i][key] = flat[k * n + i]
         for i, step in enumerate(steps):
             dicts[i]["step"] = step
@@ -258,13 +291,11 @@ def _step_fn(name: str):
             # kernels: eager only, never inside the custom op.
             _kernel(name)[0](params, grads, states, mults, hp, inv_grad_scale, **collectives)
             return
-        first = states[0]
-        # Keys every state has (AdamW's max_exp_avg_sq exists with amsgrad only); the
-        # compensation where any state has one (see _OP_SPECS: placeholders for the others).
-        keys = [k for k in written if k in first or (k == COMPENSATION and any(k in st for st in states))]
-        read_keys = [k for k in read if k in first]
-        flat = [st[k] if k in st or k != COMPENSATION else p.new_empty(0) for k in keys for p, st in zip(params, states)]
-        read_flat = [st[k] for k in read_keys for st in states]
+        # The keys some state has (AdamW's max_exp_avg_sq exists with amsgrad only), with
+        # placeholders where a state lacks one (a float32 param's compensation, a small tensor's
+        # block scales).
+        keys, flat = _op_keys(written, params, states)
+        read_keys, read_flat = _op_keys(read, params, states)
         steps = [st["step"] for st in states] if counts_steps else []
         mult = [float(x) for m in mults for x in m]
         if getattr(hp, "stochastic_rounding", False):
