@@ -109,8 +109,9 @@ def register() -> None:
                     # reads found_inf itself (no Python host read), so nothing here waits.
                     devices=("cpu",), validates=True, capturable=True,
                     bind=ops.BIND[name], state_bits=STATE_BITS,
-                    # kahan_summation: only the Hessian EMA, which stores no param (docs/lean-states.md).
-                    kahan_summation=name == "sophia_hessian",
+                    # kahan_summation: storage.h's compensated param format (the Hessian EMA
+                    # stores no param).
+                    kahan_summation=True,
                 )
             )
         if with_cuda and "cuda" not in backends.names(name):
@@ -119,8 +120,9 @@ def register() -> None:
                     name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason,
                     devices=("cuda",), validates=True,
                     bind=ops.BIND[name], state_bits=STATE_BITS,
-                    # kahan_summation: only the Hessian EMA, which stores no param (docs/lean-states.md).
-                    kahan_summation=name == "sophia_hessian",
+                    # kahan_summation: storage.h's compensated param format (the Hessian EMA
+                    # stores no param).
+                    kahan_summation=True,
                 )
             )
 
