@@ -12,6 +12,9 @@
   Triton's 10: on an H200 it stepped GPT-2 small and Llama-1B lists 1.4-2.4x faster than the
   Triton kernels, level with or ahead of torch's fused AdamW; benchmarks/results/).
 
+Both step ``kahan_summation=True`` (bfloat16 / float16 params with a compensation: storage.h's
+compensated param format; lists with one step through the per-call ops).
+
 Both also register ``bind`` (:data:`ops.BIND`): a step bound to a param group's tensors, which
 checks only the gradients per step (``csrc/bound.h``).
 
