@@ -312,3 +312,23 @@ def test_compiled_step_writes_the_compensation():
     eager, compiled = run(False), run(True)
     assert all(_differing(a, b) == 0 for a, b in zip(eager, compiled))
     assert any(bool(c.ne(0).any()) for c in compiled[1::2])
+
+
+def test_transposed_and_strided_params():
+    """A transposed bf16 param (dense, stepped in its memory order: its compensation has its
+    strides) and a non-dense one (every other column, stepped through the plan's contiguous
+    buffer, its compensation contiguous): on cpu, no fallback, bit for bit the reference's."""
+    def run(backend):
+        torch.manual_seed(0)
+        t = torch.nn.Parameter(torch.randn(64, 48).bfloat16().t())
+        nd = torch.nn.Parameter(torch.randn(40, 64).bfloat16()[:, ::2])
+        opt = mupopt.AdamW([t, nd], lr=1e-2, weight_decay=0.1, kahan_summation=True, backend=backend)
+        _run("adamw", backend, params=[t, nd], opt=opt)
+        return [t, nd], opt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        ref, cpu = run("reference"), run("cpu")
+    assert cpu[1].selected_backends == [{"adamw": "cpu"}]
+    assert cpu[1].state[cpu[0][0]][KEY].stride() == cpu[0][0].stride()
+    _assert_same(ref, cpu)
