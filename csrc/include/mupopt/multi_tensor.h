@@ -195,6 +195,43 @@ MUPOPT_FORCE_INLINE void store_pair(S* p, int k, float lo, float hi, uint32_t wo
   reinterpret_cast<pair_word_t*>(p)[k] = w;
 }
 
+// The param stream's word k in its format (storage.h's load_param / store_param for a pair):
+// load_pair / store_pair, or with the compensation's word k of ``c`` (kahan_summation).
+template <class S, Rounding R>
+MUPOPT_FORCE_INLINE void load_param_pair(const S* p, const S* c, int k, float& lo, float& hi) {
+  load_pair(p, k, lo, hi);
+  if constexpr (kCompensates<S, R>) {
+    float clo, chi;
+    load_pair(c, k, clo, chi);
+    lo += clo;
+    hi += chi;
+  } else {
+    (void)c;
+  }
+}
+
+template <class S, Rounding R>
+MUPOPT_FORCE_INLINE void store_param_pair(S* p, S* c, int k, float lo, float hi, uint32_t word) {
+  if constexpr (kCompensates<S, R>) {
+    uint32_t wp, wc;
+    if constexpr (std::is_same<S, bf16_t>::value) {
+      uint32_t clo, chi;
+      wp = (bf16_compensated_high(lo, clo) >> 16) | (bf16_compensated_high(hi, chi) & 0xFFFF0000u);
+      wc = (clo >> 16) | (chi & 0xFFFF0000u);
+    } else {
+      S clo, chi;
+      wp = static_cast<uint32_t>(compensated_split<S>(lo, clo).bits) |
+           (static_cast<uint32_t>(compensated_split<S>(hi, chi).bits) << 16);
+      wc = static_cast<uint32_t>(clo.bits) | (static_cast<uint32_t>(chi.bits) << 16);
+    }
+    reinterpret_cast<pair_word_t*>(p)[k] = wp;
+    reinterpret_cast<pair_word_t*>(c)[k] = wc;
+  } else {
+    (void)c;
+    store_pair<S, R>(p, k, lo, hi, word);
+  }
+}
+
 #if defined(_OPENMP)
 #define MUPOPT_SIMD_MAX_M _Pragma("omp simd reduction(max : m)")
 #else
@@ -329,11 +366,9 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   // divisions per element, 64 cycles per 32 elements); in-register widening and packing (a
   // shift or mask per element, no permutes) frees the ports the hash needs, and the hash then
   // runs in the divider's shadow instead of in a loop of its own.
-  // Not for compensated params (kahan_summation): they take the per-element loops below, whose
-  // element body reads and writes the param through storage.h's load_param / store_param (one
-  // more stream in and out; the pair loop's words would need a second copy of that layer).
-  constexpr bool kPairs = kLittleEndian && Op::kReduce == 0 && R != Rounding::kCompensated && kPairStorage<TP> &&
-                          kPairStorage<TG> && kPairStorage<TS>;
+  // Compensated params (kahan_summation) read and write their compensation's word beside the
+  // param's (load_param_pair / store_param_pair).
+  constexpr bool kPairs = kLittleEndian && Op::kReduce == 0 && kPairStorage<TP> && kPairStorage<TG> && kPairStorage<TS>;
   if constexpr (kPairs) {
     (void)red;
     (void)maps;
@@ -342,6 +377,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     const int pairs = static_cast<int>((end - begin) >> 1);
     const uint32_t pair0 = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 1);
     TP* __restrict__ p0 = s0 + begin;
+    TP* __restrict__ pc = c0 + begin;
     const TG* __restrict__ p1 = s1 + begin;
     TS* __restrict__ p2 = reinterpret_cast<TS*>(s2) + begin;
     TS* __restrict__ p3 = reinterpret_cast<TS*>(s3) + begin;
@@ -350,7 +386,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     for (int k = 0; k < pairs; ++k) {
       T a[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};
       T b[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};
-      if constexpr ((L & 1u) != 0) load_pair(p0, k, a[0], b[0]);
+      if constexpr ((L & 1u) != 0) load_param_pair<TP, R>(p0, pc, k, a[0], b[0]);
       if constexpr ((L & 2u) != 0) load_pair(p1, k, a[1], b[1]);
       if constexpr ((L & 4u) != 0) load_pair(p2, k, a[2], b[2]);
       if constexpr ((L & 8u) != 0) load_pair(p3, k, a[3], b[3]);
@@ -362,7 +398,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
       op.template apply<kFma, T>(a, sc, nullptr);
       op.template apply<kFma, T>(b, sc, nullptr);
       const uint32_t word = kNeedsBits<TP, R> ? sr_word(span_key, pair0 + static_cast<uint32_t>(k)) : 0u;
-      if constexpr ((W & 1u) != 0) store_pair<TP, R>(p0, k, a[0], b[0], word);
+      if constexpr ((W & 1u) != 0) store_param_pair<TP, R>(p0, pc, k, a[0], b[0], word);
       if constexpr ((W & 4u) != 0) store_pair<TS, Rounding::kNearest>(p2, k, a[2], b[2], 0u);
       if constexpr ((W & 8u) != 0) store_pair<TS, Rounding::kNearest>(p3, k, a[3], b[3], 0u);
       if constexpr ((W & 16u) != 0) store_pair<TS, Rounding::kNearest>(p4, k, a[4], b[4], 0u);

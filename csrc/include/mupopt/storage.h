@@ -247,6 +247,14 @@ MUPOPT_HDI TP compensated_split(float x, TP& c) {
   return p;
 }
 
+// compensated_split for bfloat16 in bf16_nearest_high's form (the CPU pair loop's words): the
+// same operations, p's word returned, c's word in ``c_high`` (upper halves).
+MUPOPT_HDI uint32_t bf16_compensated_high(float x, uint32_t& c_high) {
+  const uint32_t p_high = bf16_nearest_high(x);
+  c_high = bf16_nearest_high(x - bits_float(p_high & 0xFFFF0000u));
+  return p_high;
+}
+
 // Stores element i of the param stream: store_value (``r``: its random bits, for kStochastic),
 // or the compensated split into p[i] and c[i].
 template <class TP, Rounding R>
