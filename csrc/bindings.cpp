@@ -11,6 +11,11 @@
 // tensor, each tensor's states in the op's order), and ``maps``, one table per state list
 // (csrc/include/mupopt/storage.h's QuantTable, built by mupopt/kernels/cpp/ops.py).
 //
+// kahan_summation (storage.h's compensated param format, mupopt/storage.py "Compensated
+// stores"): ``compensations`` given (None: off) holds state["param_compensation"] of every
+// bfloat16 / float16 param in list order (float32 / float64 params have none); the param is
+// read as p + c and stored as the split. Not together with ``sr_seeds``.
+//
 // GradScaler: ``grad_scale`` (the loss scale; gradients are multiplied by 1/scale inside the
 // kernel, as GradScaler.unscale_ does) and ``found_inf`` (nonzero: the call changes nothing, the
 // step counts included) are optional float32 tensors with one element on the tensors' device.
@@ -206,17 +211,20 @@ TORCH_LIBRARY(mupopt, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float[] lr_mults, float[] wd_mults, "
       "float[] eps_mults, *, float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
+      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None, "
+      "Tensor(y!)[]? compensations=None) -> ()");
   m.def(
       "adopt_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, *, float lr, "
       "float beta1, float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None, "
+      "Tensor(y!)[]? compensations=None) -> ()");
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None, "
+      "Tensor(y!)[]? compensations=None) -> ()");
   // lamb_ in two calls, for norms reduced by the caller in between (see lamb.h): lamb_partials_
   // updates the moments (float32 states) and the steps and returns float64 [N, 2], per tensor
   // (sum of p*p before the update, sum of u*u); lamb_apply_ takes those sums (reduced) and
@@ -225,16 +233,19 @@ TORCH_LIBRARY(mupopt, m) {
       "lamb_partials_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] eps_mults, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> Tensor");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None, "
+      "Tensor[]? compensations=None) -> Tensor");
   m.def(
       "lamb_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] state_steps, float[] lr_mults, float[] eps_mults, Tensor sums, *, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, float? clamp_value, bool maximize, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
+      "Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None, "
+      "Tensor(y!)[]? compensations=None) -> ()");
   m.def(
       "sophia_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "Tensor(c!)[] state_steps, float[] lr_mults, float[] wd_mults, *, float lr, float beta1, float rho, "
-      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");
+      "float bs, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, int[] sr_seeds=[], Tensor(z!)[]? absmax=None, Tensor[]? maps=None, "
+      "Tensor(y!)[]? compensations=None) -> ()");
   m.def(
       "sophia_hessian_(Tensor[] grads, Tensor(a!)[] hessians, *, float beta2, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor(z!)[]? absmax=None, Tensor[]? maps=None) -> ()");

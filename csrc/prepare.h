@@ -51,6 +51,14 @@ inline void set_rounding(Table& t, ArrayRef<int64_t> seeds, const double* counts
   }
 }
 
+// Stochastic rounding and kahan_summation are two param formats; a call takes one (the
+// optimizers refuse both together before calling: mupopt/optim/_base.py).
+inline void check_one_param_format(const char* op, const Table& t) {
+  TORCH_CHECK(!(t.stochastic && t.compensated), op,
+              ": sr_seeds (stochastic_rounding) and compensations (kahan_summation) are two ways to store "
+              "bfloat16 / float16 params: pass one");
+}
+
 // Per-tensor scalars, shared by the per-call ops (prepare_* below) and the bound plans
 // (bound.h). ``before[i]``: tensor i's step count before this step; the multipliers per tensor.
 // Rows are visited in table order, where neighbours usually share their step count, so the
@@ -153,6 +161,7 @@ inline Table prepare_adamw(TensorList params, TensorList grads, TensorList exp_a
   adamw_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, beta1, beta2,
                 weight_decay, eps);
   set_rounding(t, sr_seeds, before.data());
+  check_one_param_format(op, t);
   return t;
 }
 
@@ -175,6 +184,7 @@ inline Table prepare_adopt(TensorList params, TensorList grads, TensorList exp_a
                        lean);
   adopt_scalars(t, before.data(), lr_mults.data(), wd_mults.data(), eps_mults.data(), lr, weight_decay, eps);
   set_rounding(t, sr_seeds, before.data());
+  check_one_param_format(op, t);
   return t;
 }
 
@@ -195,6 +205,7 @@ inline Table prepare_lamb(TensorList params, TensorList grads, TensorList exp_av
                        nullptr, LambScalars::kCount, chunk, nullptr, lean);
   lamb_scalars(t, before.data(), lr_mults.data(), eps_mults.data(), lr, beta1, beta2, eps, steps_bumped);
   set_rounding(t, sr_seeds, before.data(), steps_bumped);
+  check_one_param_format(op, t);
   return t;
 }
 
@@ -215,6 +226,7 @@ inline Table prepare_sophia(TensorList params, TensorList grads, TensorList exp_
                        nullptr, SophiaScalars::kCount, chunk, nullptr, lean);
   sophia_scalars(t, lr_mults.data(), wd_mults.data(), lr, weight_decay);
   set_rounding(t, sr_seeds, before.data());
+  check_one_param_format(op, t);
   return t;
 }
 

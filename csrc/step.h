@@ -34,9 +34,10 @@ namespace binding {
 using OptTensor = c10::optional<at::Tensor>;
 using OptTensors = c10::optional<at::TensorList>;
 
-// The state_bits=8 lists of an op (table.h's LeanLists): absent, or the block scales and maps.
-inline LeanLists lean_lists(const OptTensors& absmax, const OptTensors& maps) {
-  return LeanLists{absmax.value_or(at::TensorList()), maps.value_or(at::TensorList())};
+// The storage lists of an op (table.h's LeanLists): state_bits=8's block scales and maps
+// (absent or given), kahan_summation's compensations (absent: off).
+inline LeanLists lean_lists(const OptTensors& absmax, const OptTensors& maps, const OptTensors& compensations = {}) {
+  return LeanLists{absmax.value_or(at::TensorList()), maps.value_or(at::TensorList()), false, compensations};
 }
 
 // begin, skip, bump, each: the common tail of the optimizer ops. ``bump``: the op increments the
@@ -56,10 +57,11 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::ArrayRef<double> lr_mults,
                 at::ArrayRef<double> wd_mults, at::ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
                 double weight_decay, double eps, bool amsgrad, bool maximize, const OptTensor& grad_scale,
-                const OptTensor& found_inf, at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps) {
+                const OptTensor& found_inf, at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps,
+                OptTensors compensations) {
   Table t = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_mults, wd_mults,
                           eps_mults, lr, beta1, beta2, weight_decay, eps, amsgrad, Dev::kChunk, sr_seeds,
-                          lean_lists(absmax, maps));
+                          lean_lists(absmax, maps, compensations));
   const AdamWHyper h = make_adamw_hyper(beta1, beta2);
   run_step<Dev>("adamw_", t, state_steps, true, maximize, grad_scale, found_inf, absmax,
                 [&](const auto& l, const Group& g, auto& ctx) { return Dev::adamw(l, g, h, amsgrad, ctx); });
@@ -71,9 +73,9 @@ void adopt_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
                 at::ArrayRef<double> eps_mults, double lr, double beta1, double beta2, double weight_decay, double eps,
                 bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds,
-                OptTensors absmax, OptTensors maps) {
+                OptTensors absmax, OptTensors maps, OptTensors compensations) {
   Table t = prepare_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, wd_mults, eps_mults, lr,
-                          weight_decay, eps, Dev::kChunk, sr_seeds, lean_lists(absmax, maps));
+                          weight_decay, eps, Dev::kChunk, sr_seeds, lean_lists(absmax, maps, compensations));
   const AdoptHyper h = make_adopt_hyper(beta1, beta2);
   run_step<Dev>("adopt_", t, state_steps, true, maximize, grad_scale, found_inf, absmax,
                 [&](const auto& l, const Group& g, auto& ctx) { return Dev::adopt(l, g, h, g.variant == 0, ctx); });
@@ -88,9 +90,9 @@ void lamb_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> eps_mults, double lr,
                double beta1, double beta2, double weight_decay, double eps, c10::optional<double> clamp_value,
                bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds,
-               OptTensors absmax, OptTensors maps) {
+               OptTensors absmax, OptTensors maps, OptTensors compensations) {
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, Dev::kChunk, sr_seeds, "lamb_", false, lean_lists(absmax, maps));
+                         eps, Dev::kChunk, sr_seeds, "lamb_", false, lean_lists(absmax, maps, compensations));
   const LambHyper h = lamb_hyper(beta1, beta2, weight_decay, clamp_value);
   run_step<Dev>("lamb_", t, state_steps, true, maximize, grad_scale, found_inf, absmax,
                 [&](const auto& l, const Group& g, auto& ctx) { return Dev::lamb(l, g, h, ctx); });
@@ -106,10 +108,10 @@ at::Tensor lamb_partials_step(at::TensorList params, at::TensorList grads, at::T
                               at::ArrayRef<double> eps_mults, double lr, double beta1, double beta2,
                               double weight_decay, double eps, c10::optional<double> clamp_value, bool maximize,
                               const OptTensor& grad_scale, const OptTensor& found_inf, at::IntArrayRef sr_seeds,
-                              OptTensors absmax, OptTensors maps) {
+                              OptTensors absmax, OptTensors maps, OptTensors compensations) {
   const char* op = "lamb_partials_";
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, Dev::kChunk, sr_seeds, op, false, lean_lists(absmax, maps));
+                         eps, Dev::kChunk, sr_seeds, op, false, lean_lists(absmax, maps, compensations));
   const auto device = t.device.value_or(params.empty() ? at::Device(at::kCPU) : params[0].device());
   at::Tensor sums = at::zeros({static_cast<int64_t>(params.size()), 2},
                               at::TensorOptions().dtype(at::kDouble).device(device));
@@ -125,10 +127,11 @@ void lamb_apply_step(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> eps_mults,
                      const at::Tensor& sums, double lr, double beta1, double beta2, double weight_decay, double eps,
                      c10::optional<double> clamp_value, bool maximize, const OptTensor& grad_scale,
-                     const OptTensor& found_inf, at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps) {
+                     const OptTensor& found_inf, at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps,
+                     OptTensors compensations) {
   const char* op = "lamb_apply_";
   Table t = prepare_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_mults, eps_mults, lr, beta1, beta2,
-                         eps, Dev::kChunk, sr_seeds, op, /*steps_bumped=*/true, lean_lists(absmax, maps));
+                         eps, Dev::kChunk, sr_seeds, op, /*steps_bumped=*/true, lean_lists(absmax, maps, compensations));
   const at::Tensor reduced = check_lamb_sums(op, sums, static_cast<int64_t>(params.size()), t.device);
   const LambHyper h = lamb_hyper(beta1, beta2, weight_decay, clamp_value);
   run_step<Dev>(op, t, state_steps, false, maximize, grad_scale, found_inf, absmax,
@@ -139,9 +142,10 @@ template <class Dev>
 void sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
                  at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults, double lr,
                  double beta1, double rho, double bs, double weight_decay, bool maximize, const OptTensor& grad_scale,
-                 const OptTensor& found_inf, at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps) {
+                 const OptTensor& found_inf, at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps,
+                 OptTensors compensations) {
   Table t = prepare_sophia(params, grads, exp_avgs, hessians, state_steps, lr_mults, wd_mults, lr, weight_decay,
-                           Dev::kChunk, sr_seeds, lean_lists(absmax, maps));
+                           Dev::kChunk, sr_seeds, lean_lists(absmax, maps, compensations));
   const SophiaHyper h = make_sophia_hyper(beta1, 0.0, rho * bs);  // rho*bs: the reference's float64 product
   run_step<Dev>("sophia_", t, state_steps, true, maximize, grad_scale, found_inf, absmax,
                 [&](const auto& l, const Group& g, auto& ctx) { return Dev::sophia(l, g, h, ctx); });

@@ -45,10 +45,14 @@ struct Table {
   std::vector<Group> groups;
   c10::optional<c10::Device> device;  // empty when every list is empty
   bool stochastic = false;  // param stores rounded stochastically (rows' sr_key; set_rounding)
+  bool compensated = false;  // kahan_summation: 16-bit params with a compensation (rows' compensation)
 };
 
-// The param format of a launch group (storage.h): its dtype, or the stochastic code of it.
-inline DType launch_param(const Table& t, const Group& g) { return t.stochastic ? stochastic_format(g.param) : g.param; }
+// The param format of a launch group (storage.h): its dtype, or the stochastic or compensated
+// code of it.
+inline DType launch_param(const Table& t, const Group& g) {
+  return t.compensated ? compensated_format(g.param) : t.stochastic ? stochastic_format(g.param) : g.param;
+}
 
 inline DType storage_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -196,6 +200,7 @@ struct RowSet {
   std::vector<int> keys;
   c10::optional<c10::Device> device;  // empty when every list is empty
   std::array<QuantTable, kMaxStreams> maps{};
+  bool compensated = false;  // kahan_summation (LeanLists::compensations given)
 };
 
 // float64 is computed in float64, every other storage dtype in float32: a gradient is float64
@@ -211,11 +216,21 @@ inline void check_grad_dtype(const char* op, int64_t i, const at::Tensor& g, con
 // State formats (streams >= 2): each tensor's states share one format (state_format_of). Format
 // 8 states come with ``absmax``: their float32 block scales, in list order (tensor by tensor,
 // each tensor's quantized states in stream order), and ``maps``: one table per state stream.
+//
+// kahan_summation (storage.h's compensated param format): ``compensations`` given (even empty)
+// holds the compensation of every bfloat16 / float16 param, in list order, each of its param's
+// dtype, size and device, contiguous; float32 / float64 params have none (their store is exact).
 struct LeanLists {
   at::TensorList absmax;
   at::TensorList maps;
   bool raw_bytes = false;  // uint8 states are plain bytes (StateFormat::kBytes: traffic_ only)
+  c10::optional<at::TensorList> compensations = c10::nullopt;
 };
+
+// Whether a param of this dtype has a compensation under kahan_summation.
+inline bool compensates(const at::Tensor& p) {
+  return p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf;
+}
 
 // Checks the lists of ``op`` and builds their rows (see make_table). Nothing is modified.
 inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& streams, const double* scal,
@@ -236,6 +251,10 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
   const bool has_param = streams[0].name != nullptr;
 
   RowSet out;
+  out.compensated = lean.compensations.has_value();
+  TORCH_CHECK(!out.compensated || has_param, op, ": compensations (kahan_summation) without params");
+  const at::TensorList comps = lean.compensations.value_or(at::TensorList());
+  size_t used_comps = 0;
   out.rows.reserve(n);
   out.sources.reserve(n);
   out.keys.reserve(n);
@@ -299,6 +318,23 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
         if (!vector_aligned(row.ptr[s], t)) row.aligned = 0;
       }
     }
+    if (out.compensated && compensates(pt)) {
+      TORCH_CHECK(used_comps < comps.size(), op, ": params[", i, "] is ", c10::toString(pt.scalar_type()),
+                  " with kahan_summation but compensations has only ", comps.size(),
+                  " tensors (one per bfloat16 / float16 param, in list order)");
+      const at::Tensor& c = comps[used_comps];
+      TORCH_CHECK(c.defined() && c.scalar_type() == pt.scalar_type() && c.numel() == row.numel &&
+                      c.is_contiguous() && c.device() == *out.device,
+                  op, ": compensations[", used_comps, "] (the compensation of params[", i,
+                  "]) must be a contiguous ", c10::toString(pt.scalar_type()), " tensor of ", row.numel,
+                  " elements on ", out.device->str(), " like its param, got ",
+                  c.defined() ? describe(c) : std::string("an undefined tensor"));
+      if (row.numel > 0) {
+        row.compensation = c.data_ptr();
+        if (!vector_aligned(row.compensation, c)) row.aligned = 0;
+      }
+      ++used_comps;
+    }
     if (row.numel == 0) continue;
     row.source = static_cast<int32_t>(i);
     for (int k = 0; scal != nullptr && k < n_scalars; ++k) row.scalar[k] = scal[i * n_scalars + k];
@@ -308,6 +344,8 @@ inline RowSet make_rows(const char* op, const std::array<Stream, kMaxStreams>& s
     out.sources.push_back(i);
     out.keys.push_back(group_key(v, storage_of(pt), grad, format));
   }
+  TORCH_CHECK(used_comps == comps.size(), op, ": compensations has ", comps.size(),
+              " tensors but the lists hold ", used_comps, " bfloat16 / float16 params (kahan_summation: one each)");
   TORCH_CHECK(used_absmax == lean.absmax.size(), op, ": absmax has ", lean.absmax.size(),
               " tensors but the lists hold ", used_absmax, " quantized (uint8) states");
   if (any_q8) {
@@ -337,6 +375,7 @@ inline Table make_table(const char* op, const std::array<Stream, kMaxStreams>& s
   Table table;
   table.device = set.device;
   table.maps = set.maps;
+  table.compensated = set.compensated;
   group_rows(set.rows, set.sources, set.keys, chunk, table);
   return table;
 }

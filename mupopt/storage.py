@@ -3,7 +3,8 @@
 Every backend keeps its load/store conversions in one place, keyed by a storage code:
 
 - reference: this module (:func:`store_param`, :func:`round_stochastic`);
-- cpu / cuda: ``csrc/include/mupopt/storage.h`` (``Rounding``, ``store_value``);
+- cpu / cuda: ``csrc/include/mupopt/storage.h`` (``Rounding``, ``store_value``; ``load_param`` /
+  ``store_param`` with ``Rounding::kCompensated`` for ``kahan_summation``);
 - triton: ``mupopt/kernels/triton/_common.py`` (``_load`` / ``_store``, storage codes
   :data:`FORMAT_CODES`; 7 and 8 the compensated params of ``kahan_summation``).
 

@@ -3,10 +3,11 @@
 against a float64 transcription, each optimizer's step against its float32-param step on p + c,
 the bf16 stall gone (and compared with stochastic rounding), state_dict resume, copies, the
 memory count, bad input, and the registry: backends without it are fallen back from (auto) or
-refused (explicit)."""
+refused (explicit). The cpu backend against the reference: tests/test_kahan_cpu.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import pickle
 import warnings
@@ -301,38 +302,49 @@ def test_with_stochastic_rounding_refused():
 
 
 # -- the registry: backends without it -------------------------------------------------------
-def _cpu_available():
+@pytest.fixture
+def without_kahan():
+    """A backend without compensated stores, made for CPU tensors and ranked above "cpu" (the cpu
+    backend's functions with kahan_summation=False and no bound step), for AdamW and SophiaG."""
+    from mupopt import backends
     from mupopt.kernels.cpp import cpu_unsupported_reason
 
     reason = cpu_unsupported_reason([torch.zeros(1)])
     if reason is not None:
         pytest.skip(reason)
+    added = []
+    for rule in ("adamw", "sophia"):
+        cpu = backends.get(rule, "cpu")
+        backends.register(dataclasses.replace(cpu, name="nokahan", priority=cpu.priority + 5, bind=None,
+                                              kahan_summation=False))
+        added.append(rule)
+    yield
+    for rule in added:
+        del backends._REGISTRY[rule]["nokahan"]
 
 
-def test_explicit_backend_without_it_raises():
-    """backend="cpu" (no compensated store yet): the first step raises before anything is
-    written, naming the backends that have it."""
-    _cpu_available()
+def test_explicit_backend_without_it_raises(without_kahan):
+    """An explicit backend without it: the first step raises before anything is written, naming
+    the backends that have it."""
     p = torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
-    opt = mupopt.AdamW([p], kahan_summation=True, backend="cpu")
+    opt = mupopt.AdamW([p], kahan_summation=True, backend="nokahan")
     p.grad = torch.randn(8, 8).to(torch.bfloat16)
     before = p.detach().clone()
-    with pytest.raises(RuntimeError, match="kahan_summation=True.*backends that do: triton, reference"):
+    with pytest.raises(RuntimeError, match="kahan_summation=True.*backends that do: cpu, triton, reference"):
         opt.step()
     assert torch.equal(_bits(p), _bits(before)) and not opt.state[p]
-    mupopt.AdamW([torch.nn.Parameter(torch.randn(8))], kahan_summation=True, backend="cpu").step()  # no grad: fine
-    q = torch.nn.Parameter(torch.randn(8))  # float32: the option does nothing, cpu steps it
-    opt = mupopt.AdamW([q], kahan_summation=True, backend="cpu")
+    mupopt.AdamW([torch.nn.Parameter(torch.randn(8))], kahan_summation=True, backend="nokahan").step()  # no grad: fine
+    q = torch.nn.Parameter(torch.randn(8))  # float32: the option does nothing, the backend steps it
+    opt = mupopt.AdamW([q], kahan_summation=True, backend="nokahan")
     q.grad = torch.randn(8)
     opt.step()
-    assert opt.selected_backends == [{"adamw": "cpu"}]
+    assert opt.selected_backends == [{"adamw": "nokahan"}]
 
 
-def test_auto_falls_back_per_tensor_with_warning():
-    """auto: the bfloat16 params go to the reference backend with BackendFallbackWarning, the
-    float32 ones of the same group stay on cpu; SophiaG's Hessian EMA (no param store) stays on
-    cpu."""
-    _cpu_available()
+def test_auto_falls_back_per_tensor_with_warning(without_kahan):
+    """auto: the bfloat16 params go to the best backend with it (cpu) with
+    BackendFallbackWarning, the float32 ones of the same group stay on the backend without it;
+    SophiaG's Hessian EMA (no param store) stays on cpu."""
     torch.manual_seed(0)
     low = torch.nn.Parameter(torch.randn(16, 16).to(torch.bfloat16))
     full = torch.nn.Parameter(torch.randn(16))
@@ -343,7 +355,7 @@ def test_auto_falls_back_per_tensor_with_warning():
             opt.step()
         assert KEY in opt.state[low] and KEY not in opt.state[full]
         rule = opt.rule
-        assert opt.selected_backends[0][rule] == "cpu (1) + reference (1)"
+        assert opt.selected_backends[0][rule] == "nokahan (1) + cpu (1)"
         if cls is mupopt.SophiaG:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", BackendFallbackWarning)

@@ -187,8 +187,20 @@ SpanFn<Op> span_for_stochastic(DType g, StateFormat s, Isa isa) {
   }
 }
 
+// kahan_summation: the compensated loops for Ops that read or write the param (LAMB's norm pass
+// sums p*p of p + c), the nearest ones for the others.
+template <class Op, class TP>
+SpanFn<Op> span_for_compensated(DType g, StateFormat s, Isa isa) {
+  if constexpr (((Op::kLoad | Op::kStore) & 1u) != 0) {
+    return span_for_grad<Op, TP, Rounding::kCompensated>(g, s, isa);
+  } else {
+    return span_for_grad<Op, TP, Rounding::kNearest>(g, s, isa);
+  }
+}
+
 // The loop for one (param format, grad, state format) triple: float32, bfloat16 or float16
-// param and grad (the param's bfloat16 / float16 also rounded stochastically: storage.h), or
+// param and grad (the param's bfloat16 / float16 also rounded stochastically or compensated:
+// storage.h), or
 // float64 both (the bindings refuse float64 paired with another dtype: table.h); the states in
 // one of the StateFormats. nullptr: an Op that does not step that state format.
 template <class Op>
@@ -204,6 +216,10 @@ SpanFn<Op> span_for(DType p, DType g, StateFormat s, Isa isa) {
       return span_for_stochastic<Op, bf16_t>(g, s, isa);
     case DType::kFloat16Stochastic:
       return span_for_stochastic<Op, f16_t>(g, s, isa);
+    case DType::kBFloat16Compensated:
+      return span_for_compensated<Op, bf16_t>(g, s, isa);
+    case DType::kFloat16Compensated:
+      return span_for_compensated<Op, f16_t>(g, s, isa);
     default:
       return span_for_grad<Op, float, Rounding::kNearest>(g, s, isa);
   }

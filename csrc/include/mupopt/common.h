@@ -41,9 +41,10 @@
 namespace mupopt {
 
 // Storage dtypes the kernels read and write (float64: the CPU loops only). The first
-// kDTypeCount codes are the dtypes of tensors; the stochastic codes are param formats of a
-// launch only: bfloat16 / float16 storage whose param stream is rounded stochastically
-// (storage.h), its states to nearest.
+// kDTypeCount codes are the dtypes of tensors; the stochastic and compensated codes are param
+// formats of a launch only: bfloat16 / float16 storage whose param stream is rounded
+// stochastically, or loaded and stored with a compensation (kahan_summation; storage.h), its
+// states to nearest.
 enum class DType : int32_t {
   kFloat32 = 0,
   kBFloat16 = 1,
@@ -51,6 +52,8 @@ enum class DType : int32_t {
   kFloat64 = 3,
   kBFloat16Stochastic = 4,
   kFloat16Stochastic = 5,
+  kBFloat16Compensated = 6,
+  kFloat16Compensated = 7,
 };
 constexpr int kDTypeCount = 4;
 
@@ -58,6 +61,12 @@ constexpr int kDTypeCount = 4;
 // float64 stores are exact and stay as they are.
 MUPOPT_HD inline DType stochastic_format(DType d) {
   return d == DType::kBFloat16 ? DType::kBFloat16Stochastic : d == DType::kFloat16 ? DType::kFloat16Stochastic : d;
+}
+
+// The same with kahan_summation on: 16-bit params get their compensation, float32 and float64
+// params have none (their store is exact).
+MUPOPT_HD inline DType compensated_format(DType d) {
+  return d == DType::kBFloat16 ? DType::kBFloat16Compensated : d == DType::kFloat16 ? DType::kFloat16Compensated : d;
 }
 
 // bfloat16 storage: the upper 16 bits of a float32. A plain struct, so host code needs no

@@ -54,6 +54,7 @@ struct TensorRow {
   int32_t source;             // the tensor's index in the op's lists (LAMB's per-tensor sums)
   uint32_t sr_key;            // stochastic rounding of the param stream: sr_step_key (storage.h)
   float* absmax[kMaxStreams];  // format 8 (StateFormat::kBlock8): each state stream's block scales
+  void* compensation;         // kahan_summation: the param's compensation (its dtype), else nullptr
 };
 
 // Format 8 on CUDA: where a launch's map tables lie in device memory. bindings_cuda.cpp copies
@@ -194,6 +195,43 @@ MUPOPT_FORCE_INLINE void store_pair(S* p, int k, float lo, float hi, uint32_t wo
   reinterpret_cast<pair_word_t*>(p)[k] = w;
 }
 
+// The param stream's word k in its format (storage.h's load_param / store_param for a pair):
+// load_pair / store_pair, or with the compensation's word k of ``c`` (kahan_summation).
+template <class S, Rounding R>
+MUPOPT_FORCE_INLINE void load_param_pair(const S* p, const S* c, int k, float& lo, float& hi) {
+  load_pair(p, k, lo, hi);
+  if constexpr (kCompensates<S, R>) {
+    float clo, chi;
+    load_pair(c, k, clo, chi);
+    lo += clo;
+    hi += chi;
+  } else {
+    (void)c;
+  }
+}
+
+template <class S, Rounding R>
+MUPOPT_FORCE_INLINE void store_param_pair(S* p, S* c, int k, float lo, float hi, uint32_t word) {
+  if constexpr (kCompensates<S, R>) {
+    uint32_t wp, wc;
+    if constexpr (std::is_same<S, bf16_t>::value) {
+      uint32_t clo, chi;
+      wp = (bf16_compensated_high(lo, clo) >> 16) | (bf16_compensated_high(hi, chi) & 0xFFFF0000u);
+      wc = (clo >> 16) | (chi & 0xFFFF0000u);
+    } else {
+      S clo, chi;
+      wp = static_cast<uint32_t>(compensated_split<S>(lo, clo).bits) |
+           (static_cast<uint32_t>(compensated_split<S>(hi, chi).bits) << 16);
+      wc = static_cast<uint32_t>(clo.bits) | (static_cast<uint32_t>(chi.bits) << 16);
+    }
+    reinterpret_cast<pair_word_t*>(p)[k] = wp;
+    reinterpret_cast<pair_word_t*>(c)[k] = wc;
+  } else {
+    (void)c;
+    store_pair<S, R>(p, k, lo, hi, word);
+  }
+}
+
 #if defined(_OPENMP)
 #define MUPOPT_SIMD_MAX_M _Pragma("omp simd reduction(max : m)")
 #else
@@ -280,6 +318,9 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   SS* __restrict__ s2 = static_cast<SS*>(row.ptr[2]);
   SS* __restrict__ s3 = static_cast<SS*>(row.ptr[3]);
   SS* __restrict__ s4 = static_cast<SS*>(row.ptr[4]);
+  // The compensated param format's second tensor (storage.h's load_param / store_param; read by
+  // no other format).
+  TP* __restrict__ c0 = static_cast<TP*>(row.compensation);
   T sc[kMaxScalars];
   for (int k = 0; k < kMaxScalars; ++k) sc[k] = static_cast<T>(row.scalar[k]);
   const uint32_t span_key = sr_span_key(row.sr_key, begin);
@@ -294,14 +335,14 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   }
 #define MUPOPT_CPU_ELEMENT(RED, RBITS)                                     \
   T x[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};                       \
-  if constexpr ((L & 1u) != 0) x[0] = to_compute(s0[i]);                   \
+  if constexpr ((L & 1u) != 0) x[0] = load_param<TP, R>(s0, c0, i);       \
   if constexpr ((L & 2u) != 0) x[1] = to_compute(s1[i]);                   \
   if constexpr ((L & 4u) != 0) { MUPOPT_LOAD_STATE(x[2], s2, q2) }        \
   if constexpr ((L & 8u) != 0) { MUPOPT_LOAD_STATE(x[3], s3, q3) }        \
   if constexpr ((L & 16u) != 0) { MUPOPT_LOAD_STATE(x[4], s4, q4) }       \
   if constexpr (Op::kGradStream) x[1] *= gmul;                             \
   op.template apply<kFma, T>(x, sc, RED);                                  \
-  if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], RBITS);    \
+  if constexpr ((W & 1u) != 0) store_param<TP, R>(s0, c0, i, x[0], RBITS); \
   if constexpr ((W & 4u) != 0) {                                           \
     if constexpr (kQ8) q2[k] = x[2];                                       \
     else reinterpret_cast<TS*>(s2)[i] = from_compute<TS>(x[2]);            \
@@ -325,6 +366,8 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
   // divisions per element, 64 cycles per 32 elements); in-register widening and packing (a
   // shift or mask per element, no permutes) frees the ports the hash needs, and the hash then
   // runs in the divider's shadow instead of in a loop of its own.
+  // Compensated params (kahan_summation) read and write their compensation's word beside the
+  // param's (load_param_pair / store_param_pair).
   constexpr bool kPairs = kLittleEndian && Op::kReduce == 0 && kPairStorage<TP> && kPairStorage<TG> && kPairStorage<TS>;
   if constexpr (kPairs) {
     (void)red;
@@ -334,6 +377,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     const int pairs = static_cast<int>((end - begin) >> 1);
     const uint32_t pair0 = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 1);
     TP* __restrict__ p0 = s0 + begin;
+    TP* __restrict__ pc = c0 + begin;
     const TG* __restrict__ p1 = s1 + begin;
     TS* __restrict__ p2 = reinterpret_cast<TS*>(s2) + begin;
     TS* __restrict__ p3 = reinterpret_cast<TS*>(s3) + begin;
@@ -342,7 +386,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
     for (int k = 0; k < pairs; ++k) {
       T a[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};
       T b[kMaxStreams] = {T(0), T(0), T(0), T(0), T(0)};
-      if constexpr ((L & 1u) != 0) load_pair(p0, k, a[0], b[0]);
+      if constexpr ((L & 1u) != 0) load_param_pair<TP, R>(p0, pc, k, a[0], b[0]);
       if constexpr ((L & 2u) != 0) load_pair(p1, k, a[1], b[1]);
       if constexpr ((L & 4u) != 0) load_pair(p2, k, a[2], b[2]);
       if constexpr ((L & 8u) != 0) load_pair(p3, k, a[3], b[3]);
@@ -354,7 +398,7 @@ MUPOPT_FORCE_INLINE void cpu_span(const Op& op_ref, const TensorRow& row, int64_
       op.template apply<kFma, T>(a, sc, nullptr);
       op.template apply<kFma, T>(b, sc, nullptr);
       const uint32_t word = kNeedsBits<TP, R> ? sr_word(span_key, pair0 + static_cast<uint32_t>(k)) : 0u;
-      if constexpr ((W & 1u) != 0) store_pair<TP, R>(p0, k, a[0], b[0], word);
+      if constexpr ((W & 1u) != 0) store_param_pair<TP, R>(p0, pc, k, a[0], b[0], word);
       if constexpr ((W & 4u) != 0) store_pair<TS, Rounding::kNearest>(p2, k, a[2], b[2], 0u);
       if constexpr ((W & 8u) != 0) store_pair<TS, Rounding::kNearest>(p3, k, a[3], b[3], 0u);
       if constexpr ((W & 16u) != 0) store_pair<TS, Rounding::kNearest>(p4, k, a[4], b[4], 0u);
@@ -514,12 +558,41 @@ __device__ MUPOPT_FORCE_INLINE void store4(f16_t* p, const float* x) {
   *reinterpret_cast<uint2*>(p) = v;
 }
 
-// The param stream's 4-element store in its format: rounding to nearest as store4, or each
-// element through the storage layer (storage.h) with its index ``i0 + j``.
+// The param stream's 4-element load in its format: load4, plus the compensation's 4 elements
+// for the compensated format (storage.h's load_param: one float32 addition each).
 template <Rounding R, class TP>
-__device__ MUPOPT_FORCE_INLINE void store4_param(TP* p, const float* x, uint32_t span_key, int64_t i0) {
+__device__ MUPOPT_FORCE_INLINE void load4_param(const TP* p, const TP* c, float* o) {
+  load4(p, o);
+  if constexpr (kCompensates<TP, R>) {
+    float e[4];
+    load4(c, e);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[j] += e[j];
+  }
+}
+
+// The param stream's 4-element store in its format: rounding to nearest as store4, the
+// compensated split into p and c (both 4-wide), or each element through the storage layer
+// (storage.h) with its index ``i0 + j``.
+template <Rounding R, class TP>
+__device__ MUPOPT_FORCE_INLINE void store4_param(TP* p, TP* c, const float* x, uint32_t span_key, int64_t i0) {
   if constexpr (R == Rounding::kNearest || std::is_same<TP, float>::value) {
     store4(p, x);
+  } else if constexpr (R == Rounding::kCompensated) {
+    uint32_t hp[4], hc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      TP cj;
+      hp[j] = compensated_split<TP>(x[j], cj).bits;
+      hc[j] = cj.bits;
+    }
+    uint2 vp, vc;
+    vp.x = hp[0] | (hp[1] << 16);
+    vp.y = hp[2] | (hp[3] << 16);
+    vc.x = hc[0] | (hc[1] << 16);
+    vc.y = hc[2] | (hc[3] << 16);
+    *reinterpret_cast<uint2*>(p) = vp;
+    *reinterpret_cast<uint2*>(c) = vc;
   } else {
     // i0 is a multiple of 4: the elements are two whole pairs, one random word each (storage.h).
     const uint32_t pair0 = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 1);
@@ -576,13 +649,14 @@ __device__ MUPOPT_FORCE_INLINE void plain_chunk(const TensorRow& row, int64_t be
   TS* s2 = static_cast<TS*>(row.ptr[2]);
   TS* s3 = static_cast<TS*>(row.ptr[3]);
   TS* s4 = static_cast<TS*>(row.ptr[4]);
+  TP* c0 = static_cast<TP*>(row.compensation);  // the compensated param format's (storage.h)
 
   int64_t scalar_from = begin;
   if (row.aligned) {
     const int64_t vec_end = begin + ((end - begin) / kVec) * kVec;
     for (int64_t i = begin + threadIdx.x * kVec; i < vec_end; i += kThreads * kVec) {
       float v[kMaxStreams][kVec];
-      if constexpr ((L & 1u) != 0) load4(s0 + i, v[0]);
+      if constexpr ((L & 1u) != 0) load4_param<R>(s0 + i, c0 + i, v[0]);
       if constexpr ((L & 2u) != 0) load4(s1 + i, v[1]);
       if constexpr ((L & 4u) != 0) load4(s2 + i, v[2]);
       if constexpr ((L & 8u) != 0) load4(s3 + i, v[3]);
@@ -596,7 +670,7 @@ __device__ MUPOPT_FORCE_INLINE void plain_chunk(const TensorRow& row, int64_t be
 #pragma unroll
         for (int s = 0; s < kMaxStreams; ++s) v[s][j] = x[s];
       }
-      if constexpr ((W & 1u) != 0) store4_param<R>(s0 + i, v[0], span_key, i);
+      if constexpr ((W & 1u) != 0) store4_param<R>(s0 + i, c0 + i, v[0], span_key, i);
       if constexpr ((W & 4u) != 0) store4(s2 + i, v[2]);
       if constexpr ((W & 8u) != 0) store4(s3 + i, v[3]);
       if constexpr ((W & 16u) != 0) store4(s4 + i, v[4]);
@@ -605,13 +679,13 @@ __device__ MUPOPT_FORCE_INLINE void plain_chunk(const TensorRow& row, int64_t be
   }
   for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
     float x[kMaxStreams] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    if constexpr ((L & 1u) != 0) x[0] = to_float(s0[i]);
+    if constexpr ((L & 1u) != 0) x[0] = load_param<TP, R>(s0, c0, i);
     if constexpr ((L & 2u) != 0) x[1] = to_float(s1[i]);
     if constexpr ((L & 4u) != 0) x[2] = to_float(s2[i]);
     if constexpr ((L & 8u) != 0) x[3] = to_float(s3[i]);
     if constexpr ((L & 16u) != 0) x[4] = to_float(s4[i]);
     apply_element(op, x, gmul, sc, acc0, acc1);
-    if constexpr ((W & 1u) != 0) s0[i] = store_value<TP, R>(x[0], sr_bits(span_key, i));
+    if constexpr ((W & 1u) != 0) store_param<TP, R>(s0, c0, i, x[0], sr_bits(span_key, i));
     if constexpr ((W & 4u) != 0) s2[i] = from_float<TS>(x[2]);
     if constexpr ((W & 8u) != 0) s3[i] = from_float<TS>(x[3]);
     if constexpr ((W & 16u) != 0) s4[i] = from_float<TS>(x[4]);
@@ -721,6 +795,7 @@ __device__ MUPOPT_FORCE_INLINE void q8_chunk(const TensorRow& row, int64_t begin
   // k - 1, before every thread passed iteration k's barrier, so one barrier per iteration.
   __shared__ uint32_t warp_amax[2][kMaxStreams - 2][kThreads / 32];
   TP* s0 = static_cast<TP*>(row.ptr[0]);
+  TP* c0 = static_cast<TP*>(row.compensation);  // the compensated param format's (storage.h)
   const TG* s1 = static_cast<const TG*>(row.ptr[1]);
   uint8_t* codes[kMaxStreams] = {nullptr, nullptr, static_cast<uint8_t*>(row.ptr[2]),
                                  static_cast<uint8_t*>(row.ptr[3]), static_cast<uint8_t*>(row.ptr[4])};
@@ -735,7 +810,7 @@ __device__ MUPOPT_FORCE_INLINE void q8_chunk(const TensorRow& row, int64_t begin
     // Elements past the end stay 0: they add nothing to a block's max.
     float v[kMaxStreams][kVec] = {};
     if (whole) {
-      if constexpr ((L & 1u) != 0) load4(s0 + i0, v[0]);
+      if constexpr ((L & 1u) != 0) load4_param<R>(s0 + i0, c0 + i0, v[0]);
       if constexpr ((L & 2u) != 0) load4(s1 + i0, v[1]);
     } else {
       // Every index below a constant (unrolled, guarded by j < n): a runtime index would put v
@@ -743,7 +818,7 @@ __device__ MUPOPT_FORCE_INLINE void q8_chunk(const TensorRow& row, int64_t begin
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         if (j >= n) continue;
-        if constexpr ((L & 1u) != 0) v[0][j] = to_float(s0[i0 + j]);
+        if constexpr ((L & 1u) != 0) v[0][j] = load_param<TP, R>(s0, c0, i0 + j);
         if constexpr ((L & 2u) != 0) v[1][j] = to_float(s1[i0 + j]);
       }
     }
@@ -779,11 +854,11 @@ __device__ MUPOPT_FORCE_INLINE void q8_chunk(const TensorRow& row, int64_t begin
     }
     if constexpr ((W & 1u) != 0) {
       if (whole) {
-        store4_param<R>(s0 + i0, v[0], span_key, i0);
+        store4_param<R>(s0 + i0, c0 + i0, v[0], span_key, i0);
       } else {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          if (j < n) s0[i0 + j] = store_value<TP, R>(v[0][j], sr_bits(span_key, i0 + j));
+          if (j < n) store_param<TP, R>(s0, c0, i0 + j, v[0][j], sr_bits(span_key, i0 + j));
         }
       }
     }
@@ -945,6 +1020,20 @@ cudaError_t launch_stochastic(const TensorRow* rows, int n_rows, int64_t n_chunk
   }
 }
 
+// A compensated param format: the compensated loops for Ops that read or write the param
+// (LAMB's norm pass sums p*p of p + c), the nearest ones for the others (the Hessian EMA).
+template <class Op, class TP>
+cudaError_t launch_compensated(const TensorRow* rows, int n_rows, int64_t n_chunks, DType tg, StateFormat ts,
+                               const Op& op, const GradArgs& ga, double* partials, const DeviceMaps& maps,
+                               cudaStream_t stream) {
+  if constexpr (((Op::kLoad | Op::kStore) & 1u) != 0) {
+    return launch_grad_typed<Op, TP, Rounding::kCompensated>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps,
+                                                             stream);
+  } else {
+    return launch_grad_typed<Op, TP>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
+  }
+}
+
 // One launch per (param format, grad dtype, state format) triple. rows: device table of n_rows
 // rows with first_chunk counted from 0; partials: device buffer of 2 * n_chunks doubles when
 // Op::kReduce, else unused; maps: format 8's tables (unused by the other formats).
@@ -963,6 +1052,10 @@ cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chu
       return launch_stochastic<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     case DType::kFloat16Stochastic:
       return launch_stochastic<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
+    case DType::kBFloat16Compensated:
+      return launch_compensated<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
+    case DType::kFloat16Compensated:
+      return launch_compensated<Op, f16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     case DType::kFloat32:
       return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
     default:

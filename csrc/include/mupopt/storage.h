@@ -6,11 +6,16 @@
 //
 //   Rounding::kNearest     round to nearest even, as torch's copy_ (common.h's from_float);
 //   Rounding::kStochastic  bfloat16 / float16 rounded stochastically (below); float32 and
-//                          float64 stores are exact and ignore it.
+//                          float64 stores are exact and ignore it;
+//   Rounding::kCompensated bfloat16 / float16 params with a compensation c of their dtype
+//                          (kahan_summation; TensorRow::compensation): loaded as p + c, stored
+//                          as the split (load_param / store_param below).
 //
-// A launch carries its param format as a DType code (kBFloat16Stochastic, kFloat16Stochastic:
-// the bf16 / f16 storage of the param, its states rounded to nearest), so the drivers pick the
-// loop instantiation by one switch.
+// A launch carries its param format as a DType code (kBFloat16Stochastic, kFloat16Stochastic,
+// kBFloat16Compensated, kFloat16Compensated: the bf16 / f16 storage of the param, its states
+// rounded to nearest), so the drivers pick the loop instantiation by one switch. The param
+// stream is read and written through load_param / store_param, which are to_compute /
+// store_value for every format but the compensated one (same code: the other loops unchanged).
 //
 // The states (streams >= 2) have a format of their own, StateFormat (state_bits,
 // mupopt/optim/_lean_states.py): kParam (the param's storage type, format 32), kBFloat16
@@ -36,7 +41,7 @@
 
 namespace mupopt {
 
-enum class Rounding : int32_t { kNearest = 0, kStochastic = 1 };
+enum class Rounding : int32_t { kNearest = 0, kStochastic = 1, kCompensated = 2 };
 
 // lowbias32: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16.
 MUPOPT_HDI uint32_t mix32(uint32_t x) {
@@ -211,5 +216,58 @@ MUPOPT_HDI uint8_t q8_code(uint32_t entry, uint32_t key) {
 // Whether a loop storing TP with rounding R needs random bits.
 template <class TP, Rounding R>
 constexpr bool kNeedsBits = R == Rounding::kStochastic && !std::is_same<compute_t<TP>, TP>::value;
+
+// ---------------------------------------------------------------------------------------------
+// Compensated params (kahan_summation; the executable spec is mupopt/storage.py, "Compensated
+// stores"; Zamirai et al. 2020, arXiv 2010.06192): a bfloat16 / float16 param p keeps c, the
+// rounding error of its last store, in a tensor of its dtype. Load: x = float32(p) + float32(c),
+// one rounded float32 addition. Store: p = x rounded to nearest even, c = (x - float32(p))
+// rounded to nearest even; x - p is exact in float32 (p is x rounded), so c loses only its own
+// rounding. Non-finite x: p is x's rounding (inf stays inf), c = inf - inf = NaN, as the spec.
+// ---------------------------------------------------------------------------------------------
+template <class TP, Rounding R>
+constexpr bool kCompensates = R == Rounding::kCompensated && !std::is_same<compute_t<TP>, TP>::value;
+
+// Element i of the param stream p (compensation c: read by the compensated format only).
+template <class TP, Rounding R>
+MUPOPT_HDI compute_t<TP> load_param(const TP* p, const TP* c, int64_t i) {
+  if constexpr (kCompensates<TP, R>) {
+    return to_float(p[i]) + to_float(c[i]);
+  } else {
+    (void)c;
+    return to_compute(p[i]);
+  }
+}
+
+// The compensated split of x: p returned, c written.
+template <class TP>
+MUPOPT_HDI TP compensated_split(float x, TP& c) {
+  const TP p = from_float<TP>(x);
+  c = from_float<TP>(x - to_float(p));
+  return p;
+}
+
+// compensated_split for bfloat16 in bf16_nearest_high's form (the CPU pair loop's words): the
+// same operations, p's word returned, c's word in ``c_high`` (upper halves).
+MUPOPT_HDI uint32_t bf16_compensated_high(float x, uint32_t& c_high) {
+  const uint32_t p_high = bf16_nearest_high(x);
+  c_high = bf16_nearest_high(x - bits_float(p_high & 0xFFFF0000u));
+  return p_high;
+}
+
+// Stores element i of the param stream: store_value (``r``: its random bits, for kStochastic),
+// or the compensated split into p[i] and c[i].
+template <class TP, Rounding R>
+MUPOPT_HDI void store_param(TP* p, TP* c, int64_t i, compute_t<TP> x, uint32_t r) {
+  if constexpr (kCompensates<TP, R>) {
+    (void)r;
+    TP ci;
+    p[i] = compensated_split<TP>(x, ci);
+    c[i] = ci;
+  } else {
+    (void)c;
+    p[i] = store_value<TP, R>(x, r);
+  }
+}
 
 }  // namespace mupopt

@@ -12,6 +12,9 @@
   Triton's 10: on an H200 it stepped GPT-2 small and Llama-1B lists 1.4-2.4x faster than the
   Triton kernels, level with or ahead of torch's fused AdamW; benchmarks/results/).
 
+Both step ``kahan_summation=True`` (bfloat16 / float16 params with a compensation: storage.h's
+compensated param format; lists with one step through the per-call ops).
+
 Both also register ``bind`` (:data:`ops.BIND`): a step bound to a param group's tensors, which
 checks only the gradients per step (``csrc/bound.h``).
 
@@ -109,8 +112,9 @@ def register() -> None:
                     # reads found_inf itself (no Python host read), so nothing here waits.
                     devices=("cpu",), validates=True, capturable=True,
                     bind=ops.BIND[name], state_bits=STATE_BITS,
-                    # kahan_summation: only the Hessian EMA, which stores no param (docs/lean-states.md).
-                    kahan_summation=name == "sophia_hessian",
+                    # kahan_summation: storage.h's compensated param format (the Hessian EMA
+                    # stores no param).
+                    kahan_summation=True,
                 )
             )
         if with_cuda and "cuda" not in backends.names(name):
@@ -119,8 +123,9 @@ def register() -> None:
                     name, "cuda", ops.FUNCTIONS[name], priority=CUDA_PRIORITY, unsupported_reason=cuda_unsupported_reason,
                     devices=("cuda",), validates=True,
                     bind=ops.BIND[name], state_bits=STATE_BITS,
-                    # kahan_summation: only the Hessian EMA, which stores no param (docs/lean-states.md).
-                    kahan_summation=name == "sophia_hessian",
+                    # kahan_summation: storage.h's compensated param format (the Hessian EMA
+                    # stores no param).
+                    kahan_summation=True,
                 )
             )
 

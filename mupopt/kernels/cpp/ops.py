@@ -25,7 +25,7 @@ import torch
 
 from ...backends import PLAIN_TENSOR_TYPES, subclass_reason
 from ...optim import _lean_states as lean
-from ...storage import seeds_of
+from ...storage import COMPENSATION, compensates, seeds_of
 
 
 def _require(tensors: Sequence[torch.Tensor]) -> None:
@@ -197,6 +197,29 @@ def _quantized(states: Sequence[dict]) -> bool:
     return any(k.endswith(lean.ABSMAX) for st in states for k in st)
 
 
+# -- kahan_summation ----------------------------------------------------------------------------
+def _compensations(name: str, params, states: Sequence[dict], hp) -> dict:
+    """kahan_summation's argument of an op (csrc/include/mupopt/storage.h, the compensated param
+    format): none with the option off, else ``compensations``, the ``state["param_compensation"]``
+    of every bfloat16 / float16 param in list order (float32 / float64 params have none: their
+    store is exact). A 16-bit param without one raises here (the op would take the next one)."""
+    if not hp.kahan_summation:
+        return {}
+    out = []
+    for i, (p, st) in enumerate(zip(params, states)):
+        if compensates(p):
+            c = st.get(COMPENSATION)
+            if c is None:
+                raise RuntimeError(f"{name}_: param {i} ({p.dtype}) has no state[{COMPENSATION!r}] "
+                                   f"(kahan_summation=True)")
+            out.append(c)
+    return {"compensations": out}
+
+
+def _compensated(states: Sequence[dict]) -> bool:
+    return any(COMPENSATION in st for st in states)
+
+
 def _hyper(name: str, hp) -> dict:
     """The uniform hyperparameters of optimizer ``name`` as its ops' keyword arguments: the list
     op (``<name>_``) and the bound ops (``<name>_bound_``, ``<name>_bound_grads_``) take the same."""
@@ -227,6 +250,7 @@ def adamw(params, grads, states, mults, hp, *, found_inf=None) -> None:
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         **_hyper("adamw", hp), grad_scale=None, found_inf=found_inf,
         sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("adamw", states, keys),
+        **_compensations("adamw", params, states, hp),
     )
 
 
@@ -241,6 +265,7 @@ def adopt(params, grads, states, mults, hp, *, found_inf=None) -> None:
         [m.lr for m in mults], [m.wd for m in mults], [m.eps for m in mults],
         **_hyper("adopt", hp), grad_scale=None, found_inf=found_inf,
         sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("adopt", states, ("exp_avg", "exp_avg_sq")),
+        **_compensations("adopt", params, states, hp),
     )
 
 
@@ -256,7 +281,8 @@ def lamb(params, grads, states, mults, hp, *, norm_reduce=None, found_inf=None) 
     exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
     args = (params, grads, exp_avgs, exp_avg_sqs, steps, [m.lr for m in mults], [m.eps for m in mults])
     kwargs = dict(_hyper("lamb", hp), grad_scale=None, found_inf=found_inf,
-                  sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("lamb", states, ("exp_avg", "exp_avg_sq")))
+                  sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("lamb", states, ("exp_avg", "exp_avg_sq")),
+                  **_compensations("lamb", params, states, hp))
     if norm_reduce is None:
         torch.ops.mupopt.lamb_(*args, **kwargs)
         return
@@ -277,6 +303,7 @@ def sophia(params, grads, states, mults, hp, *, found_inf=None) -> None:
         params, grads, exp_avgs, hessians, steps, [m.lr for m in mults], [m.wd for m in mults],
         **_hyper("sophia", hp), grad_scale=None, found_inf=found_inf,
         sr_seeds=seeds_of(states, hp.stochastic_rounding), **_lean("sophia", states, ("exp_avg", "hessian")),
+        **_compensations("sophia", params, states, hp),
     )
 
 
@@ -368,8 +395,9 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
 
 
 def _per_call(fn: Callable, params, states, mults) -> Callable:
-    """The step of a list with state_bits=8 states: the per-call op (the bound plans keep no
-    block scales; the op's argument lists are built per step, as without a plan)."""
+    """The step of a list with state_bits=8 states or compensated params (kahan_summation): the
+    per-call op (the bound plans keep no block scales and no compensations; the op's argument
+    lists are built per step, as without a plan)."""
     params, states, frozen = list(params), list(states), list(mults)
 
     def step(grads, hp) -> None:
@@ -382,12 +410,12 @@ def _per_call(fn: Callable, params, states, mults) -> Callable:
 def _bind(name: str, unbound: Callable, lists: Callable, mult_fields: tuple, params, states, mults) -> Callable:
     """The bound step of optimizer op ``name`` (``bind_<name>``, then ``<name>_bound_``): the
     plan binds ``params``, ``lists(states)`` (the state lists, step counts last), the muP
-    multipliers ``mult_fields`` and the stochastic-rounding seeds. 8-bit states go to the
-    per-call op ``unbound`` (:func:`_per_call`), as does a step with stochastic rounding switched
-    off on a seeded plan (:func:`_bound`)."""
+    multipliers ``mult_fields`` and the stochastic-rounding seeds. 8-bit states and compensated
+    params go to the per-call op ``unbound`` (:func:`_per_call`), as does a step with stochastic
+    rounding switched off on a seeded plan (:func:`_bound`)."""
     if not params:
         return _nothing
-    if _quantized(states):
+    if _quantized(states) or _compensated(states):
         return _per_call(unbound, params, states, mults)
     _require(params)
     params, states, frozen = list(params), list(states), list(mults)
@@ -411,7 +439,7 @@ def bind_adamw(params, states, mults) -> Callable:
         return exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if has_max else [], steps
 
     bound = _bind("adamw", adamw, lists, ("lr", "wd", "eps"), params, states, mults)
-    if has_max or bound is _nothing or _quantized(states):
+    if has_max or bound is _nothing or _quantized(states) or _compensated(states):
         return bound
     params, states, frozen = list(params), list(states), list(mults)
 
