@@ -180,7 +180,7 @@ SpanFn<Op> span_for_grad(DType g, StateFormat s, Isa isa) {
 // which do the same.
 template <class Op, class TP>
 SpanFn<Op> span_for_stochastic(DType g, StateFormat s, Isa isa) {
-  if constexpr ((Op::kStore & 1u) != 0) {
+  if constexpr ((Op::kStore & 1u) != 0 && !NearestParamsOnly<Op>::value) {
     return span_for_grad<Op, TP, Rounding::kStochastic>(g, s, isa);
   } else {
     return span_for_grad<Op, TP, Rounding::kNearest>(g, s, isa);
@@ -191,7 +191,7 @@ SpanFn<Op> span_for_stochastic(DType g, StateFormat s, Isa isa) {
 // sums p*p of p + c), the nearest ones for the others.
 template <class Op, class TP>
 SpanFn<Op> span_for_compensated(DType g, StateFormat s, Isa isa) {
-  if constexpr (((Op::kLoad | Op::kStore) & 1u) != 0) {
+  if constexpr (((Op::kLoad | Op::kStore) & 1u) != 0 && !NearestParamsOnly<Op>::value) {
     return span_for_grad<Op, TP, Rounding::kCompensated>(g, s, isa);
   } else {
     return span_for_grad<Op, TP, Rounding::kNearest>(g, s, isa);
@@ -205,6 +205,11 @@ SpanFn<Op> span_for_compensated(DType g, StateFormat s, Isa isa) {
 // one of the StateFormats. nullptr: an Op that does not step that state format.
 template <class Op>
 SpanFn<Op> span_for(DType p, DType g, StateFormat s, Isa isa) {
+  if constexpr (WideParamsOnly<Op>::value) {
+    if (p == DType::kFloat64) return span_for_state<Op, double, double, Rounding::kNearest>(s, isa);
+    if (p == DType::kFloat32) return span_for_grad<Op, float, Rounding::kNearest>(g, s, isa);
+    return nullptr;  // not reached (lamb.cpp's wide_states)
+  }
   switch (p) {
     case DType::kFloat64:
       return span_for_state<Op, double, double, Rounding::kNearest>(s, isa);

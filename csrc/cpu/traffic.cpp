@@ -30,6 +30,9 @@ struct TrafficOp {
   // as bytes (their block scales, 8 B per 256 elements, left out).
   static constexpr unsigned kStateFormats =
       format_bit(StateFormat::kParam) | format_bit(StateFormat::kBFloat16) | format_bit(StateFormat::kBytes);
+  // Params as plain tensors (bindings.cpp's traffic_ takes no seeds or compensations): no
+  // stochastic or compensated loops (driver.h).
+  static constexpr bool kNearestParamsOnly = true;
 
   template <bool kFma, class T>
   MUPOPT_FORCE_INLINE void apply(T* x, const T*, T*) const {

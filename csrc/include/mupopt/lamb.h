@@ -114,6 +114,9 @@ struct LambNormOp {
   // States of formats 16 and 8: pass 1 only sums (see the header comment).
   static constexpr unsigned kStateFormats =
       kKeep == LambKeep::kNothing ? kOptimizerFormats : format_bit(StateFormat::kParam);
+  // Keeping the moments (or the direction) is for float32 / float64 params with format-32 states
+  // only (the CPU driver instantiates nothing else for it: csrc/cpu/driver.h).
+  static constexpr bool kWideParamsOnly = kKeep != LambKeep::kNothing;
   LambHyper h;
 
   template <bool kFma, class T>
@@ -139,6 +142,7 @@ struct LambUpdateOp {
   static constexpr int kReduce = 0;
   static constexpr unsigned kStateFormats =
       kSource == LambSource::kRecompute ? kOptimizerFormats : format_bit(StateFormat::kParam);
+  static constexpr bool kWideParamsOnly = kSource != LambSource::kRecompute;  // as LambNormOp's
   LambHyper h;
 
   template <bool kFma, class T>

@@ -79,6 +79,24 @@ template <class Op>
 struct StateFormatsOf<Op, std::void_t<decltype(Op::kStateFormats)>>
     : std::integral_constant<unsigned, Op::kStateFormats> {};
 
+// Whether an Op has loops for stochastically rounded and compensated params: every Op but one
+// that says kNearestParamsOnly (the traffic bound, cpu/traffic.cpp: its callers pass plain
+// tensors, whose codes are the nearest ones, and its bytes are the same; its rounding loops were
+// half of that file's 79 s of compile time).
+template <class Op, class = void>
+struct NearestParamsOnly : std::false_type {};
+template <class Op>
+struct NearestParamsOnly<Op, std::void_t<decltype(Op::kNearestParamsOnly)>> : std::bool_constant<Op::kNearestParamsOnly> {};
+
+// Whether an Op runs for float32 and float64 params only (Op::kWideParamsOnly: LAMB's passes
+// that keep the moments or the direction between them, which lamb.cpp and lamb.cu pick for
+// format-32 states of float32 / float64 params only): no loops for 16-bit params (on the CPU a
+// third of lamb.cpp's compile time went to loops no call could reach).
+template <class Op, class = void>
+struct WideParamsOnly : std::false_type {};
+template <class Op>
+struct WideParamsOnly<Op, std::void_t<decltype(Op::kWideParamsOnly)>> : std::bool_constant<Op::kWideParamsOnly> {};
+
 // Per-call gradient handling, shared by every Op with kGradStream.
 struct GradArgs {
   const float* grad_scale;  // nullptr, or the loss scale: g is multiplied by 1/scale
@@ -1043,6 +1061,10 @@ cudaError_t launch_multi_tensor(const TensorRow* rows, int n_rows, int64_t n_chu
                                 double* partials, cudaStream_t stream) {
   if (n_chunks == 0) return cudaSuccess;
   if (n_chunks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
+  if constexpr (WideParamsOnly<Op>::value) {  // float32 params only here (float64: refused)
+    if (tp != DType::kFloat32) return cudaErrorInvalidValue;
+    return launch_grad_typed<Op, float>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);
+  }
   switch (tp) {
     case DType::kBFloat16:
       return launch_grad_typed<Op, bf16_t>(rows, n_rows, n_chunks, tg, ts, op, ga, partials, maps, stream);

@@ -20,9 +20,9 @@ Loading a built library: when the cache holds the library of this digest and no 
 under way (torch's ``lock`` file in its folder), it is loaded directly with
 ``torch.ops.load_library``: no compiler, no ninja, no lock, well under a second on every rank of
 a job. Only a missing library goes through ``torch.utils.cpp_extension.load``, which compiles it
-(15-75 s; every other process that needs it meanwhile waits on torch's lock file, so on a job's
-first start each rank's first step takes the whole build: the 20-65 s measured per rank in issue
-19) or waits for the process building it. :data:`loads` records which of the two each load was.
+(minutes: 146 s for "cpu" on 2 cores; every other process that needs it meanwhile waits on
+torch's lock file, so on a job's first start each rank's first step takes the whole build: the
+20-65 s measured per rank in issue 19) or waits for the process building it. :data:`loads` records which of the two each load was.
 
 Ahead of time, in the environment the jobs run in (same ``TORCH_EXTENSIONS_DIR`` or home):
 ``python -m mupopt.kernels.cpp.build`` builds every library this machine's ranks load: "cpu",
@@ -174,7 +174,7 @@ def _load(kind: str, verbose: bool) -> None:
         loads.append({"kind": kind, "name": name, "how": "cached", "seconds": time.perf_counter() - start})
         return
     announce = build_dir is None or not _is_built(build_dir, name)
-    if announce:  # a build takes 15-75 s: say what is happening, once, and how long it took
+    if announce:  # a build takes minutes: say what is happening, once, and how long it took
         where = f" into {build_dir}" if build_dir else ""
         print(f"mupopt: building the {kind} C++ library (backend {kind!r}) from {root}{where}, once per "
               f"source version ...", end="\n" if verbose else "", file=sys.stderr, flush=True)
