@@ -441,6 +441,11 @@ def reference(fn: Callable, kinds: dict[str, str], *, elementwise: bool = False,
     return step
 
 
+# Eager even inside torch.compile: which decoded entries fn wrote is told by their version
+# counters, which a traced graph does not advance (compiled, no entry was stored back: every
+# 8-bit state kept its first codes, silently). A compiled step runs this part as a graph break
+# (fullgraph=True: torch's error).
+@torch.compiler.disable
 def _decoded_call(fn, params, grads, states, mults, hp, kinds, kwargs, prepare=False):
     views = [{k: (decoded(st, k, kinds[k]) if k in kinds else v) for k, v in st.items() if not k.endswith(ABSMAX)}
              for st in states]
