@@ -21,6 +21,7 @@ import mupopt
 from mupopt import backends, storage
 from mupopt.optim._base import BackendFallbackWarning
 from test_bitwise import correctly_rounded_sqrt
+from test_lean_states_cpu import _grads, lamb_split_steps
 from test_lean_states import _fed_steps, _make
 
 NAMES = ("adamw", "adopt", "lamb", "sophia")
@@ -43,11 +44,6 @@ def _params(dtype, seed=1):
     gen = torch.Generator().manual_seed(seed)
     ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in SHAPES]
     return ps + [torch.nn.Parameter(torch.randn(50, generator=gen) * 0.1)]
-
-
-def _grads(params, gen):
-    return [(torch.randn(p.shape, generator=gen) * (1 + 3 * torch.rand(p.shape, generator=gen))).to(p.dtype)
-            for p in params]
 
 
 def _run(name, backend, dtype=torch.bfloat16, bits=32, steps=3, amp=False, params=None, opt=None, seed=7, **kw):
@@ -184,17 +180,7 @@ def test_lamb_split_form(bits):
                 st[KEY] = torch.zeros_like(p)
         hp = dataclasses.replace(opt._hparams(group), kahan_summation=True)
         mults = opt.group_multipliers(group)
-        gen = torch.Generator().manual_seed(3)
-        calls = []
-
-        def reduce(sums):
-            calls.append(1)
-            return sums
-
-        for _ in range(3):
-            with torch.no_grad(), correctly_rounded_sqrt():
-                backends.get("lamb", backend).fn(ps, _grads(ps, gen), states, mults, hp, norm_reduce=reduce)
-        assert len(calls) == 3
+        lamb_split_steps(backend, ps, states, mults, hp)
         out.append((ps, states))
     (pa, sa), (pb, sb) = out
     for a, b, x, y in zip(pa, pb, sa, sb):

@@ -152,6 +152,23 @@ def test_nonfinite_blocks(name, poison):
     assert torch.isfinite(opt.state[ps[0]]["exp_avg" + lean.ABSMAX][2:-1]).all()
 
 
+def lamb_split_steps(backend, ps, states, mults, hp, steps=3):
+    """``steps`` LAMB steps of ``backend`` in the split form (the ``norm_reduce`` hook of sharded
+    params, here the identity), gradients from seed 3, under a correctly rounded sqrt; the hook
+    must run once per step."""
+    gen = torch.Generator().manual_seed(3)
+    calls = []
+
+    def reduce(sums):
+        calls.append(1)
+        return sums
+
+    for _ in range(steps):
+        with torch.no_grad(), correctly_rounded_sqrt():
+            backends.get("lamb", backend).fn(ps, _grads(ps, gen), states, mults, hp, norm_reduce=reduce)
+    assert len(calls) == steps
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_lamb_split_passes_with_norm_reduce(bits):
     """lamb_partials_ / lamb_apply_ (the form for sharded params): the states are stored once,
@@ -164,17 +181,7 @@ def test_lamb_split_passes_with_norm_reduce(bits):
         states = [opt._init_state(p, group) for p in ps]
         hp = opt._hparams(group)
         mults = opt.group_multipliers(group)
-        gen = torch.Generator().manual_seed(3)
-        calls = []
-
-        def reduce(sums):
-            calls.append(1)
-            return sums
-
-        for _ in range(3):
-            with torch.no_grad(), correctly_rounded_sqrt():
-                backends.get("lamb", backend).fn(ps, _grads(ps, gen), states, mults, hp, norm_reduce=reduce)
-        assert len(calls) == 3
+        lamb_split_steps(backend, ps, states, mults, hp)
         out.append((ps, states))
     (pa, sa), (pb, sb) = out
     for a, b, x, y in zip(pa, pb, sa, sb):
