@@ -219,6 +219,20 @@ def compensates(t: torch.Tensor) -> bool:
     return t.dtype in STOCHASTIC_FORMATS
 
 
+def compensations_of(where: str, params, states) -> list:
+    """kahan_summation's compensations as the fused backends pass them: one per param,
+    ``state[COMPENSATION]`` for a bfloat16 / float16 param, None for a wider one (its store is
+    exact: it keeps none). A 16-bit param without one raises a RuntimeError starting with
+    ``where``: a fused op would otherwise read no compensation, or the next param's."""
+    out = []
+    for i, (p, st) in enumerate(zip(params, states)):
+        c = st.get(COMPENSATION) if compensates(p) else None
+        if c is None and compensates(p):
+            raise RuntimeError(f"{where}: param {i} ({p.dtype}) has no state[{COMPENSATION!r}] (kahan_summation=True)")
+        out.append(c)
+    return out
+
+
 def seeds_of(states, stochastic: bool = True) -> list[int]:
     """The fused backends' per-tensor seeds: empty for rounding to nearest (``stochastic``
     False, or no state with a seed: float32 params only), else one per state (0 for a state

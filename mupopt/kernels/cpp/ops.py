@@ -25,7 +25,7 @@ import torch
 
 from ...backends import PLAIN_TENSOR_TYPES, subclass_reason
 from ...optim import _lean_states as lean
-from ...storage import COMPENSATION, compensates, seeds_of
+from ...storage import COMPENSATION, compensations_of, seeds_of
 
 
 def _require(tensors: Sequence[torch.Tensor]) -> None:
@@ -200,20 +200,11 @@ def _quantized(states: Sequence[dict]) -> bool:
 # -- kahan_summation ----------------------------------------------------------------------------
 def _compensations(name: str, params, states: Sequence[dict], hp) -> dict:
     """kahan_summation's argument of an op (csrc/include/mupopt/storage.h, the compensated param
-    format): none with the option off, else ``compensations``, the ``state["param_compensation"]``
-    of every bfloat16 / float16 param in list order (float32 / float64 params have none: their
-    store is exact). A 16-bit param without one raises here (the op would take the next one)."""
+    format): none with the option off, else ``compensations``, those of the bfloat16 / float16
+    params in list order (float32 / float64 params have none: their store is exact)."""
     if not hp.kahan_summation:
         return {}
-    out = []
-    for i, (p, st) in enumerate(zip(params, states)):
-        if compensates(p):
-            c = st.get(COMPENSATION)
-            if c is None:
-                raise RuntimeError(f"{name}_: param {i} ({p.dtype}) has no state[{COMPENSATION!r}] "
-                                   f"(kahan_summation=True)")
-            out.append(c)
-    return {"compensations": out}
+    return {"compensations": [c for c in compensations_of(f"{name}_", params, states) if c is not None]}
 
 
 def _compensated(states: Sequence[dict]) -> bool:

@@ -475,8 +475,13 @@ def _lerp(start, end, weight):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def refusal(op: str) -> str:
+    """How the triton backend's refusals of ``op``'s tensors start."""
+    return f"backend 'triton' cannot step these {op} tensors"
+
+
 def fail(op: str, message: str) -> None:
-    raise RuntimeError(f"backend 'triton' cannot step these {op} tensors: {message}")
+    raise RuntimeError(f"{refusal(op)}: {message}")
 
 
 def _check_tensor(op: str, role: str, i: int, t: torch.Tensor, ref: torch.Tensor, scale=None, sign=None) -> None:
@@ -708,10 +713,7 @@ def plan_states(op: str, params, grads, states, keys: Sequence[str], kinds: dict
     static = [params] + [[st[k] for st in states] for k in keys]
     comps = None
     if compensated:
-        comps = [st.get(storage.COMPENSATION) for st in states]
-        for i, (p, c) in enumerate(zip(params, comps)):
-            if c is None and storage.compensates(p):
-                fail(op, f"param {i} ({p.dtype}) has no state[{storage.COMPENSATION!r}] (kahan_summation=True)")
+        comps = storage.compensations_of(refusal(op), params, states)
     scales = [comps] + [[st.get(k + lean.ABSMAX) for st in states] for k in keys]
     return plan_for(op, ["param", *keys], static, grads, scales, [None] + [kinds.get(k) for k in keys])
 
