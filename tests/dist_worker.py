@@ -260,11 +260,12 @@ def local_index(p) -> torch.Tensor:
 
 def scenario_lean_steps(spec: dict) -> dict:
     """Fed gradients, spec["steps"] steps (default 3), no muP unless spec["mup"]: the full params,
-    and every rank's local_states."""
+    every rank's local_states and the backends the steps ran on."""
     with min_8bit(spec):
         model, _, opt = build(spec, mup=False)
         fed_steps(model, opt, spec["optimizer"], range(spec.get("steps", 3)))
-        return {"params": full_params(model), "ranks": all_ranks(local_states(model, opt))}
+        return {"params": full_params(model), "ranks": all_ranks(local_states(model, opt)),
+                "selected": opt.selected_backends}
 
 
 def local_states(model: nn.Module, opt) -> dict:
@@ -360,7 +361,8 @@ def _dcp_save(spec: dict) -> dict:
 def _dcp_resume(spec: dict) -> dict:
     """Load spec["path"] into a fresh model and optimizer (other initial values, not stepped)
     under spec["resume_placement"] (default: the saving placement) and spec["resume_options"]
-    (default: the saving options), continue to spec["steps"] (default STEPS) steps."""
+    (default: the saving options), continue to spec["steps"] (default STEPS) steps. The full
+    params, and this rank's local_states as loaded ("loaded") and after the steps ("final")."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -375,17 +377,17 @@ def _dcp_resume(spec: dict) -> dict:
                        options=state_dict_options(spec))
         loaded = local_states(model, opt)
         fed_steps(model, opt, spec["optimizer"], range(spec.get("save_at", 5), spec.get("steps", STEPS)))
-        return {"params": full_params(model), "loaded": loaded}
+        return {"params": full_params(model), "loaded": loaded, "final": local_states(model, opt)}
 
 
 def scenario_dcp(spec: dict) -> dict:
     """Save after 5 fed steps through DCP, resume in the same process group, continue 5 steps."""
     saved = _dcp_save(spec)
     out = _dcp_resume(spec)
-    if spec.get("states"):  # every rank's local states as saved and as loaded
-        out["saved"], out["loaded"] = all_ranks(saved), all_ranks(out["loaded"])
+    if spec.get("states"):  # every rank's local states as saved, as loaded and at the end
+        out["saved"], out["loaded"], out["final"] = all_ranks(saved), all_ranks(out["loaded"]), all_ranks(out["final"])
     else:
-        del out["loaded"]
+        del out["loaded"], out["final"]
     return out
 
 
@@ -397,7 +399,7 @@ def scenario_dcp_save(spec: dict) -> dict:
 
 def scenario_dcp_resume(spec: dict) -> dict:
     out = _dcp_resume(spec)
-    del out["loaded"]
+    del out["loaded"], out["final"]
     return out
 
 
