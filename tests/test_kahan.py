@@ -193,6 +193,62 @@ def test_state_dict_resume_bit_exact(name):
     assert torch.equal(_bits(opt.state[p][KEY]), _bits(opt2.state[q][KEY]))
 
 
+def _dcp_run(tmp, kahan, steps, start=None, partial=False):
+    """A bf16 Linear under AdamW (reference backend) with kahan_summation ``kahan``: loaded
+    through torch.distributed.checkpoint from ``start`` if given (one process), then ``steps``
+    steps of fixed gradients; saved under ``tmp``. Returns (model, optimizer)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(48, 32, bias=False).to(torch.bfloat16)
+    opt = mupopt.AdamW(model.parameters(), lr=1e-3, kahan_summation=kahan, backend="reference")
+    done = 0
+    if start is not None:
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(start), planner=DefaultLoadPlanner(allow_partial_load=partial))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        done = int(opt.state[model.weight]["step"])
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(32, 48, generator=g).to(torch.bfloat16) for _ in range(done + steps)]
+    for t in range(done, done + steps):
+        model.weight.grad = grads[t]
+        opt.step()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    return model, opt
+
+
+def test_dcp_resume_with_and_without_the_option(tmp_path):
+    """torch.distributed.checkpoint loads the entries the *loading* optimizer's state has. A
+    checkpoint of compensations: made with kahan_summation the optimizer resumes bit for bit;
+    made without it, it gets no compensation, and says so (UserWarning: they start at zero). A
+    checkpoint without compensations into an optimizer with them: DCP's missing-key error, or,
+    with a partial load, the saved group's kahan_summation=False."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _dcp_run(tmp_path / "k3", True, 3)
+    want, want_opt = _dcp_run(tmp_path / "k5", True, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, opt = _dcp_run(tmp_path / "r", True, 2, start=tmp_path / "k3")
+    assert not [w for w in caught if KEY in str(w.message)]
+    assert torch.equal(_bits(got.weight), _bits(want.weight))
+    assert torch.equal(_bits(opt.state[got.weight][KEY]), _bits(want_opt.state[want.weight][KEY]))
+
+    with pytest.warns(UserWarning, match="param_compensation.*start at zero"):
+        got, opt = _dcp_run(tmp_path / "r0", False, 0, start=tmp_path / "k3")
+    assert opt.param_groups[0]["kahan_summation"] is True and KEY not in opt.state[got.weight]
+
+    _dcp_run(tmp_path / "n3", False, 3)
+    with pytest.raises(CheckpointException):
+        _dcp_run(tmp_path / "r1", True, 0, start=tmp_path / "n3")
+    got, opt = _dcp_run(tmp_path / "r2", True, 1, start=tmp_path / "n3", partial=True)
+    assert opt.param_groups[0]["kahan_summation"] is False and KEY not in opt.state[got.weight]
+
+
 def test_deepcopy_and_pickle_step_identically():
     torch.manual_seed(0)
     p, opt = _train(lambda ps: mupopt.AdamW(ps, lr=1e-3, kahan_summation=True, backend="reference"), 3)
