@@ -193,17 +193,17 @@ def test_state_dict_resume_bit_exact(name):
     assert torch.equal(_bits(opt.state[p][KEY]), _bits(opt2.state[q][KEY]))
 
 
-def _dcp_run(tmp, kahan, steps, start=None, partial=False):
-    """A bf16 Linear under AdamW (reference backend) with kahan_summation ``kahan``: loaded
-    through torch.distributed.checkpoint from ``start`` if given (one process), then ``steps``
-    steps of fixed gradients; saved under ``tmp``. Returns (model, optimizer)."""
+def _dcp_run(tmp, options, steps, start=None, partial=False):
+    """A bf16 Linear under AdamW (reference backend) with ``options``: loaded through
+    torch.distributed.checkpoint from ``start`` if given (one process), then ``steps`` steps of
+    fixed gradients; saved under ``tmp``. Returns (model, optimizer)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     torch.manual_seed(0)
     model = torch.nn.Linear(48, 32, bias=False).to(torch.bfloat16)
-    opt = mupopt.AdamW(model.parameters(), lr=1e-3, kahan_summation=kahan, backend="reference")
+    opt = mupopt.AdamW(model.parameters(), lr=1e-3, backend="reference", **options)
     done = 0
     if start is not None:
         msd, osd = get_state_dict(model, opt)
@@ -221,32 +221,35 @@ def _dcp_run(tmp, kahan, steps, start=None, partial=False):
     return model, opt
 
 
-def test_dcp_resume_with_and_without_the_option(tmp_path):
+@pytest.mark.parametrize("option, entry", [("kahan_summation", KEY), ("stochastic_rounding", "sr_seed")])
+def test_dcp_resume_with_and_without_the_option(tmp_path, option, entry):
     """torch.distributed.checkpoint loads the entries the *loading* optimizer's state has. A
-    checkpoint of compensations: made with kahan_summation the optimizer resumes bit for bit;
-    made without it, it gets no compensation, and says so (UserWarning: they start at zero). A
-    checkpoint without compensations into an optimizer with them: DCP's missing-key error, or,
-    with a partial load, the saved group's kahan_summation=False."""
+    checkpoint of compensations (of seeds): made with the option the optimizer resumes bit for
+    bit; made without it, it gets none, the saved group turning the option on, and says so
+    (UserWarning: zero compensations, new seeds). A checkpoint without the entries into an
+    optimizer with them: DCP's missing-key error, or, with a partial load, the saved option off."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    _dcp_run(tmp_path / "k3", True, 3)
-    want, want_opt = _dcp_run(tmp_path / "k5", True, 5)
+    on = {option: True}
+    _dcp_run(tmp_path / "k3", on, 3)
+    want, want_opt = _dcp_run(tmp_path / "k5", on, 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got, opt = _dcp_run(tmp_path / "r", True, 2, start=tmp_path / "k3")
-    assert not [w for w in caught if KEY in str(w.message)]
+        got, opt = _dcp_run(tmp_path / "r", on, 2, start=tmp_path / "k3")
+    assert not [w for w in caught if entry in str(w.message)]
     assert torch.equal(_bits(got.weight), _bits(want.weight))
-    assert torch.equal(_bits(opt.state[got.weight][KEY]), _bits(want_opt.state[want.weight][KEY]))
+    saved, resumed = want_opt.state[want.weight][entry], opt.state[got.weight][entry]
+    assert torch.equal(_bits(saved), _bits(resumed)) if entry == KEY else saved == resumed
 
-    with pytest.warns(UserWarning, match="param_compensation.*start at zero"):
-        got, opt = _dcp_run(tmp_path / "r0", False, 0, start=tmp_path / "k3")
-    assert opt.param_groups[0]["kahan_summation"] is True and KEY not in opt.state[got.weight]
+    with pytest.warns(UserWarning, match=f"{option}=True.*no '{entry}'"):
+        got, opt = _dcp_run(tmp_path / "r0", {}, 0, start=tmp_path / "k3")
+    assert opt.param_groups[0][option] is True and entry not in opt.state[got.weight]
 
-    _dcp_run(tmp_path / "n3", False, 3)
+    _dcp_run(tmp_path / "n3", {}, 3)
     with pytest.raises(CheckpointException):
-        _dcp_run(tmp_path / "r1", True, 0, start=tmp_path / "n3")
-    got, opt = _dcp_run(tmp_path / "r2", True, 1, start=tmp_path / "n3", partial=True)
-    assert opt.param_groups[0]["kahan_summation"] is False and KEY not in opt.state[got.weight]
+        _dcp_run(tmp_path / "r1", on, 0, start=tmp_path / "n3")
+    _, opt = _dcp_run(tmp_path / "r2", on, 1, start=tmp_path / "n3", partial=True)
+    assert opt.param_groups[0][option] is False
 
 
 def test_deepcopy_and_pickle_step_identically():

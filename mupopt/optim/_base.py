@@ -782,11 +782,12 @@ class MupOptimizer(Optimizer):
         ``Optimizer._process_value_according_to_param_policy``, called through the class
         Optimizer, so a subclass cannot override it; the entries are passed through it wrapped.)
 
-        kahan_summation on (the loaded group's value) for a bfloat16 / float16 param whose saved
-        state has no compensation: a UserWarning; its compensation starts at zero at the next
-        step. torch.distributed.checkpoint loads only the entries the loading optimizer's state
-        has, so a checkpoint of compensations loaded into an optimizer made without the option
-        comes without them (make it with ``kahan_summation=True`` to resume exactly).
+        kahan_summation or stochastic_rounding on (the loaded group's value) for a bfloat16 /
+        float16 param whose saved state lacks the option's entry (the compensation, the seed): a
+        UserWarning; the next step starts a zero compensation or draws a new seed.
+        torch.distributed.checkpoint loads only the entries the loading optimizer's state has,
+        so a checkpoint of either loaded into an optimizer made without the option comes
+        without them (make it with the option on to resume exactly).
 
         Load pre-hooks (``register_load_state_dict_pre_hook``) run first, on the dict as given,
         as in torch: a hook that adapts a state_dict saved for other params does so before any
@@ -846,7 +847,7 @@ class MupOptimizer(Optimizer):
                 if key not in ("params", "param_names"):
                     saved.setdefault(key, value)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
-        uncompensated = self._check_saved_state_keys(groups, state_dict["state"])
+        unstored = self._check_saved_state_keys(groups, state_dict["state"], saved_groups)
         # The pre-hooks have run: torch's load_state_dict must not run them a second time.
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
@@ -866,15 +867,17 @@ class MupOptimizer(Optimizer):
                     if isinstance(st, dict) and st:
                         lean.convert(st, p, group, self._lean_keys)
         self.__dict__.pop("_plan_cache", None)  # new groups and state: every plan is stale
-        if uncompensated:
-            warnings.warn(
-                f"loaded state dict: kahan_summation=True, but the state of {len(uncompensated)} bfloat16 / "
-                f"float16 parameter(s) ({', '.join(uncompensated[:3])}{', ...' if len(uncompensated) > 3 else ''}) "
-                f"has no {storage.COMPENSATION!r}: their compensations start at zero. (A checkpoint loaded "
-                f"through torch.distributed.checkpoint into an optimizer made without kahan_summation comes "
-                f"without them: make the optimizer with kahan_summation=True to resume exactly.)",
-                stacklevel=2,
-            )
+        for option, entry, _, then in _STORE_ENTRIES:
+            labels = [label for named, _, label in unstored if named == option]
+            if labels:
+                warnings.warn(
+                    f"loaded state dict: {option}=True, but the state of {len(labels)} bfloat16 / float16 "
+                    f"parameter(s) ({', '.join(labels[:3])}{', ...' if len(labels) > 3 else ''}) has no "
+                    f"{entry!r}: {then}. (A checkpoint loaded through torch.distributed.checkpoint into an "
+                    f"optimizer made without {option} comes without them: make the optimizer with {option}=True "
+                    f"to resume exactly.)",
+                    stacklevel=2,
+                )
 
     def _load_records(self, state_dict: dict) -> tuple[dict, dict]:
         """load_state_dict's width records, checked before anything is written: each saved
@@ -933,21 +936,23 @@ class MupOptimizer(Optimizer):
             f"hyperparameters of {likely} that {name} does not take (a state_dict of {likely}?); nothing was loaded"
         )
 
-    def _check_saved_state_keys(self, groups: list, state: dict) -> list[str]:
+    def _check_saved_state_keys(self, groups: list, state: dict, given: list) -> list[tuple]:
         """Every saved state that is not empty has the keys this optimizer's step reads for its
         param (``_state_keys``); ``groups`` are the saved groups completed with this optimizer's
-        values, holding the saved param ids. Returns the labels of the bfloat16 / float16 params
-        whose group has kahan_summation on and whose state has no compensation."""
-        uncompensated = []
-        for saved, current in zip(groups, self.param_groups):
+        values, holding the saved param ids; ``given`` the saved groups as saved. Returns
+        (option, entry, param label) of each bfloat16 / float16 param whose saved group turns a
+        param-store option of _STORE_ENTRIES on and whose state lacks that option's entry (a
+        group that does not name the option, torch.optim's, saved no such entries)."""
+        unstored = []
+        for saved, current, as_saved in zip(groups, self.param_groups, given):
             group = {**saved, "params": current["params"]}
             for i, pid in enumerate(saved["params"]):
                 st = state.get(pid)
                 if not isinstance(st, dict) or not st:
                     continue
-                if (saved.get("kahan_summation") and storage.compensates(current["params"][i])
-                        and storage.COMPENSATION not in st):
-                    uncompensated.append(_param_label(current, i))
+                for option, entry, keeps, _ in _STORE_ENTRIES:
+                    if as_saved.get(option) and keeps(current["params"][i]) and entry not in st:
+                        unstored.append((option, entry, _param_label(current, i)))
                 missing = [k for k in self._saved_state_keys(group, i, st) if k not in st]
                 # 8-bit codes (uint8) without their scales cannot be decoded.
                 values = {k: v.value if isinstance(v, _KeepDtype) else v for k, v in st.items()}
@@ -960,7 +965,7 @@ class MupOptimizer(Optimizer):
                         f"{sorted(map(str, st))}), which {type(self).__name__} needs (a state_dict of another "
                         f"optimizer?); nothing was loaded"
                     )
-        return uncompensated
+        return unstored
 
     def _loaded_state(self, state_dict: dict) -> dict:
         """A subclass's own checkpoint form turned into its state (Shampoo's blocks), after the
@@ -1540,6 +1545,15 @@ def _planned_state(opt: MupOptimizer, p: torch.Tensor, group: dict) -> dict:
         state = opt._init_state(p, group)
         _set_compensation({p: state}, [p], group)
         return state
+
+
+# The param-store options' state entries, which a load may leave out (load_state_dict warns):
+# (group option, entry, the params that keep it, what the next step does without it).
+_STORE_ENTRIES = (
+    ("kahan_summation", storage.COMPENSATION, storage.compensates, "their compensations start at zero"),
+    ("stochastic_rounding", "sr_seed", storage.rounds_stochastically,
+     "new seeds are drawn (the random bits do not continue the saved run's)"),
+)
 
 
 def _set_compensation(state, params: list, group: dict) -> None:
