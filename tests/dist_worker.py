@@ -615,11 +615,17 @@ def scenario_zero(spec: dict) -> dict:
     """torch.distributed.optim.ZeroRedundancyOptimizer over a mupopt class: 5 fed steps,
     consolidate_state_dict, rank 0 saves (torch.save), every rank loads it into a fresh model and
     ZeRO optimizer (without width information unless spec["mup_at_resume"]: the records must come
-    from the checkpoint) and continues 5 steps."""
+    from the checkpoint) and continues 5 steps. spec["options"], spec["min_8bit"]: the
+    optimizer's options over optimizer_args', format 8's size threshold."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    with min_8bit(spec):
+        return _zero_resume(spec, ZeroRedundancyOptimizer)
+
+
+def _zero_resume(spec: dict, ZeroRedundancyOptimizer) -> dict:
     name, path = spec["optimizer"], spec["path"]
-    cls, kwargs = optimizer_args(name, spec["backend"])
+    cls, kwargs = optimizer_args(name, spec["backend"], **spec.get("options", {}))
     model = make_model()
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
     for t in range(5):

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 OPTIMIZERS = ["adamw", "adopt", "lamb", "sophia", "muon", "shampoo"]
 # ZeRO steps whole (unsharded) parameters on their owner rank: the single-process math, with
 # LAMB's norms and Muon's Newton-Schulz batched over other sets of tensors.
+ZERO_MIN_8BIT = 256  # format 8's size threshold there: the test model's matrices are small
 TOLERANCE = {"adamw": 0.0, "adopt": 0.0, "sophia": 0.0, "lamb": 1e-6, "muon": 1e-6, "shampoo": 1e-6}
 
 
@@ -42,6 +43,10 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("records")
     specs = [(f"zero-{opt}", {"kind": "zero", "optimizer": opt, "backend": "auto", "path": str(tmp / f"zero-{opt}.pt")})
              for opt in OPTIMIZERS]
+    # 8-bit states: ZeRO writes the consolidated state_dict's entries (codes under exp_avg_codes)
+    # straight into each rank's optimizer state.
+    specs.append(("zero-adamw-8bit", {"kind": "zero", "optimizer": "adamw", "backend": "auto", "min_8bit": ZERO_MIN_8BIT,
+                                      "options": {"state_bits": 8}, "path": str(tmp / "zero-adamw-8bit.pt")}))
     specs.append(("zero-mismatch", {"kind": "zero_mismatch", "optimizer": "adamw", "path": str(tmp / "mismatch.pt")}))
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -103,6 +108,20 @@ def test_zero_resume_continues_as_the_uninterrupted_run(results, optimizer):
     model = dw.make_model()
     for i, p in enumerate(model.parameters()):
         assert saved["state"][i]["mup"]["shape"] == {str(d): s for d, s in enumerate(p.shape)}
+
+
+def test_zero_resume_of_8bit_states_continues_as_the_uninterrupted_run(results, monkeypatch):
+    """ZeRO's load_state_dict writes each rank's states straight into its optimizer, the 8-bit
+    codes under their state_dict name (exp_avg_codes): the next step takes them back as the
+    entries (before: "the state ... has no 'exp_avg'")."""
+    from mupopt.optim import _lean_states as lean
+
+    got = get(results, "zero-adamw-8bit")
+    assert any(k.endswith(lean.CODES) for st in got["saved"]["state"].values() for k in st)
+    monkeypatch.setattr(lean, "MIN_8BIT_SIZE", ZERO_MIN_8BIT)
+    model = dw.make_model()
+    run(model, dw.make_optimizer("adamw", model.parameters(), "auto", state_bits=8), "adamw", range(dw.STEPS))
+    assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()}, 0.0, "ZeRO AdamW 8-bit")
 
 
 def test_zero_records_moved_onto_other_parameters_are_refused(results):

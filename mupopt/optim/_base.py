@@ -1226,9 +1226,12 @@ class MupOptimizer(Optimizer):
         if self._lean_keys:
             # A state of another format (group["state_bits"] changed since it was made): converted
             # now, before the keys are checked; the values stay what they were (up to rounding).
+            # 8-bit codes under their state_dict name (written straight into opt.state: torch's
+            # ZeroRedundancyOptimizer.load_state_dict) go back under the entry's name first.
             new = {id(q) for q, _ in created}
             for p in plan.params:
                 if id(p) not in new and self.state[p]:
+                    lean.import_codes_in_place(self.state[p], self._lean_keys)
                     lean.convert(self.state[p], p, group, self._lean_keys)
         try:
             self._check_state_keys(group, plan)

@@ -386,6 +386,16 @@ def import_codes(state, kinds: dict[str, str]):
     return {names.get(k, k): v for k, v in state.items()}
 
 
+def import_codes_in_place(state, kinds: dict[str, str]) -> None:
+    """:func:`import_codes` on a state in ``opt.state``: entries of a state_dict written there
+    directly, as torch's ZeroRedundancyOptimizer.load_state_dict writes each rank's, step as
+    loaded ones (the object stays the same: the step's plans hold it)."""
+    if isinstance(state, dict) and any(key + CODES in state for key in kinds):
+        renamed = import_codes(state, kinds)
+        state.clear()
+        state.update(renamed)
+
+
 def state_keys(keys: tuple[str, ...], state_or_format, kinds: dict[str, str]) -> tuple[str, ...]:
     """``keys`` with the absmax entry after each quantized one: ``state_or_format`` is a state
     dict (its entries decide) or a format (8: every entry of ``kinds``)."""
