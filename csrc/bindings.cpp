@@ -425,16 +425,18 @@ TORCH_LIBRARY_FRAGMENT(mupopt, m) {
       .def("op", &BoundPlan::op);     // the per-call op it stands for ("adamw_", ...)
 #define MUPOPT_PLAN "__torch__.torch.classes.mupopt.BoundPlan"
   m.def("bind_adamw(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
-        "Tensor[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
+        "Tensor[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[], "
+        "Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_adamw);
   m.def("bind_adopt(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
-        "float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[], Tensor[]? compensations=None) -> "
+        MUPOPT_PLAN,
         &mupopt::binding::bind_adopt);
   m.def("bind_lamb(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
-        "float[] lr_mults, float[] eps_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] eps_mults, int[] sr_seeds=[], Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_lamb);
   m.def("bind_sophia(Tensor[] params, Tensor[] exp_avgs, Tensor[] hessians, Tensor[] state_steps, "
-        "float[] lr_mults, float[] wd_mults, int[] sr_seeds=[]) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] wd_mults, int[] sr_seeds=[], Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_sophia);
   m.def("bind_sophia_hessian(Tensor[] params, Tensor[] hessians) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_sophia_hessian);

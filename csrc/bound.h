@@ -61,6 +61,7 @@ struct BoundPlan : torch::CustomClassHolder {
   std::vector<double> lr_mults, wd_mults, eps_mults;
   bool has_max = false;  // AdamW: max_exp_avg_sqs bound, so amsgrad steps can run
   std::vector<int64_t> sr_seeds;  // stochastic rounding of the param stores (prepare.h set_rounding)
+  bool compensated = false;       // kahan_summation: the rows hold the compensations (table.h)
 
   // Per-step scratch and the grouping of the last step (reused while the keys are the same).
   std::vector<void*> grad_ptr;  // per base row
@@ -84,12 +85,17 @@ struct BoundMults {
 };
 
 // Checks and keeps the lists (make_rows, stream 1 left for the gradients) and, unless ``steps``
-// is nullptr, the step tensors (read_steps).
+// is nullptr, the step tensors (read_steps). ``compensations`` given: kahan_summation's, as the
+// per-call ops take them (table.h LeanLists), kept in the rows and held like the states.
 inline Plan make_plan(const char* op, const std::array<Stream, kMaxStreams>& streams, const at::TensorList* steps,
-                      BoundMults lr, BoundMults wd, BoundMults eps) {
+                      BoundMults lr, BoundMults wd, BoundMults eps,
+                      const c10::optional<at::TensorList>& compensations = c10::nullopt) {
   auto p = c10::make_intrusive<BoundPlan>();
   p->name = op;
-  const RowSet set = make_rows(op, streams, nullptr, 0);
+  LeanLists lean;
+  lean.compensations = compensations;
+  const RowSet set = make_rows(op, streams, nullptr, 0, nullptr, lean);
+  p->compensated = set.compensated;
   const at::TensorList params = streams[0].list;
   p->n = static_cast<int64_t>(params.size());
   if (set.device) p->device = *set.device;
@@ -110,6 +116,9 @@ inline Plan make_plan(const char* op, const std::array<Stream, kMaxStreams>& str
   }
   if (steps != nullptr) {
     for (const at::Tensor& s : *steps) p->held.emplace_back(s);
+  }
+  if (compensations.has_value()) {
+    for (const at::Tensor& c : *compensations) p->held.emplace_back(c);
   }
   p->base = set.rows;
   p->base_source = set.sources;
@@ -185,6 +194,7 @@ void assemble(BoundPlan& p, at::TensorList grads, int64_t chunk, Variant&& varia
     rows[b].aligned = p.base[b].aligned & p.grad_aligned[b];
   }
   p.table.device = p.device;
+  p.table.compensated = p.compensated;
   group_rows(rows, p.base_source, keys, chunk, p.table);
   p.keys = std::move(keys);
   p.chunk = chunk;
@@ -211,59 +221,66 @@ inline void bump_bound_steps(BoundPlan& p) {
   for (float* v : p.steps) *v = *v + 1.0f;
 }
 
+// A plan's stochastic-rounding seeds, checked as the per-call ops check theirs (prepare.h).
+inline void keep_seeds(BoundPlan& p, at::IntArrayRef sr_seeds) {
+  check_seeds(p.name.c_str(), sr_seeds, p.n);
+  TORCH_CHECK(sr_seeds.empty() || !p.compensated, p.name,
+              ": sr_seeds (stochastic_rounding) and compensations (kahan_summation) are two ways to store "
+              "bfloat16 / float16 params: pass one");
+  p.sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+}
+
 // The bind ops (device independent: the step ops group the rows with their device's chunk).
 inline Plan bind_adamw(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::ArrayRef<double> lr_mults,
                        at::ArrayRef<double> wd_mults, at::ArrayRef<double> eps_mults,
-                       at::IntArrayRef sr_seeds) {
+                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
   // Without max_exp_avg_sqs the plan runs amsgrad=False steps only.
   const bool has_max = !max_exp_avg_sqs.empty() || params.empty();
   Plan p = make_plan("adamw_",
                      {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                       Stream{exp_avg_sqs, "exp_avg_sqs"},
                       has_max ? Stream{max_exp_avg_sqs, "max_exp_avg_sqs"} : Stream{}},
-                     &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults});
+                     &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults},
+                     compensations);
   p->has_max = has_max;
-  check_seeds(p->name.c_str(), sr_seeds, p->n);
-  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+  keep_seeds(*p, sr_seeds);
   return p;
 }
 
 inline Plan bind_adopt(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
                        at::ArrayRef<double> eps_mults,
-                       at::IntArrayRef sr_seeds) {
+                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
   Plan p = make_plan("adopt_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults});;
-  check_seeds(p->name.c_str(), sr_seeds, p->n);
-  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults},
+                   compensations);
+  keep_seeds(*p, sr_seeds);
   return p;
 }
 
 // LAMB has no decay multiplier (the decay is inside u).
 inline Plan bind_lamb(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> eps_mults,
-                       at::IntArrayRef sr_seeds) {
+                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
   Plan p = make_plan("lamb_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {nullptr, {}}, {"eps_mults", eps_mults});;
-  check_seeds(p->name.c_str(), sr_seeds, p->n);
-  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+                   &state_steps, {"lr_mults", lr_mults}, {nullptr, {}}, {"eps_mults", eps_mults}, compensations);
+  keep_seeds(*p, sr_seeds);
   return p;
 }
 
 inline Plan bind_sophia(at::TensorList params, at::TensorList exp_avgs, at::TensorList hessians,
                         at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
-                       at::IntArrayRef sr_seeds) {
+                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
   Plan p = make_plan("sophia_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"}, Stream{hessians, "hessians"},
                     Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {nullptr, {}});;
-  check_seeds(p->name.c_str(), sr_seeds, p->n);
-  p->sr_seeds.assign(sr_seeds.begin(), sr_seeds.end());
+                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {nullptr, {}}, compensations);
+  keep_seeds(*p, sr_seeds);
   return p;
 }
 

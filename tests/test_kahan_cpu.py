@@ -133,6 +133,34 @@ def test_cpu_equals_reference_bit_for_bit(name, dtype, bits):
         assert opt.state[ps[2]]["exp_avg"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_bound_plan_keeps_the_compensations(name, monkeypatch):
+    """The cached step plans (bind_<name>, <name>_bound_) bind the compensations: a kahan
+    group steps through its plan, never the per-call op (before: every step, about 2.7x the
+    bound step's Python and checks over 300 small tensors), bit for bit as the reference; a
+    switch of the option goes through the per-call op or a new plan, bit for bit too."""
+    from mupopt.kernels.cpp import ops
+
+    calls = []
+    per_call = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a, **k: (calls.append(1), per_call(*a, **k))[1])
+    out = []
+    for backend in ("reference", "cpu"):
+        ps, opt = _run(name, backend, steps=3)
+        assert backend == "reference" or not calls, f"{len(calls)} per-call steps of a kahan group"
+        for on in (False, True):  # switched off (the compensation dropped), then on (from zero)
+            opt.param_groups[0]["kahan_summation"] = on
+            _run(name, backend, steps=2, params=ps, opt=opt, seed=11 + on)
+        out.append((ps, opt))
+    (ref, ref_opt), (cpu, cpu_opt) = out
+    for a, b in zip(ref, cpu):
+        if name == "lamb":  # its trust ratio's last bit: _close_lamb
+            _close_lamb(a, b, ref_opt.state[a].get(KEY, torch.zeros_like(a)), cpu_opt.state[b].get(KEY, torch.zeros_like(b)),
+                        name)
+        else:
+            assert _differing(a, b) == 0 and _differing(ref_opt.state[a].get(KEY, a), cpu_opt.state[b].get(KEY, b)) == 0
+
+
 @pytest.mark.parametrize("option", ["amsgrad", "maximize", "no_decay", "amp"])
 def test_adamw_options(option):
     """amsgrad (five streams and the compensation), maximize, weight decay 0, and GradScaler's
@@ -242,6 +270,8 @@ def test_op_checks_compensations(bad, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mupopt.adamw_(*args, **_KW, compensations=bad)
     assert torch.equal(p, torch.zeros(16, dtype=torch.bfloat16)) and float(args[5][0]) == 0.0
+    with pytest.raises(RuntimeError, match=match):  # the bound plans check them alike
+        torch.ops.mupopt.bind_adamw(args[0], *args[2:], [], compensations=bad)
 
 
 def test_op_refuses_seeds_with_compensations():
@@ -250,6 +280,8 @@ def test_op_refuses_seeds_with_compensations():
     with pytest.raises(RuntimeError, match="two ways to store"):
         torch.ops.mupopt.adamw_(*args, **_KW, sr_seeds=[1], compensations=[torch.zeros_like(p)])
     assert float(args[5][0]) == 0.0
+    with pytest.raises(RuntimeError, match="two ways to store"):
+        torch.ops.mupopt.bind_adamw(args[0], *args[2:], [1], compensations=[torch.zeros_like(p)])
 
 
 def test_float32_params_take_no_compensation():

@@ -25,7 +25,7 @@ import torch
 
 from ...backends import PLAIN_TENSOR_TYPES, subclass_reason
 from ...optim import _lean_states as lean
-from ...storage import COMPENSATION, compensations_of, seeds_of
+from ...storage import COMPENSATION, compensates, compensations_of, seeds_of
 
 
 def _require(tensors: Sequence[torch.Tensor]) -> None:
@@ -344,7 +344,7 @@ def _mults(mults, *fields: str) -> list[list[float]]:
 
 
 def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callable | None = None,
-           params: Sequence[torch.Tensor] = ()) -> Callable:
+           params: Sequence[torch.Tensor] = (), compensated: bool | None = None) -> Callable:
     """``step(grads, hp)`` over the plan ``make()`` builds, through the ops ``<name>_bound_``
     (False when a bound tensor changed in place: nothing done, then bind anew) and
     ``<name>_bound_grads_``.
@@ -358,7 +358,10 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
     Stochastic rounding: the plan is bound with the states' seeds (``seeds``, from
     :func:`mupopt.storage.seeds_of`); a step with ``hp.stochastic_rounding`` off on such a plan
     (the option switched off while the seeds stay in the states) goes to ``unbound(grads, hp)``,
-    the per-call op, which rounds to nearest."""
+    the per-call op, which rounds to nearest. kahan_summation: ``compensated`` says whether the
+    plan was bound with compensations (None: no param of the plan has one to keep, or the op
+    stores no param); a step whose ``hp.kahan_summation`` differs from it (switched since the
+    plan was bound) goes to ``unbound``, which reads the states as they are then."""
     op = _raw(getattr(torch.ops.mupopt, f"{name}_bound_").default)
     op_grads = _raw(getattr(torch.ops.mupopt, f"{name}_bound_grads_").default)
     plan = make()
@@ -370,14 +373,18 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
             if not run(plan):
                 raise RuntimeError(f"{name} bound step: the bound tensors keep changing")
 
+    def off_plan(hp) -> bool:
+        return (bool(seeds) and not hp.stochastic_rounding) or (
+            compensated is not None and compensated != hp.kahan_summation)
+
     def step(grads, hp) -> None:
-        if seeds and not hp.stochastic_rounding:
+        if off_plan(hp):
             return unbound(grads, hp)
         _check_plain(name, grads)
         call(lambda plan: op(plan, grads, **_hyper(name, hp)))
 
     def from_param_grads(hp) -> None:
-        if seeds and not hp.stochastic_rounding:
+        if off_plan(hp):
             return unbound([p.grad for p in params], hp)
         call(lambda plan: op_grads(plan, **_hyper(name, hp)))
 
@@ -386,9 +393,8 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
 
 
 def _per_call(fn: Callable, params, states, mults) -> Callable:
-    """The step of a list with state_bits=8 states or compensated params (kahan_summation): the
-    per-call op (the bound plans keep no block scales and no compensations; the op's argument
-    lists are built per step, as without a plan)."""
+    """The step of a list with state_bits=8 states: the per-call op (the bound plans keep no
+    block scales; the op's argument lists are built per step, as without a plan)."""
     params, states, frozen = list(params), list(states), list(mults)
 
     def step(grads, hp) -> None:
@@ -401,23 +407,31 @@ def _per_call(fn: Callable, params, states, mults) -> Callable:
 def _bind(name: str, unbound: Callable, lists: Callable, mult_fields: tuple, params, states, mults) -> Callable:
     """The bound step of optimizer op ``name`` (``bind_<name>``, then ``<name>_bound_``): the
     plan binds ``params``, ``lists(states)`` (the state lists, step counts last), the muP
-    multipliers ``mult_fields`` and the stochastic-rounding seeds. 8-bit states and compensated
-    params go to the per-call op ``unbound`` (:func:`_per_call`), as does a step with stochastic
-    rounding switched off on a seeded plan (:func:`_bound`)."""
+    multipliers ``mult_fields``, the stochastic-rounding seeds and the compensations
+    (kahan_summation: those the states hold, as the per-call op takes them). 8-bit states go to
+    the per-call op ``unbound`` (:func:`_per_call`), as does a step whose rounding option no
+    longer matches the plan (:func:`_bound`)."""
     if not params:
         return _nothing
-    if _quantized(states) or _compensated(states):
+    if _quantized(states):
         return _per_call(unbound, params, states, mults)
     _require(params)
     params, states, frozen = list(params), list(states), list(mults)
     mult_lists = _mults(mults, *mult_fields)
     bind = getattr(torch.ops.mupopt, f"bind_{name}").default
     seeds = seeds_of(states)
+    # kahan_summation concerns the 16-bit params only: a list of none steps the same either way.
+    comps = compensated = None
+    if any(compensates(p) for p in params):
+        compensated = _compensated(states)
+        if compensated:
+            comps = [c for c in compensations_of(f"bind_{name}", params, states) if c is not None]
 
     def make():
-        return bind(params, *lists(states), *mult_lists, seeds)
+        return bind(params, *lists(states), *mult_lists, seeds, compensations=comps)
 
-    return _bound(name, make, seeds, lambda grads, hp: unbound(params, grads, states, frozen, hp), params)
+    return _bound(name, make, seeds, lambda grads, hp: unbound(params, grads, states, frozen, hp), params,
+                  compensated)
 
 
 def bind_adamw(params, states, mults) -> Callable:
@@ -430,7 +444,7 @@ def bind_adamw(params, states, mults) -> Callable:
         return exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if has_max else [], steps
 
     bound = _bind("adamw", adamw, lists, ("lr", "wd", "eps"), params, states, mults)
-    if has_max or bound is _nothing or _quantized(states) or _compensated(states):
+    if has_max or bound is _nothing or _quantized(states):
         return bound
     params, states, frozen = list(params), list(states), list(mults)
 
