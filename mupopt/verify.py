@@ -147,6 +147,9 @@ REFERENCE_NAMES = {
 }
 SOPHIA_BS = 256
 SR = "reference-sr"  # the check of stochastic rounding: bf16 params, every backend vs the reference
+KAHAN = "reference-kahan"  # the compensated store (kahan_summation): bf16 params, every backend that has it
+# The param-store checks: their option.
+STORE_CHECKS = {SR: {"stochastic_rounding": True}, KAHAN: {"kahan_summation": True}}
 # The checks of the lean state formats (state_bits 16 and 8): every backend that steps a format
 # (Backend.state_bits) vs the reference backend in the same format.
 LEAN = {"reference-states16": 16, "reference-states8": 8}
@@ -294,24 +297,27 @@ def _check(entry: _Entry, backend: str, device: str, against: str, steps: int) -
         result = [p.double().cpu() for p in start]
         follower = _oracle_follower(entry, opt, result)
         label, tol = "float64 formula (muP)", entry.oracle_tol
-    elif against == SR:
-        # bfloat16 params rounded stochastically: the same random bits as the reference backend
-        # (mupopt/storage.py), so the same seeds: both draw theirs from the same generator state.
+    elif against in STORE_CHECKS:
+        # bfloat16 params, rounded stochastically or compensated. Stochastic rounding: the same
+        # random bits as the reference backend (mupopt/storage.py), so the same seeds: both draw
+        # theirs from the same generator state.
+        option = STORE_CHECKS[against]
         model = model.to(torch.bfloat16)
         start = [p.detach().clone() for p in model.parameters()]
         params = [p.clone().requires_grad_() for p in start]
         for p, q in zip(model.parameters(), params):
             setattr(q, WIDTH_ATTR, getattr(p, WIDTH_ATTR))
-        opt = entry.cls(model.parameters(), **ours_kwargs, stochastic_rounding=True, backend=backend)
+        opt = entry.cls(model.parameters(), **ours_kwargs, **option, backend=backend)
         rng = torch.get_rng_state()
-        follower = _optimizer_follower(entry.cls(params, **ours_kwargs, stochastic_rounding=True, backend="reference"),
+        follower = _optimizer_follower(entry.cls(params, **ours_kwargs, **option, backend="reference"),
                                        params, sophia, rng)
         torch.set_rng_state(rng)
         # Backends whose float32 math differs from the reference's in the last bit (MKL's square
-        # root, matmul orders) may round a value the other way: one bfloat16 spacing (2^-7
-        # relative; absolute for values near 0).
+        # root, matmul orders) may store a value the other way: one bfloat16 spacing (2^-7
+        # relative; absolute for values near 0), the compensation then holding the difference.
         atol = 2.0**-14 if entry.sr_drift is None else steps * entry.kwargs["lr"] * entry.sr_drift
-        label, result, tol = "reference backend (bf16, stochastic rounding)", params, (2.0**-7, atol)
+        what = "stochastic rounding" if against == SR else "kahan_summation"
+        label, result, tol = f"reference backend (bf16, {what})", params, (2.0**-7, atol)
     elif against in LEAN:
         bits = LEAN[against]
         params = [p.clone().requires_grad_() for p in start]
@@ -379,7 +385,10 @@ def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[s
                 lean_checks = [c for c, bits in LEAN.items()
                                if bits in backends.get(entry.name, backend).state_bits
                                and bits in backends.get(entry.name, "reference").state_bits]
-                checks = ["oracle"] if backend == "reference" else ["reference", SR, *lean_checks]
+                store_checks = [SR]
+                if backends.get(entry.name, backend).kahan_summation and backends.get(entry.name, "reference").kahan_summation:
+                    store_checks.append(KAHAN)
+                checks = ["oracle"] if backend == "reference" else ["reference", *store_checks, *lean_checks]
                 if backend == "reference" and reference_problem(entry.reference_module) is None:
                     checks.insert(0, "named")
                 for against in checks:

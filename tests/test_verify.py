@@ -32,6 +32,11 @@ def test_verify_covers_every_optimizer_and_passes(tmp_path, capsys):
                       if r["optimizer"] == entry.name and r["backend"] == b)
             both = all(8 in backends.get(entry.name, x).state_bits for x in (b, "reference"))
             assert has == both, (entry.name, b)
+            # and every backend with kahan_summation (both sides) one for it
+            has = any(r["against"] == "reference backend (bf16, kahan_summation)" for r in rows
+                      if r["optimizer"] == entry.name and r["backend"] == b)
+            both = all(backends.get(entry.name, x).kahan_summation for x in (b, "reference"))
+            assert has == both, (entry.name, b)
     table = capsys.readouterr().out
     assert "| optimizer" in table and "passed, 0 failed" in table
 
@@ -103,12 +108,12 @@ def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
         rows = verify.run(["cpu"], steps=10, optimizers=["muon", "shampoo"], backend_names=["triton"])
         print(verify.format_rows(rows))
         got = {}
-        for r in rows:  # four rows each: fp32 params, bf16 params with stochastic rounding,
-                        # 16- and 8-bit states
+        for r in rows:  # five rows each: fp32 params, bf16 params with stochastic rounding and
+                        # with kahan_summation, 16- and 8-bit states
             if r.backend == "triton":
                 got[(r.optimizer, r.backend)] = got.get((r.optimizer, r.backend), True) and r.passed
         assert got == {("muon", "triton"): True, ("shampoo", "triton"): True}, got
-        assert len(rows) == 8 and all(r.backend == "triton" for r in rows)
+        assert len(rows) == 10 and all(r.backend == "triton" for r in rows)
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
