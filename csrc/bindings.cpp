@@ -426,19 +426,22 @@ TORCH_LIBRARY_FRAGMENT(mupopt, m) {
 #define MUPOPT_PLAN "__torch__.torch.classes.mupopt.BoundPlan"
   m.def("bind_adamw(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] max_exp_avg_sqs, "
         "Tensor[] state_steps, float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[], "
-        "Tensor[]? compensations=None) -> " MUPOPT_PLAN,
+        "Tensor[]? absmax=None, Tensor[]? maps=None, Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_adamw);
   m.def("bind_adopt(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
-        "float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[], Tensor[]? compensations=None) -> "
-        MUPOPT_PLAN,
+        "float[] lr_mults, float[] wd_mults, float[] eps_mults, int[] sr_seeds=[], Tensor[]? absmax=None, "
+        "Tensor[]? maps=None, Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_adopt);
   m.def("bind_lamb(Tensor[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] state_steps, "
-        "float[] lr_mults, float[] eps_mults, int[] sr_seeds=[], Tensor[]? compensations=None) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] eps_mults, int[] sr_seeds=[], Tensor[]? absmax=None, Tensor[]? maps=None, "
+        "Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_lamb);
   m.def("bind_sophia(Tensor[] params, Tensor[] exp_avgs, Tensor[] hessians, Tensor[] state_steps, "
-        "float[] lr_mults, float[] wd_mults, int[] sr_seeds=[], Tensor[]? compensations=None) -> " MUPOPT_PLAN,
+        "float[] lr_mults, float[] wd_mults, int[] sr_seeds=[], Tensor[]? absmax=None, Tensor[]? maps=None, "
+        "Tensor[]? compensations=None) -> " MUPOPT_PLAN,
         &mupopt::binding::bind_sophia);
-  m.def("bind_sophia_hessian(Tensor[] params, Tensor[] hessians) -> " MUPOPT_PLAN,
+  m.def("bind_sophia_hessian(Tensor[] params, Tensor[] hessians, Tensor[]? absmax=None, Tensor[]? maps=None) -> "
+        MUPOPT_PLAN,
         &mupopt::binding::bind_sophia_hessian);
   // true: stepped (or skipped for found_inf); false: a bound tensor changed, nothing done.
   m.def("adamw_bound_(" MUPOPT_PLAN " plan, Tensor[] grads, *, float lr, float beta1, float beta2, "

@@ -56,8 +56,8 @@ struct BoundPlan : torch::CustomClassHolder {
   std::vector<TensorRow> base;
   std::vector<int64_t> base_source;  // per base row: the tensor's index in the lists
   std::vector<DType> base_param;     // per base row: param dtype
-  std::vector<StateFormat> base_state;  // per base row: the states' format (formats 32 and 16;
-                                        // format 8 steps through the per-call ops)
+  std::vector<StateFormat> base_state;  // per base row: the states' format
+  std::array<QuantTable, kMaxStreams> maps{};  // format 8: one map per state stream (table.h)
   std::vector<double> lr_mults, wd_mults, eps_mults;
   bool has_max = false;  // AdamW: max_exp_avg_sqs bound, so amsgrad steps can run
   std::vector<int64_t> sr_seeds;  // stochastic rounding of the param stores (prepare.h set_rounding)
@@ -85,17 +85,16 @@ struct BoundMults {
 };
 
 // Checks and keeps the lists (make_rows, stream 1 left for the gradients) and, unless ``steps``
-// is nullptr, the step tensors (read_steps). ``compensations`` given: kahan_summation's, as the
-// per-call ops take them (table.h LeanLists), kept in the rows and held like the states.
+// is nullptr, the step tensors (read_steps). ``lean``: format 8's block scales and maps and
+// kahan_summation's compensations, as the per-call ops take them (table.h LeanLists), kept in
+// the rows and held like the states.
 inline Plan make_plan(const char* op, const std::array<Stream, kMaxStreams>& streams, const at::TensorList* steps,
-                      BoundMults lr, BoundMults wd, BoundMults eps,
-                      const c10::optional<at::TensorList>& compensations = c10::nullopt) {
+                      BoundMults lr, BoundMults wd, BoundMults eps, const LeanLists& lean = {}) {
   auto p = c10::make_intrusive<BoundPlan>();
   p->name = op;
-  LeanLists lean;
-  lean.compensations = compensations;
   const RowSet set = make_rows(op, streams, nullptr, 0, nullptr, lean);
   p->compensated = set.compensated;
+  p->maps = set.maps;
   const at::TensorList params = streams[0].list;
   p->n = static_cast<int64_t>(params.size());
   if (set.device) p->device = *set.device;
@@ -117,8 +116,11 @@ inline Plan make_plan(const char* op, const std::array<Stream, kMaxStreams>& str
   if (steps != nullptr) {
     for (const at::Tensor& s : *steps) p->held.emplace_back(s);
   }
-  if (compensations.has_value()) {
-    for (const at::Tensor& c : *compensations) p->held.emplace_back(c);
+  for (const at::TensorList* list : {&lean.absmax, &lean.maps}) {
+    for (const at::Tensor& t : *list) p->held.emplace_back(t);
+  }
+  if (lean.compensations.has_value()) {
+    for (const at::Tensor& c : *lean.compensations) p->held.emplace_back(c);
   }
   p->base = set.rows;
   p->base_source = set.sources;
@@ -195,6 +197,7 @@ void assemble(BoundPlan& p, at::TensorList grads, int64_t chunk, Variant&& varia
   }
   p.table.device = p.device;
   p.table.compensated = p.compensated;
+  p.table.maps = p.maps;
   group_rows(rows, p.base_source, keys, chunk, p.table);
   p.keys = std::move(keys);
   p.chunk = chunk;
@@ -234,7 +237,7 @@ inline void keep_seeds(BoundPlan& p, at::IntArrayRef sr_seeds) {
 inline Plan bind_adamw(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::ArrayRef<double> lr_mults,
                        at::ArrayRef<double> wd_mults, at::ArrayRef<double> eps_mults,
-                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
+                       at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps, OptTensors compensations) {
   // Without max_exp_avg_sqs the plan runs amsgrad=False steps only.
   const bool has_max = !max_exp_avg_sqs.empty() || params.empty();
   Plan p = make_plan("adamw_",
@@ -242,7 +245,7 @@ inline Plan bind_adamw(at::TensorList params, at::TensorList exp_avgs, at::Tenso
                       Stream{exp_avg_sqs, "exp_avg_sqs"},
                       has_max ? Stream{max_exp_avg_sqs, "max_exp_avg_sqs"} : Stream{}},
                      &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults},
-                     compensations);
+                     lean_lists(absmax, maps, compensations));
   p->has_max = has_max;
   keep_seeds(*p, sr_seeds);
   return p;
@@ -251,12 +254,12 @@ inline Plan bind_adamw(at::TensorList params, at::TensorList exp_avgs, at::Tenso
 inline Plan bind_adopt(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
                        at::ArrayRef<double> eps_mults,
-                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
+                       at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps, OptTensors compensations) {
   Plan p = make_plan("adopt_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
                    &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {"eps_mults", eps_mults},
-                   compensations);
+                   lean_lists(absmax, maps, compensations));
   keep_seeds(*p, sr_seeds);
   return p;
 }
@@ -264,32 +267,34 @@ inline Plan bind_adopt(at::TensorList params, at::TensorList exp_avgs, at::Tenso
 // LAMB has no decay multiplier (the decay is inside u).
 inline Plan bind_lamb(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> eps_mults,
-                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
+                       at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps, OptTensors compensations) {
   Plan p = make_plan("lamb_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"},
                     Stream{exp_avg_sqs, "exp_avg_sqs"}, Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {nullptr, {}}, {"eps_mults", eps_mults}, compensations);
+                   &state_steps, {"lr_mults", lr_mults}, {nullptr, {}}, {"eps_mults", eps_mults},
+                   lean_lists(absmax, maps, compensations));
   keep_seeds(*p, sr_seeds);
   return p;
 }
 
 inline Plan bind_sophia(at::TensorList params, at::TensorList exp_avgs, at::TensorList hessians,
                         at::TensorList state_steps, at::ArrayRef<double> lr_mults, at::ArrayRef<double> wd_mults,
-                       at::IntArrayRef sr_seeds, c10::optional<at::TensorList> compensations) {
+                       at::IntArrayRef sr_seeds, OptTensors absmax, OptTensors maps, OptTensors compensations) {
   Plan p = make_plan("sophia_",
                    {Stream{params, "params"}, Stream{}, Stream{exp_avgs, "exp_avgs"}, Stream{hessians, "hessians"},
                     Stream{}},
-                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {nullptr, {}}, compensations);
+                   &state_steps, {"lr_mults", lr_mults}, {"wd_mults", wd_mults}, {nullptr, {}},
+                   lean_lists(absmax, maps, compensations));
   keep_seeds(*p, sr_seeds);
   return p;
 }
 
 // The Hessian EMA: params are bound for the gradients' shapes (the kernel does not read them);
 // no step counts.
-inline Plan bind_sophia_hessian(at::TensorList params, at::TensorList hessians) {
+inline Plan bind_sophia_hessian(at::TensorList params, at::TensorList hessians, OptTensors absmax, OptTensors maps) {
   return make_plan("sophia_hessian_",
                    {Stream{params, "params"}, Stream{}, Stream{hessians, "hessians"}, Stream{}, Stream{}}, nullptr,
-                   {nullptr, {}}, {nullptr, {}}, {nullptr, {}});
+                   {nullptr, {}}, {nullptr, {}}, {nullptr, {}}, lean_lists(absmax, maps));
 }
 
 }  // namespace binding

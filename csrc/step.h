@@ -32,13 +32,6 @@ namespace mupopt {
 namespace binding {
 
 using OptTensor = c10::optional<at::Tensor>;
-using OptTensors = c10::optional<at::TensorList>;
-
-// The storage lists of an op (table.h's LeanLists): state_bits=8's block scales and maps
-// (absent or given), kahan_summation's compensations (absent: off).
-inline LeanLists lean_lists(const OptTensors& absmax, const OptTensors& maps, const OptTensors& compensations = {}) {
-  return LeanLists{absmax.value_or(at::TensorList()), maps.value_or(at::TensorList()), false, compensations};
-}
 
 // begin, skip, bump, each: the common tail of the optimizer ops. ``bump``: the op increments the
 // step counts; without step counts to guard (the Hessian EMA) found_inf need not be read on the

@@ -227,6 +227,14 @@ struct LeanLists {
   c10::optional<at::TensorList> compensations = c10::nullopt;
 };
 
+using OptTensors = c10::optional<at::TensorList>;
+
+// The storage lists of an op as its schema gives them: state_bits=8's block scales and maps
+// (absent or given), kahan_summation's compensations (absent: off).
+inline LeanLists lean_lists(const OptTensors& absmax, const OptTensors& maps, const OptTensors& compensations = {}) {
+  return LeanLists{absmax.value_or(at::TensorList()), maps.value_or(at::TensorList()), false, compensations};
+}
+
 // Whether a param of this dtype has a compensation under kahan_summation.
 inline bool compensates(const at::Tensor& p) {
   return p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf;

@@ -393,8 +393,8 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
 
 
 def _per_call(fn: Callable, params, states, mults) -> Callable:
-    """The step of a list with state_bits=8 states: the per-call op (the bound plans keep no
-    block scales; the op's argument lists are built per step, as without a plan)."""
+    """The step of a list of CUDA params with state_bits=8 states (:func:`_bind`): the per-call
+    op, its argument lists built per step, as without a plan."""
     params, states, frozen = list(params), list(states), list(mults)
 
     def step(grads, hp) -> None:
@@ -404,16 +404,19 @@ def _per_call(fn: Callable, params, states, mults) -> Callable:
     return step
 
 
-def _bind(name: str, unbound: Callable, lists: Callable, mult_fields: tuple, params, states, mults) -> Callable:
+def _bind(name: str, unbound: Callable, lists: Callable, keys: tuple, mult_fields: tuple, params, states,
+          mults) -> Callable:
     """The bound step of optimizer op ``name`` (``bind_<name>``, then ``<name>_bound_``): the
-    plan binds ``params``, ``lists(states)`` (the state lists, step counts last), the muP
-    multipliers ``mult_fields``, the stochastic-rounding seeds and the compensations
-    (kahan_summation: those the states hold, as the per-call op takes them). 8-bit states go to
-    the per-call op ``unbound`` (:func:`_per_call`), as does a step whose rounding option no
-    longer matches the plan (:func:`_bound`)."""
+    plan binds ``params``, ``lists(states)`` (the state lists of ``keys``, step counts last),
+    the muP multipliers ``mult_fields``, the stochastic-rounding seeds, format 8's block scales
+    and maps (CPU params) and the compensations (kahan_summation), all as the per-call op takes
+    them. 8-bit states of CUDA params go to the per-call op ``unbound`` (:func:`_per_call`; the
+    CUDA bound steps of format 8 have never run on a GPU), as does a step whose rounding option
+    no longer matches the plan (:func:`_bound`)."""
     if not params:
         return _nothing
-    if _quantized(states):
+    quantized = _quantized(states)
+    if quantized and params[0].device.type != "cpu":
         return _per_call(unbound, params, states, mults)
     _require(params)
     params, states, frozen = list(params), list(states), list(mults)
@@ -428,7 +431,8 @@ def _bind(name: str, unbound: Callable, lists: Callable, mult_fields: tuple, par
             comps = [c for c in compensations_of(f"bind_{name}", params, states) if c is not None]
 
     def make():
-        return bind(params, *lists(states), *mult_lists, seeds, compensations=comps)
+        return bind(params, *lists(states), *mult_lists, seeds, compensations=comps,
+                    **(_lean(name, states, keys) if quantized else {}))
 
     return _bound(name, make, seeds, lambda grads, hp: unbound(params, grads, states, frozen, hp), params,
                   compensated)
@@ -443,8 +447,9 @@ def bind_adamw(params, states, mults) -> Callable:
         exp_avgs, exp_avg_sqs, steps = _lists(states, "exp_avg", "exp_avg_sq", "step")
         return exp_avgs, exp_avg_sqs, _lists(states, "max_exp_avg_sq")[0] if has_max else [], steps
 
-    bound = _bind("adamw", adamw, lists, ("lr", "wd", "eps"), params, states, mults)
-    if has_max or bound is _nothing or _quantized(states):
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if has_max else ("exp_avg", "exp_avg_sq")
+    bound = _bind("adamw", adamw, lists, keys, ("lr", "wd", "eps"), params, states, mults)
+    if has_max or bound is _nothing:
         return bound
     params, states, frozen = list(params), list(states), list(mults)
 
@@ -466,34 +471,35 @@ def bind_adamw(params, states, mults) -> Callable:
 
 def bind_adopt(params, states, mults) -> Callable:
     """Bound ADOPT step (see the module docstring)."""
-    return _bind("adopt", adopt, lambda st: _lists(st, "exp_avg", "exp_avg_sq", "step"), ("lr", "wd", "eps"),
-                 params, states, mults)
+    return _bind("adopt", adopt, lambda st: _lists(st, "exp_avg", "exp_avg_sq", "step"), ("exp_avg", "exp_avg_sq"),
+                 ("lr", "wd", "eps"), params, states, mults)
 
 
 def bind_lamb(params, states, mults) -> Callable:
     """Bound LAMB step (see the module docstring); whole-tensor norms only (no norm_reduce)."""
-    return _bind("lamb", lamb, lambda st: _lists(st, "exp_avg", "exp_avg_sq", "step"), ("lr", "eps"),
-                 params, states, mults)
+    return _bind("lamb", lamb, lambda st: _lists(st, "exp_avg", "exp_avg_sq", "step"), ("exp_avg", "exp_avg_sq"),
+                 ("lr", "eps"), params, states, mults)
 
 
 def bind_sophia(params, states, mults) -> Callable:
     """Bound SophiaG step (see the module docstring)."""
-    return _bind("sophia", sophia, lambda st: _lists(st, "exp_avg", "hessian", "step"), ("lr", "wd"),
-                 params, states, mults)
+    return _bind("sophia", sophia, lambda st: _lists(st, "exp_avg", "hessian", "step"), ("exp_avg", "hessian"),
+                 ("lr", "wd"), params, states, mults)
 
 
 def bind_sophia_hessian(params, states, mults) -> Callable:
     """Bound Hessian EMA: ``step(grads, hp)`` updates each state's "hessian" only."""
     if not params:
         return _nothing
-    if _quantized(states):
+    quantized = _quantized(states)
+    if quantized and params[0].device.type != "cpu":  # as _bind
         return _per_call(sophia_hessian, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     bind = torch.ops.mupopt.bind_sophia_hessian.default
-
     def make():
-        return bind(params, [st["hessian"] for st in states])
+        return bind(params, [st["hessian"] for st in states],
+                    **(_lean("sophia_hessian", states, ("hessian",)) if quantized else {}))
 
     return _bound("sophia_hessian", make)
 
