@@ -623,10 +623,24 @@ def scenario_zero(spec: dict) -> dict:
         return _zero_resume(spec, ZeroRedundancyOptimizer)
 
 
+def _zero_local_state(model: nn.Module, opt) -> dict:
+    """This rank's local optimizer state (its partition of ZeRO's parameters), by the index of
+    each parameter in model.parameters(), tensors cloned."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return {index[id(p)]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+            for p, st in opt.optim.state.items()}
+
+
 def _zero_resume(spec: dict, ZeroRedundancyOptimizer) -> dict:
+    """spec["dtype"]: both models cast to it (bf16 params, for kahan_summation or
+    stochastic_rounding). Returns the resumed run's params, the consolidated checkpoint
+    ("saved"), every rank's local state as loaded ("loaded": before ZeRO's first step), and with
+    spec["uninterrupted"] the params of the first optimizer continued to STEPS without the
+    checkpoint ("uninterrupted": seeds drawn by the ranks make a single process another run)."""
     name, path = spec["optimizer"], spec["path"]
     cls, kwargs = optimizer_args(name, spec["backend"], **spec.get("options", {}))
-    model = make_model()
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = make_model().to(dtype)
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
     for t in range(5):
         feed_grads(model, t)
@@ -635,16 +649,23 @@ def _zero_resume(spec: dict, ZeroRedundancyOptimizer) -> dict:
     if dist.get_rank() == 0:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
     dist.barrier()
-    model2 = make_model(seed=1, mup=spec.get("mup_at_resume", False))
+    model2 = make_model(seed=1, mup=spec.get("mup_at_resume", False)).to(dtype)
     ckpt = torch.load(path, weights_only=True)
     saved = torch.load(path, weights_only=True)["optim"]  # ZeRO's load_state_dict edits the dict it gets
     model2.load_state_dict(ckpt["model"])
     opt2 = ZeroRedundancyOptimizer(model2.parameters(), optimizer_class=cls, **kwargs)
     opt2.load_state_dict(ckpt["optim"])
+    out = {"saved": saved, "path": path, "loaded": all_ranks(_zero_local_state(model2, opt2))}
     for t in range(5, STEPS):
         feed_grads(model2, t)
         zero_step(opt2, name, t)
-    return {"params": full_params(model2), "saved": saved}
+    out["params"], out["final"] = full_params(model2), all_ranks(_zero_local_state(model2, opt2))
+    if spec.get("uninterrupted"):
+        for t in range(5, STEPS):
+            feed_grads(model, t)
+            zero_step(opt, name, t)
+        out["uninterrupted"] = full_params(model)
+    return out
 
 
 def scenario_zero_mismatch(spec: dict) -> dict:
