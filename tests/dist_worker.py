@@ -270,15 +270,20 @@ def scenario_lean_steps(spec: dict) -> dict:
 
 def local_states(model: nn.Module, opt) -> dict:
     """{name: {"index": local_index(p), "state": p's state, "param": p, "placed": keys}}, each
-    tensor this rank's local shard, cloned; "placed": the state entries that are DTensors placed
-    as p is (mesh and placements)."""
+    tensor this rank's local shard, cloned; a list of tensors (Shampoo's block statistics and
+    roots, by block) as one entry per item, "<key>.<k>"; "placed": the state entries that are
+    DTensors placed as p is (mesh and placements)."""
     from torch.distributed.tensor import DTensor
+
+    def local(v):
+        return (v.to_local() if isinstance(v, DTensor) else v).clone()
 
     out = {}
     for name, p in model.named_parameters():
         state = opt.state.get(p, {})
-        st = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in state.items()
-              if isinstance(v, torch.Tensor)}
+        st = {k: local(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        st.update({f"{k}.{i}": local(x) for k, v in state.items() if isinstance(v, list)
+                   for i, x in enumerate(v) if isinstance(x, torch.Tensor)})
         placed = {k for k, v in state.items() if isinstance(v, DTensor) and isinstance(p, DTensor)
                   and v.device_mesh == p.device_mesh and v.placements == p.placements}
         mine = p.to_local() if isinstance(p, DTensor) else p
@@ -362,7 +367,8 @@ def _dcp_resume(spec: dict) -> dict:
     """Load spec["path"] into a fresh model and optimizer (other initial values, not stepped)
     under spec["resume_placement"] (default: the saving placement) and spec["resume_options"]
     (default: the saving options), continue to spec["steps"] (default STEPS) steps. The full
-    params, and this rank's local_states as loaded ("loaded") and after the steps ("final")."""
+    params, this rank's local_states as loaded ("loaded") and after the steps ("final"), and the
+    backends the continued steps ran on."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -377,7 +383,8 @@ def _dcp_resume(spec: dict) -> dict:
                        options=state_dict_options(spec))
         loaded = local_states(model, opt)
         fed_steps(model, opt, spec["optimizer"], range(spec.get("save_at", 5), spec.get("steps", STEPS)))
-        return {"params": full_params(model), "loaded": loaded, "final": local_states(model, opt)}
+        return {"params": full_params(model), "loaded": loaded, "final": local_states(model, opt),
+                "selected": opt.selected_backends}
 
 
 def scenario_dcp(spec: dict) -> dict:
