@@ -6,7 +6,9 @@ another parameter, and every layout holds it once per parameter.
   every param-group key but "params" between its ranks' optimizers; a resume through
   consolidate_state_dict + load_state_dict continues as the uninterrupted run, for all six
   optimizers, into a model without width information (the records come from the checkpoint);
-  records moved onto other parameters make the first step raise, naming the parameter.
+  records moved onto other parameters make the first step raise, naming the parameter; 8-bit
+  states, and bf16 params with kahan_summation's compensations or stochastic_rounding's seeds,
+  resume bit for bit.
 - DCP's flattened optimizer state (flatten_optimizer_state_dict=True: torchtitan's layout)
   holds 5 + ndim numbers per parameter and none in the param groups; it resumes without base
   shapes.

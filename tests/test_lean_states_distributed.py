@@ -27,8 +27,10 @@ those of one process stepping whole tensors; Muon (FSDP2) and Shampoo (TP) p + c
 plus a spacing of c per step, and through DCP (same placement) bit for bit their uninterrupted
 runs; saved on FSDP2 and resumed on TP, the compensations (and moments) come back resharded
 bit for bit and the run continues as one process's (AdamW bit for bit, Muon within the
-tolerance); Muon and Shampoo on the triton backend equal one process on triton within the
-tolerance.
+tolerance); Shampoo saved on TP and resumed on FSDP2 and in one process, its blocks' statistics
+and roots back bit for bit too; ADOPT and SophiaG on both placements bit for bit one process's,
+LAMB within the tolerance; Muon and Shampoo on the triton backend, through a DCP save and
+resume, equal one process on triton within the tolerance.
 
 On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
 above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
@@ -705,10 +707,10 @@ def test_kahan_triton_on_shards_resumes_and_equals_one_process_on_triton(results
     on triton, every sharded param's compensation is placed as the param, and after 4 steps
     params and compensations equal one process's uninterrupted run on triton (not the
     reference: the fused float32 sqrt differs in the last bit, which a compensation shows)
-    within _kahan_near's tolerance, Shampoo's with KAHAN_TRITON_RTOL. Measured (4 steps, before
-    the runs went through DCP): Muon equal; Shampoo's p equal, p + c apart on 5 and 11 elements
-    of fc1 and fc2 by at most 8.8e-7 of the largest |p|, and on one element of the readout by
-    3.5e-6 (8 spacings of its c)."""
+    within _kahan_near's tolerance, Shampoo's with KAHAN_TRITON_RTOL. Measured (4 steps, the
+    same with and without the DCP resume): Muon equal; Shampoo's p equal, p + c apart on fc1 and
+    fc2 by at most 8.8e-7 of the largest |p|, and on one element of the readout by 3.5e-6 (8
+    spacings of its c)."""
     if not triton_mode.runs_on_cpu():
         pytest.skip("the one-process runs need triton's kernels on CPU tensors (interpreted)")
     triton_mode.match_environment(monkeypatch, True)
