@@ -676,10 +676,10 @@ def _kahan_near(ranks: list, want: dict, steps: int, rtol: float = 1e-6) -> int:
 def test_kahan_on_shards_equals_one_process(results, case):
     """Each sharded param's compensation is a DTensor placed as the param (every rank steps its
     local shard of it), and params and compensations equal those of one process stepping the
-    whole tensors on the same global gradients: AdamW bit for bit (FSDP2: the DCP test below);
-    Muon and Shampoo (whole-tensor math, their Newton-Schulz / roots batched or reduced in
-    another order) within _kahan_near's tolerance. Measured: Muon equal, Shampoo 6e-7 of the
-    largest |p|."""
+    whole tensors on the same global gradients: AdamW, ADOPT and SophiaG (per element) bit for
+    bit (AdamW on FSDP2: the DCP test below); LAMB (norms all-reduced), Muon and Shampoo
+    (whole-tensor math, their Newton-Schulz / roots batched or reduced in another order) within
+    _kahan_near's tolerance. Measured: LAMB and Muon equal, Shampoo 6e-7 of the largest |p|."""
     placement, optimizer = case.split("-")
     r = _ok(results, f"kahan-{case}")
     _kahan_placed(r["ranks"], SHARDED[placement])
