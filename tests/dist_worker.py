@@ -270,15 +270,20 @@ def scenario_lean_steps(spec: dict) -> dict:
 
 def local_states(model: nn.Module, opt) -> dict:
     """{name: {"index": local_index(p), "state": p's state, "param": p, "placed": keys}}, each
-    tensor this rank's local shard, cloned; "placed": the state entries that are DTensors placed
-    as p is (mesh and placements)."""
+    tensor this rank's local shard, cloned; a list of tensors (Shampoo's block statistics and
+    roots, by block) as one entry per item, "<key>.<k>"; "placed": the state entries that are
+    DTensors placed as p is (mesh and placements)."""
     from torch.distributed.tensor import DTensor
+
+    def local(v):
+        return (v.to_local() if isinstance(v, DTensor) else v).clone()
 
     out = {}
     for name, p in model.named_parameters():
         state = opt.state.get(p, {})
-        st = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in state.items()
-              if isinstance(v, torch.Tensor)}
+        st = {k: local(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        st.update({f"{k}.{i}": local(x) for k, v in state.items() if isinstance(v, list)
+                   for i, x in enumerate(v) if isinstance(x, torch.Tensor)})
         placed = {k for k, v in state.items() if isinstance(v, DTensor) and isinstance(p, DTensor)
                   and v.device_mesh == p.device_mesh and v.placements == p.placements}
         mine = p.to_local() if isinstance(p, DTensor) else p
@@ -362,7 +367,8 @@ def _dcp_resume(spec: dict) -> dict:
     """Load spec["path"] into a fresh model and optimizer (other initial values, not stepped)
     under spec["resume_placement"] (default: the saving placement) and spec["resume_options"]
     (default: the saving options), continue to spec["steps"] (default STEPS) steps. The full
-    params, and this rank's local_states as loaded ("loaded") and after the steps ("final")."""
+    params, this rank's local_states as loaded ("loaded") and after the steps ("final"), and the
+    backends the continued steps ran on."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -377,7 +383,8 @@ def _dcp_resume(spec: dict) -> dict:
                        options=state_dict_options(spec))
         loaded = local_states(model, opt)
         fed_steps(model, opt, spec["optimizer"], range(spec.get("save_at", 5), spec.get("steps", STEPS)))
-        return {"params": full_params(model), "loaded": loaded, "final": local_states(model, opt)}
+        return {"params": full_params(model), "loaded": loaded, "final": local_states(model, opt),
+                "selected": opt.selected_backends}
 
 
 def scenario_dcp(spec: dict) -> dict:
@@ -623,10 +630,24 @@ def scenario_zero(spec: dict) -> dict:
         return _zero_resume(spec, ZeroRedundancyOptimizer)
 
 
+def _zero_local_state(model: nn.Module, opt) -> dict:
+    """This rank's local optimizer state (its partition of ZeRO's parameters), by the index of
+    each parameter in model.parameters(), tensors cloned."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return {index[id(p)]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+            for p, st in opt.optim.state.items()}
+
+
 def _zero_resume(spec: dict, ZeroRedundancyOptimizer) -> dict:
+    """spec["dtype"]: both models cast to it (bf16 params, for kahan_summation or
+    stochastic_rounding). Returns the resumed run's params, the consolidated checkpoint
+    ("saved"), every rank's local state as loaded ("loaded": before ZeRO's first step), and with
+    spec["uninterrupted"] the params of the first optimizer continued to STEPS without the
+    checkpoint ("uninterrupted": seeds drawn by the ranks make a single process another run)."""
     name, path = spec["optimizer"], spec["path"]
     cls, kwargs = optimizer_args(name, spec["backend"], **spec.get("options", {}))
-    model = make_model()
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = make_model().to(dtype)
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
     for t in range(5):
         feed_grads(model, t)
@@ -635,16 +656,23 @@ def _zero_resume(spec: dict, ZeroRedundancyOptimizer) -> dict:
     if dist.get_rank() == 0:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
     dist.barrier()
-    model2 = make_model(seed=1, mup=spec.get("mup_at_resume", False))
+    model2 = make_model(seed=1, mup=spec.get("mup_at_resume", False)).to(dtype)
     ckpt = torch.load(path, weights_only=True)
     saved = torch.load(path, weights_only=True)["optim"]  # ZeRO's load_state_dict edits the dict it gets
     model2.load_state_dict(ckpt["model"])
     opt2 = ZeroRedundancyOptimizer(model2.parameters(), optimizer_class=cls, **kwargs)
     opt2.load_state_dict(ckpt["optim"])
+    out = {"saved": saved, "path": path, "loaded": all_ranks(_zero_local_state(model2, opt2))}
     for t in range(5, STEPS):
         feed_grads(model2, t)
         zero_step(opt2, name, t)
-    return {"params": full_params(model2), "saved": saved}
+    out["params"], out["final"] = full_params(model2), all_ranks(_zero_local_state(model2, opt2))
+    if spec.get("uninterrupted"):
+        for t in range(5, STEPS):
+            feed_grads(model, t)
+            zero_step(opt, name, t)
+        out["uninterrupted"] = full_params(model)
+    return out
 
 
 def scenario_zero_mismatch(spec: dict) -> dict:

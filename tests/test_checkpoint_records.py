@@ -6,7 +6,9 @@ another parameter, and every layout holds it once per parameter.
   every param-group key but "params" between its ranks' optimizers; a resume through
   consolidate_state_dict + load_state_dict continues as the uninterrupted run, for all six
   optimizers, into a model without width information (the records come from the checkpoint);
-  records moved onto other parameters make the first step raise, naming the parameter.
+  records moved onto other parameters make the first step raise, naming the parameter; 8-bit
+  states, and bf16 params with kahan_summation's compensations or stochastic_rounding's seeds,
+  resume bit for bit.
 - DCP's flattened optimizer state (flatten_optimizer_state_dict=True: torchtitan's layout)
   holds 5 + ndim numbers per parameter and none in the param groups; it resumes without base
   shapes.
@@ -47,6 +49,14 @@ def results(tmp_path_factory):
     # straight into each rank's optimizer state.
     specs.append(("zero-adamw-8bit", {"kind": "zero", "optimizer": "adamw", "backend": "auto", "min_8bit": ZERO_MIN_8BIT,
                                       "options": {"state_bits": 8}, "path": str(tmp / "zero-adamw-8bit.pt")}))
+    # bf16 params: compensations (kahan_summation) and stochastic rounding's seeds, entries of
+    # each param's state that ZeRO moves like the moments. The reference backend on both sides
+    # (one process below); stochastic rounding continues the first optimizer too (each rank
+    # draws its params' seeds, so one process would draw others).
+    bf16 = {"kind": "zero", "optimizer": "adamw", "backend": "reference", "dtype": "bfloat16"}
+    specs.append(("zero-adamw-kahan", {**bf16, "options": {"kahan_summation": True}, "path": str(tmp / "zero-kahan.pt")}))
+    specs.append(("zero-adamw-sr", {**bf16, "options": {"stochastic_rounding": True}, "uninterrupted": True,
+                                    "path": str(tmp / "zero-sr.pt")}))
     specs.append(("zero-mismatch", {"kind": "zero_mismatch", "optimizer": "adamw", "path": str(tmp / "mismatch.pt")}))
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -122,6 +132,63 @@ def test_zero_resume_of_8bit_states_continues_as_the_uninterrupted_run(results, 
     model = dw.make_model()
     run(model, dw.make_optimizer("adamw", model.parameters(), "auto", state_bits=8), "adamw", range(dw.STEPS))
     assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()}, 0.0, "ZeRO AdamW 8-bit")
+
+
+def _bf16_adamw(steps, ckpt=None, **options) -> tuple:
+    """One process, bf16 AdamW on the reference backend: ``steps`` fed steps, from the start or
+    from the consolidated ZeRO checkpoint ``ckpt`` (saved after 5 steps). (model, optimizer)."""
+    model = dw.make_model(seed=1 if ckpt else 0).to(torch.bfloat16)
+    opt = dw.make_optimizer("adamw", model.parameters(), "reference", **options)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+    run(model, opt, "adamw", range(5 if ckpt else 0, steps))
+    return model, opt
+
+
+def _zero_loaded_as_saved(got: dict, entry: str) -> int:
+    """Every rank's state as ZeRO loaded it holds, for each of its params, the consolidated
+    checkpoint's ``entry`` (and step, moments) bit for bit; every param of the model is on one
+    rank. Returns how many params."""
+    seen = {}
+    for rank_state in got["loaded"]:
+        for i, st in rank_state.items():
+            assert i not in seen, i
+            seen[i] = st
+            want = got["saved"]["state"][i]
+            for k in ("step", "exp_avg", "exp_avg_sq", entry):
+                assert same_state_value(st[k], want[k]), (i, k)
+    assert sorted(seen) == sorted(got["saved"]["state"])
+    return len(seen)
+
+
+def test_zero_resume_of_compensated_bf16_params_is_bit_exact(results):
+    """kahan_summation under ZeRO: the consolidated checkpoint holds every param's compensation,
+    each rank's optimizer gets its params' back as saved, and the resumed run's params and
+    compensations are those of one process stepping all 10 steps uninterrupted, bit for bit."""
+    got = get(results, "zero-adamw-kahan")
+    model, opt = _bf16_adamw(dw.STEPS, kahan_summation=True)
+    params = list(model.parameters())
+    assert _zero_loaded_as_saved(got, "param_compensation") == len(params)
+    assert all(st["param_compensation"].dtype == torch.bfloat16 for st in got["saved"]["state"].values())
+    assert all(bool(st["param_compensation"].any()) for st in got["saved"]["state"].values())
+    assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()}, 0.0, "ZeRO AdamW kahan")
+    final = {i: st for rank_state in got["final"] for i, st in rank_state.items()}
+    for i, p in enumerate(params):
+        assert torch.equal(final[i]["param_compensation"], opt.state[p]["param_compensation"]), i
+
+
+def test_zero_resume_of_stochastic_rounding_keeps_the_seeds(results):
+    """stochastic_rounding under ZeRO: every param's seed (drawn on its owner rank) is in the
+    consolidated checkpoint and back on its rank after the load; the resumed run equals the
+    uninterrupted ZeRO run bit for bit (a seed drawn anew would round otherwise), and one
+    process resuming the same checkpoint (torch's load_state_dict) continues alike."""
+    got = get(results, "zero-adamw-sr")
+    assert _zero_loaded_as_saved(got, "sr_seed") == len(list(dw.make_model().parameters()))
+    assert all(w.dtype == torch.bfloat16 for w in got["params"].values())
+    assert_close(got["params"], got["uninterrupted"], 0.0, "ZeRO AdamW stochastic rounding")
+    model, _ = _bf16_adamw(dw.STEPS, torch.load(got["path"], weights_only=True), stochastic_rounding=True)
+    assert_close(got["params"], {n: p.detach() for n, p in model.named_parameters()}, 0.0, "one process from ZeRO's SR checkpoint")
 
 
 def test_zero_records_moved_onto_other_parameters_are_refused(results):

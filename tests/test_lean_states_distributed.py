@@ -27,8 +27,10 @@ those of one process stepping whole tensors; Muon (FSDP2) and Shampoo (TP) p + c
 plus a spacing of c per step, and through DCP (same placement) bit for bit their uninterrupted
 runs; saved on FSDP2 and resumed on TP, the compensations (and moments) come back resharded
 bit for bit and the run continues as one process's (AdamW bit for bit, Muon within the
-tolerance); Muon and Shampoo on the triton backend equal one process on triton within the
-tolerance.
+tolerance); Shampoo saved on TP and resumed on FSDP2 and in one process, its blocks' statistics
+and roots back bit for bit too; ADOPT and SophiaG on both placements bit for bit one process's,
+LAMB within the tolerance; Muon and Shampoo on the triton backend, through a DCP save and
+resume, equal one process on triton within the tolerance.
 
 On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
 above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
@@ -112,6 +114,13 @@ KAHAN_STEPS = 4
 KAHAN_TRITON = ("fsdp-muon", "fsdp-shampoo")
 
 
+# LAMB, ADOPT and SophiaG on shards (test_kahan_on_shards_equals_one_process).
+KAHAN_MORE = tuple(f"{pl}-{opt}" for opt in ("adopt", "sophia", "lamb") for pl in ("fsdp", "tp"))
+# Whose whole step is per element: each rank's shard steps as one process steps those elements,
+# bit for bit.
+KAHAN_ELEMENTWISE = ("adamw", "adopt", "sophia")
+
+
 def kahan_spec(placement, optimizer, backend="reference", **extra):
     return {"kind": "lean_steps", "placement": placement, "optimizer": optimizer, "backend": backend,
             "options": {**KAHAN, **KAHAN_OPTIONS.get(optimizer, {})}, "dtype": "bfloat16", "steps": KAHAN_STEPS,
@@ -161,7 +170,14 @@ def results(tmp_path_factory):
                                                             resume_placement="tp")),
               ("kahan-dcp-fsdp-to-tp-muon", kahan_dcp_spec("fsdp", "muon", str(tmp / "ckpt-kahan-muon-to-tp"),
                                                            resume_placement="tp"))]
-    specs += [(f"kahan-triton-{case}", kahan_spec(*case.split("-"), backend="triton")) for case in KAHAN_TRITON]
+    specs += [(f"kahan-triton-{case}", kahan_dcp_spec(*case.split("-"), str(tmp / f"ckpt-kahan-triton-{case}"), backend="triton"))
+              for case in KAHAN_TRITON]
+    # LAMB, ADOPT and SophiaG with compensated params on both 1-D placements; Shampoo's TP
+    # checkpoint resumed on FSDP2 (every param sharded, the blocks on other owners; the same
+    # checkpoint is resumed in one process by test_kahan_dcp_resumes_on_one_process).
+    specs += [(f"kahan-{case}", kahan_spec(*case.split("-"))) for case in KAHAN_MORE]
+    specs += [("kahan-dcp-tp-to-fsdp-shampoo", kahan_dcp_spec("tp", "shampoo", str(tmp / "ckpt-kahan-shampoo-to-fsdp"),
+                                                              resume_placement="fsdp"))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
@@ -656,14 +672,14 @@ def _kahan_near(ranks: list, want: dict, steps: int, rtol: float = 1e-6) -> int:
     return moved
 
 
-@pytest.mark.parametrize("case", ["tp-adamw", "fsdp-muon", "tp-shampoo"])
+@pytest.mark.parametrize("case", ["tp-adamw", "fsdp-muon", "tp-shampoo", *KAHAN_MORE])
 def test_kahan_on_shards_equals_one_process(results, case):
     """Each sharded param's compensation is a DTensor placed as the param (every rank steps its
     local shard of it), and params and compensations equal those of one process stepping the
-    whole tensors on the same global gradients: AdamW bit for bit (FSDP2: the DCP test below);
-    Muon and Shampoo (whole-tensor math, their Newton-Schulz / roots batched or reduced in
-    another order) within _kahan_near's tolerance. Measured: Muon equal, Shampoo 6e-7 of the
-    largest |p|."""
+    whole tensors on the same global gradients: AdamW, ADOPT and SophiaG (per element) bit for
+    bit (AdamW on FSDP2: the DCP test below); LAMB (norms all-reduced), Muon and Shampoo
+    (whole-tensor math, their Newton-Schulz / roots batched or reduced in another order) within
+    _kahan_near's tolerance. Measured: LAMB and Muon equal, Shampoo 6e-7 of the largest |p|."""
     placement, optimizer = case.split("-")
     r = _ok(results, f"kahan-{case}")
     _kahan_placed(r["ranks"], SHARDED[placement])
@@ -671,7 +687,7 @@ def test_kahan_on_shards_equals_one_process(results, case):
     for name, (p, c) in want.items():
         got_p, got_c = _kahan_whole(r["ranks"], name, p.shape)
         assert torch.equal(got_p.bfloat16(), r["params"][name]), name  # the shards are the gathered param
-        if optimizer == "adamw":
+        if optimizer in KAHAN_ELEMENTWISE:
             assert torch.equal(got_p, p.float()) and torch.equal(got_c, c.float()), name
     assert _kahan_near(r["ranks"], want, KAHAN_STEPS) > 0
 
@@ -684,14 +700,17 @@ KAHAN_TRITON_RTOL = {"muon": 1e-6, "shampoo": 1e-5}
 
 
 @pytest.mark.parametrize("case", KAHAN_TRITON)
-def test_kahan_triton_on_shards_equals_one_process_on_triton(results, case, monkeypatch):
-    """The triton backend with compensated params on shards (Muon and Shampoo on FSDP2): each
-    rank's steps ran on triton, every sharded param's compensation is placed as
-    the param, and params and compensations equal one process's on triton (not the reference:
-    the fused float32 sqrt differs in the last bit, which a compensation shows) within
-    _kahan_near's tolerance, Shampoo's with KAHAN_TRITON_RTOL. Measured (4 steps): Muon equal;
-    Shampoo's p equal, p + c apart on 5 and 11 elements of fc1 and fc2 by at most 8.8e-7 of the
-    largest |p|, and on one element of the readout by 3.5e-6 (8 spacings of its c)."""
+def test_kahan_triton_on_shards_resumes_and_equals_one_process_on_triton(results, case, monkeypatch):
+    """The triton backend with compensated params on shards (Muon and Shampoo on FSDP2), saved
+    through DCP after 2 steps and resumed on the same placement: every rank's states as loaded
+    are the saved ones bit for bit (compensations, moments, Shampoo's blocks); the steps ran
+    on triton, every sharded param's compensation is placed as the param, and after 4 steps
+    params and compensations equal one process's uninterrupted run on triton (not the
+    reference: the fused float32 sqrt differs in the last bit, which a compensation shows)
+    within _kahan_near's tolerance, Shampoo's with KAHAN_TRITON_RTOL. Measured (4 steps, the
+    same with and without the DCP resume): Muon equal; Shampoo's p equal, p + c apart on fc1 and
+    fc2 by at most 8.8e-7 of the largest |p|, and on one element of the readout by 3.5e-6 (8
+    spacings of its c)."""
     if not triton_mode.runs_on_cpu():
         pytest.skip("the one-process runs need triton's kernels on CPU tensors (interpreted)")
     triton_mode.match_environment(monkeypatch, True)
@@ -700,9 +719,11 @@ def test_kahan_triton_on_shards_equals_one_process_on_triton(results, case, monk
     kernel = {"muon": {"muon", "adamw"}, "shampoo": {"shampoo"}}[optimizer]
     assert {k for sel in r["selected"] for k in sel} == kernel
     assert all(b.startswith("triton") for sel in r["selected"] for b in sel.values()), r["selected"]
-    _kahan_placed(r["ranks"], SHARDED[placement])
+    _same_states(r["saved"], r["loaded"])
+    _kahan_dcp(r, optimizer, SHARDED[placement], SHARDED[placement])
+    _kahan_placed(r["final"], SHARDED[placement])
     want = _kahan_one_process(optimizer, KAHAN_STEPS, "triton")
-    assert _kahan_near(r["ranks"], want, KAHAN_STEPS, KAHAN_TRITON_RTOL[optimizer]) > 0
+    assert _kahan_near(r["final"], want, KAHAN_STEPS, KAHAN_TRITON_RTOL[optimizer]) > 0
 
 
 def _kahan_dcp(r: dict, optimizer: str, saved: int, loaded: int) -> None:
@@ -767,6 +788,50 @@ def test_kahan_muon_shampoo_resume_through_dcp(results, case):
     _same_states(uninterrupted["ranks"], r["final"])
 
 
+SHAMPOO_BLOCKS = ("left", "right", "left_root", "right_root")
+
+
+def _blocks(ranks: list, name: str) -> dict:
+    """Shampoo's block statistics and roots of parameter ``name`` ("left.<k>", ...), whole, from
+    every rank's local states: a sharded matrix's block k lives on its owner (the other ranks
+    hold an empty placeholder), a plain matrix's on every rank that steps it (equal copies)."""
+    out: dict = {}
+    for mine in ranks:
+        for k, v in mine[name]["state"].items():
+            if k.split(".")[0] in SHAMPOO_BLOCKS and v.numel():
+                assert k not in out or torch.equal(out[k], v), (name, k)  # copies agree
+                out[k] = v
+    return out
+
+
+def _block_entries(params: dict) -> int:
+    """How many block entries (L, R and their roots) Shampoo keeps for ``params``, all ranks together."""
+    from mupopt.optim._placement import matrix_shape
+    from mupopt.optim.shampoo import blocks_of
+
+    side = dw.optimizer_args("shampoo")[1]["max_preconditioner_dim"]
+    return sum(4 * len(blocks_of(*matrix_shape(w.shape), side)) for w in params.values() if w.ndim >= 2)
+
+
+def test_kahan_shampoo_dcp_reshards_tp_to_fsdp(results):
+    """Shampoo saved on TP after 2 steps (fc1 and fc2 sharded, their blocks on owners; the
+    embedding and readout plain on every rank) and resumed on FSDP2 (every matrix sharded,
+    the blocks on other owners): the params, compensations, momenta and second moments come
+    back whole bit for bit (_kahan_dcp), and every block's statistics and roots too; the
+    continued run equals the uninterrupted one-process run within _kahan_near's tolerance."""
+    r = _ok(results, "kahan-dcp-tp-to-fsdp-shampoo")
+    _kahan_dcp(r, "shampoo", SHARDED["tp"], SHARDED["fsdp"])
+    blocks = 0
+    for name in r["params"]:
+        before, after = _blocks(r["saved"], name), _blocks(r["loaded"], name)
+        assert before.keys() == after.keys(), name
+        for k in before:
+            assert torch.equal(before[k], after[k]), (name, k)
+        blocks += len(before)
+    assert blocks == _block_entries(r["params"])
+    assert _kahan_near(r["final"], _kahan_one_process("shampoo", KAHAN_STEPS), KAHAN_STEPS) > 0
+
+
 def test_kahan_state_memory_of_a_shard():
     """state_memory() counts a DTensor param's local compensation (2 bytes per local element of
     a bf16 param), before its first step as after."""
@@ -800,12 +865,15 @@ def test_kahan_dcp_reshards_from_2d_to_1d_mesh(results_2d):
     _kahan_adamw_dcp(_ok(results_2d, "kahan-dcp-fsdp+tp-to-fsdp-adamw"), SHARDED["fsdp+tp"], SHARDED["fsdp"])
 
 
-@pytest.mark.parametrize("fixture,case", [("results", "fsdp-adamw"), ("results", "fsdp-muon"), ("results_2d", "fsdp+tp-adamw")])
+@pytest.mark.parametrize("fixture,case", [("results", "fsdp-adamw"), ("results", "fsdp-muon"), ("results", "tp-shampoo"),
+                                          ("results_2d", "fsdp+tp-adamw")])
 def test_kahan_dcp_resumes_on_one_process(request, fixture, case):
-    """A checkpoint of 2 ranks (FSDP2: AdamW, Muon) or 4 (FSDP2 + TP, AdamW), saved after 2 steps,
-    loaded here in one process (another world size: every compensation a plain tensor, whole):
-    the params and compensations are the saved ones, bit for bit, and the run continues as the
-    uninterrupted one-process run: AdamW bit for bit, Muon within _kahan_near's tolerance."""
+    """A checkpoint of 2 ranks (FSDP2: AdamW, Muon; TP: Shampoo) or 4 (FSDP2 + TP, AdamW), saved
+    after 2 steps, loaded here in one process (another world size: every compensation a plain
+    tensor, whole): the params and compensations are the saved ones, bit for bit (Shampoo's
+    block statistics and roots too, gathered here from their owners), and the run continues as
+    the uninterrupted one-process run: AdamW bit for bit, Muon and Shampoo within _kahan_near's
+    tolerance."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -816,13 +884,20 @@ def test_kahan_dcp_resumes_on_one_process(request, fixture, case):
     opt = dw.make_optimizer(optimizer, model.parameters(), "reference", **KAHAN, **KAHAN_OPTIONS.get(optimizer, {}))
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(results["_tmp"] / {"adamw": "ckpt-kahan", "muon": "ckpt-kahan-muon"}[optimizer]))
+    ckpt = {"adamw": "ckpt-kahan", "muon": "ckpt-kahan-muon", "shampoo": "ckpt-kahan-shampoo"}[optimizer]
+    dcp.load(state, checkpoint_id=str(results["_tmp"] / ckpt))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    blocks = 0
     for name, p in model.named_parameters():
         want_p, want_c = _kahan_whole(r["saved"], name, p.shape)
         c = opt.state[p]["param_compensation"]
         assert not isinstance(c, torch.distributed.tensor.DTensor) and c.dtype == torch.bfloat16, name
         assert torch.equal(p.detach().float(), want_p) and torch.equal(c.float(), want_c), name
+        for k, v in _blocks(r["saved"], name).items():
+            key, block = k.split(".")
+            assert torch.equal(opt.state[p][key][int(block)], v), (name, k)
+            blocks += 1
+    assert blocks == (_block_entries(r["params"]) if optimizer == "shampoo" else 0)
     for t in range(2, KAHAN_STEPS):
         dw.feed_grads(model, t)
         dw.step_once(opt, optimizer, t)
