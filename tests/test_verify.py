@@ -57,6 +57,32 @@ def test_verify_reports_a_wrong_backend(monkeypatch):
     assert rows and not any(r.passed for r in rows)
 
 
+def test_verify_kahan_row_fails_for_a_backend_that_ignores_the_option(monkeypatch):
+    """The kahan_summation row compares p + c: a backend that says it has the option but stores
+    to nearest (its compensations stay zero) is within a bf16 spacing of the reference's params
+    but not of the values they hold, and fails; the real cpu backend passes."""
+    import dataclasses
+
+    from mupopt.kernels import cpp
+
+    cpp.register()
+    if cpp.cpu_unsupported_reason([verify.torch.zeros(4)]) is not None:
+        import pytest
+
+        pytest.skip("the cpu backend is not built here")
+    entry = next(e for e in verify.OPTIMIZERS if e.name == "adamw")
+    assert verify._check(entry, "cpu", "cpu", verify.KAHAN, 10).passed
+    real = backends.get("adamw", "cpu")
+
+    def nearest(params, grads, states, mults, hp, **kw):
+        real.fn(params, grads, states, mults, dataclasses.replace(hp, kahan_summation=False), **kw)
+
+    monkeypatch.setitem(backends._REGISTRY["adamw"], "cpu",
+                        dataclasses.replace(real, fn=nearest, bind=None, capturable=False))
+    row = verify._check(entry, "cpu", "cpu", verify.KAHAN, 10)
+    assert not row.passed and row.max_abs > 10 * row.atol, verify.format_rows([row])
+
+
 def test_verify_lists_every_backend_it_did_not_check(capsys):
     """Every registered (optimizer, backend) is either a row or a line saying why not and how
     to include it; the table shows each row's atol and rtol and the pass rule."""
