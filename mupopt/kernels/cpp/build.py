@@ -22,7 +22,8 @@ under way (torch's ``lock`` file in its folder), it is loaded directly with
 a job. Only a missing library goes through ``torch.utils.cpp_extension.load``, which compiles it
 (minutes: 146 s for "cpu" on 2 cores; every other process that needs it meanwhile waits on
 torch's lock file, so on a job's first start each rank's first step takes the whole build: the
-20-65 s measured per rank in issue 19) or waits for the process building it. :data:`loads` records which of the two each load was.
+20-65 s measured per rank in issue 19) or waits for the process building it. :data:`loads`
+records which of the two each load was.
 
 Ahead of time, in the environment the jobs run in (same ``TORCH_EXTENSIONS_DIR`` or home):
 ``python -m mupopt.kernels.cpp.build`` builds every library this machine's ranks load: "cpu",

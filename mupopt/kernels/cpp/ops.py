@@ -204,7 +204,12 @@ def _compensations(name: str, params, states: Sequence[dict], hp) -> dict:
     params in list order (float32 / float64 params have none: their store is exact)."""
     if not hp.kahan_summation:
         return {}
-    return {"compensations": [c for c in compensations_of(f"{name}_", params, states) if c is not None]}
+    return {"compensations": _compensation_list(f"{name}_", params, states)}
+
+
+def _compensation_list(op: str, params, states: Sequence[dict]) -> list:
+    """The compensations of the bfloat16 / float16 params in list order, as the ops take them."""
+    return [c for c in compensations_of(op, params, states) if c is not None]
 
 
 def _compensated(states: Sequence[dict]) -> bool:
@@ -392,6 +397,12 @@ def _bound(name: str, make: Callable, seeds: Sequence[int] = (), unbound: Callab
     return step
 
 
+def _per_call_only(params, states: Sequence[dict]) -> bool:
+    """Whether a list steps through the per-call op instead of a plan: 8-bit states of CUDA
+    params (their bound steps of format 8 have never run on a GPU)."""
+    return params[0].device.type != "cpu" and _quantized(states)
+
+
 def _per_call(fn: Callable, params, states, mults) -> Callable:
     """The step of a list of CUDA params with state_bits=8 states (:func:`_bind`): the per-call
     op, its argument lists built per step, as without a plan."""
@@ -415,8 +426,7 @@ def _bind(name: str, unbound: Callable, lists: Callable, keys: tuple, mult_field
     no longer matches the plan (:func:`_bound`)."""
     if not params:
         return _nothing
-    quantized = _quantized(states)
-    if quantized and params[0].device.type != "cpu":
+    if _per_call_only(params, states):
         return _per_call(unbound, params, states, mults)
     _require(params)
     params, states, frozen = list(params), list(states), list(mults)
@@ -428,11 +438,10 @@ def _bind(name: str, unbound: Callable, lists: Callable, keys: tuple, mult_field
     if any(compensates(p) for p in params):
         compensated = _compensated(states)
         if compensated:
-            comps = [c for c in compensations_of(f"bind_{name}", params, states) if c is not None]
+            comps = _compensation_list(f"bind_{name}", params, states)
 
     def make():
-        return bind(params, *lists(states), *mult_lists, seeds, compensations=comps,
-                    **(_lean(name, states, keys) if quantized else {}))
+        return bind(params, *lists(states), *mult_lists, seeds, compensations=comps, **_lean(name, states, keys))
 
     return _bound(name, make, seeds, lambda grads, hp: unbound(params, grads, states, frozen, hp), params,
                   compensated)
@@ -491,15 +500,14 @@ def bind_sophia_hessian(params, states, mults) -> Callable:
     """Bound Hessian EMA: ``step(grads, hp)`` updates each state's "hessian" only."""
     if not params:
         return _nothing
-    quantized = _quantized(states)
-    if quantized and params[0].device.type != "cpu":  # as _bind
+    if _per_call_only(params, states):
         return _per_call(sophia_hessian, params, states, mults)
     _require(params)
     params, states = list(params), list(states)
     bind = torch.ops.mupopt.bind_sophia_hessian.default
+
     def make():
-        return bind(params, [st["hessian"] for st in states],
-                    **(_lean("sophia_hessian", states, ("hessian",)) if quantized else {}))
+        return bind(params, [st["hessian"] for st in states], **_lean("sophia_hessian", states, ("hessian",)))
 
     return _bound("sophia_hessian", make)
 
