@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from mupopt import backends, cli, verify
@@ -21,7 +22,7 @@ def test_verify_covers_every_optimizer_and_passes(tmp_path, capsys):
         checked = {r["backend"] for r in rows if r["optimizer"] == entry.name}
         runnable = {
             b for b in backends.names(entry.name)
-            if backends._REGISTRY[entry.name][b].unsupported_reason([verify.torch.zeros(4, 4)]) is None
+            if backends._REGISTRY[entry.name][b].unsupported_reason([torch.zeros(4, 4)]) is None
         }
         assert checked == runnable
     assert all(r["passed"] for r in rows)
@@ -57,29 +58,31 @@ def test_verify_reports_a_wrong_backend(monkeypatch):
     assert rows and not any(r.passed for r in rows)
 
 
-def test_verify_kahan_row_fails_for_a_backend_that_ignores_the_option(monkeypatch):
-    """The kahan_summation row compares p + c: a backend that says it has the option but stores
-    to nearest (its compensations stay zero) is within a bf16 spacing of the reference's params
-    but not of the values they hold, and fails; the real cpu backend passes."""
+@pytest.mark.parametrize("check,option", [(verify.KAHAN, "kahan_summation"), (verify.SR, "stochastic_rounding")])
+def test_verify_store_rows_fail_for_a_backend_that_ignores_the_option(monkeypatch, check, option):
+    """A backend that says it has the option but stores to nearest fails the row by more than
+    10x its atol; the real cpu backend passes. kahan_summation: the row compares p + c, so the
+    params alone (within a bf16 spacing of the reference's) would not show it. Stochastic
+    rounding: the same random bits as the reference, so the params are equal (measured: every
+    element, all four cpu optimizers), and a store to nearest differs in 70-75% of them, by up
+    to several spacings after 10 steps (measured: 9.4e-2, atol 6.1e-5)."""
     import dataclasses
 
     from mupopt.kernels import cpp
 
     cpp.register()
-    if cpp.cpu_unsupported_reason([verify.torch.zeros(4)]) is not None:
-        import pytest
-
+    if cpp.cpu_unsupported_reason([torch.zeros(4)]) is not None:
         pytest.skip("the cpu backend is not built here")
     entry = next(e for e in verify.OPTIMIZERS if e.name == "adamw")
-    assert verify._check(entry, "cpu", "cpu", verify.KAHAN, 10).passed
+    assert verify._check(entry, "cpu", "cpu", check, 10).passed
     real = backends.get("adamw", "cpu")
 
     def nearest(params, grads, states, mults, hp, **kw):
-        real.fn(params, grads, states, mults, dataclasses.replace(hp, kahan_summation=False), **kw)
+        real.fn(params, grads, states, mults, dataclasses.replace(hp, **{option: False}), **kw)
 
     monkeypatch.setitem(backends._REGISTRY["adamw"], "cpu",
                         dataclasses.replace(real, fn=nearest, bind=None, capturable=False))
-    row = verify._check(entry, "cpu", "cpu", verify.KAHAN, 10)
+    row = verify._check(entry, "cpu", "cpu", check, 10)
     assert not row.passed and row.max_abs > 10 * row.atol, verify.format_rows([row])
 
 
@@ -155,8 +158,6 @@ def test_verify_checks_the_lean_state_formats_where_a_backend_steps_them():
     cpp.register()
     entry = next(e for e in verify.OPTIMIZERS if e.name == "adamw")
     if cpp.cpu_unsupported_reason([torch.zeros(4)]) is not None:
-        import pytest
-
         pytest.skip("the cpu backend is not built here")
     rows = [verify._check(entry, "cpu", "cpu", against, 5) for against in verify.LEAN]
     assert [r.against for r in rows] == ["reference backend (state_bits=16)", "reference backend (state_bits=8)"]
