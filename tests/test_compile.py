@@ -403,3 +403,60 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(name, backend):
             step()
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+_FIRST_STEP_COMPILED = textwrap.dedent(
+    """
+    import json, torch, mupopt
+
+    out = {}
+    graphs = []
+
+    def record(gm, example_inputs):  # a dynamo backend that keeps the graph's code and runs it
+        graphs.append(gm.code)
+        return gm.forward
+
+    for bits in (32, 8):
+        x = torch.randn(8, 128, generator=torch.Generator().manual_seed(3))
+
+        def make():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 3))
+            return model, mupopt.AdamW(model.parameters(), lr=1e-2, state_bits=bits)
+
+        (eager_model, eager_opt), (model, opt) = make(), make()
+        compiled = torch.compile(opt.step, fullgraph=True, backend=record)
+        for _ in range(3):
+            for m, o, step in ((model, opt, compiled), (eager_model, eager_opt, eager_opt.step)):  # compiled first
+                o.zero_grad()
+                m(x).pow(2).mean().backward()
+                step()
+        out[bits] = {"selected": eager_opt.selected_backends, "graph_calls_the_op": "mupopt.adamw" in graphs[-1],
+                     "max_diff": max((p - q).abs().max().item()
+                                     for p, q in zip(model.parameters(), eager_model.parameters()))}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_first_step_of_a_fresh_process_compiles_with_fullgraph():
+    """In a fresh process, the first step of the default (auto -> cpu) backend traced with
+    fullgraph=True: the C++ library is loaded when the optimizer is made and format 8's map tables
+    with it, since neither can be made inside a trace (both failed before: a lock, then
+    data-dependent checks; the other tests of this file found them made by earlier tests). With
+    32- and 8-bit states, the traced graph calls the cpu backend's op (the eager optimizer chose
+    it; a compiled step keeps no plan, so its selected_backends stays empty) and the compiled
+    steps equal the eager ones."""
+    from mupopt.kernels import cpp
+
+    cpp.register()
+    if cpp.cpu_unsupported_reason([torch.zeros(4)]) is not None:
+        pytest.skip("the cpu backend is not built here")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FIRST_STEP_COMPILED], capture_output=True, text=True, timeout=600,
+                          cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for bits in ("32", "8"):
+        assert out[bits]["selected"] == [{"adamw": "cpu"}] and out[bits]["graph_calls_the_op"], out
+        assert out[bits]["max_diff"] <= 1e-6, out

@@ -469,6 +469,8 @@ class MupOptimizer(Optimizer):
     """Base of the mupopt optimizers (not used directly)."""
 
     rule: ClassVar[str]
+    # The backend tables a step may call (mupopt.backends): the rule's, and Muon's AdamW part's.
+    kernels: ClassVar[tuple[str, ...]] = ()
     # torch.amp.GradScaler: hand grad_scale / found_inf to step() (module docstring).
     _step_supports_amp_scaling = True
     # State keys kept in a fixed dtype whatever the param's dtype: torch's load_state_dict casts
@@ -558,6 +560,7 @@ class MupOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_group(group)
+            self._load_backends(group["params"])
             for p in group["params"]:
                 if p.is_complex() and self.rule not in ELEMENTWISE:
                     raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
@@ -576,6 +579,19 @@ class MupOptimizer(Optimizer):
             for p in self.param_groups.pop()["params"]:
                 self._widths.pop(p, None)
             raise
+
+    def _load_backends(self, params: list) -> None:
+        """Build or load now the compiled library of each backend a step of ``params`` may choose
+        (those made for their device types). The first use builds it, under a lock, which a step
+        traced by ``torch.compile(opt.step, fullgraph=True)`` cannot do: such a first step failed
+        ("Unsupported context manager") unless something had loaded the library before."""
+        device_types = {local(p).device.type for p in params}
+        for kernel in self.kernels or (self.rule,):
+            names = backends.names(kernel)
+            for name in names if self.backend == "auto" else [n for n in names if n == self.backend]:
+                backend = backends.get(kernel, name)
+                if backend.devices is not None and device_types & set(backend.devices):
+                    backend.unsupported_reason([])
 
     # A parameter's width record (mupopt.mup.width_record) lives in its optimizer state, which
     # every checkpoint layout keys by the parameter, so no framework can attach it to another

@@ -199,6 +199,7 @@ class Muon(MupOptimizer):
     """
 
     rule = "muon"
+    kernels = ("muon", "adamw")
     # Muon's momentum and the AdamW part's moments (one param has one or the other).
     _lean_keys = {"momentum_buffer": lean.SIGNED, **ADAMW_STATES}
 

@@ -270,6 +270,7 @@ def _ensure(kind: str, verbose: bool | None) -> bool | str:
                     _load(kind, verbose)
                     if kind == "cpu":
                         _register_fakes()
+                        _make_map_tables()
                     _outcome[kind] = True
                 except Exception as exc:  # a compiler error, a missing header, a bad link
                     _outcome[kind] = _error_sentence(kind, exc)
@@ -290,6 +291,17 @@ def _register_fakes() -> None:
 
     for op in OPS:
         torch.library.register_fake(f"mupopt::{op}")(fake)
+
+
+def _make_map_tables() -> None:
+    """Make the tables of the 8-bit states' maps in use (ops.map_table) with the library: their
+    construction reads values (checks, sizes), which a step traced by torch.compile(fullgraph=True)
+    cannot, so a first 8-bit step made them only outside a trace. About 0.2 s."""
+    from . import ops
+    from ...optim import _lean_states as lean
+
+    for kind in (lean.SIGNED, lean.UNSIGNED):
+        ops.map_table(kind)
 
 
 def is_loaded(kind: str = "cpu") -> bool:
