@@ -15,10 +15,11 @@ float32 values placed like the param):
   process stepping whole tensors in format 8 by at most 3x that run's own distance from format
   32 (a tolerance, measured at up to 1.8x);
 - a DCP save and resume is bit-exact (the loaded codes and scales are the saved ones, the
-  continued run equals the uninterrupted one), a format-32 checkpoint loads into format 8 and a
-  format-8 one into format 32 (the loaded states are the checkpoint's values, quantized per
-  shard / exported), and a checkpoint of FSDP2 shards loads on tensor-parallel shards (other
-  blocks: quantized anew per shard from the exported values).
+  continued run equals the uninterrupted one; AdamW on FSDP2 also on the triton backend), a
+  format-32 checkpoint loads into format 8 and a format-8 one into format 32 (the loaded states
+  are the checkpoint's values, quantized per shard / exported), and a checkpoint of FSDP2
+  shards loads on tensor-parallel shards (other blocks: quantized anew per shard from the
+  exported values).
 Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gradients round
 apart (their random bits are independent), and a DCP resume is bit-exact.
 Compensated bf16 params (kahan_summation): each compensation a DTensor placed as its param;
@@ -29,13 +30,16 @@ runs; saved on FSDP2 and resumed on TP, the compensations (and moments) come bac
 bit for bit and the run continues as one process's (AdamW bit for bit, Muon within the
 tolerance); Shampoo saved on TP and resumed on FSDP2 and in one process, its blocks' statistics
 and roots back bit for bit too; ADOPT and SophiaG on both placements bit for bit one process's,
-LAMB within the tolerance; Muon and Shampoo on the triton backend, through a DCP save and
+LAMB within the tolerance, and through DCP (ADOPT and LAMB on FSDP2, SophiaG on TP) bit for
+bit their uninterrupted runs; Muon and Shampoo on the triton backend, through a DCP save and
 resume, equal one process on triton within the tolerance.
 
 On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
 above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
 equal, DCP resume bit-exact; AdamW with compensated bf16 params on FSDP2 + TP through DCP as on
-FSDP2, and resumed under FSDP2 on a 1-D mesh of 4, bit for bit.
+FSDP2, and resumed under FSDP2 on a 1-D mesh of 4, bit for bit; Shampoo with compensated params
+on FSDP2 + TP within the tolerance of one process, and through DCP bit for bit its
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -903,7 +907,9 @@ def test_kahan_dcp_reshards_from_2d_to_1d_mesh(results_2d):
 def test_kahan_shampoo_fsdp_tp_2d_equals_one_process_and_resumes(results_2d):
     """Shampoo with compensated params on the (2, 2) mesh (fc1's and fc2's blocks assembled by
     their owners from _StridedShard shards): every compensation placed as its param, and after 4
-    steps p + c within _kahan_near's tolerance of one process stepping whole tensors (MEASURED).
+    steps p + c within _kahan_near's tolerance of one process stepping whole tensors (measured:
+    p equal, p + c apart by at most 2.8e-7 of the largest |p|, on the embedding: one spacing of
+    its c).
     Saved after 2 steps and resumed on the same mesh: every rank's states (compensations, nonzero;
     momenta, second moments) back bit for bit, every block's statistics and roots too, and the
     continued run's params and states those of the uninterrupted run, bit for bit."""
