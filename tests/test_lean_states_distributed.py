@@ -15,10 +15,11 @@ float32 values placed like the param):
   process stepping whole tensors in format 8 by at most 3x that run's own distance from format
   32 (a tolerance, measured at up to 1.8x);
 - a DCP save and resume is bit-exact (the loaded codes and scales are the saved ones, the
-  continued run equals the uninterrupted one), a format-32 checkpoint loads into format 8 and a
-  format-8 one into format 32 (the loaded states are the checkpoint's values, quantized per
-  shard / exported), and a checkpoint of FSDP2 shards loads on tensor-parallel shards (other
-  blocks: quantized anew per shard from the exported values).
+  continued run equals the uninterrupted one; AdamW on FSDP2 also on the triton backend), a
+  format-32 checkpoint loads into format 8 and a format-8 one into format 32 (the loaded states
+  are the checkpoint's values, quantized per shard / exported), and a checkpoint of FSDP2
+  shards loads on tensor-parallel shards (other blocks: quantized anew per shard from the
+  exported values).
 Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gradients round
 apart (their random bits are independent), and a DCP resume is bit-exact.
 Compensated bf16 params (kahan_summation): each compensation a DTensor placed as its param;
@@ -29,13 +30,16 @@ runs; saved on FSDP2 and resumed on TP, the compensations (and moments) come bac
 bit for bit and the run continues as one process's (AdamW bit for bit, Muon within the
 tolerance); Shampoo saved on TP and resumed on FSDP2 and in one process, its blocks' statistics
 and roots back bit for bit too; ADOPT and SophiaG on both placements bit for bit one process's,
-LAMB within the tolerance; Muon and Shampoo on the triton backend, through a DCP save and
+LAMB within the tolerance, and through DCP (ADOPT and LAMB on FSDP2, SophiaG on TP) bit for
+bit their uninterrupted runs; Muon and Shampoo on the triton backend, through a DCP save and
 resume, equal one process on triton within the tolerance.
 
 On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
 above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
 equal, DCP resume bit-exact; AdamW with compensated bf16 params on FSDP2 + TP through DCP as on
-FSDP2, and resumed under FSDP2 on a 1-D mesh of 4, bit for bit.
+FSDP2, and resumed under FSDP2 on a 1-D mesh of 4, bit for bit; Shampoo with compensated params
+on FSDP2 + TP within the tolerance of one process, and through DCP bit for bit its
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -116,6 +120,8 @@ KAHAN_TRITON = ("fsdp-muon", "fsdp-shampoo")
 
 # LAMB, ADOPT and SophiaG on shards (test_kahan_on_shards_equals_one_process).
 KAHAN_MORE = tuple(f"{pl}-{opt}" for opt in ("adopt", "sophia", "lamb") for pl in ("fsdp", "tp"))
+# Their DCP cases: save after 2 steps and resume on the same placement, one placement each.
+KAHAN_MORE_DCP = ("fsdp-adopt", "tp-sophia", "fsdp-lamb")
 # Whose whole step is per element: each rank's shard steps as one process steps those elements,
 # bit for bit.
 KAHAN_ELEMENTWISE = ("adamw", "adopt", "sophia")
@@ -178,6 +184,12 @@ def results(tmp_path_factory):
     specs += [(f"kahan-{case}", kahan_spec(*case.split("-"))) for case in KAHAN_MORE]
     specs += [("kahan-dcp-tp-to-fsdp-shampoo", kahan_dcp_spec("tp", "shampoo", str(tmp / "ckpt-kahan-shampoo-to-fsdp"),
                                                               resume_placement="fsdp"))]
+    # The same three through DCP, each on one placement (the KAHAN_MORE steps cases their
+    # uninterrupted runs); AdamW with 8-bit states on triton, uninterrupted and through DCP.
+    specs += [(f"kahan-dcp-{case}", kahan_dcp_spec(*case.split("-"), str(tmp / f"ckpt-kahan-{case}")))
+              for case in KAHAN_MORE_DCP]
+    specs += [("lean4-triton-fsdp-adamw", lean_spec("fsdp", "adamw", steps=STEPS8 + 1, backend="triton")),
+              ("dcp8-triton-fsdp-adamw", dcp_spec("fsdp", "adamw", str(tmp / "ckpt8-triton"), backend="triton"))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
@@ -394,6 +406,27 @@ def test_8bit_states_resume_through_dcp_bit_exact(results, case):
         assert torch.equal(r["params"][name], w), name
 
 
+def test_8bit_states_resume_through_dcp_on_triton(results):
+    """AdamW with 8-bit states stepped by the triton backend (kernels under the interpreter) on
+    FSDP2, saved after 2 steps and resumed: every rank's codes and block scales as loaded are
+    the saved ones, and after the continued steps the codes, scales, step counts and params are
+    those of the uninterrupted triton run, bit for bit."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    r = _ok(results, "dcp8-triton-fsdp-adamw")
+    want = _ok(results, "lean4-triton-fsdp-adamw")
+    for run in (r, want):
+        assert all(b.startswith("triton") for sel in run["selected"] for b in sel.values()), run["selected"]
+    _same_states(r["saved"], r["loaded"])
+    scales = sum(k.endswith(lean.ABSMAX) for m in r["loaded"] for e in m.values() for k in e["state"])
+    assert scales == 2 * 2 * 4  # exp_avg and exp_avg_sq of the 4 matrices on 2 ranks
+    _same_states(want["ranks"], r["final"])
+    for name, w in want["params"].items():
+        assert torch.equal(r["params"][name], w), name
+
+
 def _global_values(saved: list, name: str, numel: int, kinds: dict) -> dict:
     """The whole tensor (flat) of each state entry of parameter ``name`` from every rank's local
     states (8-bit entries as their checkpoint values, lean.exported)."""
@@ -505,7 +538,8 @@ def results_2d(tmp_path_factory):
     """FSDP2 + TP on a (2, 2) mesh (TP's dims _StridedShard under FSDP2) and HSDP (every shard
     on two ranks), AdamW with 8-bit states; the HSDP runs round bf16 params stochastically; and
     AdamW with compensated bf16 params (kahan_summation) on FSDP2 + TP, resumed on FSDP2 + TP
-    and under FSDP2 on a 1-D mesh of 4."""
+    and under FSDP2 on a 1-D mesh of 4; Shampoo with compensated params on FSDP2 + TP, and
+    resumed on it."""
     tmp = tmp_path_factory.mktemp("lean-dist-2d")
     sr = {**OPTIONS8["adamw"], **SR}
     specs = [("lean-fsdp+tp", lean_spec("fsdp+tp", "adamw")),
@@ -516,7 +550,9 @@ def results_2d(tmp_path_factory):
              ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr)),
              ("kahan-dcp-fsdp+tp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan"))),
              ("kahan-dcp-fsdp+tp-to-fsdp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan-to-fsdp"),
-                                                                resume_placement="fsdp"))]
+                                                                resume_placement="fsdp")),
+             ("kahan-fsdp+tp-shampoo", kahan_spec("fsdp+tp", "shampoo")),
+             ("kahan-dcp-fsdp+tp-shampoo", kahan_dcp_spec("fsdp+tp", "shampoo", str(tmp / "ckpt-kahan-shampoo")))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     torch.multiprocessing.spawn(dw.worker, args=(4, dw.free_port(), specs, str(out), env), nprocs=4, join=True)
@@ -772,12 +808,15 @@ def test_kahan_dcp_reshards_fsdp_to_tp(results):
     _kahan_near(r["final"], _kahan_one_process("muon", KAHAN_STEPS), KAHAN_STEPS)
 
 
-@pytest.mark.parametrize("case", ["fsdp-muon", "tp-shampoo"])
-def test_kahan_muon_shampoo_resume_through_dcp(results, case):
-    """Muon (FSDP2) and Shampoo (TP) saved after 2 steps and resumed on the same placement:
-    every rank's states (compensations, momenta, Shampoo's block statistics and roots) back bit
-    for bit, and the continued run's params and compensations those of the uninterrupted run on
-    the same placement (the steps case), bit for bit."""
+@pytest.mark.parametrize("case", ["fsdp-muon", "tp-shampoo", *KAHAN_MORE_DCP])
+def test_kahan_resume_through_dcp_equals_uninterrupted_run(results, case):
+    """Muon (FSDP2), Shampoo (TP), ADOPT (FSDP2), SophiaG (TP) and LAMB (FSDP2) saved after 2
+    steps and resumed on the same placement: every rank's states (compensations, moments,
+    SophiaG's Hessian estimate, Shampoo's block statistics and roots) back bit for bit, the
+    compensations nonzero and placed as their params, and the continued run's params and every
+    state entry those of the uninterrupted run on the same placement (the steps case), bit for
+    bit: LAMB too, whose all-reduced norms are summed in the same order in both runs (its
+    tolerance in test_kahan_on_shards_equals_one_process is for one process's other order)."""
     placement, optimizer = case.split("-")
     r = _ok(results, f"kahan-dcp-{case}")
     _same_states(r["saved"], r["loaded"])
@@ -863,6 +902,34 @@ def test_kahan_dcp_reshards_from_2d_to_1d_mesh(results_2d):
     param cut into other shards): the compensations reshard with their params, and the
     continued run equals one process's, params and compensations bit for bit."""
     _kahan_adamw_dcp(_ok(results_2d, "kahan-dcp-fsdp+tp-to-fsdp-adamw"), SHARDED["fsdp+tp"], SHARDED["fsdp"])
+
+
+def test_kahan_shampoo_fsdp_tp_2d_equals_one_process_and_resumes(results_2d):
+    """Shampoo with compensated params on the (2, 2) mesh (fc1's and fc2's blocks assembled by
+    their owners from _StridedShard shards): every compensation placed as its param, and after 4
+    steps p + c within _kahan_near's tolerance of one process stepping whole tensors (measured:
+    p equal, p + c apart by at most 2.8e-7 of the largest |p|, on the embedding: one spacing of
+    its c).
+    Saved after 2 steps and resumed on the same mesh: every rank's states (compensations, nonzero;
+    momenta, second moments) back bit for bit, every block's statistics and roots too, and the
+    continued run's params and states those of the uninterrupted run, bit for bit."""
+    r = _ok(results_2d, "kahan-fsdp+tp-shampoo")
+    _kahan_placed(r["ranks"], SHARDED["fsdp+tp"])
+    assert _kahan_near(r["ranks"], _kahan_one_process("shampoo", KAHAN_STEPS), KAHAN_STEPS) > 0
+    d = _ok(results_2d, "kahan-dcp-fsdp+tp-shampoo")
+    _same_states(d["saved"], d["loaded"])
+    _kahan_dcp(d, "shampoo", SHARDED["fsdp+tp"], SHARDED["fsdp+tp"])
+    blocks = 0
+    for name in d["params"]:
+        before, after = _blocks(d["saved"], name), _blocks(d["loaded"], name)
+        assert before.keys() == after.keys(), name
+        for k in before:
+            assert torch.equal(before[k], after[k]), (name, k)
+        blocks += len(before)
+    assert blocks == _block_entries(d["params"])
+    for name, w in r["params"].items():
+        assert torch.equal(d["params"][name], w), name
+    _same_states(r["ranks"], d["final"])
 
 
 @pytest.mark.parametrize("fixture,case", [("results", "fsdp-adamw"), ("results", "fsdp-muon"), ("results", "tp-shampoo"),
