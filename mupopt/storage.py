@@ -200,15 +200,38 @@ def store_param(p: torch.Tensor, p32: torch.Tensor, state: dict, stochastic: boo
     if p is p32:
         return
     if compensated and compensates(p):
-        p.copy_(p32)
+        rounded = round_to_nearest(p32, p.dtype)
+        p.copy_(rounded)
         # p32 - p is exact in float32 (p is p32 rounded to nearest: their difference is p32's
         # low mantissa bits); rounding it to p's dtype is the only loss.
-        state[COMPENSATION].copy_(p32.float() - p.float())
+        state[COMPENSATION].copy_(p32.float() - rounded.float())
     elif stochastic and rounds_stochastically(p):
-        key = step_key(state["sr_seed"], state["step"])
-        p.copy_(round_stochastic(p32.float(), p.dtype, random_bits(key, element_index(p))))
+        _store_stochastic(p, p32, state)
     else:
         p.copy_(p32)
+
+
+# Eager even inside torch.compile (a graph break per param): traced after a graph break, a seed
+# that differs between params becomes a symbolic integer, and inductor's C++ code for the hash of
+# one failed to build (torch 2.13: an xor of floats).
+@torch.compiler.disable(reason="the reference backend's stochastic rounding runs eagerly")
+def _store_stochastic(p: torch.Tensor, p32: torch.Tensor, state: dict) -> None:
+    key = step_key(state["sr_seed"], state["step"])
+    p.copy_(round_stochastic(p32.float(), p.dtype, random_bits(key, element_index(p))))
+
+
+@torch.library.custom_op("mupopt::round_to_nearest", mutates_args=())
+def round_to_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, as an op that torch.compile keeps: inductor (by default, without
+    ``emulate_precision_casts``) computes a float32 -> bfloat16 -> float32 round trip as the
+    float32 value itself, so a compiled step measured every compensation as zero and stored to
+    nearest, silently (tests/test_kahan.py)."""
+    return x.to(dtype)
+
+
+@round_to_nearest.register_fake
+def _(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(x, dtype=dtype)
 
 
 COMPENSATION = "param_compensation"  # the state entry of kahan_summation=True

@@ -460,3 +460,45 @@ def test_first_step_of_a_fresh_process_compiles_with_fullgraph():
     for bits in ("32", "8"):
         assert out[bits]["selected"] == [{"adamw": "cpu"}] and out[bits]["graph_calls_the_op"], out
         assert out[bits]["max_diff"] <= 1e-6, out
+
+
+def _sr_runs(backend: str, fullgraph: bool, eager_first: bool) -> float:
+    """Largest |compiled - eager| of bf16 params after 3 AdamW steps with stochastic rounding,
+    the compiled optimizer's first step eager when ``eager_first``."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 3)).bfloat16()
+        return model, mupopt.AdamW(model.parameters(), lr=1e-2, backend=backend, stochastic_rounding=True)
+
+    (eager_model, eager_opt), (model, opt) = make(), make()
+    compiled = torch.compile(opt.step, fullgraph=fullgraph)
+    for i in range(3):
+        for m, o, step in ((model, opt, opt.step if i == 0 and eager_first else compiled),
+                           (eager_model, eager_opt, eager_opt.step)):
+            torch.manual_seed(42 + i)  # the seeds are drawn at the first step
+            o.zero_grad()
+            m(x).float().pow(2).mean().backward()
+            step()
+    return max((p.float() - q.float()).abs().max().item() for p, q in zip(model.parameters(), eager_model.parameters()))
+
+
+def test_compiled_stochastic_rounding_draws_its_seeds_eagerly():
+    """stochastic_rounding under torch.compile. Each param's seed is drawn at its first step,
+    outside the graph (a graph break): traced, it was a symbolic integer, which the cpu op's int
+    list refused and inductor's C++ code for the reference backend's hash failed to build. The
+    reference backend's stochastic store runs eagerly as well. Compiled from the first step
+    (fullgraph=False), both backends equal eager bit for bit; with fullgraph=True the first step
+    says to take it eagerly, and the compiled steps after it equal eager bit for bit."""
+    from mupopt.kernels import cpp
+
+    assert _sr_runs("reference", fullgraph=False, eager_first=False) == 0.0
+    cpp.register()
+    if cpp.cpu_unsupported_reason([torch.zeros(4)]) is None:
+        assert _sr_runs("cpu", fullgraph=False, eager_first=False) == 0.0
+        assert _sr_runs("cpu", fullgraph=True, eager_first=True) == 0.0
+    with pytest.raises(Exception, match="take that step eagerly"):
+        _sr_runs("reference", fullgraph=True, eager_first=False)
+

@@ -1284,17 +1284,24 @@ class MupOptimizer(Optimizer):
         continues the same random stream), and a step count where the state has none (Muon's
         matrices; their backends then count it). Created after every check of the plan, and
         only by a step that is taken: a step GradScaler skips draws nothing."""
-        drawn = []
-        for p in plan.params:
-            if not storage.rounds_stochastically(p):
-                continue
-            st = self.state[p]
-            if "sr_seed" not in st:
-                st["sr_seed"] = storage.draw_seed()
-                drawn.append(p)
-            if "step" not in st:
-                st["step"] = new_step(p, group)
-        sharded = [p for p in drawn if is_dtensor(p)]
+        rounded = [p for p in plan.params if storage.rounds_stochastically(p)]
+        unseeded = [p for p in rounded if "sr_seed" not in self.state[p]]
+        if unseeded:
+            self._draw_seeds(unseeded)
+        for p in rounded:
+            if "step" not in self.state[p]:
+                self.state[p]["step"] = new_step(p, group)
+
+    # Eager even inside torch.compile: a seed drawn in a trace is an unknown integer there (no
+    # backend can take it: the cpu op's int list refused it, the reference's compiled code did not
+    # build). A compiled first step runs this as a graph break; the seeds then sit in the states
+    # as numbers, and later steps trace whole.
+    @torch.compiler.disable(reason="stochastic_rounding draws each param's seed from torch's default generator at "
+                                   "its first step, outside the graph: with fullgraph=True, take that step eagerly")
+    def _draw_seeds(self, params: list) -> None:
+        for p in params:
+            self.state[p]["sr_seed"] = storage.draw_seed()
+        sharded = [p for p in params if is_dtensor(p)]
         if sharded and _distributed_ready():  # one seed per param on every rank (agree_seeds)
             seeds = agree_seeds(sharded, [self.state[p]["sr_seed"] for p in sharded], type(self).__name__)
             for p, seed in zip(sharded, seeds):
