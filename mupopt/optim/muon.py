@@ -8,7 +8,6 @@ hyperparameters and AdamW's muP rules.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -77,7 +76,11 @@ def default_ns_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16
 
 
-@functools.cache
+# assume_constant_result: torch.compile calls it and keeps the answer, instead of tracing
+# torch.backends.mkldnn.is_available, which dynamo refuses (a default Muon on a CPU failed
+# torch.compile(opt.step, fullgraph=True)). Not functools.cache'd: dynamo traces through a cache
+# wrapper (with a warning); both calls read flags torch caches itself.
+@torch.compiler.assume_constant_result
 def cpu_bf16_matmuls_fast() -> bool:
     """Whether this CPU runs bfloat16 matmuls faster than float32: oneDNN (torch's bf16 CPU
     matmul) with AMX tiles. Measured on 2-core Xeons with AMX (torch 2.13): a batched 8 x 512^2
