@@ -528,3 +528,17 @@ def test_compiled_muon_with_its_default_ns_dtype_has_no_graph_break():
     atol = 1e-6 if muon.default_ns_dtype("cpu") == torch.float32 else 3 * 1e-2 * 2.0**-7
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=atol)
+
+
+@pytest.mark.skipif(not TRITON_CPU, reason="needs triton's interpreter (CPU tensors)")
+def test_fullgraph_with_a_backend_that_is_not_capturable_says_that_compile_asked_for_it(_fresh_dynamo):
+    """torch.compile sets capturable=True in every param group of an optimizer it traces
+    (dynamo's OptimizerVariable), so an explicit backend without it cannot step a fullgraph
+    trace. The error says that compile, not the user, asked for capturable."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    opt = mupopt.AdamW(model.parameters(), lr=1e-2, backend="triton")
+    model(torch.randn(4, 16)).pow(2).mean().backward()
+    with pytest.raises(Exception, match="torch.compile sets capturable=True in every param group"):
+        torch.compile(opt.step, fullgraph=True)()
+    assert not opt.state and opt.param_groups[0]["capturable"] is False  # nothing stepped or kept

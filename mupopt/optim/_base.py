@@ -1140,6 +1140,11 @@ class MupOptimizer(Optimizer):
             if reason is None and capturable and not backend.capturable:
                 reason = "it does not support capturable=True (backends that do: " + ", ".join(
                     n for n in backends.names(kernel) if backends.get(kernel, n).capturable) + ")"
+                if torch.compiler.is_compiling():
+                    # The user may never have asked for it: dynamo's OptimizerVariable sets it.
+                    reason += ("; torch.compile sets capturable=True in every param group of an optimizer it traces "
+                               "(torch/_dynamo/variables/optimizer.py): compile without fullgraph=True, or use "
+                               "backend='auto'")
             if reason is not None:
                 raise RuntimeError(f"{type(self).__name__}: backend {requested!r} cannot step these {kernel} tensors: {reason}")
             return [(backend, list(range(len(params))))]
