@@ -119,6 +119,32 @@ def test_state_format_rules():
         assert lean.zeros(torch.empty(80, 80, dtype=torch.complex64), {"state_bits": bits}, "m")["m"].dtype == torch.complex64
 
 
+def test_8bit_says_once_which_large_params_keep_32_bit_states():
+    """A param of at least MIN_8BIT_SIZE elements that format 8 cannot cut into blocks (here a
+    channels_last conv weight and a complex matrix) keeps 32-bit states; the first step warns,
+    naming them, once per optimizer. Small params (bitsandbytes' rule) and blockable ones: no
+    warning."""
+    conv = torch.nn.Parameter(torch.randn(32, 16, 3, 3).to(memory_format=torch.channels_last))
+    cplx = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.complex64))
+    plain, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(100))
+    assert not conv.is_contiguous() and conv.numel() >= lean.MIN_8BIT_SIZE
+    opt = mupopt.AdamW([conv, cplx, plain, small], lr=1e-2, state_bits=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for p in (conv, cplx, plain, small):
+                p.grad = torch.randn_like(p)
+            opt.step()
+    said = [str(w.message) for w in caught if "state_bits=8 keeps 32-bit states" in str(w.message)]
+    assert len(said) == 1 and "for 2 param(s)" in said[0], said
+    assert "(32, 16, 3, 3) torch.float32 not contiguous" in said[0] and "(64, 64) torch.complex64" in said[0]
+    assert opt.state[conv]["exp_avg"].dtype == torch.float32 and opt.state[plain]["exp_avg"].dtype == torch.uint8
+    quiet = mupopt.AdamW([plain, small], lr=1e-2, state_bits=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.step()
+
+
 # -- the optimizers ------------------------------------------------------------------------------
 SIX = ("adamw", "adopt", "lamb", "sophia", "muon", "shampoo")
 

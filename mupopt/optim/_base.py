@@ -1055,6 +1055,8 @@ class MupOptimizer(Optimizer):
             views = viewed_like(originals, originals, viewed)
             grad_views = _grads_as_params(seg_grads, originals, viewed)[0]
             formats = [self._state_format(group, params[k]) for k in positions]
+            if self._lean_keys and group.get("state_bits", 32) == 8:
+                self._warn_unquantized([params[k] for k in positions])
             kahan = bool(group.get("kahan_summation", False))
             compensated = [kahan and storage.compensates(params[k]) for k in positions]
             for backend, chosen in self._select(seg_kernel, views, grad_views, [params[k] for k in positions],
@@ -1072,6 +1074,26 @@ class MupOptimizer(Optimizer):
                 segments.append(seg)
         refs = (group, group["params"], self.state)
         return GroupPlan(key, refs, params, locals_, stepped, segments, distributed)
+
+    def _warn_unquantized(self, params: list) -> None:
+        """state_bits=8 keeps 32-bit states for a param it cannot cut into blocks, though it is
+        not small (``lean.quantizable``: complex, not contiguous, a tensor subclass): say so, once
+        per optimizer, rather than save nothing quietly (a channels_last conv weight is one)."""
+        if getattr(self, "_warned_unquantized", False) or torch.compiler.is_compiling():
+            return
+        left = [p for p in params if p.numel() >= lean.MIN_8BIT_SIZE and not lean.quantizable(p)]
+        if not left:
+            return
+        self._warned_unquantized = True
+        shapes = ", ".join(f"{tuple(p.shape)} {p.dtype}" + ("" if local(p).is_contiguous() else " not contiguous")
+                           for p in left[:4]) + (", ..." if len(left) > 4 else "")
+        warnings.warn(
+            f"{type(self).__name__}: state_bits=8 keeps 32-bit states for {len(left)} param(s) of at least "
+            f"{lean.MIN_8BIT_SIZE} elements that are complex, not contiguous or a tensor subclass ({shapes}): "
+            "format 8 cuts a real, contiguous tensor into blocks (docs/lean-states.md). (Shown once per optimizer.)",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
 
     def _state_format(self, group: dict, p: torch.Tensor) -> int:
         """The format p's state entries are in (or are about to be converted to) as backends
