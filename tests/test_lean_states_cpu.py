@@ -326,7 +326,7 @@ def _codec_values(name, kind):
     of absmax 1 (each block led by 1.0, so y = x exactly), the same blocks scaled by 2^-100 and
     2^100 (y exact again) and by 3.7 (y rounded by the division); blocks with NaN, inf, -inf,
     both infinities, all zeros, subnormal and huge absmax; a random sample of several scales;
-    and a partial last block (a tensor tail of 77 elements). For the VBMI codec's rank lines
+    blocks whose y falls next to a midpoint at scales from 2^-90 to 2^110; and a partial last block (a tensor tail of 77 elements). For the VBMI codec's rank lines
     (mupopt/kernels/cpp/ops.py's _rank_lines: one line per decade of the dynamic map, picked by
     binade): the powers of two and the decades' ends 10^-e with their neighbours, and every
     4099th float32 pattern of [0, 1] (the whole range at about 250 points per binade;
@@ -358,7 +358,22 @@ def _codec_values(name, kind):
     sample = torch.randn(400, 256, generator=gen) * torch.logspace(-30, 30, 400).view(-1, 1)
     heavy = torch.randn(100, 256, generator=gen) ** 5  # many values far below their block's absmax
     tail = torch.randn(77, generator=gen)
-    blocks = torch.cat([unit, unit * 2.0**-100, unit * 2.0**100, unit * 3.7, special, sample, heavy])
+    # y = x / absmax lands next to a midpoint: x = the midpoint times a scale s, and its float32
+    # neighbours, in blocks led by s (their absmax), for scales of random mantissa (and mantissas
+    # near 1 and 2) from 2^-90 to 2^110: a quotient one ulp off moves codes here (measured: a codec
+    # that multiplied by 1/s instead of dividing got 10934 codes wrong, 10413 of them here).
+    near = torch.cat([(mid.view(torch.int32) + d).view(torch.float32) for d in (-2, -1, 0, 1, 2)])
+    near = torch.cat([near, -near]) if kind == lean.SIGNED else near
+    mantissas = torch.cat([torch.rand(6, generator=gen) + 1, torch.tensor([1.0, 1 + 2**-23, 2 - 2**-23, 2 - 2**-22])])
+    scaled = []
+    for e in range(-90, 111, 20):
+        for m in mantissas.tolist():
+            s = torch.tensor(m * 2.0**e, dtype=torch.float32)
+            x = near * s
+            x = x[x.abs() <= s]
+            x = torch.cat([x, x.new_zeros(-x.numel() % 255)]).view(-1, 255)
+            scaled.append(torch.cat([s.expand(x.shape[0], 1), x], dim=1))
+    blocks = torch.cat([unit, unit * 2.0**-100, unit * 2.0**100, unit * 3.7, special, sample, heavy, *scaled])
     return torch.cat([blocks.reshape(-1), tail])
 
 
