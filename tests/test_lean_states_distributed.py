@@ -843,6 +843,19 @@ def _blocks(ranks: list, name: str) -> dict:
     return out
 
 
+def _same_blocks_loaded(r: dict) -> None:
+    """Every block statistic and root of a Shampoo DCP scenario ``r`` came back as saved, all of
+    them (as many as _block_entries counts)."""
+    blocks = 0
+    for name in r["params"]:
+        before, after = _blocks(r["saved"], name), _blocks(r["loaded"], name)
+        assert before.keys() == after.keys(), name
+        for k in before:
+            assert torch.equal(before[k], after[k]), (name, k)
+        blocks += len(before)
+    assert blocks == _block_entries(r["params"])
+
+
 def _block_entries(params: dict) -> int:
     """How many block entries (L, R and their roots) Shampoo keeps for ``params``, all ranks together."""
     from mupopt.optim._placement import matrix_shape
@@ -860,14 +873,7 @@ def test_kahan_shampoo_dcp_reshards_tp_to_fsdp(results):
     continued run equals the uninterrupted one-process run within _kahan_near's tolerance."""
     r = _ok(results, "kahan-dcp-tp-to-fsdp-shampoo")
     _kahan_dcp(r, "shampoo", SHARDED["tp"], SHARDED["fsdp"])
-    blocks = 0
-    for name in r["params"]:
-        before, after = _blocks(r["saved"], name), _blocks(r["loaded"], name)
-        assert before.keys() == after.keys(), name
-        for k in before:
-            assert torch.equal(before[k], after[k]), (name, k)
-        blocks += len(before)
-    assert blocks == _block_entries(r["params"])
+    _same_blocks_loaded(r)
     assert _kahan_near(r["final"], _kahan_one_process("shampoo", KAHAN_STEPS), KAHAN_STEPS) > 0
 
 
@@ -919,14 +925,7 @@ def test_kahan_shampoo_fsdp_tp_2d_equals_one_process_and_resumes(results_2d):
     d = _ok(results_2d, "kahan-dcp-fsdp+tp-shampoo")
     _same_states(d["saved"], d["loaded"])
     _kahan_dcp(d, "shampoo", SHARDED["fsdp+tp"], SHARDED["fsdp+tp"])
-    blocks = 0
-    for name in d["params"]:
-        before, after = _blocks(d["saved"], name), _blocks(d["loaded"], name)
-        assert before.keys() == after.keys(), name
-        for k in before:
-            assert torch.equal(before[k], after[k]), (name, k)
-        blocks += len(before)
-    assert blocks == _block_entries(d["params"])
+    _same_blocks_loaded(d)
     for name, w in r["params"].items():
         assert torch.equal(d["params"][name], w), name
     _same_states(r["ranks"], d["final"])
