@@ -367,6 +367,24 @@ def test_compiled_training_step_triton_backend_gpu(_fresh_dynamo):
     _assert_same_training(_train("triton", "cuda", None), _train("triton", "cuda", "inductor"))
 
 
+def _compiled_against_eager(make, x, *, fullgraph=True, eager_first=False, step_kwargs=None):
+    """(compiled, eager): the models of two ``make()`` (model, optimizer) pairs after 3 steps on
+    the loss mean(model(x)^2), one optimizer's step through torch.compile(opt.step) (its first
+    step eager when ``eager_first``), the other's eager; in each round the compiled one first,
+    torch's generator seeded alike before each (stochastic rounding draws its seeds there)."""
+    kw = step_kwargs or {}
+    (eager_model, eager_opt), (model, opt) = make(), make()
+    compiled = torch.compile(lambda: opt.step(**kw), fullgraph=fullgraph)
+    for i in range(3):
+        for m, o, step in ((model, opt, (lambda: opt.step(**kw)) if i == 0 and eager_first else compiled),
+                           (eager_model, eager_opt, lambda: eager_opt.step(**kw))):
+            torch.manual_seed(42 + i)
+            o.zero_grad()
+            m(x).float().pow(2).mean().backward()
+            step()
+    return model, eager_model
+
+
 FULLGRAPH = [
     ("adamw", "reference"), ("adamw", "auto"), ("adopt", "reference"), ("adopt", "auto"), ("lamb", "reference"),
     ("sophia", "reference"), ("muon", "reference"),
@@ -393,14 +411,7 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(name, backend):
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
         return model, cls(model.parameters(), lr=1e-2, backend=backend, **kw)
 
-    (eager_model, eager_opt), (model, opt) = make(), make()
-    compiled = torch.compile(lambda: opt.step(bs=64) if name == "sophia" else opt.step(), fullgraph=True)
-    for _ in range(3):
-        for m, o, step in ((eager_model, eager_opt, lambda: eager_opt.step(bs=64) if name == "sophia" else eager_opt.step()),
-                           (model, opt, compiled)):
-            o.zero_grad()
-            m(x).pow(2).mean().backward()
-            step()
+    model, eager_model = _compiled_against_eager(make, x, step_kwargs={"bs": 64} if name == "sophia" else {})
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
 
@@ -473,15 +484,7 @@ def _sr_runs(backend: str, fullgraph: bool, eager_first: bool) -> float:
         model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 3)).bfloat16()
         return model, mupopt.AdamW(model.parameters(), lr=1e-2, backend=backend, stochastic_rounding=True)
 
-    (eager_model, eager_opt), (model, opt) = make(), make()
-    compiled = torch.compile(opt.step, fullgraph=fullgraph)
-    for i in range(3):
-        for m, o, step in ((model, opt, opt.step if i == 0 and eager_first else compiled),
-                           (eager_model, eager_opt, eager_opt.step)):
-            torch.manual_seed(42 + i)  # the seeds are drawn at the first step
-            o.zero_grad()
-            m(x).float().pow(2).mean().backward()
-            step()
+    model, eager_model = _compiled_against_eager(make, x, fullgraph=fullgraph, eager_first=eager_first)
     return max((p.float() - q.float()).abs().max().item() for p, q in zip(model.parameters(), eager_model.parameters()))
 
 
@@ -518,13 +521,7 @@ def test_compiled_muon_with_its_default_ns_dtype_has_no_graph_break():
         model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 3))
         return model, mupopt.Muon(model.parameters(), lr=1e-2)
 
-    (eager_model, eager_opt), (model, opt) = make(), make()
-    compiled = torch.compile(opt.step, fullgraph=True)
-    for _ in range(3):
-        for m, o, step in ((model, opt, compiled), (eager_model, eager_opt, eager_opt.step)):
-            o.zero_grad()
-            m(x).pow(2).mean().backward()
-            step()
+    model, eager_model = _compiled_against_eager(make, x)
     atol = 1e-6 if muon.default_ns_dtype("cpu") == torch.float32 else 3 * 1e-2 * 2.0**-7
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=atol)
