@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import math
 import os
-import socket
+import tempfile
 import traceback
 from typing import Sequence
 
@@ -24,26 +24,34 @@ from torch import nn
 VOCAB, WIDTH, BASE = 16, 16, 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn(world: int, specs: list, out, env: dict) -> dict:
+    """Runs ``specs`` on ``world`` gloo ranks (processes spawned here) and returns rank 0's
+    results. The ranks meet through a file next to ``out`` (torch's FileStore), not a TCP port:
+    a port picked free and bound later by the workers can be taken in between by another test's
+    spawn (pytest-xdist runs several files at once)."""
+    store = f"{out}.store"
+    if os.path.exists(store):
+        os.remove(store)  # FileStore needs a new file per group
+    torch.multiprocessing.spawn(worker, args=(world, store, specs, str(out), env), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
 
 
 @contextlib.contextmanager
 def one_rank_mesh(device: str = "cpu", backend: str = "gloo"):
-    """A world-size-1 process group (on a free port; an existing group is used as it is) and its
-    1-D device mesh, for single-process tests of DTensor paths."""
+    """A world-size-1 process group (its store a file in a new temporary folder, as spawn's; an
+    existing group is used as it is) and its 1-D device mesh, for single-process tests of
+    DTensor paths."""
     from torch.distributed.device_mesh import init_device_mesh
 
     created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh(device, (1,))
-    finally:
+    with tempfile.TemporaryDirectory() as folder:
         if created:
-            dist.destroy_process_group()
+            dist.init_process_group(backend, init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            yield init_device_mesh(device, (1,))
+        finally:
+            if created:
+                dist.destroy_process_group()
 
 
 STEPS = 10
@@ -746,16 +754,15 @@ SCENARIOS = {"steps": scenario_steps, "lean_steps": scenario_lean_steps, "sr_sha
              "zero": scenario_zero, "zero_mismatch": scenario_zero_mismatch, "torchtitan": scenario_torchtitan}
 
 
-def worker(rank: int, world: int, port: int, specs: list, out_path: str, env: dict) -> None:
+def worker(rank: int, world: int, store: str, specs: list, out_path: str, env: dict) -> None:
     os.environ.update(env)
     if env.get("TRITON_INTERPRET") == "1":
         import interpreter_speed
 
         interpreter_speed.install()  # test speed only: tests/interpreter_speed.py
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     from torch.distributed.checkpoint.api import CheckpointException
 
     results = {}

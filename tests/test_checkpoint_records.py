@@ -60,8 +60,7 @@ def results(tmp_path_factory):
     specs.append(("zero-mismatch", {"kind": "zero_mismatch", "optimizer": "adamw", "path": str(tmp / "mismatch.pt")}))
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
-    return torch.load(out, weights_only=False)
+    return dw.spawn(2, specs, out, env)
 
 
 @pytest.fixture(autouse=True)

@@ -75,8 +75,7 @@ def results(tmp_path_factory):
               for pl in ("fsdp", "tp") for opt in DCP_OPTIMIZERS]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
-    res = torch.load(out, weights_only=False)
+    res = dw.spawn(2, specs, out, env)
     res["_tmp"] = tmp
     return res
 
@@ -271,7 +270,7 @@ def test_readme_fsdp_example_runs_on_two_ranks(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(dw.free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(root, "examples", "fsdp_mup.py"), str(tmp_path / "ckpt")]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

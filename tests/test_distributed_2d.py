@@ -86,14 +86,12 @@ def results(tmp_path_factory):
                              "fail_rank": 1}),
     ]
     out = tmp / "results.pt"
-    torch.multiprocessing.spawn(dw.worker, args=(WORLD, dw.free_port(), specs, str(out), env), nprocs=WORLD, join=True)
-    res = torch.load(out, weights_only=False)
+    res = dw.spawn(WORLD, specs, out, env)
     # A checkpoint that failed to save fails its test (get) instead of the resuming ranks.
     resumes = [(f"dcp-resume-{opt}", {"kind": "dcp_resume", **spec}) for opt, spec in dcp.items()
                if "failed" not in res[f"dcp-save-{opt}"]]
     out2 = tmp / "resumed.pt"
-    torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), resumes, str(out2), env), nprocs=2, join=True)
-    res.update(torch.load(out2, weights_only=False))
+    res.update(dw.spawn(2, resumes, out2, env))
     res["_dcp"] = dcp
     return res
 

@@ -192,8 +192,7 @@ def results(tmp_path_factory):
               ("dcp8-triton-fsdp-adamw", dcp_spec("fsdp", "adamw", str(tmp / "ckpt8-triton"), backend="triton"))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
-    res = torch.load(out, weights_only=False)
+    res = dw.spawn(2, specs, out, env)
     res["_tmp"] = tmp  # the checkpoints, which tests resume on one process
     return res
 
@@ -555,8 +554,7 @@ def results_2d(tmp_path_factory):
              ("kahan-dcp-fsdp+tp-shampoo", kahan_dcp_spec("fsdp+tp", "shampoo", str(tmp / "ckpt-kahan-shampoo")))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    torch.multiprocessing.spawn(dw.worker, args=(4, dw.free_port(), specs, str(out), env), nprocs=4, join=True)
-    res = torch.load(out, weights_only=False)
+    res = dw.spawn(4, specs, out, env)
     res["_tmp"] = tmp
     return res
 

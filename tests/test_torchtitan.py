@@ -154,8 +154,7 @@ def fsdp_results(tmp_path_factory, bsh):
     out = tmp / "results.pt"
     # No Triton interpreter here or on the ranks: "auto" picks the same (C++, reference) backends.
     env = {"PYTHONPATH": os.pathsep.join(sys.path)}
-    torch.multiprocessing.spawn(dw.worker, args=(2, dw.free_port(), specs, str(out), env), nprocs=2, join=True)
-    return torch.load(out, weights_only=False)
+    return dw.spawn(2, specs, out, env)
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
