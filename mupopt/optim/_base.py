@@ -990,8 +990,10 @@ class MupOptimizer(Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def _plan_options(self, group: dict) -> tuple:
-        """Group values that change multipliers or routing (part of the plan's key)."""
-        return (group["wd_mode"], group["scale_eps"], group.get("state_bits", 32))
+        """Group values that change multipliers or routing (part of the plan's key; the storage
+        options, state_bits, stochastic_rounding and kahan_summation, are in it for every
+        optimizer, outside this method that subclasses replace)."""
+        return (group["wd_mode"], group["scale_eps"])
 
     def _segments(self, group: dict, kernel: str, stepped: list[int]) -> list[tuple[str, list[int]]]:
         """(registry name, positions in ``stepped``) per backend call; Muon splits its params."""
@@ -1016,7 +1018,8 @@ class MupOptimizer(Optimizer):
         key = (
             kernel, id(group), id(group["params"]), len(group["params"]), id(self.state), "mup" in group,
             self._plan_options(group), bool(group.get("capturable", False)), self.backend,
-            bool(group.get("stochastic_rounding", False)), bool(group.get("kahan_summation", False)),
+            group.get("state_bits", 32), bool(group.get("stochastic_rounding", False)),
+            bool(group.get("kahan_summation", False)),
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
