@@ -485,6 +485,24 @@ def test_nan_gradient_of_vector_raises_and_touches_nothing():
     assert_unchanged(opt, params, snap)
 
 
+@pytest.mark.parametrize("new_dim", [8, 12])  # group B's (40, 9): 3 blocks at 16; 10 at 8; 4 at 12
+def test_max_preconditioner_dim_changed_after_the_first_step_raises_and_touches_nothing(new_dim):
+    """The statistics are of the blocks made at the first step: a later max_preconditioner_dim
+    that cuts the matrix otherwise raises a clear error before anything is written (it was a
+    shape error from inside the step), and a reset parameter starts afresh with the new blocks."""
+    params, opt, _ = make_pair(grafting="adam", betas=(0.9, 0.99), eps=1e-3, relative=False)
+    run_pair(params, opt, [], steps=2)
+    set_grads(params, grads_at(2, SHAPES))
+    snap = snapshot(opt, params)
+    opt.param_groups[1]["max_preconditioner_dim"] = new_dim
+    with pytest.raises(RuntimeError, match="max_preconditioner_dim changed after its first step"):
+        opt.step()
+    assert_unchanged(opt, params, snap)
+    opt.state[params[N_A]] = {}
+    opt.step()
+    assert len(opt.state[params[N_A]]["left"]) == len(mupopt.optim.shampoo.blocks_of(40, 9, new_dim))
+
+
 def test_root_failure_in_both_precisions_raises_and_touches_nothing(monkeypatch):
     """Finite gradients whose root still fails (float32 and float64): RootComputationError,
     raised after all roots were attempted and before anything was written."""

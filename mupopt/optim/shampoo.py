@@ -16,7 +16,7 @@ from . import _lean_states as lean
 from ..storage import load_param, store_param
 from ..linalg import inverse_root_eigh, inverse_root_newton
 from ..mup import Multipliers, multipliers
-from ._base import (MupOptimizer, _agree, _distributed_ready, check, check_betas, check_lr, check_weight_decay, compute_dtype, fp32,
+from ._base import (MupOptimizer, _agree, _param_label, _distributed_ready, check, check_betas, check_lr, check_weight_decay, compute_dtype, fp32,
                     is_number, store, upcast)
 from ._placement import (Exchange, ExchangeItem, balance, check_param, dist, is_dtensor, local, matrix_shape, mesh_group,
                          split_mesh_dims)
@@ -550,6 +550,28 @@ class Shampoo(MupOptimizer):
         keys = ("step", "momentum_buffer", "exp_avg_sq")
         # As _init_state: blocks only where this rank's part of the param is a non-empty matrix.
         return keys + _MATRIX_STATE if is_matrix(local(group["params"][i])) else keys
+
+    def _check_state_keys(self, group: dict, plan) -> None:
+        """Also: each matrix's statistics are of the blocks that ``max_preconditioner_dim`` cuts
+        now. A change of it after a param's first step would otherwise fail inside the step with
+        a shape error; which rank owns a sharded matrix's block is _check_states' check."""
+        super()._check_state_keys(group, plan)
+        for k, p in zip(plan.stepped, plan.params):
+            st = self.state[p]
+            if "left" not in st:
+                continue
+            blocks = blocks_of(*matrix_shape(p.shape), group["max_preconditioner_dim"])
+            sides = [((rs.stop - rs.start,) * 2, (cs.stop - cs.start,) * 2) for rs, cs in blocks]
+            have = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(st["left"], st["right"])]
+            if len(have) != len(sides) or any(h not in (s, ((0,), (0,))) for h, s in zip(have, sides)):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the statistics of parameter {_param_label(group, k)} are of "
+                    f"{len(have)} block(s) with L, R of shapes {have[:4]}{' ...' if len(have) > 4 else ''}, but "
+                    f"max_preconditioner_dim={group['max_preconditioner_dim']} cuts it into {len(sides)} block(s) of "
+                    f"{sides[:4]}{' ...' if len(sides) > 4 else ''}: was max_preconditioner_dim changed after its "
+                    f"first step? Set it back, or reset the parameter with opt.state[p] = {{}} (its statistics "
+                    f"start afresh); nothing was changed"
+                )
 
     def _hparams(self, group: dict) -> ShampooHparams:
         b1, b2 = group["betas"]
