@@ -292,6 +292,22 @@ def test_muon_state_without_its_adamw_keys_steps_no_matrix():
     assert_unchanged(opt, ps, snap)
 
 
+@pytest.mark.parametrize("name,option,missing", [("adamw", "amsgrad", "'max_exp_avg_sq'"),
+                                                  ("muon", "use_muon", "'step', 'exp_avg', 'exp_avg_sq'")])
+def test_an_option_that_needs_more_state_set_after_the_first_step_is_refused(name, option, missing):
+    """amsgrad turned on, or a Muon matrix moved to the AdamW part (use_muon=False), after the
+    state was made: the step reads entries the state lacks. Refused before anything is written,
+    with a message that names the option (torch.optim raises a KeyError from the step)."""
+    ps = leaves()
+    opt = make(name, "reference", ps)
+    step(opt, ps, 0)
+    opt.param_groups[0][option] = option == "amsgrad"
+    snap = snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match=f"has no {missing}.*{option}.*nothing was changed"):
+        step(opt, ps, 1)
+    assert_unchanged(opt, ps, snap)
+
+
 SIX = {"AdamW": mupopt.AdamW, "ADOPT": mupopt.ADOPT, "LAMB": mupopt.LAMB, "SophiaG": mupopt.SophiaG,
        "Muon": mupopt.Muon, "Shampoo": mupopt.Shampoo}
 

@@ -1349,8 +1349,10 @@ class MupOptimizer(Optimizer):
 
     def _check_state_keys(self, group: dict, plan: GroupPlan) -> None:
         """Every state of the plan's params has the keys its step reads: a state of another
-        optimizer, or one with entries removed by hand, raises here, before anything is written,
-        instead of a KeyError from the middle of the step."""
+        optimizer, one with entries removed by hand, or one made before a group option that
+        needs more state was set (amsgrad, Muon's use_muon; torch.optim raises a KeyError there)
+        raises here, before anything is written, instead of a KeyError from the middle of the
+        step."""
         for k, p in zip(plan.stepped, plan.params):
             st = self.state[p]
             keys = self._state_keys(group, k)
@@ -1361,7 +1363,8 @@ class MupOptimizer(Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}: the state of parameter {_param_label(group, k)} has no "
                     f"{', '.join(map(repr, missing))} (it holds {sorted(map(str, st))}): a state of another optimizer, "
-                    f"or entries removed by hand. Reset it with opt.state[p] = {{}} to start that parameter afresh; "
+                    f"entries removed by hand, or a group option that needs them (e.g. amsgrad, use_muon) set after "
+                    f"the state was made. Reset it with opt.state[p] = {{}} to start that parameter afresh; "
                     f"nothing was changed"
                 )
 
