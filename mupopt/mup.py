@@ -319,7 +319,7 @@ WD_FORM = {name: "decoupled" for name in LR_EXPONENTS}
 WD_FORM["lamb"] = "in_update"
 
 # P1: epsilon needs scaling (by 1/m_out) only where it is not negligible; opt-in via scale_eps.
-EPS_SCALED = {"adamw", "adopt", "lamb", "shampoo", "shampoo_grafted"}
+EPS_SCALED = {"adamw", "adopt", "lamb"}  # the optimizers with a scale_eps option
 # Depth: the rules whose epsilon is added to sqrt(v) of the gradient, which carries the residual
 # multiplier m_L^(-alpha) in a branch: their epsilon gets that factor too (CompleteP Table 1),
 # always (the depth rule is opted into by set_base_depth). Sophia's clip denominator and

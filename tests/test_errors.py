@@ -129,6 +129,32 @@ def test_bad_hyperparameter_edited_into_group(name, key, value, message, bad_gro
     assert_recovers(case, opt, params, snap)
 
 
+NO_SCALE_EPS = {"sophia": (mupopt.SophiaG, {"bs": 64}), "muon": (mupopt.Muon, {}), "shampoo": (mupopt.Shampoo, {})}
+
+
+@pytest.mark.parametrize("name", NO_SCALE_EPS)
+def test_scale_eps_where_it_would_do_nothing(name):
+    """SophiaG, Muon and Shampoo take no scale_eps (docs/mup.md, Epsilon); their multipliers
+    never read it. A group asking for it is refused, at construction and when edited in after
+    a step (nothing changed), instead of being accepted and ignored."""
+    cls, step_kwargs = NO_SCALE_EPS[name]
+    with pytest.raises(ValueError, match="has no scale_eps"):
+        cls([{"params": make_params(), "scale_eps": True}], lr=1e-2)
+    params = make_params()
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)
+    set_grads(params, 0)
+    opt.step(**step_kwargs)
+    set_grads(params, 1)
+    snap = snapshot(opt, params)
+    opt.param_groups[1]["scale_eps"] = True
+    with pytest.raises(ValueError, match="has no scale_eps"):
+        opt.step(**step_kwargs)
+    assert_unchanged(snap, opt, params)
+    opt.param_groups[1]["scale_eps"] = False
+    opt.step(**step_kwargs)
+    assert not torch.equal(params[0].detach(), snap[0][0])
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad_group", [0, 1])
 def test_bad_wd_mode_edited_into_group(name, bad_group):

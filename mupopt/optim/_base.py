@@ -489,6 +489,9 @@ class MupOptimizer(Optimizer):
     # (mupopt.optim._lean_states: SIGNED for momenta, UNSIGNED for second moments). Empty: the
     # optimizer takes no state_bits.
     _lean_keys: ClassVar[dict[str, str]] = {}
+    # Why this optimizer has no scale_eps (empty: it has one). A group setting it True is then
+    # refused: its multipliers never read it, so it would do nothing, silently.
+    _no_scale_eps: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -544,6 +547,7 @@ class MupOptimizer(Optimizer):
         self._check_hparams(group)
         check(group["wd_mode"] in WD_MODES, f"Invalid wd_mode: {group['wd_mode']!r} (expected one of {WD_MODES})")
         check(isinstance(group["scale_eps"], bool), f"Invalid scale_eps: {group['scale_eps']!r}")
+        check(not (self._no_scale_eps and group["scale_eps"]), f"{type(self).__name__} has no scale_eps: {self._no_scale_eps}")
         check(isinstance(group.get("maximize", False), bool), f"maximize must be a bool, got {group.get('maximize')!r}")
         lean.check_state_bits(group.get("state_bits", 32))
         check(isinstance(group.get("stochastic_rounding", False), bool),

@@ -205,6 +205,7 @@ class Muon(MupOptimizer):
     kernels = ("muon", "adamw")
     # Muon's momentum and the AdamW part's moments (one param has one or the other).
     _lean_keys = {"momentum_buffer": lean.SIGNED, **ADAMW_STATES}
+    _no_scale_eps = "the Newton-Schulz eps is a norm floor, and the AdamW part's adamw_eps is not scaled with width"
 
     def __init__(
         self,

@@ -421,6 +421,7 @@ class Shampoo(MupOptimizer):
 
     rule = "shampoo"
     _lean_keys = SHAMPOO_STATES
+    _no_scale_eps = "its damping is made width-free by relative_epsilon (docs/mup.md), and grafting_epsilon is not scaled"
     # L, R and their roots are float32 whatever the param's dtype (init_shampoo_state): a
     # state_dict keeps them so on load instead of torch's cast to the param's dtype.
     _state_dtypes = {key: torch.float32 for key in ("left", "right", "left_root", "right_root")}

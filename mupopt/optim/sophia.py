@@ -138,6 +138,7 @@ class SophiaG(MupOptimizer):
 
     rule = "sophia"
     _lean_keys = SOPHIA_STATES
+    _no_scale_eps = "its 1e-15 floor is not a tunable epsilon and is never scaled (docs/mup.md, Epsilon)"
 
     def __init__(
         self,
