@@ -1,10 +1,12 @@
-"""state_bits with DTensor params on 2 CPU ranks (gloo; the workers of tests/dist_worker.py).
+"""state_bits with DTensor params on 2 and 4 CPU ranks (gloo; the workers of tests/dist_worker.py).
 
 16-bit (bfloat16) states step FSDP2 and tensor-parallel shards as one process steps the whole
 tensors, and resume through torch.distributed.checkpoint.
 
 8-bit states (mupopt.optim._lean_states: blocks over each rank's local shard, checkpoints as
-float32 values placed like the param):
+float32 values placed like the param), each of the six optimizers on FSDP2 and on TP, and on 4
+ranks (a second spawn) on FSDP2 + TP, mesh (2, 2) (the cut checked: fc1's rows in strided
+quarters, the embedding in halves each on one TP group):
 - each rank's local states are, bit for bit, what one process makes stepping that local shard
   alone with the same gradient shard, for the entries whose math is per element (all of AdamW,
   ADOPT, SophiaG and LAMB; Muon's momentum and AdamW part; Shampoo's Adam second moment); the
@@ -13,13 +15,14 @@ float32 values placed like the param):
   interval that format 8's error bound (lean.relative_error_bound) allows around the exact
   (float64, unquantized) trajectory; LAMB's, Muon's and Shampoo's differ from those of one
   process stepping whole tensors in format 8 by at most 3x that run's own distance from format
-  32 (a tolerance, measured at up to 1.8x);
-- a DCP save and resume is bit-exact (the loaded codes and scales are the saved ones, the
-  continued run equals the uninterrupted one; AdamW on FSDP2 also on the triton backend), a
-  format-32 checkpoint loads into format 8 and a format-8 one into format 32 (the loaded states
-  are the checkpoint's values, quantized per shard / exported), and a checkpoint of FSDP2
-  shards loads on tensor-parallel shards (other blocks: quantized anew per shard from the
-  exported values).
+  32 (a tolerance, measured at up to 1.8x, on the (2, 2) mesh too);
+- a DCP save and resume is bit-exact (every rank's loaded codes, scales and other states are the
+  saved ones, the continued run's states and params the uninterrupted run's): AdamW on FSDP2
+  and TP, Muon on FSDP2, Shampoo on TP; AdamW, LAMB, Muon and Shampoo on the (2, 2) mesh; AdamW
+  and LAMB on FSDP2 also on the triton backend. A format-32 checkpoint loads into format 8 and a
+  format-8 one into format 32 (the loaded states are the checkpoint's values, quantized per
+  shard / exported), and a checkpoint of FSDP2 shards loads on tensor-parallel shards (other
+  blocks: quantized anew per shard from the exported values).
 Stochastic rounding of bf16 params on FSDP2: shards holding equal values and gradients round
 apart (their random bits are independent), and a DCP resume is bit-exact.
 Compensated bf16 params (kahan_summation): each compensation a DTensor placed as its param;
@@ -34,8 +37,8 @@ LAMB within the tolerance, and through DCP (ADOPT and LAMB on FSDP2, SophiaG on 
 bit their uninterrupted runs; Muon and Shampoo on the triton backend, through a DCP save and
 resume, equal one process on triton within the tolerance.
 
-On 4 ranks (a second spawn): AdamW on FSDP2 + TP, mesh (2, 2), per shard and through DCP as
-above, and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
+On 4 ranks, besides the 8-bit cases on FSDP2 + TP above: AdamW with 8-bit states saved on the
+(2, 2) mesh and resharded to FSDP2 on a 1-D mesh; HSDP with stochastic rounding: replicas stay
 equal, DCP resume bit-exact; AdamW with compensated bf16 params on FSDP2 + TP through DCP as on
 FSDP2, and resumed under FSDP2 on a 1-D mesh of 4, bit for bit; Shampoo with compensated params
 on FSDP2 + TP within the tolerance of one process, and through DCP bit for bit its
@@ -80,6 +83,16 @@ SR = {"state_bits": 8, "stochastic_rounding": True}
 # the reference's in the last bit (a block's absmax too): both sides of the comparisons use the
 # reference.
 BACKEND8 = {"shampoo": "reference", "muon": "reference"}
+# Where the 8-bit cases run: (the fixture that spawned them, their placement). Each test of the
+# 8-bit cases on shards runs on both 1-D placements and on the (2, 2) mesh (FSDP2 + TP).
+MESHES8 = [("results", "fsdp"), ("results", "tp"), ("results_2d", "fsdp+tp")]
+# The DCP save-and-resume cases of format 8 (their uninterrupted runs "lean4-<case>"): AdamW on
+# both 1-D placements, Muon on FSDP2 and Shampoo on TP; on the (2, 2) mesh AdamW and the
+# optimizers with whole-tensor math (LAMB's norms, Muon's orthogonalisation, Shampoo's blocks).
+DCP8 = [("results", "fsdp-adamw"), ("results", "tp-adamw"), ("results", "fsdp-muon"), ("results", "tp-shampoo"),
+        *(("results_2d", f"fsdp+tp-{opt}") for opt in ("adamw", "lamb", "muon", "shampoo"))]
+# Stepped by the triton backend with 8-bit states on FSDP2, uninterrupted and through DCP.
+TRITON8 = ("adamw", "lamb")
 
 
 def lean_spec(placement, optimizer, **extra):
@@ -92,6 +105,14 @@ def dcp_spec(placement, optimizer, path, **extra):
     return {"kind": "dcp", "placement": placement, "optimizer": optimizer, "backend": BACKEND8.get(optimizer, "auto"),
             "options": OPTIONS8[optimizer], "width": WIDTH8, "min_8bit": MIN8, "save_at": 2, "steps": STEPS8 + 1,
             "mup": MUP8.get(optimizer, False), "states": True, "path": path, **extra}
+
+
+def dcp8_specs(fixture, tmp):
+    """The DCP8 cases of ``fixture``: each one's uninterrupted run ("lean4-<case>", as long as
+    the resumed run) and its save after 2 steps and resume ("dcp8-<case>")."""
+    cases = [case.rsplit("-", 1) for fix, case in DCP8 if fix == fixture]
+    return ([(f"lean4-{pl}-{opt}", lean_spec(pl, opt, steps=STEPS8 + 1)) for pl, opt in cases]
+            + [(f"dcp8-{pl}-{opt}", dcp_spec(pl, opt, str(tmp / f"ckpt8-{pl}-{opt}"))) for pl, opt in cases])
 
 
 # kahan_summation: bf16 params with their compensations, on the reference backend on both sides
@@ -147,10 +168,7 @@ def results(tmp_path_factory):
                                   "options": BF16, "path": str(tmp / "ckpt")})]
     specs += [(f"lean-{pl}-{opt}", lean_spec(pl, opt)) for pl in ("fsdp", "tp") for opt in OPTIMIZERS8]
     # Uninterrupted runs of the DCP cases' length, and the DCP cases.
-    specs += [(f"lean4-{pl}-{opt}", lean_spec(pl, opt, steps=STEPS8 + 1))
-              for pl, opt in (("fsdp", "adamw"), ("tp", "adamw"), ("fsdp", "muon"), ("tp", "shampoo"))]
-    specs += [(f"dcp8-{pl}-{opt}", dcp_spec(pl, opt, str(tmp / f"ckpt8-{pl}-{opt}")))
-              for pl, opt in (("fsdp", "adamw"), ("tp", "adamw"), ("fsdp", "muon"), ("tp", "shampoo"))]
+    specs += dcp8_specs("results", tmp)
     specs += [("dcp-32-to-8", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-32-8"), options={"weight_decay": 0.0},
                                        resume_options=OPTIONS8["adamw"])),
               ("dcp-8-to-32", dcp_spec("fsdp", "adamw", str(tmp / "ckpt-8-32"), resume_options={"weight_decay": 0.0})),
@@ -185,11 +203,13 @@ def results(tmp_path_factory):
     specs += [("kahan-dcp-tp-to-fsdp-shampoo", kahan_dcp_spec("tp", "shampoo", str(tmp / "ckpt-kahan-shampoo-to-fsdp"),
                                                               resume_placement="fsdp"))]
     # The same three through DCP, each on one placement (the KAHAN_MORE steps cases their
-    # uninterrupted runs); AdamW with 8-bit states on triton, uninterrupted and through DCP.
+    # uninterrupted runs); AdamW and LAMB with 8-bit states on triton, uninterrupted and through
+    # DCP.
     specs += [(f"kahan-dcp-{case}", kahan_dcp_spec(*case.split("-"), str(tmp / f"ckpt-kahan-{case}")))
               for case in KAHAN_MORE_DCP]
-    specs += [("lean4-triton-fsdp-adamw", lean_spec("fsdp", "adamw", steps=STEPS8 + 1, backend="triton")),
-              ("dcp8-triton-fsdp-adamw", dcp_spec("fsdp", "adamw", str(tmp / "ckpt8-triton"), backend="triton"))]
+    for opt in TRITON8:
+        specs += [(f"lean4-triton-fsdp-{opt}", lean_spec("fsdp", opt, steps=STEPS8 + 1, backend="triton")),
+                  (f"dcp8-triton-fsdp-{opt}", dcp_spec("fsdp", opt, str(tmp / f"ckpt8-triton-{opt}"), backend="triton"))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     res = dw.spawn(2, specs, out, env)
@@ -260,17 +280,35 @@ def _shard_alone(optimizer, name, full0, index, quantized, steps, options, use_m
     return p.detach(), opt.state[p]
 
 
-@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+def _cut_on_the_2d_mesh(ranks: list) -> None:
+    """The (2, 2) mesh cut the params in two dims (rank = 2 * dp + tp): fc1's weight (48 rows;
+    TP's halves of rows, each cut again by FSDP2 on "dp": _StridedShard) in 4 disjoint quarters,
+    rank 1 (dp 0, tp 1) holding rows of the second half, above rank 2's (dp 1, tp 0): a 1-D cut
+    of the rows over 4 ranks orders them the other way; the embedding (FSDP2 alone) in halves,
+    each on both ranks of a TP group."""
+    numel = 2 * WIDTH8 * WIDTH8
+    fc1 = [mine["fc1.weight"]["index"] for mine in ranks]
+    assert len(fc1) == 4 and all(4 * i.numel() == numel for i in fc1)
+    assert torch.equal(torch.cat([i.reshape(-1) for i in fc1]).sort().values, torch.arange(numel))
+    assert int(fc1[1].min()) > int(fc1[2].max())
+    emb = [mine["emb.weight"]["index"] for mine in ranks]
+    assert torch.equal(emb[0], emb[1]) and torch.equal(emb[2], emb[3]) and 2 * emb[0].numel() == dw.VOCAB * WIDTH8
+    assert not set(emb[0].reshape(-1).tolist()) & set(emb[2].reshape(-1).tolist())
+
+
+@pytest.mark.parametrize("fixture,placement", MESHES8)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS8)
-def test_8bit_states_per_shard_equal_one_process_on_the_shard(results, placement, optimizer, monkeypatch):
-    r = _ok(results, f"lean-{placement}-{optimizer}")
+def test_8bit_states_per_shard_equal_one_process_on_the_shard(request, fixture, placement, optimizer, monkeypatch):
+    r = _ok(request.getfixturevalue(fixture), f"lean-{placement}-{optimizer}")
+    if placement == "fsdp+tp":
+        _cut_on_the_2d_mesh(r["ranks"])
     full0 = _initial(optimizer)
-    quantized_seen = 0
+    quantized_seen = [0] * len(r["ranks"])
     for rank, mine in enumerate(r["ranks"]):
         for name, entry in mine.items():
             got = entry["state"]
             quantized = any(k.endswith(lean.ABSMAX) for k in got)
-            quantized_seen += quantized
+            quantized_seen[rank] += quantized
             use_muon = ("momentum_buffer" in got) if optimizer == "muon" else None  # the distributed routing
             _, want = _shard_alone(optimizer, name, full0[name], entry["index"], quantized, STEPS8,
                                    OPTIONS8[optimizer], use_muon, monkeypatch)
@@ -280,23 +318,27 @@ def test_8bit_states_per_shard_equal_one_process_on_the_shard(results, placement
             assert keys, (rank, name)
             for k in keys:
                 assert torch.equal(got[k], want[k]), (rank, name, k)
-    # The 4 matrices on each rank: under FSDP2 all shards; under TP fc1 and fc2 are, the
-    # embedding and readout plain tensors stepped whole.
-    assert quantized_seen == 8
+    # The 4 matrices quantized on every rank: under FSDP2 (on the (2, 2) mesh too) all shards;
+    # under TP fc1 and fc2 are, the embedding and readout plain tensors stepped whole.
+    assert quantized_seen == [4] * len(r["ranks"])
 
 
-@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+@pytest.mark.parametrize("fixture,placement", MESHES8)
 @pytest.mark.parametrize("optimizer", ["adamw", "adopt", "sophia"])
-def test_8bit_params_per_shard_equal_one_process_on_the_shard(results, placement, optimizer, monkeypatch):
-    r = _ok(results, f"lean-{placement}-{optimizer}")
+def test_8bit_params_per_shard_equal_one_process_on_the_shard(request, fixture, placement, optimizer, monkeypatch):
+    """Each rank's local param (a replica's too: on the (2, 2) mesh the embedding's halves are on
+    two ranks each) is what one process stepping the shard alone makes, and so is the gathered
+    param."""
+    r = _ok(request.getfixturevalue(fixture), f"lean-{placement}-{optimizer}")
     full0 = _initial(optimizer)
     for name, w in r["params"].items():
         got = torch.empty_like(w).reshape(-1)
-        for mine in r["ranks"]:
+        for rank, mine in enumerate(r["ranks"]):
             entry = mine[name]
             quantized = any(k.endswith(lean.ABSMAX) for k in entry["state"])
             p, _ = _shard_alone(optimizer, name, full0[name], entry["index"], quantized, STEPS8, OPTIONS8[optimizer],
                                 None, monkeypatch)
+            assert torch.equal(entry["param"], p), (rank, name)
             got[entry["index"].reshape(-1)] = p.reshape(-1)
         assert torch.equal(got.view(w.shape), w), name
 
@@ -334,12 +376,12 @@ def _adamw_interval(name, full0, steps, hp):
     return p_lo - slack, p_hi + slack
 
 
-@pytest.mark.parametrize("placement", ["fsdp", "tp"])
-def test_adamw_8bit_params_within_the_format_bound(results, placement, min8):
+@pytest.mark.parametrize("fixture,placement", MESHES8)
+def test_adamw_8bit_params_within_the_format_bound(request, fixture, placement, min8):
     """The distributed run's params and those of one process stepping the whole tensors in
     format 8 both lie inside the interval format 8's error bound allows; so they differ by at
     most its width. The interval is narrower than the steps taken (a bound that can fail)."""
-    got = _ok(results, f"lean-{placement}-adamw")["params"]
+    got = _ok(request.getfixturevalue(fixture), f"lean-{placement}-adamw")["params"]
     model = dw.make_model(mup=False, width=WIDTH8)
     opt = dw.make_optimizer("adamw", model.parameters(), "auto", **OPTIONS8["adamw"])
     for t in range(STEPS8):
@@ -367,15 +409,15 @@ def _whole_tensor_run(optimizer, options) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("placement", ["fsdp", "tp"])
+@pytest.mark.parametrize("fixture,placement", MESHES8)
 @pytest.mark.parametrize("optimizer", ["lamb", "muon", "shampoo"])
-def test_8bit_params_near_one_process_on_whole_tensors(results, placement, optimizer, min8):
+def test_8bit_params_near_one_process_on_whole_tensors(request, fixture, placement, optimizer, min8):
     """LAMB, Muon, Shampoo (whole-tensor math: no per-shard run to equal): the distributed run's
     params differ from one process stepping whole tensors in format 8 by no more than 3 times
     that run's own distance from format 32, per tensor (both runs are format 8 with blocks cut
     elsewhere: each is as far from the 32-bit run as the format's error makes it), plus the
     collectives' float32 reordering (1e-6 relative, as tests/test_distributed.py)."""
-    got = _ok(results, f"lean-{placement}-{optimizer}")["params"]
+    got = _ok(request.getfixturevalue(fixture), f"lean-{placement}-{optimizer}")["params"]
     eight = _whole_tensor_run(optimizer, OPTIONS8[optimizer])
     full = _whole_tensor_run(optimizer, {k: v for k, v in OPTIONS8[optimizer].items() if k != "state_bits"})
     quantized_apart = 0
@@ -395,27 +437,35 @@ def _same_states(a: dict, b: dict, keys=None) -> None:
                     assert torch.equal(v, y[name]["state"][k]), (rank, name, k)
 
 
-@pytest.mark.parametrize("case", ["fsdp-adamw", "tp-adamw", "fsdp-muon", "tp-shampoo"])
-def test_8bit_states_resume_through_dcp_bit_exact(results, case):
+@pytest.mark.parametrize("fixture,case", DCP8)
+def test_8bit_states_resume_through_dcp_bit_exact(request, fixture, case):
+    """Saved after 2 steps and resumed on the same placement: every rank's states as loaded are
+    the saved ones (codes and scales, and the rest: Shampoo's blocks too), some of them 8-bit on
+    every rank, and after the continued steps every rank's states and the params are those of
+    the uninterrupted run, bit for bit."""
+    results = request.getfixturevalue(fixture)
     r = _ok(results, f"dcp8-{case}")
-    _same_states(r["saved"], r["loaded"])  # codes and scales back exactly (and the rest)
-    assert sum(k.endswith(lean.ABSMAX) for m in r["loaded"] for e in m.values() for k in e["state"]) > 0
-    want = _ok(results, f"lean4-{case}")["params"]
-    for name, w in want.items():
+    _same_states(r["saved"], r["loaded"])
+    assert all(any(k.endswith(lean.ABSMAX) for e in m.values() for k in e["state"]) for m in r["loaded"])
+    want = _ok(results, f"lean4-{case}")
+    _same_states(want["ranks"], r["final"])
+    for name, w in want["params"].items():
         assert torch.equal(r["params"][name], w), name
 
 
-def test_8bit_states_resume_through_dcp_on_triton(results):
-    """AdamW with 8-bit states stepped by the triton backend (kernels under the interpreter) on
-    FSDP2, saved after 2 steps and resumed: every rank's codes and block scales as loaded are
-    the saved ones, and after the continued steps the codes, scales, step counts and params are
-    those of the uninterrupted triton run, bit for bit."""
+@pytest.mark.parametrize("optimizer", TRITON8)
+def test_8bit_states_resume_through_dcp_on_triton(results, optimizer):
+    """AdamW and LAMB (its norms all-reduced between the kernels' passes) with 8-bit states
+    stepped by the triton backend (kernels under the interpreter) on FSDP2, saved after 2 steps
+    and resumed: every rank's codes and block scales as loaded are the saved ones, and after the
+    continued steps the codes, scales, step counts and params are those of the uninterrupted
+    triton run, bit for bit."""
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    r = _ok(results, "dcp8-triton-fsdp-adamw")
-    want = _ok(results, "lean4-triton-fsdp-adamw")
+    r = _ok(results, f"dcp8-triton-fsdp-{optimizer}")
+    want = _ok(results, f"lean4-triton-fsdp-{optimizer}")
     for run in (r, want):
         assert all(b.startswith("triton") for sel in run["selected"] for b in sel.values()), run["selected"]
     _same_states(r["saved"], r["loaded"])
@@ -534,53 +584,28 @@ def test_stochastic_rounding_resume_through_dcp_bit_exact(results):
 # -- 2-D meshes (4 ranks) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results_2d(tmp_path_factory):
-    """FSDP2 + TP on a (2, 2) mesh (TP's dims _StridedShard under FSDP2) and HSDP (every shard
-    on two ranks), AdamW with 8-bit states; the HSDP runs round bf16 params stochastically; and
-    AdamW with compensated bf16 params (kahan_summation) on FSDP2 + TP, resumed on FSDP2 + TP
-    and under FSDP2 on a 1-D mesh of 4; Shampoo with compensated params on FSDP2 + TP, and
-    resumed on it."""
+    """FSDP2 + TP on a (2, 2) mesh (TP's dims _StridedShard under FSDP2), every optimizer with
+    8-bit states, and the DCP8 cases; HSDP (every shard on two ranks), AdamW with 8-bit states;
+    the HSDP runs round bf16 params stochastically; and AdamW with compensated bf16 params
+    (kahan_summation) on FSDP2 + TP, resumed on FSDP2 + TP and under FSDP2 on a 1-D mesh of 4;
+    Shampoo with compensated params on FSDP2 + TP, and resumed on it."""
     tmp = tmp_path_factory.mktemp("lean-dist-2d")
     sr = {**OPTIONS8["adamw"], **SR}
-    specs = [("lean-fsdp+tp", lean_spec("fsdp+tp", "adamw")),
-             ("lean4-fsdp+tp", lean_spec("fsdp+tp", "adamw", steps=STEPS8 + 1)),
-             ("dcp8-fsdp+tp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt"))),
-             ("dcp8-fsdp+tp-to-fsdp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-to-fsdp"), resume_placement="fsdp")),
-             ("lean4-hsdp-sr", lean_spec("hsdp-2d", "adamw", steps=STEPS8 + 1, dtype="bfloat16", options=sr)),
-             ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr)),
-             ("kahan-dcp-fsdp+tp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan"))),
-             ("kahan-dcp-fsdp+tp-to-fsdp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan-to-fsdp"),
-                                                                resume_placement="fsdp")),
-             ("kahan-fsdp+tp-shampoo", kahan_spec("fsdp+tp", "shampoo")),
-             ("kahan-dcp-fsdp+tp-shampoo", kahan_dcp_spec("fsdp+tp", "shampoo", str(tmp / "ckpt-kahan-shampoo")))]
+    specs = [(f"lean-fsdp+tp-{opt}", lean_spec("fsdp+tp", opt)) for opt in OPTIMIZERS8]
+    specs += dcp8_specs("results_2d", tmp)
+    specs += [("dcp8-fsdp+tp-to-fsdp", dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-to-fsdp"), resume_placement="fsdp")),
+              ("lean4-hsdp-sr", lean_spec("hsdp-2d", "adamw", steps=STEPS8 + 1, dtype="bfloat16", options=sr)),
+              ("dcp8-hsdp-sr", dcp_spec("hsdp-2d", "adamw", str(tmp / "ckpt-sr"), dtype="bfloat16", options=sr)),
+              ("kahan-dcp-fsdp+tp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan"))),
+              ("kahan-dcp-fsdp+tp-to-fsdp-adamw", kahan_dcp_spec("fsdp+tp", "adamw", str(tmp / "ckpt-kahan-to-fsdp"),
+                                                                 resume_placement="fsdp")),
+              ("kahan-fsdp+tp-shampoo", kahan_spec("fsdp+tp", "shampoo")),
+              ("kahan-dcp-fsdp+tp-shampoo", kahan_dcp_spec("fsdp+tp", "shampoo", str(tmp / "ckpt-kahan-shampoo")))]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     res = dw.spawn(4, specs, out, env)
     res["_tmp"] = tmp
     return res
-
-
-def test_8bit_fsdp_tp_2d_per_shard_and_dcp_resume(results_2d, monkeypatch):
-    """On the (2, 2) mesh: each rank's states and params are those of one process stepping its
-    shard alone (bit for bit), and a DCP save and resume continues as the uninterrupted run."""
-    r = _ok(results_2d, "lean-fsdp+tp")
-    full0 = _initial("adamw")
-    strided = 0
-    for mine in r["ranks"]:
-        for name, entry in mine.items():
-            quantized = any(k.endswith(lean.ABSMAX) for k in entry["state"])
-            p, want = _shard_alone("adamw", name, full0[name], entry["index"], quantized, STEPS8, OPTIONS8["adamw"],
-                                   None, monkeypatch)
-            assert torch.equal(entry["param"], p), name
-            for k, v in want.items():
-                if isinstance(v, torch.Tensor):
-                    assert torch.equal(entry["state"][k], v), (name, k)
-            # fc1's rows: TP's halves, each cut again by FSDP2 (not one run of the global tensor)
-            strided += quantized and name == "fc1.weight"
-    assert strided == 4
-    d = _ok(results_2d, "dcp8-fsdp+tp")
-    _same_states(d["saved"], d["loaded"])
-    for name, w in _ok(results_2d, "lean4-fsdp+tp")["params"].items():
-        assert torch.equal(d["params"][name], w), name
 
 
 def test_8bit_dcp_reshards_from_2d_to_1d_mesh(results_2d):
