@@ -506,25 +506,50 @@ def test_compiled_stochastic_rounding_draws_its_seeds_eagerly():
         _sr_runs("reference", fullgraph=True, eager_first=False)
 
 
+def _well_conditioned(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """A (rows, cols) matrix, rows <= cols, with singular values in [0.5, 1]."""
+    q, _ = torch.linalg.qr(torch.randn(cols, rows, generator=gen))
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=gen))
+    return (u * (0.5 + 0.5 * torch.rand(rows, generator=gen))) @ q.T
+
+
 def test_compiled_muon_with_its_default_ns_dtype_has_no_graph_break():
     """Muon(ns_dtype=None) picks its Newton-Schulz dtype from the CPU (cpu_bf16_matmuls_fast),
     which read torch.backends.mkldnn.is_available inside the trace, a function dynamo refuses:
     fullgraph=True failed. torch.compile now takes the answer as a constant; 3 compiled steps
-    equal eager ones (float32 NS: 1e-6; bf16 NS, CPUs with AMX: a bf16 spacing of lr per step)."""
+    equal eager ones. float32 NS (CPUs without AMX): within 1e-6. bf16 NS (CPUs with AMX): the
+    quintic iteration amplifies a rounding difference in the directions of small singular values
+    (about 3.4x per iteration), so compiled and eager differ as much as bf16 and float32 NS do
+    (measured 0.9-1.7x of that, 2-3% of the params' movement, with these well-conditioned
+    gradients; a rank-deficient gradient's null space fills with rounding noise, 25% of the
+    elements apart). Bound: 2.5x the bf16-float32 distance and 10% of the movement."""
     from mupopt.optim import muon
 
     torch._dynamo.reset()
-    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(3))
 
-    def make():
+    def make(**kw):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 3))
-        return model, mupopt.Muon(model.parameters(), lr=1e-2)
+        ps = [torch.nn.Parameter(torch.randn(64, 128) * 0.05), torch.nn.Parameter(torch.randn(32, 64) * 0.05)]
+        return ps, mupopt.Muon(ps, lr=1e-2, **kw)
 
-    model, eager_model = _compiled_against_eager(make, x)
-    atol = 1e-6 if muon.default_ns_dtype("cpu") == torch.float32 else 3 * 1e-2 * 2.0**-7
-    for p, q in zip(model.parameters(), eager_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=atol)
+    (compiled_ps, compiled_opt), (eager_ps, eager_opt), (f32_ps, f32_opt) = make(), make(), make(ns_dtype=torch.float32)
+    start = [p.detach().clone() for p in eager_ps]
+    compiled = torch.compile(lambda: compiled_opt.step(), fullgraph=True)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        grads = [_well_conditioned(64, 128, gen), _well_conditioned(32, 64, gen)]
+        for ps in (compiled_ps, eager_ps, f32_ps):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        compiled()
+        eager_opt.step()
+        f32_opt.step()
+    for p, q, r, p0 in zip(compiled_ps, eager_ps, f32_ps, start):
+        apart = float((p - q).abs().max())
+        if muon.default_ns_dtype("cpu") == torch.float32:
+            assert apart <= 1e-6
+        else:
+            assert apart <= min(2.5 * float((q - r).abs().max()), 0.1 * float((q - p0).abs().max())), apart
 
 
 @pytest.mark.skipif(not TRITON_CPU, reason="needs triton's interpreter (CPU tensors)")
