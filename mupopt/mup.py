@@ -509,8 +509,10 @@ def _ratio(dim: Dim) -> float:
 
 
 def _fan_dims(module) -> tuple[int, int]:
-    """(fan_in dim, fan_out dim) of a weight of this module type."""
-    return (0, 1) if isinstance(module, _EMBEDDINGS) else (1, 0)
+    """(fan_in dim, fan_out dim) of a weight of this module type. nn.Embedding (vocab, d) and
+    the transposed convolutions, whose weight is (in_channels, out_channels / groups, *kernel),
+    have fan_in first; nn.Linear and the other convolutions (out, in, ...) have it second."""
+    return (0, 1) if isinstance(module, (*_EMBEDDINGS, nn.modules.conv._ConvTransposeNd)) else (1, 0)
 
 
 _NO_WIDTH_HINT = (
@@ -546,12 +548,12 @@ def _infer(name: str, module, dims: list[Dim], hint: str | None = None) -> Width
             raise MupError(f"embedding {name!r}: its vocabulary dimension (dim 0) scales with width")
         return WidthInfo("input", m_in, m_out, fan_in_dim=fan_in)
     if in_s and out_s:
-        return WidthInfo("hidden", m_in, m_out)
+        return WidthInfo("hidden", m_in, m_out, fan_in_dim=fan_in)
     if isinstance(module, _MATRIX_MODULES):
         if in_s:
-            return WidthInfo("output", m_in, m_out)
+            return WidthInfo("output", m_in, m_out, fan_in_dim=fan_in)
         if out_s:
-            return WidthInfo("input", m_in, m_out)
+            return WidthInfo("input", m_in, m_out, fan_in_dim=fan_in)
         raise MupError(
             f"parameter {name!r} ({type(module).__name__}, shape {tuple(s for s, _ in dims)}): no "
             f"dimension scales with width, so its role cannot be told. {hint or _NO_WIDTH_HINT} "

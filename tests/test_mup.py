@@ -501,6 +501,39 @@ def test_tied_weights_declared_output_get_output_scaling():
     assert multipliers("adamw", info).lr == pytest.approx(1 / 4)
 
 
+class ConvDecoder(nn.Module):
+    """Transposed convolutions, whose weight is (in_channels, out_channels, kH, kW): fan_in is
+    dim 0, unlike nn.Conv2d's (out, in, kH, kW). Two widths, so that m_in != m_out."""
+
+    def __init__(self, w: int, v: int):
+        super().__init__()
+        self.inp = nn.ConvTranspose2d(3, w, 3)  # fixed -> width: input
+        self.mid = nn.ConvTranspose2d(w, v, 3)  # width -> width: hidden
+        self.out = nn.ConvTranspose2d(v, 3, 3)  # width -> fixed: output
+        self.enc = nn.Conv2d(v, w, 3)  # the plain layout beside it, hidden
+
+
+def test_transposed_conv_takes_fan_in_from_dim_0():
+    """A decoder's first transposed conv (3 -> width channels) is an input layer and its last
+    (width -> 3) a readout; taking fan_in from dim 1, as for nn.Conv2d, swapped the two roles
+    (the readout got lr multiplier 1 instead of 1/m_in) and m_in with m_out."""
+    model = ConvDecoder(64, 16)
+    infos = mupopt.set_base_shapes(model, meta(ConvDecoder, 16, 8), delta=meta(ConvDecoder, 32, 32))
+    want = {  # (role, m_in, m_out, fan_in_dim) by docs/mup.md: w grows 4x, v 2x
+        "inp.weight": ("input", 1.0, 4.0, 0),
+        "mid.weight": ("hidden", 4.0, 2.0, 0),
+        "out.weight": ("output", 2.0, 1.0, 0),
+        "enc.weight": ("hidden", 2.0, 4.0, 1),
+    }
+    for name, (role, m_in, m_out, fan_in_dim) in want.items():
+        info = infos[name]
+        assert (info.role, info.m_in, info.m_out, info.fan_in_dim) == (role, m_in, m_out, fan_in_dim), name
+    opt = mupopt.AdamW(model.named_parameters(), lr=1e-3)
+    lrs = dict(zip(opt.param_groups[0]["param_names"], (m.lr for m in opt.group_multipliers(opt.param_groups[0]))))
+    for name, (role, m_in, m_out, _) in want.items():
+        assert lrs[name] == pytest.approx(table_lr("adamw", WidthInfo(role, m_in, m_out))), name
+
+
 def test_ambiguous_unknown_module_parameter_raises():
     """A bare 2-D parameter of a non-standard module needs an override: MupError naming it."""
     with pytest.raises(mupopt.MupError) as err:
