@@ -63,6 +63,47 @@ ALPHA_RANGE = (0.5, 1.0)
 MODULE_WIDTHS_ATTR = "mupopt_widths"
 # Models set_base_shapes has been called on (weakly held: a model's lifetime is the user's).
 _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# In the __dict__ of each model in _MODELS: its _Registration (copy.deepcopy, below).
+REGISTRATION_ATTR = "mupopt_registration"
+
+
+class _Registration:
+    """Carries a model's width and depth information through ``copy.deepcopy(model)``.
+
+    ``nn.Parameter.__deepcopy__`` makes a bare Parameter: the copies lose ``p.mupopt_width`` and
+    ``p.mupopt_depth``, and an optimizer over them would run without muP, silently. The modules'
+    records are copied with their ``__dict__``, but the copy is not in ``_MODELS``, where
+    :func:`recover_width_infos` looks. This object sits in the model's ``__dict__`` after the
+    submodules (set_base_shapes adds it after ``__init__``), so when deepcopy reaches it the memo
+    already maps the model and every parameter to their copies: it gives each copy its
+    original's information and registers the new model. Pickling keeps Parameter attributes by
+    itself, so a pickled registration carries nothing."""
+
+    def __init__(self, model: nn.Module | None = None):
+        self._model = weakref.ref(model) if model is not None else None
+
+    def __deepcopy__(self, memo):
+        old = self._model() if self._model is not None else None
+        new = memo.get(id(old)) if old is not None else None
+        if not isinstance(new, nn.Module):
+            return _Registration()
+        for old_p in old.parameters():
+            new_p = memo.get(id(old_p))
+            if new_p is None:
+                continue
+            for attr in (WIDTH_ATTR, DEPTH_ATTR):
+                if hasattr(old_p, attr) and not hasattr(new_p, attr):
+                    setattr(new_p, attr, getattr(old_p, attr))
+        _MODELS.add(new)
+        return _Registration(new)
+
+    def __reduce__(self):
+        return (_Registration, ())
+
+
+def _register(model: nn.Module) -> None:
+    _MODELS.add(model)
+    model.__dict__[REGISTRATION_ATTR] = _Registration(model)
 
 
 class MupError(ValueError):
@@ -820,7 +861,7 @@ def set_base_shapes(
             local_name = n.rpartition(".")[2]
             owners[n].__dict__.setdefault(MODULE_WIDTHS_ATTR, {})[local_name] = (info, shape)
         setattr(p, WIDTH_ATTR, info)
-    _MODELS.add(model)
+    _register(model)
     unused = set(overrides) - used_patterns
     if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
         raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
@@ -1038,7 +1079,7 @@ def set_base_depth(model: nn.Module, blocks: Iterable[nn.Module], base_depth: in
             module.__dict__.setdefault(MODULE_DEPTHS_ATTR, {})[local] = (info, tuple(p.shape))
     mult = (base_depth / len(blocks)) ** alpha
     model.__dict__[RESIDUAL_ATTR] = mult
-    _MODELS.add(model)
+    _register(model)
     return mult
 
 

@@ -534,6 +534,26 @@ def test_transposed_conv_takes_fan_in_from_dim_0():
         assert lrs[name] == pytest.approx(table_lr("adamw", WidthInfo(role, m_in, m_out))), name
 
 
+def test_deepcopy_of_a_model_keeps_width_and_depth_information(gpt):
+    """copy.deepcopy(model) (one model per sweep run, an EMA copy) must train as the original:
+    nn.Parameter.__deepcopy__ drops the parameters' attributes, and an optimizer over the copy
+    ran with every multiplier 1, without a word."""
+    model, _, _ = gpt
+    mupopt.set_base_depth(model, model.blocks, base_depth=1, alpha=0.5)
+    twin = copy.deepcopy(model)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert mupopt.width_info(q) == mupopt.width_info(p) is not None, name
+        assert mupopt.depth_info(q) == mupopt.depth_info(p) is not None, name
+    want, got = (mupopt.AdamW(m.parameters(), lr=1e-3) for m in (model, twin))
+    assert got.group_multipliers(got.param_groups[0]) == want.group_multipliers(want.param_groups[0])
+    assert any(m.lr != 1.0 for m in got.group_multipliers(got.param_groups[0]))
+    # The copy is a model of its own for the recovery of replaced Parameters (FSDP2, TP).
+    twin.readout.weight = nn.Parameter(twin.readout.weight.detach().clone())
+    assert mupopt.width_info(twin.readout.weight) is None
+    mupopt.AdamW(twin.parameters(), lr=1e-3)
+    assert mupopt.width_info(twin.readout.weight) == mupopt.width_info(model.readout.weight)
+
+
 def test_ambiguous_unknown_module_parameter_raises():
     """A bare 2-D parameter of a non-standard module needs an override: MupError naming it."""
     with pytest.raises(mupopt.MupError) as err:
