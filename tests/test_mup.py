@@ -554,6 +554,33 @@ def test_deepcopy_of_a_model_keeps_width_and_depth_information(gpt):
     assert mupopt.width_info(twin.readout.weight) == mupopt.width_info(model.readout.weight)
 
 
+@pytest.mark.parametrize("late", ["set_base_shapes", "set_base_depth", "readout_multiplier_"])
+def test_width_or_depth_set_up_after_the_optimizer_raises_at_the_first_step(late):
+    """The optimizer takes each parameter's information when it is created: set up after it,
+    the information never reached the step (set_base_shapes: every multiplier 1, silently;
+    readout_multiplier_: the readout's 1/m in the lr and in the forward). The first step
+    refuses, names the parameter and the order, and writes nothing."""
+    base, delta = meta(TinyGPT, BASE, tie=False), meta(TinyGPT, 2 * BASE, tie=False)
+    model = TinyGPT(WIDTH, tie=False)
+    if late != "set_base_shapes":
+        mupopt.set_base_shapes(model, base, delta=delta, overrides=POS)
+    opt = mupopt.AdamW(model.parameters(), lr=1e-3)
+    if late == "set_base_shapes":
+        mupopt.set_base_shapes(model, base, delta=delta, overrides=POS)
+    elif late == "set_base_depth":
+        mupopt.set_base_depth(model, model.blocks, base_depth=1)
+    else:
+        mupopt.readout_multiplier_(model, "readout")
+    params = list(model.parameters())
+    fill_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(mupopt.MupError, match=r"before the optimizer is created"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not opt.state
+    fill_grads(params, 0)
+    mupopt.AdamW(model.parameters(), lr=1e-3).step()  # made after: fine
+
+
 def test_ambiguous_unknown_module_parameter_raises():
     """A bare 2-D parameter of a non-standard module needs an override: MupError naming it."""
     with pytest.raises(mupopt.MupError) as err:
