@@ -236,9 +236,19 @@ def canonical_name(name: str) -> str:
     return ".".join(parts)
 
 
+# name -> name_code(name), filled when a record is made (add_param_group): a step traced by
+# torch.compile(fullgraph=True) reads the code here, since dynamo cannot trace zlib.crc32.
+_NAME_CODES: dict[str, int] = {}
+
+
 def name_code(name: str | None) -> int:
     """The record's form of a parameter name: CRC-32 of :func:`canonical_name`, -1 if unknown."""
-    return -1 if name is None else zlib.crc32(canonical_name(name).encode())
+    if name is None:
+        return -1
+    code = _NAME_CODES.get(name)
+    if code is None:
+        code = _NAME_CODES[name] = zlib.crc32(canonical_name(name).encode())
+    return code
 
 
 def width_record(info: WidthInfo | None, shape: Iterable[int], name: str | None = None,
