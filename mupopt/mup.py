@@ -1183,6 +1183,13 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
     """
     _warn_unapplied_readouts(model)
     recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
+    for module in model.modules():
+        # A readout multiplier set on the meta device: to_empty left its buffer uninitialised
+        # (logits times garbage, often 0); init_mup_ is the re-initialisation that follows.
+        value = module.__dict__.get(READOUT_VALUE_ATTR)
+        buffer = getattr(module, READOUT_BUFFER, None)
+        if value is not None and isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+            buffer.fill_(value)
     for name, p in model.named_parameters():
         info = width_info(p)
         if info is None:
@@ -1201,6 +1208,9 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
 # The readout multiplier (the forward form of muP's output rule)
 # ---------------------------------------------------------------------------------------------
 READOUT_BUFFER = "mup_output_mult"
+# The multiplier as a float in the module's __dict__, beside the buffer: what init_mup_ writes
+# back into a buffer that to_empty left uninitialised.
+READOUT_VALUE_ATTR = "mupopt_readout_value"
 
 
 def _readout_hook(module: nn.Module, args, output):
@@ -1290,6 +1300,7 @@ def _apply_readout(model: nn.Module, readout: str, mult: float) -> None:
             records["weight"] = (info, records["weight"][1])
     device = weight.device if isinstance(weight, torch.Tensor) else None
     module.register_buffer(READOUT_BUFFER, torch.tensor(mult, dtype=torch.float32, device=device))
+    module.__dict__[READOUT_VALUE_ATTR] = float(mult)
     module.register_forward_hook(_readout_hook)
     config = _hf_config(model)
     if config is not None:
