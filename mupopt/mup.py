@@ -835,6 +835,7 @@ def set_base_shapes(
         hint = _BASE_WIDTH_HINT
 
     result: dict[str, WidthInfo] = {}
+    planned: list[tuple[torch.nn.Parameter, list[str], WidthInfo, tuple[int, ...]]] = []
     for pid, names in names_of.items():
         p = params[pid]
         name = names[0]
@@ -866,15 +867,19 @@ def set_base_shapes(
             # readout_multiplier_ (or restore_readout_multipliers) put the output rule's 1/m in
             # the forward pass: the lr must not apply it again.
             info = dataclasses.replace(info, m_in=1.0)
+        planned.append((p, names, info, shape))
+    unused = set(overrides) - used_patterns
+    if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
+        raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
+    # Every error is raised above, before any parameter is changed: a failed call leaves the
+    # model as it was (not part of the new information beside part of an older call's).
+    for p, names, info, shape in planned:
         for n in names:
             result[n] = info
             local_name = n.rpartition(".")[2]
             owners[n].__dict__.setdefault(MODULE_WIDTHS_ATTR, {})[local_name] = (info, shape)
         setattr(p, WIDTH_ATTR, info)
     _register(model)
-    unused = set(overrides) - used_patterns
-    if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
-        raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
     return result
 
 

@@ -604,6 +604,23 @@ def test_override_pattern_matching_nothing_raises():
         mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={**POS, "blocks.*.mlp_inn.weight": "hidden"})
 
 
+def test_a_failed_set_base_shapes_changes_nothing(gpt):
+    """A call that raises (an override pattern with a typo, found after every parameter was
+    seen) left the parameters it had passed with the new information beside the others' old
+    one: a later optimizer took that mix of two bases without a word."""
+    model, _, first = gpt
+    records = {n: dict(m.__dict__.get("mupopt_widths", {})) for n, m in model.named_modules()}
+    with pytest.raises(mupopt.MupError, match="blocks.0.typo"):
+        mupopt.set_base_shapes(model, meta(TinyGPT, WIDTH // 2), overrides={**POS, "blocks.0.typo": "hidden"})
+    for name, p in model.named_parameters():
+        assert mupopt.width_info(p) == first[name], name
+    assert records == {n: dict(m.__dict__.get("mupopt_widths", {})) for n, m in model.named_modules()}
+    fresh = TinyGPT(WIDTH)
+    with pytest.raises(mupopt.MupError):
+        mupopt.set_base_shapes(fresh, meta(TinyGPT, BASE))  # 'pos' needs an override
+    assert all(mupopt.width_info(p) is None for p in fresh.parameters())
+
+
 def test_mixed_width_info_in_one_optimizer_raises(gpt):
     """Params with and without width info in one optimizer: MupError naming the bare one."""
     model, _, _ = gpt
