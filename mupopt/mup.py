@@ -39,6 +39,7 @@ import fnmatch
 import json
 import math
 import os
+import sys
 import warnings
 import weakref
 import zlib
@@ -863,9 +864,10 @@ def set_base_shapes(
             if base_widths is not None:
                 _warn_unlisted_width(name, owners[name], shape, info, base_widths)
         info = dataclasses.replace(info, name=name)  # labels mup_summary() of plain parameters
-        if info.role == "output" and hasattr(owners[name], READOUT_BUFFER):
+        if info.role == "output" and (hasattr(owners[name], READOUT_BUFFER) or _is_mu_readout(owners[name])):
             # readout_multiplier_ (or restore_readout_multipliers) put the output rule's 1/m in
-            # the forward pass: the lr must not apply it again.
+            # the forward pass, as Microsoft mup's MuReadout does (its output / width_mult, m_in):
+            # the lr must not apply it again.
             info = dataclasses.replace(info, m_in=1.0)
         planned.append((p, names, info, shape))
     unused = set(overrides) - used_patterns
@@ -881,6 +883,15 @@ def set_base_shapes(
         setattr(p, WIDTH_ATTR, info)
     _register(model)
     return result
+
+
+def _is_mu_readout(module) -> bool:
+    """Microsoft mup's MuReadout (or MuSharedReadout): its forward divides the logits by its
+    width_mult, the readout's m_in. Looked up where mup is imported only (a model holding one
+    imported it); mupopt does not depend on mup."""
+    layer = sys.modules.get("mup.layer")
+    readout = getattr(layer, "MuReadout", None)
+    return isinstance(readout, type) and isinstance(module, readout)
 
 
 def _tied_message(name: str, names: list[str], owners: Mapping[str, nn.Module]) -> str:

@@ -318,29 +318,24 @@ def mup_pair(cls, **mupopt_kwargs):
 @pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
 def test_effective_lr_and_decay_match_mu_adamw(cls):
     """Per tensor, mupopt's lr*lr_mult and lr*wd*wd_mult equal MuAdamW's group lr and
-    lr*weight_decay; for the MuReadout weight (MuAdamW keeps lr, the forward divides by
-    width_mult) mupopt's multiplier is 1/readout.width_mult()."""
+    lr*weight_decay; the MuReadout weight too: its forward divides by width_mult, so neither
+    MuAdamW nor mupopt scales its lr (test_mu_readout_model_trains_as_mu_adamw)."""
     model, rows = mup_pair(cls)
     hidden_seen = False
     for name, p, our_lr, our_decay, their_lr, their_decay in rows:
         assert our_decay == pytest.approx(their_decay, rel=1e-12), name
-        if name == "readout.weight":
-            assert their_lr == LR
-            assert our_lr / LR == pytest.approx(1.0 / model.readout.width_mult()), name
-        else:
-            assert our_lr == pytest.approx(their_lr, rel=1e-12), name
-            hidden_seen |= their_lr != LR
+        assert our_lr == pytest.approx(their_lr, rel=1e-12), name
+        hidden_seen |= their_lr != LR
     assert hidden_seen  # MuAdamW did scale something: the comparison is not vacuous
 
 
 @pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
 def test_coupled_decay_matches_torch_with_mu_lr_groups(cls):
     """wd_mode='coupled' is torch.optim with per-width lr groups and an unscaled weight_decay:
-    decay = (MuAdamW's group lr, readout lr/width_mult) * WD."""
+    decay = MuAdamW's group lr * WD (the MuReadout's lr unscaled, as MuAdamW's)."""
     model, rows = mup_pair(cls, wd_mode="coupled")
     for name, p, our_lr, our_decay, their_lr, _ in rows:
-        lr = their_lr / model.readout.width_mult() if name == "readout.weight" else their_lr
-        assert our_decay == pytest.approx(lr * WD, rel=1e-12), name
+        assert our_decay == pytest.approx(their_lr * WD, rel=1e-12), name
 
 
 def test_training_equals_mu_adamw_with_mu_readout():
@@ -373,6 +368,36 @@ def test_training_equals_mu_adamw_with_mu_readout():
     theirs_params = dict(theirs_model.named_parameters())
     for name, p in ours_model.named_parameters():
         q = theirs_params[name] / wm if name == "readout.weight" else theirs_params[name]
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("source", ["infshape", "base"])
+def test_mu_readout_model_trains_as_mu_adamw(source):
+    """A model that keeps Microsoft mup's MuReadout (mup.set_base_shapes insists on one), given
+    to mupopt after mup.set_base_shapes: MuReadout divides its logits by width_mult (m_in) in the
+    forward, and mupopt gave the readout's lr 1/m_in as well, so the readout learnt m times
+    slower than under MuAdamW. The same model, the same data: the same weights as MuAdamW."""
+    mup = pytest.importorskip("mup")
+    torch.manual_seed(0)
+    theirs_model = MuMLP(WIDTH)
+    mup.set_base_shapes(theirs_model, meta(MuMLP, BASE))
+    ours_model = copy.deepcopy(theirs_model)
+    mup.set_base_shapes(ours_model, meta(MuMLP, BASE), rescale_params=False)  # deepcopy drops infshape
+    if source == "infshape":
+        mupopt.set_base_shapes(ours_model)
+    else:
+        mupopt.set_base_shapes(ours_model, meta(MuMLP, BASE))
+    assert mupopt.width_info(ours_model.readout.weight).m_in == 1.0
+    theirs = mup.MuAdamW(theirs_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
+    ours = mupopt.AdamW(ours_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(16, 10, generator=gen), torch.randn(16, 3, generator=gen)
+        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    for (name, p), q in zip(ours_model.named_parameters(), theirs_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
