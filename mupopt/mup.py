@@ -365,6 +365,9 @@ LR_EXPONENTS: dict[str, dict[str, tuple[float, float]]] = {
     "muon_match_rms_adamw": {"hidden": (-0.5, 0.0)},
 }
 
+# The rules of Muon's matrices (hidden only: the other tensors take AdamW's, Muon's AdamW part).
+MUON_RULES = ("muon", "muon_match_rms_adamw")
+
 # Where the decay acts: "decoupled" is p *= 1 - lr*wd*wd_mult before the update; LAMB puts wd*p
 # inside its trust-ratio-normalised direction, so its decay scales with the lr multiplier.
 WD_FORM = {name: "decoupled" for name in LR_EXPONENTS}
@@ -1173,8 +1176,11 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
     for name, p in model.named_parameters():
         info, depth = width_info(p), depth_info(p)
         blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
-        m = multipliers(optimizer, info, depth=depth, shampoo_blocks=blocks, **rule_options)
-        rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m), depth))
+        # Muon steps only hidden matrices; every other tensor takes its AdamW part's rules
+        # (docs/mup.md's table: "AdamW fallback"), whose multipliers the muon rules lack.
+        rule = "adamw" if optimizer in MUON_RULES and info is not None and info.role != "hidden" else optimizer
+        m = multipliers(rule, info, depth=depth, shampoo_blocks=blocks, **rule_options)
+        rows.append((name, tuple(p.shape), info, m, decay_rule(rule, m), depth))
     table = format_table(rows)
     forward = readout_multipliers(model)
     if forward:

@@ -70,6 +70,9 @@ def table_lr(rule: str, info: WidthInfo, lamb_hidden_exponent: float = 0.0) -> f
         return adam_like[role]
     if rule == "lamb":
         return m_in**lamb_hidden_exponent if role == "hidden" else 1.0
+    if rule in ("muon", "muon_match_rms_adamw"):  # hidden: Muon's row; the rest: AdamW fallback
+        hidden = 1.0 if rule == "muon" else 1.0 / math.sqrt(m_in)
+        return hidden if role == "hidden" else adam_like[role]
     if rule == "shampoo":
         return {
             "input": math.sqrt(m_out),
@@ -855,9 +858,11 @@ def _rows(text):
     return [line.split() for line in lines[2:]]
 
 
-@pytest.mark.parametrize("rule", ["adamw", "shampoo"])
+@pytest.mark.parametrize("rule", ["adamw", "shampoo", "muon", "muon_match_rms_adamw"])
 def test_summary_has_one_row_per_parameter(gpt, rule):
-    """mupopt.summary: one row per parameter with its name, role and lr multiplier."""
+    """mupopt.summary: one row per parameter with its name, role and lr multiplier (for Muon,
+    whose rules cover hidden matrices only, it raised at the embedding: the other tensors take
+    the AdamW fallback of docs/mup.md's table)."""
     model, base, infos = gpt
     want = tinygpt_expectations(model, base)
     rows = _rows(mupopt.summary(model, rule))
