@@ -816,6 +816,8 @@ def set_base_shapes(
         base_shapes = _canonical_keys(_named_shapes(base))
     if delta is not None:
         delta_shapes = _canonical_keys(_named_shapes(delta))
+        if base_shapes == delta_shapes:  # else every Linear's "nothing scales" error says "pass delta="
+            raise MupError("base and delta have the same shapes: build delta at another width than the base")
     if record is not None:
         record = BaseShapes(_canonical_keys(record))
     overrides = dict(overrides or {})
@@ -950,10 +952,11 @@ def _check_source_types(base, delta, base_widths) -> None:
     if delta is not None and not isinstance(delta, (nn.Module, Mapping)):
         raise TypeError(f"set_base_shapes: delta= takes a model at another width or its {{name: shape}} dict; got {type(delta).__name__}")
     if base_widths is not None and not (
-        isinstance(base_widths, Mapping) and all(isinstance(k, int) and isinstance(v, int) for k, v in base_widths.items())
+        isinstance(base_widths, Mapping)
+        and all(isinstance(k, int) and isinstance(v, int) and k > 0 and v > 0 for k, v in base_widths.items())
     ):
         raise TypeError(
-            f"set_base_shapes: base_widths= takes {{size in the model: its size at the base width}}, "
+            f"set_base_shapes: base_widths= takes {{size in the model: its size at the base width}} (positive ints), "
             f"e.g. {{2048: 256, 8192: 1024}}; got {base_widths!r}"
         )
 

@@ -963,6 +963,15 @@ def test_an_int_as_base_is_a_type_error_naming_base_widths():
         mupopt.set_base_shapes(MLP(64), 16)
     with pytest.raises(TypeError, match="base_widths="):
         mupopt.set_base_shapes(MLP(64), base_widths=16)
+    with pytest.raises(TypeError, match="positive"):  # was a ZeroDivisionError
+        mupopt.set_base_shapes(MLP(64), base_widths={64: 0})
+
+
+def test_a_delta_at_the_base_width_is_named():
+    """delta= built at the base width tells no width dimension: the error said "Pass delta=" to
+    a call that passed one."""
+    with pytest.raises(mupopt.MupError, match="base and delta have the same shapes"):
+        mupopt.set_base_shapes(MLP(64), meta(MLP, 16), delta=meta(MLP, 16))
 
 
 def test_a_base_wider_than_the_model_raises():
