@@ -78,10 +78,12 @@ class _Registration:
     submodules (set_base_shapes adds it after ``__init__``), so when deepcopy reaches it the memo
     already maps the model and every parameter to their copies: it gives each copy its
     original's information and registers the new model. Pickling keeps Parameter attributes by
-    itself, so a pickled registration carries nothing."""
+    itself; an unpickled registration registers the unpickled model."""
 
     def __init__(self, model: nn.Module | None = None):
         self._model = weakref.ref(model) if model is not None else None
+        if model is not None:
+            _MODELS.add(model)
 
     def __deepcopy__(self, memo):
         old = self._model() if self._model is not None else None
@@ -99,7 +101,10 @@ class _Registration:
         return _Registration(new)
 
     def __reduce__(self):
-        return (_Registration, ())
+        # Unpickled (torch.load of a whole model), it registers the new model: pickle creates
+        # the model before its __dict__, so the reference resolves.
+        model = self._model() if self._model is not None else None
+        return (_Registration, (model,) if model is not None else ())
 
 
 def _register(model: nn.Module) -> None:

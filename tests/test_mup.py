@@ -582,6 +582,26 @@ def test_deepcopy_of_a_model_keeps_width_and_depth_information(gpt):
     assert mupopt.width_info(twin.readout.weight) == mupopt.width_info(model.readout.weight)
 
 
+def test_an_unpickled_model_recovers_replaced_parameters(gpt):
+    """torch.save(model) / torch.load: the Parameters keep their width information, but the
+    loaded model was not one set_base_shapes had seen, so once fully_shard (or any wrapper)
+    replaced every Parameter, an optimizer found no width information anywhere and ran without
+    muP, silently."""
+    import io
+
+    model, _, first = gpt
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for module in loaded.modules():  # what fully_shard does: new Parameter objects, no attributes
+        for local, p in list(module.named_parameters(recurse=False)):
+            setattr(module, local, nn.Parameter(p.detach().clone()))
+    assert all(mupopt.width_info(p) is None for p in loaded.parameters())
+    opt = mupopt.AdamW(loaded.named_parameters(), lr=1e-3)
+    assert opt.width_infos(opt.param_groups[0]) == [first[n] for n in opt.param_groups[0]["param_names"]]
+
+
 @pytest.mark.parametrize("late", ["set_base_shapes", "set_base_depth", "readout_multiplier_"])
 def test_width_or_depth_set_up_after_the_optimizer_raises_at_the_first_step(late):
     """The optimizer takes each parameter's information when it is created: set up after it,
