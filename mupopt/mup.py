@@ -1260,7 +1260,9 @@ def readout_multiplier_(model: nn.Module, readout: str) -> float:
     - An untied readout (role ``"output"``): the forward form of the output rule instead of the
       1/m_in learning rate (P1 lists both): its width information becomes m_in = 1 (learning-rate
       multiplier 1, init std_base in :func:`init_mup_`) and the 1/m moves into the forward pass.
-      For Adam-type optimizers the two forms train identically (tests/test_readout_multiplier.py).
+      For Adam-type optimizers the two forms train identically (tests/test_readout_multiplier.py)
+      under wd_mode "independent"; "coupled" and "inverse_width" scale the readout's decay by
+      1/m_in, which the forward form makes 1.
 
     The multiplier is a buffer of the module (``<readout>.mup_output_mult``), so it is saved in
     the model's ``state_dict``; a forward hook applies it. A model rebuilt from a checkpoint gets
