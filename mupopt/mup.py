@@ -813,6 +813,8 @@ def set_base_shapes(
     _check_source_types(base, delta, base_widths)
     if isinstance(base, (str, os.PathLike)):
         base = load_base_shapes(base)
+    if isinstance(base, Mapping) and not isinstance(base, BaseShapes) and _is_record(base):
+        base = _as_record(base)
     record = base if isinstance(base, BaseShapes) else None
     if record is not None and delta is not None:
         raise MupError("recorded base shapes already say which dimensions scale: pass them without delta=")
@@ -902,6 +904,19 @@ def _is_mu_readout(module) -> bool:
     layer = sys.modules.get("mup.layer")
     readout = getattr(layer, "MuReadout", None)
     return isinstance(readout, type) and isinstance(module, readout)
+
+
+def _is_record(shapes: Mapping) -> bool:
+    """Recorded base shapes in a plain dict rather than {name: shape}: what Microsoft mup's
+    make_base_shapes returns (without a savefile: {name: InfShape}, whose InfDims have a
+    base_dim, None for a fixed dimension) or a .bsh file read by hand ({name: [16, None]})."""
+    return any(
+        isinstance(v, (list, tuple)) and any(d is None or hasattr(d, "base_dim") for d in v) for v in shapes.values()
+    )
+
+
+def _as_record(shapes: Mapping) -> "BaseShapes":
+    return BaseShapes({n: [getattr(d, "base_dim", d) for d in v] for n, v in shapes.items()})
 
 
 def _tied_message(name: str, names: list[str], owners: Mapping[str, nn.Module]) -> str:

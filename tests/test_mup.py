@@ -942,6 +942,21 @@ def test_recorded_base_shapes_read_microsoft_mup_bsh(tmp_path):
     assert as_tuples(got) == as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides=POS))
 
 
+@pytest.mark.parametrize("width", [BASE, WIDTH])
+def test_recorded_base_shapes_as_microsoft_mup_returns_them(tmp_path, width):
+    """What Microsoft mup's make_base_shapes returns without a savefile ({name: InfShape}) and
+    its .bsh file read by hand ({name: [base size or None]}) are recorded base shapes too: the
+    first was a TypeError ("'method' object is not iterable"), the second a shapes dict, which
+    fails at the base width. Both give what the file gives, at the base width too."""
+    mup = pytest.importorskip("mup")
+    path = tmp_path / "mup.bsh"
+    returned = mup.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), savefile=str(path))
+    want = as_tuples(mupopt.set_base_shapes(TinyGPT(width), str(path), overrides=POS))
+    by_hand = mupopt.load_base_shapes(path)
+    assert as_tuples(mupopt.set_base_shapes(TinyGPT(width), returned, overrides=POS)) == want
+    assert as_tuples(mupopt.set_base_shapes(TinyGPT(width), dict(by_hand), overrides=POS)) == want
+
+
 def test_recorded_base_shapes_match_names_through_wrappers(tmp_path):
     """Base shapes recorded from the plain model name the parameters of its wrapped form:
     activation checkpointing's _checkpoint_wrapped_module and DDP's leading module. are not
