@@ -571,8 +571,15 @@ def _ratio(dim: Dim) -> float:
 def _fan_dims(module) -> tuple[int, int]:
     """(fan_in dim, fan_out dim) of a weight of this module type. nn.Embedding (vocab, d) and
     the transposed convolutions, whose weight is (in_channels, out_channels / groups, *kernel),
-    have fan_in first; nn.Linear and the other convolutions (out, in, ...) have it second."""
-    return (0, 1) if isinstance(module, (*_EMBEDDINGS, nn.modules.conv._ConvTransposeNd)) else (1, 0)
+    have fan_in first; nn.Linear and the other convolutions (out, in / groups, ...) have it
+    second. A grouped transposed convolution keeps the second: its dim 0 holds every group, and
+    a depthwise one (groups = in_channels, the grouping that grows with width) has a fixed fan_in
+    (the kernel) and its channels, dim 0, as fan_out, like a depthwise nn.Conv2d."""
+    if isinstance(module, _EMBEDDINGS):
+        return (0, 1)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == 1:
+        return (0, 1)
+    return (1, 0)
 
 
 _NO_WIDTH_HINT = (

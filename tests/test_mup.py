@@ -539,6 +539,7 @@ class ConvDecoder(nn.Module):
         self.mid = nn.ConvTranspose2d(w, v, 3)  # width -> width: hidden
         self.out = nn.ConvTranspose2d(v, 3, 3)  # width -> fixed: output
         self.enc = nn.Conv2d(v, w, 3)  # the plain layout beside it, hidden
+        self.dw = nn.ConvTranspose2d(w, w, 3, groups=w)  # depthwise (w, 1, 3, 3): fan_in fixed, input
 
 
 def test_transposed_conv_takes_fan_in_from_dim_0():
@@ -552,6 +553,7 @@ def test_transposed_conv_takes_fan_in_from_dim_0():
         "mid.weight": ("hidden", 4.0, 2.0, 0),
         "out.weight": ("output", 2.0, 1.0, 0),
         "enc.weight": ("hidden", 2.0, 4.0, 1),
+        "dw.weight": ("input", 1.0, 4.0, 1),
     }
     for name, (role, m_in, m_out, fan_in_dim) in want.items():
         info = infos[name]
