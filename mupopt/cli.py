@@ -20,7 +20,8 @@ def _verify(args) -> int:
         return 2
     print(verify.format_rows(rows))
     print()
-    print(verify.format_unchecked(verify.unchecked(devices, args.optimizer, args.backend)))
+    print(verify.format_unchecked(verify.unchecked(devices, args.optimizer, args.backend),
+                                  selected=bool(args.optimizer or args.backend)))
     for entry in verify.OPTIMIZERS:
         if args.optimizer and entry.name not in args.optimizer:
             continue

@@ -39,6 +39,7 @@ import fnmatch
 import json
 import math
 import os
+import sys
 import warnings
 import weakref
 import zlib
@@ -63,6 +64,52 @@ ALPHA_RANGE = (0.5, 1.0)
 MODULE_WIDTHS_ATTR = "mupopt_widths"
 # Models set_base_shapes has been called on (weakly held: a model's lifetime is the user's).
 _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# In the __dict__ of each model in _MODELS: its _Registration (copy.deepcopy, below).
+REGISTRATION_ATTR = "mupopt_registration"
+
+
+class _Registration:
+    """Carries a model's width and depth information through ``copy.deepcopy(model)``.
+
+    ``nn.Parameter.__deepcopy__`` makes a bare Parameter: the copies lose ``p.mupopt_width`` and
+    ``p.mupopt_depth``, and an optimizer over them would run without muP, silently. The modules'
+    records are copied with their ``__dict__``, but the copy is not in ``_MODELS``, where
+    :func:`recover_width_infos` looks. This object sits in the model's ``__dict__`` after the
+    submodules (set_base_shapes adds it after ``__init__``), so when deepcopy reaches it the memo
+    already maps the model and every parameter to their copies: it gives each copy its
+    original's information and registers the new model. Pickling keeps Parameter attributes by
+    itself; an unpickled registration registers the unpickled model."""
+
+    def __init__(self, model: nn.Module | None = None):
+        self._model = weakref.ref(model) if model is not None else None
+        if model is not None:
+            _MODELS.add(model)
+
+    def __deepcopy__(self, memo):
+        old = self._model() if self._model is not None else None
+        new = memo.get(id(old)) if old is not None else None
+        if not isinstance(new, nn.Module):
+            return _Registration()
+        for old_p in old.parameters():
+            new_p = memo.get(id(old_p))
+            if new_p is None:
+                continue
+            for attr in (WIDTH_ATTR, DEPTH_ATTR):
+                if hasattr(old_p, attr) and not hasattr(new_p, attr):
+                    setattr(new_p, attr, getattr(old_p, attr))
+        _MODELS.add(new)
+        return _Registration(new)
+
+    def __reduce__(self):
+        # Unpickled (torch.load of a whole model), it registers the new model: pickle creates
+        # the model before its __dict__, so the reference resolves.
+        model = self._model() if self._model is not None else None
+        return (_Registration, (model,) if model is not None else ())
+
+
+def _register(model: nn.Module) -> None:
+    _MODELS.add(model)
+    model.__dict__[REGISTRATION_ATTR] = _Registration(model)
 
 
 class MupError(ValueError):
@@ -195,9 +242,19 @@ def canonical_name(name: str) -> str:
     return ".".join(parts)
 
 
+# name -> name_code(name), filled when a record is made (add_param_group): a step traced by
+# torch.compile(fullgraph=True) reads the code here, since dynamo cannot trace zlib.crc32.
+_NAME_CODES: dict[str, int] = {}
+
+
 def name_code(name: str | None) -> int:
     """The record's form of a parameter name: CRC-32 of :func:`canonical_name`, -1 if unknown."""
-    return -1 if name is None else zlib.crc32(canonical_name(name).encode())
+    if name is None:
+        return -1
+    code = _NAME_CODES.get(name)
+    if code is None:
+        code = _NAME_CODES[name] = zlib.crc32(canonical_name(name).encode())
+    return code
 
 
 def width_record(info: WidthInfo | None, shape: Iterable[int], name: str | None = None,
@@ -312,6 +369,9 @@ LR_EXPONENTS: dict[str, dict[str, tuple[float, float]]] = {
     # match_rms_adamw (0.2*sqrt(max(A, B))) grows with width: P1/Zheng give lr / sqrt(m_in).
     "muon_match_rms_adamw": {"hidden": (-0.5, 0.0)},
 }
+
+# The rules of Muon's matrices (hidden only: the other tensors take AdamW's, Muon's AdamW part).
+MUON_RULES = ("muon", "muon_match_rms_adamw")
 
 # Where the decay acts: "decoupled" is p *= 1 - lr*wd*wd_mult before the update; LAMB puts wd*p
 # inside its trust-ratio-normalised direction, so its decay scales with the lr multiplier.
@@ -509,8 +569,17 @@ def _ratio(dim: Dim) -> float:
 
 
 def _fan_dims(module) -> tuple[int, int]:
-    """(fan_in dim, fan_out dim) of a weight of this module type."""
-    return (0, 1) if isinstance(module, _EMBEDDINGS) else (1, 0)
+    """(fan_in dim, fan_out dim) of a weight of this module type. nn.Embedding (vocab, d) and
+    the transposed convolutions, whose weight is (in_channels, out_channels / groups, *kernel),
+    have fan_in first; nn.Linear and the other convolutions (out, in / groups, ...) have it
+    second. A grouped transposed convolution keeps the second: its dim 0 holds every group, and
+    a depthwise one (groups = in_channels, the grouping that grows with width) has a fixed fan_in
+    (the kernel) and its channels, dim 0, as fan_out, like a depthwise nn.Conv2d."""
+    if isinstance(module, _EMBEDDINGS):
+        return (0, 1)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == 1:
+        return (0, 1)
+    return (1, 0)
 
 
 _NO_WIDTH_HINT = (
@@ -546,12 +615,12 @@ def _infer(name: str, module, dims: list[Dim], hint: str | None = None) -> Width
             raise MupError(f"embedding {name!r}: its vocabulary dimension (dim 0) scales with width")
         return WidthInfo("input", m_in, m_out, fan_in_dim=fan_in)
     if in_s and out_s:
-        return WidthInfo("hidden", m_in, m_out)
+        return WidthInfo("hidden", m_in, m_out, fan_in_dim=fan_in)
     if isinstance(module, _MATRIX_MODULES):
         if in_s:
-            return WidthInfo("output", m_in, m_out)
+            return WidthInfo("output", m_in, m_out, fan_in_dim=fan_in)
         if out_s:
-            return WidthInfo("input", m_in, m_out)
+            return WidthInfo("input", m_in, m_out, fan_in_dim=fan_in)
         raise MupError(
             f"parameter {name!r} ({type(module).__name__}, shape {tuple(s for s, _ in dims)}): no "
             f"dimension scales with width, so its role cannot be told. {hint or _NO_WIDTH_HINT} "
@@ -751,6 +820,8 @@ def set_base_shapes(
     _check_source_types(base, delta, base_widths)
     if isinstance(base, (str, os.PathLike)):
         base = load_base_shapes(base)
+    if isinstance(base, Mapping) and not isinstance(base, BaseShapes) and _is_record(base):
+        base = _as_record(base)
     record = base if isinstance(base, BaseShapes) else None
     if record is not None and delta is not None:
         raise MupError("recorded base shapes already say which dimensions scale: pass them without delta=")
@@ -759,6 +830,8 @@ def set_base_shapes(
         base_shapes = _canonical_keys(_named_shapes(base))
     if delta is not None:
         delta_shapes = _canonical_keys(_named_shapes(delta))
+        if base_shapes == delta_shapes:  # else every Linear's "nothing scales" error says "pass delta="
+            raise MupError("base and delta have the same shapes: build delta at another width than the base")
     if record is not None:
         record = BaseShapes(_canonical_keys(record))
     overrides = dict(overrides or {})
@@ -782,6 +855,7 @@ def set_base_shapes(
         hint = _BASE_WIDTH_HINT
 
     result: dict[str, WidthInfo] = {}
+    planned: list[tuple[torch.nn.Parameter, list[str], WidthInfo, tuple[int, ...]]] = []
     for pid, names in names_of.items():
         p = params[pid]
         name = names[0]
@@ -809,20 +883,47 @@ def set_base_shapes(
             if base_widths is not None:
                 _warn_unlisted_width(name, owners[name], shape, info, base_widths)
         info = dataclasses.replace(info, name=name)  # labels mup_summary() of plain parameters
-        if info.role == "output" and hasattr(owners[name], READOUT_BUFFER):
+        if info.role == "output" and (hasattr(owners[name], READOUT_BUFFER) or _is_mu_readout(owners[name])):
             # readout_multiplier_ (or restore_readout_multipliers) put the output rule's 1/m in
-            # the forward pass: the lr must not apply it again.
+            # the forward pass, as Microsoft mup's MuReadout does (its output / width_mult, m_in):
+            # the lr must not apply it again.
             info = dataclasses.replace(info, m_in=1.0)
+        planned.append((p, names, info, shape))
+    unused = set(overrides) - used_patterns
+    if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
+        raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
+    # Every error is raised above, before any parameter is changed: a failed call leaves the
+    # model as it was (not part of the new information beside part of an older call's).
+    for p, names, info, shape in planned:
         for n in names:
             result[n] = info
             local_name = n.rpartition(".")[2]
             owners[n].__dict__.setdefault(MODULE_WIDTHS_ATTR, {})[local_name] = (info, shape)
         setattr(p, WIDTH_ATTR, info)
-    _MODELS.add(model)
-    unused = set(overrides) - used_patterns
-    if unused and not partial:  # in a pipeline stage, a pattern may name another stage's parameters
-        raise MupError(f"overrides {sorted(unused)} match no parameter of the model")
+    _register(model)
     return result
+
+
+def _is_mu_readout(module) -> bool:
+    """Microsoft mup's MuReadout (or MuSharedReadout): its forward divides the logits by its
+    width_mult, the readout's m_in. Looked up where mup is imported only (a model holding one
+    imported it); mupopt does not depend on mup."""
+    layer = sys.modules.get("mup.layer")
+    readout = getattr(layer, "MuReadout", None)
+    return isinstance(readout, type) and isinstance(module, readout)
+
+
+def _is_record(shapes: Mapping) -> bool:
+    """Recorded base shapes in a plain dict rather than {name: shape}: what Microsoft mup's
+    make_base_shapes returns (without a savefile: {name: InfShape}, whose InfDims have a
+    base_dim, None for a fixed dimension) or a .bsh file read by hand ({name: [16, None]})."""
+    return any(
+        isinstance(v, (list, tuple)) and any(d is None or hasattr(d, "base_dim") for d in v) for v in shapes.values()
+    )
+
+
+def _as_record(shapes: Mapping) -> "BaseShapes":
+    return BaseShapes({n: [getattr(d, "base_dim", d) for d in v] for n, v in shapes.items()})
 
 
 def _tied_message(name: str, names: list[str], owners: Mapping[str, nn.Module]) -> str:
@@ -878,10 +979,11 @@ def _check_source_types(base, delta, base_widths) -> None:
     if delta is not None and not isinstance(delta, (nn.Module, Mapping)):
         raise TypeError(f"set_base_shapes: delta= takes a model at another width or its {{name: shape}} dict; got {type(delta).__name__}")
     if base_widths is not None and not (
-        isinstance(base_widths, Mapping) and all(isinstance(k, int) and isinstance(v, int) for k, v in base_widths.items())
+        isinstance(base_widths, Mapping)
+        and all(isinstance(k, int) and isinstance(v, int) and k > 0 and v > 0 for k, v in base_widths.items())
     ):
         raise TypeError(
-            f"set_base_shapes: base_widths= takes {{size in the model: its size at the base width}}, "
+            f"set_base_shapes: base_widths= takes {{size in the model: its size at the base width}} (positive ints), "
             f"e.g. {{2048: 256, 8192: 1024}}; got {base_widths!r}"
         )
 
@@ -1036,7 +1138,7 @@ def set_base_depth(model: nn.Module, blocks: Iterable[nn.Module], base_depth: in
             module.__dict__.setdefault(MODULE_DEPTHS_ATTR, {})[local] = (info, tuple(p.shape))
     mult = (base_depth / len(blocks)) ** alpha
     model.__dict__[RESIDUAL_ATTR] = mult
-    _MODELS.add(model)
+    _register(model)
     return mult
 
 
@@ -1104,8 +1206,11 @@ def summary(model: nn.Module, optimizer: str = "adamw", *, max_preconditioner_di
     for name, p in model.named_parameters():
         info, depth = width_info(p), depth_info(p)
         blocks = (tuple(p.shape), max_preconditioner_dim) if optimizer == "shampoo" and is_matrix(p) else None
-        m = multipliers(optimizer, info, depth=depth, shampoo_blocks=blocks, **rule_options)
-        rows.append((name, tuple(p.shape), info, m, decay_rule(optimizer, m), depth))
+        # Muon steps only hidden matrices; every other tensor takes its AdamW part's rules
+        # (docs/mup.md's table: "AdamW fallback"), whose multipliers the muon rules lack.
+        rule = "adamw" if optimizer in MUON_RULES and info is not None and info.role != "hidden" else optimizer
+        m = multipliers(rule, info, depth=depth, shampoo_blocks=blocks, **rule_options)
+        rows.append((name, tuple(p.shape), info, m, decay_rule(rule, m), depth))
     table = format_table(rows)
     forward = readout_multipliers(model)
     if forward:
@@ -1130,6 +1235,13 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
     """
     _warn_unapplied_readouts(model)
     recover_width_infos(model.parameters())  # FSDP2's to_empty / fully_shard made new Parameters
+    for module in model.modules():
+        # A readout multiplier set on the meta device: to_empty left its buffer uninitialised
+        # (logits times garbage, often 0); init_mup_ is the re-initialisation that follows.
+        value = module.__dict__.get(READOUT_VALUE_ATTR)
+        buffer = getattr(module, READOUT_BUFFER, None)
+        if value is not None and isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+            buffer.fill_(value)
     for name, p in model.named_parameters():
         info = width_info(p)
         if info is None:
@@ -1148,6 +1260,9 @@ def init_mup_(model: nn.Module, std_base: float = 0.02, *, zero_readout: bool = 
 # The readout multiplier (the forward form of muP's output rule)
 # ---------------------------------------------------------------------------------------------
 READOUT_BUFFER = "mup_output_mult"
+# The multiplier as a float in the module's __dict__, beside the buffer: what init_mup_ writes
+# back into a buffer that to_empty left uninitialised.
+READOUT_VALUE_ATTR = "mupopt_readout_value"
 
 
 def _readout_hook(module: nn.Module, args, output):
@@ -1167,7 +1282,9 @@ def readout_multiplier_(model: nn.Module, readout: str) -> float:
     - An untied readout (role ``"output"``): the forward form of the output rule instead of the
       1/m_in learning rate (P1 lists both): its width information becomes m_in = 1 (learning-rate
       multiplier 1, init std_base in :func:`init_mup_`) and the 1/m moves into the forward pass.
-      For Adam-type optimizers the two forms train identically (tests/test_readout_multiplier.py).
+      For Adam-type optimizers the two forms train identically (tests/test_readout_multiplier.py)
+      under wd_mode "independent"; "coupled" and "inverse_width" scale the readout's decay by
+      1/m_in, which the forward form makes 1.
 
     The multiplier is a buffer of the module (``<readout>.mup_output_mult``), so it is saved in
     the model's ``state_dict``; a forward hook applies it. A model rebuilt from a checkpoint gets
@@ -1237,6 +1354,7 @@ def _apply_readout(model: nn.Module, readout: str, mult: float) -> None:
             records["weight"] = (info, records["weight"][1])
     device = weight.device if isinstance(weight, torch.Tensor) else None
     module.register_buffer(READOUT_BUFFER, torch.tensor(mult, dtype=torch.float32, device=device))
+    module.__dict__[READOUT_VALUE_ATTR] = float(mult)
     module.register_forward_hook(_readout_hook)
     config = _hf_config(model)
     if config is not None:

@@ -458,9 +458,12 @@ def unchecked(devices: list[str] | None = None, optimizers: list[str] | None = N
     return out
 
 
-def format_unchecked(items: list[Unchecked]) -> str:
-    """One line per backend verify did not check."""
+def format_unchecked(items: list[Unchecked], selected: bool = False) -> str:
+    """One line per backend verify did not check. ``selected``: the run was limited to some
+    optimizers or backends (--optimizer, --backend), whose others it did not check either."""
     if not items:
+        if selected:
+            return "Every registered backend of the selected optimizers and backends was checked (the others were not)."
         return "Every registered backend was checked."
     lines = ["Not checked here:"]
     for u in items:

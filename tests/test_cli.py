@@ -44,3 +44,12 @@ def test_docs_and_help_cite_only_files_in_the_repository():
     for argv in (["--help"], ["bench", "--help"], ["verify", "--help"]):
         proc = _run(*argv)
         assert proc.returncode == 0 and not any(name in proc.stdout for name in absent), proc.stdout
+
+
+def test_verify_limited_to_one_backend_does_not_claim_every_backend():
+    """`mupopt verify --optimizer adamw --backend reference` checks one row pair: it printed
+    "Every registered backend was checked." all the same."""
+    proc = _run("verify", "--optimizer", "adamw", "--backend", "reference", "--steps", "1", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Every registered backend was checked." not in proc.stdout
+    assert "the others were not" in proc.stdout

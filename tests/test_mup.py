@@ -70,6 +70,9 @@ def table_lr(rule: str, info: WidthInfo, lamb_hidden_exponent: float = 0.0) -> f
         return adam_like[role]
     if rule == "lamb":
         return m_in**lamb_hidden_exponent if role == "hidden" else 1.0
+    if rule in ("muon", "muon_match_rms_adamw"):  # hidden: Muon's row; the rest: AdamW fallback
+        hidden = 1.0 if rule == "muon" else 1.0 / math.sqrt(m_in)
+        return hidden if role == "hidden" else adam_like[role]
     if rule == "shampoo":
         return {
             "input": math.sqrt(m_out),
@@ -318,29 +321,24 @@ def mup_pair(cls, **mupopt_kwargs):
 @pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
 def test_effective_lr_and_decay_match_mu_adamw(cls):
     """Per tensor, mupopt's lr*lr_mult and lr*wd*wd_mult equal MuAdamW's group lr and
-    lr*weight_decay; for the MuReadout weight (MuAdamW keeps lr, the forward divides by
-    width_mult) mupopt's multiplier is 1/readout.width_mult()."""
+    lr*weight_decay; the MuReadout weight too: its forward divides by width_mult, so neither
+    MuAdamW nor mupopt scales its lr (test_mu_readout_model_trains_as_mu_adamw)."""
     model, rows = mup_pair(cls)
     hidden_seen = False
     for name, p, our_lr, our_decay, their_lr, their_decay in rows:
         assert our_decay == pytest.approx(their_decay, rel=1e-12), name
-        if name == "readout.weight":
-            assert their_lr == LR
-            assert our_lr / LR == pytest.approx(1.0 / model.readout.width_mult()), name
-        else:
-            assert our_lr == pytest.approx(their_lr, rel=1e-12), name
-            hidden_seen |= their_lr != LR
+        assert our_lr == pytest.approx(their_lr, rel=1e-12), name
+        hidden_seen |= their_lr != LR
     assert hidden_seen  # MuAdamW did scale something: the comparison is not vacuous
 
 
 @pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
 def test_coupled_decay_matches_torch_with_mu_lr_groups(cls):
     """wd_mode='coupled' is torch.optim with per-width lr groups and an unscaled weight_decay:
-    decay = (MuAdamW's group lr, readout lr/width_mult) * WD."""
+    decay = MuAdamW's group lr * WD (the MuReadout's lr unscaled, as MuAdamW's)."""
     model, rows = mup_pair(cls, wd_mode="coupled")
     for name, p, our_lr, our_decay, their_lr, _ in rows:
-        lr = their_lr / model.readout.width_mult() if name == "readout.weight" else their_lr
-        assert our_decay == pytest.approx(lr * WD, rel=1e-12), name
+        assert our_decay == pytest.approx(their_lr * WD, rel=1e-12), name
 
 
 def test_training_equals_mu_adamw_with_mu_readout():
@@ -373,6 +371,36 @@ def test_training_equals_mu_adamw_with_mu_readout():
     theirs_params = dict(theirs_model.named_parameters())
     for name, p in ours_model.named_parameters():
         q = theirs_params[name] / wm if name == "readout.weight" else theirs_params[name]
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("source", ["infshape", "base"])
+def test_mu_readout_model_trains_as_mu_adamw(source):
+    """A model that keeps Microsoft mup's MuReadout (mup.set_base_shapes insists on one), given
+    to mupopt after mup.set_base_shapes: MuReadout divides its logits by width_mult (m_in) in the
+    forward, and mupopt gave the readout's lr 1/m_in as well, so the readout learnt m times
+    slower than under MuAdamW. The same model, the same data: the same weights as MuAdamW."""
+    mup = pytest.importorskip("mup")
+    torch.manual_seed(0)
+    theirs_model = MuMLP(WIDTH)
+    mup.set_base_shapes(theirs_model, meta(MuMLP, BASE))
+    ours_model = copy.deepcopy(theirs_model)
+    mup.set_base_shapes(ours_model, meta(MuMLP, BASE), rescale_params=False)  # deepcopy drops infshape
+    if source == "infshape":
+        mupopt.set_base_shapes(ours_model)
+    else:
+        mupopt.set_base_shapes(ours_model, meta(MuMLP, BASE))
+    assert mupopt.width_info(ours_model.readout.weight).m_in == 1.0
+    theirs = mup.MuAdamW(theirs_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
+    ours = mupopt.AdamW(ours_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(16, 10, generator=gen), torch.randn(16, 3, generator=gen)
+        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    for (name, p), q in zip(ours_model.named_parameters(), theirs_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
@@ -501,6 +529,108 @@ def test_tied_weights_declared_output_get_output_scaling():
     assert multipliers("adamw", info).lr == pytest.approx(1 / 4)
 
 
+class ConvDecoder(nn.Module):
+    """Transposed convolutions, whose weight is (in_channels, out_channels, kH, kW): fan_in is
+    dim 0, unlike nn.Conv2d's (out, in, kH, kW). Two widths, so that m_in != m_out."""
+
+    def __init__(self, w: int, v: int):
+        super().__init__()
+        self.inp = nn.ConvTranspose2d(3, w, 3)  # fixed -> width: input
+        self.mid = nn.ConvTranspose2d(w, v, 3)  # width -> width: hidden
+        self.out = nn.ConvTranspose2d(v, 3, 3)  # width -> fixed: output
+        self.enc = nn.Conv2d(v, w, 3)  # the plain layout beside it, hidden
+        self.dw = nn.ConvTranspose2d(w, w, 3, groups=w)  # depthwise (w, 1, 3, 3): fan_in fixed, input
+
+
+def test_transposed_conv_takes_fan_in_from_dim_0():
+    """A decoder's first transposed conv (3 -> width channels) is an input layer and its last
+    (width -> 3) a readout; taking fan_in from dim 1, as for nn.Conv2d, swapped the two roles
+    (the readout got lr multiplier 1 instead of 1/m_in) and m_in with m_out."""
+    model = ConvDecoder(64, 16)
+    infos = mupopt.set_base_shapes(model, meta(ConvDecoder, 16, 8), delta=meta(ConvDecoder, 32, 32))
+    want = {  # (role, m_in, m_out, fan_in_dim) by docs/mup.md: w grows 4x, v 2x
+        "inp.weight": ("input", 1.0, 4.0, 0),
+        "mid.weight": ("hidden", 4.0, 2.0, 0),
+        "out.weight": ("output", 2.0, 1.0, 0),
+        "enc.weight": ("hidden", 2.0, 4.0, 1),
+        "dw.weight": ("input", 1.0, 4.0, 1),
+    }
+    for name, (role, m_in, m_out, fan_in_dim) in want.items():
+        info = infos[name]
+        assert (info.role, info.m_in, info.m_out, info.fan_in_dim) == (role, m_in, m_out, fan_in_dim), name
+    opt = mupopt.AdamW(model.named_parameters(), lr=1e-3)
+    lrs = dict(zip(opt.param_groups[0]["param_names"], (m.lr for m in opt.group_multipliers(opt.param_groups[0]))))
+    for name, (role, m_in, m_out, _) in want.items():
+        assert lrs[name] == pytest.approx(table_lr("adamw", WidthInfo(role, m_in, m_out))), name
+
+
+def test_deepcopy_of_a_model_keeps_width_and_depth_information(gpt):
+    """copy.deepcopy(model) (one model per sweep run, an EMA copy) must train as the original:
+    nn.Parameter.__deepcopy__ drops the parameters' attributes, and an optimizer over the copy
+    ran with every multiplier 1, without a word."""
+    model, _, _ = gpt
+    mupopt.set_base_depth(model, model.blocks, base_depth=1, alpha=0.5)
+    twin = copy.deepcopy(model)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert mupopt.width_info(q) == mupopt.width_info(p) is not None, name
+        assert mupopt.depth_info(q) == mupopt.depth_info(p) is not None, name
+    want, got = (mupopt.AdamW(m.parameters(), lr=1e-3) for m in (model, twin))
+    assert got.group_multipliers(got.param_groups[0]) == want.group_multipliers(want.param_groups[0])
+    assert any(m.lr != 1.0 for m in got.group_multipliers(got.param_groups[0]))
+    # The copy is a model of its own for the recovery of replaced Parameters (FSDP2, TP).
+    twin.readout.weight = nn.Parameter(twin.readout.weight.detach().clone())
+    assert mupopt.width_info(twin.readout.weight) is None
+    mupopt.AdamW(twin.parameters(), lr=1e-3)
+    assert mupopt.width_info(twin.readout.weight) == mupopt.width_info(model.readout.weight)
+
+
+def test_an_unpickled_model_recovers_replaced_parameters(gpt):
+    """torch.save(model) / torch.load: the Parameters keep their width information, but the
+    loaded model was not one set_base_shapes had seen, so once fully_shard (or any wrapper)
+    replaced every Parameter, an optimizer found no width information anywhere and ran without
+    muP, silently."""
+    import io
+
+    model, _, first = gpt
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for module in loaded.modules():  # what fully_shard does: new Parameter objects, no attributes
+        for local, p in list(module.named_parameters(recurse=False)):
+            setattr(module, local, nn.Parameter(p.detach().clone()))
+    assert all(mupopt.width_info(p) is None for p in loaded.parameters())
+    opt = mupopt.AdamW(loaded.named_parameters(), lr=1e-3)
+    assert opt.width_infos(opt.param_groups[0]) == [first[n] for n in opt.param_groups[0]["param_names"]]
+
+
+@pytest.mark.parametrize("late", ["set_base_shapes", "set_base_depth", "readout_multiplier_"])
+def test_width_or_depth_set_up_after_the_optimizer_raises_at_the_first_step(late):
+    """The optimizer takes each parameter's information when it is created: set up after it,
+    the information never reached the step (set_base_shapes: every multiplier 1, silently;
+    readout_multiplier_: the readout's 1/m in the lr and in the forward). The first step
+    refuses, names the parameter and the order, and writes nothing."""
+    base, delta = meta(TinyGPT, BASE, tie=False), meta(TinyGPT, 2 * BASE, tie=False)
+    model = TinyGPT(WIDTH, tie=False)
+    if late != "set_base_shapes":
+        mupopt.set_base_shapes(model, base, delta=delta, overrides=POS)
+    opt = mupopt.AdamW(model.parameters(), lr=1e-3)
+    if late == "set_base_shapes":
+        mupopt.set_base_shapes(model, base, delta=delta, overrides=POS)
+    elif late == "set_base_depth":
+        mupopt.set_base_depth(model, model.blocks, base_depth=1)
+    else:
+        mupopt.readout_multiplier_(model, "readout")
+    params = list(model.parameters())
+    fill_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(mupopt.MupError, match=r"before the optimizer is created"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not opt.state
+    fill_grads(params, 0)
+    mupopt.AdamW(model.parameters(), lr=1e-3).step()  # made after: fine
+
+
 def test_ambiguous_unknown_module_parameter_raises():
     """A bare 2-D parameter of a non-standard module needs an override: MupError naming it."""
     with pytest.raises(mupopt.MupError) as err:
@@ -522,6 +652,23 @@ def test_override_pattern_matching_nothing_raises():
     """A typo in an override pattern is an error, not silently ignored."""
     with pytest.raises(mupopt.MupError, match=r"blocks\.\*\.mlp_inn\.weight"):
         mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides={**POS, "blocks.*.mlp_inn.weight": "hidden"})
+
+
+def test_a_failed_set_base_shapes_changes_nothing(gpt):
+    """A call that raises (an override pattern with a typo, found after every parameter was
+    seen) left the parameters it had passed with the new information beside the others' old
+    one: a later optimizer took that mix of two bases without a word."""
+    model, _, first = gpt
+    records = {n: dict(m.__dict__.get("mupopt_widths", {})) for n, m in model.named_modules()}
+    with pytest.raises(mupopt.MupError, match="blocks.0.typo"):
+        mupopt.set_base_shapes(model, meta(TinyGPT, WIDTH // 2), overrides={**POS, "blocks.0.typo": "hidden"})
+    for name, p in model.named_parameters():
+        assert mupopt.width_info(p) == first[name], name
+    assert records == {n: dict(m.__dict__.get("mupopt_widths", {})) for n, m in model.named_modules()}
+    fresh = TinyGPT(WIDTH)
+    with pytest.raises(mupopt.MupError):
+        mupopt.set_base_shapes(fresh, meta(TinyGPT, BASE))  # 'pos' needs an override
+    assert all(mupopt.width_info(p) is None for p in fresh.parameters())
 
 
 def test_mixed_width_info_in_one_optimizer_raises(gpt):
@@ -733,9 +880,11 @@ def _rows(text):
     return [line.split() for line in lines[2:]]
 
 
-@pytest.mark.parametrize("rule", ["adamw", "shampoo"])
+@pytest.mark.parametrize("rule", ["adamw", "shampoo", "muon", "muon_match_rms_adamw"])
 def test_summary_has_one_row_per_parameter(gpt, rule):
-    """mupopt.summary: one row per parameter with its name, role and lr multiplier."""
+    """mupopt.summary: one row per parameter with its name, role and lr multiplier (for Muon,
+    whose rules cover hidden matrices only, it raised at the embedding: the other tensors take
+    the AdamW fallback of docs/mup.md's table)."""
     model, base, infos = gpt
     want = tinygpt_expectations(model, base)
     rows = _rows(mupopt.summary(model, rule))
@@ -795,6 +944,21 @@ def test_recorded_base_shapes_read_microsoft_mup_bsh(tmp_path):
     assert as_tuples(got) == as_tuples(mupopt.set_base_shapes(TinyGPT(WIDTH), meta(TinyGPT, BASE), overrides=POS))
 
 
+@pytest.mark.parametrize("width", [BASE, WIDTH])
+def test_recorded_base_shapes_as_microsoft_mup_returns_them(tmp_path, width):
+    """What Microsoft mup's make_base_shapes returns without a savefile ({name: InfShape}) and
+    its .bsh file read by hand ({name: [base size or None]}) are recorded base shapes too: the
+    first was a TypeError ("'method' object is not iterable"), the second a shapes dict, which
+    fails at the base width. Both give what the file gives, at the base width too."""
+    mup = pytest.importorskip("mup")
+    path = tmp_path / "mup.bsh"
+    returned = mup.make_base_shapes(meta(TinyGPT, BASE), meta(TinyGPT, 2 * BASE), savefile=str(path))
+    want = as_tuples(mupopt.set_base_shapes(TinyGPT(width), str(path), overrides=POS))
+    by_hand = mupopt.load_base_shapes(path)
+    assert as_tuples(mupopt.set_base_shapes(TinyGPT(width), returned, overrides=POS)) == want
+    assert as_tuples(mupopt.set_base_shapes(TinyGPT(width), dict(by_hand), overrides=POS)) == want
+
+
 def test_recorded_base_shapes_match_names_through_wrappers(tmp_path):
     """Base shapes recorded from the plain model name the parameters of its wrapped form:
     activation checkpointing's _checkpoint_wrapped_module and DDP's leading module. are not
@@ -836,6 +1000,15 @@ def test_an_int_as_base_is_a_type_error_naming_base_widths():
         mupopt.set_base_shapes(MLP(64), 16)
     with pytest.raises(TypeError, match="base_widths="):
         mupopt.set_base_shapes(MLP(64), base_widths=16)
+    with pytest.raises(TypeError, match="positive"):  # was a ZeroDivisionError
+        mupopt.set_base_shapes(MLP(64), base_widths={64: 0})
+
+
+def test_a_delta_at_the_base_width_is_named():
+    """delta= built at the base width tells no width dimension: the error said "Pass delta=" to
+    a call that passed one."""
+    with pytest.raises(mupopt.MupError, match="base and delta have the same shapes"):
+        mupopt.set_base_shapes(MLP(64), meta(MLP, 16), delta=meta(MLP, 16))
 
 
 def test_a_base_wider_than_the_model_raises():

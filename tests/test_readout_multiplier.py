@@ -140,6 +140,32 @@ def test_untied_readout_keeps_one_lr_rule_whatever_the_order():
     assert mupopt.width_info(model.readout.weight).m_in == 1.0
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_meta_device_model_gets_its_multiplier_back_from_init_mup(tie):
+    """The meta-device recipe (set_base_shapes, readout_multiplier_, to_empty, init_mup_):
+    to_empty leaves every buffer uninitialised, the multiplier's too, and the logits were
+    multiplied by whatever the memory held (0 in a probe: logits all 0). init_mup_
+    writes the multiplier back; the model then computes what the same recipe on the CPU does."""
+    overrides = TIED if tie else POS
+    with torch.device("meta"):
+        model = TinyGPT(128, tie=tie)
+    with torch.device("meta"):
+        base, delta = TinyGPT(BASE, tie=tie), TinyGPT(2 * BASE, tie=tie)
+    mupopt.set_base_shapes(model, base, delta=delta, overrides=overrides)
+    mult = mupopt.readout_multiplier_(model, "readout")
+    model.to_empty(device="cpu")
+    model.readout.mup_output_mult.fill_(123.0)  # what uninitialised memory may hold
+    mupopt.init_mup_(model, generator=torch.Generator().manual_seed(0))
+    assert mupopt.readout_multipliers(model) == {"readout": mult}
+    want = shaped(128, tie, overrides)
+    mupopt.readout_multiplier_(want, "readout")
+    mupopt.init_mup_(want, generator=torch.Generator().manual_seed(0))
+    for (name, p), q in zip(want.named_parameters(), model.parameters()):
+        if mupopt.width_info(p).role != "vector":  # init_mup_ leaves vectors as to_empty made them
+            assert torch.equal(p, q), name
+    assert torch.equal(model.readout.mup_output_mult, want.readout.mup_output_mult)
+
+
 def _gpt2(width: int):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=width, n_layer=1, n_head=2, vocab_size=64, n_positions=16)

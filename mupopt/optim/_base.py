@@ -665,6 +665,26 @@ class MupOptimizer(Optimizer):
                 f"have: call mupopt.set_base_shapes on the whole model (or clear_base_shapes to train without muP)"
             )
 
+    def _refuse_width_changed_since_construction(self, group: dict) -> None:
+        """The optimizer takes each parameter's width and depth information when it is given the
+        parameter; a parameter whose information differs at its first step was set up after the
+        optimizer was made (set_base_shapes, set_base_depth or readout_multiplier_ called after
+        it: with set_base_shapes, every multiplier stayed 1 without a word). A parameter with
+        a state keeps the record of its state, which a checkpoint may have brought on purpose
+        (docs/mup.md, "Width records in checkpoints")."""
+        for p in group["params"]:
+            if self.state.get(p):
+                continue
+            now = (width_info(p), depth_info(p))
+            taken = (self._width_of(p), self._depth_of(p))
+            for what, have, had in zip(("width", "depth"), now, taken):
+                if have is not None and have != had:
+                    raise MupError(
+                        f"parameter {self._label(p)} has {what} information ({have}) that differs from what the "
+                        f"optimizer took when it was created ({had}): mupopt.set_base_shapes, set_base_depth "
+                        f"and readout_multiplier_ must come before the optimizer is created; create it again"
+                    )
+
     def width_infos(self, group: dict) -> list[WidthInfo | None]:
         """The width info of each parameter of ``group`` (None: no muP for it)."""
         if "mup" in group:
@@ -1041,6 +1061,7 @@ class MupOptimizer(Optimizer):
     def _build_plan(self, group: dict, kernel: str, key, stepped: list[int], grads: list) -> GroupPlan:
         params = [group["params"][i] for i in stepped]
         mults_all = self.group_multipliers(group)
+        self._refuse_width_changed_since_construction(group)
         _refuse_bad_grads(type(self).__name__, params, [grads[i] for i in stepped])
         check_placements(params, type(self).__name__)
         locals_ = [local(p) for p in params]
