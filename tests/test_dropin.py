@@ -524,3 +524,56 @@ def test_load_pre_hooks_run_first_and_once():
     assert opt.state[params[0]]["step"].item() == 2
     handle.remove()
     assert len(opt._optimizer_load_state_dict_pre_hooks) == 0
+
+
+def _layout(state: dict) -> dict:
+    """Each state entry's kind: a tensor's dtype and shape, a list's or dict's length, or a type."""
+    out = {}
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[key] = (v.dtype, tuple(v.shape))
+        elif isinstance(v, (list, dict)):
+            out[key] = (type(v).__name__, len(v))
+        else:
+            out[key] = type(v).__name__
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_hooks_see_what_the_optimizer_holds_and_returns(name):
+    """torch runs state_dict post-hooks on the dict state_dict returns and load_state_dict
+    post-hooks once the state is loaded. mupopt finishes both after torch's code (8-bit codes
+    under their own key, width records, formats converted, Shampoo's blocks): a post-hook run
+    from inside torch's code saw a dict other than the one returned, and, loading an 8-bit
+    checkpoint into a 32-bit optimizer, uint8 codes where the optimizer then holds float32 values
+    (a hook that zeroed the momentum there wrote code 0, which decodes to -0.993 * absmax)."""
+    big = [torch.randn(64, 80, generator=torch.Generator().manual_seed(1)).requires_grad_(), *make_params()]
+    opt = make(name, big, state_bits=8)
+    for t in range(2):
+        step(opt, big, t)
+    plain = opt.state_dict()
+    seen = []
+    handle = opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd))
+    out = opt.state_dict()
+    handle.remove()
+    assert len(seen) == 1 and seen[0] is out
+    assert {k: _layout(v) for k, v in out["state"].items()} == {k: _layout(v) for k, v in plain["state"].items()}
+    replaced = {"state": {}, "param_groups": []}
+    handle = opt.register_state_dict_post_hook(lambda o, sd: replaced)
+    assert opt.state_dict() is replaced  # a hook's returned dict is what state_dict returns
+    handle.remove()
+
+    target_params = [p.detach().clone().requires_grad_() for p in big]
+    target = make(name, target_params)  # 32-bit: the 8-bit checkpoint is dequantized
+    momentum = "momentum_buffer" if name in ("muon", "shampoo") else "exp_avg"
+    at_hook = []
+
+    def post(o):
+        at_hook.append({id(p): _layout(st) for p, st in o.state.items()})
+        o.state[target_params[0]][momentum].zero_()  # e.g. a resume that resets the momentum
+
+    target.register_load_state_dict_post_hook(post)
+    target.load_state_dict(plain)
+    assert at_hook == [{id(p): _layout(st) for p, st in target.state.items()}]
+    assert target.state[target_params[0]][momentum].dtype == torch.float32
+    assert not target.state[target_params[0]][momentum].any()

@@ -754,6 +754,28 @@ class MupOptimizer(Optimizer):
 
     # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """:meth:`_state_dict` between torch's state_dict hooks: the pre-hooks
+        (``register_state_dict_pre_hook``) run first, on the optimizer as it is, and the
+        post-hooks last, on the dict returned, as torch runs them. From inside torch's
+        state_dict, which :meth:`_state_dict` calls, the post-hooks would see a dict that is
+        changed after them (8-bit codes under the entry's name, ``_State`` objects, no initial
+        states of unstepped params, Shampoo's blocks as lists), and a change of theirs could be
+        undone."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            sd = self._state_dict()
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
+        for post_hook in hooks[1].values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict(self) -> dict:
         """torch's state_dict, every parameter's width record in its state entry (key "mup",
         mupopt.mup.width_record), each state a plain dict (``opt.state`` holds :class:`_State`
         entries, which ``torch.load(weights_only=True)`` would refuse). A parameter with muP
@@ -868,13 +890,19 @@ class MupOptimizer(Optimizer):
                     saved.setdefault(key, value)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
         unstored = self._check_saved_state_keys(groups, state_dict["state"], saved_groups)
-        # The pre-hooks have run: torch's load_state_dict must not run them a second time.
+        # The pre-hooks have run: torch's load_state_dict must not run them a second time. The
+        # post-hooks run at the end, on the state as loaded (torch runs them last too): from
+        # inside torch's load_state_dict they would see the state before the conversions below
+        # (8-bit codes in a 32-bit optimizer, values not yet quantized, no width records).
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
             super().load_state_dict({**state_dict, "param_groups": groups})
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for p, record in loaded.items():  # old-format records of params saved without a state
             self._widths[p] = (record, self._own(p)[1])
         for p, st in self.state.items():  # states saved without a record (torch.optim) keep ours
@@ -898,6 +926,8 @@ class MupOptimizer(Optimizer):
                     f"to resume exactly.)",
                     stacklevel=2,
                 )
+        for post_hook in post_hooks.values():
+            post_hook(self)
 
     def _load_records(self, state_dict: dict) -> tuple[dict, dict]:
         """load_state_dict's width records, checked before anything is written: each saved
