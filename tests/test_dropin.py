@@ -577,3 +577,34 @@ def test_state_dict_hooks_see_what_the_optimizer_holds_and_returns(name):
     assert at_hook == [{id(p): _layout(st) for p, st in target.state.items()}]
     assert target.state[target_params[0]][momentum].dtype == torch.float32
     assert not target.state[target_params[0]][momentum].any()
+
+
+@pytest.mark.parametrize("name,backend", NAME_BACKEND)
+def test_a_param_replaced_in_its_group_list_is_the_one_stepped(name, backend):
+    """``group["params"][i] = new`` (a layer re-initialised or resized, its Parameter swapped in
+    the optimizer) between steps: the next step steps ``new``, as torch.optim, which reads the
+    list at every step. The cached plan keyed the list by id and length only, so it stepped the
+    old param (with its old gradient) and left the new one unchanged. Checked against the same
+    replacement made by assigning a new list (a new id)."""
+    runs = []
+    for how in ("in place", "new list"):
+        params = make_params()
+        opt = make(name, params, backend=backend)
+        for t in range(2):
+            step(opt, params, t)
+        old = params[2]
+        new = (old.detach() * 0.5).requires_grad_()
+        params[2] = new
+        if how == "in place":
+            opt.param_groups[1]["params"][0] = new
+        else:
+            opt.param_groups[1]["params"] = [new, *opt.param_groups[1]["params"][1:]]
+        before, start = old.detach().clone(), new.detach().clone()
+        old.grad = torch.ones_like(old)  # stale: must not be applied
+        for t in range(2, 4):
+            step(opt, params, t)
+        assert torch.equal(old.detach(), before), how
+        assert not torch.equal(new.detach(), start), how
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -318,7 +318,8 @@ class GroupPlan:
     shape), the backend of every tensor and the collectives sharded tensors need.
 
     Built by :meth:`MupOptimizer._plan` and reused while its key holds. The key covers: the group
-    dict and its params list (add_param_group, load_state_dict and in-place edits of the list), the
+    dict and its params list (add_param_group, load_state_dict and in-place edits of the list:
+    its length, and each param by identity, ``group["params"][i] = new``), the
     optimizer's state mapping (load_state_dict or a user replaces it, with the muP records in
     it), a group list of records put in by a framework (refused), the group options that enter
     multipliers or routing (``_plan_options``), the requested backend and ``MUPOPT_BACKEND``,
@@ -331,12 +332,14 @@ class GroupPlan:
     state as it is now, as torch.optim, which reads the state at every step.
     """
 
-    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_snapshot",
-                 "state_version", "plain_states")
+    __slots__ = ("key", "refs", "members", "params", "locals", "ptrs", "stepped", "segments", "distributed",
+                 "state_snapshot", "state_version", "plain_states")
 
     def __init__(self, key, refs, params, locals_, stepped, segments, distributed):
         self.key = key
         self.refs = refs  # the objects whose ids are in the key, held so that no id is reused
+        # group["params"] as it was: the key has the list's id and length, not what is in it
+        self.members = tuple(refs[1])
         self.params = params  # group params with a gradient (as the user holds them)
         self.locals = locals_  # their local tensors
         self.ptrs = tuple(map(_DATA_PTR, locals_))
@@ -1057,7 +1060,10 @@ class MupOptimizer(Optimizer):
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
-        if plan is not None and plan.key == key and self._states_unchanged(plan):
+        # The key holds the params list by id and length; a param replaced in it
+        # (group["params"][i] = new) is found here, by identity (a C-level loop).
+        if (plan is not None and plan.key == key and all(map(operator.is_, group["params"], plan.members))
+                and self._states_unchanged(plan)):
             if plan.distributed:
                 fresh = [local(p) for p in plan.params]
                 if all(map(operator.is_, fresh, plan.locals)) and tuple(map(_DATA_PTR, fresh)) == plan.ptrs:
