@@ -19,7 +19,7 @@ import torch
 import mupopt
 from mupopt import backends
 
-from models import fill_grads, tensor_state
+from models import MLP, fill_grads, tensor_state
 
 SHAPES = [(4, 3), (3,), (2, 5), (5,)]
 # name -> (class, hyperparameters chosen so that every part of the optimizer moves)
@@ -608,3 +608,38 @@ def test_a_param_replaced_in_its_group_list_is_the_one_stepped(name, backend):
         runs.append([p.detach().clone() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_param_replaced_after_set_base_shapes_keeps_its_width_info(name):
+    """A muP model's hidden layer re-initialised as a new Parameter (``model.hidden.weight =
+    nn.Parameter(...)``) and swapped into its group by hand: the next step takes the width
+    information set_base_shapes recorded under that module and name, as add_param_group takes it
+    for a param FSDP2 replaced, so its muP multipliers stay those of a hidden matrix (without it
+    they silently became 1: lr x m_in for AdamW). A replacement of another shape raises, naming
+    the parameter, before anything is written."""
+    with torch.device("meta"):
+        base, delta = MLP(8), MLP(16)
+    model = MLP(32)
+    mupopt.set_base_shapes(model, base, delta=delta)
+    cls, hp = OPTIMIZERS[name]
+    opt = cls(model.parameters(), **hp)
+    params = list(model.parameters())
+    step(opt, params, 0)
+    group = opt.param_groups[0]
+    index = next(i for i, p in enumerate(group["params"]) if p is model.hidden.weight)
+    before = opt.group_multipliers(group)
+    assert opt.width_infos(group)[index].role == "hidden"
+
+    model.hidden.weight = torch.nn.Parameter(model.hidden.weight.detach() * 0.5)
+    group["params"][index] = params[index] = model.hidden.weight
+    step(opt, params, 1)
+    assert opt.width_infos(group)[index].role == "hidden"
+    assert opt.group_multipliers(group) == before
+
+    model.hidden.weight = torch.nn.Parameter(torch.zeros(33, 32))
+    group["params"][index] = params[index] = model.hidden.weight
+    others = [p.detach().clone() for p in params]
+    with pytest.raises(mupopt.MupError, match="'hidden.weight' now has shape"):
+        step(opt, params, 2)
+    assert all(torch.equal(p, q) for p, q in zip(params, others))

@@ -645,7 +645,13 @@ class MupOptimizer(Optimizer):
         hand, what add_param_group would have taken."""
         own = self._widths.get(p)
         if own is None:
-            own = self._widths[p] = (width_record(width_info(p), p.shape, depth=depth_info(p)), None)
+            # As add_param_group: a Parameter that replaced another in its module after
+            # set_base_shapes (a layer re-initialised, then swapped into the group) gets the
+            # width info recorded under its module and name back (a new shape raises, naming it).
+            recover_width_infos([p])
+            info = width_info(p)
+            name = info.name if info is not None and info.name else None
+            own = self._widths[p] = (width_record(info, p.shape, name, depth_info(p)), name)
         return own
 
     def _label(self, p: torch.Tensor) -> str:
