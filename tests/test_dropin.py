@@ -643,3 +643,32 @@ def test_a_param_replaced_after_set_base_shapes_keeps_its_width_info(name):
     with pytest.raises(mupopt.MupError, match="'hidden.weight' now has shape"):
         step(opt, params, 2)
     assert all(torch.equal(p, q) for p, q in zip(params, others))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_step_inside_autocast_is_the_step_outside(name):
+    """A training iteration written as one ``torch.autocast`` block calls step() inside it.
+    torch.optim's elementwise steps have no op autocast changes; mupopt's Muon (Newton-Schulz,
+    here with ns_dtype=float32) and Shampoo (statistics and roots) have matmuls, which autocast
+    ran in bfloat16, silently: the step turns autocast off. The closure, the forward pass, still
+    runs under the caller's autocast."""
+    runs = []
+    for autocast in (False, True):
+        params = make_params()
+        params[0] = torch.randn(12, 9, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        opt = make(name, params, **({"precondition_frequency": 1, "start_preconditioning_step": 1}
+                                    if name == "shampoo" else {}))
+        seen = []
+
+        def closure():
+            seen.append((params[0] @ params[0].T).dtype)
+            return torch.zeros(())
+
+        for t in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                step(opt, params, t)
+                opt.step(closure, **({"bs": 64} if name == "sophia" else {}))
+        assert seen == [torch.bfloat16 if autocast else torch.float32] * 3
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

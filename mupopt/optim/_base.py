@@ -42,6 +42,7 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -355,6 +356,8 @@ class GroupPlan:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+# Device types whose autocast a step turns off (MupOptimizer._run).
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 class _KeepDtype:
@@ -1490,7 +1493,19 @@ class MupOptimizer(Optimizer):
         shapes); GradScaler's found_inf (skip: nothing created or written); state creation;
         data checks and the prepare phase of two-phase backends (Shampoo's roots) for every group;
         then the writes. In a distributed run the ranks agree on the outcome of the prepare phase
-        before any writes (one all-reduce), so a failure on one rank stops every rank."""
+        before any writes (one all-reduce), so a failure on one rank stops every rank.
+
+        Runs with autocast off: a step called inside ``torch.autocast`` (a whole training
+        iteration in one autocast block) would otherwise run the matmuls of Muon's Newton-Schulz
+        and Shampoo's statistics and roots in bfloat16 / float16, overriding ``ns_dtype`` and
+        the float32 statistics, silently. (torch.optim's elementwise steps have no op autocast
+        changes; the closure, the forward pass, still runs under the caller's autocast.)"""
+        autocast = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if autocast:
+            with contextlib.ExitStack() as stack:
+                for device_type in autocast:
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+                return self._run(kernel, extra, _retry)
         kernel = kernel or self.rule
         extra = extra or {}
         if not torch.compiler.is_compiling():
