@@ -19,7 +19,7 @@ import torch
 import mupopt
 from mupopt import backends
 
-from models import fill_grads, tensor_state
+from models import MLP, fill_grads, tensor_state
 
 SHAPES = [(4, 3), (3,), (2, 5), (5,)]
 # name -> (class, hyperparameters chosen so that every part of the optimizer moves)
@@ -524,3 +524,151 @@ def test_load_pre_hooks_run_first_and_once():
     assert opt.state[params[0]]["step"].item() == 2
     handle.remove()
     assert len(opt._optimizer_load_state_dict_pre_hooks) == 0
+
+
+def _layout(state: dict) -> dict:
+    """Each state entry's kind: a tensor's dtype and shape, a list's or dict's length, or a type."""
+    out = {}
+    for key, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[key] = (v.dtype, tuple(v.shape))
+        elif isinstance(v, (list, dict)):
+            out[key] = (type(v).__name__, len(v))
+        else:
+            out[key] = type(v).__name__
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_hooks_see_what_the_optimizer_holds_and_returns(name):
+    """torch runs state_dict post-hooks on the dict state_dict returns and load_state_dict
+    post-hooks once the state is loaded. mupopt finishes both after torch's code (8-bit codes
+    under their own key, width records, formats converted, Shampoo's blocks): a post-hook run
+    from inside torch's code saw a dict other than the one returned, and, loading an 8-bit
+    checkpoint into a 32-bit optimizer, uint8 codes where the optimizer then holds float32 values
+    (a hook that zeroed the momentum there wrote code 0, which decodes to -0.993 * absmax)."""
+    big = [torch.randn(64, 80, generator=torch.Generator().manual_seed(1)).requires_grad_(), *make_params()]
+    opt = make(name, big, state_bits=8)
+    for t in range(2):
+        step(opt, big, t)
+    plain = opt.state_dict()
+    seen = []
+    handle = opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd))
+    out = opt.state_dict()
+    handle.remove()
+    assert len(seen) == 1 and seen[0] is out
+    assert {k: _layout(v) for k, v in out["state"].items()} == {k: _layout(v) for k, v in plain["state"].items()}
+    replaced = {"state": {}, "param_groups": []}
+    handle = opt.register_state_dict_post_hook(lambda o, sd: replaced)
+    assert opt.state_dict() is replaced  # a hook's returned dict is what state_dict returns
+    handle.remove()
+
+    target_params = [p.detach().clone().requires_grad_() for p in big]
+    target = make(name, target_params)  # 32-bit: the 8-bit checkpoint is dequantized
+    momentum = "momentum_buffer" if name in ("muon", "shampoo") else "exp_avg"
+    at_hook = []
+
+    def post(o):
+        at_hook.append({id(p): _layout(st) for p, st in o.state.items()})
+        o.state[target_params[0]][momentum].zero_()  # e.g. a resume that resets the momentum
+
+    target.register_load_state_dict_post_hook(post)
+    target.load_state_dict(plain)
+    assert at_hook == [{id(p): _layout(st) for p, st in target.state.items()}]
+    assert target.state[target_params[0]][momentum].dtype == torch.float32
+    assert not target.state[target_params[0]][momentum].any()
+
+
+@pytest.mark.parametrize("name,backend", NAME_BACKEND)
+def test_a_param_replaced_in_its_group_list_is_the_one_stepped(name, backend):
+    """``group["params"][i] = new`` (a layer re-initialised or resized, its Parameter swapped in
+    the optimizer) between steps: the next step steps ``new``, as torch.optim, which reads the
+    list at every step. The cached plan keyed the list by id and length only, so it stepped the
+    old param (with its old gradient) and left the new one unchanged. Checked against the same
+    replacement made by assigning a new list (a new id)."""
+    runs = []
+    for how in ("in place", "new list"):
+        params = make_params()
+        opt = make(name, params, backend=backend)
+        for t in range(2):
+            step(opt, params, t)
+        old = params[2]
+        new = (old.detach() * 0.5).requires_grad_()
+        params[2] = new
+        if how == "in place":
+            opt.param_groups[1]["params"][0] = new
+        else:
+            opt.param_groups[1]["params"] = [new, *opt.param_groups[1]["params"][1:]]
+        before, start = old.detach().clone(), new.detach().clone()
+        old.grad = torch.ones_like(old)  # stale: must not be applied
+        for t in range(2, 4):
+            step(opt, params, t)
+        assert torch.equal(old.detach(), before), how
+        assert not torch.equal(new.detach(), start), how
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_param_replaced_after_set_base_shapes_keeps_its_width_info(name):
+    """A muP model's hidden layer re-initialised as a new Parameter (``model.hidden.weight =
+    nn.Parameter(...)``) and swapped into its group by hand: the next step takes the width
+    information set_base_shapes recorded under that module and name, as add_param_group takes it
+    for a param FSDP2 replaced, so its muP multipliers stay those of a hidden matrix (without it
+    they silently became 1: lr x m_in for AdamW). A replacement of another shape raises, naming
+    the parameter, before anything is written."""
+    with torch.device("meta"):
+        base, delta = MLP(8), MLP(16)
+    model = MLP(32)
+    mupopt.set_base_shapes(model, base, delta=delta)
+    cls, hp = OPTIMIZERS[name]
+    opt = cls(model.parameters(), **hp)
+    params = list(model.parameters())
+    step(opt, params, 0)
+    group = opt.param_groups[0]
+    index = next(i for i, p in enumerate(group["params"]) if p is model.hidden.weight)
+    before = opt.group_multipliers(group)
+    assert opt.width_infos(group)[index].role == "hidden"
+
+    model.hidden.weight = torch.nn.Parameter(model.hidden.weight.detach() * 0.5)
+    group["params"][index] = params[index] = model.hidden.weight
+    step(opt, params, 1)
+    assert opt.width_infos(group)[index].role == "hidden"
+    assert opt.group_multipliers(group) == before
+
+    model.hidden.weight = torch.nn.Parameter(torch.zeros(33, 32))
+    group["params"][index] = params[index] = model.hidden.weight
+    others = [p.detach().clone() for p in params]
+    with pytest.raises(mupopt.MupError, match="'hidden.weight' now has shape"):
+        step(opt, params, 2)
+    assert all(torch.equal(p, q) for p, q in zip(params, others))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_step_inside_autocast_is_the_step_outside(name):
+    """A training iteration written as one ``torch.autocast`` block calls step() inside it.
+    torch.optim's elementwise steps have no op autocast changes; mupopt's Muon (Newton-Schulz,
+    here with ns_dtype=float32) and Shampoo (statistics and roots) have matmuls, which autocast
+    ran in bfloat16, silently: the step turns autocast off. The closure, the forward pass, still
+    runs under the caller's autocast."""
+    runs = []
+    for autocast in (False, True):
+        params = make_params()
+        params[0] = torch.randn(12, 9, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        opt = make(name, params, **({"precondition_frequency": 1, "start_preconditioning_step": 1}
+                                    if name == "shampoo" else {}))
+        seen = []
+
+        def closure():
+            seen.append((params[0] @ params[0].T).dtype)
+            return torch.zeros(())
+
+        for t in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                step(opt, params, t)
+                opt.step(closure, **({"bs": 64} if name == "sophia" else {}))
+        assert seen == [torch.bfloat16 if autocast else torch.float32] * 3
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

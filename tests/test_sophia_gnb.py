@@ -164,6 +164,10 @@ def test_step_without_bs_uses_5120_and_warns_once_per_optimizer():
     explicit, silent = trained({"bs": 5120})
     other, _ = trained({"bs": 8})
     assert len(warned) == 1 and "tokens per batch" in str(warned[0].message)
+    # It names the caller's line (here, this file), not torch's no_grad wrapper of step(): at
+    # torch's line every SophiaG of a process shared one location, which Python's default
+    # filter shows once per process, not once per optimizer.
+    assert warned[0].filename == __file__, warned[0].filename
     assert not silent
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))
     assert not all(torch.equal(a, b) for a, b in zip(default, other))

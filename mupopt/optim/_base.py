@@ -42,6 +42,7 @@ hand (both as tensors, as GradScaler sets them; tests/test_amp.py), or an unscal
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -318,7 +319,8 @@ class GroupPlan:
     shape), the backend of every tensor and the collectives sharded tensors need.
 
     Built by :meth:`MupOptimizer._plan` and reused while its key holds. The key covers: the group
-    dict and its params list (add_param_group, load_state_dict and in-place edits of the list), the
+    dict and its params list (add_param_group, load_state_dict and in-place edits of the list:
+    its length, and each param by identity, ``group["params"][i] = new``), the
     optimizer's state mapping (load_state_dict or a user replaces it, with the muP records in
     it), a group list of records put in by a framework (refused), the group options that enter
     multipliers or routing (``_plan_options``), the requested backend and ``MUPOPT_BACKEND``,
@@ -331,12 +333,14 @@ class GroupPlan:
     state as it is now, as torch.optim, which reads the state at every step.
     """
 
-    __slots__ = ("key", "refs", "params", "locals", "ptrs", "stepped", "segments", "distributed", "state_snapshot",
-                 "state_version", "plain_states")
+    __slots__ = ("key", "refs", "members", "params", "locals", "ptrs", "stepped", "segments", "distributed",
+                 "state_snapshot", "state_version", "plain_states")
 
     def __init__(self, key, refs, params, locals_, stepped, segments, distributed):
         self.key = key
         self.refs = refs  # the objects whose ids are in the key, held so that no id is reused
+        # group["params"] as it was: the key has the list's id and length, not what is in it
+        self.members = tuple(refs[1])
         self.params = params  # group params with a gradient (as the user holds them)
         self.locals = locals_  # their local tensors
         self.ptrs = tuple(map(_DATA_PTR, locals_))
@@ -352,6 +356,8 @@ class GroupPlan:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+# Device types whose autocast a step turns off (MupOptimizer._run).
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 class _KeepDtype:
@@ -642,7 +648,13 @@ class MupOptimizer(Optimizer):
         hand, what add_param_group would have taken."""
         own = self._widths.get(p)
         if own is None:
-            own = self._widths[p] = (width_record(width_info(p), p.shape, depth=depth_info(p)), None)
+            # As add_param_group: a Parameter that replaced another in its module after
+            # set_base_shapes (a layer re-initialised, then swapped into the group) gets the
+            # width info recorded under its module and name back (a new shape raises, naming it).
+            recover_width_infos([p])
+            info = width_info(p)
+            name = info.name if info is not None and info.name else None
+            own = self._widths[p] = (width_record(info, p.shape, name, depth_info(p)), name)
         return own
 
     def _label(self, p: torch.Tensor) -> str:
@@ -774,6 +786,28 @@ class MupOptimizer(Optimizer):
 
     # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """:meth:`_state_dict` between torch's state_dict hooks: the pre-hooks
+        (``register_state_dict_pre_hook``) run first, on the optimizer as it is, and the
+        post-hooks last, on the dict returned, as torch runs them. From inside torch's
+        state_dict, which :meth:`_state_dict` calls, the post-hooks would see a dict that is
+        changed after them (8-bit codes under the entry's name, ``_State`` objects, no initial
+        states of unstepped params, Shampoo's blocks as lists), and a change of theirs could be
+        undone."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            sd = self._state_dict()
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
+        for post_hook in hooks[1].values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict(self) -> dict:
         """torch's state_dict, every parameter's width record in its state entry (key "mup",
         mupopt.mup.width_record), each state a plain dict (``opt.state`` holds :class:`_State`
         entries, which ``torch.load(weights_only=True)`` would refuse). A parameter with muP
@@ -888,13 +922,19 @@ class MupOptimizer(Optimizer):
                     saved.setdefault(key, value)
             self._check_group({**saved, "params": current["params"]})  # saved params are indices
         unstored = self._check_saved_state_keys(groups, state_dict["state"], saved_groups)
-        # The pre-hooks have run: torch's load_state_dict must not run them a second time.
+        # The pre-hooks have run: torch's load_state_dict must not run them a second time. The
+        # post-hooks run at the end, on the state as loaded (torch runs them last too): from
+        # inside torch's load_state_dict they would see the state before the conversions below
+        # (8-bit codes in a 32-bit optimizer, values not yet quantized, no width records).
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
             super().load_state_dict({**state_dict, "param_groups": groups})
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for p, record in loaded.items():  # old-format records of params saved without a state
             self._widths[p] = (record, self._own(p)[1])
         for p, st in self.state.items():  # states saved without a record (torch.optim) keep ours
@@ -918,6 +958,8 @@ class MupOptimizer(Optimizer):
                     f"to resume exactly.)",
                     stacklevel=2,
                 )
+        for post_hook in post_hooks.values():
+            post_hook(self)
 
     def _load_records(self, state_dict: dict) -> tuple[dict, dict]:
         """load_state_dict's width records, checked before anything is written: each saved
@@ -1047,7 +1089,10 @@ class MupOptimizer(Optimizer):
             os.environ.get(backends.ENV_VAR), tuple(stepped),
         )
         plan = cache.get((id(group), kernel))
-        if plan is not None and plan.key == key and self._states_unchanged(plan):
+        # The key holds the params list by id and length; a param replaced in it
+        # (group["params"][i] = new) is found here, by identity (a C-level loop).
+        if (plan is not None and plan.key == key and all(map(operator.is_, group["params"], plan.members))
+                and self._states_unchanged(plan)):
             if plan.distributed:
                 fresh = [local(p) for p in plan.params]
                 if all(map(operator.is_, fresh, plan.locals)) and tuple(map(_DATA_PTR, fresh)) == plan.ptrs:
@@ -1469,7 +1514,19 @@ class MupOptimizer(Optimizer):
         shapes); GradScaler's found_inf (skip: nothing created or written); state creation;
         data checks and the prepare phase of two-phase backends (Shampoo's roots) for every group;
         then the writes. In a distributed run the ranks agree on the outcome of the prepare phase
-        before any writes (one all-reduce), so a failure on one rank stops every rank."""
+        before any writes (one all-reduce), so a failure on one rank stops every rank.
+
+        Runs with autocast off: a step called inside ``torch.autocast`` (a whole training
+        iteration in one autocast block) would otherwise run the matmuls of Muon's Newton-Schulz
+        and Shampoo's statistics and roots in bfloat16 / float16, overriding ``ns_dtype`` and
+        the float32 statistics, silently. (torch.optim's elementwise steps have no op autocast
+        changes; the closure, the forward pass, still runs under the caller's autocast.)"""
+        autocast = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if autocast:
+            with contextlib.ExitStack() as stack:
+                for device_type in autocast:
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+                return self._run(kernel, extra, _retry)
         kernel = kernel or self.rule
         extra = extra or {}
         if not torch.compiler.is_compiling():

@@ -595,9 +595,9 @@ class Shampoo(MupOptimizer):
     # all-to-all per process group), load_state_dict the rows to the loading optimizer's owners:
     # with sharded matrices both are collectives (every rank calls them, as get_state_dict and
     # set_state_dict do).
-    def state_dict(self) -> dict:
+    def _state_dict(self) -> dict:
         """As torch's, with the blocks' statistics in the checkpoint form (comment above)."""
-        sd = super().state_dict()
+        sd = super()._state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         state = dict(sd["state"])
         for idx, st in sd["state"].items():

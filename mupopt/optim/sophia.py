@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .. import backends
 from . import _lean_states as lean
 from ..storage import load_param, store_param
-from ._base import (MupOptimizer, check, check_betas, check_lr, check_weight_decay, compute_dtype, is_number,
-                    new_step, skip_on_found_inf, store, upcast)
+from ._base import (MupOptimizer, _caller_stacklevel, check, check_betas, check_lr, check_weight_decay, compute_dtype,
+                    is_number, new_step, skip_on_found_inf, store, upcast)
 
 # The official code's guard against h == 0 in |m| / (rho*bs*h + 1e-15): with no Hessian estimate
 # the ratio saturates at 1 and the step is sign(m).
@@ -201,7 +201,7 @@ class SophiaG(MupOptimizer):
                     f"threshold rho*bs*h depends on the real number of tokens per batch: pass "
                     f"step(bs=tokens_per_batch). (This warning is shown once per optimizer.)",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=_caller_stacklevel(),
                 )
         check(is_number(bs) and float(bs) > 0, f"Invalid bs: {bs} (tokens per batch, a positive number)")
         loss = None
