@@ -14,6 +14,7 @@ import torch
 
 import mupopt
 from mupopt import storage
+from mupopt.optim import _lean_states as lean
 from stochastic_steps import differing as _differing
 from stochastic_steps import stepped as _stepped
 
@@ -207,6 +208,20 @@ def test_state_dict_resume_bit_exact(name):
     assert opt2.param_groups[0]["stochastic_rounding"] is True
     _train(factory, 4, q, opt2, gen_seed=2)
     assert torch.equal(p.detach().view(torch.int16), q.detach().view(torch.int16))
+
+
+@pytest.mark.parametrize("name", list(SIX))
+def test_state_memory_before_first_step(name):
+    """state_memory() before the first step counts what that step creates: with the option on, a
+    bfloat16 param's state also holds a step count (Muon's matrices have none otherwise)."""
+    cls, kw = SIX[name]
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 48).to(torch.bfloat16))
+    opt = cls([p], stochastic_rounding=True, backend="reference", **kw)
+    planned = opt.state_memory()
+    _train(None, 1, p, opt)
+    assert "step" in opt.state[p]
+    assert planned == opt.state_memory() == lean.nbytes(opt.state[p])
 
 
 def test_deepcopy_steps_identically():

@@ -1677,15 +1677,20 @@ def _planned_state(opt: MupOptimizer, p: torch.Tensor, group: dict) -> dict:
     """The state p's first step would create, as fake tensors (shapes and dtypes, no memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            state = opt._init_state(p, group)
-            _set_compensation({p: state}, [p], group)
-            return state
-    except Exception:  # noqa: BLE001 - a state whose creation fake tensors cannot trace (collectives)
+    def plan() -> dict:
         state = opt._init_state(p, group)
         _set_compensation({p: state}, [p], group)
+        # The step count stochastic rounding adds where _init_state makes none (Muon's
+        # matrices: MupOptimizer._add_rounding_state); the seed is a Python int, no tensor.
+        if group.get("stochastic_rounding", False) and storage.rounds_stochastically(p) and "step" not in state:
+            state["step"] = new_step(p, group)
         return state
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return plan()
+    except Exception:  # noqa: BLE001 - a state whose creation fake tensors cannot trace (collectives)
+        return plan()
 
 
 # The param-store options' state entries, which a load may leave out (load_state_dict warns):
