@@ -191,6 +191,28 @@ def test_unknown_backend_name(name):
         case.cls(make_params(), **case.kwargs, backend="no_such_backend")
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+@pytest.mark.parametrize("env", ["no_such_backend", "cpu"])
+def test_environment_backend_named_in_error(name, env, monkeypatch):
+    """A backend set by MUPOPT_BACKEND (no backend= passed) that does not exist, or does not exist
+    for this optimizer (Muon has no cpu backend): the error says the environment variable chose
+    it, so a user who set it in a shell sees where a backend they did not pass comes from.
+    Nothing is changed."""
+    ps = make_params()
+    opt = {"adamw": mupopt.AdamW, "muon": mupopt.Muon}[name](ps, lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in ps]
+    monkeypatch.setenv(mupopt.backends.ENV_VAR, env)
+    if env == "cpu" and name == "adamw":  # AdamW has a cpu backend: it steps
+        opt.step()
+        assert opt.selected_backends == [{"adamw": "cpu"}]
+        return
+    with pytest.raises(ValueError, match=f"'{env}' is not available.*environment variable MUPOPT_BACKEND='{env}'"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps)) and not opt.state
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad parameters and gradients
 # ---------------------------------------------------------------------------------------------

@@ -1192,8 +1192,13 @@ class MupOptimizer(Optimizer):
         if not params:
             return []
         requested = self.backend
+        # Where a backend named in an error came from: a user who set MUPOPT_BACKEND in a shell
+        # and passed no backend= would otherwise be told about a backend they never asked for.
+        origin = ""
         if requested == "auto":
             requested = os.environ.get(backends.ENV_VAR, "auto") or "auto"
+            if requested != "auto":
+                origin = f" (set by the environment variable {backends.ENV_VAR}={requested!r}; unset it for 'auto')"
         states = [self.state.get(p) for p in global_params]
         for i, (p, st) in enumerate(zip(originals, states)):
             for k, v in (st or {}).items():
@@ -1228,7 +1233,10 @@ class MupOptimizer(Optimizer):
                                 n for n in backends.names(kernel) if fmt in backends.get(kernel, n).state_bits) + ")")
             return backend.reason(tensors)
 
-        backends.check_name(kernel, requested)
+        try:
+            backends.check_name(kernel, requested)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}{origin}") from None
         if requested != "auto":
             backend = backends.get(kernel, requested)
             reason = reason_of(backend, everything, all_formats)
@@ -1241,7 +1249,8 @@ class MupOptimizer(Optimizer):
                                "(torch/_dynamo/variables/optimizer.py): compile without fullgraph=True, or use "
                                "backend='auto'")
             if reason is not None:
-                raise RuntimeError(f"{type(self).__name__}: backend {requested!r} cannot step these {kernel} tensors: {reason}")
+                raise RuntimeError(f"{type(self).__name__}: backend {requested!r}{origin} cannot step these {kernel} tensors: "
+                                   f"{reason}")
             return [(backend, list(range(len(params))))]
         candidates = [backends.get(kernel, n) for n in backends.names(kernel)]
         if capturable:
