@@ -136,9 +136,13 @@ def draw_seed() -> int:
 def element_index(t: torch.Tensor) -> torch.Tensor:
     """int64 tensor shaped like ``t``: each element's index as the fused backends count it
     (module docstring): its memory offset in a dense layout, else its row-major index."""
+    from .optim._placement import dense  # here: mupopt.optim imports this module
+
     n = t.numel()
     index = torch.arange(n, dtype=torch.int64, device=t.device)
-    if not t.is_contiguous() and t.is_non_overlapping_and_dense():
+    # (torch.Tensor has no is_non_overlapping_and_dense method: that test raised AttributeError
+    # for every non-contiguous bfloat16 / float16 param stepped here, e.g. Muon's transposed ones.)
+    if not t.is_contiguous() and dense(t):
         return index.as_strided(t.shape, t.stride())
     return index.view(t.shape)
 

@@ -224,6 +224,38 @@ def test_state_memory_before_first_step(name):
     assert planned == opt.state_memory() == lean.nbytes(opt.state[p])
 
 
+def test_element_index_of_non_contiguous_tensors():
+    """The index the random bits are drawn for: the memory offset of a dense but permuted
+    tensor (as the fused backends count it through its flat view), the row-major index of a
+    strided one (module docstring of mupopt/storage.py)."""
+    base = torch.zeros(6, 10, dtype=torch.bfloat16)
+    offsets = torch.arange(60).view(6, 10)
+    assert torch.equal(storage.element_index(base.t()), offsets.t())
+    assert torch.equal(storage.element_index(base[:, ::2]), torch.arange(30).view(6, 5))
+
+
+@pytest.mark.parametrize("name", ["muon", "shampoo"])
+def test_non_contiguous_matrix_param(name):
+    """A transposed or sliced bfloat16 matrix is stepped with stochastic rounding by the
+    reference (Muon's and Shampoo's matrix paths hand it to the store as it is), reproducibly."""
+    cls, kw = SIX[name]
+    out = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(48, 32).to(torch.bfloat16).t()),
+              torch.nn.Parameter(torch.randn(32, 96).to(torch.bfloat16)[:, ::2])]
+        before = [p.detach().clone() for p in ps]
+        opt = cls(ps, stochastic_rounding=True, backend="reference", **dict(kw, lr=1e-2))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        assert all(not torch.equal(a, p) for a, p in zip(before, ps))
+        out.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(*out))
+
+
 def test_deepcopy_steps_identically():
     torch.manual_seed(0)
     p, opt = _train(lambda ps: mupopt.AdamW(ps, lr=1e-3, stochastic_rounding=True, backend="reference"), 3)
