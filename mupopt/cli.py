@@ -7,10 +7,20 @@ import sys
 from dataclasses import asdict
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _verify(args) -> int:
     from . import verify
 
     devices = None if args.device == "auto" else [args.device]
+    if args.device.startswith("cuda") and not torch_cuda_available():
+        print(f"mupopt verify: --device {args.device}: no CUDA device here (torch.cuda.is_available() is False); "
+              "use --device cpu or auto", file=sys.stderr)
+        return 2
     progress = (lambda msg: print(f"  checking {msg}", file=sys.stderr)) if args.verbose else None
     try:
         rows = verify.run(devices, steps=args.steps, progress=progress, optimizers=args.optimizer,

@@ -386,8 +386,17 @@ def _selected(optimizers: list[str] | None, backend_names: list[str] | None) -> 
     for name in backend_names or []:
         if name not in registered:
             raise ValueError(f"unknown backend {name!r} (registered here: {', '.join(registered)})")
-    return [(e, [b for b in backends.names(e.name) if backend_names is None or b in backend_names])
-            for e in OPTIMIZERS if optimizers is None or e.name in optimizers]
+    selected = [(e, [b for b in backends.names(e.name) if backend_names is None or b in backend_names])
+                for e in OPTIMIZERS if optimizers is None or e.name in optimizers]
+    # An optimizer named with --optimizer none of whose backends is named (Muon with --backend
+    # cpu) would check nothing and pass; "cuda" counts for the optimizers csrc steps, where the
+    # unchecked list says why it did not run.
+    for e, names in selected:
+        if optimizers and backend_names and not names and not (
+                "cuda" in backend_names and e.name in ("adamw", "adopt", "lamb", "sophia")):
+            raise ValueError(f"optimizer {e.name!r} has no backend {' or '.join(map(repr, backend_names))} "
+                             f"(its backends: {', '.join(backends.names(e.name))})")
+    return selected
 
 
 def run(devices: list[str] | None = None, steps: int = 10, progress: Callable[[str], None] | None = None,

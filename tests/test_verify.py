@@ -126,6 +126,19 @@ def test_verify_checks_only_the_optimizers_and_backends_named(tmp_path, capsys):
         assert word in err and "unknown" in err
 
 
+def test_verify_refuses_a_selection_that_checks_nothing(capsys):
+    """--optimizer muon --backend cpu (Muon has no cpu backend) checked nothing, exited 0 and
+    printed "Every registered backend of the selected optimizers and backends was checked";
+    --device cuda on a machine without CUDA ended in torch's AssertionError traceback. Both
+    are usage errors (exit status 2) that name the problem."""
+    assert cli.main(["verify", "--device", "cpu", "--optimizer", "muon", "--backend", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'muon' has no backend 'cpu'" in err and "triton" in err and "reference" in err
+    if not torch.cuda.is_available():
+        assert cli.main(["verify", "--device", "cuda", "--optimizer", "adamw"]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
+
+
 def test_verify_checks_muon_and_shampoo_triton_under_the_interpreter():
     """Under TRITON_INTERPRET=1 the Triton backends of Muon (never checked before: a 1-D probe
     left it out) and Shampoo (failed at a tolerance tighter than its roots allow) are checked
