@@ -173,6 +173,16 @@ def test_precheck_stops_a_wrong_backend(monkeypatch, capsys):
     assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().err
 
 
+def test_unknown_backend_name_is_an_error(capsys):
+    """--backends with a misspelt name timed only the peers and exited 0; like an unknown
+    optimizer or dtype it is now exit status 2, naming the registered backends."""
+    status = cli.main(_args("--smoke", "--device", "cpu", "--optimizers", "adamw", "--backends", "cpux", "--peers", "none",
+                            "--cases", "large", "--dtypes", "fp32", "--out", "", "-q"))
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "unknown backends ['cpux']" in err and "'reference'" in err
+
+
 def test_keep_going_records_the_failure(monkeypatch):
     _register(monkeypatch, "wrong", _wrong_adamw)
     config = Config(device="cpu", mode="smoke", optimizers=["adamw"], backends=["wrong"], peers=[], cases=["large"],

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import backends
 from . import cases as C
 from . import measure as M
 from . import model
@@ -234,6 +235,12 @@ class Runner:
         unknown = set(config.dtypes) - set(C.DTYPES)
         if unknown:
             raise ValueError(f"unknown dtypes {sorted(unknown)}; choose from {list(C.DTYPES)}")
+        # A misspelt backend would time none of ours, only the peers, and exit 0. "cuda" is
+        # registered only where CUDA is; naming it elsewhere gives rows that say why not.
+        registered = sorted({n for key in backends._REGISTRY for n in M.backend_names(key)} | {"cuda"})
+        unknown = set(config.backends or ()) - set(registered)
+        if unknown:
+            raise ValueError(f"unknown backends {sorted(unknown)}; choose from {registered}")
         self.config = config
         self.device = resolve_device(config.device)
         self.profile = C.profile_for(self.device, config.mode)
