@@ -183,6 +183,15 @@ def test_unknown_backend_name_is_an_error(capsys):
     assert "unknown backends ['cpux']" in err and "'reference'" in err
 
 
+def test_case_name_matching_nothing_is_an_error(capsys):
+    """--cases with a name that matches no case of the selected optimizers timed only the device
+    peaks and exited 0; it is exit status 2 now, and a prefix that matches still runs."""
+    status = cli.main(_args("--smoke", "--device", "cpu", "--optimizers", "adamw", "--peers", "none",
+                            "--cases", "larg,bogus", "--dtypes", "fp32", "--out", "", "-q"))
+    assert status == 2
+    assert "--cases ['bogus'] match no case" in capsys.readouterr().err
+
+
 def test_keep_going_records_the_failure(monkeypatch):
     _register(monkeypatch, "wrong", _wrong_adamw)
     config = Config(device="cpu", mode="smoke", optimizers=["adamw"], backends=["wrong"], peers=[], cases=["large"],

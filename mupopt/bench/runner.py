@@ -267,10 +267,23 @@ class Runner:
     # ---------------------------------------------------------------------------------------
     def _want_case(self, case: C.Case) -> bool:
         sel = self.config.cases
-        return not sel or any(case.name == s or case.name.startswith(s) for s in sel)
+        matched = [s for s in sel or () if case.name == s or case.name.startswith(s)]
+        self._matched_cases.update(matched)
+        return not sel or bool(matched)
 
     def plan(self) -> list[Group]:
         prof, dtypes = self.profile, list(self.config.dtypes)
+        self._matched_cases: set[str] = set()
+        groups = self._plan(prof, dtypes)
+        # A --cases name that matches no case of the selected optimizers (a typo) would time
+        # only the device peaks and exit 0.
+        unmatched = sorted(set(self.config.cases or ()) - self._matched_cases)
+        if unmatched:
+            raise ValueError(f"--cases {unmatched} match no case of the selected optimizers "
+                             f"({', '.join(self.optimizers)}) in {self.config.mode} mode")
+        return groups
+
+    def _plan(self, prof, dtypes: list) -> list[Group]:
         groups = [Group("peaks", None, "")]
         elem = tuple(k for k in ELEMENTWISE if k in self.optimizers)
         if elem:
