@@ -361,6 +361,29 @@ class Muon(MupOptimizer):
         param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))
         super().add_param_group(param_group)
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        """The base state_dict with each group's ns_dtype saved by name ("float32"):
+        torch.distributed.checkpoint's get_state_dict with full_state_dict or cpu_offload accepts
+        only tensors, numbers, strings and containers, and raised ``ValueError: Unexpected value
+        type <class 'torch.dtype'>`` on a torch.dtype. load_state_dict reads names and dtypes."""
+        sd = super()._state_dict()
+        groups = [{**g, "ns_dtype": str(g["ns_dtype"]).removeprefix("torch.")}
+                  if isinstance(g.get("ns_dtype"), torch.dtype) else g for g in sd["param_groups"]]
+        return {**sd, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list):
+            # A name saved by _state_dict back to its dtype; anything else is left to the group
+            # check ("Invalid ns_dtype").
+            named = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+            groups = [{**g, "ns_dtype": named[g["ns_dtype"]]}
+                      if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) and g["ns_dtype"] in named
+                      else g for g in groups]
+            state_dict = {**state_dict, "param_groups": groups}
+        super().load_state_dict(state_dict)
+
     # -- how the step is split (mupopt.optim._base.MupOptimizer._run) --------------------------------
     def _plan_options(self, group: dict) -> tuple:
         return (group["wd_mode"], group["adjust_lr_fn"], group["use_muon"])
