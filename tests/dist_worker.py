@@ -368,7 +368,24 @@ def _dcp_save(spec: dict) -> dict:
         fed_steps(model, opt, spec["optimizer"], range(spec.get("save_at", 5)))
         msd, osd = get_state_dict(placed, opt, options=state_dict_options(spec))
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=spec["path"])
+        if spec.get("full"):
+            _full_save(placed, opt, spec["path"] + ".full.pt")
         return local_states(model, opt)
+
+
+def _full_save(placed: nn.Module, opt, path: str) -> None:
+    """The other way to checkpoint: get_state_dict(full_state_dict=True, cpu_offload=True), rank 0
+    saves the whole tensors with torch.save (a single process loads them with load_state_dict).
+    A failure is saved instead, as its traceback, for the test to show."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    try:
+        msd, osd = get_state_dict(placed, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        saved = {"model": msd, "optim": osd}
+    except Exception:  # noqa: BLE001 - reported to the test
+        saved = traceback.format_exc()
+    if dist.get_rank() == 0:
+        torch.save(saved, path)
 
 
 def _dcp_resume(spec: dict) -> dict:

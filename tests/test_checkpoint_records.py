@@ -321,6 +321,32 @@ def test_a_group_list_put_in_by_a_framework_is_refused():
         opt.step()
 
 
+def test_a_muon_state_dict_loads_through_zero():
+    """Muon saves ns_dtype by name (torch's full_state_dict gathering refuses a torch.dtype);
+    ZeroRedundancyOptimizer copies a state_dict's group values into its optimizer as they are,
+    bypassing Muon's load_state_dict, so a group can hold the name: it steps as with the dtype
+    (it raised "Invalid ns_dtype: float32")."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    ref = dw.make_model()
+    ref_opt = dw.make_optimizer("muon", ref.parameters(), "auto")
+    dw.fed_steps(ref, ref_opt, "muon", range(2))
+    sd = copy.deepcopy(ref_opt.state_dict())
+    assert sd["param_groups"][0]["ns_dtype"] == "float32"
+    with dw.one_rank_mesh():
+        model = dw.make_model(seed=1)
+        model.load_state_dict(ref.state_dict())
+        cls, kwargs = dw.optimizer_args("muon", "auto")
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+        opt.load_state_dict(sd)
+        for t in range(2, 4):
+            dw.feed_grads(model, t)
+            opt.step()
+    dw.fed_steps(ref, ref_opt, "muon", range(2, 4))
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Formats
 # ---------------------------------------------------------------------------------------------

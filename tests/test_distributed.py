@@ -71,7 +71,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     specs = STEP_SPECS + TRAIN_SPECS + HSDP_SPECS + SHAMPOO_SPECS
     specs += [(f"dcp-{pl}-{opt}", {"kind": "dcp", "placement": pl, "optimizer": opt, "backend": "auto",
-                                   "path": str(tmp / (f"ckpt-{opt}" if pl == "fsdp" else f"ckpt-{pl}-{opt}"))})
+                                   "path": str(tmp / (f"ckpt-{opt}" if pl == "fsdp" else f"ckpt-{pl}-{opt}")),
+                                   "full": pl == "fsdp"})
               for pl in ("fsdp", "tp") for opt in DCP_OPTIMIZERS]
     out = tmp / "results.pt"
     env = {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -256,6 +257,31 @@ def test_dcp_resume_on_one_process(results, optimizer):
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for t in range(5, dw.STEPS):
+        dw.feed_grads(model, t)
+        dw.step_once(opt, optimizer, t)
+    want, _ = single_process_steps(optimizer, "auto")
+    assert_close({n: p.detach() for n, p in model.named_parameters()},
+                 {n: p.detach() for n, p in want.named_parameters()}, tolerance(optimizer, "auto"), optimizer)
+
+
+@pytest.mark.parametrize("optimizer", DCP_OPTIMIZERS)
+def test_full_state_dict_resumes_on_one_process(results, optimizer):
+    """get_state_dict(full_state_dict=True, cpu_offload=True) of the FSDP2 run (after 5 steps),
+    saved by rank 0 with torch.save, loads into one process with plain load_state_dict and
+    continues as the uninterrupted run. torch's gathering accepts only tensors, numbers, strings
+    and containers: Muon's ns_dtype (a torch.dtype in its groups) made it raise
+    "Unexpected value type <class 'torch.dtype'>"; it is saved by name and loads as the dtype."""
+    get(results, f"dcp-fsdp-{optimizer}")
+    saved = torch.load(results["_tmp"] / f"ckpt-{optimizer}.full.pt", weights_only=True)
+    if isinstance(saved, str):
+        pytest.fail(f"get_state_dict(full_state_dict=True, cpu_offload=True) failed on rank 0:\n{saved}")
+    model = dw.make_model(seed=1)
+    opt = dw.make_optimizer(optimizer, model.parameters(), "auto")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optim"])
+    if optimizer == "muon":
+        assert opt.param_groups[0]["ns_dtype"] is torch.float32
     for t in range(5, dw.STEPS):
         dw.feed_grads(model, t)
         dw.step_once(opt, optimizer, t)

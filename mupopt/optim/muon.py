@@ -25,6 +25,9 @@ from ._placement import Orthogonalize
 from .adamw import ADAMW_STATES, AdamWHparams
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+# ns_dtype by name, as state_dict saves it (Muon._state_dict); a group may hold a name where a
+# state_dict's groups are copied in without load_state_dict (ZeroRedundancyOptimizer does so).
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # torch.optim.Muon's default lr; also the reference lr of the AdamW part when a group's lr at
 # construction was 0 (Muon._adamw_hparams).
 DEFAULT_LR = 1e-3
@@ -256,7 +259,9 @@ class Muon(MupOptimizer):
         check(is_number(group["weight_decay"]) and group["weight_decay"] >= 0, f"weight decay should be >= 0 but is: {group['weight_decay']}")
         check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
         check_eps(group["eps"])
-        check(group["ns_dtype"] in (None, torch.bfloat16, torch.float32, torch.float64), f"Invalid ns_dtype: {group['ns_dtype']}")
+        ns_dtype = group["ns_dtype"]
+        check(ns_dtype in (None, torch.bfloat16, torch.float32, torch.float64)
+              or (isinstance(ns_dtype, str) and ns_dtype in NS_DTYPES), f"Invalid ns_dtype: {ns_dtype}")
         check(group["use_muon"] in (None, True, False), f"use_muon must be None, True or False, got {group['use_muon']!r}")
         check(is_number(group["adamw_lr"]) and group["adamw_lr"] >= 0, f"Invalid adamw_lr: {group['adamw_lr']}")
         check(is_number(group.get("lr_ref", 0.0)) and group.get("lr_ref", 0.0) >= 0, f"Invalid lr_ref: {group.get('lr_ref')}")
@@ -338,6 +343,8 @@ class Muon(MupOptimizer):
     @staticmethod
     def _ns_dtype(group: dict) -> torch.dtype:
         """The group's ns_dtype; None resolves by the device of its params (default_ns_dtype)."""
+        if isinstance(group["ns_dtype"], str):
+            return NS_DTYPES[group["ns_dtype"]]
         if group["ns_dtype"] is not None:
             return group["ns_dtype"]
         return default_ns_dtype(group["params"][0].device if group["params"] else "cpu")
@@ -360,6 +367,28 @@ class Muon(MupOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("lr_ref", float(param_group.get("lr", self.defaults["lr"])))
         super().add_param_group(param_group)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        """The base state_dict with each group's ns_dtype saved by name ("float32"):
+        torch.distributed.checkpoint's get_state_dict with full_state_dict or cpu_offload accepts
+        only tensors, numbers, strings and containers, and raised ``ValueError: Unexpected value
+        type <class 'torch.dtype'>`` on a torch.dtype. load_state_dict reads names and dtypes."""
+        sd = super()._state_dict()
+        groups = [{**g, "ns_dtype": str(g["ns_dtype"]).removeprefix("torch.")}
+                  if isinstance(g.get("ns_dtype"), torch.dtype) else g for g in sd["param_groups"]]
+        return {**sd, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list):
+            # A name saved by _state_dict back to its dtype; anything else is left to the group
+            # check ("Invalid ns_dtype").
+            groups = [{**g, "ns_dtype": NS_DTYPES[g["ns_dtype"]]}
+                      if isinstance(g, dict) and isinstance(g.get("ns_dtype"), str) and g["ns_dtype"] in NS_DTYPES
+                      else g for g in groups]
+            state_dict = {**state_dict, "param_groups": groups}
+        super().load_state_dict(state_dict)
 
     # -- how the step is split (mupopt.optim._base.MupOptimizer._run) --------------------------------
     def _plan_options(self, group: dict) -> tuple:
