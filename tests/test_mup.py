@@ -332,6 +332,19 @@ def test_effective_lr_and_decay_match_mu_adamw(cls):
     assert hidden_seen  # MuAdamW did scale something: the comparison is not vacuous
 
 
+def _train_side_by_side(pairs) -> torch.Generator:
+    """5 steps of MSE regression on the same random batches for each (model, optimizer) pair;
+    returns the generator, to draw the inputs of a later comparison."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(16, 10, generator=gen), torch.randn(16, 3, generator=gen)
+        for model, opt in pairs:
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+    return gen
+
+
 @pytest.mark.parametrize("cls", [MuMLP, MuTinyGPT])
 def test_coupled_decay_matches_torch_with_mu_lr_groups(cls):
     """wd_mode='coupled' is torch.optim with per-width lr groups and an unscaled weight_decay:
@@ -359,13 +372,7 @@ def test_training_equals_mu_adamw_with_mu_readout():
     # not 0, which gives 0/0 on ReLU-dead units.
     theirs = mup.MuAdamW(theirs_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
     ours = mupopt.AdamW(ours_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        x, y = torch.randn(16, 10, generator=gen), torch.randn(16, 3, generator=gen)
-        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
-            opt.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            opt.step()
+    gen = _train_side_by_side([(theirs_model, theirs), (ours_model, ours)])
     x = torch.randn(8, 10, generator=gen)
     torch.testing.assert_close(ours_model(x), theirs_model(x), rtol=1e-5, atol=1e-6)
     theirs_params = dict(theirs_model.named_parameters())
@@ -393,13 +400,7 @@ def test_mu_readout_model_trains_as_mu_adamw(source):
     assert mupopt.width_info(ours_model.readout.weight).m_in == 1.0
     theirs = mup.MuAdamW(theirs_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
     ours = mupopt.AdamW(ours_model.parameters(), lr=LR, weight_decay=WD, eps=1e-30)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        x, y = torch.randn(16, 10, generator=gen), torch.randn(16, 3, generator=gen)
-        for model, opt in ((theirs_model, theirs), (ours_model, ours)):
-            opt.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            opt.step()
+    _train_side_by_side([(theirs_model, theirs), (ours_model, ours)])
     for (name, p), q in zip(ours_model.named_parameters(), theirs_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
