@@ -373,6 +373,11 @@ def _compensated_values(params: list[torch.Tensor], opt) -> list[torch.Tensor]:
     return out
 
 
+# The entries csrc's CUDA library steps, the elementwise optimizers (verify's sophia entry is
+# both its step and its Hessian EMA): registered as backend "cuda" only where CUDA is.
+CUDA_STEPPED = ("adamw", "adopt", "lamb", "sophia")
+
+
 def _selected(optimizers: list[str] | None, backend_names: list[str] | None) -> list[tuple[_Entry, list[str]]]:
     """The (entry, backends) pairs :func:`run` checks: every registered one, or those named.
     An unknown name raises ValueError (a typo must not check nothing and pass)."""
@@ -393,7 +398,7 @@ def _selected(optimizers: list[str] | None, backend_names: list[str] | None) -> 
     # unchecked list says why it did not run.
     for e, names in selected:
         if optimizers and backend_names and not names and not (
-                "cuda" in backend_names and e.name in ("adamw", "adopt", "lamb", "sophia")):
+                "cuda" in backend_names and e.name in CUDA_STEPPED):
             raise ValueError(f"optimizer {e.name!r} has no backend {' or '.join(map(repr, backend_names))} "
                              f"(its backends: {', '.join(backends.names(e.name))})")
     return selected
@@ -457,8 +462,7 @@ def unchecked(devices: list[str] | None = None, optimizers: list[str] | None = N
             if all(r is not None for r in reasons.values()):
                 d = devices[0]
                 out.append(Unchecked(entry.name, backend, reasons[d], _how_to_include(backend, d)))
-    # csrc's CUDA library steps the elementwise optimizers (verify's sophia entry is both).
-    on_cuda = [e.name for e, _ in _selected(optimizers, None) if e.name in ("adamw", "adopt", "lamb", "sophia")]
+    on_cuda = [e.name for e, _ in _selected(optimizers, None) if e.name in CUDA_STEPPED]
     if not torch.cuda.is_available() and on_cuda and (backend_names is None or "cuda" in backend_names):
         out.append(Unchecked(
             ", ".join(on_cuda), "cuda", "registered only where CUDA is available (no CUDA device here)",

@@ -260,8 +260,8 @@ class Muon(MupOptimizer):
         check(group["adjust_lr_fn"] in ADJUST_LR_FNS, f"Adjust learning rate function {group['adjust_lr_fn']} is not supported")
         check_eps(group["eps"])
         ns_dtype = group["ns_dtype"]
-        check(ns_dtype in (None, torch.bfloat16, torch.float32, torch.float64)
-              or (isinstance(ns_dtype, str) and ns_dtype in NS_DTYPES), f"Invalid ns_dtype: {ns_dtype}")
+        check(ns_dtype is None or ns_dtype in NS_DTYPES.values() or (isinstance(ns_dtype, str) and ns_dtype in NS_DTYPES),
+              f"Invalid ns_dtype: {ns_dtype}")
         check(group["use_muon"] in (None, True, False), f"use_muon must be None, True or False, got {group['use_muon']!r}")
         check(is_number(group["adamw_lr"]) and group["adamw_lr"] >= 0, f"Invalid adamw_lr: {group['adamw_lr']}")
         check(is_number(group.get("lr_ref", 0.0)) and group.get("lr_ref", 0.0) >= 0, f"Invalid lr_ref: {group.get('lr_ref')}")
