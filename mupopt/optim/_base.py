@@ -1398,8 +1398,7 @@ class MupOptimizer(Optimizer):
         if unseeded:
             self._draw_seeds(unseeded)
         for p in rounded:
-            if "step" not in self.state[p]:
-                self.state[p]["step"] = new_step(p, group)
+            _add_rounding_step(self.state[p], p, group)
 
     # Eager even inside torch.compile: a seed drawn in a trace is an unknown integer there (no
     # backend can take it: the cpu op's int list refused it, the reference's compiled code did not
@@ -1682,6 +1681,15 @@ def _hyperparameter_names(cls: type) -> frozenset:
                      if n not in skip and a.kind not in (a.VAR_POSITIONAL, a.VAR_KEYWORD))
 
 
+def _add_rounding_step(state: dict, p: torch.Tensor, group: dict) -> None:
+    """A step count in the state of a param stochastic rounding stores, where the optimizer keeps
+    none (Muon's matrices): the random bits are a function of the step (mupopt/storage.py).
+    MupOptimizer._add_rounding_state, and _planned_state for state_memory() before the first
+    step."""
+    if storage.rounds_stochastically(p) and "step" not in state:
+        state["step"] = new_step(p, group)
+
+
 def _planned_state(opt: MupOptimizer, p: torch.Tensor, group: dict) -> dict:
     """The state p's first step would create, as fake tensors (shapes and dtypes, no memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -1689,10 +1697,9 @@ def _planned_state(opt: MupOptimizer, p: torch.Tensor, group: dict) -> dict:
     def plan() -> dict:
         state = opt._init_state(p, group)
         _set_compensation({p: state}, [p], group)
-        # The step count stochastic rounding adds where _init_state makes none (Muon's
-        # matrices: MupOptimizer._add_rounding_state); the seed is a Python int, no tensor.
-        if group.get("stochastic_rounding", False) and storage.rounds_stochastically(p) and "step" not in state:
-            state["step"] = new_step(p, group)
+        # The step count stochastic rounding adds (the seed is a Python int, no tensor).
+        if group.get("stochastic_rounding", False):
+            _add_rounding_step(state, p, group)
         return state
 
     try:
